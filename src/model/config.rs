@@ -1,0 +1,262 @@
+//! `BeitConfig`, read from and written to Hugging Face `config.json`. Unknown keys are kept so
+//! that a load/save round trip does not lose what other tools put there.
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+use crate::error::{Error, Result};
+
+/// Which Hugging Face class a model directory holds (`architectures[0]` in config.json).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Architecture {
+    /// `BeitModel`: the backbone (+ pooler); outputs `last_hidden_state`.
+    Backbone,
+    /// `BeitForMaskedImageModeling`: backbone + layernorm + lm_head over the visual vocabulary.
+    MaskedImageModeling,
+    /// `BeitForImageClassification`: backbone + pooler + classifier.
+    ImageClassification,
+}
+
+impl Architecture {
+    pub fn hf_name(self) -> &'static str {
+        match self {
+            Architecture::Backbone => "BeitModel",
+            Architecture::MaskedImageModeling => "BeitForMaskedImageModeling",
+            Architecture::ImageClassification => "BeitForImageClassification",
+        }
+    }
+
+    pub fn from_hf_name(name: &str) -> Result<Self> {
+        Ok(match name {
+            "BeitModel" => Architecture::Backbone,
+            "BeitForMaskedImageModeling" => Architecture::MaskedImageModeling,
+            "BeitForImageClassification" => Architecture::ImageClassification,
+            other => {
+                return Err(Error::Unsupported(format!(
+                    "architecture {other:?} is not supported (supported: BeitModel, \
+                     BeitForMaskedImageModeling, BeitForImageClassification)"
+                )))
+            }
+        })
+    }
+}
+
+/// HF allows `image_size` / `patch_size` as an int or as `[h, w]`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum Size2 {
+    Square(usize),
+    Rect([usize; 2]),
+}
+
+impl Size2 {
+    pub fn hw(self) -> (usize, usize) {
+        match self {
+            Size2::Square(s) => (s, s),
+            Size2::Rect([h, w]) => (h, w),
+        }
+    }
+}
+
+fn d_vocab() -> usize {
+    8192
+}
+fn d_hidden() -> usize {
+    768
+}
+fn d_layers() -> usize {
+    12
+}
+fn d_heads() -> usize {
+    12
+}
+fn d_inter() -> usize {
+    3072
+}
+fn d_act() -> String {
+    "gelu".into()
+}
+fn d_init_range() -> f32 {
+    0.02
+}
+fn d_eps() -> f64 {
+    1e-12
+}
+fn d_image() -> Size2 {
+    Size2::Square(224)
+}
+fn d_patch() -> Size2 {
+    Size2::Square(16)
+}
+fn d_channels() -> usize {
+    3
+}
+fn d_layer_scale() -> f32 {
+    0.1
+}
+fn d_drop_path() -> f32 {
+    0.1
+}
+fn d_true() -> bool {
+    true
+}
+
+/// The fields of HF `BeitConfig` that the model uses, with HF's defaults.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BeitConfig {
+    #[serde(default = "d_vocab")]
+    pub vocab_size: usize,
+    #[serde(default = "d_hidden")]
+    pub hidden_size: usize,
+    #[serde(default = "d_layers")]
+    pub num_hidden_layers: usize,
+    #[serde(default = "d_heads")]
+    pub num_attention_heads: usize,
+    #[serde(default = "d_inter")]
+    pub intermediate_size: usize,
+    #[serde(default = "d_act")]
+    pub hidden_act: String,
+    #[serde(default)]
+    pub hidden_dropout_prob: f32,
+    #[serde(default)]
+    pub attention_probs_dropout_prob: f32,
+    #[serde(default = "d_init_range")]
+    pub initializer_range: f32,
+    /// Kept in f64 so that 1e-12 survives a round trip exactly as HF wrote it.
+    #[serde(default = "d_eps")]
+    pub layer_norm_eps: f64,
+    #[serde(default = "d_image")]
+    pub image_size: Size2,
+    #[serde(default = "d_patch")]
+    pub patch_size: Size2,
+    #[serde(default = "d_channels")]
+    pub num_channels: usize,
+    #[serde(default)]
+    pub use_mask_token: bool,
+    #[serde(default)]
+    pub use_absolute_position_embeddings: bool,
+    #[serde(default)]
+    pub use_relative_position_bias: bool,
+    #[serde(default)]
+    pub use_shared_relative_position_bias: bool,
+    /// Layer scale is on when this is > 0 (HF's rule).
+    #[serde(default = "d_layer_scale")]
+    pub layer_scale_init_value: f32,
+    #[serde(default = "d_drop_path")]
+    pub drop_path_rate: f32,
+    #[serde(default = "d_true")]
+    pub use_mean_pooling: bool,
+    /// Classification labels; HF derives `num_labels` from `id2label` (default 2).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id2label: Option<Map<String, Value>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub num_labels: Option<usize>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub architectures: Option<Vec<String>>,
+    /// Every other key of config.json, written back untouched.
+    #[serde(flatten)]
+    pub extra: Map<String, Value>,
+}
+
+impl Default for BeitConfig {
+    fn default() -> Self {
+        serde_json::from_str("{}").expect("defaults parse")
+    }
+}
+
+impl BeitConfig {
+    pub fn from_json_str(text: &str) -> Result<Self> {
+        let cfg: BeitConfig = serde_json::from_str(text)
+            .map_err(|e| Error::Format(format!("config.json is not a valid BEiT config: {e}")))?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    pub fn to_json_string(&self) -> String {
+        let mut v = serde_json::to_value(self).expect("config serialises");
+        if let Value::Object(map) = &mut v {
+            map.insert("model_type".into(), Value::String("beit".into()));
+            if let Some(n) = self.num_labels_opt() {
+                map.entry("num_labels").or_insert(Value::from(n));
+            }
+        }
+        serde_json::to_string_pretty(&v).expect("config serialises")
+    }
+
+    /// Checks everything the model code relies on, so that a bad file is an error, not a panic.
+    pub fn validate(&self) -> Result<()> {
+        let bad = |m: String| Err(Error::Config(m));
+        if self.hidden_size == 0 || self.num_attention_heads == 0 || self.num_hidden_layers == 0 {
+            return bad(format!(
+                "hidden_size ({}), num_attention_heads ({}) and num_hidden_layers ({}) must be positive",
+                self.hidden_size, self.num_attention_heads, self.num_hidden_layers
+            ));
+        }
+        if self.hidden_size % self.num_attention_heads != 0 {
+            return bad(format!(
+                "hidden_size {} is not a multiple of num_attention_heads {}",
+                self.hidden_size, self.num_attention_heads
+            ));
+        }
+        if self.intermediate_size == 0 || self.num_channels == 0 || self.vocab_size == 0 {
+            return bad("intermediate_size, num_channels and vocab_size must be positive".into());
+        }
+        let (ih, iw) = self.image_size.hw();
+        let (ph, pw) = self.patch_size.hw();
+        if ph == 0 || pw == 0 || ih < ph || iw < pw {
+            return bad(format!("patch_size {:?} does not fit image_size {:?}", (ph, pw), (ih, iw)));
+        }
+        if self.hidden_act != "gelu" {
+            return Err(Error::Unsupported(format!(
+                "hidden_act {:?} is not supported (only \"gelu\", the exact erf GELU)",
+                self.hidden_act
+            )));
+        }
+        if !(self.layer_norm_eps > 0.0) || !self.layer_norm_eps.is_finite() {
+            return bad(format!("layer_norm_eps must be a positive number, got {}", self.layer_norm_eps));
+        }
+        // Guard against absurd sizes from a hostile file before anything allocates.
+        let limit = 1usize << 40;
+        let params = self.hidden_size.saturating_mul(self.intermediate_size).saturating_mul(self.num_hidden_layers);
+        if params > limit || self.num_hidden_layers > 4096 || ih > 1 << 16 || iw > 1 << 16 {
+            return bad("config sizes are implausibly large".into());
+        }
+        Ok(())
+    }
+
+    pub fn head_dim(&self) -> usize {
+        self.hidden_size / self.num_attention_heads
+    }
+
+    pub fn layer_scale(&self) -> bool {
+        self.layer_scale_init_value > 0.0
+    }
+
+    fn num_labels_opt(&self) -> Option<usize> {
+        self.id2label.as_ref().map(|m| m.len()).or(self.num_labels)
+    }
+
+    /// HF's `num_labels`: the size of `id2label`, else `num_labels`, else 2.
+    pub fn num_labels(&self) -> usize {
+        self.num_labels_opt().unwrap_or(2)
+    }
+
+    /// Patch grid (rows, cols) for an input of `h` x `w` pixels.
+    pub fn grid_for(&self, h: usize, w: usize) -> (usize, usize) {
+        let (ph, pw) = self.patch_size.hw();
+        (h / ph, w / pw)
+    }
+
+    /// Patch grid of the configured image size (the grid the position tables were made for).
+    pub fn native_grid(&self) -> (usize, usize) {
+        let (h, w) = self.image_size.hw();
+        self.grid_for(h, w)
+    }
+
+    pub fn architecture(&self) -> Result<Architecture> {
+        match self.architectures.as_deref() {
+            Some([first, ..]) => Architecture::from_hf_name(first),
+            _ => Ok(Architecture::Backbone),
+        }
+    }
+}

@@ -1,0 +1,547 @@
+//! The inference forward pass, block by block, on the CPU backend. Every activation lives in a
+//! planned arena (one allocation per input shape, reused across calls).
+
+use rayon::prelude::*;
+
+use crate::backend::cpu::attention::{attention_forward, AttentionShape};
+use crate::backend::cpu::elementwise::{gelu_inplace, residual_add};
+use crate::backend::cpu::gemm::linear;
+use crate::backend::cpu::layernorm::layernorm;
+use crate::backend::cpu::resize;
+use crate::error::Result;
+use crate::tensor::{checked_numel, Tensor};
+
+use super::arena::{Arena, ArenaPlan, Slot};
+use super::config::Architecture;
+use super::params::{Affine, BlockParams, HeadParams, ParamStore};
+use super::relpos;
+use super::Model;
+
+/// A batch of images in NCHW order, f32, plus optional masked positions (`[batch, patches]`,
+/// 0 or 1) that replace patch embeddings by the mask token.
+#[derive(Debug, Clone, Copy)]
+pub struct ImageBatch<'a> {
+    pub pixels: &'a [f32],
+    pub batch: usize,
+    pub channels: usize,
+    pub height: usize,
+    pub width: usize,
+    pub bool_masked_pos: Option<&'a [u8]>,
+}
+
+/// Shapes of what a forward pass produces for a given input size.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OutputShapes {
+    /// `[batch, tokens, hidden]`, what HF `BeitModel` returns as `last_hidden_state`.
+    pub last_hidden_state: Vec<usize>,
+    /// `[batch, hidden]` where the model has a pooler.
+    pub pooler_output: Option<Vec<usize>>,
+    /// `[batch, patches, vocab]` (MIM) or `[batch, labels]` (classification).
+    pub logits: Option<Vec<usize>>,
+}
+
+/// Caller-owned destinations; each `None` output is not computed where that can be skipped.
+#[derive(Debug, Default)]
+pub struct OutputBuffers<'a> {
+    pub last_hidden_state: Option<&'a mut [f32]>,
+    pub pooler_output: Option<&'a mut [f32]>,
+    pub logits: Option<&'a mut [f32]>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Outputs {
+    pub last_hidden_state: Tensor,
+    pub pooler_output: Option<Tensor>,
+    pub logits: Option<Tensor>,
+}
+
+/// The slots of one pass, planned for a (batch, height, width).
+#[derive(Debug, Clone)]
+struct Plan {
+    key: (usize, usize, usize),
+    grid: (usize, usize),
+    tokens: usize,
+    patches: Slot,
+    x: Slot,
+    normed: Slot,
+    qkv: Slot,
+    context: Slot,
+    projected: Slot,
+    mlp: Slot,
+    shared_bias: Slot,
+    bias: Slot,
+    scores: Slot,
+    pooled: Slot,
+}
+
+/// A plan, its arena, and the relative position index of its grid.
+#[derive(Debug)]
+pub(crate) struct Workspace {
+    plan: Plan,
+    arena: Arena,
+    rel_index: Vec<usize>,
+}
+
+impl Model {
+    fn grid_of(&self, height: usize, width: usize) -> (usize, usize) {
+        self.config.grid_for(height, width)
+    }
+
+    /// Output shapes for a batch of `batch` images of `height` x `width`.
+    pub fn output_shapes(&self, batch: usize, height: usize, width: usize) -> OutputShapes {
+        let (gh, gw) = self.grid_of(height, width);
+        let n = gh * gw;
+        let d = self.config.hidden_size;
+        OutputShapes {
+            last_hidden_state: vec![batch, n + 1, d],
+            pooler_output: self.layout.has_pooler.then(|| vec![batch, d]),
+            logits: match self.arch {
+                Architecture::Backbone => None,
+                Architecture::MaskedImageModeling => Some(vec![batch, n, self.config.vocab_size]),
+                Architecture::ImageClassification => Some(vec![batch, self.config.num_labels()]),
+            },
+        }
+    }
+
+    /// Checks an input batch against the model; every problem is a readable error.
+    pub fn check_input(&self, input: &ImageBatch<'_>) -> Result<()> {
+        let c = &self.config;
+        let (ph, pw) = c.patch_size.hw();
+        ensure!(input.batch > 0, InvalidArgument, "batch size must be at least 1");
+        ensure!(
+            input.channels == c.num_channels,
+            InvalidArgument,
+            "pixel_values has {} channels; the model expects {}",
+            input.channels,
+            c.num_channels
+        );
+        ensure!(
+            input.height >= ph && input.width >= pw,
+            InvalidArgument,
+            "image of {}x{} is smaller than one {}x{} patch",
+            input.height,
+            input.width,
+            ph,
+            pw
+        );
+        ensure!(
+            input.height <= 1 << 16 && input.width <= 1 << 16,
+            InvalidArgument,
+            "image of {}x{} is too large",
+            input.height,
+            input.width
+        );
+        let want = checked_numel(&[input.batch, input.channels, input.height, input.width]);
+        ensure!(
+            want == Some(input.pixels.len()),
+            InvalidArgument,
+            "pixel_values holds {} values but shape [{}, {}, {}, {}] needs {}",
+            input.pixels.len(),
+            input.batch,
+            input.channels,
+            input.height,
+            input.width,
+            want.map_or("more than fit in memory".to_string(), |w| w.to_string())
+        );
+        let (gh, gw) = self.grid_of(input.height, input.width);
+        if let Some(mask) = input.bool_masked_pos {
+            ensure!(
+                self.has_mask_token(),
+                InvalidArgument,
+                "bool_masked_pos was given but this model has no mask token (use_mask_token is false)"
+            );
+            ensure!(
+                mask.len() == input.batch * gh * gw,
+                InvalidArgument,
+                "bool_masked_pos holds {} values; [batch {}, patches {}] needs {}",
+                mask.len(),
+                input.batch,
+                gh * gw,
+                input.batch * gh * gw
+            );
+            ensure!(mask.iter().all(|&m| m <= 1), InvalidArgument, "bool_masked_pos values must be 0 or 1");
+        }
+        if let Some(pos) = self.layout.embeddings.position_embeddings {
+            let positions = self.params.specs[pos.0].shape[1] - 1;
+            let side = (positions as f64).sqrt().round() as usize;
+            let as_is = positions == gh * gw && (input.height == input.width || (gh, gw) == c.native_grid());
+            ensure!(
+                as_is || side * side == positions,
+                Unsupported,
+                "absolute position embeddings for a {:?} grid cannot be resized to {gh}x{gw}",
+                c.native_grid()
+            );
+        }
+        Ok(())
+    }
+
+    fn plan(&self, batch: usize, height: usize, width: usize) -> (Plan, ArenaPlan) {
+        let c = &self.config;
+        let (gh, gw) = self.grid_of(height, width);
+        let n = gh * gw;
+        let t = n + 1;
+        let (d, inter, heads) = (c.hidden_size, c.intermediate_size, c.num_attention_heads);
+        let (ph, pw) = c.patch_size.hw();
+        let threads = rayon::current_num_threads().max(1);
+        let mut p = ArenaPlan::default();
+        let has_rel = c.use_relative_position_bias || c.use_shared_relative_position_bias;
+        let plan = Plan {
+            key: (batch, height, width),
+            grid: (gh, gw),
+            tokens: t,
+            patches: p.slot(batch * n * c.num_channels * ph * pw),
+            x: p.slot(batch * t * d),
+            normed: p.slot(batch * t * d),
+            qkv: p.slot(batch * t * 3 * d),
+            context: p.slot(batch * t * d),
+            projected: p.slot(batch * t * d),
+            mlp: p.slot(batch * t * inter),
+            shared_bias: p.slot(if c.use_shared_relative_position_bias { heads * t * t } else { 0 }),
+            bias: p.slot(if has_rel { heads * t * t } else { 0 }),
+            scores: p.slot(threads.min(batch * heads) * t * t),
+            pooled: p.slot(2 * batch * d),
+        };
+        (plan, p)
+    }
+
+    /// A workspace for this shape and the current pool size: from the model's pool when one
+    /// fits, else newly planned.
+    fn take_workspace(&self, batch: usize, height: usize, width: usize) -> Workspace {
+        let key = (batch, height, width);
+        let threads = rayon::current_num_threads().max(1);
+        let slots_needed = threads.min(batch * self.config.num_attention_heads);
+        {
+            let mut pool = self.workspaces.lock().unwrap_or_else(|e| e.into_inner());
+            let fits = |w: &Workspace| {
+                w.plan.key == key && w.plan.scores.len() == slots_needed * w.plan.tokens * w.plan.tokens
+            };
+            if let Some(i) = pool.iter().position(fits) {
+                return pool.swap_remove(i);
+            }
+        }
+        let (plan, arena_plan) = self.plan(batch, height, width);
+        let rel_index = relpos::relative_position_index(plan.grid);
+        Workspace { plan, arena: Arena::new(&arena_plan), rel_index }
+    }
+
+    fn return_workspace(&self, ws: Workspace) {
+        let mut pool = self.workspaces.lock().unwrap_or_else(|e| e.into_inner());
+        if pool.len() >= 4 {
+            pool.remove(0);
+        }
+        pool.push(ws);
+    }
+
+    /// Runs the model and returns freshly allocated outputs (all that the model has).
+    pub fn forward(&self, input: &ImageBatch<'_>) -> Result<Outputs> {
+        let shapes = self.output_shapes(input.batch, input.height, input.width);
+        let mut hidden = Tensor::zeros(&shapes.last_hidden_state);
+        let mut pooled = shapes.pooler_output.as_ref().map(|s| Tensor::zeros(s));
+        let mut logits = shapes.logits.as_ref().map(|s| Tensor::zeros(s));
+        self.forward_into(
+            input,
+            OutputBuffers {
+                last_hidden_state: Some(&mut hidden.data),
+                pooler_output: pooled.as_mut().map(|t| &mut t.data[..]),
+                logits: logits.as_mut().map(|t| &mut t.data[..]),
+            },
+        )?;
+        Ok(Outputs { last_hidden_state: hidden, pooler_output: pooled, logits })
+    }
+
+    /// Runs the model, writing the requested outputs into caller-owned buffers whose lengths
+    /// must match [`Model::output_shapes`]. Nothing is written when an error is returned.
+    pub fn forward_into(&self, input: &ImageBatch<'_>, out: OutputBuffers<'_>) -> Result<()> {
+        self.check_input(input)?;
+        let shapes = self.output_shapes(input.batch, input.height, input.width);
+        let check = |name: &str, buf: &Option<&mut [f32]>, shape: Option<&Vec<usize>>| -> Result<()> {
+            if let Some(b) = buf {
+                let Some(shape) = shape else {
+                    bail!(InvalidArgument, "this {} model has no {name} output", self.arch.hf_name());
+                };
+                let want: usize = shape.iter().product();
+                ensure!(
+                    b.len() == want,
+                    InvalidArgument,
+                    "{name} buffer holds {} values; shape {shape:?} needs {want}",
+                    b.len()
+                );
+            }
+            Ok(())
+        };
+        check("last_hidden_state", &out.last_hidden_state, Some(&shapes.last_hidden_state))?;
+        check("pooler_output", &out.pooler_output, shapes.pooler_output.as_ref())?;
+        check("logits", &out.logits, shapes.logits.as_ref())?;
+
+        let mut ws = self.take_workspace(input.batch, input.height, input.width);
+        self.run(&mut ws, input, out);
+        self.return_workspace(ws);
+        Ok(())
+    }
+
+    fn run(&self, ws: &mut Workspace, input: &ImageBatch<'_>, out: OutputBuffers<'_>) {
+        let c = &self.config;
+        let p = &self.params;
+        let plan = ws.plan.clone();
+        let (b, t, d) = (input.batch, plan.tokens, c.hidden_size);
+        let heads = c.num_attention_heads;
+
+        self.embed(ws, input);
+        let has_shared = self.prepare_shared_bias(ws);
+        for block in &self.layout.blocks {
+            let bias = self.layer_bias(ws, block, has_shared);
+            block_forward(
+                p,
+                block,
+                ws,
+                &plan,
+                b,
+                c.hidden_size,
+                c.intermediate_size,
+                heads,
+                c.layer_norm_eps as f32,
+                bias,
+            );
+        }
+
+        // The backbone's output: `beit.layernorm` for CLS pooling, identity for mean pooling.
+        let hidden_slot = match &self.layout.final_layernorm {
+            Some(ln) => {
+                let [x, normed] = ws.arena.many_mut([plan.x, plan.normed]);
+                layernorm_affine(p, *ln, normed, x, d, c.layer_norm_eps as f32);
+                plan.normed
+            }
+            None => plan.x,
+        };
+        if let Some(dst) = out.last_hidden_state {
+            dst.copy_from_slice(ws.arena.get(hidden_slot));
+        }
+
+        if self.layout.has_pooler {
+            let [pooled, hidden] = ws.arena.many_mut([plan.pooled, hidden_slot]);
+            let (mean, normed) = pooled.split_at_mut(b * d);
+            let result: &[f32] = match &self.layout.pooler_layernorm {
+                Some(ln) => {
+                    mean_of_patch_tokens(mean, hidden, b, t, d);
+                    layernorm_affine(p, *ln, normed, mean, d, c.layer_norm_eps as f32);
+                    normed
+                }
+                None => {
+                    for i in 0..b {
+                        mean[i * d..(i + 1) * d].copy_from_slice(&hidden[i * t * d..i * t * d + d]);
+                    }
+                    mean
+                }
+            };
+            if let Some(dst) = out.pooler_output {
+                dst.copy_from_slice(result);
+            }
+            if let (HeadParams::Classifier { classifier }, Some(dst)) = (&self.layout.head, out.logits) {
+                let k = c.num_labels();
+                linear(dst, result, p.get(classifier.weight), Some(p.get(classifier.bias)), b, d, k);
+            }
+        } else if let (HeadParams::MaskedImageModeling { layernorm: ln, lm_head }, Some(dst)) =
+            (&self.layout.head, out.logits)
+        {
+            let source = if hidden_slot == plan.x { plan.normed } else { plan.context };
+            let [hidden, normed] = ws.arena.many_mut([hidden_slot, source]);
+            layernorm_affine(p, *ln, normed, hidden, d, c.layer_norm_eps as f32);
+            let v = c.vocab_size;
+            let n = t - 1;
+            // Patch tokens of one image are contiguous rows, so each image is one GEMM.
+            for (i, logits) in dst.chunks_exact_mut(n * v).enumerate() {
+                let rows = &normed[(i * t + 1) * d..(i * t + t) * d];
+                linear(logits, rows, p.get(lm_head.weight), Some(p.get(lm_head.bias)), n, d, v);
+            }
+        }
+    }
+
+    /// Patch embedding (as a GEMM over non-overlapping patches), mask token, CLS token and
+    /// absolute position embeddings, into `x`.
+    fn embed(&self, ws: &mut Workspace, input: &ImageBatch<'_>) {
+        let c = &self.config;
+        let p = &self.params;
+        let e = &self.layout.embeddings;
+        let plan = &ws.plan;
+        let (gh, gw) = plan.grid;
+        let (n, t, d) = (gh * gw, plan.tokens, c.hidden_size);
+        let (ph, pw) = c.patch_size.hw();
+        let (ch, hh, ww) = (input.channels, input.height, input.width);
+        let k = ch * ph * pw;
+        let b = input.batch;
+        let [patches, x, tmp] = ws.arena.many_mut([plan.patches, plan.x, plan.context]);
+
+        // im2col: one row per patch, ordered (channel, row, col) like the conv weight.
+        patches.par_chunks_mut(k).enumerate().for_each(|(row, dst)| {
+            let (img, patch) = (row / n, row % n);
+            let (py, px) = (patch / gw, patch % gw);
+            for cc in 0..ch {
+                for ky in 0..ph {
+                    let src = ((img * ch + cc) * hh + py * ph + ky) * ww + px * pw;
+                    dst[(cc * ph + ky) * pw..(cc * ph + ky + 1) * pw].copy_from_slice(&input.pixels[src..src + pw]);
+                }
+            }
+        });
+        let embedded = &mut tmp[..b * n * d];
+        linear(embedded, patches, p.get(e.patch_weight), Some(p.get(e.patch_bias)), b * n, k, d);
+
+        let cls = p.get(e.cls_token);
+        let mask_token = e.mask_token.map(|m| p.get(m));
+        for img in 0..b {
+            x[img * t * d..img * t * d + d].copy_from_slice(cls);
+            for patch in 0..n {
+                let dst = &mut x[(img * t + 1 + patch) * d..(img * t + 2 + patch) * d];
+                let masked = input.bool_masked_pos.is_some_and(|m| m[img * n + patch] == 1);
+                match (masked, mask_token) {
+                    (true, Some(mt)) => dst.copy_from_slice(mt),
+                    _ => dst.copy_from_slice(&embedded[(img * n + patch) * d..(img * n + patch + 1) * d]),
+                }
+            }
+        }
+
+        if let Some(pos_id) = e.position_embeddings {
+            let pos = p.get(pos_id);
+            let positions = pos.len() / d - 1;
+            let as_is = positions == n && (input.height == input.width || plan.grid == c.native_grid());
+            let resized;
+            let pos: &[f32] = if as_is {
+                pos
+            } else {
+                resized = resize_position_embeddings(pos, d, positions, plan.grid);
+                &resized
+            };
+            x.par_chunks_mut(t * d).for_each(|img| {
+                for (v, &q) in img.iter_mut().zip(pos) {
+                    *v += q;
+                }
+            });
+        }
+    }
+
+    /// Fills the shared relative position bias for this grid; false if the model has none.
+    fn prepare_shared_bias(&self, ws: &mut Workspace) -> bool {
+        let Some(table_id) = self.layout.shared_rel_pos_table else {
+            return false;
+        };
+        let heads = self.config.num_attention_heads;
+        let table = self.table_for_grid(table_id, ws.plan.grid);
+        let slot = ws.plan.shared_bias;
+        let Workspace { arena, rel_index, .. } = ws;
+        let bias = arena.get_mut(slot);
+        bias.fill(0.0);
+        relpos::add_bias(bias, &table, heads, rel_index);
+        true
+    }
+
+    /// The bias of one layer: shared + per-layer, whichever exist, in the `bias` slot.
+    fn layer_bias(&self, ws: &mut Workspace, block: &BlockParams, has_shared: bool) -> bool {
+        let heads = self.config.num_attention_heads;
+        let plan = ws.plan.clone();
+        match (has_shared, block.rel_pos_table) {
+            (false, None) => false,
+            (has_shared, table_id) => {
+                let Workspace { arena, rel_index, .. } = ws;
+                let [shared_bias, bias] = arena.many_mut([plan.shared_bias, plan.bias]);
+                if has_shared {
+                    bias.copy_from_slice(shared_bias);
+                } else {
+                    bias.fill(0.0);
+                }
+                if let Some(id) = table_id {
+                    let table = self.table_for_grid(id, plan.grid);
+                    relpos::add_bias(bias, &table, heads, rel_index);
+                }
+                true
+            }
+        }
+    }
+
+    fn table_for_grid(&self, id: super::params::ParamId, grid: (usize, usize)) -> std::borrow::Cow<'_, [f32]> {
+        let table = self.params.get(id);
+        match relpos::resize_table(table, self.config.num_attention_heads, self.config.native_grid(), grid) {
+            Some(resized) => std::borrow::Cow::Owned(resized),
+            None => std::borrow::Cow::Borrowed(table),
+        }
+    }
+}
+
+/// HF's absolute position resize: the patch part as a √P x √P grid, bicubic to `grid`, CLS kept.
+fn resize_position_embeddings(pos: &[f32], d: usize, positions: usize, grid: (usize, usize)) -> Vec<f32> {
+    let side = (positions as f64).sqrt().round() as usize;
+    // [side·side, d] → [d, side, side]
+    let mut planes = vec![0.0f32; d * positions];
+    for r in 0..positions {
+        for ch in 0..d {
+            planes[ch * positions + r] = pos[(r + 1) * d + ch];
+        }
+    }
+    let resized = resize::bicubic(&planes, d, side, side, grid.0, grid.1);
+    let n = grid.0 * grid.1;
+    let mut out = vec![0.0f32; (n + 1) * d];
+    out[..d].copy_from_slice(&pos[..d]);
+    for r in 0..n {
+        for ch in 0..d {
+            out[(r + 1) * d + ch] = resized[ch * n + r];
+        }
+    }
+    out
+}
+
+fn layernorm_affine(p: &ParamStore, ln: Affine, out: &mut [f32], x: &[f32], d: usize, eps: f32) {
+    layernorm(out, x, p.get(ln.weight), p.get(ln.bias), d, eps);
+}
+
+/// Mean over tokens 1..t of each image (the mean-pooling pooler excludes CLS).
+fn mean_of_patch_tokens(mean: &mut [f32], hidden: &[f32], b: usize, t: usize, d: usize) {
+    for i in 0..b {
+        let m = &mut mean[i * d..(i + 1) * d];
+        m.fill(0.0);
+        for tok in 1..t {
+            for (a, &v) in m.iter_mut().zip(&hidden[(i * t + tok) * d..(i * t + tok + 1) * d]) {
+                *a += v;
+            }
+        }
+        let inv = 1.0 / (t - 1) as f32;
+        m.iter_mut().for_each(|v| *v *= inv);
+    }
+}
+
+/// One pre-LN block: `x += λ1·Attn(LN(x))`, then `x += λ2·FC2(GELU(FC1(LN(x))))`.
+#[allow(clippy::too_many_arguments)]
+fn block_forward(
+    p: &ParamStore,
+    blk: &BlockParams,
+    ws: &mut Workspace,
+    plan: &Plan,
+    batch: usize,
+    d: usize,
+    inter: usize,
+    heads: usize,
+    eps: f32,
+    has_bias: bool,
+) {
+    let rows = batch * plan.tokens;
+    let [x, normed, qkv, context, projected, mlp, bias, scores] = ws.arena.many_mut([
+        plan.x,
+        plan.normed,
+        plan.qkv,
+        plan.context,
+        plan.projected,
+        plan.mlp,
+        plan.bias,
+        plan.scores,
+    ]);
+    layernorm(normed, x, p.get(blk.ln_before_w), p.get(blk.ln_before_b), d, eps);
+    // q, k and v weights (and biases, with k's fixed at zero) are adjacent: one GEMM.
+    linear(qkv, normed, p.span(blk.query_w, blk.value_w), Some(p.span(blk.query_b, blk.value_b)), rows, d, 3 * d);
+    let shape = AttentionShape { batch, tokens: plan.tokens, heads, head_dim: d / heads };
+    attention_forward(context, qkv, has_bias.then_some(&*bias), shape, scores);
+    linear(projected, context, p.get(blk.out_w), Some(p.get(blk.out_b)), rows, d, d);
+    residual_add(x, projected, blk.lambda_1.map(|l| p.get(l)), d);
+
+    layernorm(normed, x, p.get(blk.ln_after_w), p.get(blk.ln_after_b), d, eps);
+    linear(mlp, normed, p.get(blk.fc1_w), Some(p.get(blk.fc1_b)), rows, d, inter);
+    gelu_inplace(mlp);
+    linear(projected, mlp, p.get(blk.fc2_w), Some(p.get(blk.fc2_b)), rows, inter, d);
+    residual_add(x, projected, blk.lambda_2.map(|l| p.get(l)), d);
+}

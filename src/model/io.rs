@@ -1,0 +1,205 @@
+//! Hugging Face model directories: `config.json` + `model.safetensors` with HF parameter names.
+//! Files are validated before use (safetensors header, dtypes, shapes, every expected tensor),
+//! and written atomically so a failed save never damages the directory's previous content.
+
+use std::collections::HashMap;
+use std::fs;
+use std::io::Write;
+use std::path::Path;
+
+use safetensors::tensor::{Dtype, TensorView};
+use safetensors::SafeTensors;
+
+use crate::error::{Error, Result};
+
+use super::params::ParamStore;
+
+pub const CONFIG_FILE: &str = "config.json";
+pub const WEIGHTS_FILE: &str = "model.safetensors";
+
+pub fn read_config_text(dir: &Path) -> Result<String> {
+    let path = dir.join(CONFIG_FILE);
+    fs::read_to_string(&path).map_err(|e| Error::Io(format!("cannot read {}: {e}", path.display())))
+}
+
+/// Opens a safetensors file by memory map (zero copy) and parses its header.
+pub struct SafetensorsFile {
+    map: memmap2::Mmap,
+    path: String,
+}
+
+impl SafetensorsFile {
+    pub fn open(path: &Path) -> Result<Self> {
+        let file = fs::File::open(path).map_err(|e| Error::Io(format!("cannot open {}: {e}", path.display())))?;
+        // SAFETY: the map is read-only; a file truncated underneath us by another process is
+        // the one case memmap cannot guard against, as with every mmap reader.
+        let map = unsafe { memmap2::Mmap::map(&file) }
+            .map_err(|e| Error::Io(format!("cannot map {}: {e}", path.display())))?;
+        let this = SafetensorsFile { map, path: path.display().to_string() };
+        this.parse()?;
+        Ok(this)
+    }
+
+    pub fn parse(&self) -> Result<SafeTensors<'_>> {
+        SafeTensors::deserialize(&self.map)
+            .map_err(|e| Error::Format(format!("{} is not a valid safetensors file: {e}", self.path)))
+    }
+
+    pub fn path(&self) -> &str {
+        &self.path
+    }
+}
+
+/// Converts a stored tensor to f32 (F32, F16, BF16 and F64 are accepted).
+pub fn tensor_to_f32(view: &TensorView<'_>, name: &str, out: &mut [f32]) -> Result<()> {
+    let bytes = view.data();
+    let n = out.len();
+    match view.dtype() {
+        Dtype::F32 => {
+            for (o, c) in out.iter_mut().zip(bytes.chunks_exact(4)) {
+                *o = f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
+            }
+        }
+        Dtype::F16 => {
+            for (o, c) in out.iter_mut().zip(bytes.chunks_exact(2)) {
+                *o = half::f16::from_le_bytes([c[0], c[1]]).to_f32();
+            }
+        }
+        Dtype::BF16 => {
+            for (o, c) in out.iter_mut().zip(bytes.chunks_exact(2)) {
+                *o = half::bf16::from_le_bytes([c[0], c[1]]).to_f32();
+            }
+        }
+        Dtype::F64 => {
+            for (o, c) in out.iter_mut().zip(bytes.chunks_exact(8)) {
+                *o = f64::from_le_bytes(c.try_into().expect("8 bytes")) as f32;
+            }
+        }
+        other => bail!(Format, "tensor {name} has dtype {other:?}; expected a float type"),
+    }
+    let want_bytes = n * view.dtype().bitsize() / 8;
+    ensure!(bytes.len() == want_bytes, Format, "tensor {name}: {} bytes for {n} values", bytes.len());
+    Ok(())
+}
+
+/// Fills every exported entry of `store` from the safetensors file at `path`.
+/// `alt_prefix` is tried too (a `BeitModel` checkpoint saved under `beit.` or without it).
+pub fn load_weights(store: &mut ParamStore, path: &Path) -> Result<()> {
+    let file = SafetensorsFile::open(path)?;
+    let st = file.parse()?;
+    let names: Vec<String> = st.names().into_iter().map(|n| n.to_string()).collect();
+    for i in 0..store.specs.len() {
+        let spec = store.specs[i].clone();
+        if !spec.exported {
+            continue;
+        }
+        let candidates =
+            [spec.name.clone(), format!("beit.{}", spec.name), spec.name.trim_start_matches("beit.").to_string()];
+        let Some(found) = candidates.iter().find(|c| names.contains(c)) else {
+            bail!(Format, "{} has no tensor {:?}, which this config needs", file.path(), spec.name);
+        };
+        let view = st.tensor(found).map_err(|e| Error::Format(format!("tensor {found}: {e}")))?;
+        ensure!(
+            view.shape() == spec.shape.as_slice(),
+            Format,
+            "tensor {found} in {} has shape {:?}; the config needs {:?}",
+            file.path(),
+            view.shape(),
+            spec.shape
+        );
+        let (offset, len) = (spec.offset, spec.len);
+        tensor_to_f32(&view, found, &mut store.data[offset..offset + len])?;
+    }
+    Ok(())
+}
+
+/// Serialises named f32 tensors as safetensors with `{"format": "pt"}` metadata (transformers
+/// refuses weight files without it).
+pub fn f32_tensors_bytes<'a>(tensors: impl IntoIterator<Item = (&'a str, &'a [usize], &'a [f32])>) -> Result<Vec<u8>> {
+    let owned: Vec<(String, Vec<usize>, Vec<u8>)> = tensors
+        .into_iter()
+        .map(|(n, shape, data)| (n.to_string(), shape.to_vec(), data.iter().flat_map(|v| v.to_le_bytes()).collect()))
+        .collect();
+    let views = owned
+        .iter()
+        .map(|(n, shape, b)| {
+            TensorView::new(Dtype::F32, shape.clone(), b)
+                .map(|v| (n.clone(), v))
+                .map_err(|e| Error::Internal(format!("tensor {n}: {e}")))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let meta = HashMap::from([("format".to_string(), "pt".to_string())]);
+    safetensors::tensor::serialize(views, Some(meta)).map_err(|e| Error::Internal(format!("serialising tensors: {e}")))
+}
+
+/// The exported entries of `store` as a safetensors file.
+pub fn weights_bytes(store: &ParamStore) -> Result<Vec<u8>> {
+    f32_tensors_bytes(
+        store
+            .specs
+            .iter()
+            .filter(|s| s.exported)
+            .map(|s| (s.name.as_str(), s.shape.as_slice(), &store.data[s.offset..s.offset + s.len])),
+    )
+}
+
+/// A tensor read from a safetensors file: its shape and its values converted to f32.
+pub fn read_f32(st: &SafeTensors<'_>, name: &str) -> Result<Option<(Vec<usize>, Vec<f32>)>> {
+    let view = match st.tensor(name) {
+        Ok(v) => v,
+        Err(safetensors::SafeTensorError::TensorNotFound(_)) => return Ok(None),
+        Err(e) => bail!(Format, "tensor {name}: {e}"),
+    };
+    let n = crate::tensor::checked_numel(view.shape())
+        .ok_or_else(|| Error::Format(format!("tensor {name} is too large")))?;
+    let mut out = vec![0.0f32; n];
+    tensor_to_f32(&view, name, &mut out)?;
+    Ok(Some((view.shape().to_vec(), out)))
+}
+
+/// A mask tensor (u8, bool, or any integer type) read as 0/1 bytes; other values are an error.
+pub fn read_mask(st: &SafeTensors<'_>, name: &str) -> Result<Option<(Vec<usize>, Vec<u8>)>> {
+    let view = match st.tensor(name) {
+        Ok(v) => v,
+        Err(safetensors::SafeTensorError::TensorNotFound(_)) => return Ok(None),
+        Err(e) => bail!(Format, "tensor {name}: {e}"),
+    };
+    let width = match view.dtype() {
+        Dtype::U8 | Dtype::BOOL | Dtype::I8 => 1,
+        Dtype::I32 | Dtype::U32 => 4,
+        Dtype::I64 | Dtype::U64 => 8,
+        other => bail!(Format, "tensor {name} has dtype {other:?}; expected bool, u8 or an integer type"),
+    };
+    let mut out = Vec::with_capacity(view.data().len() / width);
+    for c in view.data().chunks_exact(width) {
+        let nonzero = c.iter().any(|&b| b != 0);
+        let one = c[0] == 1 && c[1..].iter().all(|&b| b == 0);
+        ensure!(!nonzero || one, Format, "tensor {name} must hold only 0 and 1");
+        out.push(one as u8);
+    }
+    Ok(Some((view.shape().to_vec(), out)))
+}
+
+/// Writes `bytes` to `path` atomically: a temporary file in the same directory, fsync, rename,
+/// fsync of the directory. Readers see the old file or the new one, never a torn one.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
+    let io = |what: &str, e: std::io::Error| Error::Io(format!("{what} {}: {e}", tmp.display()));
+    let result = (|| {
+        let mut f = fs::File::create(&tmp).map_err(|e| io("cannot create", e))?;
+        f.write_all(bytes).map_err(|e| io("cannot write", e))?;
+        f.sync_all().map_err(|e| io("cannot sync", e))?;
+        fs::rename(&tmp, path)
+            .map_err(|e| Error::Io(format!("cannot rename {} to {}: {e}", tmp.display(), path.display())))?;
+        if let Ok(d) = fs::File::open(dir) {
+            let _ = d.sync_all();
+        }
+        Ok(())
+    })();
+    if result.is_err() {
+        let _ = fs::remove_file(&tmp);
+    }
+    result
+}

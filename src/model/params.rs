@@ -1,0 +1,278 @@
+//! All parameters of a model in one flat f32 buffer, with a table of named, shaped entries.
+//! One buffer makes the optimizer (and later device upload) a single loop; names are the Hugging
+//! Face names, so loading and saving is a lookup. The layout functions say which entries a config
+//! and architecture have, and place query/key/value next to each other so the three projections
+//! run as one fused GEMM.
+
+use super::config::{Architecture, BeitConfig};
+
+/// How a fresh model initialises an entry (BeitConfig-driven, unilm's scheme).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Init {
+    Zeros,
+    Ones,
+    Constant(f32),
+    /// Normal(0, std) truncated to ±std, then multiplied by `scale` (the per-layer rescaling of
+    /// output projections, and the 0.001 of a fresh classifier).
+    TruncNormal {
+        std: f32,
+        scale: f32,
+    },
+}
+
+/// One named tensor inside the flat buffer.
+#[derive(Debug, Clone)]
+pub struct ParamSpec {
+    /// Hugging Face name, e.g. `beit.encoder.layer.0.attention.attention.query.weight`.
+    pub name: String,
+    pub shape: Vec<usize>,
+    pub offset: usize,
+    pub len: usize,
+    pub init: Init,
+    /// False for the internal zero key bias that only exists to make the fused QKV bias
+    /// contiguous: it is never saved, loaded or trained.
+    pub exported: bool,
+}
+
+/// Index of an entry in a [`ParamStore`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ParamId(pub usize);
+
+#[derive(Debug, Clone)]
+pub struct ParamStore {
+    pub data: Vec<f32>,
+    pub specs: Vec<ParamSpec>,
+}
+
+impl ParamStore {
+    pub fn get(&self, id: ParamId) -> &[f32] {
+        let s = &self.specs[id.0];
+        &self.data[s.offset..s.offset + s.len]
+    }
+
+    pub fn get_mut(&mut self, id: ParamId) -> &mut [f32] {
+        let s = &self.specs[id.0];
+        &mut self.data[s.offset..s.offset + s.len]
+    }
+
+    /// The contiguous span from the start of `first` to the end of `last`.
+    pub fn span(&self, first: ParamId, last: ParamId) -> &[f32] {
+        let (a, b) = (&self.specs[first.0], &self.specs[last.0]);
+        &self.data[a.offset..b.offset + b.len]
+    }
+
+    pub fn find(&self, name: &str) -> Option<ParamId> {
+        self.specs.iter().position(|s| s.name == name).map(ParamId)
+    }
+
+    /// Number of exported (real) parameters.
+    pub fn count(&self) -> usize {
+        self.specs.iter().filter(|s| s.exported).map(|s| s.len).sum()
+    }
+}
+
+/// Parameters of the embeddings.
+#[derive(Debug, Clone)]
+pub struct EmbeddingParams {
+    pub cls_token: ParamId,
+    pub mask_token: Option<ParamId>,
+    pub position_embeddings: Option<ParamId>,
+    pub patch_weight: ParamId,
+    pub patch_bias: ParamId,
+}
+
+/// Parameters of one transformer block. `query_w..value_w` and `query_b..value_b` are adjacent.
+#[derive(Debug, Clone)]
+pub struct BlockParams {
+    pub ln_before_w: ParamId,
+    pub ln_before_b: ParamId,
+    pub query_w: ParamId,
+    pub key_w: ParamId,
+    pub value_w: ParamId,
+    pub query_b: ParamId,
+    pub key_b: ParamId,
+    pub value_b: ParamId,
+    pub out_w: ParamId,
+    pub out_b: ParamId,
+    pub lambda_1: Option<ParamId>,
+    pub lambda_2: Option<ParamId>,
+    pub ln_after_w: ParamId,
+    pub ln_after_b: ParamId,
+    pub fc1_w: ParamId,
+    pub fc1_b: ParamId,
+    pub fc2_w: ParamId,
+    pub fc2_b: ParamId,
+    pub rel_pos_table: Option<ParamId>,
+}
+
+/// A weight/bias pair (layer norm or linear).
+#[derive(Debug, Clone, Copy)]
+pub struct Affine {
+    pub weight: ParamId,
+    pub bias: ParamId,
+}
+
+#[derive(Debug, Clone)]
+pub enum HeadParams {
+    None,
+    MaskedImageModeling { layernorm: Affine, lm_head: Affine },
+    Classifier { classifier: Affine },
+}
+
+/// Where every parameter of a model lives.
+#[derive(Debug, Clone)]
+pub struct Layout {
+    pub embeddings: EmbeddingParams,
+    pub shared_rel_pos_table: Option<ParamId>,
+    pub blocks: Vec<BlockParams>,
+    /// `beit.layernorm`: present when `use_mean_pooling` is false (otherwise an identity).
+    pub final_layernorm: Option<Affine>,
+    /// `beit.pooler.layernorm`: present when the model has a pooler and uses mean pooling.
+    pub pooler_layernorm: Option<Affine>,
+    /// Whether a pooler exists at all (BeitModel and classification; MIM has none).
+    pub has_pooler: bool,
+    pub head: HeadParams,
+}
+
+/// Rows of a relative position bias table for a patch grid: (2h−1)(2w−1) + 3.
+pub fn rel_pos_table_rows(grid: (usize, usize)) -> usize {
+    (2 * grid.0 - 1) * (2 * grid.1 - 1) + 3
+}
+
+struct Builder {
+    specs: Vec<ParamSpec>,
+    total: usize,
+    prefix: &'static str,
+}
+
+impl Builder {
+    fn add(&mut self, name: &str, shape: &[usize], init: Init) -> ParamId {
+        self.push(format!("{}{name}", self.prefix), shape, init, true)
+    }
+
+    fn add_top(&mut self, name: &str, shape: &[usize], init: Init) -> ParamId {
+        self.push(name.to_string(), shape, init, true)
+    }
+
+    fn push(&mut self, name: String, shape: &[usize], init: Init, exported: bool) -> ParamId {
+        let len = shape.iter().product();
+        self.specs.push(ParamSpec { name, shape: shape.to_vec(), offset: self.total, len, init, exported });
+        self.total += len;
+        ParamId(self.specs.len() - 1)
+    }
+
+    fn layernorm(&mut self, name: &str, d: usize, top: bool) -> Affine {
+        let (w, b) = (format!("{name}.weight"), format!("{name}.bias"));
+        if top {
+            Affine { weight: self.add_top(&w, &[d], Init::Ones), bias: self.add_top(&b, &[d], Init::Zeros) }
+        } else {
+            Affine { weight: self.add(&w, &[d], Init::Ones), bias: self.add(&b, &[d], Init::Zeros) }
+        }
+    }
+}
+
+/// Builds the parameter table of `arch` for `cfg` (zero-filled buffer).
+pub fn build_layout(cfg: &BeitConfig, arch: Architecture) -> (ParamStore, Layout) {
+    let d = cfg.hidden_size;
+    let inter = cfg.intermediate_size;
+    let (ph, pw) = cfg.patch_size.hw();
+    let grid = cfg.native_grid();
+    let n_patches = grid.0 * grid.1;
+    let heads = cfg.num_attention_heads;
+    let std = cfg.initializer_range;
+    let tn = |scale: f32| Init::TruncNormal { std, scale };
+    // HF names the bare BeitModel's parameters without the `beit.` prefix.
+    let prefix = if arch == Architecture::Backbone { "" } else { "beit." };
+    let mut b = Builder { specs: Vec::new(), total: 0, prefix };
+
+    let embeddings = EmbeddingParams {
+        cls_token: b.add("embeddings.cls_token", &[1, 1, d], tn(1.0)),
+        mask_token: (cfg.use_mask_token || arch == Architecture::MaskedImageModeling)
+            .then(|| b.add("embeddings.mask_token", &[1, 1, d], tn(1.0))),
+        position_embeddings: cfg
+            .use_absolute_position_embeddings
+            .then(|| b.add("embeddings.position_embeddings", &[1, n_patches + 1, d], tn(1.0))),
+        patch_weight: b.add("embeddings.patch_embeddings.projection.weight", &[d, cfg.num_channels, ph, pw], tn(1.0)),
+        patch_bias: b.add("embeddings.patch_embeddings.projection.bias", &[d], Init::Zeros),
+    };
+    let table_shape = [rel_pos_table_rows(grid), heads];
+    let shared_rel_pos_table = cfg
+        .use_shared_relative_position_bias
+        .then(|| b.add("encoder.relative_position_bias.relative_position_bias_table", &table_shape, Init::Zeros));
+    let lambda = Init::Constant(cfg.layer_scale_init_value);
+    let blocks = (0..cfg.num_hidden_layers)
+        .map(|l| {
+            let p = format!("encoder.layer.{l}");
+            let a = format!("{p}.attention.attention");
+            // unilm rescales the two output projections of block l (1-based) by 1/sqrt(2l).
+            let rescale = 1.0 / (2.0 * (l + 1) as f32).sqrt();
+            let ln_before = b.layernorm(&format!("{p}.layernorm_before"), d, false);
+            let query_w = b.add(&format!("{a}.query.weight"), &[d, d], tn(1.0));
+            let key_w = b.add(&format!("{a}.key.weight"), &[d, d], tn(1.0));
+            let value_w = b.add(&format!("{a}.value.weight"), &[d, d], tn(1.0));
+            let query_b = b.add(&format!("{a}.query.bias"), &[d], Init::Zeros);
+            let key_b = b.push(format!("{}{a}.key.bias", b.prefix), &[d], Init::Zeros, false);
+            let value_b = b.add(&format!("{a}.value.bias"), &[d], Init::Zeros);
+            let rel_pos_table = cfg.use_relative_position_bias.then(|| {
+                b.add(&format!("{a}.relative_position_bias.relative_position_bias_table"), &table_shape, Init::Zeros)
+            });
+            let out_w = b.add(&format!("{p}.attention.output.dense.weight"), &[d, d], tn(rescale));
+            let out_b = b.add(&format!("{p}.attention.output.dense.bias"), &[d], Init::Zeros);
+            let lambda_1 = cfg.layer_scale().then(|| b.add(&format!("{p}.lambda_1"), &[d], lambda));
+            let lambda_2 = cfg.layer_scale().then(|| b.add(&format!("{p}.lambda_2"), &[d], lambda));
+            let ln_after = b.layernorm(&format!("{p}.layernorm_after"), d, false);
+            let fc1_w = b.add(&format!("{p}.intermediate.dense.weight"), &[inter, d], tn(1.0));
+            let fc1_b = b.add(&format!("{p}.intermediate.dense.bias"), &[inter], Init::Zeros);
+            let fc2_w = b.add(&format!("{p}.output.dense.weight"), &[d, inter], tn(rescale));
+            let fc2_b = b.add(&format!("{p}.output.dense.bias"), &[d], Init::Zeros);
+            BlockParams {
+                ln_before_w: ln_before.weight,
+                ln_before_b: ln_before.bias,
+                query_w,
+                key_w,
+                value_w,
+                query_b,
+                key_b,
+                value_b,
+                out_w,
+                out_b,
+                lambda_1,
+                lambda_2,
+                ln_after_w: ln_after.weight,
+                ln_after_b: ln_after.bias,
+                fc1_w,
+                fc1_b,
+                fc2_w,
+                fc2_b,
+                rel_pos_table,
+            }
+        })
+        .collect();
+    let final_layernorm = (!cfg.use_mean_pooling).then(|| b.layernorm("layernorm", d, false));
+    let has_pooler = arch != Architecture::MaskedImageModeling;
+    let pooler_layernorm = (has_pooler && cfg.use_mean_pooling).then(|| b.layernorm("pooler.layernorm", d, false));
+    let head = match arch {
+        Architecture::Backbone => HeadParams::None,
+        Architecture::MaskedImageModeling => HeadParams::MaskedImageModeling {
+            layernorm: b.layernorm("layernorm", d, true),
+            lm_head: Affine {
+                weight: b.add_top("lm_head.weight", &[cfg.vocab_size, d], tn(1.0)),
+                bias: b.add_top("lm_head.bias", &[cfg.vocab_size], Init::Zeros),
+            },
+        },
+        Architecture::ImageClassification => {
+            let k = cfg.num_labels();
+            HeadParams::Classifier {
+                classifier: Affine {
+                    // unilm's fine-tuning head starts 1000x smaller (init_scale 0.001).
+                    weight: b.add_top("classifier.weight", &[k, d], tn(0.001)),
+                    bias: b.add_top("classifier.bias", &[k], Init::Zeros),
+                },
+            }
+        }
+    };
+    let layout =
+        Layout { embeddings, shared_rel_pos_table, blocks, final_layernorm, pooler_layernorm, has_pooler, head };
+    let store = ParamStore { data: vec![0.0; b.total], specs: b.specs };
+    (store, layout)
+}

@@ -37,6 +37,20 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Create a randomly initialised model (BEiT's init scheme) and save it as an HF directory.
+    Create {
+        /// A config.json to start from, or a built-in preset name (base, tiny32).
+        #[arg(long, default_value = "tiny32")]
+        config: String,
+        /// BeitModel, BeitForMaskedImageModeling or BeitForImageClassification (default: the
+        /// config's `architectures`, else the preset's).
+        #[arg(long)]
+        architecture: Option<String>,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        #[arg(long)]
+        out: PathBuf,
+    },
     /// Measure speed. `beit bench infer`: forward passes per second on random pixels.
     Bench {
         #[command(subcommand)]
@@ -197,12 +211,33 @@ fn bench_infer(
     Ok(())
 }
 
+fn create(config: String, architecture: Option<String>, seed: u64, out: PathBuf) -> beit::Result<()> {
+    let (cfg, default_arch) = if std::path::Path::new(&config).is_file() {
+        let text =
+            std::fs::read_to_string(&config).map_err(|e| beit::Error::Io(format!("cannot read {config}: {e}")))?;
+        let cfg = beit::BeitConfig::from_json_str(&text)?;
+        let arch = cfg.architecture()?;
+        (cfg, arch)
+    } else {
+        preset(&config)?
+    };
+    let arch = match architecture {
+        Some(name) => beit::Architecture::from_hf_name(&name)?,
+        None => default_arch,
+    };
+    let model = Model::new_random(cfg, arch, seed)?;
+    model.save(&out)?;
+    println!("created {} with {} parameters in {}", arch.hf_name(), model.params().count(), out.display());
+    Ok(())
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Infer { model, inputs, output, device, threads, json } => {
             infer(model, inputs, output, device, threads, json)
         }
+        Command::Create { config, architecture, seed, out } => create(config, architecture, seed, out),
         Command::Bench { what: BenchCommand::Infer { model, preset, batch, threads, iters, json } } => {
             bench_infer(model, preset, batch, threads, iters, json)
         }

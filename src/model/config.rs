@@ -212,7 +212,7 @@ impl BeitConfig {
                 self.hidden_act
             )));
         }
-        if !(self.layer_norm_eps > 0.0) || !self.layer_norm_eps.is_finite() {
+        if self.layer_norm_eps.is_nan() || self.layer_norm_eps <= 0.0 || self.layer_norm_eps.is_infinite() {
             return bad(format!("layer_norm_eps must be a positive number, got {}", self.layer_norm_eps));
         }
         // Guard against absurd sizes from a hostile file before anything allocates.

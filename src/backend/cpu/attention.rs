@@ -70,6 +70,8 @@ pub fn attention_forward(
     let ctx_ptr = SendPtr(ctx.as_mut_ptr());
 
     scratch[..slots * block].par_chunks_mut(block).enumerate().for_each(|(slot, scores)| {
+        // Capture the whole Send wrapper, not (by edition-2021 disjoint capture) its raw field.
+        #[allow(clippy::redundant_locals)]
         let ctx_ptr = ctx_ptr;
         for pair in slot * per_slot..((slot + 1) * per_slot).min(pairs) {
             let (b, h) = (pair / heads, pair % heads);

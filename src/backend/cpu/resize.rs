@@ -109,7 +109,7 @@ mod tests {
     #[test]
     fn bicubic_matches_torch() {
         let ramp: Vec<f32> = (0..8).map(|i| i as f32).collect();
-        let want = [
+        let want: [f64; 16] = [
             -0.10546875,
             0.19140625,
             0.66796875,
@@ -129,10 +129,10 @@ mod tests {
         ];
         let got = bicubic(&ramp, 1, 1, 8, 1, 16);
         for (a, b) in got.iter().zip(want) {
-            assert!((a - b).abs() < 1e-6, "{a} vs {b}");
+            assert!((*a as f64 - b).abs() < 1e-6, "{a} vs {b}");
         }
         let img = [1.0, -2.0, 3.0, 0.5, 4.0, -1.0];
-        let want = [
+        let want: [f64; 15] = [
             1.38556969,
             -0.76202071,
             -2.52083397,
@@ -150,7 +150,7 @@ mod tests {
             -1.91055477,
         ];
         for (a, b) in bicubic(&img, 1, 2, 3, 3, 5).iter().zip(want) {
-            assert!((a - b).abs() < 1e-5, "{a} vs {b}");
+            assert!((*a as f64 - b).abs() < 1e-5, "{a} vs {b}");
         }
     }
 

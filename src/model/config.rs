@@ -76,7 +76,7 @@ fn d_inter() -> usize {
 fn d_act() -> String {
     "gelu".into()
 }
-fn d_init_range() -> f32 {
+fn d_init_range() -> f64 {
     0.02
 }
 fn d_eps() -> f64 {
@@ -91,17 +91,18 @@ fn d_patch() -> Size2 {
 fn d_channels() -> usize {
     3
 }
-fn d_layer_scale() -> f32 {
+fn d_layer_scale() -> f64 {
     0.1
 }
-fn d_drop_path() -> f32 {
+fn d_drop_path() -> f64 {
     0.1
 }
 fn d_true() -> bool {
     true
 }
 
-/// The fields of HF `BeitConfig` that the model uses, with HF's defaults.
+/// The fields of HF `BeitConfig` that the model uses, with HF's defaults. Floats are f64 so that
+/// values such as 0.02 and 1e-12 are written back exactly as Python wrote them.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct BeitConfig {
     #[serde(default = "d_vocab")]
@@ -117,12 +118,11 @@ pub struct BeitConfig {
     #[serde(default = "d_act")]
     pub hidden_act: String,
     #[serde(default)]
-    pub hidden_dropout_prob: f32,
+    pub hidden_dropout_prob: f64,
     #[serde(default)]
-    pub attention_probs_dropout_prob: f32,
+    pub attention_probs_dropout_prob: f64,
     #[serde(default = "d_init_range")]
-    pub initializer_range: f32,
-    /// Kept in f64 so that 1e-12 survives a round trip exactly as HF wrote it.
+    pub initializer_range: f64,
     #[serde(default = "d_eps")]
     pub layer_norm_eps: f64,
     #[serde(default = "d_image")]
@@ -141,9 +141,9 @@ pub struct BeitConfig {
     pub use_shared_relative_position_bias: bool,
     /// Layer scale is on when this is > 0 (HF's rule).
     #[serde(default = "d_layer_scale")]
-    pub layer_scale_init_value: f32,
+    pub layer_scale_init_value: f64,
     #[serde(default = "d_drop_path")]
-    pub drop_path_rate: f32,
+    pub drop_path_rate: f64,
     #[serde(default = "d_true")]
     pub use_mean_pooling: bool,
     /// Classification labels; HF derives `num_labels` from `id2label` (default 2).

@@ -179,7 +179,7 @@ pub fn build_layout(cfg: &BeitConfig, arch: Architecture) -> (ParamStore, Layout
     let grid = cfg.native_grid();
     let n_patches = grid.0 * grid.1;
     let heads = cfg.num_attention_heads;
-    let std = cfg.initializer_range;
+    let std = cfg.initializer_range as f32;
     let tn = |scale: f32| Init::TruncNormal { std, scale };
     // HF names the bare BeitModel's parameters without the `beit.` prefix.
     let prefix = if arch == Architecture::Backbone { "" } else { "beit." };
@@ -199,7 +199,7 @@ pub fn build_layout(cfg: &BeitConfig, arch: Architecture) -> (ParamStore, Layout
     let shared_rel_pos_table = cfg
         .use_shared_relative_position_bias
         .then(|| b.add("encoder.relative_position_bias.relative_position_bias_table", &table_shape, Init::Zeros));
-    let lambda = Init::Constant(cfg.layer_scale_init_value);
+    let lambda = Init::Constant(cfg.layer_scale_init_value as f32);
     let blocks = (0..cfg.num_hidden_layers)
         .map(|l| {
             let p = format!("encoder.layer.{l}");

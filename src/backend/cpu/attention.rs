@@ -27,13 +27,11 @@ simd_dispatch! {
     /// Row-wise softmax in place over rows of length `n` (max-subtracted for range).
     pub fn softmax_rows(s: &mut [f32], n: usize) {
         for row in s.chunks_exact_mut(n) {
-            let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-            let mut sum = 0.0f32;
+            let max = math::max(row);
             for v in row.iter_mut() {
                 *v = math::exp(*v - max);
-                sum += *v;
             }
-            let inv = 1.0 / sum;
+            let inv = 1.0 / math::sum(row);
             for v in row.iter_mut() {
                 *v *= inv;
             }

@@ -3,14 +3,17 @@
 
 use rayon::prelude::*;
 
-use super::math::simd_dispatch;
+use super::math::{self, simd_dispatch};
 use super::rows_per_task;
 
 simd_dispatch! {
     fn layernorm_rows(out: &mut [f32], x: &[f32], gamma: &[f32], beta: &[f32], dim: usize, eps: f32) {
         for (o, row) in out.chunks_exact_mut(dim).zip(x.chunks_exact(dim)) {
-            let mean = row.iter().sum::<f32>() / dim as f32;
-            let var = row.iter().map(|&v| (v - mean) * (v - mean)).sum::<f32>() / dim as f32;
+            let mean = math::sum(row) / dim as f32;
+            for (o, &v) in o.iter_mut().zip(row) {
+                *o = (v - mean) * (v - mean);
+            }
+            let var = math::sum(o) / dim as f32;
             let rstd = 1.0 / (var + eps).sqrt();
             for (((o, &v), &g), &b) in o.iter_mut().zip(row).zip(gamma).zip(beta) {
                 *o = (v - mean) * rstd * g + b;

@@ -51,6 +51,40 @@ pub fn gelu(x: f32) -> f32 {
     0.5 * x * (1.0 + erf(x * std::f32::consts::FRAC_1_SQRT_2))
 }
 
+/// Sum with eight independent accumulators: LLVM may not reorder a float reduction, so a plain
+/// `iter().sum()` runs one add at a time; eight lanes let it use one vector register.
+#[inline(always)]
+pub fn sum(x: &[f32]) -> f32 {
+    let mut acc = [0.0f32; 8];
+    let chunks = x.chunks_exact(8);
+    let tail = chunks.remainder();
+    for c in chunks {
+        for i in 0..8 {
+            acc[i] += c[i];
+        }
+    }
+    let mut total = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
+    for &v in tail {
+        total += v;
+    }
+    total
+}
+
+/// Maximum with eight independent lanes (see [`sum`]). NaN-free input assumed (a NaN is
+/// skipped, as `f32::max` does).
+#[inline(always)]
+pub fn max(x: &[f32]) -> f32 {
+    let mut acc = [f32::NEG_INFINITY; 8];
+    let chunks = x.chunks_exact(8);
+    let tail = chunks.remainder();
+    for c in chunks {
+        for i in 0..8 {
+            acc[i] = if c[i] > acc[i] { c[i] } else { acc[i] };
+        }
+    }
+    acc.iter().chain(tail).copied().fold(f32::NEG_INFINITY, f32::max)
+}
+
 /// Runs a slice kernel through an AVX2+FMA-enabled copy when the CPU has it, else the baseline
 /// copy. Both copies are the same code (no explicit FMA calls), so they give identical results;
 /// AVX2 only makes the auto-vectorised loops twice as wide.
@@ -78,6 +112,16 @@ pub(crate) use simd_dispatch;
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn lane_sum_and_max() {
+        let x: Vec<f32> = (0..37).map(|i| (i as f32 * 0.37).sin()).collect();
+        let want: f64 = x.iter().map(|&v| v as f64).sum();
+        assert!((sum(&x) as f64 - want).abs() < 1e-5);
+        assert_eq!(max(&x), x.iter().copied().fold(f32::NEG_INFINITY, f32::max));
+        assert_eq!(sum(&[]), 0.0);
+        assert_eq!(max(&[1.0, -2.0]), 1.0);
+    }
 
     #[test]
     fn exp_matches_libm() {

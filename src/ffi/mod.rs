@@ -1,1 +1,10 @@
-//! The C API (in progress).
+//! The C API (`include/beit.h`, generated from these files by cbindgen).
+//!
+//! Conventions: every fallible function returns a `beit_status` and leaves its message for
+//! `beit_last_error_message()`; every export runs behind a panic boundary; handles are opaque
+//! boxes with a NULL-tolerant `*_free`; structs crossing the boundary start with `struct_size`.
+
+pub mod context;
+pub mod model;
+pub mod status;
+pub mod version;

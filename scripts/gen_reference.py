@@ -1,19 +1,26 @@
 #!/usr/bin/env python3
 """Reference vectors for libbeit's Hugging Face parity tests.
 
-Run:   ~/torchref/bin/python scripts/gen_reference.py
-Needs: torch, transformers, safetensors (see ../shared/DATA.md for the venv). CI does not run
-this; it compares against the committed outputs under tests/reference/.
+Run:   ~/torchref/bin/python scripts/gen_reference.py [--out DIR]
+       (DIR defaults to tests/reference; pass another folder to check determinism, e.g.
+        --out /tmp/ref && diff -r /tmp/ref tests/reference)
+Needs: torch, transformers, safetensors (the ~/torchref venv). CI does not run this; it compares
+against the committed outputs under tests/reference/. Versions used go to VERSIONS.txt.
 
 Each case directory holds:
   config.json, model.safetensors   exactly as transformers' save_pretrained writes them
   inputs.safetensors               pixel_values f32 [B,C,H,W] (+ bool_masked_pos u8 [B,N])
-  outputs.safetensors              last_hidden_state (what HF BeitModel returns), pooler_output
-                                   where a pooler exists, logits where the model has a head
-  case.json                        what the case exercises
+  outputs.safetensors              last_hidden_state (what HF BeitModel returns; for the head
+                                   models from model.beit), pooler_output where a pooler exists,
+                                   logits where the model has a head; all f32
+  case.json                        what the case exercises, the effective config flags, shapes
 Every parameter is perturbed away from its init value (biases, layer scale, position tables,
-tokens), so that a wrong rule for any of them shows in the outputs. Deterministic: fixed seeds.
+tokens), so that a wrong rule for any of them shows in the outputs. The script then checks that
+each option-specific tensor group really moves the outputs (zeroing it changes them by > 1e-3)
+and fails otherwise. Deterministic: fixed seeds, one thread, fp32, eager attention.
 """
+import argparse
+import copy
 import json
 import os
 import sys
@@ -29,6 +36,11 @@ CLASSES = {
     "BeitForMaskedImageModeling": BeitForMaskedImageModeling,
     "BeitForImageClassification": BeitForImageClassification,
 }
+FLAGS = ["hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "image_size",
+         "patch_size", "num_channels", "layer_norm_eps", "layer_scale_init_value", "use_mean_pooling",
+         "use_mask_token", "use_absolute_position_embeddings", "use_relative_position_bias",
+         "use_shared_relative_position_bias", "hidden_act"]
+SENSITIVITY_MIN = 1e-3
 
 
 def perturb(model, gen):
@@ -46,7 +58,68 @@ def perturb(model, gen):
                 p.add_(0.04 * noise)
 
 
-def make_case(name, arch, input_hw, masked=False, batch=2, **options):
+def run(model, arch, pixel_values, kwargs):
+    """What goes into outputs.safetensors."""
+    outputs = {}
+    with torch.no_grad():
+        backbone = model if arch == "BeitModel" else model.beit
+        base_out = backbone(pixel_values, **kwargs)
+        outputs["last_hidden_state"] = base_out.last_hidden_state.contiguous()
+        if base_out.pooler_output is not None:
+            outputs["pooler_output"] = base_out.pooler_output.contiguous()
+        if arch != "BeitModel":
+            result = model(pixel_values, output_hidden_states=False, **kwargs)
+            outputs["logits"] = result.logits.contiguous()
+    return outputs
+
+
+def max_diff(a, b):
+    return max((a[k] - b[k]).abs().max().item() for k in a)
+
+
+def sensitivity(model, arch, pixel_values, kwargs, reference):
+    """Zeroes each option-specific tensor group in a copy and measures how far the outputs move."""
+    groups = {}
+    for name, _ in model.named_parameters():
+        if "relative_position_bias_table" in name:
+            key = "shared_rel_pos_table" if "shared_position_bias" in name else "per_layer_rel_pos_tables"
+        elif "position_embeddings" in name:
+            key = "absolute_position_embeddings"
+        elif "cls_token" in name:
+            key = "cls_token"
+        elif "mask_token" in name:
+            if "bool_masked_pos" not in kwargs:
+                continue  # unused without a mask; HF still has it
+            key = "mask_token"
+        elif "lambda_" in name:
+            key = "layer_scale_lambdas"
+        elif name.startswith("beit.layernorm.") or name.startswith("layernorm.") and arch == "BeitModel":
+            key = "final_layernorm(CLS pooling)"
+        elif "pooler.layernorm" in name:
+            key = "pooler_layernorm(mean pooling)"
+        elif name.endswith(".bias") and "layers." in name:
+            key = "block_biases"
+        else:
+            continue
+        groups.setdefault(key, []).append(name)
+    report = {}
+    for key, names in sorted(groups.items()):
+        m = copy.deepcopy(model)
+        params = dict(m.named_parameters())
+        with torch.no_grad():
+            for n in names:
+                params[n].zero_()
+        report[key] = max_diff(reference, run(m, arch, pixel_values, kwargs))
+    if "bool_masked_pos" in kwargs:
+        report["bool_masked_pos(vs no mask)"] = max_diff(reference, run(model, arch, pixel_values, {}))
+    bad = {k: v for k, v in report.items() if not v > SENSITIVITY_MIN}
+    sdpa = copy.deepcopy(model)
+    sdpa.set_attn_implementation("sdpa")
+    report["eager_vs_sdpa(info)"] = max_diff(reference, run(sdpa, arch, pixel_values, kwargs))
+    return report, bad
+
+
+def make_case(out_root, name, arch, input_hw, masked=False, batch=2, notes="", **options):
     seed = sum(map(ord, name))
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
@@ -57,9 +130,10 @@ def make_case(name, arch, input_hw, masked=False, batch=2, **options):
     config = BeitConfig(**base)
     config._attn_implementation = "eager"
     model = CLASSES[arch](config).eval()
+    assert model.config._attn_implementation == "eager"
     perturb(model, gen)
 
-    out_dir = os.path.join(ROOT, name)
+    out_dir = os.path.join(out_root, name)
     os.makedirs(out_dir, exist_ok=True)
     model.save_pretrained(out_dir, safe_serialization=True)
 
@@ -70,67 +144,92 @@ def make_case(name, arch, input_hw, masked=False, batch=2, **options):
     if masked:
         n = (h // config.patch_size) * (w // config.patch_size)
         mask = torch.rand(batch, n, generator=gen) < 0.4
-        mask[:, 0] = True
+        mask[:, 0] = True  # at least one masked and one visible patch per row
         mask[:, -1] = False
         inputs["bool_masked_pos"] = mask.to(torch.uint8).contiguous()
         kwargs["bool_masked_pos"] = mask
     save_file(inputs, os.path.join(out_dir, "inputs.safetensors"))
 
-    outputs = {}
-    with torch.no_grad():
-        result = model(pixel_values, **kwargs)
-        backbone = model if arch == "BeitModel" else model.beit
-        base_out = backbone(pixel_values, **kwargs)
-        outputs["last_hidden_state"] = base_out.last_hidden_state.contiguous()
-        if base_out.pooler_output is not None:
-            outputs["pooler_output"] = base_out.pooler_output.contiguous()
-        if arch != "BeitModel":
-            outputs["logits"] = result.logits.contiguous()
+    outputs = run(model, arch, pixel_values, kwargs)
+    for k, v in outputs.items():
+        assert v.dtype == torch.float32 and torch.isfinite(v).all(), k
     save_file(outputs, os.path.join(out_dir, "outputs.safetensors"))
 
+    report, bad = sensitivity(model, arch, pixel_values, kwargs, outputs)
+    if bad:
+        raise SystemExit(f"{name}: outputs insensitive to {bad}")
+
+    ps = config.patch_size
     description = {
         "architecture": arch,
-        "options": {k: v for k, v in options.items()},
+        "options": dict(options),
+        "config_flags": {k: getattr(config, k) for k in FLAGS},
+        "num_labels" if arch == "BeitForImageClassification" else "vocab_size":
+            config.num_labels if arch == "BeitForImageClassification" else config.vocab_size,
         "input_shape": list(pixel_values.shape),
+        "patch_grid": [h // ps, w // ps],
         "bool_masked_pos": masked,
-        "attn_implementation": "eager",
+        "masked_per_row": inputs["bool_masked_pos"].sum(1).tolist() if masked else None,
+        "attn_implementation": "eager (fp32; SDPA differs by ~1e-7)",
         "outputs": {k: list(v.shape) for k, v in outputs.items()},
+        "max_abs_output": {k: round(v.abs().max().item(), 4) for k, v in outputs.items()},
+        "sensitivity_max_abs_change_when_zeroed": {k: float(f"{v:.3g}") for k, v in report.items()},
+        "notes": notes,
     }
     with open(os.path.join(out_dir, "case.json"), "w") as f:
         json.dump(description, f, indent=2, sort_keys=True)
         f.write("\n")
     print(f"{name:28s} {arch:28s} input {list(pixel_values.shape)} -> "
           + ", ".join(f"{k} {list(v.shape)}" for k, v in outputs.items()))
+    print("    sensitivity: " + ", ".join(f"{k} {v:.2g}" for k, v in report.items()))
 
 
 def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default=ROOT)
+    out = ap.parse_args().out
     torch.set_num_threads(1)
-    make_case("backbone_abs_mean", "BeitModel", (32, 32),
-              use_absolute_position_embeddings=True, layer_scale_init_value=0.1, use_mean_pooling=True)
-    make_case("backbone_shared_cls_noscale", "BeitModel", (32, 32),
+    make_case(out, "backbone_abs_mean", "BeitModel", (32, 32),
+              use_absolute_position_embeddings=True, layer_scale_init_value=0.1, use_mean_pooling=True,
+              notes="mean pooling: beit.layernorm is identity, last_hidden_state un-normalised; "
+                    "pooler = LayerNorm(mean of patch tokens)")
+    make_case(out, "backbone_shared_cls_noscale", "BeitModel", (32, 32),
               use_shared_relative_position_bias=True, layer_scale_init_value=0.0, use_mean_pooling=False,
-              layer_norm_eps=1e-6)
-    make_case("mim_shared", "BeitForMaskedImageModeling", (32, 32), masked=True,
-              use_mask_token=True, use_shared_relative_position_bias=True, layer_scale_init_value=0.1)
-    make_case("mim_abs_nomask", "BeitForMaskedImageModeling", (32, 32),
-              use_mask_token=True, use_absolute_position_embeddings=True)
-    make_case("cls_layer_rel_mean", "BeitForImageClassification", (32, 32),
+              layer_norm_eps=1e-6,
+              notes="no lambda_1/lambda_2 tensors (layer scale off); layernorm applied to all tokens, "
+                    "pooler_output = normalised CLS token")
+    make_case(out, "mim_shared", "BeitForMaskedImageModeling", (32, 32), masked=True,
+              use_mask_token=True, use_shared_relative_position_bias=True, layer_scale_init_value=0.1,
+              notes="logits for all patches [B,N,vocab]; no pooler")
+    make_case(out, "mim_abs_nomask", "BeitForMaskedImageModeling", (32, 32),
+              use_mask_token=True, use_absolute_position_embeddings=True,
+              notes="mask_token exists in the weights but no bool_masked_pos is given")
+    make_case(out, "cls_layer_rel_mean", "BeitForImageClassification", (32, 32),
               use_relative_position_bias=True, use_mean_pooling=True, num_labels=5)
-    make_case("cls_all_pos_cls", "BeitForImageClassification", (32, 32),
+    make_case(out, "cls_all_pos_cls", "BeitForImageClassification", (32, 32),
               use_absolute_position_embeddings=True, use_shared_relative_position_bias=True,
-              use_relative_position_bias=True, use_mean_pooling=False, num_labels=3, num_hidden_layers=3)
-    make_case("grey_tiny32", "BeitForMaskedImageModeling", (32, 32), masked=True,
+              use_relative_position_bias=True, use_mean_pooling=False, num_labels=3, num_hidden_layers=3,
+              notes="shared and per-layer biases are both added in every layer")
+    make_case(out, "grey_tiny32", "BeitForMaskedImageModeling", (32, 32), masked=True,
               num_channels=1, patch_size=4, hidden_size=48, num_attention_heads=3, intermediate_size=96,
               use_mask_token=True, use_shared_relative_position_bias=True, layer_scale_init_value=0.1)
-    make_case("rect_layer_rel", "BeitForImageClassification", (24, 40),
-              image_size=[24, 40], use_relative_position_bias=True, num_labels=7)
-    make_case("resize_rel_abs", "BeitModel", (48, 48),
-              use_relative_position_bias=True, use_absolute_position_embeddings=True)
-    make_case("resize_rect_input", "BeitForImageClassification", (40, 24),
-              use_shared_relative_position_bias=True, use_absolute_position_embeddings=True, num_labels=4)
-    make_case("odd_size_mim", "BeitForMaskedImageModeling", (30, 30), masked=True,
-              image_size=28, patch_size=4, use_mask_token=True, use_shared_relative_position_bias=True)
-    with open(os.path.join(ROOT, "VERSIONS.txt"), "w") as f:
+    make_case(out, "rect_layer_rel", "BeitForImageClassification", (24, 40),
+              image_size=[24, 40], use_relative_position_bias=True, num_labels=7,
+              notes="HF QUIRK: even at the configured size, HF reshapes the first M-3 table rows as a "
+                    "(2Ww-1)x(2Wh-1) = 9x5 image and bilinearly resizes it to (2Wh-1)x(2Ww-1) = 5x9, "
+                    "so the bias is NOT a plain gather for non-square configs; with a random table the bias moves by O(1)")
+    make_case(out, "resize_rel_abs", "BeitModel", (48, 48),
+              use_relative_position_bias=True, use_absolute_position_embeddings=True,
+              notes="config grid 4x4, input grid 6x6: table 7x7 -> 11x11 bilinear (align_corners F), "
+                    "abs pos 4x4 -> 6x6 bicubic (align_corners F), CLS entries unchanged; "
+                    "interpolate_pos_encoding not passed (HF v5 interpolates regardless)")
+    make_case(out, "resize_rect_input", "BeitForImageClassification", (40, 24),
+              use_shared_relative_position_bias=True, use_absolute_position_embeddings=True, num_labels=4,
+              notes="config grid 4x4, input grid 5x3: table 7x7 -> 9x5 bilinear, abs pos 4x4 -> 5x3 bicubic")
+    make_case(out, "odd_size_mim", "BeitForMaskedImageModeling", (30, 30), masked=True,
+              image_size=28, patch_size=4, use_mask_token=True, use_shared_relative_position_bias=True,
+              notes="30x30 input, patch 4: the conv drops the last 2 rows/cols, grid 7x7 as configured")
+    with open(os.path.join(out, "VERSIONS.txt"), "w") as f:
         f.write(f"torch {torch.__version__}\ntransformers {transformers.__version__}\n"
                 f"python {sys.version.split()[0]}\n")
 

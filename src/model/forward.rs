@@ -4,7 +4,7 @@
 use rayon::prelude::*;
 
 use crate::backend::cpu::attention::{attention_forward, AttentionShape};
-use crate::backend::cpu::elementwise::{gelu_inplace, residual_add};
+use crate::backend::cpu::elementwise::{bias_gelu_inplace, residual_add};
 use crate::backend::cpu::gemm::linear;
 use crate::backend::cpu::layernorm::layernorm;
 use crate::backend::cpu::resize;
@@ -536,12 +536,13 @@ fn block_forward(
     linear(qkv, normed, p.span(blk.query_w, blk.value_w), Some(p.span(blk.query_b, blk.value_b)), rows, d, 3 * d);
     let shape = AttentionShape { batch, tokens: plan.tokens, heads, head_dim: d / heads };
     attention_forward(context, qkv, has_bias.then_some(&*bias), shape, scores);
-    linear(projected, context, p.get(blk.out_w), Some(p.get(blk.out_b)), rows, d, d);
-    residual_add(x, projected, blk.lambda_1.map(|l| p.get(l)), d);
+    // Output projection; its bias, layer scale and the residual add are one pass.
+    linear(projected, context, p.get(blk.out_w), None, rows, d, d);
+    residual_add(x, projected, p.get(blk.out_b), blk.lambda_1.map(|l| p.get(l)));
 
     layernorm(normed, x, p.get(blk.ln_after_w), p.get(blk.ln_after_b), d, eps);
-    linear(mlp, normed, p.get(blk.fc1_w), Some(p.get(blk.fc1_b)), rows, d, inter);
-    gelu_inplace(mlp);
-    linear(projected, mlp, p.get(blk.fc2_w), Some(p.get(blk.fc2_b)), rows, inter, d);
-    residual_add(x, projected, blk.lambda_2.map(|l| p.get(l)), d);
+    linear(mlp, normed, p.get(blk.fc1_w), None, rows, d, inter);
+    bias_gelu_inplace(mlp, Some(p.get(blk.fc1_b)), inter);
+    linear(projected, mlp, p.get(blk.fc2_w), None, rows, inter, d);
+    residual_add(x, projected, p.get(blk.fc2_b), blk.lambda_2.map(|l| p.get(l)));
 }

@@ -143,18 +143,16 @@ pub unsafe fn matmul_raw(
     );
 }
 
-/// A PyTorch `Linear`: `y[m, n] = x[m, k] · w[n, k]ᵀ + bias[n]`.
+/// A PyTorch `Linear`: `y[m, n] = x[m, k] · w[n, k]ᵀ + bias[n]`. Callers that can fuse the
+/// bias into the next element-wise pass (GELU, the residual update) pass `None` and do so.
 pub fn linear(y: &mut [f32], x: &[f32], w: &[f32], bias: Option<&[f32]>, m: usize, k: usize, n: usize) {
     assert_eq!(y.len(), m * n, "linear: output length");
     assert_eq!(x.len(), m * k, "linear: input length");
     assert_eq!(w.len(), n * k, "linear: weight length");
+    matmul(MatMut::rows(y, m, n), Mat::rows(x, m, k), Mat::transposed(w, n, k), 1.0, false, Threads::Pool);
     if let Some(b) = bias {
-        assert_eq!(b.len(), n, "linear: bias length");
-        for row in y.chunks_exact_mut(n) {
-            row.copy_from_slice(b);
-        }
+        super::elementwise::add_bias(y, b);
     }
-    matmul(MatMut::rows(y, m, n), Mat::rows(x, m, k), Mat::transposed(w, n, k), 1.0, bias.is_some(), Threads::Pool);
 }
 
 #[cfg(test)]

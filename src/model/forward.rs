@@ -164,7 +164,7 @@ impl Model {
         if let Some(pos) = self.layout.embeddings.position_embeddings {
             let positions = self.params.specs[pos.0].shape[1] - 1;
             let side = (positions as f64).sqrt().round() as usize;
-            let as_is = positions == gh * gw && (input.height == input.width || (gh, gw) == c.native_grid());
+            let as_is = self.position_embeddings_fit(positions, input, (gh, gw));
             ensure!(
                 as_is || side * side == positions,
                 Unsupported,
@@ -402,7 +402,7 @@ impl Model {
         if let Some(pos_id) = e.position_embeddings {
             let pos = p.get(pos_id);
             let positions = pos.len() / d - 1;
-            let as_is = positions == n && (input.height == input.width || plan.grid == c.native_grid());
+            let as_is = self.position_embeddings_fit(positions, input, plan.grid);
             let resized;
             let pos: &[f32] = if as_is {
                 pos
@@ -416,6 +416,14 @@ impl Model {
                 }
             });
         }
+    }
+
+    /// Whether the absolute position table is used as stored. HF keeps it when the patch count
+    /// matches and the image is square, and resizes it otherwise (even at the configured size
+    /// of a non-square config, where its resize then fails); we also keep it at the configured
+    /// grid, so non-square configs work at their own size.
+    fn position_embeddings_fit(&self, positions: usize, input: &ImageBatch<'_>, grid: (usize, usize)) -> bool {
+        positions == grid.0 * grid.1 && (input.height == input.width || grid == self.config.native_grid())
     }
 
     /// Fills the shared relative position bias for this grid; false if the model has none.

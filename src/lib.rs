@@ -7,6 +7,7 @@
 pub mod error;
 pub mod backend;
 pub mod context;
+pub mod data;
 pub mod ffi;
 pub mod model;
 pub mod tensor;

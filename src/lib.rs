@@ -11,6 +11,7 @@ pub mod data;
 pub mod ffi;
 pub mod model;
 pub mod tensor;
+pub mod train;
 
 pub use context::{Context, ContextOptions, Device};
 pub use error::{Error, Result};

@@ -1,0 +1,5 @@
+//! Training pieces: the optimizer and learning-rate schedules. The pretraining and fine-tuning
+//! loops, checkpoints and metrics arrive with their issues.
+
+pub mod adamw;
+pub mod schedule;

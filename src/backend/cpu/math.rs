@@ -89,15 +89,15 @@ pub fn max(x: &[f32]) -> f32 {
 /// copy. Both copies are the same code (no explicit FMA calls), so they give identical results;
 /// AVX2 only makes the auto-vectorised loops twice as wide.
 macro_rules! simd_dispatch {
-    ($(#[$meta:meta])* $vis:vis fn $name:ident($($arg:ident : $ty:ty),* $(,)?) $body:block) => {
+    ($(#[$meta:meta])* $vis:vis fn $name:ident($($arg:ident : $ty:ty),* $(,)?) $(-> $ret:ty)? $body:block) => {
         $(#[$meta])*
-        $vis fn $name($($arg: $ty),*) {
+        $vis fn $name($($arg: $ty),*) $(-> $ret)? {
             #[inline(always)]
-            fn kernel($($arg: $ty),*) $body
+            fn kernel($($arg: $ty),*) $(-> $ret)? $body
             #[cfg(target_arch = "x86_64")]
             {
                 #[target_feature(enable = "avx2,fma")]
-                unsafe fn kernel_avx2($($arg: $ty),*) { kernel($($arg),*) }
+                unsafe fn kernel_avx2($($arg: $ty),*) $(-> $ret)? { kernel($($arg),*) }
                 if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
                     // SAFETY: the features were just detected on this CPU.
                     return unsafe { kernel_avx2($($arg),*) };

@@ -75,6 +75,19 @@ pub fn add_bias(bias: &mut [f32], table: &[f32], heads: usize, index: &[usize]) 
     }
 }
 
+/// Backward of [`add_bias`]: scatter-adds `dbias` (`[heads, T, T]`) into `dtable`
+/// (`[M, heads]`, accumulated). Each head runs in order over its pairs, so the result does not
+/// depend on the thread count.
+pub fn add_bias_backward(dtable: &mut [f32], dbias: &[f32], heads: usize, index: &[usize]) {
+    let tt = index.len();
+    assert_eq!(dbias.len(), heads * tt);
+    for h in 0..heads {
+        for (&g, &i) in dbias[h * tt..(h + 1) * tt].iter().zip(index) {
+            dtable[i * heads + h] += g;
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -93,6 +106,24 @@ mod tests {
         assert_eq!(idx[4 * 5 + 1], 8);
         // self: (0 + 1)·3 + 1 = 4.
         assert_eq!(idx[2 * 5 + 2], 4);
+    }
+
+    #[test]
+    fn bias_backward_is_the_adjoint_of_the_gather() {
+        // <add_bias(table), r> = <table, add_bias_backward(r)> for any table and r.
+        let grid = (2, 3);
+        let index = relative_position_index(grid);
+        let heads = 2;
+        let m = rel_pos_table_rows(grid);
+        let table: Vec<f32> = (0..m * heads).map(|i| ((i * 7) % 11) as f32 - 5.0).collect();
+        let r: Vec<f32> = (0..heads * index.len()).map(|i| ((i * 5) % 13) as f32 * 0.1).collect();
+        let mut bias = vec![0.0f32; heads * index.len()];
+        add_bias(&mut bias, &table, heads, &index);
+        let mut dtable = vec![0.0f32; m * heads];
+        add_bias_backward(&mut dtable, &r, heads, &index);
+        let lhs: f64 = bias.iter().zip(&r).map(|(&a, &b)| a as f64 * b as f64).sum();
+        let rhs: f64 = table.iter().zip(&dtable).map(|(&a, &b)| a as f64 * b as f64).sum();
+        assert!((lhs - rhs).abs() < 1e-6 * lhs.abs().max(1.0), "{lhs} vs {rhs}");
     }
 
     #[test]

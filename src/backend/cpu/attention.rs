@@ -52,7 +52,7 @@ pub fn attention_forward(
     shape: AttentionShape,
     scratch: &mut [f32],
 ) {
-    let AttentionShape { batch, tokens: t, heads, head_dim: d } = shape;
+    let AttentionShape { batch, tokens: t, heads, .. } = shape;
     let hidden = shape.hidden();
     assert_eq!(qkv.len(), batch * t * 3 * hidden, "attention: qkv length");
     assert_eq!(ctx.len(), batch * t * hidden, "attention: context length");
@@ -64,43 +64,69 @@ pub fn attention_forward(
     assert!(slots > 0, "attention: scratch smaller than one score matrix");
     let pairs = batch * heads;
     let per_slot = pairs.div_ceil(slots);
-    let scale = (d as f32).powf(-0.5);
     let ctx_ptr = SendPtr(ctx.as_mut_ptr());
 
     scratch[..slots * block].par_chunks_mut(block).enumerate().for_each(|(slot, scores)| {
-        // Capture the whole Send wrapper, not (by edition-2021 disjoint capture) its raw field.
-        #[allow(clippy::redundant_locals)]
-        let ctx_ptr = ctx_ptr;
         for pair in slot * per_slot..((slot + 1) * per_slot).min(pairs) {
-            let (b, h) = (pair / heads, pair % heads);
-            let base = b * t * 3 * hidden;
-            let q = Mat { data: &qkv[base + h * d..], rows: t, cols: d, row_stride: 3 * hidden, col_stride: 1 };
-            let kt =
-                Mat { data: &qkv[base + hidden + h * d..], rows: d, cols: t, row_stride: 1, col_stride: 3 * hidden };
-            let v = Mat {
-                data: &qkv[base + 2 * hidden + h * d..],
-                rows: t,
-                cols: d,
-                row_stride: 3 * hidden,
-                col_stride: 1,
-            };
-            if let Some(bias) = bias {
-                scores.copy_from_slice(&bias[h * block..(h + 1) * block]);
-            }
-            // SAFETY: `scores` is this task's own block.
-            unsafe {
-                matmul_raw(scores.as_mut_ptr(), t, t, t, 1, q, kt, scale, bias.is_some(), Threads::Single);
-            }
-            softmax_rows(scores, t);
-            let p = Mat::rows(scores, t, t);
-            // SAFETY: pair (b, h) owns columns h·d..(h+1)·d of rows b·t..(b+1)·t of `ctx`; no
-            // other task writes them, and `ctx` does not alias `qkv` or `scores`.
-            unsafe {
-                let dst = ctx_ptr.0.add(b * t * hidden + h * d);
-                matmul_raw(dst, t, d, hidden, 1, p, v, 1.0, false, Threads::Single);
-            }
+            // SAFETY: pair (b, h) owns its columns of `ctx`; `scores` is this task's block.
+            unsafe { forward_pair(scores, ctx_ptr, qkv, bias, shape, pair / heads, pair % heads) };
         }
     });
+}
+
+/// Views of one pair's Q, Kᵀ, K and V inside the fused `[batch·tokens, 3·hidden]` buffer.
+pub(crate) struct HeadViews<'a> {
+    pub q: Mat<'a>,
+    pub k: Mat<'a>,
+    pub kt: Mat<'a>,
+    pub v: Mat<'a>,
+    pub vt: Mat<'a>,
+}
+
+pub(crate) fn head_views(qkv: &[f32], b: usize, h: usize, shape: AttentionShape) -> HeadViews<'_> {
+    let (t, d, hidden) = (shape.tokens, shape.head_dim, shape.hidden());
+    let base = b * t * 3 * hidden;
+    let rs = 3 * hidden;
+    let q = &qkv[base + h * d..];
+    let k = &qkv[base + hidden + h * d..];
+    let v = &qkv[base + 2 * hidden + h * d..];
+    HeadViews {
+        q: Mat { data: q, rows: t, cols: d, row_stride: rs, col_stride: 1 },
+        k: Mat { data: k, rows: t, cols: d, row_stride: rs, col_stride: 1 },
+        kt: Mat { data: k, rows: d, cols: t, row_stride: 1, col_stride: rs },
+        v: Mat { data: v, rows: t, cols: d, row_stride: rs, col_stride: 1 },
+        vt: Mat { data: v, rows: d, cols: t, row_stride: 1, col_stride: rs },
+    }
+}
+
+/// One (image, head) pair of the forward: `scores` (`tokens²`) ends holding the softmax
+/// probabilities, and the pair's context goes into columns h·d..(h+1)·d of image b's rows of
+/// `ctx` (`[batch·tokens, hidden]`).
+///
+/// # Safety
+/// `ctx` must point to the `[batch·tokens, hidden]` context buffer, which must not alias `qkv`
+/// or `scores`, and no other task may touch this pair's columns meanwhile.
+pub(crate) unsafe fn forward_pair(
+    scores: &mut [f32],
+    ctx: SendPtr,
+    qkv: &[f32],
+    bias: Option<&[f32]>,
+    shape: AttentionShape,
+    b: usize,
+    h: usize,
+) {
+    let AttentionShape { tokens: t, head_dim: d, .. } = shape;
+    let hidden = shape.hidden();
+    let block = t * t;
+    let scale = (d as f32).powf(-0.5);
+    let hv = head_views(qkv, b, h, shape);
+    if let Some(bias) = bias {
+        scores.copy_from_slice(&bias[h * block..(h + 1) * block]);
+    }
+    matmul_raw(scores.as_mut_ptr(), t, t, t, 1, hv.q, hv.kt, scale, bias.is_some(), Threads::Single);
+    softmax_rows(scores, t);
+    let p = Mat::rows(scores, t, t);
+    matmul_raw(ctx.0.add(b * t * hidden + h * d), t, d, hidden, 1, p, hv.v, 1.0, false, Threads::Single);
 }
 
 #[cfg(test)]

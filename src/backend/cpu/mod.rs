@@ -3,6 +3,7 @@
 //! forward pass allocates nothing per op.
 
 pub mod attention;
+pub mod attention_backward;
 pub mod cross_entropy;
 pub mod elementwise;
 pub mod gemm;

@@ -4,6 +4,7 @@
 
 pub mod attention;
 pub mod attention_backward;
+pub mod backward;
 pub mod cross_entropy;
 pub mod elementwise;
 pub mod gemm;

@@ -1,0 +1,423 @@
+//! Backward passes of the row-wise ops and the Linear: layer norm, exact GELU, and
+//! `y = x·wᵀ + b`. Input gradients are overwritten; parameter gradients are accumulated (`+=`),
+//! so one buffer can collect a parameter's gradient over several uses or micro-batches.
+//!
+//! Parameter reductions over rows (dgamma, dbeta, db) are deterministic whatever the thread
+//! count: rows are cut into chunks whose size depends only on the row length, each chunk sums
+//! its rows in order into its own partial buffer, and the partials are added in chunk order.
+
+use rayon::prelude::*;
+
+use super::gemm::{matmul, Mat, MatMut, Threads};
+use super::math::{self, simd_dispatch};
+
+/// Rows per chunk of a deterministic row reduction. Depends only on `row_len` (never on the
+/// thread count), so the summation order, and with it every bit of the result, is fixed.
+fn reduce_chunk_rows(row_len: usize) -> usize {
+    (16_384 / row_len.max(1)).clamp(4, 128)
+}
+
+/// Sums the per-chunk partials (`width` elements each) into the first one, chunk by chunk in
+/// order, and returns it. Adding that total to the output once (rather than each partial) makes
+/// `+=` exact: a second call on the same inputs adds exactly the first call's value.
+fn reduce_partials_in_order(partials: &mut [f32], width: usize) -> &[f32] {
+    let (total, rest) = partials.split_at_mut(width);
+    for p in rest.chunks_exact(width) {
+        for (t, &v) in total.iter_mut().zip(p) {
+            *t += v;
+        }
+    }
+    total
+}
+
+fn add_into(out: &mut [f32], v: &[f32]) {
+    for (o, &a) in out.iter_mut().zip(v) {
+        *o += a;
+    }
+}
+
+simd_dispatch! {
+    /// Layer norm backward for a chunk of rows; `part` is `[dgamma | dbeta]` for this chunk
+    /// (zeroed by the caller, accumulated in row order).
+    fn layernorm_backward_rows(dx: &mut [f32], part: &mut [f32], dy: &[f32], x: &[f32], gamma: &[f32], dim: usize, eps: f32) {
+        let (pg, pb) = part.split_at_mut(dim);
+        let inv_dim = 1.0 / dim as f32;
+        for ((dxr, dyr), xr) in dx.chunks_exact_mut(dim).zip(dy.chunks_exact(dim)).zip(x.chunks_exact(dim)) {
+            // Recompute the statistics exactly as the forward pass does, `dxr` as scratch.
+            let mean = math::sum(xr) / dim as f32;
+            for (d, &v) in dxr.iter_mut().zip(xr) {
+                *d = (v - mean) * (v - mean);
+            }
+            let var = math::sum(dxr) / dim as f32;
+            let rstd = 1.0 / (var + eps).sqrt();
+            // Σ dxhat·xhat with dxhat = dy·gamma, xhat = (x - mean)·rstd.
+            for (((d, &v), &g), &o) in dxr.iter_mut().zip(xr).zip(gamma).zip(dyr) {
+                *d = o * g * ((v - mean) * rstd);
+            }
+            let mean_dxhat_xhat = math::sum(dxr) * inv_dim;
+            for ((d, &g), &o) in dxr.iter_mut().zip(gamma).zip(dyr) {
+                *d = o * g;
+            }
+            let mean_dxhat = math::sum(dxr) * inv_dim;
+            // dx = rstd·(dxhat - mean(dxhat) - xhat·mean(dxhat·xhat)).
+            for (d, &v) in dxr.iter_mut().zip(xr) {
+                let xhat = (v - mean) * rstd;
+                *d = rstd * (*d - mean_dxhat - xhat * mean_dxhat_xhat);
+            }
+            for (((pg, pb), &v), &o) in pg.iter_mut().zip(pb.iter_mut()).zip(xr).zip(dyr) {
+                *pg += o * ((v - mean) * rstd);
+                *pb += o;
+            }
+        }
+    }
+}
+
+/// Gradients of PyTorch's `LayerNorm` (biased variance, eps inside the square root) over rows
+/// of length `dim`. `dx` is overwritten; `dgamma` and `dbeta` are accumulated (`+=`).
+/// Mean and rstd are recomputed from `x`. The parameter sums are bit-identical for any number
+/// of threads.
+#[allow(clippy::too_many_arguments)]
+pub fn layernorm_backward(
+    dx: &mut [f32],
+    dgamma: &mut [f32],
+    dbeta: &mut [f32],
+    dy: &[f32],
+    x: &[f32],
+    gamma: &[f32],
+    dim: usize,
+    eps: f32,
+) {
+    assert!(dim > 0, "layernorm_backward: dim must be positive");
+    assert_eq!(x.len() % dim, 0, "layernorm_backward: x is not a whole number of rows");
+    assert_eq!(dx.len(), x.len(), "layernorm_backward: dx length");
+    assert_eq!(dy.len(), x.len(), "layernorm_backward: dy length");
+    assert_eq!(gamma.len(), dim, "layernorm_backward: gamma length");
+    assert_eq!(dgamma.len(), dim, "layernorm_backward: dgamma length");
+    assert_eq!(dbeta.len(), dim, "layernorm_backward: dbeta length");
+    let rows = x.len() / dim;
+    if rows == 0 {
+        return;
+    }
+    let chunk = reduce_chunk_rows(dim) * dim;
+    let mut partials = vec![0.0f32; rows.div_ceil(reduce_chunk_rows(dim)) * 2 * dim];
+    dx.par_chunks_mut(chunk)
+        .zip(partials.par_chunks_mut(2 * dim))
+        .zip(dy.par_chunks(chunk).zip(x.par_chunks(chunk)))
+        .for_each(|((dxc, part), (dyc, xc))| layernorm_backward_rows(dxc, part, dyc, xc, gamma, dim, eps));
+    let (pg, pb) = reduce_partials_in_order(&mut partials, 2 * dim).split_at(dim);
+    add_into(dgamma, pg);
+    add_into(dbeta, pb);
+}
+
+simd_dispatch! {
+    fn gelu_backward_chunk(dx: &mut [f32], dy: &[f32], pre: &[f32]) {
+        const INV_SQRT_2PI: f32 = 0.398_942_3;
+        for ((d, &o), &v) in dx.iter_mut().zip(dy).zip(pre) {
+            let cdf = 0.5 * (1.0 + math::erf(v * std::f32::consts::FRAC_1_SQRT_2));
+            let pdf = math::exp(-0.5 * v * v) * INV_SQRT_2PI;
+            *d = o * (cdf + v * pdf);
+        }
+    }
+}
+
+/// `dx = dy ⊙ GELU'(pre)` for the exact (erf) GELU: GELU'(x) = Φ(x) + x·φ(x). `dx` is
+/// overwritten; `pre` is the GELU's input (after the Linear's bias).
+pub fn gelu_backward(dx: &mut [f32], dy: &[f32], pre: &[f32]) {
+    assert_eq!(dx.len(), pre.len(), "gelu_backward: dx length");
+    assert_eq!(dy.len(), pre.len(), "gelu_backward: dy length");
+    const CHUNK: usize = 16_384;
+    dx.par_chunks_mut(CHUNK)
+        .zip(dy.par_chunks(CHUNK).zip(pre.par_chunks(CHUNK)))
+        .for_each(|(d, (o, p))| gelu_backward_chunk(d, o, p));
+}
+
+simd_dispatch! {
+    /// `part += Σ_rows dy[row, :]` over a chunk of rows of length `part.len()`.
+    fn column_sums_rows(part: &mut [f32], dy: &[f32]) {
+        for row in dy.chunks_exact(part.len()) {
+            for (p, &v) in part.iter_mut().zip(row) {
+                *p += v;
+            }
+        }
+    }
+}
+
+/// `out[j] += Σ_r dy[r, j]` over rows of length `out.len()`, deterministic for any number of
+/// threads.
+fn column_sums_accumulate(out: &mut [f32], dy: &[f32]) {
+    let n = out.len();
+    if n == 0 || dy.is_empty() {
+        return;
+    }
+    let rows = dy.len() / n;
+    let chunk_rows = reduce_chunk_rows(n);
+    let mut partials = vec![0.0f32; rows.div_ceil(chunk_rows) * n];
+    partials.par_chunks_mut(n).zip(dy.par_chunks(chunk_rows * n)).for_each(|(p, d)| column_sums_rows(p, d));
+    add_into(out, reduce_partials_in_order(&mut partials, n));
+}
+
+/// Backward of a PyTorch `Linear` `y[m, n] = x[m, k] · w[n, k]ᵀ + b[n]`:
+/// `dx = dy · w` (overwritten, skipped when `None`), `dw += dyᵀ · x`, `db += Σ_rows dy`
+/// (skipped when `None`). `db` is bit-identical for any number of threads.
+#[allow(clippy::too_many_arguments)]
+pub fn linear_backward(
+    dx: Option<&mut [f32]>,
+    dw: &mut [f32],
+    db: Option<&mut [f32]>,
+    dy: &[f32],
+    x: &[f32],
+    w: &[f32],
+    m: usize,
+    k: usize,
+    n: usize,
+) {
+    assert_eq!(dy.len(), m * n, "linear_backward: dy length");
+    assert_eq!(x.len(), m * k, "linear_backward: x length");
+    assert_eq!(w.len(), n * k, "linear_backward: w length");
+    assert_eq!(dw.len(), n * k, "linear_backward: dw length");
+    if let Some(dx) = dx {
+        assert_eq!(dx.len(), m * k, "linear_backward: dx length");
+        if n == 0 {
+            dx.fill(0.0);
+        } else {
+            matmul(MatMut::rows(dx, m, k), Mat::rows(dy, m, n), Mat::rows(w, n, k), 1.0, false, Threads::Pool);
+        }
+    }
+    if m > 0 {
+        matmul(MatMut::rows(dw, n, k), Mat::transposed(dy, m, n), Mat::rows(x, m, k), 1.0, true, Threads::Pool);
+    }
+    if let Some(db) = db {
+        assert_eq!(db.len(), n, "linear_backward: db length");
+        column_sums_accumulate(db, dy);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A small deterministic generator (xorshift64*), uniform in [lo, hi).
+    struct Rng(u64);
+    impl Rng {
+        fn uniform(&mut self, lo: f32, hi: f32) -> f32 {
+            self.0 ^= self.0 >> 12;
+            self.0 ^= self.0 << 25;
+            self.0 ^= self.0 >> 27;
+            let u = (self.0.wrapping_mul(0x2545_f491_4f6c_dd1d) >> 40) as f32 / (1u64 << 24) as f32;
+            lo + (hi - lo) * u
+        }
+        fn vec(&mut self, len: usize, lo: f32, hi: f32) -> Vec<f32> {
+            (0..len).map(|_| self.uniform(lo, hi)).collect()
+        }
+    }
+
+    const H: f64 = 1e-3;
+
+    fn to64(v: &[f32]) -> Vec<f64> {
+        v.iter().map(|&a| a as f64).collect()
+    }
+
+    fn loss(r: &[f32], y: &[f64]) -> f64 {
+        r.iter().zip(y).map(|(&r, &y)| r as f64 * y).sum()
+    }
+
+    /// Central differences of `f` (a scalar loss of f64 inputs) with respect to every element
+    /// of `inputs[which]`.
+    fn fd_grad(inputs: &[Vec<f64>], which: usize, f: &dyn Fn(&[Vec<f64>]) -> f64) -> Vec<f64> {
+        let mut v = inputs.to_vec();
+        (0..inputs[which].len())
+            .map(|i| {
+                let orig = v[which][i];
+                v[which][i] = orig + H;
+                let lp = f(&v);
+                v[which][i] = orig - H;
+                let lm = f(&v);
+                v[which][i] = orig;
+                (lp - lm) / (2.0 * H)
+            })
+            .collect()
+    }
+
+    /// max |a - b| / max(|a|, |b|, 1e-3) over all elements.
+    fn max_rel_err(analytic: &[f32], fd: &[f64]) -> f64 {
+        assert_eq!(analytic.len(), fd.len());
+        analytic
+            .iter()
+            .zip(fd)
+            .map(|(&a, &b)| {
+                let a = a as f64;
+                (a - b).abs() / a.abs().max(b.abs()).max(1e-3)
+            })
+            .fold(0.0, f64::max)
+    }
+
+    fn check(name: &str, analytic: &[f32], fd: &[f64], tol: f64) {
+        let err = max_rel_err(analytic, fd);
+        eprintln!("{name}: max relative FD error {err:.3e}");
+        assert!(err < tol, "{name}: max relative error {err} ≥ {tol}");
+    }
+
+    fn layernorm_ref(x: &[f64], gamma: &[f64], beta: &[f64], dim: usize, eps: f64) -> Vec<f64> {
+        let mut y = Vec::with_capacity(x.len());
+        for row in x.chunks_exact(dim) {
+            let mean = row.iter().sum::<f64>() / dim as f64;
+            let var = row.iter().map(|v| (v - mean) * (v - mean)).sum::<f64>() / dim as f64;
+            let rstd = 1.0 / (var + eps).sqrt();
+            for ((v, g), b) in row.iter().zip(gamma).zip(beta) {
+                y.push((v - mean) * rstd * g + b);
+            }
+        }
+        y
+    }
+
+    #[test]
+    fn layernorm_backward_matches_finite_differences() {
+        let (rows, dim, eps) = (5, 24, 1e-5f32);
+        let mut rng = Rng(0x1234_5678_9abc_def1);
+        let x = rng.vec(rows * dim, -2.0, 2.0);
+        let gamma = rng.vec(dim, 0.5, 1.5);
+        let beta = rng.vec(dim, -0.5, 0.5);
+        let r = rng.vec(rows * dim, -1.0, 1.0);
+        let mut dx = vec![f32::NAN; rows * dim];
+        let mut dgamma = vec![0.0; dim];
+        let mut dbeta = vec![0.0; dim];
+        layernorm_backward(&mut dx, &mut dgamma, &mut dbeta, &r, &x, &gamma, dim, eps);
+
+        let inputs = vec![to64(&x), to64(&gamma), to64(&beta)];
+        let f = |v: &[Vec<f64>]| loss(&r, &layernorm_ref(&v[0], &v[1], &v[2], dim, eps as f64));
+        check("layernorm dx", &dx, &fd_grad(&inputs, 0, &f), 1e-3);
+        check("layernorm dgamma", &dgamma, &fd_grad(&inputs, 1, &f), 1e-3);
+        check("layernorm dbeta", &dbeta, &fd_grad(&inputs, 2, &f), 1e-3);
+    }
+
+    fn gelu_ref(x: f64) -> f64 {
+        0.5 * x * (1.0 + libm::erf(x / std::f64::consts::SQRT_2))
+    }
+
+    #[test]
+    fn gelu_backward_matches_finite_differences() {
+        let mut rng = Rng(0x0fed_cba9_8765_4321);
+        let mut pre = rng.vec(200, -6.0, 6.0);
+        pre.extend_from_slice(&[0.0, 1e-4, -1e-4, 0.5, -0.5, 3.9, -3.9, 4.5, -4.5, 10.0, -10.0]);
+        let r = rng.vec(pre.len(), -1.0, 1.0);
+        let mut dx = vec![f32::NAN; pre.len()];
+        gelu_backward(&mut dx, &r, &pre);
+        let inputs = vec![to64(&pre)];
+        let f = |v: &[Vec<f64>]| r.iter().zip(&v[0]).map(|(&r, &x)| r as f64 * gelu_ref(x)).sum::<f64>();
+        check("gelu dx", &dx, &fd_grad(&inputs, 0, &f), 1e-3);
+        // Large inputs: identity gradient far right, zero far left.
+        let mut d = [0.0f32; 2];
+        gelu_backward(&mut d, &[1.0, 1.0], &[50.0, -50.0]);
+        assert!((d[0] - 1.0).abs() < 1e-6 && d[1].abs() < 1e-6, "{d:?}");
+    }
+
+    fn linear_ref(x: &[f64], w: &[f64], b: &[f64], m: usize, k: usize, n: usize) -> Vec<f64> {
+        let mut y = vec![0.0; m * n];
+        for i in 0..m {
+            for j in 0..n {
+                y[i * n + j] = b[j] + (0..k).map(|p| x[i * k + p] * w[j * k + p]).sum::<f64>();
+            }
+        }
+        y
+    }
+
+    #[test]
+    fn linear_backward_matches_finite_differences() {
+        let (m, k, n) = (9, 13, 7);
+        let mut rng = Rng(0xdead_beef_cafe_f00d);
+        let x = rng.vec(m * k, -1.0, 1.0);
+        let w = rng.vec(n * k, -1.0, 1.0);
+        let b = rng.vec(n, -1.0, 1.0);
+        let r = rng.vec(m * n, -1.0, 1.0);
+        let mut dx = vec![f32::NAN; m * k];
+        let mut dw = vec![0.0; n * k];
+        let mut db = vec![0.0; n];
+        linear_backward(Some(&mut dx), &mut dw, Some(&mut db), &r, &x, &w, m, k, n);
+
+        let inputs = vec![to64(&x), to64(&w), to64(&b)];
+        let f = |v: &[Vec<f64>]| loss(&r, &linear_ref(&v[0], &v[1], &v[2], m, k, n));
+        check("linear dx", &dx, &fd_grad(&inputs, 0, &f), 1e-3);
+        check("linear dw", &dw, &fd_grad(&inputs, 1, &f), 1e-3);
+        check("linear db", &db, &fd_grad(&inputs, 2, &f), 1e-3);
+    }
+
+    fn in_pool<T: Send>(threads: usize, f: impl FnOnce() -> T + Send) -> T {
+        rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap().install(f)
+    }
+
+    fn bits(v: &[f32]) -> Vec<u32> {
+        v.iter().map(|a| a.to_bits()).collect()
+    }
+
+    #[test]
+    fn parameter_reductions_are_deterministic_across_thread_counts() {
+        let (rows, dim) = (1000, 64); // 128 rows per chunk → 8 chunks
+        let mut rng = Rng(0x5555_aaaa_3333_cccc);
+        let x = rng.vec(rows * dim, -3.0, 3.0);
+        let dy = rng.vec(rows * dim, -1.0, 1.0);
+        let gamma = rng.vec(dim, 0.5, 1.5);
+        let run_ln = |threads| {
+            in_pool(threads, || {
+                let mut dx = vec![0.0; rows * dim];
+                let mut dg = vec![0.0; dim];
+                let mut dbt = vec![0.0; dim];
+                layernorm_backward(&mut dx, &mut dg, &mut dbt, &dy, &x, &gamma, dim, 1e-6);
+                (bits(&dx), bits(&dg), bits(&dbt))
+            })
+        };
+        let one = run_ln(1);
+        let four = run_ln(4);
+        assert_eq!(one.1, four.1, "dgamma differs between 1 and 4 threads");
+        assert_eq!(one.2, four.2, "dbeta differs between 1 and 4 threads");
+        assert_eq!(one.0, four.0, "dx differs between 1 and 4 threads");
+
+        let (m, n) = (1000, 48);
+        let dy = rng.vec(m * n, -1.0, 1.0);
+        let run_db = |threads| {
+            in_pool(threads, || {
+                let mut db = vec![0.0; n];
+                column_sums_accumulate(&mut db, &dy);
+                bits(&db)
+            })
+        };
+        assert_eq!(run_db(1), run_db(4), "db differs between 1 and 4 threads");
+    }
+
+    #[test]
+    fn parameter_gradients_accumulate() {
+        let (rows, dim) = (300, 32);
+        let mut rng = Rng(0x0123_4567_89ab_cdef);
+        let x = rng.vec(rows * dim, -2.0, 2.0);
+        let dy = rng.vec(rows * dim, -1.0, 1.0);
+        let gamma = rng.vec(dim, 0.5, 1.5);
+        let mut dx = vec![0.0; rows * dim];
+        let (mut dg, mut dbt) = (vec![0.0; dim], vec![0.0; dim]);
+        layernorm_backward(&mut dx, &mut dg, &mut dbt, &dy, &x, &gamma, dim, 1e-5);
+        let (dg1, dbt1, dx1) = (dg.clone(), dbt.clone(), dx.clone());
+        layernorm_backward(&mut dx, &mut dg, &mut dbt, &dy, &x, &gamma, dim, 1e-5);
+        assert_eq!(dx, dx1, "dx must be overwritten, not accumulated");
+        assert_eq!(dg, dg1.iter().map(|v| 2.0 * v).collect::<Vec<_>>());
+        assert_eq!(dbt, dbt1.iter().map(|v| 2.0 * v).collect::<Vec<_>>());
+
+        let (m, k, n) = (70, 40, 30);
+        let x = rng.vec(m * k, -1.0, 1.0);
+        let w = rng.vec(n * k, -1.0, 1.0);
+        let dy = rng.vec(m * n, -1.0, 1.0);
+        let mut dx = vec![0.0; m * k];
+        let (mut dw, mut db) = (vec![0.0; n * k], vec![0.0; n]);
+        linear_backward(Some(&mut dx), &mut dw, Some(&mut db), &dy, &x, &w, m, k, n);
+        let (dw1, db1, dx1) = (dw.clone(), db.clone(), dx.clone());
+        linear_backward(Some(&mut dx), &mut dw, Some(&mut db), &dy, &x, &w, m, k, n);
+        assert_eq!(dx, dx1, "dx must be overwritten, not accumulated");
+        assert_eq!(db, db1.iter().map(|v| 2.0 * v).collect::<Vec<_>>());
+        for (a, b) in dw.iter().zip(&dw1) {
+            assert!((a - 2.0 * b).abs() <= 1e-6 * b.abs().max(1.0), "dw: {a} vs 2·{b}");
+        }
+        // Without dx and db only dw moves.
+        linear_backward(None, &mut dw, None, &dy, &x, &w, m, k, n);
+        assert_eq!(db, db1.iter().map(|v| 2.0 * v).collect::<Vec<_>>());
+        for (a, b) in dw.iter().zip(&dw1) {
+            assert!((a - 3.0 * b).abs() <= 1e-5 * b.abs().max(1.0), "dw: {a} vs 3·{b}");
+        }
+    }
+}

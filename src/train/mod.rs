@@ -2,4 +2,5 @@
 //! loops, checkpoints and metrics arrive with their issues.
 
 pub mod adamw;
+pub mod clip;
 pub mod schedule;

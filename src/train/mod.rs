@@ -3,4 +3,5 @@
 
 pub mod adamw;
 pub mod clip;
+pub mod layer_decay;
 pub mod schedule;

@@ -48,6 +48,9 @@ import transformers
 from safetensors.torch import load_file, save_file
 from transformers import BeitConfig, BeitForMaskedImageModeling
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from gen_reference import perturb  # noqa: E402  (one perturbation rule for all reference vectors)
+
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests", "reference_grads")
 FLAGS = ["hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "image_size",
          "patch_size", "num_channels", "vocab_size", "layer_norm_eps", "layer_scale_init_value",
@@ -55,21 +58,6 @@ FLAGS = ["hidden_size", "num_hidden_layers", "num_attention_heads", "intermediat
          "use_relative_position_bias", "use_shared_relative_position_bias", "hidden_act"]
 ADAMW = dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.05)
 ADAMW_STEPS = 3
-
-
-def perturb(model, gen):
-    """Moves every parameter off its init value, with magnitudes that keep activations sane."""
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            noise = torch.randn(p.shape, generator=gen)
-            if "lambda_" in name:
-                p.copy_(0.1 * (1 + 0.3 * noise))
-            elif "layernorm" in name and name.endswith("weight"):
-                p.copy_(1 + 0.1 * noise)
-            elif "relative_position_bias_table" in name or "token" in name or "position_embeddings" in name:
-                p.copy_(0.5 * noise)
-            else:
-                p.add_(0.04 * noise)
 
 
 def save_name_map(model, saved):

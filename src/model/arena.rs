@@ -47,6 +47,15 @@ impl Arena {
         Arena { buf: vec![0.0; plan.total()] }
     }
 
+    /// Number of f32 elements held.
+    pub fn len(&self) -> usize {
+        self.buf.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.buf.is_empty()
+    }
+
     pub fn get(&self, slot: Slot) -> &[f32] {
         &self.buf[slot.offset..slot.offset + slot.len]
     }

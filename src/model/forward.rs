@@ -359,17 +359,32 @@ impl Model {
     /// Patch embedding (as a GEMM over non-overlapping patches), mask token, CLS token and
     /// absolute position embeddings, into `x`.
     fn embed(&self, ws: &mut Workspace, input: &ImageBatch<'_>) {
+        let plan = &ws.plan;
+        let [patches, x, tmp] = ws.arena.many_mut([plan.patches, plan.x, plan.context]);
+        self.embed_into(input, plan.grid, patches, x, tmp);
+    }
+
+    /// [`Model::embed`] on explicit buffers: `patches` receives the im2col rows
+    /// (`[batch·patches, channels·ph·pw]`), `x` the embeddings (`[batch, tokens, hidden]`), and
+    /// `tmp` (at least `[batch·patches, hidden]`) the patch projections before masking.
+    pub(crate) fn embed_into(
+        &self,
+        input: &ImageBatch<'_>,
+        grid: (usize, usize),
+        patches: &mut [f32],
+        x: &mut [f32],
+        tmp: &mut [f32],
+    ) {
         let c = &self.config;
         let p = &self.params;
         let e = &self.layout.embeddings;
-        let plan = &ws.plan;
-        let (gh, gw) = plan.grid;
-        let (n, t, d) = (gh * gw, plan.tokens, c.hidden_size);
+        let (gh, gw) = grid;
+        let (n, d) = (gh * gw, c.hidden_size);
+        let t = n + 1;
         let (ph, pw) = c.patch_size.hw();
         let (ch, hh, ww) = (input.channels, input.height, input.width);
         let k = ch * ph * pw;
         let b = input.batch;
-        let [patches, x, tmp] = ws.arena.many_mut([plan.patches, plan.x, plan.context]);
 
         // im2col: one row per patch, ordered (channel, row, col) like the conv weight.
         patches.par_chunks_mut(k).enumerate().for_each(|(row, dst)| {
@@ -402,12 +417,12 @@ impl Model {
         if let Some(pos_id) = e.position_embeddings {
             let pos = p.get(pos_id);
             let positions = pos.len() / d - 1;
-            let as_is = self.position_embeddings_fit(positions, input, plan.grid);
+            let as_is = self.position_embeddings_fit(positions, input, grid);
             let resized;
             let pos: &[f32] = if as_is {
                 pos
             } else {
-                resized = resize_position_embeddings(pos, d, positions, plan.grid);
+                resized = resize_position_embeddings(pos, d, positions, grid);
                 &resized
             };
             x.par_chunks_mut(t * d).for_each(|img| {
@@ -428,36 +443,52 @@ impl Model {
 
     /// Fills the shared relative position bias for this grid; false if the model has none.
     fn prepare_shared_bias(&self, ws: &mut Workspace) -> bool {
+        let slot = ws.plan.shared_bias;
+        let grid = ws.plan.grid;
+        let Workspace { arena, rel_index, .. } = ws;
+        self.shared_bias_into(arena.get_mut(slot), grid, rel_index)
+    }
+
+    /// The shared relative position bias (`[heads, T, T]`) for `grid` into `bias`; false (and
+    /// `bias` untouched) if the model has none.
+    pub(crate) fn shared_bias_into(&self, bias: &mut [f32], grid: (usize, usize), rel_index: &[usize]) -> bool {
         let Some(table_id) = self.layout.shared_rel_pos_table else {
             return false;
         };
-        let heads = self.config.num_attention_heads;
-        let table = self.table_for_grid(table_id, ws.plan.grid);
-        let slot = ws.plan.shared_bias;
-        let Workspace { arena, rel_index, .. } = ws;
-        let bias = arena.get_mut(slot);
+        let table = self.table_for_grid(table_id, grid);
         bias.fill(0.0);
-        relpos::add_bias(bias, &table, heads, rel_index);
+        relpos::add_bias(bias, &table, self.config.num_attention_heads, rel_index);
         true
     }
 
     /// The bias of one layer: shared + per-layer, whichever exist, in the `bias` slot.
     fn layer_bias(&self, ws: &mut Workspace, block: &BlockParams, has_shared: bool) -> bool {
-        let heads = self.config.num_attention_heads;
         let plan = ws.plan.clone();
-        match (has_shared, block.rel_pos_table) {
-            (false, None) => false,
-            (has_shared, table_id) => {
-                let Workspace { arena, rel_index, .. } = ws;
-                let [shared_bias, bias] = arena.many_mut([plan.shared_bias, plan.bias]);
-                if has_shared {
-                    bias.copy_from_slice(shared_bias);
-                } else {
-                    bias.fill(0.0);
+        let Workspace { arena, rel_index, .. } = ws;
+        let [shared_bias, bias] = arena.many_mut([plan.shared_bias, plan.bias]);
+        self.layer_bias_into(bias, has_shared.then_some(&*shared_bias), block, plan.grid, rel_index)
+    }
+
+    /// The attention bias of `block` into `bias`: the shared bias (when given) plus the block's
+    /// own table (when it has one). False, and `bias` untouched, when there is neither.
+    pub(crate) fn layer_bias_into(
+        &self,
+        bias: &mut [f32],
+        shared_bias: Option<&[f32]>,
+        block: &BlockParams,
+        grid: (usize, usize),
+        rel_index: &[usize],
+    ) -> bool {
+        match (shared_bias, block.rel_pos_table) {
+            (None, None) => false,
+            (shared_bias, table_id) => {
+                match shared_bias {
+                    Some(shared) => bias.copy_from_slice(shared),
+                    None => bias.fill(0.0),
                 }
                 if let Some(id) = table_id {
-                    let table = self.table_for_grid(id, plan.grid);
-                    relpos::add_bias(bias, &table, heads, rel_index);
+                    let table = self.table_for_grid(id, grid);
+                    relpos::add_bias(bias, &table, self.config.num_attention_heads, rel_index);
                 }
                 true
             }

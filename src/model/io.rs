@@ -180,6 +180,31 @@ pub fn read_mask(st: &SafeTensors<'_>, name: &str) -> Result<Option<(Vec<usize>,
     Ok(Some((view.shape().to_vec(), out)))
 }
 
+/// An integer tensor (any signed or unsigned integer dtype) read as i64.
+pub fn read_i64(st: &SafeTensors<'_>, name: &str) -> Result<Option<(Vec<usize>, Vec<i64>)>> {
+    let view = match st.tensor(name) {
+        Ok(v) => v,
+        Err(safetensors::SafeTensorError::TensorNotFound(_)) => return Ok(None),
+        Err(e) => bail!(Format, "tensor {name}: {e}"),
+    };
+    let data = view.data();
+    let out: Vec<i64> = match view.dtype() {
+        Dtype::I64 => data.chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().unwrap())).collect(),
+        Dtype::U64 => data
+            .chunks_exact(8)
+            .map(|c| i64::try_from(u64::from_le_bytes(c.try_into().unwrap())).unwrap_or(i64::MAX))
+            .collect(),
+        Dtype::I32 => data.chunks_exact(4).map(|c| i32::from_le_bytes(c.try_into().unwrap()) as i64).collect(),
+        Dtype::U32 => data.chunks_exact(4).map(|c| u32::from_le_bytes(c.try_into().unwrap()) as i64).collect(),
+        Dtype::I16 => data.chunks_exact(2).map(|c| i16::from_le_bytes(c.try_into().unwrap()) as i64).collect(),
+        Dtype::U16 => data.chunks_exact(2).map(|c| u16::from_le_bytes(c.try_into().unwrap()) as i64).collect(),
+        Dtype::U8 => data.iter().map(|&b| b as i64).collect(),
+        Dtype::I8 => data.iter().map(|&b| b as i8 as i64).collect(),
+        other => bail!(Format, "tensor {name} has dtype {other:?}; expected an integer type"),
+    };
+    Ok(Some((view.shape().to_vec(), out)))
+}
+
 /// Writes `bytes` to `path` atomically: a temporary file in the same directory, fsync, rename,
 /// fsync of the directory. Readers see the old file or the new one, never a torn one.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {

@@ -10,12 +10,14 @@ pub mod init;
 pub mod io;
 pub mod params;
 pub mod relpos;
+mod training;
 
 use std::path::Path;
 use std::sync::Mutex;
 
 pub use config::{Architecture, BeitConfig};
 pub use forward::{ImageBatch, OutputBuffers, OutputShapes, Outputs};
+pub use training::{DropPath, MimBatch, TrainWorkspace};
 
 use crate::error::{Error, Result};
 use params::{Layout, ParamStore};

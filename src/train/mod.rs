@@ -2,6 +2,7 @@
 //! loops, checkpoints and metrics arrive with their issues.
 
 pub mod adamw;
+pub mod batch;
 pub mod clip;
 pub mod layer_decay;
 pub mod schedule;

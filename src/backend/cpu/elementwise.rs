@@ -86,6 +86,17 @@ pub fn residual_add(acc: &mut [f32], y: &[f32], bias: &[f32], scale: Option<&[f3
     acc.par_chunks_mut(rows).zip(y.par_chunks(rows)).for_each(|(a, b)| add_scaled_rows(a, b, bias, scale, dim));
 }
 
+/// `acc += x`, element-wise (gradients meeting at a residual connection).
+pub fn add_inplace(acc: &mut [f32], x: &[f32]) {
+    assert_eq!(acc.len(), x.len());
+    const CHUNK: usize = 16_384;
+    acc.par_chunks_mut(CHUNK).zip(x.par_chunks(CHUNK)).for_each(|(a, x)| {
+        for (a, &v) in a.iter_mut().zip(x) {
+            *a += v;
+        }
+    });
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

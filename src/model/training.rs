@@ -1,0 +1,785 @@
+//! The masked-image-modeling training pass, llm.c style: a forward that keeps what the backward
+//! needs in a planned arena (one set of slots per layer), then an explicit backward per layer in
+//! reverse. No autograd: every gradient below is written out, and each op's backward is checked
+//! by finite differences in `backend::cpu`, the whole pass against PyTorch's gradients in
+//! `tests/mim_gradients.rs`.
+//!
+//! What is kept per layer: the block input `x`, the fused `qkv`, the attention probabilities,
+//! the attention context, the block's midpoint (after the attention residual), the FC1 output
+//! (GELU input), and, with layer scale, the two branch outputs (their λ gradients need them).
+//! Layer norm outputs and the GELU output are recomputed in the backward: they cost one cheap
+//! pass each and would otherwise be the largest activations.
+//!
+//! The MIM head runs on the masked positions only: their rows are gathered (in `[batch, patch]`
+//! order, as `logits[bool_masked_pos]` orders them), normalised and projected; the loss is the
+//! mean cross-entropy over all masked positions of the batch, fused with its logit gradient.
+
+use crate::backend::cpu::attention::AttentionShape;
+use crate::backend::cpu::attention_backward::{
+    attention_backward, attention_backward_scratch_len, attention_forward_saving_probs,
+};
+use crate::backend::cpu::backward::{gelu_backward, layernorm_backward, linear_backward, residual_add_backward};
+use crate::backend::cpu::cross_entropy::cross_entropy_fused;
+use crate::backend::cpu::elementwise::{add_inplace, bias_gelu_inplace, residual_add};
+use crate::backend::cpu::gemm::linear;
+use crate::backend::cpu::layernorm::layernorm;
+use crate::error::Result;
+use crate::tensor::checked_numel;
+
+use super::arena::{Arena, ArenaPlan, Slot};
+use super::config::Architecture;
+use super::params::{Affine, BlockParams, HeadParams, ParamId, ParamStore};
+use super::relpos;
+use super::{ImageBatch, Model};
+
+/// One pretraining batch as the host supplies it: pixels, the masked positions, and the visual
+/// token of every patch (only the masked ones count).
+#[derive(Debug, Clone, Copy)]
+pub struct MimBatch<'a> {
+    /// `[batch, channels, height, width]`, f32.
+    pub pixels: &'a [f32],
+    pub batch: usize,
+    pub channels: usize,
+    pub height: usize,
+    pub width: usize,
+    /// `[batch, patches]`, 0 or 1.
+    pub bool_masked_pos: &'a [u8],
+    /// `[batch, patches]`, visual token ids in `[0, vocab_size)` where masked (others ignored).
+    pub labels: &'a [i64],
+}
+
+impl<'a> MimBatch<'a> {
+    fn images(&self) -> ImageBatch<'a> {
+        ImageBatch {
+            pixels: self.pixels,
+            batch: self.batch,
+            channels: self.channels,
+            height: self.height,
+            width: self.width,
+            bool_masked_pos: Some(self.bool_masked_pos),
+        }
+    }
+
+    /// Number of masked positions (the rows the loss averages over).
+    pub fn masked_count(&self) -> usize {
+        self.bool_masked_pos.iter().filter(|&&m| m == 1).count()
+    }
+}
+
+/// Stochastic depth factors for one pass: for block `l`, branch `r` (0 attention, 1 MLP) and
+/// image `b`, `factors[(l·2 + r)·batch + b]` is 0 (branch dropped) or `1/keep` (kept, rescaled).
+#[derive(Debug, Clone, Copy)]
+pub struct DropPath<'a> {
+    pub factors: &'a [f32],
+}
+
+/// Slots of one layer's saved activations.
+#[derive(Debug, Clone, Copy)]
+struct LayerSlots {
+    x: Slot,
+    qkv: Slot,
+    probs: Slot,
+    context: Slot,
+    attn_out: Slot,
+    mid: Slot,
+    fc1: Slot,
+    mlp_out: Slot,
+}
+
+#[derive(Debug, Clone)]
+struct TrainPlan {
+    key: (usize, usize, usize, usize),
+    grid: (usize, usize),
+    tokens: usize,
+    layers: Vec<LayerSlots>,
+    /// Output of the last block (the next layer's `x`).
+    x_out: Slot,
+    /// `beit.layernorm(x_out)` when the backbone has it.
+    hidden: Slot,
+    patches: Slot,
+    /// Masked patch rows of the hidden state, then the head layer norm of them.
+    gathered: Slot,
+    head_normed: Slot,
+    // Scratch shared by all layers.
+    normed: Slot,
+    wide_a: Slot,
+    wide_b: Slot,
+    dx: Slot,
+    dbranch: Slot,
+    dnormed: Slot,
+    dtmp: Slot,
+    dcontext: Slot,
+    shared_bias: Slot,
+    bias: Slot,
+    dbias: Slot,
+    attn_scratch: Slot,
+}
+
+/// Reusable memory for training passes: the arena is planned for one (batch, height, width,
+/// thread count) and kept until the shape changes; logits grow to the largest masked count seen.
+#[derive(Debug, Default)]
+pub struct TrainWorkspace {
+    planned: Option<(TrainPlan, Arena, Vec<usize>)>,
+    logits: Vec<f32>,
+    masked_rows: Vec<usize>,
+    masked_labels: Vec<usize>,
+}
+
+impl TrainWorkspace {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Bytes held by the arena and the logits buffer.
+    pub fn bytes(&self) -> usize {
+        let arena = self.planned.as_ref().map_or(0, |(_, a, _)| a.len());
+        (arena + self.logits.capacity()) * std::mem::size_of::<f32>()
+    }
+}
+
+/// Shapes and constants of one pass.
+#[derive(Debug, Clone, Copy)]
+struct Dims {
+    b: usize,
+    t: usize,
+    d: usize,
+    inter: usize,
+    heads: usize,
+    eps: f32,
+}
+
+impl Dims {
+    fn rows(&self) -> usize {
+        self.b * self.t
+    }
+
+    fn attention(&self) -> AttentionShape {
+        AttentionShape { batch: self.b, tokens: self.t, heads: self.heads, head_dim: self.d / self.heads }
+    }
+}
+
+impl Model {
+    /// Checks a pretraining batch; every problem is a readable error and nothing is computed.
+    pub fn check_mim_batch(&self, batch: &MimBatch<'_>) -> Result<()> {
+        ensure!(
+            self.arch == Architecture::MaskedImageModeling,
+            InvalidArgument,
+            "pretraining needs a BeitForMaskedImageModeling model; this one is {}",
+            self.arch.hf_name()
+        );
+        let images = batch.images();
+        self.check_input(&images)?;
+        let grid = self.config.grid_for(batch.height, batch.width);
+        ensure!(
+            grid == self.config.native_grid(),
+            InvalidArgument,
+            "training runs at the configured image size {}x{} ({:?} patches); this batch is {}x{}",
+            self.config.image_size.hw().0,
+            self.config.image_size.hw().1,
+            self.config.native_grid(),
+            batch.height,
+            batch.width
+        );
+        let n = grid.0 * grid.1;
+        ensure!(
+            checked_numel(&[batch.batch, n]) == Some(batch.labels.len()),
+            InvalidArgument,
+            "labels hold {} values; [batch {}, patches {n}] needs {}",
+            batch.labels.len(),
+            batch.batch,
+            batch.batch * n
+        );
+        if let Some(i) = batch.pixels.iter().position(|v| !v.is_finite()) {
+            bail!(
+                InvalidArgument,
+                "pixel_values[{i}] is {} (image {}): pixels must be finite",
+                batch.pixels[i],
+                i / (batch.channels * batch.height * batch.width)
+            );
+        }
+        let vocab = self.config.vocab_size as i64;
+        for (i, (&m, &label)) in batch.bool_masked_pos.iter().zip(batch.labels).enumerate() {
+            ensure!(
+                m == 0 || (0..vocab).contains(&label),
+                InvalidArgument,
+                "label {label} of masked patch {} in image {} is outside the vocabulary [0, {vocab})",
+                i % n,
+                i / n
+            );
+        }
+        ensure!(batch.masked_count() > 0, InvalidArgument, "bool_masked_pos masks no patch: the MIM loss is undefined");
+        Ok(())
+    }
+
+    /// Runs the MIM forward and backward on `batch`, ADDS the gradient of the loss to `grads`
+    /// (laid out like the parameters), and returns the loss (mean cross-entropy over all masked
+    /// positions). `drop_path` applies stochastic depth; `None` is the deterministic model.
+    pub fn mim_forward_backward(
+        &self,
+        ws: &mut TrainWorkspace,
+        batch: &MimBatch<'_>,
+        drop_path: Option<DropPath<'_>>,
+        grads: &mut [f32],
+    ) -> Result<f64> {
+        self.check_mim_batch(batch)?;
+        ensure!(
+            grads.len() == self.params.data.len(),
+            InvalidArgument,
+            "gradient buffer holds {} values; the model has {}",
+            grads.len(),
+            self.params.data.len()
+        );
+        let layers = self.layout.blocks.len();
+        if let Some(dp) = drop_path {
+            ensure!(
+                dp.factors.len() == layers * 2 * batch.batch,
+                InvalidArgument,
+                "drop path factors hold {} values; [layers {layers}, 2, batch {}] needs {}",
+                dp.factors.len(),
+                batch.batch,
+                layers * 2 * batch.batch
+            );
+        }
+        self.prepare_train_workspace(ws, batch);
+        let TrainWorkspace { planned, logits, masked_rows, masked_labels } = ws;
+        let (plan, arena, rel_index) = planned.as_mut().expect("planned above");
+        let c = &self.config;
+        let dims = Dims {
+            b: batch.batch,
+            t: plan.tokens,
+            d: c.hidden_size,
+            inter: c.intermediate_size,
+            heads: c.num_attention_heads,
+            eps: c.layer_norm_eps as f32,
+        };
+        let factors = drop_path.map(|dp| dp.factors);
+
+        // Forward.
+        {
+            let [patches, x0, tmp] = arena.many_mut([plan.patches, plan.layers[0].x, plan.dtmp]);
+            self.embed_into(&batch.images(), plan.grid, patches, x0, tmp);
+        }
+        let has_shared = self.shared_bias_into(arena.get_mut(plan.shared_bias), plan.grid, rel_index);
+        for (l, blk) in self.layout.blocks.iter().enumerate() {
+            let next = plan.layers.get(l + 1).map_or(plan.x_out, |s| s.x);
+            let drop = factors.map(|f| &f[l * 2 * dims.b..(l + 1) * 2 * dims.b]);
+            self.block_forward_train(arena, plan, rel_index, l, next, blk, dims, has_shared, drop);
+        }
+        let hidden = match &self.layout.final_layernorm {
+            Some(ln) => {
+                let [x, h] = arena.many_mut([plan.x_out, plan.hidden]);
+                layernorm(h, x, self.params.get(ln.weight), self.params.get(ln.bias), dims.d, dims.eps);
+                plan.hidden
+            }
+            None => plan.x_out,
+        };
+
+        // MIM head on the masked rows, loss and logit gradient fused.
+        let n = dims.t - 1;
+        masked_rows.clear();
+        masked_labels.clear();
+        for (i, (&m, &label)) in batch.bool_masked_pos.iter().zip(batch.labels).enumerate() {
+            if m == 1 {
+                masked_rows.push((i / n) * dims.t + 1 + i % n);
+                masked_labels.push(label as usize);
+            }
+        }
+        let m = masked_rows.len();
+        let (head_ln, lm_head) = match &self.layout.head {
+            HeadParams::MaskedImageModeling { layernorm, lm_head } => (*layernorm, *lm_head),
+            _ => unreachable!("checked: a MIM model"),
+        };
+        let v = c.vocab_size;
+        logits.resize(m * v, 0.0);
+        let d = dims.d;
+        let loss;
+        {
+            let [h, gathered, head_normed, dgathered, dnormed_rows] =
+                arena.many_mut([hidden, plan.gathered, plan.head_normed, plan.dbranch, plan.dnormed]);
+            let (gathered, head_normed) = (&mut gathered[..m * d], &mut head_normed[..m * d]);
+            for (dst, &row) in gathered.chunks_exact_mut(d).zip(masked_rows.iter()) {
+                dst.copy_from_slice(&h[row * d..(row + 1) * d]);
+            }
+            let p = &self.params;
+            layernorm(head_normed, gathered, p.get(head_ln.weight), p.get(head_ln.bias), d, dims.eps);
+            linear(logits, head_normed, p.get(lm_head.weight), Some(p.get(lm_head.bias)), m, d, v);
+            loss = cross_entropy_fused(logits, masked_labels, v);
+
+            // Head backward: logits hold dL/dlogits now.
+            let dnormed_rows = &mut dnormed_rows[..m * d];
+            let (dw, db) = grads_pair(&self.params, grads, lm_head);
+            linear_backward(Some(dnormed_rows), dw, Some(db), logits, head_normed, p.get(lm_head.weight), m, d, v);
+            let dgathered = &mut dgathered[..m * d];
+            let (dg, dbeta) = grads_pair(&self.params, grads, head_ln);
+            layernorm_backward(dgathered, dg, dbeta, dnormed_rows, gathered, p.get(head_ln.weight), d, dims.eps);
+            // Scatter back: unmasked rows and CLS get no gradient from the loss.
+            h.fill(0.0);
+            for (src, &row) in dgathered.chunks_exact(d).zip(masked_rows.iter()) {
+                h[row * d..(row + 1) * d].copy_from_slice(src);
+            }
+        }
+        // `hidden` now holds dL/dhidden; turn it into dL/dx_out in the `dx` slot.
+        match &self.layout.final_layernorm {
+            Some(ln) => {
+                let [dx, dh, x] = arena.many_mut([plan.dx, plan.hidden, plan.x_out]);
+                let (dg, dbeta) = grads_pair(&self.params, grads, *ln);
+                layernorm_backward(dx, dg, dbeta, dh, x, self.params.get(ln.weight), d, dims.eps);
+            }
+            None => {
+                let [dx, dh] = arena.many_mut([plan.dx, plan.x_out]);
+                dx.copy_from_slice(dh);
+            }
+        }
+
+        // Backward through the blocks, last first. The shared table collects every layer's
+        // bias gradient in `shared_dtable`.
+        let mut shared_dtable = self.layout.shared_rel_pos_table.map(|id| vec![0.0f32; self.params.specs[id.0].len]);
+        for (l, blk) in self.layout.blocks.iter().enumerate().rev() {
+            let drop = factors.map(|f| &f[l * 2 * dims.b..(l + 1) * 2 * dims.b]);
+            self.block_backward(
+                arena,
+                plan,
+                rel_index,
+                l,
+                blk,
+                dims,
+                has_shared,
+                drop,
+                grads,
+                shared_dtable.as_deref_mut(),
+            );
+        }
+        if let (Some(id), Some(dt)) = (self.layout.shared_rel_pos_table, shared_dtable) {
+            add_into(grad_of(&self.params, grads, id), &dt);
+        }
+        self.embeddings_backward(arena, plan, batch, dims, grads);
+        Ok(loss)
+    }
+
+    fn prepare_train_workspace(&self, ws: &mut TrainWorkspace, batch: &MimBatch<'_>) {
+        let threads = rayon::current_num_threads().max(1);
+        let key = (batch.batch, batch.height, batch.width, threads);
+        if ws.planned.as_ref().is_some_and(|(p, _, _)| p.key == key) {
+            return;
+        }
+        ws.planned = None; // free the old arena before allocating the new one
+        let (plan, arena_plan) = self.train_plan(key);
+        let rel_index = relpos::relative_position_index(plan.grid);
+        ws.planned = Some((plan, Arena::new(&arena_plan), rel_index));
+    }
+
+    fn train_plan(&self, key: (usize, usize, usize, usize)) -> (TrainPlan, ArenaPlan) {
+        let c = &self.config;
+        let (b, height, width, _) = key;
+        let grid = c.grid_for(height, width);
+        let n = grid.0 * grid.1;
+        let t = n + 1;
+        let (d, inter, heads) = (c.hidden_size, c.intermediate_size, c.num_attention_heads);
+        let (ph, pw) = c.patch_size.hw();
+        let rows = b * t;
+        let has_rel = c.use_relative_position_bias || c.use_shared_relative_position_bias;
+        let scale = c.layer_scale();
+        let shape = AttentionShape { batch: b, tokens: t, heads, head_dim: d / heads };
+        let mut p = ArenaPlan::default();
+        let layers = (0..c.num_hidden_layers)
+            .map(|_| LayerSlots {
+                x: p.slot(rows * d),
+                qkv: p.slot(rows * 3 * d),
+                probs: p.slot(b * heads * t * t),
+                context: p.slot(rows * d),
+                attn_out: p.slot(if scale { rows * d } else { 0 }),
+                mid: p.slot(rows * d),
+                fc1: p.slot(rows * inter),
+                mlp_out: p.slot(if scale { rows * d } else { 0 }),
+            })
+            .collect();
+        let plan = TrainPlan {
+            key,
+            grid,
+            tokens: t,
+            layers,
+            x_out: p.slot(rows * d),
+            hidden: p.slot(if self.layout.final_layernorm.is_some() { rows * d } else { 0 }),
+            patches: p.slot(b * n * c.num_channels * ph * pw),
+            gathered: p.slot(b * n * d),
+            head_normed: p.slot(b * n * d),
+            normed: p.slot(rows * d),
+            wide_a: p.slot(rows * inter.max(3 * d)),
+            wide_b: p.slot(rows * inter),
+            dx: p.slot(rows * d),
+            dbranch: p.slot(rows * d),
+            dnormed: p.slot(rows * d),
+            dtmp: p.slot(rows * d),
+            dcontext: p.slot(rows * d),
+            shared_bias: p.slot(if c.use_shared_relative_position_bias { heads * t * t } else { 0 }),
+            bias: p.slot(if has_rel { heads * t * t } else { 0 }),
+            dbias: p.slot(if has_rel { heads * t * t } else { 0 }),
+            attn_scratch: p.slot(attention_backward_scratch_len(shape, has_rel)),
+        };
+        (plan, p)
+    }
+
+    /// One block forward, keeping its activations in layer `l`'s slots; writes the block output
+    /// to `next`.
+    #[allow(clippy::too_many_arguments)]
+    fn block_forward_train(
+        &self,
+        arena: &mut Arena,
+        plan: &TrainPlan,
+        rel_index: &[usize],
+        l: usize,
+        next: Slot,
+        blk: &BlockParams,
+        dims: Dims,
+        has_shared: bool,
+        drop: Option<&[f32]>,
+    ) {
+        let p = &self.params;
+        let s = plan.layers[l];
+        let Dims { d, inter, eps, .. } = dims;
+        let rows = dims.rows();
+        let [x, qkv, probs, context, attn_out, mid, fc1, mlp_out, out, normed, wide, shared_bias, bias, projected] =
+            arena.many_mut([
+                s.x,
+                s.qkv,
+                s.probs,
+                s.context,
+                s.attn_out,
+                s.mid,
+                s.fc1,
+                s.mlp_out,
+                next,
+                plan.normed,
+                plan.wide_a,
+                plan.shared_bias,
+                plan.bias,
+                plan.dbranch,
+            ]);
+        let has_bias = self.layer_bias_into(bias, has_shared.then_some(&*shared_bias), blk, plan.grid, rel_index);
+
+        layernorm(normed, x, p.get(blk.ln_before_w), p.get(blk.ln_before_b), d, eps);
+        linear(qkv, normed, p.span(blk.query_w, blk.value_w), Some(p.span(blk.query_b, blk.value_b)), rows, d, 3 * d);
+        attention_forward_saving_probs(context, qkv, has_bias.then_some(&*bias), dims.attention(), probs);
+        // With layer scale the branch output is kept (λ's gradient needs it); without, the
+        // scratch `projected` holds it.
+        let y = if attn_out.is_empty() { &mut projected[..] } else { &mut attn_out[..] };
+        linear(y, context, p.get(blk.out_w), None, rows, d, d);
+        mid.copy_from_slice(x);
+        add_branch(mid, y, p.get(blk.out_b), blk.lambda_1.map(|id| p.get(id)), drop.map(|f| &f[..dims.b]), dims);
+
+        layernorm(normed, mid, p.get(blk.ln_after_w), p.get(blk.ln_after_b), d, eps);
+        linear(fc1, normed, p.get(blk.fc1_w), Some(p.get(blk.fc1_b)), rows, d, inter);
+        let gelu_out = &mut wide[..rows * inter];
+        gelu_out.copy_from_slice(fc1);
+        bias_gelu_inplace(gelu_out, None, inter);
+        let y = if mlp_out.is_empty() { &mut projected[..] } else { &mut mlp_out[..] };
+        linear(y, gelu_out, p.get(blk.fc2_w), None, rows, inter, d);
+        out.copy_from_slice(mid);
+        add_branch(out, y, p.get(blk.fc2_b), blk.lambda_2.map(|id| p.get(id)), drop.map(|f| &f[dims.b..]), dims);
+    }
+
+    /// One block backward: `dx` holds dL/d(block output) on entry and dL/d(block input) on
+    /// return; parameter gradients are added to `grads`, the bias gradient of the shared table
+    /// to `shared_dtable`.
+    #[allow(clippy::too_many_arguments)]
+    fn block_backward(
+        &self,
+        arena: &mut Arena,
+        plan: &TrainPlan,
+        rel_index: &[usize],
+        l: usize,
+        blk: &BlockParams,
+        dims: Dims,
+        has_shared: bool,
+        drop: Option<&[f32]>,
+        grads: &mut [f32],
+        shared_dtable: Option<&mut [f32]>,
+    ) {
+        let p = &self.params;
+        let s = plan.layers[l];
+        let Dims { d, inter, eps, .. } = dims;
+        let rows = dims.rows();
+        let [x, qkv, probs, context, attn_out, mid, fc1, mlp_out, dx, dbranch, dnormed, dtmp, dcontext, normed, wide_a, wide_b, shared_bias, bias, dbias, scratch] =
+            arena.many_mut([
+                s.x,
+                s.qkv,
+                s.probs,
+                s.context,
+                s.attn_out,
+                s.mid,
+                s.fc1,
+                s.mlp_out,
+                plan.dx,
+                plan.dbranch,
+                plan.dnormed,
+                plan.dtmp,
+                plan.dcontext,
+                plan.normed,
+                plan.wide_a,
+                plan.wide_b,
+                plan.shared_bias,
+                plan.bias,
+                plan.dbias,
+                plan.attn_scratch,
+            ]);
+
+        // MLP branch: out = mid + k·λ2 ⊙ (mlp_out + fc2_b).
+        branch_backward(
+            dbranch,
+            dx,
+            mlp_out,
+            p.get(blk.fc2_b),
+            blk.lambda_2.map(|id| (p.get(id), id)),
+            drop.map(|f| &f[dims.b..]),
+            dims,
+            grads,
+            &self.params,
+        );
+        let gelu_out = &mut wide_a[..rows * inter];
+        gelu_out.copy_from_slice(fc1);
+        bias_gelu_inplace(gelu_out, None, inter);
+        let dgelu = &mut wide_b[..rows * inter];
+        {
+            let (dw, db) = grads_pair(p, grads, Affine { weight: blk.fc2_w, bias: blk.fc2_b });
+            linear_backward(Some(dgelu), dw, Some(db), dbranch, gelu_out, p.get(blk.fc2_w), rows, inter, d);
+        }
+        let dfc1 = gelu_out; // the GELU output is no longer needed
+        gelu_backward(dfc1, dgelu, fc1);
+        layernorm(normed, mid, p.get(blk.ln_after_w), p.get(blk.ln_after_b), d, eps);
+        {
+            let (dw, db) = grads_pair(p, grads, Affine { weight: blk.fc1_w, bias: blk.fc1_b });
+            linear_backward(Some(dnormed), dw, Some(db), dfc1, normed, p.get(blk.fc1_w), rows, d, inter);
+        }
+        {
+            let (dg, dbeta) = grads_pair(p, grads, Affine { weight: blk.ln_after_w, bias: blk.ln_after_b });
+            layernorm_backward(dtmp, dg, dbeta, dnormed, mid, p.get(blk.ln_after_w), d, eps);
+        }
+        add_inplace(dx, dtmp);
+
+        // Attention branch: mid = x + k·λ1 ⊙ (attn_out + out_b).
+        branch_backward(
+            dbranch,
+            dx,
+            attn_out,
+            p.get(blk.out_b),
+            blk.lambda_1.map(|id| (p.get(id), id)),
+            drop.map(|f| &f[..dims.b]),
+            dims,
+            grads,
+            &self.params,
+        );
+        {
+            let (dw, db) = grads_pair(p, grads, Affine { weight: blk.out_w, bias: blk.out_b });
+            linear_backward(Some(dcontext), dw, Some(db), dbranch, context, p.get(blk.out_w), rows, d, d);
+        }
+        let has_bias = self.layer_bias_into(bias, has_shared.then_some(&*shared_bias), blk, plan.grid, rel_index);
+        let dqkv = &mut wide_a[..rows * 3 * d];
+        if has_bias {
+            dbias.fill(0.0);
+        }
+        attention_backward(dqkv, has_bias.then_some(&mut *dbias), dcontext, qkv, probs, dims.attention(), scratch);
+        if has_bias {
+            if let Some(dt) = shared_dtable {
+                relpos::add_bias_backward(dt, dbias, dims.heads, rel_index);
+            }
+            if let Some(id) = blk.rel_pos_table {
+                relpos::add_bias_backward(grad_of(p, grads, id), dbias, dims.heads, rel_index);
+            }
+        }
+        layernorm(normed, x, p.get(blk.ln_before_w), p.get(blk.ln_before_b), d, eps);
+        {
+            // q/k/v weights and biases are adjacent in the gradient buffer as in the parameters.
+            let (w0, w1) = (p.specs[blk.query_w.0].offset, p.specs[blk.value_w.0].offset + p.specs[blk.value_w.0].len);
+            let (b0, b1) = (p.specs[blk.query_b.0].offset, p.specs[blk.value_b.0].offset + p.specs[blk.value_b.0].len);
+            debug_assert!(w1 <= b0);
+            let (head, tail) = grads.split_at_mut(b0);
+            let (dw, db) = (&mut head[w0..w1], &mut tail[..b1 - b0]);
+            let w = p.span(blk.query_w, blk.value_w);
+            linear_backward(Some(dnormed), dw, Some(db), dqkv, normed, w, rows, d, 3 * d);
+            // The key bias is not a parameter (fixed at zero): drop what it collected.
+            grad_of(p, grads, blk.key_b).fill(0.0);
+        }
+        {
+            let (dg, dbeta) = grads_pair(p, grads, Affine { weight: blk.ln_before_w, bias: blk.ln_before_b });
+            layernorm_backward(dtmp, dg, dbeta, dnormed, x, p.get(blk.ln_before_w), d, eps);
+        }
+        add_inplace(dx, dtmp);
+    }
+
+    /// Backward of the embeddings: `dx` (dL/d(first block input)) into the CLS token, mask
+    /// token, absolute positions, and the patch projection (whose input rows are the im2col
+    /// patches kept from the forward).
+    fn embeddings_backward(
+        &self,
+        arena: &mut Arena,
+        plan: &TrainPlan,
+        batch: &MimBatch<'_>,
+        dims: Dims,
+        grads: &mut [f32],
+    ) {
+        let p = &self.params;
+        let e = &self.layout.embeddings;
+        let (b, t, d) = (dims.b, dims.t, dims.d);
+        let n = t - 1;
+        let [dx, patches, dembedded] = arena.many_mut([plan.dx, plan.patches, plan.dtmp]);
+        let dembedded = &mut dembedded[..b * n * d];
+        // Small sums, run in image order so the result does not depend on threads.
+        {
+            let dcls = grad_of(p, grads, e.cls_token);
+            for img in 0..b {
+                add_into(dcls, &dx[img * t * d..img * t * d + d]);
+            }
+        }
+        if let Some(pos) = e.position_embeddings {
+            let dpos = grad_of(p, grads, pos);
+            for img in 0..b {
+                add_into(dpos, &dx[img * t * d..(img + 1) * t * d]);
+            }
+        }
+        let mut dmask = e.mask_token.map(|_| vec![0.0f32; d]);
+        for img in 0..b {
+            for patch in 0..n {
+                let src = &dx[(img * t + 1 + patch) * d..(img * t + 2 + patch) * d];
+                let dst = &mut dembedded[(img * n + patch) * d..(img * n + patch + 1) * d];
+                if batch.bool_masked_pos[img * n + patch] == 1 {
+                    if let Some(dm) = dmask.as_mut() {
+                        add_into(dm, src);
+                    }
+                    dst.fill(0.0);
+                } else {
+                    dst.copy_from_slice(src);
+                }
+            }
+        }
+        if let (Some(id), Some(dm)) = (e.mask_token, dmask) {
+            add_into(grad_of(p, grads, id), &dm);
+        }
+        let k = patches.len() / (b * n);
+        let (dw, db) = grads_pair(p, grads, Affine { weight: e.patch_weight, bias: e.patch_bias });
+        linear_backward(None, dw, Some(db), dembedded, patches, p.get(e.patch_weight), b * n, k, d);
+    }
+}
+
+/// `acc += k_b·λ ⊙ (y + bias)` for every image `b` (drop path factor `k_b`, 1 without drop
+/// path; λ = 1 without layer scale).
+fn add_branch(acc: &mut [f32], y: &[f32], bias: &[f32], lambda: Option<&[f32]>, drop: Option<&[f32]>, dims: Dims) {
+    let Some(factors) = drop else {
+        residual_add(acc, y, bias, lambda);
+        return;
+    };
+    let per_image = dims.t * dims.d;
+    let mut scale = vec![0.0f32; dims.d];
+    for (img, &k) in factors[..dims.b].iter().enumerate() {
+        if k == 0.0 {
+            continue; // this image skips the branch
+        }
+        match lambda {
+            Some(l) => scale.iter_mut().zip(l).for_each(|(s, &l)| *s = l * k),
+            None => scale.fill(k),
+        }
+        let range = img * per_image..(img + 1) * per_image;
+        residual_add(&mut acc[range.clone()], &y[range], bias, Some(&scale));
+    }
+}
+
+/// Backward of [`add_branch`]: `dy = k_b·λ ⊙ dacc` per image, and `dλ += Σ k_b·dacc ⊙ (y + bias)`.
+#[allow(clippy::too_many_arguments)]
+fn branch_backward(
+    dy: &mut [f32],
+    dacc: &[f32],
+    y: &[f32],
+    bias: &[f32],
+    lambda: Option<(&[f32], ParamId)>,
+    drop: Option<&[f32]>,
+    dims: Dims,
+    grads: &mut [f32],
+    params: &ParamStore,
+) {
+    let d = dims.d;
+    let ones = vec![1.0f32; d];
+    let Some(factors) = drop else {
+        match lambda {
+            Some((l, id)) => residual_add_backward(dy, Some(grad_of(params, grads, id)), dacc, y, bias, l),
+            None => dy.copy_from_slice(dacc),
+        }
+        return;
+    };
+    let per_image = dims.t * d;
+    let mut scale = vec![0.0f32; d];
+    let mut dscale = vec![0.0f32; d];
+    for (img, &k) in factors[..dims.b].iter().enumerate() {
+        let range = img * per_image..(img + 1) * per_image;
+        if k == 0.0 {
+            dy[range].fill(0.0);
+            continue;
+        }
+        match lambda {
+            Some((l, id)) => {
+                scale.iter_mut().zip(l).for_each(|(s, &l)| *s = l * k);
+                dscale.fill(0.0);
+                residual_add_backward(
+                    &mut dy[range.clone()],
+                    Some(&mut dscale),
+                    &dacc[range.clone()],
+                    &y[range],
+                    bias,
+                    &scale,
+                );
+                // d(λ·k)/dλ = k.
+                for (g, &v) in grad_of(params, grads, id).iter_mut().zip(&dscale) {
+                    *g += k * v;
+                }
+            }
+            None => {
+                scale.fill(k);
+                residual_add_backward(&mut dy[range.clone()], None, &dacc[range.clone()], &ones, bias, &scale);
+            }
+        }
+    }
+}
+
+fn grad_of<'g>(p: &ParamStore, grads: &'g mut [f32], id: ParamId) -> &'g mut [f32] {
+    let s = &p.specs[id.0];
+    &mut grads[s.offset..s.offset + s.len]
+}
+
+/// The gradients of a weight/bias pair (distinct entries, so two disjoint borrows).
+fn grads_pair<'g>(p: &ParamStore, grads: &'g mut [f32], pair: Affine) -> (&'g mut [f32], &'g mut [f32]) {
+    let (w, b) = (&p.specs[pair.weight.0], &p.specs[pair.bias.0]);
+    assert!(w.offset + w.len <= b.offset || b.offset + b.len <= w.offset, "weight and bias overlap");
+    if w.offset < b.offset {
+        let (lo, hi) = grads.split_at_mut(b.offset);
+        (&mut lo[w.offset..w.offset + w.len], &mut hi[..b.len])
+    } else {
+        let (lo, hi) = grads.split_at_mut(w.offset);
+        let bias = &mut lo[b.offset..b.offset + b.len];
+        (&mut hi[..w.len], bias)
+    }
+}
+
+fn add_into(out: &mut [f32], v: &[f32]) {
+    for (o, &a) in out.iter_mut().zip(v) {
+        *o += a;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn grads_pair_handles_both_orders() {
+        let cfg = crate::model::BeitConfig::from_json_str(
+            r#"{"hidden_size":8,"num_hidden_layers":1,"num_attention_heads":2,"intermediate_size":16,
+                "image_size":8,"patch_size":4,"num_channels":1,"vocab_size":4}"#,
+        )
+        .unwrap();
+        let m = Model::new_random(cfg, Architecture::MaskedImageModeling, 0).unwrap();
+        let mut g = vec![0.0f32; m.params.data.len()];
+        let blk = &m.layout.blocks[0];
+        let (w, b) = grads_pair(&m.params, &mut g, Affine { weight: blk.fc1_w, bias: blk.fc1_b });
+        assert_eq!((w.len(), b.len()), (16 * 8, 16));
+        let (b2, w2) = grads_pair(&m.params, &mut g, Affine { weight: blk.fc1_b, bias: blk.fc1_w });
+        assert_eq!((b2.len(), w2.len()), (16, 16 * 8));
+    }
+}

@@ -1,0 +1,209 @@
+//! The MIM training pass against PyTorch: loss and every parameter gradient of the four cases
+//! in tests/reference_grads (scripts/gen_grad_reference.py, HF BeitForMaskedImageModeling), and
+//! three AdamW steps with weight decay against torch.optim.AdamW's parameters.
+
+use std::path::{Path, PathBuf};
+
+use beit::model::io::{read_f32, SafetensorsFile};
+use beit::model::TrainWorkspace;
+use beit::train::adamw::{AdamW, AdamWConfig};
+use beit::train::batch::OwnedMimBatch;
+use beit::Model;
+
+fn case_dir(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/reference_grads").join(name)
+}
+
+/// Loss and gradients of a case, on a fresh gradient buffer.
+fn run_case(model: &Model, batch: &OwnedMimBatch) -> (f64, Vec<f32>) {
+    let mut grads = vec![0.0f32; model.params().data.len()];
+    let mut ws = TrainWorkspace::new();
+    let loss = model.mim_forward_backward(&mut ws, &batch.as_batch(), None, &mut grads).unwrap();
+    (loss, grads)
+}
+
+fn check_case(name: &str) {
+    let dir = case_dir(name);
+    let model = Model::load(&dir).unwrap();
+    let batch = OwnedMimBatch::load(&dir.join("batch.safetensors")).unwrap();
+    let (loss, grads) = run_case(&model, &batch);
+    let file = SafetensorsFile::open(&dir.join("grads.safetensors")).unwrap();
+    let st = file.parse().unwrap();
+    let (_, ref_loss) = read_f32(&st, "loss").unwrap().unwrap();
+    assert!((loss - ref_loss[0] as f64).abs() < 1e-5, "{name}: loss {loss} vs torch {}", ref_loss[0]);
+
+    let p = model.params();
+    let mut checked = 0;
+    let mut worst = (0.0f64, String::new());
+    for spec in p.specs.iter().filter(|s| s.exported) {
+        let (_, want) =
+            read_f32(&st, &spec.name).unwrap().unwrap_or_else(|| panic!("{name}: no reference for {}", spec.name));
+        let got = &grads[spec.offset..spec.offset + spec.len];
+        assert_eq!(want.len(), got.len(), "{name}: {}", spec.name);
+        let norm = want.iter().map(|&v| (v as f64).powi(2)).sum::<f64>().sqrt();
+        let max_diff = got.iter().zip(&want).map(|(&a, &b)| (a as f64 - b as f64).abs()).fold(0.0, f64::max);
+        let rel = max_diff / norm;
+        assert!(
+            rel <= 1e-4,
+            "{name}: {} max |ours - torch| = {max_diff:.3e}, {rel:.2e} of its norm {norm:.3e}",
+            spec.name
+        );
+        if rel > worst.0 {
+            worst = (rel, spec.name.clone());
+        }
+        checked += 1;
+    }
+    // Every tensor in the reference was compared (the internal key bias is not exported).
+    assert_eq!(checked, st.names().len() - 1, "{name}: tensors compared");
+    eprintln!(
+        "{name}: loss {loss:.7} (torch {:.7}); worst gradient {:.2e} of its norm ({})",
+        ref_loss[0], worst.0, worst.1
+    );
+}
+
+#[test]
+fn gradients_equal_torch_shared_bias_and_layer_scale() {
+    check_case("shared_scale");
+}
+
+#[test]
+fn gradients_equal_torch_per_layer_bias_without_layer_scale() {
+    check_case("layer_rel_noscale");
+}
+
+#[test]
+fn gradients_equal_torch_absolute_positions_and_final_layernorm() {
+    check_case("abs_cls");
+}
+
+#[test]
+fn gradients_equal_torch_all_position_kinds_grey() {
+    check_case("all_pos_grey");
+}
+
+#[test]
+fn three_adamw_steps_equal_torch() {
+    let dir = case_dir("shared_scale");
+    let mut model = Model::load(&dir).unwrap();
+    let batch = OwnedMimBatch::load(&dir.join("batch.safetensors")).unwrap();
+    let file = SafetensorsFile::open(&dir.join("adamw_steps.safetensors")).unwrap();
+    let st = file.parse().unwrap();
+    let (_, losses) = read_f32(&st, "losses").unwrap().unwrap();
+    // The reference decays every parameter (one group); mirror that with an all-ones mask.
+    let n = model.params().data.len();
+    let trained: Vec<(usize, usize)> =
+        model.params().specs.iter().filter(|s| s.exported).map(|s| (s.offset, s.len)).collect();
+    let config = AdamWConfig { beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.05 };
+    let mut opt = AdamW::with_mask(config, vec![1.0; n], trained);
+    for (step, &want) in losses.iter().enumerate() {
+        let (loss, grads) = run_case(&model, &batch);
+        assert!((loss - want as f64).abs() < 1e-5, "step {step}: loss {loss} vs torch {want}");
+        opt.step(&mut model.params_mut().data, &grads, 1e-3, None);
+    }
+    let p = model.params();
+    for spec in p.specs.iter().filter(|s| s.exported) {
+        let (_, want) = read_f32(&st, &spec.name).unwrap().unwrap();
+        let got = &p.data[spec.offset..spec.offset + spec.len];
+        for (i, (&a, &b)) in got.iter().zip(&want).enumerate() {
+            assert!((a - b).abs() <= 1e-5 * b.abs().max(1.0), "{}[{i}]: {a} vs torch {b}", spec.name);
+        }
+    }
+}
+
+#[test]
+fn gradients_are_deterministic_and_accumulate() {
+    let dir = case_dir("all_pos_grey");
+    let model = Model::load(&dir).unwrap();
+    let batch = OwnedMimBatch::load(&dir.join("batch.safetensors")).unwrap();
+    let (l1, g1) = run_case(&model, &batch);
+    let (l2, g2) = run_case(&model, &batch);
+    assert_eq!(l1.to_bits(), l2.to_bits());
+    assert!(g1.iter().zip(&g2).all(|(a, b)| a.to_bits() == b.to_bits()));
+    // A second pass into the same buffer adds: twice the gradient (up to rounding, since a
+    // GEMM adds its k-blocks into the buffer one by one).
+    let mut g = g1.clone();
+    let mut ws = TrainWorkspace::new();
+    model.mim_forward_backward(&mut ws, &batch.as_batch(), None, &mut g).unwrap();
+    for (i, (&a, &b)) in g.iter().zip(&g1).enumerate() {
+        assert!((a - 2.0 * b).abs() <= 1e-6 * b.abs().max(1e-3), "element {i}: {a} vs 2·{b}");
+    }
+}
+
+/// A small random MIM model with layer scale and a shared bias, and a random batch.
+fn small_model_and_batch() -> (Model, OwnedMimBatch) {
+    let cfg = beit::BeitConfig::from_json_str(
+        r#"{"hidden_size": 32, "num_hidden_layers": 3, "num_attention_heads": 4, "intermediate_size": 64,
+            "image_size": 16, "patch_size": 4, "num_channels": 1, "vocab_size": 16,
+            "use_shared_relative_position_bias": true, "use_relative_position_bias": true,
+            "layer_scale_init_value": 0.1}"#,
+    )
+    .unwrap();
+    let mut model = Model::new_random(cfg, beit::Architecture::MaskedImageModeling, 7).unwrap();
+    // Random init zeroes biases and tables; give them values so every path carries gradient.
+    let mut state = 1u64;
+    let mut uniform = move || {
+        state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        (state >> 40) as f32 / (1u64 << 24) as f32 - 0.5
+    };
+    for v in model.params_mut().data.iter_mut() {
+        *v += 0.05 * uniform();
+    }
+    let (b, n) = (3, 16);
+    let pixels: Vec<f32> = (0..b * 16 * 16).map(|_| 2.0 * uniform()).collect();
+    let bool_masked_pos: Vec<u8> = (0..b * n).map(|i| (i % 3 == 0) as u8).collect();
+    let labels: Vec<i64> = (0..b * n).map(|i| ((i * 7) % 16) as i64).collect();
+    (model, OwnedMimBatch { shape: [b, 1, 16, 16], pixels, bool_masked_pos, labels })
+}
+
+#[test]
+fn drop_path_gradient_matches_finite_differences() {
+    use beit::model::DropPath;
+    let (mut model, batch) = small_model_and_batch();
+    let layers = 3;
+    // Drop some branches (factor 0), keep the others rescaled by 1/keep (keep = 0.8).
+    let factors: Vec<f32> = (0..layers * 2 * 3).map(|i| if i % 4 == 1 { 0.0 } else { 1.25 }).collect();
+    let dp = Some(DropPath { factors: &factors });
+    let mut ws = TrainWorkspace::new();
+    let mut grads = vec![0.0f32; model.params().data.len()];
+    model.mim_forward_backward(&mut ws, &batch.as_batch(), dp, &mut grads).unwrap();
+
+    // Directional derivative along the gradient of the encoder blocks only (what drop path
+    // touches), against central differences of the loss.
+    let mut dir = vec![0.0f32; grads.len()];
+    for s in model.params().specs.iter().filter(|s| s.exported && s.name.contains("encoder.layer.")) {
+        dir[s.offset..s.offset + s.len].copy_from_slice(&grads[s.offset..s.offset + s.len]);
+    }
+    let norm = dir.iter().map(|&v| (v as f64).powi(2)).sum::<f64>().sqrt();
+    dir.iter_mut().for_each(|v| *v /= norm as f32);
+    let analytic: f64 = dir.iter().zip(&grads).map(|(&u, &g)| u as f64 * g as f64).sum();
+    let h = 2e-2f32;
+    let base = model.params().data.clone();
+    let mut loss_at = |sign: f32| {
+        for ((p, &b), &u) in model.params_mut().data.iter_mut().zip(&base).zip(&dir) {
+            *p = b + sign * h * u;
+        }
+        let mut g = vec![0.0f32; base.len()];
+        model.mim_forward_backward(&mut ws, &batch.as_batch(), dp, &mut g).unwrap()
+    };
+    let fd = (loss_at(1.0) - loss_at(-1.0)) / (2.0 * h as f64);
+    let rel = (fd - analytic).abs() / analytic.abs();
+    eprintln!("drop path: directional derivative {analytic:.6}, finite differences {fd:.6}, rel err {rel:.2e}");
+    assert!(rel < 2e-3, "analytic {analytic} vs finite differences {fd}");
+}
+
+#[test]
+fn drop_path_of_ones_is_the_plain_pass() {
+    use beit::model::DropPath;
+    let (model, batch) = small_model_and_batch();
+    let ones = vec![1.0f32; 3 * 2 * 3];
+    let mut ws = TrainWorkspace::new();
+    let (mut g1, mut g2) = (vec![0.0f32; model.params().data.len()], vec![0.0f32; model.params().data.len()]);
+    let l1 = model.mim_forward_backward(&mut ws, &batch.as_batch(), None, &mut g1).unwrap();
+    let l2 = model.mim_forward_backward(&mut ws, &batch.as_batch(), Some(DropPath { factors: &ones }), &mut g2).unwrap();
+    // The forward is the same arithmetic (λ·1 = λ); the backward sums λ's gradient image by
+    // image instead of in one pass, so it may differ in the last bits.
+    assert_eq!(l1.to_bits(), l2.to_bits());
+    for (i, (&a, &b)) in g1.iter().zip(&g2).enumerate() {
+        assert!((a - b).abs() <= 1e-6 * a.abs().max(1e-3), "element {i}: {a} vs {b}");
+    }
+}

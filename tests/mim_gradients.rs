@@ -204,6 +204,6 @@ fn drop_path_of_ones_is_the_plain_pass() {
     // image instead of in one pass, so it may differ in the last bits.
     assert_eq!(l1.to_bits(), l2.to_bits());
     for (i, (&a, &b)) in g1.iter().zip(&g2).enumerate() {
-        assert!((a - b).abs() <= 1e-6 * a.abs().max(1e-3), "element {i}: {a} vs {b}");
+        assert!((a - b).abs() <= 1e-5 * a.abs().max(1e-3), "element {i}: {a} vs {b}");
     }
 }

@@ -18,6 +18,8 @@ pub enum Error {
     Unsupported(String),
     /// A bug in libbeit (a caught panic). Please report it.
     Internal(String),
+    /// Training produced a non-finite loss or gradient (diverged); nothing was applied.
+    Numerical(String),
 }
 
 impl Error {
@@ -28,7 +30,8 @@ impl Error {
             | Error::Format(m)
             | Error::Config(m)
             | Error::Unsupported(m)
-            | Error::Internal(m) => m,
+            | Error::Internal(m)
+            | Error::Numerical(m) => m,
         }
     }
 }
@@ -42,6 +45,7 @@ impl fmt::Display for Error {
             Error::Config(_) => "config error",
             Error::Unsupported(_) => "unsupported",
             Error::Internal(_) => "internal error",
+            Error::Numerical(_) => "numerical error",
         };
         write!(f, "{kind}: {}", self.message())
     }

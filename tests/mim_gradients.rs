@@ -199,7 +199,8 @@ fn drop_path_of_ones_is_the_plain_pass() {
     let mut ws = TrainWorkspace::new();
     let (mut g1, mut g2) = (vec![0.0f32; model.params().data.len()], vec![0.0f32; model.params().data.len()]);
     let l1 = model.mim_forward_backward(&mut ws, &batch.as_batch(), None, &mut g1).unwrap();
-    let l2 = model.mim_forward_backward(&mut ws, &batch.as_batch(), Some(DropPath { factors: &ones }), &mut g2).unwrap();
+    let l2 =
+        model.mim_forward_backward(&mut ws, &batch.as_batch(), Some(DropPath { factors: &ones }), &mut g2).unwrap();
     // The forward is the same arithmetic (λ·1 = λ); the backward sums λ's gradient image by
     // image instead of in one pass, so it may differ in the last bits.
     assert_eq!(l1.to_bits(), l2.to_bits());

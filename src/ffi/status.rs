@@ -34,6 +34,9 @@ pub enum beit_status {
     BEIT_ERR_BUFFER_SIZE = 7,
     /// A bug in libbeit (for instance a caught panic). Please report it with the message.
     BEIT_ERR_INTERNAL = 8,
+    /// Training produced a non-finite loss or gradient (it diverged, e.g. a learning rate too
+    /// high); the step was not applied and the trainer is unchanged.
+    BEIT_ERR_NUMERICAL = 9,
 }
 
 /// A `beit_status` as C passes it in: any 32-bit value, checked before use. The header shows it
@@ -73,6 +76,7 @@ impl From<Error> for FfiError {
             Error::Config(_) => beit_status::BEIT_ERR_CONFIG,
             Error::Unsupported(_) => beit_status::BEIT_ERR_UNSUPPORTED,
             Error::Internal(_) => beit_status::BEIT_ERR_INTERNAL,
+            Error::Numerical(_) => beit_status::BEIT_ERR_NUMERICAL,
         };
         FfiError { status, message: e.message().to_string() }
     }
@@ -213,6 +217,7 @@ pub extern "C" fn beit_status_name(status: RawStatus) -> *const c_char {
         6 => c"BEIT_ERR_UNSUPPORTED",
         7 => c"BEIT_ERR_BUFFER_SIZE",
         8 => c"BEIT_ERR_INTERNAL",
+        9 => c"BEIT_ERR_NUMERICAL",
         _ => c"BEIT_UNKNOWN_STATUS",
     };
     name.as_ptr()

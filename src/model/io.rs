@@ -48,6 +48,13 @@ impl SafetensorsFile {
     pub fn path(&self) -> &str {
         &self.path
     }
+
+    /// The string metadata of the header (`__metadata__`), empty when there is none.
+    pub fn metadata(&self) -> Result<HashMap<String, String>> {
+        let (_, header) = SafeTensors::read_metadata(&self.map)
+            .map_err(|e| Error::Format(format!("{} is not a valid safetensors file: {e}", self.path)))?;
+        Ok(header.metadata().clone().unwrap_or_default())
+    }
 }
 
 /// Converts a stored tensor to f32 (F32, F16, BF16 and F64 are accepted).

@@ -47,6 +47,11 @@ impl Model {
         Ok(Model { config, arch, params, layout, workspaces: Mutex::new(Vec::new()) })
     }
 
+    /// A model whose parameters are all zero (to be filled, e.g. from a checkpoint).
+    pub(crate) fn zeroed(config: BeitConfig, arch: Architecture) -> Result<Self> {
+        Self::with_zero_params(config, arch)
+    }
+
     /// A new model with BEiT's random initialisation (see [`init`]), reproducible from `seed`.
     pub fn new_random(config: BeitConfig, arch: Architecture, seed: u64) -> Result<Self> {
         let mut m = Self::with_zero_params(config, arch)?;

@@ -3,6 +3,8 @@
 
 pub mod adamw;
 pub mod batch;
+pub mod checkpoint;
 pub mod clip;
 pub mod layer_decay;
 pub mod schedule;
+pub mod trainer;

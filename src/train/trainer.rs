@@ -1,0 +1,383 @@
+//! The masked-image-modeling trainer: one object that owns a model, its AdamW state, the
+//! gradient buffer, the training workspace and the random state, and turns host-supplied
+//! batches (pixels + mask + visual tokens) into optimizer steps. Checkpoints
+//! ([`super::checkpoint`]) hold all of it, so a resumed run continues bit for bit.
+//!
+//! A step validates the batch before it touches anything, and refuses to apply a non-finite
+//! loss or gradient: after any error the trainer is exactly as before the call.
+
+use std::time::Instant;
+
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use serde::{Deserialize, Serialize};
+
+use crate::error::Result;
+use crate::model::{Architecture, DropPath, MimBatch, Model, TrainWorkspace};
+
+use super::adamw::{AdamW, AdamWConfig};
+use super::clip::{clip_grad_norm, global_norm};
+use super::layer_decay::lr_scales;
+use super::schedule::CosineSchedule;
+
+/// How a trainer optimises. The defaults are BEiT's pretraining recipe (unilm
+/// `run_beit_pretraining.py`): lr 1.5e-3 with linear warmup then cosine to 1e-5, AdamW betas
+/// (0.9, 0.98), eps 1e-8, weight decay 0.05, gradient clipping at 3.0, drop path from the config.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TrainerOptions {
+    /// Peak learning rate (after warmup).
+    pub learning_rate: f64,
+    /// Final learning rate of the cosine schedule.
+    pub min_learning_rate: f64,
+    /// Steps of linear warmup from 0 to `learning_rate`.
+    pub warmup_steps: u64,
+    /// Length of the schedule; 0 keeps `learning_rate` constant after warmup.
+    pub total_steps: u64,
+    pub weight_decay: f64,
+    pub beta1: f64,
+    pub beta2: f64,
+    pub eps: f64,
+    /// Clip the global gradient norm to this; 0 disables clipping.
+    pub clip_grad_norm: f64,
+    /// Stochastic depth rate of the last block (rising linearly from 0 at the first); `None`
+    /// takes the config's `drop_path_rate`.
+    pub drop_path_rate: Option<f64>,
+    /// Layer-wise lr decay factor (1 = none; BEiT fine-tuning uses 0.65–0.9).
+    pub layer_decay: f64,
+    /// Which parameters weight decay applies to.
+    pub weight_decay_on: WeightDecayOn,
+    /// Seeds the trainer's random state (stochastic depth).
+    pub seed: u64,
+}
+
+/// The parameters weight decay applies to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum WeightDecayOn {
+    /// BEiT's rule ([`super::adamw::decays`]): not biases, 1-D tensors, CLS token or absolute
+    /// position embeddings.
+    Beit,
+    /// Every parameter (one `torch.optim.AdamW` group, as a plain PyTorch script does).
+    All,
+}
+
+impl Default for TrainerOptions {
+    fn default() -> Self {
+        TrainerOptions {
+            learning_rate: 1.5e-3,
+            min_learning_rate: 1e-5,
+            warmup_steps: 0,
+            total_steps: 0,
+            weight_decay: 0.05,
+            beta1: 0.9,
+            beta2: 0.98,
+            eps: 1e-8,
+            clip_grad_norm: 3.0,
+            drop_path_rate: None,
+            layer_decay: 1.0,
+            weight_decay_on: WeightDecayOn::Beit,
+            seed: 0,
+        }
+    }
+}
+
+impl TrainerOptions {
+    pub fn validate(&self) -> Result<()> {
+        let finite_nonneg = |v: f64| v.is_finite() && v >= 0.0;
+        ensure!(finite_nonneg(self.learning_rate), InvalidArgument, "learning_rate must be finite and >= 0");
+        ensure!(finite_nonneg(self.min_learning_rate), InvalidArgument, "min_learning_rate must be finite and >= 0");
+        ensure!(finite_nonneg(self.weight_decay), InvalidArgument, "weight_decay must be finite and >= 0");
+        ensure!((0.0..1.0).contains(&self.beta1), InvalidArgument, "beta1 must be in [0, 1), got {}", self.beta1);
+        ensure!((0.0..1.0).contains(&self.beta2), InvalidArgument, "beta2 must be in [0, 1), got {}", self.beta2);
+        ensure!(self.eps.is_finite() && self.eps > 0.0, InvalidArgument, "eps must be finite and > 0");
+        ensure!(finite_nonneg(self.clip_grad_norm), InvalidArgument, "clip_grad_norm must be finite and >= 0");
+        if let Some(r) = self.drop_path_rate {
+            ensure!((0.0..1.0).contains(&r), InvalidArgument, "drop_path_rate must be in [0, 1), got {r}");
+        }
+        ensure!(
+            self.layer_decay.is_finite() && self.layer_decay > 0.0 && self.layer_decay <= 1.0,
+            InvalidArgument,
+            "layer_decay must be in (0, 1], got {}",
+            self.layer_decay
+        );
+        ensure!(
+            self.total_steps == 0 || self.total_steps > self.warmup_steps,
+            InvalidArgument,
+            "total_steps ({}) must exceed warmup_steps ({}) (or be 0 for a constant rate)",
+            self.total_steps,
+            self.warmup_steps
+        );
+        Ok(())
+    }
+
+    /// The learning rate of step `step` (0-based: the first step uses `lr_at(0)`).
+    pub fn lr_at(&self, step: u64) -> f64 {
+        if self.total_steps == 0 {
+            let w = self.warmup_steps;
+            return if step < w && w > 1 {
+                self.learning_rate * step as f64 / (w - 1) as f64
+            } else {
+                self.learning_rate
+            };
+        }
+        CosineSchedule {
+            base_value: self.learning_rate,
+            final_value: self.min_learning_rate,
+            total_steps: self.total_steps as usize,
+            warmup_steps: self.warmup_steps as usize,
+        }
+        .value(step as usize)
+    }
+}
+
+/// The AdamW settings of `options`.
+pub(crate) fn adamw_config(options: &TrainerOptions) -> AdamWConfig {
+    AdamWConfig {
+        beta1: options.beta1 as f32,
+        beta2: options.beta2 as f32,
+        eps: options.eps as f32,
+        weight_decay: options.weight_decay as f32,
+    }
+}
+
+/// Fresh AdamW state for `model` under `options`' decay rule.
+pub(crate) fn new_adamw(model: &Model, options: &TrainerOptions) -> AdamW {
+    match options.weight_decay_on {
+        WeightDecayOn::Beit => AdamW::new(model.params(), adamw_config(options)),
+        WeightDecayOn::All => {
+            let p = model.params();
+            let trained: Vec<(usize, usize)> =
+                p.specs.iter().filter(|s| s.exported).map(|s| (s.offset, s.len)).collect();
+            AdamW::with_mask(adamw_config(options), vec![1.0; p.data.len()], trained)
+        }
+    }
+}
+
+fn layer_decay_scales(model: &Model, options: &TrainerOptions) -> Option<Vec<f32>> {
+    (options.layer_decay != 1.0)
+        .then(|| lr_scales(model.params(), model.config().num_hidden_layers, options.layer_decay))
+}
+
+/// What one step did.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct StepStats {
+    /// Steps completed, this one included.
+    pub step: u64,
+    /// Mean cross-entropy over the masked positions, before the update.
+    pub loss: f64,
+    /// Learning rate applied (before layer decay).
+    pub lr: f64,
+    /// Global gradient norm before clipping.
+    pub grad_norm: f64,
+    /// Masked positions the loss averaged over.
+    pub masked: usize,
+    pub seconds: f64,
+    pub images_per_s: f64,
+}
+
+/// The trainer's random state, in a form checkpoints can store.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RngState {
+    pub seed: [u8; 32],
+    pub stream: u64,
+    pub word_pos: u128,
+}
+
+pub struct Trainer {
+    pub(crate) model: Model,
+    pub(crate) options: TrainerOptions,
+    pub(crate) optimizer: AdamW,
+    pub(crate) step: u64,
+    pub(crate) data_position: u64,
+    pub(crate) rng: ChaCha8Rng,
+    lr_scale: Option<Vec<f32>>,
+    grads: Vec<f32>,
+    workspace: TrainWorkspace,
+    drop_factors: Vec<f32>,
+}
+
+impl std::fmt::Debug for Trainer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Trainer").field("model", &self.model).field("step", &self.step).finish()
+    }
+}
+
+impl Trainer {
+    /// A trainer for `model` (a `BeitForMaskedImageModeling`) at step 0.
+    pub fn new(model: Model, options: TrainerOptions) -> Result<Self> {
+        options.validate()?;
+        ensure!(
+            model.architecture() == Architecture::MaskedImageModeling,
+            InvalidArgument,
+            "the pretraining trainer needs a BeitForMaskedImageModeling model; this one is {}",
+            model.architecture().hf_name()
+        );
+        let optimizer = new_adamw(&model, &options);
+        let lr_scale = layer_decay_scales(&model, &options);
+        let grads = vec![0.0; model.params().data.len()];
+        let rng = ChaCha8Rng::seed_from_u64(options.seed);
+        Ok(Trainer {
+            model,
+            options,
+            optimizer,
+            step: 0,
+            data_position: 0,
+            rng,
+            lr_scale,
+            grads,
+            workspace: TrainWorkspace::new(),
+            drop_factors: Vec::new(),
+        })
+    }
+
+    pub fn model(&self) -> &Model {
+        &self.model
+    }
+
+    /// Gives the model back (e.g. to save it or run inference with it).
+    pub fn into_model(self) -> Model {
+        self.model
+    }
+
+    pub fn options(&self) -> &TrainerOptions {
+        &self.options
+    }
+
+    /// Replaces the options (validated by the caller) and what derives from them.
+    pub(crate) fn set_options_unchecked(&mut self, options: TrainerOptions) {
+        self.lr_scale = layer_decay_scales(&self.model, &options);
+        self.optimizer.config = adamw_config(&options);
+        self.options = options;
+    }
+
+    /// Writes a checkpoint of everything this trainer holds to `path`, atomically: a crash or
+    /// error during the save leaves any previous file at `path` intact.
+    pub fn save_checkpoint(&self, path: &std::path::Path) -> Result<()> {
+        super::checkpoint::save(self, path)
+    }
+
+    /// Restores this trainer from a checkpoint of the same model config. On error (unreadable
+    /// file, another config, corrupt tensors) the trainer is unchanged.
+    pub fn load_checkpoint(&mut self, path: &std::path::Path) -> Result<()> {
+        super::checkpoint::load_into(self, path)
+    }
+
+    /// A trainer restored from a checkpoint alone.
+    pub fn from_checkpoint(path: &std::path::Path) -> Result<Self> {
+        super::checkpoint::load(path)
+    }
+
+    /// Steps completed.
+    pub fn step_count(&self) -> u64 {
+        self.step
+    }
+
+    /// Where the host's data stream stands: how many batches it has fed, unless the host sets
+    /// it otherwise. Stored in checkpoints so a resumed run picks the same next batch.
+    pub fn data_position(&self) -> u64 {
+        self.data_position
+    }
+
+    pub fn set_data_position(&mut self, position: u64) {
+        self.data_position = position;
+    }
+
+    pub fn rng_state(&self) -> RngState {
+        RngState { seed: self.rng.get_seed(), stream: self.rng.get_stream(), word_pos: self.rng.get_word_pos() }
+    }
+
+    pub(crate) fn set_rng_state(&mut self, s: &RngState) {
+        let mut rng = ChaCha8Rng::from_seed(s.seed);
+        rng.set_stream(s.stream);
+        rng.set_word_pos(s.word_pos);
+        self.rng = rng;
+    }
+
+    /// Stochastic depth rate of block `l` of `layers`: `rate·l/(layers−1)`.
+    pub fn drop_path_rate_of(rate: f64, l: usize, layers: usize) -> f64 {
+        if layers <= 1 {
+            0.0
+        } else {
+            rate * l as f64 / (layers - 1) as f64
+        }
+    }
+
+    fn drop_path_rate(&self) -> f64 {
+        self.options.drop_path_rate.unwrap_or(self.model.config().drop_path_rate)
+    }
+
+    /// Draws this step's stochastic depth factors into `drop_factors` (`[layers, 2, batch]`):
+    /// keep with probability `1 − rate_l`, kept branches scaled by `1/keep`. Draws from `rng`
+    /// only when some rate is positive, so a run without drop path consumes no randomness.
+    fn draw_drop_path(&mut self, batch: usize) -> bool {
+        let rate = self.drop_path_rate();
+        if rate <= 0.0 {
+            return false;
+        }
+        let layers = self.model.config().num_hidden_layers;
+        self.drop_factors.clear();
+        for l in 0..layers {
+            let keep = 1.0 - Self::drop_path_rate_of(rate, l, layers);
+            for _ in 0..2 * batch {
+                let u: f64 = self.rng.random();
+                // timm's rule: mask = floor(keep + U[0,1)), output x / keep · mask.
+                let kept = (keep + u).floor() >= 1.0;
+                self.drop_factors.push(if kept { (1.0 / keep) as f32 } else { 0.0 });
+            }
+        }
+        true
+    }
+
+    /// One optimizer step on `batch`: forward, backward, clipping, AdamW at the scheduled lr.
+    /// On error nothing changes (parameters, optimizer state, step, random state).
+    pub fn step(&mut self, batch: &MimBatch<'_>) -> Result<StepStats> {
+        let start = Instant::now();
+        self.model.check_mim_batch(batch)?;
+        let rng_before = self.rng.clone();
+        let dropping = self.draw_drop_path(batch.batch);
+        self.grads.fill(0.0);
+        let drop = dropping.then_some(DropPath { factors: &self.drop_factors });
+        let result = self.model.mim_forward_backward(&mut self.workspace, batch, drop, &mut self.grads);
+        let loss = match result {
+            Ok(loss) if loss.is_finite() => loss,
+            Ok(loss) => {
+                self.rng = rng_before;
+                bail!(Numerical, "the loss is {loss}; the step was not applied and the trainer is unchanged");
+            }
+            Err(e) => {
+                self.rng = rng_before;
+                return Err(e);
+            }
+        };
+        let grad_norm = if self.options.clip_grad_norm > 0.0 {
+            // Clipping scales the gradient only when the norm is finite; check before it does.
+            let norm = global_norm(&self.grads);
+            if norm.is_finite() {
+                clip_grad_norm(&mut self.grads, self.options.clip_grad_norm)
+            } else {
+                norm
+            }
+        } else {
+            global_norm(&self.grads)
+        };
+        if !grad_norm.is_finite() {
+            self.rng = rng_before;
+            bail!(Numerical, "the gradient norm is {grad_norm}; the step was not applied and the trainer is unchanged");
+        }
+        let lr = self.options.lr_at(self.step);
+        self.optimizer.step(&mut self.model.params_mut().data, &self.grads, lr as f32, self.lr_scale.as_deref());
+        self.step += 1;
+        self.data_position += 1;
+        let seconds = start.elapsed().as_secs_f64();
+        Ok(StepStats {
+            step: self.step,
+            loss,
+            lr,
+            grad_norm,
+            masked: batch.masked_count(),
+            seconds,
+            images_per_s: batch.batch as f64 / seconds.max(1e-12),
+        })
+    }
+}

@@ -51,11 +51,109 @@ enum Command {
         #[arg(long)]
         out: PathBuf,
     },
+    /// Masked-image-modeling pretraining with checkpoints and exact resume.
+    ///
+    /// Data: `synthetic` (a generated task whose tokens are each patch's quantised brightness
+    /// and gradient direction; reproducible from --seed and the batch position). Prints one JSON
+    /// line per step with --json. Writes OUT/checkpoint.safetensors (atomically, every
+    /// --checkpoint-every steps and at the end) and OUT/model (an HF model directory).
+    Pretrain(PretrainArgs),
+    /// Replay N AdamW steps on one fixed batch (no schedule, no clipping, no drop path unless
+    /// asked), print `{"step", "loss"}` per step, and write the updated HF model directory.
+    ///
+    /// The batch file holds `pixel_values` f32 [B,C,H,W], `bool_masked_pos` u8 [B,N] and
+    /// `labels` (integer) [B,N]: the visual token of every patch (only masked ones count).
+    PretrainReplay(ReplayArgs),
     /// Measure speed. `beit bench infer`: forward passes per second on random pixels.
+    /// `beit bench pretrain`: pretraining steps per second.
     Bench {
         #[command(subcommand)]
         what: BenchCommand,
     },
+}
+
+#[derive(clap::Args)]
+struct PretrainArgs {
+    /// Model config: a config.json or a preset (tiny32, base); ignored with --model or --resume.
+    #[arg(long, default_value = "tiny32")]
+    config: String,
+    /// Start from this HF model directory (a BeitForMaskedImageModeling) instead of a fresh one.
+    #[arg(long)]
+    model: Option<PathBuf>,
+    /// Data source (only `synthetic` until datasets arrive).
+    #[arg(long, default_value = "synthetic")]
+    data: String,
+    /// Total steps of the run (a resumed run continues up to this count).
+    #[arg(long, default_value_t = 200)]
+    steps: u64,
+    #[arg(long, default_value_t = 64)]
+    batch: usize,
+    /// Patches masked per image (default: 75/196 of the grid, BEiT's ratio).
+    #[arg(long)]
+    masked: Option<usize>,
+    #[arg(long, default_value_t = 1.5e-3)]
+    lr: f64,
+    #[arg(long, default_value_t = 1e-5)]
+    min_lr: f64,
+    /// Linear warmup steps (default: a tenth of --steps).
+    #[arg(long)]
+    warmup_steps: Option<u64>,
+    #[arg(long, default_value_t = 0.05)]
+    weight_decay: f64,
+    /// Clip the gradient norm (0: off).
+    #[arg(long, default_value_t = 3.0)]
+    clip: f64,
+    /// Stochastic depth rate of the last block (default: the config's drop_path_rate).
+    #[arg(long)]
+    drop_path: Option<f64>,
+    /// Seeds the model init, the data and the trainer.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    #[arg(long, default_value_t = 0)]
+    threads: usize,
+    #[arg(long)]
+    out: PathBuf,
+    /// Save a checkpoint every K steps (0: only at the end).
+    #[arg(long, default_value_t = 50)]
+    checkpoint_every: u64,
+    /// Continue from OUT/checkpoint.safetensors when it exists (its options win).
+    #[arg(long)]
+    resume: bool,
+    /// One JSON line per step on stdout.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(clap::Args)]
+struct ReplayArgs {
+    #[arg(long)]
+    model: PathBuf,
+    #[arg(long)]
+    batch: PathBuf,
+    #[arg(long)]
+    steps: u64,
+    #[arg(long)]
+    lr: f64,
+    #[arg(long, default_value_t = 0.0)]
+    weight_decay: f64,
+    /// Which parameters decay: beit (BEiT's exclusions) or all (one torch.optim.AdamW group).
+    #[arg(long, default_value = "beit")]
+    weight_decay_on: String,
+    #[arg(long, default_value_t = 0.9)]
+    beta1: f64,
+    #[arg(long, default_value_t = 0.999)]
+    beta2: f64,
+    #[arg(long, default_value_t = 1e-8)]
+    eps: f64,
+    /// Stochastic depth rate (default 0: off).
+    #[arg(long, default_value_t = 0.0)]
+    drop_path: f64,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    #[arg(long, default_value_t = 0)]
+    threads: usize,
+    #[arg(long)]
+    out: PathBuf,
 }
 
 #[derive(Subcommand)]
@@ -75,6 +173,32 @@ enum BenchCommand {
         /// Timed passes after one warm-up pass.
         #[arg(long, default_value_t = 5)]
         iters: usize,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Pretraining step images/s (forward, backward, AdamW) of a model directory or a preset.
+    Pretrain {
+        /// Model directory (BeitForMaskedImageModeling); if absent, a fresh model of --config.
+        #[arg(long)]
+        model: Option<PathBuf>,
+        /// Built-in config when no --model is given.
+        #[arg(long, default_value = "tiny32")]
+        config: String,
+        /// A batch file (`beit pretrain-replay` format); if absent, a synthetic batch.
+        #[arg(long)]
+        batch_file: Option<PathBuf>,
+        #[arg(long, default_value_t = 64)]
+        batch: usize,
+        /// Masked patches per image of the synthetic batch.
+        #[arg(long, default_value_t = 26)]
+        masked: usize,
+        #[arg(long, default_value_t = 0)]
+        threads: usize,
+        #[arg(long, default_value_t = 10)]
+        iters: usize,
+        /// Untimed steps first.
+        #[arg(long, default_value_t = 2)]
+        warmup: usize,
         #[arg(long)]
         json: bool,
     },
@@ -231,6 +355,202 @@ fn create(config: String, architecture: Option<String>, seed: u64, out: PathBuf)
     Ok(())
 }
 
+/// A config.json path or a preset name.
+fn config_from(name: &str) -> beit::Result<beit::BeitConfig> {
+    if std::path::Path::new(name).is_file() {
+        let text = std::fs::read_to_string(name).map_err(|e| beit::Error::Io(format!("cannot read {name}: {e}")))?;
+        beit::BeitConfig::from_json_str(&text)
+    } else {
+        Ok(preset(name)?.0)
+    }
+}
+
+fn print_json(value: serde_json::Value) {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "{value}");
+    let _ = out.flush();
+}
+
+/// Peak resident memory of this process (VmHWM), in MiB; None where /proc is unavailable.
+fn peak_rss_mb() -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb / 1024.0)
+}
+
+fn pretrain(a: PretrainArgs) -> beit::Result<()> {
+    use beit::data::synthetic::SyntheticMim;
+    use beit::train::trainer::{Trainer, TrainerOptions};
+    let ctx = Context::new(&ContextOptions { device: Device::Cpu, threads: a.threads })?;
+    if a.data != "synthetic" {
+        return Err(beit::Error::Unsupported(format!(
+            "--data {}: only `synthetic` exists until the dataset issue lands",
+            a.data
+        )));
+    }
+    std::fs::create_dir_all(&a.out).map_err(|e| beit::Error::Io(format!("cannot create {}: {e}", a.out.display())))?;
+    let checkpoint = a.out.join("checkpoint.safetensors");
+    let mut trainer = if a.resume && checkpoint.is_file() {
+        let t = Trainer::from_checkpoint(&checkpoint)?;
+        eprintln!("beit pretrain: resuming from {} at step {}", checkpoint.display(), t.step_count());
+        t
+    } else {
+        let model = match &a.model {
+            Some(dir) => Model::load(dir)?,
+            None => Model::new_random(config_from(&a.config)?, beit::Architecture::MaskedImageModeling, a.seed)?,
+        };
+        let options = TrainerOptions {
+            learning_rate: a.lr,
+            min_learning_rate: a.min_lr,
+            warmup_steps: a.warmup_steps.unwrap_or(a.steps / 10),
+            total_steps: a.steps,
+            weight_decay: a.weight_decay,
+            clip_grad_norm: a.clip,
+            drop_path_rate: a.drop_path,
+            seed: a.seed,
+            ..TrainerOptions::default()
+        };
+        Trainer::new(model, options)?
+    };
+    let cfg = trainer.model().config().clone();
+    let (gh, gw) = cfg.native_grid();
+    let masked = a.masked.unwrap_or(((gh * gw) as f64 * 75.0 / 196.0).round() as usize);
+    let data = SyntheticMim::for_config(&cfg, masked, a.seed);
+    let start = std::time::Instant::now();
+    let first_step = trainer.step_count();
+    let mut last_loss = f64::NAN;
+    while trainer.step_count() < a.steps {
+        let batch = data.batch(trainer.data_position(), a.batch);
+        let stats = ctx.run(|| trainer.step(&batch.as_batch()))?;
+        last_loss = stats.loss;
+        if a.json {
+            print_json(serde_json::json!({"step": stats.step, "loss": stats.loss, "lr": stats.lr,
+                "grad_norm": stats.grad_norm, "masked": stats.masked, "images_per_s": stats.images_per_s}));
+        } else if stats.step % 10 == 0 || stats.step == a.steps {
+            eprintln!(
+                "step {}/{}: loss {:.4}, lr {:.2e}, grad norm {:.3}, {:.1} images/s",
+                stats.step, a.steps, stats.loss, stats.lr, stats.grad_norm, stats.images_per_s
+            );
+        }
+        if a.checkpoint_every > 0 && stats.step % a.checkpoint_every == 0 && stats.step < a.steps {
+            trainer.save_checkpoint(&checkpoint)?;
+        }
+    }
+    trainer.save_checkpoint(&checkpoint)?;
+    trainer.model().save(&a.out.join("model"))?;
+    let steps_run = trainer.step_count() - first_step;
+    let seconds = start.elapsed().as_secs_f64();
+    print_json(serde_json::json!({"command": "pretrain", "steps": trainer.step_count(), "steps_run": steps_run,
+        "final_loss": last_loss, "seconds": seconds,
+        "images_per_s": (steps_run as f64 * a.batch as f64) / seconds.max(1e-9),
+        "threads": ctx.threads(), "checkpoint": checkpoint.display().to_string(),
+        "model": a.out.join("model").display().to_string()}));
+    Ok(())
+}
+
+fn pretrain_replay(a: ReplayArgs) -> beit::Result<()> {
+    use beit::train::batch::OwnedMimBatch;
+    use beit::train::trainer::{Trainer, TrainerOptions, WeightDecayOn};
+    let ctx = Context::new(&ContextOptions { device: Device::Cpu, threads: a.threads })?;
+    let weight_decay_on = match a.weight_decay_on.as_str() {
+        "beit" => WeightDecayOn::Beit,
+        "all" => WeightDecayOn::All,
+        other => return Err(beit::Error::InvalidArgument(format!("--weight-decay-on {other}: use beit or all"))),
+    };
+    let model = Model::load(&a.model)?;
+    let batch = OwnedMimBatch::load(&a.batch)?;
+    let options = TrainerOptions {
+        learning_rate: a.lr,
+        warmup_steps: 0,
+        total_steps: 0,
+        weight_decay: a.weight_decay,
+        weight_decay_on,
+        beta1: a.beta1,
+        beta2: a.beta2,
+        eps: a.eps,
+        clip_grad_norm: 0.0,
+        drop_path_rate: Some(a.drop_path),
+        seed: a.seed,
+        ..TrainerOptions::default()
+    };
+    let mut trainer = Trainer::new(model, options)?;
+    for _ in 0..a.steps {
+        let stats = ctx.run(|| trainer.step(&batch.as_batch()))?;
+        print_json(serde_json::json!({"step": stats.step, "loss": stats.loss, "grad_norm": stats.grad_norm}));
+    }
+    trainer.model().save(&a.out)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn bench_pretrain(
+    model: Option<PathBuf>,
+    config: String,
+    batch_file: Option<PathBuf>,
+    batch: usize,
+    masked: usize,
+    threads: usize,
+    iters: usize,
+    warmup: usize,
+    json: bool,
+) -> beit::Result<()> {
+    use beit::data::synthetic::SyntheticMim;
+    use beit::train::batch::OwnedMimBatch;
+    use beit::train::trainer::{Trainer, TrainerOptions, WeightDecayOn};
+    let ctx = Context::new(&ContextOptions { device: Device::Cpu, threads })?;
+    let model = match model {
+        Some(dir) => Model::load(&dir)?,
+        None => Model::new_random(config_from(&config)?, beit::Architecture::MaskedImageModeling, 0)?,
+    };
+    let data = match batch_file {
+        Some(path) => OwnedMimBatch::load(&path)?,
+        None => SyntheticMim::for_config(model.config(), masked, 0).batch(0, batch),
+    };
+    // What scripts/bench_torch_pretrain.py runs: torch.optim.AdamW(lr 1.5e-3, betas (0.9, 0.999),
+    // eps 1e-8, weight decay 0.05 on every parameter), no clipping, the config's drop path.
+    let options = TrainerOptions {
+        learning_rate: 1.5e-3,
+        beta2: 0.999,
+        clip_grad_norm: 0.0,
+        weight_decay_on: WeightDecayOn::All,
+        ..TrainerOptions::default()
+    };
+    let mut trainer = Trainer::new(model, options)?;
+    let b = data.shape[0];
+    let mut losses = Vec::new();
+    let mut times = Vec::new();
+    for i in 0..warmup + iters.max(1) {
+        let start = std::time::Instant::now();
+        let stats = ctx.run(|| trainer.step(&data.as_batch()))?;
+        if i >= warmup {
+            times.push(start.elapsed().as_secs_f64());
+        }
+        losses.push(stats.loss);
+    }
+    let step_times = times.clone();
+    times.sort_by(f64::total_cmp);
+    let median = times[times.len() / 2];
+    let images_per_s = b as f64 / median;
+    let rss = peak_rss_mb();
+    if json {
+        print_json(serde_json::json!({"command": "bench pretrain", "batch": b, "threads": ctx.threads(),
+            "median_s": median, "images_per_s": images_per_s, "step_times_s": step_times,
+            "peak_rss_mb": rss, "first_loss": losses[0], "last_loss": losses[losses.len() - 1],
+            "params": trainer.model().params().count()}));
+    } else {
+        println!(
+            "beit bench pretrain: batch {b}, {} threads: {median:.3} s/step median, {images_per_s:.1} images/s, \
+             peak RSS {:.0} MiB, loss {:.4} -> {:.4}",
+            ctx.threads(),
+            rss.unwrap_or(f64::NAN),
+            losses[0],
+            losses[losses.len() - 1]
+        );
+    }
+    Ok(())
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
@@ -238,9 +558,14 @@ fn main() -> ExitCode {
             infer(model, inputs, output, device, threads, json)
         }
         Command::Create { config, architecture, seed, out } => create(config, architecture, seed, out),
+        Command::Pretrain(args) => pretrain(args),
+        Command::PretrainReplay(args) => pretrain_replay(args),
         Command::Bench { what: BenchCommand::Infer { model, preset, batch, threads, iters, json } } => {
             bench_infer(model, preset, batch, threads, iters, json)
         }
+        Command::Bench {
+            what: BenchCommand::Pretrain { model, config, batch_file, batch, masked, threads, iters, warmup, json },
+        } => bench_pretrain(model, config, batch_file, batch, masked, threads, iters, warmup, json),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -9,12 +9,15 @@
 //! whole file is valid and matches the trainer's config.
 //!
 //! Layout: tensors `model/<HF name>`, `exp_avg/<HF name>`, `exp_avg_sq/<HF name>` (f32, the
-//! parameter's shape), and string metadata (see [`META_KEYS`]).
+//! parameter's shape), and one metadata entry, [`META_KEY`], whose value is the JSON of
+//! [`CheckpointMeta`]. One entry because safetensors writes its metadata map in hash order:
+//! with several keys, two saves of the same state would not be byte-identical.
 
 use std::collections::HashMap;
 use std::path::Path;
 
 use safetensors::tensor::{Dtype, TensorView};
+use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
 use crate::model::io::{tensor_to_f32, write_atomic, SafetensorsFile};
@@ -23,21 +26,29 @@ use crate::model::{Architecture, BeitConfig, Model};
 use super::trainer::{RngState, Trainer, TrainerOptions};
 
 pub const FORMAT: &str = "beit-trainer-checkpoint";
-pub const VERSION: &str = "1";
+pub const VERSION: u32 = 1;
+/// The safetensors metadata key holding [`CheckpointMeta`] as JSON.
+pub const META_KEY: &str = "beit_checkpoint";
 
-/// The metadata keys a checkpoint carries.
-pub const META_KEYS: [&str; 10] = [
-    "format",
-    "version",
-    "config",
-    "architecture",
-    "options",
-    "step",
-    "optimizer_step",
-    "data_position",
-    "rng_seed",
-    "rng_position",
-];
+/// Everything in a checkpoint besides the tensors.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CheckpointMeta {
+    pub format: String,
+    pub version: u32,
+    /// The model's config.json text.
+    pub config: String,
+    pub architecture: String,
+    pub options: TrainerOptions,
+    pub step: u64,
+    pub optimizer_step: u64,
+    pub data_position: u64,
+    /// The ChaCha8 seed, hex.
+    pub rng_seed: String,
+    pub rng_stream: u64,
+    /// The ChaCha8 word position (a u128, as a decimal string: JSON numbers stop at 2^53).
+    pub rng_word_pos: String,
+}
 
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
@@ -56,20 +67,21 @@ fn to_bytes(trainer: &Trainer) -> Result<Vec<u8>> {
     let params = model.params();
     let opt = &trainer.optimizer;
     let rng = trainer.rng_state();
-    let mut meta = HashMap::new();
-    meta.insert("format".to_string(), FORMAT.to_string());
-    meta.insert("version".to_string(), VERSION.to_string());
-    meta.insert("config".to_string(), model.config().to_json_string());
-    meta.insert("architecture".to_string(), model.architecture().hf_name().to_string());
-    meta.insert(
-        "options".to_string(),
-        serde_json::to_string(&trainer.options).map_err(|e| Error::Internal(e.to_string()))?,
-    );
-    meta.insert("step".to_string(), trainer.step.to_string());
-    meta.insert("optimizer_step".to_string(), opt.step.to_string());
-    meta.insert("data_position".to_string(), trainer.data_position.to_string());
-    meta.insert("rng_seed".to_string(), hex(&rng.seed));
-    meta.insert("rng_position".to_string(), format!("{}:{}", rng.stream, rng.word_pos));
+    let meta = CheckpointMeta {
+        format: FORMAT.to_string(),
+        version: VERSION,
+        config: model.config().to_json_string(),
+        architecture: model.architecture().hf_name().to_string(),
+        options: trainer.options.clone(),
+        step: trainer.step,
+        optimizer_step: opt.step,
+        data_position: trainer.data_position,
+        rng_seed: hex(&rng.seed),
+        rng_stream: rng.stream,
+        rng_word_pos: rng.word_pos.to_string(),
+    };
+    let meta_json = serde_json::to_string(&meta).map_err(|e| Error::Internal(e.to_string()))?;
+    let meta = HashMap::from([(META_KEY.to_string(), meta_json)]);
 
     let specs: Vec<_> = params.specs.iter().filter(|s| s.exported).collect();
     let as_bytes = |buf: &[f32], offset: usize, len: usize| -> Vec<u8> {
@@ -119,53 +131,39 @@ struct Loaded {
     rng: RngState,
 }
 
-/// Opens a checkpoint and reads its format, version, architecture and config.
-fn read(path: &Path) -> Result<(BeitConfig, SafetensorsFile, HashMap<String, String>)> {
+/// Opens a checkpoint and reads and checks its metadata and config.
+fn read(path: &Path) -> Result<(BeitConfig, SafetensorsFile, CheckpointMeta)> {
     let file = SafetensorsFile::open(path)?;
-    let meta = file.metadata()?;
-    let get = |k: &str| {
-        meta.get(k).cloned().ok_or_else(|| {
-            Error::Format(format!("{} is not a libbeit trainer checkpoint (no {k:?} in its metadata)", path.display()))
-        })
+    let Some(text) = file.metadata()?.remove(META_KEY) else {
+        bail!(Format, "{} is not a libbeit trainer checkpoint (no {META_KEY:?} metadata)", path.display());
     };
-    ensure!(get("format")? == FORMAT, Format, "{} is not a libbeit trainer checkpoint", path.display());
-    let version = get("version")?;
+    let meta: CheckpointMeta = serde_json::from_str(&text)
+        .map_err(|e| Error::Format(format!("{}: checkpoint metadata: {e}", path.display())))?;
+    ensure!(meta.format == FORMAT, Format, "{} is not a libbeit trainer checkpoint", path.display());
     ensure!(
-        version == VERSION,
+        meta.version == VERSION,
         Format,
-        "{}: checkpoint version {version}; this libbeit reads {VERSION}",
-        path.display()
+        "{}: checkpoint version {}; this libbeit reads {VERSION}",
+        path.display(),
+        meta.version
     );
-    let arch = get("architecture")?;
     ensure!(
-        arch == Architecture::MaskedImageModeling.hf_name(),
+        meta.architecture == Architecture::MaskedImageModeling.hf_name(),
         Format,
-        "{}: a checkpoint of a {arch} trainer; this is the pretraining (BeitForMaskedImageModeling) trainer",
-        path.display()
+        "{}: a checkpoint of a {} trainer; this is the pretraining (BeitForMaskedImageModeling) trainer",
+        path.display(),
+        meta.architecture
     );
-    let config = BeitConfig::from_json_str(&get("config")?)?;
+    let config = BeitConfig::from_json_str(&meta.config)?;
     Ok((config, file, meta))
 }
 
 fn parse(path: &Path, model_for_shapes: &Model) -> Result<Loaded> {
     let (config, file, meta) = read(path)?;
     let st = file.parse()?;
-    let get = |k: &str| {
-        meta.get(k).cloned().ok_or_else(|| Error::Format(format!("{}: no {k:?} in metadata", path.display())))
-    };
-    let num = |k: &str| -> Result<u64> {
-        get(k)?.parse().map_err(|_| Error::Format(format!("{}: metadata {k:?} is not a number", path.display())))
-    };
-    let options: TrainerOptions = serde_json::from_str(&get("options")?)
-        .map_err(|e| Error::Format(format!("{}: trainer options: {e}", path.display())))?;
-    let seed: [u8; 32] = unhex(&get("rng_seed")?)
-        .and_then(|v| v.try_into().ok())
-        .ok_or_else(|| Error::Format(format!("{}: bad rng_seed", path.display())))?;
-    let rng_position = get("rng_position")?;
-    let (stream, word_pos) = rng_position
-        .split_once(':')
-        .and_then(|(a, b)| Some((a.parse::<u64>().ok()?, b.parse::<u128>().ok()?)))
-        .ok_or_else(|| Error::Format(format!("{}: bad rng_position {rng_position:?}", path.display())))?;
+    let bad = |what: &str| Error::Format(format!("{}: bad {what} in the checkpoint metadata", path.display()));
+    let seed: [u8; 32] = unhex(&meta.rng_seed).and_then(|v| v.try_into().ok()).ok_or_else(|| bad("rng_seed"))?;
+    let word_pos: u128 = meta.rng_word_pos.parse().map_err(|_| bad("rng_word_pos"))?;
 
     let p = model_for_shapes.params();
     let n = p.data.len();
@@ -197,14 +195,14 @@ fn parse(path: &Path, model_for_shapes: &Model) -> Result<Loaded> {
     }
     Ok(Loaded {
         config,
-        options,
+        options: meta.options,
         params,
         exp_avg,
         exp_avg_sq,
-        step: num("step")?,
-        optimizer_step: num("optimizer_step")?,
-        data_position: num("data_position")?,
-        rng: RngState { seed, stream, word_pos },
+        step: meta.step,
+        optimizer_step: meta.optimizer_step,
+        data_position: meta.data_position,
+        rng: RngState { seed, stream: meta.rng_stream, word_pos },
     })
 }
 

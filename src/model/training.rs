@@ -6,9 +6,9 @@
 //!
 //! What is kept per layer: the block input `x`, the fused `qkv`, the attention probabilities,
 //! the attention context, the block's midpoint (after the attention residual), the FC1 output
-//! (GELU input), and, with layer scale, the two branch outputs (their λ gradients need them).
-//! Layer norm outputs and the GELU output are recomputed in the backward: they cost one cheap
-//! pass each and would otherwise be the largest activations.
+//! (GELU input) and the GELU output, and, with layer scale, the two branch outputs (their λ
+//! gradients need them). Layer norm outputs are recomputed in the backward from the kept inputs:
+//! one cheap pass each instead of two more activations per layer.
 //!
 //! The MIM head runs on the masked positions only: their rows are gathered (in `[batch, patch]`
 //! order, as `logits[bool_masked_pos]` orders them), normalised and projected; the loss is the
@@ -83,6 +83,7 @@ struct LayerSlots {
     attn_out: Slot,
     mid: Slot,
     fc1: Slot,
+    gelu: Slot,
     mlp_out: Slot,
 }
 
@@ -390,6 +391,7 @@ impl Model {
                 attn_out: p.slot(if scale { rows * d } else { 0 }),
                 mid: p.slot(rows * d),
                 fc1: p.slot(rows * inter),
+                gelu: p.slot(rows * inter),
                 mlp_out: p.slot(if scale { rows * d } else { 0 }),
             })
             .collect();
@@ -438,7 +440,7 @@ impl Model {
         let s = plan.layers[l];
         let Dims { d, inter, eps, .. } = dims;
         let rows = dims.rows();
-        let [x, qkv, probs, context, attn_out, mid, fc1, mlp_out, out, normed, wide, shared_bias, bias, projected] =
+        let [x, qkv, probs, context, attn_out, mid, fc1, gelu_out, mlp_out, out, normed, shared_bias, bias, projected] =
             arena.many_mut([
                 s.x,
                 s.qkv,
@@ -447,10 +449,10 @@ impl Model {
                 s.attn_out,
                 s.mid,
                 s.fc1,
+                s.gelu,
                 s.mlp_out,
                 next,
                 plan.normed,
-                plan.wide_a,
                 plan.shared_bias,
                 plan.bias,
                 plan.dbranch,
@@ -469,7 +471,6 @@ impl Model {
 
         layernorm(normed, mid, p.get(blk.ln_after_w), p.get(blk.ln_after_b), d, eps);
         linear(fc1, normed, p.get(blk.fc1_w), Some(p.get(blk.fc1_b)), rows, d, inter);
-        let gelu_out = &mut wide[..rows * inter];
         gelu_out.copy_from_slice(fc1);
         bias_gelu_inplace(gelu_out, None, inter);
         let y = if mlp_out.is_empty() { &mut projected[..] } else { &mut mlp_out[..] };
@@ -499,7 +500,7 @@ impl Model {
         let s = plan.layers[l];
         let Dims { d, inter, eps, .. } = dims;
         let rows = dims.rows();
-        let [x, qkv, probs, context, attn_out, mid, fc1, mlp_out, dx, dbranch, dnormed, dtmp, dcontext, normed, wide_a, wide_b, shared_bias, bias, dbias, scratch] =
+        let [x, qkv, probs, context, attn_out, mid, fc1, gelu_out, mlp_out, dx, dbranch, dnormed, dtmp, dcontext, normed, wide_a, wide_b, shared_bias, bias, dbias, scratch] =
             arena.many_mut([
                 s.x,
                 s.qkv,
@@ -508,6 +509,7 @@ impl Model {
                 s.attn_out,
                 s.mid,
                 s.fc1,
+                s.gelu,
                 s.mlp_out,
                 plan.dx,
                 plan.dbranch,
@@ -535,15 +537,12 @@ impl Model {
             grads,
             &self.params,
         );
-        let gelu_out = &mut wide_a[..rows * inter];
-        gelu_out.copy_from_slice(fc1);
-        bias_gelu_inplace(gelu_out, None, inter);
         let dgelu = &mut wide_b[..rows * inter];
         {
             let (dw, db) = grads_pair(p, grads, Affine { weight: blk.fc2_w, bias: blk.fc2_b });
             linear_backward(Some(dgelu), dw, Some(db), dbranch, gelu_out, p.get(blk.fc2_w), rows, inter, d);
         }
-        let dfc1 = gelu_out; // the GELU output is no longer needed
+        let dfc1 = &mut wide_a[..rows * inter];
         gelu_backward(dfc1, dgelu, fc1);
         layernorm(normed, mid, p.get(blk.ln_after_w), p.get(blk.ln_after_b), d, eps);
         {

@@ -8,8 +8,8 @@
  *   beit_last_error_message() gives the reason in words. Every fallible function clears that
  *   message when it starts, so after a success it is "".
  * - Outputs (out-pointers, caller buffers, out structs) are written only on success.
- * - Handles (beit_context, beit_model) are opaque; every create/load has a *_free that accepts
- *   NULL.
+ * - Handles (beit_context, beit_model, beit_trainer) are opaque; every create/load has a *_free
+ *   that accepts NULL.
  * - Structs crossing the API begin with size_t struct_size = sizeof(the struct) as the caller
  *   compiled it, so later versions can append fields. Start from the *_default() functions.
  * - No Rust panic ever unwinds into the caller: it becomes BEIT_ERR_INTERNAL.
@@ -17,8 +17,10 @@
  * Thread safety
  * - A beit_model is immutable: many threads may run beit_model_infer on one model at once.
  * - A beit_context may be shared by many threads; its thread pool is thread-safe.
+ * - A beit_trainer is mutable: use each trainer from one thread at a time.
  * - The last error message is per thread.
- * - Free a handle only when no call is using it; free models before their context.
+ * - Free a handle only when no call is using it. Handles may be freed in any order (a trainer
+ *   shares its context's thread pool).
  */
 
 #ifndef BEIT_H
@@ -98,6 +100,11 @@ enum beit_status
      * A bug in libbeit (for instance a caught panic). Please report it with the message.
      */
     BEIT_ERR_INTERNAL = 8,
+    /**
+     * Training produced a non-finite loss or gradient (it diverged, e.g. a learning rate too
+     * high); the step was not applied and the trainer is unchanged.
+     */
+    BEIT_ERR_NUMERICAL = 9,
 };
 #ifndef __cplusplus
 #if __STDC_VERSION__ >= 202311L
@@ -168,6 +175,32 @@ typedef uint32_t beit_architecture;
 #endif // __cplusplus
 
 /**
+ * Which parameters weight decay applies to (`beit_trainer_options.weight_decay_on`).
+ */
+enum beit_weight_decay_on
+#if defined(__cplusplus) || __STDC_VERSION__ >= 202311L
+  : uint32_t
+#endif // defined(__cplusplus) || __STDC_VERSION__ >= 202311L
+ {
+    /**
+     * BEiT's rule: no decay for biases, 1-D tensors (norms, layer scales), the CLS token and
+     * absolute position embeddings; everything else decays.
+     */
+    BEIT_WEIGHT_DECAY_BEIT = 0,
+    /**
+     * Every parameter decays (one `torch.optim.AdamW` group, as a plain PyTorch script does).
+     */
+    BEIT_WEIGHT_DECAY_ALL = 1,
+};
+#ifndef __cplusplus
+#if __STDC_VERSION__ >= 202311L
+typedef enum beit_weight_decay_on beit_weight_decay_on;
+#else
+typedef uint32_t beit_weight_decay_on;
+#endif // __STDC_VERSION__ >= 202311L
+#endif // __cplusplus
+
+/**
  * An execution context: a device and a thread pool of its own, so that a host's thread setting
  * is exact and independent of other libraries.
  *
@@ -186,6 +219,17 @@ typedef struct beit_context beit_context;
  * is running, and before the context it was created with.
  */
 typedef struct beit_model beit_model;
+
+/**
+ * A pretraining trainer: its own copy of a `BeitForMaskedImageModeling` model, the AdamW
+ * state, the learning rate schedule, the random state (stochastic depth) and the data
+ * position. Checkpoints hold all of it, so a resumed run continues bit for bit.
+ *
+ * Thread safety: a trainer is mutable; use it from one thread at a time (calls on different
+ * trainers may run at once, also on one context). It runs its steps on the thread pool of the
+ * context it was created with; it shares that pool, so the context handle may be freed first.
+ */
+typedef struct beit_trainer beit_trainer;
 
 /**
  * Options of `beit_context_create`. Start from `beit_context_options_default()` and change
@@ -387,6 +431,169 @@ typedef struct beit_infer_outputs {
     size_t logits_len;
 } beit_infer_outputs;
 
+/**
+ * How a trainer optimises. Start from `beit_trainer_options_default()` (BEiT's pretraining
+ * recipe: lr 1.5e-3, cosine to 1e-5, AdamW betas (0.9, 0.98), eps 1e-8, weight decay 0.05,
+ * gradient clipping at 3.0, drop path from the config) and change the fields you need. Values
+ * are checked when a trainer is created (`BEIT_ERR_INVALID_ARGUMENT` naming the field).
+ */
+typedef struct beit_trainer_options {
+    /**
+     * `sizeof(beit_trainer_options)` as the caller compiled it.
+     */
+    size_t struct_size;
+    /**
+     * Peak learning rate, reached after warmup (finite, >= 0).
+     */
+    double learning_rate;
+    /**
+     * Final learning rate of the cosine schedule (finite, >= 0).
+     */
+    double min_learning_rate;
+    /**
+     * Steps of linear warmup from 0 to `learning_rate`.
+     */
+    uint64_t warmup_steps;
+    /**
+     * Length of the cosine schedule; 0 keeps `learning_rate` constant after warmup. Otherwise
+     * it must exceed `warmup_steps`.
+     */
+    uint64_t total_steps;
+    /**
+     * AdamW's decoupled weight decay (finite, >= 0).
+     */
+    double weight_decay;
+    /**
+     * AdamW's beta1, in [0, 1).
+     */
+    double beta1;
+    /**
+     * AdamW's beta2, in [0, 1).
+     */
+    double beta2;
+    /**
+     * AdamW's epsilon (finite, > 0).
+     */
+    double eps;
+    /**
+     * Clip the global gradient norm to this (finite, >= 0); 0 disables clipping.
+     */
+    double clip_grad_norm;
+    /**
+     * Stochastic depth rate of the last block (rising linearly from 0 at the first), in
+     * [0, 1); a negative value (the default, -1) takes the config's `drop_path_rate`.
+     */
+    double drop_path_rate;
+    /**
+     * Layer-wise learning rate decay factor, in (0, 1]; 1 (the default) means none.
+     */
+    double layer_decay;
+    /**
+     * Which parameters weight decay applies to (default `BEIT_WEIGHT_DECAY_BEIT`).
+     */
+    beit_weight_decay_on weight_decay_on;
+    /**
+     * Seeds the trainer's random state (stochastic depth). Training is deterministic for a
+     * given model, options, seed and batch sequence, whatever the thread count.
+     */
+    uint64_t seed;
+} beit_trainer_options;
+
+/**
+ * A pretraining batch for `beit_trainer_step`: caller-owned, read only during the call.
+ * Every length must equal what the shape implies (see each field).
+ */
+typedef struct beit_mim_batch {
+    /**
+     * `sizeof(beit_mim_batch)` as the caller compiled it.
+     */
+    size_t struct_size;
+    /**
+     * Pixel values, `[batch, channels, height, width]` (NCHW), f32, normalised as the model
+     * expects, all finite. Required.
+     */
+    const float *pixels;
+    /**
+     * Floats at `pixels`; must equal `batch * channels * height * width`.
+     */
+    size_t pixels_len;
+    /**
+     * Images in the batch (at least 1).
+     */
+    size_t batch;
+    /**
+     * Channels per image; must equal the model's `num_channels`.
+     */
+    size_t channels;
+    /**
+     * Image height; training runs at the configured image size only.
+     */
+    size_t height;
+    /**
+     * Image width; training runs at the configured image size only.
+     */
+    size_t width;
+    /**
+     * `[batch, num_patches]`, 0 or 1 per patch: 1 marks a masked patch (its embedding is
+     * replaced by the mask token and its label counts in the loss). At least one patch of the
+     * batch must be masked. Required.
+     */
+    const uint8_t *bool_masked_pos;
+    /**
+     * Bytes at `bool_masked_pos`; must equal `batch * num_patches`, where `num_patches` is
+     * `(height / patch_size) * (width / patch_size)`.
+     */
+    size_t bool_masked_pos_len;
+    /**
+     * `[batch, num_patches]` visual token ids: each masked patch's must be in
+     * `[0, vocab_size)`; the values at unmasked patches are ignored. Required.
+     */
+    const int64_t *labels;
+    /**
+     * Values at `labels`; must equal `batch * num_patches`.
+     */
+    size_t labels_len;
+} beit_mim_batch;
+
+/**
+ * What one `beit_trainer_step` did. Set `struct_size` (or start from
+ * `beit_step_stats_default()`); only the fields that fit in it are written.
+ */
+typedef struct beit_step_stats {
+    /**
+     * Set by the caller to `sizeof(beit_step_stats)`; left as it is.
+     */
+    size_t struct_size;
+    /**
+     * Steps completed, this one included.
+     */
+    uint64_t step;
+    /**
+     * Mean cross-entropy over the masked patches, before this step's update.
+     */
+    double loss;
+    /**
+     * The learning rate this step applied (before layer decay).
+     */
+    double lr;
+    /**
+     * Global gradient norm before clipping.
+     */
+    double grad_norm;
+    /**
+     * Masked patches the loss averaged over.
+     */
+    size_t masked;
+    /**
+     * Wall-clock seconds the step took.
+     */
+    double seconds;
+    /**
+     * Images per second of this step.
+     */
+    double images_per_s;
+} beit_step_stats;
+
 #ifdef __cplusplus
 extern "C" {
 #endif // __cplusplus
@@ -562,6 +769,208 @@ const char *beit_last_error_message(void);
  * a value this version does not know. Never NULL; the string must not be freed.
  */
 const char *beit_status_name(beit_status status);
+
+/**
+ * BEiT's pretraining defaults (the values of the Rust `TrainerOptions::default()`), with
+ * `struct_size` set.
+ */
+struct beit_trainer_options beit_trainer_options_default(void);
+
+/**
+ * An empty `beit_mim_batch` (NULL pointers, zero sizes) with `struct_size` set.
+ */
+struct beit_mim_batch beit_mim_batch_default(void);
+
+/**
+ * A zeroed `beit_step_stats` with `struct_size` set.
+ */
+struct beit_step_stats beit_step_stats_default(void);
+
+/**
+ * Creates a trainer for a copy of `model`, which must be a `BeitForMaskedImageModeling`:
+ * the trainer owns its own parameters, so `model` is only read during the call and stays as
+ * it is (free it whenever you like). `opts` may be NULL for the defaults. The trainer runs
+ * its steps on `ctx`'s thread pool (shared: `ctx` may be freed first). On success `*out` receives a
+ * trainer to release with `beit_trainer_free`; on failure `*out` is not written.
+ *
+ * Errors: `BEIT_ERR_NULL_POINTER` (ctx, model, out), `BEIT_ERR_INVALID_ARGUMENT` (not a masked
+ * image modeling model; struct_size, an option value or `weight_decay_on`, named).
+ *
+ * # Safety
+ * `ctx` and `model` must be NULL or live handles; `opts` NULL or readable for its
+ * `struct_size`; `out` NULL or writable.
+ */
+beit_status beit_trainer_create(const struct beit_context *ctx,
+                                const struct beit_model *model,
+                                const struct beit_trainer_options *opts,
+                                struct beit_trainer **out);
+
+/**
+ * Creates a trainer for a fresh `BeitForMaskedImageModeling` with BEiT's random
+ * initialisation, reproducible from `init_seed`, from the text of a Hugging Face config.json
+ * (its `architectures` entry is ignored). `opts` may be NULL for the defaults; `opts->seed`
+ * seeds the training randomness, `init_seed` the weights. The trainer shares `ctx`'s thread pool. On
+ * success `*out` receives a trainer to release with `beit_trainer_free`.
+ *
+ * Errors: `BEIT_ERR_NULL_POINTER`, `BEIT_ERR_INVALID_ARGUMENT` (not UTF-8, options),
+ * `BEIT_ERR_FORMAT` (not JSON, wrong field types), `BEIT_ERR_CONFIG`, `BEIT_ERR_UNSUPPORTED`.
+ *
+ * # Safety
+ * `ctx` must be NULL or a live context; `config_json` NULL or a NUL-terminated string; `opts`
+ * NULL or readable for its `struct_size`; `out` NULL or writable.
+ */
+beit_status beit_trainer_create_from_config(const struct beit_context *ctx,
+                                            const char *config_json,
+                                            uint64_t init_seed,
+                                            const struct beit_trainer_options *opts,
+                                            struct beit_trainer **out);
+
+/**
+ * Creates a trainer for the model in a Hugging Face directory (`config.json` +
+ * `model.safetensors`, as `beit_model_load` reads it), which must be a
+ * `BeitForMaskedImageModeling`. Training starts at step 0 with fresh optimizer state (to
+ * resume a run, load a checkpoint instead). `opts` may be NULL for the defaults. The trainer
+ * shares `ctx`'s thread pool. On success `*out` receives a trainer to release with
+ * `beit_trainer_free`.
+ *
+ * Errors: `BEIT_ERR_NULL_POINTER`, `BEIT_ERR_INVALID_ARGUMENT` (not UTF-8, options, not a
+ * masked image modeling model), `BEIT_ERR_IO`, `BEIT_ERR_FORMAT`, `BEIT_ERR_CONFIG`,
+ * `BEIT_ERR_UNSUPPORTED` (as `beit_model_load`).
+ *
+ * # Safety
+ * `ctx` must be NULL or a live context; `model_dir` NULL or a NUL-terminated string; `opts`
+ * NULL or readable for its `struct_size`; `out` NULL or writable.
+ */
+beit_status beit_trainer_load_model_dir(const struct beit_context *ctx,
+                                        const char *model_dir,
+                                        const struct beit_trainer_options *opts,
+                                        struct beit_trainer **out);
+
+/**
+ * Frees a trainer. NULL is a no-op. Its context is not touched.
+ *
+ * # Safety
+ * `trainer` must be NULL or a trainer not freed before, that no other thread is using.
+ */
+void beit_trainer_free(struct beit_trainer *trainer);
+
+/**
+ * One optimizer step on `batch`: forward, backward, gradient clipping, AdamW at the scheduled
+ * learning rate, inside the trainer's context's thread pool. On success the step count and
+ * the data position go up by one, and, when `out` is not NULL, `out` receives what the step
+ * did (only the fields that fit in `out->struct_size`).
+ *
+ * Every argument and the whole batch are checked before anything runs; on any error the
+ * trainer is exactly as before the call (parameters, optimizer state, step, random state) and
+ * `out` is not written.
+ *
+ * Errors: `BEIT_ERR_NULL_POINTER` (trainer, batch, batch->pixels, batch->bool_masked_pos,
+ * batch->labels), `BEIT_ERR_INVALID_ARGUMENT` (struct_size of batch or out; a length that does
+ * not match the shape, with both numbers; a shape other than the configured image size or
+ * channel count; a mask value other than 0 or 1, or no masked patch; a masked patch's label
+ * outside `[0, vocab_size)`; a non-finite pixel), `BEIT_ERR_NUMERICAL` (the loss or gradient
+ * is not finite: training diverged; the step was not applied).
+ *
+ * # Safety
+ * `trainer` must be NULL or a live trainer that no other thread is using; `batch` NULL or readable for its `struct_size`, each of its non-NULL buffers holding
+ * its stated length for the duration of the call; `out` NULL or writable for its
+ * `struct_size`.
+ */
+beit_status beit_trainer_step(struct beit_trainer *trainer,
+                              const struct beit_mim_batch *batch,
+                              struct beit_step_stats *out);
+
+/**
+ * Writes a checkpoint of everything the trainer holds (parameters, AdamW moments, step,
+ * options, random state, data position, config) to the file `path`, atomically: a failed
+ * save leaves any previous file at `path` intact. `beit_trainer_load_checkpoint` resumes from
+ * it bit for bit.
+ *
+ * Errors: `BEIT_ERR_NULL_POINTER`, `BEIT_ERR_INVALID_ARGUMENT` (path not UTF-8), `BEIT_ERR_IO`
+ * (e.g. its directory does not exist).
+ *
+ * # Safety
+ * `trainer` must be NULL or a live trainer not being changed by another thread; `path` NULL or
+ * a NUL-terminated string.
+ */
+beit_status beit_trainer_save_checkpoint(const struct beit_trainer *trainer, const char *path);
+
+/**
+ * Restores the trainer from a checkpoint written by `beit_trainer_save_checkpoint` for the
+ * same model config: parameters, optimizer state, step, data position, random state and the
+ * options (the checkpoint's replace the trainer's). Stepping on afterwards gives, bit for bit,
+ * what the saved trainer would have. The whole file is checked first: on any error the
+ * trainer is unchanged.
+ *
+ * Errors: `BEIT_ERR_NULL_POINTER`, `BEIT_ERR_INVALID_ARGUMENT` (path not UTF-8; a checkpoint of
+ * another model config, naming the differences), `BEIT_ERR_IO`, `BEIT_ERR_FORMAT` (not a
+ * trainer checkpoint, truncated or corrupt).
+ *
+ * # Safety
+ * `trainer` must be NULL or a live trainer that no other thread is using; `path` NULL or a
+ * NUL-terminated string.
+ */
+beit_status beit_trainer_load_checkpoint(struct beit_trainer *trainer, const char *path);
+
+/**
+ * Saves the trainer's current weights as a Hugging Face directory (`config.json` +
+ * `model.safetensors`, a `BeitForMaskedImageModeling`) that `beit_model_load`,
+ * `beit_trainer_load_model_dir` and `transformers` read. The directory is created if needed;
+ * each file is replaced atomically.
+ *
+ * Errors: `BEIT_ERR_NULL_POINTER`, `BEIT_ERR_INVALID_ARGUMENT` (dir not UTF-8), `BEIT_ERR_IO`.
+ *
+ * # Safety
+ * `trainer` must be NULL or a live trainer not being changed by another thread; `dir` NULL or a
+ * NUL-terminated string.
+ */
+beit_status beit_trainer_save_model(const struct beit_trainer *trainer, const char *dir);
+
+/**
+ * Writes the number of steps completed to `*out`.
+ *
+ * Errors: `BEIT_ERR_NULL_POINTER`.
+ *
+ * # Safety
+ * `trainer` must be NULL or a live trainer; `out` NULL or writable.
+ */
+beit_status beit_trainer_step_count(const struct beit_trainer *trainer, uint64_t *out);
+
+/**
+ * Writes the data position to `*out`: where the host's data stream stands. Each successful
+ * step adds one; `beit_trainer_set_data_position` sets it; checkpoints store it, so a resumed
+ * run can pick the same next batch.
+ *
+ * Errors: `BEIT_ERR_NULL_POINTER`.
+ *
+ * # Safety
+ * `trainer` must be NULL or a live trainer; `out` NULL or writable.
+ */
+beit_status beit_trainer_get_data_position(const struct beit_trainer *trainer, uint64_t *out);
+
+/**
+ * Sets the data position (see `beit_trainer_get_data_position`), e.g. after the host skipped
+ * batches.
+ *
+ * Errors: `BEIT_ERR_NULL_POINTER`.
+ *
+ * # Safety
+ * `trainer` must be NULL or a live trainer that no other thread is using.
+ */
+beit_status beit_trainer_set_data_position(struct beit_trainer *trainer, uint64_t position);
+
+/**
+ * Describes the trainer's model (as `beit_model_get_info` does a model's), e.g. to size
+ * batches: `num_patches`, `vocab_size`, `num_channels`, the image size. Set `out->struct_size`
+ * first (or start from `beit_model_info_default()`).
+ *
+ * Errors: `BEIT_ERR_NULL_POINTER`, `BEIT_ERR_INVALID_ARGUMENT` (struct_size).
+ *
+ * # Safety
+ * `trainer` must be NULL or a live trainer; `out` NULL or writable for `out->struct_size` bytes.
+ */
+beit_status beit_trainer_get_model_info(const struct beit_trainer *trainer,
+                                        struct beit_model_info *out);
 
 /**
  * The libbeit version as "MAJOR.MINOR.PATCH" (Cargo's version), a static string: never NULL,

@@ -63,7 +63,8 @@ const CONTEXT_OPTIONS_V1_SIZE: usize = size_of::<beit_context_options>();
 /// only after every call using it has returned and after the models created with it are freed.
 #[allow(non_camel_case_types)]
 pub struct beit_context {
-    pub(crate) inner: Context,
+    /// Shared so that trainers can keep the thread pool alive past `beit_context_free`.
+    pub(crate) inner: std::sync::Arc<Context>,
 }
 
 /// The default context options: `BEIT_DEVICE_AUTO`, one thread per core.
@@ -105,7 +106,7 @@ pub unsafe extern "C" fn beit_context_create(
         let device = options.device.to_device()?;
         let threads = usize::try_from(options.num_threads).unwrap_or(usize::MAX);
         let inner = Context::new(&ContextOptions { device, threads })?;
-        let handle = Box::into_raw(Box::new(beit_context { inner }));
+        let handle = Box::into_raw(Box::new(beit_context { inner: std::sync::Arc::new(inner) }));
         // SAFETY: non-NULL, and the caller promises it is writable.
         unsafe { out.write(handle) };
         Ok(())
@@ -135,6 +136,17 @@ pub(crate) unsafe fn context_ref<'a>(ctx: *const beit_context, name: &str) -> Ff
     let ctx = super::status::non_null(ctx, name)?;
     // SAFETY: non-NULL; the caller promises a live context.
     Ok(unsafe { &(*ctx).inner })
+}
+
+/// A shared reference to the context behind a handle (for handles that keep using its thread
+/// pool, like trainers), or `BEIT_ERR_NULL_POINTER`.
+///
+/// # Safety
+/// `ctx` must be NULL or a live context.
+pub(crate) unsafe fn context_shared(ctx: *const beit_context, name: &str) -> FfiResult<std::sync::Arc<Context>> {
+    let ctx = super::status::non_null(ctx, name)?;
+    // SAFETY: non-NULL; the caller promises a live context.
+    Ok(std::sync::Arc::clone(unsafe { &(*ctx).inner }))
 }
 
 #[cfg(test)]

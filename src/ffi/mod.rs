@@ -7,4 +7,5 @@
 pub mod context;
 pub mod model;
 pub mod status;
+pub mod trainer;
 pub mod version;

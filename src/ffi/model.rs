@@ -271,7 +271,7 @@ unsafe fn hand_out(model: Model, out: *mut *mut beit_model) {
 ///
 /// # Safety
 /// `dst` must be writable for `caller_size` bytes, and `caller_size >= size_of::<usize>()`.
-unsafe fn write_versioned<T: Copy>(dst: *mut T, value: &T, caller_size: usize) {
+pub(crate) unsafe fn write_versioned<T: Copy>(dst: *mut T, value: &T, caller_size: usize) {
     let n = caller_size.min(size_of::<T>());
     let skip = size_of::<usize>();
     if n > skip {
@@ -400,32 +400,37 @@ pub unsafe extern "C" fn beit_model_get_info(model: *const beit_model, out: *mut
         let out = non_null_mut(out, "out")?;
         // SAFETY: non-NULL; the caller promises struct_size readable bytes.
         let size = unsafe { check_struct_size(out, "out", MODEL_INFO_V1_SIZE) }?;
-        let c = m.config();
-        let (image_height, image_width) = c.image_size.hw();
-        let (patch_height, patch_width) = c.patch_size.hw();
-        let (gh, gw) = c.native_grid();
-        let info = beit_model_info {
-            struct_size: size,
-            architecture: RawArchitecture::of(m.architecture()),
-            hidden_size: c.hidden_size,
-            num_layers: c.num_hidden_layers,
-            num_heads: c.num_attention_heads,
-            intermediate_size: c.intermediate_size,
-            image_height,
-            image_width,
-            patch_height,
-            patch_width,
-            num_channels: c.num_channels,
-            num_patches: gh * gw,
-            vocab_size: c.vocab_size,
-            num_labels: if m.architecture() == Architecture::ImageClassification { c.num_labels() } else { 0 },
-            num_parameters: m.params().count() as u64,
-            has_mask_token: m.has_mask_token(),
-        };
+        let info = model_info(m, size);
         // SAFETY: `out` is writable for `size` bytes, `size` >= the v1 size.
         unsafe { write_versioned(out, &info, size) };
         Ok(())
     })
+}
+
+/// What `m` is, as `beit_model_info` (with `struct_size` set to `struct_size`).
+pub(crate) fn model_info(m: &Model, struct_size: usize) -> beit_model_info {
+    let c = m.config();
+    let (image_height, image_width) = c.image_size.hw();
+    let (patch_height, patch_width) = c.patch_size.hw();
+    let (gh, gw) = c.native_grid();
+    beit_model_info {
+        struct_size,
+        architecture: RawArchitecture::of(m.architecture()),
+        hidden_size: c.hidden_size,
+        num_layers: c.num_hidden_layers,
+        num_heads: c.num_attention_heads,
+        intermediate_size: c.intermediate_size,
+        image_height,
+        image_width,
+        patch_height,
+        patch_width,
+        num_channels: c.num_channels,
+        num_patches: gh * gw,
+        vocab_size: c.vocab_size,
+        num_labels: if m.architecture() == Architecture::ImageClassification { c.num_labels() } else { 0 },
+        num_parameters: m.params().count() as u64,
+        has_mask_token: m.has_mask_token(),
+    }
 }
 
 /// Output lengths of a model for `batch` images of `height` x `width`, and the checks on
@@ -508,7 +513,7 @@ impl Region {
 
 /// Checks that `len` elements at `ptr` can be a Rust slice: aligned, and not larger than
 /// `isize::MAX` bytes.
-fn check_slice<T>(ptr: *const T, len: usize, name: &str) -> FfiResult<()> {
+pub(crate) fn check_slice<T>(ptr: *const T, len: usize, name: &str) -> FfiResult<()> {
     if ptr as usize % align_of::<T>() != 0 {
         return Err(FfiError::invalid(format!("{name} is not aligned to {} bytes", align_of::<T>())));
     }

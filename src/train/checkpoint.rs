@@ -25,8 +25,8 @@ use crate::model::{Architecture, BeitConfig, Model};
 
 use super::trainer::{RngState, Trainer, TrainerOptions};
 
-pub const FORMAT: &str = "beit-trainer-checkpoint";
-pub const VERSION: u32 = 1;
+pub(crate) const FORMAT: &str = "beit-trainer-checkpoint";
+pub(crate) const VERSION: u32 = 1;
 /// The safetensors metadata key holding [`CheckpointMeta`] as JSON.
 pub const META_KEY: &str = "beit_checkpoint";
 

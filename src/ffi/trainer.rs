@@ -1,0 +1,1173 @@
+//! `beit_trainer`: masked-image-modeling pretraining (BEiT's recipe) on host-supplied batches,
+//! with checkpoints that resume bit for bit. Wraps [`crate::train::trainer::Trainer`].
+
+use std::ffi::c_char;
+use std::mem::size_of;
+use std::path::Path;
+
+use super::context::{beit_context, context_shared};
+use super::model::{beit_model, beit_model_info, check_slice, model_info, write_versioned};
+use super::status::{
+    beit_status, check_struct_size, guard, guard_infallible, non_null, non_null_mut, utf8_arg, FfiError, FfiResult,
+};
+use crate::context::Context;
+use crate::model::{Architecture, BeitConfig, MimBatch, Model};
+use crate::tensor::checked_numel;
+use crate::train::trainer::{StepStats, Trainer, TrainerOptions, WeightDecayOn};
+
+/// Which parameters weight decay applies to (`beit_trainer_options.weight_decay_on`).
+#[allow(non_camel_case_types)]
+#[repr(u32)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum beit_weight_decay_on {
+    /// BEiT's rule: no decay for biases, 1-D tensors (norms, layer scales), the CLS token and
+    /// absolute position embeddings; everything else decays.
+    BEIT_WEIGHT_DECAY_BEIT = 0,
+    /// Every parameter decays (one `torch.optim.AdamW` group, as a plain PyTorch script does).
+    BEIT_WEIGHT_DECAY_ALL = 1,
+}
+
+/// A `beit_weight_decay_on` as C passes it in: any 32-bit value, checked before use. The header
+/// shows it as `beit_weight_decay_on` (renamed in cbindgen.toml).
+/// cbindgen:no-export
+#[repr(transparent)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RawWeightDecayOn(pub u32);
+
+impl RawWeightDecayOn {
+    fn to_weight_decay_on(self) -> FfiResult<WeightDecayOn> {
+        match self.0 {
+            0 => Ok(WeightDecayOn::Beit),
+            1 => Ok(WeightDecayOn::All),
+            other => Err(FfiError::invalid(format!(
+                "opts->weight_decay_on {other} is not a beit_weight_decay_on (BEIT_WEIGHT_DECAY_BEIT = 0, \
+                 BEIT_WEIGHT_DECAY_ALL = 1)"
+            ))),
+        }
+    }
+
+    fn of(on: WeightDecayOn) -> Self {
+        RawWeightDecayOn(match on {
+            WeightDecayOn::Beit => beit_weight_decay_on::BEIT_WEIGHT_DECAY_BEIT,
+            WeightDecayOn::All => beit_weight_decay_on::BEIT_WEIGHT_DECAY_ALL,
+        } as u32)
+    }
+}
+
+/// How a trainer optimises. Start from `beit_trainer_options_default()` (BEiT's pretraining
+/// recipe: lr 1.5e-3, cosine to 1e-5, AdamW betas (0.9, 0.98), eps 1e-8, weight decay 0.05,
+/// gradient clipping at 3.0, drop path from the config) and change the fields you need. Values
+/// are checked when a trainer is created (`BEIT_ERR_INVALID_ARGUMENT` naming the field).
+#[allow(non_camel_case_types)]
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct beit_trainer_options {
+    /// `sizeof(beit_trainer_options)` as the caller compiled it.
+    pub struct_size: usize,
+    /// Peak learning rate, reached after warmup (finite, >= 0).
+    pub learning_rate: f64,
+    /// Final learning rate of the cosine schedule (finite, >= 0).
+    pub min_learning_rate: f64,
+    /// Steps of linear warmup from 0 to `learning_rate`.
+    pub warmup_steps: u64,
+    /// Length of the cosine schedule; 0 keeps `learning_rate` constant after warmup. Otherwise
+    /// it must exceed `warmup_steps`.
+    pub total_steps: u64,
+    /// AdamW's decoupled weight decay (finite, >= 0).
+    pub weight_decay: f64,
+    /// AdamW's beta1, in [0, 1).
+    pub beta1: f64,
+    /// AdamW's beta2, in [0, 1).
+    pub beta2: f64,
+    /// AdamW's epsilon (finite, > 0).
+    pub eps: f64,
+    /// Clip the global gradient norm to this (finite, >= 0); 0 disables clipping.
+    pub clip_grad_norm: f64,
+    /// Stochastic depth rate of the last block (rising linearly from 0 at the first), in
+    /// [0, 1); a negative value (the default, -1) takes the config's `drop_path_rate`.
+    pub drop_path_rate: f64,
+    /// Layer-wise learning rate decay factor, in (0, 1]; 1 (the default) means none.
+    pub layer_decay: f64,
+    /// Which parameters weight decay applies to (default `BEIT_WEIGHT_DECAY_BEIT`).
+    pub weight_decay_on: RawWeightDecayOn,
+    /// Seeds the trainer's random state (stochastic depth). Training is deterministic for a
+    /// given model, options, seed and batch sequence, whatever the thread count.
+    pub seed: u64,
+}
+
+/// A pretraining batch for `beit_trainer_step`: caller-owned, read only during the call.
+/// Every length must equal what the shape implies (see each field).
+#[allow(non_camel_case_types)]
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct beit_mim_batch {
+    /// `sizeof(beit_mim_batch)` as the caller compiled it.
+    pub struct_size: usize,
+    /// Pixel values, `[batch, channels, height, width]` (NCHW), f32, normalised as the model
+    /// expects, all finite. Required.
+    pub pixels: *const f32,
+    /// Floats at `pixels`; must equal `batch * channels * height * width`.
+    pub pixels_len: usize,
+    /// Images in the batch (at least 1).
+    pub batch: usize,
+    /// Channels per image; must equal the model's `num_channels`.
+    pub channels: usize,
+    /// Image height; training runs at the configured image size only.
+    pub height: usize,
+    /// Image width; training runs at the configured image size only.
+    pub width: usize,
+    /// `[batch, num_patches]`, 0 or 1 per patch: 1 marks a masked patch (its embedding is
+    /// replaced by the mask token and its label counts in the loss). At least one patch of the
+    /// batch must be masked. Required.
+    pub bool_masked_pos: *const u8,
+    /// Bytes at `bool_masked_pos`; must equal `batch * num_patches`, where `num_patches` is
+    /// `(height / patch_size) * (width / patch_size)`.
+    pub bool_masked_pos_len: usize,
+    /// `[batch, num_patches]` visual token ids: each masked patch's must be in
+    /// `[0, vocab_size)`; the values at unmasked patches are ignored. Required.
+    pub labels: *const i64,
+    /// Values at `labels`; must equal `batch * num_patches`.
+    pub labels_len: usize,
+}
+
+/// What one `beit_trainer_step` did. Set `struct_size` (or start from
+/// `beit_step_stats_default()`); only the fields that fit in it are written.
+#[allow(non_camel_case_types)]
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct beit_step_stats {
+    /// Set by the caller to `sizeof(beit_step_stats)`; left as it is.
+    pub struct_size: usize,
+    /// Steps completed, this one included.
+    pub step: u64,
+    /// Mean cross-entropy over the masked patches, before this step's update.
+    pub loss: f64,
+    /// The learning rate this step applied (before layer decay).
+    pub lr: f64,
+    /// Global gradient norm before clipping.
+    pub grad_norm: f64,
+    /// Masked patches the loss averaged over.
+    pub masked: usize,
+    /// Wall-clock seconds the step took.
+    pub seconds: f64,
+    /// Images per second of this step.
+    pub images_per_s: f64,
+}
+
+const TRAINER_OPTIONS_V1_SIZE: usize = size_of::<beit_trainer_options>();
+const MIM_BATCH_V1_SIZE: usize = size_of::<beit_mim_batch>();
+const STEP_STATS_V1_SIZE: usize = size_of::<beit_step_stats>();
+const MODEL_INFO_V1_SIZE: usize = size_of::<beit_model_info>();
+
+/// A pretraining trainer: its own copy of a `BeitForMaskedImageModeling` model, the AdamW
+/// state, the learning rate schedule, the random state (stochastic depth) and the data
+/// position. Checkpoints hold all of it, so a resumed run continues bit for bit.
+///
+/// Thread safety: a trainer is mutable; use it from one thread at a time (calls on different
+/// trainers may run at once, also on one context). It runs its steps on the thread pool of the
+/// context it was created with; it shares that pool, so the context handle may be freed first.
+#[allow(non_camel_case_types)]
+pub struct beit_trainer {
+    inner: Trainer,
+    /// The thread pool of the context the trainer was created with, shared: freeing the
+    /// context handle first is safe.
+    ctx: std::sync::Arc<Context>,
+}
+
+/// BEiT's pretraining defaults (the values of the Rust `TrainerOptions::default()`), with
+/// `struct_size` set.
+#[no_mangle]
+pub extern "C" fn beit_trainer_options_default() -> beit_trainer_options {
+    let d = TrainerOptions::default();
+    beit_trainer_options {
+        struct_size: size_of::<beit_trainer_options>(),
+        learning_rate: d.learning_rate,
+        min_learning_rate: d.min_learning_rate,
+        warmup_steps: d.warmup_steps,
+        total_steps: d.total_steps,
+        weight_decay: d.weight_decay,
+        beta1: d.beta1,
+        beta2: d.beta2,
+        eps: d.eps,
+        clip_grad_norm: d.clip_grad_norm,
+        drop_path_rate: d.drop_path_rate.unwrap_or(-1.0),
+        layer_decay: d.layer_decay,
+        weight_decay_on: RawWeightDecayOn::of(d.weight_decay_on),
+        seed: d.seed,
+    }
+}
+
+/// An empty `beit_mim_batch` (NULL pointers, zero sizes) with `struct_size` set.
+#[no_mangle]
+pub extern "C" fn beit_mim_batch_default() -> beit_mim_batch {
+    beit_mim_batch {
+        struct_size: size_of::<beit_mim_batch>(),
+        pixels: std::ptr::null(),
+        pixels_len: 0,
+        batch: 0,
+        channels: 0,
+        height: 0,
+        width: 0,
+        bool_masked_pos: std::ptr::null(),
+        bool_masked_pos_len: 0,
+        labels: std::ptr::null(),
+        labels_len: 0,
+    }
+}
+
+/// A zeroed `beit_step_stats` with `struct_size` set.
+#[no_mangle]
+pub extern "C" fn beit_step_stats_default() -> beit_step_stats {
+    beit_step_stats {
+        struct_size: size_of::<beit_step_stats>(),
+        step: 0,
+        loss: 0.0,
+        lr: 0.0,
+        grad_norm: 0.0,
+        masked: 0,
+        seconds: 0.0,
+        images_per_s: 0.0,
+    }
+}
+
+impl beit_trainer_options {
+    /// The Rust options these describe (not yet validated: `Trainer::new` does that).
+    fn to_options(self) -> FfiResult<TrainerOptions> {
+        Ok(TrainerOptions {
+            learning_rate: self.learning_rate,
+            min_learning_rate: self.min_learning_rate,
+            warmup_steps: self.warmup_steps,
+            total_steps: self.total_steps,
+            weight_decay: self.weight_decay,
+            beta1: self.beta1,
+            beta2: self.beta2,
+            eps: self.eps,
+            clip_grad_norm: self.clip_grad_norm,
+            // NaN is not negative: it stays Some and validation rejects it.
+            drop_path_rate: if self.drop_path_rate < 0.0 { None } else { Some(self.drop_path_rate) },
+            layer_decay: self.layer_decay,
+            weight_decay_on: self.weight_decay_on.to_weight_decay_on()?,
+            seed: self.seed,
+        })
+    }
+}
+
+/// Reads the caller's options (NULL: the defaults).
+///
+/// # Safety
+/// `opts` must be NULL or readable for its `struct_size` bytes.
+unsafe fn read_options(opts: *const beit_trainer_options) -> FfiResult<TrainerOptions> {
+    if opts.is_null() {
+        return Ok(TrainerOptions::default());
+    }
+    // SAFETY: non-NULL; the caller promises struct_size readable bytes, and check_struct_size
+    // makes sure that covers every field read here.
+    let opts = unsafe {
+        check_struct_size(opts, "opts", TRAINER_OPTIONS_V1_SIZE)?;
+        opts.read_unaligned()
+    };
+    opts.to_options()
+}
+
+/// Hands a new trainer to the caller through `out`.
+///
+/// # Safety
+/// `out` must be non-NULL and writable; `ctx` non-NULL and live.
+unsafe fn hand_out(trainer: Trainer, ctx: std::sync::Arc<Context>, out: *mut *mut beit_trainer) {
+    let handle = Box::into_raw(Box::new(beit_trainer { inner: trainer, ctx }));
+    // SAFETY: the caller checked `out`.
+    unsafe { out.write(handle) };
+}
+
+/// The trainer behind a handle, or `BEIT_ERR_NULL_POINTER`.
+///
+/// # Safety
+/// `trainer` must be NULL or a live trainer that no other thread is using.
+unsafe fn trainer_ref<'a>(trainer: *const beit_trainer) -> FfiResult<&'a beit_trainer> {
+    let trainer = non_null(trainer, "trainer")?;
+    // SAFETY: non-NULL; the caller promises a live trainer.
+    Ok(unsafe { &*trainer })
+}
+
+/// The trainer behind a handle, mutably, or `BEIT_ERR_NULL_POINTER`.
+///
+/// # Safety
+/// `trainer` must be NULL or a live trainer that no other thread is using.
+unsafe fn trainer_mut<'a>(trainer: *mut beit_trainer) -> FfiResult<&'a mut beit_trainer> {
+    let trainer = non_null_mut(trainer, "trainer")?;
+    // SAFETY: non-NULL; the caller promises a live trainer used by this thread only.
+    Ok(unsafe { &mut *trainer })
+}
+
+/// A copy of `model`: same config, architecture and parameters.
+fn copy_model(model: &Model) -> FfiResult<Model> {
+    let mut copy = Model::zeroed(model.config().clone(), model.architecture())?;
+    let (src, dst) = (&model.params().data, &mut copy.params_mut().data);
+    if src.len() != dst.len() {
+        return Err(FfiError::new(
+            beit_status::BEIT_ERR_INTERNAL,
+            format!("copying the model: {} parameters became {}", src.len(), dst.len()),
+        ));
+    }
+    dst.copy_from_slice(src);
+    Ok(copy)
+}
+
+/// Creates a trainer for a copy of `model`, which must be a `BeitForMaskedImageModeling`:
+/// the trainer owns its own parameters, so `model` is only read during the call and stays as
+/// it is (free it whenever you like). `opts` may be NULL for the defaults. The trainer runs
+/// its steps on `ctx`'s thread pool (shared: `ctx` may be freed first). On success `*out` receives a
+/// trainer to release with `beit_trainer_free`; on failure `*out` is not written.
+///
+/// Errors: `BEIT_ERR_NULL_POINTER` (ctx, model, out), `BEIT_ERR_INVALID_ARGUMENT` (not a masked
+/// image modeling model; struct_size, an option value or `weight_decay_on`, named).
+///
+/// # Safety
+/// `ctx` and `model` must be NULL or live handles; `opts` NULL or readable for its
+/// `struct_size`; `out` NULL or writable.
+#[no_mangle]
+pub unsafe extern "C" fn beit_trainer_create(
+    ctx: *const beit_context,
+    model: *const beit_model,
+    opts: *const beit_trainer_options,
+    out: *mut *mut beit_trainer,
+) -> beit_status {
+    guard(|| {
+        // SAFETY (all): the caller's promises above; each helper checks for NULL.
+        let context = unsafe { context_shared(ctx, "ctx") }?;
+        let model = non_null(model, "model")?;
+        // SAFETY: non-NULL; the caller promises a live model.
+        let model = unsafe { &(*model).inner };
+        let out = non_null_mut(out, "out")?;
+        let options = unsafe { read_options(opts) }?;
+        if model.architecture() != Architecture::MaskedImageModeling {
+            return Err(FfiError::invalid(format!(
+                "the pretraining trainer needs a BeitForMaskedImageModeling model; this one is {}",
+                model.architecture().hf_name()
+            )));
+        }
+        let trainer = Trainer::new(copy_model(model)?, options)?;
+        // SAFETY: `out` is non-NULL and writable, `ctx` live (the caller's promises).
+        unsafe { hand_out(trainer, context, out) };
+        Ok(())
+    })
+}
+
+/// Creates a trainer for a fresh `BeitForMaskedImageModeling` with BEiT's random
+/// initialisation, reproducible from `init_seed`, from the text of a Hugging Face config.json
+/// (its `architectures` entry is ignored). `opts` may be NULL for the defaults; `opts->seed`
+/// seeds the training randomness, `init_seed` the weights. The trainer shares `ctx`'s thread pool. On
+/// success `*out` receives a trainer to release with `beit_trainer_free`.
+///
+/// Errors: `BEIT_ERR_NULL_POINTER`, `BEIT_ERR_INVALID_ARGUMENT` (not UTF-8, options),
+/// `BEIT_ERR_FORMAT` (not JSON, wrong field types), `BEIT_ERR_CONFIG`, `BEIT_ERR_UNSUPPORTED`.
+///
+/// # Safety
+/// `ctx` must be NULL or a live context; `config_json` NULL or a NUL-terminated string; `opts`
+/// NULL or readable for its `struct_size`; `out` NULL or writable.
+#[no_mangle]
+pub unsafe extern "C" fn beit_trainer_create_from_config(
+    ctx: *const beit_context,
+    config_json: *const c_char,
+    init_seed: u64,
+    opts: *const beit_trainer_options,
+    out: *mut *mut beit_trainer,
+) -> beit_status {
+    guard(|| {
+        // SAFETY (all): the caller's promises above; each helper checks for NULL.
+        let context = unsafe { context_shared(ctx, "ctx") }?;
+        let json = unsafe { utf8_arg(config_json, "config_json") }?;
+        let out = non_null_mut(out, "out")?;
+        let options = unsafe { read_options(opts) }?;
+        let config = BeitConfig::from_json_str(json)?;
+        let model = context.run(|| Model::new_random(config, Architecture::MaskedImageModeling, init_seed))?;
+        let trainer = Trainer::new(model, options)?;
+        // SAFETY: `out` is non-NULL and writable, `ctx` live (the caller's promises).
+        unsafe { hand_out(trainer, context, out) };
+        Ok(())
+    })
+}
+
+/// Creates a trainer for the model in a Hugging Face directory (`config.json` +
+/// `model.safetensors`, as `beit_model_load` reads it), which must be a
+/// `BeitForMaskedImageModeling`. Training starts at step 0 with fresh optimizer state (to
+/// resume a run, load a checkpoint instead). `opts` may be NULL for the defaults. The trainer
+/// shares `ctx`'s thread pool. On success `*out` receives a trainer to release with
+/// `beit_trainer_free`.
+///
+/// Errors: `BEIT_ERR_NULL_POINTER`, `BEIT_ERR_INVALID_ARGUMENT` (not UTF-8, options, not a
+/// masked image modeling model), `BEIT_ERR_IO`, `BEIT_ERR_FORMAT`, `BEIT_ERR_CONFIG`,
+/// `BEIT_ERR_UNSUPPORTED` (as `beit_model_load`).
+///
+/// # Safety
+/// `ctx` must be NULL or a live context; `model_dir` NULL or a NUL-terminated string; `opts`
+/// NULL or readable for its `struct_size`; `out` NULL or writable.
+#[no_mangle]
+pub unsafe extern "C" fn beit_trainer_load_model_dir(
+    ctx: *const beit_context,
+    model_dir: *const c_char,
+    opts: *const beit_trainer_options,
+    out: *mut *mut beit_trainer,
+) -> beit_status {
+    guard(|| {
+        // SAFETY (all): the caller's promises above; each helper checks for NULL.
+        let context = unsafe { context_shared(ctx, "ctx") }?;
+        let dir = unsafe { utf8_arg(model_dir, "model_dir") }?;
+        let out = non_null_mut(out, "out")?;
+        let options = unsafe { read_options(opts) }?;
+        let model = context.run(|| Model::load(Path::new(dir)))?;
+        let trainer = Trainer::new(model, options)?;
+        // SAFETY: `out` is non-NULL and writable, `ctx` live (the caller's promises).
+        unsafe { hand_out(trainer, context, out) };
+        Ok(())
+    })
+}
+
+/// Frees a trainer. NULL is a no-op. Its context is not touched.
+///
+/// # Safety
+/// `trainer` must be NULL or a trainer not freed before, that no other thread is using.
+#[no_mangle]
+pub unsafe extern "C" fn beit_trainer_free(trainer: *mut beit_trainer) {
+    guard_infallible((), || {
+        if !trainer.is_null() {
+            // SAFETY: the caller hands back a pointer from Box::into_raw, once.
+            drop(unsafe { Box::from_raw(trainer) });
+        }
+    })
+}
+
+/// Checks that a caller's `len` equals what the shape implies.
+fn check_len(name: &str, len: usize, want: Option<usize>, shape: &str) -> FfiResult<()> {
+    match want {
+        Some(want) if want == len => Ok(()),
+        Some(want) => Err(FfiError::invalid(format!("{name} is {len}, but {shape} needs {want}"))),
+        None => Err(FfiError::invalid(format!("{name} is {len}, but {shape} needs more values than fit in memory"))),
+    }
+}
+
+/// One optimizer step on `batch`: forward, backward, gradient clipping, AdamW at the scheduled
+/// learning rate, inside the trainer's context's thread pool. On success the step count and
+/// the data position go up by one, and, when `out` is not NULL, `out` receives what the step
+/// did (only the fields that fit in `out->struct_size`).
+///
+/// Every argument and the whole batch are checked before anything runs; on any error the
+/// trainer is exactly as before the call (parameters, optimizer state, step, random state) and
+/// `out` is not written.
+///
+/// Errors: `BEIT_ERR_NULL_POINTER` (trainer, batch, batch->pixels, batch->bool_masked_pos,
+/// batch->labels), `BEIT_ERR_INVALID_ARGUMENT` (struct_size of batch or out; a length that does
+/// not match the shape, with both numbers; a shape other than the configured image size or
+/// channel count; a mask value other than 0 or 1, or no masked patch; a masked patch's label
+/// outside `[0, vocab_size)`; a non-finite pixel), `BEIT_ERR_NUMERICAL` (the loss or gradient
+/// is not finite: training diverged; the step was not applied).
+///
+/// # Safety
+/// `trainer` must be NULL or a live trainer that no other thread is using; `batch` NULL or readable for its `struct_size`, each of its non-NULL buffers holding
+/// its stated length for the duration of the call; `out` NULL or writable for its
+/// `struct_size`.
+#[no_mangle]
+pub unsafe extern "C" fn beit_trainer_step(
+    trainer: *mut beit_trainer,
+    batch: *const beit_mim_batch,
+    out: *mut beit_step_stats,
+) -> beit_status {
+    guard(|| {
+        // SAFETY: the caller's promise; trainer_mut checks for NULL.
+        let t = unsafe { trainer_mut(trainer) }?;
+        let batch = non_null(batch, "batch")?;
+        // SAFETY: non-NULL; the caller promises struct_size readable bytes, which
+        // check_struct_size makes sure cover the fields of the first version read here.
+        let b = unsafe {
+            check_struct_size(batch, "batch", MIM_BATCH_V1_SIZE)?;
+            batch.read_unaligned()
+        };
+        let out_size = if out.is_null() {
+            None
+        } else {
+            // SAFETY: non-NULL; the caller promises struct_size readable bytes.
+            Some(unsafe { check_struct_size(out, "out", STEP_STATS_V1_SIZE) }?)
+        };
+        non_null(b.pixels, "batch->pixels")?;
+        non_null(b.bool_masked_pos, "batch->bool_masked_pos")?;
+        non_null(b.labels, "batch->labels")?;
+
+        // Every length against the shape, before any slice is made.
+        let (ph, pw) = t.inner.model().config().patch_size.hw();
+        let (gh, gw) = (b.height / ph, b.width / pw);
+        check_len(
+            "batch->pixels_len",
+            b.pixels_len,
+            checked_numel(&[b.batch, b.channels, b.height, b.width]),
+            &format!("[batch {}, channels {}, height {}, width {}]", b.batch, b.channels, b.height, b.width),
+        )?;
+        let per_patch = checked_numel(&[b.batch, gh, gw]);
+        let patches = gh.checked_mul(gw).map_or_else(|| format!("{gh}x{gw}"), |n| n.to_string());
+        let patch_shape =
+            format!("[batch {}, patches {patches}] ({}x{} pixels in {ph}x{pw} patches)", b.batch, b.height, b.width);
+        check_len("batch->bool_masked_pos_len", b.bool_masked_pos_len, per_patch, &patch_shape)?;
+        check_len("batch->labels_len", b.labels_len, per_patch, &patch_shape)?;
+        check_slice(b.pixels, b.pixels_len, "batch->pixels")?;
+        check_slice(b.bool_masked_pos, b.bool_masked_pos_len, "batch->bool_masked_pos")?;
+        check_slice(b.labels, b.labels_len, "batch->labels")?;
+
+        let stats: StepStats = {
+            // SAFETY: non-NULL, aligned, sizes checked; the caller promises each buffer holds
+            // its stated length and that nobody writes it during the call.
+            let mim = unsafe {
+                MimBatch {
+                    pixels: std::slice::from_raw_parts(b.pixels, b.pixels_len),
+                    batch: b.batch,
+                    channels: b.channels,
+                    height: b.height,
+                    width: b.width,
+                    bool_masked_pos: std::slice::from_raw_parts(b.bool_masked_pos, b.bool_masked_pos_len),
+                    labels: std::slice::from_raw_parts(b.labels, b.labels_len),
+                }
+            };
+            let ctx: &Context = &t.ctx;
+            let inner = &mut t.inner;
+            ctx.run(|| inner.step(&mim))?
+        };
+        if let Some(size) = out_size {
+            let value = beit_step_stats {
+                struct_size: size,
+                step: stats.step,
+                loss: stats.loss,
+                lr: stats.lr,
+                grad_norm: stats.grad_norm,
+                masked: stats.masked,
+                seconds: stats.seconds,
+                images_per_s: stats.images_per_s,
+            };
+            // SAFETY: `out` is writable for `size` bytes, `size` >= the v1 size.
+            unsafe { write_versioned(out, &value, size) };
+        }
+        Ok(())
+    })
+}
+
+/// Writes a checkpoint of everything the trainer holds (parameters, AdamW moments, step,
+/// options, random state, data position, config) to the file `path`, atomically: a failed
+/// save leaves any previous file at `path` intact. `beit_trainer_load_checkpoint` resumes from
+/// it bit for bit.
+///
+/// Errors: `BEIT_ERR_NULL_POINTER`, `BEIT_ERR_INVALID_ARGUMENT` (path not UTF-8), `BEIT_ERR_IO`
+/// (e.g. its directory does not exist).
+///
+/// # Safety
+/// `trainer` must be NULL or a live trainer not being changed by another thread; `path` NULL or
+/// a NUL-terminated string.
+#[no_mangle]
+pub unsafe extern "C" fn beit_trainer_save_checkpoint(
+    trainer: *const beit_trainer,
+    path: *const c_char,
+) -> beit_status {
+    guard(|| {
+        // SAFETY (both): the caller's promises above; each helper checks for NULL.
+        let t = unsafe { trainer_ref(trainer) }?;
+        let path = unsafe { utf8_arg(path, "path") }?;
+        t.inner.save_checkpoint(Path::new(path))?;
+        Ok(())
+    })
+}
+
+/// Restores the trainer from a checkpoint written by `beit_trainer_save_checkpoint` for the
+/// same model config: parameters, optimizer state, step, data position, random state and the
+/// options (the checkpoint's replace the trainer's). Stepping on afterwards gives, bit for bit,
+/// what the saved trainer would have. The whole file is checked first: on any error the
+/// trainer is unchanged.
+///
+/// Errors: `BEIT_ERR_NULL_POINTER`, `BEIT_ERR_INVALID_ARGUMENT` (path not UTF-8; a checkpoint of
+/// another model config, naming the differences), `BEIT_ERR_IO`, `BEIT_ERR_FORMAT` (not a
+/// trainer checkpoint, truncated or corrupt).
+///
+/// # Safety
+/// `trainer` must be NULL or a live trainer that no other thread is using; `path` NULL or a
+/// NUL-terminated string.
+#[no_mangle]
+pub unsafe extern "C" fn beit_trainer_load_checkpoint(trainer: *mut beit_trainer, path: *const c_char) -> beit_status {
+    guard(|| {
+        // SAFETY (both): the caller's promises above; each helper checks for NULL.
+        let t = unsafe { trainer_mut(trainer) }?;
+        let path = unsafe { utf8_arg(path, "path") }?;
+        t.inner.load_checkpoint(Path::new(path))?;
+        Ok(())
+    })
+}
+
+/// Saves the trainer's current weights as a Hugging Face directory (`config.json` +
+/// `model.safetensors`, a `BeitForMaskedImageModeling`) that `beit_model_load`,
+/// `beit_trainer_load_model_dir` and `transformers` read. The directory is created if needed;
+/// each file is replaced atomically.
+///
+/// Errors: `BEIT_ERR_NULL_POINTER`, `BEIT_ERR_INVALID_ARGUMENT` (dir not UTF-8), `BEIT_ERR_IO`.
+///
+/// # Safety
+/// `trainer` must be NULL or a live trainer not being changed by another thread; `dir` NULL or a
+/// NUL-terminated string.
+#[no_mangle]
+pub unsafe extern "C" fn beit_trainer_save_model(trainer: *const beit_trainer, dir: *const c_char) -> beit_status {
+    guard(|| {
+        // SAFETY (both): the caller's promises above; each helper checks for NULL.
+        let t = unsafe { trainer_ref(trainer) }?;
+        let dir = unsafe { utf8_arg(dir, "dir") }?;
+        t.inner.model().save(Path::new(dir))?;
+        Ok(())
+    })
+}
+
+/// Writes the number of steps completed to `*out`.
+///
+/// Errors: `BEIT_ERR_NULL_POINTER`.
+///
+/// # Safety
+/// `trainer` must be NULL or a live trainer; `out` NULL or writable.
+#[no_mangle]
+pub unsafe extern "C" fn beit_trainer_step_count(trainer: *const beit_trainer, out: *mut u64) -> beit_status {
+    guard(|| {
+        // SAFETY: the caller's promise; trainer_ref checks for NULL.
+        let t = unsafe { trainer_ref(trainer) }?;
+        let out = non_null_mut(out, "out")?;
+        // SAFETY: non-NULL; the caller promises it is writable.
+        unsafe { out.write_unaligned(t.inner.step_count()) };
+        Ok(())
+    })
+}
+
+/// Writes the data position to `*out`: where the host's data stream stands. Each successful
+/// step adds one; `beit_trainer_set_data_position` sets it; checkpoints store it, so a resumed
+/// run can pick the same next batch.
+///
+/// Errors: `BEIT_ERR_NULL_POINTER`.
+///
+/// # Safety
+/// `trainer` must be NULL or a live trainer; `out` NULL or writable.
+#[no_mangle]
+pub unsafe extern "C" fn beit_trainer_get_data_position(trainer: *const beit_trainer, out: *mut u64) -> beit_status {
+    guard(|| {
+        // SAFETY: the caller's promise; trainer_ref checks for NULL.
+        let t = unsafe { trainer_ref(trainer) }?;
+        let out = non_null_mut(out, "out")?;
+        // SAFETY: non-NULL; the caller promises it is writable.
+        unsafe { out.write_unaligned(t.inner.data_position()) };
+        Ok(())
+    })
+}
+
+/// Sets the data position (see `beit_trainer_get_data_position`), e.g. after the host skipped
+/// batches.
+///
+/// Errors: `BEIT_ERR_NULL_POINTER`.
+///
+/// # Safety
+/// `trainer` must be NULL or a live trainer that no other thread is using.
+#[no_mangle]
+pub unsafe extern "C" fn beit_trainer_set_data_position(trainer: *mut beit_trainer, position: u64) -> beit_status {
+    guard(|| {
+        // SAFETY: the caller's promise; trainer_mut checks for NULL.
+        let t = unsafe { trainer_mut(trainer) }?;
+        t.inner.set_data_position(position);
+        Ok(())
+    })
+}
+
+/// Describes the trainer's model (as `beit_model_get_info` does a model's), e.g. to size
+/// batches: `num_patches`, `vocab_size`, `num_channels`, the image size. Set `out->struct_size`
+/// first (or start from `beit_model_info_default()`).
+///
+/// Errors: `BEIT_ERR_NULL_POINTER`, `BEIT_ERR_INVALID_ARGUMENT` (struct_size).
+///
+/// # Safety
+/// `trainer` must be NULL or a live trainer; `out` NULL or writable for `out->struct_size` bytes.
+#[no_mangle]
+pub unsafe extern "C" fn beit_trainer_get_model_info(
+    trainer: *const beit_trainer,
+    out: *mut beit_model_info,
+) -> beit_status {
+    guard(|| {
+        // SAFETY: the caller's promise; trainer_ref checks for NULL.
+        let t = unsafe { trainer_ref(trainer) }?;
+        let out = non_null_mut(out, "out")?;
+        // SAFETY: non-NULL; the caller promises struct_size readable bytes.
+        let size = unsafe { check_struct_size(out, "out", MODEL_INFO_V1_SIZE) }?;
+        let info = model_info(t.inner.model(), size);
+        // SAFETY: `out` is writable for `size` bytes, `size` >= the v1 size.
+        unsafe { write_versioned(out, &info, size) };
+        Ok(())
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ffi::context::{beit_context_create, beit_context_free, beit_context_options_default};
+    use crate::ffi::model::{
+        beit_architecture, beit_model_create, beit_model_free, beit_model_info_default, RawArchitecture,
+    };
+    use crate::ffi::status::beit_last_error_message;
+    use std::ffi::{CStr, CString};
+    use std::ptr;
+
+    const TINY: &str = r#"{"hidden_size": 8, "num_hidden_layers": 2, "num_attention_heads": 2,
+        "intermediate_size": 16, "image_size": 8, "patch_size": 4, "num_channels": 1, "vocab_size": 5,
+        "use_mask_token": true, "use_shared_relative_position_bias": true, "layer_scale_init_value": 0.1}"#;
+
+    fn last_error() -> String {
+        unsafe { CStr::from_ptr(beit_last_error_message()) }.to_str().unwrap().to_string()
+    }
+
+    fn context() -> *mut beit_context {
+        let mut opts = beit_context_options_default();
+        opts.num_threads = 2;
+        let mut ctx = ptr::null_mut();
+        assert_eq!(unsafe { beit_context_create(&opts, &mut ctx) }, beit_status::BEIT_OK);
+        ctx
+    }
+
+    fn options() -> beit_trainer_options {
+        beit_trainer_options { learning_rate: 1e-3, seed: 3, ..beit_trainer_options_default() }
+    }
+
+    fn from_config(ctx: *const beit_context, json: &str, opts: *const beit_trainer_options) -> *mut beit_trainer {
+        let json = CString::new(json).unwrap();
+        let mut t = ptr::null_mut();
+        let st = unsafe { beit_trainer_create_from_config(ctx, json.as_ptr(), 1, opts, &mut t) };
+        assert_eq!(st, beit_status::BEIT_OK, "{}", last_error());
+        t
+    }
+
+    /// A fixed batch of 2 images of 8x8 pixels (4 patches each), and a view of it.
+    struct Batch {
+        pixels: Vec<f32>,
+        mask: Vec<u8>,
+        labels: Vec<i64>,
+    }
+
+    impl Batch {
+        fn new() -> Self {
+            Batch {
+                pixels: (0..2 * 64).map(|i| (i as f32 * 0.37).sin()).collect(),
+                mask: vec![1, 0, 1, 0, 0, 1, 1, 0],
+                labels: (0..8).map(|i| i % 5).collect(),
+            }
+        }
+
+        fn view(&self) -> beit_mim_batch {
+            beit_mim_batch {
+                pixels: self.pixels.as_ptr(),
+                pixels_len: self.pixels.len(),
+                batch: 2,
+                channels: 1,
+                height: 8,
+                width: 8,
+                bool_masked_pos: self.mask.as_ptr(),
+                bool_masked_pos_len: self.mask.len(),
+                labels: self.labels.as_ptr(),
+                labels_len: self.labels.len(),
+                ..beit_mim_batch_default()
+            }
+        }
+    }
+
+    fn step(t: *mut beit_trainer, b: &beit_mim_batch) -> (beit_status, beit_step_stats) {
+        let mut stats = beit_step_stats_default();
+        (unsafe { beit_trainer_step(t, b, &mut stats) }, stats)
+    }
+
+    fn step_count(t: *const beit_trainer) -> u64 {
+        let mut n = u64::MAX;
+        assert_eq!(unsafe { beit_trainer_step_count(t, &mut n) }, beit_status::BEIT_OK);
+        n
+    }
+
+    fn param_bits(t: *const beit_trainer) -> Vec<u32> {
+        unsafe { &(*t).inner }.model().params().data.iter().map(|v| v.to_bits()).collect()
+    }
+
+    #[test]
+    fn defaults_are_the_rust_defaults() {
+        let o = beit_trainer_options_default();
+        assert_eq!(o.struct_size, size_of::<beit_trainer_options>());
+        assert_eq!(o.drop_path_rate, -1.0);
+        assert_eq!(o.weight_decay_on, RawWeightDecayOn(beit_weight_decay_on::BEIT_WEIGHT_DECAY_BEIT as u32));
+        assert_eq!(o.to_options().unwrap(), TrainerOptions::default());
+        let b = beit_mim_batch_default();
+        assert_eq!(b.struct_size, size_of::<beit_mim_batch>());
+        assert!(b.pixels.is_null() && b.labels.is_null() && b.bool_masked_pos.is_null());
+        assert_eq!(beit_step_stats_default().struct_size, size_of::<beit_step_stats>());
+        let all = beit_trainer_options {
+            drop_path_rate: 0.25,
+            weight_decay_on: RawWeightDecayOn(1),
+            ..beit_trainer_options_default()
+        };
+        let r = all.to_options().unwrap();
+        assert_eq!((r.drop_path_rate, r.weight_decay_on), (Some(0.25), WeightDecayOn::All));
+    }
+
+    #[test]
+    fn trains_and_copies_the_model() {
+        let ctx = context();
+        let json = CString::new(TINY).unwrap();
+        let mut model = ptr::null_mut();
+        let st = unsafe {
+            beit_model_create(
+                ctx,
+                json.as_ptr(),
+                RawArchitecture(beit_architecture::BEIT_ARCH_MASKED_IMAGE_MODELING as u32),
+                1,
+                &mut model,
+            )
+        };
+        assert_eq!(st, beit_status::BEIT_OK, "{}", last_error());
+        let before: Vec<u32> = unsafe { &(*model).inner }.params().data.iter().map(|v| v.to_bits()).collect();
+
+        let opts = options();
+        let mut copied = ptr::null_mut();
+        assert_eq!(
+            unsafe { beit_trainer_create(ctx, model, &opts, &mut copied) },
+            beit_status::BEIT_OK,
+            "{}",
+            last_error()
+        );
+        assert_eq!(param_bits(copied), before, "the trainer starts from the model's parameters");
+        let fresh = from_config(ctx, TINY, &opts);
+        let batch = Batch::new();
+        let mut losses = Vec::new();
+        for i in 0..5 {
+            let (st, a) = step(copied, &batch.view());
+            assert_eq!(st, beit_status::BEIT_OK, "{}", last_error());
+            let (st, b) = step(fresh, &batch.view());
+            assert_eq!(st, beit_status::BEIT_OK, "{}", last_error());
+            assert_eq!(a.loss.to_bits(), b.loss.to_bits(), "same model, options and batch");
+            assert_eq!((a.step, a.masked, a.lr), (i + 1, 4, 1e-3));
+            assert!(a.loss.is_finite() && a.grad_norm.is_finite() && a.seconds >= 0.0);
+            losses.push(a.loss);
+        }
+        assert!(losses[4] < losses[0], "{losses:?}");
+        let now: Vec<u32> = unsafe { &(*model).inner }.params().data.iter().map(|v| v.to_bits()).collect();
+        assert_eq!(now, before, "training the trainer's copy changed the caller's model");
+        assert_ne!(param_bits(copied), before);
+
+        // Data position and step count; stats NULL is allowed.
+        let mut pos = 0;
+        assert_eq!(unsafe { beit_trainer_get_data_position(copied, &mut pos) }, beit_status::BEIT_OK);
+        assert_eq!((pos, step_count(copied)), (5, 5));
+        assert_eq!(unsafe { beit_trainer_set_data_position(copied, 42) }, beit_status::BEIT_OK);
+        assert_eq!(unsafe { beit_trainer_step(copied, &batch.view(), ptr::null_mut()) }, beit_status::BEIT_OK);
+        assert_eq!(unsafe { beit_trainer_get_data_position(copied, &mut pos) }, beit_status::BEIT_OK);
+        assert_eq!((pos, step_count(copied)), (43, 6));
+
+        let mut info = beit_model_info_default();
+        assert_eq!(unsafe { beit_trainer_get_model_info(copied, &mut info) }, beit_status::BEIT_OK);
+        assert_eq!((info.num_patches, info.vocab_size, info.num_channels), (4, 5, 1));
+
+        // A backbone cannot be pretrained.
+        let mut backbone = ptr::null_mut();
+        let st = unsafe { beit_model_create(ctx, json.as_ptr(), RawArchitecture(0), 1, &mut backbone) };
+        assert_eq!(st, beit_status::BEIT_OK);
+        let mut t = ptr::null_mut();
+        let st = unsafe { beit_trainer_create(ctx, backbone, &opts, &mut t) };
+        assert_eq!(st, beit_status::BEIT_ERR_INVALID_ARGUMENT);
+        assert!(last_error().contains("BeitForMaskedImageModeling"), "{}", last_error());
+        assert!(t.is_null());
+
+        unsafe {
+            beit_trainer_free(copied);
+            beit_trainer_free(fresh);
+            beit_trainer_free(ptr::null_mut());
+            beit_model_free(backbone);
+            beit_model_free(model);
+            beit_context_free(ctx);
+        }
+    }
+
+    #[test]
+    fn null_pointers_are_named() {
+        let ctx = context();
+        let t = from_config(ctx, TINY, ptr::null());
+        let json = CString::new(TINY).unwrap();
+        let path = CString::new("/tmp/x").unwrap();
+        let batch = Batch::new();
+        let mut out = ptr::null_mut();
+        let mut n = 0u64;
+        let null = beit_status::BEIT_ERR_NULL_POINTER;
+        // Each call must fail with BEIT_ERR_NULL_POINTER and a message naming the argument.
+        macro_rules! null_case {
+            ($call:expr, $msg:expr) => {{
+                assert_eq!(unsafe { $call }, null, "{}", stringify!($call));
+                assert_eq!(last_error(), $msg, "{}", stringify!($call));
+            }};
+        }
+        let info = &mut beit_model_info_default() as *mut beit_model_info;
+        null_case!(beit_trainer_create(ptr::null(), ptr::null(), ptr::null(), &mut out), "ctx is NULL");
+        null_case!(beit_trainer_create(ctx, ptr::null(), ptr::null(), &mut out), "model is NULL");
+        null_case!(
+            beit_trainer_create_from_config(ptr::null(), json.as_ptr(), 1, ptr::null(), &mut out),
+            "ctx is NULL"
+        );
+        null_case!(beit_trainer_create_from_config(ctx, ptr::null(), 1, ptr::null(), &mut out), "config_json is NULL");
+        null_case!(beit_trainer_create_from_config(ctx, json.as_ptr(), 1, ptr::null(), ptr::null_mut()), "out is NULL");
+        null_case!(beit_trainer_load_model_dir(ptr::null(), path.as_ptr(), ptr::null(), &mut out), "ctx is NULL");
+        null_case!(beit_trainer_load_model_dir(ctx, ptr::null(), ptr::null(), &mut out), "model_dir is NULL");
+        null_case!(beit_trainer_load_model_dir(ctx, path.as_ptr(), ptr::null(), ptr::null_mut()), "out is NULL");
+        null_case!(beit_trainer_step(ptr::null_mut(), &batch.view(), ptr::null_mut()), "trainer is NULL");
+        null_case!(beit_trainer_step(t, ptr::null(), ptr::null_mut()), "batch is NULL");
+        let no_pixels = beit_mim_batch { pixels: ptr::null(), ..batch.view() };
+        null_case!(beit_trainer_step(t, &no_pixels, ptr::null_mut()), "batch->pixels is NULL");
+        let no_mask = beit_mim_batch { bool_masked_pos: ptr::null(), ..batch.view() };
+        null_case!(beit_trainer_step(t, &no_mask, ptr::null_mut()), "batch->bool_masked_pos is NULL");
+        let no_labels = beit_mim_batch { labels: ptr::null(), ..batch.view() };
+        null_case!(beit_trainer_step(t, &no_labels, ptr::null_mut()), "batch->labels is NULL");
+        null_case!(beit_trainer_save_checkpoint(ptr::null(), path.as_ptr()), "trainer is NULL");
+        null_case!(beit_trainer_save_checkpoint(t, ptr::null()), "path is NULL");
+        null_case!(beit_trainer_load_checkpoint(ptr::null_mut(), path.as_ptr()), "trainer is NULL");
+        null_case!(beit_trainer_load_checkpoint(t, ptr::null()), "path is NULL");
+        null_case!(beit_trainer_save_model(ptr::null(), path.as_ptr()), "trainer is NULL");
+        null_case!(beit_trainer_save_model(t, ptr::null()), "dir is NULL");
+        null_case!(beit_trainer_step_count(ptr::null(), &mut n), "trainer is NULL");
+        null_case!(beit_trainer_step_count(t, ptr::null_mut()), "out is NULL");
+        null_case!(beit_trainer_get_data_position(ptr::null(), &mut n), "trainer is NULL");
+        null_case!(beit_trainer_get_data_position(t, ptr::null_mut()), "out is NULL");
+        null_case!(beit_trainer_set_data_position(ptr::null_mut(), 1), "trainer is NULL");
+        null_case!(beit_trainer_get_model_info(ptr::null(), info), "trainer is NULL");
+        null_case!(beit_trainer_get_model_info(t, ptr::null_mut()), "out is NULL");
+        assert!(out.is_null(), "out written by a failed call");
+        assert_eq!(step_count(t), 0, "a failed call stepped");
+        unsafe {
+            beit_trainer_free(t);
+            beit_context_free(ctx);
+        }
+    }
+
+    #[test]
+    fn bad_struct_sizes_and_enum_values() {
+        let ctx = context();
+        let json = CString::new(TINY).unwrap();
+        let mut out = ptr::null_mut();
+        for size in [0, 8, TRAINER_OPTIONS_V1_SIZE - 1] {
+            let opts = beit_trainer_options { struct_size: size, ..options() };
+            let st = unsafe { beit_trainer_create_from_config(ctx, json.as_ptr(), 1, &opts, &mut out) };
+            assert_eq!(st, beit_status::BEIT_ERR_INVALID_ARGUMENT);
+            assert!(last_error().contains("opts->struct_size"), "{}", last_error());
+        }
+        let opts = beit_trainer_options { weight_decay_on: RawWeightDecayOn(2), ..options() };
+        let st = unsafe { beit_trainer_create_from_config(ctx, json.as_ptr(), 1, &opts, &mut out) };
+        assert_eq!(st, beit_status::BEIT_ERR_INVALID_ARGUMENT);
+        assert!(last_error().contains("weight_decay_on 2"), "{}", last_error());
+        for (opts, needle) in [
+            (beit_trainer_options { beta2: 1.0, ..options() }, "beta2"),
+            (beit_trainer_options { drop_path_rate: f64::NAN, ..options() }, "drop_path_rate"),
+            (beit_trainer_options { learning_rate: -1.0, ..options() }, "learning_rate"),
+            (beit_trainer_options { warmup_steps: 5, total_steps: 5, ..options() }, "total_steps"),
+        ] {
+            let st = unsafe { beit_trainer_create_from_config(ctx, json.as_ptr(), 1, &opts, &mut out) };
+            assert_eq!(st, beit_status::BEIT_ERR_INVALID_ARGUMENT);
+            assert!(last_error().contains(needle), "{}", last_error());
+        }
+        assert!(out.is_null());
+
+        // A larger struct from a newer header is accepted.
+        #[repr(C)]
+        struct Newer {
+            opts: beit_trainer_options,
+            future: u64,
+        }
+        let newer = Newer { opts: beit_trainer_options { struct_size: size_of::<Newer>(), ..options() }, future: 9 };
+        let t = from_config(ctx, TINY, &newer.opts);
+
+        let batch = Batch::new();
+        let bad = beit_mim_batch { struct_size: 16, ..batch.view() };
+        assert_eq!(unsafe { beit_trainer_step(t, &bad, ptr::null_mut()) }, beit_status::BEIT_ERR_INVALID_ARGUMENT);
+        assert!(last_error().contains("batch->struct_size is 16"), "{}", last_error());
+        let mut stats = beit_step_stats { struct_size: STEP_STATS_V1_SIZE - 8, ..beit_step_stats_default() };
+        assert_eq!(unsafe { beit_trainer_step(t, &batch.view(), &mut stats) }, beit_status::BEIT_ERR_INVALID_ARGUMENT);
+        assert!(last_error().contains("out->struct_size"), "{}", last_error());
+        assert_eq!((stats.step, step_count(t)), (0, 0), "nothing stepped or written");
+        let mut info = beit_model_info { struct_size: 4, ..beit_model_info_default() };
+        assert_eq!(unsafe { beit_trainer_get_model_info(t, &mut info) }, beit_status::BEIT_ERR_INVALID_ARGUMENT);
+
+        // A newer, larger stats struct keeps what lies beyond this version's fields.
+        #[repr(C)]
+        struct NewerStats {
+            stats: beit_step_stats,
+            future: u64,
+        }
+        let mut newer_stats = NewerStats {
+            stats: beit_step_stats { struct_size: size_of::<NewerStats>(), ..beit_step_stats_default() },
+            future: 77,
+        };
+        assert_eq!(unsafe { beit_trainer_step(t, &batch.view(), &mut newer_stats.stats) }, beit_status::BEIT_OK);
+        assert_eq!(
+            (newer_stats.stats.struct_size, newer_stats.stats.step, newer_stats.future),
+            (size_of::<NewerStats>(), 1, 77)
+        );
+        unsafe {
+            beit_trainer_free(t);
+            beit_context_free(ctx);
+        }
+    }
+
+    #[test]
+    fn bad_batches_name_the_problem_and_change_nothing() {
+        let ctx = context();
+        let (t, twin) = (from_config(ctx, TINY, &options()), from_config(ctx, TINY, &options()));
+        let good = Batch::new();
+        let expect = |b: &beit_mim_batch, status: beit_status, needles: &[&str]| {
+            let before = param_bits(t);
+            let mut stats = beit_step_stats_default();
+            assert_eq!(unsafe { beit_trainer_step(t, b, &mut stats) }, status, "{}", last_error());
+            let msg = last_error();
+            for needle in needles {
+                assert!(msg.contains(needle), "{msg:?} should mention {needle:?}");
+            }
+            assert_eq!(stats.step, 0, "stats written by a failed call");
+            assert_eq!(param_bits(t), before);
+        };
+        let invalid = beit_status::BEIT_ERR_INVALID_ARGUMENT;
+        expect(&beit_mim_batch { pixels_len: 127, ..good.view() }, invalid, &["batch->pixels_len is 127", "128"]);
+        expect(
+            &beit_mim_batch { bool_masked_pos_len: 7, ..good.view() },
+            invalid,
+            &["batch->bool_masked_pos_len is 7", "needs 8"],
+        );
+        expect(&beit_mim_batch { labels_len: 9, ..good.view() }, invalid, &["batch->labels_len is 9", "needs 8"]);
+        expect(&beit_mim_batch { batch: usize::MAX, ..good.view() }, invalid, &["more values than fit in memory"]);
+        let huge = beit_mim_batch { channels: 0, pixels_len: 0, height: usize::MAX, width: usize::MAX, ..good.view() };
+        expect(&huge, invalid, &["bool_masked_pos_len is 8", "more values than fit in memory"]);
+        let misaligned = unsafe { (good.labels.as_ptr() as *const u8).add(1) } as *const i64;
+        expect(&beit_mim_batch { labels: misaligned, labels_len: 7, ..good.view() }, invalid, &["labels_len is 7"]);
+        let misaligned_full = Batch { labels: vec![0; 9], ..Batch::new() };
+        let p = unsafe { (misaligned_full.labels.as_ptr() as *const u8).add(1) } as *const i64;
+        expect(&beit_mim_batch { labels: p, ..good.view() }, invalid, &["aligned"]);
+
+        let mut b = Batch::new();
+        b.labels[0] = 5;
+        expect(&b.view(), invalid, &["label 5", "outside the vocabulary"]);
+        b.labels[0] = -1;
+        expect(&b.view(), invalid, &["label -1", "outside the vocabulary"]);
+        b.labels[1] = 1000; // unmasked: ignored, but the masked -1 still is not
+        b.labels[0] = 0;
+        assert_eq!(step(twin, &b.view()).0, beit_status::BEIT_OK, "a label at an unmasked patch is ignored");
+        // Bring `t` level with `twin`.
+        assert_eq!(step(t, &b.view()).0, beit_status::BEIT_OK);
+        let mut b = Batch::new();
+        b.pixels[17] = f32::NAN;
+        expect(&b.view(), invalid, &["pixels must be finite"]);
+        let mut b = Batch::new();
+        b.mask[0] = 2;
+        expect(&b.view(), invalid, &["0 or 1"]);
+        b.mask.fill(0);
+        expect(&b.view(), invalid, &["masks no patch"]);
+        let two_channels =
+            beit_mim_batch { batch: 1, channels: 2, bool_masked_pos_len: 4, labels_len: 4, ..good.view() };
+        expect(&two_channels, invalid, &["2 channels"]);
+
+        let (st, a) = step(t, &good.view());
+        assert_eq!(st, beit_status::BEIT_OK);
+        let (st, b) = step(twin, &good.view());
+        assert_eq!(st, beit_status::BEIT_OK);
+        assert_eq!(a.loss.to_bits(), b.loss.to_bits(), "the trainer diverged from its untouched twin");
+        assert_eq!(param_bits(t), param_bits(twin));
+        unsafe {
+            beit_trainer_free(t);
+            beit_trainer_free(twin);
+            beit_context_free(ctx);
+        }
+    }
+
+    #[test]
+    fn divergence_is_numerical() {
+        let ctx = context();
+        let opts = beit_trainer_options { learning_rate: 1e36, clip_grad_norm: 0.0, ..options() };
+        let t = from_config(ctx, TINY, &opts);
+        let batch = Batch::new();
+        let mut diverged = false;
+        for _ in 0..4 {
+            let (before, steps) = (param_bits(t), step_count(t));
+            match step(t, &batch.view()).0 {
+                beit_status::BEIT_OK => continue,
+                st => {
+                    assert_eq!(st, beit_status::BEIT_ERR_NUMERICAL, "{}", last_error());
+                    assert!(last_error().contains("not applied"), "{}", last_error());
+                    assert_eq!((param_bits(t), step_count(t)), (before, steps));
+                    diverged = true;
+                    break;
+                }
+            }
+        }
+        assert!(diverged, "lr 1e36 never gave a non-finite loss");
+        unsafe {
+            beit_trainer_free(t);
+            beit_context_free(ctx);
+        }
+    }
+
+    #[test]
+    fn checkpoints_round_trip_and_refuse_other_configs() {
+        let dir = tempfile::tempdir().unwrap();
+        let ckpt = CString::new(dir.path().join("a.safetensors").to_str().unwrap()).unwrap();
+        let ctx = context();
+        let t = from_config(ctx, TINY, &options());
+        let batch = Batch::new();
+        assert_eq!(step(t, &batch.view()).0, beit_status::BEIT_OK);
+        assert_eq!(unsafe { beit_trainer_save_checkpoint(t, ckpt.as_ptr()) }, beit_status::BEIT_OK, "{}", last_error());
+        let after: Vec<u64> = (0..2).map(|_| step(t, &batch.view()).1.loss.to_bits()).collect();
+        assert_eq!(unsafe { beit_trainer_load_checkpoint(t, ckpt.as_ptr()) }, beit_status::BEIT_OK, "{}", last_error());
+        assert_eq!(step_count(t), 1);
+        let again: Vec<u64> = (0..2).map(|_| step(t, &batch.view()).1.loss.to_bits()).collect();
+        assert_eq!(after, again);
+
+        let other =
+            from_config(ctx, &TINY.replace("\"intermediate_size\": 16", "\"intermediate_size\": 24"), &options());
+        let before = param_bits(other);
+        let st = unsafe { beit_trainer_load_checkpoint(other, ckpt.as_ptr()) };
+        assert_eq!(st, beit_status::BEIT_ERR_INVALID_ARGUMENT);
+        assert!(last_error().contains("another model config") && last_error().contains("intermediate_size"));
+        assert_eq!((param_bits(other), step_count(other)), (before, 0));
+
+        let missing = CString::new(dir.path().join("no/such/dir/c.safetensors").to_str().unwrap()).unwrap();
+        assert_eq!(unsafe { beit_trainer_save_checkpoint(t, missing.as_ptr()) }, beit_status::BEIT_ERR_IO);
+        assert_eq!(unsafe { beit_trainer_load_checkpoint(t, missing.as_ptr()) }, beit_status::BEIT_ERR_IO);
+        let non_utf8 = [0xffu8, 0xfe, 0];
+        let st = unsafe { beit_trainer_save_checkpoint(t, non_utf8.as_ptr().cast()) };
+        assert_eq!(st, beit_status::BEIT_ERR_INVALID_ARGUMENT);
+        assert!(last_error().contains("UTF-8"));
+
+        // The saved model directory loads back as a trainer with the same weights.
+        let model_dir = CString::new(dir.path().join("hf").to_str().unwrap()).unwrap();
+        assert_eq!(unsafe { beit_trainer_save_model(t, model_dir.as_ptr()) }, beit_status::BEIT_OK, "{}", last_error());
+        let mut loaded = ptr::null_mut();
+        let st = unsafe { beit_trainer_load_model_dir(ctx, model_dir.as_ptr(), &options(), &mut loaded) };
+        assert_eq!(st, beit_status::BEIT_OK, "{}", last_error());
+        assert_eq!(param_bits(loaded), param_bits(t));
+        assert_eq!(step_count(loaded), 0);
+        unsafe {
+            beit_trainer_free(t);
+            beit_trainer_free(other);
+            beit_trainer_free(loaded);
+            beit_context_free(ctx);
+        }
+    }
+
+    #[test]
+    fn a_panic_inside_a_step_does_not_escape() {
+        let ctx = context();
+        let t = from_config(ctx, TINY, &options());
+        // Break an invariant the optimizer asserts, so that the step panics on a pool thread.
+        unsafe { (*t).inner.optimizer.exp_avg.clear() };
+        let batch = Batch::new();
+        let (st, stats) = step(t, &batch.view());
+        assert_eq!(st, beit_status::BEIT_ERR_INTERNAL);
+        assert!(last_error().contains("panicked"), "{}", last_error());
+        assert_eq!(stats.step, 0);
+        // The context's pool survives the panic and still runs other trainers.
+        let other = from_config(ctx, TINY, &options());
+        assert_eq!(step(other, &batch.view()).0, beit_status::BEIT_OK, "{}", last_error());
+        unsafe {
+            beit_trainer_free(t);
+            beit_trainer_free(other);
+            beit_context_free(ctx);
+        }
+    }
+}

@@ -19,7 +19,7 @@ use crate::backend::cpu::attention_backward::{
     attention_backward, attention_backward_scratch_len, attention_forward_saving_probs,
 };
 use crate::backend::cpu::backward::{gelu_backward, layernorm_backward, linear_backward, residual_add_backward};
-use crate::backend::cpu::cross_entropy::cross_entropy_fused;
+use crate::backend::cpu::cross_entropy::cross_entropy_fused_part;
 use crate::backend::cpu::elementwise::{add_inplace, bias_gelu_inplace, residual_add};
 use crate::backend::cpu::gemm::linear;
 use crate::backend::cpu::layernorm::layernorm;
@@ -31,6 +31,10 @@ use super::config::Architecture;
 use super::params::{Affine, BlockParams, HeadParams, ParamId, ParamStore};
 use super::relpos;
 use super::{ImageBatch, Model};
+
+/// Masked rows per block of the MIM head (logits of one block: rows × vocab floats, 8 MB for
+/// BEiT's 8192 tokens, so they stay in cache from the GEMM through the loss to the backward).
+const HEAD_BLOCK_ROWS: usize = 256;
 
 /// One pretraining batch as the host supplies it: pixels, the masked positions, and the visual
 /// token of every patch (only the masked ones count).
@@ -291,9 +295,10 @@ impl Model {
             _ => unreachable!("checked: a MIM model"),
         };
         let v = c.vocab_size;
-        logits.resize(m * v, 0.0);
+        let block = HEAD_BLOCK_ROWS.min(m);
+        logits.resize(block * v, 0.0);
         let d = dims.d;
-        let loss;
+        let mut loss_sum = 0.0;
         {
             let [h, gathered, head_normed, dgathered, dnormed_rows] =
                 arena.many_mut([hidden, plan.gathered, plan.head_normed, plan.dbranch, plan.dnormed]);
@@ -303,13 +308,19 @@ impl Model {
             }
             let p = &self.params;
             layernorm(head_normed, gathered, p.get(head_ln.weight), p.get(head_ln.bias), d, dims.eps);
-            linear(logits, head_normed, p.get(lm_head.weight), Some(p.get(lm_head.bias)), m, d, v);
-            loss = cross_entropy_fused(logits, masked_labels, v);
-
-            // Head backward: logits hold dL/dlogits now.
+            // Logits, loss, logit gradient and the head's backward, a block of rows at a time:
+            // the block's logits stay in cache between the four passes over them.
             let dnormed_rows = &mut dnormed_rows[..m * d];
-            let (dw, db) = grads_pair(&self.params, grads, lm_head);
-            linear_backward(Some(dnormed_rows), dw, Some(db), logits, head_normed, p.get(lm_head.weight), m, d, v);
+            for start in (0..m).step_by(block) {
+                let r = block.min(m - start);
+                let rows = &head_normed[start * d..(start + r) * d];
+                let lg = &mut logits[..r * v];
+                linear(lg, rows, p.get(lm_head.weight), Some(p.get(lm_head.bias)), r, d, v);
+                loss_sum += cross_entropy_fused_part(lg, &masked_labels[start..start + r], v, m);
+                let (dw, db) = grads_pair(&self.params, grads, lm_head);
+                let dx = &mut dnormed_rows[start * d..(start + r) * d];
+                linear_backward(Some(dx), dw, Some(db), lg, rows, p.get(lm_head.weight), r, d, v);
+            }
             let dgathered = &mut dgathered[..m * d];
             let (dg, dbeta) = grads_pair(&self.params, grads, head_ln);
             layernorm_backward(dgathered, dg, dbeta, dnormed_rows, gathered, p.get(head_ln.weight), d, dims.eps);
@@ -319,6 +330,7 @@ impl Model {
                 h[row * d..(row + 1) * d].copy_from_slice(src);
             }
         }
+        let loss = loss_sum / m as f64;
         // `hidden` now holds dL/dhidden; turn it into dL/dx_out in the `dx` slot.
         match &self.layout.final_layernorm {
             Some(ln) => {

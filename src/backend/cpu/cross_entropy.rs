@@ -29,12 +29,24 @@ simd_dispatch! {
 ///
 /// Panics if a label is out of range (callers validate labels at the API boundary).
 pub fn cross_entropy_fused(logits: &mut [f32], labels: &[usize], classes: usize) -> f64 {
+    if labels.is_empty() {
+        assert!(logits.is_empty(), "cross_entropy: logits length");
+        return 0.0;
+    }
+    cross_entropy_fused_part(logits, labels, classes, labels.len()) / labels.len() as f64
+}
+
+/// [`cross_entropy_fused`] for a block of rows of a larger batch of `total_rows` rows: the
+/// gradient written is that of the mean over all `total_rows`, and the return value is the SUM
+/// of this block's row losses (the caller adds the blocks and divides by `total_rows`).
+pub fn cross_entropy_fused_part(logits: &mut [f32], labels: &[usize], classes: usize, total_rows: usize) -> f64 {
     assert_eq!(logits.len(), labels.len() * classes, "cross_entropy: logits length");
     assert!(labels.iter().all(|&l| l < classes), "cross_entropy: label out of range");
+    assert!(total_rows >= labels.len(), "cross_entropy: total_rows smaller than the block");
     if labels.is_empty() {
         return 0.0;
     }
-    let inv_rows = 1.0 / labels.len() as f32;
+    let inv_rows = 1.0 / total_rows as f32;
     // Per-row losses are summed in row order afterwards, so the result does not depend on
     // how rayon schedules the rows.
     let losses: Vec<f64> = logits
@@ -42,7 +54,7 @@ pub fn cross_entropy_fused(logits: &mut [f32], labels: &[usize], classes: usize)
         .zip(labels.par_iter())
         .map(|(row, &label)| row_loss_and_grad(row, label, inv_rows))
         .collect();
-    losses.iter().sum::<f64>() / labels.len() as f64
+    losses.iter().sum::<f64>()
 }
 
 #[cfg(test)]

@@ -20,7 +20,7 @@ use crate::backend::cpu::attention_backward::{
 };
 use crate::backend::cpu::backward::{gelu_backward, layernorm_backward, linear_backward, residual_add_backward};
 use crate::backend::cpu::cross_entropy::cross_entropy_fused_part;
-use crate::backend::cpu::elementwise::{add_inplace, bias_gelu_inplace, residual_add};
+use crate::backend::cpu::elementwise::{add_inplace, bias_gelu_split, residual_add_into};
 use crate::backend::cpu::gemm::linear;
 use crate::backend::cpu::layernorm::layernorm;
 use crate::error::Result;
@@ -478,17 +478,14 @@ impl Model {
         // scratch `projected` holds it.
         let y = if attn_out.is_empty() { &mut projected[..] } else { &mut attn_out[..] };
         linear(y, context, p.get(blk.out_w), None, rows, d, d);
-        mid.copy_from_slice(x);
-        add_branch(mid, y, p.get(blk.out_b), blk.lambda_1.map(|id| p.get(id)), drop.map(|f| &f[..dims.b]), dims);
+        add_branch(mid, x, y, p.get(blk.out_b), blk.lambda_1.map(|id| p.get(id)), drop.map(|f| &f[..dims.b]), dims);
 
         layernorm(normed, mid, p.get(blk.ln_after_w), p.get(blk.ln_after_b), d, eps);
-        linear(fc1, normed, p.get(blk.fc1_w), Some(p.get(blk.fc1_b)), rows, d, inter);
-        gelu_out.copy_from_slice(fc1);
-        bias_gelu_inplace(gelu_out, None, inter);
+        linear(fc1, normed, p.get(blk.fc1_w), None, rows, d, inter);
+        bias_gelu_split(fc1, gelu_out, p.get(blk.fc1_b));
         let y = if mlp_out.is_empty() { &mut projected[..] } else { &mut mlp_out[..] };
         linear(y, gelu_out, p.get(blk.fc2_w), None, rows, inter, d);
-        out.copy_from_slice(mid);
-        add_branch(out, y, p.get(blk.fc2_b), blk.lambda_2.map(|id| p.get(id)), drop.map(|f| &f[dims.b..]), dims);
+        add_branch(out, mid, y, p.get(blk.fc2_b), blk.lambda_2.map(|id| p.get(id)), drop.map(|f| &f[dims.b..]), dims);
     }
 
     /// One block backward: `dx` holds dL/d(block output) on entry and dL/d(block input) on
@@ -671,25 +668,34 @@ impl Model {
     }
 }
 
-/// `acc += k_b·λ ⊙ (y + bias)` for every image `b` (drop path factor `k_b`, 1 without drop
+/// `out = x + k_b·λ ⊙ (y + bias)` for every image `b` (drop path factor `k_b`, 1 without drop
 /// path; λ = 1 without layer scale).
-fn add_branch(acc: &mut [f32], y: &[f32], bias: &[f32], lambda: Option<&[f32]>, drop: Option<&[f32]>, dims: Dims) {
+fn add_branch(
+    out: &mut [f32],
+    x: &[f32],
+    y: &[f32],
+    bias: &[f32],
+    lambda: Option<&[f32]>,
+    drop: Option<&[f32]>,
+    dims: Dims,
+) {
     let Some(factors) = drop else {
-        residual_add(acc, y, bias, lambda);
+        residual_add_into(out, x, y, bias, lambda);
         return;
     };
     let per_image = dims.t * dims.d;
     let mut scale = vec![0.0f32; dims.d];
     for (img, &k) in factors[..dims.b].iter().enumerate() {
+        let range = img * per_image..(img + 1) * per_image;
         if k == 0.0 {
-            continue; // this image skips the branch
+            out[range.clone()].copy_from_slice(&x[range]); // this image skips the branch
+            continue;
         }
         match lambda {
             Some(l) => scale.iter_mut().zip(l).for_each(|(s, &l)| *s = l * k),
             None => scale.fill(k),
         }
-        let range = img * per_image..(img + 1) * per_image;
-        residual_add(&mut acc[range.clone()], &y[range], bias, Some(&scale));
+        residual_add_into(&mut out[range.clone()], &x[range.clone()], &y[range], bias, Some(&scale));
     }
 }
 

@@ -86,6 +86,64 @@ pub fn residual_add(acc: &mut [f32], y: &[f32], bias: &[f32], scale: Option<&[f3
     acc.par_chunks_mut(rows).zip(y.par_chunks(rows)).for_each(|(a, b)| add_scaled_rows(a, b, bias, scale, dim));
 }
 
+simd_dispatch! {
+    fn bias_gelu_split_rows(pre: &mut [f32], out: &mut [f32], bias: &[f32]) {
+        let dim = bias.len();
+        for (p_row, o_row) in pre.chunks_exact_mut(dim).zip(out.chunks_exact_mut(dim)) {
+            for ((p, o), &b) in p_row.iter_mut().zip(o_row.iter_mut()).zip(bias) {
+                *p += b;
+                *o = math::gelu(*p);
+            }
+        }
+    }
+}
+
+/// For training, where the backward needs both sides of the GELU: `pre[r, :] += bias` (the
+/// Linear's bias, fused here) and `out = GELU(pre)`, in one pass.
+pub fn bias_gelu_split(pre: &mut [f32], out: &mut [f32], bias: &[f32]) {
+    let dim = bias.len();
+    assert_eq!(pre.len(), out.len());
+    assert_eq!(pre.len() % dim, 0);
+    let chunk = rows_per_task(pre.len() / dim, dim) * dim;
+    pre.par_chunks_mut(chunk).zip(out.par_chunks_mut(chunk)).for_each(|(p, o)| bias_gelu_split_rows(p, o, bias));
+}
+
+simd_dispatch! {
+    fn residual_into_rows(out: &mut [f32], x: &[f32], y: &[f32], bias: &[f32], scale: Option<&[f32]>) {
+        let dim = bias.len();
+        for ((o_row, x_row), y_row) in out.chunks_exact_mut(dim).zip(x.chunks_exact(dim)).zip(y.chunks_exact(dim)) {
+            match scale {
+                Some(s) => {
+                    for ((((o, &a), &v), &b), &g) in o_row.iter_mut().zip(x_row).zip(y_row).zip(bias).zip(s) {
+                        *o = a + g * (v + b);
+                    }
+                }
+                None => {
+                    for (((o, &a), &v), &b) in o_row.iter_mut().zip(x_row).zip(y_row).zip(bias) {
+                        *o = a + (v + b);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// [`residual_add`] out of place: `out = x + scale ⊙ (y + bias)` (the same arithmetic, so the
+/// same bits), for training, which keeps both sides of every residual.
+pub fn residual_add_into(out: &mut [f32], x: &[f32], y: &[f32], bias: &[f32], scale: Option<&[f32]>) {
+    let dim = bias.len();
+    assert_eq!(out.len(), x.len());
+    assert_eq!(out.len(), y.len());
+    assert_eq!(out.len() % dim, 0);
+    if let Some(s) = scale {
+        assert_eq!(s.len(), dim);
+    }
+    let chunk = rows_per_task(out.len() / dim, dim) * dim;
+    out.par_chunks_mut(chunk)
+        .zip(x.par_chunks(chunk).zip(y.par_chunks(chunk)))
+        .for_each(|(o, (a, v))| residual_into_rows(o, a, v, bias, scale));
+}
+
 /// `acc += x`, element-wise (gradients meeting at a residual connection).
 pub fn add_inplace(acc: &mut [f32], x: &[f32]) {
     assert_eq!(acc.len(), x.len());
@@ -112,6 +170,29 @@ mod tests {
         let mut acc = vec![0.0f32; 3];
         residual_add(&mut acc, &[1.0, 1.0, 1.0], &[1.0, 2.0, 3.0], Some(&[2.0, 2.0, 2.0]));
         assert_eq!(acc, vec![4.0, 6.0, 8.0]);
+    }
+
+    #[test]
+    fn out_of_place_variants_equal_the_in_place_ops() {
+        let x: Vec<f32> = (0..24).map(|i| (i as f32 * 0.37).sin()).collect();
+        let y: Vec<f32> = (0..24).map(|i| (i as f32 * 0.11).cos()).collect();
+        let bias = [0.1f32, -0.2, 0.3, 0.05];
+        let scale = [0.5f32, 1.5, -1.0, 2.0];
+        for s in [None, Some(&scale[..])] {
+            let mut acc = x.clone();
+            residual_add(&mut acc, &y, &bias, s);
+            let mut out = vec![0.0f32; 24];
+            residual_add_into(&mut out, &x, &y, &bias, s);
+            assert_eq!(acc, out);
+        }
+        let mut inplace = x.clone();
+        bias_gelu_inplace(&mut inplace, Some(&bias), 4);
+        let (mut pre, mut out) = (x.clone(), vec![0.0f32; 24]);
+        bias_gelu_split(&mut pre, &mut out, &bias);
+        assert_eq!(out, inplace);
+        for (i, (&p, &v)) in pre.iter().zip(&x).enumerate() {
+            assert_eq!(p, v + bias[i % 4]);
+        }
     }
 
     #[test]

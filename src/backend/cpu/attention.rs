@@ -67,20 +67,19 @@ pub fn attention_forward(
     let ctx_ptr = SendPtr(ctx.as_mut_ptr());
 
     scratch[..slots * block].par_chunks_mut(block).enumerate().for_each(|(slot, scores)| {
+        let mut kt = vec![0.0f32; shape.head_dim * t];
         for pair in slot * per_slot..((slot + 1) * per_slot).min(pairs) {
             // SAFETY: pair (b, h) owns its columns of `ctx`; `scores` is this task's block.
-            unsafe { forward_pair(scores, ctx_ptr, qkv, bias, shape, pair / heads, pair % heads) };
+            unsafe { forward_pair(scores, &mut kt, ctx_ptr, qkv, bias, shape, pair / heads, pair % heads) };
         }
     });
 }
 
-/// Views of one pair's Q, Kᵀ, K and V inside the fused `[batch·tokens, 3·hidden]` buffer.
+/// Views of one pair's Q, K and V inside the fused `[batch·tokens, 3·hidden]` buffer.
 pub(crate) struct HeadViews<'a> {
     pub q: Mat<'a>,
     pub k: Mat<'a>,
-    pub kt: Mat<'a>,
     pub v: Mat<'a>,
-    pub vt: Mat<'a>,
 }
 
 pub(crate) fn head_views(qkv: &[f32], b: usize, h: usize, shape: AttentionShape) -> HeadViews<'_> {
@@ -93,21 +92,34 @@ pub(crate) fn head_views(qkv: &[f32], b: usize, h: usize, shape: AttentionShape)
     HeadViews {
         q: Mat { data: q, rows: t, cols: d, row_stride: rs, col_stride: 1 },
         k: Mat { data: k, rows: t, cols: d, row_stride: rs, col_stride: 1 },
-        kt: Mat { data: k, rows: d, cols: t, row_stride: 1, col_stride: rs },
         v: Mat { data: v, rows: t, cols: d, row_stride: rs, col_stride: 1 },
-        vt: Mat { data: v, rows: d, cols: t, row_stride: 1, col_stride: rs },
+    }
+}
+
+/// Copies the `[rows, cols]` strided matrix `src` into `dst` transposed (`[cols, rows]`,
+/// row-major).
+pub(crate) fn transpose_into(dst: &mut [f32], src: Mat<'_>) {
+    assert!(dst.len() >= src.rows * src.cols, "transpose_into: destination too small");
+    for r in 0..src.rows {
+        let row = &src.data[r * src.row_stride..];
+        for c in 0..src.cols {
+            dst[c * src.rows + r] = row[c * src.col_stride];
+        }
     }
 }
 
 /// One (image, head) pair of the forward: `scores` (`tokens²`) ends holding the softmax
 /// probabilities, and the pair's context goes into columns h·d..(h+1)·d of image b's rows of
-/// `ctx` (`[batch·tokens, hidden]`).
+/// `ctx` (`[batch·tokens, hidden]`). `kt` (`head_dim·tokens`) is scratch for Kᵀ: a contiguous
+/// copy makes Q·Kᵀ about twice as fast as reading K's columns out of the fused buffer.
 ///
 /// # Safety
 /// `ctx` must point to the `[batch·tokens, hidden]` context buffer, which must not alias `qkv`
 /// or `scores`, and no other task may touch this pair's columns meanwhile.
+#[allow(clippy::too_many_arguments)]
 pub(crate) unsafe fn forward_pair(
     scores: &mut [f32],
+    kt: &mut [f32],
     ctx: SendPtr,
     qkv: &[f32],
     bias: Option<&[f32]>,
@@ -123,7 +135,9 @@ pub(crate) unsafe fn forward_pair(
     if let Some(bias) = bias {
         scores.copy_from_slice(&bias[h * block..(h + 1) * block]);
     }
-    matmul_raw(scores.as_mut_ptr(), t, t, t, 1, hv.q, hv.kt, scale, bias.is_some(), Threads::Single);
+    transpose_into(kt, hv.k);
+    let kt = Mat::rows(&kt[..d * t], d, t);
+    matmul_raw(scores.as_mut_ptr(), t, t, t, 1, hv.q, kt, scale, bias.is_some(), Threads::Single);
     softmax_rows(scores, t);
     let p = Mat::rows(scores, t, t);
     matmul_raw(ctx.0.add(b * t * hidden + h * d), t, d, hidden, 1, p, hv.v, 1.0, false, Threads::Single);

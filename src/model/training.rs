@@ -20,7 +20,7 @@ use crate::backend::cpu::attention_backward::{
 };
 use crate::backend::cpu::backward::{gelu_backward, layernorm_backward, linear_backward, residual_add_backward};
 use crate::backend::cpu::cross_entropy::cross_entropy_fused_part;
-use crate::backend::cpu::elementwise::{add_inplace, bias_gelu_split, residual_add_into};
+use crate::backend::cpu::elementwise::{add_inplace, bias_gelu_split, residual_add_into, RowFactors};
 use crate::backend::cpu::gemm::linear;
 use crate::backend::cpu::layernorm::layernorm;
 use crate::error::Result;
@@ -679,24 +679,8 @@ fn add_branch(
     drop: Option<&[f32]>,
     dims: Dims,
 ) {
-    let Some(factors) = drop else {
-        residual_add_into(out, x, y, bias, lambda);
-        return;
-    };
-    let per_image = dims.t * dims.d;
-    let mut scale = vec![0.0f32; dims.d];
-    for (img, &k) in factors[..dims.b].iter().enumerate() {
-        let range = img * per_image..(img + 1) * per_image;
-        if k == 0.0 {
-            out[range.clone()].copy_from_slice(&x[range]); // this image skips the branch
-            continue;
-        }
-        match lambda {
-            Some(l) => scale.iter_mut().zip(l).for_each(|(s, &l)| *s = l * k),
-            None => scale.fill(k),
-        }
-        residual_add_into(&mut out[range.clone()], &x[range.clone()], &y[range], bias, Some(&scale));
-    }
+    let row_factors = drop.map(|f| RowFactors { factors: &f[..dims.b], rows_each: dims.t });
+    residual_add_into(out, x, y, bias, lambda, row_factors);
 }
 
 /// Backward of [`add_branch`]: `dy = k_b·λ ⊙ dacc` per image, and `dλ += Σ k_b·dacc ⊙ (y + bias)`.
@@ -712,46 +696,13 @@ fn branch_backward(
     grads: &mut [f32],
     params: &ParamStore,
 ) {
-    let d = dims.d;
-    let ones = vec![1.0f32; d];
-    let Some(factors) = drop else {
-        match lambda {
-            Some((l, id)) => residual_add_backward(dy, Some(grad_of(params, grads, id)), dacc, y, bias, l),
-            None => dy.copy_from_slice(dacc),
+    let row_factors = drop.map(|f| RowFactors { factors: &f[..dims.b], rows_each: dims.t });
+    match (lambda, row_factors) {
+        (Some((l, id)), _) => {
+            residual_add_backward(dy, Some(grad_of(params, grads, id)), dacc, y, bias, l, row_factors)
         }
-        return;
-    };
-    let per_image = dims.t * d;
-    let mut scale = vec![0.0f32; d];
-    let mut dscale = vec![0.0f32; d];
-    for (img, &k) in factors[..dims.b].iter().enumerate() {
-        let range = img * per_image..(img + 1) * per_image;
-        if k == 0.0 {
-            dy[range].fill(0.0);
-            continue;
-        }
-        match lambda {
-            Some((l, id)) => {
-                scale.iter_mut().zip(l).for_each(|(s, &l)| *s = l * k);
-                dscale.fill(0.0);
-                residual_add_backward(
-                    &mut dy[range.clone()],
-                    Some(&mut dscale),
-                    &dacc[range.clone()],
-                    &y[range],
-                    bias,
-                    &scale,
-                );
-                // d(λ·k)/dλ = k.
-                for (g, &v) in grad_of(params, grads, id).iter_mut().zip(&dscale) {
-                    *g += k * v;
-                }
-            }
-            None => {
-                scale.fill(k);
-                residual_add_backward(&mut dy[range.clone()], None, &dacc[range.clone()], &ones, bias, &scale);
-            }
-        }
+        (None, None) => dy.copy_from_slice(dacc),
+        (None, Some(_)) => residual_add_backward(dy, None, dacc, y, bias, &vec![1.0; dims.d], row_factors),
     }
 }
 

@@ -8,6 +8,7 @@
 
 use rayon::prelude::*;
 
+use super::elementwise::RowFactors;
 use super::gemm::{matmul, Mat, MatMut, Threads};
 use super::math::{self, simd_dispatch};
 
@@ -223,11 +224,27 @@ simd_dispatch! {
     }
 }
 
+simd_dispatch! {
+    /// [`residual_backward_rows`] with a factor per row (`factors[r]` for row r of the chunk):
+    /// `dy = dacc ⊙ scale·k`, `part += Σ_rows k·dacc ⊙ (y + bias)`.
+    fn residual_backward_rows_factored(dy: &mut [f32], part: &mut [f32], dacc: &[f32], y: &[f32], bias: &[f32], scale: &[f32], factors: &[f32]) {
+        let dim = bias.len();
+        for (((dyr, dar), yr), &k) in dy.chunks_exact_mut(dim).zip(dacc.chunks_exact(dim)).zip(y.chunks_exact(dim)).zip(factors) {
+            for ((((o, &g), &v), &b), (&s, p)) in dyr.iter_mut().zip(dar).zip(yr).zip(bias).zip(scale.iter().zip(part.iter_mut())) {
+                *o = g * (s * k);
+                *p += k * (g * (v + b));
+            }
+        }
+    }
+}
+
 /// Backward of [`residual_add`](super::elementwise::residual_add) `acc += scale ⊙ (y + bias)`
 /// with respect to `y` and `scale`: `dy = dacc ⊙ scale` (overwritten; `dacc` itself flows to the
 /// residual input unchanged, so the caller keeps it) and `dscale += Σ_rows dacc ⊙ (y + bias)`
 /// (deterministic for any thread count). The bias gradient is `Σ_rows dy`, which the Linear
-/// before it collects ([`linear_backward`]'s `db`). Without `dscale`, `y` is not read.
+/// before it collects ([`linear_backward`]'s `db`). Without `dscale`, `y` is not read. With
+/// `row_factors` (see [`residual_add_into`](super::elementwise::residual_add_into)) row r's scale
+/// is `scale·k_r` and it adds `k_r·dacc ⊙ (y + bias)` to `dscale`.
 pub fn residual_add_backward(
     dy: &mut [f32],
     dscale: Option<&mut [f32]>,
@@ -235,26 +252,34 @@ pub fn residual_add_backward(
     y: &[f32],
     bias: &[f32],
     scale: &[f32],
+    row_factors: Option<RowFactors<'_>>,
 ) {
     let dim = bias.len();
     assert!(dim > 0, "residual_add_backward: empty rows");
     assert_eq!(scale.len(), dim, "residual_add_backward: scale length");
     assert_eq!(dy.len(), dacc.len(), "residual_add_backward: dy length");
     assert_eq!(dacc.len() % dim, 0, "residual_add_backward: not a whole number of rows");
+    let rows = dacc.len() / dim;
+    if let Some(rf) = row_factors {
+        assert!(rf.rows_each > 0 && rf.factors.len() * rf.rows_each == rows, "row factors do not cover the rows");
+    }
+    let factor_of = |row: usize| row_factors.map_or(1.0, |rf| rf.of_row(row));
     let Some(dscale) = dscale else {
-        let chunk = super::rows_per_task(dacc.len() / dim, dim) * dim;
-        dy.par_chunks_mut(chunk).zip(dacc.par_chunks(chunk)).for_each(|(o, g)| {
-            for (orow, grow) in o.chunks_exact_mut(dim).zip(g.chunks_exact(dim)) {
-                for ((o, &g), &s) in orow.iter_mut().zip(grow).zip(scale) {
-                    *o = g * s;
+        let chunk_rows = super::rows_per_task(rows, dim);
+        dy.par_chunks_mut(chunk_rows * dim).enumerate().zip(dacc.par_chunks(chunk_rows * dim)).for_each(
+            |((c, o), g)| {
+                for (r, (orow, grow)) in o.chunks_exact_mut(dim).zip(g.chunks_exact(dim)).enumerate() {
+                    let k = factor_of(c * chunk_rows + r);
+                    for ((o, &g), &s) in orow.iter_mut().zip(grow).zip(scale) {
+                        *o = g * (s * k);
+                    }
                 }
-            }
-        });
+            },
+        );
         return;
     };
     assert_eq!(y.len(), dacc.len(), "residual_add_backward: y length");
     assert_eq!(dscale.len(), dim, "residual_add_backward: dscale length");
-    let rows = dacc.len() / dim;
     if rows == 0 {
         return;
     }
@@ -263,8 +288,15 @@ pub fn residual_add_backward(
     let mut partials = vec![0.0f32; rows.div_ceil(chunk_rows) * dim];
     dy.par_chunks_mut(chunk)
         .zip(partials.par_chunks_mut(dim))
+        .enumerate()
         .zip(dacc.par_chunks(chunk).zip(y.par_chunks(chunk)))
-        .for_each(|((o, part), (g, yc))| residual_backward_rows(o, part, g, yc, bias, scale));
+        .for_each(|((c, (o, part)), (g, yc))| match row_factors {
+            None => residual_backward_rows(o, part, g, yc, bias, scale),
+            Some(_) => {
+                let factors: Vec<f32> = (0..o.len() / dim).map(|r| factor_of(c * chunk_rows + r)).collect();
+                residual_backward_rows_factored(o, part, g, yc, bias, scale, &factors)
+            }
+        });
     add_into(dscale, reduce_partials_in_order(&mut partials, dim));
 }
 
@@ -352,7 +384,7 @@ mod tests {
         };
         let inputs = vec![to64(&y), to64(&scale)];
         let (mut dy, mut ds) = (vec![0.0f32; rows * dim], vec![0.0f32; dim]);
-        residual_add_backward(&mut dy, Some(&mut ds), &r, &y, &bias, &scale);
+        residual_add_backward(&mut dy, Some(&mut ds), &r, &y, &bias, &scale, None);
         check("residual dy", &dy, &fd_grad(&inputs, 0, &f), 1e-3);
         check("residual dscale", &ds, &fd_grad(&inputs, 1, &f), 1e-3);
         // The forward it inverts is residual_add: <r, d(acc)/d(y)> agrees for one element.
@@ -361,8 +393,42 @@ mod tests {
         assert!((acc[7] - (acc0[7] + scale[1] * (y[7] + bias[1]))).abs() < 1e-6);
         // Without dscale, dy is the same.
         let mut dy2 = vec![0.0f32; rows * dim];
-        residual_add_backward(&mut dy2, None, &r, &y, &bias, &scale);
+        residual_add_backward(&mut dy2, None, &r, &y, &bias, &scale, None);
         assert_eq!(dy, dy2);
+    }
+
+    #[test]
+    fn residual_add_backward_with_row_factors_matches_finite_differences() {
+        use crate::backend::cpu::elementwise::{residual_add_into, RowFactors};
+        let mut rng = Rng(12);
+        let (rows, dim, each) = (36, 5, 12);
+        let factors = [0.0f32, 1.25, 0.5];
+        let rf = RowFactors { factors: &factors, rows_each: each };
+        let x = rng.vec(rows * dim, -1.0, 1.0);
+        let y = rng.vec(rows * dim, -1.0, 1.0);
+        let bias = rng.vec(dim, -0.5, 0.5);
+        let scale = rng.vec(dim, 0.1, 1.5);
+        let r = rng.vec(rows * dim, -1.0, 1.0);
+        let f = |v: &[Vec<f64>]| {
+            let (y, s) = (&v[0], &v[1]);
+            (0..rows * dim)
+                .map(|i| {
+                    let k = factors[i / dim / each] as f64;
+                    r[i] as f64 * (x[i] as f64 + k * s[i % dim] * (y[i] + bias[i % dim] as f64))
+                })
+                .sum::<f64>()
+        };
+        let inputs = vec![to64(&y), to64(&scale)];
+        let (mut dy, mut ds) = (vec![0.0f32; rows * dim], vec![0.0f32; dim]);
+        residual_add_backward(&mut dy, Some(&mut ds), &r, &y, &bias, &scale, Some(rf));
+        check("factored residual dy", &dy, &fd_grad(&inputs, 0, &f), 1e-3);
+        check("factored residual dscale", &ds, &fd_grad(&inputs, 1, &f), 1e-3);
+        // The forward: dropped rows are x exactly; kept rows add k·scale ⊙ (y + bias).
+        let mut out = vec![0.0f32; rows * dim];
+        residual_add_into(&mut out, &x, &y, &bias, Some(&scale), Some(rf));
+        assert_eq!(&out[..each * dim], &x[..each * dim]);
+        let i = each * dim + 3;
+        assert_eq!(out[i], x[i] + (scale[3] * 1.25) * (y[i] + bias[3]));
     }
 
     fn layernorm_ref(x: &[f64], gamma: &[f64], beta: &[f64], dim: usize, eps: f64) -> Vec<f64> {

@@ -128,9 +128,35 @@ simd_dispatch! {
     }
 }
 
+/// A factor per group of rows: row `r` takes `factors[r / rows_each]` (stochastic depth: one
+/// factor per image, 0 to drop its branch, 1/keep to keep it).
+#[derive(Debug, Clone, Copy)]
+pub struct RowFactors<'a> {
+    pub factors: &'a [f32],
+    pub rows_each: usize,
+}
+
+impl RowFactors<'_> {
+    pub fn of_row(&self, row: usize) -> f32 {
+        self.factors[row / self.rows_each]
+    }
+
+    fn check(&self, rows: usize) {
+        assert!(self.rows_each > 0 && self.factors.len() * self.rows_each == rows, "row factors do not cover the rows");
+    }
+}
+
 /// [`residual_add`] out of place: `out = x + scale ⊙ (y + bias)` (the same arithmetic, so the
-/// same bits), for training, which keeps both sides of every residual.
-pub fn residual_add_into(out: &mut [f32], x: &[f32], y: &[f32], bias: &[f32], scale: Option<&[f32]>) {
+/// same bits), for training, which keeps both sides of every residual. With `row_factors`, row
+/// r's scale is `scale·k_r` (or `k_r` without `scale`), and a row with `k_r = 0` is `x` as is.
+pub fn residual_add_into(
+    out: &mut [f32],
+    x: &[f32],
+    y: &[f32],
+    bias: &[f32],
+    scale: Option<&[f32]>,
+    row_factors: Option<RowFactors<'_>>,
+) {
     let dim = bias.len();
     assert_eq!(out.len(), x.len());
     assert_eq!(out.len(), y.len());
@@ -138,10 +164,33 @@ pub fn residual_add_into(out: &mut [f32], x: &[f32], y: &[f32], bias: &[f32], sc
     if let Some(s) = scale {
         assert_eq!(s.len(), dim);
     }
-    let chunk = rows_per_task(out.len() / dim, dim) * dim;
-    out.par_chunks_mut(chunk)
-        .zip(x.par_chunks(chunk).zip(y.par_chunks(chunk)))
-        .for_each(|(o, (a, v))| residual_into_rows(o, a, v, bias, scale));
+    let rows = out.len() / dim;
+    let chunk_rows = rows_per_task(rows, dim);
+    let chunk = chunk_rows * dim;
+    let Some(rf) = row_factors else {
+        out.par_chunks_mut(chunk)
+            .zip(x.par_chunks(chunk).zip(y.par_chunks(chunk)))
+            .for_each(|(o, (a, v))| residual_into_rows(o, a, v, bias, scale));
+        return;
+    };
+    rf.check(rows);
+    out.par_chunks_mut(chunk).enumerate().zip(x.par_chunks(chunk).zip(y.par_chunks(chunk))).for_each(
+        |((c, o), (a, v))| {
+            let mut eff = vec![0.0f32; dim];
+            for (r, ((o, a), v)) in o.chunks_mut(dim).zip(a.chunks(dim)).zip(v.chunks(dim)).enumerate() {
+                let k = rf.of_row(c * chunk_rows + r);
+                if k == 0.0 {
+                    o.copy_from_slice(a);
+                    continue;
+                }
+                match scale {
+                    Some(s) => eff.iter_mut().zip(s).for_each(|(e, &s)| *e = s * k),
+                    None => eff.fill(k),
+                }
+                residual_into_rows(o, a, v, bias, Some(&eff));
+            }
+        },
+    );
 }
 
 /// `acc += x`, element-wise (gradients meeting at a residual connection).
@@ -182,7 +231,7 @@ mod tests {
             let mut acc = x.clone();
             residual_add(&mut acc, &y, &bias, s);
             let mut out = vec![0.0f32; 24];
-            residual_add_into(&mut out, &x, &y, &bias, s);
+            residual_add_into(&mut out, &x, &y, &bias, s, None);
             assert_eq!(acc, out);
         }
         let mut inplace = x.clone();

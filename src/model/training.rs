@@ -6,9 +6,8 @@
 //!
 //! What is kept per layer: the block input `x`, the fused `qkv`, the attention probabilities,
 //! the attention context, the block's midpoint (after the attention residual), the FC1 output
-//! (GELU input) and the GELU output, and, with layer scale, the two branch outputs (their λ
-//! gradients need them). Layer norm outputs are recomputed in the backward from the kept inputs:
-//! one cheap pass each instead of two more activations per layer.
+//! (GELU input) and the GELU output, both layer norm outputs, and, with layer scale, the two
+//! branch outputs (their λ gradients need them).
 //!
 //! The MIM head runs on the masked positions only: their rows are gathered (in `[batch, patch]`
 //! order, as `logits[bool_masked_pos]` orders them), normalised and projected; the loss is the
@@ -18,9 +17,11 @@ use crate::backend::cpu::attention::AttentionShape;
 use crate::backend::cpu::attention_backward::{
     attention_backward, attention_backward_scratch_len, attention_forward_saving_probs,
 };
-use crate::backend::cpu::backward::{gelu_backward, layernorm_backward, linear_backward, residual_add_backward};
+use crate::backend::cpu::backward::{
+    gelu_backward, layernorm_backward, layernorm_backward_accumulate, linear_backward, residual_add_backward,
+};
 use crate::backend::cpu::cross_entropy::cross_entropy_fused_part;
-use crate::backend::cpu::elementwise::{add_inplace, bias_gelu_split, residual_add_into, RowFactors};
+use crate::backend::cpu::elementwise::{bias_gelu_split, residual_add_into, RowFactors};
 use crate::backend::cpu::gemm::linear;
 use crate::backend::cpu::layernorm::layernorm;
 use crate::error::Result;
@@ -81,11 +82,13 @@ pub struct DropPath<'a> {
 #[derive(Debug, Clone, Copy)]
 struct LayerSlots {
     x: Slot,
+    ln_before: Slot,
     qkv: Slot,
     probs: Slot,
     context: Slot,
     attn_out: Slot,
     mid: Slot,
+    ln_after: Slot,
     fc1: Slot,
     gelu: Slot,
     mlp_out: Slot,
@@ -106,7 +109,6 @@ struct TrainPlan {
     gathered: Slot,
     head_normed: Slot,
     // Scratch shared by all layers.
-    normed: Slot,
     wide_a: Slot,
     wide_b: Slot,
     dx: Slot,
@@ -397,11 +399,13 @@ impl Model {
         let layers = (0..c.num_hidden_layers)
             .map(|_| LayerSlots {
                 x: p.slot(rows * d),
+                ln_before: p.slot(rows * d),
                 qkv: p.slot(rows * 3 * d),
                 probs: p.slot(b * heads * t * t),
                 context: p.slot(rows * d),
                 attn_out: p.slot(if scale { rows * d } else { 0 }),
                 mid: p.slot(rows * d),
+                ln_after: p.slot(rows * d),
                 fc1: p.slot(rows * inter),
                 gelu: p.slot(rows * inter),
                 mlp_out: p.slot(if scale { rows * d } else { 0 }),
@@ -417,7 +421,6 @@ impl Model {
             patches: p.slot(b * n * c.num_channels * ph * pw),
             gathered: p.slot(b * n * d),
             head_normed: p.slot(b * n * d),
-            normed: p.slot(rows * d),
             wide_a: p.slot(rows * inter.max(3 * d)),
             wide_b: p.slot(rows * inter),
             dx: p.slot(rows * d),
@@ -452,27 +455,36 @@ impl Model {
         let s = plan.layers[l];
         let Dims { d, inter, eps, .. } = dims;
         let rows = dims.rows();
-        let [x, qkv, probs, context, attn_out, mid, fc1, gelu_out, mlp_out, out, normed, shared_bias, bias, projected] =
+        let [x, ln_before, qkv, probs, context, attn_out, mid, ln_after, fc1, gelu_out, mlp_out, out, shared_bias, bias, projected] =
             arena.many_mut([
                 s.x,
+                s.ln_before,
                 s.qkv,
                 s.probs,
                 s.context,
                 s.attn_out,
                 s.mid,
+                s.ln_after,
                 s.fc1,
                 s.gelu,
                 s.mlp_out,
                 next,
-                plan.normed,
                 plan.shared_bias,
                 plan.bias,
                 plan.dbranch,
             ]);
         let has_bias = self.layer_bias_into(bias, has_shared.then_some(&*shared_bias), blk, plan.grid, rel_index);
 
-        layernorm(normed, x, p.get(blk.ln_before_w), p.get(blk.ln_before_b), d, eps);
-        linear(qkv, normed, p.span(blk.query_w, blk.value_w), Some(p.span(blk.query_b, blk.value_b)), rows, d, 3 * d);
+        layernorm(ln_before, x, p.get(blk.ln_before_w), p.get(blk.ln_before_b), d, eps);
+        linear(
+            qkv,
+            ln_before,
+            p.span(blk.query_w, blk.value_w),
+            Some(p.span(blk.query_b, blk.value_b)),
+            rows,
+            d,
+            3 * d,
+        );
         attention_forward_saving_probs(context, qkv, has_bias.then_some(&*bias), dims.attention(), probs);
         // With layer scale the branch output is kept (λ's gradient needs it); without, the
         // scratch `projected` holds it.
@@ -480,8 +492,8 @@ impl Model {
         linear(y, context, p.get(blk.out_w), None, rows, d, d);
         add_branch(mid, x, y, p.get(blk.out_b), blk.lambda_1.map(|id| p.get(id)), drop.map(|f| &f[..dims.b]), dims);
 
-        layernorm(normed, mid, p.get(blk.ln_after_w), p.get(blk.ln_after_b), d, eps);
-        linear(fc1, normed, p.get(blk.fc1_w), None, rows, d, inter);
+        layernorm(ln_after, mid, p.get(blk.ln_after_w), p.get(blk.ln_after_b), d, eps);
+        linear(fc1, ln_after, p.get(blk.fc1_w), None, rows, d, inter);
         bias_gelu_split(fc1, gelu_out, p.get(blk.fc1_b));
         let y = if mlp_out.is_empty() { &mut projected[..] } else { &mut mlp_out[..] };
         linear(y, gelu_out, p.get(blk.fc2_w), None, rows, inter, d);
@@ -509,23 +521,23 @@ impl Model {
         let s = plan.layers[l];
         let Dims { d, inter, eps, .. } = dims;
         let rows = dims.rows();
-        let [x, qkv, probs, context, attn_out, mid, fc1, gelu_out, mlp_out, dx, dbranch, dnormed, dtmp, dcontext, normed, wide_a, wide_b, shared_bias, bias, dbias, scratch] =
+        let [x, ln_before, qkv, probs, context, attn_out, mid, ln_after, fc1, gelu_out, mlp_out, dx, dbranch, dnormed, dcontext, wide_a, wide_b, shared_bias, bias, dbias, scratch] =
             arena.many_mut([
                 s.x,
+                s.ln_before,
                 s.qkv,
                 s.probs,
                 s.context,
                 s.attn_out,
                 s.mid,
+                s.ln_after,
                 s.fc1,
                 s.gelu,
                 s.mlp_out,
                 plan.dx,
                 plan.dbranch,
                 plan.dnormed,
-                plan.dtmp,
                 plan.dcontext,
-                plan.normed,
                 plan.wide_a,
                 plan.wide_b,
                 plan.shared_bias,
@@ -553,16 +565,14 @@ impl Model {
         }
         let dfc1 = &mut wide_a[..rows * inter];
         gelu_backward(dfc1, dgelu, fc1);
-        layernorm(normed, mid, p.get(blk.ln_after_w), p.get(blk.ln_after_b), d, eps);
         {
             let (dw, db) = grads_pair(p, grads, Affine { weight: blk.fc1_w, bias: blk.fc1_b });
-            linear_backward(Some(dnormed), dw, Some(db), dfc1, normed, p.get(blk.fc1_w), rows, d, inter);
+            linear_backward(Some(dnormed), dw, Some(db), dfc1, ln_after, p.get(blk.fc1_w), rows, d, inter);
         }
         {
             let (dg, dbeta) = grads_pair(p, grads, Affine { weight: blk.ln_after_w, bias: blk.ln_after_b });
-            layernorm_backward(dtmp, dg, dbeta, dnormed, mid, p.get(blk.ln_after_w), d, eps);
+            layernorm_backward_accumulate(dx, dg, dbeta, dnormed, mid, p.get(blk.ln_after_w), d, eps);
         }
-        add_inplace(dx, dtmp);
 
         // Attention branch: mid = x + k·λ1 ⊙ (attn_out + out_b).
         branch_backward(
@@ -594,7 +604,6 @@ impl Model {
                 relpos::add_bias_backward(grad_of(p, grads, id), dbias, dims.heads, rel_index);
             }
         }
-        layernorm(normed, x, p.get(blk.ln_before_w), p.get(blk.ln_before_b), d, eps);
         {
             // q/k/v weights and biases are adjacent in the gradient buffer as in the parameters.
             let (w0, w1) = (p.specs[blk.query_w.0].offset, p.specs[blk.value_w.0].offset + p.specs[blk.value_w.0].len);
@@ -603,15 +612,14 @@ impl Model {
             let (head, tail) = grads.split_at_mut(b0);
             let (dw, db) = (&mut head[w0..w1], &mut tail[..b1 - b0]);
             let w = p.span(blk.query_w, blk.value_w);
-            linear_backward(Some(dnormed), dw, Some(db), dqkv, normed, w, rows, d, 3 * d);
+            linear_backward(Some(dnormed), dw, Some(db), dqkv, ln_before, w, rows, d, 3 * d);
             // The key bias is not a parameter (fixed at zero): drop what it collected.
             grad_of(p, grads, blk.key_b).fill(0.0);
         }
         {
             let (dg, dbeta) = grads_pair(p, grads, Affine { weight: blk.ln_before_w, bias: blk.ln_before_b });
-            layernorm_backward(dtmp, dg, dbeta, dnormed, x, p.get(blk.ln_before_w), d, eps);
+            layernorm_backward_accumulate(dx, dg, dbeta, dnormed, x, p.get(blk.ln_before_w), d, eps);
         }
-        add_inplace(dx, dtmp);
     }
 
     /// Backward of the embeddings: `dx` (dL/d(first block input)) into the CLS token, mask

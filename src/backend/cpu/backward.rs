@@ -39,31 +39,39 @@ fn add_into(out: &mut [f32], v: &[f32]) {
 
 simd_dispatch! {
     /// Layer norm backward for a chunk of rows; `part` is `[dgamma | dbeta]` for this chunk
-    /// (zeroed by the caller, accumulated in row order).
-    fn layernorm_backward_rows(dx: &mut [f32], part: &mut [f32], dy: &[f32], x: &[f32], gamma: &[f32], dim: usize, eps: f32) {
+    /// (zeroed by the caller, accumulated in row order), `tmp` one row of scratch. `dx` is
+    /// overwritten, or added to with `accumulate`.
+    fn layernorm_backward_rows(dx: &mut [f32], part: &mut [f32], tmp: &mut [f32], dy: &[f32], x: &[f32], gamma: &[f32], dim: usize, eps: f32, accumulate: bool) {
         let (pg, pb) = part.split_at_mut(dim);
         let inv_dim = 1.0 / dim as f32;
         for ((dxr, dyr), xr) in dx.chunks_exact_mut(dim).zip(dy.chunks_exact(dim)).zip(x.chunks_exact(dim)) {
-            // Recompute the statistics exactly as the forward pass does, `dxr` as scratch.
+            // Recompute the statistics exactly as the forward pass does.
             let mean = math::sum(xr) / dim as f32;
-            for (d, &v) in dxr.iter_mut().zip(xr) {
+            for (d, &v) in tmp.iter_mut().zip(xr) {
                 *d = (v - mean) * (v - mean);
             }
-            let var = math::sum(dxr) / dim as f32;
+            let var = math::sum(tmp) / dim as f32;
             let rstd = 1.0 / (var + eps).sqrt();
             // Σ dxhat·xhat with dxhat = dy·gamma, xhat = (x - mean)·rstd.
-            for (((d, &v), &g), &o) in dxr.iter_mut().zip(xr).zip(gamma).zip(dyr) {
+            for (((d, &v), &g), &o) in tmp.iter_mut().zip(xr).zip(gamma).zip(dyr) {
                 *d = o * g * ((v - mean) * rstd);
             }
-            let mean_dxhat_xhat = math::sum(dxr) * inv_dim;
-            for ((d, &g), &o) in dxr.iter_mut().zip(gamma).zip(dyr) {
+            let mean_dxhat_xhat = math::sum(tmp) * inv_dim;
+            for ((d, &g), &o) in tmp.iter_mut().zip(gamma).zip(dyr) {
                 *d = o * g;
             }
-            let mean_dxhat = math::sum(dxr) * inv_dim;
+            let mean_dxhat = math::sum(tmp) * inv_dim;
             // dx = rstd·(dxhat - mean(dxhat) - xhat·mean(dxhat·xhat)).
-            for (d, &v) in dxr.iter_mut().zip(xr) {
-                let xhat = (v - mean) * rstd;
-                *d = rstd * (*d - mean_dxhat - xhat * mean_dxhat_xhat);
+            if accumulate {
+                for ((d, &t), &v) in dxr.iter_mut().zip(tmp.iter()).zip(xr) {
+                    let xhat = (v - mean) * rstd;
+                    *d += rstd * (t - mean_dxhat - xhat * mean_dxhat_xhat);
+                }
+            } else {
+                for ((d, &t), &v) in dxr.iter_mut().zip(tmp.iter()).zip(xr) {
+                    let xhat = (v - mean) * rstd;
+                    *d = rstd * (t - mean_dxhat - xhat * mean_dxhat_xhat);
+                }
             }
             for (((pg, pb), &v), &o) in pg.iter_mut().zip(pb.iter_mut()).zip(xr).zip(dyr) {
                 *pg += o * ((v - mean) * rstd);
@@ -88,6 +96,37 @@ pub fn layernorm_backward(
     dim: usize,
     eps: f32,
 ) {
+    layernorm_backward_impl(dx, dgamma, dbeta, dy, x, gamma, dim, eps, false);
+}
+
+/// [`layernorm_backward`] that ADDS the input gradient to `dx` (a pre-LN block's residual
+/// stream: the gradient through the norm meets the one that skips it, without another pass).
+#[allow(clippy::too_many_arguments)]
+pub fn layernorm_backward_accumulate(
+    dx: &mut [f32],
+    dgamma: &mut [f32],
+    dbeta: &mut [f32],
+    dy: &[f32],
+    x: &[f32],
+    gamma: &[f32],
+    dim: usize,
+    eps: f32,
+) {
+    layernorm_backward_impl(dx, dgamma, dbeta, dy, x, gamma, dim, eps, true);
+}
+
+#[allow(clippy::too_many_arguments)]
+fn layernorm_backward_impl(
+    dx: &mut [f32],
+    dgamma: &mut [f32],
+    dbeta: &mut [f32],
+    dy: &[f32],
+    x: &[f32],
+    gamma: &[f32],
+    dim: usize,
+    eps: f32,
+    accumulate: bool,
+) {
     assert!(dim > 0, "layernorm_backward: dim must be positive");
     assert_eq!(x.len() % dim, 0, "layernorm_backward: x is not a whole number of rows");
     assert_eq!(dx.len(), x.len(), "layernorm_backward: dx length");
@@ -104,7 +143,10 @@ pub fn layernorm_backward(
     dx.par_chunks_mut(chunk)
         .zip(partials.par_chunks_mut(2 * dim))
         .zip(dy.par_chunks(chunk).zip(x.par_chunks(chunk)))
-        .for_each(|((dxc, part), (dyc, xc))| layernorm_backward_rows(dxc, part, dyc, xc, gamma, dim, eps));
+        .for_each(|((dxc, part), (dyc, xc))| {
+            let mut tmp = vec![0.0f32; dim];
+            layernorm_backward_rows(dxc, part, &mut tmp, dyc, xc, gamma, dim, eps, accumulate)
+        });
     let (pg, pb) = reduce_partials_in_order(&mut partials, 2 * dim).split_at(dim);
     add_into(dgamma, pg);
     add_into(dbeta, pb);
@@ -429,6 +471,25 @@ mod tests {
         assert_eq!(&out[..each * dim], &x[..each * dim]);
         let i = each * dim + 3;
         assert_eq!(out[i], x[i] + (scale[3] * 1.25) * (y[i] + bias[3]));
+    }
+
+    #[test]
+    fn layernorm_backward_accumulate_adds_the_overwritten_result() {
+        let mut rng = Rng(21);
+        let (rows, dim) = (19, 7);
+        let x = rng.vec(rows * dim, -2.0, 2.0);
+        let dy = rng.vec(rows * dim, -1.0, 1.0);
+        let gamma = rng.vec(dim, 0.5, 1.5);
+        let base = rng.vec(rows * dim, -1.0, 1.0);
+        let (mut g1, mut b1, mut g2, mut b2) = (vec![0.0; dim], vec![0.0; dim], vec![0.0; dim], vec![0.0; dim]);
+        let mut over = vec![0.0f32; rows * dim];
+        layernorm_backward(&mut over, &mut g1, &mut b1, &dy, &x, &gamma, dim, 1e-5);
+        let mut acc = base.clone();
+        layernorm_backward_accumulate(&mut acc, &mut g2, &mut b2, &dy, &x, &gamma, dim, 1e-5);
+        for i in 0..rows * dim {
+            assert_eq!(acc[i], base[i] + over[i]);
+        }
+        assert_eq!((g1, b1), (g2, b2));
     }
 
     fn layernorm_ref(x: &[f64], gamma: &[f64], beta: &[f64], dim: usize, eps: f64) -> Vec<f64> {

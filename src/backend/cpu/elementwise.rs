@@ -193,17 +193,6 @@ pub fn residual_add_into(
     );
 }
 
-/// `acc += x`, element-wise (gradients meeting at a residual connection).
-pub fn add_inplace(acc: &mut [f32], x: &[f32]) {
-    assert_eq!(acc.len(), x.len());
-    const CHUNK: usize = 16_384;
-    acc.par_chunks_mut(CHUNK).zip(x.par_chunks(CHUNK)).for_each(|(a, x)| {
-        for (a, &v) in a.iter_mut().zip(x) {
-            *a += v;
-        }
-    });
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -18,7 +18,7 @@ use crate::backend::cpu::attention_backward::{
     attention_backward, attention_backward_scratch_len, attention_forward_saving_probs,
 };
 use crate::backend::cpu::backward::{
-    gelu_backward, layernorm_backward, layernorm_backward_accumulate, linear_backward, residual_add_backward,
+    gelu_backward, layernorm_backward, linear_backward, residual_add_backward, DxMode,
 };
 use crate::backend::cpu::cross_entropy::cross_entropy_fused_part;
 use crate::backend::cpu::elementwise::{bias_gelu_split, residual_add_into, RowFactors};
@@ -325,7 +325,17 @@ impl Model {
             }
             let dgathered = &mut dgathered[..m * d];
             let (dg, dbeta) = grads_pair(&self.params, grads, head_ln);
-            layernorm_backward(dgathered, dg, dbeta, dnormed_rows, gathered, p.get(head_ln.weight), d, dims.eps);
+            layernorm_backward(
+                dgathered,
+                dg,
+                dbeta,
+                dnormed_rows,
+                gathered,
+                p.get(head_ln.weight),
+                d,
+                dims.eps,
+                DxMode::Overwrite,
+            );
             // Scatter back: unmasked rows and CLS get no gradient from the loss.
             h.fill(0.0);
             for (src, &row) in dgathered.chunks_exact(d).zip(masked_rows.iter()) {
@@ -338,7 +348,7 @@ impl Model {
             Some(ln) => {
                 let [dx, dh, x] = arena.many_mut([plan.dx, plan.hidden, plan.x_out]);
                 let (dg, dbeta) = grads_pair(&self.params, grads, *ln);
-                layernorm_backward(dx, dg, dbeta, dh, x, self.params.get(ln.weight), d, dims.eps);
+                layernorm_backward(dx, dg, dbeta, dh, x, self.params.get(ln.weight), d, dims.eps, DxMode::Overwrite);
             }
             None => {
                 let [dx, dh] = arena.many_mut([plan.dx, plan.x_out]);
@@ -571,7 +581,7 @@ impl Model {
         }
         {
             let (dg, dbeta) = grads_pair(p, grads, Affine { weight: blk.ln_after_w, bias: blk.ln_after_b });
-            layernorm_backward_accumulate(dx, dg, dbeta, dnormed, mid, p.get(blk.ln_after_w), d, eps);
+            layernorm_backward(dx, dg, dbeta, dnormed, mid, p.get(blk.ln_after_w), d, eps, DxMode::Accumulate);
         }
 
         // Attention branch: mid = x + k·λ1 ⊙ (attn_out + out_b).
@@ -618,7 +628,7 @@ impl Model {
         }
         {
             let (dg, dbeta) = grads_pair(p, grads, Affine { weight: blk.ln_before_w, bias: blk.ln_before_b });
-            layernorm_backward_accumulate(dx, dg, dbeta, dnormed, x, p.get(blk.ln_before_w), d, eps);
+            layernorm_backward(dx, dg, dbeta, dnormed, x, p.get(blk.ln_before_w), d, eps, DxMode::Accumulate);
         }
     }
 

@@ -7,9 +7,11 @@
 
 #include "beit.h"
 
+#include <ftw.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 
 /* ------------------------------------------------------------------------------------------ */
 /* Checks                                                                                      */
@@ -98,5 +100,15 @@ static int write_file(const char *path, const void *data, size_t size) {
     int ok = fwrite(data, 1, size, f) == size;
     return (fclose(f) == 0 && ok) ? 0 : -1;
 }
+
+/* Removes a directory tree (test scratch directories). */
+static int remove_entry(const char *path, const struct stat *st, int flag, struct FTW *ftw) {
+    (void)st;
+    (void)flag;
+    (void)ftw;
+    return remove(path);
+}
+
+static void remove_tree(const char *dir) { nftw(dir, remove_entry, 16, FTW_DEPTH | FTW_PHYS); }
 
 #endif

@@ -59,15 +59,6 @@ static void path_join(char *out, size_t cap, const char *dir, const char *name) 
     concat3(out, cap, dir, "/", name);
 }
 
-static int remove_entry(const char *path, const struct stat *st, int flag, struct FTW *ftw) {
-    (void)st;
-    (void)flag;
-    (void)ftw;
-    return remove(path);
-}
-
-static void remove_tree(const char *dir) { nftw(dir, remove_entry, 16, FTW_DEPTH | FTW_PHYS); }
-
 /* ------------------------------------------------------------------------------------------ */
 /* A minimal safetensors reader: 8-byte little-endian header length, a JSON header mapping    */
 /* names to {"dtype", "shape", "data_offsets"}, then the raw data.                            */

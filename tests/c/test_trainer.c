@@ -55,15 +55,6 @@ static void path_join(char *out, size_t cap, const char *dir, const char *name) 
     out[ld + 1 + ln] = 0;
 }
 
-static int remove_entry(const char *path, const struct stat *st, int flag, struct FTW *ftw) {
-    (void)st;
-    (void)flag;
-    (void)ftw;
-    return remove(path);
-}
-
-static void remove_tree(const char *dir) { nftw(dir, remove_entry, 16, FTW_DEPTH | FTW_PHYS); }
-
 /* ------------------------------------------------------------------------------------------ */
 /* The model and the batch                                                                     */
 

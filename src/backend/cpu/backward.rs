@@ -81,10 +81,20 @@ simd_dispatch! {
     }
 }
 
+/// What a backward does with the input gradient buffer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DxMode {
+    /// `dx = ∂L/∂x`.
+    Overwrite,
+    /// `dx += ∂L/∂x`: where a pre-LN block's residual stream meets the gradient through the
+    /// norm, without another pass.
+    Accumulate,
+}
+
 /// Gradients of PyTorch's `LayerNorm` (biased variance, eps inside the square root) over rows
-/// of length `dim`. `dx` is overwritten; `dgamma` and `dbeta` are accumulated (`+=`).
-/// Mean and rstd are recomputed from `x`. The parameter sums are bit-identical for any number
-/// of threads.
+/// of length `dim`. `dx` is overwritten or added to (`mode`); `dgamma` and `dbeta` are
+/// accumulated (`+=`). Mean and rstd are recomputed from `x`. The parameter sums are
+/// bit-identical for any number of threads.
 #[allow(clippy::too_many_arguments)]
 pub fn layernorm_backward(
     dx: &mut [f32],
@@ -95,38 +105,9 @@ pub fn layernorm_backward(
     gamma: &[f32],
     dim: usize,
     eps: f32,
+    mode: DxMode,
 ) {
-    layernorm_backward_impl(dx, dgamma, dbeta, dy, x, gamma, dim, eps, false);
-}
-
-/// [`layernorm_backward`] that ADDS the input gradient to `dx` (a pre-LN block's residual
-/// stream: the gradient through the norm meets the one that skips it, without another pass).
-#[allow(clippy::too_many_arguments)]
-pub fn layernorm_backward_accumulate(
-    dx: &mut [f32],
-    dgamma: &mut [f32],
-    dbeta: &mut [f32],
-    dy: &[f32],
-    x: &[f32],
-    gamma: &[f32],
-    dim: usize,
-    eps: f32,
-) {
-    layernorm_backward_impl(dx, dgamma, dbeta, dy, x, gamma, dim, eps, true);
-}
-
-#[allow(clippy::too_many_arguments)]
-fn layernorm_backward_impl(
-    dx: &mut [f32],
-    dgamma: &mut [f32],
-    dbeta: &mut [f32],
-    dy: &[f32],
-    x: &[f32],
-    gamma: &[f32],
-    dim: usize,
-    eps: f32,
-    accumulate: bool,
-) {
+    let accumulate = mode == DxMode::Accumulate;
     assert!(dim > 0, "layernorm_backward: dim must be positive");
     assert_eq!(x.len() % dim, 0, "layernorm_backward: x is not a whole number of rows");
     assert_eq!(dx.len(), x.len(), "layernorm_backward: dx length");
@@ -483,9 +464,9 @@ mod tests {
         let base = rng.vec(rows * dim, -1.0, 1.0);
         let (mut g1, mut b1, mut g2, mut b2) = (vec![0.0; dim], vec![0.0; dim], vec![0.0; dim], vec![0.0; dim]);
         let mut over = vec![0.0f32; rows * dim];
-        layernorm_backward(&mut over, &mut g1, &mut b1, &dy, &x, &gamma, dim, 1e-5);
+        layernorm_backward(&mut over, &mut g1, &mut b1, &dy, &x, &gamma, dim, 1e-5, DxMode::Overwrite);
         let mut acc = base.clone();
-        layernorm_backward_accumulate(&mut acc, &mut g2, &mut b2, &dy, &x, &gamma, dim, 1e-5);
+        layernorm_backward(&mut acc, &mut g2, &mut b2, &dy, &x, &gamma, dim, 1e-5, DxMode::Accumulate);
         for i in 0..rows * dim {
             assert_eq!(acc[i], base[i] + over[i]);
         }
@@ -516,7 +497,7 @@ mod tests {
         let mut dx = vec![f32::NAN; rows * dim];
         let mut dgamma = vec![0.0; dim];
         let mut dbeta = vec![0.0; dim];
-        layernorm_backward(&mut dx, &mut dgamma, &mut dbeta, &r, &x, &gamma, dim, eps);
+        layernorm_backward(&mut dx, &mut dgamma, &mut dbeta, &r, &x, &gamma, dim, eps, DxMode::Overwrite);
 
         let inputs = vec![to64(&x), to64(&gamma), to64(&beta)];
         let f = |v: &[Vec<f64>]| loss(&r, &layernorm_ref(&v[0], &v[1], &v[2], dim, eps as f64));
@@ -596,7 +577,7 @@ mod tests {
                 let mut dx = vec![0.0; rows * dim];
                 let mut dg = vec![0.0; dim];
                 let mut dbt = vec![0.0; dim];
-                layernorm_backward(&mut dx, &mut dg, &mut dbt, &dy, &x, &gamma, dim, 1e-6);
+                layernorm_backward(&mut dx, &mut dg, &mut dbt, &dy, &x, &gamma, dim, 1e-6, DxMode::Overwrite);
                 (bits(&dx), bits(&dg), bits(&dbt))
             })
         };
@@ -627,9 +608,9 @@ mod tests {
         let gamma = rng.vec(dim, 0.5, 1.5);
         let mut dx = vec![0.0; rows * dim];
         let (mut dg, mut dbt) = (vec![0.0; dim], vec![0.0; dim]);
-        layernorm_backward(&mut dx, &mut dg, &mut dbt, &dy, &x, &gamma, dim, 1e-5);
+        layernorm_backward(&mut dx, &mut dg, &mut dbt, &dy, &x, &gamma, dim, 1e-5, DxMode::Overwrite);
         let (dg1, dbt1, dx1) = (dg.clone(), dbt.clone(), dx.clone());
-        layernorm_backward(&mut dx, &mut dg, &mut dbt, &dy, &x, &gamma, dim, 1e-5);
+        layernorm_backward(&mut dx, &mut dg, &mut dbt, &dy, &x, &gamma, dim, 1e-5, DxMode::Overwrite);
         assert_eq!(dx, dx1, "dx must be overwritten, not accumulated");
         assert_eq!(dg, dg1.iter().map(|v| 2.0 * v).collect::<Vec<_>>());
         assert_eq!(dbt, dbt1.iter().map(|v| 2.0 * v).collect::<Vec<_>>());

@@ -70,6 +70,31 @@ enum Command {
         #[command(subcommand)]
         what: BenchCommand,
     },
+    /// Image datasets in the `.beitds` format (docs/dataset-format.md).
+    /// `beit dataset import`: convert IDX (MNIST, Fashion-MNIST) files.
+    /// `beit dataset info`: validate a file and print its header as one JSON line.
+    Dataset {
+        #[command(subcommand)]
+        what: DatasetCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum DatasetCommand {
+    /// Convert images (and labels) into a dataset file, written atomically.
+    Import {
+        /// Source format; only `idx` (u8 images [N,H,W], u8 labels [N], raw or gzip).
+        #[arg(long, default_value = "idx")]
+        format: String,
+        #[arg(long)]
+        images: PathBuf,
+        #[arg(long)]
+        labels: Option<PathBuf>,
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Open (and so fully validate) a dataset file and print count, shape and sections as JSON.
+    Info { file: PathBuf },
 }
 
 #[derive(clap::Args)]
@@ -551,6 +576,35 @@ fn bench_pretrain(
     Ok(())
 }
 
+fn dataset(what: DatasetCommand) -> beit::Result<()> {
+    use beit::data::dataset::{Dataset, DatasetHeader};
+    let info = |h: &DatasetHeader, file: &std::path::Path| {
+        serde_json::json!({"file": file.display().to_string(), "version": h.version, "count": h.count,
+            "height": h.height, "width": h.width, "channels": h.channels, "sections": h.section_names(),
+            "token_grid": [h.token_grid_h, h.token_grid_w]})
+    };
+    match what {
+        DatasetCommand::Import { format, images, labels, out } => {
+            if format != "idx" {
+                return Err(beit::Error::InvalidArgument(format!("unknown import format {format:?} (known: idx)")));
+            }
+            let start = std::time::Instant::now();
+            let h = beit::data::import::import_idx(&images, labels.as_deref(), &out)?;
+            let mut v = info(&h, &out);
+            v["command"] = "dataset import".into();
+            v["seconds"] = start.elapsed().as_secs_f64().into();
+            print_json(v);
+        }
+        DatasetCommand::Info { file } => {
+            let d = Dataset::open(&file)?;
+            let mut v = info(d.header(), &file);
+            v["command"] = "dataset info".into();
+            print_json(v);
+        }
+    }
+    Ok(())
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
@@ -566,6 +620,7 @@ fn main() -> ExitCode {
         Command::Bench {
             what: BenchCommand::Pretrain { model, config, batch_file, batch, masked, threads, iters, warmup, json },
         } => bench_pretrain(model, config, batch_file, batch, masked, threads, iters, warmup, json),
+        Command::Dataset { what } => dataset(what),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

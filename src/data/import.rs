@@ -1,0 +1,152 @@
+//! Importers into the dataset format. IDX (MNIST, Fashion-MNIST): image files (magic
+//! 0x00000803, u8 [N, H, W]) and label files (magic 0x00000801, u8 [N]), raw or gzip-compressed
+//! (detected from the content, not the file name). All integers in IDX are big-endian.
+
+use std::fs;
+use std::io::Read;
+use std::path::Path;
+
+use crate::data::dataset::{DatasetHeader, DatasetSpec, DatasetWriter};
+use crate::error::{Error, Result};
+
+/// Magic of an IDX file of u8 with 3 dimensions (images).
+pub const IDX_IMAGES_MAGIC: u32 = 0x0000_0803;
+/// Magic of an IDX file of u8 with 1 dimension (labels).
+pub const IDX_LABELS_MAGIC: u32 = 0x0000_0801;
+
+/// Decoded IDX images: `count` grey images of `height` x `width`, back to back.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IdxImages {
+    pub count: usize,
+    pub height: usize,
+    pub width: usize,
+    pub pixels: Vec<u8>,
+}
+
+/// Opens `path` as a byte stream, transparently gunzipping when it starts with the gzip magic.
+fn open_maybe_gzip(path: &Path) -> Result<Box<dyn Read>> {
+    let what = path.display();
+    let mut file = fs::File::open(path).map_err(|e| Error::Io(format!("cannot open {what}: {e}")))?;
+    let mut head = [0u8; 2];
+    let mut got = 0;
+    while got < 2 {
+        match file.read(&mut head[got..]) {
+            Ok(0) => break,
+            Ok(n) => got += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => bail!(Io, "cannot read {what}: {e}"),
+        }
+    }
+    let prefix = std::io::Cursor::new(head[..got].to_vec());
+    let stream = prefix.chain(file);
+    if got == 2 && head == [0x1f, 0x8b] {
+        Ok(Box::new(flate2::read::MultiGzDecoder::new(stream)))
+    } else {
+        Ok(Box::new(stream))
+    }
+}
+
+/// Reads up to `want` bytes (and one more, to detect trailing data). Grows the buffer as data
+/// arrives, so a header that claims a huge size cannot force a huge allocation up front.
+fn read_exact_body(r: &mut dyn Read, want: u64, what: &str, part: &str) -> Result<Vec<u8>> {
+    let mut buf = Vec::new();
+    r.take(want.saturating_add(1))
+        .read_to_end(&mut buf)
+        .map_err(|e| Error::Format(format!("{what}: cannot read {part} (corrupt gzip or read error): {e}")))?;
+    ensure!(
+        buf.len() as u64 >= want,
+        Format,
+        "{what}: truncated: header declares {want} bytes of {part}, file has {}",
+        buf.len()
+    );
+    ensure!(buf.len() as u64 == want, Format, "{what}: trailing data after the {want} bytes of {part}");
+    Ok(buf)
+}
+
+fn read_header(r: &mut dyn Read, words: usize, what: &str) -> Result<Vec<u32>> {
+    let mut b = vec![0u8; 4 * words];
+    let mut got = 0;
+    while got < b.len() {
+        match r.read(&mut b[got..]) {
+            Ok(0) => bail!(Format, "{what}: truncated IDX header: {got} of {} bytes", b.len()),
+            Ok(n) => got += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => bail!(Format, "{what}: cannot read IDX header (corrupt gzip or read error): {e}"),
+        }
+    }
+    Ok(b.chunks_exact(4).map(|c| u32::from_be_bytes([c[0], c[1], c[2], c[3]])).collect())
+}
+
+fn check_magic(magic: u32, want: u32, kind: &str, what: &str) -> Result<()> {
+    ensure!(
+        magic == want,
+        Format,
+        "{what}: bad IDX magic {magic:#010x} for {kind} (expected {want:#010x}: u8 data with {} dimension{})",
+        want & 0xff,
+        if want & 0xff == 1 { "" } else { "s" }
+    );
+    Ok(())
+}
+
+/// Reads an IDX image file (raw or gzip).
+pub fn read_idx_images(path: &Path) -> Result<IdxImages> {
+    let what = path.display().to_string();
+    let mut r = open_maybe_gzip(path)?;
+    check_magic(read_header(&mut r, 1, &what)?[0], IDX_IMAGES_MAGIC, "images", &what)?;
+    let h = read_header(&mut r, 3, &what)?;
+    let (n, rows, cols) = (h[0] as u64, h[1] as u64, h[2] as u64);
+    ensure!(rows > 0 && cols > 0, Format, "{what}: IDX image shape {rows}x{cols} has a zero dimension");
+    let want = n
+        .checked_mul(rows)
+        .and_then(|v| v.checked_mul(cols))
+        .ok_or_else(|| Error::Format(format!("{what}: IDX size {n}x{rows}x{cols} overflows")))?;
+    let pixels = read_exact_body(&mut r, want, &what, "pixels")?;
+    Ok(IdxImages { count: n as usize, height: rows as usize, width: cols as usize, pixels })
+}
+
+/// Reads an IDX label file (raw or gzip).
+pub fn read_idx_labels(path: &Path) -> Result<Vec<u8>> {
+    let what = path.display().to_string();
+    let mut r = open_maybe_gzip(path)?;
+    check_magic(read_header(&mut r, 1, &what)?[0], IDX_LABELS_MAGIC, "labels", &what)?;
+    let n = read_header(&mut r, 1, &what)?[0];
+    read_exact_body(&mut r, n as u64, &what, "labels")
+}
+
+/// Imports an IDX image file (and optionally its label file) into a dataset at `out`: 1 channel,
+/// labels u32 when given. Returns the header written.
+pub fn import_idx(images: &Path, labels: Option<&Path>, out: &Path) -> Result<DatasetHeader> {
+    let img = read_idx_images(images)?;
+    let labels = match labels {
+        Some(p) => {
+            let l = read_idx_labels(p)?;
+            ensure!(
+                l.len() == img.count,
+                Format,
+                "{} has {} labels but {} has {} images",
+                p.display(),
+                l.len(),
+                images.display(),
+                img.count
+            );
+            Some(l)
+        }
+        None => None,
+    };
+    let to_u32 = |v: usize| u32::try_from(v).map_err(|_| Error::Format(format!("image side {v} too large")));
+    let spec = DatasetSpec {
+        height: to_u32(img.height)?,
+        width: to_u32(img.width)?,
+        channels: 1,
+        labels: labels.is_some(),
+        masks: false,
+        token_grid: None,
+    };
+    let mut w = DatasetWriter::create(out, spec)?;
+    let per = img.height * img.width;
+    for i in 0..img.count {
+        let label = labels.as_ref().map(|l| l[i] as u32);
+        w.push(&img.pixels[i * per..(i + 1) * per], label, None, None)?;
+    }
+    w.finish()
+}

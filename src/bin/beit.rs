@@ -227,6 +227,26 @@ enum BenchCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Augmenting two-view loader images/s over a dataset file (JSON on stdout).
+    Loader {
+        #[arg(long)]
+        dataset: PathBuf,
+        #[arg(long, default_value_t = 64)]
+        batch: usize,
+        /// Worker threads.
+        #[arg(long, default_value_t = 2)]
+        threads: usize,
+        /// View 1 size (square); the tokenizer view is half of it. 32 matches tiny32.
+        #[arg(long, default_value_t = 32)]
+        image_size: usize,
+        #[arg(long, default_value_t = 4)]
+        patch: usize,
+        #[arg(long, default_value_t = 26)]
+        masked: usize,
+        /// Batches timed (at most one epoch).
+        #[arg(long, default_value_t = 200)]
+        batches: usize,
+    },
 }
 
 fn infer(
@@ -605,6 +625,33 @@ fn dataset(what: DatasetCommand) -> beit::Result<()> {
     Ok(())
 }
 
+fn bench_loader(
+    file: PathBuf,
+    batch: usize,
+    threads: usize,
+    image_size: usize,
+    patch: usize,
+    masked: usize,
+    batches: usize,
+) -> beit::Result<()> {
+    use beit::data::loader::{Loader, LoaderConfig};
+    let ds = std::sync::Arc::new(beit::data::dataset::Dataset::open(&file)?);
+    let config = LoaderConfig {
+        workers: threads.max(1),
+        prefetch: 2 * threads.max(1),
+        ..LoaderConfig::beit(batch, (image_size, image_size), (patch, patch), masked)
+    };
+    let loader = Loader::new(ds, config)?;
+    let n = batches.min(loader.num_batches());
+    let start = std::time::Instant::now();
+    let images: usize = loader.iter().take(n).map(|b| b.len()).sum();
+    let seconds = start.elapsed().as_secs_f64();
+    print_json(serde_json::json!({"command": "bench loader", "dataset": file.display().to_string(),
+        "batch": batch, "threads": threads.max(1), "image_size": image_size, "batches": n, "images": images,
+        "seconds": seconds, "images_per_s": images as f64 / seconds}));
+    Ok(())
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
@@ -620,6 +667,9 @@ fn main() -> ExitCode {
         Command::Bench {
             what: BenchCommand::Pretrain { model, config, batch_file, batch, masked, threads, iters, warmup, json },
         } => bench_pretrain(model, config, batch_file, batch, masked, threads, iters, warmup, json),
+        Command::Bench {
+            what: BenchCommand::Loader { dataset, batch, threads, image_size, patch, masked, batches },
+        } => bench_loader(dataset, batch, threads, image_size, patch, masked, batches),
         Command::Dataset { what } => dataset(what),
     };
     match result {

@@ -1,6 +1,6 @@
 //! Data for pretraining and fine-tuning: BEiT's block-wise masking, a synthetic MIM task, the
-//! on-disk dataset format (docs/dataset-format.md) and its importers; the augmenting loader
-//! arrives with the rest of the dataset issue.
+//! on-disk dataset format (docs/dataset-format.md), its importers, and the augmenting two-view
+//! loader.
 
 // cbindgen exports every public integer constant it sees; these modules are Rust-only (the C API
 // does not expose datasets yet), so keep their format constants out of include/beit.h.
@@ -8,5 +8,7 @@
 pub mod dataset;
 /// cbindgen:ignore
 pub mod import;
+/// cbindgen:ignore
+pub mod loader;
 pub mod masking;
 pub mod synthetic;

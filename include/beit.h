@@ -8,8 +8,8 @@
  *   beit_last_error_message() gives the reason in words. Every fallible function clears that
  *   message when it starts, so after a success it is "".
  * - Outputs (out-pointers, caller buffers, out structs) are written only on success.
- * - Handles (beit_context, beit_model, beit_trainer) are opaque; every create/load has a *_free
- *   that accepts NULL.
+ * - Handles (beit_context, beit_model, beit_trainer, beit_dataset) are opaque; every
+ *   create/load/open has a *_free that accepts NULL.
  * - Structs crossing the API begin with size_t struct_size = sizeof(the struct) as the caller
  *   compiled it, so later versions can append fields. Start from the *_default() functions.
  * - No Rust panic ever unwinds into the caller: it becomes BEIT_ERR_INTERNAL.
@@ -18,6 +18,7 @@
  * - A beit_model is immutable: many threads may run beit_model_infer on one model at once.
  * - A beit_context may be shared by many threads; its thread pool is thread-safe.
  * - A beit_trainer is mutable: use each trainer from one thread at a time.
+ * - A beit_dataset is immutable: many threads may read samples from one dataset at once.
  * - The last error message is per thread.
  * - Free a handle only when no call is using it. Handles may be freed in any order (a trainer
  *   shares its context's thread pool).
@@ -211,6 +212,15 @@ typedef uint32_t beit_weight_decay_on;
 typedef struct beit_context beit_context;
 
 /**
+ * An open dataset file: memory-mapped and validated, never modified.
+ *
+ * Thread safety: a dataset is immutable; any number of threads may call
+ * `beit_dataset_get_info` and `beit_dataset_read_sample` on one dataset at once. Free it only
+ * when no call is using it.
+ */
+typedef struct beit_dataset beit_dataset;
+
+/**
  * A BEiT model: config and parameters.
  *
  * Thread safety: a model is immutable once created; many threads may run `beit_model_infer`
@@ -249,6 +259,119 @@ typedef struct beit_context_options {
      */
     uint32_t num_threads;
 } beit_context_options;
+
+/**
+ * What a dataset holds. Set `struct_size` (or start from `beit_dataset_info_default()`); only
+ * the fields that fit in it are written.
+ */
+typedef struct beit_dataset_info {
+    /**
+     * Set by the caller to `sizeof(beit_dataset_info)`; left as it is.
+     */
+    size_t struct_size;
+    /**
+     * Number of samples (may be 0).
+     */
+    uint64_t count;
+    /**
+     * Image height H.
+     */
+    uint32_t height;
+    /**
+     * Image width W.
+     */
+    uint32_t width;
+    /**
+     * Channels per pixel C (1 grey, 3 RGB, ...).
+     */
+    uint32_t channels;
+    /**
+     * Whether every sample has a class label.
+     */
+    bool has_labels;
+    /**
+     * Whether every sample has a segmentation mask ([H, W] u8).
+     */
+    bool has_masks;
+    /**
+     * Whether every sample has a visual-token grid ([token_grid_h, token_grid_w] u16).
+     */
+    bool has_tokens;
+    /**
+     * Token grid rows; 0 without tokens.
+     */
+    uint32_t token_grid_h;
+    /**
+     * Token grid columns; 0 without tokens.
+     */
+    uint32_t token_grid_w;
+    /**
+     * Bytes of one sample's pixels, H * W * C (`beit_dataset_sample.pixels_len`).
+     */
+    size_t pixels_len;
+    /**
+     * Bytes of one sample's mask, H * W, or 0 without masks (`beit_dataset_sample.mask_len`).
+     */
+    size_t mask_len;
+    /**
+     * Tokens of one sample, token_grid_h * token_grid_w, or 0 without tokens
+     * (`beit_dataset_sample.tokens_len`).
+     */
+    size_t tokens_len;
+} beit_dataset_info;
+
+/**
+ * One sample for `beit_dataset_read_sample`: caller-owned buffers to copy it into (inputs),
+ * and the label and what was written (outputs). Start from `beit_dataset_sample_default()`.
+ */
+typedef struct beit_dataset_sample {
+    /**
+     * `sizeof(beit_dataset_sample)` as the caller compiled it.
+     */
+    size_t struct_size;
+    /**
+     * Receives the pixels, u8 [H, W, C] interleaved, row-major. Required.
+     */
+    uint8_t *pixels;
+    /**
+     * Bytes at `pixels`; must equal H * W * C (`beit_dataset_info.pixels_len`).
+     */
+    size_t pixels_len;
+    /**
+     * Receives the segmentation mask, u8 [H, W], when the dataset has masks; NULL to skip it.
+     */
+    uint8_t *mask;
+    /**
+     * Bytes at `mask`; when `mask` is not NULL and the dataset has masks, must equal H * W.
+     */
+    size_t mask_len;
+    /**
+     * Receives the visual tokens, u16 [token_grid_h, token_grid_w] row-major (host byte
+     * order), when the dataset has tokens; NULL to skip them.
+     */
+    uint16_t *tokens;
+    /**
+     * Values at `tokens`; when `tokens` is not NULL and the dataset has tokens, must equal
+     * token_grid_h * token_grid_w.
+     */
+    size_t tokens_len;
+    /**
+     * Output: the class label when `label_written`, else 0.
+     */
+    uint32_t label;
+    /**
+     * Output: whether the dataset has labels and `label` holds this sample's.
+     */
+    bool label_written;
+    /**
+     * Output: whether `mask` was filled (the dataset has masks and `mask` is not NULL).
+     */
+    bool mask_written;
+    /**
+     * Output: whether `tokens` was filled (the dataset has tokens and `tokens` is not NULL).
+     */
+    bool tokens_written;
+} beit_dataset_sample;
 
 /**
  * What a model is (filled by `beit_model_get_info`).
@@ -624,6 +747,78 @@ beit_status beit_context_create(const struct beit_context_options *opts, struct 
  * thread is using.
  */
 void beit_context_free(struct beit_context *ctx);
+
+/**
+ * A zeroed `beit_dataset_info` with `struct_size` set.
+ */
+struct beit_dataset_info beit_dataset_info_default(void);
+
+/**
+ * An empty `beit_dataset_sample` (NULL buffers, zero lengths and outputs) with `struct_size`
+ * set.
+ */
+struct beit_dataset_sample beit_dataset_sample_default(void);
+
+/**
+ * Opens a `.beitds` dataset file (docs/dataset-format.md): maps it and validates the header
+ * and every section against the file size, so that no later read can go outside the file. On
+ * success `*out` receives a dataset to release with `beit_dataset_free`; on failure `*out` is
+ * not written.
+ *
+ * Errors: `BEIT_ERR_NULL_POINTER` (path, out), `BEIT_ERR_INVALID_ARGUMENT` (path not UTF-8),
+ * `BEIT_ERR_IO` (missing or unreadable file), `BEIT_ERR_FORMAT` (not a dataset, an unknown
+ * version, a truncated or inconsistent file; the message names the problem).
+ *
+ * The file must not be truncated or rewritten in place while it is open (replace it by
+ * rename instead), as with every memory-mapped reader.
+ *
+ * # Safety
+ * `path` must be NULL or a NUL-terminated string; `out` NULL or writable.
+ */
+beit_status beit_dataset_open(const char *path, struct beit_dataset **out);
+
+/**
+ * Frees a dataset (and unmaps its file). NULL is a no-op.
+ *
+ * # Safety
+ * `dataset` must be NULL or a dataset not freed before, that no other thread is using.
+ */
+void beit_dataset_free(struct beit_dataset *dataset);
+
+/**
+ * Describes a dataset. Set `out->struct_size` first (or start from
+ * `beit_dataset_info_default()`); fields this version does not know are left untouched.
+ *
+ * Errors: `BEIT_ERR_NULL_POINTER` (dataset, out), `BEIT_ERR_INVALID_ARGUMENT` (struct_size).
+ *
+ * # Safety
+ * `dataset` must be NULL or a live dataset; `out` NULL or writable for `out->struct_size`
+ * bytes.
+ */
+beit_status beit_dataset_get_info(const struct beit_dataset *dataset,
+                                  struct beit_dataset_info *out);
+
+/**
+ * Copies sample `index` into the caller's buffers in `sample`: the pixels always, the mask
+ * and tokens when the dataset has them and the buffer is not NULL. On success `sample->label`
+ * and the `*_written` flags say what the sample holds; on any error nothing is written (not
+ * the buffers, not the struct).
+ *
+ * Errors: `BEIT_ERR_NULL_POINTER` (dataset, sample, sample->pixels),
+ * `BEIT_ERR_INVALID_ARGUMENT` (struct_size; `index` not below the sample count; a NULL
+ * mask or tokens buffer with a non-zero length; a misaligned tokens buffer),
+ * `BEIT_ERR_BUFFER_SIZE` (a buffer length other than the dataset's, with both numbers).
+ *
+ * Thread safety: any number of threads may read from one dataset at once.
+ *
+ * # Safety
+ * `dataset` must be NULL or a live dataset; `sample` NULL or readable and writable for its
+ * `struct_size`; every non-NULL buffer must hold its stated length, and not overlap another,
+ * for the duration of the call.
+ */
+beit_status beit_dataset_read_sample(const struct beit_dataset *dataset,
+                                     uint64_t index,
+                                     struct beit_dataset_sample *sample);
 
 /**
  * A zeroed `beit_model_info` with `struct_size` set.

@@ -5,6 +5,7 @@
 //! boxes with a NULL-tolerant `*_free`; structs crossing the boundary start with `struct_size`.
 
 pub mod context;
+pub mod dataset;
 pub mod model;
 pub mod status;
 pub mod trainer;

@@ -123,9 +123,19 @@ pub fn load_weights(store: &mut ParamStore, path: &Path) -> Result<()> {
 /// Serialises named f32 tensors as safetensors with `{"format": "pt"}` metadata (transformers
 /// refuses weight files without it).
 pub fn f32_tensors_bytes<'a>(tensors: impl IntoIterator<Item = (&'a str, &'a [usize], &'a [f32])>) -> Result<Vec<u8>> {
+    f32_tensors_bytes_with_metadata(tensors, HashMap::from([("format".to_string(), "pt".to_string())]))
+}
+
+/// Serialises named f32 tensors as safetensors with the given string metadata.
+pub fn f32_tensors_bytes_with_metadata<'a, N: AsRef<str> + 'a>(
+    tensors: impl IntoIterator<Item = (N, &'a [usize], &'a [f32])>,
+    metadata: HashMap<String, String>,
+) -> Result<Vec<u8>> {
     let owned: Vec<(String, Vec<usize>, Vec<u8>)> = tensors
         .into_iter()
-        .map(|(n, shape, data)| (n.to_string(), shape.to_vec(), data.iter().flat_map(|v| v.to_le_bytes()).collect()))
+        .map(|(n, shape, data)| {
+            (n.as_ref().to_string(), shape.to_vec(), data.iter().flat_map(|v| v.to_le_bytes()).collect())
+        })
         .collect();
     let views = owned
         .iter()
@@ -135,11 +145,10 @@ pub fn f32_tensors_bytes<'a>(tensors: impl IntoIterator<Item = (&'a str, &'a [us
                 .map_err(|e| Error::Internal(format!("tensor {n}: {e}")))
         })
         .collect::<Result<Vec<_>>>()?;
-    let meta = HashMap::from([("format".to_string(), "pt".to_string())]);
-    safetensors::tensor::serialize(views, Some(meta)).map_err(|e| Error::Internal(format!("serialising tensors: {e}")))
+    safetensors::tensor::serialize(views, Some(metadata))
+        .map_err(|e| Error::Internal(format!("serialising tensors: {e}")))
 }
 
-/// The exported entries of `store` as a safetensors file.
 pub fn weights_bytes(store: &ParamStore) -> Result<Vec<u8>> {
     f32_tensors_bytes(
         store

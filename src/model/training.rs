@@ -18,7 +18,7 @@ use crate::backend::cpu::attention_backward::{
     attention_backward, attention_backward_scratch_len, attention_forward_saving_probs,
 };
 use crate::backend::cpu::backward::{
-    gelu_backward, layernorm_backward, linear_backward, residual_add_backward, DxMode,
+    add_into, gelu_backward, layernorm_backward, linear_backward, residual_add_backward, DxMode,
 };
 use crate::backend::cpu::cross_entropy::cross_entropy_fused_part;
 use crate::backend::cpu::elementwise::{bias_gelu_split, residual_add_into, RowFactors};
@@ -740,12 +740,6 @@ fn grads_pair<'g>(p: &ParamStore, grads: &'g mut [f32], pair: Affine) -> (&'g mu
         let (lo, hi) = grads.split_at_mut(w.offset);
         let bias = &mut lo[b.offset..b.offset + b.len];
         (&mut hi[..w.len], bias)
-    }
-}
-
-fn add_into(out: &mut [f32], v: &[f32]) {
-    for (o, &a) in out.iter_mut().zip(v) {
-        *o += a;
     }
 }
 

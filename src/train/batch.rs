@@ -45,24 +45,6 @@ impl OwnedMimBatch {
         Ok(OwnedMimBatch { shape, pixels, bool_masked_pos, labels })
     }
 
-    /// The file form of this batch (labels as i64, the mask as u8).
-    pub fn to_bytes(&self) -> Result<Vec<u8>> {
-        use safetensors::tensor::{Dtype, TensorView};
-        let n = self.bool_masked_pos.len() / self.shape[0].max(1);
-        let pixel_bytes: Vec<u8> = self.pixels.iter().flat_map(|v| v.to_le_bytes()).collect();
-        let label_bytes: Vec<u8> = self.labels.iter().flat_map(|v| v.to_le_bytes()).collect();
-        let views = [
-            ("pixel_values", TensorView::new(Dtype::F32, self.shape.to_vec(), &pixel_bytes)),
-            ("bool_masked_pos", TensorView::new(Dtype::U8, vec![self.shape[0], n], &self.bool_masked_pos)),
-            ("labels", TensorView::new(Dtype::I64, vec![self.shape[0], n], &label_bytes)),
-        ];
-        let views: Vec<(&str, TensorView<'_>)> = views
-            .into_iter()
-            .map(|(k, v)| v.map(|v| (k, v)).map_err(|e| crate::Error::Format(format!("{k}: {e}"))))
-            .collect::<Result<_>>()?;
-        safetensors::serialize(views, None).map_err(|e| crate::Error::Format(e.to_string()))
-    }
-
     pub fn as_batch(&self) -> MimBatch<'_> {
         let [batch, channels, height, width] = self.shape;
         MimBatch {

@@ -16,11 +16,11 @@
 use std::collections::HashMap;
 use std::path::Path;
 
-use safetensors::tensor::{Dtype, TensorView};
+use safetensors::tensor::Dtype;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
-use crate::model::io::{tensor_to_f32, write_atomic, SafetensorsFile};
+use crate::model::io::{f32_tensors_bytes_with_metadata, tensor_to_f32, write_atomic, SafetensorsFile};
 use crate::model::{Architecture, BeitConfig, Model};
 
 use super::trainer::{RngState, Trainer, TrainerOptions};
@@ -84,24 +84,13 @@ fn to_bytes(trainer: &Trainer) -> Result<Vec<u8>> {
     let meta = HashMap::from([(META_KEY.to_string(), meta_json)]);
 
     let specs: Vec<_> = params.specs.iter().filter(|s| s.exported).collect();
-    let as_bytes = |buf: &[f32], offset: usize, len: usize| -> Vec<u8> {
-        buf[offset..offset + len].iter().flat_map(|v| v.to_le_bytes()).collect()
-    };
-    let mut owned: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::with_capacity(specs.len() * 3);
-    for (prefix, buf) in [("model", &params.data), ("exp_avg", &opt.exp_avg), ("exp_avg_sq", &opt.exp_avg_sq)] {
-        for s in &specs {
-            owned.push((format!("{prefix}/{}", s.name), s.shape.clone(), as_bytes(buf, s.offset, s.len)));
-        }
-    }
-    let views = owned
-        .iter()
-        .map(|(name, shape, bytes)| {
-            TensorView::new(Dtype::F32, shape.clone(), bytes)
-                .map(|v| (name.as_str(), v))
-                .map_err(|e| Error::Internal(format!("{name}: {e}")))
-        })
-        .collect::<Result<Vec<_>>>()?;
-    safetensors::serialize(views, Some(meta)).map_err(|e| Error::Internal(e.to_string()))
+    let buffers = [("model", &params.data), ("exp_avg", &opt.exp_avg), ("exp_avg_sq", &opt.exp_avg_sq)];
+    let tensors = buffers.iter().flat_map(|&(prefix, buf)| {
+        specs
+            .iter()
+            .map(move |s| (format!("{prefix}/{}", s.name), s.shape.as_slice(), &buf[s.offset..s.offset + s.len]))
+    });
+    f32_tensors_bytes_with_metadata(tensors, meta)
 }
 
 /// Writes `trainer`'s checkpoint to `path` atomically (temporary file, fsync, rename).

@@ -31,7 +31,8 @@ fn reduce_partials_in_order(partials: &mut [f32], width: usize) -> &[f32] {
     total
 }
 
-fn add_into(out: &mut [f32], v: &[f32]) {
+/// `out += v`, element by element in order.
+pub(crate) fn add_into(out: &mut [f32], v: &[f32]) {
     for (o, &a) in out.iter_mut().zip(v) {
         *o += a;
     }

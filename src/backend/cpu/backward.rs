@@ -174,6 +174,32 @@ pub fn gelu_backward(dx: &mut [f32], dy: &[f32], pre: &[f32]) {
 }
 
 simd_dispatch! {
+    fn relu_backward_chunk(dx: &mut [f32], dy: &[f32], x: &[f32], accumulate: bool) {
+        if accumulate {
+            for ((d, &o), &v) in dx.iter_mut().zip(dy).zip(x) {
+                *d += if v > 0.0 { o } else { 0.0 };
+            }
+        } else {
+            for ((d, &o), &v) in dx.iter_mut().zip(dy).zip(x) {
+                *d = if v > 0.0 { o } else { 0.0 };
+            }
+        }
+    }
+}
+
+/// Backward of [`super::elementwise::relu_forward`]: `dx = dout` where `x > 0`, else 0 (the
+/// gradient at 0 is 0, as in PyTorch), overwritten or added to (`mode`).
+pub fn relu_backward(x: &[f32], dout: &[f32], dx: &mut [f32], mode: DxMode) {
+    assert_eq!(dout.len(), x.len(), "relu_backward: dout length");
+    assert_eq!(dx.len(), x.len(), "relu_backward: dx length");
+    const CHUNK: usize = 16_384;
+    let accumulate = mode == DxMode::Accumulate;
+    dx.par_chunks_mut(CHUNK)
+        .zip(dout.par_chunks(CHUNK).zip(x.par_chunks(CHUNK)))
+        .for_each(|(d, (o, v))| relu_backward_chunk(d, o, v, accumulate));
+}
+
+simd_dispatch! {
     /// `part += Σ_rows dy[row, :]` over a chunk of rows of length `part.len()`.
     fn column_sums_rows(part: &mut [f32], dy: &[f32]) {
         for row in dy.chunks_exact(part.len()) {

@@ -193,6 +193,23 @@ pub fn residual_add_into(
     );
 }
 
+simd_dispatch! {
+    fn relu_chunk(x: &[f32], out: &mut [f32]) {
+        for (o, &v) in out.iter_mut().zip(x) {
+            // `v < 0 ? 0 : v` rather than `max`: a NaN passes through, as in PyTorch.
+            *o = if v < 0.0 { 0.0 } else { v };
+        }
+    }
+}
+
+/// `out = ReLU(x)` (out of place; the backward needs `x`). Its backward is
+/// [`super::backward::relu_backward`].
+pub fn relu_forward(x: &[f32], out: &mut [f32]) {
+    assert_eq!(out.len(), x.len(), "relu_forward: out length");
+    const CHUNK: usize = 16_384;
+    out.par_chunks_mut(CHUNK).zip(x.par_chunks(CHUNK)).for_each(|(o, x)| relu_chunk(x, o));
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -5,11 +5,13 @@
 pub mod attention;
 pub mod attention_backward;
 pub mod backward;
+pub mod conv;
 pub mod cross_entropy;
 pub mod elementwise;
 pub mod gemm;
 pub mod layernorm;
 pub mod math;
+pub mod pool;
 pub mod resize;
 
 /// A raw pointer that may cross into rayon tasks. Used only where tasks write provably disjoint

@@ -8,6 +8,7 @@ pub mod error;
 pub mod backend;
 pub mod context;
 pub mod data;
+pub mod dvae;
 pub mod ffi;
 pub mod model;
 pub mod tensor;

@@ -7,6 +7,9 @@ use beit::model::io::{f32_tensors_bytes, read_f32, read_mask, write_atomic, Safe
 use beit::{Context, ContextOptions, Device, ImageBatch, Model};
 use clap::{Parser, Subcommand};
 
+#[path = "cli/tokenizer.rs"]
+mod tokenizer_cli;
+
 #[derive(Parser)]
 #[command(name = "beit", version, about = "BEiT vision transformers: inference, pretraining, fine-tuning")]
 struct Cli {
@@ -77,6 +80,14 @@ enum Command {
         #[command(subcommand)]
         what: DatasetCommand,
     },
+    /// Visual tokenizers (dVAE). `beit tokenizer train`: train one on a dataset file.
+    Tokenizer {
+        #[command(subcommand)]
+        what: tokenizer_cli::TokenizerCommand,
+    },
+    /// Tokenize a dataset once into a token cache: a copy of the file whose samples carry the
+    /// visual tokens of the whole image, for pretraining's fast path.
+    Tokenize(tokenizer_cli::TokenizeArgs),
 }
 
 #[derive(Subcommand)]
@@ -671,6 +682,8 @@ fn main() -> ExitCode {
             what: BenchCommand::Loader { dataset, batch, threads, image_size, patch, masked, batches },
         } => bench_loader(dataset, batch, threads, image_size, patch, masked, batches),
         Command::Dataset { what } => dataset(what),
+        Command::Tokenizer { what: tokenizer_cli::TokenizerCommand::Train(args) } => tokenizer_cli::train(args),
+        Command::Tokenize(args) => tokenizer_cli::tokenize(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

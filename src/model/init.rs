@@ -31,6 +31,12 @@ pub fn initialise(store: &mut ParamStore, seed: u64) {
                     *v = z * std * scale;
                 }
             }
+            Init::Normal { std } => {
+                let normal = Normal::new(0.0f32, std).expect("finite std");
+                for v in values.iter_mut() {
+                    *v = normal.sample(&mut rng);
+                }
+            }
         }
         // Keep the stream position independent of whether an entry used randomness, so adding
         // a zero-initialised entry does not reshuffle every later weight.

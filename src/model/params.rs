@@ -18,6 +18,10 @@ pub enum Init {
         std: f32,
         scale: f32,
     },
+    /// Normal(0, std), untruncated (PyTorch `normal_`; the DALL-E convolutions' init).
+    Normal {
+        std: f32,
+    },
 }
 
 /// One named tensor inside the flat buffer.
@@ -63,6 +67,20 @@ impl ParamStore {
 
     pub fn find(&self, name: &str) -> Option<ParamId> {
         self.specs.iter().position(|s| s.name == name).map(ParamId)
+    }
+
+    /// An empty store, for layouts built outside this module (the tokenizer's).
+    pub fn empty() -> Self {
+        ParamStore { data: Vec::new(), specs: Vec::new() }
+    }
+
+    /// Appends a zero-filled, exported entry and returns its id.
+    pub fn push(&mut self, name: String, shape: &[usize], init: Init) -> ParamId {
+        let len = shape.iter().product();
+        let offset = self.data.len();
+        self.specs.push(ParamSpec { name, shape: shape.to_vec(), offset, len, init, exported: true });
+        self.data.resize(offset + len, 0.0);
+        ParamId(self.specs.len() - 1)
     }
 
     /// Number of exported (real) parameters.

@@ -1,0 +1,221 @@
+//! `beit tokenizer train` and `beit tokenize`: the visual tokenizer from the command line.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use beit::data::dataset::Dataset;
+use beit::data::loader::{Loader, LoaderConfig};
+use beit::dvae::cache::{tokenize_dataset, tokenizer_input};
+use beit::dvae::eval::{evaluate, write_recon_grid};
+use beit::dvae::train::{DvaeTrainOptions, DvaeTrainer};
+use beit::dvae::{Dvae, DvaeConfig};
+use beit::{Context, ContextOptions, Device};
+use clap::Subcommand;
+
+#[derive(Subcommand)]
+pub enum TokenizerCommand {
+    /// Train a dVAE tokenizer (Gumbel-softmax relaxation, KL to a uniform prior, squared-error
+    /// reconstruction) on a dataset file's images, augmented by the loader (random resized crop
+    /// and flip). Writes OUT/config.json and OUT/model.safetensors (atomically, at the end),
+    /// OUT/reconstructions.png (held-out originals beside their reconstructions from the hard
+    /// tokens) and prints a JSON report: reconstruction error and codebook perplexity.
+    Train(TrainArgs),
+}
+
+#[derive(clap::Args)]
+pub struct TrainArgs {
+    /// Training images (`.beitds`).
+    #[arg(long)]
+    data: PathBuf,
+    /// Held-out images for the report and the PNG (default: --data).
+    #[arg(long)]
+    eval_data: Option<PathBuf>,
+    #[arg(long)]
+    out: PathBuf,
+    /// Input resolution of the tokenizer (a multiple of 2^(groups-1)).
+    #[arg(long, default_value_t = 32)]
+    image_size: usize,
+    /// Codebook size.
+    #[arg(long, default_value_t = 8192)]
+    vocab: usize,
+    /// Width of the first group (later groups double it).
+    #[arg(long, default_value_t = 32)]
+    n_hid: usize,
+    /// Residual groups; the token grid is image_size / 2^(groups-1).
+    #[arg(long, default_value_t = 3)]
+    groups: usize,
+    #[arg(long, default_value_t = 1)]
+    blocks_per_group: usize,
+    #[arg(long, default_value_t = 64)]
+    decoder_width: usize,
+    #[arg(long, default_value_t = 1500)]
+    steps: usize,
+    #[arg(long, default_value_t = 64)]
+    batch: usize,
+    #[arg(long, default_value_t = 2e-3)]
+    lr: f32,
+    /// Final weight of the KL term (reached after a fifth of the steps).
+    #[arg(long, default_value_t = 1e-3)]
+    kl_weight: f32,
+    /// Smallest crop area fraction of the random resized crop.
+    #[arg(long, default_value_t = 0.5)]
+    crop_scale_min: f64,
+    /// Held-out images scored at the end.
+    #[arg(long, default_value_t = 1000)]
+    eval_images: usize,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    #[arg(long, default_value_t = 0)]
+    threads: usize,
+    /// One JSON line per logged step on stdout.
+    #[arg(long)]
+    json: bool,
+    /// Log every K steps.
+    #[arg(long, default_value_t = 50)]
+    log_every: usize,
+}
+
+#[derive(clap::Args)]
+pub struct TokenizeArgs {
+    /// A tokenizer directory (`beit tokenizer train`, or a converted DALL-E encoder).
+    #[arg(long)]
+    tokenizer: PathBuf,
+    /// Images to tokenize (`.beitds`).
+    #[arg(long)]
+    data: PathBuf,
+    /// The token cache: a copy of --data whose samples carry their visual tokens.
+    #[arg(long)]
+    out: PathBuf,
+    #[arg(long, default_value_t = 0)]
+    threads: usize,
+}
+
+/// Mapped tokenizer inputs of the first `count` images of `ds`, un-augmented.
+fn eval_inputs(ds: &Dataset, dvae: &Dvae, count: usize) -> Vec<f32> {
+    let h = ds.header();
+    (0..count.min(ds.len()))
+        .flat_map(|i| tokenizer_input(ds.pixels(i), h.channels as usize, h.height as usize, h.width as usize, dvae))
+        .collect()
+}
+
+pub fn train(a: TrainArgs) -> beit::Result<()> {
+    let ctx = Context::new(&ContextOptions { device: Device::Cpu, threads: a.threads })?;
+    let ds = Arc::new(Dataset::open(&a.data)?);
+    let channels = ds.header().channels as usize;
+    let config = DvaeConfig {
+        in_channels: channels,
+        image_size: a.image_size,
+        vocab_size: a.vocab,
+        n_hid: a.n_hid,
+        group_count: a.groups,
+        n_blk_per_group: a.blocks_per_group,
+        decoder_n_init: Some(a.decoder_width),
+        ..DvaeConfig::small_grey(a.image_size)
+    };
+    let dvae = Dvae::new(config, a.seed)?;
+    let options =
+        DvaeTrainOptions { lr: a.lr, kl_weight: a.kl_weight, seed: a.seed, ..DvaeTrainOptions::for_steps(a.steps) };
+    let mut trainer = DvaeTrainer::new(dvae, options)?;
+    let s = a.image_size;
+    let ds_factor = trainer.dvae.config.downsample();
+    // The loader's view 2 is exactly what the tokenizer sees during pretraining: a random
+    // resized crop at the tokenizer's resolution, mapped with map_pixels. Masks are unused here.
+    let loader_config = LoaderConfig {
+        tokenizer_size: (s, s),
+        scale: (a.crop_scale_min, 1.0),
+        seed: a.seed,
+        drop_last: true,
+        ..LoaderConfig::beit(a.batch, (s, s), (ds_factor, ds_factor), 1)
+    };
+    let mut loader = Loader::new(ds.clone(), loader_config)?;
+    ensure_batches(&loader)?;
+    let start = std::time::Instant::now();
+    let mut epoch = 0u64;
+    let mut batches = loader.iter();
+    let mut last = None;
+    while trainer.step_count() < a.steps {
+        let batch = match batches.next() {
+            Some(b) => b,
+            None => {
+                epoch += 1;
+                loader = loader.with_epoch(epoch)?;
+                batches = loader.iter();
+                continue;
+            }
+        };
+        let stats = ctx.run(|| trainer.step(&batch.view2))?;
+        let step = stats.step + 1;
+        if step % a.log_every.max(1) == 0 || step == a.steps {
+            let line = serde_json::json!({"step": step, "loss": stats.loss, "recon_mse": stats.recon_mse,
+                "kl": stats.kl, "perplexity": stats.perplexity, "tau": stats.tau, "lr": stats.lr,
+                "seconds": start.elapsed().as_secs_f64()});
+            if a.json {
+                println!("{line}");
+            } else {
+                eprintln!(
+                    "step {step}/{}: recon {:.5}, kl {:.3}, perplexity {:.1}, tau {:.3}, {:.0} s",
+                    a.steps,
+                    stats.recon_mse,
+                    stats.kl,
+                    stats.perplexity,
+                    stats.tau,
+                    start.elapsed().as_secs_f64()
+                );
+            }
+        }
+        last = Some(stats);
+    }
+    let train_seconds = start.elapsed().as_secs_f64();
+    let dvae = trainer.dvae;
+    dvae.save(&a.out)?;
+    let eval_ds = match &a.eval_data {
+        Some(p) => Dataset::open(p)?,
+        None => Dataset::open(&a.data)?,
+    };
+    let mapped = eval_inputs(&eval_ds, &dvae, a.eval_images);
+    let (report, recon) = ctx.run(|| evaluate(&dvae, &mapped))?;
+    let shown = 32.min(report.images) * dvae.image_len();
+    let png = a.out.join("reconstructions.png");
+    write_recon_grid(&png, &mapped[..shown], &recon[..shown], channels, s, 8)?;
+    let summary = serde_json::json!({"command": "tokenizer train", "steps": a.steps, "batch": a.batch,
+        "seconds": train_seconds, "images_per_s": (a.steps * a.batch) as f64 / train_seconds,
+        "final_train_recon_mse_mapped": last.map(|l| l.recon_mse), "eval": report,
+        "vocab_size": dvae.config.vocab_size, "grid": dvae.config.grid(), "out": a.out.display().to_string(),
+        "png": png.display().to_string(), "threads": ctx.threads()});
+    std::fs::write(a.out.join("report.json"), serde_json::to_string_pretty(&summary).expect("json"))
+        .map_err(|e| beit::Error::Io(format!("cannot write report.json: {e}")))?;
+    println!("{summary}");
+    Ok(())
+}
+
+fn ensure_batches(loader: &Loader) -> beit::Result<()> {
+    if loader.num_batches() == 0 {
+        return Err(beit::Error::InvalidArgument(format!(
+            "the dataset has fewer images ({}) than one batch",
+            loader.dataset().len()
+        )));
+    }
+    Ok(())
+}
+
+pub fn tokenize(a: TokenizeArgs) -> beit::Result<()> {
+    let ctx = Context::new(&ContextOptions { device: Device::Cpu, threads: a.threads })?;
+    let dvae = Dvae::load(&a.tokenizer)?;
+    let ds = Dataset::open(&a.data)?;
+    let start = std::time::Instant::now();
+    let total = ds.len();
+    let h = ctx.run(|| {
+        tokenize_dataset(&dvae, &ds, &a.out, |done| {
+            eprint!("\rtokenized {done}/{total}");
+        })
+    })?;
+    eprintln!();
+    let seconds = start.elapsed().as_secs_f64();
+    println!(
+        "{}",
+        serde_json::json!({"command": "tokenize", "images": h.count, "grid": [h.token_grid_h, h.token_grid_w],
+            "seconds": seconds, "images_per_s": h.count as f64 / seconds, "threads": ctx.threads(),
+            "out": a.out.display().to_string()})
+    );
+    Ok(())
+}

@@ -1,0 +1,166 @@
+//! The visual tokenizer: a discrete VAE whose encoder maps an image to a grid of codes (BEiT's
+//! prediction targets). The encoder is DALL-E's architecture, so OpenAI's trained encoder can be
+//! imported (`scripts/convert_dalle_encoder.py`) and gives that model's tokens; a smaller one
+//! with a decoder can be trained here ([`train::DvaeTrainer`], `beit tokenizer train`).
+//!
+//! Pixels entering the encoder are `map_pixels(x) = 0.8·x + 0.1` of images in [0, 1]
+//! (DALL-E's `map_pixels`, ε = 0.1); the decoder reconstructs in that same space.
+
+pub mod cache;
+pub mod config;
+pub mod eval;
+pub mod network;
+pub mod relaxation;
+pub mod train;
+
+use std::path::Path;
+
+use crate::error::{Error, Result};
+use crate::model::io::{self, SafetensorsFile, CONFIG_FILE, WEIGHTS_FILE};
+use crate::model::params::ParamStore;
+
+pub use config::DvaeConfig;
+use network::DvaeNetworks;
+
+/// DALL-E's pixel mapping: `x·(1 − 2ε) + ε` with ε = 0.1, for x in [0, 1].
+pub const MAP_PIXELS_EPS: f32 = 0.1;
+
+pub fn map_pixels(x: f32) -> f32 {
+    x * (1.0 - 2.0 * MAP_PIXELS_EPS) + MAP_PIXELS_EPS
+}
+
+/// The inverse of [`map_pixels`], clamped to [0, 1] (DALL-E's `unmap_pixels`).
+pub fn unmap_pixels(x: f32) -> f32 {
+    ((x - MAP_PIXELS_EPS) / (1.0 - 2.0 * MAP_PIXELS_EPS)).clamp(0.0, 1.0)
+}
+
+/// Images per chunk when tokenizing: bounds the activations of one pass (a DALL-E encoder at
+/// 112 px keeps about 13 MB of features per image in its first group).
+const TOKENIZE_CHUNK: usize = 16;
+
+/// A tokenizer: configuration, parameters and networks.
+#[derive(Debug, Clone)]
+pub struct Dvae {
+    pub config: DvaeConfig,
+    pub params: ParamStore,
+    pub nets: DvaeNetworks,
+}
+
+impl Dvae {
+    /// A freshly initialised tokenizer (DALL-E's init: convolution weights from a normal of
+    /// std 1/√fan_in, biases zero), the same for the same seed.
+    pub fn new(config: DvaeConfig, seed: u64) -> Result<Self> {
+        config.validate()?;
+        let (mut params, nets) = DvaeNetworks::build(&config);
+        crate::model::init::initialise(&mut params, seed);
+        Ok(Dvae { config, params, nets })
+    }
+
+    /// Loads `config.json` and `model.safetensors` from `dir`. Tensor names are the ones
+    /// [`Dvae::save`] writes (`encoder.blocks.…`, `decoder.blocks.…`); an encoder-only file may
+    /// also use DALL-E's bare names (`blocks.…`).
+    pub fn load(dir: &Path) -> Result<Self> {
+        let config = DvaeConfig::load(dir)?;
+        let (mut params, nets) = DvaeNetworks::build(&config);
+        let path = dir.join(WEIGHTS_FILE);
+        let file = SafetensorsFile::open(&path)?;
+        let st = file.parse()?;
+        for spec in params.specs.clone() {
+            let bare = spec.name.strip_prefix("encoder.").map(str::to_string);
+            let found =
+                std::iter::once(spec.name.clone()).chain(bare).find(|n| st.tensor(n).is_ok()).ok_or_else(|| {
+                    Error::Format(format!("{} has no tensor {:?}, which this config needs", file.path(), spec.name))
+                })?;
+            let view = st.tensor(&found).map_err(|e| Error::Format(format!("tensor {found}: {e}")))?;
+            ensure!(
+                view.shape() == spec.shape.as_slice(),
+                Format,
+                "tensor {found} in {} has shape {:?}; the config needs {:?}",
+                file.path(),
+                view.shape(),
+                spec.shape
+            );
+            io::tensor_to_f32(&view, &found, &mut params.data[spec.offset..spec.offset + spec.len])?;
+            ensure!(
+                params.data[spec.offset..spec.offset + spec.len].iter().all(|v| v.is_finite()),
+                Format,
+                "tensor {found} in {} holds non-finite values",
+                file.path()
+            );
+        }
+        Ok(Dvae { config, params, nets })
+    }
+
+    /// Writes `config.json` and `model.safetensors` into `dir` (created if missing), each
+    /// atomically.
+    pub fn save(&self, dir: &Path) -> Result<()> {
+        std::fs::create_dir_all(dir).map_err(|e| Error::Io(format!("cannot create {}: {e}", dir.display())))?;
+        io::write_atomic(&dir.join(WEIGHTS_FILE), &io::weights_bytes(&self.params)?)?;
+        io::write_atomic(&dir.join(CONFIG_FILE), self.config.to_json().as_bytes())
+    }
+
+    /// Floats per input image `[C, H, W]`.
+    pub fn image_len(&self) -> usize {
+        self.config.in_channels * self.config.image_size * self.config.image_size
+    }
+
+    fn check_pixels(&self, pixels: &[f32]) -> Result<usize> {
+        let per = self.image_len();
+        ensure!(
+            !pixels.is_empty() && pixels.len() % per == 0,
+            InvalidArgument,
+            "tokenizer input has {} values; expected a positive multiple of {}x{}x{} = {per}",
+            pixels.len(),
+            self.config.in_channels,
+            self.config.image_size,
+            self.config.image_size
+        );
+        ensure!(pixels.iter().all(|v| v.is_finite()), InvalidArgument, "tokenizer input holds NaN or infinite values");
+        Ok(pixels.len() / per)
+    }
+
+    /// Code logits, token-major `[B·P, V]`, of mapped pixels `[B, C, H, W]`.
+    pub fn logits(&self, mapped: &[f32]) -> Result<Vec<f32>> {
+        let batch = self.check_pixels(mapped)?;
+        Ok(self.nets.encoder.forward(&self.params, mapped, batch, None))
+    }
+
+    /// Visual tokens `[B, P]` (row-major grid) of mapped pixels `[B, C, H, W]`: the argmax of
+    /// the encoder's logits, computed in chunks of images.
+    pub fn tokenize(&self, mapped: &[f32]) -> Result<Vec<u32>> {
+        self.check_pixels(mapped)?;
+        let per = self.image_len();
+        let mut tokens = Vec::with_capacity(mapped.len() / per * self.config.tokens_per_image());
+        for chunk in mapped.chunks(per * TOKENIZE_CHUNK) {
+            let logits = self.nets.encoder.forward(&self.params, chunk, chunk.len() / per, None);
+            tokens.extend(relaxation::argmax_rows(&logits, self.config.vocab_size));
+        }
+        Ok(tokens)
+    }
+
+    /// Decodes hard tokens `[B, P]` into mapped pixels `[B, C, H, W]` (needs a decoder).
+    pub fn decode(&self, tokens: &[u32]) -> Result<Vec<f32>> {
+        let decoder = self
+            .nets
+            .decoder
+            .as_ref()
+            .ok_or_else(|| Error::InvalidArgument("this tokenizer has no decoder (an imported encoder)".into()))?;
+        let (p, v) = (self.config.tokens_per_image(), self.config.vocab_size);
+        ensure!(
+            !tokens.is_empty() && tokens.len() % p == 0,
+            InvalidArgument,
+            "{} tokens is not a multiple of {p}",
+            tokens.len()
+        );
+        ensure!(tokens.iter().all(|&t| (t as usize) < v), InvalidArgument, "token id outside the vocabulary of {v}");
+        let mut out = Vec::with_capacity(tokens.len() / p * self.image_len());
+        for chunk in tokens.chunks(p * TOKENIZE_CHUNK) {
+            let mut one_hot = vec![0.0f32; chunk.len() * v];
+            for (row, &t) in one_hot.chunks_exact_mut(v).zip(chunk) {
+                row[t as usize] = 1.0;
+            }
+            out.extend(decoder.forward(&self.params, &one_hot, chunk.len() / p, None));
+        }
+        Ok(out)
+    }
+}

@@ -74,7 +74,7 @@ enum Command {
         what: BenchCommand,
     },
     /// Image datasets in the `.beitds` format (docs/dataset-format.md).
-    /// `beit dataset import`: convert IDX (MNIST, Fashion-MNIST) files.
+    /// `beit dataset import`: convert IDX, NumPy .npy, image folders or emoji packages.
     /// `beit dataset info`: validate a file and print its header as one JSON line.
     Dataset {
         #[command(subcommand)]
@@ -90,17 +90,61 @@ enum Command {
     Tokenize(tokenizer_cli::TokenizeArgs),
 }
 
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum ImportFormat {
+    /// MNIST-style IDX files (raw or gzip).
+    Idx,
+    /// NumPy .npy arrays.
+    Npy,
+    /// A folder with one sub-folder of PNG/JPEG images per class.
+    ImageFolder,
+    /// An unpacked emoji-datasource-<set> npm package.
+    Emoji,
+}
+
 #[derive(Subcommand)]
 enum DatasetCommand {
     /// Convert images (and labels) into a dataset file, written atomically.
+    ///
+    /// Formats (details in docs/dataset-format.md):
+    ///
+    /// idx: --images FILE [--labels FILE]. MNIST-style IDX, u8 images [N,H,W], u8 labels [N],
+    /// raw or gzip.
+    ///
+    /// npy: --images X.npy [--labels Y.npy]. NumPy .npy (v1-v3, C order): images [N,H,W] or
+    /// [N,H,W,C] of u1, or f4/f8 in [0,1] (stored as round(x*255)); labels [N] of any integer dtype.
+    ///
+    /// image-folder: --dir DIR --size HxW [--channels 1|3]. DIR/<class>/*.png|jpg|jpeg; labels are
+    /// the sorted class folder names; images are converted to grey or RGB and resized (bilinear)
+    /// to HxW. Class names go to OUT.classes.json.
+    ///
+    /// emoji: --dir PACKAGE --set google|twitter [--size 64]. An unpacked emoji-datasource-<set>
+    /// npm package (scripts/fetch-emoji): RGB over black, label = category (sorted), mask =
+    /// category + 1 where alpha >= 128, else 0. Category names go to OUT.classes.json.
+    #[command(verbatim_doc_comment)]
     Import {
-        /// Source format; only `idx` (u8 images [N,H,W], u8 labels [N], raw or gzip).
-        #[arg(long, default_value = "idx")]
-        format: String,
+        /// Source format: idx, npy, image-folder or emoji.
+        #[arg(long, value_enum, default_value = "idx")]
+        format: ImportFormat,
+        /// Image file (idx, npy).
         #[arg(long)]
-        images: PathBuf,
+        images: Option<PathBuf>,
+        /// Label file (idx, npy; optional).
         #[arg(long)]
         labels: Option<PathBuf>,
+        /// Folder to import (image-folder: one sub-folder per class; emoji: the package root).
+        #[arg(long)]
+        dir: Option<PathBuf>,
+        /// Output image size, HxW or one number for a square (image-folder: required; emoji:
+        /// which img/<set>/<size> folder, default 64).
+        #[arg(long)]
+        size: Option<String>,
+        /// Output channels for image-folder: 1 (grey) or 3 (RGB).
+        #[arg(long, default_value_t = 3)]
+        channels: u32,
+        /// Emoji image set: google or twitter.
+        #[arg(long)]
+        set: Option<String>,
         #[arg(long)]
         out: PathBuf,
     },
@@ -615,14 +659,46 @@ fn dataset(what: DatasetCommand) -> beit::Result<()> {
             "token_grid": [h.token_grid_h, h.token_grid_w]})
     };
     match what {
-        DatasetCommand::Import { format, images, labels, out } => {
-            if format != "idx" {
-                return Err(beit::Error::InvalidArgument(format!("unknown import format {format:?} (known: idx)")));
-            }
+        DatasetCommand::Import { format, images, labels, dir, size, channels, set, out } => {
+            use beit::data::import;
+            let bad = |m: &str| beit::Error::InvalidArgument(m.to_string());
             let start = std::time::Instant::now();
-            let h = beit::data::import::import_idx(&images, labels.as_deref(), &out)?;
+            let mut classes = None;
+            let h = match format {
+                ImportFormat::Idx | ImportFormat::Npy => {
+                    let images = images.ok_or_else(|| bad("--images is required for --format idx and npy"))?;
+                    if format == ImportFormat::Idx {
+                        import::import_idx(&images, labels.as_deref(), &out)?
+                    } else {
+                        import::import_npy(&images, labels.as_deref(), &out)?
+                    }
+                }
+                ImportFormat::ImageFolder => {
+                    let dir = dir.ok_or_else(|| bad("--dir is required for --format image-folder"))?;
+                    let size = size.ok_or_else(|| bad("--size HxW is required for --format image-folder"))?;
+                    let (hh, ww) = import::images::parse_size(&size)?;
+                    let (h, names) = import::import_image_folder(&dir, hh, ww, channels, &out)?;
+                    classes = Some(names);
+                    h
+                }
+                ImportFormat::Emoji => {
+                    let dir = dir.ok_or_else(|| bad("--dir is required for --format emoji"))?;
+                    let set = set.ok_or_else(|| bad("--set google|twitter is required for --format emoji"))?;
+                    let (hh, ww) = import::images::parse_size(size.as_deref().unwrap_or("64"))?;
+                    if hh != ww {
+                        return Err(bad("emoji images are square: give --size as one number"));
+                    }
+                    let (h, names) = import::import_emoji(&dir, &set, hh, &out)?;
+                    classes = Some(names);
+                    h
+                }
+            };
             let mut v = info(&h, &out);
             v["command"] = "dataset import".into();
+            if let Some(names) = classes {
+                v["classes"] = names.into();
+                v["classes_file"] = import::classes_path(&out).display().to_string().into();
+            }
             v["seconds"] = start.elapsed().as_secs_f64().into();
             print_json(v);
         }

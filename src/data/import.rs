@@ -1,6 +1,17 @@
 //! Importers into the dataset format. IDX (MNIST, Fashion-MNIST): image files (magic
 //! 0x00000803, u8 [N, H, W]) and label files (magic 0x00000801, u8 [N]), raw or gzip-compressed
 //! (detected from the content, not the file name). All integers in IDX are big-endian.
+//!
+//! The other formats live in sub-modules: [`npy`] (NumPy `.npy` arrays) and [`images`] (PNG/JPEG
+//! image folders and the emoji-datasource packages). docs/dataset-format.md describes each.
+
+/// cbindgen:ignore
+pub mod images;
+/// cbindgen:ignore
+pub mod npy;
+
+pub use images::{classes_path, import_emoji, import_image_folder};
+pub use npy::import_npy;
 
 use std::fs;
 use std::io::Read;

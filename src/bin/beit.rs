@@ -160,9 +160,20 @@ struct PretrainArgs {
     /// Start from this HF model directory (a BeitForMaskedImageModeling) instead of a fresh one.
     #[arg(long)]
     model: Option<PathBuf>,
-    /// Data source (only `synthetic` until datasets arrive).
+    /// Data: `synthetic`, or a dataset file (`.beitds`) read through the augmenting loader.
     #[arg(long, default_value = "synthetic")]
     data: String,
+    /// Where a dataset's MIM targets come from: `cached` (the file's token cache, made by
+    /// `beit tokenize`), `augmented` (the --tokenizer run on every batch's augmented view), or
+    /// `auto` (cached when the file has tokens, else augmented).
+    #[arg(long, default_value = "auto")]
+    tokens: String,
+    /// Tokenizer directory for `--tokens augmented`.
+    #[arg(long)]
+    tokenizer: Option<PathBuf>,
+    /// Loader worker threads (dataset data only).
+    #[arg(long, default_value_t = 1)]
+    loader_workers: usize,
     /// Total steps of the run (a resumed run continues up to this count).
     #[arg(long, default_value_t = 200)]
     steps: u64,
@@ -480,16 +491,53 @@ fn peak_rss_mb() -> Option<f64> {
     Some(kb / 1024.0)
 }
 
+enum PretrainData {
+    Synthetic(beit::data::synthetic::SyntheticMim),
+    Dataset(beit::data::mim_source::DatasetMim),
+}
+
+/// The batches of `beit pretrain --data`: the synthetic task, or a dataset file through the
+/// loader with BEiT's augmentation (view 1 at the model's resolution; view 2 at the
+/// tokenizer's, or half the model's without one) and cached or on-the-fly tokens.
+fn pretrain_data(a: &PretrainArgs, cfg: &beit::BeitConfig, masked: usize, seed: u64) -> beit::Result<PretrainData> {
+    use beit::data::loader::LoaderConfig;
+    use beit::data::mim_source::{DatasetMim, TokenSource};
+    if a.data == "synthetic" {
+        return Ok(PretrainData::Synthetic(beit::data::synthetic::SyntheticMim::for_config(cfg, masked, seed)));
+    }
+    let ds = std::sync::Arc::new(beit::data::dataset::Dataset::open(std::path::Path::new(&a.data))?);
+    let tokenizer = a.tokenizer.as_deref().map(beit::dvae::Dvae::load).transpose()?.map(std::sync::Arc::new);
+    let source = match (a.tokens.as_str(), tokenizer) {
+        ("cached", _) => TokenSource::Cached,
+        ("augmented", Some(t)) => TokenSource::Augmented(t),
+        ("auto", _) if ds.header().has_tokens() => TokenSource::Cached,
+        ("auto", Some(t)) => TokenSource::Augmented(t),
+        ("augmented" | "auto", None) => {
+            return Err(beit::Error::InvalidArgument(format!(
+                "{} has no token cache: pass --tokenizer DIR (or run `beit tokenize` first)",
+                a.data
+            )))
+        }
+        (other, _) => {
+            return Err(beit::Error::InvalidArgument(format!("--tokens {other:?}: expected auto, cached or augmented")))
+        }
+    };
+    let mut config = LoaderConfig {
+        seed,
+        workers: a.loader_workers.max(1),
+        prefetch: 2 * a.loader_workers.max(1),
+        drop_last: true,
+        ..LoaderConfig::beit(a.batch, cfg.image_size.hw(), cfg.patch_size.hw(), masked)
+    };
+    if let TokenSource::Augmented(t) = &source {
+        config.tokenizer_size = (t.config.image_size, t.config.image_size);
+    }
+    Ok(PretrainData::Dataset(DatasetMim::new(ds, config, source)?))
+}
+
 fn pretrain(a: PretrainArgs) -> beit::Result<()> {
-    use beit::data::synthetic::SyntheticMim;
     use beit::train::trainer::{Trainer, TrainerOptions};
     let ctx = Context::new(&ContextOptions { device: Device::Cpu, threads: a.threads })?;
-    if a.data != "synthetic" {
-        return Err(beit::Error::Unsupported(format!(
-            "--data {}: only `synthetic` exists until the dataset issue lands",
-            a.data
-        )));
-    }
     std::fs::create_dir_all(&a.out).map_err(|e| beit::Error::Io(format!("cannot create {}: {e}", a.out.display())))?;
     let checkpoint = a.out.join("checkpoint.safetensors");
     let mut trainer = if a.resume && checkpoint.is_file() {
@@ -517,12 +565,16 @@ fn pretrain(a: PretrainArgs) -> beit::Result<()> {
     let cfg = trainer.model().config().clone();
     let (gh, gw) = cfg.native_grid();
     let masked = a.masked.unwrap_or(((gh * gw) as f64 * 75.0 / 196.0).round() as usize);
-    let data = SyntheticMim::for_config(&cfg, masked, a.seed);
+    let mut data = pretrain_data(&a, &cfg, masked, trainer.options().seed)?;
     let start = std::time::Instant::now();
     let first_step = trainer.step_count();
     let mut last_loss = f64::NAN;
     while trainer.step_count() < a.steps {
-        let batch = data.batch(trainer.data_position(), a.batch);
+        let position = trainer.data_position();
+        let batch = match &mut data {
+            PretrainData::Synthetic(s) => s.batch(position, a.batch),
+            PretrainData::Dataset(d) => ctx.run(|| d.batch_at(position))?,
+        };
         let stats = ctx.run(|| trainer.step(&batch.as_batch()))?;
         last_loss = stats.loss;
         if a.json {

@@ -11,4 +11,6 @@ pub mod import;
 /// cbindgen:ignore
 pub mod loader;
 pub mod masking;
+/// cbindgen:ignore
+pub mod mim_source;
 pub mod synthetic;

@@ -7,17 +7,32 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use rayon::prelude::*;
 
-/// Row-wise softmax of `x / tau` into `out`.
-fn softmax_row(x: &[f32], tau: f32, out: &mut [f32]) {
-    let inv = 1.0 / tau;
-    let max = x.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
-    let mut sum = 0.0f32;
-    for (o, &v) in out.iter_mut().zip(x) {
-        *o = ((v - max) * inv).exp();
-        sum += *o;
+use crate::backend::cpu::math::{self, simd_dispatch};
+
+simd_dispatch! {
+    /// Row-wise softmax of `x / tau`, in place.
+    fn softmax_in_place(x: &mut [f32], tau: f32) {
+        let inv = 1.0 / tau;
+        let max = math::max(x);
+        for v in x.iter_mut() {
+            *v = math::exp((*v - max) * inv);
+        }
+        let inv_sum = 1.0 / math::sum(x);
+        for v in x.iter_mut() {
+            *v *= inv_sum;
+        }
     }
-    let inv_sum = 1.0 / sum;
-    out.iter_mut().for_each(|o| *o *= inv_sum);
+}
+
+simd_dispatch! {
+    /// `out = logits + g` with g = −ln(−ln u) from 24-bit uniforms `u = (bits >> 8 + ½) / 2^24`,
+    /// which are strictly inside (0, 1), so both logarithms are finite.
+    fn add_gumbel(out: &mut [f32], logits: &[f32], bits: &[u32]) {
+        for ((o, &l), &r) in out.iter_mut().zip(logits).zip(bits) {
+            let u = ((r >> 8) as f32 + 0.5) * (1.0 / 16_777_216.0);
+            *o = l - math::ln(-math::ln(u));
+        }
+    }
 }
 
 /// The noise stream of row `row` at `step`: ChaCha8 keyed by the seed and step, one stream per
@@ -37,17 +52,14 @@ fn row_rng(seed: u64, step: u64, row: usize) -> ChaCha8Rng {
 pub fn gumbel_softmax(logits: &[f32], vocab: usize, tau: f32, seed: u64, step: u64, out: &mut [f32]) {
     assert_eq!(logits.len(), out.len());
     assert!(tau > 0.0, "temperature must be positive");
-    out.par_chunks_mut(vocab).zip(logits.par_chunks(vocab)).enumerate().for_each(|(row, (o, l))| {
-        let mut rng = row_rng(seed, step, row);
-        for (v, &x) in o.iter_mut().zip(l) {
-            // u in (0, 1]: 1 − [0, 1); the clamp keeps ln(u) < 0 so the outer ln is finite.
-            let u: f32 = 1.0 - rng.random::<f32>();
-            let u = u.clamp(f32::MIN_POSITIVE, 1.0 - f32::EPSILON);
-            *v = x - (-u.ln()).ln();
-        }
-        let noisy = o.to_vec();
-        softmax_row(&noisy, tau, o);
-    });
+    out.par_chunks_mut(vocab).zip(logits.par_chunks(vocab)).enumerate().for_each_init(
+        || vec![0u32; vocab],
+        |bits, (row, (o, l))| {
+            row_rng(seed, step, row).fill(&mut bits[..]);
+            add_gumbel(o, l, bits);
+            softmax_in_place(o, tau);
+        },
+    );
 }
 
 /// Backward of [`gumbel_softmax`] given its output `y`: `dlogits = (1/τ) · y ⊙ (dy − Σ y·dy)`
@@ -64,39 +76,50 @@ pub fn gumbel_softmax_backward(y: &[f32], dy: &[f32], vocab: usize, tau: f32, dl
     });
 }
 
+simd_dispatch! {
+    /// One row of [`kl_to_uniform`]: returns `Σ q ln q` and, with `weight ≠ 0`, adds
+    /// `weight · q ⊙ (ln q − Σ q ln q)` to `d`. `q` is scratch of the row's length.
+    fn kl_row(l: &[f32], q: &mut [f32], d: Option<&mut [f32]>, weight: f32) -> f64 {
+        let max = math::max(l);
+        for (p, &v) in q.iter_mut().zip(l) {
+            *p = math::exp(v - max);
+        }
+        let sum = math::sum(q);
+        // ln q = l − lse, from the logits: ln of a tiny q would underflow.
+        let lse = max + math::ln(sum);
+        let inv_sum = 1.0 / sum;
+        let mut neg_entropy = 0.0f32;
+        for (p, &v) in q.iter_mut().zip(l) {
+            *p *= inv_sum;
+            neg_entropy += *p * (v - lse);
+        }
+        if let Some(d) = d {
+            for ((o, &p), &v) in d.iter_mut().zip(q.iter()).zip(l) {
+                *o += weight * p * (v - lse - neg_entropy);
+            }
+        }
+        neg_entropy as f64
+    }
+}
+
 /// Mean over rows of `KL(softmax(logits) ‖ uniform) = Σ q ln q + ln V`; with `dlogits`, adds
 /// `weight ·` its gradient, `weight · q ⊙ (ln q − Σ q ln q) / R`.
 pub fn kl_to_uniform(logits: &[f32], vocab: usize, weight: f32, dlogits: Option<&mut [f32]>) -> f64 {
     let rows = logits.len() / vocab;
-    let ln_v = (vocab as f64).ln();
-    let row_kl = |l: &[f32], d: Option<&mut [f32]>| -> f64 {
-        let mut q = vec![0.0f32; vocab];
-        softmax_row(l, 1.0, &mut q);
-        // ln q from the logits (log-sum-exp) rather than ln of q, which underflows to −∞.
-        let max = l.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
-        let lse = max as f64 + l.iter().map(|&v| ((v - max) as f64).exp()).sum::<f64>().ln();
-        let neg_entropy: f64 = q.iter().zip(l).map(|(&p, &v)| p as f64 * (v as f64 - lse)).sum();
-        if let Some(d) = d {
-            let scale = weight / rows as f32;
-            for ((o, &p), &v) in d.iter_mut().zip(&q).zip(l) {
-                *o += scale * p * ((v as f64 - lse - neg_entropy) as f32);
-            }
-        }
-        neg_entropy + ln_v
-    };
-    let total: f64 = match dlogits {
+    let row_weight = weight / rows.max(1) as f32;
+    let parts: Vec<f64> = match dlogits {
         Some(d) => {
             assert_eq!(d.len(), logits.len());
-            let parts: Vec<f64> =
-                logits.par_chunks(vocab).zip(d.par_chunks_mut(vocab)).map(|(l, dr)| row_kl(l, Some(dr))).collect();
-            parts.iter().sum()
+            logits
+                .par_chunks(vocab)
+                .zip(d.par_chunks_mut(vocab))
+                .map_init(|| vec![0.0f32; vocab], |q, (l, dr)| kl_row(l, q, Some(dr), row_weight))
+                .collect()
         }
-        None => {
-            let parts: Vec<f64> = logits.par_chunks(vocab).map(|l| row_kl(l, None)).collect();
-            parts.iter().sum()
-        }
+        None => logits.par_chunks(vocab).map_init(|| vec![0.0f32; vocab], |q, l| kl_row(l, q, None, 0.0)).collect(),
     };
-    total / rows.max(1) as f64
+    // Summed in row order: the same bits for any thread count.
+    parts.iter().sum::<f64>() / rows.max(1) as f64 + (vocab as f64).ln()
 }
 
 /// The index of each row's largest logit (the first one on ties, like `torch.argmax`).

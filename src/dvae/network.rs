@@ -486,18 +486,32 @@ impl Encoder {
         batch: usize,
         tape: Option<&mut EncoderTape>,
     ) -> Vec<f32> {
+        let mut logits = Vec::new();
+        self.forward_into(store, pixels, batch, tape, &mut logits);
+        logits
+    }
+
+    /// [`Encoder::forward`] into `logits` (resized; its allocation is reused: at 8192 codes the
+    /// logits of a batch of 64 are 134 MB, and a fresh allocation every step costs page faults).
+    pub fn forward_into(
+        &self,
+        store: &ParamStore,
+        pixels: &[f32],
+        batch: usize,
+        tape: Option<&mut EncoderTape>,
+        logits: &mut Vec<f32>,
+    ) {
         assert_eq!(pixels.len(), self.input.len(batch), "encoder input size");
         let keep = tape.is_some();
         let mut stage_tape = Tape::default();
         let (features, g) =
             run_stages(&self.stages, store, pixels.to_vec(), batch, self.input, keep.then_some(&mut stage_tape));
         let rows = nchw_to_rows(&features, batch, g);
-        let mut logits = vec![0.0; batch * g.height * g.width * self.output.n_out];
-        self.output.forward(store, &rows, &mut logits);
+        logits.resize(batch * g.height * g.width * self.output.n_out, 0.0);
+        self.output.forward(store, &rows, logits);
         if let Some(t) = tape {
             *t = EncoderTape { stages: stage_tape, features: rows, geometry: Some(g) };
         }
-        logits
     }
 
     /// Accumulates parameter gradients from `dlogits` (token-major); the input gradient is not
@@ -522,7 +536,6 @@ pub struct Decoder {
 #[derive(Debug, Default)]
 pub struct DecoderTape {
     stages: Tape,
-    codes: Vec<f32>,
 }
 
 impl Decoder {
@@ -566,25 +579,28 @@ impl Decoder {
         let mut stage_tape = Tape::default();
         let (out, _) = run_stages(&self.stages, store, x, batch, self.grid, tape.is_some().then_some(&mut stage_tape));
         if let Some(t) = tape {
-            *t = DecoderTape { stages: stage_tape, codes: codes.to_vec() };
+            *t = DecoderTape { stages: stage_tape };
         }
         out
     }
 
-    /// Accumulates parameter gradients and returns the gradient of the codes (token-major).
+    /// Accumulates parameter gradients and writes the gradient of `codes` (the forward's input,
+    /// token-major) into `dcodes` (resized, allocation reused).
+    #[allow(clippy::too_many_arguments)]
     pub fn backward(
         &self,
         store: &ParamStore,
         grads: &mut [f32],
         tape: &DecoderTape,
+        codes: &[f32],
         dpixels: Vec<f32>,
         batch: usize,
-    ) -> Vec<f32> {
+        dcodes: &mut Vec<f32>,
+    ) {
         let dx = backprop_stages(&self.stages, store, grads, &tape.stages, dpixels, batch, self.grid);
         let drows = nchw_to_rows(&dx, batch, self.grid);
-        let mut dcodes = vec![0.0; tape.codes.len()];
-        self.input.backward(store, grads, &tape.codes, &drows, Some(&mut dcodes));
-        dcodes
+        dcodes.resize(codes.len(), 0.0);
+        self.input.backward(store, grads, codes, &drows, Some(dcodes));
     }
 }
 

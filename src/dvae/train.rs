@@ -95,6 +95,12 @@ pub struct DvaeTrainer {
     optimizer: AdamW,
     grads: Vec<f32>,
     step: usize,
+    /// The code-sized buffers `[B·P, V]` (134 MB each at 8192 codes and batch 64), kept across
+    /// steps so their pages are faulted in once.
+    logits: Vec<f32>,
+    codes: Vec<f32>,
+    dlogits: Vec<f32>,
+    dcodes: Vec<f32>,
 }
 
 impl DvaeTrainer {
@@ -109,7 +115,17 @@ impl DvaeTrainer {
         let config = AdamWConfig { beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: options.weight_decay };
         let optimizer = AdamW::new(&dvae.params, config);
         let grads = vec![0.0; dvae.params.data.len()];
-        Ok(DvaeTrainer { dvae, options, optimizer, grads, step: 0 })
+        Ok(DvaeTrainer {
+            dvae,
+            options,
+            optimizer,
+            grads,
+            step: 0,
+            logits: Vec::new(),
+            codes: Vec::new(),
+            dlogits: Vec::new(),
+            dcodes: Vec::new(),
+        })
     }
 
     pub fn step_count(&self) -> usize {
@@ -128,25 +144,26 @@ impl DvaeTrainer {
         let decoder = nets.decoder.as_ref().expect("checked at construction");
         let params = &self.dvae.params;
 
+        let (logits, codes, dlogits, dcodes) = (&mut self.logits, &mut self.codes, &mut self.dlogits, &mut self.dcodes);
         let mut enc_tape = Default::default();
-        let logits = nets.encoder.forward(params, mapped, batch, Some(&mut enc_tape));
-        let mut codes = vec![0.0; logits.len()];
-        gumbel_softmax(&logits, vocab, tau, o.seed, step as u64, &mut codes);
+        nets.encoder.forward_into(params, mapped, batch, Some(&mut enc_tape), logits);
+        codes.resize(logits.len(), 0.0);
+        gumbel_softmax(logits, vocab, tau, o.seed, step as u64, codes);
         let mut dec_tape = Default::default();
-        let recon = decoder.forward(params, &codes, batch, Some(&mut dec_tape));
+        let recon = decoder.forward(params, codes, batch, Some(&mut dec_tape));
 
         let n = recon.len() as f64;
         let recon_mse = recon.iter().zip(mapped).map(|(a, b)| ((a - b) as f64).powi(2)).sum::<f64>() / n;
         let drecon: Vec<f32> = recon.iter().zip(mapped).map(|(a, b)| (2.0 * (a - b) as f64 / n) as f32).collect();
 
         self.grads.fill(0.0);
-        let dcodes = decoder.backward(params, &mut self.grads, &dec_tape, drecon, batch);
-        let mut dlogits = vec![0.0; logits.len()];
-        gumbel_softmax_backward(&codes, &dcodes, vocab, tau, &mut dlogits);
-        let kl = kl_to_uniform(&logits, vocab, kl_weight, Some(&mut dlogits));
-        nets.encoder.backward(params, &mut self.grads, &enc_tape, &dlogits, batch);
+        decoder.backward(params, &mut self.grads, &dec_tape, codes, drecon, batch, dcodes);
+        dlogits.resize(logits.len(), 0.0);
+        gumbel_softmax_backward(codes, dcodes, vocab, tau, dlogits);
+        let kl = kl_to_uniform(logits, vocab, kl_weight, Some(dlogits));
+        nets.encoder.backward(params, &mut self.grads, &enc_tape, dlogits, batch);
 
-        let ppl = perplexity(&argmax_rows(&logits, vocab), vocab);
+        let ppl = perplexity(&argmax_rows(logits, vocab), vocab);
         let lr = o.schedule().value(step) as f32;
         Ok(DvaeStepStats { step, loss: recon_mse + kl_weight as f64 * kl, recon_mse, kl, perplexity: ppl, tau, lr })
     }

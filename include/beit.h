@@ -33,11 +33,6 @@
 #include <stdint.h>
 
 /**
- * DALL-E's pixel mapping: `x·(1 − 2ε) + ε` with ε = 0.1, for x in [0, 1].
- */
-#define MAP_PIXELS_EPS 0.1
-
-/**
  * The ABI version of this header and library. It changes only when a compiled host could
  * break: a function removed or changed, a struct field moved. Adding functions, enum values or
  * fields at the end of versioned structs (see `struct_size`) does not change it.

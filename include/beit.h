@@ -8,8 +8,8 @@
  *   beit_last_error_message() gives the reason in words. Every fallible function clears that
  *   message when it starts, so after a success it is "".
  * - Outputs (out-pointers, caller buffers, out structs) are written only on success.
- * - Handles (beit_context, beit_model, beit_trainer, beit_dataset) are opaque; every
- *   create/load/open has a *_free that accepts NULL.
+ * - Handles (beit_context, beit_model, beit_trainer, beit_dataset, beit_tokenizer) are opaque;
+ *   every create/load/open has a *_free that accepts NULL.
  * - Structs crossing the API begin with size_t struct_size = sizeof(the struct) as the caller
  *   compiled it, so later versions can append fields. Start from the *_default() functions.
  * - No Rust panic ever unwinds into the caller: it becomes BEIT_ERR_INTERNAL.
@@ -19,9 +19,10 @@
  * - A beit_context may be shared by many threads; its thread pool is thread-safe.
  * - A beit_trainer is mutable: use each trainer from one thread at a time.
  * - A beit_dataset is immutable: many threads may read samples from one dataset at once.
+ * - A beit_tokenizer is immutable: many threads may tokenize (and decode) with one at once.
  * - The last error message is per thread.
  * - Free a handle only when no call is using it. Handles may be freed in any order (a trainer
- *   shares its context's thread pool).
+ *   and a tokenizer share their context's thread pool).
  */
 
 #ifndef BEIT_H
@@ -229,6 +230,16 @@ typedef struct beit_dataset beit_dataset;
  * is running, and before the context it was created with.
  */
 typedef struct beit_model beit_model;
+
+/**
+ * A loaded visual tokenizer, never modified after loading.
+ *
+ * Thread safety: a tokenizer is immutable; any number of threads may call
+ * `beit_tokenizer_get_info`, `beit_tokenizer_tokenize` and `beit_tokenizer_decode` on one
+ * tokenizer at once. It runs on the thread pool of the context it was loaded with, which it
+ * shares, so the context handle may be freed first. Free it only when no call is using it.
+ */
+typedef struct beit_tokenizer beit_tokenizer;
 
 /**
  * A pretraining trainer: its own copy of a `BeitForMaskedImageModeling` model, the AdamW
@@ -553,6 +564,45 @@ typedef struct beit_infer_outputs {
      */
     size_t logits_len;
 } beit_infer_outputs;
+
+/**
+ * What a tokenizer takes and gives. Set `struct_size` (or start from
+ * `beit_tokenizer_info_default()`); only the fields that fit in it are written.
+ */
+typedef struct beit_tokenizer_info {
+    /**
+     * Set by the caller to `sizeof(beit_tokenizer_info)`; left as it is.
+     */
+    size_t struct_size;
+    /**
+     * Channels C of an input image (`in_channels`).
+     */
+    size_t in_channels;
+    /**
+     * Height and width S of an input image (`image_size`); images are S x S.
+     */
+    size_t image_size;
+    /**
+     * Number of distinct tokens (`vocab_size`): every token is in `[0, vocab_size)`.
+     */
+    size_t vocab_size;
+    /**
+     * Rows of an image's token grid.
+     */
+    size_t grid_h;
+    /**
+     * Columns of an image's token grid.
+     */
+    size_t grid_w;
+    /**
+     * Tokens per image, `grid_h * grid_w`.
+     */
+    size_t tokens_per_image;
+    /**
+     * Whether the tokenizer has a decoder (`beit_tokenizer_decode` works).
+     */
+    bool has_decoder;
+} beit_tokenizer_info;
 
 /**
  * How a trainer optimises. Start from `beit_trainer_options_default()` (BEiT's pretraining
@@ -964,6 +1014,107 @@ const char *beit_last_error_message(void);
  * a value this version does not know. Never NULL; the string must not be freed.
  */
 const char *beit_status_name(beit_status status);
+
+/**
+ * A zeroed `beit_tokenizer_info` with `struct_size` set.
+ */
+struct beit_tokenizer_info beit_tokenizer_info_default(void);
+
+/**
+ * Loads a tokenizer directory (`config.json` + `model.safetensors`, as written by
+ * `beit tokenizer train` or scripts/convert_dalle_encoder.py). Files are fully validated: a
+ * missing tensor, a wrong shape or a non-finite weight is an error. On success `*out` receives
+ * a tokenizer to release with `beit_tokenizer_free`; on failure `*out` is not written. The
+ * tokenizer runs on `ctx`'s thread pool, which it shares (`ctx` may be freed first).
+ *
+ * Errors: `BEIT_ERR_NULL_POINTER` (ctx, dir, out), `BEIT_ERR_INVALID_ARGUMENT` (dir not
+ * UTF-8), `BEIT_ERR_IO` (missing or unreadable files), `BEIT_ERR_FORMAT` (bad safetensors, a
+ * missing or misshapen tensor, a non-finite weight), `BEIT_ERR_CONFIG` (a config.json that is
+ * not valid JSON, lacks a field, or describes no working tokenizer).
+ *
+ * # Safety
+ * `ctx` must be NULL or a live context; `dir` NULL or a NUL-terminated string; `out` NULL or
+ * writable.
+ */
+beit_status beit_tokenizer_load(const struct beit_context *ctx,
+                                const char *dir,
+                                struct beit_tokenizer **out);
+
+/**
+ * Frees a tokenizer. NULL is a no-op. Its context is not touched.
+ *
+ * # Safety
+ * `tokenizer` must be NULL or a tokenizer not freed before, that no other thread is using.
+ */
+void beit_tokenizer_free(struct beit_tokenizer *tokenizer);
+
+/**
+ * Describes a tokenizer. Set `out->struct_size` first (or start from
+ * `beit_tokenizer_info_default()`); fields this version does not know are left untouched.
+ *
+ * Errors: `BEIT_ERR_NULL_POINTER` (tokenizer, out), `BEIT_ERR_INVALID_ARGUMENT` (struct_size).
+ *
+ * # Safety
+ * `tokenizer` must be NULL or a live tokenizer; `out` NULL or writable for `out->struct_size`
+ * bytes.
+ */
+beit_status beit_tokenizer_get_info(const struct beit_tokenizer *tokenizer,
+                                    struct beit_tokenizer_info *out);
+
+/**
+ * Tokenizes a batch of images inside the tokenizer's context's thread pool: `tokens[b * P + i]`
+ * receives token i (row-major over the `grid_h x grid_w` grid) of image b, P =
+ * `tokens_per_image`.
+ *
+ * `pixels` holds `batch` images f32 `[batch, C, S, S]` (channel planes, row-major), with
+ * values in `[0, 1]` (plain pixels, NOT mapped): libbeit applies DALL-E's `map_pixels`
+ * (`0.8 * x + 0.1`) itself. Values outside `[0, 1]` are mapped the same way, not clamped.
+ * `pixels_len` must equal `batch * C * S * S` and `tokens_len` `batch * P`
+ * (`beit_tokenizer_info`). Every argument and every pixel are checked before anything runs; on
+ * any error nothing is written to `tokens`.
+ *
+ * Errors: `BEIT_ERR_NULL_POINTER` (tokenizer, pixels, tokens), `BEIT_ERR_INVALID_ARGUMENT`
+ * (batch 0, a `pixels_len` other than the shape's, a NaN or infinite pixel, a misaligned
+ * buffer), `BEIT_ERR_BUFFER_SIZE` (a `tokens_len` other than `batch * P`; both numbers are in
+ * the message).
+ *
+ * Thread safety: any number of threads may tokenize with one tokenizer at once.
+ *
+ * # Safety
+ * `tokenizer` must be NULL or a live tokenizer; `pixels` NULL or readable for `pixels_len`
+ * floats and `tokens` NULL or writable for `tokens_len` values, for the duration of the call.
+ */
+beit_status beit_tokenizer_tokenize(const struct beit_tokenizer *tokenizer,
+                                    const float *pixels,
+                                    size_t pixels_len,
+                                    size_t batch,
+                                    int64_t *tokens,
+                                    size_t tokens_len);
+
+/**
+ * Decodes visual tokens back into images inside the tokenizer's context's thread pool (only a
+ * tokenizer with a decoder, `has_decoder`). `tokens` holds `batch` token grids `[batch, P]` as
+ * `beit_tokenizer_tokenize` writes them; `pixels` receives f32 `[batch, C, S, S]` images in
+ * `[0, 1]` (DALL-E's `unmap_pixels` of the decoder's output, clamped). `tokens_len` must equal
+ * `batch * P` and `pixels_len` `batch * C * S * S`. On any error nothing is written.
+ *
+ * Errors: `BEIT_ERR_NULL_POINTER` (tokenizer, tokens, pixels), `BEIT_ERR_INVALID_ARGUMENT`
+ * (no decoder; batch 0; a `tokens_len` other than `batch * P`; a token outside
+ * `[0, vocab_size)`, with its index; a misaligned buffer), `BEIT_ERR_BUFFER_SIZE` (a
+ * `pixels_len` other than the shape's; both numbers are in the message).
+ *
+ * Thread safety: any number of threads may decode with one tokenizer at once.
+ *
+ * # Safety
+ * `tokenizer` must be NULL or a live tokenizer; `tokens` NULL or readable for `tokens_len`
+ * values and `pixels` NULL or writable for `pixels_len` floats, for the duration of the call.
+ */
+beit_status beit_tokenizer_decode(const struct beit_tokenizer *tokenizer,
+                                  const int64_t *tokens,
+                                  size_t tokens_len,
+                                  size_t batch,
+                                  float *pixels,
+                                  size_t pixels_len);
 
 /**
  * BEiT's pretraining defaults (the values of the Rust `TrainerOptions::default()`), with

@@ -8,5 +8,6 @@ pub mod context;
 pub mod dataset;
 pub mod model;
 pub mod status;
+pub mod tokenizer;
 pub mod trainer;
 pub mod version;

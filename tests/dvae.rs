@@ -227,3 +227,50 @@ fn encoder_and_decoder_gradients_equal_pytorch() {
     assert!(worst.0 < 1e-4, "worst parameter gradient {}: {:.2e} relative to its norm", worst.1, worst.0);
     eprintln!("worst parameter gradient error vs PyTorch: {:.2e} ({})", worst.0, worst.1);
 }
+
+/// Bounds for the 100-step run below, set from measured runs (see the test's comment).
+const RECON_BOUND: f64 = 0.05;
+const PERPLEXITY_BOUND: f64 = 5.0;
+
+/// The default `beit tokenizer train` command on Fashion-MNIST, shortened to 100 steps (the
+/// full default is 600; its numbers are in docs/tokenizer.md). Needs data/fashion-mnist
+/// (scripts/fetch-fashion-mnist); scripts/test runs it.
+#[test]
+#[ignore = "needs data/fashion-mnist; run by scripts/test"]
+fn fashion_mnist_short_default_run_learns_a_codebook() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let fm = root.join("data/fashion-mnist");
+    let dir = tempfile::tempdir().unwrap();
+    let (train, test) = (dir.path().join("train.beitds"), dir.path().join("test.beitds"));
+    beit::data::import::import_idx(
+        &fm.join("train-images-idx3-ubyte.gz"),
+        Some(&fm.join("train-labels-idx1-ubyte.gz")),
+        &train,
+    )
+    .unwrap();
+    beit::data::import::import_idx(&fm.join("t10k-images-idx3-ubyte.gz"), None, &test).unwrap();
+    let out = dir.path().join("tokenizer");
+    let run = std::process::Command::new(env!("CARGO_BIN_EXE_beit"))
+        .args(["tokenizer", "train", "--steps", "100", "--eval-images", "1000", "--log-every", "1000"])
+        .arg("--data")
+        .arg(&train)
+        .arg("--eval-data")
+        .arg(&test)
+        .arg("--out")
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
+    let stdout = String::from_utf8(run.stdout).unwrap();
+    let report: serde_json::Value = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
+    let eval = &report["eval"];
+    let (mse, ppl) = (eval["recon_mse"].as_f64().unwrap(), eval["perplexity"].as_f64().unwrap());
+    // A tokenizer that learned nothing reconstructs the mean image: MSE 0.087 on
+    // Fashion-MNIST's test images (computed with numpy); one code everywhere is perplexity 1.
+    assert!(mse < RECON_BOUND, "reconstruction MSE {mse} from hard tokens (bound {RECON_BOUND})");
+    assert!(ppl > PERPLEXITY_BOUND, "codebook perplexity {ppl} (bound {PERPLEXITY_BOUND})");
+    let png = image::open(out.join("reconstructions.png")).unwrap();
+    assert_eq!((png.width(), png.height()), (2 * 8 * 33 + 1, 4 * 33 + 1));
+    let dvae = Dvae::load(&out).unwrap();
+    assert_eq!(dvae.config.vocab_size, 8192);
+}

@@ -38,7 +38,7 @@ fn labels(d: &Dataset) -> Vec<u32> {
 fn npy_bytes(version: (u8, u8), dict: &str, data: &[u8]) -> Vec<u8> {
     let len_bytes = if version.0 == 1 { 2 } else { 4 };
     let mut text = dict.to_string();
-    while (8 + len_bytes + text.len() + 1) % 64 != 0 {
+    while !(8 + len_bytes + text.len() + 1).is_multiple_of(64) {
         text.push(' ');
     }
     text.push('\n');

@@ -171,6 +171,10 @@ struct PretrainArgs {
     /// Tokenizer directory for `--tokens augmented`.
     #[arg(long)]
     tokenizer: Option<PathBuf>,
+    /// Codebook size of a fresh model's MIM head (default: the config's); set it to the
+    /// tokenizer's vocabulary.
+    #[arg(long)]
+    vocab_size: Option<usize>,
     /// Loader worker threads (dataset data only).
     #[arg(long, default_value_t = 1)]
     loader_workers: usize,
@@ -491,6 +495,8 @@ fn peak_rss_mb() -> Option<f64> {
     Some(kb / 1024.0)
 }
 
+// One value per run.
+#[allow(clippy::large_enum_variant)]
 enum PretrainData {
     Synthetic(beit::data::synthetic::SyntheticMim),
     Dataset(beit::data::mim_source::DatasetMim),
@@ -547,7 +553,13 @@ fn pretrain(a: PretrainArgs) -> beit::Result<()> {
     } else {
         let model = match &a.model {
             Some(dir) => Model::load(dir)?,
-            None => Model::new_random(config_from(&a.config)?, beit::Architecture::MaskedImageModeling, a.seed)?,
+            None => {
+                let mut cfg = config_from(&a.config)?;
+                if let Some(v) = a.vocab_size {
+                    cfg.vocab_size = v;
+                }
+                Model::new_random(cfg, beit::Architecture::MaskedImageModeling, a.seed)?
+            }
         };
         let options = TrainerOptions {
             learning_rate: a.lr,

@@ -348,7 +348,7 @@ impl Dataset {
             // is what makes the &[u16] views of `tokens` sound.
             let at = map.as_ptr() as usize + header.tokens.offset as usize;
             ensure!(
-                at % std::mem::align_of::<u16>() == 0,
+                at.is_multiple_of(std::mem::align_of::<u16>()),
                 Format,
                 "{what}: tokens section is not 2-byte aligned in memory"
             );

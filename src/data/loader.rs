@@ -199,8 +199,8 @@ impl Loader {
         ensure!(
             config.patch_size.0 > 0
                 && config.patch_size.1 > 0
-                && config.image_size.0 % config.patch_size.0 == 0
-                && config.image_size.1 % config.patch_size.1 == 0,
+                && config.image_size.0.is_multiple_of(config.patch_size.0)
+                && config.image_size.1.is_multiple_of(config.patch_size.1),
             InvalidArgument,
             "loader: image size {:?} is not a multiple of patch size {:?}",
             config.image_size,

@@ -113,13 +113,13 @@ impl DvaeConfig {
             return bad(format!("n_blk_per_group must be 1 to 16, got {}", self.n_blk_per_group));
         }
         // Every block's hidden width is a quarter of its output width.
-        if self.n_hid == 0 || self.n_hid % 4 != 0 || self.n_hid > 4096 {
+        if self.n_hid == 0 || !self.n_hid.is_multiple_of(4) || self.n_hid > 4096 {
             return bad(format!("n_hid must be a positive multiple of 4 up to 4096, got {}", self.n_hid));
         }
         if self.vocab_size < 2 || self.vocab_size > 65_536 {
             return bad(format!("vocab_size must be 2 to 65536 (tokens are stored as u16), got {}", self.vocab_size));
         }
-        if self.image_size == 0 || self.image_size > 4096 || self.image_size % self.downsample() != 0 {
+        if self.image_size == 0 || self.image_size > 4096 || !self.image_size.is_multiple_of(self.downsample()) {
             return bad(format!(
                 "image_size {} must be a positive multiple of the downsampling factor {} (and at most 4096)",
                 self.image_size,

@@ -107,7 +107,7 @@ impl Dvae {
     fn check_pixels(&self, pixels: &[f32]) -> Result<usize> {
         let per = self.image_len();
         ensure!(
-            !pixels.is_empty() && pixels.len() % per == 0,
+            !pixels.is_empty() && pixels.len().is_multiple_of(per),
             InvalidArgument,
             "tokenizer input has {} values; expected a positive multiple of {}x{}x{} = {per}",
             pixels.len(),
@@ -147,7 +147,7 @@ impl Dvae {
             .ok_or_else(|| Error::InvalidArgument("this tokenizer has no decoder (an imported encoder)".into()))?;
         let (p, v) = (self.config.tokens_per_image(), self.config.vocab_size);
         ensure!(
-            !tokens.is_empty() && tokens.len() % p == 0,
+            !tokens.is_empty() && tokens.len().is_multiple_of(p),
             InvalidArgument,
             "{} tokens is not a multiple of {p}",
             tokens.len()

@@ -247,6 +247,8 @@ impl ResBlock {
 }
 
 /// One step of a network's spatial part.
+// A network holds a dozen stages, built once: boxing the large variant would buy nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone)]
 pub enum Stage {
     Conv(ConvLayer),

@@ -514,10 +514,10 @@ impl Region {
 /// Checks that `len` elements at `ptr` can be a Rust slice: aligned, and not larger than
 /// `isize::MAX` bytes.
 pub(crate) fn check_slice<T>(ptr: *const T, len: usize, name: &str) -> FfiResult<()> {
-    if ptr as usize % align_of::<T>() != 0 {
+    if !(ptr as usize).is_multiple_of(align_of::<T>()) {
         return Err(FfiError::invalid(format!("{name} is not aligned to {} bytes", align_of::<T>())));
     }
-    if len.checked_mul(size_of::<T>()).map_or(true, |b| b > isize::MAX as usize) {
+    if len.checked_mul(size_of::<T>()).is_none_or(|b| b > isize::MAX as usize) {
         return Err(FfiError::invalid(format!("{name}_len = {len} is larger than any buffer can be")));
     }
     Ok(())

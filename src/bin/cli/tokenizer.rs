@@ -48,15 +48,20 @@ pub struct TrainArgs {
     blocks_per_group: usize,
     #[arg(long, default_value_t = 64)]
     decoder_width: usize,
-    #[arg(long, default_value_t = 1500)]
+    #[arg(long, default_value_t = 600)]
     steps: usize,
     #[arg(long, default_value_t = 64)]
     batch: usize,
-    #[arg(long, default_value_t = 2e-3)]
+    #[arg(long, default_value_t = 1e-3)]
     lr: f32,
     /// Final weight of the KL term (reached after a fifth of the steps).
-    #[arg(long, default_value_t = 1e-3)]
+    #[arg(long, default_value_t = 5e-3)]
     kl_weight: f32,
+    /// Gumbel-softmax temperature at the start and after 70% of the steps (exponential decay).
+    #[arg(long, default_value_t = 1.0)]
+    tau_start: f32,
+    #[arg(long, default_value_t = 0.125)]
+    tau_end: f32,
     /// Smallest crop area fraction of the random resized crop.
     #[arg(long, default_value_t = 0.5)]
     crop_scale_min: f64,
@@ -113,8 +118,14 @@ pub fn train(a: TrainArgs) -> beit::Result<()> {
         ..DvaeConfig::small_grey(a.image_size)
     };
     let dvae = Dvae::new(config, a.seed)?;
-    let options =
-        DvaeTrainOptions { lr: a.lr, kl_weight: a.kl_weight, seed: a.seed, ..DvaeTrainOptions::for_steps(a.steps) };
+    let options = DvaeTrainOptions {
+        lr: a.lr,
+        kl_weight: a.kl_weight,
+        tau_start: a.tau_start,
+        tau_end: a.tau_end,
+        seed: a.seed,
+        ..DvaeTrainOptions::for_steps(a.steps)
+    };
     let mut trainer = DvaeTrainer::new(dvae, options)?;
     let s = a.image_size;
     let ds_factor = trainer.dvae.config.downsample();

@@ -240,6 +240,30 @@ fn fashion_mnist_train_import_matches_idx() {
         assert_eq!(d.pixels(i), &ipx[i * 784..(i + 1) * 784], "pixels of image {i}");
         assert_eq!(d.label(i), Some(lab[i] as u32), "label of image {i}");
     }
+    // Through the loader, with every augmentation turned into the identity (the whole image,
+    // no flip, same size: the resampling filters are exact at integer positions), one epoch
+    // gives every image once with its IDX pixels and label.
+    let config = beit::data::loader::LoaderConfig {
+        scale: (1.0, 1.0),
+        ratio: (1.0, 1.0),
+        flip_prob: 0.0,
+        mean: vec![0.0],
+        std: vec![1.0],
+        workers: 2,
+        ..beit::data::loader::LoaderConfig::beit(1000, (28, 28), (4, 4), 16)
+    };
+    let loader = beit::data::loader::Loader::new(std::sync::Arc::new(Dataset::open(&out).unwrap()), config).unwrap();
+    let mut seen = vec![false; 60000];
+    for batch in loader.iter() {
+        for (k, &i) in batch.indices.iter().enumerate() {
+            assert!(!seen[i], "image {i} twice in one epoch");
+            seen[i] = true;
+            let px: Vec<u8> = batch.view1[k * 784..(k + 1) * 784].iter().map(|v| (v * 255.0).round() as u8).collect();
+            assert_eq!(px, &ipx[i * 784..(i + 1) * 784], "loader pixels of image {i}");
+            assert_eq!(batch.labels.as_ref().unwrap()[k], lab[i] as u32, "loader label of image {i}");
+        }
+    }
+    assert!(seen.iter().all(|&s| s), "the epoch missed images");
     // The importer's own readers agree too, and the labels are the 10 balanced classes.
     assert_eq!(read_idx_images(&images).unwrap().pixels, ipx);
     let l = read_idx_labels(&labels).unwrap();

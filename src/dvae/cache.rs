@@ -4,6 +4,8 @@
 
 use std::path::Path;
 
+use rayon::prelude::*;
+
 use crate::data::dataset::{Dataset, DatasetHeader, DatasetSpec, DatasetWriter};
 use crate::data::loader::{resample, Filter};
 use crate::error::Result;
@@ -64,9 +66,11 @@ pub fn tokenize_dataset(
     let per_image = dvae.config.tokens_per_image();
     for start in (0..input.len()).step_by(CACHE_BATCH) {
         let end = (start + CACHE_BATCH).min(input.len());
-        let mapped: Vec<f32> = (start..end)
-            .flat_map(|i| tokenizer_input(input.pixels(i), channels, h.height as usize, h.width as usize, dvae))
+        let views: Vec<Vec<f32>> = (start..end)
+            .into_par_iter()
+            .map(|i| tokenizer_input(input.pixels(i), channels, h.height as usize, h.width as usize, dvae))
             .collect();
+        let mapped = views.concat();
         let tokens = dvae.tokenize(&mapped)?;
         for (k, i) in (start..end).enumerate() {
             let grid_tokens: Vec<u16> = tokens[k * per_image..(k + 1) * per_image].iter().map(|&t| t as u16).collect();

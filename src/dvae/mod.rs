@@ -34,9 +34,10 @@ pub fn unmap_pixels(x: f32) -> f32 {
     ((x - MAP_PIXELS_EPS) / (1.0 - 2.0 * MAP_PIXELS_EPS)).clamp(0.0, 1.0)
 }
 
-/// Images per chunk when tokenizing: bounds the activations of one pass (a DALL-E encoder at
-/// 112 px keeps about 13 MB of features per image in its first group).
-const TOKENIZE_CHUNK: usize = 16;
+/// Feature-map values (first-group width × pixels) per tokenizing pass: bounds the activations
+/// of one pass to a few 32 MB buffers while keeping the GEMMs of small images large (256
+/// Fashion-MNIST images per pass; 2 images per pass for a DALL-E encoder at 112 px).
+const TOKENIZE_CHUNK_VALUES: usize = 8 << 20;
 
 /// A tokenizer: configuration, parameters and networks.
 #[derive(Debug, Clone)]
@@ -99,6 +100,12 @@ impl Dvae {
         io::write_atomic(&dir.join(CONFIG_FILE), self.config.to_json().as_bytes())
     }
 
+    /// Images per tokenizing or decoding pass.
+    fn chunk_images(&self) -> usize {
+        let c = &self.config;
+        (TOKENIZE_CHUNK_VALUES / (c.n_hid * c.image_size * c.image_size)).max(1)
+    }
+
     /// Floats per input image `[C, H, W]`.
     pub fn image_len(&self) -> usize {
         self.config.in_channels * self.config.image_size * self.config.image_size
@@ -131,7 +138,7 @@ impl Dvae {
         self.check_pixels(mapped)?;
         let per = self.image_len();
         let mut tokens = Vec::with_capacity(mapped.len() / per * self.config.tokens_per_image());
-        for chunk in mapped.chunks(per * TOKENIZE_CHUNK) {
+        for chunk in mapped.chunks(per * self.chunk_images()) {
             let logits = self.nets.encoder.forward(&self.params, chunk, chunk.len() / per, None);
             tokens.extend(relaxation::argmax_rows(&logits, self.config.vocab_size));
         }
@@ -154,7 +161,7 @@ impl Dvae {
         );
         ensure!(tokens.iter().all(|&t| (t as usize) < v), InvalidArgument, "token id outside the vocabulary of {v}");
         let mut out = Vec::with_capacity(tokens.len() / p * self.image_len());
-        for chunk in tokens.chunks(p * TOKENIZE_CHUNK) {
+        for chunk in tokens.chunks(p * self.chunk_images()) {
             let mut one_hot = vec![0.0f32; chunk.len() * v];
             for (row, &t) in one_hot.chunks_exact_mut(v).zip(chunk) {
                 row[t as usize] = 1.0;

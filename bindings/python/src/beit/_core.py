@@ -381,8 +381,10 @@ class Model(_Handle):
         for name, arr in result.items():
             setattr(outs, name, _ptr(arr, c_float))
             setattr(outs, name + "_len", arr.size)
-        with self.context._use() as cp, self._use() as mp:
-            _check(_lib.beit_model_infer(cp, mp, byref(batch), byref(outs)))
+        with self._use() as mp:
+            # The model holds a reference on its context's native handle (freed only after the
+            # model is), so the pointer is valid here even if the Context was closed.
+            _check(_lib.beit_model_infer(self.context._ptr, mp, byref(batch), byref(outs)))
         return result
 
     def __repr__(self) -> str:

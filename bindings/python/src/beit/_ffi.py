@@ -1,0 +1,341 @@
+"""ctypes declarations of include/beit.h: library loading, versioned structs, prototypes.
+
+Everything here mirrors the header exactly (field order and C types); the Pythonic layer is
+in beit._core. Struct layouts are checked against the library at load time: every
+``beit_*_default()`` reports ``struct_size`` as the library compiled it, which must equal
+``ctypes.sizeof`` of the mirror below.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import os
+from ctypes import (
+    POINTER,
+    Structure,
+    c_bool,
+    c_char_p,
+    c_double,
+    c_int64,
+    c_size_t,
+    c_uint8,
+    c_uint16,
+    c_uint32,
+    c_uint64,
+    c_void_p,
+    c_float,
+)
+from pathlib import Path
+
+#: The ABI version these bindings were written against (``BEIT_ABI_VERSION`` in beit.h).
+ABI_VERSION = 1
+
+# enum beit_status (uint32_t)
+BEIT_OK = 0
+BEIT_ERR_INVALID_ARGUMENT = 1
+BEIT_ERR_NULL_POINTER = 2
+BEIT_ERR_IO = 3
+BEIT_ERR_FORMAT = 4
+BEIT_ERR_CONFIG = 5
+BEIT_ERR_UNSUPPORTED = 6
+BEIT_ERR_BUFFER_SIZE = 7
+BEIT_ERR_INTERNAL = 8
+BEIT_ERR_NUMERICAL = 9
+
+# enum beit_device
+BEIT_DEVICE_AUTO = 0
+BEIT_DEVICE_CPU = 1
+BEIT_DEVICE_CUDA = 2
+
+# enum beit_architecture
+BEIT_ARCH_BACKBONE = 0
+BEIT_ARCH_MASKED_IMAGE_MODELING = 1
+BEIT_ARCH_IMAGE_CLASSIFICATION = 2
+
+# enum beit_weight_decay_on
+BEIT_WEIGHT_DECAY_BEIT = 0
+BEIT_WEIGHT_DECAY_ALL = 1
+
+beit_status = c_uint32
+beit_device = c_uint32
+beit_architecture = c_uint32
+beit_weight_decay_on = c_uint32
+
+
+class beit_context_options(Structure):
+    _fields_ = [("struct_size", c_size_t), ("device", beit_device), ("num_threads", c_uint32)]
+
+
+class beit_dataset_info(Structure):
+    _fields_ = [
+        ("struct_size", c_size_t),
+        ("count", c_uint64),
+        ("height", c_uint32),
+        ("width", c_uint32),
+        ("channels", c_uint32),
+        ("has_labels", c_bool),
+        ("has_masks", c_bool),
+        ("has_tokens", c_bool),
+        ("token_grid_h", c_uint32),
+        ("token_grid_w", c_uint32),
+        ("pixels_len", c_size_t),
+        ("mask_len", c_size_t),
+        ("tokens_len", c_size_t),
+    ]
+
+
+class beit_dataset_sample(Structure):
+    _fields_ = [
+        ("struct_size", c_size_t),
+        ("pixels", POINTER(c_uint8)),
+        ("pixels_len", c_size_t),
+        ("mask", POINTER(c_uint8)),
+        ("mask_len", c_size_t),
+        ("tokens", POINTER(c_uint16)),
+        ("tokens_len", c_size_t),
+        ("label", c_uint32),
+        ("label_written", c_bool),
+        ("mask_written", c_bool),
+        ("tokens_written", c_bool),
+    ]
+
+
+class beit_model_info(Structure):
+    _fields_ = [
+        ("struct_size", c_size_t),
+        ("architecture", beit_architecture),
+        ("hidden_size", c_size_t),
+        ("num_layers", c_size_t),
+        ("num_heads", c_size_t),
+        ("intermediate_size", c_size_t),
+        ("image_height", c_size_t),
+        ("image_width", c_size_t),
+        ("patch_height", c_size_t),
+        ("patch_width", c_size_t),
+        ("num_channels", c_size_t),
+        ("num_patches", c_size_t),
+        ("vocab_size", c_size_t),
+        ("num_labels", c_size_t),
+        ("num_parameters", c_uint64),
+        ("has_mask_token", c_bool),
+    ]
+
+
+class beit_output_sizes(Structure):
+    _fields_ = [
+        ("struct_size", c_size_t),
+        ("last_hidden_state_len", c_size_t),
+        ("pooler_output_len", c_size_t),
+        ("logits_len", c_size_t),
+        ("num_tokens", c_size_t),
+        ("num_patches", c_size_t),
+    ]
+
+
+class beit_image_batch(Structure):
+    _fields_ = [
+        ("struct_size", c_size_t),
+        ("pixels", POINTER(c_float)),
+        ("pixels_len", c_size_t),
+        ("batch", c_size_t),
+        ("channels", c_size_t),
+        ("height", c_size_t),
+        ("width", c_size_t),
+        ("bool_masked_pos", POINTER(c_uint8)),
+        ("bool_masked_pos_len", c_size_t),
+    ]
+
+
+class beit_infer_outputs(Structure):
+    _fields_ = [
+        ("struct_size", c_size_t),
+        ("last_hidden_state", POINTER(c_float)),
+        ("last_hidden_state_len", c_size_t),
+        ("pooler_output", POINTER(c_float)),
+        ("pooler_output_len", c_size_t),
+        ("logits", POINTER(c_float)),
+        ("logits_len", c_size_t),
+    ]
+
+
+class beit_tokenizer_info(Structure):
+    _fields_ = [
+        ("struct_size", c_size_t),
+        ("in_channels", c_size_t),
+        ("image_size", c_size_t),
+        ("vocab_size", c_size_t),
+        ("grid_h", c_size_t),
+        ("grid_w", c_size_t),
+        ("tokens_per_image", c_size_t),
+        ("has_decoder", c_bool),
+    ]
+
+
+class beit_trainer_options(Structure):
+    _fields_ = [
+        ("struct_size", c_size_t),
+        ("learning_rate", c_double),
+        ("min_learning_rate", c_double),
+        ("warmup_steps", c_uint64),
+        ("total_steps", c_uint64),
+        ("weight_decay", c_double),
+        ("beta1", c_double),
+        ("beta2", c_double),
+        ("eps", c_double),
+        ("clip_grad_norm", c_double),
+        ("drop_path_rate", c_double),
+        ("layer_decay", c_double),
+        ("weight_decay_on", beit_weight_decay_on),
+        ("seed", c_uint64),
+    ]
+
+
+class beit_mim_batch(Structure):
+    _fields_ = [
+        ("struct_size", c_size_t),
+        ("pixels", POINTER(c_float)),
+        ("pixels_len", c_size_t),
+        ("batch", c_size_t),
+        ("channels", c_size_t),
+        ("height", c_size_t),
+        ("width", c_size_t),
+        ("bool_masked_pos", POINTER(c_uint8)),
+        ("bool_masked_pos_len", c_size_t),
+        ("labels", POINTER(c_int64)),
+        ("labels_len", c_size_t),
+    ]
+
+
+class beit_step_stats(Structure):
+    _fields_ = [
+        ("struct_size", c_size_t),
+        ("step", c_uint64),
+        ("loss", c_double),
+        ("lr", c_double),
+        ("grad_norm", c_double),
+        ("masked", c_size_t),
+        ("seconds", c_double),
+        ("images_per_s", c_double),
+    ]
+
+
+#: Every versioned struct and the function returning its default.
+VERSIONED_STRUCTS = {
+    "beit_context_options_default": beit_context_options,
+    "beit_dataset_info_default": beit_dataset_info,
+    "beit_dataset_sample_default": beit_dataset_sample,
+    "beit_model_info_default": beit_model_info,
+    "beit_output_sizes_default": beit_output_sizes,
+    "beit_image_batch_default": beit_image_batch,
+    "beit_infer_outputs_default": beit_infer_outputs,
+    "beit_tokenizer_info_default": beit_tokenizer_info,
+    "beit_trainer_options_default": beit_trainer_options,
+    "beit_mim_batch_default": beit_mim_batch,
+    "beit_step_stats_default": beit_step_stats,
+}
+
+_P = POINTER
+_ctx, _model, _ds, _tok, _tr = c_void_p, c_void_p, c_void_p, c_void_p, c_void_p
+
+# name: (restype, argtypes). Opaque handles travel as void*.
+PROTOTYPES = {
+    # context
+    "beit_context_create": (beit_status, [_P(beit_context_options), _P(c_void_p)]),
+    "beit_context_free": (None, [_ctx]),
+    # dataset
+    "beit_dataset_open": (beit_status, [c_char_p, _P(c_void_p)]),
+    "beit_dataset_free": (None, [_ds]),
+    "beit_dataset_get_info": (beit_status, [_ds, _P(beit_dataset_info)]),
+    "beit_dataset_read_sample": (beit_status, [_ds, c_uint64, _P(beit_dataset_sample)]),
+    # model
+    "beit_model_load": (beit_status, [_ctx, c_char_p, _P(c_void_p)]),
+    "beit_model_create": (beit_status, [_ctx, c_char_p, beit_architecture, c_uint64, _P(c_void_p)]),
+    "beit_model_save": (beit_status, [_model, c_char_p]),
+    "beit_model_free": (None, [_model]),
+    "beit_model_get_info": (beit_status, [_model, _P(beit_model_info)]),
+    "beit_model_output_sizes": (beit_status, [_model, c_size_t, c_size_t, c_size_t, _P(beit_output_sizes)]),
+    "beit_model_infer": (beit_status, [_ctx, _model, _P(beit_image_batch), _P(beit_infer_outputs)]),
+    # status
+    "beit_last_error_message": (c_char_p, []),
+    "beit_status_name": (c_char_p, [beit_status]),
+    # tokenizer
+    "beit_tokenizer_load": (beit_status, [_ctx, c_char_p, _P(c_void_p)]),
+    "beit_tokenizer_free": (None, [_tok]),
+    "beit_tokenizer_get_info": (beit_status, [_tok, _P(beit_tokenizer_info)]),
+    "beit_tokenizer_tokenize": (beit_status, [_tok, _P(c_float), c_size_t, c_size_t, _P(c_int64), c_size_t]),
+    "beit_tokenizer_decode": (beit_status, [_tok, _P(c_int64), c_size_t, c_size_t, _P(c_float), c_size_t]),
+    # trainer
+    "beit_trainer_create": (beit_status, [_ctx, _model, _P(beit_trainer_options), _P(c_void_p)]),
+    "beit_trainer_create_from_config": (
+        beit_status,
+        [_ctx, c_char_p, c_uint64, _P(beit_trainer_options), _P(c_void_p)],
+    ),
+    "beit_trainer_load_model_dir": (beit_status, [_ctx, c_char_p, _P(beit_trainer_options), _P(c_void_p)]),
+    "beit_trainer_free": (None, [_tr]),
+    "beit_trainer_step": (beit_status, [_tr, _P(beit_mim_batch), _P(beit_step_stats)]),
+    "beit_trainer_save_checkpoint": (beit_status, [_tr, c_char_p]),
+    "beit_trainer_load_checkpoint": (beit_status, [_tr, c_char_p]),
+    "beit_trainer_save_model": (beit_status, [_tr, c_char_p]),
+    "beit_trainer_step_count": (beit_status, [_tr, _P(c_uint64)]),
+    "beit_trainer_get_data_position": (beit_status, [_tr, _P(c_uint64)]),
+    "beit_trainer_set_data_position": (beit_status, [_tr, c_uint64]),
+    "beit_trainer_get_model_info": (beit_status, [_tr, _P(beit_model_info)]),
+    # version
+    "beit_version": (c_char_p, []),
+    "beit_abi_version": (c_uint32, []),
+}
+for _name, _struct in VERSIONED_STRUCTS.items():
+    PROTOTYPES[_name] = (_struct, [])
+
+
+def library_path() -> str:
+    """Where the library is looked for, in order:
+
+    1. ``$BEIT_LIBRARY`` (a path to libbeit.so), when set;
+    2. ``libbeit.so`` next to this package (``beit/libbeit.so``);
+    3. the system loader: ``ctypes.util.find_library("beit")``, else plain ``libbeit.so``
+       (which honours ``LD_LIBRARY_PATH``).
+    """
+    env = os.environ.get("BEIT_LIBRARY")
+    if env:
+        if not os.path.isfile(env):
+            raise ImportError(f"BEIT_LIBRARY={env!r} is not a file")
+        return env
+    here = Path(__file__).resolve().parent / "libbeit.so"
+    if here.is_file():
+        return str(here)
+    return ctypes.util.find_library("beit") or "libbeit.so"
+
+
+def load(path: str | None = None) -> ctypes.CDLL:
+    """Loads libbeit, declares every prototype and checks the ABI version and struct sizes."""
+    path = path or library_path()
+    try:
+        lib = ctypes.CDLL(path)
+    except OSError as e:
+        raise ImportError(
+            f"cannot load libbeit from {path!r} ({e}); set BEIT_LIBRARY to the path of libbeit.so "
+            "(e.g. target/release/libbeit.so after `cargo build --release`)"
+        ) from e
+    for name, (restype, argtypes) in PROTOTYPES.items():
+        try:
+            fn = getattr(lib, name)
+        except AttributeError as e:
+            raise ImportError(f"{path}: libbeit lacks {name} (too old a library?)") from e
+        fn.restype = restype
+        fn.argtypes = argtypes
+    abi = lib.beit_abi_version()
+    if abi != ABI_VERSION:
+        raise ImportError(
+            f"{path}: libbeit ABI version {abi}, but these bindings need {ABI_VERSION} "
+            f"(library version {lib.beit_version().decode()})"
+        )
+    for name, struct in VERSIONED_STRUCTS.items():
+        got = getattr(lib, name)().struct_size
+        if got != ctypes.sizeof(struct):
+            raise ImportError(
+                f"{path}: {name}() reports struct_size {got}, these bindings have {ctypes.sizeof(struct)}"
+            )
+    lib._beit_path = path
+    return lib

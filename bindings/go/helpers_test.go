@@ -16,7 +16,9 @@ import (
 // repo is the libbeit checkout this module lives in (bindings/go is two levels down).
 var repo = filepath.Join("..", "..")
 
-func refDir(parts ...string) string { return filepath.Join(append([]string{repo, "tests"}, parts...)...) }
+func refDir(parts ...string) string {
+	return filepath.Join(append([]string{repo, "tests"}, parts...)...)
+}
 
 // tensor is one tensor of a safetensors file.
 type tensor struct {

@@ -1,0 +1,3 @@
+module github.com/libbeit/beit-go
+
+go 1.22

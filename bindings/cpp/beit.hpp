@@ -352,6 +352,7 @@ public:
     }
     // Runs the model and writes the logits into `logits`, resized to fit (no other copy).
     void infer_logits(const Context& ctx, const Images& input, std::vector<float>& logits) const {
+        (void)ctx.get();  // an empty context throws before anything else is checked
         const OutputSizes sizes = output_sizes(input.batch, input.height, input.width);
         if (sizes.logits_len == 0) {
             throw_error(BEIT_ERR_INVALID_ARGUMENT, "this model has no logits (a backbone)");

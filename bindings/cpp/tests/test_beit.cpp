@@ -1,0 +1,546 @@
+// Tests of beit.hpp (the C++17 wrapper) against libbeit; standard library only.
+//
+//   test_beit <repository root>
+//
+// Success paths: the reference model tests/reference/mim_shared (inference equals transformers'
+// stored outputs within the Rust parity test's tolerance, |a - b| <= 1e-4 * max(1, |b|)); the
+// reference tokenizer tests/reference_dvae/dalle_small (PyTorch's tokens exactly, after
+// unmapping `mapped_pixels` with (x - 0.1) / 0.8); a .beitds dataset written here from
+// docs/dataset-format.md (open, info, every sample read back); one trainer step.
+// Failure paths: a missing model directory or model file throws beit::Error with the right
+// status and message; wrong buffer sizes throw (and write nothing); a moved-from handle throws
+// beit::NullPointerError instead of crashing. Run under valgrind by bindings/cpp/test.sh.
+//
+// Prints one line per test ("PASS name" / "FAIL name: why") and exits non-zero on any failure.
+#include <beit.hpp>
+
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <fstream>
+#include <functional>
+#include <iterator>
+#include <map>
+#include <sstream>
+#include <string>
+#include <utility>
+#include <vector>
+
+namespace {
+
+std::string root;
+int failures = 0;
+int passes = 0;
+
+struct Failure {
+    std::string why;
+};
+
+#define CHECK(cond)                                                                                \
+    do {                                                                                           \
+        if (!(cond)) {                                                                             \
+            std::ostringstream os_;                                                                \
+            os_ << __FILE__ << ":" << __LINE__ << ": " << #cond;                                   \
+            throw Failure{os_.str()};                                                              \
+        }                                                                                          \
+    } while (0)
+
+// Runs `body`, which must throw an exception of type E with status `status`.
+template <class E>
+void expect_throw(beit_status status, const std::function<void()>& body, const char* what,
+                  const char* message_part = "") {
+    try {
+        body();
+    } catch (const beit::Error& e) {
+        const beit::Error* base = &e;
+        if (dynamic_cast<const E*>(base) == nullptr) {
+            throw Failure{std::string(what) + ": wrong exception class for " + e.what()};
+        }
+        if (e.status() != status) {
+            throw Failure{std::string(what) + ": status " + beit::status_name(e.status()) +
+                          ", want " + beit::status_name(status)};
+        }
+        if (e.message().empty() || e.message().find(message_part) == std::string::npos) {
+            throw Failure{std::string(what) + ": message '" + e.message() + "' lacks '" +
+                          message_part + "'"};
+        }
+        return;
+    }
+    throw Failure{std::string(what) + ": no exception"};
+}
+
+void run(const char* name, void (*test)()) {
+    try {
+        test();
+        std::printf("PASS %s\n", name);
+        passes++;
+    } catch (const Failure& f) {
+        std::printf("FAIL %s: %s\n", name, f.why.c_str());
+        failures++;
+    } catch (const std::exception& e) {
+        std::printf("FAIL %s: unexpected exception: %s\n", name, e.what());
+        failures++;
+    }
+}
+
+std::vector<unsigned char> read_file(const std::string& path) {
+    std::ifstream in(path, std::ios::binary);
+    if (!in) throw Failure{"cannot read " + path};
+    return std::vector<unsigned char>(std::istreambuf_iterator<char>(in), {});
+}
+
+void write_file(const std::string& path, const std::vector<unsigned char>& bytes) {
+    std::ofstream out(path, std::ios::binary);
+    out.write(reinterpret_cast<const char*>(bytes.data()), std::streamsize(bytes.size()));
+    if (!out) throw Failure{"cannot write " + path};
+}
+
+// A minimal safetensors reader: the raw bytes of tensor `name` (little-endian host).
+struct Safetensors {
+    std::vector<unsigned char> file;
+    std::string header;
+
+    explicit Safetensors(const std::string& path) : file(read_file(path)) {
+        CHECK(file.size() >= 8);
+        std::uint64_t n = 0;
+        for (int k = 0; k < 8; k++) n |= std::uint64_t(file[std::size_t(k)]) << (8 * k);
+        CHECK(n <= file.size() - 8);
+        header.assign(reinterpret_cast<const char*>(file.data() + 8), std::size_t(n));
+    }
+    template <class T>
+    std::vector<T> get(const std::string& name) const {
+        const std::size_t at = header.find("\"" + name + "\":");
+        if (at == std::string::npos) throw Failure{"no tensor " + name};
+        const std::size_t off = header.find("\"data_offsets\":[", at);
+        CHECK(off != std::string::npos);
+        const char* p = header.c_str() + off + std::strlen("\"data_offsets\":[");
+        char* end = nullptr;
+        const std::uint64_t begin = std::strtoull(p, &end, 10);
+        const std::uint64_t stop = std::strtoull(end + 1, nullptr, 10);
+        CHECK(stop >= begin && (stop - begin) % sizeof(T) == 0);
+        CHECK(8 + header.size() + stop <= file.size());
+        std::vector<T> out(std::size_t((stop - begin) / sizeof(T)));
+        std::memcpy(out.data(), file.data() + 8 + header.size() + begin, std::size_t(stop - begin));
+        return out;
+    }
+};
+
+// Largest |a - b| / (1e-4 * max(1, |b|)): <= 1 passes (tests/reference_parity.rs's rule).
+double worst_ratio(const std::vector<float>& got, const std::vector<float>& want) {
+    CHECK(got.size() == want.size());
+    double worst = 0;
+    for (std::size_t i = 0; i < got.size(); i++) {
+        const double b = want[i];
+        const double r = std::fabs(double(got[i]) - b) / (1e-4 * std::fmax(1.0, std::fabs(b)));
+        if (!(r <= worst)) worst = r;  // NaN sticks
+    }
+    return worst;
+}
+
+std::string temp_dir() {
+    char name[] = "/tmp/beit-cpp-test-XXXXXX";
+    if (!mkdtemp(name)) throw Failure{"mkdtemp failed"};
+    return name;
+}
+
+void remove_tree(const std::string& dir) {
+    const std::string cmd = "rm -rf '" + dir + "'";
+    if (std::system(cmd.c_str()) != 0) std::fprintf(stderr, "warning: cannot remove %s\n", dir.c_str());
+}
+
+const char* const kModel = "/tests/reference/mim_shared";
+
+// ------------------------------------------------------------------------------------------
+
+void test_version() {
+    CHECK(beit::version() == std::to_string(BEIT_VERSION_MAJOR) + "." +
+                                 std::to_string(BEIT_VERSION_MINOR) + "." +
+                                 std::to_string(BEIT_VERSION_PATCH));
+    CHECK(beit::abi_version() == BEIT_ABI_VERSION);
+    beit::check_abi();
+    CHECK(beit::status_name(BEIT_ERR_BUFFER_SIZE) == "BEIT_ERR_BUFFER_SIZE");
+}
+
+// The reference model against transformers' outputs.
+void test_model_matches_transformers() {
+    const std::string dir = root + kModel;
+    const Safetensors inputs(dir + "/inputs.safetensors");
+    const Safetensors outputs(dir + "/outputs.safetensors");
+    const std::vector<float> pixels = inputs.get<float>("pixel_values");       // [2,3,32,32]
+    const std::vector<std::uint8_t> mask = inputs.get<std::uint8_t>("bool_masked_pos");  // [2,16]
+    const std::vector<float> want_hidden = outputs.get<float>("last_hidden_state");
+    const std::vector<float> want_logits = outputs.get<float>("logits");
+
+    const beit::Context ctx = beit::Context::cpu(2);
+    const beit::Model model = beit::Model::load(ctx, dir);
+    const beit::ModelInfo info = model.info();
+    CHECK(info.architecture == BEIT_ARCH_MASKED_IMAGE_MODELING);
+    CHECK(info.num_channels == 3 && info.image_height == 32 && info.vocab_size == 64);
+    CHECK(info.has_mask_token);
+
+    const beit::OutputSizes sizes = model.output_sizes(2, 32, 32);
+    CHECK(sizes.last_hidden_state_len == want_hidden.size());
+    CHECK(sizes.logits_len == want_logits.size());
+    CHECK(sizes.pooler_output_len == 0);
+
+    beit::Images in;
+    in.pixels = pixels;
+    in.batch = 2;
+    in.channels = 3;
+    in.height = 32;
+    in.width = 32;
+    in.bool_masked_pos = mask;
+    std::vector<float> hidden(sizes.last_hidden_state_len), logits(sizes.logits_len);
+    beit::Outputs out;
+    out.last_hidden_state = hidden;
+    out.logits = logits;
+    model.infer(ctx, in, out);
+    const double rh = worst_ratio(hidden, want_hidden), rl = worst_ratio(logits, want_logits);
+    std::printf("     last_hidden_state worst error / tolerance = %.4f\n", rh);
+    std::printf("     logits            worst error / tolerance = %.4f\n", rl);
+    CHECK(rh <= 1.0);
+    CHECK(rl <= 1.0);
+
+    // The vector convenience writes the same logits (bit for bit) into a vector it resizes.
+    std::vector<float> again;
+    model.infer_logits(ctx, in, again);
+    CHECK(again.size() == logits.size());
+    CHECK(std::memcmp(again.data(), logits.data(), logits.size() * sizeof(float)) == 0);
+
+    // The C structs route.
+    beit_image_batch cin = in.to_c();
+    std::vector<float> third(sizes.logits_len);
+    beit_infer_outputs cout = beit_infer_outputs_default();
+    cout.logits = third.data();
+    cout.logits_len = third.size();
+    model.infer(ctx, cin, cout);
+    CHECK(std::memcmp(third.data(), logits.data(), logits.size() * sizeof(float)) == 0);
+}
+
+// The reference tokenizer against PyTorch's tokens.
+void test_tokenizer_matches_pytorch() {
+    const std::string dir = root + "/tests/reference_dvae/dalle_small";
+    const Safetensors io(dir + "/io.safetensors");
+    std::vector<float> pixels = io.get<float>("mapped_pixels");  // [4,3,32,32]
+    const std::vector<std::int64_t> want = io.get<std::int64_t>("tokens");  // [4,16]
+    for (float& x : pixels) x = (x - 0.1f) / 0.8f;
+
+    const beit::Context ctx = beit::Context::cpu(2);
+    const beit::Tokenizer tok = beit::Tokenizer::load(ctx, dir);
+    const beit::TokenizerInfo info = tok.info();
+    CHECK(info.in_channels == 3 && info.image_size == 32 && info.vocab_size == 96);
+    CHECK(info.tokens_per_image == 16);
+
+    std::vector<std::int64_t> tokens(4 * 16, -1);
+    tok.tokenize(pixels, 4, beit::span<std::int64_t>(tokens));
+    CHECK(tokens == want);
+
+    std::vector<std::int64_t> resized;  // the vector overload sizes it
+    tok.tokenize(pixels, 4, resized);
+    CHECK(resized == want);
+
+    // One image alone: a subspan of the batch, no copy.
+    std::int64_t one[16];
+    tok.tokenize(beit::span<const float>(pixels).subspan(3 * 3 * 32 * 32, 3 * 32 * 32), 1, one);
+    CHECK(std::equal(one, one + 16, want.begin() + 48));
+}
+
+// A .beitds file written from docs/dataset-format.md: 3 samples of 2x3x1 with labels and tokens.
+void test_dataset_read() {
+    const std::string dir = temp_dir();
+    const std::string path = dir + "/small.beitds";
+    enum { N = 3, H = 2, W = 3, C = 1, GH = 1, GW = 2, PIX = H * W * C, TOKS = GH * GW };
+    const std::size_t pixels_at = 128, labels_at = 192, tokens_at = 256;
+    std::vector<unsigned char> b(tokens_at + 2 * N * TOKS, 0);
+    auto u32 = [&](std::size_t at, std::uint32_t v) {
+        for (int k = 0; k < 4; k++) b[at + std::size_t(k)] = std::uint8_t(v >> (8 * k));
+    };
+    auto u64 = [&](std::size_t at, std::uint64_t v) {
+        for (int k = 0; k < 8; k++) b[at + std::size_t(k)] = std::uint8_t(v >> (8 * k));
+    };
+    const unsigned char magic[8] = {'B', 'E', 'I', 'T', 'D', 'S', 0, 1};
+    std::memcpy(b.data(), magic, 8);
+    u32(8, 1);    // version
+    u32(12, 128); // header size
+    u64(16, N);
+    u32(24, H);
+    u32(28, W);
+    u32(32, C);
+    u32(36, 1);   // HWC u8
+    u32(40, 1 | 4);  // labels | tokens
+    u32(44, GH);
+    u32(48, GW);
+    u64(56, pixels_at);
+    u64(64, N * PIX);
+    u64(72, labels_at);
+    u64(80, 4 * N);
+    u64(104, tokens_at);
+    u64(112, 2 * N * TOKS);
+    for (std::size_t i = 0; i < N; i++) {
+        for (std::size_t k = 0; k < PIX; k++) b[pixels_at + i * PIX + k] = std::uint8_t(10 * i + k);
+        u32(labels_at + 4 * i, std::uint32_t(100 + i));
+        for (std::size_t k = 0; k < TOKS; k++) {
+            const std::uint16_t t = std::uint16_t(1000 * i + k);
+            b[tokens_at + 2 * (i * TOKS + k)] = std::uint8_t(t & 0xff);
+            b[tokens_at + 2 * (i * TOKS + k) + 1] = std::uint8_t(t >> 8);
+        }
+    }
+    write_file(path, b);
+
+    try {
+        const beit::Dataset ds = beit::Dataset::open(path);
+        const beit::DatasetInfo info = ds.info();
+        CHECK(info.count == N && info.height == H && info.width == W && info.channels == C);
+        CHECK(info.has_labels && !info.has_masks && info.has_tokens);
+        CHECK(info.pixels_len == PIX && info.tokens_len == TOKS && info.mask_len == 0);
+        CHECK(ds.size() == N);
+        std::vector<std::uint8_t> pixels(info.pixels_len);
+        std::vector<std::uint16_t> tokens(info.tokens_len);
+        for (std::uint64_t i = 0; i < N; i++) {
+            const beit::SampleMeta m = ds.read(i, pixels, {}, tokens);
+            CHECK(m.label_written && m.label == 100 + i && m.tokens_written && !m.mask_written);
+            for (std::size_t k = 0; k < PIX; k++) CHECK(pixels[k] == std::uint8_t(10 * i + k));
+            for (std::size_t k = 0; k < TOKS; k++) CHECK(tokens[k] == 1000 * i + k);
+        }
+        // Without the optional buffers.
+        const beit::SampleMeta m = ds.read(1, pixels);
+        CHECK(m.label == 101 && !m.tokens_written);
+
+        // Failures: wrong sizes, index out of range; nothing written.
+        std::vector<std::uint8_t> short_pixels(PIX - 1, 0xee);
+        expect_throw<beit::BufferSizeError>(BEIT_ERR_BUFFER_SIZE,
+                                            [&] { ds.read(0, short_pixels); }, "short pixels");
+        CHECK(short_pixels[0] == 0xee);
+        std::vector<std::uint16_t> long_tokens(TOKS + 1, 7);
+        expect_throw<beit::Error>(BEIT_ERR_BUFFER_SIZE, [&] { ds.read(0, pixels, {}, long_tokens); },
+                                  "long tokens");
+        CHECK(long_tokens[0] == 7);
+        expect_throw<beit::InvalidArgumentError>(BEIT_ERR_INVALID_ARGUMENT,
+                                                 [&] { ds.read(N, pixels); }, "index N");
+        expect_throw<beit::IoError>(BEIT_ERR_IO, [&] { beit::Dataset::open(dir + "/none.beitds"); },
+                                    "missing dataset");
+    } catch (...) {
+        remove_tree(dir);
+        throw;
+    }
+    remove_tree(dir);
+}
+
+// One pretraining step through beit::Trainer on the reference model and inputs.
+void test_trainer_step() {
+    const std::string dir = root + kModel;
+    const Safetensors inputs(dir + "/inputs.safetensors");
+    const std::vector<float> pixels = inputs.get<float>("pixel_values");
+    const std::vector<std::uint8_t> mask = inputs.get<std::uint8_t>("bool_masked_pos");
+    std::vector<std::int64_t> labels(mask.size());
+    for (std::size_t i = 0; i < labels.size(); i++) labels[i] = std::int64_t((i * 7) % 64);
+
+    const beit::Context ctx = beit::Context::cpu(2);
+    beit::TrainerOptions opts = beit::Trainer::default_options();
+    opts.learning_rate = 1e-3;
+    beit::Trainer trainer = beit::Trainer::load_model_dir(ctx, dir, opts);
+    CHECK(trainer.step_count() == 0);
+    CHECK(trainer.model_info().vocab_size == 64);
+    beit::MimBatch batch;
+    batch.pixels = pixels;
+    batch.batch = 2;
+    batch.channels = 3;
+    batch.height = 32;
+    batch.width = 32;
+    batch.bool_masked_pos = mask;
+    batch.labels = labels;
+    const beit::StepStats s = trainer.step(batch);
+    CHECK(s.step == 1 && std::isfinite(s.loss) && s.loss > 0 && s.masked == 11);
+    CHECK(trainer.step_count() == 1);
+    trainer.set_data_position(42);
+    CHECK(trainer.data_position() == 42);
+
+    // A label out of the vocabulary: refused, the trainer unchanged.
+    labels[0] = 64;
+    std::vector<std::uint8_t> all(mask.size(), 1);
+    batch.bool_masked_pos = all;
+    expect_throw<beit::InvalidArgumentError>(BEIT_ERR_INVALID_ARGUMENT, [&] { trainer.step(batch); },
+                                             "label 64");
+    CHECK(trainer.step_count() == 1);
+}
+
+// Missing directory, directory without model.safetensors, bad config: the right status.
+void test_missing_model_files() {
+    const beit::Context ctx = beit::Context::cpu(1);
+    expect_throw<beit::IoError>(BEIT_ERR_IO,
+                                [&] { beit::Model::load(ctx, root + "/tests/no-such-model"); },
+                                "missing dir", "no-such-model");
+    const std::string dir = temp_dir();
+    try {
+        write_file(dir + "/config.json", read_file(root + kModel + "/config.json"));
+        expect_throw<beit::Error>(BEIT_ERR_IO, [&] { beit::Model::load(ctx, dir); },
+                                  "no model.safetensors", "model.safetensors");
+        // A truncated model file is a format error.
+        std::vector<unsigned char> model = read_file(root + kModel + "/model.safetensors");
+        model.resize(model.size() / 2);
+        write_file(dir + "/model.safetensors", model);
+        expect_throw<beit::FormatError>(BEIT_ERR_FORMAT, [&] { beit::Model::load(ctx, dir); },
+                                        "truncated model.safetensors");
+        expect_throw<beit::Error>(BEIT_ERR_IO, [&] { beit::Tokenizer::load(ctx, dir + "/x"); },
+                                  "missing tokenizer");
+    } catch (...) {
+        remove_tree(dir);
+        throw;
+    }
+    remove_tree(dir);
+    expect_throw<beit::Error>(BEIT_ERR_FORMAT,
+                              [&] { beit::Model::create(ctx, "{not json", BEIT_ARCH_BACKBONE, 1); },
+                              "bad json");
+}
+
+// Wrong buffer and input sizes throw and leave the caller's buffers untouched.
+void test_wrong_buffer_sizes() {
+    const std::string dir = root + kModel;
+    const beit::Context ctx = beit::Context::cpu(1);
+    const beit::Model model = beit::Model::load(ctx, dir);
+    const beit::OutputSizes sizes = model.output_sizes(1, 32, 32);
+    std::vector<float> pixels(3 * 32 * 32, 0.25f);
+    beit::Images in;
+    in.pixels = pixels;
+    in.batch = 1;
+    in.channels = 3;
+    in.height = 32;
+    in.width = 32;
+
+    const float sentinel = 12345.0f;
+    std::vector<float> logits(sizes.logits_len - 1, sentinel);
+    beit::Outputs out;
+    out.logits = logits;
+    expect_throw<beit::BufferSizeError>(BEIT_ERR_BUFFER_SIZE, [&] { model.infer(ctx, in, out); },
+                                        "logits one short");
+    CHECK(logits[0] == sentinel && logits.back() == sentinel);
+
+    std::vector<float> hidden(sizes.last_hidden_state_len + 1, sentinel);
+    std::vector<float> good_logits(sizes.logits_len, sentinel);
+    out.logits = good_logits;
+    out.last_hidden_state = hidden;
+    expect_throw<beit::BufferSizeError>(BEIT_ERR_BUFFER_SIZE, [&] { model.infer(ctx, in, out); },
+                                        "hidden one long");
+    CHECK(good_logits[0] == sentinel);
+
+    // A pooler buffer for a model without a pooler.
+    std::vector<float> pooled(32);
+    beit::Outputs no_pooler;
+    no_pooler.pooler_output = pooled;
+    expect_throw<beit::Error>(BEIT_ERR_INVALID_ARGUMENT, [&] { model.infer(ctx, in, no_pooler); },
+                              "pooler of a MIM model");
+
+    // Pixels one short of batch * C * H * W.
+    in.pixels = beit::span<const float>(pixels.data(), pixels.size() - 1);
+    out.last_hidden_state = {};
+    expect_throw<beit::InvalidArgumentError>(BEIT_ERR_INVALID_ARGUMENT,
+                                             [&] { model.infer(ctx, in, out); }, "pixels short");
+    // Wrong mask length.
+    in.pixels = pixels;
+    std::vector<std::uint8_t> mask(15, 1);
+    in.bool_masked_pos = mask;
+    expect_throw<beit::InvalidArgumentError>(BEIT_ERR_INVALID_ARGUMENT,
+                                             [&] { model.infer(ctx, in, out); }, "mask 15");
+
+    // The tokenizer: tokens one short, pixels one long.
+    const beit::Tokenizer tok =
+        beit::Tokenizer::load(ctx, root + "/tests/reference_dvae/dalle_small");
+    std::vector<float> img(3 * 32 * 32, 0.5f);
+    std::vector<std::int64_t> tokens(15, -7);
+    expect_throw<beit::BufferSizeError>(BEIT_ERR_BUFFER_SIZE,
+                                        [&] { tok.tokenize(img, 1, beit::span<std::int64_t>(tokens)); },
+                                        "tokens 15");
+    CHECK(tokens[0] == -7);
+    img.push_back(0.5f);
+    std::vector<std::int64_t> tokens16(16);
+    expect_throw<beit::Error>(BEIT_ERR_INVALID_ARGUMENT,
+                              [&] { tok.tokenize(img, 1, beit::span<std::int64_t>(tokens16)); },
+                              "pixels one long");
+    std::vector<float> decoded(3 * 32 * 32);
+    // (The C API answers BEIT_ERR_INVALID_ARGUMENT here, not BEIT_ERR_UNSUPPORTED.)
+    expect_throw<beit::InvalidArgumentError>(BEIT_ERR_INVALID_ARGUMENT,
+                                             [&] { tok.decode(tokens16, 1, decoded); },
+                                             "decode without a decoder", "decoder");
+}
+
+// Moved-from and default-built handles throw NullPointerError; moves transfer ownership.
+void test_moved_from_handles() {
+    beit::Context ctx = beit::Context::cpu(1);
+    beit::Model a = beit::Model::load(ctx, root + kModel);
+    beit::Model b = std::move(a);
+    CHECK(!a && b);
+    expect_throw<beit::NullPointerError>(BEIT_ERR_NULL_POINTER, [&] { a.info(); }, "moved-from model",
+                                         "beit::Model");
+    CHECK(b.info().vocab_size == 64);
+
+    // Move assignment frees the target's old model (valgrind would report a leak otherwise).
+    beit::Model c = beit::Model::load(ctx, root + kModel);
+    c = std::move(b);
+    CHECK(c && !b);
+    c = std::move(c);  // self-move keeps it
+    CHECK(c.info().vocab_size == 64);
+
+    beit::Context moved_ctx = std::move(ctx);
+    expect_throw<beit::NullPointerError>(BEIT_ERR_NULL_POINTER,
+                                         [&] { beit::Model::load(ctx, root + kModel); },
+                                         "moved-from context", "beit::Context");
+    std::vector<float> logits;
+    beit::Images in;
+    expect_throw<beit::NullPointerError>(BEIT_ERR_NULL_POINTER, [&] { c.infer_logits(ctx, in, logits); },
+                                         "infer with moved-from context");
+
+    beit::Tokenizer t;
+    expect_throw<beit::NullPointerError>(BEIT_ERR_NULL_POINTER, [&] { t.info(); }, "empty tokenizer");
+    beit::Dataset d;
+    expect_throw<beit::NullPointerError>(BEIT_ERR_NULL_POINTER, [&] { d.size(); }, "empty dataset");
+    beit::Trainer tr;
+    expect_throw<beit::NullPointerError>(BEIT_ERR_NULL_POINTER, [&] { tr.step_count(); },
+                                         "empty trainer");
+    c.reset();
+    c.reset();
+    expect_throw<beit::NullPointerError>(BEIT_ERR_NULL_POINTER, [&] { c.info(); }, "reset model");
+
+    // A trainer and model outlive nothing they need: freeing the context first is allowed.
+    beit::Model m = beit::Model::load(moved_ctx, root + kModel);
+    moved_ctx.reset();
+    CHECK(m.info().vocab_size == 64);
+}
+
+// The C API's own NULL checks still surface as exceptions (a null pixels span).
+void test_null_inputs() {
+    const beit::Context ctx = beit::Context::cpu(1);
+    const beit::Model model = beit::Model::load(ctx, root + kModel);
+    beit::Images in;
+    in.batch = 1;
+    in.channels = 3;
+    in.height = 32;
+    in.width = 32;
+    std::vector<float> logits(model.output_sizes(1, 32, 32).logits_len);
+    beit::Outputs out;
+    out.logits = logits;
+    expect_throw<beit::NullPointerError>(BEIT_ERR_NULL_POINTER, [&] { model.infer(ctx, in, out); },
+                                         "null pixels", "pixels");
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+    if (argc != 2) {
+        std::fprintf(stderr, "usage: %s <repository root>\n", argv[0]);
+        return 2;
+    }
+    root = argv[1];
+    run("version", test_version);
+    run("model_matches_transformers", test_model_matches_transformers);
+    run("tokenizer_matches_pytorch", test_tokenizer_matches_pytorch);
+    run("dataset_read", test_dataset_read);
+    run("trainer_step", test_trainer_step);
+    run("missing_model_files", test_missing_model_files);
+    run("wrong_buffer_sizes", test_wrong_buffer_sizes);
+    run("moved_from_handles", test_moved_from_handles);
+    run("null_inputs", test_null_inputs);
+    std::printf("%d passed, %d failed\n", passes, failures);
+    return failures == 0 ? 0 : 1;
+}

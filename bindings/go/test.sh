@@ -8,7 +8,12 @@ GO="${GO:-$(command -v go || echo /usr/local/go/bin/go)}"
 for f in "$root/target/release/libbeit.so" "$root/target/release/beit"; do
     [[ -e "$f" ]] || { echo "test.sh: $f is missing: run cargo build --release in $root" >&2; exit 1; }
 done
-export LD_LIBRARY_PATH="$root/target/release${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+# libbeit.so's SONAME (libbeit.so.<ABI>, set by build.rs) is what the test binaries look up at run
+# time; a cargo target dir has only libbeit.so, so the versioned name is a link in target/go-lib.
+soname=$(readelf -d "$root/target/release/libbeit.so" | sed -n 's/.*Library soname: \[\(.*\)\]/\1/p')
+mkdir -p "$root/target/go-lib"
+[[ -z "$soname" ]] || ln -sfn "$root/target/release/libbeit.so" "$root/target/go-lib/$soname"
+export LD_LIBRARY_PATH="$root/target/go-lib:$root/target/release${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 export CGO_ENABLED=1
 cd "$here"
 echo "== gofmt"

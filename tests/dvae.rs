@@ -228,16 +228,19 @@ fn encoder_and_decoder_gradients_equal_pytorch() {
     eprintln!("worst parameter gradient error vs PyTorch: {:.2e} ({})", worst.0, worst.1);
 }
 
-/// Bounds for the 100-step run below, set from measured runs (see the test's comment).
+/// Bounds for the run below. Measured on 2 threads: reconstruction MSE 0.0355, perplexity 13.0
+/// (101 codes used) on 1,000 test images. The full default (8192 codes, 600 steps) reached
+/// 0.031 and 19.5 (docs/tokenizer.md); at 100 steps with 8192 codes the hard tokens mean
+/// nothing yet (MSE 0.31, perplexity 1.3), hence the smaller codebook for a short run.
 const RECON_BOUND: f64 = 0.05;
-const PERPLEXITY_BOUND: f64 = 5.0;
+const PERPLEXITY_BOUND: f64 = 8.0;
 
-/// The default `beit tokenizer train` command on Fashion-MNIST, shortened to 100 steps (the
-/// full default is 600; its numbers are in docs/tokenizer.md). Needs data/fashion-mnist
-/// (scripts/fetch-fashion-mnist); scripts/test runs it.
+/// The default `beit tokenizer train` command on Fashion-MNIST with the main job's shorter
+/// budget (scripts/run: 512 codes, 300 steps, about 3.5 minutes on 2 cores). Needs
+/// data/fashion-mnist (scripts/fetch-fashion-mnist); scripts/test runs it.
 #[test]
 #[ignore = "needs data/fashion-mnist; run by scripts/test"]
-fn fashion_mnist_short_default_run_learns_a_codebook() {
+fn fashion_mnist_main_job_tokenizer_learns_a_codebook() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let fm = root.join("data/fashion-mnist");
     let dir = tempfile::tempdir().unwrap();
@@ -251,7 +254,18 @@ fn fashion_mnist_short_default_run_learns_a_codebook() {
     beit::data::import::import_idx(&fm.join("t10k-images-idx3-ubyte.gz"), None, &test).unwrap();
     let out = dir.path().join("tokenizer");
     let run = std::process::Command::new(env!("CARGO_BIN_EXE_beit"))
-        .args(["tokenizer", "train", "--steps", "100", "--eval-images", "1000", "--log-every", "1000"])
+        .args([
+            "tokenizer",
+            "train",
+            "--steps",
+            "300",
+            "--vocab",
+            "512",
+            "--eval-images",
+            "1000",
+            "--log-every",
+            "1000",
+        ])
         .arg("--data")
         .arg(&train)
         .arg("--eval-data")
@@ -272,5 +286,5 @@ fn fashion_mnist_short_default_run_learns_a_codebook() {
     let png = image::open(out.join("reconstructions.png")).unwrap();
     assert_eq!((png.width(), png.height()), (2 * 8 * 33 + 1, 4 * 33 + 1));
     let dvae = Dvae::load(&out).unwrap();
-    assert_eq!(dvae.config.vocab_size, 8192);
+    assert_eq!((dvae.config.vocab_size, dvae.config.grid()), (512, 8));
 }

@@ -100,10 +100,13 @@ impl Dvae {
         io::write_atomic(&dir.join(CONFIG_FILE), self.config.to_json().as_bytes())
     }
 
-    /// Images per tokenizing or decoding pass.
+    /// Images per tokenizing or decoding pass: bounded by the first feature map and by the
+    /// logits `[P, V]` (at 8192 codes, 2 MB per 8x8-token image), each to 32 MB.
     fn chunk_images(&self) -> usize {
         let c = &self.config;
-        (TOKENIZE_CHUNK_VALUES / (c.n_hid * c.image_size * c.image_size)).max(1)
+        let features = TOKENIZE_CHUNK_VALUES / (c.n_hid * c.image_size * c.image_size);
+        let logits = TOKENIZE_CHUNK_VALUES / (c.tokens_per_image() * c.vocab_size);
+        features.min(logits).max(1)
     }
 
     /// Floats per input image `[C, H, W]`.

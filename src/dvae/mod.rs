@@ -16,7 +16,7 @@ pub mod train;
 use std::path::Path;
 
 use crate::error::{Error, Result};
-use crate::model::io::{self, SafetensorsFile, CONFIG_FILE, WEIGHTS_FILE};
+use crate::model::io::{self, CONFIG_FILE, WEIGHTS_FILE};
 use crate::model::params::ParamStore;
 
 pub use config::DvaeConfig;
@@ -64,31 +64,10 @@ impl Dvae {
         let config = DvaeConfig::load(dir)?;
         let (mut params, nets) = DvaeNetworks::build(&config);
         let path = dir.join(WEIGHTS_FILE);
-        let file = SafetensorsFile::open(&path)?;
-        let st = file.parse()?;
-        for spec in params.specs.clone() {
-            let bare = spec.name.strip_prefix("encoder.").map(str::to_string);
-            let found =
-                std::iter::once(spec.name.clone()).chain(bare).find(|n| st.tensor(n).is_ok()).ok_or_else(|| {
-                    Error::Format(format!("{} has no tensor {:?}, which this config needs", file.path(), spec.name))
-                })?;
-            let view = st.tensor(&found).map_err(|e| Error::Format(format!("tensor {found}: {e}")))?;
-            ensure!(
-                view.shape() == spec.shape.as_slice(),
-                Format,
-                "tensor {found} in {} has shape {:?}; the config needs {:?}",
-                file.path(),
-                view.shape(),
-                spec.shape
-            );
-            io::tensor_to_f32(&view, &found, &mut params.data[spec.offset..spec.offset + spec.len])?;
-            ensure!(
-                params.data[spec.offset..spec.offset + spec.len].iter().all(|v| v.is_finite()),
-                Format,
-                "tensor {found} in {} holds non-finite values",
-                file.path()
-            );
-        }
+        io::load_weights_named(&mut params, &path, |name| {
+            std::iter::once(name.to_string()).chain(name.strip_prefix("encoder.").map(str::to_string)).collect()
+        })?;
+        ensure!(params.data.iter().all(|v| v.is_finite()), Format, "{} holds non-finite weights", path.display());
         Ok(Dvae { config, params, nets })
     }
 

@@ -92,6 +92,14 @@ pub fn tensor_to_f32(view: &TensorView<'_>, name: &str, out: &mut [f32]) -> Resu
 /// Fills every exported entry of `store` from the safetensors file at `path`.
 /// `alt_prefix` is tried too (a `BeitModel` checkpoint saved under `beit.` or without it).
 pub fn load_weights(store: &mut ParamStore, path: &Path) -> Result<()> {
+    load_weights_named(store, path, |name| {
+        vec![name.to_string(), format!("beit.{name}"), name.trim_start_matches("beit.").to_string()]
+    })
+}
+
+/// Fills every exported entry of `store` from the safetensors file at `path`, taking for each
+/// entry the first of `candidates(name)` the file holds; shapes must match exactly.
+pub fn load_weights_named(store: &mut ParamStore, path: &Path, candidates: impl Fn(&str) -> Vec<String>) -> Result<()> {
     let file = SafetensorsFile::open(path)?;
     let st = file.parse()?;
     let names: Vec<String> = st.names().into_iter().map(|n| n.to_string()).collect();
@@ -100,12 +108,10 @@ pub fn load_weights(store: &mut ParamStore, path: &Path) -> Result<()> {
         if !spec.exported {
             continue;
         }
-        let candidates =
-            [spec.name.clone(), format!("beit.{}", spec.name), spec.name.trim_start_matches("beit.").to_string()];
-        let Some(found) = candidates.iter().find(|c| names.contains(c)) else {
+        let Some(found) = candidates(&spec.name).into_iter().find(|c| names.contains(c)) else {
             bail!(Format, "{} has no tensor {:?}, which this config needs", file.path(), spec.name);
         };
-        let view = st.tensor(found).map_err(|e| Error::Format(format!("tensor {found}: {e}")))?;
+        let view = st.tensor(&found).map_err(|e| Error::Format(format!("tensor {found}: {e}")))?;
         ensure!(
             view.shape() == spec.shape.as_slice(),
             Format,
@@ -115,7 +121,7 @@ pub fn load_weights(store: &mut ParamStore, path: &Path) -> Result<()> {
             spec.shape
         );
         let (offset, len) = (spec.offset, spec.len);
-        tensor_to_f32(&view, found, &mut store.data[offset..offset + len])?;
+        tensor_to_f32(&view, &found, &mut store.data[offset..offset + len])?;
     }
     Ok(())
 }

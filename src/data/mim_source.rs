@@ -103,11 +103,11 @@ impl DatasetMim {
         let data = iter.next().expect("position is inside the epoch");
         *next = if within + 1 == per_epoch as usize { u64::MAX } else { position + 1 };
         let labels: Vec<i64> = match &self.tokens {
-            TokenSource::Cached => data.tokens.clone().expect("checked: the dataset has tokens"),
+            TokenSource::Cached => data.tokens.expect("checked: the dataset has tokens"),
             TokenSource::Augmented(dvae) => dvae.tokenize(&data.view2)?.into_iter().map(i64::from).collect(),
         };
         Ok(OwnedMimBatch {
-            shape: [data.len(), data.channels, data.image_size.0, data.image_size.1],
+            shape: [data.indices.len(), data.channels, data.image_size.0, data.image_size.1],
             pixels: data.view1,
             bool_masked_pos: data.bool_masked_pos,
             labels,

@@ -17,7 +17,7 @@ use crate::backend::cpu::backward::{add_into, linear_backward, relu_backward, Dx
 use crate::backend::cpu::conv::{
     conv2d_backward, conv2d_forward, conv_transpose2d_backward, conv_transpose2d_forward, Conv2dShape,
 };
-use crate::backend::cpu::elementwise::{add_bias, relu_forward};
+use crate::backend::cpu::elementwise::{add_bias, relu_forward, relu_inplace};
 use crate::backend::cpu::gemm::{matmul, Mat, MatMut, Threads};
 use crate::backend::cpu::pool::{max_pool2x2_backward, max_pool2x2_forward};
 use crate::model::params::{Init, ParamId, ParamStore};
@@ -189,9 +189,7 @@ impl ResBlock {
             let (done, rest) = acts.split_at_mut(i + 1);
             // conv_{i+1} writes straight into the next activation buffer, then ReLU in place.
             self.res_path[i].forward(store, &done[i], batch, geos[i], &mut rest[0]);
-            let pre = std::mem::take(&mut rest[0]);
-            rest[0] = vec![0.0; pre.len()];
-            relu_forward(&pre, &mut rest[0]);
+            relu_inplace(&mut rest[0]);
         }
         let mut residual = vec![0.0; out.len()];
         self.res_path[3].forward(store, &acts[3], batch, geos[3], &mut residual);
@@ -230,11 +228,13 @@ impl ResBlock {
                 batch,
                 geos[i],
             );
-            // acts[i] = relu(previous), so acts[i] > 0 exactly where the ReLU passed its input.
+            // acts[i] = relu(previous), so acts[i] > 0 exactly where the ReLU passed its input;
+            // masking d_act in place gives the pre-activation's gradient.
             if i > 0 {
-                let mut d_pre = vec![0.0; d_act.len()];
-                relu_backward(&acts[i], &d_act, &mut d_pre, DxMode::Overwrite);
-                d = d_pre;
+                for (g, &a) in d_act.iter_mut().zip(&acts[i]) {
+                    *g = if a > 0.0 { *g } else { 0.0 };
+                }
+                d = d_act;
             } else {
                 relu_backward(&acts[0], &d_act, dx, DxMode::Overwrite);
             }

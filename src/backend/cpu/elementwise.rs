@@ -202,6 +202,21 @@ simd_dispatch! {
     }
 }
 
+simd_dispatch! {
+    fn relu_chunk_inplace(x: &mut [f32]) {
+        for v in x.iter_mut() {
+            *v = if *v < 0.0 { 0.0 } else { *v };
+        }
+    }
+}
+
+/// `x = ReLU(x)` in place, for a pre-activation nothing else needs (its backward can read the
+/// output instead: output > 0 exactly where the input was).
+pub fn relu_inplace(x: &mut [f32]) {
+    const CHUNK: usize = 16_384;
+    x.par_chunks_mut(CHUNK).for_each(relu_chunk_inplace);
+}
+
 /// `out = ReLU(x)` (out of place; the backward needs `x`). Its backward is
 /// [`super::backward::relu_backward`].
 pub fn relu_forward(x: &[f32], out: &mut [f32]) {

@@ -18,7 +18,7 @@ use crate::backend::cpu::attention_backward::{
     attention_backward, attention_backward_scratch_len, attention_forward_saving_probs,
 };
 use crate::backend::cpu::backward::{
-    add_into, gelu_backward, layernorm_backward, linear_backward, residual_add_backward, DxMode,
+    add_into, gelu_backward_with_bias_grad, layernorm_backward, linear_backward, residual_add_backward, DxMode,
 };
 use crate::backend::cpu::cross_entropy::cross_entropy_fused_part;
 use crate::backend::cpu::elementwise::{bias_gelu_split, residual_add_into, RowFactors};
@@ -556,12 +556,13 @@ impl Model {
                 plan.attn_scratch,
             ]);
 
-        // MLP branch: out = mid + k·λ2 ⊙ (mlp_out + fc2_b).
-        branch_backward(
+        // MLP branch: out = mid + k·λ2 ⊙ (mlp_out + fc2_b). Bias gradients are summed inside the
+        // element-wise pass that produces each Linear's output gradient (one read saved each).
+        let fc2_db_fused = branch_backward(
             dbranch,
             dx,
             mlp_out,
-            p.get(blk.fc2_b),
+            blk.fc2_b,
             blk.lambda_2.map(|id| (p.get(id), id)),
             drop.map(|f| &f[dims.b..]),
             dims,
@@ -571,13 +572,14 @@ impl Model {
         let dgelu = &mut wide_b[..rows * inter];
         {
             let (dw, db) = grads_pair(p, grads, Affine { weight: blk.fc2_w, bias: blk.fc2_b });
-            linear_backward(Some(dgelu), dw, Some(db), dbranch, gelu_out, p.get(blk.fc2_w), rows, inter, d);
+            let db = (!fc2_db_fused).then_some(db);
+            linear_backward(Some(dgelu), dw, db, dbranch, gelu_out, p.get(blk.fc2_w), rows, inter, d);
         }
         let dfc1 = &mut wide_a[..rows * inter];
-        gelu_backward(dfc1, dgelu, fc1);
+        gelu_backward_with_bias_grad(dfc1, grad_of(p, grads, blk.fc1_b), dgelu, fc1);
         {
-            let (dw, db) = grads_pair(p, grads, Affine { weight: blk.fc1_w, bias: blk.fc1_b });
-            linear_backward(Some(dnormed), dw, Some(db), dfc1, ln_after, p.get(blk.fc1_w), rows, d, inter);
+            let dw = grad_of(p, grads, blk.fc1_w);
+            linear_backward(Some(dnormed), dw, None, dfc1, ln_after, p.get(blk.fc1_w), rows, d, inter);
         }
         {
             let (dg, dbeta) = grads_pair(p, grads, Affine { weight: blk.ln_after_w, bias: blk.ln_after_b });
@@ -585,11 +587,11 @@ impl Model {
         }
 
         // Attention branch: mid = x + k·λ1 ⊙ (attn_out + out_b).
-        branch_backward(
+        let out_db_fused = branch_backward(
             dbranch,
             dx,
             attn_out,
-            p.get(blk.out_b),
+            blk.out_b,
             blk.lambda_1.map(|id| (p.get(id), id)),
             drop.map(|f| &f[..dims.b]),
             dims,
@@ -598,7 +600,8 @@ impl Model {
         );
         {
             let (dw, db) = grads_pair(p, grads, Affine { weight: blk.out_w, bias: blk.out_b });
-            linear_backward(Some(dcontext), dw, Some(db), dbranch, context, p.get(blk.out_w), rows, d, d);
+            let db = (!out_db_fused).then_some(db);
+            linear_backward(Some(dcontext), dw, db, dbranch, context, p.get(blk.out_w), rows, d, d);
         }
         let has_bias = self.layer_bias_into(bias, has_shared.then_some(&*shared_bias), blk, plan.grid, rel_index);
         let dqkv = &mut wide_a[..rows * 3 * d];
@@ -701,26 +704,38 @@ fn add_branch(
     residual_add_into(out, x, y, bias, lambda, row_factors);
 }
 
-/// Backward of [`add_branch`]: `dy = k_b·λ ⊙ dacc` per image, and `dλ += Σ k_b·dacc ⊙ (y + bias)`.
+/// Backward of [`add_branch`]: `dy = k_b·λ ⊙ dacc` per image, `dλ += Σ k_b·dacc ⊙ (y + bias)`,
+/// and, where this pass computes `dy` anyway, the Linear's bias gradient `Σ_rows dy` (returns
+/// whether it did; otherwise `dy` is a plain copy and the caller's `linear_backward` sums it).
 #[allow(clippy::too_many_arguments)]
 fn branch_backward(
     dy: &mut [f32],
     dacc: &[f32],
     y: &[f32],
-    bias: &[f32],
+    bias_id: ParamId,
     lambda: Option<(&[f32], ParamId)>,
     drop: Option<&[f32]>,
     dims: Dims,
     grads: &mut [f32],
     params: &ParamStore,
-) {
+) -> bool {
     let row_factors = drop.map(|f| RowFactors { factors: &f[..dims.b], rows_each: dims.t });
+    let bias = params.get(bias_id);
     match (lambda, row_factors) {
         (Some((l, id)), _) => {
-            residual_add_backward(dy, Some(grad_of(params, grads, id)), dacc, y, bias, l, row_factors)
+            let (dl, db) = grads_pair(params, grads, Affine { weight: id, bias: bias_id });
+            residual_add_backward(dy, Some(dl), Some(db), dacc, y, bias, l, row_factors);
+            true
         }
-        (None, None) => dy.copy_from_slice(dacc),
-        (None, Some(_)) => residual_add_backward(dy, None, dacc, y, bias, &vec![1.0; dims.d], row_factors),
+        (None, None) => {
+            dy.copy_from_slice(dacc);
+            false
+        }
+        (None, Some(_)) => {
+            let db = grad_of(params, grads, bias_id);
+            residual_add_backward(dy, None, Some(db), dacc, y, bias, &vec![1.0; dims.d], row_factors);
+            true
+        }
     }
 }
 

@@ -30,18 +30,28 @@ pub fn decays(name: &str, shape: &[usize]) -> bool {
         || name.ends_with("position_embeddings"))
 }
 
-/// Optimizer state for one [`ParamStore`]: first and second moments, the step count, and a
-/// per-element weight-decay factor (1 where the entry decays, 0 elsewhere; entries that are not
-/// trained, like the zero key bias, are never touched).
+/// Optimizer state for one [`ParamStore`]: first and second moments, the step count, and which
+/// entries decay. Entries that are not trained (like the zero key bias) are never touched.
 #[derive(Debug, Clone)]
 pub struct AdamW {
     pub config: AdamWConfig,
     pub step: u64,
     pub exp_avg: Vec<f32>,
     pub exp_avg_sq: Vec<f32>,
-    decay_mask: Vec<f32>,
-    trained: Vec<(usize, usize)>,
+    /// The trained entries as runs that either all decay or all do not, so the update loop has
+    /// no per-element mask to read.
+    segments: Vec<Segment>,
 }
+
+#[derive(Debug, Clone, Copy)]
+struct Segment {
+    offset: usize,
+    len: usize,
+    decays: bool,
+}
+
+/// Elements per parallel task of the update (a few tasks per thread for typical tensors).
+const CHUNK: usize = 16_384;
 
 impl AdamW {
     pub fn new(store: &ParamStore, config: AdamWConfig) -> Self {
@@ -56,10 +66,22 @@ impl AdamW {
         Self::with_mask(config, decay_mask, trained)
     }
 
-    /// State for a raw buffer: `decay_mask[i]` is 1 where element i decays, 0 where not.
+    /// State for a raw buffer: `decay_mask[i]` is 1 where element i decays, 0 where not; only the
+    /// `trained` ranges `(offset, len)` are updated.
     pub fn with_mask(config: AdamWConfig, decay_mask: Vec<f32>, trained: Vec<(usize, usize)>) -> Self {
         let n = decay_mask.len();
-        AdamW { config, step: 0, exp_avg: vec![0.0; n], exp_avg_sq: vec![0.0; n], decay_mask, trained }
+        let mut segments = Vec::new();
+        for (offset, len) in trained {
+            let mask = &decay_mask[offset..offset + len];
+            let mut start = 0;
+            while start < len {
+                let decays = mask[start] != 0.0;
+                let run = mask[start..].iter().take_while(|&&d| (d != 0.0) == decays).count();
+                segments.push(Segment { offset: offset + start, len: run, decays });
+                start += run;
+            }
+        }
+        AdamW { config, step: 0, exp_avg: vec![0.0; n], exp_avg_sq: vec![0.0; n], segments }
     }
 
     /// One step at learning rate `lr` (the schedule's value for this step; layer-wise decay
@@ -67,34 +89,68 @@ impl AdamW {
     pub fn step(&mut self, params: &mut [f32], grads: &[f32], lr: f32, lr_scale: Option<&[f32]>) {
         assert_eq!(params.len(), self.exp_avg.len());
         assert_eq!(grads.len(), params.len());
+        if let Some(s) = lr_scale {
+            assert_eq!(s.len(), params.len());
+        }
         self.step += 1;
         let c = self.config;
         let bias1 = 1.0 - (c.beta1 as f64).powi(self.step as i32);
         let bias2_sqrt = (1.0 - (c.beta2 as f64).powi(self.step as i32)).sqrt() as f32;
-        let step_size = (lr as f64 / bias1) as f32;
-        for &(offset, len) in &self.trained {
-            let range = offset..offset + len;
+        let k = UpdateConsts { lr, step_size: (lr as f64 / bias1) as f32, bias2_sqrt, config: c };
+        for seg in &self.segments {
+            let range = seg.offset..seg.offset + seg.len;
+            let weight_decay = if seg.decays { c.weight_decay } else { 0.0 };
             let p = &mut params[range.clone()];
             let m = &mut self.exp_avg[range.clone()];
             let v = &mut self.exp_avg_sq[range.clone()];
             let g = &grads[range.clone()];
-            let d = &self.decay_mask[range.clone()];
             let scale = lr_scale.map(|s| &s[range.clone()]);
-            p.par_chunks_mut(4096).enumerate().zip(m.par_chunks_mut(4096)).zip(v.par_chunks_mut(4096)).for_each(
+            p.par_chunks_mut(CHUNK).enumerate().zip(m.par_chunks_mut(CHUNK)).zip(v.par_chunks_mut(CHUNK)).for_each(
                 |(((chunk, p), m), v)| {
-                    let base = chunk * 4096;
-                    for i in 0..p.len() {
-                        let j = base + i;
-                        let s = scale.map_or(1.0, |s| s[j]);
-                        let (lr_j, step_j) = (lr * s, step_size * s);
-                        p[i] *= 1.0 - lr_j * c.weight_decay * d[j];
-                        m[i] += (g[j] - m[i]) * (1.0 - c.beta1);
-                        v[i] = v[i] * c.beta2 + (1.0 - c.beta2) * g[j] * g[j];
-                        let denom = v[i].sqrt() / bias2_sqrt + c.eps;
-                        p[i] -= step_j * m[i] / denom;
+                    let at = chunk * CHUNK..chunk * CHUNK + p.len();
+                    match scale {
+                        None => update(p, m, v, &g[at], &k, weight_decay),
+                        Some(s) => update_scaled(p, m, v, &g[at.clone()], &s[at], &k, weight_decay),
                     }
                 },
             );
+        }
+    }
+}
+
+/// What one step's update needs besides the tensors.
+struct UpdateConsts {
+    lr: f32,
+    step_size: f32,
+    bias2_sqrt: f32,
+    config: AdamWConfig,
+}
+
+/// PyTorch's AdamW on one element at learning rate scale `s` (decay first, then the moments and
+/// the bias-corrected step). Written once so both loops below do exactly the same arithmetic.
+#[inline(always)]
+fn update_one(p: &mut f32, m: &mut f32, v: &mut f32, g: f32, s: f32, k: &UpdateConsts, weight_decay: f32) {
+    let c = k.config;
+    let (lr, step) = (k.lr * s, k.step_size * s);
+    *p *= 1.0 - lr * weight_decay;
+    *m += (g - *m) * (1.0 - c.beta1);
+    *v = *v * c.beta2 + (1.0 - c.beta2) * g * g;
+    let denom = v.sqrt() / k.bias2_sqrt + c.eps;
+    *p -= step * *m / denom;
+}
+
+crate::backend::cpu::math::simd_dispatch! {
+    fn update(p: &mut [f32], m: &mut [f32], v: &mut [f32], g: &[f32], k: &UpdateConsts, weight_decay: f32) {
+        for (((p, m), v), &g) in p.iter_mut().zip(m.iter_mut()).zip(v.iter_mut()).zip(g) {
+            update_one(p, m, v, g, 1.0, k, weight_decay);
+        }
+    }
+}
+
+crate::backend::cpu::math::simd_dispatch! {
+    fn update_scaled(p: &mut [f32], m: &mut [f32], v: &mut [f32], g: &[f32], s: &[f32], k: &UpdateConsts, weight_decay: f32) {
+        for ((((p, m), v), &g), &s) in p.iter_mut().zip(m.iter_mut()).zip(v.iter_mut()).zip(g).zip(s) {
+            update_one(p, m, v, g, s, k, weight_decay);
         }
     }
 }

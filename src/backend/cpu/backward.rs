@@ -210,6 +210,30 @@ simd_dispatch! {
     }
 }
 
+/// [`gelu_backward`] fused with the bias gradient of the Linear that fed the GELU:
+/// `dx = dy ⊙ GELU'(pre)` and `dbias += Σ_rows dx` (rows of `dbias.len()`), while each chunk of
+/// `dx` is still in cache. The sum is bit-identical to [`linear_backward`]'s `db` on the same
+/// `dx` (same chunks, same order), so callers may move the bias gradient here freely.
+pub fn gelu_backward_with_bias_grad(dx: &mut [f32], dbias: &mut [f32], dy: &[f32], pre: &[f32]) {
+    assert_eq!(dx.len(), pre.len(), "gelu_backward: dx length");
+    assert_eq!(dy.len(), pre.len(), "gelu_backward: dy length");
+    let n = dbias.len();
+    assert!(n > 0 && pre.len() % n == 0, "gelu_backward: not a whole number of rows of the bias");
+    if pre.is_empty() {
+        return;
+    }
+    let chunk = reduce_chunk_rows(n) * n;
+    let mut partials = vec![0.0f32; pre.len().div_ceil(chunk) * n];
+    dx.par_chunks_mut(chunk)
+        .zip(partials.par_chunks_mut(n))
+        .zip(dy.par_chunks(chunk).zip(pre.par_chunks(chunk)))
+        .for_each(|((d, part), (o, p))| {
+            gelu_backward_chunk(d, o, p);
+            column_sums_rows(part, d);
+        });
+    add_into(dbias, reduce_partials_in_order(&mut partials, n));
+}
+
 /// `out[j] += Σ_r dy[r, j]` over rows of length `out.len()`, deterministic for any number of
 /// threads.
 fn column_sums_accumulate(out: &mut [f32], dy: &[f32]) {
@@ -291,13 +315,16 @@ simd_dispatch! {
 /// Backward of [`residual_add`](super::elementwise::residual_add) `acc += scale ⊙ (y + bias)`
 /// with respect to `y` and `scale`: `dy = dacc ⊙ scale` (overwritten; `dacc` itself flows to the
 /// residual input unchanged, so the caller keeps it) and `dscale += Σ_rows dacc ⊙ (y + bias)`
-/// (deterministic for any thread count). The bias gradient is `Σ_rows dy`, which the Linear
-/// before it collects ([`linear_backward`]'s `db`). Without `dscale`, `y` is not read. With
+/// (deterministic for any thread count). The bias gradient is `Σ_rows dy`: with `dbias` it is
+/// added there while each chunk of `dy` is in cache, bit-identical to what [`linear_backward`]'s
+/// `db` would collect from `dy` afterwards. Without `dscale`, `y` is not read. With
 /// `row_factors` (see [`residual_add_into`](super::elementwise::residual_add_into)) row r's scale
 /// is `scale·k_r` and it adds `k_r·dacc ⊙ (y + bias)` to `dscale`.
+#[allow(clippy::too_many_arguments)]
 pub fn residual_add_backward(
     dy: &mut [f32],
     dscale: Option<&mut [f32]>,
+    dbias: Option<&mut [f32]>,
     dacc: &[f32],
     y: &[f32],
     bias: &[f32],
@@ -313,41 +340,69 @@ pub fn residual_add_backward(
     if let Some(rf) = row_factors {
         assert!(rf.rows_each > 0 && rf.factors.len() * rf.rows_each == rows, "row factors do not cover the rows");
     }
+    if let Some(db) = dbias.as_deref() {
+        assert_eq!(db.len(), dim, "residual_add_backward: dbias length");
+    }
     let factor_of = |row: usize| row_factors.map_or(1.0, |rf| rf.of_row(row));
-    let Some(dscale) = dscale else {
+    if dscale.is_none() && dbias.is_none() {
         let chunk_rows = super::rows_per_task(rows, dim);
-        dy.par_chunks_mut(chunk_rows * dim).enumerate().zip(dacc.par_chunks(chunk_rows * dim)).for_each(
-            |((c, o), g)| {
-                for (r, (orow, grow)) in o.chunks_exact_mut(dim).zip(g.chunks_exact(dim)).enumerate() {
-                    let k = factor_of(c * chunk_rows + r);
-                    for ((o, &g), &s) in orow.iter_mut().zip(grow).zip(scale) {
-                        *o = g * (s * k);
-                    }
-                }
-            },
-        );
+        dy.par_chunks_mut(chunk_rows * dim)
+            .enumerate()
+            .zip(dacc.par_chunks(chunk_rows * dim))
+            .for_each(|((c, o), g)| scale_rows(o, g, scale, dim, |r| factor_of(c * chunk_rows + r)));
         return;
-    };
-    assert_eq!(y.len(), dacc.len(), "residual_add_backward: y length");
-    assert_eq!(dscale.len(), dim, "residual_add_backward: dscale length");
+    }
+    if let Some(ds) = dscale.as_deref() {
+        assert_eq!(y.len(), dacc.len(), "residual_add_backward: y length");
+        assert_eq!(ds.len(), dim, "residual_add_backward: dscale length");
+    }
     if rows == 0 {
         return;
     }
+    // One partial row per chunk for each requested sum: [dscale | dbias].
+    let want_scale = dscale.is_some();
+    let width = dim * (want_scale as usize + dbias.is_some() as usize);
     let chunk_rows = reduce_chunk_rows(dim);
     let chunk = chunk_rows * dim;
-    let mut partials = vec![0.0f32; rows.div_ceil(chunk_rows) * dim];
-    dy.par_chunks_mut(chunk)
-        .zip(partials.par_chunks_mut(dim))
-        .enumerate()
-        .zip(dacc.par_chunks(chunk).zip(y.par_chunks(chunk)))
-        .for_each(|((c, (o, part)), (g, yc))| match row_factors {
-            None => residual_backward_rows(o, part, g, yc, bias, scale),
-            Some(_) => {
-                let factors: Vec<f32> = (0..o.len() / dim).map(|r| factor_of(c * chunk_rows + r)).collect();
-                residual_backward_rows_factored(o, part, g, yc, bias, scale, &factors)
+    let mut partials = vec![0.0f32; rows.div_ceil(chunk_rows) * width];
+    dy.par_chunks_mut(chunk).zip(partials.par_chunks_mut(width)).enumerate().zip(dacc.par_chunks(chunk)).for_each(
+        |((c, (o, part)), g)| {
+            let (scale_part, bias_part) = part.split_at_mut(if want_scale { dim } else { 0 });
+            if want_scale {
+                let yc = &y[c * chunk..c * chunk + o.len()];
+                match row_factors {
+                    None => residual_backward_rows(o, scale_part, g, yc, bias, scale),
+                    Some(_) => {
+                        let factors: Vec<f32> = (0..o.len() / dim).map(|r| factor_of(c * chunk_rows + r)).collect();
+                        residual_backward_rows_factored(o, scale_part, g, yc, bias, scale, &factors)
+                    }
+                }
+            } else {
+                scale_rows(o, g, scale, dim, |r| factor_of(c * chunk_rows + r));
             }
-        });
-    add_into(dscale, reduce_partials_in_order(&mut partials, dim));
+            if !bias_part.is_empty() {
+                column_sums_rows(bias_part, o);
+            }
+        },
+    );
+    let total = reduce_partials_in_order(&mut partials, width);
+    let (total_scale, total_bias) = total.split_at(if want_scale { dim } else { 0 });
+    if let Some(ds) = dscale {
+        add_into(ds, total_scale);
+    }
+    if let Some(db) = dbias {
+        add_into(db, total_bias);
+    }
+}
+
+/// `o = g ⊙ scale·k_r` row by row (`factor(r)` = k for row r of this chunk).
+fn scale_rows(o: &mut [f32], g: &[f32], scale: &[f32], dim: usize, factor: impl Fn(usize) -> f32) {
+    for (r, (orow, grow)) in o.chunks_exact_mut(dim).zip(g.chunks_exact(dim)).enumerate() {
+        let k = factor(r);
+        for ((o, &g), &s) in orow.iter_mut().zip(grow).zip(scale) {
+            *o = g * (s * k);
+        }
+    }
 }
 
 #[cfg(test)]
@@ -434,7 +489,7 @@ mod tests {
         };
         let inputs = vec![to64(&y), to64(&scale)];
         let (mut dy, mut ds) = (vec![0.0f32; rows * dim], vec![0.0f32; dim]);
-        residual_add_backward(&mut dy, Some(&mut ds), &r, &y, &bias, &scale, None);
+        residual_add_backward(&mut dy, Some(&mut ds), None, &r, &y, &bias, &scale, None);
         check("residual dy", &dy, &fd_grad(&inputs, 0, &f), 1e-3);
         check("residual dscale", &ds, &fd_grad(&inputs, 1, &f), 1e-3);
         // The forward it inverts is residual_add: <r, d(acc)/d(y)> agrees for one element.
@@ -443,7 +498,7 @@ mod tests {
         assert!((acc[7] - (acc0[7] + scale[1] * (y[7] + bias[1]))).abs() < 1e-6);
         // Without dscale, dy is the same.
         let mut dy2 = vec![0.0f32; rows * dim];
-        residual_add_backward(&mut dy2, None, &r, &y, &bias, &scale, None);
+        residual_add_backward(&mut dy2, None, None, &r, &y, &bias, &scale, None);
         assert_eq!(dy, dy2);
     }
 
@@ -470,7 +525,7 @@ mod tests {
         };
         let inputs = vec![to64(&y), to64(&scale)];
         let (mut dy, mut ds) = (vec![0.0f32; rows * dim], vec![0.0f32; dim]);
-        residual_add_backward(&mut dy, Some(&mut ds), &r, &y, &bias, &scale, Some(rf));
+        residual_add_backward(&mut dy, Some(&mut ds), None, &r, &y, &bias, &scale, Some(rf));
         check("factored residual dy", &dy, &fd_grad(&inputs, 0, &f), 1e-3);
         check("factored residual dscale", &ds, &fd_grad(&inputs, 1, &f), 1e-3);
         // The forward: dropped rows are x exactly; kept rows add k·scale ⊙ (y + bias).
@@ -479,6 +534,52 @@ mod tests {
         assert_eq!(&out[..each * dim], &x[..each * dim]);
         let i = each * dim + 3;
         assert_eq!(out[i], x[i] + (scale[3] * 1.25) * (y[i] + bias[3]));
+    }
+
+    /// The fused bias gradients add exactly what `linear_backward`'s `db` would collect from the
+    /// same output afterwards (same chunks, same order), for several row counts and both paths.
+    #[test]
+    fn fused_bias_gradients_equal_the_column_sums_bit_for_bit() {
+        use crate::backend::cpu::elementwise::RowFactors;
+        let mut rng = Rng(77);
+        for &(rows, dim) in &[(1, 3), (37, 8), (300, 192), (130, 768)] {
+            let dacc = rng.vec(rows * dim, -1.0, 1.0);
+            let y = rng.vec(rows * dim, -1.0, 1.0);
+            let bias = rng.vec(dim, -0.5, 0.5);
+            let scale = rng.vec(dim, 0.1, 1.5);
+            let factors = [0.0f32, 1.25];
+            let rf = (rows % 2 == 0).then(|| RowFactors { factors: &factors, rows_each: rows / 2 });
+            for with_scale in [false, true] {
+                let (mut dy, mut ds, mut db) = (vec![0.0f32; rows * dim], vec![0.5f32; dim], vec![0.25f32; dim]);
+                let ds_opt = with_scale.then_some(&mut ds[..]);
+                residual_add_backward(&mut dy, ds_opt, Some(&mut db), &dacc, &y, &bias, &scale, rf);
+                let (mut dy_plain, mut ds_plain) = (vec![0.0f32; rows * dim], vec![0.5f32; dim]);
+                residual_add_backward(
+                    &mut dy_plain,
+                    with_scale.then_some(&mut ds_plain[..]),
+                    None,
+                    &dacc,
+                    &y,
+                    &bias,
+                    &scale,
+                    rf,
+                );
+                assert_eq!(dy, dy_plain, "dy ({rows}x{dim}, scale {with_scale})");
+                assert_eq!(ds, ds_plain, "dscale ({rows}x{dim})");
+                let mut want = vec![0.25f32; dim];
+                column_sums_accumulate(&mut want, &dy);
+                assert_eq!(db, want, "dbias ({rows}x{dim}, scale {with_scale})");
+            }
+            let pre = rng.vec(rows * dim, -4.0, 4.0);
+            let (mut dx, mut db) = (vec![0.0f32; rows * dim], vec![0.25f32; dim]);
+            gelu_backward_with_bias_grad(&mut dx, &mut db, &dacc, &pre);
+            let mut dx_plain = vec![0.0f32; rows * dim];
+            gelu_backward(&mut dx_plain, &dacc, &pre);
+            assert_eq!(dx, dx_plain, "gelu dx ({rows}x{dim})");
+            let mut want = vec![0.25f32; dim];
+            column_sums_accumulate(&mut want, &dx);
+            assert_eq!(db, want, "gelu dbias ({rows}x{dim})");
+        }
     }
 
     #[test]

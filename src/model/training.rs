@@ -5,8 +5,9 @@
 //! `tests/mim_gradients.rs`.
 //!
 //! What is kept per layer: the block input `x`, the fused `qkv`, the attention probabilities,
-//! the attention context, the block's midpoint (after the attention residual), the FC1 output
-//! (GELU input) and the GELU output, both layer norm outputs, and, with layer scale, the two
+//! the attention context, the block's midpoint (after the attention residual), GELU'(FC1 output)
+//! (the forward saves the GELU's derivative, not its input: the backward then costs one multiply)
+//! and the GELU output, both layer norm outputs, and, with layer scale, the two
 //! branch outputs (their λ gradients need them).
 //!
 //! The MIM head runs on the masked positions only: their rows are gathered (in `[batch, patch]`
@@ -18,10 +19,10 @@ use crate::backend::cpu::attention_backward::{
     attention_backward, attention_backward_scratch_len, attention_forward_saving_probs,
 };
 use crate::backend::cpu::backward::{
-    add_into, gelu_backward_with_bias_grad, layernorm_backward, linear_backward, residual_add_backward, DxMode,
+    add_into, gelu_backward_saved, layernorm_backward, linear_backward, residual_add_backward, DxMode,
 };
 use crate::backend::cpu::cross_entropy::cross_entropy_fused_part;
-use crate::backend::cpu::elementwise::{bias_gelu_split, residual_add_into, RowFactors};
+use crate::backend::cpu::elementwise::{bias_gelu_saving_grad, residual_add_into, RowFactors};
 use crate::backend::cpu::gemm::linear;
 use crate::backend::cpu::layernorm::layernorm;
 use crate::error::Result;
@@ -504,7 +505,7 @@ impl Model {
 
         layernorm(ln_after, mid, p.get(blk.ln_after_w), p.get(blk.ln_after_b), d, eps);
         linear(fc1, ln_after, p.get(blk.fc1_w), None, rows, d, inter);
-        bias_gelu_split(fc1, gelu_out, p.get(blk.fc1_b));
+        bias_gelu_saving_grad(fc1, gelu_out, p.get(blk.fc1_b));
         let y = if mlp_out.is_empty() { &mut projected[..] } else { &mut mlp_out[..] };
         linear(y, gelu_out, p.get(blk.fc2_w), None, rows, inter, d);
         add_branch(out, mid, y, p.get(blk.fc2_b), blk.lambda_2.map(|id| p.get(id)), drop.map(|f| &f[dims.b..]), dims);
@@ -576,7 +577,7 @@ impl Model {
             linear_backward(Some(dgelu), dw, db, dbranch, gelu_out, p.get(blk.fc2_w), rows, inter, d);
         }
         let dfc1 = &mut wide_a[..rows * inter];
-        gelu_backward_with_bias_grad(dfc1, grad_of(p, grads, blk.fc1_b), dgelu, fc1);
+        gelu_backward_saved(dfc1, grad_of(p, grads, blk.fc1_b), dgelu, fc1);
         {
             let dw = grad_of(p, grads, blk.fc1_w);
             linear_backward(Some(dnormed), dw, None, dfc1, ln_after, p.get(blk.fc1_w), rows, d, inter);

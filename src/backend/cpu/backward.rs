@@ -134,15 +134,6 @@ pub fn layernorm_backward(
     add_into(dbeta, pb);
 }
 
-/// GELU'(x) = Φ(x) + x·φ(x) for the exact (erf) GELU.
-#[inline(always)]
-fn gelu_grad(v: f32) -> f32 {
-    const INV_SQRT_2PI: f32 = 0.398_942_3;
-    let cdf = 0.5 * (1.0 + math::erf(v * std::f32::consts::FRAC_1_SQRT_2));
-    let pdf = math::exp(-0.5 * v * v) * INV_SQRT_2PI;
-    cdf + v * pdf
-}
-
 simd_dispatch! {
     fn gelu_backward_chunk(dx: &mut [f32], dy: &[f32], pre: &[f32]) {
         // 32 elements per iteration: four independent vectors in flight, so the long
@@ -153,11 +144,11 @@ simd_dispatch! {
         let mut p = pre.chunks_exact(W);
         for ((d, o), p) in (&mut d).zip(&mut o).zip(&mut p) {
             for i in 0..W {
-                d[i] = o[i] * gelu_grad(p[i]);
+                d[i] = o[i] * math::gelu_grad(p[i]);
             }
         }
         for ((d, &o), &v) in d.into_remainder().iter_mut().zip(o.remainder()).zip(p.remainder()) {
-            *d = o * gelu_grad(v);
+            *d = o * math::gelu_grad(v);
         }
     }
 }
@@ -210,25 +201,35 @@ simd_dispatch! {
     }
 }
 
-/// [`gelu_backward`] fused with the bias gradient of the Linear that fed the GELU:
-/// `dx = dy ⊙ GELU'(pre)` and `dbias += Σ_rows dx` (rows of `dbias.len()`), while each chunk of
-/// `dx` is still in cache. The sum is bit-identical to [`linear_backward`]'s `db` on the same
-/// `dx` (same chunks, same order), so callers may move the bias gradient here freely.
-pub fn gelu_backward_with_bias_grad(dx: &mut [f32], dbias: &mut [f32], dy: &[f32], pre: &[f32]) {
-    assert_eq!(dx.len(), pre.len(), "gelu_backward: dx length");
-    assert_eq!(dy.len(), pre.len(), "gelu_backward: dy length");
+simd_dispatch! {
+    fn mul_rows(dx: &mut [f32], dy: &[f32], factor: &[f32]) {
+        for ((d, &o), &f) in dx.iter_mut().zip(dy).zip(factor) {
+            *d = o * f;
+        }
+    }
+}
+
+/// GELU backward from the derivative the training forward saved
+/// ([`bias_gelu_saving_grad`](super::elementwise::bias_gelu_saving_grad)), fused with the bias
+/// gradient of the Linear that fed the GELU: `dx = dy ⊙ saved_grad` and `dbias += Σ_rows dx`
+/// (rows of `dbias.len()`) while each chunk of `dx` is still in cache. `dx` is bit for bit
+/// [`gelu_backward`]'s, and the sum bit for bit [`linear_backward`]'s `db` on it (same chunks,
+/// same order).
+pub fn gelu_backward_saved(dx: &mut [f32], dbias: &mut [f32], dy: &[f32], saved_grad: &[f32]) {
+    assert_eq!(dx.len(), saved_grad.len(), "gelu_backward: dx length");
+    assert_eq!(dy.len(), saved_grad.len(), "gelu_backward: dy length");
     let n = dbias.len();
-    assert!(n > 0 && pre.len() % n == 0, "gelu_backward: not a whole number of rows of the bias");
-    if pre.is_empty() {
+    assert!(n > 0 && dx.len() % n == 0, "gelu_backward: not a whole number of rows of the bias");
+    if dx.is_empty() {
         return;
     }
     let chunk = reduce_chunk_rows(n) * n;
-    let mut partials = vec![0.0f32; pre.len().div_ceil(chunk) * n];
+    let mut partials = vec![0.0f32; dx.len().div_ceil(chunk) * n];
     dx.par_chunks_mut(chunk)
         .zip(partials.par_chunks_mut(n))
-        .zip(dy.par_chunks(chunk).zip(pre.par_chunks(chunk)))
-        .for_each(|((d, part), (o, p))| {
-            gelu_backward_chunk(d, o, p);
+        .zip(dy.par_chunks(chunk).zip(saved_grad.par_chunks(chunk)))
+        .for_each(|((d, part), (o, f))| {
+            mul_rows(d, o, f);
             column_sums_rows(part, d);
         });
     add_into(dbias, reduce_partials_in_order(&mut partials, n));
@@ -540,7 +541,7 @@ mod tests {
     /// same output afterwards (same chunks, same order), for several row counts and both paths.
     #[test]
     fn fused_bias_gradients_equal_the_column_sums_bit_for_bit() {
-        use crate::backend::cpu::elementwise::RowFactors;
+        use crate::backend::cpu::elementwise::{bias_gelu_inplace, bias_gelu_saving_grad, RowFactors};
         let mut rng = Rng(77);
         for &(rows, dim) in &[(1, 3), (37, 8), (300, 192), (130, 768)] {
             let dacc = rng.vec(rows * dim, -1.0, 1.0);
@@ -571,8 +572,16 @@ mod tests {
                 assert_eq!(db, want, "dbias ({rows}x{dim}, scale {with_scale})");
             }
             let pre = rng.vec(rows * dim, -4.0, 4.0);
+            // The training forward saves GELU' in place of its input.
+            let (mut saved, mut out) = (pre.clone(), vec![0.0f32; rows * dim]);
+            bias_gelu_saving_grad(&mut saved, &mut out, &bias);
+            let mut out_inplace = pre.clone();
+            bias_gelu_inplace(&mut out_inplace, Some(&bias), dim);
+            assert_eq!(out, out_inplace, "gelu forward ({rows}x{dim})");
+            let pre_b: Vec<f32> = pre.iter().enumerate().map(|(i, &v)| v + bias[i % dim]).collect();
             let (mut dx, mut db) = (vec![0.0f32; rows * dim], vec![0.25f32; dim]);
-            gelu_backward_with_bias_grad(&mut dx, &mut db, &dacc, &pre);
+            gelu_backward_saved(&mut dx, &mut db, &dacc, &saved);
+            let pre = pre_b;
             let mut dx_plain = vec![0.0f32; rows * dim];
             gelu_backward(&mut dx_plain, &dacc, &pre);
             assert_eq!(dx, dx_plain, "gelu dx ({rows}x{dim})");

@@ -87,25 +87,26 @@ pub fn residual_add(acc: &mut [f32], y: &[f32], bias: &[f32], scale: Option<&[f3
 }
 
 simd_dispatch! {
-    fn bias_gelu_split_rows(pre: &mut [f32], out: &mut [f32], bias: &[f32]) {
+    fn bias_gelu_saving_grad_rows(x: &mut [f32], out: &mut [f32], bias: &[f32]) {
         let dim = bias.len();
-        for (p_row, o_row) in pre.chunks_exact_mut(dim).zip(out.chunks_exact_mut(dim)) {
-            for ((p, o), &b) in p_row.iter_mut().zip(o_row.iter_mut()).zip(bias) {
-                *p += b;
-                *o = math::gelu(*p);
+        for (x_row, o_row) in x.chunks_exact_mut(dim).zip(out.chunks_exact_mut(dim)) {
+            for ((x, o), &b) in x_row.iter_mut().zip(o_row.iter_mut()).zip(bias) {
+                (*o, *x) = math::gelu_and_grad(*x + b);
             }
         }
     }
 }
 
-/// For training, where the backward needs both sides of the GELU: `pre[r, :] += bias` (the
-/// Linear's bias, fused here) and `out = GELU(pre)`, in one pass.
-pub fn bias_gelu_split(pre: &mut [f32], out: &mut [f32], bias: &[f32]) {
+/// For training: on entry `x` is a Linear's output without its bias; on return `out =
+/// GELU(x + bias)` and `x = GELU'(x + bias)`, which is all the backward needs
+/// ([`gelu_backward_saved`](super::backward::gelu_backward_saved)). One erf per element serves
+/// both, and the backward then costs one multiply.
+pub fn bias_gelu_saving_grad(x: &mut [f32], out: &mut [f32], bias: &[f32]) {
     let dim = bias.len();
-    assert_eq!(pre.len(), out.len());
-    assert_eq!(pre.len() % dim, 0);
-    let chunk = rows_per_task(pre.len() / dim, dim) * dim;
-    pre.par_chunks_mut(chunk).zip(out.par_chunks_mut(chunk)).for_each(|(p, o)| bias_gelu_split_rows(p, o, bias));
+    assert_eq!(x.len(), out.len(), "bias_gelu_saving_grad: lengths");
+    assert_eq!(x.len() % dim, 0);
+    let chunk = rows_per_task(x.len() / dim, dim) * dim;
+    x.par_chunks_mut(chunk).zip(out.par_chunks_mut(chunk)).for_each(|(x, o)| bias_gelu_saving_grad_rows(x, o, bias));
 }
 
 simd_dispatch! {
@@ -257,11 +258,11 @@ mod tests {
         }
         let mut inplace = x.clone();
         bias_gelu_inplace(&mut inplace, Some(&bias), 4);
-        let (mut pre, mut out) = (x.clone(), vec![0.0f32; 24]);
-        bias_gelu_split(&mut pre, &mut out, &bias);
+        let (mut saved, mut out) = (x.clone(), vec![0.0f32; 24]);
+        bias_gelu_saving_grad(&mut saved, &mut out, &bias);
         assert_eq!(out, inplace);
-        for (i, (&p, &v)) in pre.iter().zip(&x).enumerate() {
-            assert_eq!(p, v + bias[i % 4]);
+        for (i, (&g, &v)) in saved.iter().zip(&x).enumerate() {
+            assert_eq!(g, math::gelu_grad(v + bias[i % 4]));
         }
     }
 

@@ -86,6 +86,21 @@ pub fn gelu(x: f32) -> f32 {
     0.5 * x * (1.0 + erf(x * std::f32::consts::FRAC_1_SQRT_2))
 }
 
+/// GELU'(x) = Φ(x) + x·φ(x) for the exact (erf) GELU.
+#[inline(always)]
+pub fn gelu_grad(x: f32) -> f32 {
+    gelu_and_grad(x).1
+}
+
+/// `(GELU(x), GELU'(x))` with one erf: bit for bit what [`gelu`] and [`gelu_grad`] give.
+#[inline(always)]
+pub fn gelu_and_grad(x: f32) -> (f32, f32) {
+    const INV_SQRT_2PI: f32 = 0.398_942_3;
+    let e = erf(x * std::f32::consts::FRAC_1_SQRT_2);
+    let pdf = exp(-0.5 * x * x) * INV_SQRT_2PI;
+    (0.5 * x * (1.0 + e), 0.5 * (1.0 + e) + x * pdf)
+}
+
 /// Sum with eight independent accumulators: LLVM may not reorder a float reduction, so a plain
 /// `iter().sum()` runs one add at a time; eight lanes let it use one vector register.
 #[inline(always)]

@@ -7,6 +7,8 @@ use beit::model::io::{f32_tensors_bytes, read_f32, read_mask, write_atomic, Safe
 use beit::{Context, ContextOptions, Device, ImageBatch, Model};
 use clap::{Parser, Subcommand};
 
+#[path = "cli/progress.rs"]
+mod progress;
 #[path = "cli/tokenizer.rs"]
 mod tokenizer_cli;
 
@@ -580,6 +582,7 @@ fn pretrain(a: PretrainArgs) -> beit::Result<()> {
     let mut data = pretrain_data(&a, &cfg, masked, trainer.options().seed)?;
     let start = std::time::Instant::now();
     let first_step = trainer.step_count();
+    let mut progress = progress::Progress::new("beit pretrain", first_step, a.steps);
     let mut last_loss = f64::NAN;
     while trainer.step_count() < a.steps {
         let position = trainer.data_position();
@@ -592,11 +595,12 @@ fn pretrain(a: PretrainArgs) -> beit::Result<()> {
         if a.json {
             print_json(serde_json::json!({"step": stats.step, "loss": stats.loss, "lr": stats.lr,
                 "grad_norm": stats.grad_norm, "masked": stats.masked, "images_per_s": stats.images_per_s}));
-        } else if stats.step % 10 == 0 || stats.step == a.steps {
-            eprintln!(
-                "step {}/{}: loss {:.4}, lr {:.2e}, grad norm {:.3}, {:.1} images/s",
-                stats.step, a.steps, stats.loss, stats.lr, stats.grad_norm, stats.images_per_s
+        } else {
+            let detail = format!(
+                "loss {:.4}, lr {:.2e}, grad norm {:.3}, {:.1} images/s",
+                stats.loss, stats.lr, stats.grad_norm, stats.images_per_s
             );
+            progress.update(stats.step, &detail);
         }
         if a.checkpoint_every > 0 && stats.step % a.checkpoint_every == 0 && stats.step < a.steps {
             trainer.save_checkpoint(&checkpoint)?;

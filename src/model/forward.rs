@@ -531,7 +531,7 @@ fn layernorm_affine(p: &ParamStore, ln: Affine, out: &mut [f32], x: &[f32], d: u
 }
 
 /// Mean over tokens 1..t of each image (the mean-pooling pooler excludes CLS).
-fn mean_of_patch_tokens(mean: &mut [f32], hidden: &[f32], b: usize, t: usize, d: usize) {
+pub(super) fn mean_of_patch_tokens(mean: &mut [f32], hidden: &[f32], b: usize, t: usize, d: usize) {
     for i in 0..b {
         let m = &mut mean[i * d..(i + 1) * d];
         m.fill(0.0);

@@ -4,6 +4,7 @@
 //! each pass borrows a planned [`arena::Arena`] from a small pool kept by the model.
 
 pub mod arena;
+mod classify;
 pub mod config;
 mod forward;
 pub mod init;
@@ -15,6 +16,7 @@ mod training;
 use std::path::Path;
 use std::sync::Mutex;
 
+pub use classify::ClassifyBatch;
 pub use config::{Architecture, BeitConfig};
 pub use forward::{ImageBatch, OutputBuffers, OutputShapes, Outputs};
 pub use training::{DropPath, MimBatch, TrainWorkspace};

@@ -505,7 +505,7 @@ impl Model {
 }
 
 /// HF's absolute position resize: the patch part as a √P x √P grid, bicubic to `grid`, CLS kept.
-fn resize_position_embeddings(pos: &[f32], d: usize, positions: usize, grid: (usize, usize)) -> Vec<f32> {
+pub(super) fn resize_position_embeddings(pos: &[f32], d: usize, positions: usize, grid: (usize, usize)) -> Vec<f32> {
     let side = (positions as f64).sqrt().round() as usize;
     // [side·side, d] → [d, side, side]
     let mut planes = vec![0.0f32; d * positions];

@@ -11,6 +11,7 @@ pub mod init;
 pub mod io;
 pub mod params;
 pub mod relpos;
+mod resolution;
 mod training;
 
 use std::path::Path;

@@ -139,7 +139,9 @@ fn read(path: &Path) -> Result<(BeitConfig, Architecture, SafetensorsFile, Check
     // Trainers exist for pretraining and classification fine-tuning.
     let arch = match Architecture::from_hf_name(&meta.architecture) {
         Ok(a @ (Architecture::MaskedImageModeling | Architecture::ImageClassification)) => a,
-        _ => bail!(Format, "{}: a checkpoint of a {} trainer, which libbeit has not", path.display(), meta.architecture),
+        _ => {
+            bail!(Format, "{}: a checkpoint of a {} trainer, which libbeit has not", path.display(), meta.architecture)
+        }
     };
     let config = BeitConfig::from_json_str(&meta.config)?;
     Ok((config, arch, file, meta))

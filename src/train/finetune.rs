@@ -292,4 +292,28 @@ mod tests {
             ["beit.pooler.layernorm.weight", "beit.pooler.layernorm.bias", "classifier.weight", "classifier.bias"]
         );
     }
+
+    #[test]
+    fn backbone_weights_load_without_their_missing_prefix() {
+        // BeitModel directories name tensors without `beit.`; its pooler comes along, only the
+        // classifier is new.
+        let cfg = BeitConfig::from_json_str(
+            r#"{"hidden_size": 8, "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 16,
+                "image_size": 8, "patch_size": 4, "num_channels": 1, "use_relative_position_bias": true}"#,
+        )
+        .unwrap();
+        let backbone = Model::new_random(cfg, Architecture::Backbone, 4).unwrap();
+        let (cls, fresh) = classifier_from_pretrained(&backbone, 2, 0.0, 0).unwrap();
+        assert_eq!(fresh, ["classifier.weight", "classifier.bias"]);
+        let get = |m: &Model, n: &str| m.params().get(m.params().find(n).unwrap()).to_vec();
+        assert_eq!(
+            get(&cls, "beit.encoder.layer.0.output.dense.weight"),
+            get(&backbone, "encoder.layer.0.output.dense.weight")
+        );
+        // A classifier with another label count keeps its backbone, gets a fresh head.
+        let (again, fresh) = classifier_from_pretrained(&cls, 5, 0.0, 1).unwrap();
+        assert_eq!(fresh, ["classifier.weight", "classifier.bias"]);
+        assert_eq!(again.config().num_labels(), 5);
+        assert_eq!(get(&again, "beit.pooler.layernorm.weight"), get(&cls, "beit.pooler.layernorm.weight"));
+    }
 }

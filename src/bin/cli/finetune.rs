@@ -139,14 +139,16 @@ fn finetune_classify(
         Some(k) => k,
         None => labels.iter().max().map_or(0, |&m| m as usize + 1),
     };
-    // The labelled subset, as its own small file (the loader reads whole files).
-    let tmp = tempdir_for(&a.out)?;
-    let data = if a.label_fraction < 1.0 {
+    // The labelled subset, as its own small file (the loader reads whole files). The file is
+    // removed as soon as it is mapped: the map keeps the data, and nothing is left behind.
+    let data = if a.label_fraction != 1.0 {
         let subset = stratified_subset(&labels, a.label_fraction, a.seed)?;
+        let tmp = tempdir_for(&a.out)?;
         let path = tmp.join("labelled-subset.beitds");
-        write_subset(&full, &subset, &path)?;
+        let opened = write_subset(&full, &subset, &path).and_then(|_| Dataset::open(&path));
+        let _ = std::fs::remove_dir_all(&tmp);
         eprintln!("beit finetune: {} of {} labelled samples (fraction {})", subset.len(), full.len(), a.label_fraction);
-        Arc::new(Dataset::open(&path)?)
+        Arc::new(opened?)
     } else {
         full.clone()
     };
@@ -216,7 +218,6 @@ fn finetune_classify(
     })?;
     eprintln!();
     trainer.into_model().save(&a.out)?;
-    let _ = std::fs::remove_dir_all(&tmp);
     crate::print_json(serde_json::json!({"command": "finetune", "task": "classify", "steps": steps,
         "final_loss": last_loss, "seconds": start.elapsed().as_secs_f64(), "train_images": data.len(),
         "num_labels": num_labels, "threads": ctx.threads(), "model": a.out.display().to_string()}));

@@ -7,6 +7,8 @@ use beit::model::io::{f32_tensors_bytes, read_f32, read_mask, write_atomic, Safe
 use beit::{Context, ContextOptions, Device, ImageBatch, Model};
 use clap::{Parser, Subcommand};
 
+#[path = "cli/finetune.rs"]
+mod finetune_cli;
 #[path = "cli/progress.rs"]
 mod progress;
 #[path = "cli/tokenizer.rs"]
@@ -90,6 +92,13 @@ enum Command {
     /// Tokenize a dataset once into a token cache: a copy of the file whose samples carry the
     /// visual tokens of the whole image, for pretraining's fast path.
     Tokenize(tokenizer_cli::TokenizeArgs),
+    /// Fine-tune a pretrained directory (or a fresh model) on a labelled dataset and save an HF
+    /// directory. `--task classify`: BeitForImageClassification with BEiT's recipe (layer-wise
+    /// lr decay, warmup + cosine, AdamW, label smoothing, drop path, random resized crops).
+    /// Prints one JSON line per --log-every steps (step, loss, lr, images/s); progress on stderr.
+    Finetune(finetune_cli::FinetuneArgs),
+    /// Top-1 accuracy and the confusion matrix of a classifier on a labelled dataset.
+    Eval(finetune_cli::EvalArgs),
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -838,6 +847,8 @@ fn main() -> ExitCode {
         Command::Dataset { what } => dataset(what),
         Command::Tokenizer { what: tokenizer_cli::TokenizerCommand::Train(args) } => tokenizer_cli::train(args),
         Command::Tokenize(args) => tokenizer_cli::tokenize(args),
+        Command::Finetune(args) => finetune_cli::finetune(args, config_from),
+        Command::Eval(args) => finetune_cli::eval(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -505,7 +505,7 @@ impl Model {
 }
 
 /// HF's absolute position resize: the patch part as a √P x √P grid, bicubic to `grid`, CLS kept.
-fn resize_position_embeddings(pos: &[f32], d: usize, positions: usize, grid: (usize, usize)) -> Vec<f32> {
+pub(super) fn resize_position_embeddings(pos: &[f32], d: usize, positions: usize, grid: (usize, usize)) -> Vec<f32> {
     let side = (positions as f64).sqrt().round() as usize;
     // [side·side, d] → [d, side, side]
     let mut planes = vec![0.0f32; d * positions];
@@ -531,7 +531,7 @@ fn layernorm_affine(p: &ParamStore, ln: Affine, out: &mut [f32], x: &[f32], d: u
 }
 
 /// Mean over tokens 1..t of each image (the mean-pooling pooler excludes CLS).
-fn mean_of_patch_tokens(mean: &mut [f32], hidden: &[f32], b: usize, t: usize, d: usize) {
+pub(super) fn mean_of_patch_tokens(mean: &mut [f32], hidden: &[f32], b: usize, t: usize, d: usize) {
     for i in 0..b {
         let m = &mut mean[i * d..(i + 1) * d];
         m.fill(0.0);

@@ -4,17 +4,20 @@
 //! each pass borrows a planned [`arena::Arena`] from a small pool kept by the model.
 
 pub mod arena;
+mod classify;
 pub mod config;
 mod forward;
 pub mod init;
 pub mod io;
 pub mod params;
 pub mod relpos;
+mod resolution;
 mod training;
 
 use std::path::Path;
 use std::sync::Mutex;
 
+pub use classify::ClassifyBatch;
 pub use config::{Architecture, BeitConfig};
 pub use forward::{ImageBatch, OutputBuffers, OutputShapes, Outputs};
 pub use training::{DropPath, MimBatch, TrainWorkspace};

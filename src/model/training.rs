@@ -10,6 +10,11 @@
 //! and the GELU output, both layer norm outputs, and, with layer scale, the two
 //! branch outputs (their λ gradients need them).
 //!
+//! The backbone part (embeddings, blocks, `beit.layernorm`) is shared by every training head:
+//! [`Model::backbone_forward_train`] leaves the backbone output in a slot, the head computes its
+//! loss and writes dL/d(output) over that slot, and [`Model::backbone_backward_train`] takes it
+//! from there. The classification head lives in `classify.rs`.
+//!
 //! The MIM head runs on the masked positions only: their rows are gathered (in `[batch, patch]`
 //! order, as `logits[bool_masked_pos]` orders them), normalised and projected; the loss is the
 //! mean cross-entropy over all masked positions of the batch, fused with its logit gradient.
@@ -96,25 +101,25 @@ struct LayerSlots {
 }
 
 #[derive(Debug, Clone)]
-struct TrainPlan {
+pub(super) struct TrainPlan {
     key: (usize, usize, usize, usize),
     grid: (usize, usize),
-    tokens: usize,
+    pub(super) tokens: usize,
     layers: Vec<LayerSlots>,
     /// Output of the last block (the next layer's `x`).
     x_out: Slot,
     /// `beit.layernorm(x_out)` when the backbone has it.
-    hidden: Slot,
+    pub(super) hidden: Slot,
     patches: Slot,
     /// Masked patch rows of the hidden state, then the head layer norm of them.
-    gathered: Slot,
-    head_normed: Slot,
+    pub(super) gathered: Slot,
+    pub(super) head_normed: Slot,
     // Scratch shared by all layers.
     wide_a: Slot,
     wide_b: Slot,
     dx: Slot,
-    dbranch: Slot,
-    dnormed: Slot,
+    pub(super) dbranch: Slot,
+    pub(super) dnormed: Slot,
     dtmp: Slot,
     dcontext: Slot,
     shared_bias: Slot,
@@ -123,12 +128,15 @@ struct TrainPlan {
     attn_scratch: Slot,
 }
 
+/// A planned pass: the slots, their arena, and the relative position index of the grid.
+pub(super) type Planned = (TrainPlan, Arena, Vec<usize>);
+
 /// Reusable memory for training passes: the arena is planned for one (batch, height, width,
 /// thread count) and kept until the shape changes; logits grow to the largest masked count seen.
 #[derive(Debug, Default)]
 pub struct TrainWorkspace {
-    planned: Option<(TrainPlan, Arena, Vec<usize>)>,
-    logits: Vec<f32>,
+    pub(super) planned: Option<Planned>,
+    pub(super) logits: Vec<f32>,
     masked_rows: Vec<usize>,
     masked_labels: Vec<usize>,
 }
@@ -147,13 +155,13 @@ impl TrainWorkspace {
 
 /// Shapes and constants of one pass.
 #[derive(Debug, Clone, Copy)]
-struct Dims {
-    b: usize,
-    t: usize,
-    d: usize,
+pub(super) struct Dims {
+    pub(super) b: usize,
+    pub(super) t: usize,
+    pub(super) d: usize,
     inter: usize,
     heads: usize,
-    eps: f32,
+    pub(super) eps: f32,
 }
 
 impl Dims {
@@ -167,6 +175,32 @@ impl Dims {
 }
 
 impl Model {
+    /// Checks the images of a training batch: a valid input at the configured grid (training
+    /// plans its arena for the position tables as stored) with finite pixels.
+    pub(super) fn check_train_images(&self, images: &ImageBatch<'_>) -> Result<()> {
+        self.check_input(images)?;
+        let grid = self.config.grid_for(images.height, images.width);
+        ensure!(
+            grid == self.config.native_grid(),
+            InvalidArgument,
+            "training runs at the configured image size {}x{} ({:?} patches); this batch is {}x{}",
+            self.config.image_size.hw().0,
+            self.config.image_size.hw().1,
+            self.config.native_grid(),
+            images.height,
+            images.width
+        );
+        if let Some(i) = images.pixels.iter().position(|v| !v.is_finite()) {
+            bail!(
+                InvalidArgument,
+                "pixel_values[{i}] is {} (image {}): pixels must be finite",
+                images.pixels[i],
+                i / (images.channels * images.height * images.width)
+            );
+        }
+        Ok(())
+    }
+
     /// Checks a pretraining batch; every problem is a readable error and nothing is computed.
     pub fn check_mim_batch(&self, batch: &MimBatch<'_>) -> Result<()> {
         ensure!(
@@ -175,19 +209,8 @@ impl Model {
             "pretraining needs a BeitForMaskedImageModeling model; this one is {}",
             self.arch.hf_name()
         );
-        let images = batch.images();
-        self.check_input(&images)?;
-        let grid = self.config.grid_for(batch.height, batch.width);
-        ensure!(
-            grid == self.config.native_grid(),
-            InvalidArgument,
-            "training runs at the configured image size {}x{} ({:?} patches); this batch is {}x{}",
-            self.config.image_size.hw().0,
-            self.config.image_size.hw().1,
-            self.config.native_grid(),
-            batch.height,
-            batch.width
-        );
+        self.check_train_images(&batch.images())?;
+        let grid = self.config.native_grid();
         let n = grid.0 * grid.1;
         ensure!(
             checked_numel(&[batch.batch, n]) == Some(batch.labels.len()),
@@ -197,14 +220,6 @@ impl Model {
             batch.batch,
             batch.batch * n
         );
-        if let Some(i) = batch.pixels.iter().position(|v| !v.is_finite()) {
-            bail!(
-                InvalidArgument,
-                "pixel_values[{i}] is {} (image {}): pixels must be finite",
-                batch.pixels[i],
-                i / (batch.channels * batch.height * batch.width)
-            );
-        }
         let vocab = self.config.vocab_size as i64;
         for (i, (&m, &label)) in batch.bool_masked_pos.iter().zip(batch.labels).enumerate() {
             ensure!(
@@ -219,17 +234,15 @@ impl Model {
         Ok(())
     }
 
-    /// Runs the MIM forward and backward on `batch`, ADDS the gradient of the loss to `grads`
-    /// (laid out like the parameters), and returns the loss (mean cross-entropy over all masked
-    /// positions). `drop_path` applies stochastic depth; `None` is the deterministic model.
-    pub fn mim_forward_backward(
+    /// Checks the gradient buffer and the drop path factors of a pass over `batch` images, and
+    /// plans `ws` for the batch's shape. Shared by every training head.
+    pub(super) fn begin_train_pass(
         &self,
         ws: &mut TrainWorkspace,
-        batch: &MimBatch<'_>,
+        images: &ImageBatch<'_>,
         drop_path: Option<DropPath<'_>>,
-        grads: &mut [f32],
-    ) -> Result<f64> {
-        self.check_mim_batch(batch)?;
+        grads: &[f32],
+    ) -> Result<()> {
         ensure!(
             grads.len() == self.params.data.len(),
             InvalidArgument,
@@ -240,32 +253,40 @@ impl Model {
         let layers = self.layout.blocks.len();
         if let Some(dp) = drop_path {
             ensure!(
-                dp.factors.len() == layers * 2 * batch.batch,
+                dp.factors.len() == layers * 2 * images.batch,
                 InvalidArgument,
                 "drop path factors hold {} values; [layers {layers}, 2, batch {}] needs {}",
                 dp.factors.len(),
-                batch.batch,
-                layers * 2 * batch.batch
+                images.batch,
+                layers * 2 * images.batch
             );
         }
-        self.prepare_train_workspace(ws, batch);
-        let TrainWorkspace { planned, logits, masked_rows, masked_labels } = ws;
-        let (plan, arena, rel_index) = planned.as_mut().expect("planned above");
+        self.prepare_train_workspace(ws, images);
+        Ok(())
+    }
+
+    /// The backbone's training forward: embeddings, every block (keeping what the backward
+    /// needs), and `beit.layernorm` when the model has it. Returns the pass's shapes and the
+    /// slot holding the backbone output (`[batch, tokens, hidden]`).
+    pub(super) fn backbone_forward_train(
+        &self,
+        planned: &mut Planned,
+        images: &ImageBatch<'_>,
+        factors: Option<&[f32]>,
+    ) -> (Dims, Slot) {
+        let (plan, arena, rel_index) = planned;
         let c = &self.config;
         let dims = Dims {
-            b: batch.batch,
+            b: images.batch,
             t: plan.tokens,
             d: c.hidden_size,
             inter: c.intermediate_size,
             heads: c.num_attention_heads,
             eps: c.layer_norm_eps as f32,
         };
-        let factors = drop_path.map(|dp| dp.factors);
-
-        // Forward.
         {
             let [patches, x0, tmp] = arena.many_mut([plan.patches, plan.layers[0].x, plan.dtmp]);
-            self.embed_into(&batch.images(), plan.grid, patches, x0, tmp);
+            self.embed_into(images, plan.grid, patches, x0, tmp);
         }
         let has_shared = self.shared_bias_into(arena.get_mut(plan.shared_bias), plan.grid, rel_index);
         for (l, blk) in self.layout.blocks.iter().enumerate() {
@@ -281,6 +302,78 @@ impl Model {
             }
             None => plan.x_out,
         };
+        (dims, hidden)
+    }
+
+    /// The backbone's backward. On entry the slot returned by [`Model::backbone_forward_train`]
+    /// holds dL/d(backbone output) (the head wrote it there); every backbone parameter's
+    /// gradient is added to `grads`.
+    pub(super) fn backbone_backward_train(
+        &self,
+        planned: &mut Planned,
+        images: &ImageBatch<'_>,
+        dims: Dims,
+        factors: Option<&[f32]>,
+        grads: &mut [f32],
+    ) {
+        let (plan, arena, rel_index) = planned;
+        let d = dims.d;
+        // dL/dhidden → dL/dx_out in the `dx` slot.
+        match &self.layout.final_layernorm {
+            Some(ln) => {
+                let [dx, dh, x] = arena.many_mut([plan.dx, plan.hidden, plan.x_out]);
+                let (dg, dbeta) = grads_pair(&self.params, grads, *ln);
+                layernorm_backward(dx, dg, dbeta, dh, x, self.params.get(ln.weight), d, dims.eps, DxMode::Overwrite);
+            }
+            None => {
+                let [dx, dh] = arena.many_mut([plan.dx, plan.x_out]);
+                dx.copy_from_slice(dh);
+            }
+        }
+        // The forward filled the shared bias slot (heads leave it alone); blocks reuse it.
+        let has_shared = self.layout.shared_rel_pos_table.is_some();
+        // Backward through the blocks, last first. The shared table collects every layer's
+        // bias gradient in `shared_dtable`.
+        let mut shared_dtable = self.layout.shared_rel_pos_table.map(|id| vec![0.0f32; self.params.specs[id.0].len]);
+        for (l, blk) in self.layout.blocks.iter().enumerate().rev() {
+            let drop = factors.map(|f| &f[l * 2 * dims.b..(l + 1) * 2 * dims.b]);
+            self.block_backward(
+                arena,
+                plan,
+                rel_index,
+                l,
+                blk,
+                dims,
+                has_shared,
+                drop,
+                grads,
+                shared_dtable.as_deref_mut(),
+            );
+        }
+        if let (Some(id), Some(dt)) = (self.layout.shared_rel_pos_table, shared_dtable) {
+            add_into(grad_of(&self.params, grads, id), &dt);
+        }
+        self.embeddings_backward(arena, plan, images.bool_masked_pos, dims, grads);
+    }
+
+    /// Runs the MIM forward and backward on `batch`, ADDS the gradient of the loss to `grads`
+    /// (laid out like the parameters), and returns the loss (mean cross-entropy over all masked
+    /// positions). `drop_path` applies stochastic depth; `None` is the deterministic model.
+    pub fn mim_forward_backward(
+        &self,
+        ws: &mut TrainWorkspace,
+        batch: &MimBatch<'_>,
+        drop_path: Option<DropPath<'_>>,
+        grads: &mut [f32],
+    ) -> Result<f64> {
+        self.check_mim_batch(batch)?;
+        let images = batch.images();
+        self.begin_train_pass(ws, &images, drop_path, grads)?;
+        let TrainWorkspace { planned, logits, masked_rows, masked_labels } = ws;
+        let planned = planned.as_mut().expect("planned above");
+        let factors = drop_path.map(|dp| dp.factors);
+        let (dims, hidden) = self.backbone_forward_train(planned, &images, factors);
+        let (plan, arena, _) = &mut *planned;
 
         // MIM head on the masked rows, loss and logit gradient fused.
         let n = dims.t - 1;
@@ -297,7 +390,7 @@ impl Model {
             HeadParams::MaskedImageModeling { layernorm, lm_head } => (*layernorm, *lm_head),
             _ => unreachable!("checked: a MIM model"),
         };
-        let v = c.vocab_size;
+        let v = self.config.vocab_size;
         let block = HEAD_BLOCK_ROWS.min(m);
         logits.resize(block * v, 0.0);
         let d = dims.d;
@@ -344,47 +437,13 @@ impl Model {
             }
         }
         let loss = loss_sum / m as f64;
-        // `hidden` now holds dL/dhidden; turn it into dL/dx_out in the `dx` slot.
-        match &self.layout.final_layernorm {
-            Some(ln) => {
-                let [dx, dh, x] = arena.many_mut([plan.dx, plan.hidden, plan.x_out]);
-                let (dg, dbeta) = grads_pair(&self.params, grads, *ln);
-                layernorm_backward(dx, dg, dbeta, dh, x, self.params.get(ln.weight), d, dims.eps, DxMode::Overwrite);
-            }
-            None => {
-                let [dx, dh] = arena.many_mut([plan.dx, plan.x_out]);
-                dx.copy_from_slice(dh);
-            }
-        }
-
-        // Backward through the blocks, last first. The shared table collects every layer's
-        // bias gradient in `shared_dtable`.
-        let mut shared_dtable = self.layout.shared_rel_pos_table.map(|id| vec![0.0f32; self.params.specs[id.0].len]);
-        for (l, blk) in self.layout.blocks.iter().enumerate().rev() {
-            let drop = factors.map(|f| &f[l * 2 * dims.b..(l + 1) * 2 * dims.b]);
-            self.block_backward(
-                arena,
-                plan,
-                rel_index,
-                l,
-                blk,
-                dims,
-                has_shared,
-                drop,
-                grads,
-                shared_dtable.as_deref_mut(),
-            );
-        }
-        if let (Some(id), Some(dt)) = (self.layout.shared_rel_pos_table, shared_dtable) {
-            add_into(grad_of(&self.params, grads, id), &dt);
-        }
-        self.embeddings_backward(arena, plan, batch, dims, grads);
+        self.backbone_backward_train(planned, &images, dims, factors, grads);
         Ok(loss)
     }
 
-    fn prepare_train_workspace(&self, ws: &mut TrainWorkspace, batch: &MimBatch<'_>) {
+    fn prepare_train_workspace(&self, ws: &mut TrainWorkspace, images: &ImageBatch<'_>) {
         let threads = rayon::current_num_threads().max(1);
-        let key = (batch.batch, batch.height, batch.width, threads);
+        let key = (images.batch, images.height, images.width, threads);
         if ws.planned.as_ref().is_some_and(|(p, _, _)| p.key == key) {
             return;
         }
@@ -643,7 +702,7 @@ impl Model {
         &self,
         arena: &mut Arena,
         plan: &TrainPlan,
-        batch: &MimBatch<'_>,
+        bool_masked_pos: Option<&[u8]>,
         dims: Dims,
         grads: &mut [f32],
     ) {
@@ -671,7 +730,7 @@ impl Model {
             for patch in 0..n {
                 let src = &dx[(img * t + 1 + patch) * d..(img * t + 2 + patch) * d];
                 let dst = &mut dembedded[(img * n + patch) * d..(img * n + patch + 1) * d];
-                if batch.bool_masked_pos[img * n + patch] == 1 {
+                if bool_masked_pos.is_some_and(|m| m[img * n + patch] == 1) {
                     if let Some(dm) = dmask.as_mut() {
                         add_into(dm, src);
                     }
@@ -740,13 +799,13 @@ fn branch_backward(
     }
 }
 
-fn grad_of<'g>(p: &ParamStore, grads: &'g mut [f32], id: ParamId) -> &'g mut [f32] {
+pub(super) fn grad_of<'g>(p: &ParamStore, grads: &'g mut [f32], id: ParamId) -> &'g mut [f32] {
     let s = &p.specs[id.0];
     &mut grads[s.offset..s.offset + s.len]
 }
 
 /// The gradients of a weight/bias pair (distinct entries, so two disjoint borrows).
-fn grads_pair<'g>(p: &ParamStore, grads: &'g mut [f32], pair: Affine) -> (&'g mut [f32], &'g mut [f32]) {
+pub(super) fn grads_pair<'g>(p: &ParamStore, grads: &'g mut [f32], pair: Affine) -> (&'g mut [f32], &'g mut [f32]) {
     let (w, b) = (&p.specs[pair.weight.0], &p.specs[pair.bias.0]);
     assert!(w.offset + w.len <= b.offset || b.offset + b.len <= w.offset, "weight and bias overlap");
     if w.offset < b.offset {

@@ -120,8 +120,8 @@ struct Loaded {
     rng: RngState,
 }
 
-/// Opens a checkpoint and reads and checks its metadata and config.
-fn read(path: &Path) -> Result<(BeitConfig, SafetensorsFile, CheckpointMeta)> {
+/// Opens a checkpoint and reads and checks its metadata, config and architecture.
+fn read(path: &Path) -> Result<(BeitConfig, Architecture, SafetensorsFile, CheckpointMeta)> {
     let file = SafetensorsFile::open(path)?;
     let Some(text) = file.metadata()?.remove(META_KEY) else {
         bail!(Format, "{} is not a libbeit trainer checkpoint (no {META_KEY:?} metadata)", path.display());
@@ -136,19 +136,19 @@ fn read(path: &Path) -> Result<(BeitConfig, SafetensorsFile, CheckpointMeta)> {
         path.display(),
         meta.version
     );
-    ensure!(
-        meta.architecture == Architecture::MaskedImageModeling.hf_name(),
-        Format,
-        "{}: a checkpoint of a {} trainer; this is the pretraining (BeitForMaskedImageModeling) trainer",
-        path.display(),
-        meta.architecture
-    );
+    // Trainers exist for pretraining and classification fine-tuning.
+    let arch = match Architecture::from_hf_name(&meta.architecture) {
+        Ok(a @ (Architecture::MaskedImageModeling | Architecture::ImageClassification)) => a,
+        _ => {
+            bail!(Format, "{}: a checkpoint of a {} trainer, which libbeit has not", path.display(), meta.architecture)
+        }
+    };
     let config = BeitConfig::from_json_str(&meta.config)?;
-    Ok((config, file, meta))
+    Ok((config, arch, file, meta))
 }
 
 fn parse(path: &Path, model_for_shapes: &Model) -> Result<Loaded> {
-    let (config, file, meta) = read(path)?;
+    let (config, _, file, meta) = read(path)?;
     let st = file.parse()?;
     let bad = |what: &str| Error::Format(format!("{}: bad {what} in the checkpoint metadata", path.display()));
     let seed: [u8; 32] = unhex(&meta.rng_seed).and_then(|v| v.try_into().ok()).ok_or_else(|| bad("rng_seed"))?;
@@ -233,7 +233,15 @@ fn apply(trainer: &mut Trainer, l: Loaded) {
 /// Restores `trainer` from the checkpoint at `path`. The checkpoint must be of the same model
 /// config; on any error the trainer is unchanged.
 pub fn load_into(trainer: &mut Trainer, path: &Path) -> Result<()> {
-    let (config, _, _) = read(path)?;
+    let (config, arch, _, _) = read(path)?;
+    ensure!(
+        arch == trainer.model.architecture(),
+        InvalidArgument,
+        "checkpoint {} is of a {} trainer; this trainer trains a {}",
+        path.display(),
+        arch.hf_name(),
+        trainer.model.architecture().hf_name()
+    );
     let diff = config_differences(trainer.model.config(), &config);
     ensure!(
         diff.is_empty(),
@@ -250,10 +258,13 @@ pub fn load_into(trainer: &mut Trainer, path: &Path) -> Result<()> {
 
 /// A trainer restored from a checkpoint alone (its config, options and state).
 pub fn load(path: &Path) -> Result<Trainer> {
-    let (config, _, _) = read(path)?;
-    let model = Model::zeroed(config, Architecture::MaskedImageModeling)?;
+    let (config, arch, _, _) = read(path)?;
+    let model = Model::zeroed(config, arch)?;
     let loaded = parse(path, &model)?;
-    let mut trainer = Trainer::new(model, loaded.options.clone())?;
+    let mut trainer = match arch {
+        Architecture::ImageClassification => Trainer::new_classifier(model, loaded.options.clone())?,
+        _ => Trainer::new(model, loaded.options.clone())?,
+    };
     debug_assert_eq!(trainer.model.config().to_json_string(), loaded.config.to_json_string());
     apply(&mut trainer, loaded);
     Ok(trainer)

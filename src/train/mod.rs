@@ -5,6 +5,8 @@ pub mod adamw;
 pub mod batch;
 pub mod checkpoint;
 pub mod clip;
+pub mod evaluate;
+pub mod finetune;
 pub mod layer_decay;
 pub mod schedule;
 pub mod trainer;

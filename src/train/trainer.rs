@@ -1,6 +1,9 @@
-//! The masked-image-modeling trainer: one object that owns a model, its AdamW state, the
-//! gradient buffer, the training workspace and the random state, and turns host-supplied
-//! batches (pixels + mask + visual tokens) into optimizer steps. Checkpoints
+//! The trainer: one object that owns a model, its AdamW state, the gradient buffer, the training
+//! workspace and the random state, and turns host-supplied batches into optimizer steps:
+//! pretraining batches (pixels + mask + visual tokens, [`Trainer::step`]) for a
+//! `BeitForMaskedImageModeling`, labelled images ([`Trainer::step_classify`]) for a
+//! `BeitForImageClassification`. Both share the optimizer, schedule, clipping, layer-wise lr
+//! decay, stochastic depth and checkpoints. Checkpoints
 //! ([`super::checkpoint`]) hold all of it, so a resumed run continues bit for bit.
 //!
 //! A step validates the batch before it touches anything, and refuses to apply a non-finite
@@ -13,7 +16,7 @@ use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
 use crate::error::Result;
-use crate::model::{Architecture, DropPath, MimBatch, Model, TrainWorkspace};
+use crate::model::{Architecture, ClassifyBatch, DropPath, MimBatch, Model, TrainWorkspace};
 
 use super::adamw::{AdamW, AdamWConfig};
 use super::clip::{clip_grad_norm, global_norm};
@@ -164,13 +167,14 @@ fn layer_decay_scales(model: &Model, options: &TrainerOptions) -> Option<Vec<f32
 pub struct StepStats {
     /// Steps completed, this one included.
     pub step: u64,
-    /// Mean cross-entropy over the masked positions, before the update.
+    /// The loss before the update: mean cross-entropy over the masked positions (pretraining)
+    /// or over the images (classification, label-smoothed).
     pub loss: f64,
     /// Learning rate applied (before layer decay).
     pub lr: f64,
     /// Global gradient norm before clipping.
     pub grad_norm: f64,
-    /// Masked positions the loss averaged over.
+    /// Masked positions the loss averaged over (0 for classification).
     pub masked: usize,
     pub seconds: f64,
     pub images_per_s: f64,
@@ -204,15 +208,33 @@ impl std::fmt::Debug for Trainer {
 }
 
 impl Trainer {
-    /// A trainer for `model` (a `BeitForMaskedImageModeling`) at step 0.
+    /// A pretraining trainer for `model` (a `BeitForMaskedImageModeling`) at step 0; its steps
+    /// are [`Trainer::step`].
     pub fn new(model: Model, options: TrainerOptions) -> Result<Self> {
-        options.validate()?;
         ensure!(
             model.architecture() == Architecture::MaskedImageModeling,
             InvalidArgument,
             "the pretraining trainer needs a BeitForMaskedImageModeling model; this one is {}",
             model.architecture().hf_name()
         );
+        Self::for_model(model, options)
+    }
+
+    /// A fine-tuning trainer for `model` (a `BeitForImageClassification`) at step 0; its steps
+    /// are [`Trainer::step_classify`]. Same optimizer, schedule, clipping, layer decay, drop
+    /// path and checkpoints as pretraining.
+    pub fn new_classifier(model: Model, options: TrainerOptions) -> Result<Self> {
+        ensure!(
+            model.architecture() == Architecture::ImageClassification,
+            InvalidArgument,
+            "the classification trainer needs a BeitForImageClassification model; this one is {}",
+            model.architecture().hf_name()
+        );
+        Self::for_model(model, options)
+    }
+
+    fn for_model(model: Model, options: TrainerOptions) -> Result<Self> {
+        options.validate()?;
         let optimizer = new_adamw(&model, &options);
         let lr_scale = layer_decay_scales(&model, &options);
         let grads = vec![0.0; model.params().data.len()];
@@ -329,16 +351,43 @@ impl Trainer {
         true
     }
 
-    /// One optimizer step on `batch`: forward, backward, clipping, AdamW at the scheduled lr.
+    /// One pretraining step on `batch`: forward, backward, clipping, AdamW at the scheduled lr.
     /// On error nothing changes (parameters, optimizer state, step, random state).
     pub fn step(&mut self, batch: &MimBatch<'_>) -> Result<StepStats> {
-        let start = Instant::now();
         self.model.check_mim_batch(batch)?;
+        self.step_with(batch.batch, batch.masked_count(), |model, ws, drop, grads| {
+            model.mim_forward_backward(ws, batch, drop, grads)
+        })
+    }
+
+    /// One fine-tuning step on a labelled `batch` (mean cross-entropy with label smoothing
+    /// `label_smoothing`), otherwise exactly as [`Trainer::step`]. On error nothing changes.
+    pub fn step_classify(&mut self, batch: &ClassifyBatch<'_>, label_smoothing: f32) -> Result<StepStats> {
+        self.model.check_classify_batch(batch)?;
+        ensure!(
+            (0.0..1.0).contains(&label_smoothing),
+            InvalidArgument,
+            "label smoothing must be in [0, 1), got {label_smoothing}"
+        );
+        self.step_with(batch.batch, 0, |model, ws, drop, grads| {
+            model.classify_forward_backward(ws, batch, drop, label_smoothing, grads, None)
+        })
+    }
+
+    /// The step shared by every head: drop path draw, `pass` (forward + backward into the zeroed
+    /// gradient buffer, returning the loss), the finite checks, clipping and AdamW.
+    fn step_with(
+        &mut self,
+        images: usize,
+        masked: usize,
+        pass: impl FnOnce(&Model, &mut TrainWorkspace, Option<DropPath<'_>>, &mut [f32]) -> Result<f64>,
+    ) -> Result<StepStats> {
+        let start = Instant::now();
         let rng_before = self.rng.clone();
-        let dropping = self.draw_drop_path(batch.batch);
+        let dropping = self.draw_drop_path(images);
         self.grads.fill(0.0);
         let drop = dropping.then_some(DropPath { factors: &self.drop_factors });
-        let result = self.model.mim_forward_backward(&mut self.workspace, batch, drop, &mut self.grads);
+        let result = pass(&self.model, &mut self.workspace, drop, &mut self.grads);
         let loss = match result {
             Ok(loss) if loss.is_finite() => loss,
             Ok(loss) => {
@@ -375,9 +424,9 @@ impl Trainer {
             loss,
             lr,
             grad_norm,
-            masked: batch.masked_count(),
+            masked,
             seconds,
-            images_per_s: batch.batch as f64 / seconds.max(1e-12),
+            images_per_s: images as f64 / seconds.max(1e-12),
         })
     }
 }

@@ -7,6 +7,7 @@ pub mod attention_backward;
 pub mod backward;
 pub mod conv;
 pub mod cross_entropy;
+pub mod cross_entropy_smoothed;
 pub mod elementwise;
 pub mod gemm;
 pub mod layernorm;

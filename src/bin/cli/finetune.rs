@@ -1,0 +1,261 @@
+//! `beit finetune` and `beit eval`: fine-tuning a pretrained (or fresh) model on a labelled
+//! dataset, and measuring a classifier on one. Thin: the work is in `beit::train::finetune` and
+//! `beit::train::evaluate`.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use beit::data::dataset::Dataset;
+use beit::train::finetune::{
+    classification_config, classifier_from_pretrained, dataset_labels, run_finetune, stratified_subset, write_subset,
+    FinetuneData,
+};
+use beit::train::trainer::{Trainer, TrainerOptions};
+use beit::{Architecture, Context, ContextOptions, Device, Model};
+
+/// What is fine-tuned. Each task has its own head, loss and data; more arrive with their issues.
+#[derive(Clone, Copy, PartialEq, Eq, Debug, clap::ValueEnum)]
+pub enum Task {
+    /// Image classification (`BeitForImageClassification`): labels from the dataset file.
+    Classify,
+}
+
+#[derive(clap::Args)]
+pub struct FinetuneArgs {
+    #[arg(long, value_enum, default_value = "classify")]
+    pub task: Task,
+    /// Pretrained HF directory (BeitForMaskedImageModeling, BeitModel or
+    /// BeitForImageClassification weights). Without it, --config starts from scratch.
+    #[arg(long)]
+    pub model: Option<PathBuf>,
+    /// Config of a from-scratch model: a config.json or a preset (tiny32, base).
+    #[arg(long, default_value = "tiny32")]
+    pub config: String,
+    /// Labelled training data (`.beitds`).
+    #[arg(long)]
+    pub data: PathBuf,
+    /// Fraction of the labelled samples to train on: a stratified subset (the same fraction of
+    /// every class), seeded by --seed.
+    #[arg(long, default_value_t = 1.0)]
+    pub label_fraction: f64,
+    /// Number of labels (default: the largest label in --data plus one).
+    #[arg(long)]
+    pub num_labels: Option<usize>,
+    /// Fine-tune at this image size (HxW or one number); position tables are resized as HF does.
+    #[arg(long)]
+    pub image_size: Option<String>,
+    /// Total optimizer steps (overrides --epochs).
+    #[arg(long)]
+    pub steps: Option<u64>,
+    /// Epochs over the (subset of the) data, when --steps is not given.
+    #[arg(long, default_value_t = 10)]
+    pub epochs: u64,
+    #[arg(long, default_value_t = 64)]
+    pub batch: usize,
+    /// Peak learning rate (BEiT-B from pt22k: 4e-3 at batch 1024).
+    #[arg(long, default_value_t = 1e-3)]
+    pub lr: f64,
+    #[arg(long, default_value_t = 1e-6)]
+    pub min_lr: f64,
+    /// Layer-wise lr decay (BEiT: 0.65 for base from pretraining; 1 = none).
+    #[arg(long, default_value_t = 0.65)]
+    pub layer_decay: f64,
+    #[arg(long, default_value_t = 0.05)]
+    pub weight_decay: f64,
+    #[arg(long, default_value_t = 0.1)]
+    pub label_smoothing: f32,
+    /// Stochastic depth rate of the last block.
+    #[arg(long, default_value_t = 0.1)]
+    pub drop_path: f64,
+    /// Linear warmup steps (default: a tenth of the steps).
+    #[arg(long)]
+    pub warmup_steps: Option<u64>,
+    /// Clip the gradient norm (0: off; BEiT fine-tuning does not clip).
+    #[arg(long, default_value_t = 0.0)]
+    pub clip: f64,
+    /// Smallest random-resized-crop area fraction (BEiT / timm: 0.08).
+    #[arg(long, default_value_t = 0.08)]
+    pub min_crop_scale: f64,
+    /// Horizontal flip probability.
+    #[arg(long, default_value_t = 0.5)]
+    pub flip: f64,
+    /// Seeds the head init (and a from-scratch model), the subset, the data and drop path.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    #[arg(long, default_value_t = 0)]
+    pub threads: usize,
+    #[arg(long, default_value_t = 1)]
+    pub loader_workers: usize,
+    /// Print a JSON line every K steps (and after the last).
+    #[arg(long, default_value_t = 10)]
+    pub log_every: u64,
+    /// Where the fine-tuned HF directory (BeitForImageClassification) is written.
+    #[arg(long)]
+    pub out: PathBuf,
+}
+
+#[derive(clap::Args)]
+pub struct EvalArgs {
+    /// A BeitForImageClassification directory.
+    #[arg(long)]
+    pub model: PathBuf,
+    /// Labelled data (`.beitds`).
+    #[arg(long)]
+    pub data: PathBuf,
+    #[arg(long, default_value_t = 256)]
+    pub batch: usize,
+    #[arg(long, default_value_t = 0)]
+    pub threads: usize,
+    /// Print the result (top-1, confusion matrix, per-class accuracy) as one JSON line.
+    #[arg(long)]
+    pub json: bool,
+}
+
+fn parse_size(s: &str) -> beit::Result<(usize, usize)> {
+    let bad = || beit::Error::InvalidArgument(format!("--image-size {s:?}: expected HxW or one number"));
+    let parts: Vec<&str> = s.split('x').collect();
+    let nums: Vec<usize> = parts.iter().map(|p| p.trim().parse().map_err(|_| bad())).collect::<Result<_, _>>()?;
+    match nums[..] {
+        [n] => Ok((n, n)),
+        [h, w] => Ok((h, w)),
+        _ => Err(bad()),
+    }
+}
+
+pub fn finetune(a: FinetuneArgs, config_from: impl Fn(&str) -> beit::Result<beit::BeitConfig>) -> beit::Result<()> {
+    match a.task {
+        Task::Classify => finetune_classify(a, config_from),
+    }
+}
+
+fn finetune_classify(
+    a: FinetuneArgs,
+    config_from: impl Fn(&str) -> beit::Result<beit::BeitConfig>,
+) -> beit::Result<()> {
+    let ctx = Context::new(&ContextOptions { device: Device::Cpu, threads: a.threads })?;
+    let full = Arc::new(Dataset::open(&a.data)?);
+    let labels = dataset_labels(&full)?;
+    let num_labels = match a.num_labels {
+        Some(k) => k,
+        None => labels.iter().max().map_or(0, |&m| m as usize + 1),
+    };
+    // The labelled subset, as its own small file (the loader reads whole files). The file is
+    // removed as soon as it is mapped: the map keeps the data, and nothing is left behind.
+    let data = if a.label_fraction != 1.0 {
+        let subset = stratified_subset(&labels, a.label_fraction, a.seed)?;
+        let tmp = tempdir_for(&a.out)?;
+        let path = tmp.join("labelled-subset.beitds");
+        let opened = write_subset(&full, &subset, &path).and_then(|_| Dataset::open(&path));
+        let _ = std::fs::remove_dir_all(&tmp);
+        eprintln!("beit finetune: {} of {} labelled samples (fraction {})", subset.len(), full.len(), a.label_fraction);
+        Arc::new(opened?)
+    } else {
+        full.clone()
+    };
+
+    let (model, fresh) = match &a.model {
+        Some(dir) => {
+            let pretrained = Model::load(dir)?;
+            classifier_from_pretrained(&pretrained, num_labels, a.drop_path, a.seed)?
+        }
+        None => {
+            let cfg = classification_config(&config_from(&a.config)?, num_labels, a.drop_path);
+            (Model::new_random(cfg, Architecture::ImageClassification, a.seed)?, vec!["(all: from scratch)".into()])
+        }
+    };
+    let model = match &a.image_size {
+        Some(s) => {
+            let (h, w) = parse_size(s)?;
+            model.with_image_size(h, w)?
+        }
+        None => model,
+    };
+    eprintln!("beit finetune: fresh parameters: {}", fresh.join(", "));
+    let per_epoch = if data.len() >= a.batch { data.len() / a.batch } else { 1 } as u64;
+    let steps = a.steps.unwrap_or(a.epochs * per_epoch);
+    let options = TrainerOptions {
+        learning_rate: a.lr,
+        min_learning_rate: a.min_lr,
+        warmup_steps: a.warmup_steps.unwrap_or(steps / 10),
+        total_steps: steps,
+        weight_decay: a.weight_decay,
+        beta1: 0.9,
+        beta2: 0.999,
+        clip_grad_norm: a.clip,
+        drop_path_rate: Some(a.drop_path),
+        layer_decay: a.layer_decay,
+        seed: a.seed,
+        ..TrainerOptions::default()
+    };
+    let mut trainer = Trainer::new_classifier(model, options)?;
+    let feed = FinetuneData {
+        batch_size: a.batch,
+        steps,
+        label_smoothing: a.label_smoothing,
+        crop_scale: (a.min_crop_scale, 1.0),
+        flip_prob: a.flip,
+        seed: a.seed,
+        workers: a.loader_workers,
+    };
+    let start = std::time::Instant::now();
+    let (mut window_loss, mut window_n, mut window_images, mut window_start) =
+        (0.0, 0u64, 0usize, std::time::Instant::now());
+    let mut last_loss = f64::NAN;
+    ctx.run(|| {
+        run_finetune(&mut trainer, data.clone(), &feed, |s| {
+            window_loss += s.loss;
+            window_n += 1;
+            window_images += (s.images_per_s * s.seconds).round() as usize;
+            last_loss = s.loss;
+            if s.step % a.log_every.max(1) == 0 || s.step == steps {
+                let secs = window_start.elapsed().as_secs_f64().max(1e-9);
+                crate::print_json(serde_json::json!({"step": s.step, "loss": window_loss / window_n as f64,
+                    "lr": s.lr, "grad_norm": s.grad_norm, "images_per_s": window_images as f64 / secs}));
+                (window_loss, window_n, window_images, window_start) = (0.0, 0, 0, std::time::Instant::now());
+            }
+            eprint!("\rbeit finetune: step {}/{steps}, loss {:.4}   ", s.step, s.loss);
+        })
+    })?;
+    eprintln!();
+    trainer.into_model().save(&a.out)?;
+    crate::print_json(serde_json::json!({"command": "finetune", "task": "classify", "steps": steps,
+        "final_loss": last_loss, "seconds": start.elapsed().as_secs_f64(), "train_images": data.len(),
+        "num_labels": num_labels, "threads": ctx.threads(), "model": a.out.display().to_string()}));
+    Ok(())
+}
+
+/// A scratch folder beside the output (same filesystem, removed at the end).
+fn tempdir_for(out: &std::path::Path) -> beit::Result<PathBuf> {
+    let parent = out.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(std::path::Path::new("."));
+    std::fs::create_dir_all(parent).map_err(|e| beit::Error::Io(format!("cannot create {}: {e}", parent.display())))?;
+    let dir = parent.join(format!(".beit-finetune-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).map_err(|e| beit::Error::Io(format!("cannot create {}: {e}", dir.display())))?;
+    Ok(dir)
+}
+
+pub fn eval(a: EvalArgs) -> beit::Result<()> {
+    let ctx = Context::new(&ContextOptions { device: Device::Cpu, threads: a.threads })?;
+    let model = Model::load(&a.model)?;
+    let ds = Dataset::open(&a.data)?;
+    let start = std::time::Instant::now();
+    let result = ctx.run(|| {
+        beit::train::evaluate::evaluate(&model, &ds, a.batch, |done, total| {
+            eprint!("\rbeit eval: {done}/{total} images   ");
+        })
+    })?;
+    eprintln!();
+    let seconds = start.elapsed().as_secs_f64();
+    if a.json {
+        let mut v = serde_json::to_value(&result).map_err(|e| beit::Error::Internal(e.to_string()))?;
+        v["command"] = "eval".into();
+        v["seconds"] = seconds.into();
+        crate::print_json(v);
+    } else {
+        println!("top-1 {:.4} ({}/{} images, {:.1} s)", result.top1, result.correct, result.images, seconds);
+        println!("confusion matrix (rows: true label, columns: predicted):");
+        for row in &result.confusion {
+            println!("{}", row.iter().map(|c| format!("{c:6}")).collect::<String>());
+        }
+    }
+    Ok(())
+}

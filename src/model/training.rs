@@ -94,6 +94,13 @@ struct LayerSlots {
     mlp_out: Slot,
 }
 
+impl TrainPlan {
+    /// Slot of hidden state `k`: the input of block k, or the last block's output for k = L.
+    fn hidden_state(&self, k: usize) -> Slot {
+        self.layers.get(k).map_or(self.x_out, |s| s.x)
+    }
+}
+
 #[derive(Debug, Clone)]
 struct TrainPlan {
     key: (usize, usize, usize, usize),
@@ -247,7 +254,7 @@ impl Model {
                 layers * 2 * batch.batch
             );
         }
-        self.prepare_train_workspace(ws, batch);
+        self.prepare_train_workspace(ws, batch.batch, batch.height, batch.width);
         let TrainWorkspace { planned, logits, masked_rows, masked_labels } = ws;
         let (plan, arena, rel_index) = planned.as_mut().expect("planned above");
         let c = &self.config;
@@ -262,16 +269,7 @@ impl Model {
         let factors = drop_path.map(|dp| dp.factors);
 
         // Forward.
-        {
-            let [patches, x0, tmp] = arena.many_mut([plan.patches, plan.layers[0].x, plan.dtmp]);
-            self.embed_into(&batch.images(), plan.grid, patches, x0, tmp);
-        }
-        let has_shared = self.shared_bias_into(arena.get_mut(plan.shared_bias), plan.grid, rel_index);
-        for (l, blk) in self.layout.blocks.iter().enumerate() {
-            let next = plan.layers.get(l + 1).map_or(plan.x_out, |s| s.x);
-            let drop = factors.map(|f| &f[l * 2 * dims.b..(l + 1) * 2 * dims.b]);
-            self.block_forward_train(arena, plan, rel_index, l, next, blk, dims, has_shared, drop);
-        }
+        let has_shared = self.backbone_forward_train(arena, plan, rel_index, &batch.images(), dims, factors);
         let hidden = match &self.layout.final_layernorm {
             Some(ln) => {
                 let [x, h] = arena.many_mut([plan.x_out, plan.hidden]);
@@ -356,6 +354,56 @@ impl Model {
             }
         }
 
+        let mask = Some(batch.bool_masked_pos);
+        self.backbone_backward_train(arena, plan, rel_index, mask, dims, factors, has_shared, grads, &mut |_, _| {});
+        Ok(loss)
+    }
+
+    /// The backbone half of a training forward: embeddings and every block, keeping what the
+    /// backward needs in `plan`'s slots. Hidden state k (the input of block k, or the last
+    /// block's output for k = L) is then in [`TrainPlan::hidden_state`]. Returns whether the
+    /// model has a shared relative position bias (filled in its slot).
+    fn backbone_forward_train(
+        &self,
+        arena: &mut Arena,
+        plan: &TrainPlan,
+        rel_index: &[usize],
+        images: &ImageBatch<'_>,
+        dims: Dims,
+        factors: Option<&[f32]>,
+    ) -> bool {
+        {
+            let [patches, x0, tmp] = arena.many_mut([plan.patches, plan.layers[0].x, plan.dtmp]);
+            self.embed_into(images, plan.grid, patches, x0, tmp);
+        }
+        let has_shared = self.shared_bias_into(arena.get_mut(plan.shared_bias), plan.grid, rel_index);
+        for (l, blk) in self.layout.blocks.iter().enumerate() {
+            let next = plan.hidden_state(l + 1);
+            let drop = factors.map(|f| &f[l * 2 * dims.b..(l + 1) * 2 * dims.b]);
+            self.block_forward_train(arena, plan, rel_index, l, next, blk, dims, has_shared, drop);
+        }
+        has_shared
+    }
+
+    /// The backbone half of a training backward. On entry the `dx` slot holds dL/d(hidden
+    /// state L) from the head; heads that read intermediate hidden states add their gradient
+    /// through `inject(k, dx)`, called with k = L first and then with k = l once block l's
+    /// backward has turned `dx` into the gradient of its input (so `dx` is complete when the
+    /// embeddings' backward runs). Parameter gradients are added to `grads`.
+    #[allow(clippy::too_many_arguments)]
+    fn backbone_backward_train(
+        &self,
+        arena: &mut Arena,
+        plan: &TrainPlan,
+        rel_index: &[usize],
+        bool_masked_pos: Option<&[u8]>,
+        dims: Dims,
+        factors: Option<&[f32]>,
+        has_shared: bool,
+        grads: &mut [f32],
+        inject: &mut dyn FnMut(usize, &mut [f32]),
+    ) {
+        inject(self.layout.blocks.len(), arena.get_mut(plan.dx));
         // Backward through the blocks, last first. The shared table collects every layer's
         // bias gradient in `shared_dtable`.
         let mut shared_dtable = self.layout.shared_rel_pos_table.map(|id| vec![0.0f32; self.params.specs[id.0].len]);
@@ -373,17 +421,71 @@ impl Model {
                 grads,
                 shared_dtable.as_deref_mut(),
             );
+            inject(l, arena.get_mut(plan.dx));
         }
         if let (Some(id), Some(dt)) = (self.layout.shared_rel_pos_table, shared_dtable) {
             add_into(grad_of(&self.params, grads, id), &dt);
         }
-        self.embeddings_backward(arena, plan, batch, dims, grads);
-        Ok(loss)
+        self.embeddings_backward(arena, plan, bool_masked_pos, dims, grads);
     }
 
-    fn prepare_train_workspace(&self, ws: &mut TrainWorkspace, batch: &MimBatch<'_>) {
+    /// Runs the backbone forward of a training pass for `images` (at the configured size) and
+    /// returns hidden states `indices` (each `[batch, tokens, hidden]`); the activations stay in
+    /// `ws` for [`Model::backbone_train_backward`]. For heads outside this module
+    /// (segmentation).
+    pub(crate) fn backbone_train_forward(
+        &self,
+        ws: &mut TrainWorkspace,
+        images: &ImageBatch<'_>,
+        drop_path: Option<DropPath<'_>>,
+        indices: &[usize],
+    ) -> Vec<Vec<f32>> {
+        self.prepare_train_workspace(ws, images.batch, images.height, images.width);
+        let (plan, arena, rel_index) = ws.planned.as_mut().expect("planned above");
+        let dims = self.train_dims(images.batch, plan.tokens);
+        self.backbone_forward_train(arena, plan, rel_index, images, dims, drop_path.map(|d| d.factors));
+        indices.iter().map(|&k| arena.get(plan.hidden_state(k)).to_vec()).collect()
+    }
+
+    /// The backward matching [`Model::backbone_train_forward`]: `hidden_grads[i]` is dL/d(hidden
+    /// state `indices[i]`) (`[batch, tokens, hidden]`); parameter gradients are added to `grads`.
+    pub(crate) fn backbone_train_backward(
+        &self,
+        ws: &mut TrainWorkspace,
+        images: &ImageBatch<'_>,
+        drop_path: Option<DropPath<'_>>,
+        indices: &[usize],
+        hidden_grads: &[Vec<f32>],
+        grads: &mut [f32],
+    ) {
+        let (plan, arena, rel_index) = ws.planned.as_mut().expect("backbone_train_forward ran first");
+        let dims = self.train_dims(images.batch, plan.tokens);
+        arena.get_mut(plan.dx).fill(0.0);
+        let has_shared = self.layout.shared_rel_pos_table.is_some();
+        let mut inject = |k: usize, dx: &mut [f32]| {
+            for (_, g) in indices.iter().zip(hidden_grads).filter(|(&i, _)| i == k) {
+                add_into(dx, g);
+            }
+        };
+        let factors = drop_path.map(|d| d.factors);
+        self.backbone_backward_train(arena, plan, rel_index, None, dims, factors, has_shared, grads, &mut inject);
+    }
+
+    fn train_dims(&self, b: usize, t: usize) -> Dims {
+        let c = &self.config;
+        Dims {
+            b,
+            t,
+            d: c.hidden_size,
+            inter: c.intermediate_size,
+            heads: c.num_attention_heads,
+            eps: c.layer_norm_eps as f32,
+        }
+    }
+
+    fn prepare_train_workspace(&self, ws: &mut TrainWorkspace, batch: usize, height: usize, width: usize) {
         let threads = rayon::current_num_threads().max(1);
-        let key = (batch.batch, batch.height, batch.width, threads);
+        let key = (batch, height, width, threads);
         if ws.planned.as_ref().is_some_and(|(p, _, _)| p.key == key) {
             return;
         }
@@ -639,7 +741,7 @@ impl Model {
         &self,
         arena: &mut Arena,
         plan: &TrainPlan,
-        batch: &MimBatch<'_>,
+        bool_masked_pos: Option<&[u8]>,
         dims: Dims,
         grads: &mut [f32],
     ) {
@@ -667,7 +769,7 @@ impl Model {
             for patch in 0..n {
                 let src = &dx[(img * t + 1 + patch) * d..(img * t + 2 + patch) * d];
                 let dst = &mut dembedded[(img * n + patch) * d..(img * n + patch + 1) * d];
-                if batch.bool_masked_pos[img * n + patch] == 1 {
+                if bool_masked_pos.is_some_and(|m| m[img * n + patch] == 1) {
                     if let Some(dm) = dmask.as_mut() {
                         add_into(dm, src);
                     }

@@ -7,6 +7,8 @@ use beit::model::io::{f32_tensors_bytes, read_f32, read_mask, write_atomic, Safe
 use beit::{Context, ContextOptions, Device, ImageBatch, Model};
 use clap::{Parser, Subcommand};
 
+#[path = "cli/segment.rs"]
+mod segment_cli;
 #[path = "cli/tokenizer.rs"]
 mod tokenizer_cli;
 
@@ -88,6 +90,12 @@ enum Command {
     /// Tokenize a dataset once into a token cache: a copy of the file whose samples carry the
     /// visual tokens of the whole image, for pretraining's fast path.
     Tokenize(tokenizer_cli::TokenizeArgs),
+    /// Semantic segmentation (BeitForSemanticSegmentation): `beit segment finetune`, `beit
+    /// segment eval`.
+    Segment {
+        #[command(subcommand)]
+        what: segment_cli::SegmentCommand,
+    },
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -824,6 +832,7 @@ fn main() -> ExitCode {
         Command::Dataset { what } => dataset(what),
         Command::Tokenizer { what: tokenizer_cli::TokenizerCommand::Train(args) } => tokenizer_cli::train(args),
         Command::Tokenize(args) => tokenizer_cli::tokenize(args),
+        Command::Segment { what } => segment_cli::run(what),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

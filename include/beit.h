@@ -167,6 +167,10 @@ enum beit_architecture
      * `BeitForImageClassification`: logits `[batch, num_labels]`, plus the pooler output.
      */
     BEIT_ARCH_IMAGE_CLASSIFICATION = 2,
+    /**
+     * `BeitForSemanticSegmentation`: logits `[batch, num_labels, 4·H/patch, 4·W/patch]`.
+     */
+    BEIT_ARCH_SEMANTIC_SEGMENTATION = 3,
 };
 #ifndef __cplusplus
 #if __STDC_VERSION__ >= 202311L

@@ -11,6 +11,8 @@ use clap::{Parser, Subcommand};
 mod finetune_cli;
 #[path = "cli/progress.rs"]
 mod progress;
+#[path = "cli/segment.rs"]
+mod segment_cli;
 #[path = "cli/tokenizer.rs"]
 mod tokenizer_cli;
 
@@ -99,6 +101,12 @@ enum Command {
     Finetune(finetune_cli::FinetuneArgs),
     /// Top-1 accuracy and the confusion matrix of a classifier on a labelled dataset.
     Eval(finetune_cli::EvalArgs),
+    /// Semantic segmentation (BeitForSemanticSegmentation): `beit segment finetune`, `beit
+    /// segment eval`.
+    Segment {
+        #[command(subcommand)]
+        what: segment_cli::SegmentCommand,
+    },
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -849,6 +857,7 @@ fn main() -> ExitCode {
         Command::Tokenize(args) => tokenizer_cli::tokenize(args),
         Command::Finetune(args) => finetune_cli::finetune(args, config_from),
         Command::Eval(args) => finetune_cli::eval(args),
+        Command::Segment { what } => segment_cli::run(what),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

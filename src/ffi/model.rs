@@ -24,6 +24,8 @@ pub enum beit_architecture {
     BEIT_ARCH_MASKED_IMAGE_MODELING = 1,
     /// `BeitForImageClassification`: logits `[batch, num_labels]`, plus the pooler output.
     BEIT_ARCH_IMAGE_CLASSIFICATION = 2,
+    /// `BeitForSemanticSegmentation`: logits `[batch, num_labels, 4·H/patch, 4·W/patch]`.
+    BEIT_ARCH_SEMANTIC_SEGMENTATION = 3,
 }
 
 /// A `beit_architecture` as C passes it in: any 32-bit value, checked before use. The header
@@ -39,9 +41,11 @@ impl RawArchitecture {
             0 => Ok(Architecture::Backbone),
             1 => Ok(Architecture::MaskedImageModeling),
             2 => Ok(Architecture::ImageClassification),
+            3 => Ok(Architecture::SemanticSegmentation),
             other => Err(FfiError::invalid(format!(
                 "arch {other} is not a beit_architecture (BEIT_ARCH_BACKBONE = 0, \
-                 BEIT_ARCH_MASKED_IMAGE_MODELING = 1, BEIT_ARCH_IMAGE_CLASSIFICATION = 2)"
+                 BEIT_ARCH_MASKED_IMAGE_MODELING = 1, BEIT_ARCH_IMAGE_CLASSIFICATION = 2, \
+                 BEIT_ARCH_SEMANTIC_SEGMENTATION = 3)"
             ))),
         }
     }
@@ -51,6 +55,7 @@ impl RawArchitecture {
             Architecture::Backbone => beit_architecture::BEIT_ARCH_BACKBONE,
             Architecture::MaskedImageModeling => beit_architecture::BEIT_ARCH_MASKED_IMAGE_MODELING,
             Architecture::ImageClassification => beit_architecture::BEIT_ARCH_IMAGE_CLASSIFICATION,
+            Architecture::SemanticSegmentation => beit_architecture::BEIT_ARCH_SEMANTIC_SEGMENTATION,
         } as u32)
     }
 }

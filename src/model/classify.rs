@@ -186,7 +186,7 @@ impl Model {
                 }
             }
         }
-        self.backbone_backward_train(planned, &images, dims, factors, grads);
+        self.backbone_backward_train(planned, &images, dims, factors, grads, &mut |_, _| {});
         Ok(loss)
     }
 }

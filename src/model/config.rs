@@ -15,6 +15,9 @@ pub enum Architecture {
     MaskedImageModeling,
     /// `BeitForImageClassification`: backbone + pooler + classifier.
     ImageClassification,
+    /// `BeitForSemanticSegmentation`: backbone features from four layers, the FPN rescaling,
+    /// the UperNet decode head and (optionally) the FCN auxiliary head.
+    SemanticSegmentation,
 }
 
 impl Architecture {
@@ -23,6 +26,7 @@ impl Architecture {
             Architecture::Backbone => "BeitModel",
             Architecture::MaskedImageModeling => "BeitForMaskedImageModeling",
             Architecture::ImageClassification => "BeitForImageClassification",
+            Architecture::SemanticSegmentation => "BeitForSemanticSegmentation",
         }
     }
 
@@ -31,10 +35,12 @@ impl Architecture {
             "BeitModel" => Architecture::Backbone,
             "BeitForMaskedImageModeling" => Architecture::MaskedImageModeling,
             "BeitForImageClassification" => Architecture::ImageClassification,
+            "BeitForSemanticSegmentation" => Architecture::SemanticSegmentation,
             other => {
                 return Err(Error::Unsupported(format!(
                     "architecture {other:?} is not supported (supported: BeitModel, \
-                     BeitForMaskedImageModeling, BeitForImageClassification)"
+                     BeitForMaskedImageModeling, BeitForImageClassification, \
+                     BeitForSemanticSegmentation)"
                 )))
             }
         })
@@ -153,6 +159,25 @@ pub struct BeitConfig {
     pub num_labels: Option<usize>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub architectures: Option<Vec<String>>,
+    /// Segmentation options (HF `BeitConfig`); `None` means HF's default, and they are written
+    /// back only when set, so other architectures' config.json files do not change. See the
+    /// accessors below for the defaults.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub out_indices: Option<Vec<usize>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pool_scales: Option<Vec<usize>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub use_auxiliary_head: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub auxiliary_loss_weight: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub auxiliary_channels: Option<usize>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub auxiliary_num_convs: Option<usize>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub auxiliary_concat_input: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub semantic_loss_ignore_index: Option<i64>,
     /// Every other key of config.json, written back untouched.
     #[serde(flatten)]
     pub extra: Map<String, Value>,
@@ -251,6 +276,88 @@ impl BeitConfig {
     pub fn native_grid(&self) -> (usize, usize) {
         let (h, w) = self.image_size.hw();
         self.grid_for(h, w)
+    }
+
+    /// HF `out_indices` (default `[3, 5, 7, 11]`): 1-based indices into the hidden states
+    /// (0 = the embeddings, k = the output of block k) that feed the four FPN levels.
+    pub fn out_indices(&self) -> Vec<usize> {
+        self.out_indices.clone().unwrap_or_else(|| vec![3, 5, 7, 11])
+    }
+
+    /// HF `pool_scales` of the pyramid pooling module (default `[1, 2, 3, 6]`).
+    pub fn pool_scales(&self) -> Vec<usize> {
+        self.pool_scales.clone().unwrap_or_else(|| vec![1, 2, 3, 6])
+    }
+
+    /// Whether the FCN auxiliary head exists (HF default true).
+    pub fn use_auxiliary_head(&self) -> bool {
+        self.use_auxiliary_head.unwrap_or(true)
+    }
+
+    /// Weight of the auxiliary head's loss (HF default 0.4).
+    pub fn auxiliary_loss_weight(&self) -> f64 {
+        self.auxiliary_loss_weight.unwrap_or(0.4)
+    }
+
+    /// Channels of the auxiliary head's convolutions (HF default 256).
+    pub fn auxiliary_channels(&self) -> usize {
+        self.auxiliary_channels.unwrap_or(256)
+    }
+
+    /// Number of 3x3 convolutions in the auxiliary head (HF default 1).
+    pub fn auxiliary_num_convs(&self) -> usize {
+        self.auxiliary_num_convs.unwrap_or(1)
+    }
+
+    /// Whether the auxiliary head concatenates its input before the classifier (HF default false).
+    pub fn auxiliary_concat_input(&self) -> bool {
+        self.auxiliary_concat_input.unwrap_or(false)
+    }
+
+    /// Label value that the segmentation loss and mIoU skip (HF default 255).
+    pub fn semantic_loss_ignore_index(&self) -> i64 {
+        self.semantic_loss_ignore_index.unwrap_or(255)
+    }
+
+    /// Checks what `BeitForSemanticSegmentation` needs beyond [`BeitConfig::validate`].
+    pub fn validate_segmentation(&self) -> Result<()> {
+        let bad = |m: String| Err(Error::Config(m));
+        let idx = self.out_indices();
+        if idx.len() != 4 {
+            return bad(format!("BeitForSemanticSegmentation needs exactly 4 out_indices, got {idx:?}"));
+        }
+        // transformers 5 accepts 0..=L and reads hidden_states[i - 1], so 0 wraps around to the
+        // last hidden state, while transformers 4 selects nothing for it; only 1..=L means the
+        // same in both.
+        if let Some(&i) = idx.iter().find(|&&i| i == 0 || i > self.num_hidden_layers) {
+            return bad(format!(
+                "out_index {i} is outside 1..={} (hidden state i-1: 0 is the embeddings)",
+                self.num_hidden_layers
+            ));
+        }
+        let scales = self.pool_scales();
+        if scales.is_empty() || scales.contains(&0) || scales.iter().any(|&s| s > 1 << 12) {
+            return bad(format!("pool_scales must be positive (and sane), got {scales:?}"));
+        }
+        if self.use_auxiliary_head() {
+            let ca = self.auxiliary_channels();
+            if ca == 0 || ca > 1 << 16 {
+                return bad(format!("auxiliary_channels must be positive, got {ca}"));
+            }
+            // With no convolution HF feeds the hidden_size-channel input to a classifier built
+            // for auxiliary_channels, which only works when the two agree.
+            if self.auxiliary_num_convs() == 0 && ca != self.hidden_size {
+                return bad("auxiliary_num_convs 0 needs auxiliary_channels == hidden_size".into());
+            }
+        }
+        let (ph, pw) = self.patch_size.hw();
+        if ph != pw {
+            return Err(Error::Unsupported("segmentation needs a square patch_size".into()));
+        }
+        if self.num_labels() < 1 {
+            return bad("a segmentation model needs at least one label".into());
+        }
+        Ok(())
     }
 
     pub fn architecture(&self) -> Result<Architecture> {

@@ -99,6 +99,8 @@ impl Model {
                 Architecture::Backbone => None,
                 Architecture::MaskedImageModeling => Some(vec![batch, n, self.config.vocab_size]),
                 Architecture::ImageClassification => Some(vec![batch, self.config.num_labels()]),
+                // The decode head's logits at 4x the patch grid (HF does not upsample them).
+                Architecture::SemanticSegmentation => Some(vec![batch, self.config.num_labels(), 4 * gh, 4 * gw]),
             },
         }
     }
@@ -272,6 +274,9 @@ impl Model {
         check("last_hidden_state", &out.last_hidden_state, Some(&shapes.last_hidden_state))?;
         check("pooler_output", &out.pooler_output, shapes.pooler_output.as_ref())?;
         check("logits", &out.logits, shapes.logits.as_ref())?;
+        if self.arch == Architecture::SemanticSegmentation {
+            return self.segmentation_forward_into(input, out);
+        }
 
         let mut ws = self.take_workspace(input.batch, input.height, input.width);
         self.run(&mut ws, input, out);
@@ -354,6 +359,32 @@ impl Model {
                 linear(logits, rows, p.get(lm_head.weight), Some(p.get(lm_head.bias)), n, d, v);
             }
         }
+    }
+
+    /// Hidden states `indices` of an inference pass (0 = the embeddings, k = the output of block
+    /// k, before any final layer norm), each `[batch, tokens, hidden]`: the backbone features
+    /// of heads outside this module (segmentation). `input` must have passed `check_input`.
+    pub(crate) fn hidden_states(&self, input: &ImageBatch<'_>, indices: &[usize]) -> Vec<Vec<f32>> {
+        let c = &self.config;
+        let mut ws = self.take_workspace(input.batch, input.height, input.width);
+        let plan = ws.plan.clone();
+        let mut out = vec![Vec::new(); indices.len()];
+        let grab = |k: usize, ws: &Workspace, out: &mut Vec<Vec<f32>>| {
+            for (o, _) in out.iter_mut().zip(indices).filter(|(_, &i)| i == k) {
+                *o = ws.arena.get(plan.x).to_vec();
+            }
+        };
+        self.embed(&mut ws, input);
+        grab(0, &ws, &mut out);
+        let has_shared = self.prepare_shared_bias(&mut ws);
+        for (l, block) in self.layout.blocks.iter().enumerate() {
+            let bias = self.layer_bias(&mut ws, block, has_shared);
+            let (inter, heads, eps) = (c.intermediate_size, c.num_attention_heads, c.layer_norm_eps as f32);
+            block_forward(&self.params, block, &mut ws, &plan, input.batch, c.hidden_size, inter, heads, eps, bias);
+            grab(l + 1, &ws, &mut out);
+        }
+        self.return_workspace(ws);
+        out
     }
 
     /// Patch embedding (as a GEMM over non-overlapping patches), mask token, CLS token and

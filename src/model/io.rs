@@ -82,6 +82,12 @@ pub fn tensor_to_f32(view: &TensorView<'_>, name: &str, out: &mut [f32]) -> Resu
                 *o = f64::from_le_bytes(c.try_into().expect("8 bytes")) as f32;
             }
         }
+        // BatchNorm's `num_batches_tracked` counter (an int64 buffer in PyTorch).
+        Dtype::I64 if name.ends_with("num_batches_tracked") => {
+            for (o, c) in out.iter_mut().zip(bytes.chunks_exact(8)) {
+                *o = i64::from_le_bytes(c.try_into().expect("8 bytes")) as f32;
+            }
+        }
         other => bail!(Format, "tensor {name} has dtype {other:?}; expected a float type"),
     }
     let want_bytes = n * view.dtype().bitsize() / 8;
@@ -93,7 +99,10 @@ pub fn tensor_to_f32(view: &TensorView<'_>, name: &str, out: &mut [f32]) -> Resu
 /// `alt_prefix` is tried too (a `BeitModel` checkpoint saved under `beit.` or without it).
 pub fn load_weights(store: &mut ParamStore, path: &Path) -> Result<()> {
     load_weights_named(store, path, |name| {
-        vec![name.to_string(), format!("beit.{name}"), name.trim_start_matches("beit.").to_string()]
+        let mut c = vec![name.to_string(), format!("beit.{name}"), name.trim_start_matches("beit.").to_string()];
+        // A segmentation head saved with transformers 5's in-memory names.
+        c.extend(super::segmentation::layout::hf5_name(name));
+        c
     })
 }
 
@@ -156,13 +165,45 @@ pub fn f32_tensors_bytes_with_metadata<'a, N: AsRef<str> + 'a>(
 }
 
 pub fn weights_bytes(store: &ParamStore) -> Result<Vec<u8>> {
-    f32_tensors_bytes(
-        store
-            .specs
-            .iter()
-            .filter(|s| s.exported)
-            .map(|s| (s.name.as_str(), s.shape.as_slice(), &store.data[s.offset..s.offset + s.len])),
-    )
+    let counters = store.specs.iter().any(|s| s.exported && s.name.ends_with("num_batches_tracked"));
+    if !counters {
+        return f32_tensors_bytes(
+            store
+                .specs
+                .iter()
+                .filter(|s| s.exported)
+                .map(|s| (s.name.as_str(), s.shape.as_slice(), &store.data[s.offset..s.offset + s.len])),
+        );
+    }
+    // BatchNorm counters are int64 in PyTorch; transformers would refuse a float one.
+    let owned: Vec<(&str, Dtype, &[usize], Vec<u8>)> = store
+        .specs
+        .iter()
+        .filter(|s| s.exported)
+        .map(|s| {
+            let values = &store.data[s.offset..s.offset + s.len];
+            if s.name.ends_with("num_batches_tracked") {
+                (
+                    s.name.as_str(),
+                    Dtype::I64,
+                    s.shape.as_slice(),
+                    values.iter().flat_map(|&v| (v as i64).to_le_bytes()).collect(),
+                )
+            } else {
+                (s.name.as_str(), Dtype::F32, s.shape.as_slice(), values.iter().flat_map(|v| v.to_le_bytes()).collect())
+            }
+        })
+        .collect();
+    let views = owned
+        .iter()
+        .map(|(n, dtype, shape, b)| {
+            TensorView::new(*dtype, shape.to_vec(), b)
+                .map(|v| (n.to_string(), v))
+                .map_err(|e| Error::Internal(format!("tensor {n}: {e}")))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    safetensors::tensor::serialize(views, Some(HashMap::from([("format".to_string(), "pt".to_string())])))
+        .map_err(|e| Error::Internal(format!("serialising tensors: {e}")))
 }
 
 /// A tensor read from a safetensors file: its shape and its values converted to f32.

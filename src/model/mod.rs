@@ -12,6 +12,7 @@ pub mod io;
 pub mod params;
 pub mod relpos;
 mod resolution;
+pub mod segmentation;
 mod training;
 
 use std::path::Path;
@@ -44,6 +45,9 @@ impl Model {
         config.validate()?;
         if arch == Architecture::ImageClassification && config.num_labels() == 0 {
             bail!(Config, "a classification model needs at least one label (num_labels / id2label)");
+        }
+        if arch == Architecture::SemanticSegmentation {
+            config.validate_segmentation()?;
         }
         config.architectures = Some(vec![arch.hf_name().to_string()]);
         let (params, layout) = params::build_layout(&config, arch);

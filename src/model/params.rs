@@ -133,8 +133,15 @@ pub struct Affine {
 #[derive(Debug, Clone)]
 pub enum HeadParams {
     None,
-    MaskedImageModeling { layernorm: Affine, lm_head: Affine },
-    Classifier { classifier: Affine },
+    MaskedImageModeling {
+        layernorm: Affine,
+        lm_head: Affine,
+    },
+    Classifier {
+        classifier: Affine,
+    },
+    /// FPN, UperNet decode head and optional FCN auxiliary head (`super::segmentation`).
+    Segmentation(Box<super::segmentation::layout::SegmentationHead>),
 }
 
 /// Where every parameter of a model lives.
@@ -157,7 +164,7 @@ pub fn rel_pos_table_rows(grid: (usize, usize)) -> usize {
     (2 * grid.0 - 1) * (2 * grid.1 - 1) + 3
 }
 
-struct Builder {
+pub(crate) struct Builder {
     specs: Vec<ParamSpec>,
     total: usize,
     prefix: &'static str,
@@ -168,7 +175,7 @@ impl Builder {
         self.push(format!("{}{name}", self.prefix), shape, init, true)
     }
 
-    fn add_top(&mut self, name: &str, shape: &[usize], init: Init) -> ParamId {
+    pub(crate) fn add_top(&mut self, name: &str, shape: &[usize], init: Init) -> ParamId {
         self.push(name.to_string(), shape, init, true)
     }
 
@@ -267,7 +274,8 @@ pub fn build_layout(cfg: &BeitConfig, arch: Architecture) -> (ParamStore, Layout
         })
         .collect();
     let final_layernorm = (!cfg.use_mean_pooling).then(|| b.layernorm("layernorm", d, false));
-    let has_pooler = arch != Architecture::MaskedImageModeling;
+    // HF builds the segmentation backbone with add_pooling_layer=False.
+    let has_pooler = !matches!(arch, Architecture::MaskedImageModeling | Architecture::SemanticSegmentation);
     let pooler_layernorm = (has_pooler && cfg.use_mean_pooling).then(|| b.layernorm("pooler.layernorm", d, false));
     let head = match arch {
         Architecture::Backbone => HeadParams::None,
@@ -287,6 +295,9 @@ pub fn build_layout(cfg: &BeitConfig, arch: Architecture) -> (ParamStore, Layout
                     bias: b.add_top("classifier.bias", &[k], Init::Zeros),
                 },
             }
+        }
+        Architecture::SemanticSegmentation => {
+            HeadParams::Segmentation(Box::new(super::segmentation::layout::build_head(&mut b, cfg)))
         }
     };
     let layout =

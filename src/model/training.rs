@@ -100,6 +100,13 @@ struct LayerSlots {
     mlp_out: Slot,
 }
 
+impl TrainPlan {
+    /// Slot of hidden state `k`: the input of block k, or the last block's output for k = L.
+    fn hidden_state(&self, k: usize) -> Slot {
+        self.layers.get(k).map_or(self.x_out, |s| s.x)
+    }
+}
+
 #[derive(Debug, Clone)]
 pub(super) struct TrainPlan {
     key: (usize, usize, usize, usize),
@@ -275,39 +282,30 @@ impl Model {
         factors: Option<&[f32]>,
     ) -> (Dims, Slot) {
         let (plan, arena, rel_index) = planned;
-        let c = &self.config;
-        let dims = Dims {
-            b: images.batch,
-            t: plan.tokens,
-            d: c.hidden_size,
-            inter: c.intermediate_size,
-            heads: c.num_attention_heads,
-            eps: c.layer_norm_eps as f32,
-        };
+        let dims = self.train_dims(images.batch, plan.tokens);
         {
             let [patches, x0, tmp] = arena.many_mut([plan.patches, plan.layers[0].x, plan.dtmp]);
             self.embed_into(images, plan.grid, patches, x0, tmp);
         }
         let has_shared = self.shared_bias_into(arena.get_mut(plan.shared_bias), plan.grid, rel_index);
         for (l, blk) in self.layout.blocks.iter().enumerate() {
-            let next = plan.layers.get(l + 1).map_or(plan.x_out, |s| s.x);
+            let next = plan.hidden_state(l + 1);
             let drop = factors.map(|f| &f[l * 2 * dims.b..(l + 1) * 2 * dims.b]);
             self.block_forward_train(arena, plan, rel_index, l, next, blk, dims, has_shared, drop);
         }
-        let hidden = match &self.layout.final_layernorm {
-            Some(ln) => {
-                let [x, h] = arena.many_mut([plan.x_out, plan.hidden]);
-                layernorm(h, x, self.params.get(ln.weight), self.params.get(ln.bias), dims.d, dims.eps);
-                plan.hidden
-            }
-            None => plan.x_out,
-        };
-        (dims, hidden)
+        if let Some(ln) = &self.layout.final_layernorm {
+            let [x, h] = arena.many_mut([plan.x_out, plan.hidden]);
+            layernorm(h, x, self.params.get(ln.weight), self.params.get(ln.bias), dims.d, dims.eps);
+        }
+        (dims, self.backbone_output_slot(plan))
     }
 
     /// The backbone's backward. On entry the slot returned by [`Model::backbone_forward_train`]
     /// holds dL/d(backbone output) (the head wrote it there); every backbone parameter's
-    /// gradient is added to `grads`.
+    /// gradient is added to `grads`. Heads that read intermediate hidden states add their
+    /// gradient through `inject(k, dx)`: called with k = L once `dx` holds dL/d(last block
+    /// output), then with k = l once block l's backward has turned `dx` into the gradient of its
+    /// input (so `dx` is complete when the embeddings' backward runs).
     pub(super) fn backbone_backward_train(
         &self,
         planned: &mut Planned,
@@ -315,6 +313,7 @@ impl Model {
         dims: Dims,
         factors: Option<&[f32]>,
         grads: &mut [f32],
+        inject: &mut dyn FnMut(usize, &mut [f32]),
     ) {
         let (plan, arena, rel_index) = planned;
         let d = dims.d;
@@ -330,6 +329,7 @@ impl Model {
                 dx.copy_from_slice(dh);
             }
         }
+        inject(self.layout.blocks.len(), arena.get_mut(plan.dx));
         // The forward filled the shared bias slot (heads leave it alone); blocks reuse it.
         let has_shared = self.layout.shared_rel_pos_table.is_some();
         // Backward through the blocks, last first. The shared table collects every layer's
@@ -349,6 +349,7 @@ impl Model {
                 grads,
                 shared_dtable.as_deref_mut(),
             );
+            inject(l, arena.get_mut(plan.dx));
         }
         if let (Some(id), Some(dt)) = (self.layout.shared_rel_pos_table, shared_dtable) {
             add_into(grad_of(&self.params, grads, id), &dt);
@@ -437,8 +438,72 @@ impl Model {
             }
         }
         let loss = loss_sum / m as f64;
-        self.backbone_backward_train(planned, &images, dims, factors, grads);
+        self.backbone_backward_train(planned, &images, dims, factors, grads, &mut |_, _| {});
         Ok(loss)
+    }
+
+    /// Runs the backbone forward of a training pass for `images` (at the configured size) and
+    /// returns hidden states `indices` (each `[batch, tokens, hidden]`: the input of block k, or
+    /// the last block's output for k = L); the activations stay in `ws` for
+    /// [`Model::backbone_train_backward`]. For heads outside this module (segmentation).
+    pub(crate) fn backbone_train_forward(
+        &self,
+        ws: &mut TrainWorkspace,
+        images: &ImageBatch<'_>,
+        drop_path: Option<DropPath<'_>>,
+        indices: &[usize],
+    ) -> Vec<Vec<f32>> {
+        self.prepare_train_workspace(ws, images);
+        let planned = ws.planned.as_mut().expect("planned above");
+        self.backbone_forward_train(planned, images, drop_path.map(|d| d.factors));
+        let (plan, arena, _) = planned;
+        indices.iter().map(|&k| arena.get(plan.hidden_state(k)).to_vec()).collect()
+    }
+
+    /// The backward matching [`Model::backbone_train_forward`]: `hidden_grads[i]` is dL/d(hidden
+    /// state `indices[i]`) (`[batch, tokens, hidden]`); parameter gradients are added to `grads`.
+    pub(crate) fn backbone_train_backward(
+        &self,
+        ws: &mut TrainWorkspace,
+        images: &ImageBatch<'_>,
+        drop_path: Option<DropPath<'_>>,
+        indices: &[usize],
+        hidden_grads: &[Vec<f32>],
+        grads: &mut [f32],
+    ) {
+        let planned = ws.planned.as_mut().expect("backbone_train_forward ran first");
+        let dims = self.train_dims(images.batch, planned.0.tokens);
+        // No head reads the backbone output (after `beit.layernorm`) here: its gradient is 0.
+        let output = self.backbone_output_slot(&planned.0);
+        planned.1.get_mut(output).fill(0.0);
+        let mut inject = |k: usize, dx: &mut [f32]| {
+            for (_, g) in indices.iter().zip(hidden_grads).filter(|(&i, _)| i == k) {
+                add_into(dx, g);
+            }
+        };
+        self.backbone_backward_train(planned, images, dims, drop_path.map(|d| d.factors), grads, &mut inject);
+    }
+
+    fn train_dims(&self, b: usize, t: usize) -> Dims {
+        let c = &self.config;
+        Dims {
+            b,
+            t,
+            d: c.hidden_size,
+            inter: c.intermediate_size,
+            heads: c.num_attention_heads,
+            eps: c.layer_norm_eps as f32,
+        }
+    }
+
+    /// The slot of the backbone's output: after `beit.layernorm` when the model has it, else
+    /// the last block's output.
+    fn backbone_output_slot(&self, plan: &TrainPlan) -> Slot {
+        if self.layout.final_layernorm.is_some() {
+            plan.hidden
+        } else {
+            plan.x_out
+        }
     }
 
     fn prepare_train_workspace(&self, ws: &mut TrainWorkspace, images: &ImageBatch<'_>) {

@@ -5,11 +5,13 @@
 pub mod attention;
 pub mod attention_backward;
 pub mod backward;
+pub mod batchnorm;
 pub mod conv;
 pub mod cross_entropy;
 pub mod cross_entropy_smoothed;
 pub mod elementwise;
 pub mod gemm;
+pub mod interp;
 pub mod layernorm;
 pub mod math;
 pub mod pool;

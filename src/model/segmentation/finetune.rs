@@ -1,0 +1,369 @@
+//! Fine-tuning and evaluating a segmentation model on a dataset file with masks (`.beitds`,
+//! e.g. the emoji set: mask = category + 1 on the foreground, 0 on the background).
+//!
+//! The loop is BEiT's fine-tuning recipe: AdamW (weight decay except 1-D tensors, biases, CLS
+//! token and position embeddings; BatchNorm running statistics are not optimised at all),
+//! linear warmup + cosine learning rate, layer-wise lr decay, stochastic depth (timm's rule,
+//! rate rising linearly over the blocks), gradient clipping, random horizontal flips; after each
+//! step the BatchNorm running statistics take PyTorch's momentum update. Evaluation upsamples
+//! the logits bilinearly to the mask size (as HF's `post_process_semantic_segmentation` does),
+//! takes the per-pixel argmax, and accumulates mIoU over the whole set.
+
+use rand::seq::SliceRandom;
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+use crate::backend::cpu::interp::bilinear_forward;
+use crate::data::dataset::Dataset;
+use crate::error::Result;
+use crate::train::adamw::{decays, AdamW, AdamWConfig};
+use crate::train::clip::clip_grad_norm;
+use crate::train::layer_decay::lr_scales;
+use crate::train::schedule::CosineSchedule;
+use crate::train::trainer::Trainer;
+
+use super::super::config::BeitConfig;
+use super::super::training::{DropPath, TrainWorkspace};
+use super::super::{Architecture, ImageBatch, Model};
+use super::layout::is_buffer;
+use super::metrics::{argmax_channels, IouAccumulator, IouReport};
+use super::{SegBatch, BN_MOMENTUM};
+
+/// Fine-tuning options (defaults: BEiT's segmentation recipe scaled to small runs).
+#[derive(Debug, Clone, PartialEq)]
+pub struct SegFinetuneOptions {
+    pub epochs: usize,
+    pub batch_size: usize,
+    /// Peak learning rate (after warmup).
+    pub lr: f64,
+    pub min_lr: f64,
+    pub warmup_steps: usize,
+    pub weight_decay: f32,
+    /// Layer-wise lr decay (1 = none); the head has scale 1, block i `decay^(L−i)`.
+    pub layer_decay: f64,
+    /// Stochastic depth rate of the last block; `None` = the config's `drop_path_rate`.
+    pub drop_path_rate: Option<f64>,
+    /// Global gradient-norm clip; `None` = no clipping.
+    pub clip_grad: Option<f64>,
+    pub seed: u64,
+    /// Per-channel normalisation `(x/255 − mean) / std` (one value = all channels).
+    pub mean: Vec<f32>,
+    pub std: Vec<f32>,
+    pub flip: bool,
+}
+
+impl Default for SegFinetuneOptions {
+    fn default() -> Self {
+        SegFinetuneOptions {
+            epochs: 10,
+            batch_size: 16,
+            lr: 1e-3,
+            min_lr: 1e-6,
+            warmup_steps: 50,
+            weight_decay: 0.05,
+            layer_decay: 0.9,
+            drop_path_rate: None,
+            clip_grad: Some(3.0),
+            seed: 0,
+            mean: vec![0.5],
+            std: vec![0.5],
+            flip: true,
+        }
+    }
+}
+
+/// What one step did (for progress output).
+#[derive(Debug, Clone, Copy)]
+pub struct SegStepLog {
+    pub step: usize,
+    pub total_steps: usize,
+    pub epoch: usize,
+    pub loss: f64,
+    pub lr: f64,
+    pub grad_norm: f64,
+}
+
+/// Result of a fine-tuning run.
+#[derive(Debug, Clone)]
+pub struct SegFinetuneReport {
+    pub steps: usize,
+    /// Mean loss of the last epoch.
+    pub final_epoch_loss: f64,
+    pub seconds: f64,
+}
+
+/// Deterministic train/test split of `0..n`: a seeded shuffle, the first `round(n·test_fraction)`
+/// indices are the test set; both lists are returned sorted.
+pub fn split_indices(n: usize, test_fraction: f64, seed: u64) -> (Vec<usize>, Vec<usize>) {
+    let mut idx: Vec<usize> = (0..n).collect();
+    idx.shuffle(&mut ChaCha8Rng::seed_from_u64(seed));
+    let n_test = ((n as f64) * test_fraction.clamp(0.0, 1.0)).round() as usize;
+    let mut test = idx[..n_test].to_vec();
+    let mut train = idx[n_test..].to_vec();
+    test.sort_unstable();
+    train.sort_unstable();
+    (train, test)
+}
+
+/// Number of classes a dataset's masks need: the largest mask value + 1 (255, the usual ignore
+/// value, is not counted).
+pub fn mask_classes(data: &Dataset) -> Result<usize> {
+    ensure!(data.header().has_masks(), InvalidArgument, "{} has no masks", data.path().display());
+    let mut max = 0u8;
+    for i in 0..data.len() {
+        let m = data.mask(i).expect("has masks");
+        max = max.max(m.iter().copied().filter(|&v| v != 255).max().unwrap_or(0));
+    }
+    Ok(max as usize + 1)
+}
+
+/// `cfg` made ready for segmentation with `num_labels` classes: segmentation options already in
+/// it are kept; missing `out_indices` are placed where HF's `[3, 5, 7, 11]` sit in 12 layers,
+/// scaled to the model's depth, and a missing `auxiliary_channels` is the hidden size (HF's 256
+/// would dwarf a small backbone).
+pub fn segmentation_config(mut cfg: BeitConfig, num_labels: usize) -> BeitConfig {
+    let layers = cfg.num_hidden_layers;
+    if cfg.out_indices.is_none() {
+        let at = |k: usize| ((layers * k) as f64 / 12.0).round().clamp(1.0, layers as f64) as usize;
+        cfg.out_indices = Some(vec![at(3), at(5), at(7), at(11)]);
+    }
+    if cfg.auxiliary_channels.is_none() {
+        cfg.auxiliary_channels = Some(cfg.hidden_size);
+    }
+    cfg.id2label = None;
+    cfg.num_labels = Some(num_labels);
+    cfg.extra.remove("label2id");
+    cfg
+}
+
+/// A segmentation model whose backbone is taken from `pretrained` (any architecture; every
+/// backbone entry is copied by name, `beit.` prefix or not; returns how many), head freshly
+/// initialised from `seed`, config from [`segmentation_config`].
+pub fn from_pretrained_backbone(pretrained: &Model, num_labels: usize, seed: u64) -> Result<(Model, usize)> {
+    let cfg = segmentation_config(pretrained.config().clone(), num_labels);
+    let mut model = Model::new_random(cfg, Architecture::SemanticSegmentation, seed)?;
+    let src = pretrained.params();
+    let mut copied = 0;
+    let names: Vec<(usize, String)> = model
+        .params()
+        .specs
+        .iter()
+        .enumerate()
+        .filter(|(_, s)| s.name.starts_with("beit."))
+        .map(|(i, s)| (i, s.name.clone()))
+        .collect();
+    for (i, name) in names {
+        let bare = name.trim_start_matches("beit.");
+        let Some(from) = src.find(&name).or_else(|| src.find(bare)) else { continue };
+        if src.specs[from.0].shape != model.params().specs[i].shape {
+            continue;
+        }
+        let values = src.get(from).to_vec();
+        model.params_mut().get_mut(super::super::params::ParamId(i)).copy_from_slice(&values);
+        copied += 1;
+    }
+    Ok((model, copied))
+}
+
+/// Fills `pixels` (`[b, C, H, W]`, normalised) and `labels` (`[b, H, W]`) with samples `ids`,
+/// mirrored left-right where `flips[i]`.
+fn load_batch(
+    data: &Dataset,
+    ids: &[usize],
+    flips: &[bool],
+    mean: &[f32],
+    std: &[f32],
+    pixels: &mut Vec<f32>,
+    labels: &mut Vec<i64>,
+) {
+    let h = data.header();
+    let (hh, ww, c) = (h.height as usize, h.width as usize, h.channels as usize);
+    pixels.clear();
+    labels.clear();
+    pixels.resize(ids.len() * c * hh * ww, 0.0);
+    labels.resize(ids.len() * hh * ww, 0);
+    for (b, (&id, &flip)) in ids.iter().zip(flips).enumerate() {
+        let px = data.pixels(id);
+        let mask = data.mask(id).expect("checked: the dataset has masks");
+        for y in 0..hh {
+            for x in 0..ww {
+                let sx = if flip { ww - 1 - x } else { x };
+                for ch in 0..c {
+                    let (m, s) = (mean[ch.min(mean.len() - 1)], std[ch.min(std.len() - 1)]);
+                    let v = px[(y * ww + sx) * c + ch] as f32 / 255.0;
+                    pixels[((b * c + ch) * hh + y) * ww + x] = (v - m) / s;
+                }
+                labels[(b * hh + y) * ww + x] = mask[y * ww + sx] as i64;
+            }
+        }
+    }
+}
+
+fn check_data(model: &Model, data: &Dataset) -> Result<()> {
+    ensure!(
+        model.architecture() == Architecture::SemanticSegmentation,
+        InvalidArgument,
+        "a BeitForSemanticSegmentation model is needed; this one is {}",
+        model.architecture().hf_name()
+    );
+    let h = data.header();
+    ensure!(h.has_masks(), InvalidArgument, "{} has no segmentation masks", data.path().display());
+    let c = model.config();
+    ensure!(
+        (h.height as usize, h.width as usize) == c.image_size.hw() && h.channels as usize == c.num_channels,
+        InvalidArgument,
+        "{} holds {}x{}x{} images; the model takes {:?} with {} channels",
+        data.path().display(),
+        h.height,
+        h.width,
+        h.channels,
+        c.image_size.hw(),
+        c.num_channels
+    );
+    Ok(())
+}
+
+/// Fine-tunes `model` on samples `train` of `data`; `log` sees every step.
+pub fn finetune(
+    model: &mut Model,
+    data: &Dataset,
+    train: &[usize],
+    opts: &SegFinetuneOptions,
+    mut log: impl FnMut(&SegStepLog),
+) -> Result<SegFinetuneReport> {
+    check_data(model, data)?;
+    ensure!(opts.batch_size >= 2, InvalidArgument, "batch size must be at least 2 (training-mode BatchNorm)");
+    ensure!(
+        train.len() >= opts.batch_size,
+        InvalidArgument,
+        "{} training samples < batch size {}",
+        train.len(),
+        opts.batch_size
+    );
+    ensure!(!opts.mean.is_empty() && !opts.std.is_empty(), InvalidArgument, "mean and std need at least one value");
+    let start = std::time::Instant::now();
+    let steps_per_epoch = train.len() / opts.batch_size;
+    let total = steps_per_epoch * opts.epochs;
+    let schedule = CosineSchedule {
+        base_value: opts.lr,
+        final_value: opts.min_lr,
+        total_steps: total,
+        warmup_steps: opts.warmup_steps.min(total),
+    };
+    let store = model.params();
+    let layers = model.config().num_hidden_layers;
+    let scales = lr_scales(store, layers, opts.layer_decay);
+    let mut decay_mask = vec![0.0f32; store.data.len()];
+    let mut trained = Vec::new();
+    for s in store.specs.iter().filter(|s| s.exported && !is_buffer(&s.name)) {
+        if decays(&s.name, &s.shape) {
+            decay_mask[s.offset..s.offset + s.len].fill(1.0);
+        }
+        trained.push((s.offset, s.len));
+    }
+    let adam_cfg = AdamWConfig { weight_decay: opts.weight_decay, ..AdamWConfig::default() };
+    let mut adam = AdamW::with_mask(adam_cfg, decay_mask, trained);
+    let dp_rate = opts.drop_path_rate.unwrap_or(model.config().drop_path_rate);
+    let mut rng = ChaCha8Rng::seed_from_u64(opts.seed);
+    let mut ws = TrainWorkspace::new();
+    let mut grads = vec![0.0f32; store.data.len()];
+    let (mut pixels, mut labels, mut factors) = (Vec::new(), Vec::new(), Vec::new());
+    let (hh, ww) = model.config().image_size.hw();
+    let c = model.config().num_channels;
+    let mut order = train.to_vec();
+    let mut step = 0;
+    let mut epoch_loss = 0.0;
+    for epoch in 0..opts.epochs {
+        order.shuffle(&mut rng);
+        epoch_loss = 0.0;
+        for chunk in order.chunks_exact(opts.batch_size) {
+            let flips: Vec<bool> = chunk.iter().map(|_| opts.flip && rng.random::<bool>()).collect();
+            load_batch(data, chunk, &flips, &opts.mean, &opts.std, &mut pixels, &mut labels);
+            let b = chunk.len();
+            factors.clear();
+            if dp_rate > 0.0 {
+                for l in 0..layers {
+                    let keep = 1.0 - Trainer::drop_path_rate_of(dp_rate, l, layers);
+                    for _ in 0..2 * b {
+                        // timm: mask = floor(keep + U[0,1)), kept branches scaled by 1/keep.
+                        let kept = (keep + rng.random::<f64>()).floor() >= 1.0;
+                        factors.push(if kept { (1.0 / keep) as f32 } else { 0.0 });
+                    }
+                }
+            }
+            let drop = (dp_rate > 0.0).then_some(DropPath { factors: &factors });
+            let batch = SegBatch { pixels: &pixels, batch: b, channels: c, height: hh, width: ww, labels: &labels };
+            grads.fill(0.0);
+            let out = model.segmentation_forward_backward(&mut ws, &batch, drop, &mut grads)?;
+            ensure!(out.loss.is_finite(), Numerical, "loss is {} at step {step}", out.loss);
+            let grad_norm = match opts.clip_grad {
+                Some(max) => clip_grad_norm(&mut grads, max),
+                None => crate::train::clip::global_norm(&grads),
+            };
+            ensure!(grad_norm.is_finite(), Numerical, "gradient norm is {grad_norm} at step {step}");
+            let lr = schedule.value(step);
+            adam.step(&mut model.params_mut().data, &grads, lr as f32, Some(&scales));
+            model.apply_batchnorm_statistics(&out.batchnorm, BN_MOMENTUM);
+            epoch_loss += out.loss;
+            step += 1;
+            log(&SegStepLog { step, total_steps: total, epoch, loss: out.loss, lr, grad_norm });
+        }
+        epoch_loss /= steps_per_epoch.max(1) as f64;
+    }
+    Ok(SegFinetuneReport { steps: step, final_epoch_loss: epoch_loss, seconds: start.elapsed().as_secs_f64() })
+}
+
+/// mIoU of `model` (eval mode) on samples `ids` of `data`, batches of `batch_size`.
+pub fn evaluate(
+    model: &Model,
+    data: &Dataset,
+    ids: &[usize],
+    batch_size: usize,
+    mean: &[f32],
+    std: &[f32],
+) -> Result<IouReport> {
+    check_data(model, data)?;
+    ensure!(!mean.is_empty() && !std.is_empty(), InvalidArgument, "mean and std need at least one value");
+    let k = model.config().num_labels();
+    let mut acc = IouAccumulator::new(k, model.config().semantic_loss_ignore_index());
+    let (hh, ww) = model.config().image_size.hw();
+    let c = model.config().num_channels;
+    let (mut pixels, mut labels) = (Vec::new(), Vec::new());
+    for chunk in ids.chunks(batch_size.max(1)) {
+        let flips = vec![false; chunk.len()];
+        load_batch(data, chunk, &flips, mean, std, &mut pixels, &mut labels);
+        let b = chunk.len();
+        let input = ImageBatch { pixels: &pixels, batch: b, channels: c, height: hh, width: ww, bool_masked_pos: None };
+        let logits = model.forward(&input)?.logits.expect("segmentation logits");
+        let (lh, lw) = (logits.shape[2], logits.shape[3]);
+        let mut up = vec![0.0f32; b * k * hh * ww];
+        bilinear_forward(b * k, lh, lw, hh, ww, &logits.data, &mut up);
+        acc.add(&argmax_channels(&up, b, k, hh * ww), &labels);
+    }
+    Ok(acc.report())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn out_indices_scale_with_depth() {
+        let cfg = |l: usize| BeitConfig { num_hidden_layers: l, ..BeitConfig::default() };
+        assert_eq!(segmentation_config(cfg(12), 3).out_indices, Some(vec![3, 5, 7, 11]));
+        assert_eq!(segmentation_config(cfg(6), 3).out_indices, Some(vec![2, 3, 4, 6]));
+        assert_eq!(segmentation_config(cfg(4), 3).out_indices, Some(vec![1, 2, 2, 4]));
+        assert_eq!(segmentation_config(cfg(4), 3).num_labels(), 3);
+    }
+
+    #[test]
+    fn split_is_deterministic_and_disjoint() {
+        let (a, b) = split_indices(100, 0.2, 7);
+        assert_eq!((a.len(), b.len()), (80, 20));
+        assert_eq!(split_indices(100, 0.2, 7), (a.clone(), b.clone()));
+        let mut all: Vec<usize> = a.iter().chain(&b).copied().collect();
+        all.sort_unstable();
+        assert_eq!(all, (0..100).collect::<Vec<_>>());
+        assert_ne!(split_indices(100, 0.2, 8).1, b);
+    }
+}

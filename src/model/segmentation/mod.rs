@@ -1,0 +1,258 @@
+//! HF `BeitForSemanticSegmentation`: backbone hidden states `out_indices` (1-based into the
+//! hidden states, whose entry 0 is the embeddings) without their CLS token, as `[hidden, gh, gw]`
+//! maps, through the FPN rescaling, the UperNet decode head and (optionally) the FCN auxiliary
+//! head ([`head`]). Inference runs BatchNorm on running statistics; the training pass
+//! ([`Model::segmentation_forward_backward`]) on batch statistics, with HF's loss ([`loss`])
+//! and a backward through the head into the backbone's shared backward (which takes the
+//! gradients of the four intermediate hidden states).
+
+pub mod finetune;
+pub mod head;
+pub mod layout;
+pub mod loss;
+pub mod metrics;
+
+use crate::backend::cpu::batchnorm::update_running_stats;
+use crate::backend::cpu::layernorm::layernorm;
+use crate::error::Result;
+use crate::tensor::checked_numel;
+
+use super::forward::OutputBuffers;
+use super::params::HeadParams;
+use super::training::{DropPath, TrainWorkspace};
+use super::{Architecture, ImageBatch, Model};
+use head::{head_backward, head_forward, BnMode, BnRecord};
+use layout::SegmentationHead;
+
+/// PyTorch BatchNorm2d's default momentum for the running statistics.
+pub(crate) const BN_MOMENTUM: f32 = 0.1;
+
+/// One fine-tuning batch: images and a label per pixel (`[batch, height, width]`, class ids in
+/// `0..num_labels` or the ignore index).
+#[derive(Debug, Clone, Copy)]
+pub struct SegBatch<'a> {
+    pub pixels: &'a [f32],
+    pub batch: usize,
+    pub channels: usize,
+    pub height: usize,
+    pub width: usize,
+    pub labels: &'a [i64],
+}
+
+impl<'a> SegBatch<'a> {
+    fn images(&self) -> ImageBatch<'a> {
+        ImageBatch {
+            pixels: self.pixels,
+            batch: self.batch,
+            channels: self.channels,
+            height: self.height,
+            width: self.width,
+            bool_masked_pos: None,
+        }
+    }
+}
+
+/// What one training pass returns besides the gradient.
+#[derive(Debug, Clone)]
+pub struct SegStep {
+    /// HF's loss: decode loss + auxiliary_loss_weight · auxiliary loss.
+    pub loss: f64,
+    /// Batch statistics of every BatchNorm, for [`Model::apply_batchnorm_statistics`].
+    pub batchnorm: Vec<BnRecord>,
+}
+
+/// `[b, tokens, d]` hidden states (CLS first) → `[b, d, gh, gw]` maps.
+fn tokens_to_maps(h: &[f32], b: usize, grid: (usize, usize), d: usize) -> Vec<f32> {
+    let n = grid.0 * grid.1;
+    let t = n + 1;
+    let mut out = vec![0.0; b * d * n];
+    for img in 0..b {
+        for p in 0..n {
+            let row = &h[(img * t + 1 + p) * d..(img * t + 2 + p) * d];
+            for (c, &v) in row.iter().enumerate() {
+                out[(img * d + c) * n + p] = v;
+            }
+        }
+    }
+    out
+}
+
+/// Inverse of [`tokens_to_maps`] for gradients (the CLS row gets none).
+fn maps_to_tokens(m: &[f32], b: usize, grid: (usize, usize), d: usize) -> Vec<f32> {
+    let n = grid.0 * grid.1;
+    let t = n + 1;
+    let mut out = vec![0.0; b * t * d];
+    for img in 0..b {
+        for p in 0..n {
+            let row = &mut out[(img * t + 1 + p) * d..(img * t + 2 + p) * d];
+            for (c, v) in row.iter_mut().enumerate() {
+                *v = m[(img * d + c) * n + p];
+            }
+        }
+    }
+    out
+}
+
+impl Model {
+    /// The segmentation head's layout (None for other architectures).
+    pub fn segmentation_head(&self) -> Option<&SegmentationHead> {
+        match &self.layout.head {
+            HeadParams::Segmentation(h) => Some(h),
+            _ => None,
+        }
+    }
+
+    fn check_segmentation_grid(&self, height: usize, width: usize) -> Result<(usize, usize)> {
+        let grid = self.config.grid_for(height, width);
+        ensure!(
+            grid.0 >= 2 && grid.1 >= 2,
+            InvalidArgument,
+            "segmentation needs a patch grid of at least 2x2 (the coarsest FPN level pools it by 2); \
+             {height}x{width} gives {grid:?}"
+        );
+        Ok(grid)
+    }
+
+    /// Hidden-state indices (0-based into the hidden states) of the four FPN levels.
+    fn level_indices(head: &SegmentationHead) -> [usize; 4] {
+        head.out_indices.map(|i| i - 1)
+    }
+
+    /// Inference: `logits` `[batch, labels, 4gh, 4gw]` (decode head, BatchNorm on running
+    /// statistics) and `last_hidden_state` when asked. Input already checked.
+    pub(crate) fn segmentation_forward_into(&self, input: &ImageBatch<'_>, out: OutputBuffers<'_>) -> Result<()> {
+        let head = self.segmentation_head().expect("a segmentation model");
+        let grid = self.check_segmentation_grid(input.height, input.width)?;
+        let (b, d) = (input.batch, self.config.hidden_size);
+        let levels = Self::level_indices(head);
+        let layers = self.layout.blocks.len();
+        let mut wanted = levels.to_vec();
+        wanted.push(layers);
+        let hidden = self.hidden_states(input, &wanted);
+        if let Some(dst) = out.last_hidden_state {
+            match &self.layout.final_layernorm {
+                Some(ln) => {
+                    let p = &self.params;
+                    layernorm(dst, &hidden[4], p.get(ln.weight), p.get(ln.bias), d, self.config.layer_norm_eps as f32)
+                }
+                None => dst.copy_from_slice(&hidden[4]),
+            }
+        }
+        if let Some(dst) = out.logits {
+            let feats = std::array::from_fn(|i| tokens_to_maps(&hidden[i], b, grid, d));
+            let (o, _) = head_forward(&self.params, head, feats, b, grid, BnMode::Eval);
+            dst.copy_from_slice(&o.logits);
+        }
+        Ok(())
+    }
+
+    /// Checks a segmentation batch; every problem is a readable error.
+    pub fn check_seg_batch(&self, batch: &SegBatch<'_>) -> Result<()> {
+        ensure!(
+            self.arch == Architecture::SemanticSegmentation,
+            InvalidArgument,
+            "segmentation training needs a BeitForSemanticSegmentation model; this one is {}",
+            self.arch.hf_name()
+        );
+        self.check_input(&batch.images())?;
+        self.check_segmentation_grid(batch.height, batch.width)?;
+        ensure!(
+            self.config.grid_for(batch.height, batch.width) == self.config.native_grid(),
+            InvalidArgument,
+            "training runs at the configured image size {:?}; this batch is {}x{}",
+            self.config.image_size.hw(),
+            batch.height,
+            batch.width
+        );
+        ensure!(
+            checked_numel(&[batch.batch, batch.height, batch.width]) == Some(batch.labels.len()),
+            InvalidArgument,
+            "labels hold {} values; [batch {}, {}, {}] needs {}",
+            batch.labels.len(),
+            batch.batch,
+            batch.height,
+            batch.width,
+            batch.batch * batch.height * batch.width
+        );
+        if let Some(i) = batch.pixels.iter().position(|v| !v.is_finite()) {
+            bail!(InvalidArgument, "pixel_values[{i}] is {}: pixels must be finite", batch.pixels[i]);
+        }
+        let (k, ignore) = (self.config.num_labels() as i64, self.config.semantic_loss_ignore_index());
+        if let Some((i, &l)) = batch.labels.iter().enumerate().find(|(_, &l)| l != ignore && !(0..k).contains(&l)) {
+            bail!(InvalidArgument, "label {l} at pixel {i} is neither in [0, {k}) nor the ignore index {ignore}");
+        }
+        // Training-mode BatchNorm needs more than one value per channel (PyTorch raises too):
+        // the 1x1 pyramid pooling level has one value per image.
+        ensure!(batch.batch >= 2, InvalidArgument, "segmentation training needs at least 2 images per batch");
+        Ok(())
+    }
+
+    /// One training pass (BatchNorm on batch statistics): HF's loss, its gradient ADDED to
+    /// `grads` (laid out like the parameters; BatchNorm buffers get none), and the batch
+    /// statistics for the running update. `drop_path` as in pretraining.
+    pub fn segmentation_forward_backward(
+        &self,
+        ws: &mut TrainWorkspace,
+        batch: &SegBatch<'_>,
+        drop_path: Option<DropPath<'_>>,
+        grads: &mut [f32],
+    ) -> Result<SegStep> {
+        self.check_seg_batch(batch)?;
+        ensure!(
+            grads.len() == self.params.data.len(),
+            InvalidArgument,
+            "gradient buffer holds {} values; the model has {}",
+            grads.len(),
+            self.params.data.len()
+        );
+        if let Some(dp) = drop_path {
+            let want = self.layout.blocks.len() * 2 * batch.batch;
+            ensure!(
+                dp.factors.len() == want,
+                InvalidArgument,
+                "drop path factors hold {} values; need {want}",
+                dp.factors.len()
+            );
+        }
+        let head = self.segmentation_head().expect("checked");
+        let grid = self.config.native_grid();
+        let (b, d) = (batch.batch, self.config.hidden_size);
+        let levels = Self::level_indices(head);
+        let images = batch.images();
+        let hidden = self.backbone_train_forward(ws, &images, drop_path, &levels);
+        let feats = std::array::from_fn(|i| tokens_to_maps(&hidden[i], b, grid, d));
+        drop(hidden);
+        let (out, tape) = head_forward(&self.params, head, feats, b, grid, BnMode::Train);
+
+        let k = head.num_labels;
+        let ignore = self.config.semantic_loss_ignore_index();
+        let label_hw = (batch.height, batch.width);
+        let (mut loss, dlogits) =
+            loss::segmentation_loss(&out.logits, b, k, out.logits_hw, batch.labels, label_hw, ignore);
+        let daux = out.aux_logits.as_ref().map(|aux| {
+            let weight = self.config.auxiliary_loss_weight();
+            let (l, mut g) = loss::segmentation_loss(aux, b, k, out.aux_hw, batch.labels, label_hw, ignore);
+            loss += weight * l;
+            g.iter_mut().for_each(|v| *v *= weight as f32);
+            g
+        });
+        let dfeats = head_backward(&self.params, head, &tape, &dlogits, daux.as_deref(), grads);
+        let hidden_grads: Vec<Vec<f32>> = dfeats.iter().map(|g| maps_to_tokens(g, b, grid, d)).collect();
+        self.backbone_train_backward(ws, &images, drop_path, &levels, &hidden_grads, grads);
+        Ok(SegStep { loss, batchnorm: tape.bn_records(head) })
+    }
+
+    /// PyTorch's running-statistics update of every BatchNorm after a training pass
+    /// (`momentum` 0.1 by default) and `num_batches_tracked += 1`.
+    pub fn apply_batchnorm_statistics(&mut self, records: &[BnRecord], momentum: f32) {
+        for r in records {
+            let (m, v, n) = (r.bn.running_mean, r.bn.running_var, r.bn.num_batches_tracked);
+            let mut mean = self.params.get(m).to_vec();
+            let mut var = self.params.get(v).to_vec();
+            update_running_stats(&mut mean, &mut var, &r.stats, momentum);
+            self.params.get_mut(m).copy_from_slice(&mean);
+            self.params.get_mut(v).copy_from_slice(&var);
+            self.params.get_mut(n)[0] += 1.0;
+        }
+    }
+}

@@ -11,17 +11,17 @@
 //
 // Kernels and launches (ATT_THREADS threads = 4 warps per block, 32-row tiles; the host
 // wrappers in src/backend/cuda/attention.rs own them):
-// - attention_forward_d{32,64}_{f32,bf16}: grid (ceil(N/32), H, B). Each warp owns 8 query rows;
+// - beit_attention_forward_d{32,64}_{f32,bf16}: grid (ceil(N/32), H, B). Each warp owns 8 query rows;
 //   lane j holds the score of key j of the current 32-key tile. Saves lse = max + log(sum).
-// - attention_backward_delta_{f32,bf16}: Δ, one warp per (b, h, i) row.
-// - attention_backward_dkdv_d{32,64}_*: grid (ceil(N/32), H, B). Each warp owns 8 keys and loops
+// - beit_attention_backward_delta_{f32,bf16}: Δ, one warp per (b, h, i) row.
+// - beit_attention_backward_dkdv_d{32,64}_*: grid (ceil(N/32), H, B). Each warp owns 8 keys and loops
 //   over all query tiles; P and dS are recomputed from lse and Δ.
-// - attention_backward_dq_d{32,64}_*: grid (ceil(N/32), H, G). Each warp owns 8 query rows;
+// - beit_attention_backward_dq_d{32,64}_*: grid (ceil(N/32), H, G). Each warp owns 8 query rows;
 //   block g loops over its images b = g·per_group .. in order and, when dbias_part is not null,
 //   writes Σ_(its b) dS into dbias_part[g] (a plain read-add-write: the block owns those
 //   elements, so no atomics are needed).
-// - attention_dbias_reduce: dbias (+)= Σ_g dbias_part[g], g in order.
-// - relpos_bias_gather_*, relpos_table_grad: the relative position table to the [H, N, N] bias
+// - beit_attention_dbias_reduce: dbias (+)= Σ_g dbias_part[g], g in order.
+// - beit_attention_relpos_gather_*, beit_attention_relpos_table_grad: the relative position table to the [H, N, N] bias
 //   and its adjoint, through a CSR inverse of the index so each table entry sums its pairs in
 //   pair order (the CPU's order) without atomics.
 //
@@ -95,6 +95,7 @@ __device__ void attention_forward(T* __restrict__ ctx, float* __restrict__ lse, 
             m[r] = m_new;
 #pragma unroll
             for (int cc = 0; cc < CPL; ++cc) acc[r][cc] *= alpha;
+#pragma unroll 4  // full unrolling of the 32-step shuffle loops spills and bloats the cubin
             for (int jj = 0; jj < ATT_TILE; ++jj) {
                 const float pj = __shfl_sync(BEIT_FULL_MASK, p, jj);
 #pragma unroll
@@ -191,6 +192,7 @@ __device__ void attention_backward_dkdv(T* __restrict__ dqkv, const T* __restric
             const float s = dot * scale + bs[lane][kj];
             const float p = valid ? expf(s - lse_s[lane]) : 0.0f;
             const float ds = valid ? p * (dp - delta_s[lane]) : 0.0f;
+#pragma unroll 4  // full unrolling of the 32-step shuffle loops spills and bloats the cubin
             for (int ii = 0; ii < ATT_TILE; ++ii) {
                 const float pi = __shfl_sync(BEIT_FULL_MASK, p, ii);
                 const float dsi = __shfl_sync(BEIT_FULL_MASK, ds, ii);
@@ -275,6 +277,7 @@ __device__ void attention_backward_dq(T* __restrict__ dqkv, float* __restrict__ 
                     const float p = expf(s - lse_r[r]);
                     ds = p * (dp - delta_r[r]);
                 }
+#pragma unroll 4  // full unrolling of the 32-step shuffle loops spills and bloats the cubin
                 for (int jj = 0; jj < ATT_TILE; ++jj) {
                     const float dsj = __shfl_sync(BEIT_FULL_MASK, ds, jj);
 #pragma unroll
@@ -299,16 +302,16 @@ __device__ void attention_backward_dq(T* __restrict__ dqkv, float* __restrict__ 
 }
 
 #define ATT_INSTANTIATE(SUFFIX, T, D)                                                                              \
-    extern "C" __global__ void __launch_bounds__(ATT_THREADS) attention_forward_d##D##_##SUFFIX(                   \
+    extern "C" __global__ void __launch_bounds__(ATT_THREADS) beit_attention_forward_d##D##_##SUFFIX(                   \
         T* ctx, float* lse, const T* qkv, const float* bias, int n, int heads, float scale) {                      \
         attention_forward<T, D>(ctx, lse, qkv, bias, n, heads, scale);                                             \
     }                                                                                                              \
-    extern "C" __global__ void __launch_bounds__(ATT_THREADS) attention_backward_dkdv_d##D##_##SUFFIX(             \
+    extern "C" __global__ void __launch_bounds__(ATT_THREADS) beit_attention_backward_dkdv_d##D##_##SUFFIX(             \
         T* dqkv, const T* qkv, const T* dctx, const float* bias, const float* lse, const float* delta, int n,     \
         int heads, float scale) {                                                                                  \
         attention_backward_dkdv<T, D>(dqkv, qkv, dctx, bias, lse, delta, n, heads, scale);                        \
     }                                                                                                              \
-    extern "C" __global__ void __launch_bounds__(ATT_THREADS) attention_backward_dq_d##D##_##SUFFIX(               \
+    extern "C" __global__ void __launch_bounds__(ATT_THREADS) beit_attention_backward_dq_d##D##_##SUFFIX(               \
         T* dqkv, float* dbias_part, const T* qkv, const T* dctx, const float* bias, const float* lse,             \
         const float* delta, int batch, int per_group, int n, int heads, float scale) {                            \
         attention_backward_dq<T, D>(dqkv, dbias_part, qkv, dctx, bias, lse, delta, batch, per_group, n, heads,    \
@@ -320,18 +323,18 @@ ATT_INSTANTIATE(f32, float, 64)
 ATT_INSTANTIATE(bf16, bf16, 32)
 ATT_INSTANTIATE(bf16, bf16, 64)
 
-extern "C" __global__ void attention_backward_delta_f32(float* delta, const float* ctx, const float* dctx, int batch,
+extern "C" __global__ void beit_attention_backward_delta_f32(float* delta, const float* ctx, const float* dctx, int batch,
                                                         int n, int heads, int head_dim) {
     attention_backward_delta<float>(delta, ctx, dctx, batch, n, heads, head_dim);
 }
 
-extern "C" __global__ void attention_backward_delta_bf16(float* delta, const bf16* ctx, const bf16* dctx, int batch,
+extern "C" __global__ void beit_attention_backward_delta_bf16(float* delta, const bf16* ctx, const bf16* dctx, int batch,
                                                          int n, int heads, int head_dim) {
     attention_backward_delta<bf16>(delta, ctx, dctx, batch, n, heads, head_dim);
 }
 
 // dbias[e] (+)= Σ_g part[g·len + e], g = 0, 1, .. in order; one thread per element.
-extern "C" __global__ void attention_dbias_reduce(float* dbias, const float* part, int groups, int len,
+extern "C" __global__ void beit_attention_dbias_reduce(float* dbias, const float* part, int groups, int len,
                                                   int accumulate) {
     const int e = blockIdx.x * blockDim.x + threadIdx.x;
     if (e >= len) return;
@@ -352,12 +355,12 @@ __device__ void relpos_bias_gather(float* __restrict__ bias, const T* __restrict
     bias[e] = accumulate ? bias[e] + v : v;
 }
 
-extern "C" __global__ void relpos_bias_gather_f32(float* bias, const float* table, const int* index, int heads,
+extern "C" __global__ void beit_attention_relpos_gather_f32(float* bias, const float* table, const int* index, int heads,
                                                   int tt, int accumulate) {
     relpos_bias_gather<float>(bias, table, index, heads, tt, accumulate);
 }
 
-extern "C" __global__ void relpos_bias_gather_bf16(float* bias, const bf16* table, const int* index, int heads,
+extern "C" __global__ void beit_attention_relpos_gather_bf16(float* bias, const bf16* table, const int* index, int heads,
                                                    int tt, int accumulate) {
     relpos_bias_gather<bf16>(bias, table, index, heads, tt, accumulate);
 }
@@ -365,7 +368,7 @@ extern "C" __global__ void relpos_bias_gather_bf16(float* bias, const bf16* tabl
 // Adjoint of the gather: dtable[m, h] += Σ_(p: index[p] = m) dbias[h, p], the pairs of table row m
 // listed in increasing p by the CSR (offsets [M + 1], pairs). Added one by one onto dtable, as
 // the CPU's add_bias_backward does, so the f32 result is the same bits. One thread per (m, h).
-extern "C" __global__ void relpos_table_grad(float* dtable, const float* dbias, const int* offsets, const int* pairs,
+extern "C" __global__ void beit_attention_relpos_table_grad(float* dtable, const float* dbias, const int* offsets, const int* pairs,
                                              int heads, int rows, int tt) {
     const int e = blockIdx.x * blockDim.x + threadIdx.x;
     if (e >= rows * heads) return;

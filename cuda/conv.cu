@@ -83,16 +83,16 @@ __device__ void channel_bias_add(T* __restrict__ out, const T* __restrict__ bias
 }
 
 #define CONV_INSTANTIATE(SUFFIX, T)                                                                               \
-    extern "C" __global__ void im2col_##SUFFIX(T* cols, const T* img, int batch, int channels, int h, int w,      \
+    extern "C" __global__ void beit_conv_im2col_##SUFFIX(T* cols, const T* img, int batch, int channels, int h, int w,      \
                                                int k, int stride, int pad, int oh, int ow) {                     \
         im2col<T>(cols, img, batch, ColsGeom{channels, h, w, k, stride, pad, oh, ow});                           \
     }                                                                                                            \
-    extern "C" __global__ void col2im_##SUFFIX(T* img, const T* cols, const T* bias, int batch, int channels,     \
+    extern "C" __global__ void beit_conv_col2im_##SUFFIX(T* img, const T* cols, const T* bias, int batch, int channels,     \
                                                int h, int w, int k, int stride, int pad, int oh, int ow,         \
                                                int accumulate) {                                                 \
         col2im<T>(img, cols, bias, batch, ColsGeom{channels, h, w, k, stride, pad, oh, ow}, accumulate);         \
     }                                                                                                            \
-    extern "C" __global__ void channel_bias_add_##SUFFIX(T* out, const T* bias, int batch, int channels,          \
+    extern "C" __global__ void beit_conv_channel_bias_add_##SUFFIX(T* out, const T* bias, int batch, int channels,          \
                                                          int plane) {                                            \
         channel_bias_add<T>(out, bias, batch, channels, plane);                                                  \
     }

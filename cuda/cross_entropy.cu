@@ -8,10 +8,10 @@
 // A row with a negative label is masked: loss 0 and gradient 0 (PyTorch's ignore_index). The
 // caller passes inv_rows = 1 / (number of counted rows) of the whole batch.
 //
-// cross_entropy_forward_backward: one block per row (blockDim a multiple of 32, ≤ 1024). Pass 1
+// beit_cross_entropy_forward_backward_{f32,bf16}: one block per row (blockDim a multiple of 32, ≤ 1024). Pass 1
 // keeps a running (max, sum of exp) per thread and merges them over the block in a fixed tree;
 // pass 2 overwrites the logits with the gradient. Losses go to losses[rows] (f32).
-// cross_entropy_loss_sum: one block, sums losses[] in a fixed order into a double (the CPU sums
+// beit_cross_entropy_loss_sum: one block, sums losses[] in a fixed order into a double (the CPU sums
 // its row losses in f64 too). No atomics anywhere.
 
 #include "kernel_util.cuh"
@@ -96,12 +96,12 @@ __device__ void cross_entropy_forward_backward(T* __restrict__ logits, float* __
     }
 }
 
-extern "C" __global__ void cross_entropy_forward_backward_f32(float* logits, float* losses, const int* labels,
+extern "C" __global__ void beit_cross_entropy_forward_backward_f32(float* logits, float* losses, const int* labels,
                                                               int rows, int vocab, float inv_rows, float smoothing) {
     cross_entropy_forward_backward<float>(logits, losses, labels, rows, vocab, inv_rows, smoothing);
 }
 
-extern "C" __global__ void cross_entropy_forward_backward_bf16(bf16* logits, float* losses, const int* labels,
+extern "C" __global__ void beit_cross_entropy_forward_backward_bf16(bf16* logits, float* losses, const int* labels,
                                                                int rows, int vocab, float inv_rows,
                                                                float smoothing) {
     cross_entropy_forward_backward<bf16>(logits, losses, labels, rows, vocab, inv_rows, smoothing);
@@ -111,14 +111,14 @@ extern "C" __global__ void cross_entropy_forward_backward_bf16(bf16* logits, flo
 // tree over the block's threads. One block of CE_SUM_THREADS threads.
 #define CE_SUM_THREADS 256
 extern "C" __global__ void __launch_bounds__(CE_SUM_THREADS)
-    cross_entropy_loss_sum(double* out, const float* losses, int rows) {
+    beit_cross_entropy_loss_sum(double* out, const float* losses, int rows) {
     __shared__ double part[CE_SUM_THREADS];
     double acc = 0.0;
     for (int r = threadIdx.x; r < rows; r += CE_SUM_THREADS) acc += (double)losses[r];
     part[threadIdx.x] = acc;
     __syncthreads();
     for (int width = CE_SUM_THREADS / 2; width > 0; width >>= 1) {
-        if (threadIdx.x < width) part[threadIdx.x] += part[threadIdx.x + width];
+        if ((int)threadIdx.x < width) part[threadIdx.x] += part[threadIdx.x + width];
         __syncthreads();
     }
     if (threadIdx.x == 0) out[0] = part[0];

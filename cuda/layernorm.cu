@@ -6,10 +6,10 @@
 // squared deviations (not E[x²] − mean², which cancels badly).
 //
 // Launch shapes (the host wrappers in src/backend/cuda/layernorm.rs own them):
-// - forward kernels: one warp per row, blockDim.x a multiple of 32, grid = ceil(rows / warps).
-// - layernorm_backward: grid = ceil(rows / LN_BWD_ROWS) blocks of any multiple of 32 threads;
+// - beit_layernorm_forward_*, beit_layernorm_residual_forward_*: one warp per row, blockDim.x a multiple of 32, grid = ceil(rows / warps).
+// - beit_layernorm_backward_*: grid = ceil(rows / LN_BWD_ROWS) blocks of any multiple of 32 threads;
 //   block b writes dx for its rows and its own partial [dgamma | dbeta] row of `partials`.
-// - layernorm_backward_reduce: one thread per column, adds the partial rows in block order.
+// - beit_layernorm_backward_reduce: one thread per column, adds the partial rows in block order.
 // No atomics: dgamma / dbeta are bit-identical from run to run.
 
 #include "kernel_util.cuh"
@@ -163,18 +163,18 @@ __device__ void layernorm_backward_reduce_impl(float* __restrict__ dgamma, float
 }
 
 #define LN_INSTANTIATE(SUFFIX, T)                                                                                  \
-    extern "C" __global__ void layernorm_forward_##SUFFIX(T* out, float* mean, float* rstd, const T* x,           \
+    extern "C" __global__ void beit_layernorm_forward_##SUFFIX(T* out, float* mean, float* rstd, const T* x,           \
                                                           const T* gamma, const T* beta, int rows, int dim,       \
                                                           float eps) {                                            \
         layernorm_forward<T>(out, mean, rstd, x, gamma, beta, rows, dim, eps);                                    \
     }                                                                                                             \
-    extern "C" __global__ void residual_layernorm_forward_##SUFFIX(                                               \
+    extern "C" __global__ void beit_layernorm_residual_forward_##SUFFIX(                                               \
         T* resid, T* out, float* mean, float* rstd, const T* x, const T* y, const T* bias, const T* scale,       \
         const float* row_factors, int rows_each, const T* gamma, const T* beta, int rows, int dim, float eps) {   \
         residual_layernorm_forward<T>(resid, out, mean, rstd, x, y, bias, scale, row_factors, rows_each, gamma,  \
                                       beta, rows, dim, eps);                                                      \
     }                                                                                                             \
-    extern "C" __global__ void layernorm_backward_##SUFFIX(T* dx, float* partials, const T* dy, const T* x,       \
+    extern "C" __global__ void beit_layernorm_backward_##SUFFIX(T* dx, float* partials, const T* dy, const T* x,       \
                                                            const T* gamma, const float* mean, const float* rstd,  \
                                                            int rows, int dim, int accumulate) {                   \
         layernorm_backward<T>(dx, partials, dy, x, gamma, mean, rstd, rows, dim, accumulate);                     \
@@ -183,7 +183,7 @@ __device__ void layernorm_backward_reduce_impl(float* __restrict__ dgamma, float
 LN_INSTANTIATE(f32, float)
 LN_INSTANTIATE(bf16, bf16)
 
-extern "C" __global__ void layernorm_backward_reduce(float* dgamma, float* dbeta, const float* partials, int blocks,
+extern "C" __global__ void beit_layernorm_backward_reduce(float* dgamma, float* dbeta, const float* partials, int blocks,
                                                      int dim) {
     layernorm_backward_reduce_impl(dgamma, dbeta, partials, blocks, dim);
 }

@@ -22,7 +22,7 @@ __device__ void column_sums_partial(float* __restrict__ partials, const T* __res
     partials[(size_t)blockIdx.y * n + c] = s;
 }
 
-extern "C" __global__ void column_sums_finish(float* out, const float* partials, int chunks, int n) {
+extern "C" __global__ void beit_reduce_column_sums_finish(float* out, const float* partials, int chunks, int n) {
     const int c = blockIdx.x * blockDim.x + threadIdx.x;
     if (c >= n) return;
     float s = 0.0f;
@@ -60,14 +60,14 @@ __device__ void channel_sums(float* __restrict__ out, const T* __restrict__ x, i
 }
 
 #define REDUCE_INSTANTIATE(SUFFIX, T)                                                                             \
-    extern "C" __global__ void column_sums_partial_##SUFFIX(float* partials, const T* x, int rows, int n,         \
+    extern "C" __global__ void beit_reduce_column_sums_partial_##SUFFIX(float* partials, const T* x, int rows, int n,         \
                                                             int chunk_rows) {                                    \
         column_sums_partial<T>(partials, x, rows, n, chunk_rows);                                                \
     }                                                                                                            \
-    extern "C" __global__ void row_sums_##SUFFIX(float* out, const T* x, int rows, int n) {                       \
+    extern "C" __global__ void beit_reduce_row_sums_##SUFFIX(float* out, const T* x, int rows, int n) {                       \
         row_sums<T>(out, x, rows, n);                                                                            \
     }                                                                                                            \
-    extern "C" __global__ void channel_sums_##SUFFIX(float* out, const T* x, int batch, int channels, int plane) { \
+    extern "C" __global__ void beit_reduce_channel_sums_##SUFFIX(float* out, const T* x, int batch, int channels, int plane) { \
         channel_sums<T>(out, x, batch, channels, plane);                                                         \
     }
 

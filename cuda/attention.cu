@@ -43,7 +43,7 @@ __device__ __forceinline__ void load_tile(float (*dst)[P], const T* src, size_t 
     for (int e = threadIdx.x; e < ATT_TILE * D; e += blockDim.x) {
         const int r = e / D, c = e % D;
         const int i = r0 + r;
-        dst[r][c] = i < n ? to_f32(src[(size_t)i * rs + col0 + c]) : 0.0f;
+        dst[r][c] = i < n ? beit_to_float(src[(size_t)i * rs + col0 + c]) : 0.0f;
     }
 }
 
@@ -91,7 +91,7 @@ __device__ void attention_forward(T* __restrict__ ctx, float* __restrict__ lse, 
             const float m_new = fmaxf(m[r], warp_max(s));  // finite: key k0 is valid
             const float p = valid ? expf(s - m_new) : 0.0f;
             const float alpha = expf(m[r] - m_new);  // 0 on the first tile (m = −inf)
-            l[r] = l[r] * alpha + warp_sum(p);
+            l[r] = l[r] * alpha + beit_warp_sum(p);
             m[r] = m_new;
 #pragma unroll
             for (int cc = 0; cc < CPL; ++cc) acc[r][cc] *= alpha;
@@ -111,7 +111,7 @@ __device__ void attention_forward(T* __restrict__ ctx, float* __restrict__ lse, 
         const float inv = 1.0f / l[r];
         T* out = ctx + ((size_t)b * n + i) * hidden + h * D;
 #pragma unroll
-        for (int cc = 0; cc < CPL; ++cc) out[lane + BEIT_WARP * cc] = from_f32<T>(acc[r][cc] * inv);
+        for (int cc = 0; cc < CPL; ++cc) out[lane + BEIT_WARP * cc] = beit_from_float<T>(acc[r][cc] * inv);
         if (lane == 0) lse[((size_t)b * heads + h) * n + i] = m[r] + logf(l[r]);
     }
 }
@@ -128,8 +128,8 @@ __device__ void attention_backward_delta(float* __restrict__ delta, const T* __r
     const int h = (int)(bh % heads), b = (int)(bh / heads);
     const size_t off = ((size_t)b * n + i) * heads * head_dim + (size_t)h * head_dim;
     float s = 0.0f;
-    for (int c = lane; c < head_dim; c += BEIT_WARP) s += to_f32(dctx[off + c]) * to_f32(ctx[off + c]);
-    s = warp_sum(s);
+    for (int c = lane; c < head_dim; c += BEIT_WARP) s += beit_to_float(dctx[off + c]) * beit_to_float(ctx[off + c]);
+    s = beit_warp_sum(s);
     if (lane == 0) delta[w] = s;
 }
 
@@ -213,8 +213,8 @@ __device__ void attention_backward_dkdv(T* __restrict__ dqkv, const T* __restric
 #pragma unroll
         for (int cc = 0; cc < CPL; ++cc) {
             const int c = lane + BEIT_WARP * cc;
-            row[hidden + h * D + c] = from_f32<T>(dk[r][cc] * scale);
-            row[2 * hidden + h * D + c] = from_f32<T>(dv[r][cc]);
+            row[hidden + h * D + c] = beit_from_float<T>(dk[r][cc] * scale);
+            row[2 * hidden + h * D + c] = beit_from_float<T>(dv[r][cc]);
         }
     }
 }
@@ -296,13 +296,13 @@ __device__ void attention_backward_dq(T* __restrict__ dqkv, float* __restrict__ 
             if (i >= n) continue;
             T* row = dqkv + ((size_t)b * n + i) * rs + h * D;
 #pragma unroll
-            for (int cc = 0; cc < CPL; ++cc) row[lane + BEIT_WARP * cc] = from_f32<T>(dq[r][cc] * scale);
+            for (int cc = 0; cc < CPL; ++cc) row[lane + BEIT_WARP * cc] = beit_from_float<T>(dq[r][cc] * scale);
         }
     }
 }
 
 #define ATT_INSTANTIATE(SUFFIX, T, D)                                                                              \
-    extern "C" __global__ void __launch_bounds__(ATT_THREADS) beit_attention_forward_d##D##_##SUFFIX(                   \
+    extern "C" __global__ void __launch_bounds__(ATT_THREADS, 2) beit_attention_forward_d##D##_##SUFFIX(                   \
         T* ctx, float* lse, const T* qkv, const float* bias, int n, int heads, float scale) {                      \
         attention_forward<T, D>(ctx, lse, qkv, bias, n, heads, scale);                                             \
     }                                                                                                              \
@@ -351,7 +351,7 @@ __device__ void relpos_bias_gather(float* __restrict__ bias, const T* __restrict
     const size_t e = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
     if (e >= (size_t)heads * tt) return;
     const int h = (int)(e / tt), p = (int)(e % tt);
-    const float v = to_f32(table[(size_t)index[p] * heads + h]);
+    const float v = beit_to_float(table[(size_t)index[p] * heads + h]);
     bias[e] = accumulate ? bias[e] + v : v;
 }
 

@@ -33,8 +33,8 @@ __device__ void im2col(T* __restrict__ cols, const T* __restrict__ img, int batc
         const int iy = oy * g.stride - g.pad + kh, ix = ox * g.stride - g.pad + kw;
         float v = 0.0f;
         if (iy >= 0 && iy < g.h && ix >= 0 && ix < g.w)
-            v = to_f32(img[((b * g.channels + c) * g.h + iy) * g.w + ix]);
-        cols[e] = from_f32<T>(v);
+            v = beit_to_float(img[((b * g.channels + c) * g.h + iy) * g.w + ix]);
+        cols[e] = beit_from_float<T>(v);
     }
 }
 
@@ -52,7 +52,7 @@ __device__ void col2im(T* __restrict__ img, const T* __restrict__ cols, const T*
         const int c = (int)(bc % g.channels);
         const size_t b = bc / g.channels;
         const int y = (int)((e % plane) / g.w), x = (int)(e % g.w);
-        float acc = accumulate ? to_f32(img[e]) : (bias ? to_f32(bias[c]) : 0.0f);
+        float acc = accumulate ? beit_to_float(img[e]) : (bias ? beit_to_float(bias[c]) : 0.0f);
         const T* cb = cols + (b * g.channels + c) * g.k * g.k * l;
         for (int kh = 0; kh < g.k; ++kh) {
             const int ty = y + g.pad - kh;  // = oy·s
@@ -64,10 +64,10 @@ __device__ void col2im(T* __restrict__ img, const T* __restrict__ cols, const T*
                 if (tx < 0 || tx % g.stride != 0) continue;
                 const int ox = tx / g.stride;
                 if (ox >= g.ow) continue;
-                acc += to_f32(cb[(size_t)(kh * g.k + kw) * l + (size_t)oy * g.ow + ox]);
+                acc += beit_to_float(cb[(size_t)(kh * g.k + kw) * l + (size_t)oy * g.ow + ox]);
             }
         }
-        img[e] = from_f32<T>(acc);
+        img[e] = beit_from_float<T>(acc);
     }
 }
 
@@ -78,7 +78,7 @@ __device__ void channel_bias_add(T* __restrict__ out, const T* __restrict__ bias
     const size_t total = (size_t)batch * channels * plane;
     for (size_t e = (size_t)blockIdx.x * blockDim.x + threadIdx.x; e < total; e += (size_t)gridDim.x * blockDim.x) {
         const int c = (int)((e / plane) % channels);
-        out[e] = from_f32<T>(to_f32(out[e]) + to_f32(bias[c]));
+        out[e] = beit_from_float<T>(beit_to_float(out[e]) + beit_to_float(bias[c]));
     }
 }
 

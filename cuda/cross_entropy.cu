@@ -41,7 +41,7 @@ __device__ void cross_entropy_forward_backward(T* __restrict__ logits, float* __
     // Pass 1: per-thread online (max, sum exp), and the plain sum of logits for smoothing.
     float m = -BEIT_INF, s = 0.0f, sx = 0.0f;
     for (int c = threadIdx.x; c < vocab; c += blockDim.x) {
-        const float v = to_f32(x[c]);
+        const float v = beit_to_float(x[c]);
         sx += v;
         if (v > m) {
             s = s * expf(m - v) + 1.0f;  // s is 0 while m is −inf, so no NaN
@@ -76,11 +76,11 @@ __device__ void cross_entropy_forward_backward(T* __restrict__ logits, float* __
 
     if (label < 0) {
         // Masked row: no loss, no gradient.
-        for (int c = threadIdx.x; c < vocab; c += blockDim.x) x[c] = from_f32<T>(0.0f);
+        for (int c = threadIdx.x; c < vocab; c += blockDim.x) x[c] = beit_from_float<T>(0.0f);
         if (threadIdx.x == 0) losses[row] = 0.0f;
         return;
     }
-    const float x_label = label < vocab ? to_f32(x[label]) : BEIT_NAN;  // out of range: NaN, visible
+    const float x_label = label < vocab ? beit_to_float(x[label]) : BEIT_NAN;  // out of range: NaN, visible
     __syncthreads();  // x[label] is read by all before pass 2 overwrites it
     const float lse = m + logf(s);
     const float off_t = smoothing / (float)vocab;
@@ -90,9 +90,9 @@ __device__ void cross_entropy_forward_backward(T* __restrict__ logits, float* __
     // Pass 2: gradient in place. p·inv_rows = e^(x − m) · (inv_rows / s), the CPU's arithmetic.
     const float scale = inv_rows / s;
     for (int c = threadIdx.x; c < vocab; c += blockDim.x) {
-        const float p = expf(to_f32(x[c]) - m) * scale;
+        const float p = expf(beit_to_float(x[c]) - m) * scale;
         const float t = (c == label ? on_t : off_t) * inv_rows;
-        x[c] = from_f32<T>(p - t);
+        x[c] = beit_from_float<T>(p - t);
     }
 }
 

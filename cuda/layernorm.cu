@@ -23,14 +23,14 @@ template <typename T>
 __device__ __forceinline__ void row_stats(const T* row, int dim, float eps, float& mean, float& rstd) {
     const int lane = threadIdx.x % BEIT_WARP;
     float s = 0.0f;
-    for (int c = lane; c < dim; c += BEIT_WARP) s += to_f32(row[c]);
-    mean = warp_sum(s) / (float)dim;
+    for (int c = lane; c < dim; c += BEIT_WARP) s += beit_to_float(row[c]);
+    mean = beit_warp_sum(s) / (float)dim;
     float q = 0.0f;
     for (int c = lane; c < dim; c += BEIT_WARP) {
-        const float d = to_f32(row[c]) - mean;
+        const float d = beit_to_float(row[c]) - mean;
         q += d * d;
     }
-    const float var = warp_sum(q) / (float)dim;
+    const float var = beit_warp_sum(q) / (float)dim;
     // Division and sqrt rounded correctly (NVRTC's defaults), not rsqrtf's approximation, so the
     // f32 mode matches the CPU's 1 / sqrt(var + eps).
     rstd = 1.0f / sqrtf(var + eps);
@@ -41,8 +41,8 @@ __device__ __forceinline__ void normalize_row(T* out, const T* row, const T* gam
                                               float rstd) {
     const int lane = threadIdx.x % BEIT_WARP;
     for (int c = lane; c < dim; c += BEIT_WARP) {
-        const float v = (to_f32(row[c]) - mean) * rstd;
-        out[c] = from_f32<T>(v * to_f32(gamma[c]) + to_f32(beta[c]));
+        const float v = (beit_to_float(row[c]) - mean) * rstd;
+        out[c] = beit_from_float<T>(v * beit_to_float(gamma[c]) + beit_to_float(beta[c]));
     }
 }
 
@@ -83,10 +83,10 @@ __device__ void residual_layernorm_forward(T* __restrict__ resid, T* __restrict_
     const size_t off = (size_t)row * dim;
     const float k = row_factors ? row_factors[row / rows_each] : 1.0f;
     for (int c = lane; c < dim; c += BEIT_WARP) {
-        const float b = bias ? to_f32(bias[c]) : 0.0f;
-        const float s = scale ? to_f32(scale[c]) : 1.0f;
-        const float v = to_f32(x[off + c]) + (s * k) * (to_f32(y[off + c]) + b);
-        resid[off + c] = from_f32<T>(v);
+        const float b = bias ? beit_to_float(bias[c]) : 0.0f;
+        const float s = scale ? beit_to_float(scale[c]) : 1.0f;
+        const float v = beit_to_float(x[off + c]) + (s * k) * (beit_to_float(y[off + c]) + b);
+        resid[off + c] = beit_from_float<T>(v);
     }
     // Each lane reads back only the columns it wrote, so no barrier is needed.
     float mean, rstd;
@@ -117,18 +117,18 @@ __device__ void layernorm_backward(T* __restrict__ dx, float* __restrict__ parti
         const float mu = mean[row], rs = rstd[row];
         float sum_g = 0.0f, sum_gx = 0.0f;
         for (int c = lane; c < dim; c += BEIT_WARP) {
-            const float g = to_f32(dy[off + c]) * to_f32(gamma[c]);
+            const float g = beit_to_float(dy[off + c]) * beit_to_float(gamma[c]);
             sum_g += g;
-            sum_gx += g * ((to_f32(x[off + c]) - mu) * rs);
+            sum_gx += g * ((beit_to_float(x[off + c]) - mu) * rs);
         }
-        const float mean_g = warp_sum(sum_g) * inv_dim;
-        const float mean_gx = warp_sum(sum_gx) * inv_dim;
+        const float mean_g = beit_warp_sum(sum_g) * inv_dim;
+        const float mean_gx = beit_warp_sum(sum_gx) * inv_dim;
         for (int c = lane; c < dim; c += BEIT_WARP) {
-            const float g = to_f32(dy[off + c]) * to_f32(gamma[c]);
-            const float xhat = (to_f32(x[off + c]) - mu) * rs;
+            const float g = beit_to_float(dy[off + c]) * beit_to_float(gamma[c]);
+            const float xhat = (beit_to_float(x[off + c]) - mu) * rs;
             float d = rs * (g - mean_g - xhat * mean_gx);
-            if (accumulate) d += to_f32(dx[off + c]);
-            dx[off + c] = from_f32<T>(d);
+            if (accumulate) d += beit_to_float(dx[off + c]);
+            dx[off + c] = beit_from_float<T>(d);
         }
     }
     // Column sums of this block's rows: thread per column, rows in order.
@@ -137,8 +137,8 @@ __device__ void layernorm_backward(T* __restrict__ dx, float* __restrict__ parti
         float sg = 0.0f, sb = 0.0f;
         for (int row = row0; row < row_end; ++row) {
             const size_t off = (size_t)row * dim;
-            const float o = to_f32(dy[off + c]);
-            sg += o * ((to_f32(x[off + c]) - mean[row]) * rstd[row]);
+            const float o = beit_to_float(dy[off + c]);
+            sg += o * ((beit_to_float(x[off + c]) - mean[row]) * rstd[row]);
             sb += o;
         }
         pg[c] = sg;

@@ -18,7 +18,7 @@ __device__ void column_sums_partial(float* __restrict__ partials, const T* __res
     const int r0 = blockIdx.y * chunk_rows;
     const int r1 = min(rows, r0 + chunk_rows);
     float s = 0.0f;
-    for (int r = r0; r < r1; ++r) s += to_f32(x[(size_t)r * n + c]);
+    for (int r = r0; r < r1; ++r) s += beit_to_float(x[(size_t)r * n + c]);
     partials[(size_t)blockIdx.y * n + c] = s;
 }
 
@@ -37,8 +37,8 @@ __device__ void row_sums(float* __restrict__ out, const T* __restrict__ x, int r
     if (row >= rows) return;  // warp-uniform
     const int lane = threadIdx.x % BEIT_WARP;
     float s = 0.0f;
-    for (int c = lane; c < n; c += BEIT_WARP) s += to_f32(x[(size_t)row * n + c]);
-    s = warp_sum(s);
+    for (int c = lane; c < n; c += BEIT_WARP) s += beit_to_float(x[(size_t)row * n + c]);
+    s = beit_warp_sum(s);
     if (lane == 0) out[row] = s;
 }
 
@@ -53,8 +53,8 @@ __device__ void channel_sums(float* __restrict__ out, const T* __restrict__ x, i
     for (int b = 0; b < batch; ++b) {
         const T* p = x + ((size_t)b * channels + c) * plane;
         float s = 0.0f;
-        for (int i = threadIdx.x; i < plane; i += blockDim.x) s += to_f32(p[i]);
-        total += (double)block_sum(s, scratch);
+        for (int i = threadIdx.x; i < plane; i += blockDim.x) s += beit_to_float(p[i]);
+        total += (double)beit_block_sum(s, scratch);
     }
     if (threadIdx.x == 0) out[c] += (float)total;
 }

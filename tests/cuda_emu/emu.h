@@ -8,8 +8,8 @@
 // block / warp never reaches (an exited thread, divergent control flow) is reported as a
 // deadlock instead of being undefined behaviour. Blocks run one after another; __shared__
 // arrays are function statics (shared by the fibers of the block that runs).
-// Only what the kernels use is provided: 1-D blocks, float shuffles, a bf16 with
-// round-to-nearest-even conversion.
+// Only what the kernels use is provided: 1-D blocks, float shuffles; bf16 comes from
+// include/cuda_bf16.h beside this file.
 #pragma once
 #define BEIT_HOST_EMU 1
 
@@ -39,22 +39,6 @@ struct emu_dim3 {
 };
 inline emu_dim3 threadIdx, blockIdx, blockDim, gridDim;
 
-struct bf16 {
-    uint16_t bits;
-};
-inline float __bfloat162float(bf16 v) {
-    uint32_t u = (uint32_t)v.bits << 16;
-    float f;
-    memcpy(&f, &u, 4);
-    return f;
-}
-inline bf16 __float2bfloat16_rn(float f) {
-    uint32_t u;
-    memcpy(&u, &f, 4);
-    if ((u & 0x7fffffffu) > 0x7f800000u) return bf16{0x7fc0};  // NaN
-    u += 0x7fffu + ((u >> 16) & 1u);
-    return bf16{(uint16_t)(u >> 16)};
-}
 inline float __int_as_float(int i) {
     float f;
     memcpy(&f, &i, 4);

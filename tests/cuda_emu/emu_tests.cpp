@@ -10,6 +10,7 @@
 // below half of that).
 
 #include "emu.h"
+#include "common.cuh"  // found through -Icuda, as NVRTC finds it as a named header
 
 #include "../../cuda/attention.cu"
 #include "../../cuda/conv.cu"

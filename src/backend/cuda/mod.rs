@@ -49,12 +49,18 @@
 //! bf16-rounded inputs, with a tolerance derived from bf16's 2^-8 relative step and stated in
 //! the test. Set `BEIT_DISABLE_CUDA=1` to exercise the no-GPU paths on a GPU machine.
 
+pub mod attention;
 pub mod buffer;
+pub mod conv;
+pub mod cross_entropy;
 pub mod device;
 pub mod elementwise;
+mod kernel_args;
+pub mod layernorm;
 pub mod matmul;
 pub mod nvrtc;
 pub mod probe;
+pub mod reduce;
 
 pub use buffer::DeviceBuffer;
 pub use device::CudaDevice;

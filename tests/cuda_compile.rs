@@ -58,3 +58,29 @@ fn every_kernel_compiles_for_sm80_and_sm90() {
     assert!(failures.is_empty(), "{} kernel compile(s) failed:\n{}", failures.len(), failures.join("\n\n"));
     println!("{} kernel files x {} architectures compiled", files.len(), ARCHS.len());
 }
+
+#[test]
+#[ignore = "needs NVRTC (libnvrtc.so.13) and CUDA headers: run scripts/check-kernels"]
+fn compiled_kernels_are_cached_on_disk_by_arch() {
+    let dir = tempfile::tempdir().unwrap();
+    // Only this test reads the variable, and nvrtc::cache_dir() reads it at each call.
+    std::env::set_var("BEIT_CACHE_DIR", dir.path());
+    let file = nvrtc::kernel_files().next().expect("a kernel file");
+    let arch = Arch("sm_80".into());
+    let first = nvrtc::compile_cached(file, &arch).expect("compile");
+    assert!(!first.from_cache, "an empty cache cannot hit");
+    let entries: Vec<String> =
+        std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
+    assert_eq!(entries.len(), 1, "one cubin stored: {entries:?}");
+    let (major, minor) = nvrtc::nvrtc_version().unwrap();
+    let stem = file.trim_end_matches(".cu");
+    assert!(entries[0].starts_with(&format!("{stem}-sm_80-nvrtc{major}.{minor}-")), "{entries:?}");
+    let second = nvrtc::compile_cached(file, &arch).expect("cached");
+    assert!(second.from_cache, "the second compile must come from the cache");
+    assert_eq!(first.cubin, second.cubin);
+    // Another architecture is another entry, compiled afresh.
+    let other = nvrtc::compile_cached(file, &Arch("sm_90".into())).expect("compile sm_90");
+    assert!(!other.from_cache);
+    assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 2);
+    println!("cache: {} -> {} entries in {}", file, 2, dir.path().display());
+}

@@ -62,6 +62,7 @@ fn every_kernel_compiles_for_sm80_and_sm90() {
 #[test]
 #[ignore = "needs NVRTC (libnvrtc.so.13) and CUDA headers: run scripts/check-kernels"]
 fn compiled_kernels_are_cached_on_disk_by_arch() {
+    assert!(nvrtc::nvrtc_present(), "libnvrtc.so.13 cannot be loaded: put its directory on LD_LIBRARY_PATH");
     let dir = tempfile::tempdir().unwrap();
     // Only this test reads the variable, and nvrtc::cache_dir() reads it at each call.
     std::env::set_var("BEIT_CACHE_DIR", dir.path());

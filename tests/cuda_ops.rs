@@ -455,3 +455,134 @@ fn device_reports_itself() {
     assert!(info.compute_capability >= (8, 0));
     assert!(d.multiprocessors() > 0);
 }
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn epilogues_in_bf16() {
+    // The training path's precision: bf16 in and out, aux and bias gradient in bf16. The CPU
+    // runs on the bf16-rounded inputs; outputs carry bf16 rounding (2^-9 relative) on top of
+    // the fp32 tolerances of the tests above.
+    let d = dev();
+    let (m, k, n) = (64, 96, 128);
+    let (x, w, b) = (round_bf16(&values(m * k, 30)), round_bf16(&values(n * k, 31)), round_bf16(&values(n, 32)));
+    let mut pre = vec![0.0f32; m * n];
+    cpu::gemm::linear(&mut pre, &x, &w, Some(&b), m, k, n);
+    let act: Vec<f32> = pre.iter().map(|&v| gelu_tanh(v)).collect();
+    let (gx, gw, gb) =
+        (d.upload(&to_bf16(&x)).unwrap(), d.upload(&to_bf16(&w)).unwrap(), d.upload(&to_bf16(&b)).unwrap());
+    let mut gy = d.zeros::<bf16>(m * n).unwrap();
+    let mut aux = d.zeros::<bf16>(m * n).unwrap();
+    d.gemm::<bf16, bf16>(
+        GemmShape::linear(m, k, n),
+        1.0,
+        &gx,
+        &gw,
+        0.0,
+        &mut gy,
+        Epilogue::GeluAuxBias { bias: &gb, aux: &mut aux },
+    )
+    .unwrap();
+    let scale = max_abs(&pre);
+    assert_elementwise(
+        &from_bf16(&d.download(&aux).unwrap()),
+        &pre,
+        1.0 / 256.0,
+        1e-5 * scale,
+        "bf16 GELU_AUX_BIAS aux",
+    );
+    assert_elementwise(
+        &from_bf16(&d.download(&gy).unwrap()),
+        &act,
+        1.0 / 256.0,
+        1e-4 * scale,
+        "bf16 GELU_AUX_BIAS out",
+    );
+    // DGELU with the stored (bf16) pre-activation.
+    let pre_b = from_bf16(&d.download(&aux).unwrap());
+    let dy = round_bf16(&values(m * n, 33));
+    let w2 = round_bf16(&values(n * n, 34));
+    let prod = naive_gemm(&dy, &w2, m, n, n, false, false);
+    let want: Vec<f32> = prod.iter().zip(&pre_b).map(|(p, &x)| p * gelu_tanh_grad(x)).collect();
+    let mut gdh = d.zeros::<bf16>(m * n).unwrap();
+    let (gdy, gw2) = (d.upload(&to_bf16(&dy)).unwrap(), d.upload(&to_bf16(&w2)).unwrap());
+    d.gemm::<bf16, bf16>(GemmShape::new(m, n, n), 1.0, &gdy, &gw2, 0.0, &mut gdh, Epilogue::DGelu { aux: &aux })
+        .unwrap();
+    assert_elementwise(&from_bf16(&d.download(&gdh).unwrap()), &want, 1.0 / 256.0, 1e-4 * max_abs(&want), "bf16 DGELU");
+    // BGRAD: dW = dYᵀ·X and db = Σ_rows dY.
+    let want_dw = naive_gemm(&dy, &x, n, k, m, true, false);
+    let want_db: Vec<f32> = (0..n).map(|i| (0..m).map(|r| dy[r * n + i] as f64).sum::<f64>() as f32).collect();
+    let mut gdw = d.zeros::<bf16>(n * k).unwrap();
+    let mut gdb = d.zeros::<bf16>(n).unwrap();
+    let shape = GemmShape { trans_a: true, ..GemmShape::new(n, k, m) };
+    d.gemm::<bf16, bf16>(shape, 1.0, &gdy, &gx, 0.0, &mut gdw, Epilogue::BiasGrad { bias_grad: &mut gdb }).unwrap();
+    assert_elementwise(
+        &from_bf16(&d.download(&gdw).unwrap()),
+        &want_dw,
+        1.0 / 256.0,
+        1e-5 * max_abs(&want_dw),
+        "bf16 BGRAD dW",
+    );
+    assert_elementwise(
+        &from_bf16(&d.download(&gdb).unwrap()),
+        &want_db,
+        1.0 / 256.0,
+        1e-5 * max_abs(&want_db),
+        "bf16 BGRAD db",
+    );
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn patch_embedding_matches_cpu_conv() {
+    use beit::backend::cuda::patch_embed::PatchEmbedShape;
+    let d = dev();
+    // Two 3x36x44 images, 8x8 patches: a 4x5 grid; the last 4 rows and columns are dropped, as
+    // conv2d drops them.
+    let (b, c, h, w, p, hidden) = (2, 3, 36, 44, 8, 64);
+    let shape = PatchEmbedShape { batch: b, channels: c, height: h, width: w, patch_h: p, patch_w: p, hidden };
+    let conv = cpu::conv::Conv2dShape {
+        batch: b,
+        in_channels: c,
+        out_channels: hidden,
+        in_h: h,
+        in_w: w,
+        kernel: p,
+        stride: p,
+        padding: 0,
+    };
+    let n = shape.num_patches();
+    assert_eq!(n, conv.out_h() * conv.out_w());
+    let reference = |x: &[f32], wt: &[f32], bias: &[f32]| {
+        let mut out = vec![0.0f32; b * hidden * n];
+        cpu::conv::conv2d_forward(&conv, x, wt, Some(bias), &mut out);
+        // [B, D, N] -> [B, N, D] (HF: flatten(2).transpose(1, 2)).
+        let mut tokens = vec![0.0f32; b * n * hidden];
+        for bi in 0..b {
+            for di in 0..hidden {
+                for ni in 0..n {
+                    tokens[(bi * n + ni) * hidden + di] = out[(bi * hidden + di) * n + ni];
+                }
+            }
+        }
+        tokens
+    };
+    let (x, wt, bias) = (values(b * c * h * w, 40), values(hidden * c * p * p, 41), values(hidden, 42));
+    let want = reference(&x, &wt, &bias);
+    let gx = d.upload(&x).unwrap();
+    let mut out = d.zeros::<f32>(b * n * hidden).unwrap();
+    d.patch_embed::<f32>(shape, &gx, &d.upload(&wt).unwrap(), &d.upload(&bias).unwrap(), &mut out).unwrap();
+    assert_normwise(&d.download(&out).unwrap(), &want, 1e-5, "patch embedding fp32");
+    // bf16: pixels are rounded to bf16 by the kernel, weights stored in bf16.
+    let (xr, wr, br) = (round_bf16(&x), round_bf16(&wt), round_bf16(&bias));
+    let want_b = reference(&xr, &wr, &br);
+    let mut outb = d.zeros::<bf16>(b * n * hidden).unwrap();
+    d.patch_embed::<bf16>(shape, &gx, &d.upload(&to_bf16(&wr)).unwrap(), &d.upload(&to_bf16(&br)).unwrap(), &mut outb)
+        .unwrap();
+    assert_elementwise(
+        &from_bf16(&d.download(&outb).unwrap()),
+        &want_b,
+        1.0 / 256.0,
+        1e-5 * max_abs(&want_b),
+        "patch embedding bf16",
+    );
+}

@@ -9,7 +9,7 @@
 //!   modules (`CudaDevice::get()`; `Unsupported` with the probe's reason without a GPU).
 //! - [`nvrtc`]: compiles the embedded `cuda/*.cu` for the GPU's arch, with the disk cache.
 //! - [`buffer`]: device buffers (`DeviceBuffer<T>` = cudarc `CudaSlice<T>`) and copies.
-//! - [`matmul`], [`elementwise`], [`adamw`], [`reduce`]: the ops.
+//! - [`matmul`], [`elementwise`], [`adamw`], [`reduce`], [`patch_embed`]: the ops.
 //!
 //! # Adding a kernel file
 //! 1. Write `cuda/<family>.cu`, starting with `#include "common.cuh"` (bf16 type, load/store
@@ -55,6 +55,7 @@ pub mod device;
 pub mod elementwise;
 pub mod matmul;
 pub mod nvrtc;
+pub mod patch_embed;
 pub mod probe;
 pub mod reduce;
 

@@ -47,6 +47,10 @@ fn from_bf16(x: &[bf16]) -> Vec<f32> {
     x.iter().map(|v| v.to_f32()).collect()
 }
 
+fn sq_dist(a: &[f32], b: &[f32]) -> f64 {
+    a.iter().zip(b).map(|(x, y)| ((x - y) as f64).powi(2)).sum()
+}
+
 fn max_abs(x: &[f32]) -> f32 {
     x.iter().fold(0.0f32, |m, v| m.max(v.abs()))
 }
@@ -228,9 +232,16 @@ fn epilogue_gelu_aux_bias_keeps_the_pre_activation() {
     )
     .unwrap();
     assert_normwise(&d.download(&aux).unwrap(), &pre, 1e-5, "GELU_AUX_BIAS aux = pre-activation");
-    // cuBLASLt's tanh may be an approximation of its own: 1e-4 normwise, far below the 1e-3
-    // gap between the tanh and erf GELUs (so a wrong-formula epilogue still fails).
-    assert_normwise(&d.download(&gy).unwrap(), &act, 1e-4, "GELU_AUX_BIAS output = gelu_tanh(pre)");
+    let got = d.download(&gy).unwrap();
+    // cuBLASLt may evaluate tanh with the hardware approximation (relative error up to 2^-11,
+    // i.e. up to 2.5e-4·|x| in GELU): 5e-4 normwise. That is as large as the tanh/erf gap
+    // (~4e-4), so the formula is checked separately: the output must be closer to the tanh
+    // GELU than to the erf GELU.
+    assert_normwise(&got, &act, 5e-4, "GELU_AUX_BIAS output = gelu_tanh(pre)");
+    let erf: Vec<f32> = pre.iter().map(|&v| cpu::math::gelu(v)).collect();
+    let (to_tanh, to_erf) = (sq_dist(&got, &act), sq_dist(&got, &erf));
+    println!("GELU epilogue: squared distance to tanh GELU {to_tanh:e}, to erf GELU {to_erf:e}");
+    assert!(to_tanh < to_erf, "the GELU epilogue is not the tanh approximation: {to_tanh:e} vs erf {to_erf:e}");
 }
 
 #[test]
@@ -247,7 +258,8 @@ fn epilogue_dgelu_is_the_mlp_activation_backward() {
     let mut gdh = d.zeros::<f32>(m * h).unwrap();
     d.gemm::<f32, f32>(GemmShape::new(m, h, n), 1.0, &gdy, &gw2, 0.0, &mut gdh, Epilogue::DGelu { aux: &gpre })
         .unwrap();
-    assert_normwise(&d.download(&gdh).unwrap(), &want, 1e-4, "DGELU");
+    // As above: the epilogue's tanh may be the hardware approximation.
+    assert_normwise(&d.download(&gdh).unwrap(), &want, 1e-3, "DGELU");
 }
 
 #[test]
@@ -507,7 +519,7 @@ fn epilogues_in_bf16() {
     let (gdy, gw2) = (d.upload(&to_bf16(&dy)).unwrap(), d.upload(&to_bf16(&w2)).unwrap());
     d.gemm::<bf16, bf16>(GemmShape::new(m, n, n), 1.0, &gdy, &gw2, 0.0, &mut gdh, Epilogue::DGelu { aux: &aux })
         .unwrap();
-    assert_elementwise(&from_bf16(&d.download(&gdh).unwrap()), &want, 1.0 / 256.0, 1e-4 * max_abs(&want), "bf16 DGELU");
+    assert_elementwise(&from_bf16(&d.download(&gdh).unwrap()), &want, 1.0 / 256.0, 1e-3 * max_abs(&want), "bf16 DGELU");
     // BGRAD: dW = dYᵀ·X and db = Σ_rows dY.
     let want_dw = naive_gemm(&dy, &x, n, k, m, true, false);
     let want_db: Vec<f32> = (0..n).map(|i| (0..m).map(|r| dy[r * n + i] as f64).sum::<f64>() as f32).collect();

@@ -37,6 +37,12 @@ __device__ __forceinline__ float beit_warp_sum(float v) {
     return v;
 }
 
+__device__ __forceinline__ double beit_warp_sum(double v) {
+#pragma unroll
+    for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_xor_sync(0xffffffffu, v, offset);
+    return v;
+}
+
 // Sum over the block (blockDim.x a multiple of 32, at most 1024): warp sums, then the first warp
 // sums the per-warp partials. Deterministic (fixed tree). Every thread gets the total. `scratch`
 // is shared memory of at least 32 floats; the function syncs before reusing it, so it can be
@@ -50,6 +56,20 @@ __device__ __forceinline__ float beit_block_sum(float v, float* scratch) {
     if (lane == 0) scratch[warp] = v;
     __syncthreads();
     float total = lane < warps ? scratch[lane] : 0.0f;
+    total = beit_warp_sum(total);
+    return total;
+}
+
+// The same fixed tree in double (for norms over millions of elements); `scratch` holds 32 doubles.
+__device__ __forceinline__ double beit_block_sum(double v, double* scratch) {
+    const int lane = threadIdx.x & 31;
+    const int warp = threadIdx.x >> 5;
+    const int warps = blockDim.x >> 5;
+    v = beit_warp_sum(v);
+    __syncthreads();
+    if (lane == 0) scratch[warp] = v;
+    __syncthreads();
+    double total = lane < warps ? scratch[lane] : 0.0;
     total = beit_warp_sum(total);
     return total;
 }

@@ -31,7 +31,7 @@ use beit::backend::cpu::layernorm::layernorm;
 use beit::backend::cuda::attention::attention_backward_scratch_len as gpu_attention_scratch;
 use beit::backend::cuda::conv::{conv_scratch_len, ColsGeometry};
 use beit::backend::cuda::layernorm::{layernorm_backward_scratch_len, LayerNormStats, ResidualInput};
-use beit::backend::cuda::reduce::column_sums_scratch_len;
+use beit::backend::cuda::sums::column_sums_scratch_len;
 use beit::backend::cuda::{CudaDevice, DeviceBuffer, GemmType};
 use beit::model::params::rel_pos_table_rows;
 use beit::model::relpos::{add_bias, add_bias_backward, relative_position_index};

@@ -141,7 +141,9 @@ fn needed_libraries(path: &std::path::Path) -> Vec<String> {
 fn no_cuda_library_is_linked() {
     // The beit binary links the whole library statically; libbeit.so sits beside it once
     // `cargo build --release` has run (checked too when present).
-    let bin = std::path::PathBuf::from(env!("CARGO_BIN_EXE_beit"));
+    // BEIT_BIN: where scripts/gpu-check put the binary on a machine the tests were copied to.
+    let bin =
+        std::path::PathBuf::from(std::env::var("BEIT_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_beit").to_string()));
     let mut files = vec![bin.clone()];
     let so = bin.parent().unwrap().join("libbeit.so");
     if so.exists() {

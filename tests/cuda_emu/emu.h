@@ -8,7 +8,7 @@
 // block / warp never reaches (an exited thread, divergent control flow) is reported as a
 // deadlock instead of being undefined behaviour. Blocks run one after another; __shared__
 // arrays are function statics (shared by the fibers of the block that runs).
-// Only what the kernels use is provided: 1-D blocks, float shuffles; bf16 comes from
+// Only what the kernels use is provided: 1-D blocks, float/double shuffles; bf16 comes from
 // include/cuda_bf16.h beside this file.
 #pragma once
 #define BEIT_HOST_EMU 1
@@ -63,7 +63,7 @@ struct Sched {
     unsigned long block_gen = 0;
     std::vector<int> warp_arrived;
     std::vector<unsigned long> warp_gen;
-    std::vector<float> warp_slot;  // shuffle exchange, 32 per warp
+    std::vector<double> warp_slot;  // shuffle exchange, 32 per warp (double holds a float exactly)
     unsigned long progress = 0;
 };
 inline Sched S;
@@ -117,7 +117,7 @@ inline void launch(emu_dim3 grid, unsigned threads, const std::function<void()>&
                 S.block_arrived = 0;
                 S.warp_arrived.assign(warps, 0);
                 S.warp_gen.assign(warps, 0);
-                S.warp_slot.assign(32 * warps, 0.0f);
+                S.warp_slot.assign(32 * warps, 0.0);
                 for (unsigned t = 0; t < threads; ++t) {
                     Fiber& f = S.fibers[t];
                     if (stacks[t].size() < stack_size) stacks[t].resize(stack_size);
@@ -150,19 +150,21 @@ inline void launch(emu_dim3 grid, unsigned threads, const std::function<void()>&
 
 inline void __syncthreads() { emu::block_barrier(); }
 
-inline float __shfl_sync(unsigned mask, float v, int src) {
+template <typename V>
+inline V __shfl_sync(unsigned mask, V v, int src) {
     if (mask != 0xffffffffu) {
         fprintf(stderr, "emu: only full-mask shuffles are emulated\n");
         exit(2);
     }
     const int lane = threadIdx.x % 32, w = threadIdx.x / 32;
-    emu::S.warp_slot[32 * w + lane] = v;
+    emu::S.warp_slot[32 * w + lane] = (double)v;
     emu::warp_barrier(w);
-    const float r = emu::S.warp_slot[32 * w + (src & 31)];
+    const V r = (V)emu::S.warp_slot[32 * w + (src & 31)];
     emu::warp_barrier(w);
     return r;
 }
 
-inline float __shfl_xor_sync(unsigned mask, float v, int lane_mask) {
+template <typename V>
+inline V __shfl_xor_sync(unsigned mask, V v, int lane_mask) {
     return __shfl_sync(mask, v, (int)(threadIdx.x % 32) ^ lane_mask);
 }

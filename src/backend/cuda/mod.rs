@@ -9,7 +9,7 @@
 //!   modules (`CudaDevice::get()`; `Unsupported` with the probe's reason without a GPU).
 //! - [`nvrtc`]: compiles the embedded `cuda/*.cu` for the GPU's arch, with the disk cache.
 //! - [`buffer`]: device buffers (`DeviceBuffer<T>` = cudarc `CudaSlice<T>`) and copies.
-//! - [`matmul`], [`elementwise`]: the ops.
+//! - [`matmul`], [`elementwise`], [`adamw`], [`reduce`], [`patch_embed`]: the ops.
 //!
 //! # Adding a kernel file
 //! 1. Write `cuda/<family>.cu`, starting with `#include "common.cuh"` (bf16 type, load/store
@@ -49,6 +49,7 @@
 //! bf16-rounded inputs, with a tolerance derived from bf16's 2^-8 relative step and stated in
 //! the test. Set `BEIT_DISABLE_CUDA=1` to exercise the no-GPU paths on a GPU machine.
 
+pub mod adamw;
 pub mod attention;
 pub mod buffer;
 pub mod conv;
@@ -59,8 +60,10 @@ mod kernel_args;
 pub mod layernorm;
 pub mod matmul;
 pub mod nvrtc;
+pub mod patch_embed;
 pub mod probe;
 pub mod reduce;
+pub mod sums;
 
 pub use buffer::DeviceBuffer;
 pub use device::CudaDevice;

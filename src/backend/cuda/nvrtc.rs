@@ -81,9 +81,12 @@ fn nvrtc_error(what: &str, status: nv::nvrtcResult) -> Error {
     Error::Internal(format!("NVRTC {what} failed: {status:?}"))
 }
 
-/// NVRTC's (major, minor) version. Needs libnvrtc to be loadable (check
-/// `cudarc::nvrtc::sys::is_culib_present()` first: cudarc panics otherwise).
+/// NVRTC's (major, minor) version; `Unsupported` when libnvrtc cannot be loaded (checked
+/// first: cudarc would panic).
 pub fn nvrtc_version() -> Result<(i32, i32)> {
+    if !nvrtc_present() {
+        return Err(nvrtc_missing());
+    }
     let (mut major, mut minor) = (0, 0);
     // SAFETY: writes two ints.
     let status = unsafe { nv::nvrtcVersion(&mut major, &mut minor) };
@@ -256,13 +259,17 @@ impl Drop for Program {
     }
 }
 
+fn nvrtc_missing() -> Error {
+    Error::Unsupported(
+        "NVRTC (libnvrtc.so.13) could not be loaded: install the CUDA 13 toolkit or the nvidia-cuda-nvrtc wheel and \
+         put its lib directory on LD_LIBRARY_PATH"
+            .into(),
+    )
+}
+
 fn compile_with(file: &str, src: &str, arch: &Arch, opts: &[String]) -> Result<Compiled> {
     if !nvrtc_present() {
-        return Err(Error::Unsupported(
-            "NVRTC (libnvrtc.so.13) could not be loaded: install the CUDA 13 toolkit or the nvidia-cuda-nvrtc wheel \
-             and put its lib directory on LD_LIBRARY_PATH"
-                .into(),
-        ));
+        return Err(nvrtc_missing());
     }
     let cstr = |s: &str| CString::new(s).map_err(|_| Error::Internal(format!("NUL byte in CUDA text of {file}")));
     let c_src = cstr(src)?;

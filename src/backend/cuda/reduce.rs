@@ -1,106 +1,72 @@
-//! Deterministic reductions on the GPU (`cuda/reduce.cu`): column sums (a Linear's bias
-//! gradient), row sums, and per-channel sums of NCHW tensors (a convolution's bias gradient).
-//! Fixed summation orders (chunk partials added in order, block trees), no atomics: the same
-//! inputs give the same bits on every run. Results are f32; column and channel sums are
-//! accumulated (`+=`) like the CPU's parameter gradients, row sums overwrite.
+//! Deterministic reductions (`cuda/reduce_norm.cu`): the global gradient norm and clipping by
+//! it, as `train::clip` computes them on the CPU. Fixed grid, fixed trees, no atomics.
 
-use cudarc::driver::{DevicePtr, DevicePtrMut};
+use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg};
 
-use super::device::CudaDevice;
-use super::elementwise::by_type;
-use super::kernel_args::{config, int, Arg};
-use super::matmul::GemmType;
+use super::device::{driver_error, CudaDevice};
 use crate::error::Result;
 
-const FILE: &str = "reduce.cu";
-
-/// Rows per chunk of a column sum: from the row length only (never the GPU), as the CPU's
-/// `reduce_chunk_rows`, so the grouping of the sums is fixed.
-fn chunk_rows(n: usize) -> usize {
-    (16_384 / n.max(1)).clamp(4, 128)
-}
-
-/// Scratch (`f32` elements) [`CudaDevice::column_sums`] needs for `rows` rows of `n`.
-pub fn column_sums_scratch_len(rows: usize, n: usize) -> usize {
-    rows.div_ceil(chunk_rows(n)) * n
-}
+/// Blocks of the partial-sum pass; must equal BEIT_NORM_BLOCKS in cuda/reduce_norm.cu. Fixed,
+/// not derived from the GPU, so the summation order (and the result) is the same everywhere.
+const NORM_BLOCKS: u32 = 1024;
+const THREADS: u32 = 256;
 
 impl CudaDevice {
-    /// `out[j] += Σ_r x[r, j]` over rows of `n = out.len()`.
-    pub fn column_sums<T: GemmType>(
-        &self,
-        out: &mut dyn DevicePtrMut<f32>,
-        x: &dyn DevicePtr<T>,
-        scratch: &mut dyn DevicePtrMut<f32>,
-    ) -> Result<()> {
-        let n = out.len();
-        ensure!(n > 0 && x.len() % n == 0, InvalidArgument, "column_sums: {} elements in rows of {n}", x.len());
-        let rows = x.len() / n;
-        let need = column_sums_scratch_len(rows, n);
-        ensure!(scratch.len() >= need, InvalidArgument, "column_sums: scratch holds {}, needs {need}", scratch.len());
-        if rows == 0 {
-            return Ok(());
-        }
-        let (chunk, chunks) = (chunk_rows(n), rows.div_ceil(chunk_rows(n)));
-        let partials = self.addr_mut(scratch);
-        let args = [
-            Arg::Ptr(partials),
-            Arg::Ptr(self.addr(x)),
-            Arg::I32(int("rows", rows)?),
-            Arg::I32(int("n", n)?),
-            Arg::I32(int("chunk rows", chunk)?),
-        ];
-        let name = by_type::<T>("beit_reduce_column_sums_partial_f32", "beit_reduce_column_sums_partial_bf16");
-        // SAFETY: the kernel's signature; block (x, y) writes chunk y's columns.
-        unsafe { self.launch_kernel(FILE, name, config((n.div_ceil(128), chunks, 1), 128), &args)? };
-        let args = [
-            Arg::Ptr(self.addr_mut(out)),
-            Arg::Ptr(partials),
-            Arg::I32(int("chunks", chunks)?),
-            Arg::I32(int("n", n)?),
-        ];
-        // SAFETY: the kernel's signature; one thread per column.
-        unsafe {
-            self.launch_kernel(FILE, "beit_reduce_column_sums_finish", config((n.div_ceil(128), 1, 1), 128), &args)
-        }
+    /// Queues the global L2 norm of `x`: `out[0]` = Σx² and `out[1]` = √Σx², in f64 on the
+    /// device (no host round trip). `out` holds 2 elements.
+    pub fn global_norm_into(&self, x: &dyn DevicePtr<f32>, out: &mut CudaSlice<f64>) -> Result<()> {
+        let xp = x.device_ptr(self.stream()).0;
+        self.norm_of_raw(xp, x.len(), out)
     }
 
-    /// `out[r] = Σ_j x[r, j]` over `out.len()` rows.
-    pub fn row_sums<T: GemmType>(&self, out: &mut dyn DevicePtrMut<f32>, x: &dyn DevicePtr<T>) -> Result<()> {
-        let rows = out.len();
-        ensure!(rows > 0 && x.len() % rows == 0, InvalidArgument, "row_sums: {} elements in {rows} rows", x.len());
-        let n = x.len() / rows;
-        let args = [
-            Arg::Ptr(self.addr_mut(out)),
-            Arg::Ptr(self.addr(x)),
-            Arg::I32(int("rows", rows)?),
-            Arg::I32(int("n", n)?),
-        ];
-        let name = by_type::<T>("beit_reduce_row_sums_f32", "beit_reduce_row_sums_bf16");
-        // SAFETY: the kernel's signature; one warp per row, 8 per block.
-        unsafe { self.launch_kernel(FILE, name, config((rows.div_ceil(8), 1, 1), 256), &args) }
+    /// The norm passes over `n` floats at device address `xp`.
+    fn norm_of_raw(&self, xp: u64, n: usize, out: &mut CudaSlice<f64>) -> Result<()> {
+        Self::check_len("global_norm out", out, 2)?;
+        let n = n as i64;
+        let mut partial = self.zeros::<f64>(NORM_BLOCKS as usize)?;
+        let f = self.function("reduce_norm.cu", "beit_sumsq_partial")?;
+        let mut launch = self.stream().launch_builder(&f);
+        launch.arg(&xp).arg(&mut partial).arg(&n);
+        let cfg = LaunchConfig { grid_dim: (NORM_BLOCKS, 1, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 };
+        // SAFETY: (const float*, double*, long long) as the kernel declares; partial holds
+        // NORM_BLOCKS doubles, one per block.
+        unsafe { launch.launch(cfg) }.map_err(|e| driver_error("launching beit_sumsq_partial", e))?;
+        let f = self.function("reduce_norm.cu", "beit_sumsq_finish")?;
+        let count = NORM_BLOCKS as i32;
+        let mut launch = self.stream().launch_builder(&f);
+        launch.arg(&partial).arg(&count).arg(out);
+        let cfg = LaunchConfig { grid_dim: (1, 1, 1), block_dim: (1024, 1, 1), shared_mem_bytes: 0 };
+        // SAFETY: (const double*, int, double*) as declared; out holds 2 doubles.
+        unsafe { launch.launch(cfg) }.map_err(|e| driver_error("launching beit_sumsq_finish", e))?;
+        Ok(())
     }
 
-    /// `out[c] += Σ_b Σ_p x[b, c, p]` for NCHW `x` of `batch` images of `out.len()` channels of
-    /// `plane` elements: a convolution's bias gradient (the CPU's conv `bias_grad`).
-    pub fn channel_sums<T: GemmType>(
+    /// The global L2 norm of `x`, read back to the host (synchronises), as
+    /// `train::clip::global_norm`.
+    pub fn global_norm(&self, x: &dyn DevicePtr<f32>) -> Result<f64> {
+        let mut out = self.zeros::<f64>(2)?;
+        self.global_norm_into(x, &mut out)?;
+        Ok(self.download(&out)?[1])
+    }
+
+    /// Clips `grads` in place to global norm `max_norm`, as `train::clip::clip_grad_norm`,
+    /// entirely on the device; `norm_out` (2 elements) receives Σg² and the norm before clipping.
+    pub fn clip_grad_norm(
         &self,
-        out: &mut dyn DevicePtrMut<f32>,
-        x: &dyn DevicePtr<T>,
-        batch: usize,
-        plane: usize,
+        grads: &mut dyn DevicePtrMut<f32>,
+        max_norm: f64,
+        norm_out: &mut CudaSlice<f64>,
     ) -> Result<()> {
-        let channels = out.len();
-        ensure!(x.len() == batch * channels * plane, InvalidArgument, "channel_sums: x holds {}", x.len());
-        let args = [
-            Arg::Ptr(self.addr_mut(out)),
-            Arg::Ptr(self.addr(x)),
-            Arg::I32(int("batch", batch)?),
-            Arg::I32(int("channels", channels)?),
-            Arg::I32(int("plane", plane)?),
-        ];
-        let name = by_type::<T>("beit_reduce_channel_sums_f32", "beit_reduce_channel_sums_bf16");
-        // SAFETY: the kernel's signature; one block per channel.
-        unsafe { self.launch_kernel(FILE, name, config((channels, 1, 1), 256), &args) }
+        let n = grads.len();
+        let gp = grads.device_ptr_mut(self.stream()).0;
+        self.norm_of_raw(gp, n, norm_out)?;
+        let f = self.function("reduce_norm.cu", "beit_clip_by_norm")?;
+        let n_arg = n as i64;
+        let mut launch = self.stream().launch_builder(&f);
+        launch.arg(&*norm_out).arg(&max_norm).arg(&gp).arg(&n_arg);
+        // SAFETY: (const double*, double, float*, long long) as declared; grads holds n floats.
+        unsafe { launch.launch(self.launch_1d(n, THREADS)) }
+            .map_err(|e| driver_error("launching beit_clip_by_norm", e))?;
+        Ok(())
     }
 }

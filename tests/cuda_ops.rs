@@ -598,3 +598,25 @@ fn patch_embedding_matches_cpu_conv() {
         "patch embedding bf16",
     );
 }
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn linear_on_unaligned_views() {
+    // Operands that start one element into their buffers (4-byte aligned, not 16): the
+    // algorithm must be chosen for that alignment, and the views must be read, not the buffers.
+    let d = dev();
+    let (m, k, n) = (33, 40, 24);
+    let (x, w, b) = (values(m * k + 1, 50), values(n * k + 1, 51), values(n, 52));
+    let mut want = vec![0.0f32; m * n];
+    cpu::gemm::linear(&mut want, &x[1..], &w[1..], Some(&b), m, k, n);
+    let (gx, gw, gb) = (d.upload(&x).unwrap(), d.upload(&w).unwrap(), d.upload(&b).unwrap());
+    let mut gy = d.zeros::<f32>(m * n + 1).unwrap();
+    {
+        let (xv, wv) = (gx.slice(1..), gw.slice(1..));
+        let mut yv = gy.slice_mut(1..);
+        d.linear::<f32, f32>(&mut yv, &xv, &wv, Some(&gb), m, k, n).unwrap();
+    }
+    let got = d.download(&gy).unwrap();
+    assert_eq!(got[0], 0.0, "the element before the view is untouched");
+    assert_normwise(&got[1..], &want, 1e-5, "linear on unaligned views");
+}

@@ -18,6 +18,7 @@
 //! "tanh")`), not the exact erf GELU BEiT uses; they are exposed for models that want them, and
 //! the exact path is `Epilogue::Bias` followed by the `gelu` kernel (src/backend/cuda/elementwise.rs).
 
+use std::collections::HashMap;
 use std::ffi::c_void;
 use std::mem::size_of;
 
@@ -28,10 +29,35 @@ use cudarc::driver::{CudaStream, DevicePtr, DevicePtrMut, DeviceRepr};
 use super::device::CudaDevice;
 use crate::error::{Error, Result};
 
-/// The cuBLASLt handle and its workspace (owned by the [`CudaDevice`]).
+/// The cuBLASLt handle, its workspace, and the algorithm chosen for each problem seen so far
+/// (owned by the [`CudaDevice`]). Caching the heuristic's answer takes it off the per-call path
+/// (it costs tens of microseconds, as much as a small attention GEMM) and pins one algorithm per
+/// problem, so repeated calls compute the same bits.
 pub(crate) struct BlasLt {
     handle: sys::cublasLtHandle_t,
     workspace: cudarc::driver::CudaSlice<u8>,
+    algos: HashMap<AlgoKey, sys::cublasLtMatmulAlgo_t>,
+}
+
+/// Everything the heuristic's choice depends on: shape, transposes, batch strides, types,
+/// epilogue, and the operands' pointer alignment (the heuristic may pick vectorised kernels
+/// that need 16-byte or larger alignment; views into a buffer can have less).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct AlgoKey {
+    shape: GemmShape,
+    types: (&'static str, &'static str),
+    epilogue: i32,
+    alignments: [u32; 4],
+}
+
+/// The largest power of two (at most 256) dividing a device address: what cuBLASLt's
+/// MIN_ALIGNMENT preferences ask for. Its default assumes 256 for every operand.
+fn alignment(ptr: u64) -> u32 {
+    if ptr == 0 {
+        256
+    } else {
+        1u32 << ptr.trailing_zeros().min(8)
+    }
 }
 
 // SAFETY: the handle is used only under the device's single stream; cuBLASLt handles may be
@@ -46,7 +72,7 @@ impl BlasLt {
         // SAFETY: scratch memory only cuBLASLt writes.
         let workspace = unsafe { stream.alloc::<u8>(workspace_bytes) }
             .map_err(|e| super::device::driver_error("allocating the cuBLASLt workspace", e))?;
-        Ok(BlasLt { handle, workspace })
+        Ok(BlasLt { handle, workspace, algos: HashMap::new() })
     }
 }
 
@@ -81,7 +107,7 @@ impl GemmType for half::bf16 {
 /// Every matrix is dense row-major; `trans_a` means A is stored as [k, m], `trans_b` that B is
 /// stored as [n, k] (a PyTorch Linear weight). Batches are `batch` products at element strides
 /// `stride_a/b/c` (0 for a matrix shared by all batches).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct GemmShape {
     pub m: usize,
     pub n: usize,
@@ -328,35 +354,23 @@ impl CudaDevice {
         };
         set_desc(&desc, sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_EPILOGUE, &epi)?;
 
-        let blas = self.blaslt.lock().unwrap_or_else(|p| p.into_inner());
-        let pref = Pref(lt::create_matmul_pref().map_err(|e| blas_error("cublasLtMatmulPreferenceCreate", e))?);
-        let ws_bytes = blas.workspace.len();
-        // SAFETY: a u64 byte count, the documented type of MAX_WORKSPACE_BYTES.
-        unsafe {
-            lt::set_matmul_pref_attribute(
-                pref.0,
-                sys::cublasLtMatmulPreferenceAttributes_t::CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
-                &(ws_bytes as u64) as *const u64 as *const c_void,
-                size_of::<u64>(),
-            )
-        }
-        .map_err(|e| blas_error("setting the workspace size", e))?;
+        let mut blas = self.blaslt.lock().unwrap_or_else(|p| p.into_inner());
+        let key = AlgoKey {
+            shape,
+            types: (TI::NAME, TO::NAME),
+            epilogue: epi as i32,
+            alignments: [alignment(b_ptr), alignment(a_ptr), alignment(c_ptr), alignment(c_ptr)],
+        };
         self.context().bind_to_thread().map_err(|e| super::device::driver_error("binding the context", e))?;
-        // SAFETY: live descriptors and handle.
-        let heuristic = unsafe {
-            lt::get_matmul_algo_heuristic(blas.handle, desc.0, lt_a.0, lt_b.0, lt_c.0, lt_c.0, pref.0)
-        }
-        .map_err(|e| {
-            Error::Unsupported(format!(
-                "cuBLASLt has no algorithm for {}x{}x{} ({} in, {} out, trans_a={trans_a}, trans_b={trans_b}, batch={batch}, \
-                 epilogue {epi:?}): {e:?}",
-                m,
-                n,
-                k,
-                TI::NAME,
-                TO::NAME
-            ))
-        })?;
+        let algo = match blas.algos.get(&key) {
+            Some(algo) => *algo,
+            None => {
+                let algo = self.choose_algo(&blas, &key, &desc, [&lt_a, &lt_b, &lt_c])?;
+                blas.algos.insert(key, algo);
+                algo
+            }
+        };
+        let ws_bytes = blas.workspace.len();
         let (ws_ptr, _gw) = blas.workspace.device_ptr(stream);
         // SAFETY: every pointer is a live device allocation of the checked size on this
         // context; alpha/beta are host f32 (the default pointer mode, scale type 32F).
@@ -374,7 +388,7 @@ impl CudaDevice {
                 lt_c.0,
                 c_ptr as *mut c_void,
                 lt_c.0,
-                &heuristic.algo,
+                &algo,
                 ws_ptr as *mut c_void,
                 ws_bytes,
                 stream.cu_stream() as sys::cudaStream_t,
@@ -383,6 +397,43 @@ impl CudaDevice {
         .map_err(|e| blas_error(&format!("cublasLtMatmul {m}x{n}x{k}"), e))?;
         drop(guards);
         Ok(())
+    }
+
+    /// Asks cuBLASLt's heuristic for the fastest algorithm of `key` within the workspace, telling
+    /// it the operands' real alignment (cuBLASLt's "A" is our B: see the module comment).
+    fn choose_algo(
+        &self,
+        blas: &BlasLt,
+        key: &AlgoKey,
+        desc: &Desc,
+        [lt_a, lt_b, lt_c]: [&Layout; 3],
+    ) -> Result<sys::cublasLtMatmulAlgo_t> {
+        let pref = Pref(lt::create_matmul_pref().map_err(|e| blas_error("cublasLtMatmulPreferenceCreate", e))?);
+        let set_pref = |attr: sys::cublasLtMatmulPreferenceAttributes_t, bytes: &[u8]| {
+            // SAFETY: each attribute gets a value of its documented type (u64 workspace bytes,
+            // u32 alignments), passed by address with its size.
+            unsafe { lt::set_matmul_pref_attribute(pref.0, attr, bytes.as_ptr() as *const c_void, bytes.len()) }
+                .map_err(|e| blas_error(&format!("setting {attr:?}"), e))
+        };
+        use sys::cublasLtMatmulPreferenceAttributes_t as P;
+        set_pref(P::CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &(blas.workspace.len() as u64).to_ne_bytes())?;
+        let [a, b, c, d] = key.alignments;
+        set_pref(P::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, &a.to_ne_bytes())?;
+        set_pref(P::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, &b.to_ne_bytes())?;
+        set_pref(P::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, &c.to_ne_bytes())?;
+        set_pref(P::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, &d.to_ne_bytes())?;
+        // SAFETY: live descriptors and handle.
+        let heuristic =
+            unsafe { lt::get_matmul_algo_heuristic(blas.handle, desc.0, lt_a.0, lt_b.0, lt_c.0, lt_c.0, pref.0) }
+                .map_err(|e| {
+                    let GemmShape { m, n, k, trans_a, trans_b, batch, .. } = key.shape;
+                    Error::Unsupported(format!(
+                "cuBLASLt has no algorithm for {m}x{n}x{k} ({} in, {} out, trans_a={trans_a}, trans_b={trans_b}, \
+                 batch={batch}, epilogue {}, alignments {:?}): {e:?}",
+                key.types.0, key.types.1, key.epilogue, key.alignments
+            ))
+                })?;
+        Ok(heuristic.algo)
     }
 
     /// A PyTorch Linear on the GPU, as the CPU's `backend::cpu::gemm::linear`:
@@ -406,5 +457,28 @@ impl CudaDevice {
             None => Epilogue::None,
         };
         self.gemm(GemmShape::linear(m, k, n), 1.0, x, w, 0.0, y, epilogue)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn alignment_is_the_largest_power_of_two_up_to_256() {
+        assert_eq!(alignment(0x7f00_0000_1000), 256);
+        assert_eq!(alignment(0x7f00_0000_1004), 4);
+        assert_eq!(alignment(0x7f00_0000_1010), 16);
+        assert_eq!(alignment(0x7f00_0000_1002), 2);
+        assert_eq!(alignment(0), 256);
+    }
+
+    #[test]
+    fn batched_strides_are_dense() {
+        let s = GemmShape::linear(4, 3, 5).batched(2);
+        assert_eq!((s.stride_a, s.stride_b, s.stride_c), (12, 15, 20));
+        assert!(s.trans_b && !s.trans_a);
+        assert_eq!(GemmShape::elements_needed(4, 3, 2, 12), 24);
+        assert_eq!(GemmShape::elements_needed(4, 3, 3, 0), 12);
     }
 }

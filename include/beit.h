@@ -33,6 +33,16 @@
 #include <stdint.h>
 
 /**
+ * Bytes of `beit_device_info::name`, including the terminating NUL.
+ */
+#define BEIT_DEVICE_NAME_BYTES 256
+
+/**
+ * Bytes of `beit_device_info::reason`, including the terminating NUL.
+ */
+#define BEIT_DEVICE_REASON_BYTES 512
+
+/**
  * The ABI version of this header and library. It changes only when a compiled host could
  * break: a function removed or changed, a struct field moved. Adding functions, enum values or
  * fields at the end of versioned structs (see `struct_size`) does not change it.
@@ -387,6 +397,51 @@ typedef struct beit_dataset_sample {
      */
     bool tokens_written;
 } beit_dataset_sample;
+
+/**
+ * The device `BEIT_DEVICE_AUTO` picks on this machine, and the CUDA probe's findings.
+ * Start from `beit_device_info_default()`; `struct_size` lets later versions add fields.
+ */
+typedef struct beit_device_info {
+    /**
+     * Set by the caller to `sizeof(beit_device_info)`; left as it is.
+     */
+    size_t struct_size;
+    /**
+     * `BEIT_DEVICE_CUDA` when a usable GPU was found, else `BEIT_DEVICE_CPU`.
+     */
+    beit_device kind;
+    /**
+     * 1 when CUDA is usable (then `kind` is `BEIT_DEVICE_CUDA`), 0 when not (see `reason`).
+     */
+    uint32_t cuda_usable;
+    /**
+     * The GPU's name (device 0), or "cpu"; NUL-terminated UTF-8.
+     */
+    char name[BEIT_DEVICE_NAME_BYTES];
+    /**
+     * Compute capability of the GPU (e.g. 9 and 0 for an H100/H200); 0 without a GPU.
+     */
+    int32_t compute_capability_major;
+    int32_t compute_capability_minor;
+    /**
+     * Total memory of the GPU in bytes; 0 without a GPU.
+     */
+    uint64_t total_memory;
+    /**
+     * The NVIDIA driver's CUDA version as 1000*major + 10*minor (13000 for 13.0); 0 without one.
+     */
+    int32_t driver_version;
+    /**
+     * CUDA devices the driver sees; 0 without a driver.
+     */
+    int32_t device_count;
+    /**
+     * The probe's sentence: the GPU found, or exactly what is missing; NUL-terminated UTF-8,
+     * truncated to fit.
+     */
+    char reason[BEIT_DEVICE_REASON_BYTES];
+} beit_device_info;
 
 /**
  * What a model is (filled by `beit_model_get_info`).
@@ -873,6 +928,23 @@ beit_status beit_dataset_get_info(const struct beit_dataset *dataset,
 beit_status beit_dataset_read_sample(const struct beit_dataset *dataset,
                                      uint64_t index,
                                      struct beit_dataset_sample *sample);
+
+/**
+ * A zeroed `beit_device_info` with `struct_size` set.
+ */
+struct beit_device_info beit_device_info_default(void);
+
+/**
+ * Describes the device `BEIT_DEVICE_AUTO` would use: probes CUDA on the first call (never
+ * crashes on a machine without CUDA) and writes what it found to `*out`.
+ *
+ * Errors: `BEIT_ERR_NULL_POINTER` (out), `BEIT_ERR_INVALID_ARGUMENT` (struct_size too small).
+ *
+ * # Safety
+ * `out` must be NULL or point to a writable `beit_device_info` of at least its `struct_size`
+ * bytes.
+ */
+beit_status beit_get_device_info(struct beit_device_info *out);
 
 /**
  * A zeroed `beit_model_info` with `struct_size` set.

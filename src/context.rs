@@ -1,6 +1,9 @@
 //! The execution context: which device, how many threads. Every pass runs inside the context's
 //! own rayon pool, so a host's thread count setting is exact and independent of other libraries.
 
+use std::sync::Arc;
+
+use crate::backend::cuda::{probe, CudaDevice};
 use crate::error::{Error, Result};
 
 /// Where work runs. `Auto` picks CUDA when usable and says why not otherwise; `Cuda` without a
@@ -41,24 +44,22 @@ pub struct Context {
     pool: rayon::ThreadPool,
     device: Device,
     device_note: String,
+    /// The GPU when `device` is `Cuda` (shared by every context of the process).
+    cuda: Option<Arc<CudaDevice>>,
 }
 
 impl std::fmt::Debug for Context {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Context").field("device", &self.device).field("threads", &self.threads()).finish()
+        f.debug_struct("Context")
+            .field("device", &self.device)
+            .field("threads", &self.threads())
+            .field("note", &self.device_note)
+            .finish()
     }
 }
 
 impl Context {
     pub fn new(options: &ContextOptions) -> Result<Self> {
-        let (device, device_note) = match options.device {
-            Device::Cpu => (Device::Cpu, "cpu requested".to_string()),
-            // The CUDA backend is not part of this build yet: auto falls back and says so.
-            Device::Auto => (Device::Cpu, "auto: using cpu (this build has no CUDA backend yet)".to_string()),
-            Device::Cuda => {
-                bail!(Unsupported, "device cuda requested, but this build of libbeit has no CUDA backend yet")
-            }
-        };
         ensure!(
             options.threads <= 4096,
             InvalidArgument,
@@ -70,7 +71,27 @@ impl Context {
             .thread_name(|i| format!("beit-worker-{i}"))
             .build()
             .map_err(|e| Error::Internal(format!("cannot start the thread pool: {e}")))?;
-        Ok(Context { pool, device, device_note })
+        // The probe runs before any other CUDA call and never panics (src/backend/cuda/probe.rs).
+        let (device, device_note, cuda) = match options.device {
+            Device::Cpu => (Device::Cpu, "cpu requested".to_string(), None),
+            Device::Auto => {
+                let report = probe();
+                if !report.usable {
+                    (Device::Cpu, format!("auto: using cpu because CUDA is not usable: {}", report.reason), None)
+                } else {
+                    match CudaDevice::get() {
+                        Ok(dev) => (Device::Cuda, format!("auto: using cuda: {}", report.reason), Some(dev)),
+                        Err(e) => (Device::Cpu, format!("auto: using cpu because the CUDA device failed: {e}"), None),
+                    }
+                }
+            }
+            Device::Cuda => {
+                let dev = CudaDevice::get()
+                    .map_err(|e| Error::Unsupported(format!("device cuda requested, but {}", e.message())))?;
+                (Device::Cuda, format!("cuda requested: {}", probe().reason), Some(dev))
+            }
+        };
+        Ok(Context { pool, device, device_note, cuda })
     }
 
     /// Runs `f` on this context's thread pool.
@@ -89,5 +110,10 @@ impl Context {
     /// Why this device was chosen (for `auto`, why CUDA was not).
     pub fn device_note(&self) -> &str {
         &self.device_note
+    }
+
+    /// The GPU, when this context's device is CUDA.
+    pub fn cuda(&self) -> Option<&Arc<CudaDevice>> {
+        self.cuda.as_ref()
     }
 }

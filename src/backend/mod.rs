@@ -1,5 +1,6 @@
 //! Compute backends. The CPU backend (`cpu`) is the numerical reference: every other backend is
-//! tested against it. The CUDA backend arrives with its own issue; the `Backend` trait is drawn
-//! out of the CPU ops once there are two implementations to abstract over.
+//! tested against it. The CUDA backend (`cuda`) is compiled into every build but loads CUDA only
+//! at run time; the `Backend` trait is drawn out of the two once the model runs on both.
 
 pub mod cpu;
+pub mod cuda;

@@ -13,6 +13,8 @@ mod finetune_cli;
 mod progress;
 #[path = "cli/segment.rs"]
 mod segment_cli;
+#[path = "cli/info.rs"]
+mod info_cli;
 #[path = "cli/tokenizer.rs"]
 mod tokenizer_cli;
 
@@ -25,6 +27,9 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Describe this machine as libbeit sees it (JSON): the device `auto` picks, the GPU, the
+    /// driver and NVRTC versions, or why CUDA is not usable.
+    Info,
     /// Run a model directory on the tensors of a safetensors file.
     ///
     /// Inputs: `pixel_values` f32 [B,C,H,W], optional `bool_masked_pos` u8 [B,N].
@@ -837,6 +842,7 @@ fn bench_loader(
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
+        Command::Info => info_cli::info(),
         Command::Infer { model, inputs, output, device, threads, json } => {
             infer(model, inputs, output, device, threads, json)
         }

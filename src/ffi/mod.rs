@@ -6,6 +6,7 @@
 
 pub mod context;
 pub mod dataset;
+pub mod device;
 pub mod model;
 pub mod status;
 pub mod tokenizer;

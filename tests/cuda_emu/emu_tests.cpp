@@ -1,0 +1,556 @@
+// Runs the kernels of cuda/ in the host emulator (emu.h) against naive double-precision
+// references written from the definitions, in f32 and bf16 storage. Built and run by
+// scripts/emulate-kernels. Sizes are small (the emulator runs every CUDA thread as a fiber)
+// but cover several tiles, partial tiles and odd sizes.
+//
+// Tolerances: f32 storage: max |got − want| ≤ 1e-5 · max |want| per tensor (f32 arithmetic
+// against a double reference). bf16 storage: the reference is computed from the same
+// bf16-rounded inputs, so the error is the output rounding (2^-9 relative) plus f32 arithmetic:
+// 1e-2 · max |want| per tensor (worst cases, e.g. dx of layer norm re-reading bf16 x, stay
+// below half of that).
+
+#include "emu.h"
+#include "common.cuh"  // found through -Icuda, as NVRTC finds it as a named header
+
+#include "../../cuda/attention.cu"
+#include "../../cuda/conv.cu"
+#include "../../cuda/cross_entropy.cu"
+#include "../../cuda/layernorm.cu"
+#include "../../cuda/reduce.cu"
+
+#include <string>
+
+static int failures = 0;
+
+struct Rng {
+    uint64_t s;
+    float uniform(float lo, float hi) {
+        s ^= s >> 12;
+        s ^= s << 25;
+        s ^= s >> 27;
+        const double u = (double)((s * 0x2545F4914F6CDD1DULL) >> 40) / (double)(1ULL << 24);
+        return lo + (hi - lo) * (float)u;
+    }
+    std::vector<float> vec(size_t n, float lo, float hi) {
+        std::vector<float> v(n);
+        for (auto& x : v) x = uniform(lo, hi);
+        return v;
+    }
+};
+
+// Storage conversions: the test's float data becomes T, and back.
+template <typename T> std::vector<T> store(const std::vector<float>& v);
+template <> std::vector<float> store<float>(const std::vector<float>& v) { return v; }
+template <> std::vector<bf16> store<bf16>(const std::vector<float>& v) {
+    std::vector<bf16> o(v.size());
+    for (size_t i = 0; i < v.size(); ++i) o[i] = __float2bfloat16_rn(v[i]);
+    return o;
+}
+static std::vector<double> load(const std::vector<float>& v) { return std::vector<double>(v.begin(), v.end()); }
+static std::vector<double> load(const std::vector<bf16>& v) {
+    std::vector<double> o(v.size());
+    for (size_t i = 0; i < v.size(); ++i) o[i] = __bfloat162float(v[i]);
+    return o;
+}
+
+template <typename T> const char* tname();
+template <> const char* tname<float>() { return "f32"; }
+template <> const char* tname<bf16>() { return "bf16"; }
+template <typename T> double tol() { return sizeof(T) == 4 ? 1e-5 : 1e-2; }
+
+static void check(const std::string& name, const std::vector<double>& got, const std::vector<double>& want, double rtol) {
+    if (got.size() != want.size()) {
+        printf("FAIL %s: length %zu vs %zu\n", name.c_str(), got.size(), want.size());
+        failures++;
+        return;
+    }
+    double scale = 0, err = 0;
+    size_t worst = 0;
+    for (size_t i = 0; i < got.size(); ++i) {
+        scale = std::max(scale, std::fabs(want[i]));
+        const double e = std::fabs(got[i] - want[i]);
+        if (!(e <= err)) {  // NaN counts as the worst
+            err = std::isnan(e) ? INFINITY : e;
+            worst = i;
+        }
+    }
+    const double rel = err / std::max(scale, 1e-30);
+    const bool ok = rel <= rtol && scale > 0;
+    printf("%s %s: max err %.3e of max %.3e (rel %.2e, tol %.0e) at %zu\n", ok ? "ok  " : "FAIL", name.c_str(), err,
+           scale, rel, rtol, worst);
+    if (!ok) failures++;
+}
+
+static emu_dim3 grid(unsigned x, unsigned y = 1, unsigned z = 1) { return emu_dim3{x, y, z}; }
+
+// ---------------------------------------------------------------- layer norm
+static void ln_ref(const std::vector<double>& x, const std::vector<double>& g, const std::vector<double>& b, int rows,
+                   int dim, double eps, std::vector<double>& out, std::vector<double>& mean, std::vector<double>& rstd) {
+    out.assign(x.size(), 0);
+    mean.assign(rows, 0);
+    rstd.assign(rows, 0);
+    for (int r = 0; r < rows; ++r) {
+        double m = 0, v = 0;
+        for (int c = 0; c < dim; ++c) m += x[r * dim + c];
+        m /= dim;
+        for (int c = 0; c < dim; ++c) v += (x[r * dim + c] - m) * (x[r * dim + c] - m);
+        v /= dim;
+        const double rs = 1.0 / std::sqrt(v + eps);
+        mean[r] = m;
+        rstd[r] = rs;
+        for (int c = 0; c < dim; ++c) out[r * dim + c] = (x[r * dim + c] - m) * rs * g[c] + b[c];
+    }
+}
+
+template <typename T> void test_layernorm(int rows, int dim, uint64_t seed) {
+    Rng rng{seed};
+    const float eps = 1e-6f;
+    auto x = store<T>(rng.vec((size_t)rows * dim, -2, 3));
+    auto g = store<T>(rng.vec(dim, 0.5, 1.5));
+    auto b = store<T>(rng.vec(dim, -0.5, 0.5));
+    std::vector<T> out(x.size());
+    std::vector<float> mean(rows), rstd(rows);
+    const int threads = 128;
+    emu::launch(grid((rows + 3) / 4), threads, [&] {
+        if constexpr (sizeof(T) == 4)
+            beit_layernorm_forward_f32(out.data(), mean.data(), rstd.data(), x.data(), g.data(), b.data(), rows, dim, eps);
+        else
+            beit_layernorm_forward_bf16(out.data(), mean.data(), rstd.data(), x.data(), g.data(), b.data(), rows, dim, eps);
+    });
+    std::vector<double> ro, rm, rr;
+    ln_ref(load(x), load(g), load(b), rows, dim, eps, ro, rm, rr);
+    const std::string tag = std::string("layernorm_forward ") + tname<T>() + " " + std::to_string(rows) + "x" + std::to_string(dim);
+    check(tag + " out", load(out), ro, tol<T>());
+    check(tag + " mean", load(mean), rm, 1e-5);
+    check(tag + " rstd", load(rstd), rr, 1e-5);
+
+    // Backward: dx (overwrite and accumulate) and the parameter sums (accumulated onto 0.25).
+    auto dy = store<T>(rng.vec(x.size(), -1, 1));
+    auto dx0 = store<T>(rng.vec(x.size(), -1, 1));
+    const std::vector<double> xd = load(x), gd = load(g), dyd = load(dy), dx0d = load(dx0);
+    std::vector<double> want_dx(x.size()), want_dg(dim, 0.25), want_db(dim, 0.25);
+    for (int r = 0; r < rows; ++r) {
+        double sg = 0, sgx = 0;
+        for (int c = 0; c < dim; ++c) {
+            const double xh = (xd[r * dim + c] - rm[r]) * rr[r];
+            const double gg = dyd[r * dim + c] * gd[c];
+            sg += gg;
+            sgx += gg * xh;
+            want_dg[c] += dyd[r * dim + c] * xh;
+            want_db[c] += dyd[r * dim + c];
+        }
+        for (int c = 0; c < dim; ++c) {
+            const double xh = (xd[r * dim + c] - rm[r]) * rr[r];
+            want_dx[r * dim + c] = rr[r] * (dyd[r * dim + c] * gd[c] - sg / dim - xh * sgx / dim);
+        }
+    }
+    for (int accumulate = 0; accumulate < 2; ++accumulate) {
+        std::vector<T> dx = accumulate ? dx0 : std::vector<T>(x.size());
+        const int blocks = (rows + LN_BWD_ROWS - 1) / LN_BWD_ROWS;
+        std::vector<float> partials((size_t)blocks * 2 * dim, NAN), dg(dim, 0.25f), db(dim, 0.25f);
+        emu::launch(grid(blocks), 96, [&] {
+            if constexpr (sizeof(T) == 4)
+                beit_layernorm_backward_f32(dx.data(), partials.data(), dy.data(), x.data(), g.data(), mean.data(),
+                                       rstd.data(), rows, dim, accumulate);
+            else
+                beit_layernorm_backward_bf16(dx.data(), partials.data(), dy.data(), x.data(), g.data(), mean.data(),
+                                        rstd.data(), rows, dim, accumulate);
+        });
+        emu::launch(grid((dim + 63) / 64), 64,
+                    [&] { beit_layernorm_backward_reduce(dg.data(), db.data(), partials.data(), blocks, dim); });
+        std::vector<double> wdx = want_dx;
+        if (accumulate)
+            for (size_t i = 0; i < wdx.size(); ++i) wdx[i] += dx0d[i];
+        const std::string t = std::string("layernorm_backward ") + tname<T>() + (accumulate ? " acc " : " ") +
+                              std::to_string(rows) + "x" + std::to_string(dim);
+        check(t + " dx", load(dx), wdx, tol<T>());
+        check(t + " dgamma", load(dg), want_dg, 1e-5);
+        check(t + " dbeta", load(db), want_db, 1e-5);
+    }
+}
+
+template <typename T> void test_residual_layernorm(int rows, int dim, bool with_all, uint64_t seed) {
+    Rng rng{seed};
+    const float eps = 1e-5f;
+    auto x = store<T>(rng.vec((size_t)rows * dim, -2, 2));
+    auto y = store<T>(rng.vec((size_t)rows * dim, -2, 2));
+    auto bias = store<T>(rng.vec(dim, -0.5, 0.5));
+    auto scale = store<T>(rng.vec(dim, 0.1, 1.5));
+    auto g = store<T>(rng.vec(dim, 0.5, 1.5));
+    auto b = store<T>(rng.vec(dim, -0.5, 0.5));
+    const int rows_each = 3;
+    std::vector<float> factors((rows + rows_each - 1) / rows_each);
+    for (size_t i = 0; i < factors.size(); ++i) factors[i] = i % 3 == 0 ? 0.0f : 1.25f;
+    std::vector<T> resid(x.size()), out(x.size());
+    std::vector<float> mean(rows), rstd(rows);
+    emu::launch(grid((rows + 1) / 2), 64, [&] {
+        const T* bp = with_all ? bias.data() : nullptr;
+        const T* sp = with_all ? scale.data() : nullptr;
+        const float* fp = with_all ? factors.data() : nullptr;
+        if constexpr (sizeof(T) == 4)
+            beit_layernorm_residual_forward_f32(resid.data(), out.data(), mean.data(), rstd.data(), x.data(), y.data(), bp,
+                                           sp, fp, rows_each, g.data(), b.data(), rows, dim, eps);
+        else
+            beit_layernorm_residual_forward_bf16(resid.data(), out.data(), mean.data(), rstd.data(), x.data(), y.data(), bp,
+                                            sp, fp, rows_each, g.data(), b.data(), rows, dim, eps);
+    });
+    const auto xd = load(x), yd = load(y), bd = load(bias), sd = load(scale);
+    std::vector<double> want_resid(x.size());
+    for (int r = 0; r < rows; ++r)
+        for (int c = 0; c < dim; ++c) {
+            const size_t i = (size_t)r * dim + c;
+            want_resid[i] = with_all ? xd[i] + sd[c] * factors[r / rows_each] * (yd[i] + bd[c]) : xd[i] + yd[i];
+        }
+    std::vector<double> ro, rm, rr;
+    // The kernel normalises the stored (rounded) residual: so does the reference.
+    ln_ref(load(resid), load(g), load(b), rows, dim, eps, ro, rm, rr);
+    const std::string tag = std::string("residual_layernorm ") + tname<T>() + (with_all ? " bias+scale+factors " : " plain ") +
+                            std::to_string(rows) + "x" + std::to_string(dim);
+    check(tag + " resid", load(resid), want_resid, tol<T>());
+    check(tag + " out", load(out), ro, tol<T>());
+    check(tag + " rstd", load(rstd), rr, 1e-5);
+}
+
+// ---------------------------------------------------------------- cross-entropy
+template <typename T> void test_cross_entropy(int rows, int vocab, float smoothing, uint64_t seed) {
+    Rng rng{seed};
+    auto logits = store<T>(rng.vec((size_t)rows * vocab, -4, 4));
+    std::vector<int> labels(rows);
+    int counted = 0;
+    for (int r = 0; r < rows; ++r) {
+        labels[r] = r % 4 == 2 ? -100 : (int)((r * 7919 + 13) % vocab);
+        counted += labels[r] >= 0;
+    }
+    const auto x = load(logits);
+    const double inv = 1.0 / counted;
+    std::vector<double> want_grad(x.size(), 0.0), want_loss(rows, 0.0);
+    double want_sum = 0;
+    for (int r = 0; r < rows; ++r) {
+        if (labels[r] < 0) continue;
+        const double* row = &x[(size_t)r * vocab];
+        double m = -INFINITY, s = 0, sx = 0;
+        for (int c = 0; c < vocab; ++c) m = std::max(m, row[c]);
+        for (int c = 0; c < vocab; ++c) {
+            s += std::exp(row[c] - m);
+            sx += row[c];
+        }
+        const double lse = m + std::log(s);
+        want_loss[r] = lse - (1 - smoothing) * row[labels[r]] - smoothing * sx / vocab;
+        want_sum += want_loss[r];
+        for (int c = 0; c < vocab; ++c) {
+            const double t = (c == labels[r] ? 1 - smoothing : 0) + smoothing / vocab;
+            want_grad[(size_t)r * vocab + c] = (std::exp(row[c] - lse) - t) * inv;
+        }
+    }
+    std::vector<float> losses(rows, NAN);
+    std::vector<double> sum(1, NAN);
+    emu::launch(grid(rows), 256, [&] {
+        if constexpr (sizeof(T) == 4)
+            beit_cross_entropy_forward_backward_f32(logits.data(), losses.data(), labels.data(), rows, vocab, (float)inv,
+                                               smoothing);
+        else
+            beit_cross_entropy_forward_backward_bf16(logits.data(), losses.data(), labels.data(), rows, vocab, (float)inv,
+                                                smoothing);
+    });
+    emu::launch(grid(1), CE_SUM_THREADS, [&] { beit_cross_entropy_loss_sum(sum.data(), losses.data(), rows); });
+    const std::string tag = std::string("cross_entropy ") + tname<T>() + " " + std::to_string(rows) + "x" +
+                            std::to_string(vocab) + " smoothing " + std::to_string(smoothing);
+    check(tag + " grad", load(logits), want_grad, tol<T>());
+    check(tag + " losses", load(losses), want_loss, 1e-5);
+    check(tag + " loss sum", sum, {want_sum}, 1e-5);
+}
+
+// ---------------------------------------------------------------- attention
+struct AttShape {
+    int batch, n, heads, d;
+};
+
+// Naive attention from the definition in double: ctx, lse, and (for dctx) dq, dk, dv, dbias.
+static void attention_ref(const std::vector<double>& qkv, const std::vector<double>* bias, const std::vector<double>& dctx,
+                          AttShape s, std::vector<double>& ctx, std::vector<double>& lse, std::vector<double>& dqkv,
+                          std::vector<double>& dbias) {
+    const int n = s.n, d = s.d, hd = s.heads * s.d;
+    const double scale = 1.0 / std::sqrt((double)d);
+    ctx.assign((size_t)s.batch * n * hd, 0);
+    lse.assign((size_t)s.batch * s.heads * n, 0);
+    dqkv.assign(qkv.size(), 0);
+    dbias.assign((size_t)s.heads * n * n, 0);
+    auto at = [&](int b, int t, int part, int h, int c) { return ((size_t)b * n + t) * 3 * hd + part * hd + h * d + c; };
+    std::vector<double> p((size_t)n * n), dp((size_t)n * n);
+    for (int b = 0; b < s.batch; ++b)
+        for (int h = 0; h < s.heads; ++h) {
+            for (int i = 0; i < n; ++i) {
+                double m = -INFINITY;
+                for (int j = 0; j < n; ++j) {
+                    double dot = 0;
+                    for (int c = 0; c < d; ++c) dot += qkv[at(b, i, 0, h, c)] * qkv[at(b, j, 1, h, c)];
+                    p[i * n + j] = scale * dot + (bias ? (*bias)[((size_t)h * n + i) * n + j] : 0);
+                    m = std::max(m, p[i * n + j]);
+                }
+                double z = 0;
+                for (int j = 0; j < n; ++j) z += std::exp(p[i * n + j] - m);
+                lse[((size_t)b * s.heads + h) * n + i] = m + std::log(z);
+                for (int j = 0; j < n; ++j) p[i * n + j] = std::exp(p[i * n + j] - m) / z;
+                for (int c = 0; c < d; ++c) {
+                    double acc = 0;
+                    for (int j = 0; j < n; ++j) acc += p[i * n + j] * qkv[at(b, j, 2, h, c)];
+                    ctx[((size_t)b * n + i) * hd + h * d + c] = acc;
+                }
+            }
+            auto dO = [&](int i, int c) { return dctx[((size_t)b * n + i) * hd + h * d + c]; };
+            for (int i = 0; i < n; ++i) {
+                double rowdot = 0;
+                for (int j = 0; j < n; ++j) {
+                    double v = 0;
+                    for (int c = 0; c < d; ++c) v += dO(i, c) * qkv[at(b, j, 2, h, c)];
+                    dp[i * n + j] = v;
+                    rowdot += v * p[i * n + j];
+                }
+                for (int j = 0; j < n; ++j) {
+                    const double ds = p[i * n + j] * (dp[i * n + j] - rowdot);
+                    dbias[((size_t)h * n + i) * n + j] += ds;
+                    for (int c = 0; c < d; ++c) {
+                        dqkv[at(b, i, 0, h, c)] += scale * ds * qkv[at(b, j, 1, h, c)];
+                        dqkv[at(b, j, 1, h, c)] += scale * ds * qkv[at(b, i, 0, h, c)];
+                    }
+                }
+                for (int j = 0; j < n; ++j)
+                    for (int c = 0; c < d; ++c) dqkv[at(b, j, 2, h, c)] += p[i * n + j] * dO(i, c);
+            }
+        }
+}
+
+template <typename T, int D> void test_attention(AttShape s, bool with_bias, int per_group, uint64_t seed) {
+    Rng rng{seed};
+    const int n = s.n, hd = s.heads * D;
+    const float scale = 1.0f / std::sqrt((float)D);
+    auto qkv = store<T>(rng.vec((size_t)s.batch * n * 3 * hd, -1.5, 1.5));
+    std::vector<float> bias = rng.vec((size_t)s.heads * n * n, -1, 1);
+    auto dctx = store<T>(rng.vec((size_t)s.batch * n * hd, -1, 1));
+    const float* bp = with_bias ? bias.data() : nullptr;
+    std::vector<T> ctx((size_t)s.batch * n * hd), dqkv(qkv.size());
+    std::vector<float> lse((size_t)s.batch * s.heads * n), delta(lse.size());
+    const unsigned tiles = (n + ATT_TILE - 1) / ATT_TILE;
+    emu::launch(grid(tiles, s.heads, s.batch), ATT_THREADS, [&] {
+        if constexpr (sizeof(T) == 4) {
+            if constexpr (D == 32) beit_attention_forward_d32_f32(ctx.data(), lse.data(), qkv.data(), bp, n, s.heads, scale);
+            else beit_attention_forward_d64_f32(ctx.data(), lse.data(), qkv.data(), bp, n, s.heads, scale);
+        } else {
+            if constexpr (D == 32) beit_attention_forward_d32_bf16(ctx.data(), lse.data(), qkv.data(), bp, n, s.heads, scale);
+            else beit_attention_forward_d64_bf16(ctx.data(), lse.data(), qkv.data(), bp, n, s.heads, scale);
+        }
+    });
+    const size_t rows = (size_t)s.batch * s.heads * n;
+    emu::launch(grid((unsigned)((rows + 3) / 4)), 128, [&] {
+        if constexpr (sizeof(T) == 4) beit_attention_backward_delta_f32(delta.data(), ctx.data(), dctx.data(), s.batch, n, s.heads, D);
+        else beit_attention_backward_delta_bf16(delta.data(), ctx.data(), dctx.data(), s.batch, n, s.heads, D);
+    });
+    emu::launch(grid(tiles, s.heads, s.batch), ATT_THREADS, [&] {
+        if constexpr (sizeof(T) == 4) {
+            if constexpr (D == 32) beit_attention_backward_dkdv_d32_f32(dqkv.data(), qkv.data(), dctx.data(), bp, lse.data(), delta.data(), n, s.heads, scale);
+            else beit_attention_backward_dkdv_d64_f32(dqkv.data(), qkv.data(), dctx.data(), bp, lse.data(), delta.data(), n, s.heads, scale);
+        } else {
+            if constexpr (D == 32) beit_attention_backward_dkdv_d32_bf16(dqkv.data(), qkv.data(), dctx.data(), bp, lse.data(), delta.data(), n, s.heads, scale);
+            else beit_attention_backward_dkdv_d64_bf16(dqkv.data(), qkv.data(), dctx.data(), bp, lse.data(), delta.data(), n, s.heads, scale);
+        }
+    });
+    const int groups = (s.batch + per_group - 1) / per_group;
+    std::vector<float> part((size_t)groups * s.heads * n * n, NAN);
+    float* pp = with_bias ? part.data() : nullptr;
+    emu::launch(grid(tiles, s.heads, groups), ATT_THREADS, [&] {
+        if constexpr (sizeof(T) == 4) {
+            if constexpr (D == 32) beit_attention_backward_dq_d32_f32(dqkv.data(), pp, qkv.data(), dctx.data(), bp, lse.data(), delta.data(), s.batch, per_group, n, s.heads, scale);
+            else beit_attention_backward_dq_d64_f32(dqkv.data(), pp, qkv.data(), dctx.data(), bp, lse.data(), delta.data(), s.batch, per_group, n, s.heads, scale);
+        } else {
+            if constexpr (D == 32) beit_attention_backward_dq_d32_bf16(dqkv.data(), pp, qkv.data(), dctx.data(), bp, lse.data(), delta.data(), s.batch, per_group, n, s.heads, scale);
+            else beit_attention_backward_dq_d64_bf16(dqkv.data(), pp, qkv.data(), dctx.data(), bp, lse.data(), delta.data(), s.batch, per_group, n, s.heads, scale);
+        }
+    });
+    std::vector<double> bias_d(bias.begin(), bias.end());
+    std::vector<double> rctx, rlse, rdqkv, rdbias;
+    attention_ref(load(qkv), with_bias ? &bias_d : nullptr, load(dctx), AttShape{s.batch, n, s.heads, D}, rctx, rlse, rdqkv, rdbias);
+    const std::string tag = std::string("attention ") + tname<T>() + " b" + std::to_string(s.batch) + " n" +
+                            std::to_string(n) + " h" + std::to_string(s.heads) + " d" + std::to_string(D) +
+                            (with_bias ? " bias" : " nobias") + " group" + std::to_string(per_group);
+    check(tag + " ctx", load(ctx), rctx, tol<T>());
+    check(tag + " lse", load(lse), rlse, 1e-5);
+    // dq, dk, dv separately, so one cannot hide behind another's scale.
+    for (int part_i = 0; part_i < 3; ++part_i) {
+        std::vector<double> got, want;
+        const auto all = load(dqkv);
+        for (size_t i = 0; i < all.size(); ++i)
+            if ((int)((i % (3 * hd)) / hd) == part_i) {
+                got.push_back(all[i]);
+                want.push_back(rdqkv[i]);
+            }
+        check(tag + (part_i == 0 ? " dq" : part_i == 1 ? " dk" : " dv"), got, want, tol<T>() * (sizeof(T) == 4 ? 2 : 1));
+    }
+    if (with_bias) {
+        std::vector<float> dbias((size_t)s.heads * n * n, 0.5f);
+        const int len = s.heads * n * n;
+        emu::launch(grid((len + 127) / 128), 128, [&] { beit_attention_dbias_reduce(dbias.data(), part.data(), groups, len, 1); });
+        for (auto& v : rdbias) v += 0.5;
+        // bf16: Δ comes from the bf16-rounded ctx, so dS carries that rounding too.
+        check(tag + " dbias", load(dbias), rdbias, sizeof(T) == 4 ? 2e-5 : 1e-2);
+    }
+}
+
+static void test_relpos(int gh, int gw, int heads) {
+    // Index as src/model/relpos.rs builds it (the spec's rule), table [M, heads].
+    const int np = gh * gw, t = np + 1, m = (2 * gh - 1) * (2 * gw - 1) + 3;
+    std::vector<int> index((size_t)t * t);
+    for (int i = 0; i < np; ++i)
+        for (int j = 0; j < np; ++j)
+            index[(i + 1) * t + j + 1] = (i / gw - j / gw + gh - 1) * (2 * gw - 1) + (i % gw - j % gw + gw - 1);
+    for (int j = 0; j < t; ++j) {
+        index[j] = m - 3;
+        index[j * t] = m - 2;
+    }
+    index[0] = m - 1;
+    Rng rng{99};
+    auto table = rng.vec((size_t)m * heads, -1, 1);
+    std::vector<float> bias((size_t)heads * t * t, 0.25f);
+    emu::launch(grid((heads * t * t + 127) / 128), 128,
+                [&] { beit_attention_relpos_gather_f32(bias.data(), table.data(), index.data(), heads, t * t, 1); });
+    std::vector<double> want(bias.size());
+    for (int h = 0; h < heads; ++h)
+        for (int p = 0; p < t * t; ++p) want[(size_t)h * t * t + p] = 0.25 + table[(size_t)index[p] * heads + h];
+    check("relpos_bias_gather", load(bias), want, 1e-6);
+    // The adjoint, through the CSR built as the host wrapper builds it (pairs in increasing p).
+    std::vector<int> offsets(m + 1, 0), pairs(t * t);
+    for (int p = 0; p < t * t; ++p) offsets[index[p] + 1]++;
+    for (int r = 0; r < m; ++r) offsets[r + 1] += offsets[r];
+    std::vector<int> fill(offsets.begin(), offsets.end() - 1);
+    for (int p = 0; p < t * t; ++p) pairs[fill[index[p]]++] = p;
+    auto dbias = rng.vec((size_t)heads * t * t, -1, 1);
+    std::vector<float> dtable((size_t)m * heads, 0.5f), cpu_order((size_t)m * heads, 0.5f);
+    emu::launch(grid((m * heads + 63) / 64), 64, [&] {
+        beit_attention_relpos_table_grad(dtable.data(), dbias.data(), offsets.data(), pairs.data(), heads, m, t * t);
+    });
+    // src/model/relpos.rs add_bias_backward's loop, in f32: the kernel must give its bits.
+    for (int h = 0; h < heads; ++h)
+        for (int p = 0; p < t * t; ++p) cpu_order[(size_t)index[p] * heads + h] += dbias[(size_t)h * t * t + p];
+    const bool same = memcmp(dtable.data(), cpu_order.data(), dtable.size() * 4) == 0;
+    printf("%s relpos_table_grad grid %dx%d: bit-identical to the CPU's order\n", same ? "ok  " : "FAIL", gh, gw);
+    if (!same) failures++;
+}
+
+// ---------------------------------------------------------------- im2col / col2im
+template <typename T> void test_im2col(int batch, int ch, int h, int w, int k, int stride, int pad, uint64_t seed) {
+    Rng rng{seed};
+    const int oh = (h + 2 * pad - k) / stride + 1, ow = (w + 2 * pad - k) / stride + 1;
+    const size_t l = (size_t)oh * ow, kk = (size_t)ch * k * k;
+    auto img = store<T>(rng.vec((size_t)batch * ch * h * w, -1, 1));
+    std::vector<T> cols(batch * kk * l);
+    emu::launch(grid(7), 64, [&] {  // fewer threads than elements: exercises the grid-stride loop
+        if constexpr (sizeof(T) == 4) beit_conv_im2col_f32(cols.data(), img.data(), batch, ch, h, w, k, stride, pad, oh, ow);
+        else beit_conv_im2col_bf16(cols.data(), img.data(), batch, ch, h, w, k, stride, pad, oh, ow);
+    });
+    const auto x = load(img);
+    std::vector<double> want(cols.size());
+    for (int b = 0; b < batch; ++b)
+        for (int c = 0; c < ch; ++c)
+            for (int kh = 0; kh < k; ++kh)
+                for (int kw = 0; kw < k; ++kw)
+                    for (int oy = 0; oy < oh; ++oy)
+                        for (int ox = 0; ox < ow; ++ox) {
+                            const int iy = oy * stride - pad + kh, ix = ox * stride - pad + kw;
+                            const double v = (iy >= 0 && iy < h && ix >= 0 && ix < w) ? x[(((size_t)b * ch + c) * h + iy) * w + ix] : 0.0;
+                            want[((size_t)b * kk + (c * k + kh) * k + kw) * l + oy * ow + ox] = v;
+                        }
+    const std::string tag = std::string(tname<T>()) + " b" + std::to_string(batch) + " c" + std::to_string(ch) + " " +
+                            std::to_string(h) + "x" + std::to_string(w) + " k" + std::to_string(k) + " s" +
+                            std::to_string(stride) + " p" + std::to_string(pad);
+    check("im2col " + tag, load(cols), want, 0);
+    // col2im is the adjoint: a scatter-add of every column element to its pixel, from a start
+    // of bias[c] (or the image itself with accumulate).
+    auto colv = store<T>(rng.vec(cols.size(), -1, 1));
+    auto bias = store<T>(rng.vec(ch, -1, 1));
+    for (int mode = 0; mode < 2; ++mode) {
+        std::vector<T> out = mode == 1 ? img : std::vector<T>(img.size());
+        emu::launch(grid(5), 64, [&] {
+            if constexpr (sizeof(T) == 4) beit_conv_col2im_f32(out.data(), colv.data(), mode == 0 ? bias.data() : nullptr, batch, ch, h, w, k, stride, pad, oh, ow, mode);
+            else beit_conv_col2im_bf16(out.data(), colv.data(), mode == 0 ? bias.data() : nullptr, batch, ch, h, w, k, stride, pad, oh, ow, mode);
+        });
+        const auto cv = load(colv), bv = load(bias);
+        std::vector<double> wimg(img.size());
+        for (size_t i = 0; i < wimg.size(); ++i) wimg[i] = mode == 1 ? x[i] : bv[(i / ((size_t)h * w)) % ch];
+        for (int b = 0; b < batch; ++b)
+            for (int c = 0; c < ch; ++c)
+                for (int kh = 0; kh < k; ++kh)
+                    for (int kw = 0; kw < k; ++kw)
+                        for (int oy = 0; oy < oh; ++oy)
+                            for (int ox = 0; ox < ow; ++ox) {
+                                const int iy = oy * stride - pad + kh, ix = ox * stride - pad + kw;
+                                if (iy < 0 || iy >= h || ix < 0 || ix >= w) continue;
+                                wimg[(((size_t)b * ch + c) * h + iy) * w + ix] += cv[((size_t)b * kk + (c * k + kh) * k + kw) * l + oy * ow + ox];
+                            }
+        check(std::string("col2im ") + (mode ? "accumulate " : "bias ") + tag, load(out), wimg, tol<T>());
+    }
+}
+
+// ---------------------------------------------------------------- reductions
+template <typename T> void test_reductions(int rows, int n, uint64_t seed) {
+    Rng rng{seed};
+    auto x = store<T>(rng.vec((size_t)rows * n, -1, 1));
+    const auto xd = load(x);
+    const int chunk_rows = 16, chunks = (rows + chunk_rows - 1) / chunk_rows;
+    std::vector<float> partials((size_t)chunks * n, NAN), cs(n, 1.0f), rs(rows, NAN);
+    emu::launch(grid((n + 31) / 32, chunks), 32, [&] {
+        if constexpr (sizeof(T) == 4) beit_reduce_column_sums_partial_f32(partials.data(), x.data(), rows, n, chunk_rows);
+        else beit_reduce_column_sums_partial_bf16(partials.data(), x.data(), rows, n, chunk_rows);
+    });
+    emu::launch(grid((n + 31) / 32), 32, [&] { beit_reduce_column_sums_finish(cs.data(), partials.data(), chunks, n); });
+    emu::launch(grid((rows + 1) / 2), 64, [&] {
+        if constexpr (sizeof(T) == 4) beit_reduce_row_sums_f32(rs.data(), x.data(), rows, n);
+        else beit_reduce_row_sums_bf16(rs.data(), x.data(), rows, n);
+    });
+    std::vector<double> wc(n, 1.0), wr(rows, 0.0);
+    for (int r = 0; r < rows; ++r)
+        for (int c = 0; c < n; ++c) {
+            wc[c] += xd[(size_t)r * n + c];
+            wr[r] += xd[(size_t)r * n + c];
+        }
+    const std::string tag = std::string(tname<T>()) + " " + std::to_string(rows) + "x" + std::to_string(n);
+    check("column_sums " + tag, load(cs), wc, 1e-5);
+    check("row_sums " + tag, load(rs), wr, 1e-5);
+    // The same data as NCHW [batch = rows / 3, channels = 3, plane = n] for channel_sums.
+    const int batch = rows / 3, ch = 3;
+    std::vector<float> chs(ch, 2.0f);
+    emu::launch(grid(ch), 64, [&] {
+        if constexpr (sizeof(T) == 4) beit_reduce_channel_sums_f32(chs.data(), x.data(), batch, ch, n);
+        else beit_reduce_channel_sums_bf16(chs.data(), x.data(), batch, ch, n);
+    });
+    std::vector<double> wch(ch, 2.0);
+    for (int b = 0; b < batch; ++b)
+        for (int c = 0; c < ch; ++c)
+            for (int p = 0; p < n; ++p) wch[c] += xd[((size_t)b * ch + c) * n + p];
+    check("channel_sums " + tag, load(chs), wch, 1e-5);
+}
+
+int main(int argc, char** argv) {
+    const bool quick = argc > 1 && std::string(argv[1]) == "--quick";
+    test_layernorm<float>(150, 50, 1);
+    test_layernorm<bf16>(150, 50, 2);
+    test_layernorm<float>(5, 768, 3);
+    test_residual_layernorm<float>(37, 50, true, 4);
+    test_residual_layernorm<float>(9, 33, false, 5);
+    test_residual_layernorm<bf16>(37, 50, true, 6);
+    test_cross_entropy<float>(6, 8192, 0.0f, 7);
+    test_cross_entropy<bf16>(6, 8192, 0.0f, 8);
+    test_cross_entropy<float>(5, 1001, 0.1f, 9);
+    test_attention<float, 32>({2, 37, 2, 32}, true, 1, 10);
+    test_attention<float, 32>({3, 37, 1, 32}, true, 2, 11);
+    test_attention<float, 64>({1, 70, 1, 64}, false, 1, 12);
+    test_attention<bf16, 64>({2, 33, 1, 64}, true, 2, 13);
+    if (!quick) test_attention<float, 64>({1, 197, 1, 64}, true, 1, 14);
+    test_relpos(3, 4, 2);
+    test_im2col<float>(2, 3, 7, 9, 3, 2, 1, 15);
+    test_im2col<float>(1, 2, 32, 32, 16, 16, 0, 16);
+    test_im2col<bf16>(2, 2, 6, 5, 4, 2, 1, 17);
+    test_im2col<float>(1, 2, 5, 5, 1, 1, 0, 18);
+    test_reductions<float>(99, 70, 19);
+    test_reductions<bf16>(48, 33, 20);
+    printf(failures ? "%d FAILED\n" : "all passed\n", failures);
+    return failures ? 1 : 0;
+}

@@ -1,0 +1,40 @@
+//! Runs the CUDA kernels of `cuda/` on the CPU, in the host emulator (`tests/cuda_emu`, every CUDA
+//! thread a fiber with real barrier and shuffle rendezvous), against naive f64 references: the
+//! check of the kernels' indexing, tiling, masking and synchronisation that CPU-only CI can do.
+//! On a GPU, tests/cuda_kernels.rs compares the same kernels with the CPU backend.
+//! Needs a C++17 compiler (`$CXX`, else g++), as the C API tests do.
+
+use std::process::Command;
+
+#[test]
+fn cuda_kernels_pass_in_the_host_emulator() {
+    let root = env!("CARGO_MANIFEST_DIR");
+    let tmp = tempfile::tempdir().expect("a temporary directory");
+    let out = Command::new("sh")
+        .arg(format!("{root}/scripts/emulate-kernels"))
+        .arg("--quick")
+        .env("TMPDIR", tmp.path())
+        .output()
+        .expect("running scripts/emulate-kernels (needs sh and a C++ compiler)");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    eprintln!("{stdout}{stderr}");
+    assert!(out.status.success(), "the emulated kernels failed (see above)");
+    assert!(stdout.contains("all passed") && !stdout.contains("FAIL"), "unexpected emulator output");
+    // Every kernel family was exercised.
+    for family in [
+        "layernorm_forward",
+        "layernorm_backward",
+        "residual_layernorm",
+        "cross_entropy",
+        "attention",
+        "relpos",
+        "im2col",
+        "col2im",
+        "column_sums",
+        "row_sums",
+        "channel_sums",
+    ] {
+        assert!(stdout.contains(family), "no {family} case ran");
+    }
+}

@@ -1,13 +1,11 @@
 //! The execution context: which device, how many threads. Every pass runs inside the context's
 //! own rayon pool, so a host's thread count setting is exact and independent of other libraries.
 
-use std::sync::Arc;
-
 use crate::backend::cuda::{probe, CudaDevice};
 use crate::error::{Error, Result};
 
-/// Where work runs. `Auto` picks CUDA when usable and says why not otherwise; `Cuda` without a
-/// usable GPU is an error, never a silent fallback.
+/// Where work runs. `Auto` will pick CUDA once model passes run there (today it picks the CPU
+/// and says why); `Cuda` is an error until then, never a silent fallback.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Device {
     Auto,
@@ -44,8 +42,6 @@ pub struct Context {
     pool: rayon::ThreadPool,
     device: Device,
     device_note: String,
-    /// The GPU when `device` is `Cuda` (shared by every context of the process).
-    cuda: Option<Arc<CudaDevice>>,
 }
 
 impl std::fmt::Debug for Context {
@@ -57,6 +53,9 @@ impl std::fmt::Debug for Context {
             .finish()
     }
 }
+
+/// Why a usable GPU is not used yet (see [`Context::new`]).
+const MODEL_PASSES_ON_CPU: &str = "model passes (inference, training) do not run on the CUDA backend yet";
 
 impl Context {
     pub fn new(options: &ContextOptions) -> Result<Self> {
@@ -72,26 +71,32 @@ impl Context {
             .build()
             .map_err(|e| Error::Internal(format!("cannot start the thread pool: {e}")))?;
         // The probe runs before any other CUDA call and never panics (src/backend/cuda/probe.rs).
-        let (device, device_note, cuda) = match options.device {
-            Device::Cpu => (Device::Cpu, "cpu requested".to_string(), None),
+        // The CUDA backend's ops exist and are tested on a GPU by scripts/gpu-check, but the
+        // model passes (inference, pretraining, fine-tuning) do not run on it yet. A context that
+        // said "cuda" would then compute on the CPU behind the user's back, so: auto picks the
+        // CPU and says why, and an explicit cuda request is an error either way.
+        let (device, device_note) = match options.device {
+            Device::Cpu => (Device::Cpu, "cpu requested".to_string()),
             Device::Auto => {
                 let report = probe();
-                if !report.usable {
-                    (Device::Cpu, format!("auto: using cpu because CUDA is not usable: {}", report.reason), None)
+                let why = if report.usable {
+                    format!("CUDA is usable ({}) but {MODEL_PASSES_ON_CPU}", report.reason)
                 } else {
-                    match CudaDevice::get() {
-                        Ok(dev) => (Device::Cuda, format!("auto: using cuda: {}", report.reason), Some(dev)),
-                        Err(e) => (Device::Cpu, format!("auto: using cpu because the CUDA device failed: {e}"), None),
-                    }
-                }
+                    format!("CUDA is not usable: {}", report.reason)
+                };
+                (Device::Cpu, format!("auto: using cpu because {why}"))
             }
             Device::Cuda => {
-                let dev = CudaDevice::get()
+                CudaDevice::get()
                     .map_err(|e| Error::Unsupported(format!("device cuda requested, but {}", e.message())))?;
-                (Device::Cuda, format!("cuda requested: {}", probe().reason), Some(dev))
+                bail!(
+                    Unsupported,
+                    "device cuda requested: the GPU is usable ({}), but {MODEL_PASSES_ON_CPU}; use device cpu or auto",
+                    probe().reason
+                )
             }
         };
-        Ok(Context { pool, device, device_note, cuda })
+        Ok(Context { pool, device, device_note })
     }
 
     /// Runs `f` on this context's thread pool.
@@ -110,10 +115,5 @@ impl Context {
     /// Why this device was chosen (for `auto`, why CUDA was not).
     pub fn device_note(&self) -> &str {
         &self.device_note
-    }
-
-    /// The GPU, when this context's device is CUDA.
-    pub fn cuda(&self) -> Option<&Arc<CudaDevice>> {
-        self.cuda.as_ref()
     }
 }

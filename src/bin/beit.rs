@@ -9,12 +9,12 @@ use clap::{Parser, Subcommand};
 
 #[path = "cli/finetune.rs"]
 mod finetune_cli;
+#[path = "cli/info.rs"]
+mod info_cli;
 #[path = "cli/progress.rs"]
 mod progress;
 #[path = "cli/segment.rs"]
 mod segment_cli;
-#[path = "cli/info.rs"]
-mod info_cli;
 #[path = "cli/tokenizer.rs"]
 mod tokenizer_cli;
 

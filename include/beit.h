@@ -408,11 +408,12 @@ typedef struct beit_device_info {
      */
     size_t struct_size;
     /**
-     * `BEIT_DEVICE_CUDA` when a usable GPU was found, else `BEIT_DEVICE_CPU`.
+     * The device `BEIT_DEVICE_AUTO` picks: `BEIT_DEVICE_CPU` in this version whatever
+     * `cuda_usable` says (model passes do not run on the CUDA backend yet).
      */
     beit_device kind;
     /**
-     * 1 when CUDA is usable (then `kind` is `BEIT_DEVICE_CUDA`), 0 when not (see `reason`).
+     * 1 when the CUDA probe found a usable GPU, 0 when not (see `reason`).
      */
     uint32_t cuda_usable;
     /**

@@ -24,9 +24,10 @@ pub const BEIT_DEVICE_REASON_BYTES: usize = 512;
 pub struct beit_device_info {
     /// Set by the caller to `sizeof(beit_device_info)`; left as it is.
     pub struct_size: usize,
-    /// `BEIT_DEVICE_CUDA` when a usable GPU was found, else `BEIT_DEVICE_CPU`.
+    /// The device `BEIT_DEVICE_AUTO` picks: `BEIT_DEVICE_CPU` in this version whatever
+    /// `cuda_usable` says (model passes do not run on the CUDA backend yet).
     pub kind: RawDevice,
-    /// 1 when CUDA is usable (then `kind` is `BEIT_DEVICE_CUDA`), 0 when not (see `reason`).
+    /// 1 when the CUDA probe found a usable GPU, 0 when not (see `reason`).
     pub cuda_usable: u32,
     /// The GPU's name (device 0), or "cpu"; NUL-terminated UTF-8.
     pub name: [c_char; BEIT_DEVICE_NAME_BYTES],
@@ -81,8 +82,8 @@ pub(crate) fn device_info(struct_size: usize) -> beit_device_info {
     let mut info = beit_device_info_default();
     info.struct_size = struct_size;
     info.cuda_usable = u32::from(report.usable);
-    info.kind =
-        RawDevice(if report.usable { beit_device::BEIT_DEVICE_CUDA } else { beit_device::BEIT_DEVICE_CPU } as u32);
+    // What `auto` picks (see `Context::new`): the CPU until model passes run on CUDA.
+    info.kind = RawDevice(beit_device::BEIT_DEVICE_CPU as u32);
     info.driver_version = report.driver_version;
     info.device_count = report.device_count;
     match &report.gpu {

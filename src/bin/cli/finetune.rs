@@ -201,6 +201,7 @@ fn finetune_classify(
     let (mut window_loss, mut window_n, mut window_images, mut window_start) =
         (0.0, 0u64, 0usize, std::time::Instant::now());
     let mut last_loss = f64::NAN;
+    let mut progress = crate::progress::Progress::new("beit finetune", 0, steps);
     ctx.run(|| {
         run_finetune(&mut trainer, data.clone(), &feed, |s| {
             window_loss += s.loss;
@@ -213,10 +214,9 @@ fn finetune_classify(
                     "lr": s.lr, "grad_norm": s.grad_norm, "images_per_s": window_images as f64 / secs}));
                 (window_loss, window_n, window_images, window_start) = (0.0, 0, 0, std::time::Instant::now());
             }
-            eprint!("\rbeit finetune: step {}/{steps}, loss {:.4}   ", s.step, s.loss);
+            progress.update(s.step, &format!("loss {:.4}, {:.1} images/s", s.loss, s.images_per_s));
         })
     })?;
-    eprintln!();
     trainer.into_model().save(&a.out)?;
     crate::print_json(serde_json::json!({"command": "finetune", "task": "classify", "steps": steps,
         "final_loss": last_loss, "seconds": start.elapsed().as_secs_f64(), "train_images": data.len(),
@@ -238,12 +238,10 @@ pub fn eval(a: EvalArgs) -> beit::Result<()> {
     let model = Model::load(&a.model)?;
     let ds = Dataset::open(&a.data)?;
     let start = std::time::Instant::now();
+    let mut progress = crate::progress::Progress::new("beit eval", 0, ds.len() as u64);
     let result = ctx.run(|| {
-        beit::train::evaluate::evaluate(&model, &ds, a.batch, |done, total| {
-            eprint!("\rbeit eval: {done}/{total} images   ");
-        })
+        beit::train::evaluate::evaluate(&model, &ds, a.batch, |done, _| progress.update(done as u64, "images"))
     })?;
-    eprintln!();
     let seconds = start.elapsed().as_secs_f64();
     if a.json {
         let mut v = serde_json::to_value(&result).map_err(|e| beit::Error::Internal(e.to_string()))?;

@@ -4,6 +4,7 @@
 //! CLS pooling, layer scale on and off, shared / per-layer relative position bias / absolute
 //! positions, and label smoothing 0 and 0.1.
 
+mod common;
 use std::path::{Path, PathBuf};
 
 use beit::model::io::{read_f32, read_i64, SafetensorsFile};
@@ -72,31 +73,12 @@ fn check_case(name: &str) {
     assert!(logit_err < 1e-4, "{name}: logits differ by {logit_err}");
 
     let p = case.model.params();
-    let mut checked = 0;
-    let mut worst = (0.0f64, String::new());
-    for spec in p.specs.iter().filter(|s| s.exported) {
-        let (_, want) =
-            read_f32(&st, &spec.name).unwrap().unwrap_or_else(|| panic!("{name}: no reference for {}", spec.name));
-        let got = &grads[spec.offset..spec.offset + spec.len];
-        assert_eq!(want.len(), got.len(), "{name}: {}", spec.name);
-        let norm = want.iter().map(|&v| (v as f64).powi(2)).sum::<f64>().sqrt();
-        let max_diff = got.iter().zip(&want).map(|(&a, &b)| (a as f64 - b as f64).abs()).fold(0.0, f64::max);
-        let rel = max_diff / norm;
-        assert!(
-            rel <= 1e-4,
-            "{name}: {} max |ours - torch| = {max_diff:.3e}, {rel:.2e} of its norm {norm:.3e}",
-            spec.name
-        );
-        if rel > worst.0 {
-            worst = (rel, spec.name.clone());
-        }
-        checked += 1;
-    }
+    let (checked, worst_rel, worst_name) = common::check_param_grads(name, p, &grads, &st);
     // Every gradient in the reference was compared (plus `loss` and `logits`).
     assert_eq!(checked, st.names().len() - 2, "{name}: tensors compared");
     eprintln!(
         "{name}: loss {loss:.7} (torch {:.7}), logits within {logit_err:.1e}; worst gradient {:.2e} of its norm ({})",
-        ref_loss[0], worst.0, worst.1
+        ref_loss[0], worst_rel, worst_name
     );
 }
 

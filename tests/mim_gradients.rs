@@ -2,6 +2,7 @@
 //! in tests/reference_grads (scripts/gen_grad_reference.py, HF BeitForMaskedImageModeling), and
 //! three AdamW steps with weight decay against torch.optim.AdamW's parameters.
 
+mod common;
 use std::path::{Path, PathBuf};
 
 use beit::model::io::{read_f32, SafetensorsFile};
@@ -33,31 +34,12 @@ fn check_case(name: &str) {
     assert!((loss - ref_loss[0] as f64).abs() < 1e-5, "{name}: loss {loss} vs torch {}", ref_loss[0]);
 
     let p = model.params();
-    let mut checked = 0;
-    let mut worst = (0.0f64, String::new());
-    for spec in p.specs.iter().filter(|s| s.exported) {
-        let (_, want) =
-            read_f32(&st, &spec.name).unwrap().unwrap_or_else(|| panic!("{name}: no reference for {}", spec.name));
-        let got = &grads[spec.offset..spec.offset + spec.len];
-        assert_eq!(want.len(), got.len(), "{name}: {}", spec.name);
-        let norm = want.iter().map(|&v| (v as f64).powi(2)).sum::<f64>().sqrt();
-        let max_diff = got.iter().zip(&want).map(|(&a, &b)| (a as f64 - b as f64).abs()).fold(0.0, f64::max);
-        let rel = max_diff / norm;
-        assert!(
-            rel <= 1e-4,
-            "{name}: {} max |ours - torch| = {max_diff:.3e}, {rel:.2e} of its norm {norm:.3e}",
-            spec.name
-        );
-        if rel > worst.0 {
-            worst = (rel, spec.name.clone());
-        }
-        checked += 1;
-    }
+    let (checked, worst_rel, worst_name) = common::check_param_grads(name, p, &grads, &st);
     // Every tensor in the reference was compared (the internal key bias is not exported).
     assert_eq!(checked, st.names().len() - 1, "{name}: tensors compared");
     eprintln!(
         "{name}: loss {loss:.7} (torch {:.7}); worst gradient {:.2e} of its norm ({})",
-        ref_loss[0], worst.0, worst.1
+        ref_loss[0], worst_rel, worst_name
     );
 }
 

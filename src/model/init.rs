@@ -1,5 +1,6 @@
 //! Random initialisation of a fresh model, BEiT's scheme (unilm): weights from a normal of std
-//! `initializer_range` truncated to ±std, biases and position bias tables zero, layer norms 1/0,
+//! `initializer_range` truncated (at ±std for pretraining, ±2 for fine-tuning models), biases
+//! and position bias tables zero, layer norms 1/0,
 //! layer scale at `layer_scale_init_value`, block l's output projections divided by √(2l), and a
 //! new classifier 1000x smaller. Seeded: the same seed gives the same model on every machine.
 
@@ -18,13 +19,15 @@ pub fn initialise(store: &mut ParamStore, seed: u64) {
             Init::Zeros => values.fill(0.0),
             Init::Ones => values.fill(1.0),
             Init::Constant(c) => values.fill(c),
-            Init::TruncNormal { std, scale } => {
+            Init::TruncNormal { std, scale, bound } => {
                 let normal = Normal::new(0.0f32, 1.0).expect("unit normal");
+                let cut = bound / std;
                 for v in values.iter_mut() {
-                    // Rejection sampling of N(0,1) on [-1, 1] (accepts 68% of draws).
+                    // Rejection sampling of N(0,1) on [-cut, cut] (a ±std cut accepts 68% of
+                    // draws, a ±2 cut at std 0.02 all of them).
                     let z = loop {
                         let z: f32 = normal.sample(&mut rng);
-                        if z.abs() <= 1.0 {
+                        if z.abs() <= cut {
                             break z;
                         }
                     };

@@ -220,7 +220,8 @@ fn two_hundred_steps_follow_the_cpu_loss_curve() {
         at(&bf16, at_bf16),
         at(&cpu, at_bf16)
     );
-    assert!(cpu[steps as usize - 1] < cpu[0] - 0.5, "the CPU run did not learn: {} -> {}", cpu[0], cpu[199]);
+    let (first, last) = (smoothed(&cpu, 10)[9], smoothed(&cpu, 10)[steps as usize - 1]);
+    assert!(last < first - 0.1, "the CPU run did not learn (smoothed {first} -> {last}): the comparison means little");
     assert!(gap_bf16 <= 0.02, "GPU bf16 curve {gap_bf16:.3e} away from the CPU's at step {at_bf16}");
     assert!(gap_fp32 <= 0.005, "GPU fp32 curve {gap_fp32:.3e} away from the CPU's at step {at_fp32}");
 }

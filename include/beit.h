@@ -409,7 +409,9 @@ typedef struct beit_device_info {
     size_t struct_size;
     /**
      * The device `BEIT_DEVICE_AUTO` picks: `BEIT_DEVICE_CPU` in this version whatever
-     * `cuda_usable` says (model passes do not run on the CUDA backend yet).
+     * `cuda_usable` says (only pretraining runs on the CUDA backend so far: a trainer made on a
+     * `BEIT_DEVICE_CUDA` context steps on the GPU; inference and the tokenizer refuse such a
+     * context with `BEIT_ERR_UNSUPPORTED`).
      */
     beit_device kind;
     /**

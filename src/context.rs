@@ -4,8 +4,9 @@
 use crate::backend::cuda::{probe, CudaDevice};
 use crate::error::{Error, Result};
 
-/// Where work runs. `Auto` will pick CUDA once model passes run there (today it picks the CPU
-/// and says why); `Cuda` is an error until then, never a silent fallback.
+/// Where work runs. `Cuda` runs pretraining on the GPU and makes the passes that only run on
+/// the CPU an `Unsupported` error (never a silent fallback); `Auto` picks the CPU, where every
+/// pass runs, and says why.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Device {
     Auto,
@@ -54,8 +55,9 @@ impl std::fmt::Debug for Context {
     }
 }
 
-/// Why a usable GPU is not used yet (see [`Context::new`]).
-const MODEL_PASSES_ON_CPU: &str = "model passes (inference, training) do not run on the CUDA backend yet";
+/// What still runs on the CPU only (see [`Context::new`]).
+const CPU_ONLY_PASSES: &str =
+    "inference, fine-tuning and tokenizer passes do not run on the CUDA backend yet (pretraining does, with device cuda)";
 
 impl Context {
     pub fn new(options: &ContextOptions) -> Result<Self> {
@@ -71,28 +73,28 @@ impl Context {
             .build()
             .map_err(|e| Error::Internal(format!("cannot start the thread pool: {e}")))?;
         // The probe runs before any other CUDA call and never panics (src/backend/cuda/probe.rs).
-        // The CUDA backend's ops exist and are tested on a GPU by scripts/gpu-check, but the
-        // model passes (inference, pretraining, fine-tuning) do not run on it yet. A context that
-        // said "cuda" would then compute on the CPU behind the user's back, so: auto picks the
-        // CPU and says why, and an explicit cuda request is an error either way.
+        // The pretraining step runs on CUDA (src/backend/cuda/pretrain.rs); inference,
+        // fine-tuning and the tokenizer do not yet. So: an explicit cuda request gives a cuda
+        // context (its pretraining trainers step on the GPU, and the CPU-only passes refuse it
+        // with `Unsupported` through [`Context::require_cpu`], never computing on the CPU under a
+        // cuda label), and auto stays on the CPU, where every pass runs, and says why.
         let (device, device_note) = match options.device {
             Device::Cpu => (Device::Cpu, "cpu requested".to_string()),
             Device::Auto => {
                 let report = probe();
                 let why = if report.usable {
-                    format!("CUDA is usable ({}) but {MODEL_PASSES_ON_CPU}", report.reason)
+                    format!("CUDA is usable ({}) but {CPU_ONLY_PASSES}", report.reason)
                 } else {
                     format!("CUDA is not usable: {}", report.reason)
                 };
                 (Device::Cpu, format!("auto: using cpu because {why}"))
             }
             Device::Cuda => {
-                CudaDevice::get()
+                let dev = CudaDevice::get()
                     .map_err(|e| Error::Unsupported(format!("device cuda requested, but {}", e.message())))?;
-                bail!(
-                    Unsupported,
-                    "device cuda requested: the GPU is usable ({}), but {MODEL_PASSES_ON_CPU}; use device cpu or auto",
-                    probe().reason
+                (
+                    Device::Cuda,
+                    format!("cuda requested: {} (pretraining runs there; {CPU_ONLY_PASSES})", dev.info().name),
                 )
             }
         };
@@ -110,6 +112,17 @@ impl Context {
 
     pub fn device(&self) -> Device {
         self.device
+    }
+
+    /// `Unsupported` when this is a cuda context: for the passes that only run on the CPU
+    /// (`what` names the pass in the message).
+    pub fn require_cpu(&self, what: &str) -> Result<()> {
+        ensure!(
+            self.device != Device::Cuda,
+            Unsupported,
+            "{what} does not run on the CUDA backend yet ({CPU_ONLY_PASSES}); use device cpu or auto"
+        );
+        Ok(())
     }
 
     /// Why this device was chosen (for `auto`, why CUDA was not).

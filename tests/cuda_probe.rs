@@ -43,8 +43,11 @@ fn device_cuda_is_a_clear_error_without_a_gpu() {
     let r = probe();
     let result = Context::new(&ContextOptions { device: Device::Cuda, threads: 1 });
     if r.usable {
-        // Model passes do not run on CUDA yet: an explicit request must not quietly use the CPU.
-        match result {
+        // Pretraining runs on CUDA: the context is a cuda one, and the passes that only run on
+        // the CPU refuse it rather than quietly using the CPU.
+        let ctx = result.expect("device cuda with a usable GPU");
+        assert_eq!(ctx.device(), Device::Cuda);
+        match ctx.require_cpu("inference") {
             Err(Error::Unsupported(msg)) => assert!(msg.contains("do not run on the CUDA backend yet"), "{msg}"),
             other => panic!("expected Unsupported, got {other:?}"),
         }

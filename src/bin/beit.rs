@@ -230,6 +230,13 @@ struct PretrainArgs {
     seed: u64,
     #[arg(long, default_value_t = 0)]
     threads: usize,
+    /// cpu, cuda (the step runs on the GPU) or auto (the CPU; see `beit info`).
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    /// Storage precision of the GPU step: bf16 (GEMMs and attention in bf16 with fp32
+    /// accumulation, fp32 master weights) or fp32 (parity with the CPU). CPU steps are fp32.
+    #[arg(long, default_value = "bf16")]
+    precision: String,
     #[arg(long)]
     out: PathBuf,
     /// Save a checkpoint every K steps (0: only at the end).
@@ -318,6 +325,12 @@ enum BenchCommand {
         /// Untimed steps first.
         #[arg(long, default_value_t = 2)]
         warmup: usize,
+        /// cpu or cuda (the GPU step; timed with a device synchronisation per step).
+        #[arg(long, default_value = "cpu")]
+        device: String,
+        /// Precision of the GPU step: bf16 or fp32.
+        #[arg(long, default_value = "bf16")]
+        precision: String,
         #[arg(long)]
         json: bool,
     },
@@ -353,6 +366,7 @@ fn infer(
 ) -> beit::Result<()> {
     let device: Device = device.parse()?;
     let ctx = Context::new(&ContextOptions { device, threads })?;
+    ctx.require_cpu("inference")?;
     let model = Model::load(&model)?;
     let file = SafetensorsFile::open(&inputs)?;
     let st = file.parse()?;
@@ -577,7 +591,8 @@ fn pretrain_data(a: &PretrainArgs, cfg: &beit::BeitConfig, masked: usize, seed: 
 
 fn pretrain(a: PretrainArgs) -> beit::Result<()> {
     use beit::train::trainer::{Trainer, TrainerOptions};
-    let ctx = Context::new(&ContextOptions { device: Device::Cpu, threads: a.threads })?;
+    let ctx = Context::new(&ContextOptions { device: a.device.parse()?, threads: a.threads })?;
+    let precision: beit::backend::cuda::pretrain::Precision = a.precision.parse()?;
     std::fs::create_dir_all(&a.out).map_err(|e| beit::Error::Io(format!("cannot create {}: {e}", a.out.display())))?;
     let checkpoint = a.out.join("checkpoint.safetensors");
     let mut trainer = if a.resume && checkpoint.is_file() {
@@ -608,6 +623,11 @@ fn pretrain(a: PretrainArgs) -> beit::Result<()> {
         };
         Trainer::new(model, options)?
     };
+    if ctx.device() == Device::Cuda {
+        trainer.use_cuda(precision)?;
+        // Parameters come back only for checkpoints and the final save (sync_host below).
+        trainer.defer_host_copy(true);
+    }
     let cfg = trainer.model().config().clone();
     let (gh, gw) = cfg.native_grid();
     let masked = a.masked.unwrap_or(((gh * gw) as f64 * 75.0 / 196.0).round() as usize);
@@ -639,13 +659,15 @@ fn pretrain(a: PretrainArgs) -> beit::Result<()> {
         }
     }
     trainer.save_checkpoint(&checkpoint)?;
+    trainer.sync_host()?;
     trainer.model().save(&a.out.join("model"))?;
     let steps_run = trainer.step_count() - first_step;
     let seconds = start.elapsed().as_secs_f64();
     print_json(serde_json::json!({"command": "pretrain", "steps": trainer.step_count(), "steps_run": steps_run,
         "final_loss": last_loss, "seconds": seconds,
         "images_per_s": (steps_run as f64 * a.batch as f64) / seconds.max(1e-9),
-        "threads": ctx.threads(), "checkpoint": checkpoint.display().to_string(),
+        "threads": ctx.threads(), "device": format!("{:?}", ctx.device()).to_lowercase(),
+        "checkpoint": checkpoint.display().to_string(),
         "model": a.out.join("model").display().to_string()}));
     Ok(())
 }
@@ -691,14 +713,15 @@ fn bench_pretrain(
     batch: usize,
     masked: usize,
     threads: usize,
-    iters: usize,
-    warmup: usize,
+    (iters, warmup): (usize, usize),
+    (device, precision): (String, String),
     json: bool,
 ) -> beit::Result<()> {
     use beit::data::synthetic::SyntheticMim;
     use beit::train::batch::OwnedMimBatch;
     use beit::train::trainer::{Trainer, TrainerOptions, WeightDecayOn};
-    let ctx = Context::new(&ContextOptions { device: Device::Cpu, threads })?;
+    let ctx = Context::new(&ContextOptions { device: device.parse()?, threads })?;
+    let precision: beit::backend::cuda::pretrain::Precision = precision.parse()?;
     let model = match model {
         Some(dir) => Model::load(&dir)?,
         None => Model::new_random(config_from(&config)?, beit::Architecture::MaskedImageModeling, 0)?,
@@ -717,6 +740,12 @@ fn bench_pretrain(
         ..TrainerOptions::default()
     };
     let mut trainer = Trainer::new(model, options)?;
+    if ctx.device() == Device::Cuda {
+        trainer.use_cuda(precision)?;
+        // Steady-state steps: the parameters stay on the GPU (each step still reads its loss
+        // and gradient norm back, which synchronises the device, so the timing is complete).
+        trainer.defer_host_copy(true);
+    }
     let b = data.shape[0];
     let mut losses = Vec::new();
     let mut times = Vec::new();
@@ -735,6 +764,8 @@ fn bench_pretrain(
     let rss = peak_rss_mb();
     if json {
         print_json(serde_json::json!({"command": "bench pretrain", "batch": b, "threads": ctx.threads(),
+            "device": format!("{:?}", ctx.device()).to_lowercase(),
+            "precision": trainer.cuda_precision().map_or("fp32", |p| p.name()),
             "median_s": median, "images_per_s": images_per_s, "step_times_s": step_times,
             "peak_rss_mb": rss, "first_loss": losses[0], "last_loss": losses[losses.len() - 1],
             "params": trainer.model().params().count()}));
@@ -853,8 +884,31 @@ fn main() -> ExitCode {
             bench_infer(model, preset, batch, threads, iters, json)
         }
         Command::Bench {
-            what: BenchCommand::Pretrain { model, config, batch_file, batch, masked, threads, iters, warmup, json },
-        } => bench_pretrain(model, config, batch_file, batch, masked, threads, iters, warmup, json),
+            what:
+                BenchCommand::Pretrain {
+                    model,
+                    config,
+                    batch_file,
+                    batch,
+                    masked,
+                    threads,
+                    iters,
+                    warmup,
+                    device,
+                    precision,
+                    json,
+                },
+        } => bench_pretrain(
+            model,
+            config,
+            batch_file,
+            batch,
+            masked,
+            threads,
+            (iters, warmup),
+            (device, precision),
+            json,
+        ),
         Command::Bench {
             what: BenchCommand::Loader { dataset, batch, threads, image_size, patch, masked, batches },
         } => bench_loader(dataset, batch, threads, image_size, patch, masked, batches),

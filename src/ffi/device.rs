@@ -25,7 +25,9 @@ pub struct beit_device_info {
     /// Set by the caller to `sizeof(beit_device_info)`; left as it is.
     pub struct_size: usize,
     /// The device `BEIT_DEVICE_AUTO` picks: `BEIT_DEVICE_CPU` in this version whatever
-    /// `cuda_usable` says (model passes do not run on the CUDA backend yet).
+    /// `cuda_usable` says (only pretraining runs on the CUDA backend so far: a trainer made on a
+    /// `BEIT_DEVICE_CUDA` context steps on the GPU; inference and the tokenizer refuse such a
+    /// context with `BEIT_ERR_UNSUPPORTED`).
     pub kind: RawDevice,
     /// 1 when the CUDA probe found a usable GPU, 0 when not (see `reason`).
     pub cuda_usable: u32,
@@ -82,7 +84,7 @@ pub(crate) fn device_info(struct_size: usize) -> beit_device_info {
     let mut info = beit_device_info_default();
     info.struct_size = struct_size;
     info.cuda_usable = u32::from(report.usable);
-    // What `auto` picks (see `Context::new`): the CPU until model passes run on CUDA.
+    // What `auto` picks (see `Context::new`): the CPU, where every pass runs.
     info.kind = RawDevice(beit_device::BEIT_DEVICE_CPU as u32);
     info.driver_version = report.driver_version;
     info.device_count = report.device_count;

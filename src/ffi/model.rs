@@ -653,6 +653,7 @@ pub unsafe extern "C" fn beit_model_infer(
             pooler_output: slice(outputs.pooler_output, outputs.pooler_output_len),
             logits: slice(outputs.logits, outputs.logits_len),
         };
+        ctx.require_cpu("inference")?;
         ctx.run(|| m.forward_into(&batch, buffers))?;
         Ok(())
     })

@@ -231,6 +231,7 @@ pub unsafe extern "C" fn beit_tokenizer_tokenize(
         }
         let mapped: Vec<f32> = input.iter().map(|&v| map_pixels(v)).collect();
         let dvae = &t.inner;
+        t.ctx.require_cpu("the tokenizer")?;
         let out = t.ctx.run(|| dvae.tokenize(&mapped))?;
         if out.len() != tokens_len {
             return Err(FfiError::new(
@@ -302,6 +303,7 @@ pub unsafe extern "C" fn beit_tokenizer_decode(
                 }
             }
         }
+        t.ctx.require_cpu("the tokenizer")?;
         let mapped = t.ctx.run(|| dvae.decode(&ids))?;
         if mapped.len() != pixels_len {
             return Err(FfiError::new(

@@ -527,6 +527,8 @@ pub unsafe extern "C" fn beit_trainer_step(
             };
             let ctx: &Context = &t.ctx;
             let inner = &mut t.inner;
+            // A cuda context runs the step on the GPU (moved there on the first step).
+            inner.use_context(ctx)?;
             ctx.run(|| inner.step(&mim))?
         };
         if let Some(size) = out_size {

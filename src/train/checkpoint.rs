@@ -65,7 +65,12 @@ fn unhex(s: &str) -> Option<Vec<u8>> {
 fn to_bytes(trainer: &Trainer) -> Result<Vec<u8>> {
     let model = &trainer.model;
     let params = model.params();
-    let opt = &trainer.optimizer;
+    // With the GPU step the current parameters and moments are on the device.
+    let device_state = trainer.current_state()?;
+    let (param_data, opt) = match &device_state {
+        Some((data, opt)) => (data, opt),
+        None => (&params.data, &trainer.optimizer),
+    };
     let rng = trainer.rng_state();
     let meta = CheckpointMeta {
         format: FORMAT.to_string(),
@@ -84,7 +89,7 @@ fn to_bytes(trainer: &Trainer) -> Result<Vec<u8>> {
     let meta = HashMap::from([(META_KEY.to_string(), meta_json)]);
 
     let specs: Vec<_> = params.specs.iter().filter(|s| s.exported).collect();
-    let buffers = [("model", &params.data), ("exp_avg", &opt.exp_avg), ("exp_avg_sq", &opt.exp_avg_sq)];
+    let buffers = [("model", param_data), ("exp_avg", &opt.exp_avg), ("exp_avg_sq", &opt.exp_avg_sq)];
     let tensors = buffers.iter().flat_map(|&(prefix, buf)| {
         specs
             .iter()
@@ -253,7 +258,7 @@ pub fn load_into(trainer: &mut Trainer, path: &Path) -> Result<()> {
     let loaded = parse(path, &trainer.model)?;
     loaded.options.validate()?;
     apply(trainer, loaded);
-    Ok(())
+    trainer.reload_gpu()
 }
 
 /// A trainer restored from a checkpoint alone (its config, options and state).

@@ -15,6 +15,8 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
+use crate::backend::cuda::pretrain::{GpuPretrainer, OptimizerSetup, Precision};
+use crate::context::{Context, Device};
 use crate::error::Result;
 use crate::model::{Architecture, ClassifyBatch, DropPath, MimBatch, Model, TrainWorkspace};
 
@@ -144,6 +146,25 @@ pub(crate) fn adamw_config(options: &TrainerOptions) -> AdamWConfig {
     }
 }
 
+/// The decay mask (1 where an element decays) and the trained ranges of `options`' decay rule,
+/// as [`new_adamw`] builds its state from them (the GPU step's AdamW takes the same).
+fn decay_setup(model: &Model, options: &TrainerOptions) -> (Vec<f32>, Vec<(usize, usize)>) {
+    let p = model.params();
+    let mut mask = vec![0.0f32; p.data.len()];
+    let mut trained = Vec::new();
+    for s in p.specs.iter().filter(|s| s.exported) {
+        let decays = match options.weight_decay_on {
+            WeightDecayOn::Beit => super::adamw::decays(&s.name, &s.shape),
+            WeightDecayOn::All => true,
+        };
+        if decays {
+            mask[s.offset..s.offset + s.len].fill(1.0);
+        }
+        trained.push((s.offset, s.len));
+    }
+    (mask, trained)
+}
+
 /// Fresh AdamW state for `model` under `options`' decay rule.
 pub(crate) fn new_adamw(model: &Model, options: &TrainerOptions) -> AdamW {
     match options.weight_decay_on {
@@ -199,6 +220,12 @@ pub struct Trainer {
     grads: Vec<f32>,
     workspace: TrainWorkspace,
     drop_factors: Vec<f32>,
+    /// The GPU step when pretraining runs on CUDA ([`Trainer::use_cuda`]). It then holds the
+    /// current parameters and optimizer state; the host copies follow as described there.
+    gpu: Option<GpuPretrainer>,
+    /// With the GPU step: whether each step leaves the host parameters behind the device's
+    /// (until [`Trainer::sync_host`]) instead of copying them back.
+    defer_host_copy: bool,
 }
 
 impl std::fmt::Debug for Trainer {
@@ -250,6 +277,8 @@ impl Trainer {
             grads,
             workspace: TrainWorkspace::new(),
             drop_factors: Vec::new(),
+            gpu: None,
+            defer_host_copy: false,
         })
     }
 
@@ -257,9 +286,68 @@ impl Trainer {
         &self.model
     }
 
-    /// Gives the model back (e.g. to save it or run inference with it).
+    /// Gives the model back (e.g. to save it or run inference with it). With the GPU step and
+    /// [`Trainer::defer_host_copy`], call [`Trainer::sync_host`] first.
     pub fn into_model(self) -> Model {
         self.model
+    }
+
+    /// Runs the pretraining steps on the GPU from now on, in `precision` (bf16 for speed, fp32
+    /// for parity with the CPU pass): the parameters and optimizer state move to the device.
+    /// Every step then copies the parameters back to the host model (so [`Trainer::model`],
+    /// saving and checkpoints see them) unless [`Trainer::defer_host_copy`] is set. Steps stay
+    /// deterministic, and drop path draws from the same random state as on the CPU.
+    pub fn use_cuda(&mut self, precision: Precision) -> Result<()> {
+        ensure!(
+            self.model.architecture() == Architecture::MaskedImageModeling,
+            Unsupported,
+            "only pretraining runs on the CUDA backend; this trainer trains a {}",
+            self.model.architecture().hf_name()
+        );
+        let (decay_mask, trained) = decay_setup(&self.model, &self.options);
+        let mut gpu = GpuPretrainer::new(
+            &self.model,
+            precision,
+            OptimizerSetup {
+                config: self.optimizer.config,
+                decay_mask: &decay_mask,
+                trained: &trained,
+                lr_scale: self.lr_scale.as_deref(),
+            },
+        )?;
+        gpu.upload_state(self.model.params(), &self.optimizer)?;
+        self.gpu = Some(gpu);
+        Ok(())
+    }
+
+    /// Follows `ctx`'s device: a cuda context moves pretraining to the GPU in bf16 (fine-tuning
+    /// trainers then fail with `Unsupported`: that pass runs on the CPU only).
+    pub fn use_context(&mut self, ctx: &Context) -> Result<()> {
+        if ctx.device() == Device::Cuda && self.gpu.is_none() {
+            self.use_cuda(Precision::Bf16)?;
+        }
+        Ok(())
+    }
+
+    /// The GPU step's precision, or `None` on the CPU.
+    pub fn cuda_precision(&self) -> Option<Precision> {
+        self.gpu.as_ref().map(|g| g.precision())
+    }
+
+    /// With the GPU step, stop copying the parameters back after every step (benchmarks, long
+    /// runs that save rarely); call [`Trainer::sync_host`] before reading the model.
+    pub fn defer_host_copy(&mut self, defer: bool) {
+        self.defer_host_copy = defer;
+    }
+
+    /// Copies the GPU step's parameters and optimizer state into the host model and optimizer
+    /// (nothing to do on the CPU).
+    pub fn sync_host(&mut self) -> Result<()> {
+        if let Some(gpu) = &self.gpu {
+            gpu.download_params(self.model.params_mut())?;
+            gpu.download_optimizer(&mut self.optimizer)?;
+        }
+        Ok(())
     }
 
     pub fn options(&self) -> &TrainerOptions {
@@ -271,6 +359,31 @@ impl Trainer {
         self.lr_scale = layer_decay_scales(&self.model, &options);
         self.optimizer.config = adamw_config(&options);
         self.options = options;
+    }
+
+    /// After a checkpoint load: the GPU step takes the restored state (rebuilt, so a changed
+    /// decay rule or lr scale is taken too).
+    pub(crate) fn reload_gpu(&mut self) -> Result<()> {
+        if let Some(precision) = self.cuda_precision() {
+            self.gpu = None;
+            self.use_cuda(precision)?;
+        }
+        Ok(())
+    }
+
+    /// The parameters and optimizer state as of the last step, wherever they live (for
+    /// checkpoints, which take `&self`).
+    pub(crate) fn current_state(&self) -> Result<Option<(Vec<f32>, AdamW)>> {
+        match &self.gpu {
+            None => Ok(None),
+            Some(gpu) => {
+                let mut store = self.model.params().clone();
+                gpu.download_params(&mut store)?;
+                let mut opt = self.optimizer.clone();
+                gpu.download_optimizer(&mut opt)?;
+                Ok(Some((store.data, opt)))
+            }
+        }
     }
 
     /// Writes a checkpoint of everything this trainer holds to `path`, atomically: a crash or
@@ -355,8 +468,44 @@ impl Trainer {
     /// On error nothing changes (parameters, optimizer state, step, random state).
     pub fn step(&mut self, batch: &MimBatch<'_>) -> Result<StepStats> {
         self.model.check_mim_batch(batch)?;
+        if self.gpu.is_some() {
+            return self.step_gpu(batch);
+        }
         self.step_with(batch.batch, batch.masked_count(), |model, ws, drop, grads| {
             model.mim_forward_backward(ws, batch, drop, grads)
+        })
+    }
+
+    /// [`Trainer::step`] on the GPU: the same drop path draw, the same schedule, clipping and
+    /// AdamW, run by the GPU step; the same refusal of a non-finite loss or norm.
+    fn step_gpu(&mut self, batch: &MimBatch<'_>) -> Result<StepStats> {
+        let start = Instant::now();
+        let rng_before = self.rng.clone();
+        let dropping = self.draw_drop_path(batch.batch);
+        let lr = self.options.lr_at(self.step);
+        let gpu = self.gpu.as_mut().expect("checked by the caller");
+        let drop = dropping.then_some(&self.drop_factors[..]);
+        let stats = match gpu.step(batch, drop, self.options.clip_grad_norm, lr as f32) {
+            Ok(s) => s,
+            Err(e) => {
+                self.rng = rng_before;
+                return Err(e);
+            }
+        };
+        if !self.defer_host_copy {
+            gpu.download_params(self.model.params_mut())?;
+        }
+        self.step += 1;
+        self.data_position += 1;
+        let seconds = start.elapsed().as_secs_f64();
+        Ok(StepStats {
+            step: self.step,
+            loss: stats.loss,
+            lr,
+            grad_norm: stats.grad_norm,
+            masked: batch.masked_count(),
+            seconds,
+            images_per_s: batch.batch as f64 / seconds.max(1e-12),
         })
     }
 

@@ -10,6 +10,7 @@
 //! - [`nvrtc`]: compiles the embedded `cuda/*.cu` for the GPU's arch, with the disk cache.
 //! - [`buffer`]: device buffers (`DeviceBuffer<T>` = cudarc `CudaSlice<T>`) and copies.
 //! - [`matmul`], [`elementwise`], [`adamw`], [`reduce`], [`patch_embed`]: the ops.
+//! - [`pretrain`]: the whole MIM training step on the GPU, written from the CPU pass with them.
 //!
 //! # Adding a kernel file
 //! 1. Write `cuda/<family>.cu`, starting with `#include "common.cuh"` (bf16 type, load/store
@@ -61,6 +62,7 @@ pub mod layernorm;
 pub mod matmul;
 pub mod nvrtc;
 pub mod patch_embed;
+pub mod pretrain;
 pub mod probe;
 pub mod reduce;
 pub mod sums;

@@ -37,11 +37,29 @@ impl AttentionShape {
 }
 
 /// Per-task scratch of the per-pair functions, sized on first use: `transposed` holds Kᵀ (or
-/// Vᵀ in the backward), `wide` a score matrix whose rows are padded to whole vectors.
+/// Vᵀ in the backward), `wide` a score matrix whose rows are padded to whole vectors, `rows_a`
+/// and `rows_b` contiguous copies of `[tokens, head_dim]` operands.
 #[derive(Default)]
 pub(crate) struct PairScratch {
     pub transposed: Vec<f32>,
     pub wide: Vec<f32>,
+    pub rows_a: Vec<f32>,
+    pub rows_b: Vec<f32>,
+}
+
+/// Copies the strided `[rows, cols]` matrix `src` (unit column stride) into `dst` as contiguous
+/// rows and returns it. The kernels read operands row after row many times over; inside the
+/// fused QKV buffer those rows lie 3·hidden floats apart (2304 bytes for tiny32), a stride
+/// that maps the 65 rows of a head onto a quarter of the L1 sets, so a contiguous copy (a few
+/// KB) saves more in conflict misses than it costs.
+pub(crate) fn contiguous_rows<'a>(dst: &'a mut Vec<f32>, src: Mat<'_>) -> &'a [f32] {
+    debug_assert_eq!(src.col_stride, 1);
+    let (rows, cols) = (src.rows, src.cols);
+    dst.resize(rows * cols, 0.0);
+    for (r, out) in dst.chunks_exact_mut(cols).enumerate() {
+        out.copy_from_slice(&src.data[r * src.row_stride..r * src.row_stride + cols]);
+    }
+    &dst[..rows * cols]
 }
 
 /// Tokens rounded up to whole 8-float vectors: the row length of padded score matrices.
@@ -193,19 +211,21 @@ unsafe fn forward_pair_gemm(
     matmul_raw(ctx.0.add(b * t * hidden + h * d), t, d, hidden, 1, p, hv.v, 1.0, false, Threads::Single);
 }
 
-/// Copies the `[rows, cols]` strided matrix `src` transposed into `dst` as `[cols, ld]`
-/// row-major, zeroing columns `rows..ld` so that products over the padded rows add nothing
-/// there.
-pub(crate) fn transpose_padded(dst: &mut [f32], src: Mat<'_>, ld: usize) {
-    assert!(ld >= src.rows && dst.len() >= src.cols * ld, "transpose_padded: destination too small");
-    for r in 0..src.rows {
-        let row = &src.data[r * src.row_stride..];
-        for c in 0..src.cols {
-            dst[c * ld + r] = row[c * src.col_stride];
-        }
-    }
-    for c in 0..src.cols {
-        dst[c * ld + src.rows..(c + 1) * ld].fill(0.0);
+/// Copies the `[rows, cols]` strided matrix `src` (unit column stride, cols a multiple of 8)
+/// transposed into `dst` as `[cols, ld]` row-major with [`attention_kernel::transpose`],
+/// zeroing columns `rows..ld` so that products over the padded rows add nothing there.
+///
+/// # Safety
+/// [`attention_kernel::available`] must be true.
+pub(crate) unsafe fn transpose_padded(dst: &mut [f32], src: Mat<'_>, ld: usize) {
+    let (rows, cols) = (src.rows, src.cols);
+    assert!(ld >= rows && dst.len() >= cols * ld, "transpose_padded: destination too small");
+    assert!(
+        src.col_stride == 1 && cols % 8 == 0 && (rows == 0 || (rows - 1) * src.row_stride + cols <= src.data.len())
+    );
+    attention_kernel::transpose(dst.as_mut_ptr(), ld, src.data.as_ptr(), src.row_stride, rows, cols);
+    for c in 0..cols {
+        dst[c * ld + rows..(c + 1) * ld].fill(0.0);
     }
 }
 
@@ -236,14 +256,16 @@ unsafe fn forward_pair_fused(
             srow[..t].copy_from_slice(brow);
         }
     }
-    let q = Strided { ptr: hv.q.data.as_ptr(), row_stride: hv.q.row_stride, col_stride: 1 };
+    let q = contiguous_rows(&mut work.rows_a, hv.q);
+    let q = Strided { ptr: q.as_ptr(), row_stride: d, col_stride: 1 };
     gemm_bcast(t, tp, d, q, work.transposed.as_ptr(), tp, s.as_mut_ptr(), tp, scale, bias.is_some());
     for (prow, srow) in scores.chunks_exact_mut(t).zip(s.chunks_exact(tp)) {
         prow.copy_from_slice(&srow[..t]);
     }
     softmax_rows(scores, t);
     let p = Strided { ptr: scores.as_ptr(), row_stride: t, col_stride: 1 };
-    gemm_bcast(t, d, t, p, hv.v.data.as_ptr(), hv.v.row_stride, ctx.0.add(b * t * hidden + h * d), hidden, 1.0, false);
+    let v = contiguous_rows(&mut work.rows_b, hv.v);
+    gemm_bcast(t, d, t, p, v.as_ptr(), d, ctx.0.add(b * t * hidden + h * d), hidden, 1.0, false);
 }
 
 #[cfg(test)]

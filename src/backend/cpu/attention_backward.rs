@@ -12,7 +12,8 @@
 use rayon::prelude::*;
 
 use super::attention::{
-    forward_pair, head_views, padded_tokens, transpose_into, transpose_padded, AttentionShape, PairScratch,
+    contiguous_rows, forward_pair, head_views, padded_tokens, transpose_into, transpose_padded, AttentionShape,
+    PairScratch,
 };
 use super::attention_kernel::{gemm_bcast, Strided};
 use super::gemm::{matmul_raw, Mat, Threads};
@@ -244,25 +245,28 @@ unsafe fn backward_pair_fused(
     let tp = padded_tokens(t);
     let scale = (d as f32).powf(-0.5);
     let hv = head_views(qkv, b, h, shape);
-    let dc = &dctx[b * t * hidden + h * d..];
+    let dc = Mat { data: &dctx[b * t * hidden + h * d..], rows: t, cols: d, row_stride: hidden, col_stride: 1 };
     let base = dqkv.0.add(b * t * rs + h * d);
     let rows = |data: &[f32], stride: usize| Strided { ptr: data.as_ptr(), row_stride: stride, col_stride: 1 };
     let cols = |data: &[f32], stride: usize| Strided { ptr: data.as_ptr(), row_stride: 1, col_stride: stride };
+    let dc = contiguous_rows(&mut work.rows_a, dc);
     // dV = Pᵀ·dCtx
-    gemm_bcast(t, d, t, cols(p_data, t), dc.as_ptr(), hidden, base.add(2 * hidden), rs, 1.0, false);
+    gemm_bcast(t, d, t, cols(p_data, t), dc.as_ptr(), d, base.add(2 * hidden), rs, 1.0, false);
     // dP = dCtx·Vᵀ
     work.transposed.resize(d * tp, 0.0);
     work.wide.resize(t * tp, 0.0);
     transpose_padded(&mut work.transposed, hv.v, tp);
     let dp = &mut work.wide[..t * tp];
-    gemm_bcast(t, tp, d, rows(dc, hidden), work.transposed.as_ptr(), tp, dp.as_mut_ptr(), tp, 1.0, false);
+    gemm_bcast(t, tp, d, rows(dc, d), work.transposed.as_ptr(), tp, dp.as_mut_ptr(), tp, 1.0, false);
     for (drow, prow) in ds.chunks_exact_mut(t).zip(dp.chunks_exact(tp)) {
         drow.copy_from_slice(&prow[..t]);
     }
     softmax_backward_rows(ds, p_data, t);
     // dQ = scale·dS·K, dK = scale·dSᵀ·Q
-    gemm_bcast(t, d, t, rows(ds, t), hv.k.data.as_ptr(), rs, base, rs, scale, false);
-    gemm_bcast(t, d, t, cols(ds, t), hv.q.data.as_ptr(), rs, base.add(hidden), rs, scale, false);
+    let k = contiguous_rows(&mut work.rows_b, hv.k);
+    gemm_bcast(t, d, t, rows(ds, t), k.as_ptr(), d, base, rs, scale, false);
+    let q = contiguous_rows(&mut work.rows_b, hv.q);
+    gemm_bcast(t, d, t, cols(ds, t), q.as_ptr(), d, base.add(hidden), rs, scale, false);
 }
 
 #[cfg(test)]

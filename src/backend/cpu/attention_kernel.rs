@@ -3,9 +3,9 @@
 //! Every product inside one attention pair (`Q·Kᵀ`, `P·V`, `Pᵀ·dCtx`, `dCtx·Vᵀ`, `dS·K`,
 //! `dSᵀ·Q`; 65×65×64 for tiny32) is `C = α·A·B (+ C)` where B's rows hold the output columns
 //! contiguously and A is read one scalar at a time at any strides (so `Pᵀ` and `dSᵀ` need no
-//! copy). [`gemm_bcast`] computes exactly that shape: for a block of up to 4 rows × 24 columns,
+//! copy). [`gemm_bcast`] computes exactly that shape: for a block of up to 6 rows × 16 columns,
 //! twelve accumulators stay in registers over the whole inner dimension, each step loading
-//! three vectors of B and broadcasting four scalars of A. At these sizes the gemm crate spends
+//! two vectors of B and broadcasting six scalars of A. At these sizes the gemm crate spends
 //! a large share of its time in dispatch, packing and buffer set-up; this has none of those.
 //!
 //! The kernels need AVX2 and FMA; [`available`] says whether this CPU has them, and callers
@@ -15,10 +15,11 @@
 use std::arch::x86_64::*;
 
 /// Rows of C per register block (broadcasts of A per inner step).
-const ROWS: usize = 4;
-/// Vectors of 8 columns per register block: 4 × 3 accumulators + 3 B vectors + 1 broadcast
-/// fill the 16 ymm registers.
-const VECS: usize = 3;
+const ROWS: usize = 6;
+/// Vectors of 8 columns per register block: 6 × 2 accumulators + 2 B vectors + 1 broadcast
+/// fit the 16 ymm registers. (4 × 3, also 12 accumulators, leaves no register spare and LLVM
+/// spills an accumulator inside the inner loop: measured 1.5× slower.)
+const VECS: usize = 2;
 
 /// Whether [`gemm_bcast`] may run on this CPU (AVX2 and FMA; std caches the detection).
 pub fn available() -> bool {
@@ -83,7 +84,7 @@ pub unsafe fn gemm_bcast(
                     }
                 };
             }
-            block!(4, 3; 4, 2; 4, 1; 3, 3; 3, 2; 3, 1; 2, 3; 2, 2; 2, 1; 1, 3; 1, 2; 1, 1);
+            block!(6, 2; 6, 1; 5, 2; 5, 1; 4, 2; 4, 1; 3, 2; 3, 1; 2, 2; 2, 1; 1, 2; 1, 1);
             row += rows;
         }
         col += 8 * vecs;
@@ -130,6 +131,70 @@ unsafe fn micro<const R: usize, const V: usize>(
             _mm256_storeu_ps(dst, y);
         }
     }
+}
+
+/// `dst[c·ld + r] = src[r·src_row_stride + c]` for `r < rows`, `c < cols`: a transpose into
+/// rows of length `ld`, by 8×8 register tiles (eight row loads, 24 shuffles, eight stores)
+/// where a scalar copy would spend one load and one scattered store per element. Rows past the
+/// last whole tile go element by element.
+///
+/// # Safety
+/// [`available`] must be true; `cols` must be a multiple of 8; the named elements of `src`
+/// must be readable and those of `dst` writable, without overlap.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+pub unsafe fn transpose(dst: *mut f32, ld: usize, src: *const f32, src_row_stride: usize, rows: usize, cols: usize) {
+    debug_assert!(cols % 8 == 0, "transpose: cols must be a multiple of 8");
+    let whole = rows / 8 * 8;
+    for r0 in (0..whole).step_by(8) {
+        for c0 in (0..cols).step_by(8) {
+            let ld_row = |i: usize| _mm256_loadu_ps(src.add((r0 + i) * src_row_stride + c0));
+            let (t0, t1) = (_mm256_unpacklo_ps(ld_row(0), ld_row(1)), _mm256_unpackhi_ps(ld_row(0), ld_row(1)));
+            let (t2, t3) = (_mm256_unpacklo_ps(ld_row(2), ld_row(3)), _mm256_unpackhi_ps(ld_row(2), ld_row(3)));
+            let (t4, t5) = (_mm256_unpacklo_ps(ld_row(4), ld_row(5)), _mm256_unpackhi_ps(ld_row(4), ld_row(5)));
+            let (t6, t7) = (_mm256_unpacklo_ps(ld_row(6), ld_row(7)), _mm256_unpackhi_ps(ld_row(6), ld_row(7)));
+            // Per 128-bit lane, u_c holds column c (low lane) and column c + 4 (high lane) of
+            // rows 0-3; w_c the same for rows 4-7.
+            let u0 = _mm256_shuffle_ps::<0x44>(t0, t2);
+            let u1 = _mm256_shuffle_ps::<0xEE>(t0, t2);
+            let u2 = _mm256_shuffle_ps::<0x44>(t1, t3);
+            let u3 = _mm256_shuffle_ps::<0xEE>(t1, t3);
+            let w0 = _mm256_shuffle_ps::<0x44>(t4, t6);
+            let w1 = _mm256_shuffle_ps::<0xEE>(t4, t6);
+            let w2 = _mm256_shuffle_ps::<0x44>(t5, t7);
+            let w3 = _mm256_shuffle_ps::<0xEE>(t5, t7);
+            let out = |c: usize| dst.add((c0 + c) * ld + r0);
+            _mm256_storeu_ps(out(0), _mm256_permute2f128_ps::<0x20>(u0, w0));
+            _mm256_storeu_ps(out(1), _mm256_permute2f128_ps::<0x20>(u1, w1));
+            _mm256_storeu_ps(out(2), _mm256_permute2f128_ps::<0x20>(u2, w2));
+            _mm256_storeu_ps(out(3), _mm256_permute2f128_ps::<0x20>(u3, w3));
+            _mm256_storeu_ps(out(4), _mm256_permute2f128_ps::<0x31>(u0, w0));
+            _mm256_storeu_ps(out(5), _mm256_permute2f128_ps::<0x31>(u1, w1));
+            _mm256_storeu_ps(out(6), _mm256_permute2f128_ps::<0x31>(u2, w2));
+            _mm256_storeu_ps(out(7), _mm256_permute2f128_ps::<0x31>(u3, w3));
+        }
+    }
+    for r in whole..rows {
+        for c in 0..cols {
+            *dst.add(c * ld + r) = *src.add(r * src_row_stride + c);
+        }
+    }
+}
+
+/// Portable stand-in so callers compile everywhere; never called ([`available`] is false).
+///
+/// # Safety
+/// Not callable: [`available`] is false off x86_64.
+#[cfg(not(target_arch = "x86_64"))]
+pub unsafe fn transpose(
+    _dst: *mut f32,
+    _ld: usize,
+    _src: *const f32,
+    _src_row_stride: usize,
+    _rows: usize,
+    _cols: usize,
+) {
+    unreachable!("transpose needs x86_64 with AVX2")
 }
 
 /// Portable stand-in so callers compile everywhere; never called ([`available`] is false).
@@ -213,6 +278,31 @@ mod tests {
                         worst < 2e-6 * (k as f64).sqrt().max(1.0),
                         "m{m} n{n} k{k} t{transposed_a} acc{accumulate}: {worst:e}"
                     );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn transpose_matches_definition() {
+        if !available() {
+            eprintln!("no AVX2+FMA: kernel not exercised");
+            return;
+        }
+        for &(rows, cols) in &[(1, 8), (8, 8), (17, 32), (65, 64), (197, 64)] {
+            let stride = cols + 5;
+            let src = values(rows * stride, 4);
+            let ld = rows + 7;
+            let mut dst = vec![f32::NAN; cols * ld];
+            unsafe { transpose(dst.as_mut_ptr(), ld, src.as_ptr(), stride, rows, cols) };
+            for c in 0..cols {
+                for r in 0..ld {
+                    let got = dst[c * ld + r];
+                    if r < rows {
+                        assert_eq!(got.to_bits(), src[r * stride + c].to_bits(), "rows {rows} cols {cols}: ({r}, {c})");
+                    } else {
+                        assert!(got.is_nan(), "wrote past the rows");
+                    }
                 }
             }
         }

@@ -5,10 +5,12 @@
 use gemm::Parallelism;
 use rayon::prelude::*;
 
-/// Destination rows from which a `Threads::Pool` product is split into row blocks rather than
-/// handed to the gemm crate's own parallelism (see [`matmul_raw`]). The tiny32 per-token
-/// products have 4160 rows and gain; the MIM head's 256-row blocks and the weight gradients
-/// (a few hundred rows, long inner dimension) measured slower split, so they stay below.
+/// Destination rows from which a `Threads::Pool` product with a row-major left operand is split
+/// into row blocks rather than handed to the gemm crate's own parallelism (see
+/// [`matmul_raw`]). The tiny32 per-token products (Linear forward and dX: 4160 rows, row-major
+/// activations or output gradients) gain; the MIM head's 256-row blocks and the weight
+/// gradients (a transposed left operand: dYᵀ; for the head 8192 rows) measured slower split,
+/// so they stay with the gemm crate.
 const ROW_SPLIT_MIN_ROWS: usize = 2048;
 
 /// A strided matrix view: element (r, c) is `data[r * row_stride + c * col_stride]`.
@@ -121,7 +123,7 @@ pub unsafe fn matmul_raw(
         return;
     }
     let pool = rayon::current_num_threads();
-    if threads == Threads::Pool && pool > 1 && rows >= ROW_SPLIT_MIN_ROWS {
+    if threads == Threads::Pool && pool > 1 && rows >= ROW_SPLIT_MIN_ROWS && a.col_stride == 1 {
         // Tall products (the per-token Linears: batch·tokens rows, a few hundred columns and
         // inner dimension) run as row blocks, each a single-threaded product, two blocks per
         // thread for rayon to balance: each thread then packs and streams only its own rows,

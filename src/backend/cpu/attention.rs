@@ -4,9 +4,15 @@
 
 use rayon::prelude::*;
 
+use super::attention_kernel::{self, gemm_bcast, Strided};
 use super::gemm::{matmul_raw, Mat, Threads};
 use super::math::{self, simd_dispatch};
 use super::SendPtr;
+
+/// Longest sequence the register-blocked kernels take: their inner sums run over whole rows of
+/// P and dS without cache blocking, which the tests cover up to 197 tokens; longer sequences
+/// keep the gemm crate's blocked path.
+const FUSED_MAX_TOKENS: usize = 1024;
 
 /// Sizes of one attention call.
 #[derive(Clone, Copy, Debug)]
@@ -21,6 +27,44 @@ impl AttentionShape {
     pub fn hidden(&self) -> usize {
         self.heads * self.head_dim
     }
+
+    /// Whether the per-pair products run on [`attention_kernel`]'s register-blocked kernels
+    /// (AVX2+FMA, head dim a multiple of 8, at most [`FUSED_MAX_TOKENS`] tokens) rather than
+    /// through the gemm crate.
+    pub(crate) fn fused(&self) -> bool {
+        self.head_dim > 0 && self.head_dim % 8 == 0 && self.tokens <= FUSED_MAX_TOKENS && attention_kernel::available()
+    }
+}
+
+/// Per-task scratch of the per-pair functions, sized on first use: `transposed` holds Kᵀ (or
+/// Vᵀ in the backward), `wide` a score matrix whose rows are padded to whole vectors, `rows_a`
+/// and `rows_b` contiguous copies of `[tokens, head_dim]` operands.
+#[derive(Default)]
+pub(crate) struct PairScratch {
+    pub transposed: Vec<f32>,
+    pub wide: Vec<f32>,
+    pub rows_a: Vec<f32>,
+    pub rows_b: Vec<f32>,
+}
+
+/// Copies the strided `[rows, cols]` matrix `src` (unit column stride) into `dst` as contiguous
+/// rows and returns it. The kernels read operands row after row many times over; inside the
+/// fused QKV buffer those rows lie 3·hidden floats apart (2304 bytes for tiny32), a stride
+/// that maps the 65 rows of a head onto a quarter of the L1 sets, so a contiguous copy (a few
+/// KB) saves more in conflict misses than it costs.
+pub(crate) fn contiguous_rows<'a>(dst: &'a mut Vec<f32>, src: Mat<'_>) -> &'a [f32] {
+    debug_assert_eq!(src.col_stride, 1);
+    let (rows, cols) = (src.rows, src.cols);
+    dst.resize(rows * cols, 0.0);
+    for (r, out) in dst.chunks_exact_mut(cols).enumerate() {
+        out.copy_from_slice(&src.data[r * src.row_stride..r * src.row_stride + cols]);
+    }
+    &dst[..rows * cols]
+}
+
+/// Tokens rounded up to whole 8-float vectors: the row length of padded score matrices.
+pub(crate) fn padded_tokens(t: usize) -> usize {
+    t.div_ceil(8) * 8
 }
 
 simd_dispatch! {
@@ -65,12 +109,13 @@ pub fn attention_forward(
     let pairs = batch * heads;
     let per_slot = pairs.div_ceil(slots);
     let ctx_ptr = SendPtr(ctx.as_mut_ptr());
+    let fused = shape.fused();
 
     scratch[..slots * block].par_chunks_mut(block).enumerate().for_each(|(slot, scores)| {
-        let mut kt = vec![0.0f32; shape.head_dim * t];
+        let mut work = PairScratch::default();
         for pair in slot * per_slot..((slot + 1) * per_slot).min(pairs) {
             // SAFETY: pair (b, h) owns its columns of `ctx`; `scores` is this task's block.
-            unsafe { forward_pair(scores, &mut kt, ctx_ptr, qkv, bias, shape, pair / heads, pair % heads) };
+            unsafe { forward_pair(scores, &mut work, ctx_ptr, qkv, bias, shape, pair / heads, pair % heads, fused) };
         }
     });
 }
@@ -110,16 +155,38 @@ pub(crate) fn transpose_into(dst: &mut [f32], src: Mat<'_>) {
 
 /// One (image, head) pair of the forward: `scores` (`tokens²`) ends holding the softmax
 /// probabilities, and the pair's context goes into columns h·d..(h+1)·d of image b's rows of
-/// `ctx` (`[batch·tokens, hidden]`). `kt` (`head_dim·tokens`) is scratch for Kᵀ: a contiguous
-/// copy makes Q·Kᵀ about twice as fast as reading K's columns out of the fused buffer.
+/// `ctx` (`[batch·tokens, hidden]`). `fused` (from [`AttentionShape::fused`], or forced by
+/// tests) picks the register-blocked kernels over the gemm crate.
 ///
 /// # Safety
 /// `ctx` must point to the `[batch·tokens, hidden]` context buffer, which must not alias `qkv`
-/// or `scores`, and no other task may touch this pair's columns meanwhile.
+/// or `scores`, and no other task may touch this pair's columns meanwhile. `fused` requires
+/// what [`AttentionShape::fused`] checks.
 #[allow(clippy::too_many_arguments)]
 pub(crate) unsafe fn forward_pair(
     scores: &mut [f32],
-    kt: &mut [f32],
+    work: &mut PairScratch,
+    ctx: SendPtr,
+    qkv: &[f32],
+    bias: Option<&[f32]>,
+    shape: AttentionShape,
+    b: usize,
+    h: usize,
+    fused: bool,
+) {
+    if fused {
+        forward_pair_fused(scores, work, ctx, qkv, bias, shape, b, h)
+    } else {
+        forward_pair_gemm(scores, work, ctx, qkv, bias, shape, b, h)
+    }
+}
+
+/// [`forward_pair`] through the gemm crate. Kᵀ goes into `work.transposed` first: a contiguous
+/// copy makes Q·Kᵀ about twice as fast as reading K's columns out of the fused buffer.
+#[allow(clippy::too_many_arguments)]
+unsafe fn forward_pair_gemm(
+    scores: &mut [f32],
+    work: &mut PairScratch,
     ctx: SendPtr,
     qkv: &[f32],
     bias: Option<&[f32]>,
@@ -135,12 +202,70 @@ pub(crate) unsafe fn forward_pair(
     if let Some(bias) = bias {
         scores.copy_from_slice(&bias[h * block..(h + 1) * block]);
     }
-    transpose_into(kt, hv.k);
-    let kt = Mat::rows(&kt[..d * t], d, t);
+    work.transposed.resize(d * t, 0.0);
+    transpose_into(&mut work.transposed, hv.k);
+    let kt = Mat::rows(&work.transposed[..d * t], d, t);
     matmul_raw(scores.as_mut_ptr(), t, t, t, 1, hv.q, kt, scale, bias.is_some(), Threads::Single);
     softmax_rows(scores, t);
     let p = Mat::rows(scores, t, t);
     matmul_raw(ctx.0.add(b * t * hidden + h * d), t, d, hidden, 1, p, hv.v, 1.0, false, Threads::Single);
+}
+
+/// Copies the `[rows, cols]` strided matrix `src` (unit column stride, cols a multiple of 8)
+/// transposed into `dst` as `[cols, ld]` row-major with [`attention_kernel::transpose`],
+/// zeroing columns `rows..ld` so that products over the padded rows add nothing there.
+///
+/// # Safety
+/// [`attention_kernel::available`] must be true.
+pub(crate) unsafe fn transpose_padded(dst: &mut [f32], src: Mat<'_>, ld: usize) {
+    let (rows, cols) = (src.rows, src.cols);
+    assert!(ld >= rows && dst.len() >= cols * ld, "transpose_padded: destination too small");
+    assert!(
+        src.col_stride == 1 && cols % 8 == 0 && (rows == 0 || (rows - 1) * src.row_stride + cols <= src.data.len())
+    );
+    attention_kernel::transpose(dst.as_mut_ptr(), ld, src.data.as_ptr(), src.row_stride, rows, cols);
+    for c in 0..cols {
+        dst[c * ld + rows..(c + 1) * ld].fill(0.0);
+    }
+}
+
+/// [`forward_pair`] on the register-blocked kernels: S is computed with rows padded to whole
+/// vectors (Kᵀ's padding columns are zero) and the softmax runs on the valid part only.
+#[allow(clippy::too_many_arguments)]
+unsafe fn forward_pair_fused(
+    scores: &mut [f32],
+    work: &mut PairScratch,
+    ctx: SendPtr,
+    qkv: &[f32],
+    bias: Option<&[f32]>,
+    shape: AttentionShape,
+    b: usize,
+    h: usize,
+) {
+    let AttentionShape { tokens: t, head_dim: d, .. } = shape;
+    let hidden = shape.hidden();
+    let tp = padded_tokens(t);
+    let scale = (d as f32).powf(-0.5);
+    let hv = head_views(qkv, b, h, shape);
+    work.transposed.resize(d * tp, 0.0);
+    work.wide.resize(t * tp, 0.0);
+    transpose_padded(&mut work.transposed, hv.k, tp);
+    let s = &mut work.wide[..t * tp];
+    if let Some(bias) = bias {
+        for (srow, brow) in s.chunks_exact_mut(tp).zip(bias[h * t * t..(h + 1) * t * t].chunks_exact(t)) {
+            srow[..t].copy_from_slice(brow);
+        }
+    }
+    let q = contiguous_rows(&mut work.rows_a, hv.q);
+    let q = Strided { ptr: q.as_ptr(), row_stride: d, col_stride: 1 };
+    gemm_bcast(t, tp, d, q, work.transposed.as_ptr(), tp, s.as_mut_ptr(), tp, scale, bias.is_some());
+    for (prow, srow) in scores.chunks_exact_mut(t).zip(s.chunks_exact(tp)) {
+        prow.copy_from_slice(&srow[..t]);
+    }
+    softmax_rows(scores, t);
+    let p = Strided { ptr: scores.as_ptr(), row_stride: t, col_stride: 1 };
+    let v = contiguous_rows(&mut work.rows_b, hv.v);
+    gemm_bcast(t, d, t, p, v.as_ptr(), d, ctx.0.add(b * t * hidden + h * d), hidden, 1.0, false);
 }
 
 #[cfg(test)]

@@ -4,6 +4,7 @@
 
 pub mod attention;
 pub mod attention_backward;
+pub mod attention_kernel;
 pub mod backward;
 pub mod batchnorm;
 pub mod conv;

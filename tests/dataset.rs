@@ -5,7 +5,7 @@ use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 
 use beit::data::dataset::{Dataset, DatasetHeader, DatasetSpec, DatasetWriter};
-use beit::data::import::{import_idx, read_idx_images, read_idx_labels};
+use beit::data::import::{import_idx, import_idx_padded, read_idx_images, read_idx_labels};
 
 fn pixel(i: usize, j: usize) -> u8 {
     (i.wrapping_mul(31) ^ j.wrapping_mul(7)) as u8
@@ -164,6 +164,36 @@ fn idx_import_raw_and_gzip_matches_source() {
         assert_eq!(d2.all_pixels(), &pixels[..]);
         assert_eq!(d2.label(0), None);
     }
+}
+
+#[test]
+fn idx_import_pads_onto_a_centred_zero_canvas() {
+    let dir = tempfile::tempdir().unwrap();
+    let (n, h, w) = (3, 2, 3);
+    let (img, pixels) = idx_images(n, h, w);
+    let (lab, labels) = idx_labels(n);
+    let ip = put(dir.path(), "img", &img);
+    let lp = put(dir.path(), "lab", &lab);
+    let out = dir.path().join("padded.beitds");
+    // 2x3 onto 5x6: one row above and two below (the odd one at the bottom), one column left
+    // and two right.
+    let hdr = import_idx_padded(&ip, Some(&lp), &out, Some((5, 6))).unwrap();
+    assert_eq!((hdr.count, hdr.height, hdr.width), (n as u64, 5, 6));
+    let d = Dataset::open(&out).unwrap();
+    for i in 0..n {
+        let src = &pixels[i * h * w..(i + 1) * h * w];
+        let mut want = vec![0u8; 30];
+        want[6 + 1..6 + 4].copy_from_slice(&src[..3]);
+        want[12 + 1..12 + 4].copy_from_slice(&src[3..]);
+        assert_eq!(d.pixels(i), &want[..], "image {i}");
+        assert_eq!(d.label(i), Some(labels[i] as u32));
+    }
+    // Same size is the plain import; a smaller canvas is refused with the sizes in the message.
+    let same = dir.path().join("same.beitds");
+    import_idx_padded(&ip, None, &same, Some((2, 3))).unwrap();
+    assert_eq!(Dataset::open(&same).unwrap().all_pixels(), &pixels[..]);
+    let err = import_idx_padded(&ip, None, &dir.path().join("x.beitds"), Some((1, 3))).unwrap_err().to_string();
+    assert!(err.contains("1x3") && err.contains("2x3"), "{err}");
 }
 
 #[test]

@@ -132,8 +132,8 @@ enum DatasetCommand {
     ///
     /// Formats (details in docs/dataset-format.md):
     ///
-    /// idx: --images FILE [--labels FILE]. MNIST-style IDX, u8 images [N,H,W], u8 labels [N],
-    /// raw or gzip.
+    /// idx: --images FILE [--labels FILE] [--pad HxW]. MNIST-style IDX, u8 images [N,H,W], u8
+    /// labels [N], raw or gzip; --pad centres each image on a black HxW canvas (28 -> 32).
     ///
     /// npy: --images X.npy [--labels Y.npy]. NumPy .npy (v1-v3, C order): images [N,H,W] or
     /// [N,H,W,C] of u1, or f4/f8 in [0,1] (stored as round(x*255)); labels [N] of any integer dtype.
@@ -169,6 +169,9 @@ enum DatasetCommand {
         /// Emoji image set: google or twitter.
         #[arg(long)]
         set: Option<String>,
+        /// idx: centre every image on a zero canvas of this size (HxW or one number).
+        #[arg(long)]
+        pad: Option<String>,
         #[arg(long)]
         out: PathBuf,
     },
@@ -790,7 +793,7 @@ fn dataset(what: DatasetCommand) -> beit::Result<()> {
             "token_grid": [h.token_grid_h, h.token_grid_w]})
     };
     match what {
-        DatasetCommand::Import { format, images, labels, dir, size, channels, set, out } => {
+        DatasetCommand::Import { format, images, labels, dir, size, channels, set, pad, out } => {
             use beit::data::import;
             let bad = |m: &str| beit::Error::InvalidArgument(m.to_string());
             let start = std::time::Instant::now();
@@ -799,8 +802,13 @@ fn dataset(what: DatasetCommand) -> beit::Result<()> {
                 ImportFormat::Idx | ImportFormat::Npy => {
                     let images = images.ok_or_else(|| bad("--images is required for --format idx and npy"))?;
                     if format == ImportFormat::Idx {
-                        import::import_idx(&images, labels.as_deref(), &out)?
+                        let pad = pad.as_deref().map(import::images::parse_size).transpose()?;
+                        let pad = pad.map(|(ph, pw)| (ph as usize, pw as usize));
+                        import::import_idx_padded(&images, labels.as_deref(), &out, pad)?
                     } else {
+                        if pad.is_some() {
+                            return Err(bad("--pad is for --format idx"));
+                        }
                         import::import_npy(&images, labels.as_deref(), &out)?
                     }
                 }

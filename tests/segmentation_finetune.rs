@@ -103,6 +103,40 @@ fn finetune_learns_synthetic_masks() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
+/// `--label-fraction` trains on a seeded part of the train split; the test split is unchanged.
+#[test]
+fn cli_label_fraction_trains_on_part_of_the_train_split() {
+    let dir = temp_dir("cli-fraction");
+    let path = dir.join("rects.beitds");
+    synthetic_dataset(&path, 40);
+    let cfg_path = dir.join("config.json");
+    std::fs::write(&cfg_path, tiny_config().to_json_string()).unwrap();
+    let run = |fraction: &str, out: &str| {
+        let out = dir.join(out);
+        let run = Command::new(BEIT)
+            .args(["segment", "finetune", "--config", cfg_path.to_str().unwrap(), "--data", path.to_str().unwrap()])
+            .args(["--out", out.to_str().unwrap(), "--epochs", "1", "--batch-size", "4", "--threads", "2"])
+            .args(["--label-fraction", fraction])
+            .output()
+            .unwrap();
+        assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
+        serde_json::from_slice::<serde_json::Value>(&run.stdout).unwrap()
+    };
+    // 40 samples: 8 test, 32 train; a quarter of the train split is 8 samples, 2 batches of 4.
+    let report = run("0.25", "quarter");
+    assert_eq!(report["train_samples"], 8, "{report}");
+    assert_eq!(report["test_samples"], 8);
+    assert_eq!(report["steps"], 2);
+    assert_eq!(report["losses"].as_array().unwrap().len(), 2);
+    let bad = Command::new(BEIT)
+        .args(["segment", "finetune", "--config", cfg_path.to_str().unwrap(), "--data", path.to_str().unwrap()])
+        .args(["--out", dir.join("bad").to_str().unwrap(), "--label-fraction", "0"])
+        .output()
+        .unwrap();
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("label fraction"), "{}", String::from_utf8_lossy(&bad.stderr));
+}
+
 #[test]
 fn cli_finetune_eval_and_infer() {
     let dir = temp_dir("cli");

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 
 use beit::data::dataset::Dataset;
 use beit::model::segmentation::finetune::{
-    evaluate, finetune, from_pretrained_backbone, mask_classes, segmentation_config, split_indices, SegFinetuneOptions,
+    evaluate, finetune, from_pretrained_backbone, labelled_train_subset, mask_classes, segmentation_config, split_indices, SegFinetuneOptions,
 };
 use beit::model::segmentation::metrics::IouReport;
 use beit::{Architecture, BeitConfig, Context, ContextOptions, Device, Model};
@@ -65,6 +65,11 @@ pub struct FinetuneArgs {
     /// Classes (default: the largest mask value + 1).
     #[arg(long)]
     num_labels: Option<usize>,
+    /// Fraction of the train split whose masks are used (label efficiency): a seeded subset, by
+    /// --seed, stratified by the samples' image labels when the file has them. The test split
+    /// does not change.
+    #[arg(long, default_value_t = 1.0)]
+    label_fraction: f64,
     #[arg(long, default_value_t = 10)]
     epochs: usize,
     #[arg(long, default_value_t = 16)]
@@ -167,7 +172,8 @@ fn run_finetune(a: FinetuneArgs) -> beit::Result<()> {
         }
         (None, None) => return Err(beit::Error::InvalidArgument("pass --model DIR or --config PRESET".into())),
     };
-    let (train, test) = split_of(&a.split, &data);
+    let (all_train, test) = split_of(&a.split, &data);
+    let train = labelled_train_subset(&data, &all_train, a.label_fraction, a.seed)?;
     let opts = SegFinetuneOptions {
         epochs: a.epochs,
         batch_size: a.batch_size,
@@ -184,9 +190,10 @@ fn run_finetune(a: FinetuneArgs) -> beit::Result<()> {
         flip: true,
     };
     eprintln!(
-        "beit segment finetune: {start}; {} labels; {} train / {} test samples; {} threads",
+        "beit segment finetune: {start}; {} labels; {} train (of {}) / {} test samples; {} threads",
         classes,
         train.len(),
+        all_train.len(),
         test.len(),
         ctx.threads()
     );
@@ -211,10 +218,11 @@ fn run_finetune(a: FinetuneArgs) -> beit::Result<()> {
     };
     let out = serde_json::json!({
         "command": "segment finetune", "start": start, "out": a.out.display().to_string(),
-        "num_labels": classes, "train_samples": train.len(), "test_samples": test.len(),
+        "num_labels": classes, "label_fraction": a.label_fraction, "train_samples": train.len(),
+        "test_samples": test.len(),
         "epochs": a.epochs, "batch_size": a.batch_size, "lr": a.lr, "layer_decay": a.layer_decay,
         "steps": report.steps, "seconds": report.seconds, "final_epoch_loss": report.final_epoch_loss,
-        "first_loss": losses.first(), "test": eval.as_ref().map(report_json),
+        "first_loss": losses.first(), "losses": losses, "test": eval.as_ref().map(report_json),
     });
     let text = serde_json::to_string_pretty(&out).expect("json");
     std::fs::write(a.out.join("report.json"), &text)

@@ -105,6 +105,19 @@ pub fn split_indices(n: usize, test_fraction: f64, seed: u64) -> (Vec<usize>, Ve
     (train, test)
 }
 
+/// The part of the train split `train` (dataset indices) whose masks a label-efficiency run uses:
+/// `fraction` of it, stratified by the samples' image labels when `data` has them (one class
+/// otherwise), seeded by `seed` ([`crate::train::finetune::stratified_subset`]). All of `train`
+/// when `fraction` is 1. Returns dataset indices in increasing order.
+pub fn labelled_train_subset(data: &Dataset, train: &[usize], fraction: f64, seed: u64) -> Result<Vec<usize>> {
+    if fraction == 1.0 {
+        return Ok(train.to_vec());
+    }
+    let labels: Vec<u32> = train.iter().map(|&i| data.label(i).unwrap_or(0)).collect();
+    let picked = crate::train::finetune::stratified_subset(&labels, fraction, seed)?;
+    Ok(picked.into_iter().map(|k| train[k]).collect())
+}
+
 /// Number of classes a dataset's masks need: the largest mask value + 1 (255, the usual ignore
 /// value, is not counted).
 pub fn mask_classes(data: &Dataset) -> Result<usize> {

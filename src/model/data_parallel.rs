@@ -40,8 +40,40 @@ struct Worker {
     workspace: TrainWorkspace,
     /// This shard's drop path factors, `[layers, 2, shard images]`.
     drop_factors: Vec<f32>,
-    /// This shard's gradient (unused by worker 0, which adds into the caller's buffer).
+    /// This shard's gradient, one value per parameter (empty for worker 0, which adds into the
+    /// caller's buffer).
     grads: Vec<f32>,
+    /// What its last shard returned.
+    outcome: Result<f64>,
+}
+
+impl Worker {
+    /// Runs `shard_pass` over `images` of the batch in this worker's one-thread pool (so every
+    /// op inside runs serially), adding into `grads`, or into the worker's own cleared buffer
+    /// when `None`; the result goes to `outcome`.
+    fn run_shard<F>(
+        &mut self,
+        images: Range<usize>,
+        batch: usize,
+        drop_path: Option<DropPath<'_>>,
+        grads: Option<&mut [f32]>,
+        shard_pass: &F,
+    ) where
+        F: Fn(&mut TrainWorkspace, Range<usize>, Option<DropPath<'_>>, &mut [f32]) -> Result<f64> + Sync,
+    {
+        let Worker { pool, workspace, drop_factors, grads: own, outcome } = self;
+        *outcome = pool.install(|| {
+            let grads = grads.unwrap_or_else(|| {
+                own.fill(0.0);
+                &mut own[..]
+            });
+            let drop = drop_path.map(|d| {
+                shard_drop_factors(drop_factors, d.factors, batch, &images);
+                DropPath { factors: &drop_factors[..] }
+            });
+            shard_pass(workspace, images, drop, grads)
+        });
+    }
 }
 
 /// The workers of data-parallel passes, kept between steps (their pools, arenas and gradient
@@ -70,29 +102,28 @@ impl DataParallelWorkspace {
         threads > 1 && batch >= threads
     }
 
-    /// Bytes held by the workers' arenas, logits and gradient buffers.
-    pub fn bytes(&self) -> usize {
-        self.workers.iter().map(|w| w.workspace.bytes() + w.grads.capacity() * std::mem::size_of::<f32>()).sum()
-    }
-
-    /// Makes one worker per thread of the current pool (pools are started once and kept).
-    fn ensure_workers(&mut self, threads: usize) -> Result<()> {
-        if self.workers.len() == threads {
-            return Ok(());
+    /// Makes one worker per thread of the current pool (pools are started once and kept) and
+    /// sizes the gradient buffers of workers 1.. for `params` values.
+    fn ensure_workers(&mut self, threads: usize, params: usize) -> Result<()> {
+        if self.workers.len() != threads {
+            self.workers.clear();
+            for i in 0..threads {
+                let pool = rayon::ThreadPoolBuilder::new()
+                    .num_threads(1)
+                    .thread_name(move |_| format!("beit-shard-{i}"))
+                    .build()
+                    .map_err(|e| Error::Internal(format!("cannot start a data-parallel worker thread: {e}")))?;
+                self.workers.push(Worker {
+                    pool,
+                    workspace: TrainWorkspace::new(),
+                    drop_factors: Vec::new(),
+                    grads: Vec::new(),
+                    outcome: Ok(0.0),
+                });
+            }
         }
-        self.workers.clear();
-        for i in 0..threads {
-            let pool = rayon::ThreadPoolBuilder::new()
-                .num_threads(1)
-                .thread_name(move |_| format!("beit-shard-{i}"))
-                .build()
-                .map_err(|e| Error::Internal(format!("cannot start a data-parallel worker thread: {e}")))?;
-            self.workers.push(Worker {
-                pool,
-                workspace: TrainWorkspace::new(),
-                drop_factors: Vec::new(),
-                grads: Vec::new(),
-            });
+        for worker in &mut self.workers[1..] {
+            worker.grads.resize(params, 0.0);
         }
         Ok(())
     }
@@ -154,43 +185,22 @@ impl Model {
                 layers * 2 * batch
             );
         }
-        dp.ensure_workers(threads)?;
-        let params = self.params.data.len();
-        let mut results: Vec<Result<f64>> = (0..threads).map(|_| Ok(0.0)).collect();
+        dp.ensure_workers(threads, self.params.data.len())?;
         // Shard 0 adds into the caller's buffer, the others into their worker's own.
-        let (first, rest) = dp.workers.split_first_mut().expect("at least two workers");
-        let (out0, outs) = results.split_first_mut().expect("at least two shards");
-        let mut shards: Vec<(usize, &mut Worker, Option<&mut [f32]>, &mut Result<f64>)> =
-            vec![(0, first, Some(&mut *grads), out0)];
-        shards.extend(rest.iter_mut().zip(outs).enumerate().map(|(i, (w, out))| (i + 1, w, None, out)));
-        let shard_pass = &shard_pass;
+        let mut caller_grads = Some(&mut *grads);
         rayon::scope(|s| {
-            for (i, worker, grads, out) in shards {
-                s.spawn(move |_| {
-                    let Worker { pool, workspace, drop_factors, grads: own } = worker;
-                    // Inside the worker's one-thread pool every op of the pass runs serially.
-                    *out = pool.install(|| {
-                        let images = shard_range(batch, threads, i);
-                        let grads = grads.unwrap_or_else(|| {
-                            own.clear();
-                            own.resize(params, 0.0);
-                            &mut own[..]
-                        });
-                        let drop = drop_path.map(|d| {
-                            shard_drop_factors(drop_factors, d.factors, batch, &images);
-                            DropPath { factors: &drop_factors[..] }
-                        });
-                        shard_pass(workspace, images, drop, grads)
-                    });
-                });
+            for (i, worker) in dp.workers.iter_mut().enumerate() {
+                let grads = if i == 0 { caller_grads.take() } else { None };
+                let shard_pass = &shard_pass;
+                s.spawn(move |_| worker.run_shard(shard_range(batch, threads, i), batch, drop_path, grads, shard_pass));
             }
         });
         let mut loss = 0.0;
-        for r in results {
-            loss += r?;
+        for worker in &mut dp.workers {
+            loss += std::mem::replace(&mut worker.outcome, Ok(0.0))?;
         }
         // grads (shard 0 added in place) += shard 1 += shard 2 ... for every element.
-        let others: Vec<&[f32]> = rest.iter().map(|w| &w.grads[..]).collect();
+        let others: Vec<&[f32]> = dp.workers[1..].iter().map(|w| &w.grads[..]).collect();
         grads.par_chunks_mut(SUM_CHUNK).enumerate().for_each(|(c, out)| {
             let range = c * SUM_CHUNK..c * SUM_CHUNK + out.len();
             for g in &others {

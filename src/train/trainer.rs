@@ -532,7 +532,11 @@ impl Trainer {
             "label smoothing must be in [0, 1), got {label_smoothing}"
         );
         self.step_with(batch.batch, 0, |model, ws, drop, grads| {
-            model.classify_forward_backward(&mut ws.whole, batch, drop, label_smoothing, grads, None)
+            if DataParallelWorkspace::splits(batch.batch) {
+                model.classify_forward_backward_data_parallel(&mut ws.shards, batch, drop, label_smoothing, grads)
+            } else {
+                model.classify_forward_backward(&mut ws.whole, batch, drop, label_smoothing, grads, None)
+            }
         })
     }
 

@@ -77,6 +77,7 @@ impl Case {
                 )
             })
             .unwrap();
+        assert_eq!(dp.last_shards(), threads, "the pass did not split");
         (loss, grads)
     }
 }

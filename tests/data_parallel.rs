@@ -54,32 +54,32 @@ fn whole_pass(model: &Model, batch: &OwnedMimBatch, factors: &[f32]) -> (f64, Ve
     (loss, grads)
 }
 
+/// The data-parallel pass in a pool of `threads`; asserts it ran `shards` shards.
 fn split_pass(
     model: &Model,
     dp: &mut DataParallelWorkspace,
-    threads: usize,
+    (threads, shards): (usize, usize),
     batch: &OwnedMimBatch,
     factors: &[f32],
 ) -> (f64, Vec<f32>) {
     let mut grads = vec![0.0f32; model.params().data.len()];
     let drop = Some(DropPath { factors });
-    let loss = in_pool(threads, || {
-        assert!(DataParallelWorkspace::splits(batch.shape[0]));
-        model.mim_forward_backward_data_parallel(dp, &batch.as_batch(), drop, &mut grads)
-    })
-    .unwrap();
+    let loss =
+        in_pool(threads, || model.mim_forward_backward_data_parallel(dp, &batch.as_batch(), drop, &mut grads)).unwrap();
+    assert_eq!(dp.last_shards(), shards, "{threads} threads, {} images", batch.shape[0]);
     (loss, grads)
 }
 
 #[test]
 fn split_pass_equals_the_whole_batch_pass() {
     // 5 images over 2 threads (shards of 2 and 3) and 3 threads (1, 2, 2: the first shard has
-    // no masked patch); 4 images over 4 threads (one image each).
-    for (b, threads) in [(5, 2), (5, 3), (4, 4)] {
+    // no masked patch); 4 images over 4 threads (one image each); 3 images over 4 threads (3
+    // shards, the first with a pool of 2 threads).
+    for (b, threads, shards) in [(5, 2, 2), (5, 3, 3), (4, 4, 4), (3, 4, 3)] {
         let (model, batch) = model_and_batch(b);
         let factors = drop_factors(b);
         let (want_loss, want) = whole_pass(&model, &batch, &factors);
-        let (loss, got) = split_pass(&model, &mut DataParallelWorkspace::new(), threads, &batch, &factors);
+        let (loss, got) = split_pass(&model, &mut DataParallelWorkspace::new(), (threads, shards), &batch, &factors);
         assert!((loss - want_loss).abs() <= 1e-6 * want_loss, "{b} images, {threads} threads: {loss} vs {want_loss}");
         let mut without_gradient = Vec::new();
         for spec in &model.params().specs {
@@ -107,10 +107,10 @@ fn split_pass_adds_into_the_buffer_and_is_deterministic() {
     let (model, batch) = model_and_batch(5);
     let factors = drop_factors(5);
     let mut dp = DataParallelWorkspace::new();
-    let (l1, g1) = split_pass(&model, &mut dp, 2, &batch, &factors);
+    let (l1, g1) = split_pass(&model, &mut dp, (2, 2), &batch, &factors);
     // Reusing the workers, or fresh ones: the same bits.
-    let (l2, g2) = split_pass(&model, &mut dp, 2, &batch, &factors);
-    let (l3, g3) = split_pass(&model, &mut DataParallelWorkspace::new(), 2, &batch, &factors);
+    let (l2, g2) = split_pass(&model, &mut dp, (2, 2), &batch, &factors);
+    let (l3, g3) = split_pass(&model, &mut DataParallelWorkspace::new(), (2, 2), &batch, &factors);
     assert_eq!((l1.to_bits(), l1.to_bits()), (l2.to_bits(), l3.to_bits()));
     let bits = |g: &[f32]| g.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
     assert_eq!(bits(&g1), bits(&g2));
@@ -129,6 +129,30 @@ fn split_pass_adds_into_the_buffer_and_is_deterministic() {
     for (i, (&a, &b)) in g.iter().zip(&g1).enumerate() {
         assert!((a - 2.0 * b).abs() <= 1e-6 * b.abs().max(1e-3), "element {i}: {a} vs 2·{b}");
     }
+}
+
+#[test]
+fn one_shard_is_the_whole_batch_pass_bit_for_bit() {
+    // One thread: one shard.
+    let (model, batch) = model_and_batch(5);
+    let factors = drop_factors(5);
+    let (want_loss, want) = whole_pass(&model, &batch, &factors);
+    let (loss, got) = split_pass(&model, &mut DataParallelWorkspace::new(), (1, 1), &batch, &factors);
+    assert_eq!(loss.to_bits(), want_loss.to_bits());
+    assert!(got.iter().zip(&want).all(|(a, b)| a.to_bits() == b.to_bits()));
+
+    // A model whose gradient buffer outweighs the batch's activations (a 4096-token head, 2
+    // images) stays whole on 2 threads: a second gradient buffer would more than double the
+    // memory.
+    let big_head = CONFIG.replace(r#""vocab_size": 16"#, r#""vocab_size": 4096"#);
+    let model =
+        Model::new_random(BeitConfig::from_json_str(&big_head).unwrap(), Architecture::MaskedImageModeling, 3).unwrap();
+    let batch = model_and_batch(2).1;
+    let (want_loss, want) = whole_pass(&model, &batch, &drop_factors(2));
+    let mut dp = DataParallelWorkspace::new();
+    let (loss, got) = split_pass(&model, &mut dp, (2, 1), &batch, &drop_factors(2));
+    assert_eq!(loss.to_bits(), want_loss.to_bits());
+    assert!(got.iter().zip(&want).all(|(a, b)| a.to_bits() == b.to_bits()));
 }
 
 #[test]

@@ -31,6 +31,7 @@ fn run_case_data_parallel(model: &Model, batch: &OwnedMimBatch, threads: usize) 
     let loss = pool
         .install(|| model.mim_forward_backward_data_parallel(&mut dp, &batch.as_batch(), None, &mut grads))
         .unwrap();
+    assert_eq!(dp.last_shards(), threads, "the pass did not split");
     (loss, grads)
 }
 

@@ -117,9 +117,9 @@ impl Model {
     }
 
     /// [`Model::classify_forward_backward`] (without the logits copy) split data-parallel over
-    /// the threads of the current rayon pool (`super::data_parallel`): the same loss and
-    /// gradient within float rounding, deterministic for a given thread count. Needs
-    /// [`DataParallelWorkspace::splits`].
+    /// the threads of the current rayon pool where that pays (`super::data_parallel`; one shard
+    /// is the whole-batch pass): the same loss and gradient within float rounding,
+    /// deterministic for a given thread count. What the trainer runs.
     pub fn classify_forward_backward_data_parallel(
         &self,
         dp: &mut DataParallelWorkspace,
@@ -131,7 +131,7 @@ impl Model {
         self.check_classify_batch(batch)?;
         check_label_smoothing(label_smoothing)?;
         let b = batch.batch;
-        let loss_sum = self.data_parallel_pass(dp, b, drop_path, grads, |ws, images, drop, grads| {
+        let loss_sum = self.data_parallel_pass(dp, &batch.images(), drop_path, grads, |ws, images, drop, grads| {
             self.classify_loss_sum(ws, &batch.shard(images), drop, label_smoothing, b, grads, None)
         })?;
         Ok(loss_sum / b as f64)

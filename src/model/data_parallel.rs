@@ -1,5 +1,5 @@
-//! Data-parallel training passes on the CPU: the batch is cut into one contiguous shard of
-//! images per thread, each shard runs the whole forward and backward on one thread with its own
+//! Data-parallel training passes on the CPU: the batch is cut into contiguous shards of images,
+//! one per thread, each shard runs the whole forward and backward on its thread with its own
 //! workspace and gradient buffer, and the gradient buffers are then summed in shard order.
 //!
 //! Why: the per-token GEMMs of small models (tiny32: K = 192 or 768, a few hundred columns)
@@ -8,18 +8,26 @@
 //! pass per shard keeps every thread busy with whole, independent products and no
 //! synchronisation until the end of the backward.
 //!
-//! How a shard runs serially: each worker owns a rayon pool of ONE thread and runs its shard
-//! inside it. Every op of the pass asks the current pool how wide it is
-//! (`rayon::current_num_threads`): the GEMMs then use no parallelism of their own
-//! (`backend::cpu::gemm`), and the row-wise ops' parallel iterators run inline on that one
-//! thread, so the shards never compete for each other's threads. The caller's pool only
-//! dispatches the shards and waits.
+//! How a shard runs serially: each worker owns a rayon pool of its own (one thread when there
+//! are as many shards as threads) and runs its shard inside it. Every op of the pass asks the
+//! current pool how wide it is (`rayon::current_num_threads`): in a one-thread pool the GEMMs
+//! use no parallelism of their own (`backend::cpu::gemm`) and the row-wise ops' parallel
+//! iterators run inline, so the shards never compete for each other's threads. The caller's
+//! pool only dispatches the shards and waits.
 //!
-//! Determinism: a shard's result depends only on its images (one thread, no scheduling), and
-//! the loss sums and gradient buffers are added in shard order, so a given batch, seed and
-//! thread count give the same bits every time (checkpoint resume stays bit-identical). A
-//! different thread count cuts other shards and rounds differently, within float rounding of the
-//! whole-batch pass (tests/data_parallel.rs).
+//! How many shards ([`Model::data_parallel_shards`]): one per thread, but no more than images,
+//! and no more than the memory allows: every shard past the first holds a gradient buffer as
+//! large as the model, and together those may not exceed the whole batch's activation arena
+//! (so splitting at most about doubles a step's memory; the shards' arenas together are the
+//! size of the whole batch's). A large model on a small batch, like one thread, gets one shard:
+//! the whole-batch pass in the caller's pool, its products spread over all its threads.
+//! With fewer shards than threads, the threads are dealt out among the shards' pools.
+//!
+//! Determinism: a shard's result depends only on its images and its pool's size, and the loss
+//! sums and gradient buffers are added in shard order, so a given batch, seed and thread count
+//! give the same bits every time (checkpoint resume stays bit-identical). A different thread
+//! count cuts other shards and rounds differently, within float rounding of the whole-batch
+//! pass (tests/data_parallel.rs).
 
 use std::ops::Range;
 
@@ -28,13 +36,13 @@ use rayon::prelude::*;
 use crate::error::{Error, Result};
 
 use super::training::{DropPath, TrainWorkspace};
-use super::Model;
+use super::{ImageBatch, Model};
 
 /// Elements per task when the gradient buffers are summed (each element's sum runs in shard
 /// order whatever the task split).
 const SUM_CHUNK: usize = 1 << 16;
 
-/// One worker: a single-thread pool and what its shard's pass needs.
+/// One worker: its pool and what its shard's pass needs.
 struct Worker {
     pool: rayon::ThreadPool,
     workspace: TrainWorkspace,
@@ -48,9 +56,9 @@ struct Worker {
 }
 
 impl Worker {
-    /// Runs `shard_pass` over `images` of the batch in this worker's one-thread pool (so every
-    /// op inside runs serially), adding into `grads`, or into the worker's own cleared buffer
-    /// when `None`; the result goes to `outcome`.
+    /// Runs `shard_pass` over `images` of the batch in this worker's pool (in a one-thread pool
+    /// every op inside runs serially), adding into `grads`, or into the worker's own cleared
+    /// buffer when `None`; the result goes to `outcome`.
     fn run_shard<F>(
         &mut self,
         images: Range<usize>,
@@ -76,16 +84,21 @@ impl Worker {
     }
 }
 
-/// The workers of data-parallel passes, kept between steps (their pools, arenas and gradient
-/// buffers); built for the thread count of the pool the pass is called from.
+/// The memory of data-parallel passes, kept between steps: the shards' workers (their pools,
+/// arenas and gradient buffers) and the workspace of the one-shard (whole-batch) pass.
 #[derive(Default)]
 pub struct DataParallelWorkspace {
+    whole: TrainWorkspace,
     workers: Vec<Worker>,
+    /// Threads of each worker's pool.
+    layout: Vec<usize>,
+    /// Shards of the last pass.
+    last_shards: usize,
 }
 
 impl std::fmt::Debug for DataParallelWorkspace {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("DataParallelWorkspace").field("workers", &self.workers.len()).finish()
+        f.debug_struct("DataParallelWorkspace").field("worker_threads", &self.layout).finish()
     }
 }
 
@@ -94,25 +107,24 @@ impl DataParallelWorkspace {
         Self::default()
     }
 
-    /// Whether a pass over `batch` images from the current rayon pool splits into shards: with
-    /// more than one thread and at least one image per thread. Otherwise the whole-batch pass
-    /// (whose products use the pool's threads) runs.
-    pub fn splits(batch: usize) -> bool {
-        let threads = rayon::current_num_threads();
-        threads > 1 && batch >= threads
+    /// How many shards the last pass ran (1: the whole-batch pass).
+    pub fn last_shards(&self) -> usize {
+        self.last_shards
     }
 
-    /// Makes one worker per thread of the current pool (pools are started once and kept) and
-    /// sizes the gradient buffers of workers 1.. for `params` values.
-    fn ensure_workers(&mut self, threads: usize, params: usize) -> Result<()> {
-        if self.workers.len() != threads {
+    /// Makes `shards` workers sharing `threads` threads (pools are started once and kept while
+    /// the layout stays) and sizes the gradient buffers of workers 1.. for `params` values.
+    fn ensure_workers(&mut self, shards: usize, threads: usize, params: usize) -> Result<()> {
+        let layout: Vec<usize> = (0..shards).map(|i| threads / shards + usize::from(i < threads % shards)).collect();
+        if self.layout != layout {
             self.workers.clear();
-            for i in 0..threads {
+            self.layout.clear();
+            for (i, &n) in layout.iter().enumerate() {
                 let pool = rayon::ThreadPoolBuilder::new()
-                    .num_threads(1)
-                    .thread_name(move |_| format!("beit-shard-{i}"))
+                    .num_threads(n)
+                    .thread_name(move |t| format!("beit-shard-{i}-{t}"))
                     .build()
-                    .map_err(|e| Error::Internal(format!("cannot start a data-parallel worker thread: {e}")))?;
+                    .map_err(|e| Error::Internal(format!("cannot start a data-parallel worker pool: {e}")))?;
                 self.workers.push(Worker {
                     pool,
                     workspace: TrainWorkspace::new(),
@@ -121,6 +133,7 @@ impl DataParallelWorkspace {
                     outcome: Ok(0.0),
                 });
             }
+            self.layout = layout;
         }
         for worker in &mut self.workers[1..] {
             worker.grads.resize(params, 0.0);
@@ -145,16 +158,28 @@ fn shard_drop_factors(out: &mut Vec<f32>, factors: &[f32], batch: usize, images:
 }
 
 impl Model {
-    /// Runs a training pass data-parallel over `batch` images (see the module doc): shard `i`
-    /// runs `shard_pass(workspace, images, drop_path, grads)` on its own thread, which must ADD
-    /// the gradient of its part of the loss (normalised for the whole batch) to `grads` and
-    /// return its part of the loss. This ADDS the whole gradient to `grads` and returns the sum
-    /// of the parts, both summed in shard order. Call it from the pool whose threads it may use,
-    /// when [`DataParallelWorkspace::splits`] says so.
+    /// How many shards a training pass over `images` splits into when run from the current
+    /// rayon pool (see the module doc); 1 means the whole-batch pass.
+    pub fn data_parallel_shards(&self, images: &ImageBatch<'_>) -> usize {
+        let threads = rayon::current_num_threads().max(1);
+        if threads == 1 || images.batch < 2 {
+            return 1;
+        }
+        let arena = self.train_arena_len(images);
+        let by_memory = 1 + arena / self.params.data.len().max(1);
+        threads.min(images.batch).min(by_memory)
+    }
+
+    /// Runs a training pass over `images` split into [`Model::data_parallel_shards`] shards
+    /// (see the module doc): shard `i` runs `shard_pass(workspace, images, drop_path, grads)` in
+    /// its worker's pool, which must ADD the gradient of its part of the loss (normalised for
+    /// the whole batch) to `grads` and return its part of the loss. This ADDS the whole
+    /// gradient to `grads` and returns the sum of the parts, both summed in shard order. With
+    /// one shard, `shard_pass` runs over the whole batch in the caller's pool.
     pub(crate) fn data_parallel_pass<F>(
         &self,
         dp: &mut DataParallelWorkspace,
-        batch: usize,
+        images: &ImageBatch<'_>,
         drop_path: Option<DropPath<'_>>,
         grads: &mut [f32],
         shard_pass: F,
@@ -162,12 +187,7 @@ impl Model {
     where
         F: Fn(&mut TrainWorkspace, Range<usize>, Option<DropPath<'_>>, &mut [f32]) -> Result<f64> + Sync,
     {
-        let threads = rayon::current_num_threads();
-        ensure!(
-            threads > 1 && batch >= threads,
-            Internal,
-            "a data-parallel pass over {batch} images on {threads} threads"
-        );
+        let batch = images.batch;
         ensure!(
             grads.len() == self.params.data.len(),
             InvalidArgument,
@@ -185,14 +205,19 @@ impl Model {
                 layers * 2 * batch
             );
         }
-        dp.ensure_workers(threads, self.params.data.len())?;
+        let shards = self.data_parallel_shards(images);
+        dp.last_shards = shards;
+        if shards == 1 {
+            return shard_pass(&mut dp.whole, 0..batch, drop_path, grads);
+        }
+        dp.ensure_workers(shards, rayon::current_num_threads(), self.params.data.len())?;
         // Shard 0 adds into the caller's buffer, the others into their worker's own.
         let mut caller_grads = Some(&mut *grads);
         rayon::scope(|s| {
             for (i, worker) in dp.workers.iter_mut().enumerate() {
                 let grads = if i == 0 { caller_grads.take() } else { None };
                 let shard_pass = &shard_pass;
-                s.spawn(move |_| worker.run_shard(shard_range(batch, threads, i), batch, drop_path, grads, shard_pass));
+                s.spawn(move |_| worker.run_shard(shard_range(batch, shards, i), batch, drop_path, grads, shard_pass));
             }
         });
         let mut loss = 0.0;

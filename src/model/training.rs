@@ -389,8 +389,9 @@ impl Model {
     }
 
     /// [`Model::mim_forward_backward`] split data-parallel over the threads of the current
-    /// rayon pool (`super::data_parallel`): the same loss and gradient within float rounding,
-    /// deterministic for a given thread count. Needs [`DataParallelWorkspace::splits`].
+    /// rayon pool where that pays (`super::data_parallel`; one shard is the whole-batch pass):
+    /// the same loss and gradient within float rounding, deterministic for a given thread
+    /// count. What the trainer runs.
     pub fn mim_forward_backward_data_parallel(
         &self,
         dp: &mut DataParallelWorkspace,
@@ -400,7 +401,7 @@ impl Model {
     ) -> Result<f64> {
         self.check_mim_batch(batch)?;
         let masked = batch.masked_count();
-        let loss_sum = self.data_parallel_pass(dp, batch.batch, drop_path, grads, |ws, images, drop, grads| {
+        let loss_sum = self.data_parallel_pass(dp, &batch.images(), drop_path, grads, |ws, images, drop, grads| {
             self.mim_loss_sum(ws, &batch.shard(images), drop, masked, grads)
         })?;
         Ok(loss_sum / masked as f64)
@@ -572,6 +573,11 @@ impl Model {
         let (plan, arena_plan) = self.train_plan(key);
         let rel_index = relpos::relative_position_index(plan.grid);
         ws.planned = Some((plan, Arena::new(&arena_plan), rel_index));
+    }
+
+    /// Floats of the activation arena a training pass over `images` plans.
+    pub(super) fn train_arena_len(&self, images: &ImageBatch<'_>) -> usize {
+        self.train_plan((images.batch, images.height, images.width, 1)).1.total()
     }
 
     fn train_plan(&self, key: (usize, usize, usize, usize)) -> (TrainPlan, ArenaPlan) {

@@ -18,7 +18,7 @@ use serde::{Deserialize, Serialize};
 use crate::backend::cuda::pretrain::{GpuPretrainer, OptimizerSetup, Precision};
 use crate::context::{Context, Device};
 use crate::error::Result;
-use crate::model::{Architecture, ClassifyBatch, DataParallelWorkspace, DropPath, MimBatch, Model, TrainWorkspace};
+use crate::model::{Architecture, ClassifyBatch, DataParallelWorkspace, DropPath, MimBatch, Model};
 
 use super::adamw::{AdamW, AdamWConfig};
 use super::clip::{clip_grad_norm, global_norm};
@@ -209,15 +209,6 @@ pub struct RngState {
     pub word_pos: u128,
 }
 
-/// The memory of a step's forward and backward, kept between steps: the whole-batch pass's
-/// workspace (one thread, or a batch smaller than the thread count) and the data-parallel
-/// workers (several threads: [`DataParallelWorkspace::splits`]).
-#[derive(Debug, Default)]
-struct PassWorkspaces {
-    whole: TrainWorkspace,
-    shards: DataParallelWorkspace,
-}
-
 pub struct Trainer {
     pub(crate) model: Model,
     pub(crate) options: TrainerOptions,
@@ -227,7 +218,8 @@ pub struct Trainer {
     pub(crate) rng: ChaCha8Rng,
     lr_scale: Option<Vec<f32>>,
     grads: Vec<f32>,
-    workspaces: PassWorkspaces,
+    /// The step's forward and backward memory (data-parallel shards where they pay).
+    workspace: DataParallelWorkspace,
     drop_factors: Vec<f32>,
     /// The GPU step when pretraining runs on CUDA ([`Trainer::use_cuda`]). It then holds the
     /// current parameters and optimizer state; the host copies follow as described there.
@@ -284,7 +276,7 @@ impl Trainer {
             rng,
             lr_scale,
             grads,
-            workspaces: PassWorkspaces::default(),
+            workspace: DataParallelWorkspace::new(),
             drop_factors: Vec::new(),
             gpu: None,
             defer_host_copy: false,
@@ -481,11 +473,7 @@ impl Trainer {
             return self.step_gpu(batch);
         }
         self.step_with(batch.batch, batch.masked_count(), |model, ws, drop, grads| {
-            if DataParallelWorkspace::splits(batch.batch) {
-                model.mim_forward_backward_data_parallel(&mut ws.shards, batch, drop, grads)
-            } else {
-                model.mim_forward_backward(&mut ws.whole, batch, drop, grads)
-            }
+            model.mim_forward_backward_data_parallel(ws, batch, drop, grads)
         })
     }
 
@@ -532,11 +520,7 @@ impl Trainer {
             "label smoothing must be in [0, 1), got {label_smoothing}"
         );
         self.step_with(batch.batch, 0, |model, ws, drop, grads| {
-            if DataParallelWorkspace::splits(batch.batch) {
-                model.classify_forward_backward_data_parallel(&mut ws.shards, batch, drop, label_smoothing, grads)
-            } else {
-                model.classify_forward_backward(&mut ws.whole, batch, drop, label_smoothing, grads, None)
-            }
+            model.classify_forward_backward_data_parallel(ws, batch, drop, label_smoothing, grads)
         })
     }
 
@@ -546,14 +530,14 @@ impl Trainer {
         &mut self,
         images: usize,
         masked: usize,
-        pass: impl FnOnce(&Model, &mut PassWorkspaces, Option<DropPath<'_>>, &mut [f32]) -> Result<f64>,
+        pass: impl FnOnce(&Model, &mut DataParallelWorkspace, Option<DropPath<'_>>, &mut [f32]) -> Result<f64>,
     ) -> Result<StepStats> {
         let start = Instant::now();
         let rng_before = self.rng.clone();
         let dropping = self.draw_drop_path(images);
         self.grads.fill(0.0);
         let drop = dropping.then_some(DropPath { factors: &self.drop_factors });
-        let result = pass(&self.model, &mut self.workspaces, drop, &mut self.grads);
+        let result = pass(&self.model, &mut self.workspace, drop, &mut self.grads);
         let loss = match result {
             Ok(loss) if loss.is_finite() => loss,
             Ok(loss) => {

@@ -6,6 +6,10 @@
 //! decay, stochastic depth and checkpoints. Checkpoints
 //! ([`super::checkpoint`]) hold all of it, so a resumed run continues bit for bit.
 //!
+//! On the CPU a step's forward and backward runs data-parallel over the context's threads
+//! (`model::data_parallel`: one serial pass per shard of images, gradients summed in shard
+//! order), so a given seed and thread count give the same bits.
+//!
 //! A step validates the batch before it touches anything, and refuses to apply a non-finite
 //! loss or gradient: after any error the trainer is exactly as before the call.
 

@@ -8,7 +8,7 @@ mod common;
 use std::path::{Path, PathBuf};
 
 use beit::model::io::{read_f32, read_i64, SafetensorsFile};
-use beit::model::{ClassifyBatch, DropPath, TrainWorkspace};
+use beit::model::{ClassifyBatch, DataParallelWorkspace, DropPath, TrainWorkspace};
 use beit::Model;
 
 fn case_dir(name: &str) -> PathBuf {
@@ -59,27 +59,57 @@ impl Case {
             .unwrap();
         (loss, grads, logits)
     }
+
+    /// Loss and gradients of the pass split data-parallel over a pool of `threads` (what the
+    /// trainer runs then).
+    fn run_data_parallel(&self, threads: usize) -> (f64, Vec<f32>) {
+        let mut grads = vec![0.0f32; self.model.params().data.len()];
+        let mut dp = DataParallelWorkspace::new();
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+        let loss = pool
+            .install(|| {
+                self.model.classify_forward_backward_data_parallel(
+                    &mut dp,
+                    &self.batch(),
+                    None,
+                    self.smoothing,
+                    &mut grads,
+                )
+            })
+            .unwrap();
+        assert_eq!(dp.last_shards(), threads, "the pass did not split");
+        (loss, grads)
+    }
 }
 
+/// The whole-batch pass (with its logits), and the data-parallel one on 2 and 3 threads (3
+/// images: shards of 1 and 2, or 1 each), against torch.
 fn check_case(name: &str) {
     let case = Case::load(name);
     let (loss, grads, logits) = case.run(None);
     let file = SafetensorsFile::open(&case_dir(name).join("grads.safetensors")).unwrap();
     let st = file.parse().unwrap();
     let (_, ref_loss) = read_f32(&st, "loss").unwrap().unwrap();
-    assert!((loss - ref_loss[0] as f64).abs() < 1e-5, "{name}: loss {loss} vs torch {}", ref_loss[0]);
     let (_, ref_logits) = read_f32(&st, "logits").unwrap().unwrap();
     let logit_err = logits.iter().zip(&ref_logits).map(|(&a, &b)| (a - b).abs()).fold(0.0f32, f32::max);
     assert!(logit_err < 1e-4, "{name}: logits differ by {logit_err}");
-
-    let p = case.model.params();
-    let (checked, worst_rel, worst_name) = common::check_param_grads(name, p, &grads, &st);
-    // Every gradient in the reference was compared (plus `loss` and `logits`).
-    assert_eq!(checked, st.names().len() - 2, "{name}: tensors compared");
-    eprintln!(
-        "{name}: loss {loss:.7} (torch {:.7}), logits within {logit_err:.1e}; worst gradient {:.2e} of its norm ({})",
-        ref_loss[0], worst_rel, worst_name
-    );
+    assert_eq!(case.shape[0], 3, "{name}: the shard sizes above assume 3 images");
+    let passes = [
+        ("whole batch", (loss, grads)),
+        ("2 threads", case.run_data_parallel(2)),
+        ("3 threads", case.run_data_parallel(3)),
+    ];
+    for (pass, (loss, grads)) in passes {
+        assert!((loss - ref_loss[0] as f64).abs() < 1e-5, "{name}, {pass}: loss {loss} vs torch {}", ref_loss[0]);
+        let p = case.model.params();
+        let (checked, worst_rel, worst_name) = common::check_param_grads(name, p, &grads, &st);
+        // Every gradient in the reference was compared (plus `loss` and `logits`).
+        assert_eq!(checked, st.names().len() - 2, "{name}: tensors compared");
+        eprintln!(
+            "{name}, {pass}: loss {loss:.7} (torch {:.7}), logits within {logit_err:.1e}; worst gradient {:.2e} of its norm ({})",
+            ref_loss[0], worst_rel, worst_name
+        );
+    }
 }
 
 #[test]

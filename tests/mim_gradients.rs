@@ -6,7 +6,7 @@ mod common;
 use std::path::{Path, PathBuf};
 
 use beit::model::io::{read_f32, SafetensorsFile};
-use beit::model::TrainWorkspace;
+use beit::model::{DataParallelWorkspace, TrainWorkspace};
 use beit::train::adamw::{AdamW, AdamWConfig};
 use beit::train::batch::OwnedMimBatch;
 use beit::Model;
@@ -23,24 +23,39 @@ fn run_case(model: &Model, batch: &OwnedMimBatch) -> (f64, Vec<f32>) {
     (loss, grads)
 }
 
+/// The same, split data-parallel over a pool of `threads` (what the trainer runs then).
+fn run_case_data_parallel(model: &Model, batch: &OwnedMimBatch, threads: usize) -> (f64, Vec<f32>) {
+    let mut grads = vec![0.0f32; model.params().data.len()];
+    let mut dp = DataParallelWorkspace::new();
+    let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+    let loss = pool
+        .install(|| model.mim_forward_backward_data_parallel(&mut dp, &batch.as_batch(), None, &mut grads))
+        .unwrap();
+    assert_eq!(dp.last_shards(), threads, "the pass did not split");
+    (loss, grads)
+}
+
+/// The whole-batch pass and the data-parallel one on 2 threads against torch.
 fn check_case(name: &str) {
     let dir = case_dir(name);
     let model = Model::load(&dir).unwrap();
     let batch = OwnedMimBatch::load(&dir.join("batch.safetensors")).unwrap();
-    let (loss, grads) = run_case(&model, &batch);
     let file = SafetensorsFile::open(&dir.join("grads.safetensors")).unwrap();
     let st = file.parse().unwrap();
     let (_, ref_loss) = read_f32(&st, "loss").unwrap().unwrap();
-    assert!((loss - ref_loss[0] as f64).abs() < 1e-5, "{name}: loss {loss} vs torch {}", ref_loss[0]);
-
-    let p = model.params();
-    let (checked, worst_rel, worst_name) = common::check_param_grads(name, p, &grads, &st);
-    // Every tensor in the reference was compared (the internal key bias is not exported).
-    assert_eq!(checked, st.names().len() - 1, "{name}: tensors compared");
-    eprintln!(
-        "{name}: loss {loss:.7} (torch {:.7}); worst gradient {:.2e} of its norm ({})",
-        ref_loss[0], worst_rel, worst_name
-    );
+    for (pass, (loss, grads)) in
+        [("whole batch", run_case(&model, &batch)), ("data-parallel", run_case_data_parallel(&model, &batch, 2))]
+    {
+        assert!((loss - ref_loss[0] as f64).abs() < 1e-5, "{name}, {pass}: loss {loss} vs torch {}", ref_loss[0]);
+        let p = model.params();
+        let (checked, worst_rel, worst_name) = common::check_param_grads(name, p, &grads, &st);
+        // Every tensor in the reference was compared (the internal key bias is not exported).
+        assert_eq!(checked, st.names().len() - 1, "{name}: tensors compared");
+        eprintln!(
+            "{name}, {pass}: loss {loss:.7} (torch {:.7}); worst gradient {:.2e} of its norm ({})",
+            ref_loss[0], worst_rel, worst_name
+        );
+    }
 }
 
 #[test]

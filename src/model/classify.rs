@@ -9,8 +9,10 @@
 //! and the mean label-smoothed cross-entropy over the batch, fused with its logit gradient.
 //! Checked against PyTorch's gradients in `tests/classify_gradients.rs`.
 
+use std::ops::Range;
+
 use crate::backend::cpu::backward::{layernorm_backward, linear_backward, DxMode};
-use crate::backend::cpu::cross_entropy_smoothed::smoothed_cross_entropy_fused;
+use crate::backend::cpu::cross_entropy_smoothed::smoothed_cross_entropy_fused_part;
 use crate::backend::cpu::gemm::linear;
 use crate::backend::cpu::layernorm::layernorm;
 use crate::error::Result;
@@ -19,7 +21,7 @@ use super::config::Architecture;
 use super::forward::mean_of_patch_tokens;
 use super::params::HeadParams;
 use super::training::grads_pair;
-use super::{DropPath, ImageBatch, Model, TrainWorkspace};
+use super::{DataParallelWorkspace, DropPath, ImageBatch, Model, TrainWorkspace};
 
 /// One labelled classification batch as the host supplies it.
 #[derive(Debug, Clone, Copy)]
@@ -43,6 +45,17 @@ impl<'a> ClassifyBatch<'a> {
             height: self.height,
             width: self.width,
             bool_masked_pos: None,
+        }
+    }
+
+    /// The images `images` of this batch (a data-parallel shard) with their labels.
+    fn shard(&self, images: Range<usize>) -> ClassifyBatch<'a> {
+        let pixels_each = self.pixels.len() / self.batch;
+        ClassifyBatch {
+            pixels: &self.pixels[images.start * pixels_each..images.end * pixels_each],
+            batch: images.len(),
+            labels: &self.labels[images.clone()],
+            ..*self
         }
     }
 }
@@ -87,11 +100,7 @@ impl Model {
         logits_out: Option<&mut [f32]>,
     ) -> Result<f64> {
         self.check_classify_batch(batch)?;
-        ensure!(
-            (0.0..1.0).contains(&label_smoothing),
-            InvalidArgument,
-            "label smoothing must be in [0, 1), got {label_smoothing}"
-        );
+        check_label_smoothing(label_smoothing)?;
         let k = self.config.num_labels();
         if let Some(out) = &logits_out {
             ensure!(
@@ -103,6 +112,47 @@ impl Model {
                 batch.batch * k
             );
         }
+        let loss_sum = self.classify_loss_sum(ws, batch, drop_path, label_smoothing, batch.batch, grads, logits_out)?;
+        Ok(loss_sum / batch.batch as f64)
+    }
+
+    /// [`Model::classify_forward_backward`] (without the logits copy) split data-parallel over
+    /// the threads of the current rayon pool where that pays (`super::data_parallel`; one shard
+    /// is the whole-batch pass): the same loss and gradient within float rounding,
+    /// deterministic for a given thread count. What the trainer runs.
+    pub fn classify_forward_backward_data_parallel(
+        &self,
+        dp: &mut DataParallelWorkspace,
+        batch: &ClassifyBatch<'_>,
+        drop_path: Option<DropPath<'_>>,
+        label_smoothing: f32,
+        grads: &mut [f32],
+    ) -> Result<f64> {
+        self.check_classify_batch(batch)?;
+        check_label_smoothing(label_smoothing)?;
+        let b = batch.batch;
+        let loss_sum = self.data_parallel_pass(dp, &batch.images(), drop_path, grads, |ws, images, drop, grads| {
+            self.classify_loss_sum(ws, &batch.shard(images), drop, label_smoothing, b, grads, None)
+        })?;
+        Ok(loss_sum / b as f64)
+    }
+
+    /// The classification pass over `batch`, part of a larger batch of `total_images` (the loss
+    /// is the mean over all of them, so this part's logit gradients are scaled by
+    /// 1/`total_images`): ADDS this part's gradient to `grads` and returns the sum of its images'
+    /// losses. `batch`, the smoothing and `logits_out` are checked by the caller.
+    #[allow(clippy::too_many_arguments)]
+    fn classify_loss_sum(
+        &self,
+        ws: &mut TrainWorkspace,
+        batch: &ClassifyBatch<'_>,
+        drop_path: Option<DropPath<'_>>,
+        label_smoothing: f32,
+        total_images: usize,
+        grads: &mut [f32],
+        logits_out: Option<&mut [f32]>,
+    ) -> Result<f64> {
+        let k = self.config.num_labels();
         let images = batch.images();
         self.begin_train_pass(ws, &images, drop_path, grads)?;
         let TrainWorkspace { planned, logits, .. } = ws;
@@ -119,7 +169,7 @@ impl Model {
         let labels: Vec<usize> = batch.labels.iter().map(|&l| l as usize).collect();
         logits.resize(b * k, 0.0);
         let logits = &mut logits[..b * k];
-        let loss;
+        let loss_sum;
         {
             // `pooled` holds the pooler's input (mean or CLS row), `normed` the pooler layer
             // norm's output; `dnormed`/`dpooled` their gradients. All are [b, d] prefixes of
@@ -145,7 +195,7 @@ impl Model {
             if let Some(out) = logits_out {
                 out.copy_from_slice(logits);
             }
-            loss = smoothed_cross_entropy_fused(logits, &labels, k, label_smoothing);
+            loss_sum = smoothed_cross_entropy_fused_part(logits, &labels, k, label_smoothing, total_images);
             {
                 let (dw, db) = grads_pair(p, grads, classifier);
                 linear_backward(Some(&mut *dnormed), dw, Some(db), logits, features, p.get(classifier.weight), b, d, k);
@@ -187,6 +237,15 @@ impl Model {
             }
         }
         self.backbone_backward_train(planned, &images, dims, factors, grads, &mut |_, _| {});
-        Ok(loss)
+        Ok(loss_sum)
     }
+}
+
+fn check_label_smoothing(label_smoothing: f32) -> Result<()> {
+    ensure!(
+        (0.0..1.0).contains(&label_smoothing),
+        InvalidArgument,
+        "label smoothing must be in [0, 1), got {label_smoothing}"
+    );
+    Ok(())
 }

@@ -6,6 +6,7 @@
 pub mod arena;
 mod classify;
 pub mod config;
+mod data_parallel;
 mod forward;
 pub mod init;
 pub mod io;
@@ -20,6 +21,7 @@ use std::sync::Mutex;
 
 pub use classify::ClassifyBatch;
 pub use config::{Architecture, BeitConfig};
+pub use data_parallel::DataParallelWorkspace;
 pub use forward::{ImageBatch, OutputBuffers, OutputShapes, Outputs};
 pub use training::{DropPath, MimBatch, TrainWorkspace};
 

@@ -19,6 +19,8 @@
 //! order, as `logits[bool_masked_pos]` orders them), normalised and projected; the loss is the
 //! mean cross-entropy over all masked positions of the batch, fused with its logit gradient.
 
+use std::ops::Range;
+
 use crate::backend::cpu::attention::AttentionShape;
 use crate::backend::cpu::attention_backward::{
     attention_backward, attention_backward_scratch_len, attention_forward_saving_probs,
@@ -37,7 +39,7 @@ use super::arena::{Arena, ArenaPlan, Slot};
 use super::config::Architecture;
 use super::params::{Affine, BlockParams, HeadParams, ParamId, ParamStore};
 use super::relpos;
-use super::{ImageBatch, Model};
+use super::{DataParallelWorkspace, ImageBatch, Model};
 
 /// Masked rows per block of the MIM head (logits of one block: rows × vocab floats, 8 MB for
 /// BEiT's 8192 tokens, so they stay in cache from the GEMM through the loss to the backward).
@@ -74,6 +76,20 @@ impl<'a> MimBatch<'a> {
     /// Number of masked positions (the rows the loss averages over).
     pub fn masked_count(&self) -> usize {
         self.bool_masked_pos.iter().filter(|&&m| m == 1).count()
+    }
+
+    /// The images `images` of this batch (a data-parallel shard), with their masks and labels.
+    pub(super) fn shard(&self, images: Range<usize>) -> MimBatch<'a> {
+        let pixels_each = self.pixels.len() / self.batch;
+        let patches_each = self.bool_masked_pos.len() / self.batch;
+        let (a, b) = (images.start, images.end);
+        MimBatch {
+            pixels: &self.pixels[a * pixels_each..b * pixels_each],
+            batch: b - a,
+            bool_masked_pos: &self.bool_masked_pos[a * patches_each..b * patches_each],
+            labels: &self.labels[a * patches_each..b * patches_each],
+            ..*self
+        }
     }
 }
 
@@ -368,8 +384,50 @@ impl Model {
         grads: &mut [f32],
     ) -> Result<f64> {
         self.check_mim_batch(batch)?;
+        let masked = batch.masked_count();
+        Ok(self.mim_loss_sum(ws, batch, drop_path, masked, grads)? / masked as f64)
+    }
+
+    /// [`Model::mim_forward_backward`] split data-parallel over the threads of the current
+    /// rayon pool where that pays (`super::data_parallel`; one shard is the whole-batch pass):
+    /// the same loss and gradient within float rounding, deterministic for a given thread
+    /// count. What the trainer runs.
+    pub fn mim_forward_backward_data_parallel(
+        &self,
+        dp: &mut DataParallelWorkspace,
+        batch: &MimBatch<'_>,
+        drop_path: Option<DropPath<'_>>,
+        grads: &mut [f32],
+    ) -> Result<f64> {
+        self.check_mim_batch(batch)?;
+        let masked = batch.masked_count();
+        let loss_sum = self.data_parallel_pass(dp, &batch.images(), drop_path, grads, |ws, images, drop, grads| {
+            self.mim_loss_sum(ws, &batch.shard(images), drop, masked, grads)
+        })?;
+        Ok(loss_sum / masked as f64)
+    }
+
+    /// The MIM pass over `batch`, part of a larger batch with `total_masked` masked positions
+    /// in all (the loss is their mean, so this part's logit gradients are scaled by
+    /// 1/`total_masked`): ADDS this part's gradient to `grads` and returns the sum of its
+    /// masked positions' cross-entropies. For the whole batch (`total_masked` =
+    /// `batch.masked_count()`) it is [`Model::mim_forward_backward`] before the division; for a
+    /// data-parallel shard the shards' sums add up to the whole batch's. `batch` is checked by
+    /// the caller; a part without masked positions adds nothing and returns 0.
+    pub(super) fn mim_loss_sum(
+        &self,
+        ws: &mut TrainWorkspace,
+        batch: &MimBatch<'_>,
+        drop_path: Option<DropPath<'_>>,
+        total_masked: usize,
+        grads: &mut [f32],
+    ) -> Result<f64> {
         let images = batch.images();
         self.begin_train_pass(ws, &images, drop_path, grads)?;
+        if batch.masked_count() == 0 {
+            // No loss term reaches this part: every gradient it would add is zero.
+            return Ok(0.0);
+        }
         let TrainWorkspace { planned, logits, masked_rows, masked_labels } = ws;
         let planned = planned.as_mut().expect("planned above");
         let factors = drop_path.map(|dp| dp.factors);
@@ -413,7 +471,7 @@ impl Model {
                 let rows = &head_normed[start * d..(start + r) * d];
                 let lg = &mut logits[..r * v];
                 linear(lg, rows, p.get(lm_head.weight), Some(p.get(lm_head.bias)), r, d, v);
-                loss_sum += cross_entropy_fused_part(lg, &masked_labels[start..start + r], v, m);
+                loss_sum += cross_entropy_fused_part(lg, &masked_labels[start..start + r], v, total_masked);
                 let (dw, db) = grads_pair(&self.params, grads, lm_head);
                 let dx = &mut dnormed_rows[start * d..(start + r) * d];
                 linear_backward(Some(dx), dw, Some(db), lg, rows, p.get(lm_head.weight), r, d, v);
@@ -437,9 +495,8 @@ impl Model {
                 h[row * d..(row + 1) * d].copy_from_slice(src);
             }
         }
-        let loss = loss_sum / m as f64;
         self.backbone_backward_train(planned, &images, dims, factors, grads, &mut |_, _| {});
-        Ok(loss)
+        Ok(loss_sum)
     }
 
     /// Runs the backbone forward of a training pass for `images` (at the configured size) and
@@ -516,6 +573,11 @@ impl Model {
         let (plan, arena_plan) = self.train_plan(key);
         let rel_index = relpos::relative_position_index(plan.grid);
         ws.planned = Some((plan, Arena::new(&arena_plan), rel_index));
+    }
+
+    /// Floats of the activation arena a training pass over `images` plans.
+    pub(super) fn train_arena_len(&self, images: &ImageBatch<'_>) -> usize {
+        self.train_plan((images.batch, images.height, images.width, 1)).1.total()
     }
 
     fn train_plan(&self, key: (usize, usize, usize, usize)) -> (TrainPlan, ArenaPlan) {

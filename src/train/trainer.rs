@@ -6,6 +6,10 @@
 //! decay, stochastic depth and checkpoints. Checkpoints
 //! ([`super::checkpoint`]) hold all of it, so a resumed run continues bit for bit.
 //!
+//! On the CPU a step's forward and backward runs data-parallel over the context's threads
+//! (`model::data_parallel`: one serial pass per shard of images, gradients summed in shard
+//! order), so a given seed and thread count give the same bits.
+//!
 //! A step validates the batch before it touches anything, and refuses to apply a non-finite
 //! loss or gradient: after any error the trainer is exactly as before the call.
 
@@ -18,7 +22,7 @@ use serde::{Deserialize, Serialize};
 use crate::backend::cuda::pretrain::{GpuPretrainer, OptimizerSetup, Precision};
 use crate::context::{Context, Device};
 use crate::error::Result;
-use crate::model::{Architecture, ClassifyBatch, DropPath, MimBatch, Model, TrainWorkspace};
+use crate::model::{Architecture, ClassifyBatch, DataParallelWorkspace, DropPath, MimBatch, Model};
 
 use super::adamw::{AdamW, AdamWConfig};
 use super::clip::{clip_grad_norm, global_norm};
@@ -218,7 +222,8 @@ pub struct Trainer {
     pub(crate) rng: ChaCha8Rng,
     lr_scale: Option<Vec<f32>>,
     grads: Vec<f32>,
-    workspace: TrainWorkspace,
+    /// The step's forward and backward memory (data-parallel shards where they pay).
+    workspace: DataParallelWorkspace,
     drop_factors: Vec<f32>,
     /// The GPU step when pretraining runs on CUDA ([`Trainer::use_cuda`]). It then holds the
     /// current parameters and optimizer state; the host copies follow as described there.
@@ -275,7 +280,7 @@ impl Trainer {
             rng,
             lr_scale,
             grads,
-            workspace: TrainWorkspace::new(),
+            workspace: DataParallelWorkspace::new(),
             drop_factors: Vec::new(),
             gpu: None,
             defer_host_copy: false,
@@ -472,7 +477,7 @@ impl Trainer {
             return self.step_gpu(batch);
         }
         self.step_with(batch.batch, batch.masked_count(), |model, ws, drop, grads| {
-            model.mim_forward_backward(ws, batch, drop, grads)
+            model.mim_forward_backward_data_parallel(ws, batch, drop, grads)
         })
     }
 
@@ -519,7 +524,7 @@ impl Trainer {
             "label smoothing must be in [0, 1), got {label_smoothing}"
         );
         self.step_with(batch.batch, 0, |model, ws, drop, grads| {
-            model.classify_forward_backward(ws, batch, drop, label_smoothing, grads, None)
+            model.classify_forward_backward_data_parallel(ws, batch, drop, label_smoothing, grads)
         })
     }
 
@@ -529,7 +534,7 @@ impl Trainer {
         &mut self,
         images: usize,
         masked: usize,
-        pass: impl FnOnce(&Model, &mut TrainWorkspace, Option<DropPath<'_>>, &mut [f32]) -> Result<f64>,
+        pass: impl FnOnce(&Model, &mut DataParallelWorkspace, Option<DropPath<'_>>, &mut [f32]) -> Result<f64>,
     ) -> Result<StepStats> {
         let start = Instant::now();
         let rng_before = self.rng.clone();

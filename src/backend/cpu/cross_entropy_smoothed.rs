@@ -14,13 +14,29 @@
 ///
 /// Panics if a label is out of range or the lengths disagree (callers validate at the API).
 pub fn smoothed_cross_entropy_fused(logits: &mut [f32], labels: &[usize], classes: usize, smoothing: f32) -> f64 {
+    if labels.is_empty() {
+        assert!(logits.is_empty(), "smoothed_cross_entropy: logits length");
+        return 0.0;
+    }
+    smoothed_cross_entropy_fused_part(logits, labels, classes, smoothing, labels.len()) / labels.len() as f64
+}
+
+/// [`smoothed_cross_entropy_fused`] for some rows of a larger batch of `total_rows` rows (a
+/// data-parallel shard): the gradient written is that of the mean over all `total_rows`, and the
+/// return value is the SUM of these rows' losses (the caller adds the parts and divides by
+/// `total_rows`).
+pub fn smoothed_cross_entropy_fused_part(
+    logits: &mut [f32],
+    labels: &[usize],
+    classes: usize,
+    smoothing: f32,
+    total_rows: usize,
+) -> f64 {
     assert_eq!(logits.len(), labels.len() * classes, "smoothed_cross_entropy: logits length");
     assert!(labels.iter().all(|&l| l < classes), "smoothed_cross_entropy: label out of range");
     assert!((0.0..=1.0).contains(&smoothing), "smoothed_cross_entropy: smoothing outside [0, 1]");
-    if labels.is_empty() {
-        return 0.0;
-    }
-    let rows = labels.len() as f64;
+    assert!(total_rows >= labels.len(), "smoothed_cross_entropy: total_rows smaller than the part");
+    let rows = total_rows as f64;
     let eps = smoothing as f64;
     let uniform = eps / classes as f64;
     let mut total = 0.0;
@@ -36,7 +52,7 @@ pub fn smoothed_cross_entropy_fused(logits: &mut [f32], labels: &[usize], classe
             *v = ((p - target) / rows) as f32;
         }
     }
-    total / rows
+    total
 }
 
 #[cfg(test)]
@@ -66,6 +82,21 @@ mod tests {
         assert!((loss - 4f64.ln()).abs() < 1e-9);
         assert!((logits[1] - (0.25 - 0.025 - 0.9) / 2.0).abs() < 1e-7);
         assert!((logits[0] - (0.25 - 0.025) / 2.0).abs() < 1e-7);
+    }
+
+    #[test]
+    fn parts_add_up_to_the_whole_batch() {
+        let x: Vec<f32> = (0..5 * 3).map(|i| ((i * 7 % 11) as f32 / 4.0) - 1.2).collect();
+        let labels = [2usize, 0, 1, 1, 2];
+        let mut whole = x.clone();
+        let mean = smoothed_cross_entropy_fused(&mut whole, &labels, 3, 0.2);
+        let mut parts = x.clone();
+        let (a, b) = parts.split_at_mut(2 * 3);
+        let sum = smoothed_cross_entropy_fused_part(a, &labels[..2], 3, 0.2, 5)
+            + smoothed_cross_entropy_fused_part(b, &labels[2..], 3, 0.2, 5);
+        assert!((sum / 5.0 - mean).abs() < 1e-12, "{} vs {mean}", sum / 5.0);
+        // Each row's gradient is computed alike whichever part holds it.
+        assert_eq!(parts, whole);
     }
 
     #[test]

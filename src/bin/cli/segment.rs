@@ -7,7 +7,8 @@ use std::path::{Path, PathBuf};
 
 use beit::data::dataset::Dataset;
 use beit::model::segmentation::finetune::{
-    evaluate, finetune, from_pretrained_backbone, labelled_train_subset, mask_classes, segmentation_config, split_indices, SegFinetuneOptions,
+    evaluate, finetune, from_pretrained_backbone, labelled_train_subset, mask_classes, segmentation_config,
+    split_indices, SegFinetuneOptions,
 };
 use beit::model::segmentation::metrics::IouReport;
 use beit::{Architecture, BeitConfig, Context, ContextOptions, Device, Model};

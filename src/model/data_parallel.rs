@@ -188,23 +188,7 @@ impl Model {
         F: Fn(&mut TrainWorkspace, Range<usize>, Option<DropPath<'_>>, &mut [f32]) -> Result<f64> + Sync,
     {
         let batch = images.batch;
-        ensure!(
-            grads.len() == self.params.data.len(),
-            InvalidArgument,
-            "gradient buffer holds {} values; the model has {}",
-            grads.len(),
-            self.params.data.len()
-        );
-        let layers = self.layout.blocks.len();
-        if let Some(d) = drop_path {
-            ensure!(
-                d.factors.len() == layers * 2 * batch,
-                InvalidArgument,
-                "drop path factors hold {} values; [layers {layers}, 2, batch {batch}] needs {}",
-                d.factors.len(),
-                layers * 2 * batch
-            );
-        }
+        self.check_train_buffers(batch, drop_path, grads)?;
         let shards = self.data_parallel_shards(images);
         dp.last_shards = shards;
         if shards == 1 {

@@ -266,6 +266,19 @@ impl Model {
         drop_path: Option<DropPath<'_>>,
         grads: &[f32],
     ) -> Result<()> {
+        self.check_train_buffers(images.batch, drop_path, grads)?;
+        self.prepare_train_workspace(ws, images);
+        Ok(())
+    }
+
+    /// The caller's buffers of a training pass over `batch` images: `grads` laid out like the
+    /// parameters, drop path factors (when given) `[layers, 2, batch]`.
+    pub(super) fn check_train_buffers(
+        &self,
+        batch: usize,
+        drop_path: Option<DropPath<'_>>,
+        grads: &[f32],
+    ) -> Result<()> {
         ensure!(
             grads.len() == self.params.data.len(),
             InvalidArgument,
@@ -276,15 +289,13 @@ impl Model {
         let layers = self.layout.blocks.len();
         if let Some(dp) = drop_path {
             ensure!(
-                dp.factors.len() == layers * 2 * images.batch,
+                dp.factors.len() == layers * 2 * batch,
                 InvalidArgument,
-                "drop path factors hold {} values; [layers {layers}, 2, batch {}] needs {}",
+                "drop path factors hold {} values; [layers {layers}, 2, batch {batch}] needs {}",
                 dp.factors.len(),
-                images.batch,
-                layers * 2 * images.batch
+                layers * 2 * batch
             );
         }
-        self.prepare_train_workspace(ws, images);
         Ok(())
     }
 

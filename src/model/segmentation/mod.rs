@@ -198,22 +198,7 @@ impl Model {
         grads: &mut [f32],
     ) -> Result<SegStep> {
         self.check_seg_batch(batch)?;
-        ensure!(
-            grads.len() == self.params.data.len(),
-            InvalidArgument,
-            "gradient buffer holds {} values; the model has {}",
-            grads.len(),
-            self.params.data.len()
-        );
-        if let Some(dp) = drop_path {
-            let want = self.layout.blocks.len() * 2 * batch.batch;
-            ensure!(
-                dp.factors.len() == want,
-                InvalidArgument,
-                "drop path factors hold {} values; need {want}",
-                dp.factors.len()
-            );
-        }
+        self.check_train_buffers(batch.batch, drop_path, grads)?;
         let head = self.segmentation_head().expect("checked");
         let grid = self.config.native_grid();
         let (b, d) = (batch.batch, self.config.hidden_size);

@@ -241,7 +241,8 @@ impl Model {
     }
 }
 
-fn check_label_smoothing(label_smoothing: f32) -> Result<()> {
+/// Label smoothing must be in [0, 1) (1 would leave no signal of the true class).
+pub(crate) fn check_label_smoothing(label_smoothing: f32) -> Result<()> {
     ensure!(
         (0.0..1.0).contains(&label_smoothing),
         InvalidArgument,

@@ -19,6 +19,7 @@ mod training;
 use std::path::Path;
 use std::sync::Mutex;
 
+pub(crate) use classify::check_label_smoothing;
 pub use classify::ClassifyBatch;
 pub use config::{Architecture, BeitConfig};
 pub use data_parallel::DataParallelWorkspace;

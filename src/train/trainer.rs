@@ -22,7 +22,9 @@ use serde::{Deserialize, Serialize};
 use crate::backend::cuda::pretrain::{GpuPretrainer, OptimizerSetup, Precision};
 use crate::context::{Context, Device};
 use crate::error::Result;
-use crate::model::{Architecture, ClassifyBatch, DataParallelWorkspace, DropPath, MimBatch, Model};
+use crate::model::{
+    check_label_smoothing, Architecture, ClassifyBatch, DataParallelWorkspace, DropPath, MimBatch, Model,
+};
 
 use super::adamw::{AdamW, AdamWConfig};
 use super::clip::{clip_grad_norm, global_norm};
@@ -518,11 +520,7 @@ impl Trainer {
     /// `label_smoothing`), otherwise exactly as [`Trainer::step`]. On error nothing changes.
     pub fn step_classify(&mut self, batch: &ClassifyBatch<'_>, label_smoothing: f32) -> Result<StepStats> {
         self.model.check_classify_batch(batch)?;
-        ensure!(
-            (0.0..1.0).contains(&label_smoothing),
-            InvalidArgument,
-            "label smoothing must be in [0, 1), got {label_smoothing}"
-        );
+        check_label_smoothing(label_smoothing)?;
         self.step_with(batch.batch, 0, |model, ws, drop, grads| {
             model.classify_forward_backward_data_parallel(ws, batch, drop, label_smoothing, grads)
         })

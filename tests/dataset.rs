@@ -492,3 +492,84 @@ fn random_header_damage_never_panics() {
     }
     assert!(opened < 2000);
 }
+
+/// `write_combined` copies exactly the chosen samples, in order, keeps the sections every input
+/// has and reports the others; `beit dataset combine` selects a file's train or test split as
+/// the segmentation fine-tune defines it.
+#[test]
+fn combine_copies_the_chosen_samples_and_drops_sections_not_all_inputs_have() {
+    use beit::data::subset::{split_indices, write_combined};
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b) = (dir.path().join("a.beitds"), dir.path().join("b.beitds"));
+    write_sample_set(&a, 7, spec(true, true, true));
+    write_sample_set(&b, 5, spec(true, true, false));
+    let (da, db) = (Dataset::open(&a).unwrap(), Dataset::open(&b).unwrap());
+
+    // A file with itself keeps every section, tokens included.
+    let same = dir.path().join("same.beitds");
+    let r = write_combined(&same, &[(&da, &[6, 0][..]), (&da, &[3][..])]).unwrap();
+    assert!(r.dropped_sections.is_empty());
+    let d = Dataset::open(&same).unwrap();
+    assert_eq!(d.header().section_names(), ["pixels", "labels", "masks", "tokens"]);
+    for (k, i) in [6, 0, 3].into_iter().enumerate() {
+        assert_eq!(d.pixels(k), da.pixels(i));
+        assert_eq!(d.label(k), da.label(i));
+        assert_eq!(d.mask(k), da.mask(i));
+        assert_eq!(d.tokens(k), da.tokens(i));
+    }
+
+    // b has no tokens: the union keeps labels and masks, drops tokens and says so.
+    let mixed = dir.path().join("mixed.beitds");
+    let r = write_combined(&mixed, &[(&da, &[5, 1][..]), (&db, &[0, 1, 2, 3, 4][..])]).unwrap();
+    assert_eq!(r.dropped_sections, ["tokens"]);
+    let d = Dataset::open(&mixed).unwrap();
+    assert_eq!(d.len(), 7);
+    assert_eq!(d.header().section_names(), ["pixels", "labels", "masks"]);
+    let sources: Vec<(&Dataset, usize)> = vec![(&da, 5), (&da, 1), (&db, 0), (&db, 1), (&db, 2), (&db, 3), (&db, 4)];
+    for (k, (src, i)) in sources.into_iter().enumerate() {
+        assert_eq!(d.pixels(k), src.pixels(i), "sample {k}");
+        assert_eq!((d.label(k), d.mask(k)), (src.label(i), src.mask(i)), "sample {k}");
+    }
+
+    // Bad selections are errors and leave no file behind.
+    let bad = dir.path().join("bad.beitds");
+    let err = |r: beit::Result<beit::data::subset::Combined>| r.unwrap_err().to_string();
+    assert!(err(write_combined(&bad, &[(&da, &[7][..])])).contains("sample 7"));
+    assert!(err(write_combined(&bad, &[(&da, &[][..])])).contains("empty"));
+    assert!(err(write_combined(&bad, &[])).contains("no input"));
+    let other = dir.path().join("other.beitds");
+    write_sample_set(&other, 2, DatasetSpec { height: 4, ..spec(true, true, false) });
+    let dother = Dataset::open(&other).unwrap();
+    assert!(err(write_combined(&bad, &[(&da, &[0][..]), (&dother, &[0][..])])).contains("one shape"));
+    assert!(!bad.exists());
+
+    // The command line: b whole, then a's train split (test fraction 0.3, seed 4).
+    let cli = dir.path().join("cli.beitds");
+    let run = std::process::Command::new(env!("CARGO_BIN_EXE_beit"))
+        .args(["dataset", "combine", "--test-fraction", "0.3", "--split-seed", "4", "--out"])
+        .arg(&cli)
+        .arg(&b)
+        .arg(format!("{}:train", a.display()))
+        .output()
+        .unwrap();
+    assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
+    let (train, test) = split_indices(7, 0.3, 4);
+    assert_eq!((train.len(), test.len()), (5, 2));
+    let d = Dataset::open(&cli).unwrap();
+    assert_eq!(d.len(), 5 + train.len());
+    for k in 0..5 {
+        assert_eq!(d.pixels(k), db.pixels(k));
+    }
+    for (k, &i) in train.iter().enumerate() {
+        assert_eq!(d.pixels(5 + k), da.pixels(i), "train sample {i}");
+    }
+    let json = String::from_utf8(run.stdout).unwrap();
+    assert!(json.contains(r#""dropped_sections":["tokens"]"#), "{json}");
+    let run = std::process::Command::new(env!("CARGO_BIN_EXE_beit"))
+        .args(["dataset", "combine", "--test-fraction", "1.5", "--out"])
+        .arg(&bad)
+        .arg(&a)
+        .output()
+        .unwrap();
+    assert!(!run.status.success() && String::from_utf8_lossy(&run.stderr).contains("--test-fraction"));
+}

@@ -177,6 +177,26 @@ enum DatasetCommand {
     },
     /// Open (and so fully validate) a dataset file and print count, shape and sections as JSON.
     Info { file: PathBuf },
+    /// Write chosen samples of one or more dataset files into a new file, in the order given,
+    /// written atomically. Each INPUT is FILE (every sample), FILE:train or FILE:test (the
+    /// train or test split of `beit segment finetune` with the same --test-fraction and
+    /// --split-seed). E.g. pretraining images without the fine-tune's test images:
+    /// `beit dataset combine --out pre.beitds twitter.beitds google.beitds:train`.
+    /// Inputs must share one image shape; labels, masks and tokens are kept when every input has
+    /// them and dropped otherwise (the JSON line lists what was dropped).
+    Combine {
+        /// FILE, FILE:train or FILE:test.
+        #[arg(required = true)]
+        inputs: Vec<String>,
+        /// Fraction of each split input's samples in its test split.
+        #[arg(long, default_value_t = 0.2)]
+        test_fraction: f64,
+        /// Seed of the train/test shuffle.
+        #[arg(long, default_value_t = 0)]
+        split_seed: u64,
+        #[arg(long)]
+        out: PathBuf,
+    },
 }
 
 #[derive(clap::Args)]
@@ -845,6 +865,43 @@ fn dataset(what: DatasetCommand) -> beit::Result<()> {
             let d = Dataset::open(&file)?;
             let mut v = info(d.header(), &file);
             v["command"] = "dataset info".into();
+            print_json(v);
+        }
+        DatasetCommand::Combine { inputs, test_fraction, split_seed, out } => {
+            use beit::data::subset::{split_indices, write_combined};
+            if !(0.0..1.0).contains(&test_fraction) {
+                return Err(beit::Error::InvalidArgument(format!("--test-fraction {test_fraction} is not in [0, 1)")));
+            }
+            let mut opened = Vec::new();
+            for input in &inputs {
+                let (file, part) = match input.rsplit_once(':') {
+                    Some((f, p @ ("train" | "test"))) => (f, Some(p)),
+                    _ => (input.as_str(), None),
+                };
+                let d = Dataset::open(std::path::Path::new(file))?;
+                let indices = match part {
+                    None => (0..d.len()).collect(),
+                    Some(p) => {
+                        let (train, test) = split_indices(d.len(), test_fraction, split_seed);
+                        if p == "train" {
+                            train
+                        } else {
+                            test
+                        }
+                    }
+                };
+                opened.push((d, indices));
+            }
+            let parts: Vec<_> = opened.iter().map(|(d, i)| (d, i.as_slice())).collect();
+            let combined = write_combined(&out, &parts)?;
+            let mut v = info(&combined.header, &out);
+            v["command"] = "dataset combine".into();
+            v["inputs"] = inputs
+                .iter()
+                .zip(&opened)
+                .map(|(s, (_, i))| serde_json::json!({"input": s, "samples": i.len()}))
+                .collect();
+            v["dropped_sections"] = combined.dropped_sections.into();
             print_json(v);
         }
     }

@@ -13,4 +13,6 @@ pub mod loader;
 pub mod masking;
 /// cbindgen:ignore
 pub mod mim_source;
+/// cbindgen:ignore
+pub mod subset;
 pub mod synthetic;

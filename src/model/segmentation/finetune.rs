@@ -15,6 +15,8 @@ use rand_chacha::ChaCha8Rng;
 
 use crate::backend::cpu::interp::bilinear_forward;
 use crate::data::dataset::Dataset;
+/// The split lives with the other dataset subsets; re-exported here, where the fine-tune uses it.
+pub use crate::data::subset::split_indices;
 use crate::error::Result;
 use crate::train::adamw::{decays, AdamW, AdamWConfig};
 use crate::train::clip::clip_grad_norm;
@@ -90,19 +92,6 @@ pub struct SegFinetuneReport {
     /// Mean loss of the last epoch.
     pub final_epoch_loss: f64,
     pub seconds: f64,
-}
-
-/// Deterministic train/test split of `0..n`: a seeded shuffle, the first `round(n·test_fraction)`
-/// indices are the test set; both lists are returned sorted.
-pub fn split_indices(n: usize, test_fraction: f64, seed: u64) -> (Vec<usize>, Vec<usize>) {
-    let mut idx: Vec<usize> = (0..n).collect();
-    idx.shuffle(&mut ChaCha8Rng::seed_from_u64(seed));
-    let n_test = ((n as f64) * test_fraction.clamp(0.0, 1.0)).round() as usize;
-    let mut test = idx[..n_test].to_vec();
-    let mut train = idx[n_test..].to_vec();
-    test.sort_unstable();
-    train.sort_unstable();
-    (train, test)
 }
 
 /// The part of the train split `train` (dataset indices) whose masks a label-efficiency run uses:
@@ -367,16 +356,5 @@ mod tests {
         assert_eq!(segmentation_config(cfg(6), 3).out_indices, Some(vec![2, 3, 4, 6]));
         assert_eq!(segmentation_config(cfg(4), 3).out_indices, Some(vec![1, 2, 2, 4]));
         assert_eq!(segmentation_config(cfg(4), 3).num_labels(), 3);
-    }
-
-    #[test]
-    fn split_is_deterministic_and_disjoint() {
-        let (a, b) = split_indices(100, 0.2, 7);
-        assert_eq!((a.len(), b.len()), (80, 20));
-        assert_eq!(split_indices(100, 0.2, 7), (a.clone(), b.clone()));
-        let mut all: Vec<usize> = a.iter().chain(&b).copied().collect();
-        all.sort_unstable();
-        assert_eq!(all, (0..100).collect::<Vec<_>>());
-        assert_ne!(split_indices(100, 0.2, 8).1, b);
     }
 }

@@ -136,6 +136,33 @@ fn masks_have_the_requested_count_or_fewer() {
     }
 }
 
+/// `masking: Random` (the ablation) masks exactly the requested count in every image, differently
+/// per image, and the same for any worker count.
+#[test]
+fn random_masking_masks_exactly_the_count() {
+    use beit::data::masking::MaskingStrategy;
+    let dir = tempfile::tempdir().unwrap();
+    let ds = write_dataset(&dir.path().join("d.beitds"), false);
+    for masked in [1, 16, 30] {
+        let blocks = LoaderConfig { masked_patches: masked, min_mask_block: masked.min(16), ..config(16, 1) };
+        let cfg = |workers| LoaderConfig { masking: MaskingStrategy::Random, workers, ..blocks.clone() };
+        let batches = collect(&Loader::new(ds.clone(), cfg(1)).unwrap());
+        let mut distinct = HashSet::new();
+        for m in batches.iter().flat_map(|b| b.bool_masked_pos.chunks(49)) {
+            assert_eq!(m.iter().map(|&v| v as usize).sum::<usize>(), masked);
+            distinct.insert(m.to_vec());
+        }
+        assert!(distinct.len() > 20, "{} distinct masks of {N}", distinct.len());
+        let again = collect(&Loader::new(ds.clone(), cfg(3)).unwrap());
+        let masks = |bs: &[MimBatchData]| bs.iter().map(|b| b.bool_masked_pos.clone()).collect::<Vec<_>>();
+        assert_eq!(masks(&batches), masks(&again));
+        let blocks = collect(&Loader::new(ds.clone(), blocks).unwrap());
+        if masked > 1 {
+            assert_ne!(masks(&batches), masks(&blocks));
+        }
+    }
+}
+
 #[test]
 fn full_crop_with_flip_mirrors_and_normalises() {
     let dir = tempfile::tempdir().unwrap();

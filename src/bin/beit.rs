@@ -233,6 +233,10 @@ struct PretrainArgs {
     /// Patches masked per image (default: 75/196 of the grid, BEiT's ratio).
     #[arg(long)]
     masked: Option<usize>,
+    /// Which patches a dataset's masks cover: `block` (BEiT's block-wise masking) or `random`
+    /// (uniform patches: the paper's ablation).
+    #[arg(long, default_value = "block")]
+    masking: beit::data::masking::MaskingStrategy,
     #[arg(long, default_value_t = 1.5e-3)]
     lr: f64,
     #[arg(long, default_value_t = 1e-5)]
@@ -580,6 +584,11 @@ fn pretrain_data(a: &PretrainArgs, cfg: &beit::BeitConfig, masked: usize, seed: 
     use beit::data::loader::LoaderConfig;
     use beit::data::mim_source::{DatasetMim, TokenSource};
     if a.data == "synthetic" {
+        if a.masking != beit::data::masking::MaskingStrategy::Blockwise {
+            return Err(beit::Error::InvalidArgument(
+                "--masking random applies to dataset files; the synthetic task masks blocks".into(),
+            ));
+        }
         return Ok(PretrainData::Synthetic(beit::data::synthetic::SyntheticMim::for_config(cfg, masked, seed)));
     }
     let ds = std::sync::Arc::new(beit::data::dataset::Dataset::open(std::path::Path::new(&a.data))?);
@@ -604,6 +613,7 @@ fn pretrain_data(a: &PretrainArgs, cfg: &beit::BeitConfig, masked: usize, seed: 
         workers: a.loader_workers.max(1),
         prefetch: 2 * a.loader_workers.max(1),
         drop_last: true,
+        masking: a.masking,
         ..LoaderConfig::beit(a.batch, cfg.image_size.hw(), cfg.patch_size.hw(), masked)
     };
     if let TokenSource::Augmented(t) = &source {

@@ -25,7 +25,7 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 use crate::data::dataset::Dataset;
-use crate::data::masking::MaskingGenerator;
+use crate::data::masking::{MaskingGenerator, MaskingStrategy};
 use crate::error::Result;
 use crate::train::batch::OwnedMimBatch;
 
@@ -43,6 +43,8 @@ pub struct LoaderConfig {
     pub masked_patches: usize,
     /// Smallest mask block area tried (BEiT pretraining: 16); at most `masked_patches`.
     pub min_mask_block: usize,
+    /// Block-wise (BEiT) or uniformly random patches (the ablation).
+    pub masking: MaskingStrategy,
     pub seed: u64,
     /// The epoch whose order and augmentations [`Loader::iter`] produces.
     pub epoch: u64,
@@ -83,6 +85,7 @@ impl LoaderConfig {
             patch_size,
             masked_patches: masked,
             min_mask_block: 16.min(masked),
+            masking: MaskingStrategy::Blockwise,
             seed: 0,
             epoch: 0,
             workers: 1,
@@ -324,7 +327,7 @@ impl Loader {
             let mask = &mut masks[k * n..(k + 1) * n];
             // The generator can (rarely) place no block at all; redraw, and as a last resort
             // mask one random patch, so every image has at least one masked patch.
-            if !(0..100).any(|_| generator.generate(&mut mrng, mask).0 > 0) {
+            if !(0..100).any(|_| generator.generate_with(cfg.masking, &mut mrng, mask) > 0) {
                 mask[mrng.random_range(0..n)] = 1;
             }
         }

@@ -33,9 +33,14 @@ fn write_dataset(path: &Path, tokens: bool) -> Arc<Dataset> {
     Arc::new(Dataset::open(path).unwrap())
 }
 
-/// 16x16 input, patch 4 → 4x4 grid; tokenizer view 16x16.
+/// 16x16 input, patch 4 → 4x4 grid; tokenizer view 16x16; BEiT's crops and flips.
 fn config() -> LoaderConfig {
     LoaderConfig { seed: 9, tokenizer_size: (S, S), drop_last: true, ..LoaderConfig::beit(4, (S, S), (4, 4), 5) }
+}
+
+/// What a token cache needs: view 1 the whole image.
+fn cached_config() -> LoaderConfig {
+    config().whole_images()
 }
 
 fn tokenizer() -> Arc<Dvae> {
@@ -56,9 +61,9 @@ fn tokenizer() -> Arc<Dvae> {
 fn cached_tokens_follow_the_samples_and_positions_cross_epochs() {
     let dir = tempfile::tempdir().unwrap();
     let ds = write_dataset(&dir.path().join("d.beitds"), true);
-    let mut src = DatasetMim::new(ds.clone(), config(), TokenSource::Cached).unwrap();
+    let mut src = DatasetMim::new(ds.clone(), cached_config(), TokenSource::Cached).unwrap();
     assert_eq!(src.batches_per_epoch(), 5); // 21 // 4, the short batch dropped
-    let loader = Loader::new(ds.clone(), config()).unwrap();
+    let loader = Loader::new(ds.clone(), cached_config()).unwrap();
     let sequential: Vec<_> = (0..12).map(|p| src.batch_at(p).unwrap()).collect();
     for (p, b) in sequential.iter().enumerate() {
         let (epoch, within) = (p as u64 / 5, p % 5);
@@ -67,10 +72,18 @@ fn cached_tokens_follow_the_samples_and_positions_cross_epochs() {
         assert_eq!(b.bool_masked_pos, want.bool_masked_pos);
         let expected: Vec<i64> = want.indices.iter().flat_map(|&i| (0..16).map(move |t| (i * 16 + t) as i64)).collect();
         assert_eq!(b.labels, expected, "labels are the cached tokens of the batch's samples");
+        // View 1 is each whole image, only normalised ((x/255 - 0.5)/0.5), so the tokens of its
+        // patches are the cached ones.
+        for (k, &i) in want.indices.iter().enumerate() {
+            let whole: Vec<f32> = ds.pixels(i).iter().map(|&v| (v as f32 / 255.0 - 0.5) / 0.5).collect();
+            let got = &b.pixels[k * S * S..(k + 1) * S * S];
+            let worst = got.iter().zip(&whole).map(|(a, w)| (a - w).abs()).fold(0.0f32, f32::max);
+            assert!(worst < 1e-5, "position {p}, sample {i}: view 1 is not the whole image ({worst})");
+        }
     }
     // A fresh source started at any position (a resumed run) gives the same batches.
     for p in [0u64, 3, 5, 9, 11] {
-        let mut fresh = DatasetMim::new(ds.clone(), config(), TokenSource::Cached).unwrap();
+        let mut fresh = DatasetMim::new(ds.clone(), cached_config(), TokenSource::Cached).unwrap();
         assert_eq!(fresh.batch_at(p).unwrap(), sequential[p as usize], "resumed at {p}");
     }
 }
@@ -110,7 +123,7 @@ fn token_cache_stores_the_tokenizer_output() {
         assert_eq!(cached.tokens(i).unwrap(), &want[..]);
     }
     // And the cache feeds pretraining.
-    let mut src = DatasetMim::new(Arc::new(cached), config(), TokenSource::Cached).unwrap();
+    let mut src = DatasetMim::new(Arc::new(cached), cached_config(), TokenSource::Cached).unwrap();
     assert_eq!(src.batch_at(0).unwrap().labels.len(), 4 * 16);
 }
 
@@ -118,12 +131,23 @@ fn token_cache_stores_the_tokenizer_output() {
 fn mismatches_are_errors() {
     let dir = tempfile::tempdir().unwrap();
     let plain = write_dataset(&dir.path().join("plain.beitds"), false);
-    let err = DatasetMim::new(plain.clone(), config(), TokenSource::Cached).err().unwrap();
+    let err = DatasetMim::new(plain.clone(), cached_config(), TokenSource::Cached).err().unwrap();
     assert!(err.to_string().contains("no token cache"), "{err}");
     // Model grid 8x8 (patch 2) against a 4x4 token cache.
     let cached = write_dataset(&dir.path().join("cached.beitds"), true);
     let grid8 = LoaderConfig { patch_size: (2, 2), ..config() };
-    let err = DatasetMim::new(cached, grid8.clone(), TokenSource::Cached).err().unwrap();
+    let err = DatasetMim::new(cached.clone(), grid8.clone().whole_images(), TokenSource::Cached).err().unwrap();
+    assert!(err.to_string().contains("grid"), "{err}");
+    // Cached tokens with crops, flips or jitter would pair patches with other patches' tokens.
+    for augmenting in [
+        config(),
+        LoaderConfig { flip_prob: 0.5, ..cached_config() },
+        LoaderConfig { scale: (0.5, 1.0), ..cached_config() },
+        LoaderConfig { color_jitter: 0.4, ..cached_config() },
+    ] {
+        let err = DatasetMim::new(cached.clone(), augmenting, TokenSource::Cached).err().unwrap();
+        assert!(err.to_string().contains("whole, unflipped images"), "{err}");
+    }
     assert!(err.to_string().contains("grid"), "{err}");
     let err = DatasetMim::new(plain.clone(), grid8, TokenSource::Augmented(tokenizer())).err().unwrap();
     assert!(err.to_string().contains("grid"), "{err}");

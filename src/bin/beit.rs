@@ -211,7 +211,8 @@ struct PretrainArgs {
     #[arg(long, default_value = "synthetic")]
     data: String,
     /// Where a dataset's MIM targets come from: `cached` (the file's token cache, made by
-    /// `beit tokenize`), `augmented` (the --tokenizer run on every batch's augmented view), or
+    /// `beit tokenize`, of whole images: the model then sees whole, unflipped images too, no
+    /// crop augmentation), `augmented` (the --tokenizer run on every batch's augmented view), or
     /// `auto` (cached when the file has tokens, else augmented).
     #[arg(long, default_value = "auto")]
     tokens: String,
@@ -616,8 +617,10 @@ fn pretrain_data(a: &PretrainArgs, cfg: &beit::BeitConfig, masked: usize, seed: 
         masking: a.masking,
         ..LoaderConfig::beit(a.batch, cfg.image_size.hw(), cfg.patch_size.hw(), masked)
     };
-    if let TokenSource::Augmented(t) = &source {
-        config.tokenizer_size = (t.config.image_size, t.config.image_size);
+    match &source {
+        TokenSource::Augmented(t) => config.tokenizer_size = (t.config.image_size, t.config.image_size),
+        // Cached tokens are of whole images, so view 1 must be the whole image too.
+        TokenSource::Cached => config = config.whole_images(),
     }
     Ok(PretrainData::Dataset(DatasetMim::new(ds, config, source)?))
 }

@@ -105,6 +105,18 @@ impl LoaderConfig {
     pub fn grid(&self) -> (usize, usize) {
         (self.image_size.0 / self.patch_size.0, self.image_size.1 / self.patch_size.1)
     }
+
+    /// This pipeline with view 1 the whole image, never flipped or colour-jittered (only
+    /// resized to `image_size` and normalised): what a token cache needs, since it holds the
+    /// tokens of each whole, unaltered image.
+    pub fn whole_images(self) -> Self {
+        LoaderConfig { scale: (1.0, 1.0), ratio: (1.0, 1.0), flip_prob: 0.0, color_jitter: 0.0, ..self }
+    }
+
+    /// Whether view 1 is always the whole, unaltered image ([`LoaderConfig::whole_images`]).
+    pub fn keeps_whole_images(&self) -> bool {
+        self.scale == (1.0, 1.0) && self.ratio == (1.0, 1.0) && self.flip_prob == 0.0 && self.color_jitter == 0.0
+    }
 }
 
 /// One augmented batch. `B` is `indices.len()` (the last batch of an epoch may be short).

@@ -53,6 +53,19 @@ impl DatasetMim {
                     grid.0,
                     grid.1
                 );
+                // A cached token belongs to a patch of the whole image: a crop, flip or jitter
+                // of view 1 would pair the model's patches with other patches' tokens.
+                ensure!(
+                    config.keeps_whole_images(),
+                    InvalidArgument,
+                    "a token cache holds the tokens of whole, unflipped images, but this loader crops or \
+                     flips view 1 (scale {:?}, ratio {:?}, flip {}, jitter {}): use LoaderConfig::whole_images, \
+                     or tokens computed on the fly",
+                    config.scale,
+                    config.ratio,
+                    config.flip_prob,
+                    config.color_jitter
+                );
             }
             TokenSource::Augmented(dvae) => {
                 let c = &dvae.config;

@@ -257,6 +257,13 @@ pub fn load_into(trainer: &mut Trainer, path: &Path) -> Result<()> {
     );
     let loaded = parse(path, &trainer.model)?;
     loaded.options.validate()?;
+    if arch == Architecture::MaskedImageModeling {
+        // The checkpoint's MIM target comes with it; the head and the step's device must fit it.
+        loaded.options.mim_target.check_config(&config)?;
+        if trainer.cuda_precision().is_some() {
+            super::trainer::check_gpu_target(loaded.options.mim_target)?;
+        }
+    }
     apply(trainer, loaded);
     trainer.reload_gpu()
 }

@@ -190,17 +190,6 @@ pub(crate) fn new_adamw(model: &Model, options: &TrainerOptions) -> AdamW {
     }
 }
 
-/// The GPU pretraining step predicts visual tokens only; the pixel target runs on the CPU.
-pub(crate) fn check_gpu_target(target: MimTarget) -> Result<()> {
-    ensure!(
-        target == MimTarget::VisualTokens,
-        Unsupported,
-        "the CUDA pretraining step supports the visual-token target only; the {target} target runs on the CPU \
-         (--device cpu)"
-    );
-    Ok(())
-}
-
 fn layer_decay_scales(model: &Model, options: &TrainerOptions) -> Option<Vec<f32>> {
     (options.layer_decay != 1.0)
         .then(|| lr_scales(model.params(), model.config().num_hidden_layers, options.layer_decay))
@@ -330,7 +319,7 @@ impl Trainer {
             "only pretraining runs on the CUDA backend; this trainer trains a {}",
             self.model.architecture().hf_name()
         );
-        check_gpu_target(self.options.mim_target)?;
+        GpuPretrainer::check_target(self.options.mim_target)?;
         let (decay_mask, trained) = decay_setup(&self.model, &self.options);
         let mut gpu = GpuPretrainer::new(
             &self.model,

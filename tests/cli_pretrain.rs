@@ -1,6 +1,7 @@
 //! The pretraining command line: `beit pretrain-replay` against PyTorch's AdamW trajectory, and
 //! a `beit pretrain` run killed with SIGKILL and resumed from its last checkpoint, which must
-//! give bit-identical losses and weights to an uninterrupted run.
+//! give bit-identical losses and weights to an uninterrupted run (visual tokens on the synthetic
+//! task; the pixel target on a dataset file, which must also learn).
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -84,10 +85,15 @@ fn losses(lines: &[serde_json::Value]) -> Vec<(u64, u64)> {
     lines.iter().filter_map(|l| Some((l.get("step")?.as_u64()?, l.get("loss")?.as_f64()?.to_bits()))).collect()
 }
 
-/// Starts a run, kills it with SIGKILL when `kill_after_step` is printed (or, with None, after
-/// `delay`), and returns the losses it printed.
-fn killed_run(config: &Path, out: &Path, kill_after_step: Option<u64>, delay: std::time::Duration) -> Vec<(u64, u64)> {
-    let mut child = pretrain_cmd(config, out, false).stdout(Stdio::piped()).stderr(Stdio::null()).spawn().unwrap();
+/// Starts the run `start` (writing to `out`), kills it with SIGKILL when `kill_after_step` is
+/// printed (or, with None, after `delay`), and returns the losses it printed.
+fn killed_run(
+    mut start: Command,
+    out: &Path,
+    kill_after_step: Option<u64>,
+    delay: std::time::Duration,
+) -> Vec<(u64, u64)> {
+    let mut child = start.stdout(Stdio::piped()).stderr(Stdio::null()).spawn().unwrap();
     let stdout = child.stdout.take().unwrap();
     let reader = std::thread::spawn(move || {
         let mut seen = Vec::new();
@@ -129,15 +135,13 @@ fn progress(out: &Path) -> u64 {
         .unwrap_or(0)
 }
 
-#[test]
-fn sigkill_then_resume_is_bit_identical() {
-    let dir = tempfile::tempdir().unwrap();
-    let config = dir.path().join("config.json");
-    std::fs::write(&config, TINY).unwrap();
-
-    let straight_out = dir.path().join("straight");
+/// Runs `command(out, resume)` straight into `dir/straight`, then killed (after its checkpoint of
+/// step 10, and at an arbitrary moment) and resumed: every loss and the final files must equal
+/// the straight run's. Returns the straight run's losses.
+fn check_sigkill_then_resume(dir: &Path, command: impl Fn(&Path, bool) -> Command) -> Vec<f64> {
+    let straight_out = dir.join("straight");
     let start = std::time::Instant::now();
-    let straight = pretrain_cmd(&config, &straight_out, false).output().unwrap();
+    let straight = command(&straight_out, false).output().unwrap();
     let duration = start.elapsed();
     assert!(straight.status.success(), "{}", String::from_utf8_lossy(&straight.stderr));
     let reference = losses(&json_lines(&straight.stdout));
@@ -146,8 +150,8 @@ fn sigkill_then_resume_is_bit_identical() {
     // Killed once right after its checkpoint of step 10, once at an arbitrary moment (possibly
     // in the middle of a save, possibly before the first checkpoint).
     for (name, kill_at, delay) in [("at_step", Some(10), duration), ("by_timer", None, duration / 2)] {
-        let out = dir.path().join(name);
-        let before = killed_run(&config, &out, kill_at, delay);
+        let out = dir.join(name);
+        let before = killed_run(command(&out, false), &out, kill_at, delay);
         let resumed_from = progress(&out);
         if let Some(step) = kill_at {
             assert!(resumed_from >= step, "{name}: checkpoint at {resumed_from}");
@@ -156,7 +160,7 @@ fn sigkill_then_resume_is_bit_identical() {
             eprintln!("{name}: the run finished before the kill; nothing to resume");
             continue;
         }
-        let resumed = pretrain_cmd(&config, &out, true).output().unwrap();
+        let resumed = command(&out, true).output().unwrap();
         assert!(resumed.status.success(), "{name}: {}", String::from_utf8_lossy(&resumed.stderr));
         let after = losses(&json_lines(&resumed.stdout));
         assert_eq!(after.first().map(|&(s, _)| s), Some(resumed_from + 1), "{name}: resumed at the wrong step");
@@ -171,4 +175,80 @@ fn sigkill_then_resume_is_bit_identical() {
         }
         eprintln!("{name}: killed after {} printed steps, resumed from step {resumed_from}", before.len());
     }
+    reference.iter().map(|&(_, bits)| f64::from_bits(bits)).collect()
+}
+
+#[test]
+fn sigkill_then_resume_is_bit_identical() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("config.json");
+    std::fs::write(&config, TINY).unwrap();
+    check_sigkill_then_resume(dir.path(), |out, resume| pretrain_cmd(&config, out, resume));
+}
+
+/// 24 grey 16x16 images, each an even grey level with faint vertical stripes: a masked patch's
+/// pixels are predictable from the unmasked ones.
+fn write_grey_dataset(path: &Path) {
+    use beit::data::dataset::{DatasetSpec, DatasetWriter};
+    let spec = DatasetSpec { height: 16, width: 16, channels: 1, labels: false, masks: false, token_grid: None };
+    let mut w = DatasetWriter::create(path, spec).unwrap();
+    for i in 0..24 {
+        let level = 20 + (i * 67) % 216;
+        let px: Vec<u8> = (0..256).map(|p| (level + 8 * (p % 2)) as u8).collect();
+        w.push(&px, None, None, None).unwrap();
+    }
+    w.finish().unwrap();
+}
+
+#[test]
+fn pixel_target_pretrains_on_a_dataset_learns_and_resumes_bit_identically() {
+    let dir = tempfile::tempdir().unwrap();
+    // TINY's head has 64 outputs; a fresh model for the pixel target gets 4·4·1 = 16.
+    let config = dir.path().join("config.json");
+    std::fs::write(&config, TINY).unwrap();
+    let data = dir.path().join("grey.beitds");
+    write_grey_dataset(&data);
+    let pixels = |out: &Path, resume: bool| {
+        let mut c = pretrain_cmd(&config, out, resume);
+        c.args(["--target", "pixels", "--data"]).arg(&data);
+        c
+    };
+
+    // A short run: no tokenizer or token cache needed, the head adjusted and said so.
+    let out = dir.path().join("short");
+    let run = Command::new(BEIT)
+        .args(["pretrain", "--target", "pixels", "--steps", "3", "--batch", "4", "--json", "--config"])
+        .arg(&config)
+        .arg("--data")
+        .arg(&data)
+        .arg("--out")
+        .arg(&out)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    assert!(run.status.success(), "{stderr}");
+    assert!(stderr.contains("vocab_size 16"), "{stderr}");
+    let lines = json_lines(&run.stdout);
+    assert_eq!(lines.iter().filter(|l| l.get("loss").is_some_and(|v| v.is_f64())).count(), 3);
+    assert_eq!(lines.last().unwrap()["target"], "pixels");
+    let saved: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("model/config.json")).unwrap()).unwrap();
+    assert_eq!(saved["vocab_size"], 16);
+
+    let losses = check_sigkill_then_resume(dir.path(), pixels);
+    let mean = |l: &[f64]| l.iter().sum::<f64>() / l.len() as f64;
+    let (first, last) = (mean(&losses[..6]), mean(&losses[losses.len() - 6..]));
+    eprintln!("pixel losses: first six {first:.4}, last six {last:.4}: {losses:?}");
+    assert!(last < 0.5 * first, "the pixel loss did not fall: {losses:?}");
+
+    // The checkpoint keeps its target: resuming it with another is refused, and so is the
+    // pixel target on the GPU step (before any work: no GPU needed to be told).
+    let straight = dir.path().join("straight");
+    let tokens = pretrain_cmd(&config, &straight, true).args(["--target", "tokens"]).output().unwrap();
+    let stderr = String::from_utf8_lossy(&tokens.stderr);
+    assert!(!tokens.status.success() && stderr.contains("trained with the pixels target"), "{stderr}");
+    let cuda = pixels(&dir.path().join("cuda"), false).args(["--device", "cuda"]).output().unwrap();
+    let stderr = String::from_utf8_lossy(&cuda.stderr);
+    assert!(!cuda.status.success() && stderr.contains("visual-token target only"), "{stderr}");
+    assert!(!dir.path().join("cuda").exists());
 }

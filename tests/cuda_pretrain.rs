@@ -21,7 +21,7 @@
 use beit::backend::cuda::pretrain::{GpuPretrainer, OptimizerSetup, Precision};
 use beit::backend::cuda::probe;
 use beit::data::synthetic::SyntheticMim;
-use beit::model::{DropPath, TrainWorkspace};
+use beit::model::{DropPath, MimTarget, TrainWorkspace};
 use beit::train::adamw::AdamWConfig;
 use beit::train::trainer::{Trainer, TrainerOptions};
 use beit::{Architecture, BeitConfig, Error, Model};
@@ -91,7 +91,8 @@ fn one_step(cfg: &BeitConfig, precision: Precision, drop: bool) -> (Model, OneSt
     let dp = drop.then(|| DropPath { factors: &f });
     let mut ws = TrainWorkspace::new();
     let mut cpu_grads = vec![0.0f32; model.params().data.len()];
-    let cpu_loss = model.mim_forward_backward(&mut ws, &batch.as_batch(), dp, &mut cpu_grads).unwrap();
+    let cpu_loss =
+        model.mim_forward_backward(&mut ws, &batch.as_batch(), MimTarget::VisualTokens, dp, &mut cpu_grads).unwrap();
     let mut g = gpu(&model, precision);
     g.forward_backward(&batch.as_batch(), drop.then_some(&f[..])).unwrap();
     let gpu_loss = g.loss().unwrap();

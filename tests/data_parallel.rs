@@ -1,11 +1,12 @@
 //! The data-parallel pretraining pass (`Model::mim_forward_backward_data_parallel`, what
 //! `Trainer::step` runs with several threads): the same loss and gradients as the whole-batch
 //! pass within float rounding (odd batches, uneven shards, a shard without masked positions,
-//! drop path), bit-identical results for a given thread count, and trainers that stay
+//! drop path; for both MIM targets: the config's head, 16 outputs for 4x4 grey patches, fits
+//! the pixel target too), bit-identical results for a given thread count, and trainers that stay
 //! deterministic and resume bit for bit on it.
 
 use beit::data::synthetic::SyntheticMim;
-use beit::model::{DataParallelWorkspace, DropPath, TrainWorkspace};
+use beit::model::{DataParallelWorkspace, DropPath, MimTarget, TrainWorkspace};
 use beit::train::batch::OwnedMimBatch;
 use beit::train::trainer::{Trainer, TrainerOptions};
 use beit::{Architecture, BeitConfig, Model};
@@ -45,12 +46,15 @@ fn drop_factors(b: usize) -> Vec<f32> {
     (0..LAYERS * 2 * b).map(|i| if i % 5 == 2 { 0.0 } else { 1.25 }).collect()
 }
 
-fn whole_pass(model: &Model, batch: &OwnedMimBatch, factors: &[f32]) -> (f64, Vec<f32>) {
+const TARGETS: [MimTarget; 2] = [MimTarget::VisualTokens, MimTarget::Pixels];
+
+fn whole_pass(model: &Model, batch: &OwnedMimBatch, target: MimTarget, factors: &[f32]) -> (f64, Vec<f32>) {
     let mut grads = vec![0.0f32; model.params().data.len()];
     let drop = Some(DropPath { factors });
-    let loss =
-        in_pool(1, || model.mim_forward_backward(&mut TrainWorkspace::new(), &batch.as_batch(), drop, &mut grads))
-            .unwrap();
+    let loss = in_pool(1, || {
+        model.mim_forward_backward(&mut TrainWorkspace::new(), &batch.as_batch(), target, drop, &mut grads)
+    })
+    .unwrap();
     (loss, grads)
 }
 
@@ -60,13 +64,15 @@ fn split_pass(
     dp: &mut DataParallelWorkspace,
     (threads, shards): (usize, usize),
     batch: &OwnedMimBatch,
+    target: MimTarget,
     factors: &[f32],
 ) -> (f64, Vec<f32>) {
     let mut grads = vec![0.0f32; model.params().data.len()];
     let drop = Some(DropPath { factors });
     let loss =
-        in_pool(threads, || model.mim_forward_backward_data_parallel(dp, &batch.as_batch(), drop, &mut grads)).unwrap();
-    assert_eq!(dp.last_shards(), shards, "{threads} threads, {} images", batch.shape[0]);
+        in_pool(threads, || model.mim_forward_backward_data_parallel(dp, &batch.as_batch(), target, drop, &mut grads))
+            .unwrap();
+    assert_eq!(dp.last_shards(), shards, "{threads} threads, {} images, {target}", batch.shape[0]);
     (loss, grads)
 }
 
@@ -75,12 +81,18 @@ fn split_pass_equals_the_whole_batch_pass() {
     // 5 images over 2 threads (shards of 2 and 3) and 3 threads (1, 2, 2: the first shard has
     // no masked patch); 4 images over 4 threads (one image each); 3 images over 4 threads (3
     // shards, the first with a pool of 2 threads).
-    for (b, threads, shards) in [(5, 2, 2), (5, 3, 3), (4, 4, 4), (3, 4, 3)] {
+    for (target, (b, threads, shards)) in
+        TARGETS.into_iter().flat_map(|t| [(5, 2, 2), (5, 3, 3), (4, 4, 4), (3, 4, 3)].map(|c| (t, c)))
+    {
         let (model, batch) = model_and_batch(b);
         let factors = drop_factors(b);
-        let (want_loss, want) = whole_pass(&model, &batch, &factors);
-        let (loss, got) = split_pass(&model, &mut DataParallelWorkspace::new(), (threads, shards), &batch, &factors);
-        assert!((loss - want_loss).abs() <= 1e-6 * want_loss, "{b} images, {threads} threads: {loss} vs {want_loss}");
+        let (want_loss, want) = whole_pass(&model, &batch, target, &factors);
+        let (loss, got) =
+            split_pass(&model, &mut DataParallelWorkspace::new(), (threads, shards), &batch, target, &factors);
+        assert!(
+            (loss - want_loss).abs() <= 1e-6 * want_loss,
+            "{b} images, {threads} threads, {target}: {loss} vs {want_loss}"
+        );
         let mut without_gradient = Vec::new();
         for spec in &model.params().specs {
             let range = spec.offset..spec.offset + spec.len;
@@ -89,7 +101,7 @@ fn split_pass_equals_the_whole_batch_pass() {
                 got[range.clone()].iter().zip(&want[range]).map(|(&a, &b)| (a - b).abs() as f64).fold(0.0, f64::max);
             assert!(
                 diff <= 1e-5 * norm,
-                "{b} images, {threads} threads: {}: max diff {diff:e}, norm {norm:e}",
+                "{b} images, {threads} threads, {target}: {}: max diff {diff:e}, norm {norm:e}",
                 spec.name
             );
             if norm == 0.0 {
@@ -107,10 +119,11 @@ fn split_pass_adds_into_the_buffer_and_is_deterministic() {
     let (model, batch) = model_and_batch(5);
     let factors = drop_factors(5);
     let mut dp = DataParallelWorkspace::new();
-    let (l1, g1) = split_pass(&model, &mut dp, (2, 2), &batch, &factors);
+    let (l1, g1) = split_pass(&model, &mut dp, (2, 2), &batch, MimTarget::VisualTokens, &factors);
     // Reusing the workers, or fresh ones: the same bits.
-    let (l2, g2) = split_pass(&model, &mut dp, (2, 2), &batch, &factors);
-    let (l3, g3) = split_pass(&model, &mut DataParallelWorkspace::new(), (2, 2), &batch, &factors);
+    let (l2, g2) = split_pass(&model, &mut dp, (2, 2), &batch, MimTarget::VisualTokens, &factors);
+    let (l3, g3) =
+        split_pass(&model, &mut DataParallelWorkspace::new(), (2, 2), &batch, MimTarget::VisualTokens, &factors);
     assert_eq!((l1.to_bits(), l1.to_bits()), (l2.to_bits(), l3.to_bits()));
     let bits = |g: &[f32]| g.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
     assert_eq!(bits(&g1), bits(&g2));
@@ -121,6 +134,7 @@ fn split_pass_adds_into_the_buffer_and_is_deterministic() {
         model.mim_forward_backward_data_parallel(
             &mut dp,
             &batch.as_batch(),
+            MimTarget::VisualTokens,
             Some(DropPath { factors: &factors }),
             &mut g,
         )
@@ -136,10 +150,12 @@ fn one_shard_is_the_whole_batch_pass_bit_for_bit() {
     // One thread: one shard.
     let (model, batch) = model_and_batch(5);
     let factors = drop_factors(5);
-    let (want_loss, want) = whole_pass(&model, &batch, &factors);
-    let (loss, got) = split_pass(&model, &mut DataParallelWorkspace::new(), (1, 1), &batch, &factors);
-    assert_eq!(loss.to_bits(), want_loss.to_bits());
-    assert!(got.iter().zip(&want).all(|(a, b)| a.to_bits() == b.to_bits()));
+    for target in TARGETS {
+        let (want_loss, want) = whole_pass(&model, &batch, target, &factors);
+        let (loss, got) = split_pass(&model, &mut DataParallelWorkspace::new(), (1, 1), &batch, target, &factors);
+        assert_eq!(loss.to_bits(), want_loss.to_bits(), "{target}");
+        assert!(got.iter().zip(&want).all(|(a, b)| a.to_bits() == b.to_bits()), "{target}");
+    }
 
     // A model whose gradient buffer outweighs the batch's activations (a 4096-token head, 2
     // images) stays whole on 2 threads: a second gradient buffer would more than double the
@@ -148,9 +164,10 @@ fn one_shard_is_the_whole_batch_pass_bit_for_bit() {
     let model =
         Model::new_random(BeitConfig::from_json_str(&big_head).unwrap(), Architecture::MaskedImageModeling, 3).unwrap();
     let batch = model_and_batch(2).1;
-    let (want_loss, want) = whole_pass(&model, &batch, &drop_factors(2));
+    let tokens = MimTarget::VisualTokens;
+    let (want_loss, want) = whole_pass(&model, &batch, tokens, &drop_factors(2));
     let mut dp = DataParallelWorkspace::new();
-    let (loss, got) = split_pass(&model, &mut dp, (2, 1), &batch, &drop_factors(2));
+    let (loss, got) = split_pass(&model, &mut dp, (2, 1), &batch, tokens, &drop_factors(2));
     assert_eq!(loss.to_bits(), want_loss.to_bits());
     assert!(got.iter().zip(&want).all(|(a, b)| a.to_bits() == b.to_bits()));
 }
@@ -165,6 +182,7 @@ fn split_pass_refuses_bad_input() {
         model.mim_forward_backward_data_parallel(
             &mut dp,
             &batch.as_batch(),
+            MimTarget::VisualTokens,
             Some(DropPath { factors: &short }),
             &mut grads,
         )
@@ -172,8 +190,10 @@ fn split_pass_refuses_bad_input() {
     .unwrap_err();
     assert!(err.to_string().contains("drop path factors"), "{err}");
     let mut wrong = vec![0.0f32; 7];
-    let err = in_pool(2, || model.mim_forward_backward_data_parallel(&mut dp, &batch.as_batch(), None, &mut wrong))
-        .unwrap_err();
+    let err = in_pool(2, || {
+        model.mim_forward_backward_data_parallel(&mut dp, &batch.as_batch(), MimTarget::VisualTokens, None, &mut wrong)
+    })
+    .unwrap_err();
     assert!(err.to_string().contains("gradient buffer"), "{err}");
     assert!(grads.iter().all(|&g| g == 0.0));
 }

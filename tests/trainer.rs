@@ -237,3 +237,49 @@ fn options_are_validated() {
     .unwrap();
     assert!(Trainer::new(cls, options()).unwrap_err().to_string().contains("BeitForMaskedImageModeling"));
 }
+
+#[test]
+fn the_pixel_target_needs_its_head_width_stays_on_the_cpu_and_travels_with_checkpoints() {
+    use beit::backend::cuda::pretrain::Precision;
+    use beit::model::MimTarget;
+    let pixels = TrainerOptions { mim_target: MimTarget::Pixels, ..options() };
+    // CONFIG's head has 64 outputs; 4x4 grey patches need 16.
+    let err = Trainer::new(Model::new_random(config(), Architecture::MaskedImageModeling, 1).unwrap(), pixels.clone())
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("vocab_size = patch 4x4 x 1 channels = 16") && err.contains("vocab_size 64"), "{err}");
+    let cfg16 = BeitConfig { vocab_size: 16, ..config() };
+    let model = || Model::new_random(cfg16.clone(), Architecture::MaskedImageModeling, 1).unwrap();
+    let mut t = Trainer::new(model(), pixels.clone()).unwrap();
+    // Refused before any GPU work (so without a GPU too), leaving a CPU trainer.
+    let err = t.use_cuda(Precision::Bf16).unwrap_err();
+    assert!(
+        matches!(err, beit::Error::Unsupported(_)) && err.to_string().contains("visual-token target only"),
+        "{err}"
+    );
+    assert_eq!(t.cuda_precision(), None);
+
+    // Labels are not read: a batch without any trains the same as one with them.
+    let batch = data().batch(0, 4);
+    let unlabelled = OwnedMimBatch { labels: Vec::new(), ..batch.clone() };
+    let mut u = Trainer::new(model(), pixels.clone()).unwrap();
+    assert_eq!(
+        t.step(&batch.as_batch()).unwrap().loss.to_bits(),
+        u.step(&unlabelled.as_batch()).unwrap().loss.to_bits()
+    );
+
+    // A checkpoint brings its target: loaded into a token trainer of the same config, the
+    // trainer continues with pixels exactly as the saved one does.
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("pixels.safetensors");
+    t.save_checkpoint(&path).unwrap();
+    let mut tokens = Trainer::new(model(), options()).unwrap();
+    tokens.load_checkpoint(&path).unwrap();
+    assert_eq!(tokens.options().mim_target, MimTarget::Pixels);
+    let mut resumed = Trainer::from_checkpoint(&path).unwrap();
+    let next = data().batch(1, 4);
+    let want = t.step(&next.as_batch()).unwrap().loss.to_bits();
+    assert_eq!(tokens.step(&next.as_batch()).unwrap().loss.to_bits(), want);
+    assert_eq!(resumed.step(&next.as_batch()).unwrap().loss.to_bits(), want);
+    assert_eq!(param_bits(&resumed), param_bits(&t));
+}

@@ -210,6 +210,13 @@ struct PretrainArgs {
     /// Data: `synthetic`, or a dataset file (`.beitds`) read through the augmenting loader.
     #[arg(long, default_value = "synthetic")]
     data: String,
+    /// What the masked patches are trained to predict: `tokens` (BEiT's visual tokens, the
+    /// default) or `pixels` (regress each masked patch's normalised input pixels with mean
+    /// squared error: the paper's "−visual tokens" ablation; needs no tokenizer or token cache,
+    /// and a fresh model's head gets vocab_size = patch·patch·channels). With --resume the
+    /// checkpoint's target continues; naming another one is an error. CPU only.
+    #[arg(long)]
+    target: Option<beit::model::MimTarget>,
     /// Where a dataset's MIM targets come from: `cached` (the file's token cache, made by
     /// `beit tokenize`, of whole images: the model then sees whole, unflipped images too, no
     /// crop augmentation), `augmented` (the --tokenizer run on every batch's augmented view), or
@@ -581,7 +588,13 @@ enum PretrainData {
 /// The batches of `beit pretrain --data`: the synthetic task, or a dataset file through the
 /// loader with BEiT's augmentation (view 1 at the model's resolution; view 2 at the
 /// tokenizer's, or half the model's without one) and cached or on-the-fly tokens.
-fn pretrain_data(a: &PretrainArgs, cfg: &beit::BeitConfig, masked: usize, seed: u64) -> beit::Result<PretrainData> {
+fn pretrain_data(
+    a: &PretrainArgs,
+    cfg: &beit::BeitConfig,
+    masked: usize,
+    seed: u64,
+    target: beit::model::MimTarget,
+) -> beit::Result<PretrainData> {
     use beit::data::loader::LoaderConfig;
     use beit::data::mim_source::{DatasetMim, TokenSource};
     if a.data == "synthetic" {
@@ -593,8 +606,14 @@ fn pretrain_data(a: &PretrainArgs, cfg: &beit::BeitConfig, masked: usize, seed: 
         return Ok(PretrainData::Synthetic(beit::data::synthetic::SyntheticMim::for_config(cfg, masked, seed)));
     }
     let ds = std::sync::Arc::new(beit::data::dataset::Dataset::open(std::path::Path::new(&a.data))?);
+    if target == beit::model::MimTarget::Pixels && (a.tokenizer.is_some() || a.tokens != "auto") {
+        return Err(beit::Error::InvalidArgument(
+            "--tokens and --tokenizer choose visual tokens; the pixel target (--target pixels) uses none".into(),
+        ));
+    }
     let tokenizer = a.tokenizer.as_deref().map(beit::dvae::Dvae::load).transpose()?.map(std::sync::Arc::new);
     let source = match (a.tokens.as_str(), tokenizer) {
+        _ if target == beit::model::MimTarget::Pixels => TokenSource::Pixels,
         ("cached", _) => TokenSource::Cached,
         ("augmented", Some(t)) => TokenSource::Augmented(t),
         ("auto", _) if ds.header().has_tokens() => TokenSource::Cached,
@@ -627,21 +646,39 @@ fn pretrain_data(a: &PretrainArgs, cfg: &beit::BeitConfig, masked: usize, seed: 
 
 fn pretrain(a: PretrainArgs) -> beit::Result<()> {
     use beit::train::trainer::{Trainer, TrainerOptions};
-    let ctx = Context::new(&ContextOptions { device: a.device.parse()?, threads: a.threads })?;
+    let device: Device = a.device.parse()?;
+    if let (Device::Cuda, Some(target)) = (device, a.target) {
+        beit::backend::cuda::pretrain::GpuPretrainer::check_target(target)?;
+    }
+    let ctx = Context::new(&ContextOptions { device, threads: a.threads })?;
     let precision: beit::backend::cuda::pretrain::Precision = a.precision.parse()?;
     std::fs::create_dir_all(&a.out).map_err(|e| beit::Error::Io(format!("cannot create {}: {e}", a.out.display())))?;
     let checkpoint = a.out.join("checkpoint.safetensors");
     let mut trainer = if a.resume && checkpoint.is_file() {
         let t = Trainer::from_checkpoint(&checkpoint)?;
-        eprintln!("beit pretrain: resuming from {} at step {}", checkpoint.display(), t.step_count());
+        let target = t.options().mim_target;
+        if a.target.is_some_and(|asked| asked != target) {
+            return Err(beit::Error::InvalidArgument(format!(
+                "{} was trained with the {target} target; it cannot resume with --target {}",
+                checkpoint.display(),
+                a.target.unwrap_or_default()
+            )));
+        }
+        eprintln!("beit pretrain: resuming from {} at step {} ({target} target)", checkpoint.display(), t.step_count());
         t
     } else {
+        let target = a.target.unwrap_or_default();
         let model = match &a.model {
             Some(dir) => Model::load(dir)?,
             None => {
                 let mut cfg = config_from(&a.config)?;
-                if let Some(v) = a.vocab_size {
-                    cfg.vocab_size = v;
+                match (a.vocab_size, target.required_vocab_size(&cfg)) {
+                    (Some(v), _) => cfg.vocab_size = v,
+                    (None, Some(v)) => {
+                        eprintln!("beit pretrain: the {target} target predicts {v} values per patch: vocab_size {v}");
+                        cfg.vocab_size = v;
+                    }
+                    (None, None) => {}
                 }
                 Model::new_random(cfg, beit::Architecture::MaskedImageModeling, a.seed)?
             }
@@ -655,6 +692,7 @@ fn pretrain(a: PretrainArgs) -> beit::Result<()> {
             clip_grad_norm: a.clip,
             drop_path_rate: a.drop_path,
             seed: a.seed,
+            mim_target: target,
             ..TrainerOptions::default()
         };
         Trainer::new(model, options)?
@@ -667,7 +705,8 @@ fn pretrain(a: PretrainArgs) -> beit::Result<()> {
     let cfg = trainer.model().config().clone();
     let (gh, gw) = cfg.native_grid();
     let masked = a.masked.unwrap_or(((gh * gw) as f64 * 75.0 / 196.0).round() as usize);
-    let mut data = pretrain_data(&a, &cfg, masked, trainer.options().seed)?;
+    let target = trainer.options().mim_target;
+    let mut data = pretrain_data(&a, &cfg, masked, trainer.options().seed, target)?;
     let start = std::time::Instant::now();
     let first_step = trainer.step_count();
     let mut progress = progress::Progress::new("beit pretrain", first_step, a.steps);
@@ -700,7 +739,7 @@ fn pretrain(a: PretrainArgs) -> beit::Result<()> {
     let steps_run = trainer.step_count() - first_step;
     let seconds = start.elapsed().as_secs_f64();
     print_json(serde_json::json!({"command": "pretrain", "steps": trainer.step_count(), "steps_run": steps_run,
-        "final_loss": last_loss, "seconds": seconds,
+        "target": target.name(), "final_loss": last_loss, "seconds": seconds,
         "images_per_s": (steps_run as f64 * a.batch as f64) / seconds.max(1e-9),
         "threads": ctx.threads(), "device": format!("{:?}", ctx.device()).to_lowercase(),
         "checkpoint": checkpoint.display().to_string(),

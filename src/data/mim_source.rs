@@ -1,7 +1,8 @@
 //! Pretraining batches from a dataset file: the loader's augmented views and masks, with the
 //! visual-token targets taken either from the dataset's token cache (fast: tokens of the
 //! un-augmented image, computed once by `beit tokenize`) or from the tokenizer run on each
-//! batch's view 2 (faithful: BEiT's tokens of the augmented view).
+//! batch's view 2 (faithful: BEiT's tokens of the augmented view), or no tokens at all for the
+//! pixel-regression target (`MimTarget::Pixels`: the model regresses view 1's own pixels).
 //!
 //! Batches are addressed by a global position (the trainer's data position): epoch =
 //! position / batches per epoch, so a resumed run continues with exactly the batches an
@@ -22,6 +23,8 @@ pub enum TokenSource {
     Cached,
     /// The tokenizer applied to every batch's view 2.
     Augmented(Arc<Dvae>),
+    /// No visual tokens: the pixel target is view 1 itself, so batches carry no labels (empty).
+    Pixels,
 }
 
 pub struct DatasetMim {
@@ -93,6 +96,7 @@ impl DatasetMim {
                     h.channels
                 );
             }
+            TokenSource::Pixels => {}
         }
         let loader = Loader::new(dataset, config)?;
         ensure!(loader.num_batches() > 0, InvalidArgument, "the dataset holds fewer images than one batch");
@@ -118,6 +122,7 @@ impl DatasetMim {
         let labels: Vec<i64> = match &self.tokens {
             TokenSource::Cached => data.tokens.expect("checked: the dataset has tokens"),
             TokenSource::Augmented(dvae) => dvae.tokenize(&data.view2)?.into_iter().map(i64::from).collect(),
+            TokenSource::Pixels => Vec::new(),
         };
         Ok(OwnedMimBatch {
             shape: [data.indices.len(), data.channels, data.image_size.0, data.image_size.1],

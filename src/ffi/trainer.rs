@@ -11,7 +11,7 @@ use super::status::{
     beit_status, check_struct_size, guard, guard_infallible, non_null, non_null_mut, utf8_arg, FfiError, FfiResult,
 };
 use crate::context::Context;
-use crate::model::{Architecture, BeitConfig, MimBatch, Model};
+use crate::model::{Architecture, BeitConfig, MimBatch, MimTarget, Model};
 use crate::tensor::checked_numel;
 use crate::train::trainer::{StepStats, Trainer, TrainerOptions, WeightDecayOn};
 
@@ -248,6 +248,9 @@ impl beit_trainer_options {
             layer_decay: self.layer_decay,
             weight_decay_on: self.weight_decay_on.to_weight_decay_on()?,
             seed: self.seed,
+            // The C options have no target field: BEiT's visual tokens (a checkpoint loaded
+            // with `beit_trainer_load_checkpoint` brings its own).
+            mim_target: MimTarget::VisualTokens,
         })
     }
 }

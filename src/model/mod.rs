@@ -10,6 +10,7 @@ mod data_parallel;
 mod forward;
 pub mod init;
 pub mod io;
+mod mim_target;
 pub mod params;
 pub mod relpos;
 mod resolution;
@@ -24,6 +25,7 @@ pub use classify::ClassifyBatch;
 pub use config::{Architecture, BeitConfig};
 pub use data_parallel::DataParallelWorkspace;
 pub use forward::{ImageBatch, OutputBuffers, OutputShapes, Outputs};
+pub use mim_target::MimTarget;
 pub use training::{DropPath, MimBatch, TrainWorkspace};
 
 use crate::error::{Error, Result};

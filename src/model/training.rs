@@ -17,7 +17,9 @@
 //!
 //! The MIM head runs on the masked positions only: their rows are gathered (in `[batch, patch]`
 //! order, as `logits[bool_masked_pos]` orders them), normalised and projected; the loss is the
-//! mean cross-entropy over all masked positions of the batch, fused with its logit gradient.
+//! mean over all masked positions of the batch of the [`MimTarget`]'s per-patch loss
+//! (cross-entropy against the visual token, or the mean squared error against the patch's
+//! pixels), fused with its output gradient.
 
 use std::ops::Range;
 
@@ -32,6 +34,7 @@ use crate::backend::cpu::cross_entropy::cross_entropy_fused_part;
 use crate::backend::cpu::elementwise::{bias_gelu_saving_grad, residual_add_into, RowFactors};
 use crate::backend::cpu::gemm::linear;
 use crate::backend::cpu::layernorm::layernorm;
+use crate::backend::cpu::mean_squared_error::mse_fused_part;
 use crate::error::Result;
 use crate::tensor::checked_numel;
 
@@ -39,14 +42,14 @@ use super::arena::{Arena, ArenaPlan, Slot};
 use super::config::Architecture;
 use super::params::{Affine, BlockParams, HeadParams, ParamId, ParamStore};
 use super::relpos;
-use super::{DataParallelWorkspace, ImageBatch, Model};
+use super::{DataParallelWorkspace, ImageBatch, MimTarget, Model};
 
 /// Masked rows per block of the MIM head (logits of one block: rows × vocab floats, 8 MB for
 /// BEiT's 8192 tokens, so they stay in cache from the GEMM through the loss to the backward).
 const HEAD_BLOCK_ROWS: usize = 256;
 
 /// One pretraining batch as the host supplies it: pixels, the masked positions, and the visual
-/// token of every patch (only the masked ones count).
+/// token of every patch (only the masked ones count; not read for the pixel target).
 #[derive(Debug, Clone, Copy)]
 pub struct MimBatch<'a> {
     /// `[batch, channels, height, width]`, f32.
@@ -58,6 +61,7 @@ pub struct MimBatch<'a> {
     /// `[batch, patches]`, 0 or 1.
     pub bool_masked_pos: &'a [u8],
     /// `[batch, patches]`, visual token ids in `[0, vocab_size)` where masked (others ignored).
+    /// Not read for [`MimTarget::Pixels`], and may then be empty.
     pub labels: &'a [i64],
 }
 
@@ -87,7 +91,8 @@ impl<'a> MimBatch<'a> {
             pixels: &self.pixels[a * pixels_each..b * pixels_each],
             batch: b - a,
             bool_masked_pos: &self.bool_masked_pos[a * patches_each..b * patches_each],
-            labels: &self.labels[a * patches_each..b * patches_each],
+            // Checked to hold every patch for the token target; the pixel target reads none.
+            labels: self.labels.get(a * patches_each..b * patches_each).unwrap_or(&[]),
             ..*self
         }
     }
@@ -162,6 +167,8 @@ pub struct TrainWorkspace {
     pub(super) logits: Vec<f32>,
     masked_rows: Vec<usize>,
     masked_labels: Vec<usize>,
+    /// The pixel target's rows: each masked patch's input pixels, `[masked, P·P·C]`.
+    masked_pixels: Vec<f32>,
 }
 
 impl TrainWorkspace {
@@ -224,15 +231,21 @@ impl Model {
         Ok(())
     }
 
-    /// Checks a pretraining batch; every problem is a readable error and nothing is computed.
-    pub fn check_mim_batch(&self, batch: &MimBatch<'_>) -> Result<()> {
+    /// Checks a pretraining batch for `target` (and that this model's head fits the target);
+    /// every problem is a readable error and nothing is computed.
+    pub fn check_mim_batch(&self, batch: &MimBatch<'_>, target: MimTarget) -> Result<()> {
         ensure!(
             self.arch == Architecture::MaskedImageModeling,
             InvalidArgument,
             "pretraining needs a BeitForMaskedImageModeling model; this one is {}",
             self.arch.hf_name()
         );
+        target.check_config(&self.config)?;
         self.check_train_images(&batch.images())?;
+        ensure!(batch.masked_count() > 0, InvalidArgument, "bool_masked_pos masks no patch: the MIM loss is undefined");
+        if target == MimTarget::Pixels {
+            return Ok(()); // the labels are not read
+        }
         let grid = self.config.native_grid();
         let n = grid.0 * grid.1;
         ensure!(
@@ -253,7 +266,6 @@ impl Model {
                 i / n
             );
         }
-        ensure!(batch.masked_count() > 0, InvalidArgument, "bool_masked_pos masks no patch: the MIM loss is undefined");
         Ok(())
     }
 
@@ -384,19 +396,21 @@ impl Model {
         self.embeddings_backward(arena, plan, images.bool_masked_pos, dims, grads);
     }
 
-    /// Runs the MIM forward and backward on `batch`, ADDS the gradient of the loss to `grads`
-    /// (laid out like the parameters), and returns the loss (mean cross-entropy over all masked
-    /// positions). `drop_path` applies stochastic depth; `None` is the deterministic model.
+    /// Runs the MIM forward and backward on `batch` for `target`, ADDS the gradient of the loss
+    /// to `grads` (laid out like the parameters), and returns the loss (the mean over all masked
+    /// positions of the target's per-patch loss, see [`MimTarget`]). `drop_path` applies
+    /// stochastic depth; `None` is the deterministic model.
     pub fn mim_forward_backward(
         &self,
         ws: &mut TrainWorkspace,
         batch: &MimBatch<'_>,
+        target: MimTarget,
         drop_path: Option<DropPath<'_>>,
         grads: &mut [f32],
     ) -> Result<f64> {
-        self.check_mim_batch(batch)?;
+        self.check_mim_batch(batch, target)?;
         let masked = batch.masked_count();
-        Ok(self.mim_loss_sum(ws, batch, drop_path, masked, grads)? / masked as f64)
+        Ok(self.mim_loss_sum(ws, batch, target, drop_path, masked, grads)? / masked as f64)
     }
 
     /// [`Model::mim_forward_backward`] split data-parallel over the threads of the current
@@ -407,21 +421,22 @@ impl Model {
         &self,
         dp: &mut DataParallelWorkspace,
         batch: &MimBatch<'_>,
+        target: MimTarget,
         drop_path: Option<DropPath<'_>>,
         grads: &mut [f32],
     ) -> Result<f64> {
-        self.check_mim_batch(batch)?;
+        self.check_mim_batch(batch, target)?;
         let masked = batch.masked_count();
         let loss_sum = self.data_parallel_pass(dp, &batch.images(), drop_path, grads, |ws, images, drop, grads| {
-            self.mim_loss_sum(ws, &batch.shard(images), drop, masked, grads)
+            self.mim_loss_sum(ws, &batch.shard(images), target, drop, masked, grads)
         })?;
         Ok(loss_sum / masked as f64)
     }
 
-    /// The MIM pass over `batch`, part of a larger batch with `total_masked` masked positions
-    /// in all (the loss is their mean, so this part's logit gradients are scaled by
+    /// The MIM pass over `batch` for `target`, part of a larger batch with `total_masked` masked
+    /// positions in all (the loss is their mean, so this part's output gradients are scaled by
     /// 1/`total_masked`): ADDS this part's gradient to `grads` and returns the sum of its
-    /// masked positions' cross-entropies. For the whole batch (`total_masked` =
+    /// masked positions' losses. For the whole batch (`total_masked` =
     /// `batch.masked_count()`) it is [`Model::mim_forward_backward`] before the division; for a
     /// data-parallel shard the shards' sums add up to the whole batch's. `batch` is checked by
     /// the caller; a part without masked positions adds nothing and returns 0.
@@ -429,6 +444,7 @@ impl Model {
         &self,
         ws: &mut TrainWorkspace,
         batch: &MimBatch<'_>,
+        target: MimTarget,
         drop_path: Option<DropPath<'_>>,
         total_masked: usize,
         grads: &mut [f32],
@@ -439,20 +455,26 @@ impl Model {
             // No loss term reaches this part: every gradient it would add is zero.
             return Ok(0.0);
         }
-        let TrainWorkspace { planned, logits, masked_rows, masked_labels } = ws;
+        let TrainWorkspace { planned, logits, masked_rows, masked_labels, masked_pixels } = ws;
         let planned = planned.as_mut().expect("planned above");
         let factors = drop_path.map(|dp| dp.factors);
         let (dims, hidden) = self.backbone_forward_train(planned, &images, factors);
         let (plan, arena, _) = &mut *planned;
 
-        // MIM head on the masked rows, loss and logit gradient fused.
+        // MIM head on the masked rows, loss and output gradient fused. The targets: the masked
+        // patches' labels, or their rows of the forward's im2col patches (the input pixels in
+        // (channel, row, column) order, taken before the mask token replaced the patch).
         let n = dims.t - 1;
+        let v = self.config.vocab_size;
         masked_rows.clear();
         masked_labels.clear();
-        for (i, (&m, &label)) in batch.bool_masked_pos.iter().zip(batch.labels).enumerate() {
-            if m == 1 {
-                masked_rows.push((i / n) * dims.t + 1 + i % n);
-                masked_labels.push(label as usize);
+        masked_pixels.clear();
+        let patches = arena.get(plan.patches);
+        for (i, _) in batch.bool_masked_pos.iter().enumerate().filter(|&(_, &m)| m == 1) {
+            masked_rows.push((i / n) * dims.t + 1 + i % n);
+            match target {
+                MimTarget::VisualTokens => masked_labels.push(batch.labels[i] as usize),
+                MimTarget::Pixels => masked_pixels.extend_from_slice(&patches[i * v..(i + 1) * v]),
             }
         }
         let m = masked_rows.len();
@@ -460,7 +482,6 @@ impl Model {
             HeadParams::MaskedImageModeling { layernorm, lm_head } => (*layernorm, *lm_head),
             _ => unreachable!("checked: a MIM model"),
         };
-        let v = self.config.vocab_size;
         let block = HEAD_BLOCK_ROWS.min(m);
         logits.resize(block * v, 0.0);
         let d = dims.d;
@@ -474,15 +495,22 @@ impl Model {
             }
             let p = &self.params;
             layernorm(head_normed, gathered, p.get(head_ln.weight), p.get(head_ln.bias), d, dims.eps);
-            // Logits, loss, logit gradient and the head's backward, a block of rows at a time:
-            // the block's logits stay in cache between the four passes over them.
+            // Outputs, loss, output gradient and the head's backward, a block of rows at a time:
+            // the block's outputs stay in cache between the four passes over them.
             let dnormed_rows = &mut dnormed_rows[..m * d];
             for start in (0..m).step_by(block) {
                 let r = block.min(m - start);
                 let rows = &head_normed[start * d..(start + r) * d];
                 let lg = &mut logits[..r * v];
                 linear(lg, rows, p.get(lm_head.weight), Some(p.get(lm_head.bias)), r, d, v);
-                loss_sum += cross_entropy_fused_part(lg, &masked_labels[start..start + r], v, total_masked);
+                loss_sum += match target {
+                    MimTarget::VisualTokens => {
+                        cross_entropy_fused_part(lg, &masked_labels[start..start + r], v, total_masked)
+                    }
+                    MimTarget::Pixels => {
+                        mse_fused_part(lg, &masked_pixels[start * v..(start + r) * v], v, total_masked)
+                    }
+                };
                 let (dw, db) = grads_pair(&self.params, grads, lm_head);
                 let dx = &mut dnormed_rows[start * d..(start + r) * d];
                 linear_backward(Some(dx), dw, Some(db), lg, rows, p.get(lm_head.weight), r, d, v);

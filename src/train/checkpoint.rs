@@ -19,6 +19,7 @@ use std::path::Path;
 use safetensors::tensor::Dtype;
 use serde::{Deserialize, Serialize};
 
+use crate::backend::cuda::pretrain::GpuPretrainer;
 use crate::error::{Error, Result};
 use crate::model::io::{f32_tensors_bytes_with_metadata, tensor_to_f32, write_atomic, SafetensorsFile};
 use crate::model::{Architecture, BeitConfig, Model};
@@ -257,6 +258,13 @@ pub fn load_into(trainer: &mut Trainer, path: &Path) -> Result<()> {
     );
     let loaded = parse(path, &trainer.model)?;
     loaded.options.validate()?;
+    if arch == Architecture::MaskedImageModeling {
+        // The checkpoint's MIM target comes with it; the head and the step's device must fit it.
+        loaded.options.mim_target.check_config(&config)?;
+        if trainer.cuda_precision().is_some() {
+            GpuPretrainer::check_target(loaded.options.mim_target)?;
+        }
+    }
     apply(trainer, loaded);
     trainer.reload_gpu()
 }

@@ -1,6 +1,7 @@
 //! The trainer: one object that owns a model, its AdamW state, the gradient buffer, the training
 //! workspace and the random state, and turns host-supplied batches into optimizer steps:
-//! pretraining batches (pixels + mask + visual tokens, [`Trainer::step`]) for a
+//! pretraining batches (pixels + mask + visual tokens, or the pixels themselves as the target:
+//! [`TrainerOptions::mim_target`], [`Trainer::step`]) for a
 //! `BeitForMaskedImageModeling`, labelled images ([`Trainer::step_classify`]) for a
 //! `BeitForImageClassification`. Both share the optimizer, schedule, clipping, layer-wise lr
 //! decay, stochastic depth and checkpoints. Checkpoints
@@ -23,7 +24,7 @@ use crate::backend::cuda::pretrain::{GpuPretrainer, OptimizerSetup, Precision};
 use crate::context::{Context, Device};
 use crate::error::Result;
 use crate::model::{
-    check_label_smoothing, Architecture, ClassifyBatch, DataParallelWorkspace, DropPath, MimBatch, Model,
+    check_label_smoothing, Architecture, ClassifyBatch, DataParallelWorkspace, DropPath, MimBatch, MimTarget, Model,
 };
 
 use super::adamw::{AdamW, AdamWConfig};
@@ -60,6 +61,10 @@ pub struct TrainerOptions {
     pub weight_decay_on: WeightDecayOn,
     /// Seeds the trainer's random state (stochastic depth).
     pub seed: u64,
+    /// What pretraining predicts for the masked patches: BEiT's visual tokens, or their pixels
+    /// (the ablation; needs `vocab_size` = P·P·C). Stored in checkpoints, so a resumed run keeps
+    /// its target. Fine-tuning ignores it.
+    pub mim_target: MimTarget,
 }
 
 /// The parameters weight decay applies to.
@@ -89,6 +94,7 @@ impl Default for TrainerOptions {
             layer_decay: 1.0,
             weight_decay_on: WeightDecayOn::Beit,
             seed: 0,
+            mim_target: MimTarget::VisualTokens,
         }
     }
 }
@@ -194,8 +200,9 @@ fn layer_decay_scales(model: &Model, options: &TrainerOptions) -> Option<Vec<f32
 pub struct StepStats {
     /// Steps completed, this one included.
     pub step: u64,
-    /// The loss before the update: mean cross-entropy over the masked positions (pretraining)
-    /// or over the images (classification, label-smoothed).
+    /// The loss before the update: the mean over the masked positions of the MIM target's loss
+    /// (cross-entropy, or the pixels' mean squared error) in pretraining, mean cross-entropy over
+    /// the images (label-smoothed) in classification.
     pub loss: f64,
     /// Learning rate applied (before layer decay).
     pub lr: f64,
@@ -242,8 +249,8 @@ impl std::fmt::Debug for Trainer {
 }
 
 impl Trainer {
-    /// A pretraining trainer for `model` (a `BeitForMaskedImageModeling`) at step 0; its steps
-    /// are [`Trainer::step`].
+    /// A pretraining trainer for `model` (a `BeitForMaskedImageModeling` whose head fits
+    /// `options.mim_target`) at step 0; its steps are [`Trainer::step`].
     pub fn new(model: Model, options: TrainerOptions) -> Result<Self> {
         ensure!(
             model.architecture() == Architecture::MaskedImageModeling,
@@ -251,6 +258,7 @@ impl Trainer {
             "the pretraining trainer needs a BeitForMaskedImageModeling model; this one is {}",
             model.architecture().hf_name()
         );
+        options.mim_target.check_config(model.config())?;
         Self::for_model(model, options)
     }
 
@@ -311,6 +319,7 @@ impl Trainer {
             "only pretraining runs on the CUDA backend; this trainer trains a {}",
             self.model.architecture().hf_name()
         );
+        GpuPretrainer::check_target(self.options.mim_target)?;
         let (decay_mask, trained) = decay_setup(&self.model, &self.options);
         let mut gpu = GpuPretrainer::new(
             &self.model,
@@ -474,12 +483,13 @@ impl Trainer {
     /// One pretraining step on `batch`: forward, backward, clipping, AdamW at the scheduled lr.
     /// On error nothing changes (parameters, optimizer state, step, random state).
     pub fn step(&mut self, batch: &MimBatch<'_>) -> Result<StepStats> {
-        self.model.check_mim_batch(batch)?;
+        let target = self.options.mim_target;
+        self.model.check_mim_batch(batch, target)?;
         if self.gpu.is_some() {
             return self.step_gpu(batch);
         }
         self.step_with(batch.batch, batch.masked_count(), |model, ws, drop, grads| {
-            model.mim_forward_backward_data_parallel(ws, batch, drop, grads)
+            model.mim_forward_backward_data_parallel(ws, batch, target, drop, grads)
         })
     }
 

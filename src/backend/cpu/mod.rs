@@ -15,6 +15,7 @@ pub mod gemm;
 pub mod interp;
 pub mod layernorm;
 pub mod math;
+pub mod mean_squared_error;
 pub mod pool;
 pub mod resize;
 

@@ -56,7 +56,7 @@ use super::sums::column_sums_scratch_len;
 use crate::backend::cpu::backward::DxMode;
 use crate::error::Result;
 use crate::model::params::{Affine, BlockParams, HeadParams, Layout, ParamId, ParamStore};
-use crate::model::{relpos, Architecture, MimBatch, Model};
+use crate::model::{relpos, Architecture, MimBatch, MimTarget, Model};
 use crate::train::adamw::{AdamW, AdamWConfig};
 
 const FILE: &str = "pretrain.cu";
@@ -365,6 +365,18 @@ macro_rules! dispatch {
 }
 
 impl GpuPretrainer {
+    /// Whether this step can train `target`: it predicts visual tokens only (the pixel target
+    /// runs on the CPU). Callers check before any work (no GPU needed to ask).
+    pub fn check_target(target: MimTarget) -> Result<()> {
+        ensure!(
+            target == MimTarget::VisualTokens,
+            Unsupported,
+            "the CUDA pretraining step supports the visual-token target only; the {target} target runs on the \
+             CPU (--device cpu)"
+        );
+        Ok(())
+    }
+
     /// Uploads `model` (a MIM model at its configured image size) and fresh or given optimizer
     /// state. Fails with `Unsupported` when CUDA is not usable or the model has a shape the
     /// kernels do not cover (head dim other than 32/64).

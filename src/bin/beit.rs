@@ -640,6 +640,8 @@ fn pretrain_data(
         TokenSource::Augmented(t) => config.tokenizer_size = (t.config.image_size, t.config.image_size),
         // Cached tokens are of whole images, so view 1 must be the whole image too.
         TokenSource::Cached => config = config.whole_images(),
+        // The targets are view 1's own patches: BEiT's crops and flips apply as for tokens.
+        TokenSource::Pixels => {}
     }
     Ok(PretrainData::Dataset(DatasetMim::new(ds, config, source)?))
 }

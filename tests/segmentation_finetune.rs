@@ -103,6 +103,17 @@ fn finetune_learns_synthetic_masks() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
+/// `beit segment finetune` from the config at `cfg` on `data`, written to `out`, with `extra`
+/// arguments after the common ones.
+fn segment_finetune(cfg: &Path, data: &Path, out: &Path, extra: &[&str]) -> std::process::Output {
+    Command::new(BEIT)
+        .args(["segment", "finetune", "--config", cfg.to_str().unwrap(), "--data", data.to_str().unwrap()])
+        .args(["--out", out.to_str().unwrap()])
+        .args(extra)
+        .output()
+        .unwrap()
+}
+
 /// `--label-fraction` trains on a seeded part of the train split; the test split is unchanged.
 #[test]
 fn cli_label_fraction_trains_on_part_of_the_train_split() {
@@ -112,13 +123,8 @@ fn cli_label_fraction_trains_on_part_of_the_train_split() {
     let cfg_path = dir.join("config.json");
     std::fs::write(&cfg_path, tiny_config().to_json_string()).unwrap();
     let run = |fraction: &str, out: &str| {
-        let out = dir.join(out);
-        let run = Command::new(BEIT)
-            .args(["segment", "finetune", "--config", cfg_path.to_str().unwrap(), "--data", path.to_str().unwrap()])
-            .args(["--out", out.to_str().unwrap(), "--epochs", "1", "--batch-size", "4", "--threads", "2"])
-            .args(["--label-fraction", fraction])
-            .output()
-            .unwrap();
+        let args = ["--epochs", "1", "--batch-size", "4", "--threads", "2", "--label-fraction", fraction];
+        let run = segment_finetune(&cfg_path, &path, &dir.join(out), &args);
         assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
         serde_json::from_slice::<serde_json::Value>(&run.stdout).unwrap()
     };
@@ -128,11 +134,7 @@ fn cli_label_fraction_trains_on_part_of_the_train_split() {
     assert_eq!(report["test_samples"], 8);
     assert_eq!(report["steps"], 2);
     assert_eq!(report["losses"].as_array().unwrap().len(), 2);
-    let bad = Command::new(BEIT)
-        .args(["segment", "finetune", "--config", cfg_path.to_str().unwrap(), "--data", path.to_str().unwrap()])
-        .args(["--out", dir.join("bad").to_str().unwrap(), "--label-fraction", "0"])
-        .output()
-        .unwrap();
+    let bad = segment_finetune(&cfg_path, &path, &dir.join("bad"), &["--label-fraction", "0"]);
     assert!(!bad.status.success());
     assert!(
         String::from_utf8_lossy(&bad.stderr).contains("label fraction"),
@@ -149,11 +151,7 @@ fn cli_finetune_eval_and_infer() {
     let cfg_path = dir.join("config.json");
     std::fs::write(&cfg_path, tiny_config().to_json_string()).unwrap();
     let out = dir.join("model");
-    let run = Command::new(BEIT)
-        .args(["segment", "finetune", "--config", cfg_path.to_str().unwrap(), "--data", path.to_str().unwrap()])
-        .args(["--out", out.to_str().unwrap(), "--epochs", "1", "--batch-size", "4", "--threads", "2"])
-        .output()
-        .unwrap();
+    let run = segment_finetune(&cfg_path, &path, &out, &["--epochs", "1", "--batch-size", "4", "--threads", "2"]);
     assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
     let report: serde_json::Value = serde_json::from_slice(&run.stdout).unwrap();
     assert_eq!(report["steps"], 8, "{report}");

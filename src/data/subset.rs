@@ -83,17 +83,12 @@ pub fn write_combined(out: &Path, parts: &[(&Dataset, &[usize])]) -> Result<Comb
     if total == 0 {
         return Err(Error::InvalidArgument("the selection is empty: no sample to write".into()));
     }
-    let any = |has: fn(&DatasetHeader) -> bool| parts.iter().any(|(d, _)| has(d.header()));
-    let mut dropped_sections = Vec::new();
-    for (name, kept, has) in [
-        ("labels", spec.labels, DatasetHeader::has_labels as fn(&DatasetHeader) -> bool),
-        ("masks", spec.masks, DatasetHeader::has_masks),
-        ("tokens", spec.token_grid.is_some(), DatasetHeader::has_tokens),
-    ] {
-        if !kept && any(has) {
-            dropped_sections.push(name);
-        }
-    }
+    // Dropped: an optional section some input has that the output does not keep.
+    let dropped_sections = [("labels", spec.labels), ("masks", spec.masks), ("tokens", spec.token_grid.is_some())]
+        .into_iter()
+        .filter(|&(name, kept)| !kept && parts.iter().any(|(d, _)| d.header().section_names().contains(&name)))
+        .map(|(name, _)| name)
+        .collect();
     let mut writer = DatasetWriter::create(out, spec)?;
     for (d, indices) in parts {
         for &i in indices.iter() {

@@ -117,6 +117,12 @@ enum beit_status
      * high); the step was not applied and the trainer is unchanged.
      */
     BEIT_ERR_NUMERICAL = 9,
+    /**
+     * The handle is in use by a call on another thread (e.g. two `beit_trainer_step` calls on
+     * one trainer at once); nothing was done. Handles documented as "one thread at a time"
+     * refuse concurrent use with this status instead of corrupting themselves.
+     */
+    BEIT_ERR_BUSY = 10,
 };
 #ifndef __cplusplus
 #if __STDC_VERSION__ >= 202311L

@@ -1,8 +1,11 @@
-//! The execution context: which device, how many threads. Every pass runs inside the context's
-//! own rayon pool, so a host's thread count setting is exact and independent of other libraries.
+//! The execution context: which device, how many threads, how much memory one object may need.
+//! Every pass runs inside the context's own rayon pool, so a host's thread count setting is exact
+//! and independent of other libraries, and under the context's memory budget
+//! ([`crate::resources`]).
 
 use crate::backend::cuda::{probe, CudaDevice};
 use crate::error::{Error, Result};
+use crate::resources::{self, MemoryBudget};
 
 /// Where work runs. `Cuda` runs pretraining on the GPU and makes the passes that only run on
 /// the CPU an `Unsupported` error (never a silent fallback); `Auto` picks the CPU, where every
@@ -31,11 +34,15 @@ pub struct ContextOptions {
     pub device: Device,
     /// Worker threads; 0 means one per available core.
     pub threads: usize,
+    /// How much memory one model, trainer, pass, loader or tokenizer planned on this context may
+    /// need; `None` keeps the budget of the code that calls [`Context::run`] (by default the
+    /// memory available to the process, [`MemoryBudget::Available`]).
+    pub memory_budget: Option<MemoryBudget>,
 }
 
 impl Default for ContextOptions {
     fn default() -> Self {
-        ContextOptions { device: Device::Auto, threads: 0 }
+        ContextOptions { device: Device::Auto, threads: 0, memory_budget: None }
     }
 }
 
@@ -43,6 +50,7 @@ pub struct Context {
     pool: rayon::ThreadPool,
     device: Device,
     device_note: String,
+    memory_budget: Option<MemoryBudget>,
 }
 
 impl std::fmt::Debug for Context {
@@ -51,6 +59,7 @@ impl std::fmt::Debug for Context {
             .field("device", &self.device)
             .field("threads", &self.threads())
             .field("note", &self.device_note)
+            .field("memory_budget", &self.memory_budget)
             .finish()
     }
 }
@@ -98,12 +107,22 @@ impl Context {
                 )
             }
         };
-        Ok(Context { pool, device, device_note })
+        if let Some(MemoryBudget::Bytes(0)) = options.memory_budget {
+            bail!(InvalidArgument, "a memory budget of 0 bytes admits nothing");
+        }
+        Ok(Context { pool, device, device_note, memory_budget: options.memory_budget })
     }
 
-    /// Runs `f` on this context's thread pool.
+    /// Runs `f` on this context's thread pool, under its memory budget (or, without one, the
+    /// budget of the calling thread).
     pub fn run<R: Send>(&self, f: impl FnOnce() -> R + Send) -> R {
-        self.pool.install(f)
+        let budget = self.memory_budget();
+        self.pool.install(move || resources::with_budget(budget, f))
+    }
+
+    /// The budget work on this context runs under (see [`ContextOptions::memory_budget`]).
+    pub fn memory_budget(&self) -> MemoryBudget {
+        self.memory_budget.unwrap_or_else(resources::current)
     }
 
     pub fn threads(&self) -> usize {

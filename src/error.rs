@@ -20,6 +20,9 @@ pub enum Error {
     Internal(String),
     /// Training produced a non-finite loss or gradient (diverged); nothing was applied.
     Numerical(String),
+    /// The object is in use by another call (a trainer stepped from two threads at once);
+    /// nothing was done.
+    Busy(String),
 }
 
 impl Error {
@@ -31,7 +34,8 @@ impl Error {
             | Error::Config(m)
             | Error::Unsupported(m)
             | Error::Internal(m)
-            | Error::Numerical(m) => m,
+            | Error::Numerical(m)
+            | Error::Busy(m) => m,
         }
     }
 }
@@ -46,6 +50,7 @@ impl fmt::Display for Error {
             Error::Unsupported(_) => "unsupported",
             Error::Internal(_) => "internal error",
             Error::Numerical(_) => "numerical error",
+            Error::Busy(_) => "busy",
         };
         write!(f, "{kind}: {}", self.message())
     }

@@ -11,6 +11,8 @@ pub mod data;
 pub mod dvae;
 pub mod ffi;
 pub mod model;
+/// cbindgen:ignore
+pub mod resources;
 pub mod tensor;
 pub mod train;
 

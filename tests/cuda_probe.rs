@@ -41,7 +41,7 @@ fn probe_gives_a_consistent_report() {
 #[test]
 fn device_cuda_is_a_clear_error_without_a_gpu() {
     let r = probe();
-    let result = Context::new(&ContextOptions { device: Device::Cuda, threads: 1 });
+    let result = Context::new(&ContextOptions { device: Device::Cuda, threads: 1, ..Default::default() });
     if r.usable {
         // Pretraining runs on CUDA: the context is a cuda one, and the passes that only run on
         // the CPU refuse it rather than quietly using the CPU.
@@ -70,7 +70,8 @@ fn device_cuda_is_a_clear_error_without_a_gpu() {
 #[test]
 fn auto_falls_back_to_cpu_and_says_why() {
     let r = probe();
-    let ctx = Context::new(&ContextOptions { device: Device::Auto, threads: 1 }).expect("auto never fails");
+    let ctx = Context::new(&ContextOptions { device: Device::Auto, threads: 1, ..Default::default() })
+        .expect("auto never fails");
     // With or without a GPU, model passes run on the CPU for now, and the note says why.
     assert_eq!(ctx.device(), Device::Cpu);
     assert!(ctx.device_note().starts_with("auto: using cpu because"), "{}", ctx.device_note());
@@ -78,7 +79,7 @@ fn auto_falls_back_to_cpu_and_says_why() {
     if r.usable {
         assert!(ctx.device_note().contains("do not run on the CUDA backend yet"), "{}", ctx.device_note());
     }
-    let cpu = Context::new(&ContextOptions { device: Device::Cpu, threads: 1 }).unwrap();
+    let cpu = Context::new(&ContextOptions { device: Device::Cpu, threads: 1, ..Default::default() }).unwrap();
     assert_eq!(cpu.device(), Device::Cpu);
 }
 

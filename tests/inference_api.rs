@@ -27,7 +27,7 @@ fn pixels(n: usize) -> Vec<f32> {
 }
 
 fn ctx() -> Context {
-    Context::new(&ContextOptions { device: Device::Cpu, threads: 2 }).unwrap()
+    Context::new(&ContextOptions { device: Device::Cpu, threads: 2, ..Default::default() }).unwrap()
 }
 
 #[test]

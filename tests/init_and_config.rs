@@ -90,7 +90,15 @@ fn parameter_count_of_beit_base_matches_hf() {
 fn bad_configs_are_refused_with_a_reason() {
     let cases = [
         (r#"{"hidden_size": 30, "num_attention_heads": 4}"#, "not a multiple"),
-        (r#"{"num_attention_heads": 0}"#, "must be positive"),
+        (r#"{"num_attention_heads": 0}"#, "num_attention_heads must be between 1 and 768, got 0"),
+        (r#"{"vocab_size": 4000000000}"#, "vocab_size must be between 1 and 16777216"),
+        (r#"{"num_hidden_layers": 100000}"#, "num_hidden_layers must be between 1 and 1024"),
+        (r#"{"initializer_range": -1}"#, "initializer_range must be in (0, 1]"),
+        (r#"{"initializer_range": 0}"#, "initializer_range must be in (0, 1]"),
+        (r#"{"initializer_range": 1e30}"#, "initializer_range must be in (0, 1]"),
+        (r#"{"drop_path_rate": 1.5}"#, "drop_path_rate must be in [0, 1)"),
+        (r#"{"image_size": 100000}"#, "image_size (height) must be between 1 and 65536"),
+        (r#"{"num_labels": 1000000000}"#, "num_labels must be at most"),
         (r#"{"patch_size": 64, "image_size": 32}"#, "does not fit"),
         (r#"{"hidden_act": "relu"}"#, "hidden_act"),
         (r#"{"layer_norm_eps": -1.0}"#, "layer_norm_eps"),
@@ -102,4 +110,28 @@ fn bad_configs_are_refused_with_a_reason() {
         assert!(err.to_string().contains(needle), "{json}: {err}");
         assert!(matches!(err, Error::Config(_) | Error::Format(_) | Error::Unsupported(_)), "{json}: {err:?}");
     }
+}
+
+#[test]
+fn parameters_beyond_the_memory_budget_are_refused_before_allocation() {
+    use beit::resources::{with_budget, MemoryBudget};
+    // BEiT-base MIM: 91,966,208 parameters (the unexported zero key biases included) = 351 MiB of f32.
+    let cfg = BeitConfig::from_json_str(r#"{"use_mask_token": true}"#).unwrap();
+    let err = with_budget(MemoryBudget::Bytes(64 << 20), || {
+        Model::new_random(cfg.clone(), Architecture::MaskedImageModeling, 0).unwrap_err()
+    });
+    let Error::Config(m) = &err else { panic!("{err:?}") };
+    assert!(m.contains("parameters of this BeitForMaskedImageModeling config would need 351 MiB"), "{m}");
+    assert!(m.contains("memory budget set for this context (64.0 MiB)"), "{m}");
+    // The same config fits a budget of its size.
+    with_budget(MemoryBudget::Bytes(400 << 20), || Model::new_random(cfg, Architecture::MaskedImageModeling, 0))
+        .unwrap();
+    // A config whose parameters overflow any arithmetic is refused, not wrapped around.
+    let huge = BeitConfig::from_json_str(
+        r#"{"vocab_size": 16777216, "hidden_size": 65536, "num_attention_heads": 1, "intermediate_size": 65536,
+            "num_hidden_layers": 1024, "image_size": 65536, "patch_size": 1, "use_relative_position_bias": true}"#,
+    )
+    .unwrap();
+    let err = Model::new_random(huge, Architecture::MaskedImageModeling, 0).unwrap_err();
+    assert!(matches!(err, Error::Config(_)) && err.to_string().contains("would need"), "{err}");
 }

@@ -19,7 +19,7 @@ fn reference_cases() -> Vec<PathBuf> {
 }
 
 fn context() -> Context {
-    Context::new(&ContextOptions { device: Device::Cpu, threads: 2 }).unwrap()
+    Context::new(&ContextOptions { device: Device::Cpu, threads: 2, ..Default::default() }).unwrap()
 }
 
 struct Inputs {

@@ -21,6 +21,11 @@ mod tokenizer_cli;
 #[derive(Parser)]
 #[command(name = "beit", version, about = "BEiT vision transformers: inference, pretraining, fine-tuning")]
 struct Cli {
+    /// How much memory one model, trainer, batch pass, loader or tokenizer may need: `available`
+    /// (the default: what this process can still get) or a size such as 512M or 8G. Larger
+    /// needs are refused before anything is allocated.
+    #[arg(long, global = true, default_value = "available")]
+    memory_budget: String,
     #[command(subcommand)]
     command: Command,
 }
@@ -400,7 +405,7 @@ fn infer(
     json: bool,
 ) -> beit::Result<()> {
     let device: Device = device.parse()?;
-    let ctx = Context::new(&ContextOptions { device, threads })?;
+    let ctx = Context::new(&ContextOptions { device, threads, ..Default::default() })?;
     ctx.require_cpu("inference")?;
     let model = Model::load(&model)?;
     let file = SafetensorsFile::open(&inputs)?;
@@ -493,7 +498,7 @@ fn bench_infer(
     iters: usize,
     json: bool,
 ) -> beit::Result<()> {
-    let ctx = Context::new(&ContextOptions { device: Device::Cpu, threads })?;
+    let ctx = Context::new(&ContextOptions { device: Device::Cpu, threads, ..Default::default() })?;
     let model = match model {
         Some(dir) => Model::load(&dir)?,
         None => {
@@ -652,7 +657,7 @@ fn pretrain(a: PretrainArgs) -> beit::Result<()> {
     if let (Device::Cuda, Some(target)) = (device, a.target) {
         beit::backend::cuda::pretrain::GpuPretrainer::check_target(target)?;
     }
-    let ctx = Context::new(&ContextOptions { device, threads: a.threads })?;
+    let ctx = Context::new(&ContextOptions { device, threads: a.threads, ..Default::default() })?;
     let precision: beit::backend::cuda::pretrain::Precision = a.precision.parse()?;
     std::fs::create_dir_all(&a.out).map_err(|e| beit::Error::Io(format!("cannot create {}: {e}", a.out.display())))?;
     let checkpoint = a.out.join("checkpoint.safetensors");
@@ -752,7 +757,7 @@ fn pretrain(a: PretrainArgs) -> beit::Result<()> {
 fn pretrain_replay(a: ReplayArgs) -> beit::Result<()> {
     use beit::train::batch::OwnedMimBatch;
     use beit::train::trainer::{Trainer, TrainerOptions, WeightDecayOn};
-    let ctx = Context::new(&ContextOptions { device: Device::Cpu, threads: a.threads })?;
+    let ctx = Context::new(&ContextOptions { device: Device::Cpu, threads: a.threads, ..Default::default() })?;
     let weight_decay_on = match a.weight_decay_on.as_str() {
         "beit" => WeightDecayOn::Beit,
         "all" => WeightDecayOn::All,
@@ -797,7 +802,7 @@ fn bench_pretrain(
     use beit::data::synthetic::SyntheticMim;
     use beit::train::batch::OwnedMimBatch;
     use beit::train::trainer::{Trainer, TrainerOptions, WeightDecayOn};
-    let ctx = Context::new(&ContextOptions { device: device.parse()?, threads })?;
+    let ctx = Context::new(&ContextOptions { device: device.parse()?, threads, ..Default::default() })?;
     let precision: beit::backend::cuda::pretrain::Precision = precision.parse()?;
     let model = match model {
         Some(dir) => Model::load(&dir)?,
@@ -991,7 +996,21 @@ fn bench_loader(
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let result = match cli.command {
+    // Every context the commands create inherits this budget (ContextOptions::memory_budget is
+    // None), and so does the work they do outside a context.
+    let result = beit::resources::MemoryBudget::parse(&cli.memory_budget)
+        .and_then(|budget| beit::resources::with_budget(budget, || run(cli.command)));
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("beit: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(command: Command) -> beit::Result<()> {
+    match command {
         Command::Info => info_cli::info(),
         Command::Infer { model, inputs, output, device, threads, json } => {
             infer(model, inputs, output, device, threads, json)
@@ -1037,12 +1056,5 @@ fn main() -> ExitCode {
         Command::Finetune(args) => finetune_cli::finetune(args, config_from),
         Command::Eval(args) => finetune_cli::eval(args),
         Command::Segment { what } => segment_cli::run(what),
-    };
-    match result {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("beit: {e}");
-            ExitCode::FAILURE
-        }
     }
 }

@@ -105,7 +105,7 @@ pub unsafe extern "C" fn beit_context_create(
         };
         let device = options.device.to_device()?;
         let threads = usize::try_from(options.num_threads).unwrap_or(usize::MAX);
-        let inner = Context::new(&ContextOptions { device, threads })?;
+        let inner = Context::new(&ContextOptions { device, threads, ..Default::default() })?;
         let handle = Box::into_raw(Box::new(beit_context { inner: std::sync::Arc::new(inner) }));
         // SAFETY: non-NULL, and the caller promises it is writable.
         unsafe { out.write(handle) };

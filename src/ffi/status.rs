@@ -37,6 +37,10 @@ pub enum beit_status {
     /// Training produced a non-finite loss or gradient (it diverged, e.g. a learning rate too
     /// high); the step was not applied and the trainer is unchanged.
     BEIT_ERR_NUMERICAL = 9,
+    /// The handle is in use by a call on another thread (e.g. two `beit_trainer_step` calls on
+    /// one trainer at once); nothing was done. Handles documented as "one thread at a time"
+    /// refuse concurrent use with this status instead of corrupting themselves.
+    BEIT_ERR_BUSY = 10,
 }
 
 /// A `beit_status` as C passes it in: any 32-bit value, checked before use. The header shows it
@@ -77,6 +81,7 @@ impl From<Error> for FfiError {
             Error::Unsupported(_) => beit_status::BEIT_ERR_UNSUPPORTED,
             Error::Internal(_) => beit_status::BEIT_ERR_INTERNAL,
             Error::Numerical(_) => beit_status::BEIT_ERR_NUMERICAL,
+            Error::Busy(_) => beit_status::BEIT_ERR_BUSY,
         };
         FfiError { status, message: e.message().to_string() }
     }
@@ -218,6 +223,7 @@ pub extern "C" fn beit_status_name(status: RawStatus) -> *const c_char {
         7 => c"BEIT_ERR_BUFFER_SIZE",
         8 => c"BEIT_ERR_INTERNAL",
         9 => c"BEIT_ERR_NUMERICAL",
+        10 => c"BEIT_ERR_BUSY",
         _ => c"BEIT_UNKNOWN_STATUS",
     };
     name.as_ptr()
@@ -258,7 +264,12 @@ mod tests {
 
     #[test]
     fn a_panic_in_the_thread_pool_is_caught() {
-        let ctx = crate::Context::new(&crate::ContextOptions { device: crate::Device::Cpu, threads: 2 }).unwrap();
+        let ctx = crate::Context::new(&crate::ContextOptions {
+            device: crate::Device::Cpu,
+            threads: 2,
+            ..Default::default()
+        })
+        .unwrap();
         let status = guard(|| ctx.run(|| panic!("worker panic")));
         assert_eq!(status, beit_status::BEIT_ERR_INTERNAL);
         assert!(last_error().contains("worker panic"));
@@ -277,6 +288,7 @@ mod tests {
         assert_eq!(guard(|| Err(Error::Unsupported("x".into()).into())), beit_status::BEIT_ERR_UNSUPPORTED);
         assert_eq!(guard(|| Err(Error::InvalidArgument("x".into()).into())), beit_status::BEIT_ERR_INVALID_ARGUMENT);
         assert_eq!(guard(|| Err(Error::Internal("x".into()).into())), beit_status::BEIT_ERR_INTERNAL);
+        assert_eq!(guard(|| Err(Error::Busy("x".into()).into())), beit_status::BEIT_ERR_BUSY);
     }
 
     #[test]
@@ -310,6 +322,7 @@ mod tests {
         assert_eq!(name(beit_status::BEIT_OK as u32), "BEIT_OK");
         assert_eq!(name(beit_status::BEIT_ERR_BUFFER_SIZE as u32), "BEIT_ERR_BUFFER_SIZE");
         assert_eq!(name(beit_status::BEIT_ERR_INTERNAL as u32), "BEIT_ERR_INTERNAL");
+        assert_eq!(name(beit_status::BEIT_ERR_BUSY as u32), "BEIT_ERR_BUSY");
         assert_eq!(name(999), "BEIT_UNKNOWN_STATUS");
     }
 }

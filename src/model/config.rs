@@ -208,28 +208,39 @@ impl BeitConfig {
         serde_json::to_string_pretty(&v).expect("config serialises")
     }
 
-    /// Checks everything the model code relies on, so that a bad file is an error, not a panic.
+    /// Checks everything the model code relies on, so that a bad file is an error, not a panic,
+    /// a hang or an abort. This is the one check of a config: `from_json_str` (config.json,
+    /// checkpoints, the C API's config text) and every model constructor run it. Each size must
+    /// lie under an absolute cap ([`crate::resources`]); whether the parameters and passes fit
+    /// in memory is tested later, against the budget, where they are planned.
     pub fn validate(&self) -> Result<()> {
+        use crate::resources::{check_range, MAX_CHANNELS, MAX_DIM, MAX_IMAGE_SIDE, MAX_LABELS, MAX_LAYERS, MAX_VOCAB};
         let bad = |m: String| Err(Error::Config(m));
-        if self.hidden_size == 0 || self.num_attention_heads == 0 || self.num_hidden_layers == 0 {
-            return bad(format!(
-                "hidden_size ({}), num_attention_heads ({}) and num_hidden_layers ({}) must be positive",
-                self.hidden_size, self.num_attention_heads, self.num_hidden_layers
-            ));
-        }
+        check_range("hidden_size", self.hidden_size, MAX_DIM)?;
+        check_range("num_hidden_layers", self.num_hidden_layers, MAX_LAYERS)?;
+        check_range("num_attention_heads", self.num_attention_heads, self.hidden_size)?;
         if !self.hidden_size.is_multiple_of(self.num_attention_heads) {
             return bad(format!(
                 "hidden_size {} is not a multiple of num_attention_heads {}",
                 self.hidden_size, self.num_attention_heads
             ));
         }
-        if self.intermediate_size == 0 || self.num_channels == 0 || self.vocab_size == 0 {
-            return bad("intermediate_size, num_channels and vocab_size must be positive".into());
-        }
+        check_range("intermediate_size", self.intermediate_size, MAX_DIM)?;
+        check_range("num_channels", self.num_channels, MAX_CHANNELS)?;
+        check_range("vocab_size", self.vocab_size, MAX_VOCAB)?;
         let (ih, iw) = self.image_size.hw();
         let (ph, pw) = self.patch_size.hw();
+        check_range("image_size (height)", ih, MAX_IMAGE_SIDE)?;
+        check_range("image_size (width)", iw, MAX_IMAGE_SIDE)?;
         if ph == 0 || pw == 0 || ih < ph || iw < pw {
             return bad(format!("patch_size {:?} does not fit image_size {:?}", (ph, pw), (ih, iw)));
+        }
+        if let Some(n) = self.num_labels {
+            // 0 is HF's "no labels" for a bare backbone; a classifier refuses it where it is built.
+            ensure!(n <= MAX_LABELS, Config, "num_labels must be at most {MAX_LABELS}, got {n}");
+        }
+        if let Some(map) = &self.id2label {
+            ensure!(map.len() <= MAX_LABELS, Config, "id2label has {} labels, more than {MAX_LABELS}", map.len());
         }
         if self.hidden_act != "gelu" {
             return Err(Error::Unsupported(format!(
@@ -237,14 +248,30 @@ impl BeitConfig {
                 self.hidden_act
             )));
         }
-        if self.layer_norm_eps.is_nan() || self.layer_norm_eps <= 0.0 || self.layer_norm_eps.is_infinite() {
+        if !(self.layer_norm_eps.is_finite() && self.layer_norm_eps > 0.0) {
             return bad(format!("layer_norm_eps must be a positive number, got {}", self.layer_norm_eps));
         }
-        // Guard against absurd sizes from a hostile file before anything allocates.
-        let limit = 1usize << 40;
-        let params = self.hidden_size.saturating_mul(self.intermediate_size).saturating_mul(self.num_hidden_layers);
-        if params > limit || self.num_hidden_layers > 4096 || ih > 1 << 16 || iw > 1 << 16 {
-            return bad("config sizes are implausibly large".into());
+        // The truncated-normal init draws until a value lands inside the cut, which is ±std or
+        // ±2: a std <= 0 never lands (a hang), and a std far above 2 lands once in millions.
+        if !(self.initializer_range.is_finite() && self.initializer_range > 0.0 && self.initializer_range <= 1.0) {
+            return bad(format!("initializer_range must be in (0, 1], got {}", self.initializer_range));
+        }
+        if !self.layer_scale_init_value.is_finite() {
+            return bad(format!("layer_scale_init_value must be finite, got {}", self.layer_scale_init_value));
+        }
+        if !(0.0..1.0).contains(&self.drop_path_rate) {
+            return bad(format!("drop_path_rate must be in [0, 1), got {}", self.drop_path_rate));
+        }
+        for (name, p) in [
+            ("hidden_dropout_prob", self.hidden_dropout_prob),
+            ("attention_probs_dropout_prob", self.attention_probs_dropout_prob),
+        ] {
+            if !(0.0..=1.0).contains(&p) {
+                return bad(format!("{name} must be in [0, 1], got {p}"));
+            }
+        }
+        if let Some(w) = self.auxiliary_loss_weight {
+            ensure!(w.is_finite(), Config, "auxiliary_loss_weight must be finite, got {w}");
         }
         Ok(())
     }
@@ -336,14 +363,14 @@ impl BeitConfig {
             ));
         }
         let scales = self.pool_scales();
-        if scales.is_empty() || scales.contains(&0) || scales.iter().any(|&s| s > 1 << 12) {
-            return bad(format!("pool_scales must be positive (and sane), got {scales:?}"));
+        if scales.is_empty() || scales.len() > 16 || scales.contains(&0) || scales.iter().any(|&s| s > 1 << 12) {
+            return bad(format!("pool_scales must be 1 to 16 values in 1..=4096, got {scales:?}"));
         }
         if self.use_auxiliary_head() {
             let ca = self.auxiliary_channels();
-            if ca == 0 || ca > 1 << 16 {
-                return bad(format!("auxiliary_channels must be positive, got {ca}"));
-            }
+            crate::resources::check_range("auxiliary_channels", ca, crate::resources::MAX_DIM)?;
+            let convs = self.auxiliary_num_convs();
+            ensure!(convs <= 16, Config, "auxiliary_num_convs must be at most 16, got {convs}");
             // With no convolution HF feeds the hidden_size-channel input to a classifier built
             // for auxiliary_channels, which only works when the two agree.
             if self.auxiliary_num_convs() == 0 && ca != self.hidden_size {

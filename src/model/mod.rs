@@ -55,7 +55,7 @@ impl Model {
             config.validate_segmentation()?;
         }
         config.architectures = Some(vec![arch.hf_name().to_string()]);
-        let (params, layout) = params::build_layout(&config, arch);
+        let (params, layout) = params::build_layout(&config, arch)?;
         Ok(Model { config, arch, params, layout, workspaces: Mutex::new(Vec::new()) })
     }
 

@@ -5,6 +5,8 @@
 //! run as one fused GEMM.
 
 use super::config::{Architecture, BeitConfig};
+use crate::error::Result;
+use crate::resources::{try_zeroed, Bytes, Need};
 
 /// How a fresh model initialises an entry (BeitConfig-driven, unilm's scheme).
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -181,9 +183,11 @@ impl Builder {
     }
 
     fn push(&mut self, name: String, shape: &[usize], init: Init, exported: bool) -> ParamId {
-        let len = shape.iter().product();
+        // Saturating: a config too large for usize arithmetic gets a total of usize::MAX, which
+        // the budget test in `build_layout` refuses before anything is allocated.
+        let len = crate::tensor::checked_numel(shape).unwrap_or(usize::MAX);
         self.specs.push(ParamSpec { name, shape: shape.to_vec(), offset: self.total, len, init, exported });
-        self.total += len;
+        self.total = self.total.saturating_add(len);
         ParamId(self.specs.len() - 1)
     }
 
@@ -197,8 +201,9 @@ impl Builder {
     }
 }
 
-/// Builds the parameter table of `arch` for `cfg` (zero-filled buffer).
-pub fn build_layout(cfg: &BeitConfig, arch: Architecture) -> (ParamStore, Layout) {
+/// Builds the parameter table of `arch` for `cfg` (zero-filled buffer). The buffer is tested
+/// against the memory budget first: a config whose parameters do not fit is `Error::Config`.
+pub fn build_layout(cfg: &BeitConfig, arch: Architecture) -> Result<(ParamStore, Layout)> {
     let d = cfg.hidden_size;
     let inter = cfg.intermediate_size;
     let (ph, pw) = cfg.patch_size.hw();
@@ -309,6 +314,8 @@ pub fn build_layout(cfg: &BeitConfig, arch: Architecture) -> (ParamStore, Layout
     };
     let layout =
         Layout { embeddings, shared_rel_pos_table, blocks, final_layernorm, pooler_layernorm, has_pooler, head };
-    let store = ParamStore { data: vec![0.0; b.total], specs: b.specs };
-    (store, layout)
+    Need::new(format!("the {} parameters of this {} config", b.total, arch.hf_name()), Bytes::floats(&[b.total]))
+        .check_config()?;
+    let data = try_zeroed(b.total, "the model's parameters")?;
+    Ok((ParamStore { data, specs: b.specs }, layout))
 }

@@ -132,7 +132,7 @@ fn finetune_classify(
     a: FinetuneArgs,
     config_from: impl Fn(&str) -> beit::Result<beit::BeitConfig>,
 ) -> beit::Result<()> {
-    let ctx = Context::new(&ContextOptions { device: Device::Cpu, threads: a.threads })?;
+    let ctx = Context::new(&ContextOptions { device: Device::Cpu, threads: a.threads, ..Default::default() })?;
     let full = Arc::new(Dataset::open(&a.data)?);
     let labels = dataset_labels(&full)?;
     let num_labels = match a.num_labels {
@@ -234,7 +234,7 @@ fn tempdir_for(out: &std::path::Path) -> beit::Result<PathBuf> {
 }
 
 pub fn eval(a: EvalArgs) -> beit::Result<()> {
-    let ctx = Context::new(&ContextOptions { device: Device::Cpu, threads: a.threads })?;
+    let ctx = Context::new(&ContextOptions { device: Device::Cpu, threads: a.threads, ..Default::default() })?;
     let model = Model::load(&a.model)?;
     let ds = Dataset::open(&a.data)?;
     let start = std::time::Instant::now();

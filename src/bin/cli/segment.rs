@@ -151,7 +151,7 @@ pub fn run(cmd: SegmentCommand) -> beit::Result<()> {
 }
 
 fn run_finetune(a: FinetuneArgs) -> beit::Result<()> {
-    let ctx = Context::new(&ContextOptions { device: Device::Cpu, threads: a.split.threads })?;
+    let ctx = Context::new(&ContextOptions { device: Device::Cpu, threads: a.split.threads, ..Default::default() })?;
     let data = Dataset::open(&a.split.data)?;
     let classes = match a.num_labels {
         Some(k) => k,
@@ -233,7 +233,7 @@ fn run_finetune(a: FinetuneArgs) -> beit::Result<()> {
 }
 
 fn run_eval(a: EvalArgs) -> beit::Result<()> {
-    let ctx = Context::new(&ContextOptions { device: Device::Cpu, threads: a.split.threads })?;
+    let ctx = Context::new(&ContextOptions { device: Device::Cpu, threads: a.split.threads, ..Default::default() })?;
     let data = Dataset::open(&a.split.data)?;
     let model = Model::load(&a.model)?;
     let ids = match a.split_name.as_str() {

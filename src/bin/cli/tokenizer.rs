@@ -104,7 +104,7 @@ fn eval_inputs(ds: &Dataset, dvae: &Dvae, count: usize) -> Vec<f32> {
 }
 
 pub fn train(a: TrainArgs) -> beit::Result<()> {
-    let ctx = Context::new(&ContextOptions { device: Device::Cpu, threads: a.threads })?;
+    let ctx = Context::new(&ContextOptions { device: Device::Cpu, threads: a.threads, ..Default::default() })?;
     let ds = Arc::new(Dataset::open(&a.data)?);
     let channels = ds.header().channels as usize;
     let config = DvaeConfig {
@@ -210,7 +210,7 @@ fn ensure_batches(loader: &Loader) -> beit::Result<()> {
 }
 
 pub fn tokenize(a: TokenizeArgs) -> beit::Result<()> {
-    let ctx = Context::new(&ContextOptions { device: Device::Cpu, threads: a.threads })?;
+    let ctx = Context::new(&ContextOptions { device: Device::Cpu, threads: a.threads, ..Default::default() })?;
     let dvae = Dvae::load(&a.tokenizer)?;
     let ds = Dataset::open(&a.data)?;
     let start = std::time::Instant::now();

@@ -2,6 +2,8 @@
 //! before anything runs; the arena is allocated once and reused by every pass of the same shape,
 //! so a forward pass performs no allocation per op.
 
+use crate::error::{Error, Result};
+
 /// A region of the arena.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Slot {
@@ -47,19 +49,23 @@ struct Buffer {
 }
 
 impl Buffer {
-    fn zeroed(len: usize) -> Self {
+    /// Maps `len` zeroed floats; an error (never a panic or an abort) when the system refuses.
+    /// Callers test the size against the memory budget first (`crate::resources`).
+    fn zeroed(len: usize) -> Result<Self> {
         if len == 0 {
-            return Buffer { map: None, len };
+            return Ok(Buffer { map: None, len });
         }
-        let bytes = len.checked_mul(std::mem::size_of::<f32>()).expect("arena size overflows");
-        let map = memmap2::MmapMut::map_anon(bytes).unwrap_or_else(|e| panic!("arena: cannot map {bytes} bytes: {e}"));
+        let refused =
+            |why: String| Error::InvalidArgument(format!("cannot map an activation arena of {len} floats: {why}"));
+        let bytes = len.checked_mul(std::mem::size_of::<f32>()).ok_or_else(|| refused("too large".into()))?;
+        let map = memmap2::MmapMut::map_anon(bytes).map_err(|e| refused(e.to_string()))?;
         #[cfg(target_os = "linux")]
         {
             // Advice only: where huge pages are off or unavailable the kernel says no and the
             // arena works the same with small pages.
             let _ = map.advise(memmap2::Advice::HugePage);
         }
-        Buffer { map: Some(map), len }
+        Ok(Buffer { map: Some(map), len })
     }
 
     fn as_slice(&self) -> &[f32] {
@@ -91,8 +97,9 @@ impl std::fmt::Debug for Arena {
 }
 
 impl Arena {
-    pub fn new(plan: &ArenaPlan) -> Self {
-        Arena { buf: Buffer::zeroed(plan.total()) }
+    /// The arena of `plan`, zeroed; an error when the system refuses the memory.
+    pub fn new(plan: &ArenaPlan) -> Result<Self> {
+        Ok(Arena { buf: Buffer::zeroed(plan.total())? })
     }
 
     /// Number of f32 elements held.
@@ -138,7 +145,7 @@ mod tests {
         let mut plan = ArenaPlan::default();
         let a = plan.slot(5);
         let b = plan.slot(17);
-        let mut arena = Arena::new(&plan);
+        let mut arena = Arena::new(&plan).unwrap();
         let [x, y] = arena.many_mut([a, b]);
         x.fill(1.0);
         y.fill(2.0);
@@ -152,7 +159,7 @@ mod tests {
     fn same_slot_twice_panics() {
         let mut plan = ArenaPlan::default();
         let a = plan.slot(4);
-        let mut arena = Arena::new(&plan);
+        let mut arena = Arena::new(&plan).unwrap();
         let _ = arena.many_mut([a, a]);
     }
 }

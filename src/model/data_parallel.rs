@@ -34,6 +34,7 @@ use std::ops::Range;
 use rayon::prelude::*;
 
 use crate::error::{Error, Result};
+use crate::resources::{try_zeroed, Bytes, Need};
 
 use super::training::{DropPath, TrainWorkspace};
 use super::{ImageBatch, Model};
@@ -135,8 +136,20 @@ impl DataParallelWorkspace {
             }
             self.layout = layout;
         }
-        for worker in &mut self.workers[1..] {
-            worker.grads.resize(params, 0.0);
+        // Workers 1.. each hold a gradient buffer as large as the model: tested against the
+        // budget, and allocated fallibly, before the first pass that needs them.
+        let missing = self.workers[1..].iter().filter(|w| w.grads.len() != params).count();
+        if missing > 0 {
+            Need::new(
+                format!("the gradient buffers of {missing} data-parallel shards ({params} values each)"),
+                Bytes::floats(&[missing, params]),
+            )
+            .check()?;
+            for worker in &mut self.workers[1..] {
+                if worker.grads.len() != params {
+                    worker.grads = try_zeroed(params, "a data-parallel shard's gradient buffer")?;
+                }
+            }
         }
         Ok(())
     }
@@ -189,6 +202,8 @@ impl Model {
     {
         let batch = images.batch;
         self.check_train_buffers(batch, drop_path, grads)?;
+        // The shard count plans the whole batch's arena: its sizes must be countable first.
+        self.check_pass_countable(batch, images.height, images.width)?;
         let shards = self.data_parallel_shards(images);
         dp.last_shards = shards;
         if shards == 1 {

@@ -9,6 +9,7 @@ use crate::backend::cpu::gemm::linear;
 use crate::backend::cpu::layernorm::layernorm;
 use crate::backend::cpu::resize;
 use crate::error::Result;
+use crate::resources::{self, Bytes, Need};
 use crate::tensor::{checked_numel, Tensor};
 
 use super::arena::{Arena, ArenaPlan, Slot};
@@ -80,6 +81,22 @@ pub(crate) struct Workspace {
     plan: Plan,
     arena: Arena,
     rel_index: Vec<usize>,
+}
+
+/// Most arena slots one block of a plan takes (the training plan's [`super::training`] layer
+/// slots; inference takes fewer).
+pub(super) const SLOTS_PER_LAYER: usize = 12;
+/// Most arena slots of a plan outside its blocks.
+pub(super) const SLOTS_OUTSIDE_BLOCKS: usize = 24;
+
+/// What a refusal of a large pass suggests.
+pub(super) const PIECES_HINT: &str =
+    "run it in pieces: smaller batches, or a large image as tiles of the model's image size";
+
+/// "a pass over B images of HxW pixels (T tokens each)", for messages.
+pub(super) fn pass_description(batch: usize, height: usize, width: usize, tokens: Option<usize>) -> String {
+    let tokens = tokens.map_or("more than 2^64".to_string(), |t| t.to_string());
+    format!("a pass over {batch} images of {height}x{width} pixels ({tokens} tokens each)")
 }
 
 impl Model {
@@ -206,9 +223,51 @@ impl Model {
         (plan, p)
     }
 
+    /// Refuses, before any plan is made, a pass whose sizes could not even be counted. Every
+    /// slot of the inference and training plans holds at most `batch · tokens · widest` floats,
+    /// `widest` being the widest per-token row of the pass (3·hidden, intermediate, heads·tokens
+    /// of attention scores, a patch's pixels), and a plan has fewer than [`SLOTS_PER_LAYER`]
+    /// slots per block plus [`SLOTS_OUTSIDE_BLOCKS`]. When that bound fits in 64 bits, so does
+    /// every product and sum of the plans; the exact plan is then tested against the budget
+    /// where it is allocated. Cheap (arithmetic only): passes run it every call.
+    pub(super) fn check_pass_countable(&self, batch: usize, height: usize, width: usize) -> Result<()> {
+        let c = &self.config;
+        let (gh, gw) = self.grid_of(height, width);
+        let (ph, pw) = c.patch_size.hw();
+        let tokens = gh.checked_mul(gw).and_then(|n| n.checked_add(1));
+        let widest = tokens.and_then(|t| {
+            [3 * c.hidden_size, c.intermediate_size, c.num_channels * ph * pw]
+                .into_iter()
+                .chain(Some(c.num_attention_heads.checked_mul(t)?))
+                .max()
+        });
+        let slots = SLOTS_PER_LAYER * c.num_hidden_layers + SLOTS_OUTSIDE_BLOCKS;
+        let bound = match (tokens, widest) {
+            (Some(t), Some(w)) => Bytes::floats(&[batch, t, w]) * slots,
+            _ => Bytes::from(None),
+        };
+        if bound.get().is_none() {
+            Need::new(pass_description(batch, height, width, tokens), bound).hint(PIECES_HINT).check()?;
+        }
+        Ok(())
+    }
+
+    /// Tests what a new inference workspace for this shape needs (its arena and relative
+    /// position index) against the budget.
+    fn check_workspace_need(&self, plan: &Plan, arena: &ArenaPlan, height: usize, width: usize) -> Result<()> {
+        let (batch, t) = (plan.key.0, plan.tokens);
+        // Beside the arena: the relative position index, and a relative position table resized
+        // for another grid (per call, see `table_for_grid`).
+        let table = Bytes::floats(&[super::params::rel_pos_table_rows(plan.grid), self.config.num_attention_heads]);
+        let need = Bytes::floats(&[arena.total()]) + Bytes::of::<usize>(&[t, t]) + table;
+        Need::new(format!("the activations of {}", pass_description(batch, height, width, Some(t))), need)
+            .hint(PIECES_HINT)
+            .check()
+    }
+
     /// A workspace for this shape and the current pool size: from the model's pool when one
-    /// fits, else newly planned.
-    fn take_workspace(&self, batch: usize, height: usize, width: usize) -> Workspace {
+    /// fits, else newly planned (after the budget test).
+    fn take_workspace(&self, batch: usize, height: usize, width: usize) -> Result<Workspace> {
         let key = (batch, height, width);
         let threads = rayon::current_num_threads().max(1);
         let slots_needed = threads.min(batch * self.config.num_attention_heads);
@@ -218,12 +277,14 @@ impl Model {
                 w.plan.key == key && w.plan.scores.len() == slots_needed * w.plan.tokens * w.plan.tokens
             };
             if let Some(i) = pool.iter().position(fits) {
-                return pool.swap_remove(i);
+                return Ok(pool.swap_remove(i));
             }
         }
+        self.check_pass_countable(batch, height, width)?;
         let (plan, arena_plan) = self.plan(batch, height, width);
+        self.check_workspace_need(&plan, &arena_plan, height, width)?;
         let rel_index = relpos::relative_position_index(plan.grid);
-        Workspace { plan, arena: Arena::new(&arena_plan), rel_index }
+        Ok(Workspace { plan, arena: Arena::new(&arena_plan)?, rel_index })
     }
 
     fn return_workspace(&self, ws: Workspace) {
@@ -236,10 +297,18 @@ impl Model {
 
     /// Runs the model and returns freshly allocated outputs (all that the model has).
     pub fn forward(&self, input: &ImageBatch<'_>) -> Result<Outputs> {
+        self.check_input(input)?;
+        self.check_pass_countable(input.batch, input.height, input.width)?;
         let shapes = self.output_shapes(input.batch, input.height, input.width);
-        let mut hidden = Tensor::zeros(&shapes.last_hidden_state);
-        let mut pooled = shapes.pooler_output.as_ref().map(|s| Tensor::zeros(s));
-        let mut logits = shapes.logits.as_ref().map(|s| Tensor::zeros(s));
+        let all = [Some(&shapes.last_hidden_state), shapes.pooler_output.as_ref(), shapes.logits.as_ref()];
+        let need: Bytes = all.into_iter().flatten().map(|s| Bytes::floats(s)).sum();
+        Need::new(format!("the outputs of a pass over {} images", input.batch), need).hint(PIECES_HINT).check()?;
+        let zeros = |shape: &[usize]| -> Result<Tensor> {
+            Ok(Tensor { shape: shape.to_vec(), data: resources::try_zeroed(shape.iter().product(), "the outputs")? })
+        };
+        let mut hidden = zeros(&shapes.last_hidden_state)?;
+        let mut pooled = shapes.pooler_output.as_deref().map(zeros).transpose()?;
+        let mut logits = shapes.logits.as_deref().map(zeros).transpose()?;
         self.forward_into(
             input,
             OutputBuffers {
@@ -261,7 +330,7 @@ impl Model {
                 let Some(shape) = shape else {
                     bail!(InvalidArgument, "this {} model has no {name} output", self.arch.hf_name());
                 };
-                let want: usize = shape.iter().product();
+                let want = checked_numel(shape).unwrap_or(usize::MAX);
                 ensure!(
                     b.len() == want,
                     InvalidArgument,
@@ -278,7 +347,7 @@ impl Model {
             return self.segmentation_forward_into(input, out);
         }
 
-        let mut ws = self.take_workspace(input.batch, input.height, input.width);
+        let mut ws = self.take_workspace(input.batch, input.height, input.width)?;
         self.run(&mut ws, input, out);
         self.return_workspace(ws);
         Ok(())
@@ -364,9 +433,9 @@ impl Model {
     /// Hidden states `indices` of an inference pass (0 = the embeddings, k = the output of block
     /// k, before any final layer norm), each `[batch, tokens, hidden]`: the backbone features
     /// of heads outside this module (segmentation). `input` must have passed `check_input`.
-    pub(crate) fn hidden_states(&self, input: &ImageBatch<'_>, indices: &[usize]) -> Vec<Vec<f32>> {
+    pub(crate) fn hidden_states(&self, input: &ImageBatch<'_>, indices: &[usize]) -> Result<Vec<Vec<f32>>> {
         let c = &self.config;
-        let mut ws = self.take_workspace(input.batch, input.height, input.width);
+        let mut ws = self.take_workspace(input.batch, input.height, input.width)?;
         let plan = ws.plan.clone();
         let mut out = vec![Vec::new(); indices.len()];
         let grab = |k: usize, ws: &Workspace, out: &mut Vec<Vec<f32>>| {
@@ -384,7 +453,7 @@ impl Model {
             grab(l + 1, &ws, &mut out);
         }
         self.return_workspace(ws);
-        out
+        Ok(out)
     }
 
     /// Patch embedding (as a GEMM over non-overlapping patches), mask token, CLS token and

@@ -130,7 +130,12 @@ pub fn load_weights_named(store: &mut ParamStore, path: &Path, candidates: impl 
             spec.shape
         );
         let (offset, len) = (spec.offset, spec.len);
-        tensor_to_f32(&view, &found, &mut store.data[offset..offset + len])?;
+        let values = &mut store.data[offset..offset + len];
+        tensor_to_f32(&view, &found, values)?;
+        // A NaN or an infinity would make every output NaN without any error: refuse the file.
+        if let Some(i) = values.iter().position(|v| !v.is_finite()) {
+            bail!(Format, "tensor {found} in {} holds {} at index {i}: weights must be finite", file.path(), values[i]);
+        }
     }
     Ok(())
 }

@@ -35,11 +35,13 @@ use crate::backend::cpu::elementwise::{bias_gelu_saving_grad, residual_add_into,
 use crate::backend::cpu::gemm::linear;
 use crate::backend::cpu::layernorm::layernorm;
 use crate::backend::cpu::mean_squared_error::mse_fused_part;
-use crate::error::Result;
+use crate::error::{Error, Result};
+use crate::resources::{Bytes, Need};
 use crate::tensor::checked_numel;
 
 use super::arena::{Arena, ArenaPlan, Slot};
 use super::config::Architecture;
+use super::forward::{pass_description, PIECES_HINT};
 use super::params::{Affine, BlockParams, HeadParams, ParamId, ParamStore};
 use super::relpos;
 use super::{DataParallelWorkspace, ImageBatch, MimTarget, Model};
@@ -279,8 +281,7 @@ impl Model {
         grads: &[f32],
     ) -> Result<()> {
         self.check_train_buffers(images.batch, drop_path, grads)?;
-        self.prepare_train_workspace(ws, images);
-        Ok(())
+        self.prepare_train_workspace(ws, images)
     }
 
     /// The caller's buffers of a training pass over `batch` images: `grads` laid out like the
@@ -548,12 +549,12 @@ impl Model {
         images: &ImageBatch<'_>,
         drop_path: Option<DropPath<'_>>,
         indices: &[usize],
-    ) -> Vec<Vec<f32>> {
-        self.prepare_train_workspace(ws, images);
+    ) -> Result<Vec<Vec<f32>>> {
+        self.prepare_train_workspace(ws, images)?;
         let planned = ws.planned.as_mut().expect("planned above");
         self.backbone_forward_train(planned, images, drop_path.map(|d| d.factors));
         let (plan, arena, _) = planned;
-        indices.iter().map(|&k| arena.get(plan.hidden_state(k)).to_vec()).collect()
+        Ok(indices.iter().map(|&k| arena.get(plan.hidden_state(k)).to_vec()).collect())
     }
 
     /// The backward matching [`Model::backbone_train_forward`]: `hidden_grads[i]` is dL/d(hidden
@@ -602,16 +603,46 @@ impl Model {
         }
     }
 
-    fn prepare_train_workspace(&self, ws: &mut TrainWorkspace, images: &ImageBatch<'_>) {
+    /// Plans `ws` for `images` unless it already is: the plan's memory (arena, relative
+    /// position index, and the MIM head's logits block, masked rows and pixel targets) is tested
+    /// against the budget first, and reserved here, so the pass itself allocates nothing large.
+    fn prepare_train_workspace(&self, ws: &mut TrainWorkspace, images: &ImageBatch<'_>) -> Result<()> {
         let threads = rayon::current_num_threads().max(1);
         let key = (images.batch, images.height, images.width, threads);
         if ws.planned.as_ref().is_some_and(|(p, _, _)| p.key == key) {
-            return;
+            return Ok(());
         }
-        ws.planned = None; // free the old arena before allocating the new one
+        self.check_pass_countable(images.batch, images.height, images.width)?;
         let (plan, arena_plan) = self.train_plan(key);
+        let (b, t) = (images.batch, plan.tokens);
+        let positions = b * (t - 1);
+        let head = if self.arch == Architecture::MaskedImageModeling {
+            let v = self.config.vocab_size;
+            Bytes::floats(&[HEAD_BLOCK_ROWS.min(positions), v])
+                + Bytes::of::<usize>(&[positions]) * 2
+                + Bytes::floats(&[plan.patches.len()])
+        } else {
+            Bytes::ZERO
+        };
+        let need = Bytes::floats(&[arena_plan.total()]) + Bytes::of::<usize>(&[t, t]) + head;
+        let what = format!("the training activations of {}", pass_description(b, images.height, images.width, Some(t)));
+        Need::new(what, need).hint(PIECES_HINT).check()?;
+        ws.planned = None; // free the old arena before allocating the new one
+        if self.arch == Architecture::MaskedImageModeling {
+            fn reserve<T>(v: &mut Vec<T>, n: usize) -> std::result::Result<(), std::collections::TryReserveError> {
+                v.clear();
+                v.try_reserve_exact(n)
+            }
+            let v = self.config.vocab_size;
+            reserve(&mut ws.logits, HEAD_BLOCK_ROWS.min(positions) * v)
+                .and_then(|_| reserve(&mut ws.masked_rows, positions))
+                .and_then(|_| reserve(&mut ws.masked_labels, positions))
+                .and_then(|_| reserve(&mut ws.masked_pixels, plan.patches.len()))
+                .map_err(|_| Error::InvalidArgument("cannot allocate the MIM head's buffers: out of memory".into()))?;
+        }
         let rel_index = relpos::relative_position_index(plan.grid);
-        ws.planned = Some((plan, Arena::new(&arena_plan), rel_index));
+        ws.planned = Some((plan, Arena::new(&arena_plan)?, rel_index));
+        Ok(())
     }
 
     /// Floats of the activation arena a training pass over `images` plans.

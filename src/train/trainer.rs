@@ -26,6 +26,7 @@ use crate::error::Result;
 use crate::model::{
     check_label_smoothing, Architecture, ClassifyBatch, DataParallelWorkspace, DropPath, MimBatch, MimTarget, Model,
 };
+use crate::resources::{try_zeroed, Bytes, Need};
 
 use super::adamw::{AdamW, AdamWConfig};
 use super::clip::{clip_grad_norm, global_norm};
@@ -277,9 +278,10 @@ impl Trainer {
 
     fn for_model(model: Model, options: TrainerOptions) -> Result<Self> {
         options.validate()?;
+        Self::state_need(&model, &options).check_config()?;
         let optimizer = new_adamw(&model, &options);
         let lr_scale = layer_decay_scales(&model, &options);
-        let grads = vec![0.0; model.params().data.len()];
+        let grads = try_zeroed(model.params().data.len(), "the trainer's gradient buffer")?;
         let rng = ChaCha8Rng::seed_from_u64(options.seed);
         Ok(Trainer {
             model,
@@ -295,6 +297,19 @@ impl Trainer {
             gpu: None,
             defer_host_copy: false,
         })
+    }
+
+    /// What a trainer of `model` holds beside the model, at most (tested before it is built):
+    /// AdamW's two moments, the gradient buffer, the decay mask while the optimizer is set up,
+    /// and the per-element lr scales of layer decay. The passes' activations are tested where
+    /// they are planned, at the first step of each batch shape.
+    pub fn state_need(model: &Model, options: &TrainerOptions) -> Need {
+        let n = model.params().data.len();
+        let buffers = 4 + usize::from(options.layer_decay != 1.0);
+        Need::new(
+            format!("a trainer's optimizer state and gradients ({buffers} buffers of {n} values)"),
+            Bytes::floats(&[buffers, n]),
+        )
     }
 
     pub fn model(&self) -> &Model {

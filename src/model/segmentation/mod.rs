@@ -15,9 +15,10 @@ pub mod metrics;
 use crate::backend::cpu::batchnorm::update_running_stats;
 use crate::backend::cpu::layernorm::layernorm;
 use crate::error::Result;
+use crate::resources::{Bytes, Need};
 use crate::tensor::checked_numel;
 
-use super::forward::OutputBuffers;
+use super::forward::{OutputBuffers, PIECES_HINT};
 use super::params::HeadParams;
 use super::training::{DropPath, TrainWorkspace};
 use super::{Architecture, ImageBatch, Model};
@@ -113,6 +114,39 @@ impl Model {
         Ok(grid)
     }
 
+    /// Tests what the segmentation head's pass over `b` images of `height`x`width` allocates
+    /// against the budget (the backbone's arena is tested where it is planned). Counted per
+    /// image in units of the patch grid's area `g²`: the tape of [`head_forward`] keeps about
+    /// 64 hidden-wide maps (the FPN levels at 16, 4, 1 and 1/4 of `g²`, the transposed
+    /// convolutions' intermediates, the laterals' inputs), 320 head-channel maps (laterals, the
+    /// top-down sums, FPN convolutions, the upsampled and concatenated outputs), 20 label maps
+    /// and 8 auxiliary-channel maps; each image in flight on a thread also holds the im2col
+    /// matrix of the widest 3x3 convolution (4·channels inputs at 16·g²: 576·channels·g²).
+    /// Training keeps the gradients of all of it too, so twice that.
+    pub(crate) fn check_segmentation_need(
+        &self,
+        b: usize,
+        height: usize,
+        width: usize,
+        grid: (usize, usize),
+        training: bool,
+    ) -> Result<()> {
+        let head = self.segmentation_head().expect("a segmentation model");
+        let g2 = grid.0 * grid.1; // both are at most 2^16: no overflow
+        let d = self.config.hidden_size;
+        let ca = head.aux.as_ref().map_or(0, |a| a.channels);
+        let maps = Bytes::floats(&[g2, d]) * 64
+            + Bytes::floats(&[g2, head.channels]) * 320
+            + Bytes::floats(&[g2, head.num_labels]) * 20
+            + Bytes::floats(&[g2, ca]) * 8;
+        let in_flight = b.min(rayon::current_num_threads().max(1));
+        let im2col = Bytes::floats(&[in_flight, 576, head.channels, g2]);
+        let hidden = Bytes::floats(&[b, g2 + 1, d]) * 5;
+        let need = (maps * b + im2col) * if training { 2 } else { 1 } + hidden;
+        let what = if training { "the segmentation head's training pass" } else { "the segmentation head" };
+        Need::new(format!("{what} over {b} images of {height}x{width} pixels"), need).hint(PIECES_HINT).check()
+    }
+
     /// Hidden-state indices (0-based into the hidden states) of the four FPN levels.
     fn level_indices(head: &SegmentationHead) -> [usize; 4] {
         head.out_indices.map(|i| i - 1)
@@ -128,7 +162,8 @@ impl Model {
         let layers = self.layout.blocks.len();
         let mut wanted = levels.to_vec();
         wanted.push(layers);
-        let hidden = self.hidden_states(input, &wanted);
+        self.check_segmentation_need(b, input.height, input.width, grid, false)?;
+        let hidden = self.hidden_states(input, &wanted)?;
         if let Some(dst) = out.last_hidden_state {
             match &self.layout.final_layernorm {
                 Some(ln) => {
@@ -204,7 +239,8 @@ impl Model {
         let (b, d) = (batch.batch, self.config.hidden_size);
         let levels = Self::level_indices(head);
         let images = batch.images();
-        let hidden = self.backbone_train_forward(ws, &images, drop_path, &levels);
+        self.check_segmentation_need(b, batch.height, batch.width, grid, true)?;
+        let hidden = self.backbone_train_forward(ws, &images, drop_path, &levels)?;
         let feats = std::array::from_fn(|i| tokens_to_maps(&hidden[i], b, grid, d));
         drop(hidden);
         let (out, tape) = head_forward(&self.params, head, feats, b, grid, BnMode::Train);

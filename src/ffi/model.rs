@@ -71,6 +71,10 @@ pub struct beit_model {
     pub(crate) inner: Model,
 }
 
+// The thread-safety promise above, checked by the compiler: nothing in a model changes after
+// creation except its pool of inference workspaces, which a mutex guards.
+const _: () = super::status::assert_thread_safe::<beit_model>();
+
 /// What a model is (filled by `beit_model_get_info`).
 #[allow(non_camel_case_types)]
 #[repr(C)]

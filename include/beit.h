@@ -32,6 +32,8 @@
  *   the calls on a shared trainer (or retry). After a libbeit panic during a call on it
  *   (BEIT_ERR_INTERNAL), a trainer refuses every later call with BEIT_ERR_INTERNAL: its state
  *   may be inconsistent; free it.
+ * - Two saves into the same file or directory (beit_model_save, beit_trainer_save_checkpoint,
+ *   beit_trainer_save_model) must not run at once, even from different handles.
  * - The last error message is per thread.
  * - Free a handle only when no call is using it (*_free cannot check). Handles may be freed in
  *   any order (a trainer and a tokenizer share their context's thread pool).
@@ -268,8 +270,9 @@ typedef struct beit_dataset beit_dataset;
  *
  * Thread safety: a model is immutable once created; many threads may run `beit_model_infer`
  * (and `beit_model_save`, `beit_model_get_info`, `beit_model_output_sizes`) on one model at the
- * same time, each with its own input and output buffers. Free it only when no call using it
- * is running, and before the context it was created with.
+ * same time, each with its own input and output buffers (and, for saves, its own directory:
+ * two saves into one directory at once may fail with `BEIT_ERR_IO`). Free it only when no call
+ * using it is running, and before the context it was created with.
  */
 typedef struct beit_model beit_model;
 

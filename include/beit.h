@@ -14,15 +14,29 @@
  *   compiled it, so later versions can append fields. Start from the *_default() functions.
  * - No Rust panic ever unwinds into the caller: it becomes BEIT_ERR_INTERNAL.
  *
+ * Memory
+ * - Every object whose size comes from a config, a file, an option or an input (a model, a
+ *   trainer, the buffers of one pass, a tokenizer) is sized before it is allocated, and refused
+ *   (BEIT_ERR_CONFIG for a config's size, BEIT_ERR_INVALID_ARGUMENT for an input's, the message
+ *   naming the size and the limit) when it needs more than its context's memory budget:
+ *   beit_context_options.memory_budget, by default the memory available to the process.
+ *
  * Thread safety
- * - A beit_model is immutable: many threads may run beit_model_infer on one model at once.
- * - A beit_context may be shared by many threads; its thread pool is thread-safe.
- * - A beit_trainer is mutable: use each trainer from one thread at a time.
+ * - A beit_context never changes after creation: many threads may use one at once.
+ * - A beit_model is immutable: many threads may run beit_model_infer (and the other
+ *   beit_model_* calls but beit_model_free) on one model at once.
  * - A beit_dataset is immutable: many threads may read samples from one dataset at once.
  * - A beit_tokenizer is immutable: many threads may tokenize (and decode) with one at once.
+ * - A beit_trainer takes one call at a time, and enforces it: a beit_trainer_* call made while
+ *   another thread's call holds the trainer does nothing and returns BEIT_ERR_BUSY. Serialise
+ *   the calls on a shared trainer (or retry). After a libbeit panic during a call on it
+ *   (BEIT_ERR_INTERNAL), a trainer refuses every later call with BEIT_ERR_INTERNAL: its state
+ *   may be inconsistent; free it.
+ * - Two saves into the same file or directory (beit_model_save, beit_trainer_save_checkpoint,
+ *   beit_trainer_save_model) must not run at once, even from different handles.
  * - The last error message is per thread.
- * - Free a handle only when no call is using it. Handles may be freed in any order (a trainer
- *   and a tokenizer share their context's thread pool).
+ * - Free a handle only when no call is using it (*_free cannot check). Handles may be freed in
+ *   any order (a trainer and a tokenizer share their context's thread pool).
  */
 
 #ifndef BEIT_H
@@ -45,9 +59,14 @@
 /**
  * The ABI version of this header and library. It changes only when a compiled host could
  * break: a function removed or changed, a struct field moved. Adding functions, enum values or
- * fields at the end of versioned structs (see `struct_size`) does not change it.
+ * fields at the end of versioned structs (see `struct_size`) does not change it, with one
+ * exception: a struct that a `*_default()` function returns by value is returned in registers
+ * up to 16 bytes and through a hidden pointer above that (x86-64 and AArch64 C ABIs), so
+ * growing one across 16 bytes breaks every compiled caller of that function. ABI 2 is such a
+ * change: `beit_context_options` grew from 16 to 24 bytes (`memory_budget`). Every versioned
+ * struct is now larger than 16 bytes, so appending fields is safe again.
  */
-#define BEIT_ABI_VERSION 1
+#define BEIT_ABI_VERSION 2
 
 /**
  * Major version of the libbeit release this header comes from (equals Cargo's version).
@@ -226,9 +245,14 @@ typedef uint32_t beit_weight_decay_on;
  * An execution context: a device and a thread pool of its own, so that a host's thread setting
  * is exact and independent of other libraries.
  *
- * Thread safety: a context may be shared by many threads; concurrent `beit_model_infer` calls
- * on one context are safe (its pool is thread-safe; the passes share its workers). Free it
- * only after every call using it has returned and after the models created with it are freed.
+ * Its memory budget (`beit_context_options.memory_budget`) applies to everything planned on
+ * it: models created or loaded with it, inference passes run on it, and the trainers and
+ * tokenizers made with it (they keep using its budget and pool).
+ *
+ * Thread safety: a context is never changed after creation; any number of threads may pass
+ * one context to any calls at once (its pool is thread-safe; concurrent passes share its
+ * workers). Free it only after every call using it has returned and after the models created
+ * with it are freed.
  */
 typedef struct beit_context beit_context;
 
@@ -246,8 +270,9 @@ typedef struct beit_dataset beit_dataset;
  *
  * Thread safety: a model is immutable once created; many threads may run `beit_model_infer`
  * (and `beit_model_save`, `beit_model_get_info`, `beit_model_output_sizes`) on one model at the
- * same time, each with its own input and output buffers. Free it only when no call using it
- * is running, and before the context it was created with.
+ * same time, each with its own input and output buffers (and, for saves, its own directory:
+ * two saves into one directory at once may fail with `BEIT_ERR_IO`). Free it only when no call
+ * using it is running, and before the context it was created with.
  */
 typedef struct beit_model beit_model;
 
@@ -266,9 +291,20 @@ typedef struct beit_tokenizer beit_tokenizer;
  * state, the learning rate schedule, the random state (stochastic depth) and the data
  * position. Checkpoints hold all of it, so a resumed run continues bit for bit.
  *
- * Thread safety: a trainer is mutable; use it from one thread at a time (calls on different
- * trainers may run at once, also on one context). It runs its steps on the thread pool of the
+ * Thread safety: a trainer takes one call at a time. Every `beit_trainer_*` call on it (all
+ * but `beit_trainer_free`) claims it for its duration without waiting; a call made while
+ * another thread's call holds it does nothing and returns `BEIT_ERR_BUSY` (the message names
+ * the refused call), so hosts that share a trainer between threads serialise their calls
+ * themselves (a lock) or retry. Calls on different trainers may run at once, also on one
+ * context. A trainer runs its work on the thread pool and under the memory budget of the
  * context it was created with; it shares that pool, so the context handle may be freed first.
+ *
+ * After a call that returned `BEIT_ERR_INTERNAL` because libbeit panicked (a bug) while it
+ * held the trainer, the trainer's state is unknown: a step may have applied part of its
+ * update. Every later call on it then returns `BEIT_ERR_INTERNAL` (saying so) instead of
+ * training on, or saving, a possibly inconsistent state; free it and start a new trainer
+ * (e.g. from the last checkpoint). Other errors never do this: they leave the trainer as it
+ * was before the call.
  */
 typedef struct beit_trainer beit_trainer;
 
@@ -289,6 +325,18 @@ typedef struct beit_context_options {
      * Worker threads of the context's pool; 0 (the default) means one per available core.
      */
     uint32_t num_threads;
+    /**
+     * How many bytes one object planned on this context may need: a model, a trainer, the
+     * buffers of one pass over a batch, a tokenizer. Every such object is sized before it is
+     * allocated, and one that would need more is refused (`BEIT_ERR_CONFIG` when the size
+     * comes from a model config, `BEIT_ERR_INVALID_ARGUMENT` when it comes from an argument or
+     * an input) with a message naming the object, its size and "the memory budget set for this
+     * context". It bounds each object, not the sum of all of them. 0 (the default) means the
+     * memory available to the process when each object is planned (the smallest of the
+     * kernel's MemAvailable, the address-space limit and the cgroup limit). Added after the
+     * first version: a caller whose `struct_size` does not cover it gets the default.
+     */
+    uint64_t memory_budget;
 } beit_context_options;
 
 /**
@@ -840,7 +888,8 @@ extern "C" {
 #endif // __cplusplus
 
 /**
- * The default context options: `BEIT_DEVICE_AUTO`, one thread per core.
+ * The default context options: `BEIT_DEVICE_AUTO`, one thread per core, a memory budget of
+ * what the process has available.
  */
 struct beit_context_options beit_context_options_default(void);
 
@@ -850,6 +899,9 @@ struct beit_context_options beit_context_options_default(void);
  *
  * Errors: `BEIT_ERR_NULL_POINTER` (out), `BEIT_ERR_INVALID_ARGUMENT` (struct_size, device or
  * thread count), `BEIT_ERR_UNSUPPORTED` (a device this build or machine lacks).
+ *
+ * A struct from an older header (a `struct_size` that ends before `memory_budget`) is
+ * accepted: the fields it lacks take their defaults.
  *
  * # Safety
  * `opts` must be NULL or point to a readable `beit_context_options` of at least its
@@ -1278,7 +1330,8 @@ beit_status beit_trainer_load_model_dir(const struct beit_context *ctx,
                                         struct beit_trainer **out);
 
 /**
- * Frees a trainer. NULL is a no-op. Its context is not touched.
+ * Frees a trainer. NULL is a no-op. Its context is not touched. This is the one trainer call
+ * that does not claim the trainer: free it only when no call on it is running.
  *
  * # Safety
  * `trainer` must be NULL or a trainer not freed before, that no other thread is using.
@@ -1300,12 +1353,14 @@ void beit_trainer_free(struct beit_trainer *trainer);
  * not match the shape, with both numbers; a shape other than the configured image size or
  * channel count; a mask value other than 0 or 1, or no masked patch; a masked patch's label
  * outside `[0, vocab_size)`; a non-finite pixel), `BEIT_ERR_NUMERICAL` (the loss or gradient
- * is not finite: training diverged; the step was not applied).
+ * is not finite: training diverged; the step was not applied), `BEIT_ERR_BUSY` (another
+ * thread's call holds the trainer; nothing was done), `BEIT_ERR_INTERNAL` (see
+ * `beit_trainer`: after a panic the trainer refuses further calls).
  *
  * # Safety
- * `trainer` must be NULL or a live trainer that no other thread is using; `batch` NULL or readable for its `struct_size`, each of its non-NULL buffers holding
- * its stated length for the duration of the call; `out` NULL or writable for its
- * `struct_size`.
+ * `trainer` must be NULL or a live trainer; `batch` NULL or readable for its `struct_size`,
+ * each of its non-NULL buffers holding its stated length for the duration of the call; `out`
+ * NULL or writable for its `struct_size`.
  */
 beit_status beit_trainer_step(struct beit_trainer *trainer,
                               const struct beit_mim_batch *batch,
@@ -1318,11 +1373,11 @@ beit_status beit_trainer_step(struct beit_trainer *trainer,
  * it bit for bit.
  *
  * Errors: `BEIT_ERR_NULL_POINTER`, `BEIT_ERR_INVALID_ARGUMENT` (path not UTF-8), `BEIT_ERR_IO`
- * (e.g. its directory does not exist).
+ * (e.g. its directory does not exist), `BEIT_ERR_BUSY` (another thread's call holds the
+ * trainer; nothing was written).
  *
  * # Safety
- * `trainer` must be NULL or a live trainer not being changed by another thread; `path` NULL or
- * a NUL-terminated string.
+ * `trainer` must be NULL or a live trainer; `path` NULL or a NUL-terminated string.
  */
 beit_status beit_trainer_save_checkpoint(const struct beit_trainer *trainer, const char *path);
 
@@ -1335,11 +1390,11 @@ beit_status beit_trainer_save_checkpoint(const struct beit_trainer *trainer, con
  *
  * Errors: `BEIT_ERR_NULL_POINTER`, `BEIT_ERR_INVALID_ARGUMENT` (path not UTF-8; a checkpoint of
  * another model config, naming the differences), `BEIT_ERR_IO`, `BEIT_ERR_FORMAT` (not a
- * trainer checkpoint, truncated or corrupt).
+ * trainer checkpoint, truncated or corrupt), `BEIT_ERR_BUSY` (another thread's call holds the
+ * trainer; nothing was done).
  *
  * # Safety
- * `trainer` must be NULL or a live trainer that no other thread is using; `path` NULL or a
- * NUL-terminated string.
+ * `trainer` must be NULL or a live trainer; `path` NULL or a NUL-terminated string.
  */
 beit_status beit_trainer_load_checkpoint(struct beit_trainer *trainer, const char *path);
 
@@ -1349,18 +1404,18 @@ beit_status beit_trainer_load_checkpoint(struct beit_trainer *trainer, const cha
  * `beit_trainer_load_model_dir` and `transformers` read. The directory is created if needed;
  * each file is replaced atomically.
  *
- * Errors: `BEIT_ERR_NULL_POINTER`, `BEIT_ERR_INVALID_ARGUMENT` (dir not UTF-8), `BEIT_ERR_IO`.
+ * Errors: `BEIT_ERR_NULL_POINTER`, `BEIT_ERR_INVALID_ARGUMENT` (dir not UTF-8), `BEIT_ERR_IO`,
+ * `BEIT_ERR_BUSY` (another thread's call holds the trainer; nothing was written).
  *
  * # Safety
- * `trainer` must be NULL or a live trainer not being changed by another thread; `dir` NULL or a
- * NUL-terminated string.
+ * `trainer` must be NULL or a live trainer; `dir` NULL or a NUL-terminated string.
  */
 beit_status beit_trainer_save_model(const struct beit_trainer *trainer, const char *dir);
 
 /**
  * Writes the number of steps completed to `*out`.
  *
- * Errors: `BEIT_ERR_NULL_POINTER`.
+ * Errors: `BEIT_ERR_NULL_POINTER`, `BEIT_ERR_BUSY` (another thread's call holds the trainer).
  *
  * # Safety
  * `trainer` must be NULL or a live trainer; `out` NULL or writable.
@@ -1372,7 +1427,7 @@ beit_status beit_trainer_step_count(const struct beit_trainer *trainer, uint64_t
  * step adds one; `beit_trainer_set_data_position` sets it; checkpoints store it, so a resumed
  * run can pick the same next batch.
  *
- * Errors: `BEIT_ERR_NULL_POINTER`.
+ * Errors: `BEIT_ERR_NULL_POINTER`, `BEIT_ERR_BUSY` (another thread's call holds the trainer).
  *
  * # Safety
  * `trainer` must be NULL or a live trainer; `out` NULL or writable.
@@ -1383,10 +1438,11 @@ beit_status beit_trainer_get_data_position(const struct beit_trainer *trainer, u
  * Sets the data position (see `beit_trainer_get_data_position`), e.g. after the host skipped
  * batches.
  *
- * Errors: `BEIT_ERR_NULL_POINTER`.
+ * Errors: `BEIT_ERR_NULL_POINTER`, `BEIT_ERR_BUSY` (another thread's call holds the trainer;
+ * the position is unchanged).
  *
  * # Safety
- * `trainer` must be NULL or a live trainer that no other thread is using.
+ * `trainer` must be NULL or a live trainer.
  */
 beit_status beit_trainer_set_data_position(struct beit_trainer *trainer, uint64_t position);
 
@@ -1395,7 +1451,8 @@ beit_status beit_trainer_set_data_position(struct beit_trainer *trainer, uint64_
  * batches: `num_patches`, `vocab_size`, `num_channels`, the image size. Set `out->struct_size`
  * first (or start from `beit_model_info_default()`).
  *
- * Errors: `BEIT_ERR_NULL_POINTER`, `BEIT_ERR_INVALID_ARGUMENT` (struct_size).
+ * Errors: `BEIT_ERR_NULL_POINTER`, `BEIT_ERR_INVALID_ARGUMENT` (struct_size), `BEIT_ERR_BUSY`
+ * (another thread's call holds the trainer).
  *
  * # Safety
  * `trainer` must be NULL or a live trainer; `out` NULL or writable for `out->struct_size` bytes.

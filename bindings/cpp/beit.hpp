@@ -124,6 +124,7 @@ BEIT_HPP_ERROR_CLASS(UnsupportedError)      // BEIT_ERR_UNSUPPORTED
 BEIT_HPP_ERROR_CLASS(BufferSizeError)       // BEIT_ERR_BUFFER_SIZE
 BEIT_HPP_ERROR_CLASS(InternalError)         // BEIT_ERR_INTERNAL
 BEIT_HPP_ERROR_CLASS(NumericalError)        // BEIT_ERR_NUMERICAL
+BEIT_HPP_ERROR_CLASS(BusyError)             // BEIT_ERR_BUSY (a trainer in use by another thread)
 #undef BEIT_HPP_ERROR_CLASS
 
 // Throws the exception class of `status` with `message`.
@@ -138,6 +139,7 @@ BEIT_HPP_ERROR_CLASS(NumericalError)        // BEIT_ERR_NUMERICAL
     case BEIT_ERR_BUFFER_SIZE: throw BufferSizeError(status, message);
     case BEIT_ERR_INTERNAL: throw InternalError(status, message);
     case BEIT_ERR_NUMERICAL: throw NumericalError(status, message);
+    case BEIT_ERR_BUSY: throw BusyError(status, message);
     default: throw Error(status, message);
     }
 }
@@ -232,7 +234,10 @@ using DatasetInfo = beit_dataset_info;
 using TrainerOptions = beit_trainer_options;
 using StepStats = beit_step_stats;
 
-// beit_context: device and thread pool. Thread-safe; share one among threads.
+// beit_context: device, thread pool and memory budget. Thread-safe; share one among threads.
+// `ContextOptions::memory_budget` (bytes; 0, the default: the memory available to the process)
+// bounds what one model, trainer, inference pass or tokenizer planned on the context may need;
+// a bigger one throws ConfigError (a config's size) or InvalidArgumentError (an input's).
 class Context {
 public:
     static ContextOptions default_options() { return beit_context_options_default(); }
@@ -247,11 +252,13 @@ public:
     static Context create(const ContextOptions& options = default_options()) {
         return Context(options);
     }
-    // A CPU context with `num_threads` workers (0: one per core).
-    static Context cpu(std::uint32_t num_threads = 0) {
+    // A CPU context with `num_threads` workers (0: one per core) and a memory budget of
+    // `memory_budget` bytes (0: the memory available to the process).
+    static Context cpu(std::uint32_t num_threads = 0, std::uint64_t memory_budget = 0) {
         ContextOptions o = default_options();
         o.device = BEIT_DEVICE_CPU;
         o.num_threads = num_threads;
+        o.memory_budget = memory_budget;
         return Context(o);
     }
 
@@ -499,7 +506,9 @@ struct MimBatch {
     }
 };
 
-// beit_trainer: BEiT pretraining (AdamW); use one trainer from one thread at a time.
+// beit_trainer: BEiT pretraining (AdamW). A trainer takes one call at a time: a call made while
+// another thread's call on it runs throws BusyError and does nothing; serialise calls on a
+// shared trainer (e.g. with a std::mutex).
 class Trainer {
 public:
     static TrainerOptions default_options() { return beit_trainer_options_default(); }

@@ -18,11 +18,17 @@ const (
 	DeviceCUDA Device = C.BEIT_DEVICE_CUDA // an ErrUnsupported error when unavailable
 )
 
-// ContextOptions configures NewContext. The zero value means DeviceAuto and one thread per
-// core.
+// ContextOptions configures NewContext. The zero value means DeviceAuto, one thread per core
+// and a memory budget of what the process has available.
 type ContextOptions struct {
 	Device  Device
 	Threads int // worker threads; 0: one per available core
+	// MemoryBudget is how many bytes one object planned on the context (a model, a trainer,
+	// one inference pass, a tokenizer) may need; a bigger one is refused before anything is
+	// allocated (ErrConfig when the size comes from a model config, ErrInvalidArgument when it
+	// comes from an input). 0 (the zero value) means the memory available to the process when
+	// each object is planned, which is also the library's default.
+	MemoryBudget uint64
 }
 
 // Context is an execution context: a device and a thread pool of its own. It may be shared
@@ -47,6 +53,7 @@ func NewContext(opts *ContextOptions) (*Context, error) {
 		}
 		o.device = C.beit_device(opts.Device)
 		o.num_threads = C.uint32_t(opts.Threads)
+		o.memory_budget = C.uint64_t(opts.MemoryBudget)
 	}
 	var ptr *C.beit_context
 	if err := call(func() C.beit_status { return C.beit_context_create(&o, &ptr) }); err != nil {

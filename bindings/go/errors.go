@@ -23,6 +23,7 @@ const (
 	StatusBufferSize      Status = C.BEIT_ERR_BUFFER_SIZE
 	StatusInternal        Status = C.BEIT_ERR_INTERNAL
 	StatusNumerical       Status = C.BEIT_ERR_NUMERICAL
+	StatusBusy            Status = C.BEIT_ERR_BUSY
 )
 
 // String gives the C name of the status, e.g. "BEIT_ERR_IO".
@@ -76,6 +77,9 @@ var (
 	ErrBufferSize      = sentinel(StatusBufferSize)
 	ErrInternal        = sentinel(StatusInternal)
 	ErrNumerical       = sentinel(StatusNumerical)
+	// ErrBusy: the handle was in use by a call on another thread (a trainer takes one call at
+	// a time); nothing was done. Trainer serialises its own methods, so it never returns this.
+	ErrBusy = sentinel(StatusBusy)
 	// ErrClosed matches an error from a handle used after Close. Such an error has
 	// Status StatusNullPointer (it is what C would say of the freed, NULL, handle), so it
 	// matches ErrNullPointer too.

@@ -117,9 +117,10 @@ type StepStats struct {
 	ImagesPerS float64
 }
 
-// Trainer pretrains a BeitForMaskedImageModeling. libbeit trainers are single-threaded; this
-// type serialises its methods with a mutex, so goroutines may share it. It shares its
-// context's thread pool, so the Context may be closed first.
+// Trainer pretrains a BeitForMaskedImageModeling. A libbeit trainer takes one call at a time
+// (it refuses a concurrent call with ErrBusy); this type serialises its methods with a mutex,
+// so goroutines may share it and wait their turn. It shares its context's thread pool, so the
+// Context may be closed first.
 type Trainer struct {
 	mu  sync.Mutex
 	ptr *C.beit_trainer

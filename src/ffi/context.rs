@@ -1,9 +1,11 @@
 //! `beit_context`: the device and the thread pool every pass runs on.
 
-use std::mem::size_of;
+use std::mem::{offset_of, size_of};
+use std::ptr::addr_of;
 
 use super::status::{beit_status, check_struct_size, guard, guard_infallible, non_null_mut, FfiError, FfiResult};
 use crate::context::{Context, ContextOptions, Device};
+use crate::resources::MemoryBudget;
 
 /// Where a context runs work.
 #[allow(non_camel_case_types)]
@@ -50,30 +52,83 @@ pub struct beit_context_options {
     pub device: RawDevice,
     /// Worker threads of the context's pool; 0 (the default) means one per available core.
     pub num_threads: u32,
+    /// How many bytes one object planned on this context may need: a model, a trainer, the
+    /// buffers of one pass over a batch, a tokenizer. Every such object is sized before it is
+    /// allocated, and one that would need more is refused (`BEIT_ERR_CONFIG` when the size
+    /// comes from a model config, `BEIT_ERR_INVALID_ARGUMENT` when it comes from an argument or
+    /// an input) with a message naming the object, its size and "the memory budget set for this
+    /// context". It bounds each object, not the sum of all of them. 0 (the default) means the
+    /// memory available to the process when each object is planned (the smallest of the
+    /// kernel's MemAvailable, the address-space limit and the cgroup limit). Added after the
+    /// first version: a caller whose `struct_size` does not cover it gets the default.
+    pub memory_budget: u64,
 }
 
-/// Size of the first version of `beit_context_options`.
-const CONTEXT_OPTIONS_V1_SIZE: usize = size_of::<beit_context_options>();
+/// Size of the first version of `beit_context_options` (before `memory_budget`).
+const CONTEXT_OPTIONS_V1_SIZE: usize = offset_of!(beit_context_options, memory_budget);
+
+/// The bytes a caller's `struct_size` must cover for `memory_budget` to be read.
+const CONTEXT_OPTIONS_WITH_BUDGET_SIZE: usize = offset_of!(beit_context_options, memory_budget) + size_of::<u64>();
 
 /// An execution context: a device and a thread pool of its own, so that a host's thread setting
 /// is exact and independent of other libraries.
 ///
-/// Thread safety: a context may be shared by many threads; concurrent `beit_model_infer` calls
-/// on one context are safe (its pool is thread-safe; the passes share its workers). Free it
-/// only after every call using it has returned and after the models created with it are freed.
+/// Its memory budget (`beit_context_options.memory_budget`) applies to everything planned on
+/// it: models created or loaded with it, inference passes run on it, and the trainers and
+/// tokenizers made with it (they keep using its budget and pool).
+///
+/// Thread safety: a context is never changed after creation; any number of threads may pass
+/// one context to any calls at once (its pool is thread-safe; concurrent passes share its
+/// workers). Free it only after every call using it has returned and after the models created
+/// with it are freed.
 #[allow(non_camel_case_types)]
 pub struct beit_context {
     /// Shared so that trainers can keep the thread pool alive past `beit_context_free`.
     pub(crate) inner: std::sync::Arc<Context>,
 }
 
-/// The default context options: `BEIT_DEVICE_AUTO`, one thread per core.
+// The thread-safety promise above, checked by the compiler: a context holds no state that
+// shared use could race on.
+const _: () = super::status::assert_thread_safe::<beit_context>();
+
+/// The default context options: `BEIT_DEVICE_AUTO`, one thread per core, a memory budget of
+/// what the process has available.
 #[no_mangle]
 pub extern "C" fn beit_context_options_default() -> beit_context_options {
     beit_context_options {
         struct_size: size_of::<beit_context_options>(),
         device: RawDevice(beit_device::BEIT_DEVICE_AUTO as u32),
         num_threads: 0,
+        memory_budget: 0,
+    }
+}
+
+/// Reads the caller's options field by field: a struct from an older header is shorter than
+/// this version's, so only the fields its `struct_size` covers may be read; the others keep
+/// their defaults.
+///
+/// # Safety
+/// `opts` must be non-NULL and readable for its `struct_size` bytes.
+unsafe fn read_options(opts: *const beit_context_options) -> FfiResult<beit_context_options> {
+    // SAFETY: the caller's promise; check_struct_size makes sure the first version's fields
+    // are covered, and memory_budget is read only when struct_size covers it too.
+    unsafe {
+        let size = check_struct_size(opts, "opts", CONTEXT_OPTIONS_V1_SIZE)?;
+        let mut options = beit_context_options_default();
+        options.device = addr_of!((*opts).device).read_unaligned();
+        options.num_threads = addr_of!((*opts).num_threads).read_unaligned();
+        if size >= CONTEXT_OPTIONS_WITH_BUDGET_SIZE {
+            options.memory_budget = addr_of!((*opts).memory_budget).read_unaligned();
+        }
+        Ok(options)
+    }
+}
+
+/// The budget `memory_budget` (bytes; 0 for what is available) asks for.
+fn memory_budget(bytes: u64) -> MemoryBudget {
+    match bytes {
+        0 => MemoryBudget::Available,
+        n => MemoryBudget::Bytes(n),
     }
 }
 
@@ -82,6 +137,9 @@ pub extern "C" fn beit_context_options_default() -> beit_context_options {
 ///
 /// Errors: `BEIT_ERR_NULL_POINTER` (out), `BEIT_ERR_INVALID_ARGUMENT` (struct_size, device or
 /// thread count), `BEIT_ERR_UNSUPPORTED` (a device this build or machine lacks).
+///
+/// A struct from an older header (a `struct_size` that ends before `memory_budget`) is
+/// accepted: the fields it lacks take their defaults.
 ///
 /// # Safety
 /// `opts` must be NULL or point to a readable `beit_context_options` of at least its
@@ -96,16 +154,13 @@ pub unsafe extern "C" fn beit_context_create(
         let options = if opts.is_null() {
             beit_context_options_default()
         } else {
-            // SAFETY: non-NULL; the caller promises a readable struct of struct_size bytes, and
-            // check_struct_size makes sure that covers every field read here.
-            unsafe {
-                check_struct_size(opts, "opts", CONTEXT_OPTIONS_V1_SIZE)?;
-                opts.read_unaligned()
-            }
+            // SAFETY: non-NULL; the caller promises a readable struct of struct_size bytes.
+            unsafe { read_options(opts) }?
         };
         let device = options.device.to_device()?;
         let threads = usize::try_from(options.num_threads).unwrap_or(usize::MAX);
-        let inner = Context::new(&ContextOptions { device, threads, ..Default::default() })?;
+        let memory_budget = Some(memory_budget(options.memory_budget));
+        let inner = Context::new(&ContextOptions { device, threads, memory_budget })?;
         let handle = Box::into_raw(Box::new(beit_context { inner: std::sync::Arc::new(inner) }));
         // SAFETY: non-NULL, and the caller promises it is writable.
         unsafe { out.write(handle) };
@@ -181,5 +236,82 @@ mod tests {
         assert_eq!(unsafe { beit_context_create(&opts, &mut ctx) }, beit_status::BEIT_ERR_INVALID_ARGUMENT);
         assert!(ctx.is_null(), "out is written only on success");
         assert_eq!(unsafe { beit_context_create(ptr::null(), ptr::null_mut()) }, beit_status::BEIT_ERR_NULL_POINTER);
+    }
+
+    #[test]
+    fn the_memory_budget_reaches_the_context() {
+        let create = |opts: *const beit_context_options| {
+            let mut ctx: *mut beit_context = ptr::null_mut();
+            assert_eq!(unsafe { beit_context_create(opts, &mut ctx) }, beit_status::BEIT_OK);
+            let budget = unsafe { &(*ctx).inner }.memory_budget();
+            unsafe { beit_context_free(ctx) };
+            budget
+        };
+        assert_eq!(beit_context_options_default().memory_budget, 0);
+        assert_eq!(create(&beit_context_options_default()), MemoryBudget::Available);
+        assert_eq!(create(ptr::null()), MemoryBudget::Available);
+        let opts = beit_context_options { memory_budget: 1 << 20, ..beit_context_options_default() };
+        assert_eq!(create(&opts), MemoryBudget::Bytes(1 << 20));
+        // struct_size, device, num_threads: the first version's size must not change.
+        assert_eq!(CONTEXT_OPTIONS_V1_SIZE, size_of::<usize>() + 8);
+    }
+
+    #[test]
+    fn an_older_struct_without_the_budget_gets_the_default() {
+        // The first version of the struct, followed by a word that is not part of it: a library
+        // that read past struct_size would take it for the budget.
+        #[repr(C)]
+        struct V1 {
+            struct_size: usize,
+            device: RawDevice,
+            num_threads: u32,
+        }
+        #[repr(C)]
+        struct V1AndBeyond {
+            v1: V1,
+            beyond: u64,
+        }
+        for struct_size in [size_of::<V1>(), CONTEXT_OPTIONS_WITH_BUDGET_SIZE - 1] {
+            let old = V1AndBeyond {
+                v1: V1 { struct_size, device: RawDevice(beit_device::BEIT_DEVICE_CPU as u32), num_threads: 1 },
+                beyond: 1,
+            };
+            let mut ctx: *mut beit_context = ptr::null_mut();
+            let st =
+                unsafe { beit_context_create(&old as *const V1AndBeyond as *const beit_context_options, &mut ctx) };
+            assert_eq!(st, beit_status::BEIT_OK);
+            let inner = unsafe { &(*ctx).inner };
+            assert_eq!(
+                (inner.memory_budget(), inner.threads()),
+                (MemoryBudget::Available, 1),
+                "struct_size {struct_size}"
+            );
+            unsafe { beit_context_free(ctx) };
+        }
+    }
+
+    #[test]
+    fn a_model_over_the_budget_is_a_config_error() {
+        use crate::ffi::model::{beit_architecture, beit_model, beit_model_create, beit_model_free, RawArchitecture};
+        let opts = beit_context_options { memory_budget: 1 << 20, num_threads: 1, ..beit_context_options_default() };
+        let mut ctx: *mut beit_context = ptr::null_mut();
+        assert_eq!(unsafe { beit_context_create(&opts, &mut ctx) }, beit_status::BEIT_OK);
+        let base = c"{}";
+        let arch = RawArchitecture(beit_architecture::BEIT_ARCH_BACKBONE as u32);
+        let mut model: *mut beit_model = ptr::null_mut();
+        let st = unsafe { beit_model_create(ctx, base.as_ptr(), arch, 1, &mut model) };
+        let msg = unsafe { std::ffi::CStr::from_ptr(crate::ffi::status::beit_last_error_message()) };
+        let msg = msg.to_str().unwrap();
+        assert_eq!(st, beit_status::BEIT_ERR_CONFIG, "{msg}");
+        assert!(msg.contains("memory budget set for this context") && msg.contains("1.0 MiB"), "{msg}");
+        assert!(model.is_null());
+        // A tiny model fits the same budget.
+        let tiny = c"{\"hidden_size\": 8, \"num_hidden_layers\": 1, \"num_attention_heads\": 2, \"intermediate_size\": 16, \"image_size\": 8, \"patch_size\": 4}";
+        let st = unsafe { beit_model_create(ctx, tiny.as_ptr(), arch, 1, &mut model) };
+        assert_eq!(st, beit_status::BEIT_OK);
+        unsafe {
+            beit_model_free(model);
+            beit_context_free(ctx);
+        }
     }
 }

@@ -22,6 +22,9 @@ pub struct beit_dataset {
     inner: Dataset,
 }
 
+// The thread-safety promise above, checked by the compiler: a dataset is a read-only mapping.
+const _: () = super::status::assert_thread_safe::<beit_dataset>();
+
 /// What a dataset holds. Set `struct_size` (or start from `beit_dataset_info_default()`); only
 /// the fields that fit in it are written.
 #[allow(non_camel_case_types)]

@@ -64,12 +64,17 @@ impl RawArchitecture {
 ///
 /// Thread safety: a model is immutable once created; many threads may run `beit_model_infer`
 /// (and `beit_model_save`, `beit_model_get_info`, `beit_model_output_sizes`) on one model at the
-/// same time, each with its own input and output buffers. Free it only when no call using it
-/// is running, and before the context it was created with.
+/// same time, each with its own input and output buffers (and, for saves, its own directory:
+/// two saves into one directory at once may fail with `BEIT_ERR_IO`). Free it only when no call
+/// using it is running, and before the context it was created with.
 #[allow(non_camel_case_types)]
 pub struct beit_model {
     pub(crate) inner: Model,
 }
+
+// The thread-safety promise above, checked by the compiler: nothing in a model changes after
+// creation except its pool of inference workspaces, which a mutex guards.
+const _: () = super::status::assert_thread_safe::<beit_model>();
 
 /// What a model is (filled by `beit_model_get_info`).
 #[allow(non_camel_case_types)]

@@ -154,6 +154,11 @@ pub(crate) fn guard_infallible<T>(fallback: T, f: impl FnOnce() -> T) -> T {
     }
 }
 
+/// Compiles only for a `T` that many threads may use at once through shared references: the
+/// handles documented as safe to share state that promise with this (a `RefCell` or `Cell`
+/// inside one, or a non-thread-safe reference count, would fail the build).
+pub(crate) const fn assert_thread_safe<T: Send + Sync>() {}
+
 /// Rejects a NULL pointer with a message naming the argument.
 pub(crate) fn non_null<T>(ptr: *const T, name: &str) -> FfiResult<*const T> {
     if ptr.is_null() {

@@ -26,6 +26,10 @@ pub struct beit_tokenizer {
     ctx: Arc<Context>,
 }
 
+// The thread-safety promise above, checked by the compiler: nothing in a tokenizer changes
+// after loading.
+const _: () = super::status::assert_thread_safe::<beit_tokenizer>();
+
 /// What a tokenizer takes and gives. Set `struct_size` (or start from
 /// `beit_tokenizer_info_default()`); only the fields that fit in it are written.
 #[allow(non_camel_case_types)]

@@ -4,6 +4,7 @@
 use std::ffi::c_char;
 use std::mem::size_of;
 use std::path::Path;
+use std::sync::{Arc, Mutex, MutexGuard, TryLockError};
 
 use super::context::{beit_context, context_shared};
 use super::model::{beit_model, beit_model_info, check_slice, model_info, write_versioned};
@@ -163,15 +164,70 @@ const MODEL_INFO_V1_SIZE: usize = size_of::<beit_model_info>();
 /// state, the learning rate schedule, the random state (stochastic depth) and the data
 /// position. Checkpoints hold all of it, so a resumed run continues bit for bit.
 ///
-/// Thread safety: a trainer is mutable; use it from one thread at a time (calls on different
-/// trainers may run at once, also on one context). It runs its steps on the thread pool of the
+/// Thread safety: a trainer takes one call at a time. Every `beit_trainer_*` call on it (all
+/// but `beit_trainer_free`) claims it for its duration without waiting; a call made while
+/// another thread's call holds it does nothing and returns `BEIT_ERR_BUSY` (the message names
+/// the refused call), so hosts that share a trainer between threads serialise their calls
+/// themselves (a lock) or retry. Calls on different trainers may run at once, also on one
+/// context. A trainer runs its work on the thread pool and under the memory budget of the
 /// context it was created with; it shares that pool, so the context handle may be freed first.
+///
+/// After a call that returned `BEIT_ERR_INTERNAL` because libbeit panicked (a bug) while it
+/// held the trainer, the trainer's state is unknown: a step may have applied part of its
+/// update. Every later call on it then returns `BEIT_ERR_INTERNAL` (saying so) instead of
+/// training on, or saving, a possibly inconsistent state; free it and start a new trainer
+/// (e.g. from the last checkpoint). Other errors never do this: they leave the trainer as it
+/// was before the call.
 #[allow(non_camel_case_types)]
 pub struct beit_trainer {
-    inner: Trainer,
-    /// The thread pool of the context the trainer was created with, shared: freeing the
-    /// context handle first is safe.
-    ctx: std::sync::Arc<Context>,
+    /// Claimed by every call that touches the trainer (see [`claim`]). A call that panics
+    /// while holding it poisons it, which refuses every later call.
+    inner: Mutex<Trainer>,
+    /// The thread pool and memory budget of the context the trainer was created with, shared:
+    /// freeing the context handle first is safe.
+    ctx: Arc<Context>,
+}
+
+// Many threads may call into one trainer at once (each call claims it first); the compiler
+// checks that the claim is all the sharing needs.
+const _: () = super::status::assert_thread_safe::<beit_trainer>();
+
+/// One call's exclusive use of a trainer: the trainer and the context it runs on.
+struct Claimed<'a> {
+    trainer: MutexGuard<'a, Trainer>,
+    ctx: &'a Context,
+}
+
+/// Claims the trainer behind a handle for the call `call` (named in the messages), without
+/// waiting: `BEIT_ERR_NULL_POINTER` for NULL, `BEIT_ERR_BUSY` when another call holds it,
+/// `BEIT_ERR_INTERNAL` when an earlier call panicked while holding it. The claim ends when the
+/// returned value is dropped, also when the call fails or panics.
+///
+/// # Safety
+/// `trainer` must be NULL or a live trainer (one not freed, and not being freed).
+unsafe fn claim<'a>(trainer: *const beit_trainer, call: &str) -> FfiResult<Claimed<'a>> {
+    let handle = non_null(trainer, "trainer")?;
+    // SAFETY: non-NULL; the caller promises a live trainer. Only a shared reference is made:
+    // other threads may hold one too, and the mutex decides who may change the trainer.
+    let handle = unsafe { &*handle };
+    match handle.inner.try_lock() {
+        Ok(trainer) => Ok(Claimed { trainer, ctx: &handle.ctx }),
+        Err(TryLockError::WouldBlock) => Err(FfiError::new(
+            beit_status::BEIT_ERR_BUSY,
+            format!(
+                "{call}: the trainer is busy with a call on another thread (a trainer takes one call at a \
+                 time; serialise the calls, or retry later); nothing was done"
+            ),
+        )),
+        Err(TryLockError::Poisoned(_)) => Err(FfiError::new(
+            beit_status::BEIT_ERR_INTERNAL,
+            format!(
+                "{call}: the trainer is unusable: an earlier call on it failed part-way with an internal \
+                 error (a libbeit panic, reported then as BEIT_ERR_INTERNAL), so its weights and optimizer \
+                 state may be inconsistent; free it and create a new trainer (e.g. from your last checkpoint)"
+            ),
+        )),
+    }
 }
 
 /// BEiT's pretraining defaults (the values of the Rust `TrainerOptions::default()`), with
@@ -275,31 +331,11 @@ unsafe fn read_options(opts: *const beit_trainer_options) -> FfiResult<TrainerOp
 /// Hands a new trainer to the caller through `out`.
 ///
 /// # Safety
-/// `out` must be non-NULL and writable; `ctx` non-NULL and live.
-unsafe fn hand_out(trainer: Trainer, ctx: std::sync::Arc<Context>, out: *mut *mut beit_trainer) {
-    let handle = Box::into_raw(Box::new(beit_trainer { inner: trainer, ctx }));
+/// `out` must be non-NULL and writable.
+unsafe fn hand_out(trainer: Trainer, ctx: Arc<Context>, out: *mut *mut beit_trainer) {
+    let handle = Box::into_raw(Box::new(beit_trainer { inner: Mutex::new(trainer), ctx }));
     // SAFETY: the caller checked `out`.
     unsafe { out.write(handle) };
-}
-
-/// The trainer behind a handle, or `BEIT_ERR_NULL_POINTER`.
-///
-/// # Safety
-/// `trainer` must be NULL or a live trainer that no other thread is using.
-unsafe fn trainer_ref<'a>(trainer: *const beit_trainer) -> FfiResult<&'a beit_trainer> {
-    let trainer = non_null(trainer, "trainer")?;
-    // SAFETY: non-NULL; the caller promises a live trainer.
-    Ok(unsafe { &*trainer })
-}
-
-/// The trainer behind a handle, mutably, or `BEIT_ERR_NULL_POINTER`.
-///
-/// # Safety
-/// `trainer` must be NULL or a live trainer that no other thread is using.
-unsafe fn trainer_mut<'a>(trainer: *mut beit_trainer) -> FfiResult<&'a mut beit_trainer> {
-    let trainer = non_null_mut(trainer, "trainer")?;
-    // SAFETY: non-NULL; the caller promises a live trainer used by this thread only.
-    Ok(unsafe { &mut *trainer })
 }
 
 /// A copy of `model`: same config, architecture and parameters.
@@ -349,8 +385,9 @@ pub unsafe extern "C" fn beit_trainer_create(
                 model.architecture().hf_name()
             )));
         }
-        let trainer = Trainer::new(copy_model(model)?, options)?;
-        // SAFETY: `out` is non-NULL and writable, `ctx` live (the caller's promises).
+        // Under the context: the copy and the optimizer state are planned against its budget.
+        let trainer = context.run(|| Trainer::new(copy_model(model)?, options).map_err(FfiError::from))?;
+        // SAFETY: `out` is non-NULL and writable (the caller's promise).
         unsafe { hand_out(trainer, context, out) };
         Ok(())
     })
@@ -383,9 +420,9 @@ pub unsafe extern "C" fn beit_trainer_create_from_config(
         let out = non_null_mut(out, "out")?;
         let options = unsafe { read_options(opts) }?;
         let config = BeitConfig::from_json_str(json)?;
-        let model = context.run(|| Model::new_random(config, Architecture::MaskedImageModeling, init_seed))?;
-        let trainer = Trainer::new(model, options)?;
-        // SAFETY: `out` is non-NULL and writable, `ctx` live (the caller's promises).
+        let trainer = context
+            .run(|| Trainer::new(Model::new_random(config, Architecture::MaskedImageModeling, init_seed)?, options))?;
+        // SAFETY: `out` is non-NULL and writable (the caller's promise).
         unsafe { hand_out(trainer, context, out) };
         Ok(())
     })
@@ -418,15 +455,15 @@ pub unsafe extern "C" fn beit_trainer_load_model_dir(
         let dir = unsafe { utf8_arg(model_dir, "model_dir") }?;
         let out = non_null_mut(out, "out")?;
         let options = unsafe { read_options(opts) }?;
-        let model = context.run(|| Model::load(Path::new(dir)))?;
-        let trainer = Trainer::new(model, options)?;
-        // SAFETY: `out` is non-NULL and writable, `ctx` live (the caller's promises).
+        let trainer = context.run(|| Trainer::new(Model::load(Path::new(dir))?, options))?;
+        // SAFETY: `out` is non-NULL and writable (the caller's promise).
         unsafe { hand_out(trainer, context, out) };
         Ok(())
     })
 }
 
-/// Frees a trainer. NULL is a no-op. Its context is not touched.
+/// Frees a trainer. NULL is a no-op. Its context is not touched. This is the one trainer call
+/// that does not claim the trainer: free it only when no call on it is running.
 ///
 /// # Safety
 /// `trainer` must be NULL or a trainer not freed before, that no other thread is using.
@@ -463,12 +500,14 @@ fn check_len(name: &str, len: usize, want: Option<usize>, shape: &str) -> FfiRes
 /// not match the shape, with both numbers; a shape other than the configured image size or
 /// channel count; a mask value other than 0 or 1, or no masked patch; a masked patch's label
 /// outside `[0, vocab_size)`; a non-finite pixel), `BEIT_ERR_NUMERICAL` (the loss or gradient
-/// is not finite: training diverged; the step was not applied).
+/// is not finite: training diverged; the step was not applied), `BEIT_ERR_BUSY` (another
+/// thread's call holds the trainer; nothing was done), `BEIT_ERR_INTERNAL` (see
+/// `beit_trainer`: after a panic the trainer refuses further calls).
 ///
 /// # Safety
-/// `trainer` must be NULL or a live trainer that no other thread is using; `batch` NULL or readable for its `struct_size`, each of its non-NULL buffers holding
-/// its stated length for the duration of the call; `out` NULL or writable for its
-/// `struct_size`.
+/// `trainer` must be NULL or a live trainer; `batch` NULL or readable for its `struct_size`,
+/// each of its non-NULL buffers holding its stated length for the duration of the call; `out`
+/// NULL or writable for its `struct_size`.
 #[no_mangle]
 pub unsafe extern "C" fn beit_trainer_step(
     trainer: *mut beit_trainer,
@@ -476,8 +515,8 @@ pub unsafe extern "C" fn beit_trainer_step(
     out: *mut beit_step_stats,
 ) -> beit_status {
     guard(|| {
-        // SAFETY: the caller's promise; trainer_mut checks for NULL.
-        let t = unsafe { trainer_mut(trainer) }?;
+        // SAFETY: the caller's promise; claim checks for NULL.
+        let mut claimed = unsafe { claim(trainer, "beit_trainer_step") }?;
         let batch = non_null(batch, "batch")?;
         // SAFETY: non-NULL; the caller promises struct_size readable bytes, which
         // check_struct_size makes sure cover the fields of the first version read here.
@@ -496,7 +535,7 @@ pub unsafe extern "C" fn beit_trainer_step(
         non_null(b.labels, "batch->labels")?;
 
         // Every length against the shape, before any slice is made.
-        let (ph, pw) = t.inner.model().config().patch_size.hw();
+        let (ph, pw) = claimed.trainer.model().config().patch_size.hw();
         let (gh, gw) = (b.height / ph, b.width / pw);
         check_len(
             "batch->pixels_len",
@@ -528,8 +567,8 @@ pub unsafe extern "C" fn beit_trainer_step(
                     labels: std::slice::from_raw_parts(b.labels, b.labels_len),
                 }
             };
-            let ctx: &Context = &t.ctx;
-            let inner = &mut t.inner;
+            let ctx = claimed.ctx;
+            let inner: &mut Trainer = &mut claimed.trainer;
             // A cuda context runs the step on the GPU (moved there on the first step).
             inner.use_context(ctx)?;
             ctx.run(|| inner.step(&mim))?
@@ -558,11 +597,11 @@ pub unsafe extern "C" fn beit_trainer_step(
 /// it bit for bit.
 ///
 /// Errors: `BEIT_ERR_NULL_POINTER`, `BEIT_ERR_INVALID_ARGUMENT` (path not UTF-8), `BEIT_ERR_IO`
-/// (e.g. its directory does not exist).
+/// (e.g. its directory does not exist), `BEIT_ERR_BUSY` (another thread's call holds the
+/// trainer; nothing was written).
 ///
 /// # Safety
-/// `trainer` must be NULL or a live trainer not being changed by another thread; `path` NULL or
-/// a NUL-terminated string.
+/// `trainer` must be NULL or a live trainer; `path` NULL or a NUL-terminated string.
 #[no_mangle]
 pub unsafe extern "C" fn beit_trainer_save_checkpoint(
     trainer: *const beit_trainer,
@@ -570,9 +609,10 @@ pub unsafe extern "C" fn beit_trainer_save_checkpoint(
 ) -> beit_status {
     guard(|| {
         // SAFETY (both): the caller's promises above; each helper checks for NULL.
-        let t = unsafe { trainer_ref(trainer) }?;
+        let claimed = unsafe { claim(trainer, "beit_trainer_save_checkpoint") }?;
         let path = unsafe { utf8_arg(path, "path") }?;
-        t.inner.save_checkpoint(Path::new(path))?;
+        let trainer: &Trainer = &claimed.trainer;
+        claimed.ctx.run(|| trainer.save_checkpoint(Path::new(path)))?;
         Ok(())
     })
 }
@@ -585,18 +625,19 @@ pub unsafe extern "C" fn beit_trainer_save_checkpoint(
 ///
 /// Errors: `BEIT_ERR_NULL_POINTER`, `BEIT_ERR_INVALID_ARGUMENT` (path not UTF-8; a checkpoint of
 /// another model config, naming the differences), `BEIT_ERR_IO`, `BEIT_ERR_FORMAT` (not a
-/// trainer checkpoint, truncated or corrupt).
+/// trainer checkpoint, truncated or corrupt), `BEIT_ERR_BUSY` (another thread's call holds the
+/// trainer; nothing was done).
 ///
 /// # Safety
-/// `trainer` must be NULL or a live trainer that no other thread is using; `path` NULL or a
-/// NUL-terminated string.
+/// `trainer` must be NULL or a live trainer; `path` NULL or a NUL-terminated string.
 #[no_mangle]
 pub unsafe extern "C" fn beit_trainer_load_checkpoint(trainer: *mut beit_trainer, path: *const c_char) -> beit_status {
     guard(|| {
         // SAFETY (both): the caller's promises above; each helper checks for NULL.
-        let t = unsafe { trainer_mut(trainer) }?;
+        let mut claimed = unsafe { claim(trainer, "beit_trainer_load_checkpoint") }?;
         let path = unsafe { utf8_arg(path, "path") }?;
-        t.inner.load_checkpoint(Path::new(path))?;
+        let trainer: &mut Trainer = &mut claimed.trainer;
+        claimed.ctx.run(|| trainer.load_checkpoint(Path::new(path)))?;
         Ok(())
     })
 }
@@ -606,36 +647,37 @@ pub unsafe extern "C" fn beit_trainer_load_checkpoint(trainer: *mut beit_trainer
 /// `beit_trainer_load_model_dir` and `transformers` read. The directory is created if needed;
 /// each file is replaced atomically.
 ///
-/// Errors: `BEIT_ERR_NULL_POINTER`, `BEIT_ERR_INVALID_ARGUMENT` (dir not UTF-8), `BEIT_ERR_IO`.
+/// Errors: `BEIT_ERR_NULL_POINTER`, `BEIT_ERR_INVALID_ARGUMENT` (dir not UTF-8), `BEIT_ERR_IO`,
+/// `BEIT_ERR_BUSY` (another thread's call holds the trainer; nothing was written).
 ///
 /// # Safety
-/// `trainer` must be NULL or a live trainer not being changed by another thread; `dir` NULL or a
-/// NUL-terminated string.
+/// `trainer` must be NULL or a live trainer; `dir` NULL or a NUL-terminated string.
 #[no_mangle]
 pub unsafe extern "C" fn beit_trainer_save_model(trainer: *const beit_trainer, dir: *const c_char) -> beit_status {
     guard(|| {
         // SAFETY (both): the caller's promises above; each helper checks for NULL.
-        let t = unsafe { trainer_ref(trainer) }?;
+        let claimed = unsafe { claim(trainer, "beit_trainer_save_model") }?;
         let dir = unsafe { utf8_arg(dir, "dir") }?;
-        t.inner.model().save(Path::new(dir))?;
+        let trainer: &Trainer = &claimed.trainer;
+        claimed.ctx.run(|| trainer.model().save(Path::new(dir)))?;
         Ok(())
     })
 }
 
 /// Writes the number of steps completed to `*out`.
 ///
-/// Errors: `BEIT_ERR_NULL_POINTER`.
+/// Errors: `BEIT_ERR_NULL_POINTER`, `BEIT_ERR_BUSY` (another thread's call holds the trainer).
 ///
 /// # Safety
 /// `trainer` must be NULL or a live trainer; `out` NULL or writable.
 #[no_mangle]
 pub unsafe extern "C" fn beit_trainer_step_count(trainer: *const beit_trainer, out: *mut u64) -> beit_status {
     guard(|| {
-        // SAFETY: the caller's promise; trainer_ref checks for NULL.
-        let t = unsafe { trainer_ref(trainer) }?;
+        // SAFETY: the caller's promise; claim checks for NULL.
+        let claimed = unsafe { claim(trainer, "beit_trainer_step_count") }?;
         let out = non_null_mut(out, "out")?;
         // SAFETY: non-NULL; the caller promises it is writable.
-        unsafe { out.write_unaligned(t.inner.step_count()) };
+        unsafe { out.write_unaligned(claimed.trainer.step_count()) };
         Ok(())
     })
 }
@@ -644,18 +686,18 @@ pub unsafe extern "C" fn beit_trainer_step_count(trainer: *const beit_trainer, o
 /// step adds one; `beit_trainer_set_data_position` sets it; checkpoints store it, so a resumed
 /// run can pick the same next batch.
 ///
-/// Errors: `BEIT_ERR_NULL_POINTER`.
+/// Errors: `BEIT_ERR_NULL_POINTER`, `BEIT_ERR_BUSY` (another thread's call holds the trainer).
 ///
 /// # Safety
 /// `trainer` must be NULL or a live trainer; `out` NULL or writable.
 #[no_mangle]
 pub unsafe extern "C" fn beit_trainer_get_data_position(trainer: *const beit_trainer, out: *mut u64) -> beit_status {
     guard(|| {
-        // SAFETY: the caller's promise; trainer_ref checks for NULL.
-        let t = unsafe { trainer_ref(trainer) }?;
+        // SAFETY: the caller's promise; claim checks for NULL.
+        let claimed = unsafe { claim(trainer, "beit_trainer_get_data_position") }?;
         let out = non_null_mut(out, "out")?;
         // SAFETY: non-NULL; the caller promises it is writable.
-        unsafe { out.write_unaligned(t.inner.data_position()) };
+        unsafe { out.write_unaligned(claimed.trainer.data_position()) };
         Ok(())
     })
 }
@@ -663,16 +705,17 @@ pub unsafe extern "C" fn beit_trainer_get_data_position(trainer: *const beit_tra
 /// Sets the data position (see `beit_trainer_get_data_position`), e.g. after the host skipped
 /// batches.
 ///
-/// Errors: `BEIT_ERR_NULL_POINTER`.
+/// Errors: `BEIT_ERR_NULL_POINTER`, `BEIT_ERR_BUSY` (another thread's call holds the trainer;
+/// the position is unchanged).
 ///
 /// # Safety
-/// `trainer` must be NULL or a live trainer that no other thread is using.
+/// `trainer` must be NULL or a live trainer.
 #[no_mangle]
 pub unsafe extern "C" fn beit_trainer_set_data_position(trainer: *mut beit_trainer, position: u64) -> beit_status {
     guard(|| {
-        // SAFETY: the caller's promise; trainer_mut checks for NULL.
-        let t = unsafe { trainer_mut(trainer) }?;
-        t.inner.set_data_position(position);
+        // SAFETY: the caller's promise; claim checks for NULL.
+        let mut claimed = unsafe { claim(trainer, "beit_trainer_set_data_position") }?;
+        claimed.trainer.set_data_position(position);
         Ok(())
     })
 }
@@ -681,7 +724,8 @@ pub unsafe extern "C" fn beit_trainer_set_data_position(trainer: *mut beit_train
 /// batches: `num_patches`, `vocab_size`, `num_channels`, the image size. Set `out->struct_size`
 /// first (or start from `beit_model_info_default()`).
 ///
-/// Errors: `BEIT_ERR_NULL_POINTER`, `BEIT_ERR_INVALID_ARGUMENT` (struct_size).
+/// Errors: `BEIT_ERR_NULL_POINTER`, `BEIT_ERR_INVALID_ARGUMENT` (struct_size), `BEIT_ERR_BUSY`
+/// (another thread's call holds the trainer).
 ///
 /// # Safety
 /// `trainer` must be NULL or a live trainer; `out` NULL or writable for `out->struct_size` bytes.
@@ -691,12 +735,12 @@ pub unsafe extern "C" fn beit_trainer_get_model_info(
     out: *mut beit_model_info,
 ) -> beit_status {
     guard(|| {
-        // SAFETY: the caller's promise; trainer_ref checks for NULL.
-        let t = unsafe { trainer_ref(trainer) }?;
+        // SAFETY: the caller's promise; claim checks for NULL.
+        let claimed = unsafe { claim(trainer, "beit_trainer_get_model_info") }?;
         let out = non_null_mut(out, "out")?;
         // SAFETY: non-NULL; the caller promises struct_size readable bytes.
         let size = unsafe { check_struct_size(out, "out", MODEL_INFO_V1_SIZE) }?;
-        let info = model_info(t.inner.model(), size);
+        let info = model_info(claimed.trainer.model(), size);
         // SAFETY: `out` is writable for `size` bytes, `size` >= the v1 size.
         unsafe { write_versioned(out, &info, size) };
         Ok(())
@@ -787,8 +831,26 @@ mod tests {
     }
 
     fn param_bits(t: *const beit_trainer) -> Vec<u32> {
-        unsafe { &(*t).inner }.model().params().data.iter().map(|v| v.to_bits()).collect()
+        let trainer = unsafe { &(*t).inner }.lock().unwrap();
+        trainer.model().params().data.iter().map(|v| v.to_bits()).collect()
     }
+
+    /// Everything a trainer holds (weights, AdamW moments, step, data position, random state,
+    /// options), as the bytes of a checkpoint: two trainers in the same state give the same.
+    fn state_bytes(t: *const beit_trainer) -> Vec<u8> {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.safetensors");
+        let c_path = CString::new(path.to_str().unwrap()).unwrap();
+        let st = unsafe { beit_trainer_save_checkpoint(t, c_path.as_ptr()) };
+        assert_eq!(st, beit_status::BEIT_OK, "{}", last_error());
+        std::fs::read(&path).unwrap()
+    }
+
+    /// A raw trainer pointer that test threads may share (the API's promise under test).
+    #[derive(Clone, Copy)]
+    struct Shared(*mut beit_trainer);
+    unsafe impl Send for Shared {}
+    unsafe impl Sync for Shared {}
 
     #[test]
     fn defaults_are_the_rust_defaults() {
@@ -1160,18 +1222,170 @@ mod tests {
         let ctx = context();
         let t = from_config(ctx, TINY, &options());
         // Break an invariant the optimizer asserts, so that the step panics on a pool thread.
-        unsafe { (*t).inner.optimizer.exp_avg.clear() };
+        unsafe { &(*t).inner }.lock().unwrap().optimizer.exp_avg.clear();
         let batch = Batch::new();
         let (st, stats) = step(t, &batch.view());
         assert_eq!(st, beit_status::BEIT_ERR_INTERNAL);
         assert!(last_error().contains("panicked"), "{}", last_error());
         assert_eq!(stats.step, 0);
+        // The panic is over, and the trainer is not left claimed (that would be BEIT_ERR_BUSY
+        // for ever); but its state is unknown, so every call refuses it, saving included.
+        let dir = tempfile::tempdir().unwrap();
+        let ckpt = CString::new(dir.path().join("after-panic.safetensors").to_str().unwrap()).unwrap();
+        let mut n = 7u64;
+        let unusable = |st: beit_status, call: &str| {
+            assert_eq!(st, beit_status::BEIT_ERR_INTERNAL, "{call}: {}", last_error());
+            let msg = last_error();
+            assert!(msg.starts_with(call) && msg.contains("unusable") && msg.contains("free it"), "{msg}");
+        };
+        unusable(step(t, &batch.view()).0, "beit_trainer_step");
+        unusable(unsafe { beit_trainer_step_count(t, &mut n) }, "beit_trainer_step_count");
+        unusable(unsafe { beit_trainer_save_checkpoint(t, ckpt.as_ptr()) }, "beit_trainer_save_checkpoint");
+        unusable(unsafe { beit_trainer_load_checkpoint(t, ckpt.as_ptr()) }, "beit_trainer_load_checkpoint");
+        assert_eq!(n, 7, "out written by a refused call");
+        assert!(std::fs::read_dir(dir.path()).unwrap().next().is_none(), "a refused save wrote a file");
         // The context's pool survives the panic and still runs other trainers.
         let other = from_config(ctx, TINY, &options());
         assert_eq!(step(other, &batch.view()).0, beit_status::BEIT_OK, "{}", last_error());
         unsafe {
             beit_trainer_free(t);
             beit_trainer_free(other);
+            beit_context_free(ctx);
+        }
+    }
+
+    /// Holds `t`'s claim on another thread (as a long call would) while `f` runs.
+    fn while_claimed_elsewhere(t: *mut beit_trainer, f: impl FnOnce()) {
+        let shared = Shared(t);
+        let (held_tx, held_rx) = std::sync::mpsc::channel();
+        let (release_tx, release_rx) = std::sync::mpsc::channel::<()>();
+        std::thread::scope(|scope| {
+            scope.spawn(move || {
+                let shared = shared;
+                let _claim = unsafe { claim(shared.0, "the test's long call") }.unwrap();
+                held_tx.send(()).unwrap();
+                let _ = release_rx.recv();
+            });
+            held_rx.recv().unwrap();
+            f();
+            release_tx.send(()).unwrap();
+        });
+    }
+
+    #[test]
+    fn every_call_on_a_claimed_trainer_is_busy_and_changes_nothing() {
+        let ctx = context();
+        let t = from_config(ctx, TINY, &options());
+        let batch = Batch::new();
+        assert_eq!(step(t, &batch.view()).0, beit_status::BEIT_OK);
+        let dir = tempfile::tempdir().unwrap();
+        let other_state = CString::new(dir.path().join("other.safetensors").to_str().unwrap()).unwrap();
+        assert_eq!(unsafe { beit_trainer_save_checkpoint(t, other_state.as_ptr()) }, beit_status::BEIT_OK);
+        assert_eq!(step(t, &batch.view()).0, beit_status::BEIT_OK);
+        let before = state_bytes(t);
+
+        let new_ckpt = CString::new(dir.path().join("new.safetensors").to_str().unwrap()).unwrap();
+        let new_dir = CString::new(dir.path().join("model").to_str().unwrap()).unwrap();
+        while_claimed_elsewhere(t, || {
+            let busy = |st: beit_status, call: &str| {
+                assert_eq!(st, beit_status::BEIT_ERR_BUSY, "{call}: {}", last_error());
+                let msg = last_error();
+                assert!(msg.starts_with(call) && msg.contains("busy") && msg.contains("nothing was done"), "{msg}");
+            };
+            let mut stats = beit_step_stats { step: 99, ..beit_step_stats_default() };
+            busy(unsafe { beit_trainer_step(t, &batch.view(), &mut stats) }, "beit_trainer_step");
+            assert_eq!(stats.step, 99, "stats written by a refused step");
+            busy(unsafe { beit_trainer_save_checkpoint(t, new_ckpt.as_ptr()) }, "beit_trainer_save_checkpoint");
+            busy(unsafe { beit_trainer_save_model(t, new_dir.as_ptr()) }, "beit_trainer_save_model");
+            busy(unsafe { beit_trainer_load_checkpoint(t, other_state.as_ptr()) }, "beit_trainer_load_checkpoint");
+            busy(unsafe { beit_trainer_set_data_position(t, 1234) }, "beit_trainer_set_data_position");
+            let mut n = 77u64;
+            busy(unsafe { beit_trainer_step_count(t, &mut n) }, "beit_trainer_step_count");
+            busy(unsafe { beit_trainer_get_data_position(t, &mut n) }, "beit_trainer_get_data_position");
+            assert_eq!(n, 77, "out written by a refused call");
+            let mut info = beit_model_info_default();
+            busy(unsafe { beit_trainer_get_model_info(t, &mut info) }, "beit_trainer_get_model_info");
+            assert_eq!(info.vocab_size, 0, "info written by a refused call");
+            // A NULL trainer is still NULL_POINTER, not BUSY.
+            assert_eq!(unsafe { beit_trainer_step_count(ptr::null(), &mut n) }, beit_status::BEIT_ERR_NULL_POINTER);
+        });
+        assert!(!dir.path().join("new.safetensors").exists() && !dir.path().join("model").exists());
+        assert_eq!(state_bytes(t), before, "a refused call changed the trainer");
+        // Released: the trainer works again, and from where it was.
+        assert_eq!(step(t, &batch.view()).1.step, 3);
+        unsafe {
+            beit_trainer_free(t);
+            beit_context_free(ctx);
+        }
+    }
+
+    #[test]
+    fn concurrent_steps_are_ok_or_busy_and_equal_as_many_sequential_steps() {
+        const THREADS: usize = 4;
+        const CALLS_PER_THREAD: usize = 3;
+        let ctx = context();
+        let t = from_config(ctx, TINY, &options());
+        let batch = Batch::new();
+        let (mut oks, mut busies, mut rounds) = (0u64, 0u64, 0);
+        let mut steps_reported = Vec::new();
+        // Rounds of THREADS threads released at once, each stepping the shared trainer, until
+        // some call was refused (so the test cannot pass without concurrent calls).
+        while busies == 0 {
+            rounds += 1;
+            assert!(rounds <= 200, "200 rounds of {THREADS} concurrent threads never met a busy trainer");
+            let start = std::sync::Barrier::new(THREADS);
+            let shared = Shared(t);
+            let results: Vec<(beit_status, u64, String)> = std::thread::scope(|scope| {
+                let workers: Vec<_> = (0..THREADS)
+                    .map(|_| {
+                        let (start, batch) = (&start, &batch);
+                        scope.spawn(move || {
+                            let shared = shared;
+                            start.wait();
+                            (0..CALLS_PER_THREAD)
+                                .map(|_| {
+                                    let (st, stats) = step(shared.0, &batch.view());
+                                    (st, stats.step, last_error())
+                                })
+                                .collect::<Vec<_>>()
+                        })
+                    })
+                    .collect();
+                workers.into_iter().flat_map(|w| w.join().unwrap()).collect()
+            });
+            for (st, reported, msg) in results {
+                match st {
+                    beit_status::BEIT_OK => {
+                        oks += 1;
+                        steps_reported.push(reported);
+                    }
+                    beit_status::BEIT_ERR_BUSY => {
+                        assert_eq!(reported, 0, "stats written by a refused step");
+                        assert!(msg.starts_with("beit_trainer_step:") && msg.contains("busy"), "{msg}");
+                        busies += 1;
+                    }
+                    other => panic!("a concurrent step returned {other:?}: {msg}"),
+                }
+            }
+        }
+        // Each successful step saw its own step number: no two ran on the same state.
+        steps_reported.sort_unstable();
+        assert_eq!(steps_reported, (1..=oks).collect::<Vec<_>>());
+        assert_eq!(step_count(t), oks);
+
+        let twin = from_config(ctx, TINY, &options());
+        for _ in 0..oks {
+            assert_eq!(step(twin, &batch.view()).0, beit_status::BEIT_OK);
+        }
+        assert_eq!(
+            state_bytes(t),
+            state_bytes(twin),
+            "{oks} concurrent successful steps differ from {oks} sequential ones"
+        );
+        eprintln!("{rounds} round(s): {oks} steps ran, {busies} refused as busy");
+        unsafe {
+            beit_trainer_free(t);
+            beit_trainer_free(twin);
             beit_context_free(ctx);
         }
     }

@@ -6,8 +6,13 @@ use super::status::guard_infallible;
 
 /// The ABI version of this header and library. It changes only when a compiled host could
 /// break: a function removed or changed, a struct field moved. Adding functions, enum values or
-/// fields at the end of versioned structs (see `struct_size`) does not change it.
-pub const BEIT_ABI_VERSION: u32 = 1;
+/// fields at the end of versioned structs (see `struct_size`) does not change it, with one
+/// exception: a struct that a `*_default()` function returns by value is returned in registers
+/// up to 16 bytes and through a hidden pointer above that (x86-64 and AArch64 C ABIs), so
+/// growing one across 16 bytes breaks every compiled caller of that function. ABI 2 is such a
+/// change: `beit_context_options` grew from 16 to 24 bytes (`memory_budget`). Every versioned
+/// struct is now larger than 16 bytes, so appending fields is safe again.
+pub const BEIT_ABI_VERSION: u32 = 2;
 
 /// Major version of the libbeit release this header comes from (equals Cargo's version).
 pub const BEIT_VERSION_MAJOR: u32 = 0;

@@ -458,6 +458,50 @@ int main(int argc, char **argv) {
         }
         section("contexts");
     }
+
+    /* ---- a context's memory budget */
+    {
+        const char *tiny = "{\"hidden_size\": 8, \"num_hidden_layers\": 1, \"num_attention_heads\": 2, "
+                           "\"intermediate_size\": 16, \"image_size\": 8, \"patch_size\": 4}";
+        beit_context_options o = beit_context_options_default();
+        CHECK(o.memory_budget == 0, "the default budget is 0 (the memory available), got %llu",
+              (unsigned long long)o.memory_budget);
+        o.device = BEIT_DEVICE_CPU;
+        o.num_threads = 1;
+        o.memory_budget = (uint64_t)1 << 20;
+        beit_context *small = NULL;
+        EXPECT_OK(beit_context_create(&o, &small));
+        beit_model *m = (beit_model *)(uintptr_t)0x20;
+        /* BEiT-base ("{}") needs about 350 MB of parameters: refused before any allocation. */
+        EXPECT_ERR2(beit_model_create(small, "{}", BEIT_ARCH_BACKBONE, 1, &m), BEIT_ERR_CONFIG,
+                    "memory budget set for this context", "1.0 MiB");
+        CHECK(m == (beit_model *)(uintptr_t)0x20, "out written by a refused create");
+        m = NULL;
+        EXPECT_OK(beit_model_create(small, tiny, BEIT_ARCH_BACKBONE, 1, &m)); /* a tiny one fits */
+        beit_model_free(m);
+        beit_context_free(small);
+
+        /* A caller built against the first version of the struct: its struct_size ends before
+         * memory_budget, so the library must not read it (here a 1-byte budget that would
+         * refuse every model) and uses the default. */
+        o.struct_size = offsetof(beit_context_options, memory_budget);
+        o.memory_budget = 1;
+        beit_context *old = NULL;
+        EXPECT_OK(beit_context_create(&o, &old));
+        m = NULL;
+        EXPECT_OK(beit_model_create(old, tiny, BEIT_ARCH_BACKBONE, 1, &m));
+        beit_model_free(m);
+        beit_context_free(old);
+        /* The same budget with the full struct_size is read, and refuses the tiny model. */
+        o.struct_size = sizeof o;
+        old = NULL;
+        EXPECT_OK(beit_context_create(&o, &old));
+        m = (beit_model *)(uintptr_t)0x20;
+        EXPECT_ERR(beit_model_create(old, tiny, BEIT_ARCH_BACKBONE, 1, &m), BEIT_ERR_CONFIG,
+                   "memory budget set for this context");
+        beit_context_free(old);
+        section("a context's memory budget; older structs without it");
+    }
     if (!ctx) {
         fprintf(stderr, "no context, cannot go on\n");
         printf("%d passed, %d failed\n", passed, failed + 1);

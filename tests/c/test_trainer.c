@@ -9,7 +9,9 @@
  * checkpoints must resume bit for bit, in the same and in another trainer; every bad input
  * must be refused with the right status and a message naming the problem, leaving the trainer
  * exactly where an untouched twin is; NULL for every pointer argument and too small structs
- * are refused; a failed save leaves the previous checkpoint byte-identical.
+ * are refused; a failed save leaves the previous checkpoint byte-identical; threads stepping
+ * one trainer at once each get BEIT_OK or BEIT_ERR_BUSY, and the trainer ends up exactly as one
+ * that made the successful steps in sequence.
  *
  * Prints one line per failed check, a line per section, and finally "N passed, M failed";
  * exits non-zero on any failure. Built by scripts/test-c, which also runs it under valgrind.
@@ -176,6 +178,39 @@ static void same_as_twin_at(int line, const char *after, beit_trainer *t, beit_t
             __FILE__, line, after, beit_status_name(st), lt, beit_status_name(sw), lw);
 }
 #define SAME_AS_TWIN(after, t, twin, b) same_as_twin_at(__LINE__, (after), (t), (twin), (b))
+
+/* ------------------------------------------------------------------------------------------ */
+/* Threads: one trainer stepped by several threads at once (each call OK or BEIT_ERR_BUSY).    */
+
+enum { RACE_THREADS = 4, RACE_CALLS = 3, RACE_ROUNDS = 100 };
+
+typedef struct {
+    beit_trainer *t;
+    const beit_mim_batch *batch;
+    pthread_barrier_t *start;
+    int ok, busy, other;
+    char other_message[256];
+} race_job;
+
+static void *race_main(void *arg) {
+    race_job *job = arg;
+    pthread_barrier_wait(job->start);
+    for (int i = 0; i < RACE_CALLS; i++) {
+        beit_step_stats s = beit_step_stats_default();
+        beit_status st = beit_trainer_step(job->t, job->batch, &s);
+        const char *msg = beit_last_error_message();
+        if (st == BEIT_OK) {
+            job->ok++;
+        } else if (st == BEIT_ERR_BUSY && strstr(msg, "beit_trainer_step") != NULL && s.step == 0) {
+            job->busy++;
+        } else {
+            job->other++;
+            snprintf(job->other_message, sizeof job->other_message, "%s \"%s\" (stats step %llu)",
+                     beit_status_name(st), msg, (unsigned long long)s.step);
+        }
+    }
+    return NULL;
+}
 
 /* ------------------------------------------------------------------------------------------ */
 /* Threads: trainers of their own on one shared context.                                       */
@@ -755,6 +790,57 @@ int main(void) {
                   "thread %d's losses differ from thread 0's", i);
         }
         section("trainers on several threads sharing a context");
+    }
+
+    /* ---- one trainer, several threads at once: every call OK or BUSY, no corruption */
+    {
+        beit_trainer *shared = trainer_from_config(ctx, CONFIG, 11, &opts);
+        beit_trainer *twin = trainer_from_config(ctx, CONFIG, 11, &opts);
+        int ok = 0, busy = 0, other = 0, rounds = 0;
+        /* Rounds of threads released at once, until some call was refused as busy (so that
+         * the test cannot pass without calls that overlapped). */
+        while (shared && twin && busy == 0 && other == 0 && rounds < RACE_ROUNDS) {
+            rounds++;
+            pthread_barrier_t start;
+            pthread_barrier_init(&start, NULL, RACE_THREADS);
+            pthread_t threads[RACE_THREADS];
+            race_job jobs[RACE_THREADS];
+            for (int i = 0; i < RACE_THREADS; i++) {
+                memset(&jobs[i], 0, sizeof jobs[i]);
+                jobs[i].t = shared;
+                jobs[i].batch = &good;
+                jobs[i].start = &start;
+                CHECK(pthread_create(&threads[i], NULL, race_main, &jobs[i]) == 0, "pthread_create");
+            }
+            for (int i = 0; i < RACE_THREADS; i++) {
+                pthread_join(threads[i], NULL);
+                ok += jobs[i].ok;
+                busy += jobs[i].busy;
+                other += jobs[i].other;
+                CHECK(jobs[i].other == 0, "a concurrent step returned %s", jobs[i].other_message);
+            }
+            pthread_barrier_destroy(&start);
+        }
+        CHECK(busy > 0, "%d rounds of %d threads never met a busy trainer", rounds, RACE_THREADS);
+        printf("     %d round(s): %d steps ran, %d refused as busy\n", rounds, ok, busy);
+        if (shared && twin) {
+            CHECK(steps_of(shared) == (uint64_t)ok && position_of(shared) == (uint64_t)ok,
+                  "after %d successful steps: step %llu, data position %llu", ok,
+                  (unsigned long long)steps_of(shared), (unsigned long long)position_of(shared));
+            double loss;
+            for (int i = 0; i < ok; i++) CHECK(step(twin, &good, &loss) == BEIT_OK, "twin step %d", i);
+            /* The checkpoints hold everything (weights, AdamW moments, step, data position,
+             * random state): the shared trainer is exactly one that made its successful steps
+             * in sequence, and the refused calls changed nothing. */
+            path_join(path, sizeof path, tmp, "shared.safetensors");
+            path_join(path2, sizeof path2, tmp, "sequential.safetensors");
+            EXPECT_OK(beit_trainer_save_checkpoint(shared, path));
+            EXPECT_OK(beit_trainer_save_checkpoint(twin, path2));
+            CHECK(same_file(path, path2), "the shared trainer differs from its sequential twin");
+        }
+        beit_trainer_free(shared);
+        beit_trainer_free(twin);
+        section("one trainer stepped by several threads at once: OK or BEIT_ERR_BUSY, never corrupted");
     }
 
     /* ---- errors cleared on success; NULL frees */

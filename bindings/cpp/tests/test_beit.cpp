@@ -25,6 +25,7 @@
 #include <map>
 #include <sstream>
 #include <string>
+#include <thread>
 #include <utility>
 #include <vector>
 
@@ -366,6 +367,100 @@ void test_trainer_step() {
     CHECK(trainer.step_count() == 1);
 }
 
+// Two threads stepping one trainer at once: each call returns or throws BusyError (nothing
+// else), and the trainer ends up as one that made the successful steps in sequence.
+void test_trainer_busy() {
+    const char* config =
+        "{\"hidden_size\": 32, \"num_hidden_layers\": 2, \"num_attention_heads\": 4, "
+        "\"intermediate_size\": 64, \"image_size\": 16, \"patch_size\": 4, \"num_channels\": 1, "
+        "\"vocab_size\": 32, \"use_mask_token\": true}";
+    const beit::Context ctx = beit::Context::cpu(2);
+    beit::MimBatch batch;
+    batch.batch = 2;
+    batch.channels = 1;
+    batch.height = 16;
+    batch.width = 16;
+    std::vector<float> pixels(2 * 16 * 16);
+    for (std::size_t i = 0; i < pixels.size(); i++) pixels[i] = float(std::sin(0.37 * double(i)));
+    std::vector<std::uint8_t> mask(2 * 16);
+    std::vector<std::int64_t> labels(2 * 16);
+    for (std::size_t i = 0; i < mask.size(); i++) {
+        mask[i] = std::uint8_t(i % 3 == 0);
+        labels[i] = std::int64_t((i * 5) % 32);
+    }
+    batch.pixels = pixels;
+    batch.bool_masked_pos = mask;
+    batch.labels = labels;
+
+    beit::Trainer trainer = beit::Trainer::create_from_config(ctx, config, 1);
+    enum { kThreads = 4, kCalls = 3 };
+    int oks = 0, busies = 0, others = 0;
+    std::string other_error;
+    for (int round = 0; round < 200 && busies == 0; round++) {
+        int results[kThreads][kCalls];  // 0 ok, 1 busy, 2 anything else
+        std::string errors[kThreads];
+        std::vector<std::thread> threads;
+        for (int k = 0; k < kThreads; k++) {
+            threads.emplace_back([&, k] {
+                for (int i = 0; i < kCalls; i++) {
+                    try {
+                        trainer.step(batch);
+                        results[k][i] = 0;
+                    } catch (const beit::BusyError& e) {
+                        results[k][i] = e.status() == BEIT_ERR_BUSY ? 1 : 2;
+                    } catch (const std::exception& e) {
+                        results[k][i] = 2;
+                        errors[k] = e.what();
+                    }
+                }
+            });
+        }
+        for (std::thread& t : threads) t.join();
+        for (int k = 0; k < kThreads; k++) {
+            for (int i = 0; i < kCalls; i++) {
+                oks += results[k][i] == 0;
+                busies += results[k][i] == 1;
+                others += results[k][i] == 2;
+            }
+            if (!errors[k].empty()) other_error = errors[k];
+        }
+    }
+    if (others != 0) throw Failure{"a concurrent step threw something else: " + other_error};
+    CHECK(busies > 0);  // else the test proved nothing
+    CHECK(trainer.step_count() == std::uint64_t(oks));
+
+    beit::Trainer twin = beit::Trainer::create_from_config(ctx, config, 1);
+    for (int i = 0; i < oks; i++) twin.step(batch);
+    const std::string dir = temp_dir();
+    bool same = false;
+    try {
+        trainer.save_checkpoint(dir + "/concurrent.ckpt");
+        twin.save_checkpoint(dir + "/sequential.ckpt");
+        same = read_file(dir + "/concurrent.ckpt") == read_file(dir + "/sequential.ckpt");
+    } catch (...) {
+        remove_tree(dir);
+        throw;
+    }
+    remove_tree(dir);
+    CHECK(same);  // weights, optimizer state, step and random state all equal
+}
+
+// A context's memory budget: BEiT-base does not fit in 1 MiB (ConfigError naming the budget,
+// before any allocation); a tiny model does.
+void test_memory_budget() {
+    const beit::Context small = beit::Context::cpu(1, std::uint64_t(1) << 20);
+    expect_throw<beit::ConfigError>(
+        BEIT_ERR_CONFIG, [&] { beit::Model::create(small, "{}", BEIT_ARCH_BACKBONE, 1); },
+        "BEiT-base in 1 MiB", "memory budget set for this context");
+    const beit::Model tiny = beit::Model::create(
+        small,
+        "{\"hidden_size\": 8, \"num_hidden_layers\": 1, \"num_attention_heads\": 2, "
+        "\"intermediate_size\": 16, \"image_size\": 8, \"patch_size\": 4}",
+        BEIT_ARCH_BACKBONE, 1);
+    CHECK(tiny.info().hidden_size == 8);
+    CHECK(beit::Context::default_options().memory_budget == 0);
+}
+
 // Missing directory, directory without model.safetensors, bad config: the right status.
 void test_missing_model_files() {
     const beit::Context ctx = beit::Context::cpu(1);
@@ -537,6 +632,8 @@ int main(int argc, char** argv) {
     run("tokenizer_matches_pytorch", test_tokenizer_matches_pytorch);
     run("dataset_read", test_dataset_read);
     run("trainer_step", test_trainer_step);
+    run("trainer_busy", test_trainer_busy);
+    run("memory_budget", test_memory_budget);
     run("missing_model_files", test_missing_model_files);
     run("wrong_buffer_sizes", test_wrong_buffer_sizes);
     run("moved_from_handles", test_moved_from_handles);

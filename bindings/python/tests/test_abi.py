@@ -7,7 +7,7 @@ from beit import _core, _ffi
 
 
 def test_abi_and_version():
-    assert beit.abi_version() == beit.ABI_VERSION == 1
+    assert beit.abi_version() == beit.ABI_VERSION == 2
     assert beit.version().count(".") == 2
 
 

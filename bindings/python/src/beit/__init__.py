@@ -25,6 +25,7 @@ from ._core import (
 from ._errors import (
     BeitError,
     BufferSizeError,
+    BusyError,
     ClosedError,
     ConfigError,
     FormatError,
@@ -44,6 +45,7 @@ __all__ = [
     "ARCHITECTURES",
     "BeitError",
     "BufferSizeError",
+    "BusyError",
     "ClosedError",
     "ConfigError",
     "Context",

@@ -192,31 +192,46 @@ class _Handle:
 
 
 class Context(_Handle):
-    """An execution context: a device and a thread pool of its own.
+    """An execution context: a device, a thread pool and a memory budget of its own.
 
     ``threads=0`` means one per core; ``device`` is "auto" (CUDA when built in and usable, else
-    the CPU), "cpu" or "cuda" (an UnsupportedError when unavailable). Share one context between
-    threads freely. Models keep their context alive; closing a context that models still use
-    frees it when the last of them is closed."""
+    the CPU), "cpu" or "cuda" (an UnsupportedError when unavailable). ``memory_budget`` is how
+    many bytes one object planned on the context (a model, a trainer, one inference pass, a
+    tokenizer) may need; one that would need more is refused before anything is allocated
+    (ConfigError when the size comes from a model config, InvalidArgumentError when it comes
+    from an input). ``None`` (or 0) means the memory available to the process at the time.
+    Share one context between threads freely. Models keep their context alive; closing a
+    context that models still use frees it when the last of them is closed."""
 
     _free_name = "beit_context_free"
 
-    def __init__(self, threads: int = 0, device: str = "auto"):
+    def __init__(self, threads: int = 0, device: str = "auto", memory_budget: Optional[int] = None):
         if device not in _DEVICES:
             raise _invalid(f"device must be one of {sorted(_DEVICES)}, got {device!r}")
         if not isinstance(threads, (int, np.integer)) or not 0 <= threads < 2**32:
             raise _invalid(f"threads must be an integer in [0, 2^32), got {threads!r}")
+        budget = 0 if memory_budget is None else memory_budget
+        if isinstance(budget, bool) or not isinstance(budget, (int, np.integer)) or not 0 <= budget < 2**64:
+            raise _invalid(f"memory_budget must be None or a byte count in [0, 2^64), got {memory_budget!r}")
         opts = _struct(_ffi.beit_context_options)
         opts.device = _DEVICES[device]
         opts.num_threads = int(threads)
+        opts.memory_budget = int(budget)
         out = c_void_p()
         _check(_lib.beit_context_create(byref(opts), byref(out)))
         super().__init__(out.value)
         self.threads = int(threads)
         self.device = device
+        #: The budget in bytes, or None for the memory available to the process.
+        self.memory_budget = int(budget) or None
 
     def __repr__(self) -> str:
-        state = "closed" if self.closed else f"threads={self.threads}, device={self.device!r}"
+        if self.closed:
+            state = "closed"
+        else:
+            state = f"threads={self.threads}, device={self.device!r}"
+            if self.memory_budget is not None:
+                state += f", memory_budget={self.memory_budget}"
         return f"beit.Context({state})"
 
 
@@ -620,8 +635,9 @@ class StepStats:
 
 
 class Trainer(_Handle):
-    """A masked image modeling pretraining trainer (AdamW, BEiT's schedule). A trainer is
-    mutable: the bindings serialise calls on one trainer (other threads wait)."""
+    """A masked image modeling pretraining trainer (AdamW, BEiT's schedule). A trainer takes
+    one call at a time (the library refuses a concurrent call with BEIT_ERR_BUSY): the bindings
+    serialise calls on one trainer, so other threads wait instead of getting BusyError."""
 
     _free_name = "beit_trainer_free"
 
@@ -669,10 +685,9 @@ class Trainer(_Handle):
             _check(_lib.beit_trainer_create(c, m, byref(opts) if opts is not None else None, byref(out)))
         return cls(out.value)
 
-    def step(self, pixels: Any, bool_masked_pos: Any, labels: Any) -> StepStats:
-        """One optimizer step. pixels float32 [B, C, H, W] (the configured size); bool_masked_pos
-        [B, num_patches] bool/uint8 (at least one masked); labels int [B, num_patches] visual
-        token ids (read at masked patches only)."""
+    @staticmethod
+    def _mim_batch(pixels: Any, bool_masked_pos: Any, labels: Any):
+        """The beit_mim_batch of a step, and the arrays it points into (keep them alive)."""
         px = _array(pixels, np.float32, 4, "pixels")
         mask = _mask_array(bool_masked_pos, "bool_masked_pos")
         lab = _array(labels, np.int64, 2, "labels")
@@ -687,6 +702,13 @@ class Trainer(_Handle):
         batch.batch, batch.channels, batch.height, batch.width = px.shape
         batch.bool_masked_pos, batch.bool_masked_pos_len = _ptr(mask, c_uint8), mask.size
         batch.labels, batch.labels_len = _ptr(lab, c_int64), lab.size
+        return batch, (px, mask, lab)
+
+    def step(self, pixels: Any, bool_masked_pos: Any, labels: Any) -> StepStats:
+        """One optimizer step. pixels float32 [B, C, H, W] (the configured size); bool_masked_pos
+        [B, num_patches] bool/uint8 (at least one masked); labels int [B, num_patches] visual
+        token ids (read at masked patches only)."""
+        batch, _arrays = self._mim_batch(pixels, bool_masked_pos, labels)
         stats = _struct(_ffi.beit_step_stats)
         self._run(_lib.beit_trainer_step, byref(batch), byref(stats))
         return _to_dataclass(StepStats, stats)

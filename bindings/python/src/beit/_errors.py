@@ -53,6 +53,12 @@ class NumericalError(BeitError, ArithmeticError):
     """BEIT_ERR_NUMERICAL: training diverged; the step was not applied."""
 
 
+class BusyError(BeitError):
+    """BEIT_ERR_BUSY: the handle is in use by a call on another thread (a trainer takes one
+    call at a time); nothing was done. The bindings' Trainer serialises its own calls, so this
+    comes only from raw calls into the library."""
+
+
 class ClosedError(BeitError, ValueError):
     """The handle was closed (``close()`` or its ``with`` block ended)."""
 
@@ -67,6 +73,7 @@ _BY_STATUS = {
     _ffi.BEIT_ERR_BUFFER_SIZE: BufferSizeError,
     _ffi.BEIT_ERR_INTERNAL: InternalError,
     _ffi.BEIT_ERR_NUMERICAL: NumericalError,
+    _ffi.BEIT_ERR_BUSY: BusyError,
 }
 
 

@@ -29,7 +29,7 @@ from ctypes import (
 from pathlib import Path
 
 #: The ABI version these bindings were written against (``BEIT_ABI_VERSION`` in beit.h).
-ABI_VERSION = 1
+ABI_VERSION = 2
 
 # enum beit_status (uint32_t)
 BEIT_OK = 0
@@ -42,6 +42,7 @@ BEIT_ERR_UNSUPPORTED = 6
 BEIT_ERR_BUFFER_SIZE = 7
 BEIT_ERR_INTERNAL = 8
 BEIT_ERR_NUMERICAL = 9
+BEIT_ERR_BUSY = 10
 
 # enum beit_device
 BEIT_DEVICE_AUTO = 0
@@ -64,7 +65,12 @@ beit_weight_decay_on = c_uint32
 
 
 class beit_context_options(Structure):
-    _fields_ = [("struct_size", c_size_t), ("device", beit_device), ("num_threads", c_uint32)]
+    _fields_ = [
+        ("struct_size", c_size_t),
+        ("device", beit_device),
+        ("num_threads", c_uint32),
+        ("memory_budget", c_uint64),
+    ]
 
 
 class beit_dataset_info(Structure):

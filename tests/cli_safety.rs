@@ -680,3 +680,68 @@ fn tokenizer_train_checks_everything_before_it_trains_and_writes_nothing_when_re
         assert!(out.join(file).is_file(), "{file} missing");
     }
 }
+
+/// The temporary files in `dir` (names holding `.tmp-`).
+fn temp_files(dir: &Path) -> Vec<PathBuf> {
+    std::fs::read_dir(dir)
+        .map(|d| d.filter_map(|e| e.ok()).map(|e| e.path()).collect::<Vec<_>>())
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|p| p.file_name().is_some_and(|n| n.to_string_lossy().contains(".tmp-")))
+        .collect()
+}
+
+#[test]
+fn a_run_killed_while_writing_its_checkpoint_leaves_litter_that_the_resume_removes() {
+    let f = Fixture::new();
+    // Wide enough that a checkpoint (parameters and both AdamW moments, ~70 MB) takes a while to
+    // write, on images small enough that a step is quick.
+    let config = f.path("wide.json");
+    std::fs::write(
+        &config,
+        TINY.replace("\"hidden_size\": 32", "\"hidden_size\": 512")
+            .replace("\"intermediate_size\": 64", "\"intermediate_size\": 2048"),
+    )
+    .unwrap();
+    let out = f.path("run");
+    let args = |steps: &str| {
+        let mut c = Command::new(BEIT);
+        c.args(["pretrain", "--batch", "1", "--masked", "4", "--threads", "1", "--checkpoint-every", "1"])
+            .args(["--steps", steps, "--resume", "--config"])
+            .arg(&config)
+            .arg("--out")
+            .arg(&out);
+        c
+    };
+    // Kill the run with SIGKILL while a checkpoint's temporary file exists; a save that finished
+    // between the look and the kill is simply tried again.
+    let mut litter = Vec::new();
+    for _attempt in 0..20 {
+        let mut child =
+            args("100000").stdout(std::process::Stdio::null()).stderr(std::process::Stdio::null()).spawn().unwrap();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        while temp_files(&out).is_empty() && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_micros(200));
+        }
+        child.kill().unwrap();
+        child.wait().unwrap();
+        litter = temp_files(&out);
+        if !litter.is_empty() {
+            break;
+        }
+    }
+    assert!(!litter.is_empty(), "never caught a checkpoint write in progress");
+    // The resume (to the step the checkpoint holds, so it only cleans up and saves) removes it.
+    let step = SafetensorsFile::open(&out.join("checkpoint.safetensors"))
+        .ok()
+        .map(|_| checkpoint_meta(&out.join("checkpoint.safetensors"))["step"].as_u64().unwrap())
+        .unwrap_or(0);
+    let resumed = args(&step.max(1).to_string()).output().unwrap();
+    assert_ok(&resumed, "the resume");
+    let err = stderr(&resumed);
+    for p in &litter {
+        assert!(!p.exists(), "{} is still there", p.display());
+        assert!(err.contains(&p.display().to_string()), "the removal of {} was not reported: {err}", p.display());
+    }
+    assert!(temp_files(&out).is_empty() && temp_files(&out.join("model")).is_empty());
+}

@@ -10,6 +10,7 @@ pub mod context;
 pub mod data;
 pub mod dvae;
 pub mod ffi;
+pub mod files;
 pub mod model;
 /// cbindgen:ignore
 pub mod resources;

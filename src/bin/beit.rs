@@ -13,6 +13,8 @@ mod finetune_cli;
 mod info_cli;
 #[path = "cli/progress.rs"]
 mod progress;
+#[path = "cli/safety.rs"]
+mod safety;
 #[path = "cli/segment.rs"]
 mod segment_cli;
 #[path = "cli/tokenizer.rs"]
@@ -206,7 +208,8 @@ enum DatasetCommand {
 
 #[derive(clap::Args)]
 struct PretrainArgs {
-    /// Model config: a config.json or a preset (tiny32, small32, base); ignored with --model or --resume.
+    /// Model config: a config.json or a preset (tiny32, small32, base); ignored with --model. A
+    /// resumed run's model comes from its checkpoint, which records this (it must not change).
     #[arg(long, default_value = "tiny32")]
     config: String,
     /// Start from this HF model directory (a BeitForMaskedImageModeling) instead of a fresh one.
@@ -282,9 +285,16 @@ struct PretrainArgs {
     /// Save a checkpoint every K steps (0: only at the end).
     #[arg(long, default_value_t = 50)]
     checkpoint_every: u64,
-    /// Continue from OUT/checkpoint.safetensors when it exists (its options win).
+    /// Continue from OUT/checkpoint.safetensors when it exists. The checkpoint's trainer options
+    /// (learning rate, schedule, ...) win; the options that decide the data (--batch, --data,
+    /// --masking, --masked, --tokens, --tokenizer, --target, --seed, and --config, --model,
+    /// --vocab-size) are recorded in it and must be given again unchanged.
     #[arg(long)]
     resume: bool,
+    /// Start a fresh run even though OUT holds a checkpoint (its first checkpoint replaces the
+    /// old one). Without --resume or --overwrite, an existing checkpoint is an error.
+    #[arg(long, conflicts_with = "resume")]
+    overwrite: bool,
     /// One JSON line per step on stdout.
     #[arg(long)]
     json: bool,
@@ -404,6 +414,7 @@ fn infer(
     threads: usize,
     json: bool,
 ) -> beit::Result<()> {
+    safety::Paths::new().read("--model", &model).read("--inputs", &inputs).write("--output", &output).check()?;
     let device: Device = device.parse()?;
     let ctx = Context::new(&ContextOptions { device, threads, ..Default::default() })?;
     ctx.require_cpu("inference")?;
@@ -443,7 +454,9 @@ fn infer(
     if let Some(l) = &out.logits {
         tensors.push(("logits", &l.shape, &l.data));
     }
-    write_atomic(&output, &f32_tensors_bytes(tensors)?)?;
+    let bytes = f32_tensors_bytes(tensors)?;
+    safety::remove_stale_temp_files_of(&output)?;
+    write_atomic(&output, &bytes)?;
     if json {
         println!(
             "{}",
@@ -539,6 +552,7 @@ fn bench_infer(
 }
 
 fn create(config: String, architecture: Option<String>, seed: u64, out: PathBuf) -> beit::Result<()> {
+    safety::Paths::new().read_config("--config", &config).write_model_dir("--out", &out).check()?;
     let (cfg, default_arch) = if std::path::Path::new(&config).is_file() {
         let text =
             std::fs::read_to_string(&config).map_err(|e| beit::Error::Io(format!("cannot read {config}: {e}")))?;
@@ -553,7 +567,7 @@ fn create(config: String, architecture: Option<String>, seed: u64, out: PathBuf)
         None => default_arch,
     };
     let model = Model::new_random(cfg, arch, seed)?;
-    model.save(&out)?;
+    save_model(&model, &out)?;
     println!("created {} with {} parameters in {}", arch.hf_name(), model.params().count(), out.display());
     Ok(())
 }
@@ -566,6 +580,16 @@ fn config_from(name: &str) -> beit::Result<beit::BeitConfig> {
     } else {
         Ok(preset(name)?.0)
     }
+}
+
+/// Saves `model` as an HF directory at `dir`, first removing what killed runs left there; a
+/// failed save leaves no directory it created.
+fn save_model(model: &Model, dir: &std::path::Path) -> beit::Result<()> {
+    safety::remove_stale_temp_files(dir, &safety::MODEL_FILES)?;
+    let out = beit::files::OutputDir::create(dir)?;
+    model.save(dir)?;
+    out.keep();
+    Ok(())
 }
 
 fn print_json(value: serde_json::Value) {
@@ -592,14 +616,15 @@ enum PretrainData {
 
 /// The batches of `beit pretrain --data`: the synthetic task, or a dataset file through the
 /// loader with BEiT's augmentation (view 1 at the model's resolution; view 2 at the
-/// tokenizer's, or half the model's without one) and cached or on-the-fly tokens.
+/// tokenizer's, or half the model's without one) and cached or on-the-fly tokens. Also returns
+/// where the targets come from: `synthetic`, `cached`, `augmented` or `pixels`.
 fn pretrain_data(
     a: &PretrainArgs,
     cfg: &beit::BeitConfig,
     masked: usize,
     seed: u64,
     target: beit::model::MimTarget,
-) -> beit::Result<PretrainData> {
+) -> beit::Result<(PretrainData, &'static str)> {
     use beit::data::loader::LoaderConfig;
     use beit::data::mim_source::{DatasetMim, TokenSource};
     if a.data == "synthetic" {
@@ -608,7 +633,8 @@ fn pretrain_data(
                 "--masking random applies to dataset files; the synthetic task masks blocks".into(),
             ));
         }
-        return Ok(PretrainData::Synthetic(beit::data::synthetic::SyntheticMim::for_config(cfg, masked, seed)));
+        let synthetic = beit::data::synthetic::SyntheticMim::for_config(cfg, masked, seed);
+        return Ok((PretrainData::Synthetic(synthetic), "synthetic"));
     }
     let ds = std::sync::Arc::new(beit::data::dataset::Dataset::open(std::path::Path::new(&a.data))?);
     if target == beit::model::MimTarget::Pixels && (a.tokenizer.is_some() || a.tokens != "auto") {
@@ -641,27 +667,94 @@ fn pretrain_data(
         masking: a.masking,
         ..LoaderConfig::beit(a.batch, cfg.image_size.hw(), cfg.patch_size.hw(), masked)
     };
-    match &source {
-        TokenSource::Augmented(t) => config.tokenizer_size = (t.config.image_size, t.config.image_size),
+    let source_name = match &source {
+        TokenSource::Augmented(t) => {
+            config.tokenizer_size = (t.config.image_size, t.config.image_size);
+            "augmented"
+        }
         // Cached tokens are of whole images, so view 1 must be the whole image too.
-        TokenSource::Cached => config = config.whole_images(),
+        TokenSource::Cached => {
+            config = config.whole_images();
+            "cached"
+        }
         // The targets are view 1's own patches: BEiT's crops and flips apply as for tokens.
-        TokenSource::Pixels => {}
+        TokenSource::Pixels => "pixels",
+    };
+    Ok((PretrainData::Dataset(DatasetMim::new(ds, config, source)?), source_name))
+}
+
+/// The options of a `beit pretrain` run that decide its data (and, for a fresh model, its
+/// shape), as the checkpoint records them: a resume must give the same ones.
+fn pretrain_record(
+    a: &PretrainArgs,
+    masked: usize,
+    target: beit::model::MimTarget,
+    token_source: &str,
+) -> beit::Result<beit::train::run_record::RunRecord> {
+    use beit::model::io::{CONFIG_FILE, WEIGHTS_FILE};
+    let mut r = beit::train::run_record::RunRecord::new();
+    r.set("--batch", a.batch).set("--masked", masked).set("--seed", a.seed).set("--target", target.name());
+    r.set(
+        "--masking",
+        match a.masking {
+            beit::data::masking::MaskingStrategy::Blockwise => "block",
+            beit::data::masking::MaskingStrategy::Random => "random",
+        },
+    );
+    r.set("--tokens", token_source);
+    if a.data == "synthetic" {
+        r.set("--data", "synthetic");
+    } else {
+        let data = std::path::Path::new(&a.data);
+        r.set_path("--data", data, &[data])?;
     }
-    Ok(PretrainData::Dataset(DatasetMim::new(ds, config, source)?))
+    if let (Some(dir), "augmented") = (&a.tokenizer, token_source) {
+        r.set_path("--tokenizer", dir, &[&dir.join(CONFIG_FILE), &dir.join(WEIGHTS_FILE)])?;
+    }
+    // What shaped the model: the start directory, or the config and head size. Compared by name
+    // only: on a resume the model comes from the checkpoint, these files are not read again.
+    match &a.model {
+        Some(dir) => {
+            r.set("--model", beit::files::resolve(dir)?.display());
+        }
+        None => {
+            let config = std::path::Path::new(&a.config);
+            let config_name =
+                if config.is_file() { beit::files::resolve(config)?.display().to_string() } else { a.config.clone() };
+            r.set("--config", config_name);
+            r.set("--vocab-size", a.vocab_size.map_or("(the config's)".to_string(), |v| v.to_string()));
+        }
+    }
+    Ok(r)
 }
 
 fn pretrain(a: PretrainArgs) -> beit::Result<()> {
     use beit::train::trainer::{Trainer, TrainerOptions};
+    let checkpoint = a.out.join("checkpoint.safetensors");
+    let model_dir = a.out.join("model");
+    safety::Paths::new()
+        .read_config("--config", &a.config)
+        .read_opt("--model", a.model.as_ref())
+        .read_opt("--data", (a.data != "synthetic").then_some(&a.data))
+        .read_opt("--tokenizer", a.tokenizer.as_ref())
+        .write("--out", &checkpoint)
+        .write_model_dir("--out", &model_dir)
+        .check()?;
+    if checkpoint.exists() && !a.resume && !a.overwrite {
+        return Err(beit::Error::InvalidArgument(format!(
+            "{} holds a checkpoint (step {}): use --resume to continue it or --overwrite to start over",
+            checkpoint.display(),
+            checkpoint_step(&checkpoint).map_or("unknown".to_string(), |s| s.to_string())
+        )));
+    }
     let device: Device = a.device.parse()?;
     if let (Device::Cuda, Some(target)) = (device, a.target) {
         beit::backend::cuda::pretrain::GpuPretrainer::check_target(target)?;
     }
     let ctx = Context::new(&ContextOptions { device, threads: a.threads, ..Default::default() })?;
     let precision: beit::backend::cuda::pretrain::Precision = a.precision.parse()?;
-    std::fs::create_dir_all(&a.out).map_err(|e| beit::Error::Io(format!("cannot create {}: {e}", a.out.display())))?;
-    let checkpoint = a.out.join("checkpoint.safetensors");
-    let mut trainer = if a.resume && checkpoint.is_file() {
+    let resuming = a.resume && checkpoint.is_file();
+    let mut trainer = if resuming {
         let t = Trainer::from_checkpoint(&checkpoint)?;
         let target = t.options().mim_target;
         if a.target.is_some_and(|asked| asked != target) {
@@ -671,7 +764,6 @@ fn pretrain(a: PretrainArgs) -> beit::Result<()> {
                 a.target.unwrap_or_default()
             )));
         }
-        eprintln!("beit pretrain: resuming from {} at step {} ({target} target)", checkpoint.display(), t.step_count());
         t
     } else {
         let target = a.target.unwrap_or_default();
@@ -713,7 +805,21 @@ fn pretrain(a: PretrainArgs) -> beit::Result<()> {
     let (gh, gw) = cfg.native_grid();
     let masked = a.masked.unwrap_or(((gh * gw) as f64 * 75.0 / 196.0).round() as usize);
     let target = trainer.options().mim_target;
-    let mut data = pretrain_data(&a, &cfg, masked, trainer.options().seed, target)?;
+    let (mut data, token_source) = pretrain_data(&a, &cfg, masked, trainer.options().seed, target)?;
+    let record = pretrain_record(&a, masked, target, token_source)?;
+    if resuming {
+        check_resume_record(&checkpoint, trainer.run_record(), &record)?;
+        eprintln!(
+            "beit pretrain: resuming from {} at step {} ({target} target)",
+            checkpoint.display(),
+            trainer.step_count()
+        );
+    }
+    trainer.set_run_record(Some(record));
+    // Everything is validated: from here on the run writes.
+    safety::remove_stale_temp_files(&a.out, &["checkpoint.safetensors"])?;
+    safety::remove_stale_temp_files(&model_dir, &safety::MODEL_FILES)?;
+    let out_dir = beit::files::OutputDir::create(&a.out)?;
     let start = std::time::Instant::now();
     let first_step = trainer.step_count();
     let mut progress = progress::Progress::new("beit pretrain", first_step, a.steps);
@@ -742,7 +848,8 @@ fn pretrain(a: PretrainArgs) -> beit::Result<()> {
     }
     trainer.save_checkpoint(&checkpoint)?;
     trainer.sync_host()?;
-    trainer.model().save(&a.out.join("model"))?;
+    trainer.model().save(&model_dir)?;
+    out_dir.keep();
     let steps_run = trainer.step_count() - first_step;
     let seconds = start.elapsed().as_secs_f64();
     print_json(serde_json::json!({"command": "pretrain", "steps": trainer.step_count(), "steps_run": steps_run,
@@ -750,8 +857,45 @@ fn pretrain(a: PretrainArgs) -> beit::Result<()> {
         "images_per_s": (steps_run as f64 * a.batch as f64) / seconds.max(1e-9),
         "threads": ctx.threads(), "device": format!("{:?}", ctx.device()).to_lowercase(),
         "checkpoint": checkpoint.display().to_string(),
-        "model": a.out.join("model").display().to_string()}));
+        "model": model_dir.display().to_string()}));
     Ok(())
+}
+
+/// The step a checkpoint was saved at, read from its metadata alone (None if unreadable).
+fn checkpoint_step(path: &std::path::Path) -> Option<u64> {
+    let text = SafetensorsFile::open(path).ok()?.metadata().ok()?.remove(beit::train::checkpoint::META_KEY)?;
+    serde_json::from_str::<serde_json::Value>(&text).ok()?.get("step")?.as_u64()
+}
+
+/// Refuses a resume whose data-affecting options differ from the ones the checkpoint recorded,
+/// naming each with both values. A checkpoint without a record (an older beit, or the C API)
+/// cannot be checked: say so.
+fn check_resume_record(
+    checkpoint: &std::path::Path,
+    recorded: Option<&beit::train::run_record::RunRecord>,
+    current: &beit::train::run_record::RunRecord,
+) -> beit::Result<()> {
+    let Some(recorded) = recorded else {
+        eprintln!(
+            "beit pretrain: note: {} holds no record of its run's data options (written by an older beit or \
+             through the C API), so they could not be checked; it will from now on",
+            checkpoint.display()
+        );
+        return Ok(());
+    };
+    let comparison = recorded.changes(current);
+    for moved in &comparison.moved {
+        eprintln!("beit pretrain: note: same content at another path: {moved}");
+    }
+    if comparison.changed.is_empty() {
+        return Ok(());
+    }
+    Err(beit::Error::InvalidArgument(format!(
+        "{} was saved by a run with other data options, so resuming it with these would not continue that run: {}. \
+         Give the run's options again, or start over with --overwrite",
+        checkpoint.display(),
+        comparison.changed.join("; ")
+    )))
 }
 
 fn pretrain_replay(a: ReplayArgs) -> beit::Result<()> {
@@ -763,6 +907,11 @@ fn pretrain_replay(a: ReplayArgs) -> beit::Result<()> {
         "all" => WeightDecayOn::All,
         other => return Err(beit::Error::InvalidArgument(format!("--weight-decay-on {other}: use beit or all"))),
     };
+    safety::Paths::new()
+        .read("--model", &a.model)
+        .read("--batch", &a.batch)
+        .write_model_dir("--out", &a.out)
+        .check()?;
     let model = Model::load(&a.model)?;
     let batch = OwnedMimBatch::load(&a.batch)?;
     let options = TrainerOptions {
@@ -784,7 +933,7 @@ fn pretrain_replay(a: ReplayArgs) -> beit::Result<()> {
         let stats = ctx.run(|| trainer.step(&batch.as_batch()))?;
         print_json(serde_json::json!({"step": stats.step, "loss": stats.loss, "grad_norm": stats.grad_norm}));
     }
-    trainer.model().save(&a.out)
+    save_model(trainer.model(), &a.out)
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -875,6 +1024,16 @@ fn dataset(what: DatasetCommand) -> beit::Result<()> {
         DatasetCommand::Import { format, images, labels, dir, size, channels, set, pad, out } => {
             use beit::data::import;
             let bad = |m: &str| beit::Error::InvalidArgument(m.to_string());
+            let classes_file = import::classes_path(&out);
+            safety::Paths::new()
+                .read_opt("--images", images.as_ref())
+                .read_opt("--labels", labels.as_ref())
+                .read_opt("--dir", dir.as_ref())
+                .write("--out", &out)
+                .write("--out (its class names)", &classes_file)
+                .check()?;
+            safety::remove_stale_temp_files_of(&out)?;
+            safety::remove_stale_temp_files_of(&classes_file)?;
             let start = std::time::Instant::now();
             let mut classes = None;
             let h = match format {
@@ -931,14 +1090,22 @@ fn dataset(what: DatasetCommand) -> beit::Result<()> {
             if !(0.0..1.0).contains(&test_fraction) {
                 return Err(beit::Error::InvalidArgument(format!("--test-fraction {test_fraction} is not in [0, 1)")));
             }
+            let split = |input: &str| -> (String, Option<String>) {
+                match input.rsplit_once(':') {
+                    Some((f, p @ ("train" | "test"))) => (f.to_string(), Some(p.to_string())),
+                    _ => (input.to_string(), None),
+                }
+            };
+            inputs
+                .iter()
+                .fold(safety::Paths::new(), |paths, input| paths.read("INPUT", split(input).0))
+                .write("--out", &out)
+                .check()?;
             let mut opened = Vec::new();
             for input in &inputs {
-                let (file, part) = match input.rsplit_once(':') {
-                    Some((f, p @ ("train" | "test"))) => (f, Some(p)),
-                    _ => (input.as_str(), None),
-                };
-                let d = Dataset::open(std::path::Path::new(file))?;
-                let indices = match part {
+                let (file, part) = split(input);
+                let d = Dataset::open(std::path::Path::new(&file))?;
+                let indices = match part.as_deref() {
                     None => (0..d.len()).collect(),
                     Some(p) => {
                         let (train, test) = split_indices(d.len(), test_fraction, split_seed);
@@ -952,6 +1119,7 @@ fn dataset(what: DatasetCommand) -> beit::Result<()> {
                 opened.push((d, indices));
             }
             let parts: Vec<_> = opened.iter().map(|(d, i)| (d, i.as_slice())).collect();
+            safety::remove_stale_temp_files_of(&out)?;
             let combined = write_combined(&out, &parts)?;
             let mut v = info(&combined.header, &out);
             v["command"] = "dataset combine".into();

@@ -454,11 +454,15 @@ impl DatasetWriter {
         if let Some((gh, gw)) = spec.token_grid {
             ensure!(gh > 0 && gw > 0, InvalidArgument, "token grid {gh}x{gw} has a zero dimension");
         }
-        let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
         let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
         ensure!(!name.is_empty(), InvalidArgument, "dataset path {} has no file name", path.display());
-        let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
-        let file = fs::File::create(&tmp).map_err(|e| Error::Io(format!("cannot create {}: {e}", tmp.display())))?;
+        // A name of its own (crate::files): a killed writer's leftover is recognised and removed later.
+        let tmp = crate::files::temp_path_beside(path)?;
+        let file = fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&tmp)
+            .map_err(|e| Error::Io(format!("cannot create {}: {e}", tmp.display())))?;
         let mut out = BufWriter::with_capacity(1 << 20, file);
         out.write_all(&[0u8; DatasetHeader::SIZE as usize])
             .map_err(|e| Error::Io(format!("cannot write {}: {e}", tmp.display())))?;

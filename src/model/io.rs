@@ -4,13 +4,14 @@
 
 use std::collections::HashMap;
 use std::fs;
-use std::io::Write;
 use std::path::Path;
 
 use safetensors::tensor::{Dtype, TensorView};
 use safetensors::SafeTensors;
 
 use crate::error::{Error, Result};
+/// Model and tokenizer files are replaced atomically (see [`crate::files`]).
+pub use crate::files::write_atomic;
 
 use super::params::ParamStore;
 
@@ -271,28 +272,4 @@ pub fn read_i64(st: &SafeTensors<'_>, name: &str) -> Result<Option<(Vec<usize>, 
         other => bail!(Format, "tensor {name} has dtype {other:?}; expected an integer type"),
     };
     Ok(Some((view.shape().to_vec(), out)))
-}
-
-/// Writes `bytes` to `path` atomically: a temporary file in the same directory, fsync, rename,
-/// fsync of the directory. Readers see the old file or the new one, never a torn one.
-pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-    let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
-    let io = |what: &str, e: std::io::Error| Error::Io(format!("{what} {}: {e}", tmp.display()));
-    let result = (|| {
-        let mut f = fs::File::create(&tmp).map_err(|e| io("cannot create", e))?;
-        f.write_all(bytes).map_err(|e| io("cannot write", e))?;
-        f.sync_all().map_err(|e| io("cannot sync", e))?;
-        fs::rename(&tmp, path)
-            .map_err(|e| Error::Io(format!("cannot rename {} to {}: {e}", tmp.display(), path.display())))?;
-        if let Ok(d) = fs::File::open(dir) {
-            let _ = d.sync_all();
-        }
-        Ok(())
-    })();
-    if result.is_err() {
-        let _ = fs::remove_file(&tmp);
-    }
-    result
 }

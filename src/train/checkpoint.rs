@@ -12,6 +12,11 @@
 //! parameter's shape), and one metadata entry, [`META_KEY`], whose value is the JSON of
 //! [`CheckpointMeta`]. One entry because safetensors writes its metadata map in hash order:
 //! with several keys, two saves of the same state would not be byte-identical.
+//!
+//! A front end may add a [`RunRecord`] (its data-affecting options: batch size, dataset, masking,
+//! ...) with [`Trainer::set_run_record`]; it is saved as the metadata's optional `run` field and
+//! comes back with the trainer. Without one the field is absent, so the bytes of a checkpoint
+//! saved without a record (e.g. through the C API) are what they were before the field existed.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -24,6 +29,7 @@ use crate::error::{Error, Result};
 use crate::model::io::{f32_tensors_bytes_with_metadata, tensor_to_f32, write_atomic, SafetensorsFile};
 use crate::model::{Architecture, BeitConfig, Model};
 
+use super::run_record::RunRecord;
 use super::trainer::{RngState, Trainer, TrainerOptions};
 
 pub(crate) const FORMAT: &str = "beit-trainer-checkpoint";
@@ -49,6 +55,9 @@ pub struct CheckpointMeta {
     pub rng_stream: u64,
     /// The ChaCha8 word position (a u128, as a decimal string: JSON numbers stop at 2^53).
     pub rng_word_pos: String,
+    /// The front end's record of the run's data-affecting options, where it gave one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub run: Option<RunRecord>,
 }
 
 fn hex(bytes: &[u8]) -> String {
@@ -85,6 +94,7 @@ fn to_bytes(trainer: &Trainer) -> Result<Vec<u8>> {
         rng_seed: hex(&rng.seed),
         rng_stream: rng.stream,
         rng_word_pos: rng.word_pos.to_string(),
+        run: trainer.run_record.clone(),
     };
     let meta_json = serde_json::to_string(&meta).map_err(|e| Error::Internal(e.to_string()))?;
     let meta = HashMap::from([(META_KEY.to_string(), meta_json)]);
@@ -124,6 +134,7 @@ struct Loaded {
     optimizer_step: u64,
     data_position: u64,
     rng: RngState,
+    run: Option<RunRecord>,
 }
 
 /// Opens a checkpoint and reads and checks its metadata, config and architecture.
@@ -198,6 +209,7 @@ fn parse(path: &Path, model_for_shapes: &Model) -> Result<Loaded> {
         optimizer_step: meta.optimizer_step,
         data_position: meta.data_position,
         rng: RngState { seed, stream: meta.rng_stream, word_pos },
+        run: meta.run,
     })
 }
 
@@ -234,6 +246,21 @@ fn apply(trainer: &mut Trainer, l: Loaded) {
     trainer.step = l.step;
     trainer.data_position = l.data_position;
     trainer.set_rng_state(&l.rng);
+    trainer.run_record = l.run;
+}
+
+impl Trainer {
+    /// Sets the record of this run's data-affecting options that checkpoints carry (`None`:
+    /// none, the checkpoint's metadata then has no `run` field).
+    pub fn set_run_record(&mut self, record: Option<RunRecord>) {
+        self.run_record = record;
+    }
+
+    /// The record set with [`Trainer::set_run_record`], or restored from a checkpoint; `None`
+    /// for a checkpoint written without one (by an older libbeit, or through the C API).
+    pub fn run_record(&self) -> Option<&RunRecord> {
+        self.run_record.as_ref()
+    }
 }
 
 /// Restores `trainer` from the checkpoint at `path`. The checkpoint must be of the same model
@@ -281,4 +308,54 @@ pub fn load(path: &Path) -> Result<Trainer> {
     debug_assert_eq!(trainer.model.config().to_json_string(), loaded.config.to_json_string());
     apply(&mut trainer, loaded);
     Ok(trainer)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tiny_trainer() -> Trainer {
+        let config = BeitConfig::from_json_str(
+            r#"{"hidden_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 32,
+            "image_size": 8, "patch_size": 4, "num_channels": 1, "vocab_size": 8, "use_mask_token": true}"#,
+        )
+        .unwrap();
+        let model = Model::new_random(config, Architecture::MaskedImageModeling, 1).unwrap();
+        Trainer::new(model, TrainerOptions::default()).unwrap()
+    }
+
+    fn meta_json(path: &Path) -> serde_json::Value {
+        let text = SafetensorsFile::open(path).unwrap().metadata().unwrap().remove(META_KEY).unwrap();
+        serde_json::from_str(&text).unwrap()
+    }
+
+    #[test]
+    fn the_run_record_round_trips_and_is_absent_when_unset() {
+        let dir = tempfile::tempdir().unwrap();
+        let (plain, recorded) = (dir.path().join("plain"), dir.path().join("recorded"));
+        let mut t = tiny_trainer();
+        t.save_checkpoint(&plain).unwrap();
+        // No record: no `run` key at all, so these bytes are what a libbeit without the field wrote.
+        assert!(meta_json(&plain).get("run").is_none());
+        assert!(Trainer::from_checkpoint(&plain).unwrap().run_record().is_none());
+
+        let mut record = RunRecord::new();
+        record.set("--batch", 4).set("--masking", "block");
+        t.set_run_record(Some(record.clone()));
+        t.save_checkpoint(&recorded).unwrap();
+        assert_eq!(meta_json(&recorded)["run"]["--batch"]["value"], "4");
+        assert_eq!(Trainer::from_checkpoint(&recorded).unwrap().run_record(), Some(&record));
+
+        // Loading into a trainer takes the checkpoint's record, or its absence.
+        let mut other = tiny_trainer();
+        other.load_checkpoint(&recorded).unwrap();
+        assert_eq!(other.run_record(), Some(&record));
+        other.load_checkpoint(&plain).unwrap();
+        assert_eq!(other.run_record(), None);
+
+        // Unsetting it gives back the record-less bytes.
+        t.set_run_record(None);
+        t.save_checkpoint(&recorded).unwrap();
+        assert_eq!(std::fs::read(&plain).unwrap(), std::fs::read(&recorded).unwrap());
+    }
 }

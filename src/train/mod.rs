@@ -8,5 +8,6 @@ pub mod clip;
 pub mod evaluate;
 pub mod finetune;
 pub mod layer_decay;
+pub mod run_record;
 pub mod schedule;
 pub mod trainer;

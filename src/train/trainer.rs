@@ -241,6 +241,8 @@ pub struct Trainer {
     /// With the GPU step: whether each step leaves the host parameters behind the device's
     /// (until [`Trainer::sync_host`]) instead of copying them back.
     defer_host_copy: bool,
+    /// The front end's data-affecting options, saved in checkpoints ([`Trainer::set_run_record`]).
+    pub(crate) run_record: Option<super::run_record::RunRecord>,
 }
 
 impl std::fmt::Debug for Trainer {
@@ -296,6 +298,7 @@ impl Trainer {
             drop_factors: Vec::new(),
             gpu: None,
             defer_host_copy: false,
+            run_record: None,
         })
     }
 

@@ -7,10 +7,13 @@
 
 #include "beit.h"
 
+#include <dirent.h>
 #include <ftw.h>
+#include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/resource.h>
 #include <sys/stat.h>
 
 /* ------------------------------------------------------------------------------------------ */
@@ -110,5 +113,42 @@ static int remove_entry(const char *path, const struct stat *st, int flag, struc
 }
 
 static void remove_tree(const char *dir) { nftw(dir, remove_entry, 16, FTW_DEPTH | FTW_PHYS); }
+
+/* Makes this process's file writes fail past `bytes` (the RLIMIT_FSIZE soft limit, with SIGXFSZ
+ * ignored so that a write returns EFBIG instead of killing the process): a way to make a save
+ * fail half-way that works even as root, where permissions would not. undo_file_size_limit
+ * restores the limit and the signal's action. (Inline: not every test uses these.) */
+typedef struct {
+    struct rlimit old_limit;
+    struct sigaction old_action;
+} file_size_limit;
+
+static inline file_size_limit limit_file_size(rlim_t bytes) {
+    file_size_limit l;
+    struct sigaction ignore;
+    memset(&ignore, 0, sizeof ignore);
+    ignore.sa_handler = SIG_IGN;
+    sigaction(SIGXFSZ, &ignore, &l.old_action);
+    getrlimit(RLIMIT_FSIZE, &l.old_limit);
+    struct rlimit small = l.old_limit;
+    small.rlim_cur = bytes;
+    setrlimit(RLIMIT_FSIZE, &small);
+    return l;
+}
+
+static inline void undo_file_size_limit(file_size_limit l) {
+    setrlimit(RLIMIT_FSIZE, &l.old_limit);
+    sigaction(SIGXFSZ, &l.old_action, NULL);
+}
+
+/* How many entries of `dir` are temporary files of atomic writes (names holding ".tmp-"). */
+static inline int temp_files_in(const char *dir) {
+    DIR *d = opendir(dir);
+    if (!d) return -1;
+    int n = 0;
+    for (struct dirent *e; (e = readdir(d)) != NULL;) n += strstr(e->d_name, ".tmp-") != NULL;
+    closedir(d);
+    return n;
+}
 
 #endif

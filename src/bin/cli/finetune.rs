@@ -6,12 +6,16 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use beit::data::dataset::Dataset;
+use beit::model::io::{CONFIG_FILE, WEIGHTS_FILE};
 use beit::train::finetune::{
     classification_config, classifier_from_pretrained, dataset_labels, run_finetune, stratified_subset, write_subset,
     FinetuneData,
 };
 use beit::train::trainer::{Trainer, TrainerOptions};
 use beit::{Architecture, Context, ContextOptions, Device, Model};
+
+/// The name the labelled subset is written under (as a temporary file) in --out.
+const SUBSET_FILE: &str = "labelled-subset.beitds";
 
 /// What is fine-tuned. Each task has its own head, loss and data; more arrive with their issues.
 #[derive(Clone, Copy, PartialEq, Eq, Debug, clap::ValueEnum)]
@@ -132,6 +136,15 @@ fn finetune_classify(
     a: FinetuneArgs,
     config_from: impl Fn(&str) -> beit::Result<beit::BeitConfig>,
 ) -> beit::Result<()> {
+    crate::safety::Paths::new()
+        .read_opt("--model", a.model.as_ref())
+        .read_config("--config", &a.config)
+        .read("--data", &a.data)
+        .write_model_dir("--out", &a.out)
+        .check()?;
+    if a.batch == 0 {
+        return Err(beit::Error::InvalidArgument("--batch 0: a batch needs at least one image".into()));
+    }
     let ctx = Context::new(&ContextOptions { device: Device::Cpu, threads: a.threads, ..Default::default() })?;
     let full = Arc::new(Dataset::open(&a.data)?);
     let labels = dataset_labels(&full)?;
@@ -139,19 +152,9 @@ fn finetune_classify(
         Some(k) => k,
         None => labels.iter().max().map_or(0, |&m| m as usize + 1),
     };
-    // The labelled subset, as its own small file (the loader reads whole files). The file is
-    // removed as soon as it is mapped: the map keeps the data, and nothing is left behind.
-    let data = if a.label_fraction != 1.0 {
-        let subset = stratified_subset(&labels, a.label_fraction, a.seed)?;
-        let tmp = tempdir_for(&a.out)?;
-        let path = tmp.join("labelled-subset.beitds");
-        let opened = write_subset(&full, &subset, &path).and_then(|_| Dataset::open(&path));
-        let _ = std::fs::remove_dir_all(&tmp);
-        eprintln!("beit finetune: {} of {} labelled samples (fraction {})", subset.len(), full.len(), a.label_fraction);
-        Arc::new(opened?)
-    } else {
-        full.clone()
-    };
+    let subset =
+        if a.label_fraction != 1.0 { Some(stratified_subset(&labels, a.label_fraction, a.seed)?) } else { None };
+    let train_images = subset.as_ref().map_or(full.len(), |s| s.len());
 
     let (model, fresh) = match &a.model {
         Some(dir) => {
@@ -171,7 +174,7 @@ fn finetune_classify(
         None => model,
     };
     eprintln!("beit finetune: fresh parameters: {}", fresh.join(", "));
-    let per_epoch = if data.len() >= a.batch { data.len() / a.batch } else { 1 } as u64;
+    let per_epoch = if train_images >= a.batch { train_images / a.batch } else { 1 } as u64;
     let steps = a.steps.unwrap_or(a.epochs * per_epoch);
     let options = TrainerOptions {
         learning_rate: a.lr,
@@ -188,6 +191,28 @@ fn finetune_classify(
         ..TrainerOptions::default()
     };
     let mut trainer = Trainer::new_classifier(model, options)?;
+
+    // Everything is validated: from here on the run writes into --out.
+    crate::safety::remove_stale_temp_files(&a.out, &[CONFIG_FILE, WEIGHTS_FILE, SUBSET_FILE])?;
+    let out_dir = beit::files::OutputDir::create(&a.out)?;
+    // The labelled subset, as its own small file (the loader reads whole files), under a
+    // temporary name in --out: removed as soon as it is mapped (the map keeps the data), and if
+    // the run is killed before that, the next run in --out removes it.
+    let data = match &subset {
+        Some(subset) => {
+            let path = beit::files::temp_path_beside(&a.out.join(SUBSET_FILE))?;
+            let opened = write_subset(&full, subset, &path).and_then(|_| Dataset::open(&path));
+            let _ = std::fs::remove_file(&path);
+            eprintln!(
+                "beit finetune: {} of {} labelled samples (fraction {})",
+                subset.len(),
+                full.len(),
+                a.label_fraction
+            );
+            Arc::new(opened?)
+        }
+        None => full.clone(),
+    };
     let feed = FinetuneData {
         batch_size: a.batch,
         steps,
@@ -218,19 +243,11 @@ fn finetune_classify(
         })
     })?;
     trainer.into_model().save(&a.out)?;
+    out_dir.keep();
     crate::print_json(serde_json::json!({"command": "finetune", "task": "classify", "steps": steps,
         "final_loss": last_loss, "seconds": start.elapsed().as_secs_f64(), "train_images": data.len(),
         "num_labels": num_labels, "threads": ctx.threads(), "model": a.out.display().to_string()}));
     Ok(())
-}
-
-/// A scratch folder beside the output (same filesystem, removed at the end).
-fn tempdir_for(out: &std::path::Path) -> beit::Result<PathBuf> {
-    let parent = out.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(std::path::Path::new("."));
-    std::fs::create_dir_all(parent).map_err(|e| beit::Error::Io(format!("cannot create {}: {e}", parent.display())))?;
-    let dir = parent.join(format!(".beit-finetune-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).map_err(|e| beit::Error::Io(format!("cannot create {}: {e}", dir.display())))?;
-    Ok(dir)
 }
 
 pub fn eval(a: EvalArgs) -> beit::Result<()> {

@@ -6,6 +6,7 @@
 use std::path::{Path, PathBuf};
 
 use beit::data::dataset::Dataset;
+use beit::model::io::{CONFIG_FILE, WEIGHTS_FILE};
 use beit::model::segmentation::finetune::{
     evaluate, finetune, from_pretrained_backbone, labelled_train_subset, mask_classes, segmentation_config,
     split_indices, SegFinetuneOptions,
@@ -13,6 +14,9 @@ use beit::model::segmentation::finetune::{
 use beit::model::segmentation::metrics::IouReport;
 use beit::{Architecture, BeitConfig, Context, ContextOptions, Device, Model};
 use clap::Subcommand;
+
+/// The options, losses and evaluation of `beit segment finetune`, beside the model in --out.
+const REPORT_FILE: &str = "report.json";
 
 #[derive(Subcommand)]
 pub enum SegmentCommand {
@@ -151,6 +155,13 @@ pub fn run(cmd: SegmentCommand) -> beit::Result<()> {
 }
 
 fn run_finetune(a: FinetuneArgs) -> beit::Result<()> {
+    crate::safety::Paths::new()
+        .read_opt("--model", a.model.as_ref())
+        .read_opt("--config", a.config.as_ref().filter(|c| Path::new(c).is_file()))
+        .read("--data", &a.split.data)
+        .write_model_dir("--out", &a.out)
+        .write("--out", a.out.join(REPORT_FILE))
+        .check()?;
     let ctx = Context::new(&ContextOptions { device: Device::Cpu, threads: a.split.threads, ..Default::default() })?;
     let data = Dataset::open(&a.split.data)?;
     let classes = match a.num_labels {
@@ -211,7 +222,7 @@ fn run_finetune(a: FinetuneArgs) -> beit::Result<()> {
             }
         })
     })?;
-    model.save(&a.out)?;
+    // The evaluation can still fail: run it before anything is written.
     let eval = if test.is_empty() {
         None
     } else {
@@ -226,8 +237,11 @@ fn run_finetune(a: FinetuneArgs) -> beit::Result<()> {
         "first_loss": losses.first(), "losses": losses, "test": eval.as_ref().map(report_json),
     });
     let text = serde_json::to_string_pretty(&out).expect("json");
-    std::fs::write(a.out.join("report.json"), &text)
-        .map_err(|e| beit::Error::Io(format!("cannot write {}: {e}", a.out.join("report.json").display())))?;
+    crate::safety::remove_stale_temp_files(&a.out, &[CONFIG_FILE, WEIGHTS_FILE, REPORT_FILE])?;
+    let out_dir = beit::files::OutputDir::create(&a.out)?;
+    model.save(&a.out)?;
+    beit::files::write_atomic(&a.out.join(REPORT_FILE), text.as_bytes())?;
+    out_dir.keep();
     println!("{text}");
     Ok(())
 }

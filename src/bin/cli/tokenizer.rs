@@ -9,6 +9,7 @@ use beit::dvae::cache::{tokenize_dataset, tokenizer_input};
 use beit::dvae::eval::{evaluate, write_recon_grid};
 use beit::dvae::train::{DvaeTrainOptions, DvaeTrainer};
 use beit::dvae::{Dvae, DvaeConfig};
+use beit::model::io::{CONFIG_FILE, WEIGHTS_FILE};
 use beit::{Context, ContextOptions, Device};
 use clap::Subcommand;
 
@@ -103,10 +104,53 @@ fn eval_inputs(ds: &Dataset, dvae: &Dvae, count: usize) -> Vec<f32> {
         .collect()
 }
 
+/// The files `beit tokenizer train` writes into --out besides the tokenizer's own.
+const PNG_FILE: &str = "reconstructions.png";
+const REPORT_FILE: &str = "report.json";
+
+/// Refuses, before any training, held-out images the report could not be made from: none at
+/// all, another channel count than the tokenizer's (grey images are replicated, as
+/// `beit tokenize` does), or more than the memory budget allows.
+fn check_eval_data(eval: &Dataset, what: &str, dvae: &Dvae, eval_images: usize) -> beit::Result<()> {
+    use beit::resources::{Bytes, Need};
+    let h = eval.header();
+    let want = dvae.config.in_channels;
+    if h.channels as usize != want && h.channels != 1 {
+        return Err(beit::Error::InvalidArgument(format!(
+            "{what} has {} channels and the tokenizer (from --data) takes {want}: they must agree (grey images \
+             are replicated)",
+            h.channels
+        )));
+    }
+    if eval_images == 0 {
+        return Err(beit::Error::InvalidArgument("--eval-images 0: the report needs at least one image".into()));
+    }
+    if eval.is_empty() {
+        return Err(beit::Error::InvalidArgument(format!("{what} holds no images for the report")));
+    }
+    // The held-out images and their reconstructions, as mapped floats.
+    let images = eval_images.min(eval.len());
+    Need::new(format!("the report's {images} held-out images"), Bytes::floats(&[images, dvae.image_len()]) * 2)
+        .hint("lower --eval-images")
+        .check()
+}
+
 pub fn train(a: TrainArgs) -> beit::Result<()> {
+    crate::safety::Paths::new()
+        .read("--data", &a.data)
+        .read_opt("--eval-data", a.eval_data.as_ref())
+        .write_model_dir("--out", &a.out)
+        .write("--out", a.out.join(PNG_FILE))
+        .write("--out", a.out.join(REPORT_FILE))
+        .check()?;
     let ctx = Context::new(&ContextOptions { device: Device::Cpu, threads: a.threads, ..Default::default() })?;
     let ds = Arc::new(Dataset::open(&a.data)?);
     let channels = ds.header().channels as usize;
+    if channels != 1 && channels != 3 {
+        return Err(beit::Error::InvalidArgument(format!(
+            "--data has {channels} channels: the tokenizer's report ({PNG_FILE}) shows grey (1) or RGB (3) images"
+        )));
+    }
     let config = DvaeConfig {
         in_channels: channels,
         image_size: a.image_size,
@@ -118,6 +162,13 @@ pub fn train(a: TrainArgs) -> beit::Result<()> {
         ..DvaeConfig::small_grey(a.image_size)
     };
     let dvae = Dvae::new(config, a.seed)?;
+    // Everything the report needs is checked now: a run that trains is a run that writes.
+    let eval_ds = match &a.eval_data {
+        Some(p) => Arc::new(Dataset::open(p)?),
+        None => ds.clone(),
+    };
+    let eval_what = if a.eval_data.is_some() { "--eval-data" } else { "--data" };
+    check_eval_data(&eval_ds, eval_what, &dvae, a.eval_images)?;
     let options = DvaeTrainOptions {
         lr: a.lr,
         kl_weight: a.kl_weight,
@@ -178,23 +229,23 @@ pub fn train(a: TrainArgs) -> beit::Result<()> {
     }
     let train_seconds = start.elapsed().as_secs_f64();
     let dvae = trainer.dvae;
-    dvae.save(&a.out)?;
-    let eval_ds = match &a.eval_data {
-        Some(p) => Dataset::open(p)?,
-        None => Dataset::open(&a.data)?,
-    };
     let mapped = eval_inputs(&eval_ds, &dvae, a.eval_images);
     let (report, recon) = ctx.run(|| evaluate(&dvae, &mapped))?;
     let shown = 32.min(report.images) * dvae.image_len();
-    let png = a.out.join("reconstructions.png");
-    write_recon_grid(&png, &mapped[..shown], &recon[..shown], channels, s, 8)?;
+    let png = a.out.join(PNG_FILE);
     let summary = serde_json::json!({"command": "tokenizer train", "steps": a.steps, "batch": a.batch,
         "seconds": train_seconds, "images_per_s": (a.steps * a.batch) as f64 / train_seconds,
         "final_train_recon_mse_mapped": last.map(|l| l.recon_mse), "eval": report,
         "vocab_size": dvae.config.vocab_size, "grid": dvae.config.grid(), "out": a.out.display().to_string(),
         "png": png.display().to_string(), "threads": ctx.threads()});
-    std::fs::write(a.out.join("report.json"), serde_json::to_string_pretty(&summary).expect("json"))
-        .map_err(|e| beit::Error::Io(format!("cannot write report.json: {e}")))?;
+    // Written only now that everything that can fail has succeeded.
+    crate::safety::remove_stale_temp_files(&a.out, &[CONFIG_FILE, WEIGHTS_FILE, REPORT_FILE])?;
+    let out_dir = beit::files::OutputDir::create(&a.out)?;
+    dvae.save(&a.out)?;
+    write_recon_grid(&png, &mapped[..shown], &recon[..shown], channels, s, 8)?;
+    let report_text = serde_json::to_string_pretty(&summary).expect("json");
+    beit::files::write_atomic(&a.out.join(REPORT_FILE), report_text.as_bytes())?;
+    out_dir.keep();
     println!("{summary}");
     Ok(())
 }
@@ -210,11 +261,17 @@ fn ensure_batches(loader: &Loader) -> beit::Result<()> {
 }
 
 pub fn tokenize(a: TokenizeArgs) -> beit::Result<()> {
+    crate::safety::Paths::new()
+        .read("--tokenizer", &a.tokenizer)
+        .read("--data", &a.data)
+        .write("--out", &a.out)
+        .check()?;
     let ctx = Context::new(&ContextOptions { device: Device::Cpu, threads: a.threads, ..Default::default() })?;
     let dvae = Dvae::load(&a.tokenizer)?;
     let ds = Dataset::open(&a.data)?;
     let start = std::time::Instant::now();
     let total = ds.len();
+    crate::safety::remove_stale_temp_files_of(&a.out)?;
     let h = ctx.run(|| {
         tokenize_dataset(&dvae, &ds, &a.out, |done| {
             eprint!("\rtokenized {done}/{total}");

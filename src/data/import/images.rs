@@ -27,17 +27,8 @@ pub fn classes_path(out: &Path) -> PathBuf {
 /// Writes `names` as a JSON array to [`classes_path`]`(out)`, atomically (temp file + rename).
 pub fn write_classes(out: &Path, names: &[String]) -> Result<PathBuf> {
     let path = classes_path(out);
-    let tmp = path.with_file_name(format!(
-        ".{}.tmp-{}",
-        path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(),
-        std::process::id()
-    ));
     let json = serde_json::to_string_pretty(names).map_err(|e| Error::Internal(format!("class names to JSON: {e}")))?;
-    fs::write(&tmp, json + "\n").map_err(|e| Error::Io(format!("cannot write {}: {e}", tmp.display())))?;
-    fs::rename(&tmp, &path).map_err(|e| {
-        let _ = fs::remove_file(&tmp);
-        Error::Io(format!("cannot rename {} to {}: {e}", tmp.display(), path.display()))
-    })?;
+    crate::files::write_atomic(&path, (json + "\n").as_bytes())?;
     Ok(path)
 }
 

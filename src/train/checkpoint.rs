@@ -28,6 +28,7 @@ use crate::backend::cuda::pretrain::GpuPretrainer;
 use crate::error::{Error, Result};
 use crate::model::io::{f32_tensors_bytes_with_metadata, tensor_to_f32, write_atomic, SafetensorsFile};
 use crate::model::{Architecture, BeitConfig, Model};
+use crate::resources::{try_zeroed, Bytes, Need};
 
 use super::run_record::RunRecord;
 use super::trainer::{RngState, Trainer, TrainerOptions};
@@ -173,7 +174,11 @@ fn parse(path: &Path, model_for_shapes: &Model) -> Result<Loaded> {
 
     let p = model_for_shapes.params();
     let n = p.data.len();
-    let (mut params, mut exp_avg, mut exp_avg_sq) = (vec![0.0f32; n], vec![0.0f32; n], vec![0.0f32; n]);
+    // The three buffers are read in full before anything is applied (a bad file changes
+    // nothing), so they are tested against the budget first.
+    Need::new(format!("reading the checkpoint's 3 buffers of {n} values"), Bytes::floats(&[3, n])).check_config()?;
+    let what = "a checkpoint buffer";
+    let (mut params, mut exp_avg, mut exp_avg_sq) = (try_zeroed(n, what)?, try_zeroed(n, what)?, try_zeroed(n, what)?);
     let exported = p.specs.iter().filter(|s| s.exported).count();
     ensure!(
         st.len() == 3 * exported,
@@ -196,7 +201,16 @@ fn parse(path: &Path, model_for_shapes: &Model) -> Result<Loaded> {
                 s.shape
             );
             ensure!(view.dtype() == Dtype::F32, Format, "{}: {name} is {:?}, not F32", path.display(), view.dtype());
-            tensor_to_f32(&view, &name, &mut buf[s.offset..s.offset + s.len])?;
+            let values = &mut buf[s.offset..s.offset + s.len];
+            tensor_to_f32(&view, &name, values)?;
+            if let Some(i) = values.iter().position(|v| !v.is_finite()) {
+                bail!(
+                    Format,
+                    "{}: {name} holds {} at index {i}: a checkpoint must be finite",
+                    path.display(),
+                    values[i]
+                );
+            }
         }
     }
     Ok(Loaded {

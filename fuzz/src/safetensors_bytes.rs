@@ -94,6 +94,7 @@ pub fn valid_model() -> Model {
 
 /// Valid inputs, the seeds: the model's weights, a checkpoint of a trainer of it, and the
 /// tokenizer's weights (written into `dir` under those names).
+#[allow(dead_code)] // tests/safetensors_header_fuzz.rs uses it; the fuzz target starts from fuzz/seeds/
 pub fn write_seeds(dir: &Path) -> Vec<PathBuf> {
     std::fs::create_dir_all(dir).unwrap();
     let model = valid_model();

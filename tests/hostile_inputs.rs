@@ -229,6 +229,8 @@ const IMPORT_IDX: &str =
     "dataset import --format idx --images {d}/img.idx --labels {d}/lab.idx --out {d}/imported.beitds";
 const IMPORT_NPY: &str = "dataset import --format npy --images {d}/x.npy --labels {d}/y.npy --out {d}/imported.beitds";
 const IMPORT_FOLDER: &str = "dataset import --format image-folder --dir {d}/folder --size 4 --out {d}/imported.beitds";
+const IMPORT_EMOJI: &str =
+    "dataset import --format emoji --dir {d}/emoji --set google --size 4 --out {d}/imported.beitds";
 const COMBINE: &str = "dataset combine --out {d}/combined.beitds {d}/grey.beitds {d}/grey_other.beitds";
 
 /// Architectures as the C API numbers them (`beit_architecture`).
@@ -299,6 +301,7 @@ hostile! {
     baseline_import_idx: cli(IMPORT_IDX).succeeds();
     baseline_import_npy: cli(IMPORT_NPY).succeeds();
     baseline_import_image_folder: cli(IMPORT_FOLDER).succeeds();
+    baseline_import_emoji: cli(IMPORT_EMOJI).succeeds();
     baseline_combine: cli(COMBINE).succeeds();
     baseline_c_create: c_api("create {d}/cfg.json 1").config("cfg.json", json!({})).succeeds();
     baseline_c_infer: c_api("infer {d}/tiny_backbone 2 16 16").succeeds();
@@ -363,6 +366,8 @@ hostile! {
     import_idx_huge_pad: cli(IMPORT_IDX).set("--pad", "65536");
     import_idx_pad_u32_max: cli(IMPORT_IDX).set("--pad", "4294967295x4294967295");
     import_image_folder_huge_size: cli(IMPORT_FOLDER).set("--size", "65536x65536");
+    /// The package has an img/google/65536/ folder (of 4x4 images): the size picks it.
+    import_emoji_huge_size: cli(IMPORT_EMOJI).set("--size", "65536");
     import_idx_header_claims_huge_dims: cli(IMPORT_IDX).set("--images", "{d}/huge.idx").set("--labels", "")
         .file("huge.idx", idx_images_header(&[1 << 30, 1 << 16, 1 << 16]));
     import_npy_header_claims_huge_shape: cli(IMPORT_NPY).set("--images", "{d}/huge.npy").set("--labels", "")
@@ -434,6 +439,7 @@ hostile! {
     import_idx_output_is_labels: cli(IMPORT_IDX).set("--out", "{d}/lab.idx");
     import_npy_output_is_images: cli(IMPORT_NPY).set("--out", "{d}/x.npy");
     import_image_folder_output_is_an_image: cli(IMPORT_FOLDER).set("--out", "{d}/folder/a/0.png");
+    import_emoji_output_is_its_index: cli(IMPORT_EMOJI).set("--out", "{d}/emoji/emoji.json");
     combine_output_is_an_input: cli(COMBINE).set("--out", "{d}/grey.beitds");
     combine_output_is_a_split_input: cli("dataset combine --out {d}/grey.beitds {d}/grey.beitds:train");
     tokenize_output_is_data: cli(TOKENIZE).set("--out", "{d}/grey.beitds");
@@ -1104,6 +1110,16 @@ fn make_fixtures(dir: &Path) {
         image::RgbImage::from_pixel(4, 4, image::Rgb([i * 100, 50, 200]))
             .save(dir.join("folder").join(class).join(format!("{i}.png")))
             .unwrap();
+    }
+
+    // An emoji package with one 4x4 image, in a 4/ folder and in a 65536/ folder.
+    std::fs::create_dir_all(dir.join("emoji")).unwrap();
+    let index = json!([{"category": "Smileys", "image": "1f600.png", "has_img_google": true}]);
+    std::fs::write(dir.join("emoji/emoji.json"), index.to_string()).unwrap();
+    for size in ["4", "65536"] {
+        let folder = dir.join("emoji/img/google").join(size);
+        std::fs::create_dir_all(&folder).unwrap();
+        image::RgbaImage::from_pixel(4, 4, image::Rgba([200, 100, 50, 255])).save(folder.join("1f600.png")).unwrap();
     }
 
     // Inference input and a pretrain-replay batch.

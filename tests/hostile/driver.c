@@ -343,7 +343,7 @@ static int case_tokenize_wrapped(int argc, char **argv) {
     return 0;
 }
 
-enum { THREADS = 4, STEPS_PER_THREAD = 12 };
+enum { THREADS = 4, STEPS_PER_THREAD = 25 };
 
 typedef struct {
     beit_trainer *trainer;
@@ -375,7 +375,12 @@ static void *step_loop(void *arg) {
 
 static int case_trainer_concurrent(int argc, char **argv) {
     if (argc != 3) return usage("trainer_concurrent MODEL_DIR");
-    beit_context *ctx = context();
+    /* A pool as wide as the stepping threads, so that their steps can overlap however the
+     * library queues work on it (with one pool thread, steps would run one after another). */
+    beit_context *ctx = NULL;
+    beit_context_options opts = beit_context_options_default();
+    opts.num_threads = THREADS;
+    setup(beit_context_create(&opts, &ctx), "beit_context_create");
     beit_model_info info;
     beit_model *model = load_model(ctx, argv[2], &info);
     beit_trainer *trainer = NULL;

@@ -116,7 +116,7 @@ fn mutate_checkpoint_metadata(rng: &mut Rng, f: &[u8]) -> Option<Vec<u8>> {
     }
     header["__metadata__"][key] = meta.to_string().into();
     let mut text = header.to_string();
-    while text.len() % 8 != 0 {
+    while !text.len().is_multiple_of(8) {
         text.push(' ');
     }
     let mut out = (text.len() as u64).to_le_bytes().to_vec();

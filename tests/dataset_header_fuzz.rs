@@ -120,6 +120,14 @@ fn mutated_valid_files_never_panic() {
     let dir = tempfile::tempdir().unwrap();
     let scratch = dir.path().join("input.beitds");
     let files = valid_files(dir.path());
+    // `BEIT_FUZZ_SEED_DIR=DIR` also writes three of them (one per spec, with samples) into DIR:
+    // how fuzz/seeds/dataset_header/ was made.
+    if let Some(out) = std::env::var_os("BEIT_FUZZ_SEED_DIR") {
+        std::fs::create_dir_all(&out).unwrap();
+        for (k, f) in [(0, &files[2]), (1, &files[4]), (2, &files[8])] {
+            std::fs::write(std::path::Path::new(&out).join(format!("valid-{k}.beitds")), f).unwrap();
+        }
+    }
     for f in &files {
         // The unmutated files are accepted by every reader.
         beit::data::dataset::DatasetHeader::parse(f, f.len() as u64, "valid").unwrap();

@@ -986,7 +986,7 @@ fn bench_loader(
     let loader = Loader::new(ds, config)?;
     let n = batches.min(loader.num_batches());
     let start = std::time::Instant::now();
-    let images: usize = loader.iter().take(n).map(|b| b.len()).sum();
+    let images: usize = loader.iter()?.take(n).map(|b| b.len()).sum();
     let seconds = start.elapsed().as_secs_f64();
     print_json(serde_json::json!({"command": "bench loader", "dataset": file.display().to_string(),
         "batch": batch, "threads": threads.max(1), "image_size": image_size, "batches": n, "images": images,

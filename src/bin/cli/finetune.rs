@@ -7,8 +7,8 @@ use std::sync::Arc;
 
 use beit::data::dataset::Dataset;
 use beit::train::finetune::{
-    classification_config, classifier_from_pretrained, dataset_labels, run_finetune, stratified_subset, write_subset,
-    FinetuneData,
+    classification_config, classifier_from_pretrained, dataset_labels, num_labels_from_data, run_finetune,
+    stratified_subset, total_steps, write_subset, FinetuneData,
 };
 use beit::train::trainer::{Trainer, TrainerOptions};
 use beit::{Architecture, Context, ContextOptions, Device, Model};
@@ -137,7 +137,7 @@ fn finetune_classify(
     let labels = dataset_labels(&full)?;
     let num_labels = match a.num_labels {
         Some(k) => k,
-        None => labels.iter().max().map_or(0, |&m| m as usize + 1),
+        None => num_labels_from_data(&labels)?,
     };
     // The labelled subset, as its own small file (the loader reads whole files). The file is
     // removed as soon as it is mapped: the map keeps the data, and nothing is left behind.
@@ -159,7 +159,7 @@ fn finetune_classify(
             classifier_from_pretrained(&pretrained, num_labels, a.drop_path, a.seed)?
         }
         None => {
-            let cfg = classification_config(&config_from(&a.config)?, num_labels, a.drop_path);
+            let cfg = classification_config(&config_from(&a.config)?, num_labels, a.drop_path)?;
             (Model::new_random(cfg, Architecture::ImageClassification, a.seed)?, vec!["(all: from scratch)".into()])
         }
     };
@@ -171,8 +171,7 @@ fn finetune_classify(
         None => model,
     };
     eprintln!("beit finetune: fresh parameters: {}", fresh.join(", "));
-    let per_epoch = if data.len() >= a.batch { data.len() / a.batch } else { 1 } as u64;
-    let steps = a.steps.unwrap_or(a.epochs * per_epoch);
+    let steps = total_steps(data.len(), a.batch, a.epochs, a.steps)?;
     let options = TrainerOptions {
         learning_rate: a.lr,
         min_learning_rate: a.min_lr,

@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use beit::data::dataset::Dataset;
 use beit::data::loader::{Loader, LoaderConfig};
-use beit::dvae::cache::{tokenize_dataset, tokenizer_input};
+use beit::dvae::cache::{dataset_inputs, tokenize_dataset};
 use beit::dvae::eval::{evaluate, write_recon_grid};
 use beit::dvae::train::{DvaeTrainOptions, DvaeTrainer};
 use beit::dvae::{Dvae, DvaeConfig};
@@ -95,14 +95,6 @@ pub struct TokenizeArgs {
     threads: usize,
 }
 
-/// Mapped tokenizer inputs of the first `count` images of `ds`, un-augmented.
-fn eval_inputs(ds: &Dataset, dvae: &Dvae, count: usize) -> Vec<f32> {
-    let h = ds.header();
-    (0..count.min(ds.len()))
-        .flat_map(|i| tokenizer_input(ds.pixels(i), h.channels as usize, h.height as usize, h.width as usize, dvae))
-        .collect()
-}
-
 pub fn train(a: TrainArgs) -> beit::Result<()> {
     let ctx = Context::new(&ContextOptions { device: Device::Cpu, threads: a.threads, ..Default::default() })?;
     let ds = Arc::new(Dataset::open(&a.data)?);
@@ -142,7 +134,7 @@ pub fn train(a: TrainArgs) -> beit::Result<()> {
     ensure_batches(&loader)?;
     let start = std::time::Instant::now();
     let mut epoch = 0u64;
-    let mut batches = loader.iter();
+    let mut batches = loader.iter()?;
     let mut last = None;
     while trainer.step_count() < a.steps {
         let batch = match batches.next() {
@@ -150,7 +142,7 @@ pub fn train(a: TrainArgs) -> beit::Result<()> {
             None => {
                 epoch += 1;
                 loader = loader.with_epoch(epoch)?;
-                batches = loader.iter();
+                batches = loader.iter()?;
                 continue;
             }
         };
@@ -183,7 +175,7 @@ pub fn train(a: TrainArgs) -> beit::Result<()> {
         Some(p) => Dataset::open(p)?,
         None => Dataset::open(&a.data)?,
     };
-    let mapped = eval_inputs(&eval_ds, &dvae, a.eval_images);
+    let mapped = dataset_inputs(&eval_ds, &dvae, a.eval_images)?;
     let (report, recon) = ctx.run(|| evaluate(&dvae, &mapped))?;
     let shown = 32.min(report.images) * dvae.image_len();
     let png = a.out.join("reconstructions.png");

@@ -218,6 +218,7 @@ pub fn write_subset(ds: &Dataset, indices: &[usize], path: &Path) -> Result<()> 
         token_grid: None,
     };
     let mut w = DatasetWriter::create(path, spec)?;
+    w.reserve(indices.len())?;
     for &i in indices {
         w.push(ds.pixels(i), ds.label(i), None, None)?;
     }
@@ -257,7 +258,7 @@ pub fn classification_loader(ds: Arc<Dataset>, model: &Model, data: &FinetuneDat
         flip_prob: data.flip_prob,
         seed: data.seed,
         workers: data.workers.max(1),
-        prefetch: 2 * data.workers.max(1),
+        prefetch: data.workers.max(1).saturating_mul(2),
         drop_last: ds.len() >= data.batch_size,
         ..LoaderConfig::beit(data.batch_size, cfg.image_size.hw(), cfg.patch_size.hw(), 1)
     };

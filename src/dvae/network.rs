@@ -98,13 +98,18 @@ impl ConvLayer {
         }
     }
 
-    /// Floats of one image's column matrix (im2col, or the transposed convolution's scatter
-    /// buffer), which the CPU convolution keeps per image in flight: `channels·k²·plane` with
-    /// the larger of the two channel counts and planes, an upper bound for either direction.
+    /// Floats of one image's column matrix, which the CPU convolution keeps per image in flight,
+    /// forward and backward: `in_channels·k²` rows over the output plane for a convolution
+    /// (im2col of its input), `out_channels·k²` rows over the input plane for a transposed one
+    /// (the scatter buffer of its output).
     fn columns_per_image(&self, g: Geometry) -> Bytes {
         let out = self.output(g);
-        let plane = (g.height * g.width).max(out.height * out.width);
-        Bytes::floats(&[self.in_channels.max(self.out_channels), self.kernel, self.kernel, plane])
+        let (rows, plane) = if self.transposed {
+            (self.out_channels, g.height * g.width)
+        } else {
+            (self.in_channels, out.height * out.width)
+        };
+        Bytes::floats(&[rows, self.kernel, self.kernel, plane])
     }
 
     fn output(&self, g: Geometry) -> Geometry {

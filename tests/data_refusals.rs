@@ -480,3 +480,45 @@ fn segmentation_refuses_bad_normalisation_options_masks_and_budgets() {
     assert_names(&m, &["evaluating a batch of 4 images"]);
     assert!(seg_evaluate(&model, &data, &clean, 4, &[0.4, 0.5, 0.6], &std).is_ok());
 }
+
+/// Run under an address-space limit by `loader_thread_start_failure_is_an_error`: with the
+/// budget test lifted, the loader's 256 worker stacks cannot all be mapped.
+#[test]
+#[ignore = "run by loader_thread_start_failure_is_an_error under prlimit"]
+fn loader_threads_under_an_address_space_limit() {
+    let dir = tempfile::tempdir().unwrap();
+    let ds = write_dataset(&dir.path().join("d.beitds"), 600, 8, 1, None, None);
+    let config = LoaderConfig { workers: MAX_LOADER_WORKERS, prefetch: MAX_LOADER_WORKERS, ..loader_config(2) };
+    let loader = with_budget(MemoryBudget::Bytes(u64::MAX), || Loader::new(ds, config)).unwrap();
+    let m = invalid(loader.iter().map(|it| it.len()));
+    assert_names(&m, &["cannot start worker thread", "of 256", "fewer loader workers"]);
+    println!("refused: {m}");
+}
+
+#[test]
+fn loader_thread_start_failure_is_an_error() {
+    if std::process::Command::new("prlimit").arg("--version").output().is_err() {
+        eprintln!("skipped: no prlimit");
+        return;
+    }
+    // The address space this test process already uses plus 200 MiB: room for the test, not for
+    // 256 stacks of 2 MiB.
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    let vm_kib: u64 =
+        status.lines().find(|l| l.starts_with("VmSize:")).unwrap().split_whitespace().nth(1).unwrap().parse().unwrap();
+    let limit = vm_kib * 1024 + (200 << 20);
+    let out = std::process::Command::new("prlimit")
+        .arg(format!("--as={limit}"))
+        .arg(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "loader_threads_under_an_address_space_limit",
+            "--ignored",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success() && text.contains("refused: loader: cannot start worker thread"), "{text}");
+}

@@ -219,8 +219,8 @@ pub fn check_normalisation(mean: &[f32], std: &[f32], channels: usize, who: &str
 
 /// The memory a loader over images of `header`'s shape needs with `config`, estimated from
 /// above: every batch that can be in flight (each worker's bounded queue, the one each worker
-/// is building and the consumer's), each worker's scratch for the image it augments, and the
-/// epoch's visiting order of `len` samples.
+/// is building and the consumer's), each worker's scratch for the image it augments and its
+/// stack, and the epoch's visiting order of `len` samples.
 fn loader_bytes(header: &crate::data::dataset::DatasetHeader, len: usize, config: &LoaderConfig) -> Bytes {
     let c = header.channels as usize;
     let (ih, iw) = (header.height as usize, header.width as usize);
@@ -244,8 +244,12 @@ fn loader_bytes(header: &crate::data::dataset::DatasetHeader, len: usize, config
         + Bytes::floats(&[c, h, w])
         + Bytes::floats(&[c, h2, w2]);
     let in_flight_bytes = in_flight.map_or(Bytes::from(None), |k| batch * k);
-    in_flight_bytes + scratch * workers + Bytes::of::<usize>(&[len])
+    in_flight_bytes + (scratch + Bytes::new(WORKER_STACK as u64)) * workers + Bytes::of::<usize>(&[len])
 }
+
+/// Stack of a loader worker thread (Rust's default for spawned threads, set explicitly so the
+/// budget counts what is reserved: under an address-space limit the stacks count too).
+const WORKER_STACK: usize = 2 << 20;
 
 impl Loader {
     /// Checks `config` against the dataset and the memory budget, and draws the epoch's order.
@@ -484,7 +488,8 @@ impl Loader {
             let (tx, rx) = sync_channel(depth);
             let loader = self.clone();
             let first = position + w;
-            let spawned = std::thread::Builder::new().name(format!("beit-loader-{w}")).spawn(move || {
+            let builder = std::thread::Builder::new().name(format!("beit-loader-{w}")).stack_size(WORKER_STACK);
+            let spawned = builder.spawn(move || {
                 let mut p = first;
                 while p < end {
                     if tx.send(loader.batch(p)).is_err() {

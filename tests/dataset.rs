@@ -284,7 +284,7 @@ fn fashion_mnist_train_import_matches_idx() {
     };
     let loader = beit::data::loader::Loader::new(std::sync::Arc::new(Dataset::open(&out).unwrap()), config).unwrap();
     let mut seen = vec![false; 60000];
-    for batch in loader.iter() {
+    for batch in loader.iter().unwrap() {
         for (k, &i) in batch.indices.iter().enumerate() {
             assert!(!seen[i], "image {i} twice in one epoch");
             seen[i] = true;

@@ -138,7 +138,7 @@ fn training_gradient_matches_finite_differences() {
 
 #[test]
 fn network_layout_follows_dalle_names() {
-    let (store, nets) = DvaeNetworks::build(&DvaeConfig::dalle());
+    let (store, nets) = DvaeNetworks::build(&DvaeConfig::dalle()).unwrap();
     // BEIT_SPEC.md §8: the DALL-E encoder has about 53.8M parameters.
     let count = store.count();
     assert!((53_700_000..53_900_000).contains(&count), "{count}");

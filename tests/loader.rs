@@ -41,7 +41,7 @@ fn config(batch: usize, workers: usize) -> LoaderConfig {
 }
 
 fn collect(loader: &Loader) -> Vec<MimBatchData> {
-    loader.iter().collect()
+    loader.iter().unwrap().collect()
 }
 
 #[test]
@@ -92,11 +92,11 @@ fn batches_are_identical_for_any_worker_count_and_resume_exactly() {
     }
     let loader = Loader::new(ds.clone(), config(6, 3)).unwrap();
     for k in [0, 1, 3, 6, 7] {
-        let resumed: Vec<_> = loader.starting_at(k).collect();
+        let resumed: Vec<_> = loader.starting_at(k).unwrap().collect();
         assert_eq!(resumed, one[k..], "starting_at({k})");
     }
     // Stopping early (dropping the iterator mid-epoch) shuts the workers down.
-    let mut it = loader.iter();
+    let mut it = loader.iter().unwrap();
     assert_eq!(it.next().as_ref(), Some(&one[0]));
     drop(it);
     // Cached tokens follow the indices.
@@ -122,7 +122,7 @@ fn masks_have_the_requested_count_or_fewer() {
         let cfg = LoaderConfig { masked_patches: masked, min_mask_block: min_block, ..config(16, 2) };
         let loader = Loader::new(ds.clone(), cfg).unwrap();
         let mut distinct = HashSet::new();
-        for b in loader.iter() {
+        for b in loader.iter().unwrap() {
             for m in b.bool_masked_pos.chunks(49) {
                 assert!(m.iter().all(|&v| v <= 1));
                 let count = m.iter().filter(|&&v| v == 1).count();
@@ -292,8 +292,9 @@ fn colour_data_is_normalised_per_channel_and_jittered_deterministically() {
         }
     }
     let jit = LoaderConfig { color_jitter: 0.4, ..cfg };
-    let one: Vec<_> = Loader::new(ds.clone(), LoaderConfig { workers: 1, ..jit.clone() }).unwrap().iter().collect();
-    let three: Vec<_> = Loader::new(ds, LoaderConfig { workers: 3, ..jit }).unwrap().iter().collect();
+    let one: Vec<_> =
+        Loader::new(ds.clone(), LoaderConfig { workers: 1, ..jit.clone() }).unwrap().iter().unwrap().collect();
+    let three: Vec<_> = Loader::new(ds, LoaderConfig { workers: 3, ..jit }).unwrap().iter().unwrap().collect();
     assert_eq!(one, three);
     assert_ne!(one[0].view1, b.view1);
     for v in one.iter().flat_map(|b| b.view1.chunks(64).enumerate().map(|(c, p)| (c % 3, p.to_vec()))) {

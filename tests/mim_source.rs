@@ -118,7 +118,7 @@ fn token_cache_stores_the_tokenizer_output() {
     for i in [0, 7, N - 1] {
         assert_eq!(cached.pixels(i), ds.pixels(i));
         assert_eq!(cached.label(i), ds.label(i));
-        let input = tokenizer_input(ds.pixels(i), 1, S, S, &tok);
+        let input = tokenizer_input(ds.pixels(i), 1, S, S, &tok).unwrap();
         let want: Vec<u16> = tok.tokenize(&input).unwrap().into_iter().map(|t| t as u16).collect();
         assert_eq!(cached.tokens(i).unwrap(), &want[..]);
     }

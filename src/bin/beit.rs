@@ -827,7 +827,7 @@ fn pretrain(a: PretrainArgs) -> beit::Result<()> {
     while trainer.step_count() < a.steps {
         let position = trainer.data_position();
         let batch = match &mut data {
-            PretrainData::Synthetic(s) => s.batch(position, a.batch),
+            PretrainData::Synthetic(s) => s.try_batch(position, a.batch)?,
             PretrainData::Dataset(d) => ctx.run(|| d.batch_at(position))?,
         };
         let stats = ctx.run(|| trainer.step(&batch.as_batch()))?;
@@ -959,7 +959,7 @@ fn bench_pretrain(
     };
     let data = match batch_file {
         Some(path) => OwnedMimBatch::load(&path)?,
-        None => SyntheticMim::for_config(model.config(), masked, 0).batch(0, batch),
+        None => SyntheticMim::for_config(model.config(), masked, 0).try_batch(0, batch)?,
     };
     // What scripts/bench_torch_pretrain.py runs: torch.optim.AdamW(lr 1.5e-3, betas (0.9, 0.999),
     // eps 1e-8, weight decay 0.05 on every parameter), no clipping, the config's drop path.
@@ -1154,7 +1154,7 @@ fn bench_loader(
     let loader = Loader::new(ds, config)?;
     let n = batches.min(loader.num_batches());
     let start = std::time::Instant::now();
-    let images: usize = loader.iter().take(n).map(|b| b.len()).sum();
+    let images: usize = loader.iter()?.take(n).map(|b| b.len()).sum();
     let seconds = start.elapsed().as_secs_f64();
     print_json(serde_json::json!({"command": "bench loader", "dataset": file.display().to_string(),
         "batch": batch, "threads": threads.max(1), "image_size": image_size, "batches": n, "images": images,

@@ -12,6 +12,7 @@ use std::io::{BufWriter, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 
 use crate::error::{Error, Result};
+use crate::resources::{Bytes, Need, MAX_CHANNELS, MAX_IMAGE_SIDE};
 
 // Short names for format strings.
 const VERSION: u32 = DatasetHeader::VERSION;
@@ -308,6 +309,19 @@ impl DatasetHeader {
                 w[1].2
             );
         }
+        // Last, since the sections say more about a corrupt file: a shape that fits its file
+        // (no images, or tiny ones) can still be one no consumer should size buffers from.
+        ensure!(
+            self.height as usize <= MAX_IMAGE_SIDE
+                && self.width as usize <= MAX_IMAGE_SIDE
+                && self.channels as usize <= MAX_CHANNELS,
+            Format,
+            "{what}: image shape {}x{}x{} (HxWxC) is beyond the limits of {MAX_IMAGE_SIDE} pixels a side and \
+             {MAX_CHANNELS} channels",
+            self.height,
+            self.width,
+            self.channels
+        );
         Ok(())
     }
 }
@@ -451,8 +465,24 @@ impl DatasetWriter {
             spec.width,
             spec.channels
         );
+        ensure!(
+            spec.height as usize <= MAX_IMAGE_SIDE
+                && spec.width as usize <= MAX_IMAGE_SIDE
+                && spec.channels as usize <= MAX_CHANNELS,
+            InvalidArgument,
+            "dataset image shape {}x{}x{} (HxWxC) is beyond the limits of {MAX_IMAGE_SIDE} pixels a side and \
+             {MAX_CHANNELS} channels",
+            spec.height,
+            spec.width,
+            spec.channels
+        );
         if let Some((gh, gw)) = spec.token_grid {
             ensure!(gh > 0 && gw > 0, InvalidArgument, "token grid {gh}x{gw} has a zero dimension");
+            ensure!(
+                gh as usize <= MAX_IMAGE_SIDE && gw as usize <= MAX_IMAGE_SIDE,
+                InvalidArgument,
+                "token grid {gh}x{gw} is larger than {MAX_IMAGE_SIDE} a side"
+            );
         }
         let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
         ensure!(!name.is_empty(), InvalidArgument, "dataset path {} has no file name", path.display());
@@ -476,6 +506,53 @@ impl DatasetWriter {
             masks: Vec::new(),
             tokens: Vec::new(),
         })
+    }
+
+    /// Plans `count` more samples (before they are pushed): the file they make must have a size that
+    /// 64-bit arithmetic can express, and the sections kept in memory until
+    /// [`DatasetWriter::finish`] (labels, masks, tokens) must fit the memory budget. Reserves
+    /// those sections, so pushing `count` samples never reallocates. Importers and copies call
+    /// it with the sample count they know before they write.
+    pub fn reserve(&mut self, count: usize) -> Result<()> {
+        let s = self.spec;
+        let hw = (s.height as usize).checked_mul(s.width as usize);
+        let per_sample = |bytes: Option<usize>, on: bool| if on { bytes } else { Some(0) };
+        let labels = per_sample(Some(4), s.labels);
+        let masks = per_sample(hw, s.masks);
+        let tokens = match s.token_grid {
+            Some((gh, gw)) => (gh as usize).checked_mul(2 * gw as usize),
+            None => Some(0),
+        };
+        let pixels = hw.and_then(|v| v.checked_mul(s.channels as usize));
+        let section = |per: Option<usize>| per.and_then(|p| p.checked_mul(count));
+        let file = [pixels, labels, masks, tokens]
+            .into_iter()
+            .try_fold(DatasetHeader::SIZE as u64 + 4 * DatasetHeader::SECTION_ALIGN, |acc, per| {
+                acc.checked_add(section(per)? as u64)
+            });
+        ensure!(
+            file.is_some(),
+            InvalidArgument,
+            "{} samples of {}x{}x{} (HxWxC) make a dataset file larger than 2^64 bytes",
+            count,
+            s.height,
+            s.width,
+            s.channels
+        );
+        let in_memory: Bytes =
+            [labels, masks, tokens].into_iter().map(|per| Bytes::from(section(per).map(|b| b as u64))).sum();
+        Need::new(
+            format!("the labels, masks and tokens of {count} samples (kept in memory until the file is finished)"),
+            in_memory,
+        )
+        .hint("import or copy the data in several smaller files")
+        .check()?;
+        let oom = |what: &str| Error::InvalidArgument(format!("cannot allocate the {what} of {count} samples"));
+        let bytes = |per: Option<usize>| section(per).unwrap_or(0);
+        self.labels.try_reserve_exact(bytes(labels)).map_err(|_| oom("labels"))?;
+        self.masks.try_reserve_exact(bytes(masks)).map_err(|_| oom("masks"))?;
+        self.tokens.try_reserve_exact(bytes(tokens)).map_err(|_| oom("tokens"))?;
+        Ok(())
     }
 
     /// Samples pushed so far.

@@ -19,6 +19,7 @@ use std::path::Path;
 
 use crate::data::dataset::{DatasetHeader, DatasetSpec, DatasetWriter};
 use crate::error::{Error, Result};
+use crate::resources::{try_zeroed, Bytes, Need, MAX_IMAGE_SIDE};
 
 /// Magic of an IDX file of u8 with 3 dimensions (images).
 pub const IDX_IMAGES_MAGIC: u32 = 0x0000_0803;
@@ -34,10 +35,17 @@ pub struct IdxImages {
     pub pixels: Vec<u8>,
 }
 
+/// An IDX stream and, for an uncompressed file, its length (a gzip stream's is unknown).
+struct IdxStream {
+    reader: Box<dyn Read>,
+    raw_len: Option<u64>,
+}
+
 /// Opens `path` as a byte stream, transparently gunzipping when it starts with the gzip magic.
-fn open_maybe_gzip(path: &Path) -> Result<Box<dyn Read>> {
+fn open_maybe_gzip(path: &Path) -> Result<IdxStream> {
     let what = path.display();
     let mut file = fs::File::open(path).map_err(|e| Error::Io(format!("cannot open {what}: {e}")))?;
+    let len = file.metadata().map_err(|e| Error::Io(format!("cannot stat {what}: {e}")))?.len();
     let mut head = [0u8; 2];
     let mut got = 0;
     while got < 2 {
@@ -51,10 +59,22 @@ fn open_maybe_gzip(path: &Path) -> Result<Box<dyn Read>> {
     let prefix = std::io::Cursor::new(head[..got].to_vec());
     let stream = prefix.chain(file);
     if got == 2 && head == [0x1f, 0x8b] {
-        Ok(Box::new(flate2::read::MultiGzDecoder::new(stream)))
+        Ok(IdxStream { reader: Box::new(flate2::read::MultiGzDecoder::new(stream)), raw_len: None })
     } else {
-        Ok(Box::new(stream))
+        Ok(IdxStream { reader: Box::new(stream), raw_len: Some(len) })
     }
+}
+
+/// Checks a body of `want` bytes after a `header`-byte header before it is read: against the
+/// file's length when the file is uncompressed (the same errors [`read_exact_body`] gives), and
+/// against the memory budget, since it is held in memory whole.
+fn check_body(stream: &IdxStream, header: u64, want: u64, what: &str, part: &str, object: String) -> Result<()> {
+    if let Some(len) = stream.raw_len {
+        let have = len.saturating_sub(header);
+        ensure!(have >= want, Format, "{what}: truncated: header declares {want} bytes of {part}, file has {have}");
+        ensure!(have == want, Format, "{what}: trailing data after the {want} bytes of {part}");
+    }
+    Need::new(object, Bytes::new(want)).hint("split the file into several smaller ones").check()
 }
 
 /// Reads up to `want` bytes (and one more, to detect trailing data). Grows the buffer as data
@@ -102,26 +122,30 @@ fn check_magic(magic: u32, want: u32, kind: &str, what: &str) -> Result<()> {
 /// Reads an IDX image file (raw or gzip).
 pub fn read_idx_images(path: &Path) -> Result<IdxImages> {
     let what = path.display().to_string();
-    let mut r = open_maybe_gzip(path)?;
-    check_magic(read_header(&mut r, 1, &what)?[0], IDX_IMAGES_MAGIC, "images", &what)?;
-    let h = read_header(&mut r, 3, &what)?;
+    let mut stream = open_maybe_gzip(path)?;
+    let r = &mut stream.reader;
+    check_magic(read_header(r, 1, &what)?[0], IDX_IMAGES_MAGIC, "images", &what)?;
+    let h = read_header(r, 3, &what)?;
     let (n, rows, cols) = (h[0] as u64, h[1] as u64, h[2] as u64);
     ensure!(rows > 0 && cols > 0, Format, "{what}: IDX image shape {rows}x{cols} has a zero dimension");
     let want = n
         .checked_mul(rows)
         .and_then(|v| v.checked_mul(cols))
         .ok_or_else(|| Error::Format(format!("{what}: IDX size {n}x{rows}x{cols} overflows")))?;
-    let pixels = read_exact_body(&mut r, want, &what, "pixels")?;
+    check_body(&stream, 16, want, &what, "pixels", format!("the {n} IDX images of {rows}x{cols} in {what}"))?;
+    let pixels = read_exact_body(&mut stream.reader, want, &what, "pixels")?;
     Ok(IdxImages { count: n as usize, height: rows as usize, width: cols as usize, pixels })
 }
 
 /// Reads an IDX label file (raw or gzip).
 pub fn read_idx_labels(path: &Path) -> Result<Vec<u8>> {
     let what = path.display().to_string();
-    let mut r = open_maybe_gzip(path)?;
-    check_magic(read_header(&mut r, 1, &what)?[0], IDX_LABELS_MAGIC, "labels", &what)?;
-    let n = read_header(&mut r, 1, &what)?[0];
-    read_exact_body(&mut r, n as u64, &what, "labels")
+    let mut stream = open_maybe_gzip(path)?;
+    let r = &mut stream.reader;
+    check_magic(read_header(r, 1, &what)?[0], IDX_LABELS_MAGIC, "labels", &what)?;
+    let n = read_header(r, 1, &what)?[0];
+    check_body(&stream, 8, n as u64, &what, "labels", format!("the {n} IDX labels in {what}"))?;
+    read_exact_body(&mut stream.reader, n as u64, &what, "labels")
 }
 
 /// Imports an IDX image file (and optionally its label file) into a dataset at `out`: 1 channel,
@@ -142,6 +166,14 @@ pub fn import_idx_padded(
     out: &Path,
     pad_to: Option<(usize, usize)>,
 ) -> Result<DatasetHeader> {
+    if let Some((ph, pw)) = pad_to {
+        // Checked before the images are read: the canvas and every output image are this size.
+        ensure!(
+            (1..=MAX_IMAGE_SIDE).contains(&ph) && (1..=MAX_IMAGE_SIDE).contains(&pw),
+            InvalidArgument,
+            "--pad {ph}x{pw}: each side must be between 1 and {MAX_IMAGE_SIDE} pixels"
+        );
+    }
     let img = read_idx_images(images)?;
     let (oh, ow) = pad_to.unwrap_or((img.height, img.width));
     ensure!(
@@ -152,6 +184,7 @@ pub fn import_idx_padded(
         img.width,
         images.display()
     );
+    Need::new(format!("a {oh}x{ow} padded image"), Bytes::of::<u8>(&[oh, ow])).check()?;
     let (top, left) = ((oh - img.height) / 2, (ow - img.width) / 2);
     let labels = match labels {
         Some(p) => {
@@ -179,8 +212,9 @@ pub fn import_idx_padded(
         token_grid: None,
     };
     let mut w = DatasetWriter::create(out, spec)?;
+    w.reserve(img.count)?;
     let per = img.height * img.width;
-    let mut canvas = vec![0u8; oh * ow];
+    let mut canvas = try_zeroed::<u8>(oh * ow, "the padded image")?;
     for i in 0..img.count {
         let label = labels.as_ref().map(|l| l[i] as u32);
         let src = &img.pixels[i * per..(i + 1) * per];

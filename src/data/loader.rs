@@ -27,6 +27,7 @@ use rand_chacha::ChaCha8Rng;
 use crate::data::dataset::Dataset;
 use crate::data::masking::{MaskingGenerator, MaskingStrategy};
 use crate::error::Result;
+use crate::resources::{Bytes, Need, MAX_IMAGE_SIDE, MAX_LOADER_WORKERS};
 use crate::train::batch::OwnedMimBatch;
 
 /// Everything that determines the batches of a [`Loader`].
@@ -197,12 +198,71 @@ pub fn epoch_order(n: usize, seed: u64, epoch: u64) -> Vec<usize> {
     order
 }
 
+/// Checks a per-channel normalisation `(x − mean) / std` for `channels`-channel images: one
+/// value for every channel, or exactly one per channel; every value finite and no std zero.
+/// `who` starts the message ("loader", "segmentation fine-tuning").
+pub fn check_normalisation(mean: &[f32], std: &[f32], channels: usize, who: &str) -> Result<()> {
+    for (name, v) in [("mean", mean), ("std", std)] {
+        ensure!(
+            v.len() == 1 || v.len() == channels,
+            InvalidArgument,
+            "{who}: {name} has {} values for {channels}-channel images; give one value, or one per channel",
+            v.len()
+        );
+        if let Some(x) = v.iter().find(|x| !x.is_finite()) {
+            bail!(InvalidArgument, "{who}: {name} value {x} is not a finite number");
+        }
+    }
+    ensure!(std.iter().all(|&s| s != 0.0), InvalidArgument, "{who}: std must be nonzero, got {std:?}");
+    Ok(())
+}
+
+/// The memory a loader over images of `header`'s shape needs with `config`, estimated from
+/// above: every batch that can be in flight (each worker's bounded queue, the one each worker
+/// is building and the consumer's), each worker's scratch for the image it augments and its
+/// stack, and the epoch's visiting order of `len` samples.
+fn loader_bytes(header: &crate::data::dataset::DatasetHeader, len: usize, config: &LoaderConfig) -> Bytes {
+    let c = header.channels as usize;
+    let (ih, iw) = (header.height as usize, header.width as usize);
+    let (h, w) = config.image_size;
+    let (h2, w2) = config.tokenizer_size;
+    let n = config.grid().0 * config.grid().1;
+    let b = config.batch_size.min(len).max(1);
+    let per_image = Bytes::floats(&[c, h, w])
+        + Bytes::floats(&[c, h2, w2])
+        + Bytes::of::<u8>(&[n])
+        + Bytes::of::<usize>(&[1])
+        + if header.has_labels() { Bytes::of::<u32>(&[1]) } else { Bytes::ZERO }
+        + if header.has_tokens() { Bytes::of::<i64>(&[n]) } else { Bytes::ZERO };
+    let batch = per_image * b + Bytes::of::<MimBatchData>(&[1]);
+    let workers = config.workers.max(1);
+    let depth = config.prefetch.div_ceil(workers).max(1);
+    let in_flight = workers.checked_mul(depth.saturating_add(1)).and_then(|k| k.checked_add(1));
+    // The image as floats, then per view the resampler's horizontal pass and its output.
+    let scratch = Bytes::floats(&[c, ih, iw])
+        + Bytes::floats(&[c, ih, w.max(w2)]) * 2
+        + Bytes::floats(&[c, h, w])
+        + Bytes::floats(&[c, h2, w2]);
+    let in_flight_bytes = in_flight.map_or(Bytes::from(None), |k| batch * k);
+    in_flight_bytes + (scratch + Bytes::new(WORKER_STACK as u64)) * workers + Bytes::of::<usize>(&[len])
+}
+
+/// Stack of a loader worker thread (Rust's default for spawned threads, set explicitly so the
+/// budget counts what is reserved: under an address-space limit the stacks count too).
+const WORKER_STACK: usize = 2 << 20;
+
 impl Loader {
-    /// Checks `config` against the dataset and draws the epoch's order.
+    /// Checks `config` against the dataset and the memory budget, and draws the epoch's order.
     pub fn new(dataset: Arc<Dataset>, config: LoaderConfig) -> Result<Self> {
         let h = dataset.header();
         let c = h.channels as usize;
-        ensure!(config.batch_size > 0, InvalidArgument, "loader: batch size must be positive");
+        ensure!(config.batch_size > 0, InvalidArgument, "loader: batch size must be positive, got 0");
+        ensure!(
+            config.workers <= MAX_LOADER_WORKERS,
+            InvalidArgument,
+            "loader: {} worker threads requested; at most {MAX_LOADER_WORKERS}",
+            config.workers
+        );
         ensure!(
             config.image_size.0 > 0
                 && config.image_size.1 > 0
@@ -211,6 +271,13 @@ impl Loader {
             InvalidArgument,
             "loader: image sizes must be positive"
         );
+        for (name, (sh, sw)) in [("image size", config.image_size), ("tokenizer view size", config.tokenizer_size)] {
+            ensure!(
+                sh <= MAX_IMAGE_SIDE && sw <= MAX_IMAGE_SIDE,
+                InvalidArgument,
+                "loader: {name} {sh}x{sw} is larger than {MAX_IMAGE_SIDE} pixels a side"
+            );
+        }
         ensure!(
             config.patch_size.0 > 0
                 && config.patch_size.1 > 0
@@ -248,15 +315,7 @@ impl Loader {
             config.ratio
         );
         ensure!((0.0..=1.0).contains(&config.flip_prob), InvalidArgument, "loader: flip probability outside [0, 1]");
-        for (name, v) in [("mean", &config.mean), ("std", &config.std)] {
-            ensure!(
-                v.len() == 1 || v.len() == c,
-                InvalidArgument,
-                "loader: {name} has {} entries for {c}-channel data",
-                v.len()
-            );
-        }
-        ensure!(config.std.iter().all(|&s| s != 0.0), InvalidArgument, "loader: std must be nonzero");
+        check_normalisation(&config.mean, &config.std, c, "loader")?;
         ensure!((0.0..=1.0).contains(&config.color_jitter), InvalidArgument, "loader: colour jitter must be in [0, 1]");
         if h.has_tokens() {
             ensure!(
@@ -267,6 +326,21 @@ impl Loader {
                 h.token_grid_w
             );
         }
+        let b = config.batch_size.min(dataset.len()).max(1);
+        Need::new(
+            format!(
+                "the loader ({} worker(s), prefetch {}, batches of {b} images {}x{} and {}x{} of {c} channel(s))",
+                config.workers.max(1),
+                config.prefetch,
+                config.image_size.0,
+                config.image_size.1,
+                config.tokenizer_size.0,
+                config.tokenizer_size.1
+            ),
+            loader_bytes(h, dataset.len(), &config),
+        )
+        .hint("use a smaller batch, fewer loader workers or a smaller prefetch")
+        .check()?;
         let order = Arc::new(epoch_order(dataset.len(), config.seed, config.epoch));
         Ok(Loader { dataset, config, order })
     }
@@ -390,25 +464,32 @@ impl Loader {
     }
 
     /// Batches from position 0 of the epoch.
-    pub fn iter(&self) -> LoaderIter {
+    pub fn iter(&self) -> Result<LoaderIter> {
         self.starting_at(0)
     }
 
     /// Batches from batch `position` on: identical to skipping `position` batches of
-    /// [`Loader::iter`], without computing them.
-    pub fn starting_at(&self, position: usize) -> LoaderIter {
+    /// [`Loader::iter`], without computing them. Starts the worker threads; when the system
+    /// refuses one, the ones started are stopped and the error says so.
+    pub fn starting_at(&self, position: usize) -> Result<LoaderIter> {
         let workers = self.config.workers.max(1);
         let end = self.num_batches();
         let depth = self.config.prefetch.div_ceil(workers).max(1);
-        let mut receivers = Vec::with_capacity(workers);
-        let mut handles = Vec::with_capacity(workers);
+        let mut iter = LoaderIter {
+            next: position,
+            end,
+            start: position,
+            receivers: Vec::with_capacity(workers),
+            handles: Vec::with_capacity(workers),
+        };
         // Worker w builds positions ≡ position + w (mod workers), in order, each into its own
         // bounded channel; the iterator reads the channels round-robin, so order is fixed.
         for w in 0..workers {
             let (tx, rx) = sync_channel(depth);
             let loader = self.clone();
             let first = position + w;
-            handles.push(std::thread::spawn(move || {
+            let builder = std::thread::Builder::new().name(format!("beit-loader-{w}")).stack_size(WORKER_STACK);
+            let spawned = builder.spawn(move || {
                 let mut p = first;
                 while p < end {
                     if tx.send(loader.batch(p)).is_err() {
@@ -416,10 +497,21 @@ impl Loader {
                     }
                     p += workers;
                 }
-            }));
-            receivers.push(rx);
+            });
+            match spawned {
+                Ok(handle) => {
+                    iter.handles.push(handle);
+                    iter.receivers.push(rx);
+                }
+                // Dropping `iter` stops and joins the workers already running.
+                Err(e) => bail!(
+                    InvalidArgument,
+                    "loader: cannot start worker thread {} of {workers}: {e}; use fewer loader workers",
+                    w + 1
+                ),
+            }
         }
-        LoaderIter { next: position, end, start: position, receivers, handles }
+        Ok(iter)
     }
 }
 

@@ -114,7 +114,7 @@ impl DatasetMim {
         let reuse = matches!(&self.running, Some((next, _)) if *next == position);
         if !reuse {
             let loader = self.loader.with_epoch(epoch)?;
-            self.running = Some((position, loader.starting_at(within)));
+            self.running = Some((position, loader.starting_at(within)?));
         }
         let (next, iter) = self.running.as_mut().expect("set above");
         let data = iter.next().expect("position is inside the epoch");

@@ -90,6 +90,7 @@ pub fn write_combined(out: &Path, parts: &[(&Dataset, &[usize])]) -> Result<Comb
         .map(|(name, _)| name)
         .collect();
     let mut writer = DatasetWriter::create(out, spec)?;
+    writer.reserve(total)?;
     for (d, indices) in parts {
         for &i in indices.iter() {
             let label = if spec.labels { d.label(i) } else { None };

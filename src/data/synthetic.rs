@@ -9,7 +9,9 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 use crate::data::masking::MaskingGenerator;
+use crate::error::Result;
 use crate::model::BeitConfig;
+use crate::resources::{try_zeroed, Bytes, Need};
 use crate::train::batch::OwnedMimBatch;
 
 #[derive(Debug, Clone)]
@@ -43,14 +45,42 @@ impl SyntheticMim {
         (self.height / self.patch.0, self.width / self.patch.1)
     }
 
-    /// Batch number `position` of `batch` images; the same arguments always give the same batch.
+    /// The memory of one batch of `batch` images: pixels, masks and token labels.
+    pub fn batch_bytes(&self, batch: usize) -> Bytes {
+        let (gh, gw) = self.grid();
+        Bytes::floats(&[batch, self.channels, self.height, self.width])
+            + Bytes::of::<u8>(&[batch, gh, gw])
+            + Bytes::of::<i64>(&[batch, gh, gw])
+    }
+
+    /// Batch number `position` of `batch` images, tested against the memory budget first (the
+    /// batch size comes from the user); the same arguments always give the same batch.
+    pub fn try_batch(&self, position: u64, batch: usize) -> Result<OwnedMimBatch> {
+        ensure!(batch > 0, InvalidArgument, "a batch needs at least one image, got 0");
+        Need::new(
+            format!("a synthetic batch of {batch} images of {}x{}x{}", self.channels, self.height, self.width),
+            self.batch_bytes(batch),
+        )
+        .hint("use a smaller batch")
+        .check()?;
+        let pixels = try_zeroed::<f32>(batch * self.channels * self.height * self.width, "a synthetic batch")?;
+        Ok(self.fill(position, batch, pixels))
+    }
+
+    /// [`SyntheticMim::try_batch`] for sizes known to be small (tests, benchmarks): panics where
+    /// `try_batch` would refuse.
     pub fn batch(&self, position: u64, batch: usize) -> OwnedMimBatch {
+        self.try_batch(position, batch).expect("a synthetic batch that fits in memory")
+    }
+
+    /// Draws the images of batch `position` into `pixels` (zeroed, `[batch, C, H, W]`), then
+    /// their tokens and masks.
+    fn fill(&self, position: u64, batch: usize, mut pixels: Vec<f32>) -> OwnedMimBatch {
         let mut rng = ChaCha8Rng::seed_from_u64(self.seed);
         rng.set_stream(position);
         let (c, h, w) = (self.channels, self.height, self.width);
         let (gh, gw) = self.grid();
         let n = gh * gw;
-        let mut pixels = vec![0.0f32; batch * c * h * w];
         for plane in pixels.chunks_exact_mut(h * w) {
             let waves: Vec<(f32, f32, f32, f32)> = (0..3)
                 .map(|_| {
@@ -138,5 +168,17 @@ mod tests {
         }
         assert!(a.labels.iter().all(|&l| (0..64).contains(&l)));
         assert!(a.pixels.iter().all(|v| v.abs() <= 1.0));
+    }
+
+    #[test]
+    fn a_batch_too_large_is_refused_before_allocation() {
+        use crate::resources::{with_budget, MemoryBudget};
+        let s = SyntheticMim { channels: 3, height: 224, width: 224, patch: (16, 16), vocab: 64, masked: 6, seed: 3 };
+        let Err(crate::Error::InvalidArgument(m)) = s.try_batch(0, 1 << 40) else { panic!("accepted") };
+        assert!(m.contains("1099511627776 images of 3x224x224") && m.contains("smaller batch"), "{m}");
+        let small = with_budget(MemoryBudget::Bytes(1 << 20), || s.try_batch(0, 8));
+        assert!(matches!(small, Err(crate::Error::InvalidArgument(_))), "{small:?}");
+        assert!(s.try_batch(0, 0).is_err());
+        assert_eq!(s.try_batch(2, 2).unwrap(), s.batch(2, 2));
     }
 }

@@ -7,6 +7,20 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
+use crate::resources::MAX_DIM;
+
+/// Most image channels of a tokenizer (grey, RGB, RGBA).
+pub const MAX_IN_CHANNELS: usize = 4;
+/// Most residual groups (a 32x downsampling).
+pub const MAX_GROUPS: usize = 6;
+/// Most residual blocks per group.
+pub const MAX_BLOCKS_PER_GROUP: usize = 16;
+/// Widest first group (`n_hid`) and decoder input (`decoder_n_init`).
+pub const MAX_WIDTH: usize = 4096;
+/// Largest codebook: tokens are stored as u16.
+pub const MAX_CODEBOOK: usize = 1 << 16;
+/// Largest tokenizer input side, in pixels.
+pub const MAX_SIDE: usize = 4096;
 
 /// The `model_type` written to and expected in `config.json`.
 pub const MODEL_TYPE: &str = "beit-dvae";
@@ -98,37 +112,53 @@ impl DvaeConfig {
         self.decoder_n_init.is_some()
     }
 
+    /// Checks every field against the architecture's rules and an absolute cap, so that a
+    /// config file (or CLI options) can describe no network whose sizes overflow or hang: the
+    /// widest group, the image and the codebook are all bounded here. Whether the parameters
+    /// and a pass fit in memory is tested against the budget where they are allocated
+    /// ([`crate::dvae::Dvae::new`], [`crate::dvae::Dvae::load`], a tokenizing or training pass).
     pub fn validate(&self) -> Result<()> {
         let bad = |msg: String| Err(Error::Config(msg));
         if self.model_type != MODEL_TYPE {
             return bad(format!("model_type is {:?}; a tokenizer has {MODEL_TYPE:?}", self.model_type));
         }
-        if !(1..=4).contains(&self.in_channels) {
-            return bad(format!("in_channels must be 1 to 4, got {}", self.in_channels));
+        if !(1..=MAX_IN_CHANNELS).contains(&self.in_channels) {
+            return bad(format!("in_channels must be 1 to {MAX_IN_CHANNELS}, got {}", self.in_channels));
         }
-        if self.group_count == 0 || self.group_count > 6 {
-            return bad(format!("group_count must be 1 to 6, got {}", self.group_count));
+        if !(1..=MAX_GROUPS).contains(&self.group_count) {
+            return bad(format!("group_count must be 1 to {MAX_GROUPS}, got {}", self.group_count));
         }
-        if self.n_blk_per_group == 0 || self.n_blk_per_group > 16 {
-            return bad(format!("n_blk_per_group must be 1 to 16, got {}", self.n_blk_per_group));
+        if !(1..=MAX_BLOCKS_PER_GROUP).contains(&self.n_blk_per_group) {
+            return bad(format!("n_blk_per_group must be 1 to {MAX_BLOCKS_PER_GROUP}, got {}", self.n_blk_per_group));
         }
         // Every block's hidden width is a quarter of its output width.
-        if self.n_hid == 0 || !self.n_hid.is_multiple_of(4) || self.n_hid > 4096 {
-            return bad(format!("n_hid must be a positive multiple of 4 up to 4096, got {}", self.n_hid));
+        if self.n_hid == 0 || !self.n_hid.is_multiple_of(4) || self.n_hid > MAX_WIDTH {
+            return bad(format!("n_hid must be a positive multiple of 4 up to {MAX_WIDTH}, got {}", self.n_hid));
         }
-        if self.vocab_size < 2 || self.vocab_size > 65_536 {
-            return bad(format!("vocab_size must be 2 to 65536 (tokens are stored as u16), got {}", self.vocab_size));
-        }
-        if self.image_size == 0 || self.image_size > 4096 || !self.image_size.is_multiple_of(self.downsample()) {
+        // The last group is 2^(group_count-1) times as wide as the first.
+        let widest = self.n_hid.checked_shl(self.group_count as u32 - 1).filter(|&w| w <= MAX_DIM);
+        if widest.is_none() {
             return bad(format!(
-                "image_size {} must be a positive multiple of the downsampling factor {} (and at most 4096)",
+                "n_hid {} doubled over {} groups gives a last group wider than {MAX_DIM} channels",
+                self.n_hid, self.group_count
+            ));
+        }
+        if self.vocab_size < 2 || self.vocab_size > MAX_CODEBOOK {
+            return bad(format!(
+                "vocab_size must be 2 to {MAX_CODEBOOK} (tokens are stored as u16), got {}",
+                self.vocab_size
+            ));
+        }
+        if self.image_size == 0 || self.image_size > MAX_SIDE || !self.image_size.is_multiple_of(self.downsample()) {
+            return bad(format!(
+                "image_size {} must be a positive multiple of the downsampling factor {} (and at most {MAX_SIDE})",
                 self.image_size,
                 self.downsample()
             ));
         }
         if let Some(n) = self.decoder_n_init {
-            if n == 0 || n > 4096 {
-                return bad(format!("decoder_n_init must be 1 to 4096, got {n}"));
+            if n == 0 || n > MAX_WIDTH {
+                return bad(format!("decoder_n_init must be 1 to {MAX_WIDTH}, got {n}"));
             }
         }
         Ok(())

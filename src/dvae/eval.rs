@@ -9,6 +9,7 @@ use serde::Serialize;
 use super::relaxation::perplexity;
 use super::{unmap_pixels, Dvae};
 use crate::error::{Error, Result};
+use crate::resources::{Bytes, Need};
 
 #[derive(Debug, Clone, Copy, PartialEq, Serialize)]
 pub struct ReconReport {
@@ -50,7 +51,8 @@ pub fn write_recon_grid(
     cols: usize,
 ) -> Result<()> {
     ensure!(channels == 1 || channels == 3, InvalidArgument, "a grid needs 1 or 3 channels, not {channels}");
-    let per = channels * size * size;
+    ensure!(size > 0 && cols > 0, InvalidArgument, "a grid needs a positive image size and column count");
+    let per = channels.checked_mul(size).and_then(|v| v.checked_mul(size)).unwrap_or(usize::MAX);
     let count = originals.len() / per;
     ensure!(
         count > 0 && recons.len() == originals.len(),
@@ -59,7 +61,13 @@ pub fn write_recon_grid(
     );
     let rows = count.div_ceil(cols);
     let cell = size + 1;
-    let (w, h) = ((2 * cols * cell + 1) as u32, (rows * cell + 1) as u32);
+    let side = |n: usize, k: usize| n.checked_mul(k).and_then(|v| v.checked_mul(cell)).and_then(|v| v.checked_add(1));
+    let (w, h) = match (side(cols, 2), side(rows, 1)) {
+        (Some(w), Some(h)) if u32::try_from(w).is_ok() && u32::try_from(h).is_ok() => (w, h),
+        _ => bail!(InvalidArgument, "a reconstruction grid of {rows} rows of {cols} image pairs is too large"),
+    };
+    Need::new(format!("a {w}x{h} reconstruction grid"), Bytes::of::<u8>(&[w, h, 3])).check()?;
+    let (w, h) = (w as u32, h as u32);
     let mut img = image::RgbImage::from_pixel(w, h, image::Rgb([128, 128, 128]));
     for i in 0..count {
         let (r, c) = (i / cols, i % cols);

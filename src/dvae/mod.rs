@@ -18,6 +18,7 @@ use std::path::Path;
 use crate::error::{Error, Result};
 use crate::model::io::{self, CONFIG_FILE, WEIGHTS_FILE};
 use crate::model::params::ParamStore;
+use crate::resources::{Bytes, Need};
 
 pub use config::DvaeConfig;
 use network::DvaeNetworks;
@@ -52,22 +53,35 @@ impl Dvae {
     /// std 1/√fan_in, biases zero), the same for the same seed.
     pub fn new(config: DvaeConfig, seed: u64) -> Result<Self> {
         config.validate()?;
-        let (mut params, nets) = DvaeNetworks::build(&config);
+        let (mut params, nets) = DvaeNetworks::build(&config)?;
         crate::model::init::initialise(&mut params, seed);
         Ok(Dvae { config, params, nets })
     }
 
     /// Loads `config.json` and `model.safetensors` from `dir`. Tensor names are the ones
     /// [`Dvae::save`] writes (`encoder.blocks.…`, `decoder.blocks.…`); an encoder-only file may
-    /// also use DALL-E's bare names (`blocks.…`).
+    /// also use DALL-E's bare names (`blocks.…`). The config is validated and the parameters
+    /// budgeted as in [`Dvae::new`] before anything is read; a NaN or infinite weight is refused
+    /// with its tensor's name.
     pub fn load(dir: &Path) -> Result<Self> {
         let config = DvaeConfig::load(dir)?;
-        let (mut params, nets) = DvaeNetworks::build(&config);
+        let (mut params, nets) = DvaeNetworks::build(&config)?;
         let path = dir.join(WEIGHTS_FILE);
         io::load_weights_named(&mut params, &path, |name| {
             std::iter::once(name.to_string()).chain(name.strip_prefix("encoder.").map(str::to_string)).collect()
         })?;
-        ensure!(params.data.iter().all(|v| v.is_finite()), Format, "{} holds non-finite weights", path.display());
+        for spec in &params.specs {
+            let values = &params.data[spec.offset..spec.offset + spec.len];
+            if let Some(i) = values.iter().position(|v| !v.is_finite()) {
+                bail!(
+                    Format,
+                    "{}: tensor {} holds a non-finite weight ({} at index {i}); a tokenizer needs finite weights",
+                    path.display(),
+                    spec.name,
+                    values[i]
+                );
+            }
+        }
         Ok(Dvae { config, params, nets })
     }
 
@@ -108,19 +122,37 @@ impl Dvae {
         Ok(pixels.len() / per)
     }
 
-    /// Code logits, token-major `[B·P, V]`, of mapped pixels `[B, C, H, W]`.
+    /// Tests one encoder pass over `images` images against the memory budget.
+    fn check_encoder_pass(&self, images: usize, hint: &str) -> Result<()> {
+        let c = &self.config;
+        Need::new(
+            format!("tokenizing {images} image(s) of {}x{}x{}", c.in_channels, c.image_size, c.image_size),
+            self.nets.encoder.pass_bytes(images, false),
+        )
+        .hint(hint)
+        .check()
+    }
+
+    /// Code logits, token-major `[B·P, V]`, of mapped pixels `[B, C, H, W]` (one pass over the
+    /// whole batch, budgeted first).
     pub fn logits(&self, mapped: &[f32]) -> Result<Vec<f32>> {
         let batch = self.check_pixels(mapped)?;
+        self.check_encoder_pass(batch, "pass fewer images per call")?;
         Ok(self.nets.encoder.forward(&self.params, mapped, batch, None))
     }
 
     /// Visual tokens `[B, P]` (row-major grid) of mapped pixels `[B, C, H, W]`: the argmax of
-    /// the encoder's logits, computed in chunks of images.
+    /// the encoder's logits, computed in chunks of images, each chunk's pass budgeted first.
     pub fn tokenize(&self, mapped: &[f32]) -> Result<Vec<u32>> {
         self.check_pixels(mapped)?;
         let per = self.image_len();
+        let chunk_images = self.chunk_images().min(mapped.len() / per);
+        self.check_encoder_pass(
+            chunk_images,
+            "images are tokenized in chunks already: this tokenizer's image_size and widths are too large for this memory",
+        )?;
         let mut tokens = Vec::with_capacity(mapped.len() / per * self.config.tokens_per_image());
-        for chunk in mapped.chunks(per * self.chunk_images()) {
+        for chunk in mapped.chunks(per * chunk_images) {
             let logits = self.nets.encoder.forward(&self.params, chunk, chunk.len() / per, None);
             tokens.extend(relaxation::argmax_rows(&logits, self.config.vocab_size));
         }
@@ -142,8 +174,19 @@ impl Dvae {
             tokens.len()
         );
         ensure!(tokens.iter().all(|&t| (t as usize) < v), InvalidArgument, "token id outside the vocabulary of {v}");
-        let mut out = Vec::with_capacity(tokens.len() / p * self.image_len());
-        for chunk in tokens.chunks(p * self.chunk_images()) {
+        let images = tokens.len() / p;
+        let chunk_images = self.chunk_images().min(images);
+        let c = &self.config;
+        Need::new(
+            format!("decoding {images} token grid(s) into {}x{}x{} images", c.in_channels, c.image_size, c.image_size),
+            Bytes::floats(&[images, self.image_len()])
+                + Bytes::floats(&[chunk_images, p, v])
+                + decoder.pass_bytes(chunk_images, false),
+        )
+        .hint("decode fewer token grids per call")
+        .check()?;
+        let mut out = Vec::with_capacity(images * self.image_len());
+        for chunk in tokens.chunks(p * chunk_images) {
             let mut one_hot = vec![0.0f32; chunk.len() * v];
             for (row, &t) in one_hot.chunks_exact_mut(v).zip(chunk) {
                 row[t as usize] = 1.0;

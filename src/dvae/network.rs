@@ -20,7 +20,9 @@ use crate::backend::cpu::conv::{
 use crate::backend::cpu::elementwise::{add_bias, relu_forward, relu_inplace};
 use crate::backend::cpu::gemm::{matmul, Mat, MatMut, Threads};
 use crate::backend::cpu::pool::{max_pool2x2_backward, max_pool2x2_forward};
+use crate::error::{Error, Result};
 use crate::model::params::{Init, ParamId, ParamStore};
+use crate::resources::{Bytes, Need};
 
 use super::config::DvaeConfig;
 
@@ -94,6 +96,20 @@ impl ConvLayer {
             stride: self.stride,
             padding: self.padding,
         }
+    }
+
+    /// Floats of one image's column matrix, which the CPU convolution keeps per image in flight,
+    /// forward and backward: `in_channels·k²` rows over the output plane for a convolution
+    /// (im2col of its input), `out_channels·k²` rows over the input plane for a transposed one
+    /// (the scatter buffer of its output).
+    fn columns_per_image(&self, g: Geometry) -> Bytes {
+        let out = self.output(g);
+        let (rows, plane) = if self.transposed {
+            (self.out_channels, g.height * g.width)
+        } else {
+            (self.in_channels, out.height * out.width)
+        };
+        Bytes::floats(&[rows, self.kernel, self.kernel, plane])
     }
 
     fn output(&self, g: Geometry) -> Geometry {
@@ -257,6 +273,71 @@ pub enum Stage {
     Relu,
 }
 
+/// What a stage's forward holds per image besides its input: the output, the scratch it keeps
+/// for the backward (a block's four activations and its residual branch, a pool's argmax), and
+/// the largest column matrix of its convolutions (one per image in flight).
+#[derive(Debug, Clone, Copy)]
+struct StageCost {
+    output: Bytes,
+    saved: Bytes,
+    columns: Bytes,
+}
+
+/// The larger of two byte counts (an overflowed count is the larger).
+fn larger(a: Bytes, b: Bytes) -> Bytes {
+    match (a.get(), b.get()) {
+        (Some(x), Some(y)) => Bytes::new(x.max(y)),
+        _ => Bytes::from(None),
+    }
+}
+
+/// Images whose convolution columns exist at once: one per pool thread, at most the batch.
+fn images_in_flight(batch: usize) -> usize {
+    batch.min(rayon::current_num_threads()).max(1)
+}
+
+/// Per-image memory of running `stages` from `input`, and what a whole batch needs.
+#[derive(Debug, Clone, Copy)]
+pub struct ChainCost {
+    /// The largest stage: input + output + scratch, per image.
+    peak: Bytes,
+    /// Every stage's input, output and scratch summed: what a training forward keeps on its
+    /// tape (plus the last output), per image.
+    tape: Bytes,
+    /// The largest column matrix of any convolution, per image in flight.
+    columns: Bytes,
+    /// The last stage's output geometry.
+    output: Geometry,
+}
+
+impl ChainCost {
+    fn of(stages: &[Stage], input: Geometry) -> ChainCost {
+        let (mut peak, mut tape, mut columns, mut g) = (Bytes::ZERO, Bytes::ZERO, Bytes::ZERO, input);
+        for stage in stages {
+            let c = stage.cost(g);
+            let step = Bytes::floats(&[g.len(1)]) + c.output + c.saved;
+            peak = larger(peak, step);
+            tape += step;
+            columns = larger(columns, c.columns);
+            g = stage.output(g);
+        }
+        ChainCost { peak, tape, columns, output: g }
+    }
+
+    /// An inference pass over `batch` images: the largest stage's buffers for every image, and
+    /// the column matrices of the images in flight.
+    fn inference(&self, batch: usize) -> Bytes {
+        self.peak * batch + self.columns * images_in_flight(batch)
+    }
+
+    /// A training forward and backward over `batch` images: the tape, then the backward's
+    /// gradients of the largest stage (its output's, its input's and its activations': twice
+    /// the stage) beside it, and the column matrices.
+    fn training(&self, batch: usize) -> Bytes {
+        (self.tape + self.peak * 2) * batch + self.columns * images_in_flight(batch)
+    }
+}
+
 /// What a stage keeps for its backward, beside its input.
 #[derive(Debug)]
 enum Saved {
@@ -266,6 +347,28 @@ enum Saved {
 }
 
 impl Stage {
+    fn cost(&self, g: Geometry) -> StageCost {
+        let out = self.output(g);
+        let output = Bytes::floats(&[out.len(1)]);
+        match self {
+            Stage::Conv(c) => StageCost { output, saved: Bytes::ZERO, columns: c.columns_per_image(g) },
+            Stage::Block(b) => {
+                let saved = b.res_inputs(g).iter().map(|a| Bytes::floats(&[a.len(1)])).sum::<Bytes>() + output;
+                // Every convolution of a block keeps the resolution; only the widths differ.
+                let columns = b
+                    .id_path
+                    .iter()
+                    .chain(&b.res_path)
+                    .map(|c| c.columns_per_image(Geometry { channels: c.in_channels, ..g }))
+                    .fold(Bytes::ZERO, larger);
+                StageCost { output, saved, columns }
+            }
+            // The argmax is u32, the size of an f32.
+            Stage::MaxPool2x2 => StageCost { output, saved: output, columns: Bytes::ZERO },
+            Stage::Relu => StageCost { output, saved: Bytes::ZERO, columns: Bytes::ZERO },
+        }
+    }
+
     fn output(&self, g: Geometry) -> Geometry {
         match self {
             Stage::Conv(c) => c.output(g),
@@ -479,6 +582,19 @@ impl Encoder {
         Encoder { stages, output, input }
     }
 
+    /// Memory of one pass over `batch` images, `training` or not (an estimate from above):
+    /// the stages' buffers ([`ChainCost`]), the input's copy, the last feature map twice
+    /// (token-major, and its gradient when training) and the logits.
+    pub fn pass_bytes(&self, batch: usize, training: bool) -> Bytes {
+        let chain = ChainCost::of(&self.stages, self.input);
+        let g = chain.output;
+        let edges = Bytes::floats(&[self.input.len(1)])
+            + Bytes::floats(&[g.len(1)]) * 2
+            + Bytes::floats(&[g.height * g.width, self.output.n_out]);
+        let stages = if training { chain.training(batch) } else { chain.inference(batch) };
+        stages + edges * batch
+    }
+
     /// Code logits, token-major `[B·P, V]`, for `pixels` `[B, C, H, W]` already mapped with
     /// `map_pixels`. With `tape`, keeps what [`Encoder::backward`] needs.
     pub fn forward(
@@ -573,6 +689,15 @@ impl Decoder {
         Decoder { input, stages, grid }
     }
 
+    /// Memory of one pass over `batch` images, `training` or not (an estimate from above): the
+    /// stages' buffers ([`ChainCost`]) and the input convolution's rows and their NCHW copy.
+    /// The codes themselves are the caller's.
+    pub fn pass_bytes(&self, batch: usize, training: bool) -> Bytes {
+        let chain = ChainCost::of(&self.stages, self.grid);
+        let stages = if training { chain.training(batch) } else { chain.inference(batch) };
+        stages + Bytes::floats(&[self.grid.len(1)]) * (2 * batch)
+    }
+
     /// Pixels `[B, C, H, W]` (in `map_pixels` space) from codes token-major `[B·P, V]`.
     pub fn forward(&self, store: &ParamStore, codes: &[f32], batch: usize, tape: Option<&mut DecoderTape>) -> Vec<f32> {
         let mut rows = vec![0.0; batch * self.grid.height * self.grid.width * self.input.n_out];
@@ -614,13 +739,73 @@ pub struct DvaeNetworks {
 }
 
 impl DvaeNetworks {
-    /// Builds the parameter table (zero-filled) and the networks for `cfg`. Encoder entries are
-    /// named `encoder.blocks...` and decoder entries `decoder.blocks...`, DALL-E's names under a
-    /// prefix.
-    pub fn build(cfg: &DvaeConfig) -> (ParamStore, DvaeNetworks) {
+    /// Builds the parameter table (zero-filled) and the networks for `cfg` (validated). Encoder
+    /// entries are named `encoder.blocks...` and decoder entries `decoder.blocks...`, DALL-E's
+    /// names under a prefix. The parameters are counted and tested against the memory budget
+    /// first (`Error::Config` when they do not fit), and their buffer is reserved whole, so no
+    /// allocation on the way can fail.
+    pub fn build(cfg: &DvaeConfig) -> Result<(ParamStore, DvaeNetworks)> {
+        let count = Self::param_count(cfg);
+        let bytes = count.map_or(Bytes::from(None), |n| Bytes::floats(&[n]));
+        let shown = count.map_or_else(|| "more than 2^64".to_string(), |n| n.to_string());
+        Need::new(format!("the {shown} parameters of this tokenizer config"), bytes).check_config()?;
+        let total = count.unwrap_or_default();
         let mut store = ParamStore::empty();
+        // ParamStore::push grows the buffer entry by entry; reserved whole, it never reallocates.
+        store.data.try_reserve_exact(total).map_err(|_| {
+            Error::Config(format!(
+                "cannot allocate {bytes} for the tokenizer's parameters: the system refused the memory"
+            ))
+        })?;
         let encoder = Encoder::new(&mut store, cfg, "encoder.");
         let decoder = cfg.decoder_n_init.map(|n| Decoder::new(&mut store, cfg, n, "decoder."));
-        (store, DvaeNetworks { encoder, decoder })
+        debug_assert_eq!(store.data.len(), total, "param_count agrees with the networks built");
+        Ok((store, DvaeNetworks { encoder, decoder }))
     }
+
+    /// The number of parameters [`DvaeNetworks::build`] allocates for `cfg`, with checked
+    /// arithmetic (`None`: more than `usize` holds). It follows the constructors layer by
+    /// layer, before any of them runs.
+    pub fn param_count(cfg: &DvaeConfig) -> Option<usize> {
+        let groups = cfg.group_count;
+        let mut total = conv_params(cfg.in_channels, cfg.n_hid, 7)?;
+        let mut width = cfg.n_hid;
+        for g in 1..=groups {
+            let n_out = cfg.n_hid.checked_shl(g as u32 - 1)?;
+            for _ in 0..cfg.n_blk_per_group {
+                total = total.checked_add(block_params(width, n_out, [3, 3, 3, 1])?)?;
+                width = n_out;
+            }
+        }
+        total = total.checked_add(conv_params(width, cfg.vocab_size, 1)?)?;
+        if let Some(n_init) = cfg.decoder_n_init {
+            total = total.checked_add(conv_params(cfg.vocab_size, n_init, 1)?)?;
+            width = n_init;
+            for g in 1..=groups {
+                let n_out = cfg.n_hid.checked_shl((groups - g) as u32)?;
+                for _ in 0..cfg.n_blk_per_group {
+                    total = total.checked_add(block_params(width, n_out, [1, 3, 3, 3])?)?;
+                    width = n_out;
+                }
+                if g < groups {
+                    total = total.checked_add(conv_params(width, width, 4)?)?;
+                }
+            }
+            total = total.checked_add(conv_params(width, cfg.in_channels, 1)?)?;
+        }
+        Some(total)
+    }
+}
+
+/// Weights and bias of a `kernel`x`kernel` convolution (or transposed convolution).
+fn conv_params(n_in: usize, n_out: usize, kernel: usize) -> Option<usize> {
+    n_out.checked_mul(n_in)?.checked_mul(kernel.checked_mul(kernel)?)?.checked_add(n_out)
+}
+
+/// Parameters of a [`ResBlock`].
+fn block_params(n_in: usize, n_out: usize, kernels: [usize; 4]) -> Option<usize> {
+    let hid = n_out / 4;
+    let id_path = if n_in != n_out { conv_params(n_in, n_out, 1)? } else { 0 };
+    let widths = [(n_in, hid), (hid, hid), (hid, hid), (hid, n_out)];
+    widths.iter().zip(kernels).try_fold(id_path, |acc, (&(a, b), k)| acc.checked_add(conv_params(a, b, k)?))
 }

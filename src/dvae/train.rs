@@ -9,6 +9,7 @@
 use super::relaxation::{argmax_rows, gumbel_softmax, gumbel_softmax_backward, kl_to_uniform, perplexity};
 use super::Dvae;
 use crate::error::{Error, Result};
+use crate::resources::{try_zeroed, Bytes, Need};
 use crate::train::adamw::{AdamW, AdamWConfig};
 use crate::train::schedule::CosineSchedule;
 
@@ -48,7 +49,7 @@ impl DvaeTrainOptions {
             weight_decay: 1e-4,
             tau_start: 1.0,
             tau_end: 0.125,
-            tau_anneal_steps: (total_steps * 7 / 10).max(1),
+            tau_anneal_steps: ((total_steps as u128 * 7 / 10) as usize).max(1),
             kl_weight: 5e-3,
             kl_warmup_steps: (total_steps / 5).max(1),
             seed: 0,
@@ -116,9 +117,16 @@ impl DvaeTrainer {
             InvalidArgument,
             "Gumbel-softmax temperatures must be positive"
         );
+        let n = dvae.params.data.len();
+        // Gradients and AdamW's two moments, each as large as the parameters.
+        Need::new(
+            format!("the tokenizer trainer's gradients and optimizer state ({n} parameters)"),
+            Bytes::floats(&[3, n]),
+        )
+        .check()?;
+        let grads = try_zeroed(n, "the tokenizer's gradients")?;
         let config = AdamWConfig { beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: options.weight_decay };
         let optimizer = AdamW::new(&dvae.params, config);
-        let grads = vec![0.0; dvae.params.data.len()];
         Ok(DvaeTrainer {
             dvae,
             options,
@@ -136,11 +144,41 @@ impl DvaeTrainer {
         self.step
     }
 
+    /// Memory of one training step on `batch` images, estimated from above: the encoder's and
+    /// the decoder's training passes, the four code-sized buffers `[B·P, V]` (logits, relaxed
+    /// codes and their gradients) and the reconstruction with its gradient.
+    pub fn step_bytes(&self, batch: usize) -> Bytes {
+        let c = &self.dvae.config;
+        let nets = &self.dvae.nets;
+        let decoder = nets.decoder.as_ref().map_or(Bytes::ZERO, |d| d.pass_bytes(batch, true));
+        nets.encoder.pass_bytes(batch, true)
+            + decoder
+            + Bytes::floats(&[4, batch, c.tokens_per_image(), c.vocab_size])
+            + Bytes::floats(&[2, batch, self.dvae.image_len()])
+    }
+
+    /// Tests a training step on `batch` images against the memory budget, so a run can refuse
+    /// its batch size before it starts (every step also tests it).
+    pub fn check_batch(&self, batch: usize) -> Result<()> {
+        ensure!(batch > 0, InvalidArgument, "a tokenizer training batch needs at least one image, got 0");
+        let c = &self.dvae.config;
+        Need::new(
+            format!(
+                "a tokenizer training step on {batch} image(s) of {}x{}x{} ({} codes)",
+                c.in_channels, c.image_size, c.image_size, c.vocab_size
+            ),
+            self.step_bytes(batch),
+        )
+        .hint("use a smaller batch")
+        .check()
+    }
+
     /// Loss and gradients of one batch of mapped pixels `[B, C, H, W]` at the current step's
     /// temperature and KL weight, without changing any parameter (gradients land in
     /// [`DvaeTrainer::gradients`]).
     pub fn forward_backward(&mut self, mapped: &[f32]) -> Result<DvaeStepStats> {
         let batch = self.dvae.check_pixels(mapped)?;
+        self.check_batch(batch)?;
         let (o, step) = (&self.options, self.step);
         let (tau, kl_weight) = (o.tau(step), o.kl_weight_at(step));
         let vocab = self.dvae.config.vocab_size;

@@ -11,6 +11,7 @@ use crate::data::dataset::Dataset;
 use crate::data::loader::{resample, Filter};
 use crate::error::Result;
 use crate::model::{Architecture, ImageBatch, Model};
+use crate::resources::{try_zeroed, Bytes, Need};
 
 /// Results of [`evaluate`].
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -48,6 +49,11 @@ pub fn eval_pixels(ds: &Dataset, indices: &[usize], size: (usize, usize)) -> Vec
     out
 }
 
+/// Pixels of one image of `ds` (height · width).
+fn ih_iw(ds: &Dataset) -> usize {
+    ds.header().height as usize * ds.header().width as usize
+}
+
 /// Index of the largest logit (the first on ties, as `torch.argmax` on CPU).
 pub fn argmax(row: &[f32]) -> usize {
     let mut best = 0;
@@ -74,7 +80,7 @@ pub fn evaluate(
         model.architecture().hf_name()
     );
     ensure!(ds.header().has_labels(), InvalidArgument, "{} has no labels", ds.path().display());
-    ensure!(batch_size > 0, InvalidArgument, "batch size must be positive");
+    ensure!(batch_size > 0, InvalidArgument, "the evaluation batch size must be positive, got 0");
     let c = ds.header().channels as usize;
     ensure!(
         c == model.config().num_channels,
@@ -84,9 +90,38 @@ pub fn evaluate(
         model.config().num_channels
     );
     let k = model.config().num_labels();
+    ensure!(k > 0, InvalidArgument, "the model has no labels to evaluate");
     let size = model.config().image_size.hw();
-    let mut confusion = vec![vec![0u64; k]; k];
     let n = ds.len();
+    // Every label first: one outside the model's labels is a wrong dataset, not a miss.
+    if let Some((i, l)) = (0..n).map(|i| (i, ds.label(i).expect("labelled"))).find(|&(_, l)| l as usize >= k) {
+        bail!(
+            InvalidArgument,
+            "{}: sample {i} has label {l}, but the model has {k} labels (0 to {})",
+            ds.path().display(),
+            k - 1
+        );
+    }
+    let b = batch_size.min(n).max(1);
+    Need::new(
+        format!("the {k}x{k} confusion matrix and the per-class accuracies"),
+        Bytes::of::<u64>(&[k, k]) + Bytes::of::<Vec<u64>>(&[k]) + Bytes::of::<f64>(&[k]),
+    )
+    .hint("the model's num_labels decides the matrix")
+    .check()?;
+    Need::new(
+        format!("a batch of {b} evaluation images ({}x{}x{c}) and their logits", size.0, size.1),
+        Bytes::floats(&[b, c, size.0, size.1]) * 2 + Bytes::floats(&[b, k]) + Bytes::floats(&[c, ih_iw(ds)]) * 2,
+    )
+    .hint("use a smaller batch")
+    .check()?;
+    let mut confusion = Vec::new();
+    confusion
+        .try_reserve_exact(k)
+        .map_err(|_| crate::error::Error::InvalidArgument(format!("cannot allocate the {k}x{k} confusion matrix")))?;
+    for _ in 0..k {
+        confusion.push(try_zeroed::<u64>(k, "a confusion matrix row")?);
+    }
     let mut correct = 0;
     for start in (0..n).step_by(batch_size) {
         let indices: Vec<usize> = (start..(start + batch_size).min(n)).collect();
@@ -102,8 +137,7 @@ pub fn evaluate(
         let out = model.forward(&input)?;
         let logits = out.logits.expect("a classifier has logits");
         for (row, &i) in logits.data.chunks_exact(k).zip(&indices) {
-            let truth = ds.label(i).expect("labelled") as usize;
-            ensure!(truth < k, InvalidArgument, "sample {i} has label {truth}; the model has {k} labels");
+            let truth = ds.label(i).expect("labelled") as usize; // checked above: truth < k
             let predicted = argmax(row);
             confusion[truth][predicted] += 1;
             correct += usize::from(predicted == truth);

@@ -28,13 +28,26 @@ use crate::data::loader::{Loader, LoaderConfig};
 use crate::error::Result;
 use crate::model::params::ParamStore;
 use crate::model::{Architecture, BeitConfig, ClassifyBatch, Model};
+use crate::resources::{Bytes, Need, MAX_LABELS};
 
 use super::trainer::{StepStats, Trainer};
 
+/// Bytes one label takes in a config's `id2label` and `label2id` maps, from above (two keys, a
+/// string and a number, and the maps' nodes).
+const LABEL_MAP_BYTES_PER_LABEL: u64 = 256;
+
 /// The classification config BEiT fine-tunes from a (pretraining) config: labels `0..num_labels`
 /// (`id2label`/`label2id` as HF writes them), no mask token, per-layer relative position bias
-/// where pretraining shared one, and the given drop path rate.
-pub fn classification_config(source: &BeitConfig, num_labels: usize, drop_path_rate: f64) -> BeitConfig {
+/// where pretraining shared one, and the given drop path rate. `num_labels` must be 1 to
+/// [`MAX_LABELS`], and its label maps must fit the memory budget.
+pub fn classification_config(source: &BeitConfig, num_labels: usize, drop_path_rate: f64) -> Result<BeitConfig> {
+    ensure!(
+        (1..=MAX_LABELS).contains(&num_labels),
+        InvalidArgument,
+        "num_labels must be between 1 and {MAX_LABELS}, got {num_labels}"
+    );
+    Need::new(format!("the label maps of {num_labels} labels"), Bytes::new(LABEL_MAP_BYTES_PER_LABEL) * num_labels)
+        .check()?;
     let mut cfg = source.clone();
     let id2label: Map<String, Value> = (0..num_labels).map(|i| (i.to_string(), Value::String(i.to_string()))).collect();
     let label2id: Map<String, Value> = (0..num_labels).map(|i| (i.to_string(), Value::from(i))).collect();
@@ -48,7 +61,7 @@ pub fn classification_config(source: &BeitConfig, num_labels: usize, drop_path_r
         cfg.use_relative_position_bias = true;
     }
     cfg.drop_path_rate = drop_path_rate;
-    cfg
+    Ok(cfg)
 }
 
 /// Name of the per-layer relative position table of block `l` (HF names).
@@ -74,7 +87,7 @@ pub fn classifier_from_pretrained(
     drop_path_rate: f64,
     seed: u64,
 ) -> Result<(Model, Vec<String>)> {
-    let cfg = classification_config(pretrained.config(), num_labels, drop_path_rate);
+    let cfg = classification_config(pretrained.config(), num_labels, drop_path_rate)?;
     let mut model = Model::new_random(cfg, Architecture::ImageClassification, seed)?;
     let src = pretrained.params();
     let layers = pretrained.config().num_hidden_layers;
@@ -136,6 +149,63 @@ pub fn dataset_labels(ds: &Dataset) -> Result<Vec<u32>> {
     Ok((0..ds.len()).map(|i| ds.label(i).expect("has labels")).collect())
 }
 
+/// The number of classes labels imply: the largest label plus one. A label at or above
+/// [`MAX_LABELS`] is refused, naming the sample: one hostile value would otherwise set a class
+/// count of billions (and a classifier head and tables to match). An empty list is an error too.
+pub fn num_labels_from_data(labels: &[u32]) -> Result<usize> {
+    let Some((i, &max)) = labels.iter().enumerate().max_by_key(|&(_, &l)| l) else {
+        bail!(InvalidArgument, "there are no labels to count classes from");
+    };
+    ensure!(
+        (max as usize) < MAX_LABELS,
+        InvalidArgument,
+        "sample {i} has label {max}, which would make {} classes; at most {MAX_LABELS} are supported \
+         (pass the number of labels explicitly, or fix the data)",
+        max as u64 + 1
+    );
+    Ok(max as usize + 1)
+}
+
+/// The first sample of `ds` whose label is not in `0..num_labels`, as an error naming it.
+fn check_labels_below(ds: &Dataset, num_labels: usize) -> Result<()> {
+    ensure!(num_labels > 0, InvalidArgument, "the model has no labels (num_labels 0)");
+    if let Some((i, l)) = (0..ds.len()).filter_map(|i| Some((i, ds.label(i)?))).find(|&(_, l)| l as usize >= num_labels)
+    {
+        bail!(
+            InvalidArgument,
+            "{}: sample {i} has label {l}, but the model has {num_labels} labels (0 to {})",
+            ds.path().display(),
+            num_labels - 1
+        );
+    }
+    Ok(())
+}
+
+/// Optimizer steps in one epoch of classification fine-tuning over `dataset_len` samples in
+/// batches of `batch_size`: the full batches, or one short batch when the data holds fewer than
+/// one batch ([`classification_loader`] drops the last incomplete batch otherwise).
+pub fn steps_per_epoch(dataset_len: usize, batch_size: usize) -> Result<u64> {
+    ensure!(batch_size > 0, InvalidArgument, "the batch size must be positive, got 0");
+    ensure!(dataset_len > 0, InvalidArgument, "the dataset holds no samples to fine-tune on");
+    Ok(if dataset_len >= batch_size { (dataset_len / batch_size) as u64 } else { 1 })
+}
+
+/// The total steps of a fine-tuning run: `steps` when given, else `epochs` epochs of
+/// [`steps_per_epoch`]; refuses 0 steps, and epochs whose step count overflows.
+pub fn total_steps(dataset_len: usize, batch_size: usize, epochs: u64, steps: Option<u64>) -> Result<u64> {
+    let per_epoch = steps_per_epoch(dataset_len, batch_size)?;
+    let total = match steps {
+        Some(s) => s,
+        None => epochs.checked_mul(per_epoch).ok_or_else(|| {
+            crate::error::Error::InvalidArgument(format!(
+                "{epochs} epochs of {per_epoch} steps is more than 2^64 steps"
+            ))
+        })?,
+    };
+    ensure!(total > 0, InvalidArgument, "fine-tuning needs at least one step (steps {steps:?}, epochs {epochs})");
+    Ok(total)
+}
+
 /// Writes the samples `indices` of `ds` (pixels and labels) as a new dataset file at `path`.
 pub fn write_subset(ds: &Dataset, indices: &[usize], path: &Path) -> Result<()> {
     let h = ds.header();
@@ -148,6 +218,7 @@ pub fn write_subset(ds: &Dataset, indices: &[usize], path: &Path) -> Result<()> 
         token_grid: None,
     };
     let mut w = DatasetWriter::create(path, spec)?;
+    w.reserve(indices.len())?;
     for &i in indices {
         w.push(ds.pixels(i), ds.label(i), None, None)?;
     }
@@ -178,6 +249,7 @@ pub struct FinetuneData {
 /// loader is shared with pretraining; both cost next to nothing).
 pub fn classification_loader(ds: Arc<Dataset>, model: &Model, data: &FinetuneData) -> Result<Loader> {
     ensure!(ds.header().has_labels(), InvalidArgument, "{} has no labels to fine-tune on", ds.path().display());
+    ensure!(data.batch_size > 0, InvalidArgument, "the fine-tuning batch size must be positive, got 0");
     let cfg = model.config();
     let config = LoaderConfig {
         tokenizer_size: (1, 1),
@@ -186,7 +258,7 @@ pub fn classification_loader(ds: Arc<Dataset>, model: &Model, data: &FinetuneDat
         flip_prob: data.flip_prob,
         seed: data.seed,
         workers: data.workers.max(1),
-        prefetch: 2 * data.workers.max(1),
+        prefetch: data.workers.max(1).saturating_mul(2),
         drop_last: ds.len() >= data.batch_size,
         ..LoaderConfig::beit(data.batch_size, cfg.image_size.hw(), cfg.patch_size.hw(), 1)
     };
@@ -201,22 +273,29 @@ pub fn run_finetune(
     data: &FinetuneData,
     mut on_step: impl FnMut(&StepStats),
 ) -> Result<()> {
+    ensure!(data.batch_size > 0, InvalidArgument, "the fine-tuning batch size must be positive, got 0");
+    ensure!(data.steps > 0, InvalidArgument, "fine-tuning needs at least one step, got 0");
+    ensure!(
+        (0.0..1.0).contains(&data.label_smoothing),
+        InvalidArgument,
+        "label smoothing must be in [0, 1), got {}",
+        data.label_smoothing
+    );
+    let num_labels = trainer.model().config().num_labels();
     let loader = classification_loader(ds, trainer.model(), data)?;
+    // Every label is checked before the first step, so a bad sample cannot stop a run midway.
+    check_labels_below(loader.dataset(), num_labels)?;
     let per_epoch = loader.num_batches() as u64;
     ensure!(per_epoch > 0, InvalidArgument, "the dataset holds no batch");
-    let num_labels = trainer.model().config().num_labels();
     while trainer.step_count() < data.steps {
         let position = trainer.data_position();
         let (epoch, start) = (position / per_epoch, (position % per_epoch) as usize);
         let epoch_loader = loader.with_epoch(epoch)?;
-        for batch in epoch_loader.starting_at(start) {
+        for batch in epoch_loader.starting_at(start)? {
             if trainer.step_count() >= data.steps {
                 break;
             }
             let labels: Vec<i64> = batch.labels.as_ref().expect("labelled dataset").iter().map(|&l| l as i64).collect();
-            if let Some(l) = labels.iter().find(|&&l| l as usize >= num_labels) {
-                bail!(InvalidArgument, "label {l} in the data, but the model has {num_labels} labels");
-            }
             let (h, w) = batch.image_size;
             let cb = ClassifyBatch {
                 pixels: &batch.view1,

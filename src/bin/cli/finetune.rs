@@ -8,8 +8,8 @@ use std::sync::Arc;
 use beit::data::dataset::Dataset;
 use beit::model::io::{CONFIG_FILE, WEIGHTS_FILE};
 use beit::train::finetune::{
-    classification_config, classifier_from_pretrained, dataset_labels, run_finetune, stratified_subset, write_subset,
-    FinetuneData,
+    classification_config, classifier_from_pretrained, dataset_labels, num_labels_from_data, run_finetune,
+    stratified_subset, total_steps, write_subset, FinetuneData,
 };
 use beit::train::trainer::{Trainer, TrainerOptions};
 use beit::{Architecture, Context, ContextOptions, Device, Model};
@@ -150,7 +150,7 @@ fn finetune_classify(
     let labels = dataset_labels(&full)?;
     let num_labels = match a.num_labels {
         Some(k) => k,
-        None => labels.iter().max().map_or(0, |&m| m as usize + 1),
+        None => num_labels_from_data(&labels)?,
     };
     let subset =
         if a.label_fraction != 1.0 { Some(stratified_subset(&labels, a.label_fraction, a.seed)?) } else { None };
@@ -162,7 +162,7 @@ fn finetune_classify(
             classifier_from_pretrained(&pretrained, num_labels, a.drop_path, a.seed)?
         }
         None => {
-            let cfg = classification_config(&config_from(&a.config)?, num_labels, a.drop_path);
+            let cfg = classification_config(&config_from(&a.config)?, num_labels, a.drop_path)?;
             (Model::new_random(cfg, Architecture::ImageClassification, a.seed)?, vec!["(all: from scratch)".into()])
         }
     };
@@ -174,8 +174,7 @@ fn finetune_classify(
         None => model,
     };
     eprintln!("beit finetune: fresh parameters: {}", fresh.join(", "));
-    let per_epoch = if train_images >= a.batch { train_images / a.batch } else { 1 } as u64;
-    let steps = a.steps.unwrap_or(a.epochs * per_epoch);
+    let steps = total_steps(train_images, a.batch, a.epochs, a.steps)?;
     let options = TrainerOptions {
         learning_rate: a.lr,
         min_learning_rate: a.min_lr,

@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use beit::data::dataset::Dataset;
 use beit::data::loader::{Loader, LoaderConfig};
-use beit::dvae::cache::{tokenize_dataset, tokenizer_input};
+use beit::dvae::cache::{check_dataset_channels, dataset_inputs, tokenize_dataset};
 use beit::dvae::eval::{evaluate, write_recon_grid};
 use beit::dvae::train::{DvaeTrainOptions, DvaeTrainer};
 use beit::dvae::{Dvae, DvaeConfig};
@@ -96,14 +96,6 @@ pub struct TokenizeArgs {
     threads: usize,
 }
 
-/// Mapped tokenizer inputs of the first `count` images of `ds`, un-augmented.
-fn eval_inputs(ds: &Dataset, dvae: &Dvae, count: usize) -> Vec<f32> {
-    let h = ds.header();
-    (0..count.min(ds.len()))
-        .flat_map(|i| tokenizer_input(ds.pixels(i), h.channels as usize, h.height as usize, h.width as usize, dvae))
-        .collect()
-}
-
 /// The files `beit tokenizer train` writes into --out besides the tokenizer's own.
 const PNG_FILE: &str = "reconstructions.png";
 const REPORT_FILE: &str = "report.json";
@@ -113,15 +105,8 @@ const REPORT_FILE: &str = "report.json";
 /// `beit tokenize` does), or more than the memory budget allows.
 fn check_eval_data(eval: &Dataset, what: &str, dvae: &Dvae, eval_images: usize) -> beit::Result<()> {
     use beit::resources::{Bytes, Need};
-    let h = eval.header();
-    let want = dvae.config.in_channels;
-    if h.channels as usize != want && h.channels != 1 {
-        return Err(beit::Error::InvalidArgument(format!(
-            "{what} has {} channels and the tokenizer (from --data) takes {want}: they must agree (grey images \
-             are replicated)",
-            h.channels
-        )));
-    }
+    check_dataset_channels(dvae, eval.header().channels as usize)
+        .map_err(|e| beit::Error::InvalidArgument(format!("{what}: {}", e.message())))?;
     if eval_images == 0 {
         return Err(beit::Error::InvalidArgument("--eval-images 0: the report needs at least one image".into()));
     }
@@ -193,7 +178,7 @@ pub fn train(a: TrainArgs) -> beit::Result<()> {
     ensure_batches(&loader)?;
     let start = std::time::Instant::now();
     let mut epoch = 0u64;
-    let mut batches = loader.iter();
+    let mut batches = loader.iter()?;
     let mut last = None;
     while trainer.step_count() < a.steps {
         let batch = match batches.next() {
@@ -201,7 +186,7 @@ pub fn train(a: TrainArgs) -> beit::Result<()> {
             None => {
                 epoch += 1;
                 loader = loader.with_epoch(epoch)?;
-                batches = loader.iter();
+                batches = loader.iter()?;
                 continue;
             }
         };
@@ -229,7 +214,7 @@ pub fn train(a: TrainArgs) -> beit::Result<()> {
     }
     let train_seconds = start.elapsed().as_secs_f64();
     let dvae = trainer.dvae;
-    let mapped = eval_inputs(&eval_ds, &dvae, a.eval_images);
+    let mapped = dataset_inputs(&eval_ds, &dvae, a.eval_images)?;
     let (report, recon) = ctx.run(|| evaluate(&dvae, &mapped))?;
     let shown = 32.min(report.images) * dvae.image_len();
     let png = a.out.join(PNG_FILE);

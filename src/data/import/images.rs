@@ -15,6 +15,7 @@ use image::{DynamicImage, ImageReader};
 
 use crate::data::dataset::{DatasetHeader, DatasetSpec, DatasetWriter};
 use crate::error::{Error, Result};
+use crate::resources::{try_zeroed, Bytes, Need, MAX_IMAGE_SIDE};
 
 /// Where the class-name list of a dataset at `out` is written: `out` with `.classes.json`
 /// appended to its file name (`train.beitds` -> `train.beitds.classes.json`).
@@ -71,6 +72,18 @@ fn is_image_name(name: &str) -> bool {
     lower.ends_with(".png") || lower.ends_with(".jpg") || lower.ends_with(".jpeg")
 }
 
+/// `Error::InvalidArgument` unless both sides of an output image lie in `1..=MAX_IMAGE_SIDE`,
+/// naming the option.
+fn check_side(what: &str, height: u32, width: u32) -> Result<()> {
+    let ok = |v: u32| (1..=MAX_IMAGE_SIDE).contains(&(v as usize));
+    ensure!(
+        ok(height) && ok(width),
+        InvalidArgument,
+        "{what} {height}x{width}: each side must be between 1 and {MAX_IMAGE_SIDE} pixels"
+    );
+    Ok(())
+}
+
 /// Parses an image size: `HxW` (`28x32`) or a single side `S` for a square.
 pub fn parse_size(s: &str) -> Result<(u32, u32)> {
     let bad = || Error::InvalidArgument(format!("bad image size {s:?} (expected HxW like 32x32, or one number)"));
@@ -101,7 +114,7 @@ pub fn import_image_folder(
     out: &Path,
 ) -> Result<(DatasetHeader, Vec<String>)> {
     ensure!(channels == 1 || channels == 3, InvalidArgument, "channels must be 1 or 3, not {channels}");
-    ensure!(height > 0 && width > 0, InvalidArgument, "image size {height}x{width} has a zero side");
+    check_side("image size", height, width)?;
     ensure!(dir.is_dir(), Io, "image folder {} does not exist or is not a directory", dir.display());
     let mut classes = Vec::new();
     let mut files = Vec::new();
@@ -122,8 +135,18 @@ pub fn import_image_folder(
     ensure!(!classes.is_empty(), Format, "image folder {} has no class sub-folders", dir.display());
     let spec = DatasetSpec { height, width, channels, labels: true, masks: false, token_grid: None };
     let mut w = DatasetWriter::create(out, spec)?;
+    w.reserve(files.len())?;
     for (path, label) in &files {
         let img = decode(path)?;
+        // The crate's resize keeps a float copy of the input columns at the output height, then
+        // the float output and its u8 conversion.
+        let (iw, ih) = (img.width() as usize, img.height() as usize);
+        let (ow, oh, c) = (width as usize, height as usize, channels as usize);
+        Need::new(
+            format!("resizing {} ({iw}x{ih}) to {oh}x{ow}", path.display()),
+            Bytes::floats(&[iw, oh, c]) + Bytes::floats(&[ow, oh, c]) + Bytes::of::<u8>(&[ow, oh, c]),
+        )
+        .check()?;
         let px = if channels == 1 {
             let g = img.to_luma8();
             if g.dimensions() == (width, height) {
@@ -165,7 +188,7 @@ pub fn import_emoji(dir: &Path, set: &str, size: u32, out: &Path) -> Result<(Dat
         InvalidArgument,
         "emoji set {set:?} must be a plain name like google or twitter"
     );
-    ensure!(size > 0, InvalidArgument, "emoji size must be positive");
+    check_side("emoji size", size, size)?;
     let json_path = dir.join("emoji.json");
     let img_dir = dir.join("img").join(set).join(size.to_string());
     ensure!(
@@ -215,10 +238,12 @@ pub fn import_emoji(dir: &Path, set: &str, size: u32, out: &Path) -> Result<(Dat
     ensure!(!categories.is_empty(), Format, "{what} has no entries");
     ensure!(categories.len() < 255, Format, "{what}: {} categories do not fit u8 masks", categories.len());
     let spec = DatasetSpec { height: size, width: size, channels: 3, labels: true, masks: true, token_grid: None };
-    let mut w = DatasetWriter::create(out, spec)?;
     let n = size as usize * size as usize;
-    let mut px = vec![0u8; 3 * n];
-    let mut mask = vec![0u8; n];
+    Need::new(format!("a {size}x{size} emoji image and mask"), Bytes::of::<u8>(&[4, n])).check()?;
+    let mut w = DatasetWriter::create(out, spec)?;
+    w.reserve(items.len())?;
+    let mut px = try_zeroed::<u8>(3 * n, "an emoji image")?;
+    let mut mask = try_zeroed::<u8>(n, "an emoji mask")?;
     for (file, category) in &items {
         ensure!(
             !file.contains(['/', '\\']) && file != ".." && !file.is_empty(),

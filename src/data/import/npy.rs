@@ -10,6 +10,7 @@ use std::path::Path;
 
 use crate::data::dataset::{DatasetHeader, DatasetSpec, DatasetWriter};
 use crate::error::{Error, Result};
+use crate::resources::{try_zeroed, Bytes, Need, MAX_CHANNELS, MAX_IMAGE_SIDE};
 
 /// The six bytes every `.npy` file starts with.
 pub const NPY_MAGIC: &[u8; 6] = b"\x93NUMPY";
@@ -369,8 +370,14 @@ pub fn read_npy_labels(path: &Path) -> Result<Vec<u32>> {
         h.descr
     );
     // data_len equals the file's remaining length (checked on open), so this allocation is backed
-    // by bytes that exist.
-    let mut raw = vec![0u8; h.data_len as usize];
+    // by bytes that exist; with the u32 labels it is still tested against the budget.
+    let count = h.shape[0];
+    Need::new(
+        format!("the {count} labels of {what}"),
+        Bytes::new(h.data_len) + Bytes::of::<u32>(&[usize::try_from(count).unwrap_or(usize::MAX)]),
+    )
+    .check()?;
+    let mut raw = try_zeroed::<u8>(h.data_len as usize, "the labels")?;
     f.read_data(&mut raw)?;
     f.finish()?;
     let size = h.dtype.size;
@@ -418,6 +425,12 @@ pub fn import_npy(images: &Path, labels: Option<&Path>, out: &Path) -> Result<Da
         _ => bail!(Format, "{what}: images must have shape [N, H, W] or [N, H, W, C], not {:?}", h.shape),
     };
     ensure!(hh > 0 && ww > 0 && c > 0, Format, "{what}: image shape {:?} has a zero dimension", h.shape);
+    ensure!(
+        hh <= MAX_IMAGE_SIDE as u64 && ww <= MAX_IMAGE_SIDE as u64 && c <= MAX_CHANNELS as u64,
+        Format,
+        "{what}: images of {hh}x{ww}x{c} (HxWxC) are beyond the limits of {MAX_IMAGE_SIDE} pixels a side and \
+         {MAX_CHANNELS} channels"
+    );
     let to_u32 = |v: u64, name: &str| {
         u32::try_from(v).map_err(|_| Error::Format(format!("{what}: image {name} {v} does not fit u32")))
     };
@@ -439,12 +452,18 @@ pub fn import_npy(images: &Path, labels: Option<&Path>, out: &Path) -> Result<Da
     };
     let spec =
         DatasetSpec { height: hh, width: ww, channels: c, labels: labels.is_some(), masks: false, token_grid: None };
-    let mut w = DatasetWriter::create(out, spec)?;
     // With N > 0 one sample's bytes are at most the data length, which the file really has; with
-    // N = 0 nothing is allocated, however large H, W, C claim to be.
+    // N = 0 nothing is allocated.
     let per = h.data_len.checked_div(n).map_or(0, |b| (b / h.dtype.size as u64) as usize);
-    let mut raw = vec![0u8; per * h.dtype.size];
-    let mut px = vec![0u8; per];
+    Need::new(
+        format!("one {hh}x{ww}x{c} image of {what} as {} and as u8", h.descr),
+        Bytes::of::<u8>(&[per, h.dtype.size + 1]),
+    )
+    .check()?;
+    let mut w = DatasetWriter::create(out, spec)?;
+    w.reserve(usize::try_from(n).unwrap_or(usize::MAX))?;
+    let mut raw = try_zeroed::<u8>(per * h.dtype.size, "an image")?;
+    let mut px = try_zeroed::<u8>(per, "an image")?;
     for i in 0..n {
         f.read_data(&mut raw)?;
         if is_u8 {

@@ -15,9 +15,11 @@ use rand_chacha::ChaCha8Rng;
 
 use crate::backend::cpu::interp::bilinear_forward;
 use crate::data::dataset::Dataset;
+use crate::data::loader::check_normalisation;
 /// The split lives with the other dataset subsets; re-exported here, where the fine-tune uses it.
 pub use crate::data::subset::split_indices;
 use crate::error::Result;
+use crate::resources::{try_zeroed, Bytes, Need, MAX_LABELS};
 use crate::train::adamw::{decays, AdamW, AdamWConfig};
 use crate::train::clip::clip_grad_norm;
 use crate::train::layer_decay::lr_scales;
@@ -29,7 +31,7 @@ use super::super::training::{DropPath, TrainWorkspace};
 use super::super::{Architecture, ImageBatch, Model};
 use super::layout::is_buffer;
 use super::metrics::{argmax_channels, IouAccumulator, IouReport};
-use super::{SegBatch, BN_MOMENTUM};
+use super::{head_pass_bytes, SegBatch, BN_MOMENTUM};
 
 /// Fine-tuning options (defaults: BEiT's segmentation recipe scaled to small runs).
 #[derive(Debug, Clone, PartialEq)]
@@ -142,6 +144,11 @@ pub fn segmentation_config(mut cfg: BeitConfig, num_labels: usize) -> BeitConfig
 /// backbone entry is copied by name, `beit.` prefix or not; returns how many), head freshly
 /// initialised from `seed`, config from [`segmentation_config`].
 pub fn from_pretrained_backbone(pretrained: &Model, num_labels: usize, seed: u64) -> Result<(Model, usize)> {
+    ensure!(
+        (1..=MAX_LABELS).contains(&num_labels),
+        InvalidArgument,
+        "num_labels must be between 1 and {MAX_LABELS}, got {num_labels}"
+    );
     let cfg = segmentation_config(pretrained.config().clone(), num_labels);
     let mut model = Model::new_random(cfg, Architecture::SemanticSegmentation, seed)?;
     let src = pretrained.params();
@@ -201,6 +208,51 @@ fn load_batch(
     }
 }
 
+/// Memory of the segmentation head's part of one training pass over `batch` images at the
+/// configured size ([`head_pass_bytes`]).
+pub fn head_training_bytes(cfg: &BeitConfig, batch: usize) -> Bytes {
+    head_pass_bytes(cfg, batch, cfg.image_size.hw(), true)
+}
+
+/// Memory of the segmentation head's part of an inference pass (evaluation) over `batch`
+/// images at the configured size ([`head_pass_bytes`]).
+pub fn head_inference_bytes(cfg: &BeitConfig, batch: usize) -> Bytes {
+    head_pass_bytes(cfg, batch, cfg.image_size.hw(), false)
+}
+
+/// Memory of one batch's inputs: normalised pixels `[b, C, H, W]` and a label per pixel.
+fn batch_input_bytes(cfg: &BeitConfig, batch: usize) -> Bytes {
+    let (h, w) = cfg.image_size.hw();
+    Bytes::floats(&[batch, cfg.num_channels, h, w]) + Bytes::of::<i64>(&[batch, h, w])
+}
+
+/// Refuses samples `ids` of `data` that do not exist, and mask values that are neither a class
+/// of the model (`0..num_labels`) nor its ignore index: such a mask belongs to another label set,
+/// and training on it would stop midway (evaluating would score it wrongly).
+fn check_samples(model: &Model, data: &Dataset, ids: &[usize]) -> Result<()> {
+    if let Some(&i) = ids.iter().find(|&&i| i >= data.len()) {
+        bail!(InvalidArgument, "sample {i} of {} does not exist ({} samples)", data.path().display(), data.len());
+    }
+    let k = model.config().num_labels();
+    let ignore = model.config().semantic_loss_ignore_index();
+    let width = data.header().width as usize;
+    for &i in ids {
+        let mask = data.mask(i).expect("checked: the dataset has masks");
+        if let Some((p, &v)) = mask.iter().enumerate().find(|&(_, &v)| i64::from(v) != ignore && v as usize >= k) {
+            bail!(
+                InvalidArgument,
+                "{}: sample {i} has mask value {v} at pixel ({}, {}), but the model has {k} labels (0 to {}) and \
+                 ignores {ignore}: pass a matching num_labels, or fix the masks",
+                data.path().display(),
+                p / width,
+                p % width,
+                k - 1
+            );
+        }
+    }
+    Ok(())
+}
+
 fn check_data(model: &Model, data: &Dataset) -> Result<()> {
     ensure!(
         model.architecture() == Architecture::SemanticSegmentation,
@@ -211,6 +263,7 @@ fn check_data(model: &Model, data: &Dataset) -> Result<()> {
     let h = data.header();
     ensure!(h.has_masks(), InvalidArgument, "{} has no segmentation masks", data.path().display());
     let c = model.config();
+    ensure!(c.num_labels() > 0, InvalidArgument, "the segmentation model has no labels (num_labels 0)");
     ensure!(
         (h.height as usize, h.width as usize) == c.image_size.hw() && h.channels as usize == c.num_channels,
         InvalidArgument,
@@ -234,7 +287,13 @@ pub fn finetune(
     mut log: impl FnMut(&SegStepLog),
 ) -> Result<SegFinetuneReport> {
     check_data(model, data)?;
-    ensure!(opts.batch_size >= 2, InvalidArgument, "batch size must be at least 2 (training-mode BatchNorm)");
+    ensure!(
+        opts.batch_size >= 2,
+        InvalidArgument,
+        "batch size must be at least 2 (training-mode BatchNorm), got {}",
+        opts.batch_size
+    );
+    ensure!(opts.epochs > 0, InvalidArgument, "segmentation fine-tuning needs at least one epoch, got 0");
     ensure!(
         train.len() >= opts.batch_size,
         InvalidArgument,
@@ -242,10 +301,32 @@ pub fn finetune(
         train.len(),
         opts.batch_size
     );
-    ensure!(!opts.mean.is_empty() && !opts.std.is_empty(), InvalidArgument, "mean and std need at least one value");
-    let start = std::time::Instant::now();
+    let cfg = model.config();
+    check_normalisation(&opts.mean, &opts.std, cfg.num_channels, "segmentation fine-tuning")?;
     let steps_per_epoch = train.len() / opts.batch_size;
-    let total = steps_per_epoch * opts.epochs;
+    let Some(total) = steps_per_epoch.checked_mul(opts.epochs) else {
+        bail!(InvalidArgument, "{} epochs of {steps_per_epoch} steps is more steps than can be counted", opts.epochs);
+    };
+    check_samples(model, data, train)?;
+    let n = model.params().data.len();
+    // Gradients, the decay mask, the layer-decay scales and AdamW's two moments.
+    Need::new(
+        format!("segmentation fine-tuning's gradients and optimizer state ({n} parameters)"),
+        Bytes::floats(&[5, n]),
+    )
+    .check()?;
+    Need::new(
+        format!(
+            "the segmentation head's training pass on a batch of {} images ({:?}, {} labels)",
+            opts.batch_size,
+            cfg.image_size.hw(),
+            cfg.num_labels()
+        ),
+        head_training_bytes(cfg, opts.batch_size) + batch_input_bytes(cfg, opts.batch_size),
+    )
+    .hint("use a smaller batch size")
+    .check()?;
+    let start = std::time::Instant::now();
     let schedule = CosineSchedule {
         base_value: opts.lr,
         final_value: opts.min_lr,
@@ -255,7 +336,7 @@ pub fn finetune(
     let store = model.params();
     let layers = model.config().num_hidden_layers;
     let scales = lr_scales(store, layers, opts.layer_decay);
-    let mut decay_mask = vec![0.0f32; store.data.len()];
+    let mut decay_mask = try_zeroed::<f32>(store.data.len(), "the weight-decay mask")?;
     let mut trained = Vec::new();
     for s in store.specs.iter().filter(|s| s.exported && !is_buffer(&s.name)) {
         if decays(&s.name, &s.shape) {
@@ -268,7 +349,7 @@ pub fn finetune(
     let dp_rate = opts.drop_path_rate.unwrap_or(model.config().drop_path_rate);
     let mut rng = ChaCha8Rng::seed_from_u64(opts.seed);
     let mut ws = TrainWorkspace::new();
-    let mut grads = vec![0.0f32; store.data.len()];
+    let mut grads = try_zeroed::<f32>(store.data.len(), "the gradients")?;
     let (mut pixels, mut labels, mut factors) = (Vec::new(), Vec::new(), Vec::new());
     let (hh, ww) = model.config().image_size.hw();
     let c = model.config().num_channels;
@@ -325,13 +406,28 @@ pub fn evaluate(
     std: &[f32],
 ) -> Result<IouReport> {
     check_data(model, data)?;
-    ensure!(!mean.is_empty() && !std.is_empty(), InvalidArgument, "mean and std need at least one value");
-    let k = model.config().num_labels();
-    let mut acc = IouAccumulator::new(k, model.config().semantic_loss_ignore_index());
-    let (hh, ww) = model.config().image_size.hw();
-    let c = model.config().num_channels;
+    ensure!(batch_size > 0, InvalidArgument, "the evaluation batch size must be positive, got 0");
+    let cfg = model.config();
+    check_normalisation(mean, std, cfg.num_channels, "segmentation evaluation")?;
+    check_samples(model, data, ids)?;
+    let k = cfg.num_labels();
+    let b = batch_size.min(ids.len()).max(1);
+    let (hh, ww) = cfg.image_size.hw();
+    Need::new(
+        format!("the per-class IoU tables of {k} labels"),
+        Bytes::of::<u64>(&[2, k]) + Bytes::of::<Option<f64>>(&[k]),
+    )
+    .check()?;
+    Need::new(
+        format!("evaluating a batch of {b} images ({hh}x{ww}, {k} labels) with the segmentation head"),
+        head_inference_bytes(cfg, b) + batch_input_bytes(cfg, b) + Bytes::of::<usize>(&[b, hh, ww]),
+    )
+    .hint("use a smaller batch size")
+    .check()?;
+    let mut acc = IouAccumulator::new(k, cfg.semantic_loss_ignore_index());
+    let c = cfg.num_channels;
     let (mut pixels, mut labels) = (Vec::new(), Vec::new());
-    for chunk in ids.chunks(batch_size.max(1)) {
+    for chunk in ids.chunks(batch_size) {
         let flips = vec![false; chunk.len()];
         load_batch(data, chunk, &flips, mean, std, &mut pixels, &mut labels);
         let b = chunk.len();

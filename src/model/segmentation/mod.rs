@@ -21,12 +21,34 @@ use crate::tensor::checked_numel;
 use super::forward::{OutputBuffers, PIECES_HINT};
 use super::params::HeadParams;
 use super::training::{DropPath, TrainWorkspace};
-use super::{Architecture, ImageBatch, Model};
+use super::{Architecture, BeitConfig, ImageBatch, Model};
 use head::{head_backward, head_forward, BnMode, BnRecord};
 use layout::SegmentationHead;
 
 /// PyTorch BatchNorm2d's default momentum for the running statistics.
 pub(crate) const BN_MOMENTUM: f32 = 0.1;
+
+/// Memory of the segmentation head's part of a pass over `batch` images of `image` (h, w)
+/// pixels, estimated from above. The head works at the finest FPN level, a plane of `16·gh·gw`
+/// pixels: its forward tape (the level, the lateral and FPN convolutions' inputs,
+/// pre-activations and outputs, the four upsampled maps and their concatenation) comes to fewer
+/// than 24 maps of `hidden_size` channels there, 40 with the backward's gradients beside it; the
+/// fusing 3x3 convolution over the concatenation keeps a column matrix of `36·hidden_size` rows
+/// per image in flight (one per thread). The logits are `num_labels` maps at that level (3 with
+/// their gradients in training), and the loss upsamples the logits of the decode and the
+/// auxiliary head to the image and back (4 maps of `num_labels` channels at `h x w`; 1 at
+/// evaluation).
+pub fn head_pass_bytes(cfg: &BeitConfig, batch: usize, image: (usize, usize), training: bool) -> Bytes {
+    let (maps, logit_maps, image_maps) = if training { (40, 3, 4) } else { (24, 1, 1) };
+    let (gh, gw) = cfg.grid_for(image.0, image.1);
+    let (d, k) = (cfg.hidden_size, cfg.num_labels());
+    let fine = gh.saturating_mul(gw).saturating_mul(16);
+    let per_image = Bytes::floats(&[maps, d, fine])
+        + Bytes::floats(&[logit_maps, k, fine])
+        + Bytes::floats(&[image_maps, k, image.0, image.1]);
+    let in_flight = batch.min(rayon::current_num_threads()).max(1);
+    per_image * batch + Bytes::floats(&[36, d, fine]) * in_flight
+}
 
 /// One fine-tuning batch: images and a label per pixel (`[batch, height, width]`, class ids in
 /// `0..num_labels` or the ignore index).
@@ -114,35 +136,13 @@ impl Model {
         Ok(grid)
     }
 
-    /// Tests what the segmentation head's pass over `b` images of `height`x`width` allocates
-    /// against the budget (the backbone's arena is tested where it is planned). Counted per
-    /// image in units of the patch grid's area `g²`: the tape of [`head_forward`] keeps about
-    /// 64 hidden-wide maps (the FPN levels at 16, 4, 1 and 1/4 of `g²`, the transposed
-    /// convolutions' intermediates, the laterals' inputs), 320 head-channel maps (laterals, the
-    /// top-down sums, FPN convolutions, the upsampled and concatenated outputs), 20 label maps
-    /// and 8 auxiliary-channel maps; each image in flight on a thread also holds the im2col
-    /// matrix of the widest 3x3 convolution (4·channels inputs at 16·g²: 576·channels·g²).
-    /// Training keeps the gradients of all of it too, so twice that.
-    pub(crate) fn check_segmentation_need(
-        &self,
-        b: usize,
-        height: usize,
-        width: usize,
-        grid: (usize, usize),
-        training: bool,
-    ) -> Result<()> {
-        let head = self.segmentation_head().expect("a segmentation model");
-        let g2 = grid.0 * grid.1; // both are at most 2^16: no overflow
-        let d = self.config.hidden_size;
-        let ca = head.aux.as_ref().map_or(0, |a| a.channels);
-        let maps = Bytes::floats(&[g2, d]) * 64
-            + Bytes::floats(&[g2, head.channels]) * 320
-            + Bytes::floats(&[g2, head.num_labels]) * 20
-            + Bytes::floats(&[g2, ca]) * 8;
-        let in_flight = b.min(rayon::current_num_threads().max(1));
-        let im2col = Bytes::floats(&[in_flight, 576, head.channels, g2]);
-        let hidden = Bytes::floats(&[b, g2 + 1, d]) * 5;
-        let need = (maps * b + im2col) * if training { 2 } else { 1 } + hidden;
+    /// Tests what a segmentation pass over `b` images of `height`x`width` allocates beside the
+    /// backbone's arena (which is tested where it is planned) against the budget: the head
+    /// ([`head_pass_bytes`]) and the copies of the hidden states it reads.
+    pub(crate) fn check_segmentation_need(&self, b: usize, height: usize, width: usize, training: bool) -> Result<()> {
+        let (gh, gw) = self.config.grid_for(height, width);
+        let hidden = Bytes::floats(&[b, gh * gw + 1, self.config.hidden_size]) * 5;
+        let need = head_pass_bytes(&self.config, b, (height, width), training) + hidden;
         let what = if training { "the segmentation head's training pass" } else { "the segmentation head" };
         Need::new(format!("{what} over {b} images of {height}x{width} pixels"), need).hint(PIECES_HINT).check()
     }
@@ -162,7 +162,7 @@ impl Model {
         let layers = self.layout.blocks.len();
         let mut wanted = levels.to_vec();
         wanted.push(layers);
-        self.check_segmentation_need(b, input.height, input.width, grid, false)?;
+        self.check_segmentation_need(b, input.height, input.width, false)?;
         let hidden = self.hidden_states(input, &wanted)?;
         if let Some(dst) = out.last_hidden_state {
             match &self.layout.final_layernorm {
@@ -239,7 +239,7 @@ impl Model {
         let (b, d) = (batch.batch, self.config.hidden_size);
         let levels = Self::level_indices(head);
         let images = batch.images();
-        self.check_segmentation_need(b, batch.height, batch.width, grid, true)?;
+        self.check_segmentation_need(b, batch.height, batch.width, true)?;
         let hidden = self.backbone_train_forward(ws, &images, drop_path, &levels)?;
         let feats = std::array::from_fn(|i| tokens_to_maps(&hidden[i], b, grid, d));
         drop(hidden);

@@ -553,7 +553,7 @@ fn combine_copies_the_chosen_samples_and_drops_sections_not_all_inputs_have() {
         .output()
         .unwrap();
     assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
-    let (train, test) = split_indices(7, 0.3, 4);
+    let (train, test) = split_indices(7, 0.3, 4).unwrap();
     assert_eq!((train.len(), test.len()), (5, 2));
     let d = Dataset::open(&cli).unwrap();
     assert_eq!(d.len(), 5 + train.len());

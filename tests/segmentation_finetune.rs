@@ -73,7 +73,7 @@ fn finetune_learns_synthetic_masks() {
     let data = Dataset::open(&path).unwrap();
     let classes = mask_classes(&data).unwrap();
     assert_eq!(classes, 4);
-    let (train, test) = split_indices(data.len(), 0.25, 0);
+    let (train, test) = split_indices(data.len(), 0.25, 0).unwrap();
     let cfg = segmentation_config(tiny_config(), classes);
     let mut model = Model::new_random(cfg, Architecture::SemanticSegmentation, 0).unwrap();
     let (mean, std) = (vec![0.5f32], vec![0.5f32]);

@@ -13,7 +13,14 @@ use crate::error::{Error, Result};
 
 /// Deterministic train/test split of `0..n`: a seeded shuffle, the first `round(n·test_fraction)`
 /// indices are the test set; both lists are returned sorted.
-pub fn split_indices(n: usize, test_fraction: f64, seed: u64) -> (Vec<usize>, Vec<usize>) {
+///
+/// A fraction outside `[0, 1)` is refused (1 would leave nothing to train on).
+pub fn split_indices(n: usize, test_fraction: f64, seed: u64) -> Result<(Vec<usize>, Vec<usize>)> {
+    ensure!(
+        (0.0..1.0).contains(&test_fraction),
+        InvalidArgument,
+        "the test fraction {test_fraction} is not in [0, 1): it is the share of samples held out for evaluation"
+    );
     let mut idx: Vec<usize> = (0..n).collect();
     idx.shuffle(&mut ChaCha8Rng::seed_from_u64(seed));
     let n_test = ((n as f64) * test_fraction.clamp(0.0, 1.0)).round() as usize;
@@ -21,7 +28,7 @@ pub fn split_indices(n: usize, test_fraction: f64, seed: u64) -> (Vec<usize>, Ve
     let mut train = idx[n_test..].to_vec();
     test.sort_unstable();
     train.sort_unstable();
-    (train, test)
+    Ok((train, test))
 }
 
 /// What [`write_combined`] wrote: the new file's header and the optional sections it left out
@@ -112,12 +119,13 @@ mod tests {
 
     #[test]
     fn split_is_deterministic_and_disjoint() {
-        let (a, b) = split_indices(100, 0.2, 7);
+        let (a, b) = split_indices(100, 0.2, 7).unwrap();
         assert_eq!((a.len(), b.len()), (80, 20));
-        assert_eq!(split_indices(100, 0.2, 7), (a.clone(), b.clone()));
+        assert_eq!(split_indices(100, 0.2, 7).unwrap(), (a.clone(), b.clone()));
+        assert!(split_indices(100, 1.0, 7).is_err() && split_indices(100, -0.1, 7).is_err());
         let mut all: Vec<usize> = a.iter().chain(&b).copied().collect();
         all.sort_unstable();
         assert_eq!(all, (0..100).collect::<Vec<_>>());
-        assert_ne!(split_indices(100, 0.2, 8).1, b);
+        assert_ne!(split_indices(100, 0.2, 8).unwrap().1, b);
     }
 }

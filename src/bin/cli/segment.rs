@@ -143,7 +143,7 @@ fn report_json(r: &IouReport) -> serde_json::Value {
     serde_json::json!({"mean_iou": r.mean_iou, "pixel_accuracy": r.pixel_accuracy, "per_class_iou": r.per_class})
 }
 
-fn split_of(a: &SplitArgs, data: &Dataset) -> (Vec<usize>, Vec<usize>) {
+fn split_of(a: &SplitArgs, data: &Dataset) -> beit::Result<(Vec<usize>, Vec<usize>)> {
     split_indices(data.len(), a.test_fraction, a.split_seed)
 }
 
@@ -184,7 +184,7 @@ fn run_finetune(a: FinetuneArgs) -> beit::Result<()> {
         }
         (None, None) => return Err(beit::Error::InvalidArgument("pass --model DIR or --config PRESET".into())),
     };
-    let (all_train, test) = split_of(&a.split, &data);
+    let (all_train, test) = split_of(&a.split, &data)?;
     let train = labelled_train_subset(&data, &all_train, a.label_fraction, a.seed)?;
     let opts = SegFinetuneOptions {
         epochs: a.epochs,
@@ -251,7 +251,7 @@ fn run_eval(a: EvalArgs) -> beit::Result<()> {
     let data = Dataset::open(&a.split.data)?;
     let model = Model::load(&a.model)?;
     let ids = match a.split_name.as_str() {
-        "test" => split_of(&a.split, &data).1,
+        "test" => split_of(&a.split, &data)?.1,
         "all" => (0..data.len()).collect(),
         other => return Err(beit::Error::InvalidArgument(format!("--split-name {other:?}: test or all"))),
     };

@@ -9,7 +9,9 @@
 
 use std::ffi::CString;
 
-use beit::ffi::context::{beit_context, beit_context_create, beit_context_free};
+use beit::ffi::context::{
+    beit_context, beit_context_create, beit_context_free, beit_context_options, beit_context_options_default,
+};
 use beit::ffi::model::{beit_model_create, beit_model_free, RawArchitecture};
 use beit::ffi::status::{beit_last_error_message, beit_status};
 use beit::resources::{with_budget, MemoryBudget};
@@ -70,10 +72,12 @@ unsafe impl Send for Context {}
 unsafe impl Sync for Context {}
 
 impl Context {
+    /// A context whose memory budget is [`BUDGET`], as a C host sets it.
     pub fn new() -> Context {
         let mut ctx = std::ptr::null_mut();
-        // SAFETY: NULL options (the defaults) and a writable out-pointer.
-        assert_eq!(unsafe { beit_context_create(std::ptr::null(), &mut ctx) }, beit_status::BEIT_OK);
+        let opts = beit_context_options { memory_budget: BUDGET, ..beit_context_options_default() };
+        // SAFETY: valid options and a writable out-pointer.
+        assert_eq!(unsafe { beit_context_create(&opts, &mut ctx) }, beit_status::BEIT_OK);
         Context(ctx)
     }
 }
@@ -92,8 +96,7 @@ impl Drop for Context {
 }
 
 /// `beit_model_create` with the bytes up to the first NUL (what a C caller's string holds),
-/// for every architecture and one that does not exist. The context has no budget of its own, so
-/// its work runs under the caller's (the [`BUDGET`] set by [`check`]).
+/// for every architecture and one that does not exist, on a context whose budget is [`BUDGET`].
 fn check_c_api(data: &[u8], ctx: &Context) {
     let end = data.iter().position(|&b| b == 0).unwrap_or(data.len());
     let text = CString::new(&data[..end]).expect("no NUL before `end`");

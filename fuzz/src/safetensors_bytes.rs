@@ -14,7 +14,9 @@ use std::ffi::CString;
 use std::path::{Path, PathBuf};
 
 use beit::dvae::{Dvae, DvaeConfig};
-use beit::ffi::context::{beit_context, beit_context_create, beit_context_free};
+use beit::ffi::context::{
+    beit_context, beit_context_create, beit_context_free, beit_context_options, beit_context_options_default,
+};
 use beit::ffi::model::{beit_model_free, beit_model_load};
 use beit::ffi::status::{beit_last_error_message, beit_status};
 use beit::ffi::tokenizer::{beit_tokenizer_free, beit_tokenizer_load};
@@ -69,8 +71,10 @@ impl Scratch {
         std::fs::write(tokenizer_dir.join("config.json"), tokenizer_config().to_json()).unwrap();
         let trainer = Trainer::new(valid_model(), TrainerOptions::default()).unwrap();
         let mut ctx = std::ptr::null_mut();
-        // SAFETY: NULL options (the defaults) and a writable out-pointer.
-        assert_eq!(unsafe { beit_context_create(std::ptr::null(), &mut ctx) }, beit_status::BEIT_OK);
+        // A C host's context with the same budget as the Rust checks run under.
+        let opts = beit_context_options { memory_budget: BUDGET, ..beit_context_options_default() };
+        // SAFETY: valid options and a writable out-pointer.
+        assert_eq!(unsafe { beit_context_create(&opts, &mut ctx) }, beit_status::BEIT_OK);
         let c_trainer = c_trainer(ctx, dir);
         Scratch { model_dir, tokenizer_dir, checkpoint: dir.join("checkpoint.safetensors"), trainer, c_trainer, ctx }
     }

@@ -1082,7 +1082,8 @@ fn dataset(what: DatasetCommand) -> beit::Result<()> {
             print_json(v);
         }
         DatasetCommand::Combine { inputs, test_fraction, split_seed, out } => {
-            use beit::data::subset::{split_indices, write_combined};
+            use beit::data::subset::{check_test_fraction, split_indices, write_combined};
+            check_test_fraction(test_fraction)?;
             let split = |input: &str| -> (String, Option<String>) {
                 match input.rsplit_once(':') {
                     Some((f, p @ ("train" | "test"))) => (f.to_string(), Some(p.to_string())),

@@ -16,11 +16,7 @@ use crate::error::{Error, Result};
 ///
 /// A fraction outside `[0, 1)` is refused (1 would leave nothing to train on).
 pub fn split_indices(n: usize, test_fraction: f64, seed: u64) -> Result<(Vec<usize>, Vec<usize>)> {
-    ensure!(
-        (0.0..1.0).contains(&test_fraction),
-        InvalidArgument,
-        "the test fraction {test_fraction} is not in [0, 1): it is the share of samples held out for evaluation"
-    );
+    check_test_fraction(test_fraction)?;
     let mut idx: Vec<usize> = (0..n).collect();
     idx.shuffle(&mut ChaCha8Rng::seed_from_u64(seed));
     let n_test = ((n as f64) * test_fraction.clamp(0.0, 1.0)).round() as usize;
@@ -29,6 +25,16 @@ pub fn split_indices(n: usize, test_fraction: f64, seed: u64) -> Result<(Vec<usi
     test.sort_unstable();
     train.sort_unstable();
     Ok((train, test))
+}
+
+/// Refuses a test fraction outside `[0, 1)` (1 would leave nothing to train on), naming it.
+pub fn check_test_fraction(test_fraction: f64) -> Result<()> {
+    ensure!(
+        (0.0..1.0).contains(&test_fraction),
+        InvalidArgument,
+        "--test-fraction {test_fraction} is not in [0, 1): it is the share of samples held out for evaluation"
+    );
+    Ok(())
 }
 
 /// What [`write_combined`] wrote: the new file's header and the optional sections it left out

@@ -162,6 +162,7 @@ fn run_finetune(a: FinetuneArgs) -> beit::Result<()> {
         .write_model_dir("--out", &a.out)
         .write("--out", a.out.join(REPORT_FILE))
         .check()?;
+    beit::data::subset::check_test_fraction(a.split.test_fraction)?;
     let ctx = Context::new(&ContextOptions { device: Device::Cpu, threads: a.split.threads, ..Default::default() })?;
     let data = Dataset::open(&a.split.data)?;
     let classes = match a.num_labels {

@@ -328,6 +328,9 @@ hostile! {
     finetune_config_huge_hidden_size: cli(FINETUNE).set("--config", "{d}/cfg.json").config("cfg.json", huge_hidden());
     segment_finetune_config_huge_hidden_size: cli(SEG_FT).set("--config", "{d}/cfg.json")
         .file("cfg.json", seg_with(json!({"hidden_size": 65536, "intermediate_size": 65536, "num_attention_heads": 1})));
+    /// Pyramid pooling at the largest scale the config allows: tens of GB of maps per image.
+    segment_finetune_pool_scale_4096: cli(SEG_FT).set("--config", "{d}/cfg.json")
+        .file("cfg.json", seg_with(json!({"pool_scales": [4096]})));
     /// A model directory whose config claims terabytes beside small weights.
     infer_model_config_claims_huge: cli(INFER).set("--model", "{d}/claims_huge");
     /// A checkpoint whose metadata's config claims terabytes.

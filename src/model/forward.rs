@@ -252,14 +252,25 @@ impl Model {
         Ok(())
     }
 
-    /// Tests what a new inference workspace for this shape needs (its arena and relative
-    /// position index) against the budget.
+    /// What the attention kernels allocate beside the arena: each of `tasks` parallel tasks
+    /// keeps a padded `tokens x tokens` score block and padded copies of a head's Q, Kᵀ and V
+    /// (`backend::cpu::attention`'s pair scratch).
+    pub(super) fn attention_scratch_bytes(&self, tasks: usize, tokens: usize) -> Bytes {
+        let padded = tokens.div_ceil(8) * 8;
+        Bytes::floats(&[tasks, padded, padded + 3 * self.config.head_dim()])
+    }
+
+    /// Tests what a new inference workspace for this shape needs (its arena, the relative
+    /// position index and table, resized position embeddings, the attention kernels' scratch)
+    /// against the budget.
     fn check_workspace_need(&self, plan: &Plan, arena: &ArenaPlan, height: usize, width: usize) -> Result<()> {
         let (batch, t) = (plan.key.0, plan.tokens);
         // Beside the arena: the relative position index, and a relative position table resized
         // for another grid (per call, see `table_for_grid`).
         let table = Bytes::floats(&[super::params::rel_pos_table_rows(plan.grid), self.config.num_attention_heads]);
-        let need = Bytes::floats(&[arena.total()]) + Bytes::of::<usize>(&[t, t]) + table;
+        let positions = Bytes::floats(&[t, self.config.hidden_size]) * 2;
+        let scratch = self.attention_scratch_bytes(plan.scores.len() / (t * t), t);
+        let need = Bytes::floats(&[arena.total()]) + Bytes::of::<usize>(&[t, t]) + table + positions + scratch;
         Need::new(format!("the activations of {}", pass_description(batch, height, width, Some(t))), need)
             .hint(PIECES_HINT)
             .check()

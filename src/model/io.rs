@@ -12,6 +12,7 @@ use safetensors::SafeTensors;
 use crate::error::{Error, Result};
 /// Model and tokenizer files are replaced atomically (see [`crate::files`]).
 pub use crate::files::write_atomic;
+use crate::resources::{try_zeroed, Bytes, Need};
 
 use super::params::ParamStore;
 
@@ -221,7 +222,10 @@ pub fn read_f32(st: &SafeTensors<'_>, name: &str) -> Result<Option<(Vec<usize>, 
     };
     let n = crate::tensor::checked_numel(view.shape())
         .ok_or_else(|| Error::Format(format!("tensor {name} is too large")))?;
-    let mut out = vec![0.0f32; n];
+    // The file holds the values in any width (f16 takes half of f32): read as f32 they may need
+    // more memory than the file has bytes.
+    Need::new(format!("tensor {name} as f32 ({n} values)"), Bytes::floats(&[n])).check()?;
+    let mut out = try_zeroed(n, name)?;
     tensor_to_f32(&view, name, &mut out)?;
     Ok(Some((view.shape().to_vec(), out)))
 }
@@ -239,7 +243,10 @@ pub fn read_mask(st: &SafeTensors<'_>, name: &str) -> Result<Option<(Vec<usize>,
         Dtype::I64 | Dtype::U64 => 8,
         other => bail!(Format, "tensor {name} has dtype {other:?}; expected bool, u8 or an integer type"),
     };
-    let mut out = Vec::with_capacity(view.data().len() / width);
+    let n = view.data().len() / width;
+    Need::new(format!("tensor {name} as a mask ({n} values)"), Bytes::of::<u8>(&[n])).check()?;
+    let mut out = Vec::new();
+    out.try_reserve_exact(n).map_err(|_| Error::InvalidArgument(format!("cannot allocate tensor {name}")))?;
     for c in view.data().chunks_exact(width) {
         let nonzero = c.iter().any(|&b| b != 0);
         let one = c[0] == 1 && c[1..].iter().all(|&b| b == 0);

@@ -616,15 +616,18 @@ impl Model {
         let (plan, arena_plan) = self.train_plan(key);
         let (b, t) = (images.batch, plan.tokens);
         let positions = b * (t - 1);
-        let head = if self.arch == Architecture::MaskedImageModeling {
-            let v = self.config.vocab_size;
-            Bytes::floats(&[HEAD_BLOCK_ROWS.min(positions), v])
-                + Bytes::of::<usize>(&[positions]) * 2
-                + Bytes::floats(&[plan.patches.len()])
-        } else {
-            Bytes::ZERO
+        let head = match self.arch {
+            Architecture::MaskedImageModeling => {
+                let v = self.config.vocab_size;
+                Bytes::floats(&[HEAD_BLOCK_ROWS.min(positions), v])
+                    + Bytes::of::<usize>(&[positions]) * 2
+                    + Bytes::floats(&[plan.patches.len()])
+            }
+            Architecture::ImageClassification => Bytes::floats(&[b, self.config.num_labels()]),
+            _ => Bytes::ZERO,
         };
-        let need = Bytes::floats(&[arena_plan.total()]) + Bytes::of::<usize>(&[t, t]) + head;
+        let scratch = self.attention_scratch_bytes(threads, t);
+        let need = Bytes::floats(&[arena_plan.total()]) + Bytes::of::<usize>(&[t, t]) + head + scratch;
         let what = format!("the training activations of {}", pass_description(b, images.height, images.width, Some(t)));
         Need::new(what, need).hint(PIECES_HINT).check()?;
         ws.planned = None; // free the old arena before allocating the new one
@@ -639,6 +642,11 @@ impl Model {
                 .and_then(|_| reserve(&mut ws.masked_labels, positions))
                 .and_then(|_| reserve(&mut ws.masked_pixels, plan.patches.len()))
                 .map_err(|_| Error::InvalidArgument("cannot allocate the MIM head's buffers: out of memory".into()))?;
+        } else if self.arch == Architecture::ImageClassification {
+            ws.logits.clear();
+            ws.logits
+                .try_reserve_exact(b * self.config.num_labels())
+                .map_err(|_| Error::InvalidArgument("cannot allocate the classifier's logits: out of memory".into()))?;
         }
         let rel_index = relpos::relative_position_index(plan.grid);
         ws.planned = Some((plan, Arena::new(&arena_plan)?, rel_index));

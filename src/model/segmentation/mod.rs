@@ -37,15 +37,19 @@ pub(crate) const BN_MOMENTUM: f32 = 0.1;
 /// per image in flight (one per thread). The logits are `num_labels` maps at that level (3 with
 /// their gradients in training), and the loss upsamples the logits of the decode and the
 /// auxiliary head to the image and back (4 maps of `num_labels` channels at `h x w`; 1 at
-/// evaluation).
+/// evaluation). The pyramid pooling's maps at each pool scale come on top.
 pub fn head_pass_bytes(cfg: &BeitConfig, batch: usize, image: (usize, usize), training: bool) -> Bytes {
     let (maps, logit_maps, image_maps) = if training { (40, 3, 4) } else { (24, 1, 1) };
     let (gh, gw) = cfg.grid_for(image.0, image.1);
     let (d, k) = (cfg.hidden_size, cfg.num_labels());
     let fine = gh.saturating_mul(gw).saturating_mul(16);
+    // The pyramid pooling module pools the coarsest level to each scale s (up to 4096) and runs
+    // a conv-BN-ReLU there: its input, pre-activation, output (and their gradients) at s x s.
+    let pooling: Bytes = cfg.pool_scales().iter().map(|&s| Bytes::floats(&[s, s, d]) * (2 * logit_maps + 2)).sum();
     let per_image = Bytes::floats(&[maps, d, fine])
         + Bytes::floats(&[logit_maps, k, fine])
-        + Bytes::floats(&[image_maps, k, image.0, image.1]);
+        + Bytes::floats(&[image_maps, k, image.0, image.1])
+        + pooling;
     let in_flight = batch.min(rayon::current_num_threads()).max(1);
     per_image * batch + Bytes::floats(&[36, d, fine]) * in_flight
 }

@@ -489,10 +489,21 @@ fn loader_threads_under_an_address_space_limit() {
     let dir = tempfile::tempdir().unwrap();
     let ds = write_dataset(&dir.path().join("d.beitds"), 600, 8, 1, None, None);
     let config = LoaderConfig { workers: MAX_LOADER_WORKERS, prefetch: MAX_LOADER_WORKERS, ..loader_config(2) };
+    if std::env::var_os("BEIT_MEASURE_ADDRESS_SPACE").is_some() {
+        // The first, unlimited run: how much address space this process uses before the loader.
+        println!("vm_kib: {}", vm_kib());
+        return;
+    }
     let loader = with_budget(MemoryBudget::Bytes(u64::MAX), || Loader::new(ds, config)).unwrap();
     let m = invalid(loader.iter().map(|it| it.len()));
     assert_names(&m, &["cannot start worker thread", "of 256", "fewer loader workers"]);
     println!("refused: {m}");
+}
+
+/// This process's address space (VmSize), in KiB.
+fn vm_kib() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    status.lines().find(|l| l.starts_with("VmSize:")).unwrap().split_whitespace().nth(1).unwrap().parse().unwrap()
 }
 
 #[test]
@@ -501,24 +512,38 @@ fn loader_thread_start_failure_is_an_error() {
         eprintln!("skipped: no prlimit");
         return;
     }
-    // The address space this test process already uses plus 200 MiB: room for the test, not for
-    // 256 stacks of 2 MiB.
-    let status = std::fs::read_to_string("/proc/self/status").unwrap();
-    let vm_kib: u64 =
-        status.lines().find(|l| l.starts_with("VmSize:")).unwrap().split_whitespace().nth(1).unwrap().parse().unwrap();
-    let limit = vm_kib * 1024 + (200 << 20);
-    let out = std::process::Command::new("prlimit")
-        .arg(format!("--as={limit}"))
-        .arg(std::env::current_exe().unwrap())
-        .args([
-            "--exact",
-            "loader_threads_under_an_address_space_limit",
-            "--ignored",
-            "--nocapture",
-            "--test-threads=1",
-        ])
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success() && text.contains("refused: loader: cannot start worker thread"), "{text}");
+    // The child's own address space is measured by running it once without a limit (this
+    // process's would say nothing about it: other tests' threads and their malloc arenas count
+    // here). One malloc arena keeps the two runs alike. The limit is that plus 200 MiB: room
+    // for the test, not for 256 stacks of 2 MiB.
+    let child = |limit: Option<u64>| {
+        let mut cmd = match limit {
+            Some(bytes) => {
+                let mut c = std::process::Command::new("prlimit");
+                c.arg(format!("--as={bytes}")).arg(std::env::current_exe().unwrap());
+                c
+            }
+            None => {
+                let mut c = std::process::Command::new(std::env::current_exe().unwrap());
+                c.env("BEIT_MEASURE_ADDRESS_SPACE", "1");
+                c
+            }
+        };
+        let out = cmd
+            .env("MALLOC_ARENA_MAX", "1")
+            .args(["--exact", "loader_threads_under_an_address_space_limit", "--ignored", "--nocapture"])
+            .arg("--test-threads=1")
+            .output()
+            .unwrap();
+        (out.status.success(), String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr))
+    };
+    let (ok, text) = child(None);
+    // libtest prints the test's name on the same line, before the test's own output.
+    let measured: u64 = text
+        .split("vm_kib: ")
+        .nth(1)
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or_else(|| panic!("the measuring run printed no vm_kib (ok: {ok}): {text}"));
+    let (ok, text) = child(Some(measured * 1024 + (200 << 20)));
+    assert!(ok && text.contains("refused: loader: cannot start worker thread"), "{text}");
 }

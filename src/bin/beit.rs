@@ -286,9 +286,10 @@ struct PretrainArgs {
     #[arg(long, default_value_t = 50)]
     checkpoint_every: u64,
     /// Continue from OUT/checkpoint.safetensors when it exists. The checkpoint's trainer options
-    /// (learning rate, schedule, ...) win; the options that decide the data (--batch, --data,
-    /// --masking, --masked, --tokens, --tokenizer, --target, --seed, and --config, --model,
-    /// --vocab-size) are recorded in it and must be given again unchanged.
+    /// (learning rate, schedule, ...) and model win (--config, --model and --vocab-size are
+    /// ignored); the options that decide the data (--batch, --data, --masking, --masked,
+    /// --tokens, --tokenizer, --target, --seed) are recorded in it and must be given again
+    /// unchanged.
     #[arg(long)]
     resume: bool,
     /// Start a fresh run even though OUT holds a checkpoint (its first checkpoint replaces the

@@ -7,6 +7,7 @@
 //! (DALL-E's `map_pixels`, ε = 0.1); the decoder reconstructs in that same space.
 
 pub mod cache;
+/// cbindgen:ignore
 pub mod config;
 pub mod eval;
 pub mod network;

@@ -10,23 +10,9 @@ mod config_json;
 
 use serde_json::{json, Value};
 
-/// xorshift64*: deterministic and dependency free.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n as u64) as usize
-    }
-    fn pick<'a, T>(&mut self, items: &'a [T]) -> &'a T {
-        &items[self.below(items.len())]
-    }
-}
+#[path = "fuzz_replay/rng.rs"]
+mod rng;
+use rng::Rng;
 
 /// Valid configs that fit the budget (and BEiT-base's defaults, `{}`, which does not).
 fn valid_configs() -> Vec<Value> {

@@ -10,20 +10,9 @@ use std::path::Path;
 
 use beit::data::dataset::{DatasetSpec, DatasetWriter};
 
-/// xorshift64*: deterministic and dependency free.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n as u64) as usize
-    }
-}
+#[path = "fuzz_replay/rng.rs"]
+mod rng;
+use rng::Rng;
 
 /// Valid files: with and without each optional section, with and without samples.
 fn valid_files(dir: &Path) -> Vec<Vec<u8>> {

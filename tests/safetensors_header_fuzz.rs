@@ -17,20 +17,9 @@ mod safetensors_bytes;
 use safetensors_bytes::Scratch;
 use serde_json::{json, Value};
 
-/// xorshift64*: deterministic and dependency free.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n as u64) as usize
-    }
-}
+#[path = "fuzz_replay/rng.rs"]
+mod rng;
+use rng::Rng;
 
 fn seeds(dir: &std::path::Path) -> Vec<Vec<u8>> {
     if let Some(out) = std::env::var_os("BEIT_FUZZ_SEED_DIR") {

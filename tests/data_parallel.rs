@@ -5,9 +5,9 @@
 //! the pixel target too), bit-identical results for a given thread count, and trainers that stay
 //! deterministic and resume bit for bit on it.
 
+use beit::data::batch::OwnedMimBatch;
 use beit::data::synthetic::SyntheticMim;
 use beit::model::{DataParallelWorkspace, DropPath, MimTarget, TrainWorkspace};
-use beit::train::batch::OwnedMimBatch;
 use beit::train::trainer::{Trainer, TrainerOptions};
 use beit::{Architecture, BeitConfig, Model};
 

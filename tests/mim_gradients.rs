@@ -5,10 +5,10 @@
 mod common;
 use std::path::{Path, PathBuf};
 
+use beit::data::batch::OwnedMimBatch;
 use beit::model::io::{read_f32, SafetensorsFile};
 use beit::model::{DataParallelWorkspace, MimTarget, TrainWorkspace};
 use beit::train::adamw::{AdamW, AdamWConfig};
-use beit::train::batch::OwnedMimBatch;
 use beit::Model;
 
 fn case_dir(name: &str) -> PathBuf {

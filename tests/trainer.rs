@@ -3,8 +3,8 @@
 
 use std::path::Path;
 
+use beit::data::batch::OwnedMimBatch;
 use beit::data::synthetic::SyntheticMim;
-use beit::train::batch::OwnedMimBatch;
 use beit::train::trainer::{Trainer, TrainerOptions};
 use beit::{Architecture, BeitConfig, Model};
 

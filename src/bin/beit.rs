@@ -896,7 +896,7 @@ fn check_resume_record(
 }
 
 fn pretrain_replay(a: ReplayArgs) -> beit::Result<()> {
-    use beit::train::batch::OwnedMimBatch;
+    use beit::data::batch::OwnedMimBatch;
     use beit::train::trainer::{Trainer, TrainerOptions, WeightDecayOn};
     let ctx = Context::new(&ContextOptions { device: Device::Cpu, threads: a.threads, ..Default::default() })?;
     let weight_decay_on = match a.weight_decay_on.as_str() {
@@ -945,8 +945,8 @@ fn bench_pretrain(
     (device, precision): (String, String),
     json: bool,
 ) -> beit::Result<()> {
+    use beit::data::batch::OwnedMimBatch;
     use beit::data::synthetic::SyntheticMim;
-    use beit::train::batch::OwnedMimBatch;
     use beit::train::trainer::{Trainer, TrainerOptions, WeightDecayOn};
     let ctx = Context::new(&ContextOptions { device: device.parse()?, threads, ..Default::default() })?;
     let precision: beit::backend::cuda::pretrain::Precision = precision.parse()?;

@@ -24,11 +24,11 @@ use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
+use crate::data::batch::OwnedMimBatch;
 use crate::data::dataset::Dataset;
 use crate::data::masking::{MaskingGenerator, MaskingStrategy};
 use crate::error::Result;
 use crate::resources::{Bytes, Need, MAX_IMAGE_SIDE, MAX_LOADER_WORKERS};
-use crate::train::batch::OwnedMimBatch;
 
 /// Everything that determines the batches of a [`Loader`].
 #[derive(Debug, Clone, PartialEq)]

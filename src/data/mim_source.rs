@@ -12,9 +12,9 @@ use std::sync::Arc;
 
 use super::dataset::Dataset;
 use super::loader::{Loader, LoaderConfig, LoaderIter};
+use crate::data::batch::OwnedMimBatch;
 use crate::dvae::Dvae;
 use crate::error::Result;
-use crate::train::batch::OwnedMimBatch;
 
 /// Where the MIM targets come from.
 #[derive(Debug, Clone)]

@@ -4,6 +4,7 @@
 
 // cbindgen exports every public integer constant it sees; these modules are Rust-only (the C API
 // does not expose datasets yet), so keep their format constants out of include/beit.h.
+pub mod batch;
 /// cbindgen:ignore
 pub mod dataset;
 /// cbindgen:ignore

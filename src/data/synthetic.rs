@@ -8,11 +8,11 @@
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
+use crate::data::batch::OwnedMimBatch;
 use crate::data::masking::MaskingGenerator;
 use crate::error::Result;
 use crate::model::BeitConfig;
 use crate::resources::{try_zeroed, Bytes, Need};
-use crate::train::batch::OwnedMimBatch;
 
 #[derive(Debug, Clone)]
 pub struct SyntheticMim {

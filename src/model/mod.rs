@@ -11,6 +11,7 @@ mod forward;
 pub mod init;
 pub mod io;
 mod mim_target;
+pub mod param_store;
 pub mod params;
 pub mod relpos;
 mod resolution;

@@ -5,92 +5,10 @@
 //! run as one fused GEMM.
 
 use super::config::{Architecture, BeitConfig};
+pub(crate) use super::param_store::Builder;
+pub use super::param_store::{Affine, Init, ParamId, ParamSpec, ParamStore};
 use crate::error::Result;
 use crate::resources::{try_zeroed, Bytes, Need};
-
-/// How a fresh model initialises an entry (BeitConfig-driven, unilm's scheme).
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub enum Init {
-    Zeros,
-    Ones,
-    Constant(f32),
-    /// Normal(0, std) truncated to ±`bound` (absolute), then multiplied by `scale` (the per-layer
-    /// rescaling of output projections, and the 0.001 of a fresh classifier).
-    TruncNormal {
-        std: f32,
-        scale: f32,
-        bound: f32,
-    },
-    /// Normal(0, std), untruncated (PyTorch `normal_`; the DALL-E convolutions' init).
-    Normal {
-        std: f32,
-    },
-}
-
-/// One named tensor inside the flat buffer.
-#[derive(Debug, Clone)]
-pub struct ParamSpec {
-    /// Hugging Face name, e.g. `beit.encoder.layer.0.attention.attention.query.weight`.
-    pub name: String,
-    pub shape: Vec<usize>,
-    pub offset: usize,
-    pub len: usize,
-    pub init: Init,
-    /// False for the internal zero key bias that only exists to make the fused QKV bias
-    /// contiguous: it is never saved, loaded or trained.
-    pub exported: bool,
-}
-
-/// Index of an entry in a [`ParamStore`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct ParamId(pub usize);
-
-#[derive(Debug, Clone)]
-pub struct ParamStore {
-    pub data: Vec<f32>,
-    pub specs: Vec<ParamSpec>,
-}
-
-impl ParamStore {
-    pub fn get(&self, id: ParamId) -> &[f32] {
-        let s = &self.specs[id.0];
-        &self.data[s.offset..s.offset + s.len]
-    }
-
-    pub fn get_mut(&mut self, id: ParamId) -> &mut [f32] {
-        let s = &self.specs[id.0];
-        &mut self.data[s.offset..s.offset + s.len]
-    }
-
-    /// The contiguous span from the start of `first` to the end of `last`.
-    pub fn span(&self, first: ParamId, last: ParamId) -> &[f32] {
-        let (a, b) = (&self.specs[first.0], &self.specs[last.0]);
-        &self.data[a.offset..b.offset + b.len]
-    }
-
-    pub fn find(&self, name: &str) -> Option<ParamId> {
-        self.specs.iter().position(|s| s.name == name).map(ParamId)
-    }
-
-    /// An empty store, for layouts built outside this module (the tokenizer's).
-    pub fn empty() -> Self {
-        ParamStore { data: Vec::new(), specs: Vec::new() }
-    }
-
-    /// Appends a zero-filled, exported entry and returns its id.
-    pub fn push(&mut self, name: String, shape: &[usize], init: Init) -> ParamId {
-        let len = shape.iter().product();
-        let offset = self.data.len();
-        self.specs.push(ParamSpec { name, shape: shape.to_vec(), offset, len, init, exported: true });
-        self.data.resize(offset + len, 0.0);
-        ParamId(self.specs.len() - 1)
-    }
-
-    /// Number of exported (real) parameters.
-    pub fn count(&self) -> usize {
-        self.specs.iter().filter(|s| s.exported).map(|s| s.len).sum()
-    }
-}
 
 /// Parameters of the embeddings.
 #[derive(Debug, Clone)]
@@ -126,13 +44,6 @@ pub struct BlockParams {
     pub rel_pos_table: Option<ParamId>,
 }
 
-/// A weight/bias pair (layer norm or linear).
-#[derive(Debug, Clone, Copy)]
-pub struct Affine {
-    pub weight: ParamId,
-    pub bias: ParamId,
-}
-
 #[derive(Debug, Clone)]
 pub enum HeadParams {
     None,
@@ -165,40 +76,6 @@ pub struct Layout {
 /// Rows of a relative position bias table for a patch grid: (2h−1)(2w−1) + 3.
 pub fn rel_pos_table_rows(grid: (usize, usize)) -> usize {
     (2 * grid.0 - 1) * (2 * grid.1 - 1) + 3
-}
-
-pub(crate) struct Builder {
-    specs: Vec<ParamSpec>,
-    total: usize,
-    prefix: &'static str,
-}
-
-impl Builder {
-    fn add(&mut self, name: &str, shape: &[usize], init: Init) -> ParamId {
-        self.push(format!("{}{name}", self.prefix), shape, init, true)
-    }
-
-    pub(crate) fn add_top(&mut self, name: &str, shape: &[usize], init: Init) -> ParamId {
-        self.push(name.to_string(), shape, init, true)
-    }
-
-    fn push(&mut self, name: String, shape: &[usize], init: Init, exported: bool) -> ParamId {
-        // Saturating: a config too large for usize arithmetic gets a total of usize::MAX, which
-        // the budget test in `build_layout` refuses before anything is allocated.
-        let len = crate::tensor::checked_numel(shape).unwrap_or(usize::MAX);
-        self.specs.push(ParamSpec { name, shape: shape.to_vec(), offset: self.total, len, init, exported });
-        self.total = self.total.saturating_add(len);
-        ParamId(self.specs.len() - 1)
-    }
-
-    fn layernorm(&mut self, name: &str, d: usize, top: bool) -> Affine {
-        let (w, b) = (format!("{name}.weight"), format!("{name}.bias"));
-        if top {
-            Affine { weight: self.add_top(&w, &[d], Init::Ones), bias: self.add_top(&b, &[d], Init::Zeros) }
-        } else {
-            Affine { weight: self.add(&w, &[d], Init::Ones), bias: self.add(&b, &[d], Init::Zeros) }
-        }
-    }
 }
 
 /// Builds the parameter table of `arch` for `cfg` (zero-filled buffer). The buffer is tested

@@ -263,7 +263,26 @@ fn apply(trainer: &mut Trainer, l: Loaded) {
     trainer.run_record = l.run;
 }
 
+// The trainer's checkpoint methods live here, beside the format, so that the trainer itself
+// does not import this module (checkpoint -> trainer only; no cycle).
 impl Trainer {
+    /// Writes a checkpoint of everything this trainer holds to `path`, atomically: a crash or
+    /// error during the save leaves any previous file at `path` intact.
+    pub fn save_checkpoint(&self, path: &Path) -> Result<()> {
+        save(self, path)
+    }
+
+    /// Restores this trainer from a checkpoint of the same model config. On error (unreadable
+    /// file, another config, corrupt tensors) the trainer is unchanged.
+    pub fn load_checkpoint(&mut self, path: &Path) -> Result<()> {
+        load_into(self, path)
+    }
+
+    /// A trainer restored from a checkpoint alone.
+    pub fn from_checkpoint(path: &Path) -> Result<Self> {
+        load(path)
+    }
+
     /// Sets the record of this run's data-affecting options that checkpoints carry (`None`:
     /// none, the checkpoint's metadata then has no `run` field).
     pub fn set_run_record(&mut self, record: Option<RunRecord>) {

@@ -2,7 +2,6 @@
 //! loops, checkpoints and metrics arrive with their issues.
 
 pub mod adamw;
-pub mod batch;
 pub mod checkpoint;
 pub mod clip;
 pub mod evaluate;

@@ -420,23 +420,6 @@ impl Trainer {
         }
     }
 
-    /// Writes a checkpoint of everything this trainer holds to `path`, atomically: a crash or
-    /// error during the save leaves any previous file at `path` intact.
-    pub fn save_checkpoint(&self, path: &std::path::Path) -> Result<()> {
-        super::checkpoint::save(self, path)
-    }
-
-    /// Restores this trainer from a checkpoint of the same model config. On error (unreadable
-    /// file, another config, corrupt tensors) the trainer is unchanged.
-    pub fn load_checkpoint(&mut self, path: &std::path::Path) -> Result<()> {
-        super::checkpoint::load_into(self, path)
-    }
-
-    /// A trainer restored from a checkpoint alone.
-    pub fn from_checkpoint(path: &std::path::Path) -> Result<Self> {
-        super::checkpoint::load(path)
-    }
-
     /// Steps completed.
     pub fn step_count(&self) -> u64 {
         self.step

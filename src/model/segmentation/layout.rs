@@ -10,7 +10,7 @@
 //! leaves them out of the optimizer.
 
 use super::super::config::BeitConfig;
-use super::super::params::{Affine, Builder, Init, ParamId};
+use super::super::param_store::{Affine, Builder, Init, ParamId};
 
 /// A BatchNorm2d: affine weight/bias (trained) and running statistics (buffers).
 #[derive(Debug, Clone, Copy)]

@@ -7,6 +7,16 @@ use crate::backend::cuda::{probe, CudaDevice};
 use crate::error::{Error, Result};
 use crate::resources::{self, MemoryBudget};
 
+/// What the CUDA probe found on this machine: whether CUDA is usable, and if not, why (the
+/// probe never panics and runs before any other CUDA call). Hosts read the device through the
+/// context's API; only the context and the backends look inside `backend::cuda`.
+pub use crate::backend::cuda::probe::{GpuInfo, ProbeReport};
+
+/// Probes CUDA (cached after the first call): what `Device::Auto` decides from.
+pub fn probe_cuda() -> &'static ProbeReport {
+    probe()
+}
+
 /// Where work runs. `Cuda` runs pretraining on the GPU and makes the passes that only run on
 /// the CPU an `Unsupported` error (never a silent fallback); `Auto` picks the CPU, where every
 /// pass runs, and says why.

@@ -126,7 +126,7 @@ impl DvaeTrainer {
         .check()?;
         let grads = try_zeroed(n, "the tokenizer's gradients")?;
         let config = AdamWConfig { beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: options.weight_decay };
-        let optimizer = AdamW::new(&dvae.params, config);
+        let optimizer = AdamW::new(&dvae.params, config)?;
         Ok(DvaeTrainer {
             dvae,
             options,

@@ -9,7 +9,6 @@ use std::mem::size_of;
 use super::context::{beit_device, RawDevice};
 use super::model::write_versioned;
 use super::status::{beit_status, check_struct_size, guard, non_null_mut};
-use crate::backend::cuda::probe;
 
 /// Bytes of `beit_device_info::name`, including the terminating NUL.
 pub const BEIT_DEVICE_NAME_BYTES: usize = 256;
@@ -80,7 +79,7 @@ fn fill<const N: usize>(dst: &mut [c_char; N], text: &str) {
 
 /// The probe's findings as `beit_device_info` (with `struct_size` set to `struct_size`).
 pub(crate) fn device_info(struct_size: usize) -> beit_device_info {
-    let report = probe::probe();
+    let report = crate::context::probe_cuda();
     let mut info = beit_device_info_default();
     info.struct_size = struct_size;
     info.cuda_usable = u32::from(report.usable);

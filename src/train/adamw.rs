@@ -3,22 +3,12 @@
 
 use rayon::prelude::*;
 
-use crate::model::params::ParamStore;
+use crate::error::Result;
+use crate::model::params::{ParamSpec, ParamStore};
+use crate::resources::try_zeroed;
 
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct AdamWConfig {
-    pub beta1: f32,
-    pub beta2: f32,
-    pub eps: f32,
-    pub weight_decay: f32,
-}
-
-impl Default for AdamWConfig {
-    /// BEiT's fine-tuning settings: betas (0.9, 0.999), eps 1e-8, weight decay 0.05.
-    fn default() -> Self {
-        AdamWConfig { beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.05 }
-    }
-}
+/// The hyperparameters live with the backends, whose AdamW kernels take them.
+pub use crate::backend::optimizer::AdamWConfig;
 
 /// BEiT's weight-decay rule (unilm `get_parameter_groups`): no decay for 1-D tensors, biases,
 /// the CLS token and absolute position embeddings. The mask token and the relative position
@@ -28,6 +18,39 @@ pub fn decays(name: &str, shape: &[usize]) -> bool {
         || name.ends_with(".bias")
         || name.ends_with("cls_token")
         || name.ends_with("position_embeddings"))
+}
+
+/// Which entries of a parameter store the optimizer updates, and which of those decay: the one
+/// walk over a store's entries that every trainer (MIM, classification, segmentation, the
+/// dVAE) and both backends' AdamW build their state from.
+#[derive(Debug, Clone)]
+pub struct DecayPlan {
+    /// 1 where an element decays, 0 where not (and 0 outside the trained entries).
+    pub mask: Vec<f32>,
+    /// The trained entries, as `(offset, len)` ranges of the store's buffer.
+    pub trained: Vec<(usize, usize)>,
+}
+
+impl DecayPlan {
+    /// `rule(spec)` for each exported entry: `None` leaves it untrained, `Some(decays)` trains
+    /// it (with weight decay when `decays`). Unexported entries (the zero key bias) never train.
+    pub fn new(store: &ParamStore, rule: impl Fn(&ParamSpec) -> Option<bool>) -> Result<Self> {
+        let mut mask = try_zeroed::<f32>(store.data.len(), "the weight-decay mask")?;
+        let mut trained = Vec::new();
+        for s in store.specs.iter().filter(|s| s.exported) {
+            let Some(decays) = rule(s) else { continue };
+            if decays {
+                mask[s.offset..s.offset + s.len].fill(1.0);
+            }
+            trained.push((s.offset, s.len));
+        }
+        Ok(DecayPlan { mask, trained })
+    }
+
+    /// BEiT's rule: every exported entry trains, and decays as [`decays`] says.
+    pub fn beit(store: &ParamStore) -> Result<Self> {
+        Self::new(store, |s| Some(decays(&s.name, &s.shape)))
+    }
 }
 
 /// Optimizer state for one [`ParamStore`]: first and second moments, the step count, and which
@@ -54,16 +77,14 @@ struct Segment {
 const CHUNK: usize = 16_384;
 
 impl AdamW {
-    pub fn new(store: &ParamStore, config: AdamWConfig) -> Self {
-        let mut decay_mask = vec![0.0; store.data.len()];
-        let mut trained = Vec::new();
-        for s in store.specs.iter().filter(|s| s.exported) {
-            if decays(&s.name, &s.shape) {
-                decay_mask[s.offset..s.offset + s.len].fill(1.0);
-            }
-            trained.push((s.offset, s.len));
-        }
-        Self::with_mask(config, decay_mask, trained)
+    /// State for `store` under BEiT's decay rule ([`DecayPlan::beit`]).
+    pub fn new(store: &ParamStore, config: AdamWConfig) -> Result<Self> {
+        Ok(Self::from_plan(config, DecayPlan::beit(store)?))
+    }
+
+    /// State for the entries a [`DecayPlan`] trains.
+    pub fn from_plan(config: AdamWConfig, plan: DecayPlan) -> Self {
+        Self::with_mask(config, plan.mask, plan.trained)
     }
 
     /// State for a raw buffer: `decay_mask[i]` is 1 where element i decays, 0 where not; only the

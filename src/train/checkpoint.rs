@@ -249,9 +249,11 @@ fn config_differences(a: &BeitConfig, b: &BeitConfig) -> Vec<String> {
         .collect()
 }
 
-fn apply(trainer: &mut Trainer, l: Loaded) {
+/// Moves a parsed checkpoint into `trainer`; fails (leaving it unchanged) only before the first
+/// change, when the optimizer state cannot be allocated.
+fn apply(trainer: &mut Trainer, l: Loaded) -> Result<()> {
+    let mut opt = super::trainer::new_adamw(&trainer.model, &l.options)?;
     trainer.model.params_mut().data.copy_from_slice(&l.params);
-    let mut opt = super::trainer::new_adamw(&trainer.model, &l.options);
     opt.exp_avg = l.exp_avg;
     opt.exp_avg_sq = l.exp_avg_sq;
     opt.step = l.optimizer_step;
@@ -261,6 +263,7 @@ fn apply(trainer: &mut Trainer, l: Loaded) {
     trainer.data_position = l.data_position;
     trainer.set_rng_state(&l.rng);
     trainer.run_record = l.run;
+    Ok(())
 }
 
 // The trainer's checkpoint methods live here, beside the format, so that the trainer itself
@@ -325,7 +328,7 @@ pub fn load_into(trainer: &mut Trainer, path: &Path) -> Result<()> {
             GpuPretrainer::check_target(loaded.options.mim_target)?;
         }
     }
-    apply(trainer, loaded);
+    apply(trainer, loaded)?;
     trainer.reload_gpu()
 }
 
@@ -339,7 +342,7 @@ pub fn load(path: &Path) -> Result<Trainer> {
         _ => Trainer::new(model, loaded.options.clone())?,
     };
     debug_assert_eq!(trainer.model.config().to_json_string(), loaded.config.to_json_string());
-    apply(&mut trainer, loaded);
+    apply(&mut trainer, loaded)?;
     Ok(trainer)
 }
 

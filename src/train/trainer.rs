@@ -28,7 +28,7 @@ use crate::model::{
 };
 use crate::resources::{try_zeroed, Bytes, Need};
 
-use super::adamw::{AdamW, AdamWConfig};
+use super::adamw::{AdamW, AdamWConfig, DecayPlan};
 use super::clip::{clip_grad_norm, global_norm};
 use super::layer_decay::lr_scales;
 use super::schedule::CosineSchedule;
@@ -161,34 +161,18 @@ pub(crate) fn adamw_config(options: &TrainerOptions) -> AdamWConfig {
 
 /// The decay mask (1 where an element decays) and the trained ranges of `options`' decay rule,
 /// as [`new_adamw`] builds its state from them (the GPU step's AdamW takes the same).
-fn decay_setup(model: &Model, options: &TrainerOptions) -> (Vec<f32>, Vec<(usize, usize)>) {
-    let p = model.params();
-    let mut mask = vec![0.0f32; p.data.len()];
-    let mut trained = Vec::new();
-    for s in p.specs.iter().filter(|s| s.exported) {
-        let decays = match options.weight_decay_on {
+fn decay_setup(model: &Model, options: &TrainerOptions) -> Result<DecayPlan> {
+    DecayPlan::new(model.params(), |s| {
+        Some(match options.weight_decay_on {
             WeightDecayOn::Beit => super::adamw::decays(&s.name, &s.shape),
             WeightDecayOn::All => true,
-        };
-        if decays {
-            mask[s.offset..s.offset + s.len].fill(1.0);
-        }
-        trained.push((s.offset, s.len));
-    }
-    (mask, trained)
+        })
+    })
 }
 
 /// Fresh AdamW state for `model` under `options`' decay rule.
-pub(crate) fn new_adamw(model: &Model, options: &TrainerOptions) -> AdamW {
-    match options.weight_decay_on {
-        WeightDecayOn::Beit => AdamW::new(model.params(), adamw_config(options)),
-        WeightDecayOn::All => {
-            let p = model.params();
-            let trained: Vec<(usize, usize)> =
-                p.specs.iter().filter(|s| s.exported).map(|s| (s.offset, s.len)).collect();
-            AdamW::with_mask(adamw_config(options), vec![1.0; p.data.len()], trained)
-        }
-    }
+pub(crate) fn new_adamw(model: &Model, options: &TrainerOptions) -> Result<AdamW> {
+    Ok(AdamW::from_plan(adamw_config(options), decay_setup(model, options)?))
 }
 
 fn layer_decay_scales(model: &Model, options: &TrainerOptions) -> Option<Vec<f32>> {
@@ -281,7 +265,7 @@ impl Trainer {
     fn for_model(model: Model, options: TrainerOptions) -> Result<Self> {
         options.validate()?;
         Self::state_need(&model, &options).check_config()?;
-        let optimizer = new_adamw(&model, &options);
+        let optimizer = new_adamw(&model, &options)?;
         let lr_scale = layer_decay_scales(&model, &options);
         let grads = try_zeroed(model.params().data.len(), "the trainer's gradient buffer")?;
         let rng = ChaCha8Rng::seed_from_u64(options.seed);
@@ -338,14 +322,14 @@ impl Trainer {
             self.model.architecture().hf_name()
         );
         GpuPretrainer::check_target(self.options.mim_target)?;
-        let (decay_mask, trained) = decay_setup(&self.model, &self.options);
+        let plan = decay_setup(&self.model, &self.options)?;
         let mut gpu = GpuPretrainer::new(
             &self.model,
             precision,
             OptimizerSetup {
                 config: self.optimizer.config,
-                decay_mask: &decay_mask,
-                trained: &trained,
+                decay_mask: &plan.mask,
+                trained: &plan.trained,
                 lr_scale: self.lr_scale.as_deref(),
             },
         )?;

@@ -5,8 +5,8 @@
 use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut};
 
 use super::device::CudaDevice;
+use crate::backend::optimizer::AdamWConfig;
 use crate::error::Result;
-use crate::train::adamw::AdamWConfig;
 
 /// Per-element flags of [`GpuAdamW`]: bit 0 trained, bit 1 decays (see cuda/adamw.cu).
 const FLAG_TRAINED: u8 = 1;

@@ -54,10 +54,11 @@ use super::matmul::{Epilogue, GemmShape, GemmType};
 use super::patch_embed::PatchEmbedShape;
 use super::sums::column_sums_scratch_len;
 use crate::backend::cpu::backward::DxMode;
+use crate::backend::optimizer::AdamWConfig;
 use crate::error::Result;
 use crate::model::params::{Affine, BlockParams, HeadParams, Layout, ParamId, ParamStore};
 use crate::model::{relpos, Architecture, MimBatch, MimTarget, Model};
-use crate::train::adamw::{AdamW, AdamWConfig};
+use crate::train::adamw::AdamW;
 
 const FILE: &str = "pretrain.cu";
 /// Slots start at multiples of this many elements (256 bytes for bf16), so every view handed to

@@ -20,7 +20,7 @@ use crate::data::loader::check_normalisation;
 pub use crate::data::subset::split_indices;
 use crate::error::Result;
 use crate::resources::{try_zeroed, Bytes, Need, MAX_LABELS};
-use crate::train::adamw::{decays, AdamW, AdamWConfig};
+use crate::train::adamw::{decays, AdamW, AdamWConfig, DecayPlan};
 use crate::train::clip::clip_grad_norm;
 use crate::train::layer_decay::lr_scales;
 use crate::train::schedule::CosineSchedule;
@@ -336,16 +336,10 @@ pub fn finetune(
     let store = model.params();
     let layers = model.config().num_hidden_layers;
     let scales = lr_scales(store, layers, opts.layer_decay);
-    let mut decay_mask = try_zeroed::<f32>(store.data.len(), "the weight-decay mask")?;
-    let mut trained = Vec::new();
-    for s in store.specs.iter().filter(|s| s.exported && !is_buffer(&s.name)) {
-        if decays(&s.name, &s.shape) {
-            decay_mask[s.offset..s.offset + s.len].fill(1.0);
-        }
-        trained.push((s.offset, s.len));
-    }
+    // BEiT's decay rule over everything but the BatchNorm running statistics, which are buffers.
+    let plan = DecayPlan::new(store, |s| (!is_buffer(&s.name)).then(|| decays(&s.name, &s.shape)))?;
     let adam_cfg = AdamWConfig { weight_decay: opts.weight_decay, ..AdamWConfig::default() };
-    let mut adam = AdamW::with_mask(adam_cfg, decay_mask, trained);
+    let mut adam = AdamW::from_plan(adam_cfg, plan);
     let dp_rate = opts.drop_path_rate.unwrap_or(model.config().drop_path_rate);
     let mut rng = ChaCha8Rng::seed_from_u64(opts.seed);
     let mut ws = TrainWorkspace::new();

@@ -14,14 +14,14 @@ use beit::dvae::cache::{dataset_inputs, tokenize_dataset, tokenizer_input};
 use beit::dvae::network::DvaeNetworks;
 use beit::dvae::train::{DvaeTrainOptions, DvaeTrainer};
 use beit::dvae::{Dvae, DvaeConfig};
-use beit::model::segmentation::finetune::{
-    evaluate as seg_evaluate, finetune as seg_finetune, from_pretrained_backbone, segmentation_config,
-    SegFinetuneOptions,
-};
 use beit::resources::{with_budget, MemoryBudget, MAX_LABELS, MAX_LOADER_WORKERS};
 use beit::train::evaluate::evaluate;
 use beit::train::finetune::{
     classification_config, num_labels_from_data, run_finetune, steps_per_epoch, total_steps, FinetuneData,
+};
+use beit::train::segmentation::{
+    evaluate as seg_evaluate, finetune as seg_finetune, from_pretrained_backbone, segmentation_config,
+    SegFinetuneOptions,
 };
 use beit::train::trainer::{Trainer, TrainerOptions};
 use beit::{Architecture, BeitConfig, Error, Model};

@@ -1049,7 +1049,7 @@ fn make_fixtures(dir: &Path) {
         Architecture::Backbone,
     );
     save("tiny_cls", config(&tiny_with(json!({"num_labels": 3})).to_string()), Architecture::ImageClassification);
-    let seg = beit::model::segmentation::finetune::segmentation_config(config(SEG), 3);
+    let seg = beit::train::segmentation::segmentation_config(config(SEG), 3);
     save("tiny_seg", seg, Architecture::SemanticSegmentation);
     save("pre/model", tiny.clone(), Architecture::MaskedImageModeling);
 

@@ -8,7 +8,7 @@ use std::process::Command;
 
 use beit::data::dataset::{Dataset, DatasetSpec, DatasetWriter};
 use beit::model::io::{read_f32, SafetensorsFile};
-use beit::model::segmentation::finetune::{
+use beit::train::segmentation::{
     evaluate, finetune, mask_classes, segmentation_config, split_indices, SegFinetuneOptions,
 };
 use beit::{Architecture, BeitConfig, Model};

@@ -9,4 +9,5 @@ pub mod finetune;
 pub mod layer_decay;
 pub mod run_record;
 pub mod schedule;
+pub mod segmentation;
 pub mod trainer;

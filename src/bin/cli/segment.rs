@@ -1,17 +1,17 @@
 //! `beit segment finetune` and `beit segment eval`: semantic segmentation (HF
 //! BeitForSemanticSegmentation) on a dataset file with masks, from the command line. Both are
-//! thin wrappers over `beit::model::segmentation::finetune`, so other front ends (e.g. a
+//! thin wrappers over `beit::train::segmentation`, so other front ends (e.g. a
 //! `beit finetune --task segment`) can call the same functions.
 
 use std::path::{Path, PathBuf};
 
 use beit::data::dataset::Dataset;
 use beit::model::io::{CONFIG_FILE, WEIGHTS_FILE};
-use beit::model::segmentation::finetune::{
+use beit::model::segmentation::metrics::IouReport;
+use beit::train::segmentation::{
     evaluate, finetune, from_pretrained_backbone, labelled_train_subset, mask_classes, segmentation_config,
     split_indices, SegFinetuneOptions,
 };
-use beit::model::segmentation::metrics::IouReport;
 use beit::{Architecture, BeitConfig, Context, ContextOptions, Device, Model};
 use clap::Subcommand;
 

@@ -6,7 +6,6 @@
 //! and a backward through the head into the backbone's shared backward (which takes the
 //! gradients of the four intermediate hidden states).
 
-pub mod finetune;
 pub mod head;
 pub mod layout;
 pub mod loss;

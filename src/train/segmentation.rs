@@ -13,6 +13,11 @@ use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
+use super::adamw::{decays, AdamW, AdamWConfig, DecayPlan};
+use super::clip::clip_grad_norm;
+use super::layer_decay::lr_scales;
+use super::schedule::CosineSchedule;
+use super::trainer::Trainer;
 use crate::backend::cpu::interp::bilinear_forward;
 use crate::data::dataset::Dataset;
 use crate::data::loader::check_normalisation;
@@ -20,18 +25,11 @@ use crate::data::loader::check_normalisation;
 pub use crate::data::subset::split_indices;
 use crate::error::Result;
 use crate::resources::{try_zeroed, Bytes, Need, MAX_LABELS};
-use crate::train::adamw::{decays, AdamW, AdamWConfig, DecayPlan};
-use crate::train::clip::clip_grad_norm;
-use crate::train::layer_decay::lr_scales;
-use crate::train::schedule::CosineSchedule;
-use crate::train::trainer::Trainer;
 
-use super::super::config::BeitConfig;
-use super::super::training::{DropPath, TrainWorkspace};
-use super::super::{Architecture, ImageBatch, Model};
-use super::layout::is_buffer;
-use super::metrics::{argmax_channels, IouAccumulator, IouReport};
-use super::{head_pass_bytes, SegBatch, BN_MOMENTUM};
+use crate::model::segmentation::layout::is_buffer;
+use crate::model::segmentation::metrics::{argmax_channels, IouAccumulator, IouReport};
+use crate::model::segmentation::{head_pass_bytes, SegBatch, BN_MOMENTUM};
+use crate::model::{Architecture, BeitConfig, DropPath, ImageBatch, Model, TrainWorkspace};
 
 /// Fine-tuning options (defaults: BEiT's segmentation recipe scaled to small runs).
 #[derive(Debug, Clone, PartialEq)]
@@ -98,14 +96,14 @@ pub struct SegFinetuneReport {
 
 /// The part of the train split `train` (dataset indices) whose masks a label-efficiency run uses:
 /// `fraction` of it, stratified by the samples' image labels when `data` has them (one class
-/// otherwise), seeded by `seed` ([`crate::train::finetune::stratified_subset`]). All of `train`
+/// otherwise), seeded by `seed` ([`super::finetune::stratified_subset`]). All of `train`
 /// when `fraction` is 1. Returns dataset indices in increasing order.
 pub fn labelled_train_subset(data: &Dataset, train: &[usize], fraction: f64, seed: u64) -> Result<Vec<usize>> {
     if fraction == 1.0 {
         return Ok(train.to_vec());
     }
     let labels: Vec<u32> = train.iter().map(|&i| data.label(i).unwrap_or(0)).collect();
-    let picked = crate::train::finetune::stratified_subset(&labels, fraction, seed)?;
+    let picked = super::finetune::stratified_subset(&labels, fraction, seed)?;
     Ok(picked.into_iter().map(|k| train[k]).collect())
 }
 
@@ -168,7 +166,7 @@ pub fn from_pretrained_backbone(pretrained: &Model, num_labels: usize, seed: u64
             continue;
         }
         let values = src.get(from).to_vec();
-        model.params_mut().get_mut(super::super::params::ParamId(i)).copy_from_slice(&values);
+        model.params_mut().get_mut(crate::model::params::ParamId(i)).copy_from_slice(&values);
         copied += 1;
     }
     Ok((model, copied))
@@ -375,7 +373,7 @@ pub fn finetune(
             ensure!(out.loss.is_finite(), Numerical, "loss is {} at step {step}", out.loss);
             let grad_norm = match opts.clip_grad {
                 Some(max) => clip_grad_norm(&mut grads, max),
-                None => crate::train::clip::global_norm(&grads),
+                None => super::clip::global_norm(&grads),
             };
             ensure!(grad_norm.is_finite(), Numerical, "gradient norm is {grad_norm} at step {step}");
             let lr = schedule.value(step);

@@ -10,11 +10,11 @@ use std::sync::Arc;
 use beit::data::dataset::{Dataset, DatasetHeader, DatasetSpec, DatasetWriter};
 use beit::data::import::{import_idx_padded, import_image_folder, import_npy, read_idx_images};
 use beit::data::loader::{Loader, LoaderConfig};
-use beit::dvae::cache::{dataset_inputs, tokenize_dataset, tokenizer_input};
+use beit::data::token_cache::{dataset_inputs, tokenize_dataset, tokenizer_input};
 use beit::dvae::network::DvaeNetworks;
-use beit::dvae::train::{DvaeTrainOptions, DvaeTrainer};
 use beit::dvae::{Dvae, DvaeConfig};
 use beit::resources::{with_budget, MemoryBudget, MAX_LABELS, MAX_LOADER_WORKERS};
+use beit::train::dvae::{DvaeTrainOptions, DvaeTrainer};
 use beit::train::evaluate::evaluate;
 use beit::train::finetune::{
     classification_config, num_labels_from_data, run_finetune, steps_per_epoch, total_steps, FinetuneData,

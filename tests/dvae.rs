@@ -5,9 +5,9 @@
 use std::path::{Path, PathBuf};
 
 use beit::dvae::network::DvaeNetworks;
-use beit::dvae::train::{DvaeTrainOptions, DvaeTrainer};
 use beit::dvae::{map_pixels, Dvae, DvaeConfig};
 use beit::model::io::{read_f32, read_i64, SafetensorsFile};
+use beit::train::dvae::{DvaeTrainOptions, DvaeTrainer};
 
 fn reference_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/reference_dvae/dalle_small")

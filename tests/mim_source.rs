@@ -8,7 +8,7 @@ use std::sync::Arc;
 use beit::data::dataset::{Dataset, DatasetSpec, DatasetWriter};
 use beit::data::loader::{Loader, LoaderConfig};
 use beit::data::mim_source::{DatasetMim, TokenSource};
-use beit::dvae::cache::{tokenize_dataset, tokenizer_input};
+use beit::data::token_cache::{tokenize_dataset, tokenizer_input};
 use beit::dvae::{Dvae, DvaeConfig};
 
 const N: usize = 21;

@@ -17,3 +17,5 @@ pub mod mim_source;
 /// cbindgen:ignore
 pub mod subset;
 pub mod synthetic;
+/// cbindgen:ignore
+pub mod token_cache;

@@ -1,18 +1,16 @@
 //! The visual tokenizer: a discrete VAE whose encoder maps an image to a grid of codes (BEiT's
 //! prediction targets). The encoder is DALL-E's architecture, so OpenAI's trained encoder can be
 //! imported (`scripts/convert_dalle_encoder.py`) and gives that model's tokens; a smaller one
-//! with a decoder can be trained here ([`train::DvaeTrainer`], `beit tokenizer train`).
+//! with a decoder can be trained ([`crate::train::dvae::DvaeTrainer`], `beit tokenizer train`).
 //!
 //! Pixels entering the encoder are `map_pixels(x) = 0.8·x + 0.1` of images in [0, 1]
 //! (DALL-E's `map_pixels`, ε = 0.1); the decoder reconstructs in that same space.
 
-pub mod cache;
 /// cbindgen:ignore
 pub mod config;
 pub mod eval;
 pub mod network;
 pub mod relaxation;
-pub mod train;
 
 use std::path::Path;
 
@@ -96,7 +94,7 @@ impl Dvae {
 
     /// Images per tokenizing or decoding pass: bounded by the first feature map and by the
     /// logits `[P, V]` (at 8192 codes, 2 MB per 8x8-token image), each to 32 MB.
-    fn chunk_images(&self) -> usize {
+    pub(crate) fn chunk_images(&self) -> usize {
         let c = &self.config;
         let features = TOKENIZE_CHUNK_VALUES / (c.n_hid * c.image_size * c.image_size);
         let logits = TOKENIZE_CHUNK_VALUES / (c.tokens_per_image() * c.vocab_size);
@@ -108,7 +106,7 @@ impl Dvae {
         self.config.in_channels * self.config.image_size * self.config.image_size
     }
 
-    fn check_pixels(&self, pixels: &[f32]) -> Result<usize> {
+    pub(crate) fn check_pixels(&self, pixels: &[f32]) -> Result<usize> {
         let per = self.image_len();
         ensure!(
             !pixels.is_empty() && pixels.len().is_multiple_of(per),

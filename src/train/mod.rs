@@ -4,6 +4,7 @@
 pub mod adamw;
 pub mod checkpoint;
 pub mod clip;
+pub mod dvae;
 pub mod evaluate;
 pub mod finetune;
 pub mod layer_decay;

@@ -5,11 +5,11 @@ use std::sync::Arc;
 
 use beit::data::dataset::Dataset;
 use beit::data::loader::{Loader, LoaderConfig};
-use beit::dvae::cache::{check_dataset_channels, dataset_inputs, tokenize_dataset};
+use beit::data::token_cache::{check_dataset_channels, dataset_inputs, tokenize_dataset};
 use beit::dvae::eval::{evaluate, write_recon_grid};
-use beit::dvae::train::{DvaeTrainOptions, DvaeTrainer};
 use beit::dvae::{Dvae, DvaeConfig};
 use beit::model::io::{CONFIG_FILE, WEIGHTS_FILE};
+use beit::train::dvae::{DvaeTrainOptions, DvaeTrainer};
 use beit::{Context, ContextOptions, Device};
 use clap::Subcommand;
 

@@ -11,7 +11,7 @@ use crate::data::loader::{resample, Filter};
 use crate::error::{Error, Result};
 use crate::resources::{Bytes, Need};
 
-use super::{map_pixels, Dvae};
+use crate::dvae::{map_pixels, Dvae};
 
 /// Images tokenized per pass.
 const CACHE_BATCH: usize = 256;

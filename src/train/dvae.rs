@@ -6,12 +6,12 @@
 //! from 0. DALL-E uses a logit-Laplace likelihood; plain squared error is simpler and works on
 //! the small grey images this trains on. AdamW with a warmup + cosine learning rate.
 
-use super::relaxation::{argmax_rows, gumbel_softmax, gumbel_softmax_backward, kl_to_uniform, perplexity};
-use super::Dvae;
+use super::adamw::{AdamW, AdamWConfig};
+use super::schedule::CosineSchedule;
+use crate::dvae::relaxation::{argmax_rows, gumbel_softmax, gumbel_softmax_backward, kl_to_uniform, perplexity};
+use crate::dvae::Dvae;
 use crate::error::{Error, Result};
 use crate::resources::{try_zeroed, Bytes, Need};
-use crate::train::adamw::{AdamW, AdamWConfig};
-use crate::train::schedule::CosineSchedule;
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct DvaeTrainOptions {

@@ -36,8 +36,8 @@ use rayon::prelude::*;
 use crate::error::{Error, Result};
 use crate::resources::{try_zeroed, Bytes, Need};
 
-use super::training::{DropPath, TrainWorkspace};
-use super::{ImageBatch, Model};
+use super::training::{DropPath, MimBatch, TrainWorkspace};
+use super::{ImageBatch, MimTarget, Model};
 
 /// Elements per task when the gradient buffers are summed (each element's sum runs in shard
 /// order whatever the task split).
@@ -264,5 +264,29 @@ mod tests {
         let mut out = Vec::new();
         shard_drop_factors(&mut out, &factors, 3, &(1..3));
         assert_eq!(out, vec![1.0, 2.0, 4.0, 5.0, 7.0, 8.0, 10.0, 11.0]);
+    }
+}
+
+// The MIM entry point lives here rather than in `training` so that the single-pass code does not
+// import its data-parallel wrapper (training -> data_parallel -> training was a cycle).
+impl Model {
+    /// [`Model::mim_forward_backward`] split data-parallel over the threads of the current
+    /// rayon pool where that pays (`super::data_parallel`; one shard is the whole-batch pass):
+    /// the same loss and gradient within float rounding, deterministic for a given thread
+    /// count. What the trainer runs.
+    pub fn mim_forward_backward_data_parallel(
+        &self,
+        dp: &mut DataParallelWorkspace,
+        batch: &MimBatch<'_>,
+        target: MimTarget,
+        drop_path: Option<DropPath<'_>>,
+        grads: &mut [f32],
+    ) -> Result<f64> {
+        self.check_mim_batch(batch, target)?;
+        let masked = batch.masked_count();
+        let loss_sum = self.data_parallel_pass(dp, &batch.images(), drop_path, grads, |ws, images, drop, grads| {
+            self.mim_loss_sum(ws, &batch.shard(images), target, drop, masked, grads)
+        })?;
+        Ok(loss_sum / masked as f64)
     }
 }

@@ -44,7 +44,7 @@ use super::config::Architecture;
 use super::forward::{pass_description, PIECES_HINT};
 use super::params::{Affine, BlockParams, HeadParams, ParamId, ParamStore};
 use super::relpos;
-use super::{DataParallelWorkspace, ImageBatch, MimTarget, Model};
+use super::{ImageBatch, MimTarget, Model};
 
 /// Masked rows per block of the MIM head (logits of one block: rows × vocab floats, 8 MB for
 /// BEiT's 8192 tokens, so they stay in cache from the GEMM through the loss to the backward).
@@ -68,7 +68,7 @@ pub struct MimBatch<'a> {
 }
 
 impl<'a> MimBatch<'a> {
-    fn images(&self) -> ImageBatch<'a> {
+    pub(super) fn images(&self) -> ImageBatch<'a> {
         ImageBatch {
             pixels: self.pixels,
             batch: self.batch,
@@ -412,26 +412,6 @@ impl Model {
         self.check_mim_batch(batch, target)?;
         let masked = batch.masked_count();
         Ok(self.mim_loss_sum(ws, batch, target, drop_path, masked, grads)? / masked as f64)
-    }
-
-    /// [`Model::mim_forward_backward`] split data-parallel over the threads of the current
-    /// rayon pool where that pays (`super::data_parallel`; one shard is the whole-batch pass):
-    /// the same loss and gradient within float rounding, deterministic for a given thread
-    /// count. What the trainer runs.
-    pub fn mim_forward_backward_data_parallel(
-        &self,
-        dp: &mut DataParallelWorkspace,
-        batch: &MimBatch<'_>,
-        target: MimTarget,
-        drop_path: Option<DropPath<'_>>,
-        grads: &mut [f32],
-    ) -> Result<f64> {
-        self.check_mim_batch(batch, target)?;
-        let masked = batch.masked_count();
-        let loss_sum = self.data_parallel_pass(dp, &batch.images(), drop_path, grads, |ws, images, drop, grads| {
-            self.mim_loss_sum(ws, &batch.shard(images), target, drop, masked, grads)
-        })?;
-        Ok(loss_sum / masked as f64)
     }
 
     /// The MIM pass over `batch` for `target`, part of a larger batch with `total_masked` masked

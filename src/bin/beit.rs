@@ -4,6 +4,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use beit::model::io::{f32_tensors_bytes, read_f32, read_mask, write_atomic, SafetensorsFile};
+use beit::train::recipes::presets;
 use beit::{Context, ContextOptions, Device, ImageBatch, Model};
 use clap::{Parser, Subcommand};
 
@@ -301,6 +302,21 @@ struct PretrainArgs {
     json: bool,
 }
 
+impl PretrainArgs {
+    /// The options that decide the run's data.
+    fn data_options(&self) -> beit::train::recipes::pretrain::PretrainDataOptions {
+        beit::train::recipes::pretrain::PretrainDataOptions {
+            data: self.data.clone(),
+            tokens: self.tokens.clone(),
+            tokenizer: self.tokenizer.clone(),
+            masking: self.masking,
+            batch: self.batch,
+            loader_workers: self.loader_workers,
+            seed: self.seed,
+        }
+    }
+}
+
 #[derive(clap::Args)]
 struct ReplayArgs {
     #[arg(long)]
@@ -475,35 +491,6 @@ fn infer(
     Ok(())
 }
 
-/// The built-in configs: `base` is HF's BeitConfig defaults (BEiT-B/16 at 224, classification
-/// with 1000 labels); `tiny32` is the small grey config the pretraining benchmarks use.
-fn preset(name: &str) -> beit::Result<(beit::BeitConfig, beit::Architecture)> {
-    let json = match name {
-        "base" => r#"{"num_labels": 1000, "use_relative_position_bias": true}"#,
-        "tiny32" => {
-            r#"{"image_size": 32, "patch_size": 4, "num_channels": 1, "hidden_size": 192,
-            "num_hidden_layers": 12, "num_attention_heads": 3, "intermediate_size": 768,
-            "vocab_size": 8192, "use_mask_token": true, "use_shared_relative_position_bias": true,
-            "layer_scale_init_value": 0.1, "drop_path_rate": 0.1}"#
-        }
-        // The main job's model: a quarter of tiny32's compute per image (hidden 128, 6 layers),
-        // so pretraining, four fine-tunes and their evaluation fit minutes on 2 cores.
-        "small32" => {
-            r#"{"image_size": 32, "patch_size": 4, "num_channels": 1, "hidden_size": 128,
-            "num_hidden_layers": 6, "num_attention_heads": 4, "intermediate_size": 512,
-            "vocab_size": 512, "use_mask_token": true, "use_shared_relative_position_bias": true,
-            "layer_scale_init_value": 0.1, "drop_path_rate": 0.1}"#
-        }
-        other => {
-            return Err(beit::Error::InvalidArgument(format!("unknown preset {other:?} (base, tiny32 or small32)")))
-        }
-    };
-    let cfg = beit::BeitConfig::from_json_str(json)?;
-    let arch =
-        if name == "base" { beit::Architecture::ImageClassification } else { beit::Architecture::MaskedImageModeling };
-    Ok((cfg, arch))
-}
-
 fn bench_infer(
     model: Option<PathBuf>,
     preset_name: String,
@@ -516,8 +503,8 @@ fn bench_infer(
     let model = match model {
         Some(dir) => Model::load(&dir)?,
         None => {
-            let (cfg, arch) = preset(&preset_name)?;
-            Model::new_random(cfg, arch, 0)?
+            let preset = presets::preset(&preset_name)?;
+            Model::new_random(preset.config()?, preset.architecture, 0)?
         }
     };
     let cfg = model.config();
@@ -561,15 +548,7 @@ fn bench_infer(
 
 fn create(config: String, architecture: Option<String>, seed: u64, out: PathBuf) -> beit::Result<()> {
     safety::Paths::new().read_config("--config", &config).write_model_dir("--out", &out).check()?;
-    let (cfg, default_arch) = if std::path::Path::new(&config).is_file() {
-        let text =
-            std::fs::read_to_string(&config).map_err(|e| beit::Error::Io(format!("cannot read {config}: {e}")))?;
-        let cfg = beit::BeitConfig::from_json_str(&text)?;
-        let arch = cfg.architecture()?;
-        (cfg, arch)
-    } else {
-        preset(&config)?
-    };
+    let (cfg, default_arch) = presets::config_and_architecture(&config)?;
     let arch = match architecture {
         Some(name) => beit::Architecture::from_hf_name(&name)?,
         None => default_arch,
@@ -578,16 +557,6 @@ fn create(config: String, architecture: Option<String>, seed: u64, out: PathBuf)
     save_model(&model, &out)?;
     println!("created {} with {} parameters in {}", arch.hf_name(), model.params().count(), out.display());
     Ok(())
-}
-
-/// A config.json path or a preset name.
-fn config_from(name: &str) -> beit::Result<beit::BeitConfig> {
-    if std::path::Path::new(name).is_file() {
-        let text = std::fs::read_to_string(name).map_err(|e| beit::Error::Io(format!("cannot read {name}: {e}")))?;
-        beit::BeitConfig::from_json_str(&text)
-    } else {
-        Ok(preset(name)?.0)
-    }
 }
 
 /// Saves `model` as an HF directory at `dir`, first removing what killed runs left there; a
@@ -615,135 +584,22 @@ fn peak_rss_mb() -> Option<f64> {
     Some(kb / 1024.0)
 }
 
-// One value per run.
-#[allow(clippy::large_enum_variant)]
-enum PretrainData {
-    Synthetic(beit::data::synthetic::SyntheticMim),
-    Dataset(beit::data::mim_source::DatasetMim),
-}
-
-/// The batches of `beit pretrain --data`: the synthetic task, or a dataset file through the
-/// loader with BEiT's augmentation (view 1 at the model's resolution; view 2 at the
-/// tokenizer's, or half the model's without one) and cached or on-the-fly tokens. Also returns
-/// where the targets come from: `synthetic`, `cached`, `augmented` or `pixels`.
-fn pretrain_data(
-    a: &PretrainArgs,
-    cfg: &beit::BeitConfig,
-    masked: usize,
-    seed: u64,
-    target: beit::model::MimTarget,
-) -> beit::Result<(PretrainData, &'static str)> {
-    use beit::data::loader::LoaderConfig;
-    use beit::data::mim_source::{DatasetMim, TokenSource};
-    if a.data == "synthetic" {
-        if a.masking != beit::data::masking::MaskingStrategy::Blockwise {
-            return Err(beit::Error::InvalidArgument(
-                "--masking random applies to dataset files; the synthetic task masks blocks".into(),
-            ));
-        }
-        let synthetic = beit::data::synthetic::SyntheticMim::for_config(cfg, masked, seed);
-        return Ok((PretrainData::Synthetic(synthetic), "synthetic"));
-    }
-    let ds = std::sync::Arc::new(beit::data::dataset::Dataset::open(std::path::Path::new(&a.data))?);
-    if target == beit::model::MimTarget::Pixels && (a.tokenizer.is_some() || a.tokens != "auto") {
-        return Err(beit::Error::InvalidArgument(
-            "--tokens and --tokenizer choose visual tokens; the pixel target (--target pixels) uses none".into(),
-        ));
-    }
-    let tokenizer = a.tokenizer.as_deref().map(beit::dvae::Dvae::load).transpose()?.map(std::sync::Arc::new);
-    let source = match (a.tokens.as_str(), tokenizer) {
-        _ if target == beit::model::MimTarget::Pixels => TokenSource::Pixels,
-        ("cached", _) => TokenSource::Cached,
-        ("augmented", Some(t)) => TokenSource::Augmented(t),
-        ("auto", _) if ds.header().has_tokens() => TokenSource::Cached,
-        ("auto", Some(t)) => TokenSource::Augmented(t),
-        ("augmented" | "auto", None) => {
-            return Err(beit::Error::InvalidArgument(format!(
-                "{} has no token cache: pass --tokenizer DIR (or run `beit tokenize` first)",
-                a.data
-            )))
-        }
-        (other, _) => {
-            return Err(beit::Error::InvalidArgument(format!("--tokens {other:?}: expected auto, cached or augmented")))
-        }
-    };
-    let mut config = LoaderConfig {
-        seed,
-        workers: a.loader_workers.max(1),
-        prefetch: 2 * a.loader_workers.max(1),
-        drop_last: true,
-        masking: a.masking,
-        ..LoaderConfig::beit(a.batch, cfg.image_size.hw(), cfg.patch_size.hw(), masked)
-    };
-    let source_name = match &source {
-        TokenSource::Augmented(t) => {
-            config.tokenizer_size = (t.config.image_size, t.config.image_size);
-            "augmented"
-        }
-        // Cached tokens are of whole images, so view 1 must be the whole image too.
-        TokenSource::Cached => {
-            config = config.whole_images();
-            "cached"
-        }
-        // The targets are view 1's own patches: BEiT's crops and flips apply as for tokens.
-        TokenSource::Pixels => "pixels",
-    };
-    Ok((PretrainData::Dataset(DatasetMim::new(ds, config, source)?), source_name))
-}
-
-/// The options of a `beit pretrain` run that decide its data (and, for a fresh model, its
-/// shape), as the checkpoint records them: a resume must give the same ones.
-fn pretrain_record(
-    a: &PretrainArgs,
-    masked: usize,
-    target: beit::model::MimTarget,
-    token_source: &str,
-) -> beit::Result<beit::train::run_record::RunRecord> {
-    use beit::model::io::{CONFIG_FILE, WEIGHTS_FILE};
-    let mut r = beit::train::run_record::RunRecord::new();
-    r.set("--batch", a.batch).set("--masked", masked).set("--seed", a.seed).set("--target", target.name());
-    r.set(
-        "--masking",
-        match a.masking {
-            beit::data::masking::MaskingStrategy::Blockwise => "block",
-            beit::data::masking::MaskingStrategy::Random => "random",
-        },
-    );
-    r.set("--tokens", token_source);
-    if a.data == "synthetic" {
-        r.set("--data", "synthetic");
-    } else {
-        let data = std::path::Path::new(&a.data);
-        r.set_path("--data", data, &[data])?;
-    }
-    if let (Some(dir), "augmented") = (&a.tokenizer, token_source) {
-        r.set_path("--tokenizer", dir, &[&dir.join(CONFIG_FILE), &dir.join(WEIGHTS_FILE)])?;
-    }
-    // Not recorded: --config, --model and --vocab-size. They shape a fresh model only; a resume
-    // takes the model from the checkpoint and ignores them (as --help says), so a moved config
-    // file or another spelling of the same preset must not refuse it.
-    Ok(r)
-}
-
 fn pretrain(a: PretrainArgs) -> beit::Result<()> {
+    use beit::train::recipes::pretrain::{fresh_model_config, PretrainData};
+    use beit::train::recipes::{masking, resume, schedule};
     use beit::train::trainer::{Trainer, TrainerOptions};
     let checkpoint = a.out.join("checkpoint.safetensors");
     let model_dir = a.out.join("model");
+    let data_options = a.data_options();
     safety::Paths::new()
         .read_config("--config", &a.config)
         .read_opt("--model", a.model.as_ref())
-        .read_opt("--data", (a.data != "synthetic").then_some(&a.data))
+        .read_opt("--data", (!data_options.is_synthetic()).then_some(&a.data))
         .read_opt("--tokenizer", a.tokenizer.as_ref())
         .write("--out", &checkpoint)
         .write_model_dir("--out", &model_dir)
         .check()?;
-    if checkpoint.exists() && !a.resume && !a.overwrite {
-        return Err(beit::Error::InvalidArgument(format!(
-            "{} holds a checkpoint (step {}): use --resume to continue it or --overwrite to start over",
-            checkpoint.display(),
-            checkpoint_step(&checkpoint).map_or("unknown".to_string(), |s| s.to_string())
-        )));
-    }
+    resume::check_fresh_start(&checkpoint, a.resume, a.overwrite)?;
     let device: Device = a.device.parse()?;
     if let (Device::Cuda, Some(target)) = (device, a.target) {
         beit::backend::cuda::pretrain::GpuPretrainer::check_target(target)?;
@@ -753,28 +609,16 @@ fn pretrain(a: PretrainArgs) -> beit::Result<()> {
     let resuming = a.resume && checkpoint.is_file();
     let mut trainer = if resuming {
         let t = Trainer::from_checkpoint(&checkpoint)?;
-        let target = t.options().mim_target;
-        if a.target.is_some_and(|asked| asked != target) {
-            return Err(beit::Error::InvalidArgument(format!(
-                "{} was trained with the {target} target; it cannot resume with --target {}",
-                checkpoint.display(),
-                a.target.unwrap_or_default()
-            )));
-        }
+        resume::check_target(&checkpoint, t.options().mim_target, a.target)?;
         t
     } else {
         let target = a.target.unwrap_or_default();
         let model = match &a.model {
             Some(dir) => Model::load(dir)?,
             None => {
-                let mut cfg = config_from(&a.config)?;
-                match (a.vocab_size, target.required_vocab_size(&cfg)) {
-                    (Some(v), _) => cfg.vocab_size = v,
-                    (None, Some(v)) => {
-                        eprintln!("beit pretrain: the {target} target predicts {v} values per patch: vocab_size {v}");
-                        cfg.vocab_size = v;
-                    }
-                    (None, None) => {}
+                let (cfg, derived) = fresh_model_config(presets::config_from(&a.config)?, a.vocab_size, target);
+                if let Some(v) = derived {
+                    eprintln!("beit pretrain: the {target} target predicts {v} values per patch: vocab_size {v}");
                 }
                 Model::new_random(cfg, beit::Architecture::MaskedImageModeling, a.seed)?
             }
@@ -782,7 +626,7 @@ fn pretrain(a: PretrainArgs) -> beit::Result<()> {
         let options = TrainerOptions {
             learning_rate: a.lr,
             min_learning_rate: a.min_lr,
-            warmup_steps: a.warmup_steps.unwrap_or(a.steps / 10),
+            warmup_steps: a.warmup_steps.unwrap_or(schedule::default_warmup_steps(a.steps)),
             total_steps: a.steps,
             weight_decay: a.weight_decay,
             clip_grad_norm: a.clip,
@@ -799,13 +643,23 @@ fn pretrain(a: PretrainArgs) -> beit::Result<()> {
         trainer.defer_host_copy(true);
     }
     let cfg = trainer.model().config().clone();
-    let (gh, gw) = cfg.native_grid();
-    let masked = a.masked.unwrap_or(((gh * gw) as f64 * 75.0 / 196.0).round() as usize);
+    let masked = a.masked.unwrap_or(masking::default_masked_patches(cfg.native_grid()));
     let target = trainer.options().mim_target;
-    let (mut data, token_source) = pretrain_data(&a, &cfg, masked, trainer.options().seed, target)?;
-    let record = pretrain_record(&a, masked, target, token_source)?;
+    let (mut data, token_source) = PretrainData::open(&data_options, &cfg, masked, trainer.options().seed, target)?;
+    let record = resume::pretrain_record(&data_options, masked, target, token_source)?;
     if resuming {
-        check_resume_record(&checkpoint, trainer.run_record(), &record)?;
+        match resume::check_record(&checkpoint, trainer.run_record(), &record)? {
+            resume::RecordCheck::Unrecorded => eprintln!(
+                "beit pretrain: note: {} holds no record of its run's data options (written by an older beit or \
+                 through the C API), so they could not be checked; it will from now on",
+                checkpoint.display()
+            ),
+            resume::RecordCheck::Matches { moved } => {
+                for moved in &moved {
+                    eprintln!("beit pretrain: note: same content at another path: {moved}");
+                }
+            }
+        }
         eprintln!(
             "beit pretrain: resuming from {} at step {} ({target} target)",
             checkpoint.display(),
@@ -823,10 +677,7 @@ fn pretrain(a: PretrainArgs) -> beit::Result<()> {
     let mut last_loss = f64::NAN;
     while trainer.step_count() < a.steps {
         let position = trainer.data_position();
-        let batch = match &mut data {
-            PretrainData::Synthetic(s) => s.try_batch(position, a.batch)?,
-            PretrainData::Dataset(d) => ctx.run(|| d.batch_at(position))?,
-        };
+        let batch = ctx.run(|| data.batch_at(position, a.batch))?;
         let stats = ctx.run(|| trainer.step(&batch.as_batch()))?;
         last_loss = stats.loss;
         if a.json {
@@ -856,43 +707,6 @@ fn pretrain(a: PretrainArgs) -> beit::Result<()> {
         "checkpoint": checkpoint.display().to_string(),
         "model": model_dir.display().to_string()}));
     Ok(())
-}
-
-/// The step a checkpoint was saved at, read from its metadata alone (None if unreadable).
-fn checkpoint_step(path: &std::path::Path) -> Option<u64> {
-    let text = SafetensorsFile::open(path).ok()?.metadata().ok()?.remove(beit::train::checkpoint::META_KEY)?;
-    serde_json::from_str::<serde_json::Value>(&text).ok()?.get("step")?.as_u64()
-}
-
-/// Refuses a resume whose data-affecting options differ from the ones the checkpoint recorded,
-/// naming each with both values. A checkpoint without a record (an older beit, or the C API)
-/// cannot be checked: say so.
-fn check_resume_record(
-    checkpoint: &std::path::Path,
-    recorded: Option<&beit::train::run_record::RunRecord>,
-    current: &beit::train::run_record::RunRecord,
-) -> beit::Result<()> {
-    let Some(recorded) = recorded else {
-        eprintln!(
-            "beit pretrain: note: {} holds no record of its run's data options (written by an older beit or \
-             through the C API), so they could not be checked; it will from now on",
-            checkpoint.display()
-        );
-        return Ok(());
-    };
-    let comparison = recorded.changes(current);
-    for moved in &comparison.moved {
-        eprintln!("beit pretrain: note: same content at another path: {moved}");
-    }
-    if comparison.changed.is_empty() {
-        return Ok(());
-    }
-    Err(beit::Error::InvalidArgument(format!(
-        "{} was saved by a run with other data options, so resuming it with these would not continue that run: {}. \
-         Give the run's options again, or start over with --overwrite",
-        checkpoint.display(),
-        comparison.changed.join("; ")
-    )))
 }
 
 fn pretrain_replay(a: ReplayArgs) -> beit::Result<()> {
@@ -952,7 +766,7 @@ fn bench_pretrain(
     let precision: beit::backend::cuda::pretrain::Precision = precision.parse()?;
     let model = match model {
         Some(dir) => Model::load(&dir)?,
-        None => Model::new_random(config_from(&config)?, beit::Architecture::MaskedImageModeling, 0)?,
+        None => Model::new_random(presets::config_from(&config)?, beit::Architecture::MaskedImageModeling, 0)?,
     };
     let data = match batch_file {
         Some(path) => OwnedMimBatch::load(&path)?,
@@ -1216,7 +1030,7 @@ fn run(command: Command) -> beit::Result<()> {
         Command::Dataset { what } => dataset(what),
         Command::Tokenizer { what: tokenizer_cli::TokenizerCommand::Train(args) } => tokenizer_cli::train(args),
         Command::Tokenize(args) => tokenizer_cli::tokenize(args),
-        Command::Finetune(args) => finetune_cli::finetune(args, config_from),
+        Command::Finetune(args) => finetune_cli::finetune(args),
         Command::Eval(args) => finetune_cli::eval(args),
         Command::Segment { what } => segment_cli::run(what),
     }

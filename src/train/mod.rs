@@ -1,5 +1,5 @@
-//! Training pieces: the optimizer and learning-rate schedules. The pretraining and fine-tuning
-//! loops, checkpoints and metrics arrive with their issues.
+//! Training: the trainer, the optimizer and learning-rate schedules, checkpoints, metrics, and
+//! the recipes (presets, defaults, token-source policy, resume rules) front ends share.
 
 pub mod adamw;
 pub mod checkpoint;
@@ -8,6 +8,8 @@ pub mod dvae;
 pub mod evaluate;
 pub mod finetune;
 pub mod layer_decay;
+/// cbindgen:ignore
+pub mod recipes;
 pub mod run_record;
 pub mod schedule;
 pub mod segmentation;

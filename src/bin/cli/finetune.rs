@@ -11,6 +11,8 @@ use beit::train::finetune::{
     classification_config, classifier_from_pretrained, dataset_labels, num_labels_from_data, run_finetune,
     stratified_subset, total_steps, write_subset, FinetuneData,
 };
+use beit::train::recipes::presets;
+use beit::train::recipes::schedule::default_warmup_steps;
 use beit::train::trainer::{Trainer, TrainerOptions};
 use beit::{Architecture, Context, ContextOptions, Device, Model};
 
@@ -126,16 +128,13 @@ fn parse_size(s: &str) -> beit::Result<(usize, usize)> {
     }
 }
 
-pub fn finetune(a: FinetuneArgs, config_from: impl Fn(&str) -> beit::Result<beit::BeitConfig>) -> beit::Result<()> {
+pub fn finetune(a: FinetuneArgs) -> beit::Result<()> {
     match a.task {
-        Task::Classify => finetune_classify(a, config_from),
+        Task::Classify => finetune_classify(a),
     }
 }
 
-fn finetune_classify(
-    a: FinetuneArgs,
-    config_from: impl Fn(&str) -> beit::Result<beit::BeitConfig>,
-) -> beit::Result<()> {
+fn finetune_classify(a: FinetuneArgs) -> beit::Result<()> {
     crate::safety::Paths::new()
         .read_opt("--model", a.model.as_ref())
         .read_config("--config", &a.config)
@@ -162,7 +161,7 @@ fn finetune_classify(
             classifier_from_pretrained(&pretrained, num_labels, a.drop_path, a.seed)?
         }
         None => {
-            let cfg = classification_config(&config_from(&a.config)?, num_labels, a.drop_path)?;
+            let cfg = classification_config(&presets::config_from(&a.config)?, num_labels, a.drop_path)?;
             (Model::new_random(cfg, Architecture::ImageClassification, a.seed)?, vec!["(all: from scratch)".into()])
         }
     };
@@ -178,7 +177,7 @@ fn finetune_classify(
     let options = TrainerOptions {
         learning_rate: a.lr,
         min_learning_rate: a.min_lr,
-        warmup_steps: a.warmup_steps.unwrap_or(steps / 10),
+        warmup_steps: a.warmup_steps.unwrap_or(default_warmup_steps(steps)),
         total_steps: steps,
         weight_decay: a.weight_decay,
         beta1: 0.9,

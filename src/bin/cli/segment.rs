@@ -8,11 +8,12 @@ use std::path::{Path, PathBuf};
 use beit::data::dataset::Dataset;
 use beit::model::io::{CONFIG_FILE, WEIGHTS_FILE};
 use beit::model::segmentation::metrics::IouReport;
+use beit::train::recipes::presets;
 use beit::train::segmentation::{
     evaluate, finetune, from_pretrained_backbone, labelled_train_subset, mask_classes, segmentation_config,
     split_indices, SegFinetuneOptions,
 };
-use beit::{Architecture, BeitConfig, Context, ContextOptions, Device, Model};
+use beit::{Architecture, Context, ContextOptions, Device, Model};
 use clap::Subcommand;
 
 /// The options, losses and evaluation of `beit segment finetune`, beside the model in --out.
@@ -116,29 +117,6 @@ pub struct EvalArgs {
     batch_size: usize,
 }
 
-/// Presets for models from scratch (the image size matches the emoji set's 64x64 PNGs).
-fn preset(name: &str) -> beit::Result<BeitConfig> {
-    let json = match name {
-        "emoji-tiny" => {
-            r#"{"image_size": 64, "patch_size": 8, "num_channels": 3, "hidden_size": 96,
-            "num_hidden_layers": 6, "num_attention_heads": 3, "intermediate_size": 384,
-            "use_relative_position_bias": true, "layer_scale_init_value": 0.1, "drop_path_rate": 0.1,
-            "use_mean_pooling": true, "pool_scales": [1, 2, 4], "auxiliary_channels": 64}"#
-        }
-        other => {
-            if Path::new(other).is_file() {
-                let text =
-                    std::fs::read_to_string(other).map_err(|e| beit::Error::Io(format!("cannot read {other}: {e}")))?;
-                return BeitConfig::from_json_str(&text);
-            }
-            return Err(beit::Error::InvalidArgument(format!(
-                "unknown config {other:?}: a preset (emoji-tiny) or a config.json path"
-            )));
-        }
-    };
-    BeitConfig::from_json_str(json)
-}
-
 fn report_json(r: &IouReport) -> serde_json::Value {
     serde_json::json!({"mean_iou": r.mean_iou, "pixel_accuracy": r.pixel_accuracy, "per_class_iou": r.per_class})
 }
@@ -180,7 +158,7 @@ fn run_finetune(a: FinetuneArgs) -> beit::Result<()> {
             }
         }
         (None, Some(name)) => {
-            let cfg = segmentation_config(preset(name)?, classes);
+            let cfg = segmentation_config(presets::config_from(name)?, classes);
             (Model::new_random(cfg, Architecture::SemanticSegmentation, a.seed)?, format!("from scratch ({name})"))
         }
         (None, None) => return Err(beit::Error::InvalidArgument("pass --model DIR or --config PRESET".into())),

@@ -233,7 +233,7 @@ fn finetune_classify(a: FinetuneArgs) -> beit::Result<()> {
             last_loss = s.loss;
             if s.step % a.log_every.max(1) == 0 || s.step == steps {
                 let secs = window_start.elapsed().as_secs_f64().max(1e-9);
-                crate::print_json(serde_json::json!({"step": s.step, "loss": window_loss / window_n as f64,
+                crate::output::print_json(serde_json::json!({"step": s.step, "loss": window_loss / window_n as f64,
                     "lr": s.lr, "grad_norm": s.grad_norm, "images_per_s": window_images as f64 / secs}));
                 (window_loss, window_n, window_images, window_start) = (0.0, 0, 0, std::time::Instant::now());
             }
@@ -242,7 +242,7 @@ fn finetune_classify(a: FinetuneArgs) -> beit::Result<()> {
     })?;
     trainer.into_model().save(&a.out)?;
     out_dir.keep();
-    crate::print_json(serde_json::json!({"command": "finetune", "task": "classify", "steps": steps,
+    crate::output::print_json(serde_json::json!({"command": "finetune", "task": "classify", "steps": steps,
         "final_loss": last_loss, "seconds": start.elapsed().as_secs_f64(), "train_images": data.len(),
         "num_labels": num_labels, "threads": ctx.threads(), "model": a.out.display().to_string()}));
     Ok(())
@@ -262,7 +262,7 @@ pub fn eval(a: EvalArgs) -> beit::Result<()> {
         let mut v = serde_json::to_value(&result).map_err(|e| beit::Error::Internal(e.to_string()))?;
         v["command"] = "eval".into();
         v["seconds"] = seconds.into();
-        crate::print_json(v);
+        crate::output::print_json(v);
     } else {
         println!("top-1 {:.4} ({}/{} images, {:.1} s)", result.top1, result.correct, result.images, seconds);
         println!("confusion matrix (rows: true label, columns: predicted):");

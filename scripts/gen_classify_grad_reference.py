@@ -1,11 +1,13 @@
 #!/usr/bin/env python3
 """Reference loss and parameter GRADIENTS for libbeit's classification training pass.
 
-Run:   ~/torchref/bin/python scripts/gen_classify_grad_reference.py [--out DIR]
+Run:   ~/torchref/bin/python scripts/gen_classify_grad_reference.py [--out DIR] [--cases NAME ...]
        (DIR defaults to tests/reference_classify_grads; pass another folder to check determinism,
-        e.g. --out /tmp/refc && diff -r /tmp/refc tests/reference_classify_grads)
+        e.g. --out /tmp/refc && diff -r /tmp/refc tests/reference_classify_grads; --cases makes
+        only the named cases, as in scripts/gen_reference.py)
 Needs: torch, transformers, safetensors (the ~/torchref venv). CI does not run this; the Rust test
-tests/classify_gradients.rs compares against the committed outputs. Versions go to VERSIONS.txt.
+tests/classify_gradients.rs compares against the committed outputs. Versions go to VERSIONS.txt
+(with --cases, one `NAME: versions` line per case made).
 
 Each case is a tiny transformers BeitForImageClassification (hidden 32, 2 layers, 4 heads,
 intermediate 64, image 16, patch 4, 5 labels, batch 3; drop_path_rate 0, dropouts 0, eager
@@ -25,6 +27,10 @@ equal transformers' own `model(pixel_values, labels=labels).loss`.
 Keys are mapped between transformers 5's in-memory names and the saved legacy names by
 bit-identical values, and the gradients are also written through save_pretrained as an independent
 check, exactly as scripts/gen_grad_reference.py does (its helpers are imported).
+
+Layer-norm eps case (`eps_*`, `embedding_scale` set): layer_norm_eps 1e-2 and the embeddings scaled
+so that the variance at the LayerNorm inputs is of the order of eps, with the same recorded and
+enforced sensitivity to a wrong eps as scripts/gen_grad_reference.py's eps case.
 """
 import argparse
 import copy
@@ -33,13 +39,13 @@ import os
 import sys
 
 import torch
-import transformers
 from safetensors.torch import load_file, save_file
 from transformers import BeitConfig, BeitForImageClassification
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from gen_reference import perturb  # noqa: E402
-from gen_grad_reference import FLAGS, save_name_map, via_save_pretrained  # noqa: E402
+from gen_reference import Selection, layernorm_input_variance, perturb, scale_embeddings  # noqa: E402
+from gen_grad_reference import (  # noqa: E402
+    EPS_SENSITIVITY_MIN, FLAGS, eps_sensitivity, save_name_map, via_save_pretrained)
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests", "reference_classify_grads")
 NUM_LABELS = 5
@@ -61,7 +67,9 @@ def grads_of(model, batch, smoothing):
     return loss.detach(), logits.detach(), {n: p.grad.detach().clone() for n, p in model.named_parameters()}
 
 
-def make_case(out_root, name, smoothing, batch_size=3, notes="", **options):
+def make_case(out_root, name, smoothing, batch_size=3, notes="", embedding_scale=None, **options):
+    if not SELECTED(name):
+        return
     seed = sum(map(ord, name))
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
@@ -73,6 +81,8 @@ def make_case(out_root, name, smoothing, batch_size=3, notes="", **options):
     config._attn_implementation = "eager"
     model = BeitForImageClassification(config).eval()
     perturb(model, gen)
+    if embedding_scale is not None:
+        scale_embeddings(model, embedding_scale)
 
     out_dir = os.path.join(out_root, name)
     os.makedirs(out_dir, exist_ok=True)
@@ -120,6 +130,21 @@ def make_case(out_root, name, smoothing, batch_size=3, notes="", **options):
         "attn_implementation": "eager, fp32, eval() (drop_path 0, dropouts 0)",
         "notes": notes,
     }
+    if embedding_scale is not None:
+        ln_variance = layernorm_input_variance(model, lambda: loss_of(model, batch, smoothing))
+
+        def wrong_grads(m):
+            l, _, g = grads_of(m, batch, smoothing)
+            return l, g
+        eps_report, eps_bad = eps_sensitivity(model, mapping, batch, loss, grads_saved, grads_of=wrong_grads)
+        if eps_bad:
+            raise SystemExit(f"{name}: loss and gradients move by <= {EPS_SENSITIVITY_MIN} tolerances for {eps_bad}")
+        description["embedding_scale"] = embedding_scale
+        description["layernorm_input_variance_min_median_max"] = ln_variance
+        description["eps_sensitivity_in_tolerances"] = eps_report
+        print(f"{name}: LayerNorm input variance (min, median, max): "
+              + ", ".join(f"{k} {v}" for k, v in ln_variance.items()))
+        print(f"{name}: wrong eps, in tolerances: " + ", ".join(f"{k} {v}" for k, v in eps_report.items()))
     with open(os.path.join(out_dir, "case.json"), "w") as f:
         json.dump(description, f, indent=2, sort_keys=True)
         f.write("\n")
@@ -127,10 +152,16 @@ def make_case(out_root, name, smoothing, batch_size=3, notes="", **options):
           f"fp32 vs fp64 max rel {max(rel64.values()):.2g})")
 
 
+SELECTED = Selection(None)
+
+
 def main():
+    global SELECTED
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=ROOT)
-    out = ap.parse_args().out
+    ap.add_argument("--cases", nargs="+", help="make only these cases")
+    args = ap.parse_args()
+    out, SELECTED = args.out, Selection(args.cases)
     torch.set_num_threads(1)
     make_case(out, "mean_shared_scale", 0.0,
               use_shared_relative_position_bias=True, layer_scale_init_value=0.1,
@@ -146,9 +177,11 @@ def main():
               use_shared_relative_position_bias=True, use_relative_position_bias=True,
               layer_scale_init_value=0.0,
               notes="1 channel, CLS pooling, absolute + shared + per-layer rel-pos bias, no layer scale")
-    with open(os.path.join(out, "VERSIONS.txt"), "w") as f:
-        f.write(f"torch {torch.__version__}\ntransformers {transformers.__version__}\n"
-                f"python {sys.version.split()[0]}\n")
+    make_case(out, "eps_mean_pool", 0.0, embedding_scale=0.2,
+              layer_norm_eps=1e-2, use_relative_position_bias=True, layer_scale_init_value=0.1,
+              notes="layer_norm_eps 1e-2 with embeddings scaled by 0.2, so the per-token variance at every "
+                    "LayerNorm (4 in the blocks, beit.pooler.layernorm) is of the order of eps; mean pooling")
+    SELECTED.finish(out)
 
 
 if __name__ == "__main__":

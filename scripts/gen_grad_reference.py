@@ -1,11 +1,13 @@
 #!/usr/bin/env python3
 """Reference parameter GRADIENTS (and 3 AdamW steps) for libbeit's MIM pretraining backward.
 
-Run:   ~/torchref/bin/python scripts/gen_grad_reference.py [--out DIR]
+Run:   ~/torchref/bin/python scripts/gen_grad_reference.py [--out DIR] [--cases NAME ...]
        (DIR defaults to tests/reference_grads; pass another folder to check determinism, e.g.
-        --out /tmp/refg && diff -r /tmp/refg tests/reference_grads)
+        --out /tmp/refg && diff -r /tmp/refg tests/reference_grads; --cases makes only the named
+        cases, as in scripts/gen_reference.py)
 Needs: torch, transformers, safetensors (the ~/torchref venv). CI does not run this; it compares
-against the committed outputs under tests/reference_grads/. Versions used go to VERSIONS.txt.
+against the committed outputs under tests/reference_grads/. Versions used go to VERSIONS.txt (with
+--cases, one `NAME: versions` line per case made).
 
 Each case directory holds:
   config.json, model.safetensors   exactly as transformers' save_pretrained writes them
@@ -35,6 +37,13 @@ model.safetensors is matched to the in-memory parameter whose tensor is bit-iden
 must be a bijection with equal shapes, else the script fails). As an independent check, the
 gradients are also written by save_pretrained itself (a copy of the model whose parameters hold the
 gradients) and must agree bit for bit with the mapped ones.
+
+Layer-norm eps case (`eps_*`, `embedding_scale` set): layer_norm_eps 1e-2 and every embedding
+parameter scaled by `embedding_scale` after the perturbation, so the per-token variance at the
+LayerNorm inputs is of the order of eps (scripts/gen_reference.py's rule). case.json records that
+variance, and how far loss and gradients move, in units of the Rust test's tolerances, when one
+LayerNorm's eps becomes 1e-12, when every one's does, and when every LayerNorm computes
+1/(sqrt(var) + eps); the script fails if any of these stays under EPS_SENSITIVITY_MIN tolerances.
 """
 import argparse
 import copy
@@ -44,12 +53,12 @@ import sys
 import tempfile
 
 import torch
-import transformers
 from safetensors.torch import load_file, save_file
 from transformers import BeitConfig, BeitForMaskedImageModeling
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from gen_reference import perturb  # noqa: E402  (one perturbation rule for all reference vectors)
+from gen_reference import (  # noqa: E402  (one perturbation rule for all reference vectors)
+    EPS_SENSITIVITY_MIN, Selection, layernorm_input_variance, perturb, scale_embeddings, wrong_eps_variants)
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests", "reference_grads")
 FLAGS = ["hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "image_size",
@@ -102,7 +111,30 @@ def grads_of(model, batch):
     return loss.detach(), {n: p.grad.detach().clone() for n, p in model.named_parameters()}
 
 
-def make_case(out_root, name, batch_size=2, adamw=False, notes="", **options):
+def grad_tolerances(loss, grads, ref_loss, ref_grads):
+    """How far `loss` and `grads` ({save key: tensor}) are from the reference, in units of the Rust
+    tests' tolerances (|loss - torch| < 1e-5; per tensor max |g - torch| <= 1e-4 * |torch| as a
+    norm): the largest ratio, and what it was for."""
+    worst = (abs(loss.item() - ref_loss.item()) / 1e-5, "loss")
+    for key, g in ref_grads.items():
+        worst = max(worst, ((grads[key] - g).abs().max().item() / (1e-4 * g.norm().item()), key))
+    return worst
+
+
+def eps_sensitivity(model, mapping, batch, loss, grads_saved, grads_of=None):
+    """{variant: [tolerances, what moved most]} for each wrong-eps variant of `model`, and those
+    under EPS_SENSITIVITY_MIN. `grads_of(model)` gives (loss, {in-memory name: gradient})."""
+    report = {}
+    for label, m in wrong_eps_variants(model):
+        l, g = grads_of(m)
+        ratio, what = grad_tolerances(l, {key: g[p] for key, p in mapping.items()}, loss, grads_saved)
+        report[label] = [float(f"{ratio:.3g}"), what]
+    return report, {k: v for k, v in report.items() if not v[0] > EPS_SENSITIVITY_MIN}
+
+
+def make_case(out_root, name, batch_size=2, adamw=False, notes="", embedding_scale=None, **options):
+    if not SELECTED(name):
+        return
     seed = sum(map(ord, name))
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
@@ -115,6 +147,8 @@ def make_case(out_root, name, batch_size=2, adamw=False, notes="", **options):
     model = BeitForMaskedImageModeling(config).eval()
     assert model.config._attn_implementation == "eager"
     perturb(model, gen)
+    if embedding_scale is not None:
+        scale_embeddings(model, embedding_scale)
 
     out_dir = os.path.join(out_root, name)
     os.makedirs(out_dir, exist_ok=True)
@@ -171,6 +205,18 @@ def make_case(out_root, name, batch_size=2, adamw=False, notes="", **options):
         "attn_implementation": "eager, fp32, eval() (drop_path 0, dropouts 0)",
         "notes": notes,
     }
+    if embedding_scale is not None:
+        ln_variance = layernorm_input_variance(model, lambda: loss_of(model, batch))
+        eps_report, eps_bad = eps_sensitivity(model, mapping, batch, loss, grads_saved,
+                                              grads_of=lambda m: grads_of(m, batch))
+        if eps_bad:
+            raise SystemExit(f"{name}: loss and gradients move by <= {EPS_SENSITIVITY_MIN} tolerances for {eps_bad}")
+        description["embedding_scale"] = embedding_scale
+        description["layernorm_input_variance_min_median_max"] = ln_variance
+        description["eps_sensitivity_in_tolerances"] = eps_report
+        print(f"{name}: LayerNorm input variance (min, median, max): "
+              + ", ".join(f"{k} {v}" for k, v in ln_variance.items()))
+        print(f"{name}: wrong eps, in tolerances: " + ", ".join(f"{k} {v}" for k, v in eps_report.items()))
 
     if adamw:
         m = copy.deepcopy(model)
@@ -204,10 +250,16 @@ def make_case(out_root, name, batch_size=2, adamw=False, notes="", **options):
           + (f"  adamw losses {[round(x, 6) for x in description['adamw_steps']['losses']]}" if adamw else ""))
 
 
+SELECTED = Selection(None)
+
+
 def main():
+    global SELECTED
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=ROOT)
-    out = ap.parse_args().out
+    ap.add_argument("--cases", nargs="+", help="make only these cases")
+    args = ap.parse_args()
+    out, SELECTED = args.out, Selection(args.cases)
     torch.set_num_threads(1)
     make_case(out, "shared_scale", adamw=True,
               use_mask_token=True, use_shared_relative_position_bias=True, layer_scale_init_value=0.1,
@@ -224,9 +276,13 @@ def main():
               use_shared_relative_position_bias=True, use_relative_position_bias=True,
               layer_scale_init_value=0.1,
               notes="1 channel; absolute + shared + per-layer relative position bias all at once")
-    with open(os.path.join(out, "VERSIONS.txt"), "w") as f:
-        f.write(f"torch {torch.__version__}\ntransformers {transformers.__version__}\n"
-                f"python {sys.version.split()[0]}\n")
+    make_case(out, "eps_final_ln", embedding_scale=0.2,
+              layer_norm_eps=1e-2, use_mask_token=True, use_shared_relative_position_bias=True,
+              use_mean_pooling=False, layer_scale_init_value=0.1,
+              notes="layer_norm_eps 1e-2 with embeddings scaled by 0.2, so the per-token variance at the blocks' "
+                    "LayerNorms and beit.layernorm is of the order of eps (the MIM head's layernorm sees "
+                    "beit.layernorm's output, where eps 1e-2 still moves the gradients)")
+    SELECTED.finish(out)
 
 
 if __name__ == "__main__":

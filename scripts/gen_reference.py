@@ -1,11 +1,14 @@
 #!/usr/bin/env python3
 """Reference vectors for libbeit's Hugging Face parity tests.
 
-Run:   ~/torchref/bin/python scripts/gen_reference.py [--out DIR]
+Run:   ~/torchref/bin/python scripts/gen_reference.py [--out DIR] [--cases NAME ...]
        (DIR defaults to tests/reference; pass another folder to check determinism, e.g.
-        --out /tmp/ref && diff -r /tmp/ref tests/reference)
+        --out /tmp/ref && diff -r /tmp/ref tests/reference; --cases makes only the named cases
+        and leaves the others as they are, for adding a case without remaking the rest under
+        another transformers version)
 Needs: torch, transformers, safetensors (the ~/torchref venv). CI does not run this; it compares
-against the committed outputs under tests/reference/. Versions used go to VERSIONS.txt.
+against the committed outputs under tests/reference/. Versions used go to VERSIONS.txt (with
+--cases, one line per case made, `NAME: versions`, next to the full run's).
 
 Each case directory holds:
   config.json, model.safetensors   exactly as transformers' save_pretrained writes them
@@ -18,6 +21,14 @@ Every parameter is perturbed away from its init value (biases, layer scale, posi
 tokens), so that a wrong rule for any of them shows in the outputs. The script then checks that
 each option-specific tensor group really moves the outputs (zeroing it changes them by > 1e-3)
 and fails otherwise. Deterministic: fixed seeds, one thread, fp32, eager attention.
+
+The layer-norm eps cases (`eps_*`, `embedding_scale` set) use a large `layer_norm_eps` (1e-2) and
+scale every embedding parameter (patch projection, CLS/mask token, absolute positions) by
+`embedding_scale` after the perturbation, so the per-token variance at every LayerNorm input is of
+the order of eps. Their case.json records that variance per LayerNorm, and how far the outputs
+move, in units of the Rust test's tolerance, when one LayerNorm's eps is replaced by 1e-12, when
+every one is, and when every LayerNorm computes 1/(sqrt(var) + eps) instead of 1/sqrt(var + eps);
+the script fails if any of these stays under EPS_SENSITIVITY_MIN tolerances.
 """
 import argparse
 import copy
@@ -41,6 +52,11 @@ FLAGS = ["hidden_size", "num_hidden_layers", "num_attention_heads", "intermediat
          "use_mask_token", "use_absolute_position_embeddings", "use_relative_position_bias",
          "use_shared_relative_position_bias", "hidden_act"]
 SENSITIVITY_MIN = 1e-3
+# The eps cases: how many tolerances (tests/reference_parity.rs: |a-b| <= 1e-4 * max(1, |b|)) each
+# wrong-eps variant must move the outputs by at least, and the eps a variant falls back to (HF's
+# default, what ignoring the config's layer_norm_eps would give).
+EPS_SENSITIVITY_MIN = 10.0
+EPS_DEFAULT = 1e-12
 
 
 def perturb(model, gen):
@@ -56,6 +72,75 @@ def perturb(model, gen):
                 p.copy_(0.5 * noise)
             else:
                 p.add_(0.04 * noise)
+
+
+def scale_embeddings(model, scale):
+    """Multiplies every embedding parameter (patch projection, tokens, absolute positions) by
+    `scale`: the embedding output, and so the residual stream's per-token variance, shrinks by
+    scale^2."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "embeddings." in name:
+                p.mul_(scale)
+
+
+def layer_norms(model):
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, torch.nn.LayerNorm)]
+
+
+def layernorm_input_variance(model, call):
+    """{LayerNorm name: [min, median, max]} of the biased per-token variance of its input while
+    `call()` runs `model`."""
+    seen, hooks = {}, []
+    for name, ln in layer_norms(model):
+        def hook(_module, args, name=name):
+            seen[name] = args[0].detach().var(-1, unbiased=False).flatten()
+        hooks.append(ln.register_forward_pre_hook(hook))
+    try:
+        call()
+    finally:
+        for h in hooks:
+            h.remove()
+    return {n: [float(f"{v.min().item():.3g}"), float(f"{v.median().item():.3g}"), float(f"{v.max().item():.3g}")]
+            for n, v in seen.items()}
+
+
+def eps_outside_sqrt(ln):
+    """A LayerNorm forward with the bug (x - mean) / (sqrt(var) + eps)."""
+    def forward(x):
+        mean = x.mean(-1, keepdim=True)
+        std = x.var(-1, unbiased=False, keepdim=True).sqrt()
+        return (x - mean) / (std + ln.eps) * ln.weight + ln.bias
+    return forward
+
+
+def wrong_eps_variants(model):
+    """(label, copy of `model` with its layer norms' eps wrong): eps EPS_DEFAULT at each LayerNorm on
+    its own, at every one, and eps outside the square root at every one."""
+    for name, _ in layer_norms(model):
+        m = copy.deepcopy(model)
+        dict(m.named_modules())[name].eps = EPS_DEFAULT
+        yield f"eps {EPS_DEFAULT:g} at {name}", m
+    m = copy.deepcopy(model)
+    for _, ln in layer_norms(m):
+        ln.eps = EPS_DEFAULT
+    yield f"eps {EPS_DEFAULT:g} at every LayerNorm", m
+    m = copy.deepcopy(model)
+    for _, ln in layer_norms(m):
+        ln.forward = eps_outside_sqrt(ln)
+    yield "1/(sqrt(var)+eps) at every LayerNorm", m
+
+
+def tolerances(got, want):
+    """Largest |got - want| / (1e-4 * max(1, |want|)) over all outputs: tests/reference_parity.rs's rule."""
+    return max(((got[k] - want[k]).abs() / (1e-4 * want[k].abs().clamp(min=1.0))).max().item() for k in want)
+
+
+def eps_sensitivity(model, arch, pixel_values, kwargs, reference):
+    """How far each wrong-eps variant moves the outputs, in tolerances; and those under the minimum."""
+    report = {label: tolerances(run(m, arch, pixel_values, kwargs), reference)
+              for label, m in wrong_eps_variants(model)}
+    return report, {k: v for k, v in report.items() if not v > EPS_SENSITIVITY_MIN}
 
 
 def run(model, arch, pixel_values, kwargs):
@@ -119,7 +204,46 @@ def sensitivity(model, arch, pixel_values, kwargs, reference):
     return report, bad
 
 
-def make_case(out_root, name, arch, input_hw, masked=False, batch=2, notes="", **options):
+def versions():
+    return (f"torch {torch.__version__}", f"transformers {transformers.__version__}",
+            f"python {sys.version.split()[0]}")
+
+
+def write_versions(out, cases=None):
+    """VERSIONS.txt: the versions, one per line, after a full run; after a --cases run, the file's
+    other lines stay and each case made gets `NAME: torch ..., transformers ..., python ...`."""
+    path = os.path.join(out, "VERSIONS.txt")
+    if cases is None:
+        lines = list(versions())
+    else:
+        old = open(path).read().splitlines() if os.path.exists(path) else []
+        lines = [l for l in old if l.split(":")[0] not in cases]
+        lines += [f"{c}: " + ", ".join(versions()) for c in sorted(cases)]
+    with open(path, "w") as f:
+        f.write("".join(l + "\n" for l in lines))
+
+
+class Selection:
+    """Which cases a run makes (all without --cases), and which it made."""
+
+    def __init__(self, names):
+        self.names, self.made = (set(names) if names else None), []
+
+    def __call__(self, name):
+        if self.names is not None and name not in self.names:
+            return False
+        self.made.append(name)
+        return True
+
+    def finish(self, out):
+        if self.names is not None and set(self.made) != self.names:
+            raise SystemExit(f"no such case: {sorted(self.names - set(self.made))}")
+        write_versions(out, None if self.names is None else self.made)
+
+
+def make_case(out_root, name, arch, input_hw, masked=False, batch=2, notes="", embedding_scale=None, **options):
+    if not SELECTED(name):
+        return
     seed = sum(map(ord, name))
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
@@ -132,6 +256,8 @@ def make_case(out_root, name, arch, input_hw, masked=False, batch=2, notes="", *
     model = CLASSES[arch](config).eval()
     assert model.config._attn_implementation == "eager"
     perturb(model, gen)
+    if embedding_scale is not None:
+        scale_embeddings(model, embedding_scale)
 
     out_dir = os.path.join(out_root, name)
     os.makedirs(out_dir, exist_ok=True)
@@ -158,6 +284,11 @@ def make_case(out_root, name, arch, input_hw, masked=False, batch=2, notes="", *
     report, bad = sensitivity(model, arch, pixel_values, kwargs, outputs)
     if bad:
         raise SystemExit(f"{name}: outputs insensitive to {bad}")
+    if embedding_scale is not None:
+        ln_variance = layernorm_input_variance(model, lambda: run(model, arch, pixel_values, kwargs))
+        eps_report, eps_bad = eps_sensitivity(model, arch, pixel_values, kwargs, outputs)
+        if eps_bad:
+            raise SystemExit(f"{name}: outputs move by <= {EPS_SENSITIVITY_MIN} tolerances for {eps_bad}")
 
     ps = config.patch_size
     description = {
@@ -176,18 +307,32 @@ def make_case(out_root, name, arch, input_hw, masked=False, batch=2, notes="", *
         "sensitivity_max_abs_change_when_zeroed": {k: float(f"{v:.3g}") for k, v in report.items()},
         "notes": notes,
     }
+    if embedding_scale is not None:
+        description["embedding_scale"] = embedding_scale
+        description["layernorm_input_variance_min_median_max"] = ln_variance
+        description["eps_sensitivity_in_tolerances"] = {k: float(f"{v:.3g}") for k, v in eps_report.items()}
     with open(os.path.join(out_dir, "case.json"), "w") as f:
         json.dump(description, f, indent=2, sort_keys=True)
         f.write("\n")
     print(f"{name:28s} {arch:28s} input {list(pixel_values.shape)} -> "
           + ", ".join(f"{k} {list(v.shape)}" for k, v in outputs.items()))
     print("    sensitivity: " + ", ".join(f"{k} {v:.2g}" for k, v in report.items()))
+    if embedding_scale is not None:
+        print("    LayerNorm input variance (min, median, max): "
+              + ", ".join(f"{k} {v}" for k, v in ln_variance.items()))
+        print("    wrong eps, in tolerances: " + ", ".join(f"{k} {v:.3g}" for k, v in eps_report.items()))
+
+
+SELECTED = Selection(None)
 
 
 def main():
+    global SELECTED
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=ROOT)
-    out = ap.parse_args().out
+    ap.add_argument("--cases", nargs="+", help="make only these cases")
+    args = ap.parse_args()
+    out, SELECTED = args.out, Selection(args.cases)
     torch.set_num_threads(1)
     make_case(out, "backbone_abs_mean", "BeitModel", (32, 32),
               use_absolute_position_embeddings=True, layer_scale_init_value=0.1, use_mean_pooling=True,
@@ -229,9 +374,18 @@ def main():
     make_case(out, "odd_size_mim", "BeitForMaskedImageModeling", (30, 30), masked=True,
               image_size=28, patch_size=4, use_mask_token=True, use_shared_relative_position_bias=True,
               notes="30x30 input, patch 4: the conv drops the last 2 rows/cols, grid 7x7 as configured")
-    with open(os.path.join(out, "VERSIONS.txt"), "w") as f:
-        f.write(f"torch {torch.__version__}\ntransformers {transformers.__version__}\n"
-                f"python {sys.version.split()[0]}\n")
+    make_case(out, "eps_cls_mean_pool", "BeitForImageClassification", (32, 32), embedding_scale=0.2,
+              layer_norm_eps=1e-2, use_relative_position_bias=True, use_mean_pooling=True,
+              layer_scale_init_value=0.1, num_labels=5,
+              notes="layer_norm_eps 1e-2 with embeddings scaled by 0.2, so the per-token variance at every "
+                    "LayerNorm (4 in the blocks, pooler.layernorm) is of the order of eps")
+    make_case(out, "eps_mim_final_ln", "BeitForMaskedImageModeling", (32, 32), masked=True, embedding_scale=0.2,
+              layer_norm_eps=1e-2, use_mask_token=True, use_shared_relative_position_bias=True,
+              use_mean_pooling=False, layer_scale_init_value=0.0,
+              notes="layer_norm_eps 1e-2 with embeddings scaled by 0.2: variance of the order of eps at the "
+                    "blocks' LayerNorms and beit.layernorm (the MIM head's layernorm sees beit.layernorm's "
+                    "output, variance ~0.6, where eps 1e-2 still moves the logits)")
+    SELECTED.finish(out)
 
 
 if __name__ == "__main__":

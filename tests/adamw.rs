@@ -1,5 +1,6 @@
-//! AdamW equals torch.optim.AdamW step for step (reference trajectory from
-//! scripts/gen_adamw_reference.py), and BEiT's weight-decay rule picks the right tensors.
+//! AdamW equals torch.optim.AdamW step for step (reference trajectories from
+//! scripts/gen_adamw_reference.py: plain, and with layer-wise lr scales, a changing lr and tiny
+//! gradients), and BEiT's weight-decay rule picks the right tensors.
 
 use beit::model::io::{read_f32, SafetensorsFile};
 use beit::train::adamw::{decays, AdamW, AdamWConfig};
@@ -27,6 +28,50 @@ fn five_steps_equal_torch_adamw() {
     }
     // Decay made a difference: the decayed group would differ without it.
     assert!(h[1] > 0.0);
+}
+
+/// BEiT fine-tuning's optimizer: per-element lr scales (layer-wise decay: `step`'s `lr_scale`)
+/// with decay on and off at every scale, an lr that changes every step, and half the gradients
+/// between 1e-9 and 1e-6, where sqrt(v̂) is of the order of eps = 1e-8 and eps decides the update.
+/// Without eps, or without the scales, torch's parameters move by thousands of tolerances (the
+/// script checks that).
+#[test]
+fn lr_scales_changing_lr_and_tiny_gradients_equal_torch_adamw() {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/reference/adamw_lr_scale.safetensors");
+    let file = SafetensorsFile::open(std::path::Path::new(path)).unwrap();
+    let st = file.parse().unwrap();
+    let get = |n: &str| read_f32(&st, n).unwrap().unwrap_or_else(|| panic!("no tensor {n}"));
+    let (_, mut params) = get("start");
+    let (gshape, grads) = get("grads");
+    let (_, after) = get("after");
+    let (_, lrs) = get("lrs");
+    let (_, lr_scale) = get("lr_scale");
+    let (_, mask) = get("decay_mask");
+    let (_, h) = get("hyper");
+    let n = params.len();
+    assert_eq!(gshape, [lrs.len(), n]);
+    // What the reference must keep exercising: gradients where eps matters, scales other than 1
+    // on decayed and undecayed entries.
+    assert!(grads.iter().any(|&g| g != 0.0 && g.abs() <= 1e-8), "no gradient of the order of eps");
+    for decays in [0.0, 1.0] {
+        assert!(lr_scale.iter().zip(&mask).any(|(&s, &m)| m == decays && s < 0.5), "decay {decays}: no small scale");
+    }
+    let config = AdamWConfig { weight_decay: h[0], beta1: h[1], beta2: h[2], eps: h[3] };
+    let mut opt = AdamW::with_mask(config, mask, vec![(0, n)]);
+    let mut worst = 0.0f32;
+    for (step, &lr) in lrs.iter().enumerate() {
+        opt.step(&mut params, &grads[step * n..(step + 1) * n], lr, Some(&lr_scale));
+        for (i, (&a, &b)) in params.iter().zip(&after[step * n..(step + 1) * n]).enumerate() {
+            worst = worst.max((a - b).abs() / (1e-6 * b.abs().max(1.0)));
+            assert!(
+                (a - b).abs() <= 1e-6 * b.abs().max(1.0),
+                "step {step}, element {i} (lr scale {}, gradient {:e}): {a} vs torch {b}",
+                lr_scale[i],
+                grads[step * n + i]
+            );
+        }
+    }
+    eprintln!("{} steps of {n} parameters: worst |ours - torch| = {worst:.3} of the tolerance", lrs.len());
 }
 
 #[test]

@@ -1,8 +1,8 @@
 //! The classification training pass against PyTorch: loss, logits and every parameter gradient
-//! of the four cases in tests/reference_classify_grads (scripts/gen_classify_grad_reference.py,
+//! of the five cases in tests/reference_classify_grads (scripts/gen_classify_grad_reference.py,
 //! HF BeitForImageClassification, `F.cross_entropy(..., label_smoothing=ε)`), covering mean and
 //! CLS pooling, layer scale on and off, shared / per-layer relative position bias / absolute
-//! positions, and label smoothing 0 and 0.1.
+//! positions, label smoothing 0 and 0.1, and a large layer_norm_eps where it matters.
 
 mod common;
 use std::path::{Path, PathBuf};
@@ -130,6 +130,14 @@ fn gradients_equal_torch_cls_pooling_absolute_positions_label_smoothing() {
 #[test]
 fn gradients_equal_torch_cls_pooling_all_position_kinds_grey() {
     check_case("cls_all_pos_grey");
+}
+
+/// layer_norm_eps 1e-2 with per-token variance of the order of eps at every LayerNorm (the
+/// blocks' and the mean pooler's): eps 1e-12 at any one of them, or eps outside the square root,
+/// moves loss or gradients by thousands of tolerances (the case's case.json).
+#[test]
+fn gradients_equal_torch_mean_pooling_large_layer_norm_eps() {
+    check_case("eps_mean_pool");
 }
 
 #[test]

@@ -1,11 +1,17 @@
 //! The pretraining command line: `beit pretrain-replay` against PyTorch's AdamW trajectory, and
-//! a `beit pretrain` run killed with SIGKILL and resumed from its last checkpoint, which must
-//! give bit-identical losses and weights to an uninterrupted run (visual tokens on the synthetic
-//! task; the pixel target on a dataset file, which must also learn).
+//! a `beit pretrain` run killed with SIGKILL mid-run and resumed from its last checkpoint, which
+//! must give bit-identical losses and weights to an uninterrupted run (visual tokens on the
+//! synthetic task; the pixel target on a dataset file, which must also learn). The killed runs
+//! print into a pipe that is nearly full, so they block before their last step and every kill
+//! lands mid-run (Linux: the pipe's size comes from fcntl F_GETPIPE_SZ).
 
-use std::io::{BufRead, BufReader};
+use std::io::{Read, Write};
+use std::os::fd::AsRawFd;
+use std::os::raw::c_int;
+use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
 
 use beit::model::io::{read_f32, SafetensorsFile};
 
@@ -85,42 +91,78 @@ fn losses(lines: &[serde_json::Value]) -> Vec<(u64, u64)> {
     lines.iter().filter_map(|l| Some((l.get("step")?.as_u64()?, l.get("loss")?.as_f64()?.to_bits()))).collect()
 }
 
-/// Starts the run `start` (writing to `out`), kills it with SIGKILL when `kill_after_step` is
-/// printed (or, with None, after `delay`), and returns the losses it printed.
-fn killed_run(
-    mut start: Command,
-    out: &Path,
-    kill_after_step: Option<u64>,
-    delay: std::time::Duration,
-) -> Vec<(u64, u64)> {
-    let mut child = start.stdout(Stdio::piped()).stderr(Stdio::null()).spawn().unwrap();
-    let stdout = child.stdout.take().unwrap();
-    let reader = std::thread::spawn(move || {
-        let mut seen = Vec::new();
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            if let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) {
-                seen.push(v);
-            }
-        }
-        seen
-    });
-    match kill_after_step {
-        Some(step) => {
-            // Poll the checkpoint's neighbour: the run prints step lines as it goes; wait for ours.
-            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
-            loop {
-                std::thread::sleep(std::time::Duration::from_millis(2));
-                if std::fs::read_dir(out).map(|d| d.count()).unwrap_or(0) > 0 && progress(out) >= step {
-                    break;
-                }
-                assert!(std::time::Instant::now() < deadline, "the run never reached step {step}");
-            }
-        }
-        None => std::thread::sleep(delay),
+/// The capacity in bytes of the pipe behind `fd` (Linux's F_GETPIPE_SZ).
+fn pipe_capacity(fd: &impl AsRawFd) -> usize {
+    extern "C" {
+        fn fcntl(fd: c_int, cmd: c_int, ...) -> c_int;
     }
-    child.kill().unwrap(); // SIGKILL on Unix
-    child.wait().unwrap();
-    losses(&reader.join().unwrap())
+    const F_GETPIPE_SZ: c_int = 1032;
+    // SAFETY: F_GETPIPE_SZ takes no argument and only reads the pipe's size.
+    let n = unsafe { fcntl(fd.as_raw_fd(), F_GETPIPE_SZ) };
+    assert!(n > 0, "F_GETPIPE_SZ: {}", std::io::Error::last_os_error());
+    n as usize
+}
+
+/// A run that is killed (SIGKILL) when dropped, so that a failing assertion leaves no blocked
+/// process behind.
+struct Running(Child);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// When a killed run is killed.
+#[derive(Clone, Copy, Debug)]
+enum KillPoint {
+    /// As soon as the run has created its output directory.
+    OutputDirectory,
+    /// As soon as the checkpoint in the output directory is of this step or later.
+    Checkpoint(u64),
+    /// This long after the start.
+    After(Duration),
+}
+
+/// Starts the run `start` (writing to `out`) with its stdout on a pipe that has room for only
+/// `room` more bytes and is not read until the run is dead. The run prints a line per step, so
+/// once it has printed `room` bytes it blocks in its next print: with `room` less than its whole
+/// output it cannot finish, however fast it runs or however late this thread is scheduled. It
+/// is killed with SIGKILL at `kill_point` (which it must reach first); returns the losses it
+/// printed.
+fn killed_run(mut start: Command, out: &Path, room: usize, kill_point: KillPoint) -> Vec<(u64, u64)> {
+    let (mut reader, mut writer) = std::io::pipe().unwrap();
+    let capacity = pipe_capacity(&writer);
+    assert!(room < capacity, "room {room} >= the pipe's capacity {capacity}");
+    // Empty lines, which are not JSON. Linux fills a pipe's pages in order and appends a small
+    // write to the last page when it fits, so exactly `room` bytes stay free.
+    writer.write_all(&vec![b'\n'; capacity - room]).unwrap();
+    start.stdout(writer).stderr(Stdio::null());
+    let started = Instant::now();
+    let mut run = Running(start.spawn().unwrap());
+    drop(start); // our copy of the pipe's write end: reading it below ends when the run is dead
+    let reached = |out: &Path| match kill_point {
+        KillPoint::OutputDirectory => out.is_dir(),
+        KillPoint::Checkpoint(step) => progress(out) >= step,
+        KillPoint::After(delay) => started.elapsed() >= delay,
+    };
+    let deadline = started + Duration::from_secs(120);
+    while !reached(out) {
+        assert!(run.0.try_wait().unwrap().is_none(), "the run ended before {kill_point:?}");
+        assert!(Instant::now() < deadline, "the run never reached {kill_point:?}");
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    run.0.kill().unwrap(); // SIGKILL on Unix
+    let status = run.0.wait().unwrap();
+    // Killed, not finished (it could not have: see above).
+    assert_eq!(status.signal(), Some(9), "the run was not killed mid-run: {status}");
+    let mut printed = Vec::new();
+    reader.read_to_end(&mut printed).unwrap();
+    let ours = &printed[capacity - room..];
+    assert!(printed[..capacity - room].iter().all(|&b| b == b'\n'), "the filler changed");
+    assert!(ours.len() <= room, "the run printed {} bytes into a pipe with room for {room}", ours.len());
+    losses(&json_lines(ours))
 }
 
 /// The step of the checkpoint currently in `out` (0 if none).
@@ -135,45 +177,79 @@ fn progress(out: &Path) -> u64 {
         .unwrap_or(0)
 }
 
-/// Runs `command(out, resume)` straight into `dir/straight`, then killed (after its checkpoint of
-/// step 10, and at an arbitrary moment) and resumed: every loss and the final files must equal
-/// the straight run's. Returns the straight run's losses.
+/// The checkpoint step after which the second killed run is killed.
+const KILL_AFTER: u64 = 10;
+
+/// Runs `command(out, resume)` straight into `dir/straight`, then three times killed with
+/// SIGKILL in the middle of the run and resumed: every loss and the final files must equal the
+/// straight run's. Returns the straight run's losses.
 fn check_sigkill_then_resume(dir: &Path, command: impl Fn(&Path, bool) -> Command) -> Vec<f64> {
     let straight_out = dir.join("straight");
-    let start = std::time::Instant::now();
+    let start = Instant::now();
     let straight = command(&straight_out, false).output().unwrap();
     let duration = start.elapsed();
     assert!(straight.status.success(), "{}", String::from_utf8_lossy(&straight.stderr));
+    let stdout = String::from_utf8_lossy(&straight.stdout);
     let reference = losses(&json_lines(&straight.stdout));
-    assert_eq!(reference.len() as u64, STEPS);
+    assert_eq!(reference.iter().map(|&(s, _)| s).collect::<Vec<_>>(), (1..=STEPS).collect::<Vec<_>>());
+    // The bytes of the straight run's step lines (with their newlines). A killed run's lines
+    // differ only in the digits of images_per_s, a few bytes.
+    let step_line_bytes: Vec<usize> = stdout.lines().filter(|l| l.contains("\"loss\"")).map(|l| l.len() + 1).collect();
+    assert_eq!(step_line_bytes.len() as u64, STEPS);
+    let room_for = |lines: u64| step_line_bytes[..lines as usize].iter().sum::<usize>();
 
-    // Killed once right after its checkpoint of step 10, once at an arbitrary moment (possibly
-    // in the middle of a save, possibly before the first checkpoint).
-    for (name, kill_at, delay) in [("at_step", Some(10), duration), ("by_timer", None, duration / 2)] {
+    // Each kill lands mid-run by construction: with stdout room for at most 3 lines more than
+    // its kill point needs (3 lines are hundreds of bytes; the lines of two runs differ by a few
+    // bytes each), a run reaches its kill point and blocks long before its last step.
+    // - before_first_checkpoint: no room at all, so the run blocks printing step 1, before its
+    //   first checkpoint (step 2); killed once it has created its output directory.
+    // - after_checkpoint: killed as soon as its checkpoint of step KILL_AFTER is there (the run
+    //   may be a step or three further, or in the middle of a save).
+    // - by_timer: killed at an arbitrary moment in the first half of the run (before the first
+    //   checkpoint, in the middle of a save, ... or blocked at step STEPS / 2).
+    let kills = [
+        ("before_first_checkpoint", 0, KillPoint::OutputDirectory),
+        ("after_checkpoint", room_for(KILL_AFTER + 3), KillPoint::Checkpoint(KILL_AFTER)),
+        ("by_timer", room_for(STEPS / 2), KillPoint::After(duration / 4)),
+    ];
+    assert!(KILL_AFTER + 3 < STEPS);
+    for (name, room, kill_point) in kills {
         let out = dir.join(name);
-        let before = killed_run(command(&out, false), &out, kill_at, delay);
+        let before = killed_run(command(&out, false), &out, room, kill_point);
         let resumed_from = progress(&out);
-        if let Some(step) = kill_at {
-            assert!(resumed_from >= step, "{name}: checkpoint at {resumed_from}");
-        }
-        if resumed_from == STEPS {
-            eprintln!("{name}: the run finished before the kill; nothing to resume");
-            continue;
+        let printed = before.last().map_or(0, |&(s, _)| s);
+        assert_eq!(before.iter().map(|&(s, _)| s).collect::<Vec<_>>(), (1..=printed).collect::<Vec<_>>(), "{name}");
+        // A checkpoint is saved after its step's line is printed.
+        assert!(
+            resumed_from <= printed && printed < STEPS,
+            "{name}: printed {printed} steps, checkpoint {resumed_from}"
+        );
+        match kill_point {
+            KillPoint::OutputDirectory => assert_eq!((printed, resumed_from), (0, 0), "{name}"),
+            KillPoint::Checkpoint(step) => assert!(resumed_from >= step, "{name}: checkpoint at {resumed_from}"),
+            KillPoint::After(_) => {}
         }
         let resumed = command(&out, true).output().unwrap();
         assert!(resumed.status.success(), "{name}: {}", String::from_utf8_lossy(&resumed.stderr));
         let after = losses(&json_lines(&resumed.stdout));
-        assert_eq!(after.first().map(|&(s, _)| s), Some(resumed_from + 1), "{name}: resumed at the wrong step");
+        let steps: Vec<u64> = after.iter().map(|&(s, _)| s).collect();
+        assert_eq!(steps, (resumed_from + 1..=STEPS).collect::<Vec<_>>(), "{name}: resumed at the wrong step");
         // Every loss either run printed equals the uninterrupted run's, bit for bit.
         for &(step, bits) in before.iter().chain(&after) {
             assert_eq!(bits, reference[step as usize - 1].1, "{name}: step {step} differs");
         }
-        assert_eq!(after.last().map(|&(s, _)| s), Some(STEPS));
         for file in ["checkpoint.safetensors", "model/model.safetensors"] {
             let (a, b) = (std::fs::read(straight_out.join(file)).unwrap(), std::fs::read(out.join(file)).unwrap());
             assert!(a == b, "{name}: {file} differs from the uninterrupted run's");
         }
-        eprintln!("{name}: killed after {} printed steps, resumed from step {resumed_from}", before.len());
+        // A save the kill interrupted left a temporary file; the resumed run removed it.
+        let temps: Vec<_> = std::fs::read_dir(&out)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| n.contains(".tmp-"))
+            .collect();
+        assert!(temps.is_empty(), "{name}: temporary files left: {temps:?}");
+        eprintln!("{name}: killed after {printed} printed steps, resumed from step {resumed_from}");
     }
     reference.iter().map(|&(_, bits)| f64::from_bits(bits)).collect()
 }

@@ -61,7 +61,7 @@ fn worst_ratio(got: &[f32], want: &[f32]) -> f64 {
 #[test]
 fn reference_cases_exist() {
     let cases = reference_cases();
-    assert!(cases.len() >= 11, "expected the 11 reference cases, found {}", cases.len());
+    assert!(cases.len() >= 13, "expected the 13 reference cases, found {}", cases.len());
 }
 
 #[test]

@@ -54,8 +54,8 @@ func referenceCases(t *testing.T) []string {
 			names = append(names, e.Name())
 		}
 	}
-	if len(names) < 11 {
-		t.Fatalf("found %d reference cases, want the 11", len(names))
+	if len(names) < 13 {
+		t.Fatalf("found %d reference cases, want the 13", len(names))
 	}
 	return names
 }

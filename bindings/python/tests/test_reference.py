@@ -14,7 +14,7 @@ CASES = sorted(p for p in REFERENCE.iterdir() if (p / "case.json").is_file())
 
 
 def test_cases_exist():
-    assert len(CASES) >= 11, [c.name for c in CASES]
+    assert len(CASES) >= 13, [c.name for c in CASES]
 
 
 def worst_ratio(got: np.ndarray, want: np.ndarray) -> float:

@@ -20,9 +20,10 @@ use super::buffer::DeviceBuffer;
 use super::device::CudaDevice;
 use super::elementwise::by_type;
 use super::kernel_args::{int, Arg};
-use super::matmul::{Epilogue, GemmShape, GemmType};
+use super::matmul::{Epilogue, GemmType};
 use crate::backend::cpu::backward::DxMode;
 pub use crate::backend::cpu::conv::Conv2dShape;
+use crate::backend::shapes::GemmShape;
 use crate::error::Result;
 
 const FILE: &str = "conv.cu";

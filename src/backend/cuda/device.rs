@@ -8,9 +8,11 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock};
 
-use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DriverError, LaunchConfig};
+use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, LaunchConfig};
 use cudarc::nvrtc::Ptx;
 
+/// Errors of driver calls, re-exported where the other CUDA files have always found them.
+pub(crate) use super::errors::driver_error;
 use super::nvrtc::{self, Arch};
 use super::probe::{probe, GpuInfo};
 use crate::error::{Error, Result};
@@ -19,18 +21,13 @@ use crate::error::{Error, Result};
 const WORKSPACE_HOPPER: usize = 32 << 20;
 const WORKSPACE_OTHER: usize = 4 << 20;
 
-/// A driver error as a libbeit error, naming the operation.
-pub(crate) fn driver_error(what: &str, e: DriverError) -> Error {
-    Error::Internal(format!("CUDA {what} failed: {e:?}"))
-}
-
 pub struct CudaDevice {
     ctx: Arc<CudaContext>,
     stream: Arc<CudaStream>,
     info: GpuInfo,
     arch: Arch,
     multiprocessors: u32,
-    pub(crate) blaslt: Mutex<super::matmul::BlasLt>,
+    pub(crate) blaslt: Mutex<super::blaslt::BlasLt>,
     /// Loaded modules by kernel file, and functions by (file, name).
     modules: Mutex<HashMap<&'static str, Arc<CudaModule>>>,
     functions: Mutex<HashMap<(&'static str, &'static str), CudaFunction>>,
@@ -73,7 +70,7 @@ impl CudaDevice {
             .attribute(cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
             .map_err(|e| driver_error("multiprocessor count query", e))? as u32;
         let workspace = if major >= 9 { WORKSPACE_HOPPER } else { WORKSPACE_OTHER };
-        let blaslt = super::matmul::BlasLt::new(&stream, workspace)?;
+        let blaslt = super::blaslt::BlasLt::new(&stream, workspace)?;
         Ok(CudaDevice {
             ctx,
             stream,

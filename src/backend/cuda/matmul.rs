@@ -18,74 +18,18 @@
 //! "tanh")`), not the exact erf GELU BEiT uses; they are exposed for models that want them, and
 //! the exact path is `Epilogue::Bias` followed by the `gelu` kernel (src/backend/cuda/elementwise.rs).
 
-use std::collections::HashMap;
 use std::ffi::c_void;
 use std::mem::size_of;
 
 use cudarc::cublaslt::result as lt;
 use cudarc::cublaslt::sys;
-use cudarc::driver::{CudaStream, DevicePtr, DevicePtrMut, DeviceRepr};
+use cudarc::driver::{DevicePtr, DevicePtrMut, DeviceRepr};
 
+use super::blaslt::{alignment, blas_error, AlgoKey, BlasLt};
 use super::device::CudaDevice;
+use super::errors::driver_error;
+use crate::backend::shapes::GemmShape;
 use crate::error::{Error, Result};
-
-/// The cuBLASLt handle, its workspace, and the algorithm chosen for each problem seen so far
-/// (owned by the [`CudaDevice`]). Caching the heuristic's answer takes it off the per-call path
-/// (it costs tens of microseconds, as much as a small attention GEMM) and pins one algorithm per
-/// problem, so repeated calls compute the same bits.
-pub(crate) struct BlasLt {
-    handle: sys::cublasLtHandle_t,
-    workspace: cudarc::driver::CudaSlice<u8>,
-    algos: HashMap<AlgoKey, sys::cublasLtMatmulAlgo_t>,
-}
-
-/// Everything the heuristic's choice depends on: shape, transposes, batch strides, types,
-/// epilogue, and the operands' pointer alignment (the heuristic may pick vectorised kernels
-/// that need 16-byte or larger alignment; views into a buffer can have less).
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-struct AlgoKey {
-    shape: GemmShape,
-    types: (&'static str, &'static str),
-    epilogue: i32,
-    alignments: [u32; 4],
-}
-
-/// The largest power of two (at most 256) dividing a device address: what cuBLASLt's
-/// MIN_ALIGNMENT preferences ask for. Its default assumes 256 for every operand.
-fn alignment(ptr: u64) -> u32 {
-    if ptr == 0 {
-        256
-    } else {
-        1u32 << ptr.trailing_zeros().min(8)
-    }
-}
-
-// SAFETY: the handle is used only under the device's single stream; cuBLASLt handles may be
-// used from any thread as long as calls are not concurrent on the same workspace, which the
-// mutex around it in `CudaDevice` ensures.
-unsafe impl Send for BlasLt {}
-unsafe impl Sync for BlasLt {}
-
-impl BlasLt {
-    pub(crate) fn new(stream: &std::sync::Arc<CudaStream>, workspace_bytes: usize) -> Result<Self> {
-        let handle = lt::create_handle().map_err(|e| blas_error("cublasLtCreate", e))?;
-        // SAFETY: scratch memory only cuBLASLt writes.
-        let workspace = unsafe { stream.alloc::<u8>(workspace_bytes) }
-            .map_err(|e| super::device::driver_error("allocating the cuBLASLt workspace", e))?;
-        Ok(BlasLt { handle, workspace, algos: HashMap::new() })
-    }
-}
-
-impl Drop for BlasLt {
-    fn drop(&mut self) {
-        // SAFETY: created in `new`, destroyed once.
-        let _ = unsafe { lt::destroy_handle(self.handle) };
-    }
-}
-
-fn blas_error(what: &str, e: lt::CublasError) -> Error {
-    Error::Internal(format!("cuBLASLt {what} failed: {e:?}"))
-}
 
 /// Element types cuBLASLt takes here.
 pub trait GemmType: DeviceRepr {
@@ -101,51 +45,6 @@ impl GemmType for f32 {
 impl GemmType for half::bf16 {
     const DATA_TYPE: sys::cudaDataType = sys::cudaDataType::CUDA_R_16BF;
     const NAME: &'static str = "bf16";
-}
-
-/// The shape of a (possibly batched) row-major product `C[m, n] = op(A)[m, k] · op(B)[k, n]`.
-/// Every matrix is dense row-major; `trans_a` means A is stored as [k, m], `trans_b` that B is
-/// stored as [n, k] (a PyTorch Linear weight). Batches are `batch` products at element strides
-/// `stride_a/b/c` (0 for a matrix shared by all batches).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub struct GemmShape {
-    pub m: usize,
-    pub n: usize,
-    pub k: usize,
-    pub trans_a: bool,
-    pub trans_b: bool,
-    pub batch: usize,
-    pub stride_a: usize,
-    pub stride_b: usize,
-    pub stride_c: usize,
-}
-
-impl GemmShape {
-    /// One product with no transposes.
-    pub fn new(m: usize, n: usize, k: usize) -> Self {
-        GemmShape { m, n, k, trans_a: false, trans_b: false, batch: 1, stride_a: 0, stride_b: 0, stride_c: 0 }
-    }
-
-    /// A PyTorch Linear: `y[m, n] = x[m, k] · w[n, k]ᵀ`.
-    pub fn linear(m: usize, k: usize, n: usize) -> Self {
-        GemmShape { trans_b: true, ..Self::new(m, n, k) }
-    }
-
-    /// `batch` products with dense strides (each batch's matrices follow each other).
-    pub fn batched(mut self, batch: usize) -> Self {
-        self.batch = batch;
-        self.stride_a = self.m * self.k;
-        self.stride_b = self.k * self.n;
-        self.stride_c = self.m * self.n;
-        self
-    }
-
-    fn elements_needed(rows: usize, cols: usize, batch: usize, stride: usize) -> usize {
-        if rows * cols == 0 {
-            return 0;
-        }
-        stride * (batch - 1) + rows * cols
-    }
 }
 
 /// What cuBLASLt does to the product before storing it. Epilogues need `batch == 1`.
@@ -361,7 +260,7 @@ impl CudaDevice {
             epilogue: epi as i32,
             alignments: [alignment(b_ptr), alignment(a_ptr), alignment(c_ptr), alignment(c_ptr)],
         };
-        self.context().bind_to_thread().map_err(|e| super::device::driver_error("binding the context", e))?;
+        self.context().bind_to_thread().map_err(|e| driver_error("binding the context", e))?;
         let algo = match blas.algos.get(&key) {
             Some(algo) => *algo,
             None => {

@@ -52,11 +52,13 @@
 
 pub mod adamw;
 pub mod attention;
+mod blaslt;
 pub mod buffer;
 pub mod conv;
 pub mod cross_entropy;
 pub mod device;
 pub mod elementwise;
+mod errors;
 mod kernel_args;
 pub mod layernorm;
 pub mod matmul;
@@ -67,7 +69,8 @@ pub mod probe;
 pub mod reduce;
 pub mod sums;
 
+pub use crate::backend::shapes::GemmShape;
 pub use buffer::DeviceBuffer;
 pub use device::CudaDevice;
-pub use matmul::{Epilogue, GemmShape, GemmType};
+pub use matmul::{Epilogue, GemmType};
 pub use probe::{probe, ProbeReport};

@@ -6,7 +6,8 @@ use cudarc::driver::{DevicePtr, DevicePtrMut, PushKernelArg};
 
 use super::device::{driver_error, CudaDevice};
 use super::elementwise::by_type;
-use super::matmul::{Epilogue, GemmShape, GemmType};
+use super::matmul::{Epilogue, GemmType};
+use crate::backend::shapes::GemmShape;
 use crate::error::Result;
 
 /// The geometry of one patch embedding.

@@ -15,12 +15,18 @@ pub fn global_norm(grads: &[f32]) -> f64 {
 /// Clips `grads` in place to global norm `max_norm` and returns the norm before clipping.
 pub fn clip_grad_norm(grads: &mut [f32], max_norm: f64) -> f64 {
     let norm = global_norm(grads);
+    scale_to_norm(grads, norm, max_norm);
+    norm
+}
+
+/// The clipping half of [`clip_grad_norm`] for a caller that has the norm already: scales
+/// `grads` by `max_norm / (norm + 1e-6)` when that is below 1.
+pub fn scale_to_norm(grads: &mut [f32], norm: f64, max_norm: f64) {
     let coef = max_norm / (norm + 1e-6);
     if coef < 1.0 {
         let c = coef as f32;
         grads.par_chunks_mut(CHUNK).for_each(|chunk| chunk.iter_mut().for_each(|g| *g *= c));
     }
-    norm
 }
 
 #[cfg(test)]

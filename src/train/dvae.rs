@@ -7,6 +7,7 @@
 //! the small grey images this trains on. AdamW with a warmup + cosine learning rate.
 
 use super::adamw::{AdamW, AdamWConfig};
+use super::optimizer::apply_update;
 use super::schedule::CosineSchedule;
 use crate::dvae::relaxation::{argmax_rows, gumbel_softmax, gumbel_softmax_backward, kl_to_uniform, perplexity};
 use crate::dvae::Dvae;
@@ -219,10 +220,12 @@ impl DvaeTrainer {
     /// gradient changes nothing and returns [`Error::Numerical`].
     pub fn step(&mut self, mapped: &[f32]) -> Result<DvaeStepStats> {
         let stats = self.forward_backward(mapped)?;
-        if !stats.loss.is_finite() || !self.grads.iter().all(|g| g.is_finite()) {
-            return Err(Error::Numerical(format!("tokenizer step {}: non-finite loss or gradient", self.step)));
+        let non_finite = || Error::Numerical(format!("tokenizer step {}: non-finite loss or gradient", self.step));
+        if !stats.loss.is_finite() {
+            return Err(non_finite());
         }
-        self.optimizer.step(&mut self.dvae.params.data, &self.grads, stats.lr, None);
+        apply_update(&mut self.optimizer, &mut self.dvae.params.data, &mut self.grads, stats.lr, None, None)
+            .map_err(|_| non_finite())?;
         self.step += 1;
         Ok(stats)
     }

@@ -8,6 +8,7 @@ pub mod dvae;
 pub mod evaluate;
 pub mod finetune;
 pub mod layer_decay;
+pub mod optimizer;
 /// cbindgen:ignore
 pub mod recipes;
 pub mod run_record;

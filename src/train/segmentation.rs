@@ -14,8 +14,8 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 use super::adamw::{decays, AdamW, AdamWConfig, DecayPlan};
-use super::clip::clip_grad_norm;
 use super::layer_decay::lr_scales;
+use super::optimizer::{apply_update, NonFiniteGradient};
 use super::schedule::CosineSchedule;
 use super::trainer::Trainer;
 use crate::backend::cpu::interp::bilinear_forward;
@@ -23,7 +23,7 @@ use crate::data::dataset::Dataset;
 use crate::data::loader::check_normalisation;
 /// The split lives with the other dataset subsets; re-exported here, where the fine-tune uses it.
 pub use crate::data::subset::split_indices;
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::resources::{try_zeroed, Bytes, Need, MAX_LABELS};
 
 use crate::model::segmentation::layout::is_buffer;
@@ -371,13 +371,12 @@ pub fn finetune(
             grads.fill(0.0);
             let out = model.segmentation_forward_backward(&mut ws, &batch, drop, &mut grads)?;
             ensure!(out.loss.is_finite(), Numerical, "loss is {} at step {step}", out.loss);
-            let grad_norm = match opts.clip_grad {
-                Some(max) => clip_grad_norm(&mut grads, max),
-                None => super::clip::global_norm(&grads),
-            };
-            ensure!(grad_norm.is_finite(), Numerical, "gradient norm is {grad_norm} at step {step}");
             let lr = schedule.value(step);
-            adam.step(&mut model.params_mut().data, &grads, lr as f32, Some(&scales));
+            let params = &mut model.params_mut().data;
+            let grad_norm = apply_update(&mut adam, params, &mut grads, lr as f32, Some(&scales), opts.clip_grad)
+                .map_err(|NonFiniteGradient(norm)| {
+                    Error::Numerical(format!("gradient norm is {norm} at step {step}"))
+                })?;
             model.apply_batchnorm_statistics(&out.batchnorm, BN_MOMENTUM);
             epoch_loss += out.loss;
             step += 1;

@@ -29,8 +29,8 @@ use crate::model::{
 use crate::resources::{try_zeroed, Bytes, Need};
 
 use super::adamw::{AdamW, AdamWConfig, DecayPlan};
-use super::clip::{clip_grad_norm, global_norm};
 use super::layer_decay::lr_scales;
+use super::optimizer::{apply_update, NonFiniteGradient};
 use super::schedule::CosineSchedule;
 
 /// How a trainer optimises. The defaults are BEiT's pretraining recipe (unilm
@@ -546,23 +546,21 @@ impl Trainer {
                 return Err(e);
             }
         };
-        let grad_norm = if self.options.clip_grad_norm > 0.0 {
-            // Clipping scales the gradient only when the norm is finite; check before it does.
-            let norm = global_norm(&self.grads);
-            if norm.is_finite() {
-                clip_grad_norm(&mut self.grads, self.options.clip_grad_norm)
-            } else {
-                norm
-            }
-        } else {
-            global_norm(&self.grads)
-        };
-        if !grad_norm.is_finite() {
-            self.rng = rng_before;
-            bail!(Numerical, "the gradient norm is {grad_norm}; the step was not applied and the trainer is unchanged");
-        }
         let lr = self.options.lr_at(self.step);
-        self.optimizer.step(&mut self.model.params_mut().data, &self.grads, lr as f32, self.lr_scale.as_deref());
+        let clip = (self.options.clip_grad_norm > 0.0).then_some(self.options.clip_grad_norm);
+        let params = &mut self.model.params_mut().data;
+        let grad_norm =
+            match apply_update(&mut self.optimizer, params, &mut self.grads, lr as f32, self.lr_scale.as_deref(), clip)
+            {
+                Ok(norm) => norm,
+                Err(NonFiniteGradient(norm)) => {
+                    self.rng = rng_before;
+                    bail!(
+                        Numerical,
+                        "the gradient norm is {norm}; the step was not applied and the trainer is unchanged"
+                    );
+                }
+            };
         self.step += 1;
         self.data_position += 1;
         let seconds = start.elapsed().as_secs_f64();

@@ -44,3 +44,85 @@ impl GemmShape {
         stride * (batch - 1) + rows * cols
     }
 }
+
+/// Geometry of a 2-D convolution (groups = 1, dilation = 1), shared by conv2d and
+/// conv_transpose2d. `in_*` is the op's input: for conv_transpose2d the `in_channels` planes of
+/// `in_h x in_w` are spread to `out_channels` planes of `transpose_out_h x transpose_out_w`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Conv2dShape {
+    pub batch: usize,
+    pub in_channels: usize,
+    pub out_channels: usize,
+    pub in_h: usize,
+    pub in_w: usize,
+    /// Square kernel, `kernel x kernel`.
+    pub kernel: usize,
+    pub stride: usize,
+    /// Zero padding, the same on all four sides.
+    pub padding: usize,
+}
+
+/// PyTorch's conv output size `floor((n + 2p - k) / s) + 1`.
+fn conv_out(n: usize, k: usize, s: usize, p: usize) -> usize {
+    assert!(s > 0, "conv: stride 0");
+    assert!(n + 2 * p >= k, "conv: kernel {k} larger than padded input {n} + 2*{p}");
+    (n + 2 * p - k) / s + 1
+}
+
+/// conv_transpose2d output size `(n - 1)·s - 2p + k` (output_padding 0).
+fn transpose_out(n: usize, k: usize, s: usize, p: usize) -> usize {
+    assert!(n > 0, "conv_transpose: empty input");
+    let full = (n - 1) * s + k;
+    assert!(full > 2 * p, "conv_transpose: padding {p} leaves no output");
+    full - 2 * p
+}
+
+impl Conv2dShape {
+    /// conv2d output height.
+    pub fn out_h(&self) -> usize {
+        conv_out(self.in_h, self.kernel, self.stride, self.padding)
+    }
+
+    /// conv2d output width.
+    pub fn out_w(&self) -> usize {
+        conv_out(self.in_w, self.kernel, self.stride, self.padding)
+    }
+
+    /// conv_transpose2d output height: `(in_h - 1)·stride - 2·padding + kernel`.
+    pub fn transpose_out_h(&self) -> usize {
+        transpose_out(self.in_h, self.kernel, self.stride, self.padding)
+    }
+
+    /// conv_transpose2d output width.
+    pub fn transpose_out_w(&self) -> usize {
+        transpose_out(self.in_w, self.kernel, self.stride, self.padding)
+    }
+
+    /// Weight element count: conv2d `[out, in, k, k]`, conv_transpose2d `[in, out, k, k]`.
+    pub fn weight_len(&self) -> usize {
+        self.out_channels * self.in_channels * self.kernel * self.kernel
+    }
+}
+
+/// Shape of a BatchNorm input: `[batch, channels, plane]` with `plane = height·width`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BnShape {
+    pub batch: usize,
+    pub channels: usize,
+    pub plane: usize,
+}
+
+/// Sizes of one attention call.
+#[derive(Clone, Copy, Debug)]
+pub struct AttentionShape {
+    pub batch: usize,
+    pub tokens: usize,
+    pub heads: usize,
+    pub head_dim: usize,
+}
+
+impl AttentionShape {
+    pub fn hidden(&self) -> usize {
+        self.heads * self.head_dim
+    }
+}

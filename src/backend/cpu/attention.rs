@@ -14,20 +14,9 @@ use super::SendPtr;
 /// keep the gemm crate's blocked path.
 const FUSED_MAX_TOKENS: usize = 1024;
 
-/// Sizes of one attention call.
-#[derive(Clone, Copy, Debug)]
-pub struct AttentionShape {
-    pub batch: usize,
-    pub tokens: usize,
-    pub heads: usize,
-    pub head_dim: usize,
-}
+pub use crate::backend::shapes::AttentionShape;
 
 impl AttentionShape {
-    pub fn hidden(&self) -> usize {
-        self.heads * self.head_dim
-    }
-
     /// Whether the per-pair products run on [`attention_kernel`]'s register-blocked kernels
     /// (AVX2+FMA, head dim a multiple of 8, at most [`FUSED_MAX_TOKENS`] tokens) rather than
     /// through the gemm crate.

@@ -9,13 +9,7 @@ use rayon::prelude::*;
 
 use super::SendPtr;
 
-/// Shape of a BatchNorm input: `[batch, channels, plane]` with `plane = height·width`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct BnShape {
-    pub batch: usize,
-    pub channels: usize,
-    pub plane: usize,
-}
+pub use crate::backend::shapes::BnShape;
 
 impl BnShape {
     fn len(&self) -> usize {

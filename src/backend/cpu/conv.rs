@@ -24,64 +24,10 @@ use super::backward::{add_into, DxMode};
 use super::gemm::{matmul, Mat, MatMut, Threads};
 use super::math;
 
-/// Geometry of a 2-D convolution (groups = 1, dilation = 1), shared by conv2d and
-/// conv_transpose2d. `in_*` is the op's input: for conv_transpose2d the `in_channels` planes of
-/// `in_h x in_w` are spread to `out_channels` planes of `transpose_out_h x transpose_out_w`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Conv2dShape {
-    pub batch: usize,
-    pub in_channels: usize,
-    pub out_channels: usize,
-    pub in_h: usize,
-    pub in_w: usize,
-    /// Square kernel, `kernel x kernel`.
-    pub kernel: usize,
-    pub stride: usize,
-    /// Zero padding, the same on all four sides.
-    pub padding: usize,
-}
+pub use crate::backend::shapes::Conv2dShape;
 
-/// PyTorch's conv output size `floor((n + 2p - k) / s) + 1`.
-fn conv_out(n: usize, k: usize, s: usize, p: usize) -> usize {
-    assert!(s > 0, "conv: stride 0");
-    assert!(n + 2 * p >= k, "conv: kernel {k} larger than padded input {n} + 2*{p}");
-    (n + 2 * p - k) / s + 1
-}
-
-/// conv_transpose2d output size `(n - 1)·s - 2p + k` (output_padding 0).
-fn transpose_out(n: usize, k: usize, s: usize, p: usize) -> usize {
-    assert!(n > 0, "conv_transpose: empty input");
-    let full = (n - 1) * s + k;
-    assert!(full > 2 * p, "conv_transpose: padding {p} leaves no output");
-    full - 2 * p
-}
-
+// The geometry lives with the shared shape types; the column layouts the CPU kernels use are here.
 impl Conv2dShape {
-    /// conv2d output height.
-    pub fn out_h(&self) -> usize {
-        conv_out(self.in_h, self.kernel, self.stride, self.padding)
-    }
-
-    /// conv2d output width.
-    pub fn out_w(&self) -> usize {
-        conv_out(self.in_w, self.kernel, self.stride, self.padding)
-    }
-
-    /// conv_transpose2d output height: `(in_h - 1)·stride - 2·padding + kernel`.
-    pub fn transpose_out_h(&self) -> usize {
-        transpose_out(self.in_h, self.kernel, self.stride, self.padding)
-    }
-
-    /// conv_transpose2d output width.
-    pub fn transpose_out_w(&self) -> usize {
-        transpose_out(self.in_w, self.kernel, self.stride, self.padding)
-    }
-
-    /// Weight element count: conv2d `[out, in, k, k]`, conv_transpose2d `[in, out, k, k]`.
-    pub fn weight_len(&self) -> usize {
-        self.out_channels * self.in_channels * self.kernel * self.kernel
-    }
-
     fn check(&self) {
         assert!(
             self.in_channels > 0 && self.out_channels > 0 && self.in_h > 0 && self.in_w > 0 && self.kernel > 0,

@@ -7,12 +7,14 @@
 // Stricter than a GPU where it matters: a barrier or full-mask shuffle that some thread of the
 // block / warp never reaches (an exited thread, divergent control flow) is reported as a
 // deadlock instead of being undefined behaviour. Blocks run one after another; __shared__
-// arrays are function statics (shared by the fibers of the block that runs).
+// arrays are function statics (shared by the fibers of the block that runs). The CUDA mock
+// (tests/cuda_mock) runs the same kernels through this file behind a fake driver.
 // Only what the kernels use is provided: 1-D blocks, float/double shuffles; bf16 comes from
 // include/cuda_bf16.h beside this file.
 #pragma once
 #define BEIT_HOST_EMU 1
 
+#include <sys/mman.h>
 #include <ucontext.h>
 
 #include <algorithm>
@@ -47,14 +49,35 @@ inline float __int_as_float(int i) {
 
 namespace emu {
 
+// Switching fibers: on x86-64 a hand-written switch of the callee-saved registers and the stack
+// pointer (about 50 times faster than swapcontext, which makes a signal-mask system call every
+// time); elsewhere ucontext. `switch_to(save, to)` stores the current stack pointer in *save and
+// resumes the fiber whose stack pointer is `to`.
+#if defined(__x86_64__)
+__attribute__((naked, noinline)) static void switch_to(void** /*save*/, void* /*to*/) {
+    __asm__ volatile(
+        "pushq %rbp\n\tpushq %rbx\n\tpushq %r12\n\tpushq %r13\n\tpushq %r14\n\tpushq %r15\n\t"
+        "movq %rsp, (%rdi)\n\tmovq %rsi, %rsp\n\t"
+        "popq %r15\n\tpopq %r14\n\tpopq %r13\n\tpopq %r12\n\tpopq %rbx\n\tpopq %rbp\n\tret\n\t");
+}
+#define BEIT_EMU_FAST_SWITCH 1
+#endif
+
 struct Fiber {
+#ifdef BEIT_EMU_FAST_SWITCH
+    void* sp = nullptr;
+#else
     ucontext_t ctx;
-    std::vector<char> stack;
+#endif
     bool done = false;
 };
 
 struct Sched {
+#ifdef BEIT_EMU_FAST_SWITCH
+    void* main_sp = nullptr;
+#else
     ucontext_t main;
+#endif
     std::vector<Fiber> fibers;
     int current = 0;
     const std::function<void()>* body = nullptr;
@@ -65,16 +88,80 @@ struct Sched {
     std::vector<unsigned long> warp_gen;
     std::vector<double> warp_slot;  // shuffle exchange, 32 per warp (double holds a float exactly)
     unsigned long progress = 0;
+    // Called before and after each block (the CUDA mock fills shared memory there); null: none.
+    void (*before_block)(unsigned long block) = nullptr;
+    void (*after_block)(unsigned long block) = nullptr;
+    // false: a deadlock makes launch() return false instead of exiting the process.
+    bool exit_on_deadlock = true;
 };
 inline Sched S;
 
-inline void yield() { swapcontext(&S.fibers[S.current].ctx, &S.main); }
+// Fiber stacks: one mapping, committed lazily by the kernel as pages are touched, with an
+// inaccessible guard page below each stack (an overflow faults instead of corrupting a neighbour).
+constexpr size_t kStackSize = 256 * 1024, kGuard = 4096;
+inline char* stack_of(unsigned t) {
+    static char* base = nullptr;
+    static unsigned count = 0;
+    if (t >= count) {
+        const unsigned want = std::max(1024u, t + 1);
+        char* p = (char*)mmap(nullptr, (size_t)want * (kStackSize + kGuard), PROT_READ | PROT_WRITE,
+                              MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+        if (p == MAP_FAILED) {
+            fprintf(stderr, "emu: cannot map %u fiber stacks\n", want);
+            abort();
+        }
+        for (unsigned i = 0; i < want; ++i) mprotect(p + (size_t)i * (kStackSize + kGuard), kGuard, PROT_NONE);
+        if (base) munmap(base, (size_t)count * (kStackSize + kGuard));  // between launches only
+        base = p;
+        count = want;
+    }
+    return base + (size_t)t * (kStackSize + kGuard) + kGuard;
+}
+
+inline void yield() {
+#ifdef BEIT_EMU_FAST_SWITCH
+    switch_to(&S.fibers[S.current].sp, S.main_sp);
+#else
+    swapcontext(&S.fibers[S.current].ctx, &S.main);
+#endif
+}
 
 inline void fiber_entry() {
     (*S.body)();
     S.fibers[S.current].done = true;
     S.progress++;
-    swapcontext(&S.fibers[S.current].ctx, &S.main);
+    yield();
+    abort();  // a finished fiber is never resumed
+}
+
+inline void start_fiber(unsigned t) {
+    Fiber& f = S.fibers[t];
+    char* stack = stack_of(t);
+#ifdef BEIT_EMU_FAST_SWITCH
+    // The frame switch_to pops: six callee-saved registers, then the "return" into fiber_entry,
+    // then a null return address for fiber_entry itself (16-byte aligned as after a call).
+    void** top = (void**)(((uintptr_t)(stack + kStackSize) & ~(uintptr_t)15) - 64);
+    for (int i = 0; i < 6; ++i) top[i] = nullptr;
+    top[6] = (void*)&fiber_entry;
+    top[7] = nullptr;
+    f.sp = top;
+#else
+    getcontext(&f.ctx);
+    f.ctx.uc_stack.ss_sp = stack;
+    f.ctx.uc_stack.ss_size = kStackSize;
+    f.ctx.uc_link = nullptr;
+    makecontext(&f.ctx, fiber_entry, 0);
+#endif
+}
+
+inline void resume(unsigned t) {
+    S.current = (int)t;
+    threadIdx = emu_dim3{t, 0, 0};
+#ifdef BEIT_EMU_FAST_SWITCH
+    switch_to(&S.main_sp, S.fibers[t].sp);
+#else
+    swapcontext(&S.main, &S.fibers[t].ctx);
+#endif
 }
 
 inline void block_barrier() {
@@ -100,50 +187,43 @@ inline void warp_barrier(int w) {
     while (S.warp_gen[w] == gen) yield();
 }
 
-// Runs `body` as a kernel over grid x block (1-D blocks), blocks in order.
-inline void launch(emu_dim3 grid, unsigned threads, const std::function<void()>& body) {
-    static std::vector<std::vector<char>> stacks;
-    const size_t stack_size = 256 * 1024;
-    if (stacks.size() < threads) stacks.resize(threads);
+// Runs `body` as a kernel over grid x block (1-D blocks), blocks in order. Returns false on a
+// deadlock when S.exit_on_deadlock is false (else reports it and exits).
+inline bool launch(emu_dim3 grid, unsigned threads, const std::function<void()>& body) {
     gridDim = grid;
     blockDim = emu_dim3{threads, 1, 1};
     S.body = &body;
     const int warps = (threads + 31) / 32;
+    unsigned long block = 0;
     for (unsigned bz = 0; bz < grid.z; ++bz)
         for (unsigned by = 0; by < grid.y; ++by)
-            for (unsigned bx = 0; bx < grid.x; ++bx) {
+            for (unsigned bx = 0; bx < grid.x; ++bx, ++block) {
                 blockIdx = emu_dim3{bx, by, bz};
                 S.fibers.assign(threads, Fiber{});
                 S.block_arrived = 0;
                 S.warp_arrived.assign(warps, 0);
                 S.warp_gen.assign(warps, 0);
                 S.warp_slot.assign(32 * warps, 0.0);
-                for (unsigned t = 0; t < threads; ++t) {
-                    Fiber& f = S.fibers[t];
-                    if (stacks[t].size() < stack_size) stacks[t].resize(stack_size);
-                    getcontext(&f.ctx);
-                    f.ctx.uc_stack.ss_sp = stacks[t].data();
-                    f.ctx.uc_stack.ss_size = stack_size;
-                    f.ctx.uc_link = nullptr;
-                    makecontext(&f.ctx, fiber_entry, 0);
-                }
+                for (unsigned t = 0; t < threads; ++t) start_fiber(t);
+                if (S.before_block) S.before_block(block);
                 for (;;) {
                     bool all_done = true;
                     const unsigned long before = S.progress;
                     for (unsigned t = 0; t < threads; ++t) {
                         if (S.fibers[t].done) continue;
                         all_done = false;
-                        S.current = (int)t;
-                        threadIdx = emu_dim3{t, 0, 0};
-                        swapcontext(&S.main, &S.fibers[t].ctx);
+                        resume(t);
                     }
                     if (all_done) break;
                     if (S.progress == before) {
                         fprintf(stderr, "emu: deadlock in block (%u,%u,%u): a barrier or shuffle is not reached by all threads\n", bx, by, bz);
-                        exit(2);
+                        if (S.exit_on_deadlock) exit(2);
+                        return false;
                     }
                 }
+                if (S.after_block) S.after_block(block);
             }
+    return true;
 }
 
 }  // namespace emu

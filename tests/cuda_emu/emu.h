@@ -101,19 +101,20 @@ inline Sched S;
 constexpr size_t kStackSize = 256 * 1024, kGuard = 4096;
 inline char* stack_of(unsigned t) {
     static char* base = nullptr;
-    static unsigned count = 0;
-    if (t >= count) {
-        const unsigned want = std::max(1024u, t + 1);
-        char* p = (char*)mmap(nullptr, (size_t)want * (kStackSize + kGuard), PROT_READ | PROT_WRITE,
+    constexpr unsigned kMaxThreads = 1024;  // CUDA's limit per block
+    if (t >= kMaxThreads) {
+        fprintf(stderr, "emu: a block of more than %u threads\n", kMaxThreads);
+        abort();
+    }
+    if (!base) {
+        char* p = (char*)mmap(nullptr, (size_t)kMaxThreads * (kStackSize + kGuard), PROT_READ | PROT_WRITE,
                               MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
         if (p == MAP_FAILED) {
-            fprintf(stderr, "emu: cannot map %u fiber stacks\n", want);
+            fprintf(stderr, "emu: cannot map the fiber stacks\n");
             abort();
         }
-        for (unsigned i = 0; i < want; ++i) mprotect(p + (size_t)i * (kStackSize + kGuard), kGuard, PROT_NONE);
-        if (base) munmap(base, (size_t)count * (kStackSize + kGuard));  // between launches only
+        for (unsigned i = 0; i < kMaxThreads; ++i) mprotect(p + (size_t)i * (kStackSize + kGuard), kGuard, PROT_NONE);
         base = p;
-        count = want;
     }
     return base + (size_t)t * (kStackSize + kGuard) + kGuard;
 }

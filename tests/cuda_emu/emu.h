@@ -47,6 +47,13 @@ inline float __int_as_float(int i) {
     return f;
 }
 
+// IEEE round-to-nearest arithmetic without contraction: what the host's SSE float operations are.
+inline float __fadd_rn(float a, float b) { return a + b; }
+inline float __fsub_rn(float a, float b) { return a - b; }
+inline float __fmul_rn(float a, float b) { return a * b; }
+inline float __fdiv_rn(float a, float b) { return a / b; }
+inline float __fsqrt_rn(float a) { return std::sqrt(a); }
+
 namespace emu {
 
 // Switching fibers: on x86-64 a hand-written switch of the callee-saved registers and the stack

@@ -60,7 +60,7 @@ namespace emu {
 // pointer (about 50 times faster than swapcontext, which makes a signal-mask system call every
 // time); elsewhere ucontext. `switch_to(save, to)` stores the current stack pointer in *save and
 // resumes the fiber whose stack pointer is `to`.
-#if defined(__x86_64__)
+#if defined(__x86_64__) && !defined(BEIT_EMU_UCONTEXT)
 __attribute__((naked, noinline)) static void switch_to(void** /*save*/, void* /*to*/) {
     __asm__ volatile(
         "pushq %rbp\n\tpushq %rbx\n\tpushq %r12\n\tpushq %r13\n\tpushq %r14\n\tpushq %r15\n\t"
@@ -79,14 +79,19 @@ struct Fiber {
     bool done = false;
 };
 
-struct Sched {
+// Suspends `from` and resumes `to`.
+inline void jump(Fiber& from, Fiber& to) {
 #ifdef BEIT_EMU_FAST_SWITCH
-    void* main_sp = nullptr;
+    switch_to(&from.sp, to.sp);
 #else
-    ucontext_t main;
+    swapcontext(&from.ctx, &to.ctx);
 #endif
+}
+
+struct Sched {
+    Fiber main;  // the launching code
     std::vector<Fiber> fibers;
-    int current = 0;
+    unsigned current = 0;
     const std::function<void()>* body = nullptr;
     // Block barrier and one barrier per warp: arrivals and a generation that moves on release.
     int block_arrived = 0;
@@ -94,7 +99,9 @@ struct Sched {
     std::vector<int> warp_arrived;
     std::vector<unsigned long> warp_gen;
     std::vector<double> warp_slot;  // shuffle exchange, 32 per warp (double holds a float exactly)
-    unsigned long progress = 0;
+    // Arrivals and exits; a whole round of the runnable fibers without any is a deadlock.
+    unsigned long progress = 0, round_progress = 0;
+    bool deadlocked = false;
     // Called before and after each block (the CUDA mock fills shared memory there); null: none.
     void (*before_block)(unsigned long block) = nullptr;
     void (*after_block)(unsigned long block) = nullptr;
@@ -126,19 +133,45 @@ inline char* stack_of(unsigned t) {
     return base + (size_t)t * (kStackSize + kGuard) + kGuard;
 }
 
+// Fibers hand over to each other directly, round-robin (no trip through the launching code):
+// the next unfinished fiber after the current one.
+inline unsigned next_runnable(unsigned t) {
+    const unsigned n = (unsigned)S.fibers.size();
+    do t = t + 1 == n ? 0 : t + 1;
+    while (S.fibers[t].done);
+    return t;
+}
+
+inline void run_fiber(unsigned from, unsigned to) {
+    S.current = to;
+    threadIdx = emu_dim3{to, 0, 0};
+    jump(S.fibers[from], S.fibers[to]);
+}
+
+// Called by a fiber waiting at a barrier: lets the others run.
 inline void yield() {
-#ifdef BEIT_EMU_FAST_SWITCH
-    switch_to(&S.fibers[S.current].sp, S.main_sp);
-#else
-    swapcontext(&S.fibers[S.current].ctx, &S.main);
-#endif
+    const unsigned t = S.current, next = next_runnable(t);
+    if (next <= t) {  // a round of the runnable fibers ends here
+        if (S.progress == S.round_progress) {
+            S.deadlocked = true;
+            jump(S.fibers[t], S.main);  // never resumed
+        }
+        S.round_progress = S.progress;
+    }
+    if (next != t) run_fiber(t, next);
 }
 
 inline void fiber_entry() {
     (*S.body)();
-    S.fibers[S.current].done = true;
+    const unsigned t = S.current;
+    S.fibers[t].done = true;
     S.progress++;
-    yield();
+    bool any = false;
+    for (const Fiber& f : S.fibers) any = any || !f.done;
+    if (any)
+        run_fiber(t, next_runnable(t));
+    else
+        jump(S.fibers[t], S.main);
     abort();  // a finished fiber is never resumed
 }
 
@@ -159,16 +192,6 @@ inline void start_fiber(unsigned t) {
     f.ctx.uc_stack.ss_size = kStackSize;
     f.ctx.uc_link = nullptr;
     makecontext(&f.ctx, fiber_entry, 0);
-#endif
-}
-
-inline void resume(unsigned t) {
-    S.current = (int)t;
-    threadIdx = emu_dim3{t, 0, 0};
-#ifdef BEIT_EMU_FAST_SWITCH
-    switch_to(&S.main_sp, S.fibers[t].sp);
-#else
-    swapcontext(&S.main, &S.fibers[t].ctx);
 #endif
 }
 
@@ -212,22 +235,17 @@ inline bool launch(emu_dim3 grid, unsigned threads, const std::function<void()>&
                 S.warp_arrived.assign(warps, 0);
                 S.warp_gen.assign(warps, 0);
                 S.warp_slot.assign(32 * warps, 0.0);
+                S.progress = S.round_progress = 0;
+                S.deadlocked = false;
                 for (unsigned t = 0; t < threads; ++t) start_fiber(t);
                 if (S.before_block) S.before_block(block);
-                for (;;) {
-                    bool all_done = true;
-                    const unsigned long before = S.progress;
-                    for (unsigned t = 0; t < threads; ++t) {
-                        if (S.fibers[t].done) continue;
-                        all_done = false;
-                        resume(t);
-                    }
-                    if (all_done) break;
-                    if (S.progress == before) {
-                        fprintf(stderr, "emu: deadlock in block (%u,%u,%u): a barrier or shuffle is not reached by all threads\n", bx, by, bz);
-                        if (S.exit_on_deadlock) exit(2);
-                        return false;
-                    }
+                S.current = 0;
+                threadIdx = emu_dim3{0, 0, 0};
+                jump(S.main, S.fibers[0]);  // back when every fiber is done, or on a deadlock
+                if (S.deadlocked) {
+                    fprintf(stderr, "emu: deadlock in block (%u,%u,%u): a barrier or shuffle is not reached by all threads\n", bx, by, bz);
+                    if (S.exit_on_deadlock) exit(2);
+                    return false;
                 }
                 if (S.after_block) S.after_block(block);
             }

@@ -98,7 +98,7 @@ bool check_guards(const Alloc& a, const char* when) {
     for (size_t i = 0; i < kGuard; ++i)
         if (lo[i] != kGuardByte) {
             fail(CUDA_ERROR_ILLEGAL_ADDRESS,
-                 "%s: memory before the allocation at 0x%lx (%zu bytes) was overwritten, %zu bytes before its start",
+                 "%s: memory before the allocation at 0x%lx (%zu bytes) was overwritten (first changed byte %zu before its start)",
                  when, (unsigned long)a.base, a.size, kGuard - i);
             memset(lo, kGuardByte, kGuard);
             return false;
@@ -106,7 +106,7 @@ bool check_guards(const Alloc& a, const char* when) {
     for (size_t i = 0; i < hi_len; ++i)
         if (hi[i] != kGuardByte) {
             fail(CUDA_ERROR_ILLEGAL_ADDRESS,
-                 "%s: memory after the allocation at 0x%lx (%zu bytes) was overwritten, %zu bytes past its end", when,
+                 "%s: memory after the allocation at 0x%lx (%zu bytes) was overwritten (first changed byte %zu past its end)", when,
                  (unsigned long)a.base, a.size, i);
             memset(hi, kGuardByte, hi_len);
             return false;
@@ -588,7 +588,7 @@ API cuLaunchKernel(void* f, unsigned gx, unsigned gy, unsigned gz, unsigned bx, 
         return fail(CUDA_ERROR_NOT_SUPPORTED, "cuLaunchKernel %s: the emulator runs 1-D blocks only", k.name);
     if (!params || extra)
         return fail(CUDA_ERROR_NOT_SUPPORTED, "cuLaunchKernel %s: only kernelParams are emulated (no `extra`)", k.name);
-    if (!k.run(k, gx, gy, gz, bx, params)) return CUDA_ERROR_LAUNCH_FAILED;
+    if (int e = k.run(k, gx, gy, gz, bx, params)) return e;
     if (k.static_shared_seen > kStaticSharedLimit) {
         fail(CUDA_ERROR_LAUNCH_OUT_OF_RESOURCES, "kernel %s wrote %d bytes of static shared memory (limit %d)", k.name,
              k.static_shared_seen, kStaticSharedLimit);

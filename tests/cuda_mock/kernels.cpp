@@ -55,7 +55,7 @@ void measure_shared(unsigned long block) {
 // Reads parameter i of the kernel as the kernel's own C++ signature declares it, checks the
 // pointers, and runs every thread of the grid.
 template <typename... P, size_t... I>
-bool run_with(mock::Kernel& k, void (*fn)(P...), emu_dim3 grid, unsigned threads, void** args,
+int run_with(mock::Kernel& k, void (*fn)(P...), emu_dim3 grid, unsigned threads, void** args,
               std::index_sequence<I...>) {
     std::tuple<std::decay_t<P>...> values{*static_cast<std::decay_t<P>*>(args[I])...};
     std::vector<uintptr_t> pointers;
@@ -69,20 +69,20 @@ bool run_with(mock::Kernel& k, void (*fn)(P...), emu_dim3 grid, unsigned threads
             }
         }(),
         ...);
-    if (!ok) return false;
+    if (!ok) return mock::CUDA_ERROR_INVALID_VALUE;
     g_running = &k;
     emu::S.before_block = fill_shared;
     emu::S.after_block = measure_shared;
     emu::S.exit_on_deadlock = false;
     const bool done = emu::launch(grid, threads, [&] { fn(std::get<I>(values)...); });
     emu::S.before_block = emu::S.after_block = nullptr;
-    if (!done) mock::fail(mock::CUDA_ERROR_LAUNCH_FAILED, "kernel %s deadlocked (see the emulator's message)", k.name);
     mock::run_kernel_checks(k, pointers);
-    return done;
+    if (!done) return mock::fail(mock::CUDA_ERROR_LAUNCH_FAILED, "kernel %s deadlocked (see the emulator's message)", k.name);
+    return mock::CUDA_SUCCESS;
 }
 
 template <typename... P>
-bool run(const mock::Kernel& k, unsigned gx, unsigned gy, unsigned gz, unsigned threads, void** args) {
+int run(const mock::Kernel& k, unsigned gx, unsigned gy, unsigned gz, unsigned threads, void** args) {
     return run_with(const_cast<mock::Kernel&>(k), reinterpret_cast<void (*)(P...)>(k.fn), emu_dim3{gx, gy, gz},
                     threads, args, std::index_sequence_for<P...>{});
 }

@@ -75,9 +75,9 @@ struct Kernel {
     const char* file;  // "gelu.cu"
     const char* name;
     int max_threads;  // __launch_bounds__' first value, 0 when none is declared
-    // Runs the kernel on grid x threads with the parameters cuLaunchKernel got; false: failed
-    // (already reported).
-    bool (*run)(const Kernel& k, unsigned gx, unsigned gy, unsigned gz, unsigned threads, void** args);
+    // Runs the kernel on grid x threads with the parameters cuLaunchKernel got; the status
+    // (failures already reported).
+    int (*run)(const Kernel& k, unsigned gx, unsigned gy, unsigned gz, unsigned threads, void** args);
     void* fn;
     char* shared_begin;  // this file's __shared__ arrays, in their own section
     char* shared_end;

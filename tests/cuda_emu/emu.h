@@ -98,7 +98,11 @@ struct Sched {
     unsigned long block_gen = 0;
     std::vector<int> warp_arrived;
     std::vector<unsigned long> warp_gen;
-    std::vector<double> warp_slot;  // shuffle exchange, 32 per warp (double holds a float exactly)
+    // Shuffle exchange: two sets of 32 slots per warp, used in turn (a double holds a float
+    // exactly). A lane reads shuffle k's values before it can arrive at shuffle k + 1's barrier,
+    // so when shuffle k + 2 writes the set again every lane has read it: one barrier per shuffle.
+    std::vector<double> warp_slot;
+    std::vector<unsigned char> shuffle_parity;  // per thread
     // Arrivals and exits; a whole round of the runnable fibers without any is a deadlock.
     unsigned long progress = 0, round_progress = 0;
     bool deadlocked = false;
@@ -234,7 +238,8 @@ inline bool launch(emu_dim3 grid, unsigned threads, const std::function<void()>&
                 S.block_arrived = 0;
                 S.warp_arrived.assign(warps, 0);
                 S.warp_gen.assign(warps, 0);
-                S.warp_slot.assign(32 * warps, 0.0);
+                S.warp_slot.assign(64 * warps, 0.0);
+                S.shuffle_parity.assign(threads, 0);
                 S.progress = S.round_progress = 0;
                 S.deadlocked = false;
                 for (unsigned t = 0; t < threads; ++t) start_fiber(t);
@@ -263,11 +268,11 @@ inline V __shfl_sync(unsigned mask, V v, int src) {
         exit(2);
     }
     const int lane = threadIdx.x % 32, w = threadIdx.x / 32;
-    emu::S.warp_slot[32 * w + lane] = (double)v;
+    double* slots = &emu::S.warp_slot[64 * w + 32 * emu::S.shuffle_parity[threadIdx.x]];
+    emu::S.shuffle_parity[threadIdx.x] ^= 1;
+    slots[lane] = (double)v;
     emu::warp_barrier(w);
-    const V r = (V)emu::S.warp_slot[32 * w + (src & 31)];
-    emu::warp_barrier(w);
-    return r;
+    return (V)slots[src & 31];
 }
 
 template <typename V>

@@ -466,9 +466,11 @@ API cuMemsetD8Async(uintptr_t dst, unsigned char v, size_t n, void* stream) {
 }
 
 // ----------------------------------------------------------------------------------- modules
-// An "image" from the mock NVRTC is text: "BEIT-CUDA-MOCK-IMAGE\nfile=<name>\narch=<arch>\n".
+// An "image" from the mock NVRTC is text:
+// "BEIT-CUDA-MOCK-IMAGE\nfile=<name>\narch=<arch>\nkernels=<name> <name>...\n".
 struct Module {
     std::string file;
+    std::set<std::string> kernels;  // as the image lists them
 };
 static std::set<Module*> g_modules;
 static const char kImageMagic[] = "BEIT-CUDA-MOCK-IMAGE\n";
@@ -486,8 +488,15 @@ API cuModuleLoadData(void** module, const void* image) {
         return fail(CUDA_ERROR_INVALID_IMAGE, "cuModuleLoadData: not an image of the mock NVRTC");
     const char* f = strstr(text, "file=");
     const char* a = strstr(text, "arch=");
-    if (!f || !a) return fail(CUDA_ERROR_INVALID_IMAGE, "cuModuleLoadData: malformed mock image");
+    const char* ks = strstr(text, "kernels=");
+    if (!f || !a || !ks) return fail(CUDA_ERROR_INVALID_IMAGE, "cuModuleLoadData: malformed mock image");
     const std::string file(f + 5, strcspn(f + 5, "\n")), arch(a + 5, strcspn(a + 5, "\n"));
+    std::set<std::string> listed;
+    for (const char* k = ks + 8; *k && *k != '\n'; k += strspn(k, " ")) {
+        const size_t len = strcspn(k, " \n");
+        listed.emplace(k, len);
+        k += len;
+    }
     // sm_XY runs on compute capability >= X.Y; the arch-specific sm_XYa only on exactly X.Y.
     int cc = 0;
     char suffix = 0;
@@ -500,7 +509,11 @@ API cuModuleLoadData(void** module, const void* image) {
                     file.c_str(), arch.c_str(), device_cc);
     if (kernels_of(file).empty())
         return fail(CUDA_ERROR_INVALID_IMAGE, "cuModuleLoadData: the mock has no kernels of %s", file.c_str());
-    Module* m = new Module{file};
+    for (const auto& name : listed)
+        if (!find_kernel(file, name))
+            return fail(CUDA_ERROR_INVALID_IMAGE, "cuModuleLoadData: the image of %s lists %s, which the mock lacks",
+                        file.c_str(), name.c_str());
+    Module* m = new Module{file, listed};
     g_modules.insert(m);
     *module = m;
     return CUDA_SUCCESS;
@@ -516,7 +529,8 @@ API cuModuleGetFunction(void** fn, void* module, const char* name) {
     LOCKED;
     NEED_CTX;
     if (!g_modules.count((Module*)module)) return fail(CUDA_ERROR_INVALID_HANDLE, "cuModuleGetFunction: %p", module);
-    Kernel* k = find_kernel(((Module*)module)->file, name ? name : "");
+    Module* m = (Module*)module;
+    Kernel* k = name && m->kernels.count(name) ? find_kernel(m->file, name) : nullptr;
     if (!k)
         return fail(CUDA_ERROR_NOT_FOUND, "cuModuleGetFunction: no kernel %s in %s", name ? name : "(null)",
                     ((Module*)module)->file.c_str());

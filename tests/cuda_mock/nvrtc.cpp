@@ -1,7 +1,7 @@
 // The NVRTC half of the CUDA mock (libnvrtc): "compiling" checks that the source is the cuda/
 // file the mock was built from (and its headers the same .cuh files), and the result is a
-// placeholder image naming the file and the architecture, which cuModuleLoadData accepts and
-// whose kernels cuModuleGetFunction finds among the emulated ones.
+// placeholder image naming the file, the architecture and the file's kernels, which
+// cuModuleLoadData accepts and whose kernels cuModuleGetFunction finds among the emulated ones.
 #include <cstring>
 #include <string>
 #include <vector>
@@ -60,11 +60,10 @@ int compile(Program& p, const std::vector<std::string>& options) {
             return NVRTC_ERROR_COMPILATION;
         }
     }
-    const auto kernels = mock::kernels_of(p.name);
-    p.log = "cuda-mock NVRTC: " + p.name + " for " + arch + " is the emulated build of this text; " +
-            std::to_string(kernels.size()) + " kernels:";
-    for (auto* k : kernels) p.log += std::string(" ") + k->name;
-    p.image = "BEIT-CUDA-MOCK-IMAGE\nfile=" + p.name + "\narch=" + arch + "\n";
+    std::string names;
+    for (auto* k : mock::kernels_of(p.name)) names += std::string(names.empty() ? "" : " ") + k->name;
+    p.log = "cuda-mock NVRTC: " + p.name + " for " + arch + " is the emulated build of this text; kernels: " + names;
+    p.image = "BEIT-CUDA-MOCK-IMAGE\nfile=" + p.name + "\narch=" + arch + "\nkernels=" + names + "\n";
     p.compiled = true;
     return NVRTC_SUCCESS;
 }

@@ -105,6 +105,16 @@ impl CudaDevice {
         self.multiprocessors
     }
 
+    /// Makes the device's context current on the calling thread, leaving a pending asynchronous
+    /// error pending (cudarc's `bind_to_thread` would consume and return it). For `Drop`s of
+    /// types holding device buffers: cudarc frees a buffer without making its context current,
+    /// so on a thread that never used CUDA the free fails with `CUDA_ERROR_INVALID_CONTEXT`, the
+    /// memory leaks, and the error cudarc records fails the next CUDA call, on any thread.
+    pub fn make_current(&self) {
+        // SAFETY: `self.ctx` is a live context; setting it current has no other effect.
+        let _ = unsafe { cudarc::driver::result::ctx::set_current(self.ctx.cu_ctx()) };
+    }
+
     /// Waits for every queued op; surfaces asynchronous kernel errors.
     pub fn synchronize(&self) -> Result<()> {
         self.stream.synchronize().map_err(|e| driver_error("stream synchronize", e))

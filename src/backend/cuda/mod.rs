@@ -41,6 +41,8 @@
 //! and views (`buf.slice(a..b)`) fit; `CudaDevice::launch_pointwise` launches the common
 //! `(scalars..., pointers..., long long n)` signature. Everything runs on the one stream, in
 //! issue order; a kernel's asynchronous error surfaces at the next `download`/`synchronize`.
+//! A type that owns device buffers and may be dropped on a thread that has not used CUDA calls
+//! `CudaDevice::make_current` in its `Drop` (cudarc frees without making the context current).
 //!
 //! # Writing a GPU test
 //! In `tests/cuda_ops.rs` (or `tests/cuda_kernels.rs`): mark it

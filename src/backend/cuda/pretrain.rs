@@ -322,6 +322,13 @@ struct Step<T: Act> {
     masked: usize,
 }
 
+impl<T: Act> Drop for Step<T> {
+    fn drop(&mut self) {
+        // Before the buffers below go: a trainer may be dropped on a thread that never ran CUDA.
+        self.dev.make_current();
+    }
+}
+
 enum Inner {
     F32(Step<f32>),
     Bf16(Step<bf16>),

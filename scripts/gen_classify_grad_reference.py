@@ -43,9 +43,9 @@ from safetensors.torch import load_file, save_file
 from transformers import BeitConfig, BeitForImageClassification
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from gen_reference import Selection, layernorm_input_variance, perturb, scale_embeddings  # noqa: E402
+from gen_reference import Selection, perturb, scale_embeddings  # noqa: E402
 from gen_grad_reference import (  # noqa: E402
-    EPS_SENSITIVITY_MIN, FLAGS, eps_sensitivity, save_name_map, via_save_pretrained)
+    FLAGS, record_eps_case, save_name_map, via_save_pretrained)
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests", "reference_classify_grads")
 NUM_LABELS = 5
@@ -131,20 +131,11 @@ def make_case(out_root, name, smoothing, batch_size=3, notes="", embedding_scale
         "notes": notes,
     }
     if embedding_scale is not None:
-        ln_variance = layernorm_input_variance(model, lambda: loss_of(model, batch, smoothing))
-
         def wrong_grads(m):
             l, _, g = grads_of(m, batch, smoothing)
             return l, g
-        eps_report, eps_bad = eps_sensitivity(model, mapping, batch, loss, grads_saved, grads_of=wrong_grads)
-        if eps_bad:
-            raise SystemExit(f"{name}: loss and gradients move by <= {EPS_SENSITIVITY_MIN} tolerances for {eps_bad}")
-        description["embedding_scale"] = embedding_scale
-        description["layernorm_input_variance_min_median_max"] = ln_variance
-        description["eps_sensitivity_in_tolerances"] = eps_report
-        print(f"{name}: LayerNorm input variance (min, median, max): "
-              + ", ".join(f"{k} {v}" for k, v in ln_variance.items()))
-        print(f"{name}: wrong eps, in tolerances: " + ", ".join(f"{k} {v}" for k, v in eps_report.items()))
+        record_eps_case(name, description, embedding_scale, model, mapping, batch, loss, grads_saved,
+                        loss_fn=lambda: loss_of(model, batch, smoothing), grads_of=wrong_grads)
     with open(os.path.join(out_dir, "case.json"), "w") as f:
         json.dump(description, f, indent=2, sort_keys=True)
         f.write("\n")

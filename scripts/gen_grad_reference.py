@@ -121,6 +121,22 @@ def grad_tolerances(loss, grads, ref_loss, ref_grads):
     return worst
 
 
+def record_eps_case(name, description, embedding_scale, model, mapping, batch, loss, grads_saved, loss_fn, grads_of):
+    """For a case made to test layer_norm_eps: measures the LayerNorm input variance and how far a
+    wrong eps moves the loss and gradients, refuses the case when some wrong eps moves them by
+    <= EPS_SENSITIVITY_MIN tolerances, and records both in `description` (case.json)."""
+    ln_variance = layernorm_input_variance(model, loss_fn)
+    eps_report, eps_bad = eps_sensitivity(model, mapping, batch, loss, grads_saved, grads_of=grads_of)
+    if eps_bad:
+        raise SystemExit(f"{name}: loss and gradients move by <= {EPS_SENSITIVITY_MIN} tolerances for {eps_bad}")
+    description["embedding_scale"] = embedding_scale
+    description["layernorm_input_variance_min_median_max"] = ln_variance
+    description["eps_sensitivity_in_tolerances"] = eps_report
+    print(f"{name}: LayerNorm input variance (min, median, max): "
+          + ", ".join(f"{k} {v}" for k, v in ln_variance.items()))
+    print(f"{name}: wrong eps, in tolerances: " + ", ".join(f"{k} {v}" for k, v in eps_report.items()))
+
+
 def eps_sensitivity(model, mapping, batch, loss, grads_saved, grads_of=None):
     """{variant: [tolerances, what moved most]} for each wrong-eps variant of `model`, and those
     under EPS_SENSITIVITY_MIN. `grads_of(model)` gives (loss, {in-memory name: gradient})."""
@@ -206,17 +222,8 @@ def make_case(out_root, name, batch_size=2, adamw=False, notes="", embedding_sca
         "notes": notes,
     }
     if embedding_scale is not None:
-        ln_variance = layernorm_input_variance(model, lambda: loss_of(model, batch))
-        eps_report, eps_bad = eps_sensitivity(model, mapping, batch, loss, grads_saved,
-                                              grads_of=lambda m: grads_of(m, batch))
-        if eps_bad:
-            raise SystemExit(f"{name}: loss and gradients move by <= {EPS_SENSITIVITY_MIN} tolerances for {eps_bad}")
-        description["embedding_scale"] = embedding_scale
-        description["layernorm_input_variance_min_median_max"] = ln_variance
-        description["eps_sensitivity_in_tolerances"] = eps_report
-        print(f"{name}: LayerNorm input variance (min, median, max): "
-              + ", ".join(f"{k} {v}" for k, v in ln_variance.items()))
-        print(f"{name}: wrong eps, in tolerances: " + ", ".join(f"{k} {v}" for k, v in eps_report.items()))
+        record_eps_case(name, description, embedding_scale, model, mapping, batch, loss, grads_saved,
+                        loss_fn=lambda: loss_of(model, batch), grads_of=lambda m: grads_of(m, batch))
 
     if adamw:
         m = copy.deepcopy(model)

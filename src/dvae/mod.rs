@@ -1,7 +1,7 @@
 //! The visual tokenizer: a discrete VAE whose encoder maps an image to a grid of codes (BEiT's
 //! prediction targets). The encoder is DALL-E's architecture, so OpenAI's trained encoder can be
 //! imported (`scripts/convert_dalle_encoder.py`) and gives that model's tokens; a smaller one
-//! with a decoder can be trained ([`crate::train::dvae::DvaeTrainer`], `beit tokenizer train`).
+//! with a decoder can be trained (by the trainer layer above, `train::dvae`, and `beit tokenizer train`).
 //!
 //! Pixels entering the encoder are `map_pixels(x) = 0.8·x + 0.1` of images in [0, 1]
 //! (DALL-E's `map_pixels`, ε = 0.1); the decoder reconstructs in that same space.

@@ -56,7 +56,7 @@ use super::sums::column_sums_scratch_len;
 use crate::backend::cpu::backward::DxMode;
 use crate::backend::optimizer::AdamWConfig;
 use crate::backend::shapes::GemmShape;
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::model::params::{Affine, BlockParams, HeadParams, Layout, ParamId, ParamStore};
 use crate::model::{relpos, Architecture, MimBatch, MimTarget, Model};
 use crate::train::adamw::AdamW;
@@ -76,7 +76,7 @@ pub enum Precision {
 }
 
 impl std::str::FromStr for Precision {
-    type Err = crate::Error;
+    type Err = Error;
     fn from_str(s: &str) -> Result<Self> {
         match s {
             "fp32" | "f32" => Ok(Precision::F32),
@@ -1211,14 +1211,14 @@ impl<T: Act> Step<T> {
     }
 
     fn loss(&self) -> Result<f64> {
-        let a = self.acts.as_ref().ok_or_else(|| crate::Error::InvalidArgument("no pass has run".into()))?;
+        let a = self.acts.as_ref().ok_or_else(|| Error::InvalidArgument("no pass has run".into()))?;
         let sum = self.dev.download(&a.loss_sum._buf)?[0];
         Ok(sum / self.masked as f64)
     }
 
     fn apply(&mut self, clip: f64, lr: f32) -> Result<GpuStepStats> {
         let dev = self.dev.clone();
-        let a = self.acts.as_mut().ok_or_else(|| crate::Error::InvalidArgument("no pass has run".into()))?;
+        let a = self.acts.as_mut().ok_or_else(|| Error::InvalidArgument("no pass has run".into()))?;
         let mut grads = self.grads.all();
         if clip > 0.0 {
             dev.clip_grad_norm(&mut grads, clip, &mut a.norm)?;

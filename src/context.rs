@@ -17,6 +17,13 @@ pub fn probe_cuda() -> &'static ProbeReport {
     probe()
 }
 
+/// The backend of passes that run on this host's CPU: what a model's entry points without a
+/// context (`Model::forward`, the CPU training passes) run their pass on. The model names no
+/// backend; it asks the context.
+pub fn host_backend() -> crate::backend::cpu::ops::Cpu {
+    crate::backend::cpu::ops::Cpu
+}
+
 /// Where work runs. `Cuda` runs pretraining on the GPU and makes the passes that only run on
 /// the CPU an `Unsupported` error (never a silent fallback); `Auto` picks the CPU, where every
 /// pass runs, and says why.

@@ -158,7 +158,7 @@ impl Model {
         let TrainWorkspace { planned, logits, .. } = ws;
         let planned = planned.as_mut().expect("planned above");
         let factors = drop_path.map(|dp| dp.factors);
-        let (dims, hidden) = self.backbone_forward_train(planned, &images, factors);
+        let (dims, hidden) = self.backbone_forward_train(planned, &images, factors)?;
         let (plan, arena, _) = &mut *planned;
 
         let HeadParams::Classifier { classifier } = self.layout.head else {
@@ -175,7 +175,7 @@ impl Model {
             // norm's output; `dnormed`/`dpooled` their gradients. All are [b, d] prefixes of
             // slots sized for every token.
             let [h, pooled, normed, dpooled, dnormed] =
-                arena.many_mut([hidden, plan.gathered, plan.head_normed, plan.dbranch, plan.dnormed]);
+                arena.many_mut([hidden, plan.gathered, plan.head_normed, plan.scratch.dbranch, plan.scratch.dnormed]);
             let (pooled, normed) = (&mut pooled[..b * d], &mut normed[..b * d]);
             let (dpooled, dnormed) = (&mut dpooled[..b * d], &mut dnormed[..b * d]);
             let features: &[f32] = match self.layout.pooler_layernorm {
@@ -236,7 +236,7 @@ impl Model {
                 }
             }
         }
-        self.backbone_backward_train(planned, &images, dims, factors, grads, &mut |_, _| {});
+        self.backbone_backward_train(planned, &images, dims, factors, grads, &mut |_, _| {})?;
         Ok(loss_sum)
     }
 }

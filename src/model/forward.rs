@@ -3,18 +3,19 @@
 
 use rayon::prelude::*;
 
-use crate::backend::cpu::attention::{attention_forward, AttentionShape};
-use crate::backend::cpu::elementwise::{bias_gelu_inplace, residual_add};
 use crate::backend::cpu::gemm::linear;
-use crate::backend::cpu::layernorm::layernorm;
 use crate::backend::cpu::resize;
+use crate::backend::memory::{Arena, HostMemory, Space, View};
+use crate::backend::ops::{Backend, Norm};
+use crate::context::host_backend;
 use crate::error::Result;
 use crate::resources::{self, Bytes, Need};
 use crate::tensor::{checked_numel, Tensor};
 
-use super::arena::{Arena, ArenaPlan, Slot};
+use super::block::block_forward;
 use super::config::Architecture;
-use super::params::{Affine, BlockParams, HeadParams, ParamStore};
+use super::params::{Affine, BlockParams, HeadParams};
+use super::plan::ActivationPlan;
 use super::relpos;
 use super::Model;
 
@@ -56,36 +57,17 @@ pub struct Outputs {
     pub logits: Option<Tensor>,
 }
 
-/// The slots of one pass, planned for a (batch, height, width).
-#[derive(Debug, Clone)]
-struct Plan {
-    key: (usize, usize, usize),
-    grid: (usize, usize),
-    tokens: usize,
-    patches: Slot,
-    x: Slot,
-    normed: Slot,
-    qkv: Slot,
-    context: Slot,
-    projected: Slot,
-    mlp: Slot,
-    shared_bias: Slot,
-    bias: Slot,
-    scores: Slot,
-    pooled: Slot,
-}
-
 /// A plan, its arena, and the relative position index of its grid.
 #[derive(Debug)]
 pub(crate) struct Workspace {
-    plan: Plan,
+    plan: ActivationPlan,
     arena: Arena,
     rel_index: Vec<usize>,
 }
 
-/// Most arena slots one block of a plan takes (the training plan's [`super::training`] layer
-/// slots; inference takes fewer).
-pub(super) const SLOTS_PER_LAYER: usize = 12;
+/// Most views one block of a plan takes (a training plan's [`super::block::LayerSlots`];
+/// inference takes fewer).
+pub(super) const SLOTS_PER_LAYER: usize = 13;
 /// Most arena slots of a plan outside its blocks.
 pub(super) const SLOTS_OUTSIDE_BLOCKS: usize = 24;
 
@@ -194,35 +176,6 @@ impl Model {
         Ok(())
     }
 
-    fn plan(&self, batch: usize, height: usize, width: usize) -> (Plan, ArenaPlan) {
-        let c = &self.config;
-        let (gh, gw) = self.grid_of(height, width);
-        let n = gh * gw;
-        let t = n + 1;
-        let (d, inter, heads) = (c.hidden_size, c.intermediate_size, c.num_attention_heads);
-        let (ph, pw) = c.patch_size.hw();
-        let threads = rayon::current_num_threads().max(1);
-        let mut p = ArenaPlan::default();
-        let has_rel = c.use_relative_position_bias || c.use_shared_relative_position_bias;
-        let plan = Plan {
-            key: (batch, height, width),
-            grid: (gh, gw),
-            tokens: t,
-            patches: p.slot(batch * n * c.num_channels * ph * pw),
-            x: p.slot(batch * t * d),
-            normed: p.slot(batch * t * d),
-            qkv: p.slot(batch * t * 3 * d),
-            context: p.slot(batch * t * d),
-            projected: p.slot(batch * t * d),
-            mlp: p.slot(batch * t * inter),
-            shared_bias: p.slot(if c.use_shared_relative_position_bias { heads * t * t } else { 0 }),
-            bias: p.slot(if has_rel { heads * t * t } else { 0 }),
-            scores: p.slot(threads.min(batch * heads) * t * t),
-            pooled: p.slot(2 * batch * d),
-        };
-        (plan, p)
-    }
-
     /// Refuses, before any plan is made, a pass whose sizes could not even be counted. Every
     /// slot of the inference and training plans holds at most `batch · tokens · widest` floats,
     /// `widest` being the widest per-token row of the pass (3·hidden, intermediate, heads·tokens
@@ -263,14 +216,14 @@ impl Model {
     /// Tests what a new inference workspace for this shape needs (its arena, the relative
     /// position index and table, resized position embeddings, the attention kernels' scratch)
     /// against the budget.
-    fn check_workspace_need(&self, plan: &Plan, arena: &ArenaPlan, height: usize, width: usize) -> Result<()> {
+    fn check_workspace_need(&self, plan: &ActivationPlan, arena_len: usize, height: usize, width: usize) -> Result<()> {
         let (batch, t) = (plan.key.0, plan.tokens);
         // Beside the arena: the relative position index, and a relative position table resized
         // for another grid (per call, see `table_for_grid`).
         let table = Bytes::floats(&[super::params::rel_pos_table_rows(plan.grid), self.config.num_attention_heads]);
         let positions = Bytes::floats(&[t, self.config.hidden_size]) * 2;
-        let scratch = self.attention_scratch_bytes(plan.scores.len() / (t * t), t);
-        let need = Bytes::floats(&[arena.total()]) + Bytes::of::<usize>(&[t, t]) + table + positions + scratch;
+        let scratch = self.attention_scratch_bytes(plan.scratch.attn.len() / (t * t), t);
+        let need = Bytes::floats(&[arena_len]) + Bytes::of::<usize>(&[t, t]) + table + positions + scratch;
         Need::new(format!("the activations of {}", pass_description(batch, height, width, Some(t))), need)
             .hint(PIECES_HINT)
             .check()
@@ -279,21 +232,18 @@ impl Model {
     /// A workspace for this shape and the current pool size: from the model's pool when one
     /// fits, else newly planned (after the budget test).
     fn take_workspace(&self, batch: usize, height: usize, width: usize) -> Result<Workspace> {
-        let key = (batch, height, width);
         let threads = rayon::current_num_threads().max(1);
-        let slots_needed = threads.min(batch * self.config.num_attention_heads);
+        let key = (batch, height, width, threads);
         {
             let mut pool = self.workspaces.lock().unwrap_or_else(|e| e.into_inner());
-            let fits = |w: &Workspace| {
-                w.plan.key == key && w.plan.scores.len() == slots_needed * w.plan.tokens * w.plan.tokens
-            };
+            let fits = |w: &Workspace| w.plan.key == key;
             if let Some(i) = pool.iter().position(fits) {
                 return Ok(pool.swap_remove(i));
             }
         }
         self.check_pass_countable(batch, height, width)?;
-        let (plan, arena_plan) = self.plan(batch, height, width);
-        self.check_workspace_need(&plan, &arena_plan, height, width)?;
+        let (plan, arena_plan) = self.inference_plan(&host_backend(), batch, height, width);
+        self.check_workspace_need(&plan, arena_plan.act_total(), height, width)?;
         let rel_index = relpos::relative_position_index(plan.grid);
         Ok(Workspace { plan, arena: Arena::new(&arena_plan)?, rel_index })
     }
@@ -359,119 +309,136 @@ impl Model {
         }
 
         let mut ws = self.take_workspace(input.batch, input.height, input.width)?;
-        self.run(&mut ws, input, out);
+        let result = self.run(&mut ws, input, out);
         self.return_workspace(ws);
-        Ok(())
+        result
     }
 
-    fn run(&self, ws: &mut Workspace, input: &ImageBatch<'_>, out: OutputBuffers<'_>) {
+    fn run(&self, ws: &mut Workspace, input: &ImageBatch<'_>, out: OutputBuffers<'_>) -> Result<()> {
         let c = &self.config;
-        let p = &self.params;
+        let be = host_backend();
         let plan = ws.plan.clone();
         let (b, t, d) = (input.batch, plan.tokens, c.hidden_size);
-        let heads = c.num_attention_heads;
 
-        self.embed(ws, input);
-        let has_shared = self.prepare_shared_bias(ws);
-        for block in &self.layout.blocks {
-            let bias = self.layer_bias(ws, block, has_shared);
-            block_forward(
-                p,
-                block,
-                ws,
-                &plan,
-                b,
-                c.hidden_size,
-                c.intermediate_size,
-                heads,
-                c.layer_norm_eps as f32,
-                bias,
-            );
-        }
-
+        self.blocks_forward(&be, ws, input, |_, _| {})?;
+        let Workspace { arena, .. } = ws;
+        let mut m = HostMemory::new(arena, &self.params.data, &mut []);
         // The backbone's output: `beit.layernorm` for CLS pooling, identity for mean pooling.
-        let hidden_slot = match &self.layout.final_layernorm {
-            Some(ln) => {
-                let [x, normed] = ws.arena.many_mut([plan.x, plan.normed]);
-                layernorm_affine(p, *ln, normed, x, d, c.layer_norm_eps as f32);
-                plan.normed
-            }
-            None => plan.x,
-        };
+        if let Some(ln) = &self.layout.final_layernorm {
+            be.layer_norm(&mut m, plan.x_out, d, self.norm(*ln, plan.output))?;
+        }
+        let hidden_view = plan.output;
         if let Some(dst) = out.last_hidden_state {
-            dst.copy_from_slice(ws.arena.get(hidden_slot));
+            dst.copy_from_slice(m.arena.get(hidden_view));
         }
 
         if self.layout.has_pooler {
-            let [pooled, hidden] = ws.arena.many_mut([plan.pooled, hidden_slot]);
-            let (mean, normed) = pooled.split_at_mut(b * d);
-            let result: &[f32] = match &self.layout.pooler_layernorm {
-                Some(ln) => {
-                    mean_of_patch_tokens(mean, hidden, b, t, d);
-                    layernorm_affine(p, *ln, normed, mean, d, c.layer_norm_eps as f32);
-                    normed
-                }
-                None => {
-                    for i in 0..b {
-                        mean[i * d..(i + 1) * d].copy_from_slice(&hidden[i * t * d..i * t * d + d]);
+            let (mean_view, normed_view) = (plan.pooled.sub(0, b * d), plan.pooled.sub(b * d, b * d));
+            let result_view = {
+                let [pooled, hidden] = m.arena.many_mut([plan.pooled, hidden_view]);
+                let mean = &mut pooled[..b * d];
+                match &self.layout.pooler_layernorm {
+                    Some(_) => mean_of_patch_tokens(mean, hidden, b, t, d),
+                    None => {
+                        for i in 0..b {
+                            mean[i * d..(i + 1) * d].copy_from_slice(&hidden[i * t * d..i * t * d + d]);
+                        }
                     }
-                    mean
+                }
+                match &self.layout.pooler_layernorm {
+                    Some(ln) => {
+                        be.layer_norm(&mut m, mean_view, d, self.norm(*ln, normed_view))?;
+                        normed_view
+                    }
+                    None => mean_view,
                 }
             };
+            let result = m.arena.get(result_view);
             if let Some(dst) = out.pooler_output {
                 dst.copy_from_slice(result);
             }
             if let (HeadParams::Classifier { classifier }, Some(dst)) = (&self.layout.head, out.logits) {
-                let k = c.num_labels();
+                let (p, k) = (&self.params, c.num_labels());
                 linear(dst, result, p.get(classifier.weight), Some(p.get(classifier.bias)), b, d, k);
             }
         } else if let (HeadParams::MaskedImageModeling { layernorm: ln, lm_head }, Some(dst)) =
             (&self.layout.head, out.logits)
         {
-            let source = if hidden_slot == plan.x { plan.normed } else { plan.context };
-            let [hidden, normed] = ws.arena.many_mut([hidden_slot, source]);
-            layernorm_affine(p, *ln, normed, hidden, d, c.layer_norm_eps as f32);
-            let v = c.vocab_size;
-            let n = t - 1;
-            // Patch tokens of one image are contiguous rows, so each image is one GEMM.
+            // The head's norm goes to a buffer free by now: the blocks' norm output, or (when
+            // that holds the backbone output) the attention context.
+            let layer = plan.layer(0);
+            let normed_view = if hidden_view == plan.x_out { layer.ln1 } else { layer.ctx };
+            be.layer_norm(&mut m, hidden_view, d, self.norm(*ln, normed_view))?;
+            let normed = m.arena.get(normed_view);
+            let (p, v, n) = (&self.params, c.vocab_size, t - 1);
+            // Patch tokens of one image are contiguous rows, so each image is one GEMM. The
+            // logits go straight to the caller's buffer.
             for (i, logits) in dst.chunks_exact_mut(n * v).enumerate() {
                 let rows = &normed[(i * t + 1) * d..(i * t + t) * d];
                 linear(logits, rows, p.get(lm_head.weight), Some(p.get(lm_head.bias)), n, d, v);
             }
         }
+        Ok(())
+    }
+
+    /// A layer norm with the affine `ln` into `out`, keeping nothing (inference).
+    pub(super) fn norm(&self, ln: Affine, out: View) -> Norm {
+        Norm {
+            out,
+            saved: View::empty(Space::Stat),
+            gamma: self.params.view(ln.weight),
+            beta: self.params.view(ln.bias),
+            eps: self.config.layer_norm_eps as f32,
+        }
+    }
+
+    /// The embeddings and every block of an inference pass, in the shared `x` of the plan;
+    /// `after(k, x)` sees hidden state k (0 = the embeddings, k = the output of block k).
+    fn blocks_forward<B>(
+        &self,
+        be: &B,
+        ws: &mut Workspace,
+        input: &ImageBatch<'_>,
+        mut after: impl FnMut(usize, &[f32]),
+    ) -> Result<()>
+    where
+        for<'a> B: Backend<Memory<'a> = HostMemory<'a>>,
+    {
+        let plan = ws.plan.clone();
+        let dims = self.block_dims(input.batch, plan.tokens);
+        self.embed(ws, input);
+        after(0, ws.arena.get(plan.x_out));
+        let has_shared = self.prepare_shared_bias(ws);
+        for (l, block) in self.layout.blocks.iter().enumerate() {
+            let has_bias = self.layer_bias(ws, block, has_shared);
+            let mut m = HostMemory::new(&mut ws.arena, &self.params.data, &mut []);
+            let (layer, out) = (plan.layer(l), plan.block_output(l));
+            block_forward(be, &mut m, &self.params, block, layer, out, &plan.scratch, has_bias, dims, None)?;
+            after(l + 1, ws.arena.get(out));
+        }
+        Ok(())
     }
 
     /// Hidden states `indices` of an inference pass (0 = the embeddings, k = the output of block
     /// k, before any final layer norm), each `[batch, tokens, hidden]`: the backbone features
     /// of heads outside this module (segmentation). `input` must have passed `check_input`.
     pub(crate) fn hidden_states(&self, input: &ImageBatch<'_>, indices: &[usize]) -> Result<Vec<Vec<f32>>> {
-        let c = &self.config;
         let mut ws = self.take_workspace(input.batch, input.height, input.width)?;
-        let plan = ws.plan.clone();
         let mut out = vec![Vec::new(); indices.len()];
-        let grab = |k: usize, ws: &Workspace, out: &mut Vec<Vec<f32>>| {
+        let result = self.blocks_forward(&host_backend(), &mut ws, input, |k, x| {
             for (o, _) in out.iter_mut().zip(indices).filter(|(_, &i)| i == k) {
-                *o = ws.arena.get(plan.x).to_vec();
+                *o = x.to_vec();
             }
-        };
-        self.embed(&mut ws, input);
-        grab(0, &ws, &mut out);
-        let has_shared = self.prepare_shared_bias(&mut ws);
-        for (l, block) in self.layout.blocks.iter().enumerate() {
-            let bias = self.layer_bias(&mut ws, block, has_shared);
-            let (inter, heads, eps) = (c.intermediate_size, c.num_attention_heads, c.layer_norm_eps as f32);
-            block_forward(&self.params, block, &mut ws, &plan, input.batch, c.hidden_size, inter, heads, eps, bias);
-            grab(l + 1, &ws, &mut out);
-        }
+        });
         self.return_workspace(ws);
-        Ok(out)
+        result.map(|_| out)
     }
 
     /// Patch embedding (as a GEMM over non-overlapping patches), mask token, CLS token and
     /// absolute position embeddings, into `x`.
     fn embed(&self, ws: &mut Workspace, input: &ImageBatch<'_>) {
         let plan = &ws.plan;
-        let [patches, x, tmp] = ws.arena.many_mut([plan.patches, plan.x, plan.context]);
+        let [patches, x, tmp] = ws.arena.many_mut([plan.patches, plan.x_out, plan.embedded]);
         self.embed_into(input, plan.grid, patches, x, tmp);
     }
 
@@ -574,9 +541,9 @@ impl Model {
 
     /// The bias of one layer: shared + per-layer, whichever exist, in the `bias` slot.
     fn layer_bias(&self, ws: &mut Workspace, block: &BlockParams, has_shared: bool) -> bool {
-        let plan = ws.plan.clone();
+        let plan = &ws.plan;
         let Workspace { arena, rel_index, .. } = ws;
-        let [shared_bias, bias] = arena.many_mut([plan.shared_bias, plan.bias]);
+        let [shared_bias, bias] = arena.many_mut([plan.shared_bias, plan.scratch.bias]);
         self.layer_bias_into(bias, has_shared.then_some(&*shared_bias), block, plan.grid, rel_index)
     }
 
@@ -637,10 +604,6 @@ pub(super) fn resize_position_embeddings(pos: &[f32], d: usize, positions: usize
     out
 }
 
-fn layernorm_affine(p: &ParamStore, ln: Affine, out: &mut [f32], x: &[f32], d: usize, eps: f32) {
-    layernorm(out, x, p.get(ln.weight), p.get(ln.bias), d, eps);
-}
-
 /// Mean over tokens 1..t of each image (the mean-pooling pooler excludes CLS).
 pub(super) fn mean_of_patch_tokens(mean: &mut [f32], hidden: &[f32], b: usize, t: usize, d: usize) {
     for i in 0..b {
@@ -654,45 +617,4 @@ pub(super) fn mean_of_patch_tokens(mean: &mut [f32], hidden: &[f32], b: usize, t
         let inv = 1.0 / (t - 1) as f32;
         m.iter_mut().for_each(|v| *v *= inv);
     }
-}
-
-/// One pre-LN block: `x += λ1·Attn(LN(x))`, then `x += λ2·FC2(GELU(FC1(LN(x))))`.
-#[allow(clippy::too_many_arguments)]
-fn block_forward(
-    p: &ParamStore,
-    blk: &BlockParams,
-    ws: &mut Workspace,
-    plan: &Plan,
-    batch: usize,
-    d: usize,
-    inter: usize,
-    heads: usize,
-    eps: f32,
-    has_bias: bool,
-) {
-    let rows = batch * plan.tokens;
-    let [x, normed, qkv, context, projected, mlp, bias, scores] = ws.arena.many_mut([
-        plan.x,
-        plan.normed,
-        plan.qkv,
-        plan.context,
-        plan.projected,
-        plan.mlp,
-        plan.bias,
-        plan.scores,
-    ]);
-    layernorm(normed, x, p.get(blk.ln_before_w), p.get(blk.ln_before_b), d, eps);
-    // q, k and v weights (and biases, with k's fixed at zero) are adjacent: one GEMM.
-    linear(qkv, normed, p.span(blk.query_w, blk.value_w), Some(p.span(blk.query_b, blk.value_b)), rows, d, 3 * d);
-    let shape = AttentionShape { batch, tokens: plan.tokens, heads, head_dim: d / heads };
-    attention_forward(context, qkv, has_bias.then_some(&*bias), shape, scores);
-    // Output projection; its bias, layer scale and the residual add are one pass.
-    linear(projected, context, p.get(blk.out_w), None, rows, d, d);
-    residual_add(x, projected, p.get(blk.out_b), blk.lambda_1.map(|l| p.get(l)));
-
-    layernorm(normed, x, p.get(blk.ln_after_w), p.get(blk.ln_after_b), d, eps);
-    linear(mlp, normed, p.get(blk.fc1_w), None, rows, d, inter);
-    bias_gelu_inplace(mlp, Some(p.get(blk.fc1_b)), inter);
-    linear(projected, mlp, p.get(blk.fc2_w), None, rows, inter, d);
-    residual_add(x, projected, p.get(blk.fc2_b), blk.lambda_2.map(|l| p.get(l)));
 }

@@ -1,9 +1,10 @@
 //! The BEiT model: config, parameters, Hugging Face directories, and the forward pass.
 //!
 //! `Model` owns its parameters. Inference takes `&self`, so one model can serve many threads;
-//! each pass borrows a planned [`arena::Arena`] from a small pool kept by the model.
+//! each pass borrows a planned activation arena (`plan.rs`) from a small pool kept by the model.
+//! The transformer block is written once, over the `Backend` trait, in `block.rs`.
 
-pub mod arena;
+mod block;
 mod classify;
 pub mod config;
 mod data_parallel;
@@ -13,6 +14,7 @@ pub mod io;
 mod mim_target;
 pub mod param_store;
 pub mod params;
+mod plan;
 pub mod relpos;
 mod resolution;
 pub mod segmentation;

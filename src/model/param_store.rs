@@ -2,6 +2,8 @@
 //! [`Builder`] that lays one out. Below both `params` (the backbone's layout) and
 //! `segmentation::layout` (the UperNet head's), which each add their entries through it.
 
+use crate::backend::memory::{Space, View};
+
 /// How a fresh model initialises an entry (BeitConfig-driven, unilm's scheme).
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum Init {
@@ -60,6 +62,29 @@ impl ParamStore {
     pub fn span(&self, first: ParamId, last: ParamId) -> &[f32] {
         let (a, b) = (&self.specs[first.0], &self.specs[last.0]);
         &self.data[a.offset..b.offset + b.len]
+    }
+
+    /// Where parameter `id` lies in the flat store, as a `Param` view for a pass (its gradient:
+    /// [`ParamStore::grad_view`]; the gradient buffer has the store's layout).
+    pub fn view(&self, id: ParamId) -> View {
+        let s = &self.specs[id.0];
+        View::new(Space::Param, s.offset, s.len)
+    }
+
+    /// [`ParamStore::span`] as a `Param` view.
+    pub fn span_view(&self, first: ParamId, last: ParamId) -> View {
+        let (a, b) = (&self.specs[first.0], &self.specs[last.0]);
+        View::new(Space::Param, a.offset, b.offset + b.len - a.offset)
+    }
+
+    /// The gradient of parameter `id`, as a `Grad` view.
+    pub fn grad_view(&self, id: ParamId) -> View {
+        View { space: Space::Grad, ..self.view(id) }
+    }
+
+    /// The gradient of [`ParamStore::span`], as a `Grad` view.
+    pub fn grad_span_view(&self, first: ParamId, last: ParamId) -> View {
+        View { space: Space::Grad, ..self.span_view(first, last) }
     }
 
     pub fn find(&self, name: &str) -> Option<ParamId> {

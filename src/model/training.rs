@@ -23,26 +23,23 @@
 
 use std::ops::Range;
 
-use crate::backend::cpu::attention::AttentionShape;
-use crate::backend::cpu::attention_backward::{
-    attention_backward, attention_backward_scratch_len, attention_forward_saving_probs,
-};
-use crate::backend::cpu::backward::{
-    add_into, gelu_backward_saved, layernorm_backward, linear_backward, residual_add_backward, DxMode,
-};
+use crate::backend::cpu::backward::{add_into, layernorm_backward, linear_backward};
 use crate::backend::cpu::cross_entropy::cross_entropy_fused_part;
-use crate::backend::cpu::elementwise::{bias_gelu_saving_grad, residual_add_into, RowFactors};
 use crate::backend::cpu::gemm::linear;
 use crate::backend::cpu::layernorm::layernorm;
 use crate::backend::cpu::mean_squared_error::mse_fused_part;
+use crate::backend::memory::{Arena, HostMemory, View};
+use crate::backend::ops::{Backend, DxMode};
+use crate::context::host_backend;
 use crate::error::{Error, Result};
 use crate::resources::{Bytes, Need};
 use crate::tensor::checked_numel;
 
-use super::arena::{Arena, ArenaPlan, Slot};
+use super::block::{block_backward, block_forward, drop_factors, BlockDims};
 use super::config::Architecture;
 use super::forward::{pass_description, PIECES_HINT};
-use super::params::{Affine, BlockParams, HeadParams, ParamId, ParamStore};
+use super::params::{Affine, HeadParams, ParamId, ParamStore};
+use super::plan::ActivationPlan;
 use super::relpos;
 use super::{ImageBatch, MimTarget, Model};
 
@@ -107,59 +104,8 @@ pub struct DropPath<'a> {
     pub factors: &'a [f32],
 }
 
-/// Slots of one layer's saved activations.
-#[derive(Debug, Clone, Copy)]
-struct LayerSlots {
-    x: Slot,
-    ln_before: Slot,
-    qkv: Slot,
-    probs: Slot,
-    context: Slot,
-    attn_out: Slot,
-    mid: Slot,
-    ln_after: Slot,
-    fc1: Slot,
-    gelu: Slot,
-    mlp_out: Slot,
-}
-
-impl TrainPlan {
-    /// Slot of hidden state `k`: the input of block k, or the last block's output for k = L.
-    fn hidden_state(&self, k: usize) -> Slot {
-        self.layers.get(k).map_or(self.x_out, |s| s.x)
-    }
-}
-
-#[derive(Debug, Clone)]
-pub(super) struct TrainPlan {
-    key: (usize, usize, usize, usize),
-    grid: (usize, usize),
-    pub(super) tokens: usize,
-    layers: Vec<LayerSlots>,
-    /// Output of the last block (the next layer's `x`).
-    x_out: Slot,
-    /// `beit.layernorm(x_out)` when the backbone has it.
-    pub(super) hidden: Slot,
-    patches: Slot,
-    /// Masked patch rows of the hidden state, then the head layer norm of them.
-    pub(super) gathered: Slot,
-    pub(super) head_normed: Slot,
-    // Scratch shared by all layers.
-    wide_a: Slot,
-    wide_b: Slot,
-    dx: Slot,
-    pub(super) dbranch: Slot,
-    pub(super) dnormed: Slot,
-    dtmp: Slot,
-    dcontext: Slot,
-    shared_bias: Slot,
-    bias: Slot,
-    dbias: Slot,
-    attn_scratch: Slot,
-}
-
-/// A planned pass: the slots, their arena, and the relative position index of the grid.
-pub(super) type Planned = (TrainPlan, Arena, Vec<usize>);
+/// A planned pass: the views, their arena, and the relative position index of the grid.
+pub(super) type Planned = (ActivationPlan, Arena, Vec<usize>);
 
 /// Reusable memory for training passes: the arena is planned for one (batch, height, width,
 /// thread count) and kept until the shape changes; logits grow to the largest masked count seen.
@@ -182,27 +128,6 @@ impl TrainWorkspace {
     pub fn bytes(&self) -> usize {
         let arena = self.planned.as_ref().map_or(0, |(_, a, _)| a.len());
         (arena + self.logits.capacity()) * std::mem::size_of::<f32>()
-    }
-}
-
-/// Shapes and constants of one pass.
-#[derive(Debug, Clone, Copy)]
-pub(super) struct Dims {
-    pub(super) b: usize,
-    pub(super) t: usize,
-    pub(super) d: usize,
-    inter: usize,
-    heads: usize,
-    pub(super) eps: f32,
-}
-
-impl Dims {
-    fn rows(&self) -> usize {
-        self.b * self.t
-    }
-
-    fn attention(&self) -> AttentionShape {
-        AttentionShape { batch: self.b, tokens: self.t, heads: self.heads, head_dim: self.d / self.heads }
     }
 }
 
@@ -314,33 +239,42 @@ impl Model {
 
     /// The backbone's training forward: embeddings, every block (keeping what the backward
     /// needs), and `beit.layernorm` when the model has it. Returns the pass's shapes and the
-    /// slot holding the backbone output (`[batch, tokens, hidden]`).
+    /// view holding the backbone output (`[batch, tokens, hidden]`).
     pub(super) fn backbone_forward_train(
         &self,
         planned: &mut Planned,
         images: &ImageBatch<'_>,
         factors: Option<&[f32]>,
-    ) -> (Dims, Slot) {
+    ) -> Result<(BlockDims, View)> {
+        let be = host_backend();
         let (plan, arena, rel_index) = planned;
-        let dims = self.train_dims(images.batch, plan.tokens);
+        let dims = self.block_dims(images.batch, plan.tokens);
         {
-            let [patches, x0, tmp] = arena.many_mut([plan.patches, plan.layers[0].x, plan.dtmp]);
+            let [patches, x0, tmp] = arena.many_mut([plan.patches, plan.layer(0).x, plan.embedded]);
             self.embed_into(images, plan.grid, patches, x0, tmp);
+        }
+        if let Some(f) = factors {
+            arena.get_mut(plan.factors).copy_from_slice(f);
         }
         let has_shared = self.shared_bias_into(arena.get_mut(plan.shared_bias), plan.grid, rel_index);
         for (l, blk) in self.layout.blocks.iter().enumerate() {
-            let next = plan.hidden_state(l + 1);
-            let drop = factors.map(|f| &f[l * 2 * dims.b..(l + 1) * 2 * dims.b]);
-            self.block_forward_train(arena, plan, rel_index, l, next, blk, dims, has_shared, drop);
+            let has_bias = {
+                let [shared, bias] = arena.many_mut([plan.shared_bias, plan.scratch.bias]);
+                self.layer_bias_into(bias, has_shared.then_some(&*shared), blk, plan.grid, rel_index)
+            };
+            let drop = factors.map(|_| drop_factors(plan.factors, l, dims));
+            let mut m = HostMemory::new(arena, &self.params.data, &mut []);
+            let (layer, out) = (plan.layer(l), plan.block_output(l));
+            block_forward(&be, &mut m, &self.params, blk, layer, out, &plan.scratch, has_bias, dims, drop)?;
         }
         if let Some(ln) = &self.layout.final_layernorm {
-            let [x, h] = arena.many_mut([plan.x_out, plan.hidden]);
-            layernorm(h, x, self.params.get(ln.weight), self.params.get(ln.bias), dims.d, dims.eps);
+            let mut m = HostMemory::new(arena, &self.params.data, &mut []);
+            be.layer_norm(&mut m, plan.x_out, dims.d, self.norm(*ln, plan.output))?;
         }
-        (dims, self.backbone_output_slot(plan))
+        Ok((dims, plan.output))
     }
 
-    /// The backbone's backward. On entry the slot returned by [`Model::backbone_forward_train`]
+    /// The backbone's backward. On entry the view returned by [`Model::backbone_forward_train`]
     /// holds dL/d(backbone output) (the head wrote it there); every backbone parameter's
     /// gradient is added to `grads`. Heads that read intermediate hidden states add their
     /// gradient through `inject(k, dx)`: called with k = L once `dx` holds dL/d(last block
@@ -350,51 +284,68 @@ impl Model {
         &self,
         planned: &mut Planned,
         images: &ImageBatch<'_>,
-        dims: Dims,
+        dims: BlockDims,
         factors: Option<&[f32]>,
         grads: &mut [f32],
         inject: &mut dyn FnMut(usize, &mut [f32]),
-    ) {
+    ) -> Result<()> {
+        let be = host_backend();
         let (plan, arena, rel_index) = planned;
-        let d = dims.d;
-        // dL/dhidden → dL/dx_out in the `dx` slot.
+        let p = &self.params;
+        let sc = plan.scratch;
+        // dL/dhidden → dL/dx_out in the `dx` view.
         match &self.layout.final_layernorm {
             Some(ln) => {
-                let [dx, dh, x] = arena.many_mut([plan.dx, plan.hidden, plan.x_out]);
-                let (dg, dbeta) = grads_pair(&self.params, grads, *ln);
-                layernorm_backward(dx, dg, dbeta, dh, x, self.params.get(ln.weight), d, dims.eps, DxMode::Overwrite);
+                let mut m = HostMemory::new(arena, &p.data, grads);
+                let (dg, dbeta) = (p.grad_view(ln.weight), p.grad_view(ln.bias));
+                let norm = self.norm(*ln, plan.output);
+                be.layer_norm_backward(
+                    &mut m,
+                    sc.dx,
+                    dg,
+                    dbeta,
+                    plan.output,
+                    plan.x_out,
+                    norm,
+                    dims.d,
+                    DxMode::Overwrite,
+                )?;
             }
             None => {
-                let [dx, dh] = arena.many_mut([plan.dx, plan.x_out]);
+                let [dx, dh] = arena.many_mut([sc.dx, plan.x_out]);
                 dx.copy_from_slice(dh);
             }
         }
-        inject(self.layout.blocks.len(), arena.get_mut(plan.dx));
-        // The forward filled the shared bias slot (heads leave it alone); blocks reuse it.
+        inject(self.layout.blocks.len(), arena.get_mut(sc.dx));
+        // The forward filled the shared bias view (heads leave it alone); blocks reuse it.
         let has_shared = self.layout.shared_rel_pos_table.is_some();
         // Backward through the blocks, last first. The shared table collects every layer's
         // bias gradient in `shared_dtable`.
-        let mut shared_dtable = self.layout.shared_rel_pos_table.map(|id| vec![0.0f32; self.params.specs[id.0].len]);
+        let mut shared_dtable = self.layout.shared_rel_pos_table.map(|id| vec![0.0f32; p.specs[id.0].len]);
         for (l, blk) in self.layout.blocks.iter().enumerate().rev() {
-            let drop = factors.map(|f| &f[l * 2 * dims.b..(l + 1) * 2 * dims.b]);
-            self.block_backward(
-                arena,
-                plan,
-                rel_index,
-                l,
-                blk,
-                dims,
-                has_shared,
-                drop,
-                grads,
-                shared_dtable.as_deref_mut(),
-            );
-            inject(l, arena.get_mut(plan.dx));
+            let has_bias = {
+                let [shared, bias] = arena.many_mut([plan.shared_bias, sc.bias]);
+                self.layer_bias_into(bias, has_shared.then_some(&*shared), blk, plan.grid, rel_index)
+            };
+            let drop = factors.map(|_| drop_factors(plan.factors, l, dims));
+            let mut m = HostMemory::new(arena, &p.data, grads);
+            block_backward(&be, &mut m, p, blk, plan.layer(l), &sc, has_bias, dims, drop)?;
+            if has_bias {
+                let dbias = arena.get(sc.dbias);
+                if let Some(dt) = shared_dtable.as_deref_mut() {
+                    relpos::add_bias_backward(dt, dbias, dims.heads, rel_index);
+                }
+                if let Some(id) = blk.rel_pos_table {
+                    relpos::add_bias_backward(grad_of(p, grads, id), dbias, dims.heads, rel_index);
+                }
+            }
+            inject(l, arena.get_mut(sc.dx));
         }
         if let (Some(id), Some(dt)) = (self.layout.shared_rel_pos_table, shared_dtable) {
-            add_into(grad_of(&self.params, grads, id), &dt);
+            add_into(grad_of(p, grads, id), &dt);
         }
         self.embeddings_backward(arena, plan, images.bool_masked_pos, dims, grads);
+        Ok(())
     }
 
     /// Runs the MIM forward and backward on `batch` for `target`, ADDS the gradient of the loss
@@ -439,7 +390,7 @@ impl Model {
         let TrainWorkspace { planned, logits, masked_rows, masked_labels, masked_pixels } = ws;
         let planned = planned.as_mut().expect("planned above");
         let factors = drop_path.map(|dp| dp.factors);
-        let (dims, hidden) = self.backbone_forward_train(planned, &images, factors);
+        let (dims, hidden) = self.backbone_forward_train(planned, &images, factors)?;
         let (plan, arena, _) = &mut *planned;
 
         // MIM head on the masked rows, loss and output gradient fused. The targets: the masked
@@ -469,7 +420,7 @@ impl Model {
         let mut loss_sum = 0.0;
         {
             let [h, gathered, head_normed, dgathered, dnormed_rows] =
-                arena.many_mut([hidden, plan.gathered, plan.head_normed, plan.dbranch, plan.dnormed]);
+                arena.many_mut([hidden, plan.gathered, plan.head_normed, plan.scratch.dbranch, plan.scratch.dnormed]);
             let (gathered, head_normed) = (&mut gathered[..m * d], &mut head_normed[..m * d]);
             for (dst, &row) in gathered.chunks_exact_mut(d).zip(masked_rows.iter()) {
                 dst.copy_from_slice(&h[row * d..(row + 1) * d]);
@@ -515,7 +466,7 @@ impl Model {
                 h[row * d..(row + 1) * d].copy_from_slice(src);
             }
         }
-        self.backbone_backward_train(planned, &images, dims, factors, grads, &mut |_, _| {});
+        self.backbone_backward_train(planned, &images, dims, factors, grads, &mut |_, _| {})?;
         Ok(loss_sum)
     }
 
@@ -532,7 +483,7 @@ impl Model {
     ) -> Result<Vec<Vec<f32>>> {
         self.prepare_train_workspace(ws, images)?;
         let planned = ws.planned.as_mut().expect("planned above");
-        self.backbone_forward_train(planned, images, drop_path.map(|d| d.factors));
+        self.backbone_forward_train(planned, images, drop_path.map(|d| d.factors))?;
         let (plan, arena, _) = planned;
         Ok(indices.iter().map(|&k| arena.get(plan.hidden_state(k)).to_vec()).collect())
     }
@@ -547,40 +498,18 @@ impl Model {
         indices: &[usize],
         hidden_grads: &[Vec<f32>],
         grads: &mut [f32],
-    ) {
+    ) -> Result<()> {
         let planned = ws.planned.as_mut().expect("backbone_train_forward ran first");
-        let dims = self.train_dims(images.batch, planned.0.tokens);
+        let dims = self.block_dims(images.batch, planned.0.tokens);
         // No head reads the backbone output (after `beit.layernorm`) here: its gradient is 0.
-        let output = self.backbone_output_slot(&planned.0);
+        let output = planned.0.output;
         planned.1.get_mut(output).fill(0.0);
         let mut inject = |k: usize, dx: &mut [f32]| {
             for (_, g) in indices.iter().zip(hidden_grads).filter(|(&i, _)| i == k) {
                 add_into(dx, g);
             }
         };
-        self.backbone_backward_train(planned, images, dims, drop_path.map(|d| d.factors), grads, &mut inject);
-    }
-
-    fn train_dims(&self, b: usize, t: usize) -> Dims {
-        let c = &self.config;
-        Dims {
-            b,
-            t,
-            d: c.hidden_size,
-            inter: c.intermediate_size,
-            heads: c.num_attention_heads,
-            eps: c.layer_norm_eps as f32,
-        }
-    }
-
-    /// The slot of the backbone's output: after `beit.layernorm` when the model has it, else
-    /// the last block's output.
-    fn backbone_output_slot(&self, plan: &TrainPlan) -> Slot {
-        if self.layout.final_layernorm.is_some() {
-            plan.hidden
-        } else {
-            plan.x_out
-        }
+        self.backbone_backward_train(planned, images, dims, drop_path.map(|d| d.factors), grads, &mut inject)
     }
 
     /// Plans `ws` for `images` unless it already is: the plan's memory (arena, relative
@@ -593,7 +522,7 @@ impl Model {
             return Ok(());
         }
         self.check_pass_countable(images.batch, images.height, images.width)?;
-        let (plan, arena_plan) = self.train_plan(key);
+        let (plan, arena_plan) = self.training_plan(&host_backend(), images.batch, images.height, images.width);
         let (b, t) = (images.batch, plan.tokens);
         let positions = b * (t - 1);
         let head = match self.arch {
@@ -607,7 +536,7 @@ impl Model {
             _ => Bytes::ZERO,
         };
         let scratch = self.attention_scratch_bytes(threads, t);
-        let need = Bytes::floats(&[arena_plan.total()]) + Bytes::of::<usize>(&[t, t]) + head + scratch;
+        let need = Bytes::floats(&[arena_plan.act_total()]) + Bytes::of::<usize>(&[t, t]) + head + scratch;
         let what = format!("the training activations of {}", pass_description(b, images.height, images.width, Some(t)));
         Need::new(what, need).hint(PIECES_HINT).check()?;
         ws.planned = None; // free the old arena before allocating the new one
@@ -635,249 +564,7 @@ impl Model {
 
     /// Floats of the activation arena a training pass over `images` plans.
     pub(super) fn train_arena_len(&self, images: &ImageBatch<'_>) -> usize {
-        self.train_plan((images.batch, images.height, images.width, 1)).1.total()
-    }
-
-    fn train_plan(&self, key: (usize, usize, usize, usize)) -> (TrainPlan, ArenaPlan) {
-        let c = &self.config;
-        let (b, height, width, _) = key;
-        let grid = c.grid_for(height, width);
-        let n = grid.0 * grid.1;
-        let t = n + 1;
-        let (d, inter, heads) = (c.hidden_size, c.intermediate_size, c.num_attention_heads);
-        let (ph, pw) = c.patch_size.hw();
-        let rows = b * t;
-        let has_rel = c.use_relative_position_bias || c.use_shared_relative_position_bias;
-        let scale = c.layer_scale();
-        let shape = AttentionShape { batch: b, tokens: t, heads, head_dim: d / heads };
-        let mut p = ArenaPlan::default();
-        let layers = (0..c.num_hidden_layers)
-            .map(|_| LayerSlots {
-                x: p.slot(rows * d),
-                ln_before: p.slot(rows * d),
-                qkv: p.slot(rows * 3 * d),
-                probs: p.slot(b * heads * t * t),
-                context: p.slot(rows * d),
-                attn_out: p.slot(if scale { rows * d } else { 0 }),
-                mid: p.slot(rows * d),
-                ln_after: p.slot(rows * d),
-                fc1: p.slot(rows * inter),
-                gelu: p.slot(rows * inter),
-                mlp_out: p.slot(if scale { rows * d } else { 0 }),
-            })
-            .collect();
-        let plan = TrainPlan {
-            key,
-            grid,
-            tokens: t,
-            layers,
-            x_out: p.slot(rows * d),
-            hidden: p.slot(if self.layout.final_layernorm.is_some() { rows * d } else { 0 }),
-            patches: p.slot(b * n * c.num_channels * ph * pw),
-            gathered: p.slot(b * n * d),
-            head_normed: p.slot(b * n * d),
-            wide_a: p.slot(rows * inter.max(3 * d)),
-            wide_b: p.slot(rows * inter),
-            dx: p.slot(rows * d),
-            dbranch: p.slot(rows * d),
-            dnormed: p.slot(rows * d),
-            dtmp: p.slot(rows * d),
-            dcontext: p.slot(rows * d),
-            shared_bias: p.slot(if c.use_shared_relative_position_bias { heads * t * t } else { 0 }),
-            bias: p.slot(if has_rel { heads * t * t } else { 0 }),
-            dbias: p.slot(if has_rel { heads * t * t } else { 0 }),
-            attn_scratch: p.slot(attention_backward_scratch_len(shape, has_rel)),
-        };
-        (plan, p)
-    }
-
-    /// One block forward, keeping its activations in layer `l`'s slots; writes the block output
-    /// to `next`.
-    #[allow(clippy::too_many_arguments)]
-    fn block_forward_train(
-        &self,
-        arena: &mut Arena,
-        plan: &TrainPlan,
-        rel_index: &[usize],
-        l: usize,
-        next: Slot,
-        blk: &BlockParams,
-        dims: Dims,
-        has_shared: bool,
-        drop: Option<&[f32]>,
-    ) {
-        let p = &self.params;
-        let s = plan.layers[l];
-        let Dims { d, inter, eps, .. } = dims;
-        let rows = dims.rows();
-        let [x, ln_before, qkv, probs, context, attn_out, mid, ln_after, fc1, gelu_out, mlp_out, out, shared_bias, bias, projected] =
-            arena.many_mut([
-                s.x,
-                s.ln_before,
-                s.qkv,
-                s.probs,
-                s.context,
-                s.attn_out,
-                s.mid,
-                s.ln_after,
-                s.fc1,
-                s.gelu,
-                s.mlp_out,
-                next,
-                plan.shared_bias,
-                plan.bias,
-                plan.dbranch,
-            ]);
-        let has_bias = self.layer_bias_into(bias, has_shared.then_some(&*shared_bias), blk, plan.grid, rel_index);
-
-        layernorm(ln_before, x, p.get(blk.ln_before_w), p.get(blk.ln_before_b), d, eps);
-        linear(
-            qkv,
-            ln_before,
-            p.span(blk.query_w, blk.value_w),
-            Some(p.span(blk.query_b, blk.value_b)),
-            rows,
-            d,
-            3 * d,
-        );
-        attention_forward_saving_probs(context, qkv, has_bias.then_some(&*bias), dims.attention(), probs);
-        // With layer scale the branch output is kept (λ's gradient needs it); without, the
-        // scratch `projected` holds it.
-        let y = if attn_out.is_empty() { &mut projected[..] } else { &mut attn_out[..] };
-        linear(y, context, p.get(blk.out_w), None, rows, d, d);
-        add_branch(mid, x, y, p.get(blk.out_b), blk.lambda_1.map(|id| p.get(id)), drop.map(|f| &f[..dims.b]), dims);
-
-        layernorm(ln_after, mid, p.get(blk.ln_after_w), p.get(blk.ln_after_b), d, eps);
-        linear(fc1, ln_after, p.get(blk.fc1_w), None, rows, d, inter);
-        bias_gelu_saving_grad(fc1, gelu_out, p.get(blk.fc1_b));
-        let y = if mlp_out.is_empty() { &mut projected[..] } else { &mut mlp_out[..] };
-        linear(y, gelu_out, p.get(blk.fc2_w), None, rows, inter, d);
-        add_branch(out, mid, y, p.get(blk.fc2_b), blk.lambda_2.map(|id| p.get(id)), drop.map(|f| &f[dims.b..]), dims);
-    }
-
-    /// One block backward: `dx` holds dL/d(block output) on entry and dL/d(block input) on
-    /// return; parameter gradients are added to `grads`, the bias gradient of the shared table
-    /// to `shared_dtable`.
-    #[allow(clippy::too_many_arguments)]
-    fn block_backward(
-        &self,
-        arena: &mut Arena,
-        plan: &TrainPlan,
-        rel_index: &[usize],
-        l: usize,
-        blk: &BlockParams,
-        dims: Dims,
-        has_shared: bool,
-        drop: Option<&[f32]>,
-        grads: &mut [f32],
-        shared_dtable: Option<&mut [f32]>,
-    ) {
-        let p = &self.params;
-        let s = plan.layers[l];
-        let Dims { d, inter, eps, .. } = dims;
-        let rows = dims.rows();
-        let [x, ln_before, qkv, probs, context, attn_out, mid, ln_after, fc1, gelu_out, mlp_out, dx, dbranch, dnormed, dcontext, wide_a, wide_b, shared_bias, bias, dbias, scratch] =
-            arena.many_mut([
-                s.x,
-                s.ln_before,
-                s.qkv,
-                s.probs,
-                s.context,
-                s.attn_out,
-                s.mid,
-                s.ln_after,
-                s.fc1,
-                s.gelu,
-                s.mlp_out,
-                plan.dx,
-                plan.dbranch,
-                plan.dnormed,
-                plan.dcontext,
-                plan.wide_a,
-                plan.wide_b,
-                plan.shared_bias,
-                plan.bias,
-                plan.dbias,
-                plan.attn_scratch,
-            ]);
-
-        // MLP branch: out = mid + k·λ2 ⊙ (mlp_out + fc2_b). Bias gradients are summed inside the
-        // element-wise pass that produces each Linear's output gradient (one read saved each).
-        let fc2_db_fused = branch_backward(
-            dbranch,
-            dx,
-            mlp_out,
-            blk.fc2_b,
-            blk.lambda_2.map(|id| (p.get(id), id)),
-            drop.map(|f| &f[dims.b..]),
-            dims,
-            grads,
-            &self.params,
-        );
-        let dgelu = &mut wide_b[..rows * inter];
-        {
-            let (dw, db) = grads_pair(p, grads, Affine { weight: blk.fc2_w, bias: blk.fc2_b });
-            let db = (!fc2_db_fused).then_some(db);
-            linear_backward(Some(dgelu), dw, db, dbranch, gelu_out, p.get(blk.fc2_w), rows, inter, d);
-        }
-        let dfc1 = &mut wide_a[..rows * inter];
-        gelu_backward_saved(dfc1, grad_of(p, grads, blk.fc1_b), dgelu, fc1);
-        {
-            let dw = grad_of(p, grads, blk.fc1_w);
-            linear_backward(Some(dnormed), dw, None, dfc1, ln_after, p.get(blk.fc1_w), rows, d, inter);
-        }
-        {
-            let (dg, dbeta) = grads_pair(p, grads, Affine { weight: blk.ln_after_w, bias: blk.ln_after_b });
-            layernorm_backward(dx, dg, dbeta, dnormed, mid, p.get(blk.ln_after_w), d, eps, DxMode::Accumulate);
-        }
-
-        // Attention branch: mid = x + k·λ1 ⊙ (attn_out + out_b).
-        let out_db_fused = branch_backward(
-            dbranch,
-            dx,
-            attn_out,
-            blk.out_b,
-            blk.lambda_1.map(|id| (p.get(id), id)),
-            drop.map(|f| &f[..dims.b]),
-            dims,
-            grads,
-            &self.params,
-        );
-        {
-            let (dw, db) = grads_pair(p, grads, Affine { weight: blk.out_w, bias: blk.out_b });
-            let db = (!out_db_fused).then_some(db);
-            linear_backward(Some(dcontext), dw, db, dbranch, context, p.get(blk.out_w), rows, d, d);
-        }
-        let has_bias = self.layer_bias_into(bias, has_shared.then_some(&*shared_bias), blk, plan.grid, rel_index);
-        let dqkv = &mut wide_a[..rows * 3 * d];
-        if has_bias {
-            dbias.fill(0.0);
-        }
-        attention_backward(dqkv, has_bias.then_some(&mut *dbias), dcontext, qkv, probs, dims.attention(), scratch);
-        if has_bias {
-            if let Some(dt) = shared_dtable {
-                relpos::add_bias_backward(dt, dbias, dims.heads, rel_index);
-            }
-            if let Some(id) = blk.rel_pos_table {
-                relpos::add_bias_backward(grad_of(p, grads, id), dbias, dims.heads, rel_index);
-            }
-        }
-        {
-            // q/k/v weights and biases are adjacent in the gradient buffer as in the parameters.
-            let (w0, w1) = (p.specs[blk.query_w.0].offset, p.specs[blk.value_w.0].offset + p.specs[blk.value_w.0].len);
-            let (b0, b1) = (p.specs[blk.query_b.0].offset, p.specs[blk.value_b.0].offset + p.specs[blk.value_b.0].len);
-            debug_assert!(w1 <= b0);
-            let (head, tail) = grads.split_at_mut(b0);
-            let (dw, db) = (&mut head[w0..w1], &mut tail[..b1 - b0]);
-            let w = p.span(blk.query_w, blk.value_w);
-            linear_backward(Some(dnormed), dw, Some(db), dqkv, ln_before, w, rows, d, 3 * d);
-            // The key bias is not a parameter (fixed at zero): drop what it collected.
-            grad_of(p, grads, blk.key_b).fill(0.0);
-        }
-        {
-            let (dg, dbeta) = grads_pair(p, grads, Affine { weight: blk.ln_before_w, bias: blk.ln_before_b });
-            layernorm_backward(dx, dg, dbeta, dnormed, x, p.get(blk.ln_before_w), d, eps, DxMode::Accumulate);
-        }
+        self.training_plan(&host_backend(), images.batch, images.height, images.width).1.act_total()
     }
 
     /// Backward of the embeddings: `dx` (dL/d(first block input)) into the CLS token, mask
@@ -886,16 +573,16 @@ impl Model {
     fn embeddings_backward(
         &self,
         arena: &mut Arena,
-        plan: &TrainPlan,
+        plan: &ActivationPlan,
         bool_masked_pos: Option<&[u8]>,
-        dims: Dims,
+        dims: BlockDims,
         grads: &mut [f32],
     ) {
         let p = &self.params;
         let e = &self.layout.embeddings;
         let (b, t, d) = (dims.b, dims.t, dims.d);
         let n = t - 1;
-        let [dx, patches, dembedded] = arena.many_mut([plan.dx, plan.patches, plan.dtmp]);
+        let [dx, patches, dembedded] = arena.many_mut([plan.scratch.dx, plan.patches, plan.embedded]);
         let dembedded = &mut dembedded[..b * n * d];
         // Small sums, run in image order so the result does not depend on threads.
         {
@@ -931,56 +618,6 @@ impl Model {
         let k = patches.len() / (b * n);
         let (dw, db) = grads_pair(p, grads, Affine { weight: e.patch_weight, bias: e.patch_bias });
         linear_backward(None, dw, Some(db), dembedded, patches, p.get(e.patch_weight), b * n, k, d);
-    }
-}
-
-/// `out = x + k_b·λ ⊙ (y + bias)` for every image `b` (drop path factor `k_b`, 1 without drop
-/// path; λ = 1 without layer scale).
-fn add_branch(
-    out: &mut [f32],
-    x: &[f32],
-    y: &[f32],
-    bias: &[f32],
-    lambda: Option<&[f32]>,
-    drop: Option<&[f32]>,
-    dims: Dims,
-) {
-    let row_factors = drop.map(|f| RowFactors { factors: &f[..dims.b], rows_each: dims.t });
-    residual_add_into(out, x, y, bias, lambda, row_factors);
-}
-
-/// Backward of [`add_branch`]: `dy = k_b·λ ⊙ dacc` per image, `dλ += Σ k_b·dacc ⊙ (y + bias)`,
-/// and, where this pass computes `dy` anyway, the Linear's bias gradient `Σ_rows dy` (returns
-/// whether it did; otherwise `dy` is a plain copy and the caller's `linear_backward` sums it).
-#[allow(clippy::too_many_arguments)]
-fn branch_backward(
-    dy: &mut [f32],
-    dacc: &[f32],
-    y: &[f32],
-    bias_id: ParamId,
-    lambda: Option<(&[f32], ParamId)>,
-    drop: Option<&[f32]>,
-    dims: Dims,
-    grads: &mut [f32],
-    params: &ParamStore,
-) -> bool {
-    let row_factors = drop.map(|f| RowFactors { factors: &f[..dims.b], rows_each: dims.t });
-    let bias = params.get(bias_id);
-    match (lambda, row_factors) {
-        (Some((l, id)), _) => {
-            let (dl, db) = grads_pair(params, grads, Affine { weight: id, bias: bias_id });
-            residual_add_backward(dy, Some(dl), Some(db), dacc, y, bias, l, row_factors);
-            true
-        }
-        (None, None) => {
-            dy.copy_from_slice(dacc);
-            false
-        }
-        (None, Some(_)) => {
-            let db = grad_of(params, grads, bias_id);
-            residual_add_backward(dy, None, Some(db), dacc, y, bias, &vec![1.0; dims.d], row_factors);
-            true
-        }
     }
 }
 

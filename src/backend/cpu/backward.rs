@@ -82,15 +82,7 @@ simd_dispatch! {
     }
 }
 
-/// What a backward does with the input gradient buffer.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum DxMode {
-    /// `dx = ∂L/∂x`.
-    Overwrite,
-    /// `dx += ∂L/∂x`: where a pre-LN block's residual stream meets the gradient through the
-    /// norm, without another pass.
-    Accumulate,
-}
+pub use crate::backend::ops::DxMode;
 
 /// Gradients of PyTorch's `LayerNorm` (biased variance, eps inside the square root) over rows
 /// of length `dim`. `dx` is overwritten or added to (`mode`); `dgamma` and `dbeta` are

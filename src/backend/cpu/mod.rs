@@ -16,6 +16,7 @@ pub mod interp;
 pub mod layernorm;
 pub mod math;
 pub mod mean_squared_error;
+pub mod ops;
 pub mod pool;
 pub mod resize;
 

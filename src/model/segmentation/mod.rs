@@ -262,7 +262,7 @@ impl Model {
         });
         let dfeats = head_backward(&self.params, head, &tape, &dlogits, daux.as_deref(), grads);
         let hidden_grads: Vec<Vec<f32>> = dfeats.iter().map(|g| maps_to_tokens(g, b, grid, d)).collect();
-        self.backbone_train_backward(ws, &images, drop_path, &levels, &hidden_grads, grads);
+        self.backbone_train_backward(ws, &images, drop_path, &levels, &hidden_grads, grads)?;
         Ok(SegStep { loss, batchnorm: tape.bn_records(head) })
     }
 

@@ -1,5 +1,6 @@
-//! The inference forward pass, block by block, on the CPU backend. Every activation lives in a
-//! planned arena (one allocation per input shape, reused across calls).
+//! The inference forward pass, block by block, written once over the [`Backend`] trait (run on
+//! the CPU backend today). Every activation lives in views planned by
+//! [`Model::inference_plan`] (one arena per input shape, reused across calls).
 
 use super::resample;
 use crate::backend::memory::{Arena, HostMemory, Space, View};

@@ -1,14 +1,14 @@
 //! The masked-image-modeling training pass, llm.c style: a forward that keeps what the backward
-//! needs in a planned arena (one set of slots per layer), then an explicit backward per layer in
-//! reverse. No autograd: every gradient below is written out, and each op's backward is checked
+//! needs in views planned by [`Model::training_plan`] (one set per layer), then an explicit
+//! backward per layer in reverse, written once over the [`Backend`] trait (the block itself is
+//! `model/block.rs`). No autograd: every gradient is written out, each op's backward is checked
 //! by finite differences in `backend::cpu`, the whole pass against PyTorch's gradients in
 //! `tests/mim_gradients.rs`.
 //!
-//! What is kept per layer: the block input `x`, the fused `qkv`, the attention probabilities,
-//! the attention context, the block's midpoint (after the attention residual), GELU'(FC1 output)
-//! (the forward saves the GELU's derivative, not its input: the backward then costs one multiply)
-//! and the GELU output, both layer norm outputs, and, with layer scale, the two
-//! branch outputs (their λ gradients need them).
+//! What is kept per layer: the block input, both layer norm outputs and their statistics, the
+//! fused `qkv`, what the backend's attention saves for its backward, the attention context, the
+//! block's midpoint, the FC1 output and the GELU output, and, with layer scale, the two branch
+//! outputs (their λ gradients need them).
 //!
 //! The backbone part (embeddings, blocks, `beit.layernorm`) is shared by every training head:
 //! [`Model::backbone_forward_train`] leaves the backbone output in a slot, the head computes its

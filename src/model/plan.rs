@@ -107,6 +107,17 @@ impl ActivationPlan {
     }
 }
 
+/// The sizes a plan is drawn from: the patch grid, patches `n` and tokens `t` per image, the
+/// blocks' dimensions, one patch's pixel count, and whether attention has a relative bias.
+struct PassShape {
+    grid: (usize, usize),
+    n: usize,
+    t: usize,
+    dims: BlockDims,
+    patch_len: usize,
+    has_rel: bool,
+}
+
 impl Model {
     pub(crate) fn block_dims(&self, batch: usize, tokens: usize) -> BlockDims {
         let c = &self.config;
@@ -117,6 +128,22 @@ impl Model {
             inter: c.intermediate_size,
             heads: c.num_attention_heads,
             eps: c.layer_norm_eps as f32,
+        }
+    }
+
+    /// The shape of a pass over `batch` images of `height` x `width` (what both plans start from).
+    fn pass_shape(&self, batch: usize, height: usize, width: usize) -> PassShape {
+        let c = &self.config;
+        let grid = c.grid_for(height, width);
+        let n = grid.0 * grid.1;
+        let (ph, pw) = c.patch_size.hw();
+        PassShape {
+            grid,
+            n,
+            t: n + 1,
+            dims: self.block_dims(batch, n + 1),
+            patch_len: c.num_channels * ph * pw,
+            has_rel: c.use_relative_position_bias || c.use_shared_relative_position_bias,
         }
     }
 
@@ -163,15 +190,10 @@ impl Model {
         width: usize,
     ) -> (ActivationPlan, Planner) {
         let c = &self.config;
-        let grid = c.grid_for(height, width);
-        let n = grid.0 * grid.1;
-        let t = n + 1;
-        let dims = self.block_dims(batch, t);
+        let PassShape { grid, n, t, dims, patch_len, has_rel } = self.pass_shape(batch, height, width);
         let (d, inter, heads, rows) = (dims.d, dims.inter, dims.heads, dims.rows());
-        let (ph, pw) = c.patch_size.hw();
-        let has_rel = c.use_relative_position_bias || c.use_shared_relative_position_bias;
         let mut p = Self::new_planner(be);
-        let patches = p.act(batch * n * c.num_channels * ph * pw);
+        let patches = p.act(batch * n * patch_len);
         let x = p.act(rows * d);
         let normed = p.act(rows * d);
         let qkv = p.act(rows * 3 * d);
@@ -260,13 +282,8 @@ impl Model {
         width: usize,
     ) -> (ActivationPlan, Planner) {
         let c = &self.config;
-        let grid = c.grid_for(height, width);
-        let n = grid.0 * grid.1;
-        let t = n + 1;
-        let dims = self.block_dims(batch, t);
+        let PassShape { grid, n, t, dims, patch_len, has_rel } = self.pass_shape(batch, height, width);
         let (d, inter, heads, rows) = (dims.d, dims.inter, dims.heads, dims.rows());
-        let (ph, pw) = c.patch_size.hw();
-        let has_rel = c.use_relative_position_bias || c.use_shared_relative_position_bias;
         let scale = c.layer_scale();
         let shape = dims.attention();
         let mut p = Self::new_planner(be);
@@ -316,7 +333,7 @@ impl Model {
             output,
             final_saved: p.stat(be.layer_norm_saved_len(rows)),
             head_saved: p.stat(be.layer_norm_saved_len(batch * n)),
-            patches: p.act(batch * n * c.num_channels * ph * pw),
+            patches: p.act(batch * n * patch_len),
             embedded: p.act(rows * d),
             shared_bias: p.stat(if c.use_shared_relative_position_bias { heads * t * t } else { 0 }),
             scratch,
@@ -338,11 +355,7 @@ impl Model {
             rows: p.index(batch * n),
             labels: p.index(batch * n),
             // The pixel target's rows (its head is as wide as a patch row, checked with the target).
-            targets: p.act(if self.arch == Architecture::MaskedImageModeling {
-                batch * n * c.num_channels * ph * pw
-            } else {
-                0
-            }),
+            targets: p.act(if self.arch == Architecture::MaskedImageModeling { batch * n * patch_len } else { 0 }),
         };
         (plan, p)
     }

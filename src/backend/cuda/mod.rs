@@ -9,7 +9,8 @@
 //!   modules (`CudaDevice::get()`; `Unsupported` with the probe's reason without a GPU).
 //! - [`nvrtc`]: compiles the embedded `cuda/*.cu` for the GPU's arch, with the disk cache.
 //! - [`buffer`]: device buffers (`DeviceBuffer<T>` = cudarc `CudaSlice<T>`) and copies.
-//! - [`matmul`], [`elementwise`], [`adamw`], [`reduce`], [`patch_embed`]: the ops.
+//! - [`matmul`], [`elementwise`], [`adamw`], [`reduce`], [`patch_embed`], [`conv`], [`image`]
+//!   (ReLU, pooling, resizing, batch norm): the ops.
 //! - [`pretrain`]: the whole MIM training step on the GPU, written from the CPU pass with them.
 //!
 //! # Adding a kernel file
@@ -61,6 +62,7 @@ pub mod cross_entropy;
 pub mod device;
 pub mod elementwise;
 mod errors;
+pub mod image;
 mod kernel_args;
 pub mod layernorm;
 pub mod matmul;

@@ -16,6 +16,7 @@
 #include "../../cuda/conv.cu"
 #include "../../cuda/cross_entropy.cu"
 #include "../../cuda/image.cu"
+#include "../../cuda/relaxation.cu"
 #include "../../cuda/layernorm.cu"
 #include "../../cuda/pretrain.cu"
 #include "../../cuda/reduce.cu"
@@ -723,6 +724,85 @@ static void test_image(int batch, int ch, int h, int w, int oh, int ow, uint64_t
     check("image_batch_norm_running_update var " + tag, load(rvar), wrv, 1e-6);
 }
 
+// ---------------------------------------------------------------- dVAE bottleneck (relaxation.cu)
+// ChaCha8 against its published keystream (zero key, zero nonce, block 0); the Gumbel-softmax
+// from that noise, its backward, the KL to the uniform prior and the argmax against double
+// references; rows exceed the grid and the vocabulary is not a multiple of a ChaCha block.
+static void test_relaxation(int rows, int vocab, uint64_t seed) {
+    {
+        const unsigned key[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+        unsigned out[16];
+        chacha8_block(key, 0, 0, out);
+        // The first 16 bytes of the ChaCha8 keystream for an all-zero key and nonce.
+        const unsigned char want[16] = {0x3e, 0x00, 0xef, 0x2f, 0x89, 0x5f, 0x40, 0xd6,
+                                        0x7f, 0x5b, 0xb8, 0xe8, 0x1f, 0x09, 0xa5, 0xa1};
+        unsigned char got[16];
+        memcpy(got, out, 16);
+        const bool ok = memcmp(got, want, 16) == 0;
+        printf("%s relax_chacha8 known answer\n", ok ? "ok  " : "FAIL");
+        if (!ok) failures++;
+    }
+    Rng rng{seed};
+    const size_t n = (size_t)rows * vocab;
+    const float tau = 0.7f, weight = 0.3f;
+    const unsigned long long noise_seed = 0x1234567890abcdefULL, step = 77;
+    auto logits = rng.vec(n, -3, 3);
+    auto dy = rng.vec(n, -1, 1);
+    const auto ld = load(logits), dyd = load(dy);
+    std::vector<float> y(n, NAN), dl(n, NAN), dkl(n, 0.25f);
+    std::vector<double> ne(rows, NAN);
+    std::vector<unsigned> tok(rows, 99);
+    emu::launch(grid(2), 64, [&] {
+        beit_relax_gumbel_softmax(logits.data(), y.data(), rows, vocab, tau, noise_seed, step);
+    });
+    emu::launch(grid(2), 64, [&] { beit_relax_gumbel_softmax_backward(y.data(), dy.data(), dl.data(), rows, vocab, tau); });
+    emu::launch(grid(2), 64, [&] { beit_relax_kl_to_uniform(logits.data(), dkl.data(), ne.data(), rows, vocab, weight); });
+    // Ties and NaN for the argmax: row 0 has two equal maxima, row 1 a NaN before its maximum.
+    auto al = logits;
+    al[3] = al[vocab - 2] = 9.0f;
+    al[(size_t)vocab + 1] = NAN;
+    emu::launch(grid(2), 64, [&] { beit_relax_argmax_rows(al.data(), tok.data(), rows, vocab); });
+
+    unsigned key[8];
+    gumbel_key(noise_seed, step, key);
+    std::vector<double> wy(n), wdl(n), wne(rows), wdkl(n);
+    std::vector<double> wtok(rows), gtok(rows);
+    for (int r = 0; r < rows; ++r) {
+        const size_t b = (size_t)r * vocab;
+        double mx = -INFINITY, s = 0, dot = 0;
+        for (int j = 0; j < vocab; ++j) {
+            unsigned words[16];
+            chacha8_block(key, j / 16, r, words);
+            // u as the CPU and the kernel form it, in f32 (24 bits + ½ rounds near 1).
+            const double u = ((float)(words[j % 16] >> 8) + 0.5f) * (1.0f / 16777216.0f);
+            wy[b + j] = (ld[b + j] - std::log(-std::log(u))) / tau;
+            mx = std::max(mx, wy[b + j]);
+        }
+        for (int j = 0; j < vocab; ++j) s += (wy[b + j] = std::exp(wy[b + j] - mx));
+        for (int j = 0; j < vocab; ++j) dot += (wy[b + j] /= s) * dyd[b + j];
+        for (int j = 0; j < vocab; ++j) wdl[b + j] = wy[b + j] * (dyd[b + j] - dot) / tau;
+        double lm = -INFINITY, ls = 0, e = 0;
+        for (int j = 0; j < vocab; ++j) lm = std::max(lm, ld[b + j]);
+        for (int j = 0; j < vocab; ++j) ls += std::exp(ld[b + j] - lm);
+        const double lse = lm + std::log(ls);
+        for (int j = 0; j < vocab; ++j) e += std::exp(ld[b + j] - lse) * (ld[b + j] - lse);
+        wne[r] = e;
+        for (int j = 0; j < vocab; ++j)
+            wdkl[b + j] = 0.25 + weight * std::exp(ld[b + j] - lse) * (ld[b + j] - lse - e);
+        int best = 0;
+        for (int j = 1; j < vocab; ++j)
+            if (al[b + j] > al[b + best]) best = j;
+        wtok[r] = best;
+        gtok[r] = tok[r];
+    }
+    const std::string tag = std::to_string(rows) + "x" + std::to_string(vocab);
+    check("relax_gumbel_softmax " + tag, load(y), wy, 1e-5);
+    check("relax_gumbel_softmax_backward " + tag, load(dl), wdl, 1e-5);
+    check("relax_kl_to_uniform " + tag, ne, wne, 1e-5);
+    check("relax_kl_to_uniform gradient " + tag, load(dkl), wdkl, 1e-5);
+    check("relax_argmax_rows " + tag, gtok, wtok, 0);
+}
+
 
 // ---------------------------------------------------------------- pretraining glue (pretrain.cu)
 // Token assembly and its backward, row gather/scatter and the residual-branch backward, against
@@ -878,6 +958,8 @@ int main(int argc, char** argv) {
     test_im2col<float>(1, 2, 5, 5, 1, 1, 0, 18);
     test_image(2, 3, 7, 9, 16, 5, 24);    // odd sizes: pooling drops a row and a column; up and down
     test_image(1, 2, 12, 10, 3, 25, 25);  // bilinear down in one axis, up in the other
+    test_relaxation(5, 37, 26);
+    test_relaxation(3, 300, 27);
     test_reductions<float>(99, 70, 19);
     test_reductions<bf16>(48, 33, 20);
     test_pretrain<float>(3, 6, 40, true, 21);

@@ -10,7 +10,8 @@
 //! - [`nvrtc`]: compiles the embedded `cuda/*.cu` for the GPU's arch, with the disk cache.
 //! - [`buffer`]: device buffers (`DeviceBuffer<T>` = cudarc `CudaSlice<T>`) and copies.
 //! - [`matmul`], [`elementwise`], [`adamw`], [`reduce`], [`patch_embed`], [`conv`], [`image`]
-//!   (ReLU, pooling, resizing, batch norm): the ops.
+//!   (ReLU, pooling, resizing, batch norm), [`relaxation`] (the dVAE's Gumbel-softmax, KL, argmax):
+//!   the ops.
 //! - [`pretrain`]: the whole MIM training step on the GPU, written from the CPU pass with them.
 //!
 //! # Adding a kernel file
@@ -71,6 +72,7 @@ pub mod patch_embed;
 pub mod pretrain;
 pub mod probe;
 pub mod reduce;
+pub mod relaxation;
 pub mod sums;
 
 pub use crate::backend::shapes::GemmShape;

@@ -36,6 +36,8 @@ fn cuda_kernels_pass_in_the_host_emulator() {
         "image_bilinear",
         "image_adaptive_avg_pool",
         "image_batch_norm",
+        "image_transpose",
+        "image_pixel_cross_entropy",
         "relax_chacha8",
         "relax_gumbel_softmax",
         "relax_kl_to_uniform",

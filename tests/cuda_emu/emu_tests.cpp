@@ -722,6 +722,47 @@ static void test_image(int batch, int ch, int h, int w, int oh, int ow, uint64_t
     check("image_batch_norm_backward dbeta " + tag, load(dbeta), wdb, 1e-6);
     check("image_batch_norm_running_update " + tag, load(rmean), wrm, 1e-6);
     check("image_batch_norm_running_update var " + tag, load(rvar), wrv, 1e-6);
+
+    // Scale, and the transpose of each image's [ch, plane] to [plane, ch] and back.
+    std::vector<float> sc = x, tr(n, NAN), back(n, NAN);
+    emu::launch(grid(2), 64, [&] { beit_image_scale(sc.data(), -1.5f, (long long)n); });
+    emu::launch(grid(2), 64, [&] { beit_image_transpose(x.data(), tr.data(), batch, ch, plane); });
+    emu::launch(grid(2), 64, [&] { beit_image_transpose(tr.data(), back.data(), batch, plane, ch); });
+    std::vector<double> wsc(n), wtr(n);
+    for (int b = 0; b < batch; ++b)
+        for (int c = 0; c < ch; ++c)
+            for (int p = 0; p < plane; ++p) {
+                const size_t e = ((size_t)b * ch + c) * plane + p;
+                wsc[e] = (double)(-1.5f * x[e]);  // the f32 product, rounded as the kernel's
+                wtr[((size_t)b * plane + p) * ch + c] = xd[e];
+            }
+    check("image_scale " + tag, load(sc), wsc, 0);
+    check("image_transpose " + tag, load(tr), wtr, 0);
+    check("image_transpose back " + tag, load(back), xd, 0);
+
+    // Per-pixel cross-entropy over `ch` classes: every third pixel left out (label ch).
+    std::vector<int> labels((size_t)batch * plane);
+    for (size_t i = 0; i < labels.size(); ++i) labels[i] = i % 3 == 0 ? ch : (int)(i % ch);
+    std::vector<float> lg = x;
+    std::vector<double> img_loss(batch, NAN);
+    emu::launch(grid(1), 64, [&] {
+        beit_image_pixel_cross_entropy(lg.data(), labels.data(), img_loss.data(), batch, ch, plane, 0.5f);
+    });
+    std::vector<double> wloss(batch, 0.0), wgrad(n, 0.0);
+    for (int b = 0; b < batch; ++b)
+        for (int p = 0; p < plane; ++p) {
+            const int label = labels[(size_t)b * plane + p];
+            if (label == ch) continue;
+            double z = 0;
+            for (int c = 0; c < ch; ++c) z += std::exp(xd[((size_t)b * ch + c) * plane + p]);
+            wloss[b] += std::log(z) - xd[((size_t)b * ch + label) * plane + p];
+            for (int c = 0; c < ch; ++c) {
+                const size_t e = ((size_t)b * ch + c) * plane + p;
+                wgrad[e] = 0.5 * (std::exp(xd[e]) / z - (c == label));
+            }
+        }
+    check("image_pixel_cross_entropy loss " + tag, img_loss, wloss, 1e-6);
+    check("image_pixel_cross_entropy gradient " + tag, load(lg), wgrad, 1e-6);
 }
 
 // ---------------------------------------------------------------- dVAE bottleneck (relaxation.cu)

@@ -16,8 +16,9 @@
 #include "../../cuda/conv.cu"
 #include "../../cuda/cross_entropy.cu"
 #include "../../cuda/layernorm.cu"
-#include "../../cuda/pretrain.cu"
 #include "../../cuda/reduce.cu"
+#include "../../cuda/residual.cu"
+#include "../../cuda/tokens.cu"
 
 #include <string>
 
@@ -530,12 +531,12 @@ template <typename T> void test_reductions(int rows, int n, uint64_t seed) {
 }
 
 
-// ---------------------------------------------------------------- pretraining glue (pretrain.cu)
-// Token assembly and its backward, row gather/scatter and the residual-branch backward, against
-// the loops of the CPU pass written out in double. Every kernel runs with fewer threads than
-// elements (grid-stride loops). Exact-copy kernels (gather, scatter, the masked rows) must be
-// bit-exact; sums within the file's tolerances.
-template <typename T> void test_pretrain(int batch, int patches, int dim, bool pos, uint64_t seed) {
+// ---------------------------------------------------------------- token ops (tokens.cu)
+// Token assembly and its backward and row gather/scatter, against the loops of the CPU pass
+// written out in double. Every kernel runs with fewer threads than elements (grid-stride loops).
+// Exact-copy kernels (gather, scatter, the masked rows) must be bit-exact; sums within the
+// file's tolerances.
+template <typename T> void test_tokens(int batch, int patches, int dim, bool pos, uint64_t seed) {
     Rng rng{seed};
     const int tokens = patches + 1;
     auto embedded = store<T>(rng.vec((size_t)batch * patches * dim, -1, 1));
@@ -548,10 +549,10 @@ template <typename T> void test_pretrain(int batch, int patches, int dim, bool p
     std::vector<T> x((size_t)batch * tokens * dim);
     emu::launch(grid(3), 64, [&] {
         if constexpr (sizeof(T) == 4)
-            beit_pretrain_assemble_f32(x.data(), embedded.data(), cls.data(), mt.data(), pos ? pe.data() : nullptr,
+            beit_tokens_assemble_f32(x.data(), embedded.data(), cls.data(), mt.data(), pos ? pe.data() : nullptr,
                                        masked.data(), batch, patches, dim);
         else
-            beit_pretrain_assemble_bf16(x.data(), embedded.data(), cls.data(), mt.data(), pos ? pe.data() : nullptr,
+            beit_tokens_assemble_bf16(x.data(), embedded.data(), cls.data(), mt.data(), pos ? pe.data() : nullptr,
                                         masked.data(), batch, patches, dim);
     });
     const auto ed = load(embedded), cd = load(cls), md = load(mt), pd = load(pe);
@@ -565,7 +566,7 @@ template <typename T> void test_pretrain(int batch, int patches, int dim, bool p
             }
     const std::string tag = std::string(tname<T>()) + " " + std::to_string(batch) + "x" + std::to_string(tokens) +
                             "x" + std::to_string(dim) + (pos ? " pos" : "");
-    check("pretrain_assemble " + tag, load(x), want, sizeof(T) == 4 ? 1e-6 : 1e-2);
+    check("tokens_assemble " + tag, load(x), want, sizeof(T) == 4 ? 1e-6 : 1e-2);
 
     // Backward of the assembly: dembedded rows, then dcls / dpos / dmask.
     auto dx = store<T>(rng.vec(x.size(), -1, 1));
@@ -573,9 +574,9 @@ template <typename T> void test_pretrain(int batch, int patches, int dim, bool p
     std::vector<T> demb(embedded.size(), beit_from_float<T>(7.0f));
     emu::launch(grid(2), 64, [&] {
         if constexpr (sizeof(T) == 4)
-            beit_pretrain_embed_backward_rows_f32(demb.data(), dx.data(), masked.data(), 1, batch, patches, dim);
+            beit_tokens_embed_backward_rows_f32(demb.data(), dx.data(), masked.data(), 1, batch, patches, dim);
         else
-            beit_pretrain_embed_backward_rows_bf16(demb.data(), dx.data(), masked.data(), 1, batch, patches, dim);
+            beit_tokens_embed_backward_rows_bf16(demb.data(), dx.data(), masked.data(), 1, batch, patches, dim);
     });
     std::vector<double> wemb(demb.size());
     for (int b = 0; b < batch; ++b)
@@ -583,14 +584,14 @@ template <typename T> void test_pretrain(int batch, int patches, int dim, bool p
             for (int c = 0; c < dim; ++c)
                 wemb[((size_t)b * patches + p) * dim + c] =
                     masked[(size_t)b * patches + p] ? 0.0 : dxd[((size_t)b * tokens + 1 + p) * dim + c];
-    check("pretrain_embed_backward_rows " + tag, load(demb), wemb, 0.0);
+    check("tokens_embed_backward_rows " + tag, load(demb), wemb, 0.0);
     std::vector<float> dcls(dim, 0.5f), dpos((size_t)tokens * dim, -0.25f), dmask(dim, 1.0f);
     emu::launch(grid(2), 32, [&] {
         if constexpr (sizeof(T) == 4)
-            beit_pretrain_embed_param_grads_f32(dcls.data(), pos ? dpos.data() : nullptr, dmask.data(), dx.data(),
+            beit_tokens_embed_param_grads_f32(dcls.data(), pos ? dpos.data() : nullptr, dmask.data(), dx.data(),
                                                 masked.data(), batch, patches, dim);
         else
-            beit_pretrain_embed_param_grads_bf16(dcls.data(), pos ? dpos.data() : nullptr, dmask.data(), dx.data(),
+            beit_tokens_embed_param_grads_bf16(dcls.data(), pos ? dpos.data() : nullptr, dmask.data(), dx.data(),
                                                  masked.data(), batch, patches, dim);
     });
     std::vector<double> wcls(dim, 0.5), wpos((size_t)tokens * dim, -0.25), wmask(dim, 1.0);
@@ -602,9 +603,9 @@ template <typename T> void test_pretrain(int batch, int patches, int dim, bool p
                 if (t == 0) wcls[c] += g;
                 else if (masked[(size_t)b * patches + t - 1]) wmask[c] += g;
             }
-    check("pretrain_embed_param_grads cls " + tag, load(dcls), wcls, 1e-5);
-    check("pretrain_embed_param_grads mask " + tag, load(dmask), wmask, 1e-5);
-    if (pos) check("pretrain_embed_param_grads pos " + tag, load(dpos), wpos, 1e-5);
+    check("tokens_embed_param_grads cls " + tag, load(dcls), wcls, 1e-5);
+    check("tokens_embed_param_grads mask " + tag, load(dmask), wmask, 1e-5);
+    if (pos) check("tokens_embed_param_grads pos " + tag, load(dpos), wpos, 1e-5);
 
     // Gather the masked rows of x, scatter them back into a zeroed buffer.
     std::vector<int> index;
@@ -614,12 +615,12 @@ template <typename T> void test_pretrain(int batch, int patches, int dim, bool p
     const int m = (int)index.size();
     std::vector<T> gathered((size_t)m * dim), scattered(x.size(), beit_from_float<T>(0.0f));
     emu::launch(grid(2), 64, [&] {
-        if constexpr (sizeof(T) == 4) beit_pretrain_gather_rows_f32(gathered.data(), x.data(), index.data(), m, dim);
-        else beit_pretrain_gather_rows_bf16(gathered.data(), x.data(), index.data(), m, dim);
+        if constexpr (sizeof(T) == 4) beit_tokens_gather_rows_f32(gathered.data(), x.data(), index.data(), m, dim);
+        else beit_tokens_gather_rows_bf16(gathered.data(), x.data(), index.data(), m, dim);
     });
     emu::launch(grid(2), 64, [&] {
-        if constexpr (sizeof(T) == 4) beit_pretrain_scatter_rows_f32(scattered.data(), gathered.data(), index.data(), m, dim);
-        else beit_pretrain_scatter_rows_bf16(scattered.data(), gathered.data(), index.data(), m, dim);
+        if constexpr (sizeof(T) == 4) beit_tokens_scatter_rows_f32(scattered.data(), gathered.data(), index.data(), m, dim);
+        else beit_tokens_scatter_rows_bf16(scattered.data(), gathered.data(), index.data(), m, dim);
     });
     const auto xd = load(x);
     std::vector<double> wg((size_t)m * dim), ws(x.size(), 0.0);
@@ -628,37 +629,70 @@ template <typename T> void test_pretrain(int batch, int patches, int dim, bool p
             wg[(size_t)r * dim + c] = xd[(size_t)index[r] * dim + c];
             ws[(size_t)index[r] * dim + c] = xd[(size_t)index[r] * dim + c];
         }
-    check("pretrain_gather_rows " + tag, load(gathered), wg, 0.0);
-    check("pretrain_scatter_rows " + tag, load(scattered), ws, 0.0);
+    check("tokens_gather_rows " + tag, load(gathered), wg, 0.0);
+    check("tokens_scatter_rows " + tag, load(scattered), ws, 0.0);
+}
 
-    // Residual-branch backward with layer scale and drop path factors (one image dropped).
+// ---------------------------------------------------------------- residual branch (residual.cu)
+// out = x + (λ·k)·(y + bias) and its backward, with layer scale and drop path factors (one
+// image dropped) or without either, out of place and in place; against double loops.
+template <typename T> void test_residual(int batch, int tokens, int dim, bool full, uint64_t seed) {
+    Rng rng{seed};
     const int rows = batch * tokens;
-    auto y = store<T>(rng.vec((size_t)rows * dim, -1, 1));
+    const size_t n = (size_t)rows * dim;
+    auto x = store<T>(rng.vec(n, -1, 1));
+    auto y = store<T>(rng.vec(n, -1, 1));
     auto bias = store<T>(rng.vec(dim, -1, 1));
     auto lambda = store<T>(rng.vec(dim, 0.1f, 1));
+    auto dacc = store<T>(rng.vec(n, -1, 1));
     std::vector<float> factors(batch);
     for (int b = 0; b < batch; ++b) factors[b] = b == 1 ? 0.0f : 1.25f;
-    std::vector<T> dy((size_t)rows * dim);
-    std::vector<float> prod((size_t)rows * dim);
+    const T* scale = full ? lambda.data() : nullptr;
+    const float* fac = full ? factors.data() : nullptr;
+    const std::string tag = std::string(tname<T>()) + " " + std::to_string(rows) + "x" + std::to_string(dim) +
+                            (full ? " scale+drop" : " plain");
+
+    std::vector<T> out(n), inplace = x;
     emu::launch(grid(3), 64, [&] {
-        if constexpr (sizeof(T) == 4)
-            beit_pretrain_branch_backward_f32(dy.data(), prod.data(), dx.data(), y.data(), bias.data(), lambda.data(),
-                                              factors.data(), tokens, rows, dim);
-        else
-            beit_pretrain_branch_backward_bf16(dy.data(), prod.data(), dx.data(), y.data(), bias.data(), lambda.data(),
-                                               factors.data(), tokens, rows, dim);
+        if constexpr (sizeof(T) == 4) {
+            beit_residual_forward_f32(out.data(), x.data(), y.data(), bias.data(), scale, fac, tokens, rows, dim);
+            beit_residual_forward_f32(inplace.data(), inplace.data(), y.data(), bias.data(), scale, fac, tokens, rows, dim);
+        } else {
+            beit_residual_forward_bf16(out.data(), x.data(), y.data(), bias.data(), scale, fac, tokens, rows, dim);
+            beit_residual_forward_bf16(inplace.data(), inplace.data(), y.data(), bias.data(), scale, fac, tokens, rows,
+                                       dim);
+        }
     });
-    const auto yd = load(y), bd = load(bias), ld = load(lambda);
-    std::vector<double> wdy(dy.size()), wprod(prod.size());
+    const auto xd = load(x), yd = load(y), bd = load(bias), ld = load(lambda), dd = load(dacc);
+    auto k_of = [&](int r) { return full ? (double)factors[r / tokens] : 1.0; };
+    auto s_of = [&](int c) { return full ? ld[c] : 1.0; };
+    std::vector<double> want(n);
     for (int r = 0; r < rows; ++r)
         for (int c = 0; c < dim; ++c) {
             const size_t i = (size_t)r * dim + c;
-            const double k = factors[r / tokens];
-            wdy[i] = k * ld[c] * dxd[i];
-            wprod[i] = k * dxd[i] * (yd[i] + bd[c]);
+            want[i] = xd[i] + s_of(c) * k_of(r) * (yd[i] + bd[c]);
         }
-    check("pretrain_branch_backward dy " + tag, load(dy), wdy, tol<T>());
-    check("pretrain_branch_backward prod " + tag, load(prod), wprod, 1e-5);
+    check("residual_forward " + tag, load(out), want, tol<T>());
+    check("residual_forward in place " + tag, load(inplace), load(out), 0.0);
+
+    std::vector<T> dy(n);
+    std::vector<float> prod(n);
+    emu::launch(grid(3), 64, [&] {
+        float* p = full ? prod.data() : nullptr;
+        if constexpr (sizeof(T) == 4)
+            beit_residual_backward_f32(dy.data(), p, dacc.data(), y.data(), bias.data(), scale, fac, tokens, rows, dim);
+        else
+            beit_residual_backward_bf16(dy.data(), p, dacc.data(), y.data(), bias.data(), scale, fac, tokens, rows, dim);
+    });
+    std::vector<double> wdy(n), wprod(n);
+    for (int r = 0; r < rows; ++r)
+        for (int c = 0; c < dim; ++c) {
+            const size_t i = (size_t)r * dim + c;
+            wdy[i] = k_of(r) * s_of(c) * dd[i];
+            wprod[i] = k_of(r) * dd[i] * (yd[i] + bd[c]);
+        }
+    check("residual_backward dy " + tag, load(dy), wdy, tol<T>());
+    if (full) check("residual_backward prod " + tag, load(prod), wprod, 1e-5);
 }
 
 int main(int argc, char** argv) {
@@ -684,9 +718,12 @@ int main(int argc, char** argv) {
     test_im2col<float>(1, 2, 5, 5, 1, 1, 0, 18);
     test_reductions<float>(99, 70, 19);
     test_reductions<bf16>(48, 33, 20);
-    test_pretrain<float>(3, 6, 40, true, 21);
-    test_pretrain<float>(2, 4, 33, false, 22);
-    test_pretrain<bf16>(3, 6, 40, true, 23);
+    test_tokens<float>(3, 6, 40, true, 21);
+    test_tokens<float>(2, 4, 33, false, 22);
+    test_tokens<bf16>(3, 6, 40, true, 23);
+    test_residual<float>(3, 7, 40, true, 24);
+    test_residual<float>(2, 5, 33, false, 25);
+    test_residual<bf16>(3, 7, 40, true, 26);
     printf(failures ? "%d FAILED\n" : "all passed\n", failures);
     return failures ? 1 : 0;
 }

@@ -9,8 +9,11 @@
 //!   modules (`CudaDevice::get()`; `Unsupported` with the probe's reason without a GPU).
 //! - [`nvrtc`]: compiles the embedded `cuda/*.cu` for the GPU's arch, with the disk cache.
 //! - [`buffer`]: device buffers (`DeviceBuffer<T>` = cudarc `CudaSlice<T>`) and copies.
-//! - [`matmul`], [`elementwise`], [`adamw`], [`reduce`], [`patch_embed`]: the ops.
-//! - [`pretrain`]: the whole MIM training step on the GPU, written from the CPU pass with them.
+//! - [`matmul`], [`elementwise`], [`adamw`], [`reduce`], [`patch_embed`], [`residual`], [`tokens`]:
+//!   the ops.
+//! - [`ops`]: [`CudaBackend`], the backend as a [`crate::backend::Backend`] over device memory
+//!   planned as views ([`CudaMemory`]), plus the ops of a pass the trait does not have yet; the
+//!   MIM training step (`train::gpu_pretrain`) runs the one BEiT pass on it.
 //!
 //! # Adding a kernel file
 //! 1. Write `cuda/<family>.cu`, starting with `#include "common.cuh"` (bf16 type, load/store
@@ -65,14 +68,17 @@ mod kernel_args;
 pub mod layernorm;
 pub mod matmul;
 pub mod nvrtc;
+pub mod ops;
 pub mod patch_embed;
-pub mod pretrain;
 pub mod probe;
 pub mod reduce;
+pub mod residual;
 pub mod sums;
+pub mod tokens;
 
 pub use crate::backend::shapes::GemmShape;
 pub use buffer::DeviceBuffer;
 pub use device::CudaDevice;
 pub use matmul::{Epilogue, GemmType};
+pub use ops::{Act, CudaBackend, CudaMemory, DeviceArena, DeviceParams, Precision, Scratch};
 pub use probe::{probe, ProbeReport};

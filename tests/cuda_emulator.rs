@@ -39,6 +39,9 @@ fn cuda_kernels_pass_in_the_host_emulator() {
         "tokens_embed_param_grads",
         "tokens_gather_rows",
         "tokens_scatter_rows",
+        "tokens_mean_patches",
+        "tokens_mean_patches_backward",
+        "mse",
         "residual_forward",
         "residual_backward",
     ] {

@@ -3,13 +3,15 @@
 //! on the CPU, a device pointer on CUDA), so the pass is written once over [`super::Backend`]
 //! and never holds a pointer.
 //!
-//! Four spaces: activations (`Act`: the backend's activation type, bf16 on a bf16 GPU run),
+//! Five spaces: activations (`Act`: the backend's activation type, bf16 on a bf16 GPU run),
 //! f32 statistics and scratch (`Stat`: layer norm statistics, attention probabilities or
-//! log-sum-exps, bias tables, drop path factors), the parameters (`Param`, read only, laid out
+//! log-sum-exps, bias tables, drop path factors, pixels), integer indices (`Index`: relative
+//! position indices, masked rows, labels, masks), the parameters (`Param`, read only, laid out
 //! like the model's flat parameter store) and their gradients (`Grad`, f32, same layout).
 //!
-//! [`HostMemory`] is the host's resolution of the four: the activation [`Arena`] (the `Act` and
-//! `Stat` views of a host plan share it), the parameters and the gradient buffer.
+//! [`HostMemory`] is the host's resolution of the five: the [`Arena`] (the `Act` and `Stat`
+//! views of a host plan share its floats; `Index` views its indices), the parameters and the
+//! gradient buffer.
 
 use crate::error::{Error, Result};
 
@@ -18,6 +20,7 @@ use crate::error::{Error, Result};
 pub enum Space {
     Act,
     Stat,
+    Index,
     Param,
     Grad,
 }
@@ -88,17 +91,18 @@ pub struct Planner {
     shared: bool,
     act: usize,
     stat: usize,
+    index: usize,
 }
 
 impl Planner {
     /// One buffer for both spaces.
     pub fn shared() -> Self {
-        Planner { shared: true, act: 0, stat: 0 }
+        Planner { shared: true, act: 0, stat: 0, index: 0 }
     }
 
     /// A buffer per space.
     pub fn split() -> Self {
-        Planner { shared: false, act: 0, stat: 0 }
+        Planner { shared: false, act: 0, stat: 0, index: 0 }
     }
 
     /// Whether both spaces share one buffer.
@@ -134,6 +138,17 @@ impl Planner {
         Self::take(total, align, Space::Stat, len)
     }
 
+    /// A view of `len` indices.
+    pub fn index(&mut self, len: usize) -> View {
+        let align = self.alignment();
+        Self::take(&mut self.index, align, Space::Index, len)
+    }
+
+    /// Elements of the index buffer.
+    pub fn index_total(&self) -> usize {
+        self.index
+    }
+
     /// Elements of the activation buffer (both spaces when shared).
     pub fn act_total(&self) -> usize {
         self.act
@@ -152,6 +167,7 @@ impl Planner {
 pub struct Arena {
     map: Option<memmap2::MmapMut>,
     len: usize,
+    index: Vec<usize>,
 }
 
 impl std::fmt::Debug for Arena {
@@ -167,8 +183,13 @@ impl Arena {
     pub fn new(plan: &Planner) -> Result<Self> {
         assert!(plan.shared, "a host arena holds a shared plan");
         let len = plan.act_total();
+        let mut index = Vec::new();
+        index.try_reserve_exact(plan.index_total()).map_err(|_| {
+            Error::InvalidArgument(format!("cannot allocate {} indices of a pass: out of memory", plan.index_total()))
+        })?;
+        index.resize(plan.index_total(), 0);
         if len == 0 {
-            return Ok(Arena { map: None, len });
+            return Ok(Arena { map: None, len, index });
         }
         let refused =
             |why: String| Error::InvalidArgument(format!("cannot map an activation arena of {len} floats: {why}"));
@@ -180,7 +201,7 @@ impl Arena {
             // arena works the same with small pages.
             let _ = map.advise(memmap2::Advice::HugePage);
         }
-        Ok(Arena { map: Some(map), len })
+        Ok(Arena { map: Some(map), len, index })
     }
 
     /// Number of f32 elements held.
@@ -190,6 +211,11 @@ impl Arena {
 
     pub fn is_empty(&self) -> bool {
         self.len == 0
+    }
+
+    /// Bytes held (floats and indices).
+    pub fn bytes(&self) -> usize {
+        self.len * std::mem::size_of::<f32>() + self.index.len() * std::mem::size_of::<usize>()
     }
 
     fn base(&mut self) -> *mut f32 {
@@ -219,6 +245,18 @@ impl Arena {
         s
     }
 
+    /// The indices of an `Index` view.
+    pub fn indices(&self, v: View) -> &[usize] {
+        assert!(v.space == Space::Index, "arena: a {:?} view read as indices", v.space);
+        &self.index[v.offset..v.end()]
+    }
+
+    /// The indices of an `Index` view, to fill.
+    pub fn indices_mut(&mut self, v: View) -> &mut [usize] {
+        assert!(v.space == Space::Index, "arena: a {:?} view written as indices", v.space);
+        &mut self.index[v.offset..v.end()]
+    }
+
     /// Mutable slices of several disjoint views at once. Panics if two overlap (views of one
     /// plan never do; the same view twice does).
     pub fn many_mut<const N: usize>(&mut self, views: [View; N]) -> [&mut [f32]; N] {
@@ -240,11 +278,13 @@ pub struct HostMemory<'a> {
     pub arena: &'a mut Arena,
     pub params: &'a [f32],
     pub grads: &'a mut [f32],
+    /// The sum of the losses the loss ops computed since the last `take_loss`.
+    pub loss: f64,
 }
 
 impl<'a> HostMemory<'a> {
     pub fn new(arena: &'a mut Arena, params: &'a [f32], grads: &'a mut [f32]) -> Self {
-        HostMemory { arena, params, grads }
+        HostMemory { arena, params, grads, loss: 0.0 }
     }
 
     /// Slices for `W` views written and `R` views read by one op. Panics if a written view is a
@@ -275,6 +315,7 @@ impl<'a> HostMemory<'a> {
                     // SAFETY: inside the gradient buffer (checked).
                     unsafe { grads_base.add(v.offset) }
                 }
+                Space::Index => panic!("host memory: an index view read as floats"),
                 Space::Param => {
                     assert!(v.end() <= self.params.len(), "host memory: parameter view outside the store");
                     // SAFETY: inside the parameters (checked); only read (writes refused above).

@@ -9,7 +9,7 @@
 //! views to the forward and the backward.
 
 use super::memory::View;
-use super::shapes::AttentionShape;
+use super::shapes::{AttentionShape, PatchEmbedShape};
 use crate::error::Result;
 
 /// What a backward does with the input gradient buffer.
@@ -57,6 +57,15 @@ pub struct Branch {
 pub struct BranchGrads {
     pub dlambda: Option<View>,
     pub dbias: View,
+}
+
+/// The token parameters of the embeddings (or their gradients): the CLS token, the mask token
+/// and the absolute position embeddings `[T, hidden]` (each where the model has it).
+#[derive(Debug, Clone, Copy)]
+pub struct TokenParams {
+    pub cls: View,
+    pub mask_token: Option<View>,
+    pub positions: Option<View>,
 }
 
 /// The ops of the BEiT passes. Every op is deterministic (fixed reduction orders, no atomics):
@@ -207,4 +216,142 @@ pub trait Backend {
 
     /// `v = 0`.
     fn fill_zero(&self, m: &mut Self::Memory<'_>, v: View) -> Result<()>;
+
+    // ---- data movement -------------------------------------------------------------------
+
+    /// `dst = src` from host memory.
+    fn upload(&self, m: &mut Self::Memory<'_>, dst: View, src: &[f32]) -> Result<()>;
+
+    /// The `Index` view `dst = src` from host memory (each value must fit the backend's index
+    /// type; a refusal is an error).
+    fn upload_indices(&self, m: &mut Self::Memory<'_>, dst: View, src: &[usize]) -> Result<()>;
+
+    /// `dst = src` into host memory.
+    fn download(&self, m: &mut Self::Memory<'_>, src: View, dst: &mut [f32]) -> Result<()>;
+
+    /// `dst = src`.
+    fn copy(&self, m: &mut Self::Memory<'_>, dst: View, src: View) -> Result<()>;
+
+    /// `dst += src`.
+    fn add_into(&self, m: &mut Self::Memory<'_>, dst: View, src: View) -> Result<()>;
+
+    // ---- relative position bias ----------------------------------------------------------
+
+    /// `out[h, i] = (shared[h, i] or 0) + table[index[i], h]`: a `[heads, T, T]` bias from a
+    /// `[M, heads]` table and the `[T·T]` relative position index (`Index`).
+    fn relpos_bias(
+        &self,
+        m: &mut Self::Memory<'_>,
+        out: View,
+        shared: Option<View>,
+        table: View,
+        index: View,
+        heads: usize,
+    ) -> Result<()>;
+
+    /// Backward of [`Backend::relpos_bias`]'s gather: `dtable[index[i], h] += dbias[h, i]`, each
+    /// head in pair order (deterministic).
+    fn relpos_bias_backward(
+        &self,
+        m: &mut Self::Memory<'_>,
+        dtable: View,
+        dbias: View,
+        index: View,
+        heads: usize,
+    ) -> Result<()>;
+
+    // ---- embeddings ------------------------------------------------------------------------
+
+    /// The patch rows `[batch·N, C·ph·pw]` of `pixels` (`[batch, C, H, W]`, `Stat`), ordered
+    /// (channel, row, column) like the patch convolution's weight.
+    fn im2col(&self, m: &mut Self::Memory<'_>, patches: View, pixels: View, shape: PatchEmbedShape) -> Result<()>;
+
+    /// The tokens `x` (`[batch, T, hidden]`): the CLS token, then each patch's projection from
+    /// `embedded` (`[batch·N, hidden]`) or the mask token where `mask` (`Index`, `[batch·N]`,
+    /// 0 or 1) says masked; plus the position embeddings.
+    #[allow(clippy::too_many_arguments)]
+    fn assemble_tokens(
+        &self,
+        m: &mut Self::Memory<'_>,
+        x: View,
+        embedded: View,
+        tokens: TokenParams,
+        mask: Option<View>,
+        batch: usize,
+        patches: usize,
+        dim: usize,
+    ) -> Result<()>;
+
+    /// Backward of [`Backend::assemble_tokens`] for `dx`: `dembedded` written (zero where
+    /// masked), the token gradients added (summed over images in image order).
+    #[allow(clippy::too_many_arguments)]
+    fn assemble_tokens_backward(
+        &self,
+        m: &mut Self::Memory<'_>,
+        dembedded: View,
+        grads: TokenParams,
+        dx: View,
+        mask: Option<View>,
+        batch: usize,
+        patches: usize,
+        dim: usize,
+    ) -> Result<()>;
+
+    // ---- heads -------------------------------------------------------------------------------
+
+    /// `dst[r] = src[rows[r]]` for rows of `dim` (`rows`: `Index`).
+    fn gather_rows(&self, m: &mut Self::Memory<'_>, dst: View, src: View, rows: View, dim: usize) -> Result<()>;
+
+    /// `dst = 0`, then `dst[rows[r]] = src[r]` (distinct rows).
+    fn scatter_rows(&self, m: &mut Self::Memory<'_>, dst: View, src: View, rows: View, dim: usize) -> Result<()>;
+
+    /// The mean of each image's patch tokens (tokens 1..T of `[batch, T, dim]`) into `out`
+    /// (`[batch, dim]`): the mean-pooling pooler.
+    fn mean_patch_tokens(
+        &self,
+        m: &mut Self::Memory<'_>,
+        out: View,
+        hidden: View,
+        tokens: usize,
+        dim: usize,
+    ) -> Result<()>;
+
+    /// Backward of [`Backend::mean_patch_tokens`]: `dhidden` written, the CLS rows zero.
+    fn mean_patch_tokens_backward(
+        &self,
+        m: &mut Self::Memory<'_>,
+        dhidden: View,
+        dout: View,
+        tokens: usize,
+        dim: usize,
+    ) -> Result<()>;
+
+    /// Softmax cross-entropy of `logits` (`[rows, classes]`) against `labels` (`Index`) (with
+    /// label smoothing ε when `smoothing` is given: the classification loss), for rows that are part of a mean over `total_rows`: the losses' sum is
+    /// added to the memory's loss ([`Backend::take_loss`]) and `logits` is overwritten by
+    /// dL/dlogits (scaled by 1/`total_rows`).
+    fn cross_entropy(
+        &self,
+        m: &mut Self::Memory<'_>,
+        logits: View,
+        labels: View,
+        classes: usize,
+        smoothing: Option<f32>,
+        total_rows: usize,
+    ) -> Result<()>;
+
+    /// The mean squared error of `pred` against `target` per row of `cols`, for rows that are
+    /// part of a mean over `total_rows`: as [`Backend::cross_entropy`], the sum to the loss and
+    /// `pred` overwritten by its gradient.
+    fn mean_squared_error(
+        &self,
+        m: &mut Self::Memory<'_>,
+        pred: View,
+        target: View,
+        cols: usize,
+        total_rows: usize,
+    ) -> Result<()>;
+
+    /// The loss the loss ops added up since the last call (reads it to the host), then 0.
+    fn take_loss(&self, m: &mut Self::Memory<'_>) -> Result<f64>;
 }

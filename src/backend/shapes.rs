@@ -126,3 +126,34 @@ impl AttentionShape {
         self.heads * self.head_dim
     }
 }
+
+/// The geometry of one patch embedding: `Conv2d(C, D, kernel = stride = patch)` over
+/// `[batch, C, height, width]` pixels, as patch rows `[batch·N, C·ph·pw]` and a GEMM.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PatchEmbedShape {
+    pub batch: usize,
+    pub channels: usize,
+    pub height: usize,
+    pub width: usize,
+    pub patch_h: usize,
+    pub patch_w: usize,
+    /// D, the conv's output channels (hidden size).
+    pub hidden: usize,
+}
+
+impl PatchEmbedShape {
+    pub fn grid(&self) -> (usize, usize) {
+        (self.height / self.patch_h, self.width / self.patch_w)
+    }
+
+    /// Patches per image, N.
+    pub fn num_patches(&self) -> usize {
+        let (gh, gw) = self.grid();
+        gh * gw
+    }
+
+    /// Elements of one patch row, C·ph·pw.
+    pub fn patch_len(&self) -> usize {
+        self.channels * self.patch_h * self.patch_w
+    }
+}

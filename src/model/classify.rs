@@ -11,16 +11,16 @@
 
 use std::ops::Range;
 
-use crate::backend::cpu::backward::{layernorm_backward, linear_backward, DxMode};
-use crate::backend::cpu::cross_entropy_smoothed::smoothed_cross_entropy_fused_part;
-use crate::backend::cpu::gemm::linear;
-use crate::backend::cpu::layernorm::layernorm;
+use crate::backend::memory::HostMemory;
+use crate::backend::ops::DxMode;
+use crate::backend::Backend;
+use crate::context::host_backend;
 use crate::error::Result;
 
 use super::config::Architecture;
-use super::forward::mean_of_patch_tokens;
 use super::params::HeadParams;
-use super::training::grads_pair;
+use super::plan::ActivationPlan;
+use super::training::HeadLists;
 use super::{DataParallelWorkspace, DropPath, ImageBatch, Model, TrainWorkspace};
 
 /// One labelled classification batch as the host supplies it.
@@ -152,92 +152,88 @@ impl Model {
         grads: &mut [f32],
         logits_out: Option<&mut [f32]>,
     ) -> Result<f64> {
-        let k = self.config.num_labels();
         let images = batch.images();
         self.begin_train_pass(ws, &images, drop_path, grads)?;
-        let TrainWorkspace { planned, logits, .. } = ws;
-        let planned = planned.as_mut().expect("planned above");
+        let TrainWorkspace { planned, rows, labels } = ws;
+        let (plan, arena) = planned.as_mut().expect("planned above");
+        let mut m = HostMemory::new(arena, &self.params.data, grads);
         let factors = drop_path.map(|dp| dp.factors);
-        let (dims, hidden) = self.backbone_forward_train(planned, &images, factors)?;
-        let (plan, arena, _) = &mut *planned;
+        let host = HeadLists { rows, labels };
+        let be = host_backend();
+        self.classify_pass(&be, &mut m, plan, batch, factors, label_smoothing, total_images, logits_out, host)
+    }
 
+    /// The classification pass on `be` (see [`Model::classify_loss_sum`]).
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn classify_pass<B: Backend>(
+        &self,
+        be: &B,
+        m: &mut B::Memory<'_>,
+        plan: &ActivationPlan,
+        batch: &ClassifyBatch<'_>,
+        factors: Option<&[f32]>,
+        label_smoothing: f32,
+        total_images: usize,
+        logits_out: Option<&mut [f32]>,
+        host: HeadLists<'_>,
+    ) -> Result<f64> {
+        let k = self.config.num_labels();
+        let p = &self.params;
+        let dims = self.backbone_forward_train(be, m, plan, &batch.images(), factors)?;
         let HeadParams::Classifier { classifier } = self.layout.head else {
             unreachable!("checked: a classification model")
         };
         let (b, t, d) = (dims.b, dims.t, dims.d);
-        let p = &self.params;
-        let labels: Vec<usize> = batch.labels.iter().map(|&l| l as usize).collect();
-        logits.resize(b * k, 0.0);
-        let logits = &mut logits[..b * k];
-        let loss_sum;
-        {
-            // `pooled` holds the pooler's input (mean or CLS row), `normed` the pooler layer
-            // norm's output; `dnormed`/`dpooled` their gradients. All are [b, d] prefixes of
-            // slots sized for every token.
-            let [h, pooled, normed, dpooled, dnormed] =
-                arena.many_mut([hidden, plan.gathered, plan.head_normed, plan.scratch.dbranch, plan.scratch.dnormed]);
-            let (pooled, normed) = (&mut pooled[..b * d], &mut normed[..b * d]);
-            let (dpooled, dnormed) = (&mut dpooled[..b * d], &mut dnormed[..b * d]);
-            let features: &[f32] = match self.layout.pooler_layernorm {
-                Some(ln) => {
-                    mean_of_patch_tokens(pooled, h, b, t, d);
-                    layernorm(normed, pooled, p.get(ln.weight), p.get(ln.bias), d, dims.eps);
-                    normed
-                }
-                None => {
-                    for img in 0..b {
-                        pooled[img * d..(img + 1) * d].copy_from_slice(&h[img * t * d..img * t * d + d]);
-                    }
-                    pooled
-                }
-            };
-            linear(logits, features, p.get(classifier.weight), Some(p.get(classifier.bias)), b, d, k);
-            if let Some(out) = logits_out {
-                out.copy_from_slice(logits);
+        // `pooled` holds the pooler's input (mean or CLS row), `normed` the pooler layer norm's
+        // output; `dnormed`/`dpooled` their gradients. All are [b, d] prefixes of buffers sized
+        // for every token.
+        let (pooled, normed) = (plan.gathered.prefix(b * d), plan.head_normed.prefix(b * d));
+        let (dpooled, dnormed) = (plan.scratch.dbranch.prefix(b * d), plan.scratch.dnormed.prefix(b * d));
+        let logits = plan.logits.prefix(b * k);
+        let HeadLists { rows, labels } = host;
+        rows.clear();
+        rows.extend((0..b).map(|img| img * t));
+        labels.clear();
+        labels.extend(batch.labels.iter().map(|&l| l as usize));
+        let (rows_v, labels_v) = (plan.rows.prefix(b), plan.labels.prefix(b));
+        be.upload_indices(m, labels_v, labels)?;
+        let pooler_norm = self
+            .layout
+            .pooler_layernorm
+            .map(|ln| self.kept_norm(ln, normed, plan.head_saved.prefix(be.layer_norm_saved_len(b))));
+        let features = match pooler_norm {
+            Some(norm) => {
+                be.mean_patch_tokens(m, pooled, plan.output, t, d)?;
+                be.layer_norm(m, pooled, d, norm)?;
+                normed
             }
-            loss_sum = smoothed_cross_entropy_fused_part(logits, &labels, k, label_smoothing, total_images);
-            {
-                let (dw, db) = grads_pair(p, grads, classifier);
-                linear_backward(Some(&mut *dnormed), dw, Some(db), logits, features, p.get(classifier.weight), b, d, k);
+            None => {
+                be.upload_indices(m, rows_v, rows)?;
+                be.gather_rows(m, pooled, plan.output, rows_v, d)?;
+                pooled
             }
-            // dL/d(backbone output), written over the output itself (the backbone's backward
-            // reads it from there).
-            h.fill(0.0);
-            match self.layout.pooler_layernorm {
-                Some(ln) => {
-                    let (dg, dbeta) = grads_pair(p, grads, ln);
-                    layernorm_backward(
-                        dpooled,
-                        dg,
-                        dbeta,
-                        dnormed,
-                        pooled,
-                        p.get(ln.weight),
-                        d,
-                        dims.eps,
-                        DxMode::Overwrite,
-                    );
-                    // The mean spreads its gradient evenly over the patch tokens.
-                    let inv = 1.0 / (t - 1) as f32;
-                    for img in 0..b {
-                        let g = &dpooled[img * d..(img + 1) * d];
-                        for tok in 1..t {
-                            let row = &mut h[(img * t + tok) * d..(img * t + tok + 1) * d];
-                            for (r, &v) in row.iter_mut().zip(g) {
-                                *r = v * inv;
-                            }
-                        }
-                    }
-                }
-                None => {
-                    for img in 0..b {
-                        h[img * t * d..img * t * d + d].copy_from_slice(&dnormed[img * d..(img + 1) * d]);
-                    }
-                }
-            }
+        };
+        let (w, bias) = (p.view(classifier.weight), p.view(classifier.bias));
+        be.linear(m, logits, features, w, Some(bias), b, d, k)?;
+        if let Some(out) = logits_out {
+            be.download(m, logits, out)?;
         }
-        self.backbone_backward_train(planned, &images, dims, factors, grads, &mut |_, _| {})?;
-        Ok(loss_sum)
+        be.cross_entropy(m, logits, labels_v, k, Some(label_smoothing), total_images)?;
+        let (dw, db) = (p.grad_view(classifier.weight), p.grad_view(classifier.bias));
+        be.linear_backward(m, Some(dnormed), dw, Some(db), logits, features, w, b, d, k)?;
+        // dL/d(backbone output), written over the output itself (the backbone's backward reads
+        // it from there).
+        match (self.layout.pooler_layernorm, pooler_norm) {
+            (Some(ln), Some(norm)) => {
+                let (dg, dbeta) = (p.grad_view(ln.weight), p.grad_view(ln.bias));
+                be.layer_norm_backward(m, dpooled, dg, dbeta, dnormed, pooled, norm, d, DxMode::Overwrite)?;
+                be.mean_patch_tokens_backward(m, plan.output, dpooled, t, d)?;
+            }
+            _ => be.scatter_rows(m, plan.output, dnormed, rows_v, d)?,
+        }
+        let loss = be.take_loss(m)?;
+        self.backbone_backward_train(be, m, plan, dims, factors.is_some(), false, &[])?;
+        Ok(loss)
     }
 }
 

@@ -1,10 +1,8 @@
-//! The inference forward pass, block by block, on the CPU backend. Every activation lives in a
-//! planned arena (one allocation per input shape, reused across calls).
+//! The inference forward pass, block by block, written once over the [`Backend`] trait (run on
+//! the CPU backend today). Every activation lives in views planned by
+//! [`Model::inference_plan`] (one arena per input shape, reused across calls).
 
-use rayon::prelude::*;
-
-use crate::backend::cpu::gemm::linear;
-use crate::backend::cpu::resize;
+use super::resample;
 use crate::backend::memory::{Arena, HostMemory, Space, View};
 use crate::backend::ops::{Backend, Norm};
 use crate::context::host_backend;
@@ -14,9 +12,8 @@ use crate::tensor::{checked_numel, Tensor};
 
 use super::block::block_forward;
 use super::config::Architecture;
-use super::params::{Affine, BlockParams, HeadParams};
+use super::params::{Affine, HeadParams};
 use super::plan::ActivationPlan;
-use super::relpos;
 use super::Model;
 
 /// A batch of images in NCHW order, f32, plus optional masked positions (`[batch, patches]`,
@@ -57,12 +54,11 @@ pub struct Outputs {
     pub logits: Option<Tensor>,
 }
 
-/// A plan, its arena, and the relative position index of its grid.
+/// A plan and its arena.
 #[derive(Debug)]
 pub(crate) struct Workspace {
     plan: ActivationPlan,
     arena: Arena,
-    rel_index: Vec<usize>,
 }
 
 /// Most views one block of a plan takes (a training plan's [`super::block::LayerSlots`];
@@ -165,7 +161,7 @@ impl Model {
         if let Some(pos) = self.layout.embeddings.position_embeddings {
             let positions = self.params.specs[pos.0].shape[1] - 1;
             let side = (positions as f64).sqrt().round() as usize;
-            let as_is = self.position_embeddings_fit(positions, input, (gh, gw));
+            let as_is = self.position_embeddings_fit(positions, input.height, input.width, (gh, gw));
             ensure!(
                 as_is || side * side == positions,
                 Unsupported,
@@ -244,8 +240,7 @@ impl Model {
         self.check_pass_countable(batch, height, width)?;
         let (plan, arena_plan) = self.inference_plan(&host_backend(), batch, height, width);
         self.check_workspace_need(&plan, arena_plan.act_total(), height, width)?;
-        let rel_index = relpos::relative_position_index(plan.grid);
-        Ok(Workspace { plan, arena: Arena::new(&arena_plan)?, rel_index })
+        Ok(Workspace { plan, arena: Arena::new(&arena_plan)? })
     }
 
     fn return_workspace(&self, ws: Workspace) {
@@ -315,51 +310,56 @@ impl Model {
     }
 
     fn run(&self, ws: &mut Workspace, input: &ImageBatch<'_>, out: OutputBuffers<'_>) -> Result<()> {
+        let mut m = HostMemory::new(&mut ws.arena, &self.params.data, &mut []);
+        self.inference_pass(&host_backend(), &mut m, &ws.plan, input, out)
+    }
+
+    /// An inference pass on `be`: the backbone, its final norm, then the head's outputs
+    /// downloaded into `out`.
+    fn inference_pass<B: Backend>(
+        &self,
+        be: &B,
+        m: &mut B::Memory<'_>,
+        plan: &ActivationPlan,
+        input: &ImageBatch<'_>,
+        out: OutputBuffers<'_>,
+    ) -> Result<()> {
         let c = &self.config;
-        let be = host_backend();
-        let plan = ws.plan.clone();
+        let p = &self.params;
         let (b, t, d) = (input.batch, plan.tokens, c.hidden_size);
 
-        self.blocks_forward(&be, ws, input, |_, _| {})?;
-        let Workspace { arena, .. } = ws;
-        let mut m = HostMemory::new(arena, &self.params.data, &mut []);
+        self.backbone_forward(be, m, plan, input, &mut [])?;
         // The backbone's output: `beit.layernorm` for CLS pooling, identity for mean pooling.
         if let Some(ln) = &self.layout.final_layernorm {
-            be.layer_norm(&mut m, plan.x_out, d, self.norm(*ln, plan.output))?;
+            be.layer_norm(m, plan.x_out, d, self.norm(*ln, plan.output))?;
         }
-        let hidden_view = plan.output;
         if let Some(dst) = out.last_hidden_state {
-            dst.copy_from_slice(m.arena.get(hidden_view));
+            be.download(m, plan.output, dst)?;
         }
 
         if self.layout.has_pooler {
-            let (mean_view, normed_view) = (plan.pooled.sub(0, b * d), plan.pooled.sub(b * d, b * d));
-            let result_view = {
-                let [pooled, hidden] = m.arena.many_mut([plan.pooled, hidden_view]);
-                let mean = &mut pooled[..b * d];
-                match &self.layout.pooler_layernorm {
-                    Some(_) => mean_of_patch_tokens(mean, hidden, b, t, d),
-                    None => {
-                        for i in 0..b {
-                            mean[i * d..(i + 1) * d].copy_from_slice(&hidden[i * t * d..i * t * d + d]);
-                        }
-                    }
+            let (mean, normed) = (plan.pooled.sub(0, b * d), plan.pooled.sub(b * d, b * d));
+            let result = match &self.layout.pooler_layernorm {
+                Some(ln) => {
+                    be.mean_patch_tokens(m, mean, plan.output, t, d)?;
+                    be.layer_norm(m, mean, d, self.norm(*ln, normed))?;
+                    normed
                 }
-                match &self.layout.pooler_layernorm {
-                    Some(ln) => {
-                        be.layer_norm(&mut m, mean_view, d, self.norm(*ln, normed_view))?;
-                        normed_view
-                    }
-                    None => mean_view,
+                None => {
+                    let cls_rows: Vec<usize> = (0..b).map(|img| img * t).collect();
+                    be.upload_indices(m, plan.rows.prefix(b), &cls_rows)?;
+                    be.gather_rows(m, mean, plan.output, plan.rows.prefix(b), d)?;
+                    mean
                 }
             };
-            let result = m.arena.get(result_view);
             if let Some(dst) = out.pooler_output {
-                dst.copy_from_slice(result);
+                be.download(m, result, dst)?;
             }
             if let (HeadParams::Classifier { classifier }, Some(dst)) = (&self.layout.head, out.logits) {
-                let (p, k) = (&self.params, c.num_labels());
-                linear(dst, result, p.get(classifier.weight), Some(p.get(classifier.bias)), b, d, k);
+                let k = c.num_labels();
+                let (w, bias) = (p.view(classifier.weight), p.view(classifier.bias));
+                be.linear(m, plan.logits, result, w, Some(bias), b, d, k)?;
+                be.download(m, plan.logits, dst)?;
             }
         } else if let (HeadParams::MaskedImageModeling { layernorm: ln, lm_head }, Some(dst)) =
             (&self.layout.head, out.logits)
@@ -367,15 +367,14 @@ impl Model {
             // The head's norm goes to a buffer free by now: the blocks' norm output, or (when
             // that holds the backbone output) the attention context.
             let layer = plan.layer(0);
-            let normed_view = if hidden_view == plan.x_out { layer.ln1 } else { layer.ctx };
-            be.layer_norm(&mut m, hidden_view, d, self.norm(*ln, normed_view))?;
-            let normed = m.arena.get(normed_view);
-            let (p, v, n) = (&self.params, c.vocab_size, t - 1);
-            // Patch tokens of one image are contiguous rows, so each image is one GEMM. The
-            // logits go straight to the caller's buffer.
+            let normed = if plan.output == plan.x_out { layer.ln1 } else { layer.ctx };
+            be.layer_norm(m, plan.output, d, self.norm(*ln, normed))?;
+            let (v, n) = (c.vocab_size, t - 1);
+            let (w, bias) = (p.view(lm_head.weight), p.view(lm_head.bias));
+            // Patch tokens of one image are contiguous rows: one GEMM and one download each.
             for (i, logits) in dst.chunks_exact_mut(n * v).enumerate() {
-                let rows = &normed[(i * t + 1) * d..(i * t + t) * d];
-                linear(logits, rows, p.get(lm_head.weight), Some(p.get(lm_head.bias)), n, d, v);
+                be.linear(m, plan.logits, normed.sub((i * t + 1) * d, n * d), w, Some(bias), n, d, v)?;
+                be.download(m, plan.logits, logits)?;
             }
         }
         Ok(())
@@ -393,28 +392,31 @@ impl Model {
     }
 
     /// The embeddings and every block of an inference pass, in the shared `x` of the plan;
-    /// `after(k, x)` sees hidden state k (0 = the embeddings, k = the output of block k).
-    fn blocks_forward<B>(
+    /// `capture[i] = (k, buffer)` downloads hidden state k (0 = the embeddings, k = the output
+    /// of block k) into the buffer.
+    fn backbone_forward<B: Backend>(
         &self,
         be: &B,
-        ws: &mut Workspace,
+        m: &mut B::Memory<'_>,
+        plan: &ActivationPlan,
         input: &ImageBatch<'_>,
-        mut after: impl FnMut(usize, &[f32]),
-    ) -> Result<()>
-    where
-        for<'a> B: Backend<Memory<'a> = HostMemory<'a>>,
-    {
-        let plan = ws.plan.clone();
+        capture: &mut [(usize, Vec<f32>)],
+    ) -> Result<()> {
         let dims = self.block_dims(input.batch, plan.tokens);
-        self.embed(ws, input);
-        after(0, ws.arena.get(plan.x_out));
-        let has_shared = self.prepare_shared_bias(ws);
+        let grab = |be: &B, m: &mut B::Memory<'_>, k: usize, capture: &mut [(usize, Vec<f32>)]| -> Result<()> {
+            for (_, dst) in capture.iter_mut().filter(|(i, _)| *i == k) {
+                be.download(m, plan.x_out, dst)?;
+            }
+            Ok(())
+        };
+        self.embeddings_forward(be, m, plan, input)?;
+        grab(be, m, 0, capture)?;
+        let has_shared = self.shared_bias(be, m, plan)?;
         for (l, block) in self.layout.blocks.iter().enumerate() {
-            let has_bias = self.layer_bias(ws, block, has_shared);
-            let mut m = HostMemory::new(&mut ws.arena, &self.params.data, &mut []);
+            let has_bias = self.layer_bias(be, m, plan, block, has_shared)?;
             let (layer, out) = (plan.layer(l), plan.block_output(l));
-            block_forward(be, &mut m, &self.params, block, layer, out, &plan.scratch, has_bias, dims, None)?;
-            after(l + 1, ws.arena.get(out));
+            block_forward(be, m, &self.params, block, layer, out, &plan.scratch, has_bias, dims, None)?;
+            grab(be, m, l + 1, capture)?;
         }
         Ok(())
     }
@@ -424,161 +426,12 @@ impl Model {
     /// of heads outside this module (segmentation). `input` must have passed `check_input`.
     pub(crate) fn hidden_states(&self, input: &ImageBatch<'_>, indices: &[usize]) -> Result<Vec<Vec<f32>>> {
         let mut ws = self.take_workspace(input.batch, input.height, input.width)?;
-        let mut out = vec![Vec::new(); indices.len()];
-        let result = self.blocks_forward(&host_backend(), &mut ws, input, |k, x| {
-            for (o, _) in out.iter_mut().zip(indices).filter(|(_, &i)| i == k) {
-                *o = x.to_vec();
-            }
-        });
+        let len = ws.plan.x_out.len();
+        let mut capture: Vec<(usize, Vec<f32>)> = indices.iter().map(|&k| (k, vec![0.0; len])).collect();
+        let mut m = HostMemory::new(&mut ws.arena, &self.params.data, &mut []);
+        let result = self.backbone_forward(&host_backend(), &mut m, &ws.plan, input, &mut capture);
         self.return_workspace(ws);
-        result.map(|_| out)
-    }
-
-    /// Patch embedding (as a GEMM over non-overlapping patches), mask token, CLS token and
-    /// absolute position embeddings, into `x`.
-    fn embed(&self, ws: &mut Workspace, input: &ImageBatch<'_>) {
-        let plan = &ws.plan;
-        let [patches, x, tmp] = ws.arena.many_mut([plan.patches, plan.x_out, plan.embedded]);
-        self.embed_into(input, plan.grid, patches, x, tmp);
-    }
-
-    /// [`Model::embed`] on explicit buffers: `patches` receives the im2col rows
-    /// (`[batch·patches, channels·ph·pw]`), `x` the embeddings (`[batch, tokens, hidden]`), and
-    /// `tmp` (at least `[batch·patches, hidden]`) the patch projections before masking.
-    pub(crate) fn embed_into(
-        &self,
-        input: &ImageBatch<'_>,
-        grid: (usize, usize),
-        patches: &mut [f32],
-        x: &mut [f32],
-        tmp: &mut [f32],
-    ) {
-        let c = &self.config;
-        let p = &self.params;
-        let e = &self.layout.embeddings;
-        let (gh, gw) = grid;
-        let (n, d) = (gh * gw, c.hidden_size);
-        let t = n + 1;
-        let (ph, pw) = c.patch_size.hw();
-        let (ch, hh, ww) = (input.channels, input.height, input.width);
-        let k = ch * ph * pw;
-        let b = input.batch;
-
-        // im2col: one row per patch, ordered (channel, row, col) like the conv weight.
-        patches.par_chunks_mut(k).enumerate().for_each(|(row, dst)| {
-            let (img, patch) = (row / n, row % n);
-            let (py, px) = (patch / gw, patch % gw);
-            for cc in 0..ch {
-                for ky in 0..ph {
-                    let src = ((img * ch + cc) * hh + py * ph + ky) * ww + px * pw;
-                    dst[(cc * ph + ky) * pw..(cc * ph + ky + 1) * pw].copy_from_slice(&input.pixels[src..src + pw]);
-                }
-            }
-        });
-        let embedded = &mut tmp[..b * n * d];
-        linear(embedded, patches, p.get(e.patch_weight), Some(p.get(e.patch_bias)), b * n, k, d);
-
-        let cls = p.get(e.cls_token);
-        let mask_token = e.mask_token.map(|m| p.get(m));
-        for img in 0..b {
-            x[img * t * d..img * t * d + d].copy_from_slice(cls);
-            for patch in 0..n {
-                let dst = &mut x[(img * t + 1 + patch) * d..(img * t + 2 + patch) * d];
-                let masked = input.bool_masked_pos.is_some_and(|m| m[img * n + patch] == 1);
-                match (masked, mask_token) {
-                    (true, Some(mt)) => dst.copy_from_slice(mt),
-                    _ => dst.copy_from_slice(&embedded[(img * n + patch) * d..(img * n + patch + 1) * d]),
-                }
-            }
-        }
-
-        if let Some(pos_id) = e.position_embeddings {
-            let pos = p.get(pos_id);
-            let positions = pos.len() / d - 1;
-            let as_is = self.position_embeddings_fit(positions, input, grid);
-            let resized;
-            let pos: &[f32] = if as_is {
-                pos
-            } else {
-                resized = resize_position_embeddings(pos, d, positions, grid);
-                &resized
-            };
-            x.par_chunks_mut(t * d).for_each(|img| {
-                for (v, &q) in img.iter_mut().zip(pos) {
-                    *v += q;
-                }
-            });
-        }
-    }
-
-    /// Whether the absolute position table is used as stored. HF keeps it when the patch count
-    /// matches and the image is square, and resizes it otherwise (even at the configured size
-    /// of a non-square config, where its resize then fails); we also keep it at the configured
-    /// grid, so non-square configs work at their own size.
-    fn position_embeddings_fit(&self, positions: usize, input: &ImageBatch<'_>, grid: (usize, usize)) -> bool {
-        positions == grid.0 * grid.1 && (input.height == input.width || grid == self.config.native_grid())
-    }
-
-    /// Fills the shared relative position bias for this grid; false if the model has none.
-    fn prepare_shared_bias(&self, ws: &mut Workspace) -> bool {
-        let slot = ws.plan.shared_bias;
-        let grid = ws.plan.grid;
-        let Workspace { arena, rel_index, .. } = ws;
-        self.shared_bias_into(arena.get_mut(slot), grid, rel_index)
-    }
-
-    /// The shared relative position bias (`[heads, T, T]`) for `grid` into `bias`; false (and
-    /// `bias` untouched) if the model has none.
-    pub(crate) fn shared_bias_into(&self, bias: &mut [f32], grid: (usize, usize), rel_index: &[usize]) -> bool {
-        let Some(table_id) = self.layout.shared_rel_pos_table else {
-            return false;
-        };
-        let table = self.table_for_grid(table_id, grid);
-        bias.fill(0.0);
-        relpos::add_bias(bias, &table, self.config.num_attention_heads, rel_index);
-        true
-    }
-
-    /// The bias of one layer: shared + per-layer, whichever exist, in the `bias` slot.
-    fn layer_bias(&self, ws: &mut Workspace, block: &BlockParams, has_shared: bool) -> bool {
-        let plan = &ws.plan;
-        let Workspace { arena, rel_index, .. } = ws;
-        let [shared_bias, bias] = arena.many_mut([plan.shared_bias, plan.scratch.bias]);
-        self.layer_bias_into(bias, has_shared.then_some(&*shared_bias), block, plan.grid, rel_index)
-    }
-
-    /// The attention bias of `block` into `bias`: the shared bias (when given) plus the block's
-    /// own table (when it has one). False, and `bias` untouched, when there is neither.
-    pub(crate) fn layer_bias_into(
-        &self,
-        bias: &mut [f32],
-        shared_bias: Option<&[f32]>,
-        block: &BlockParams,
-        grid: (usize, usize),
-        rel_index: &[usize],
-    ) -> bool {
-        match (shared_bias, block.rel_pos_table) {
-            (None, None) => false,
-            (shared_bias, table_id) => {
-                match shared_bias {
-                    Some(shared) => bias.copy_from_slice(shared),
-                    None => bias.fill(0.0),
-                }
-                if let Some(id) = table_id {
-                    let table = self.table_for_grid(id, grid);
-                    relpos::add_bias(bias, &table, self.config.num_attention_heads, rel_index);
-                }
-                true
-            }
-        }
-    }
-
-    fn table_for_grid(&self, id: super::params::ParamId, grid: (usize, usize)) -> std::borrow::Cow<'_, [f32]> {
-        let table = self.params.get(id);
-        match relpos::resize_table(table, self.config.num_attention_heads, self.config.native_grid(), grid) {
-            Some(resized) => std::borrow::Cow::Owned(resized),
-            None => std::borrow::Cow::Borrowed(table),
-        }
+        result.map(|_| capture.into_iter().map(|(_, v)| v).collect())
     }
 }
 
@@ -592,7 +445,7 @@ pub(super) fn resize_position_embeddings(pos: &[f32], d: usize, positions: usize
             planes[ch * positions + r] = pos[(r + 1) * d + ch];
         }
     }
-    let resized = resize::bicubic(&planes, d, side, side, grid.0, grid.1);
+    let resized = resample::bicubic(&planes, d, side, side, grid.0, grid.1);
     let n = grid.0 * grid.1;
     let mut out = vec![0.0f32; (n + 1) * d];
     out[..d].copy_from_slice(&pos[..d]);
@@ -602,19 +455,4 @@ pub(super) fn resize_position_embeddings(pos: &[f32], d: usize, positions: usize
         }
     }
     out
-}
-
-/// Mean over tokens 1..t of each image (the mean-pooling pooler excludes CLS).
-pub(super) fn mean_of_patch_tokens(mean: &mut [f32], hidden: &[f32], b: usize, t: usize, d: usize) {
-    for i in 0..b {
-        let m = &mut mean[i * d..(i + 1) * d];
-        m.fill(0.0);
-        for tok in 1..t {
-            for (a, &v) in m.iter_mut().zip(&hidden[(i * t + tok) * d..(i * t + tok + 1) * d]) {
-                *a += v;
-            }
-        }
-        let inv = 1.0 / (t - 1) as f32;
-        m.iter_mut().for_each(|v| *v *= inv);
-    }
 }

@@ -2,7 +2,7 @@
 //! a table to another patch grid (Hugging Face's rule, see BEIT_SPEC §3.6), and the gather into a
 //! `[heads, tokens, tokens]` bias.
 
-use crate::backend::cpu::resize;
+use super::resample;
 
 use super::params::rel_pos_table_rows;
 
@@ -29,19 +29,26 @@ pub fn relative_position_index(grid: (usize, usize)) -> Vec<usize> {
     idx
 }
 
+/// Whether [`resize_table`] changes a table made for `native` when used at `grid`. Not the same
+/// as `native != grid`: HF reads the table's image width-first, so a non-square native grid is
+/// resized (transposed) even at its own size.
+pub fn table_is_resized(native: (usize, usize), grid: (usize, usize)) -> bool {
+    (2 * native.1 - 1, 2 * native.0 - 1) != (2 * grid.0 - 1, 2 * grid.1 - 1)
+}
+
 /// The table for `grid`, from a table made for `native` (`[M, heads]`, row-major).
 ///
 /// HF reshapes the first M−3 rows as a `(2·native_w−1) x (2·native_h−1)` image per head (note the
 /// width-first order) and resizes it bilinearly to `(2·h−1) x (2·w−1)`; the three CLS rows are
 /// kept. Returns `None` when that resize is the identity, so callers use the table as is.
 pub fn resize_table(table: &[f32], heads: usize, native: (usize, usize), grid: (usize, usize)) -> Option<Vec<f32>> {
+    if !table_is_resized(native, grid) {
+        return None;
+    }
     let (old_h, old_w) = (2 * native.0 - 1, 2 * native.1 - 1);
     let (new_h, new_w) = (2 * grid.0 - 1, 2 * grid.1 - 1);
     // Source image is (rows = old_w, cols = old_h) in HF's reshape.
     let (src_rows, src_cols) = (old_w, old_h);
-    if (src_rows, src_cols) == (new_h, new_w) {
-        return None;
-    }
     let old_rows = old_h * old_w;
     // [rows·cols, heads] → [heads, rows, cols]
     let mut planes = vec![0.0f32; heads * old_rows];
@@ -50,7 +57,7 @@ pub fn resize_table(table: &[f32], heads: usize, native: (usize, usize), grid: (
             planes[h * old_rows + r] = table[r * heads + h];
         }
     }
-    let resized = resize::bilinear(&planes, heads, src_rows, src_cols, new_h, new_w);
+    let resized = resample::bilinear(&planes, heads, src_rows, src_cols, new_h, new_w);
     let new_rows = new_h * new_w;
     let mut out = vec![0.0f32; (new_rows + 3) * heads];
     for r in 0..new_rows {

@@ -15,18 +15,22 @@ pub fn global_norm(grads: &[f32]) -> f64 {
 /// Clips `grads` in place to global norm `max_norm` and returns the norm before clipping.
 pub fn clip_grad_norm(grads: &mut [f32], max_norm: f64) -> f64 {
     let norm = global_norm(grads);
-    scale_to_norm(grads, norm, max_norm);
+    if let Some(factor) = clip_factor(norm, max_norm) {
+        scale(grads, factor);
+    }
     norm
 }
 
-/// The clipping half of [`clip_grad_norm`] for a caller that has the norm already: scales
-/// `grads` by `max_norm / (norm + 1e-6)` when that is below 1.
-pub fn scale_to_norm(grads: &mut [f32], norm: f64, max_norm: f64) {
+/// PyTorch's `clip_grad_norm_` factor for a gradient of norm `norm`: `max_norm / (norm + 1e-6)`
+/// when that is below 1, else `None` (the gradient is left as it is).
+pub fn clip_factor(norm: f64, max_norm: f64) -> Option<f32> {
     let coef = max_norm / (norm + 1e-6);
-    if coef < 1.0 {
-        let c = coef as f32;
-        grads.par_chunks_mut(CHUNK).for_each(|chunk| chunk.iter_mut().for_each(|g| *g *= c));
-    }
+    (coef < 1.0).then_some(coef as f32)
+}
+
+/// Multiplies every gradient by `factor`.
+pub fn scale(grads: &mut [f32], factor: f32) {
+    grads.par_chunks_mut(CHUNK).for_each(|chunk| chunk.iter_mut().for_each(|g| *g *= factor));
 }
 
 #[cfg(test)]

@@ -7,7 +7,7 @@
 //! the small grey images this trains on. AdamW with a warmup + cosine learning rate.
 
 use super::adamw::{AdamW, AdamWConfig};
-use super::optimizer::apply_update;
+use super::optimizer::{apply_update, HostUpdate};
 use super::schedule::CosineSchedule;
 use crate::dvae::relaxation::{argmax_rows, gumbel_softmax, gumbel_softmax_backward, kl_to_uniform, perplexity};
 use crate::dvae::Dvae;
@@ -224,8 +224,13 @@ impl DvaeTrainer {
         if !stats.loss.is_finite() {
             return Err(non_finite());
         }
-        apply_update(&mut self.optimizer, &mut self.dvae.params.data, &mut self.grads, stats.lr, None, None)
-            .map_err(|_| non_finite())?;
+        let mut target = HostUpdate {
+            adamw: &mut self.optimizer,
+            params: &mut self.dvae.params.data,
+            grads: &mut self.grads,
+            lr_scale: None,
+        };
+        apply_update(&mut target, stats.lr, None)?.map_err(|_| non_finite())?;
         self.step += 1;
         Ok(stats)
     }

@@ -1,22 +1,21 @@
-//! The BEiT masked-image-modeling training step on the GPU: the one BEiT pass
-//! (`model::block::{block_forward, block_backward}` over an `ActivationPlan`) run on the CUDA
-//! backend (`backend::cuda::CudaBackend`), with the embeddings, the MIM head and AdamW around
-//! it, on one stream.
+//! The BEiT masked-image-modeling training step on the GPU: the one MIM pass
+//! (`Model::mim_pass`: embeddings, blocks, head and loss, forward and backward, written once over
+//! the `Backend` trait) run on the CUDA backend (`backend::cuda::CudaBackend`), with the
+//! parameters, gradients and AdamW around it on the device, on one stream.
 //!
 //! # What lives on the GPU
 //! - the parameters as fp32 master copies (one flat buffer laid out like the `ParamStore`), and
 //!   in bf16 mode a bf16 working copy of them that AdamW refreshes in its pass;
 //! - the gradients (fp32, same layout), the AdamW moments, the per-element lr scales;
 //! - one planned activation arena per batch size: `Model::training_plan` on the CUDA backend
-//!   (every block's activations, the layer norm statistics and attention log-sum-exps the
-//!   backward reads, the block scratch) plus the views the plan lacks (pixels, logits, losses,
-//!   the final and head norms' statistics), allocated once;
-//! - the batch (pixels, mask, masked-row indices and their labels, drop path factors), uploaded
-//!   each step.
+//!   (every view of the pass: inputs, indices, every block's activations, the statistics the
+//!   backward reads, the head's logits) plus the backend's scratch, allocated once.
 //!
-//! Host reads per step: the loss and the gradient norm (16 bytes, one synchronisation, needed to
-//! refuse a non-finite step exactly as the CPU trainer does). Parameters and optimizer state are
-//! read back only on request ([`GpuPretrainer::download_params`], `download_optimizer`).
+//! The pass uploads the batch (pixels, mask, masked rows and labels, drop path factors) and
+//! reads back the loss (8 bytes, one synchronisation between the head's forward and the
+//! backbone's backward); the optimizer step reads back the gradient norm (8 bytes) to refuse a
+//! non-finite step exactly as the CPU trainer does. Parameters and optimizer state are read back
+//! only on request ([`GpuPretrainer::download_params`], `download_optimizer`).
 //!
 //! # Precisions
 //! - [`Precision::F32`]: every tensor fp32 (cuBLASLt with fp32 compute, no TF32): the parity
@@ -26,15 +25,7 @@
 //!   bf16; GEMMs and attention read bf16 and accumulate in fp32; layer norms, softmax,
 //!   cross-entropy, the parameter gradients, the norm and AdamW are fp32.
 //!
-//! # The pass
-//! Forward: patches and their projection, the token assembly (CLS, mask token, positions), the
-//! shared relative position bias gathered once; per block the layer's bias (shared + its own
-//! table) into the plan's bias view, then `block_forward`; the final norm; the MIM head on the
-//! masked rows (gather, norm, projection, fused cross-entropy leaving dL/dlogits in place).
-//! Backward: the head's transposes, the scatter into the hidden state's gradient, the final
-//! norm, `block_backward` last block first (each layer's bias gradient gathered into its
-//! tables), the embeddings. No atomics anywhere: two runs from the same state give the same
-//! bits.
+//! No atomics anywhere: two runs from the same state give the same bits.
 
 use std::sync::Arc;
 
@@ -42,20 +33,14 @@ use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut};
 use half::bf16;
 
 use crate::backend::cuda::adamw::GpuAdamW;
-use crate::backend::cuda::attention::RelPosIndex;
 use crate::backend::cuda::device::driver_error;
 pub use crate::backend::cuda::ops::Precision;
-use crate::backend::cuda::patch_embed::PatchEmbedShape;
-use crate::backend::cuda::tokens::{TokenParams, TokenShape};
 use crate::backend::cuda::{Act, CudaBackend, CudaDevice, CudaMemory, DeviceArena, DeviceParams, Scratch};
-use crate::backend::memory::View;
-use crate::backend::ops::{Backend, DxMode, Norm};
 use crate::backend::optimizer::AdamWConfig;
 use crate::error::{Error, Result};
-use crate::model::block::{block_backward, block_forward, drop_factors, BlockDims};
-use crate::model::params::{Affine, HeadParams, ParamStore};
+use crate::model::param_store::ParamStore;
 use crate::model::plan::ActivationPlan;
-use crate::model::{relpos, Architecture, MimBatch, MimTarget, Model};
+use crate::model::{Architecture, HeadLists, MimBatch, MimTarget, Model};
 use crate::train::adamw::AdamW;
 
 /// What one GPU step did.
@@ -77,30 +62,12 @@ pub struct OptimizerSetup<'a> {
     pub lr_scale: Option<&'a [f32]>,
 }
 
-/// The views a MIM step needs beyond the activation plan.
-#[derive(Debug, Clone, Copy)]
-struct HeadViews {
-    /// The batch's pixels (`Stat`, f32 NCHW).
-    pixels: View,
-    /// The final norm's statistics (`Stat`; empty without the norm).
-    final_saved: View,
-    /// The MIM head's norm statistics and logits, for up to every patch masked.
-    head_saved: View,
-    logits: View,
-    losses: View,
-}
-
 /// The planned memory of one batch size.
 struct Pass<T: Act> {
     batch: usize,
     plan: ActivationPlan,
-    head: HeadViews,
     arena: DeviceArena<T>,
-    /// Masked row indices then their labels, `[B·N]` each.
-    idx: CudaSlice<i32>,
-    mask: CudaSlice<u8>,
-    /// The fused cross-entropy's f64 loss sum, and the norm pass's [Σg², ‖g‖].
-    loss_sum: CudaSlice<f64>,
+    /// The norm pass's [Σg², ‖g‖].
     norm: CudaSlice<f64>,
 }
 
@@ -113,9 +80,12 @@ struct Step<T: Act> {
     grads: CudaSlice<f32>,
     adamw: GpuAdamW,
     lr_scale: Option<CudaSlice<f32>>,
-    relpos: Option<RelPosIndex>,
     pass: Option<Pass<T>>,
-    masked: usize,
+    /// The head's masked rows and labels as the host lists them (reused).
+    rows: Vec<usize>,
+    labels: Vec<usize>,
+    /// The loss of the last pass.
+    loss: Option<f64>,
 }
 
 impl<T: Act> Drop for Step<T> {
@@ -273,38 +243,19 @@ impl GpuPretrainer {
 impl<T: Act> Step<T> {
     fn new(dev: Arc<CudaDevice>, model: &Model, opt: OptimizerSetup<'_>) -> Result<Self> {
         let c = model.config();
-        let grid = c.native_grid();
         let heads = c.num_attention_heads;
         ensure!(
-            matches!(c.hidden_size / heads, 32 | 64) && c.hidden_size % heads == 0,
+            matches!(c.hidden_size / heads, 32 | 64) && c.hidden_size.is_multiple_of(heads),
             Unsupported,
             "the GPU step's fused attention has kernels for head dims 32 and 64; this model's is {}",
             c.hidden_size as f64 / heads as f64
         );
-        let layout = &model.layout;
         let store = model.params();
         let params = DeviceParams::upload(&dev, &store.data)?;
         let grads = dev.zeros(store.data.len())?;
         ensure!(opt.decay_mask.len() == store.data.len(), InvalidArgument, "decay mask length");
         let adamw = GpuAdamW::new(&dev, opt.config, opt.decay_mask, opt.trained)?;
         let lr_scale = opt.lr_scale.map(|l| dev.upload(l)).transpose()?;
-        let tables: Vec<_> = layout
-            .shared_rel_pos_table
-            .iter()
-            .chain(layout.blocks.iter().filter_map(|b| b.rel_pos_table.as_ref()))
-            .collect();
-        let table_rows = (2 * grid.0 - 1) * (2 * grid.1 - 1) + 3;
-        let relpos = if tables.is_empty() {
-            None
-        } else {
-            Some(dev.relpos_index(&relpos::relative_position_index(grid), table_rows)?)
-        };
-        // The tables must have the rows the index addresses (the native grid's).
-        for id in tables {
-            let len = store.specs[id.0].len;
-            let want = table_rows * heads;
-            ensure!(len == want, InvalidArgument, "relative position table holds {len} values, expected {want}");
-        }
         Ok(Step {
             be: CudaBackend::new(dev),
             model: model.without_values(),
@@ -312,14 +263,11 @@ impl<T: Act> Step<T> {
             grads,
             adamw,
             lr_scale,
-            relpos,
             pass: None,
-            masked: 0,
+            rows: Vec::new(),
+            labels: Vec::new(),
+            loss: None,
         })
-    }
-
-    fn dev(&self) -> &CudaDevice {
-        self.be.device()
     }
 
     /// The pass's memory for `b` images (planned again only when the batch size changes).
@@ -330,46 +278,30 @@ impl<T: Act> Step<T> {
         self.pass = None; // free the old arena first
         let c = self.model.config();
         let (height, width) = c.image_size.hw();
-        let (plan, mut planner) = self.model.training_plan(&self.be, b, height, width);
+        let (plan, planner) = self.model.training_plan(&self.be, b, height, width);
         let (d, inter, vocab) = (c.hidden_size, c.intermediate_size, c.vocab_size);
-        let n = plan.grid.0 * plan.grid.1;
+        let patches = b * (plan.tokens - 1);
         let rows = b * plan.tokens;
-        // The MIM head works on the masked rows: at most every patch.
-        let maxm = b * n;
-        let has_final = self.model.layout.final_layernorm.is_some();
-        let head = HeadViews {
-            pixels: planner.stat(b * c.num_channels * height * width),
-            final_saved: planner.stat(if has_final { self.be.layer_norm_saved_len(rows) } else { 0 }),
-            head_saved: planner.stat(self.be.layer_norm_saved_len(maxm)),
-            logits: planner.act(maxm * vocab),
-            losses: planner.stat(maxm),
-        };
+        // The MIM head projects a block of masked rows at a time (the plan's logits).
+        let head_rows = plan.logits.len() / vocab;
         let scratch = Scratch::default()
             .linear_backward(rows, 3 * d)
             .linear_backward(rows, inter)
             .linear_backward(rows, d)
-            .linear_backward(maxm, vocab)
-            .linear_backward(b * n, d)
-            .layer_norm_backward(rows.max(maxm), d)
-            .residual_backward(rows, d);
+            .linear_backward(head_rows, vocab)
+            .linear_backward(patches, d)
+            .layer_norm_backward(rows.max(patches), d)
+            .residual_backward(rows, d)
+            .loss(head_rows);
         let dev = self.be.device();
-        self.pass = Some(Pass {
-            batch: b,
-            plan,
-            head,
-            arena: DeviceArena::new(dev, &planner, scratch)?,
-            idx: dev.zeros(2 * maxm)?,
-            mask: dev.zeros(maxm)?,
-            loss_sum: dev.zeros(1)?,
-            norm: dev.zeros(2)?,
-        });
+        let arena = DeviceArena::new(dev, &planner, scratch)?;
+        self.pass = Some(Pass { batch: b, plan, arena, norm: dev.zeros(2)? });
         Ok(())
     }
 
     fn forward_backward(&mut self, batch: &MimBatch<'_>, drop_path: Option<&[f32]>) -> Result<()> {
         let c = self.model.config();
-        let (channels, (height, width), layers, vocab) =
-            (c.num_channels, c.image_size.hw(), c.num_hidden_layers, c.vocab_size);
+        let (channels, (height, width), layers) = (c.num_channels, c.image_size.hw(), c.num_hidden_layers);
         let grid = c.native_grid();
         let n = grid.0 * grid.1;
         let b = batch.batch;
@@ -392,57 +324,35 @@ impl<T: Act> Step<T> {
         if let Some(f) = drop_path {
             ensure!(f.len() == layers * 2 * b, InvalidArgument, "drop path factors hold {}", f.len());
         }
-        // The masked rows (in [batch, patch] order, as the CPU gathers them) and their labels.
-        let mut idx: Vec<i32> = Vec::with_capacity(2 * b * n);
-        let mut labels: Vec<i32> = Vec::new();
-        for (i, (&m, &label)) in batch.bool_masked_pos.iter().zip(batch.labels).enumerate() {
-            if m == 1 {
-                idx.push(int_of("masked row", (i / n) * (n + 1) + 1 + i % n)?);
-                ensure!((0..vocab as i64).contains(&label), InvalidArgument, "label {label} outside the vocabulary");
-                labels.push(label as i32);
-            }
-        }
-        let m = idx.len();
-        ensure!(m > 0, InvalidArgument, "bool_masked_pos masks no patch: the MIM loss is undefined");
-        idx.extend_from_slice(&labels);
+        let masked = batch.masked_count();
+        ensure!(masked > 0, InvalidArgument, "bool_masked_pos masks no patch: the MIM loss is undefined");
+        self.loss = None;
         self.plan(b)?;
-        let Step { be, model, params, grads, relpos, pass, .. } = self;
+        let Step { be, model, params, grads, pass, rows, labels, .. } = self;
         let pass = pass.as_mut().expect("planned");
-        let stream = be.device().stream().clone();
-        let up = |e| driver_error("host-to-device copy", e);
-        stream.memcpy_htod(batch.bool_masked_pos, &mut pass.mask.slice_mut(0..b * n)).map_err(up)?;
-        stream.memcpy_htod(&idx, &mut pass.idx.slice_mut(0..2 * m)).map_err(up)?;
-        stream.memset_zeros(grads).map_err(|e| driver_error("memset", e))?;
-        let Pass { plan, head, arena, idx, mask, loss_sum, .. } = pass;
-        let mut mem = CudaMemory::new(be.device(), arena, params, grads)?;
-        mem.upload(head.pixels, batch.pixels)?;
-        if let Some(f) = drop_path {
-            mem.upload(plan.factors, f)?;
-        }
-        let run =
-            Run { be, model, plan, head, relpos: relpos.as_ref(), mask, idx, batch: b, m, drop: drop_path.is_some() };
-        run.forward(&mut mem, loss_sum)?;
-        run.backward(&mut mem)?;
-        self.masked = m;
+        be.device().stream().memset_zeros(grads).map_err(|e| driver_error("memset", e))?;
+        let mut mem = CudaMemory::new(be.device(), &mut pass.arena, params, grads)?;
+        let host = HeadLists { rows, labels };
+        let target = MimTarget::VisualTokens;
+        let sum = model.mim_pass(be, &mut mem, &pass.plan, batch, target, drop_path, masked, host)?;
+        self.loss = Some(sum / masked as f64);
         Ok(())
     }
 
     fn loss(&self) -> Result<f64> {
-        let p = self.pass.as_ref().ok_or_else(|| Error::InvalidArgument("no pass has run".into()))?;
-        let sum = self.dev().download(&p.loss_sum)?[0];
-        Ok(sum / self.masked as f64)
+        self.loss.ok_or_else(|| Error::InvalidArgument("no pass has run".into()))
     }
 
     fn apply(&mut self, clip: f64, lr: f32) -> Result<GpuStepStats> {
-        let Step { be, params, grads, adamw, lr_scale, pass, masked, .. } = self;
+        let loss = self.loss()?;
+        let Step { be, params, grads, adamw, lr_scale, pass, .. } = self;
         let dev = be.device();
-        let p = pass.as_mut().ok_or_else(|| Error::InvalidArgument("no pass has run".into()))?;
+        let p = pass.as_mut().expect("a pass ran");
         if clip > 0.0 {
             dev.clip_grad_norm(grads, clip, &mut p.norm)?;
         } else {
             dev.global_norm_into(&*grads, &mut p.norm)?;
         }
-        let loss = dev.download(&p.loss_sum)?[0] / *masked as f64;
         let grad_norm = dev.download(&p.norm)?[1];
         ensure!(loss.is_finite(), Numerical, "the loss is {loss}; the step was not applied");
         ensure!(grad_norm.is_finite(), Numerical, "the gradient norm is {grad_norm}; the step was not applied");
@@ -467,204 +377,6 @@ impl<T: Act> Step<T> {
         self.adamw.step = opt.step;
         self.adamw.config = opt.config;
         Ok(())
-    }
-}
-
-/// `v` as a kernel `int`.
-fn int_of(what: &str, v: usize) -> Result<i32> {
-    i32::try_from(v).map_err(|_| Error::InvalidArgument(format!("{what} = {v} does not fit a kernel int")))
-}
-
-/// One forward and backward over a planned pass.
-struct Run<'s, T: Act> {
-    be: &'s CudaBackend<T>,
-    model: &'s Model,
-    plan: &'s ActivationPlan,
-    head: &'s HeadViews,
-    relpos: Option<&'s RelPosIndex>,
-    mask: &'s CudaSlice<u8>,
-    /// Masked row indices, then their labels.
-    idx: &'s CudaSlice<i32>,
-    batch: usize,
-    /// Masked rows.
-    m: usize,
-    /// Drop path factors in the plan.
-    drop: bool,
-}
-
-impl<T: Act> Run<'_, T> {
-    fn dims(&self) -> BlockDims {
-        self.model.block_dims(self.batch, self.plan.tokens)
-    }
-
-    fn p(&self) -> &ParamStore {
-        &self.model.params
-    }
-
-    fn tokens(&self) -> TokenShape {
-        let d = self.model.config().hidden_size;
-        TokenShape { batch: self.batch, patches: self.plan.tokens - 1, dim: d }
-    }
-
-    fn head_params(&self) -> (Affine, Affine) {
-        match &self.model.layout.head {
-            HeadParams::MaskedImageModeling { layernorm, lm_head } => (*layernorm, *lm_head),
-            _ => unreachable!("checked in new: a MIM model"),
-        }
-    }
-
-    fn norm(&self, ln: Affine, out: View, saved: View) -> Norm {
-        let p = self.p();
-        Norm {
-            out,
-            saved,
-            gamma: p.view(ln.weight),
-            beta: p.view(ln.bias),
-            eps: self.model.config().layer_norm_eps as f32,
-        }
-    }
-
-    /// Block `blk`'s attention bias into the plan's bias view (shared + its own table); false
-    /// when it has none.
-    fn layer_bias(&self, mem: &mut CudaMemory<'_, T>, l: usize) -> Result<bool> {
-        let layout = &self.model.layout;
-        let blk = &layout.blocks[l];
-        let Some(index) = self.relpos else { return Ok(false) };
-        let shared = layout.shared_rel_pos_table.map(|_| self.plan.shared_bias);
-        let table = blk.rel_pos_table.map(|id| self.p().view(id));
-        if shared.is_none() && table.is_none() {
-            return Ok(false);
-        }
-        self.be.relpos_bias(
-            mem,
-            self.plan.scratch.bias,
-            shared,
-            table,
-            index,
-            self.model.config().num_attention_heads,
-        )?;
-        Ok(true)
-    }
-
-    fn forward(&self, mem: &mut CudaMemory<'_, T>, loss_sum: &mut CudaSlice<f64>) -> Result<()> {
-        let (be, plan, p) = (self.be, self.plan, self.p());
-        let c = self.model.config();
-        let layout = &self.model.layout;
-        let dims = self.dims();
-        let ts = self.tokens();
-        let (b, n, d, m, vocab) = (dims.b, ts.patches, dims.d, self.m, c.vocab_size);
-        let (ph, pw) = c.patch_size.hw();
-        let (height, width) = c.image_size.hw();
-        let e = &layout.embeddings;
-
-        // Embeddings: patches, their projection, CLS / mask token / positions.
-        let shape =
-            PatchEmbedShape { batch: b, channels: c.num_channels, height, width, patch_h: ph, patch_w: pw, hidden: d };
-        let k = shape.patch_len();
-        let embedded = plan.embedded.prefix(b * n * d);
-        be.patchify(mem, shape, self.head.pixels, plan.patches)?;
-        be.linear(mem, embedded, plan.patches, p.view(e.patch_weight), Some(p.view(e.patch_bias)), b * n, k, d)?;
-        let params = TokenParams {
-            cls: p.view(e.cls_token),
-            mask_token: e.mask_token.map(|id| p.view(id)),
-            position: e.position_embeddings.map(|id| p.view(id)),
-        };
-        be.assemble_tokens(mem, plan.layer(0).x, embedded, params, self.mask, ts)?;
-        if let (Some(id), Some(index)) = (layout.shared_rel_pos_table, self.relpos) {
-            be.relpos_bias(mem, plan.shared_bias, None, Some(p.view(id)), index, dims.heads)?;
-        }
-
-        for (l, blk) in layout.blocks.iter().enumerate() {
-            let has_bias = self.layer_bias(mem, l)?;
-            let drop = self.drop.then(|| drop_factors(plan.factors, l, dims));
-            let (layer, out) = (plan.layer(l), plan.block_output(l));
-            block_forward(be, mem, p, blk, layer, out, &plan.scratch, has_bias, dims, drop)?;
-        }
-        if let Some(ln) = &layout.final_layernorm {
-            be.layer_norm(mem, plan.x_out, d, self.norm(*ln, plan.output, self.head.final_saved))?;
-        }
-
-        // MIM head on the masked rows: gather, norm, logits, fused cross-entropy (the logits
-        // view then holds dL/dlogits).
-        let (head_ln, lm_head) = self.head_params();
-        let (gathered, normed) = (plan.gathered.prefix(m * d), plan.head_normed.prefix(m * d));
-        be.gather_rows(mem, gathered, plan.output, self.idx, m, d)?;
-        be.layer_norm(mem, gathered, d, self.norm(head_ln, normed, self.head.head_saved.prefix(2 * m)))?;
-        let logits = self.head.logits.prefix(m * vocab);
-        be.linear(mem, logits, normed, p.view(lm_head.weight), Some(p.view(lm_head.bias)), m, d, vocab)?;
-        let labels = self.idx.slice(m..2 * m);
-        be.cross_entropy(mem, logits, &labels, vocab, 1.0 / m as f32, self.head.losses.prefix(m), loss_sum)
-    }
-
-    fn backward(&self, mem: &mut CudaMemory<'_, T>) -> Result<()> {
-        let (be, plan, p) = (self.be, self.plan, self.p());
-        let c = self.model.config();
-        let layout = &self.model.layout;
-        let dims = self.dims();
-        let ts = self.tokens();
-        let (b, n, d, m, vocab) = (dims.b, ts.patches, dims.d, self.m, c.vocab_size);
-        let sc = plan.scratch;
-        let g = |id| p.grad_view(id);
-
-        // Head backward: dnormed = dlogits·W, dW, db, the head norm, scatter into the gradient
-        // of the backbone output (which takes the output's view, as on the CPU).
-        let (head_ln, lm_head) = self.head_params();
-        let (gathered, normed) = (plan.gathered.prefix(m * d), plan.head_normed.prefix(m * d));
-        let (dnormed, dgathered) = (sc.dnormed.prefix(m * d), sc.dbranch.prefix(m * d));
-        let logits = self.head.logits.prefix(m * vocab);
-        let w = p.view(lm_head.weight);
-        be.linear_backward(
-            mem,
-            Some(dnormed),
-            g(lm_head.weight),
-            Some(g(lm_head.bias)),
-            logits,
-            normed,
-            w,
-            m,
-            d,
-            vocab,
-        )?;
-        let head_norm = self.norm(head_ln, normed, self.head.head_saved.prefix(2 * m));
-        let (dg, dbeta) = (g(head_ln.weight), g(head_ln.bias));
-        be.layer_norm_backward(mem, dgathered, dg, dbeta, dnormed, gathered, head_norm, d, DxMode::Overwrite)?;
-        be.fill_zero(mem, plan.output)?;
-        be.scatter_rows(mem, plan.output, dgathered, self.idx, m, d)?;
-
-        // dL/d(backbone output) → dL/d(last block output) in dx.
-        match &layout.final_layernorm {
-            Some(ln) => {
-                let norm = self.norm(*ln, plan.output, self.head.final_saved);
-                let (dg, dbeta) = (g(ln.weight), g(ln.bias));
-                be.layer_norm_backward(mem, sc.dx, dg, dbeta, plan.output, plan.x_out, norm, d, DxMode::Overwrite)?;
-            }
-            None => be.copy(mem, sc.dx, plan.x_out)?,
-        }
-
-        for (l, blk) in layout.blocks.iter().enumerate().rev() {
-            let has_bias = self.layer_bias(mem, l)?;
-            let drop = self.drop.then(|| drop_factors(plan.factors, l, dims));
-            block_backward(be, mem, p, blk, plan.layer(l), &sc, has_bias, dims, drop)?;
-            if has_bias {
-                let index = self.relpos.expect("a bias comes from a table");
-                for id in layout.shared_rel_pos_table.iter().chain(blk.rel_pos_table.iter()) {
-                    be.relpos_table_grad(mem, g(*id), sc.dbias, index, dims.heads)?;
-                }
-            }
-        }
-
-        // Embeddings: CLS, positions, mask token, then the patch projection.
-        let e = &layout.embeddings;
-        let grads = TokenParams {
-            cls: g(e.cls_token),
-            mask_token: e.mask_token.map(g),
-            position: e.position_embeddings.map(g),
-        };
-        let dembedded = plan.embedded.prefix(b * n * d);
-        be.assemble_tokens_backward(mem, dembedded, grads, sc.dx, self.mask, ts)?;
-        let k = plan.patches.len / (b * n);
-        let (dw, db) = (g(e.patch_weight), g(e.patch_bias));
-        be.linear_backward(mem, None, dw, Some(db), dembedded, plan.patches, p.view(e.patch_weight), b * n, k, d)
     }
 }
 

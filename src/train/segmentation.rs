@@ -15,7 +15,7 @@ use rand_chacha::ChaCha8Rng;
 
 use super::adamw::{decays, AdamW, AdamWConfig, DecayPlan};
 use super::layer_decay::lr_scales;
-use super::optimizer::{apply_update, NonFiniteGradient};
+use super::optimizer::{apply_update, HostUpdate, NonFiniteGradient};
 use super::schedule::CosineSchedule;
 use super::trainer::Trainer;
 use crate::backend::cpu::interp::bilinear_forward;
@@ -373,8 +373,9 @@ pub fn finetune(
             ensure!(out.loss.is_finite(), Numerical, "loss is {} at step {step}", out.loss);
             let lr = schedule.value(step);
             let params = &mut model.params_mut().data;
-            let grad_norm = apply_update(&mut adam, params, &mut grads, lr as f32, Some(&scales), opts.clip_grad)
-                .map_err(|NonFiniteGradient(norm)| {
+            let mut target = HostUpdate { adamw: &mut adam, params, grads: &mut grads, lr_scale: Some(&scales) };
+            let grad_norm =
+                apply_update(&mut target, lr as f32, opts.clip_grad)?.map_err(|NonFiniteGradient(norm)| {
                     Error::Numerical(format!("gradient norm is {norm} at step {step}"))
                 })?;
             model.apply_batchnorm_statistics(&out.batchnorm, BN_MOMENTUM);

@@ -30,7 +30,7 @@ use crate::train::gpu_pretrain::{GpuPretrainer, OptimizerSetup, Precision};
 
 use super::adamw::{AdamW, AdamWConfig, DecayPlan};
 use super::layer_decay::lr_scales;
-use super::optimizer::{apply_update, NonFiniteGradient};
+use super::optimizer::{apply_update, HostUpdate, NonFiniteGradient};
 use super::schedule::CosineSchedule;
 
 /// How a trainer optimises. The defaults are BEiT's pretraining recipe (unilm
@@ -548,19 +548,19 @@ impl Trainer {
         };
         let lr = self.options.lr_at(self.step);
         let clip = (self.options.clip_grad_norm > 0.0).then_some(self.options.clip_grad_norm);
-        let params = &mut self.model.params_mut().data;
-        let grad_norm =
-            match apply_update(&mut self.optimizer, params, &mut self.grads, lr as f32, self.lr_scale.as_deref(), clip)
-            {
-                Ok(norm) => norm,
-                Err(NonFiniteGradient(norm)) => {
-                    self.rng = rng_before;
-                    bail!(
-                        Numerical,
-                        "the gradient norm is {norm}; the step was not applied and the trainer is unchanged"
-                    );
-                }
-            };
+        let mut target = HostUpdate {
+            adamw: &mut self.optimizer,
+            params: &mut self.model.params_mut().data,
+            grads: &mut self.grads,
+            lr_scale: self.lr_scale.as_deref(),
+        };
+        let grad_norm = match apply_update(&mut target, lr as f32, clip)? {
+            Ok(norm) => norm,
+            Err(NonFiniteGradient(norm)) => {
+                self.rng = rng_before;
+                bail!(Numerical, "the gradient norm is {norm}; the step was not applied and the trainer is unchanged");
+            }
+        };
         self.step += 1;
         self.data_position += 1;
         let seconds = start.elapsed().as_secs_f64();

@@ -16,6 +16,7 @@
 #include "../../cuda/conv.cu"
 #include "../../cuda/cross_entropy.cu"
 #include "../../cuda/layernorm.cu"
+#include "../../cuda/mse.cu"
 #include "../../cuda/reduce.cu"
 #include "../../cuda/residual.cu"
 #include "../../cuda/tokens.cu"
@@ -245,7 +246,7 @@ template <typename T> void test_cross_entropy(int rows, int vocab, float smoothi
         }
     }
     std::vector<float> losses(rows, NAN);
-    std::vector<double> sum(1, NAN);
+    std::vector<double> sum(1, 0.5);  // the sum is added to what the buffer holds
     emu::launch(grid(rows), 256, [&] {
         if constexpr (sizeof(T) == 4)
             beit_cross_entropy_forward_backward_f32(logits.data(), losses.data(), labels.data(), rows, vocab, (float)inv,
@@ -259,7 +260,7 @@ template <typename T> void test_cross_entropy(int rows, int vocab, float smoothi
                             std::to_string(vocab) + " smoothing " + std::to_string(smoothing);
     check(tag + " grad", load(logits), want_grad, tol<T>());
     check(tag + " losses", load(losses), want_loss, 1e-5);
-    check(tag + " loss sum", sum, {want_sum}, 1e-5);
+    check(tag + " loss sum", sum, {0.5 + want_sum}, 1e-5);
 }
 
 // ---------------------------------------------------------------- attention
@@ -418,18 +419,13 @@ static void test_relpos(int gh, int gw, int heads) {
     for (int h = 0; h < heads; ++h)
         for (int p = 0; p < t * t; ++p) want[(size_t)h * t * t + p] = 0.25 + table[(size_t)index[p] * heads + h];
     check("relpos_bias_gather", load(bias), want, 1e-6);
-    // The adjoint, through the CSR built as the host wrapper builds it (pairs in increasing p).
-    std::vector<int> offsets(m + 1, 0), pairs(t * t);
-    for (int p = 0; p < t * t; ++p) offsets[index[p] + 1]++;
-    for (int r = 0; r < m; ++r) offsets[r + 1] += offsets[r];
-    std::vector<int> fill(offsets.begin(), offsets.end() - 1);
-    for (int p = 0; p < t * t; ++p) pairs[fill[index[p]]++] = p;
+    // The adjoint (each table entry scans the index, pairs in increasing p).
     auto dbias = rng.vec((size_t)heads * t * t, -1, 1);
     std::vector<float> dtable((size_t)m * heads, 0.5f), cpu_order((size_t)m * heads, 0.5f);
     emu::launch(grid((m * heads + 63) / 64), 64, [&] {
-        beit_attention_relpos_table_grad(dtable.data(), dbias.data(), offsets.data(), pairs.data(), heads, m, t * t);
+        beit_attention_relpos_table_grad(dtable.data(), dbias.data(), index.data(), heads, m, t * t);
     });
-    // src/model/relpos.rs add_bias_backward's loop, in f32: the kernel must give its bits.
+    // src/backend/cpu/ops.rs relpos_bias_backward's loop, in f32: the kernel must give its bits.
     for (int h = 0; h < heads; ++h)
         for (int p = 0; p < t * t; ++p) cpu_order[(size_t)index[p] * heads + h] += dbias[(size_t)h * t * t + p];
     const bool same = memcmp(dtable.data(), cpu_order.data(), dtable.size() * 4) == 0;
@@ -543,7 +539,7 @@ template <typename T> void test_tokens(int batch, int patches, int dim, bool pos
     auto cls = store<T>(rng.vec(dim, -1, 1));
     auto mt = store<T>(rng.vec(dim, -1, 1));
     auto pe = store<T>(rng.vec((size_t)tokens * dim, -1, 1));
-    std::vector<unsigned char> masked((size_t)batch * patches);
+    std::vector<int> masked((size_t)batch * patches);
     for (auto& m : masked) m = rng.uniform(0, 1) < 0.4f;
     masked[0] = 1;
     std::vector<T> x((size_t)batch * tokens * dim);
@@ -631,6 +627,63 @@ template <typename T> void test_tokens(int batch, int patches, int dim, bool pos
         }
     check("tokens_gather_rows " + tag, load(gathered), wg, 0.0);
     check("tokens_scatter_rows " + tag, load(scattered), ws, 0.0);
+
+    // The mean of each image's patch tokens and its backward (the CPU's f32 loop order).
+    std::vector<T> mean((size_t)batch * dim), dh(x.size(), beit_from_float<T>(7.0f));
+    emu::launch(grid(2), 32, [&] {
+        if constexpr (sizeof(T) == 4) beit_tokens_mean_patches_f32(mean.data(), x.data(), batch, tokens, dim);
+        else beit_tokens_mean_patches_bf16(mean.data(), x.data(), batch, tokens, dim);
+    });
+    auto dmean = store<T>(rng.vec(mean.size(), -1, 1));
+    emu::launch(grid(2), 64, [&] {
+        if constexpr (sizeof(T) == 4) beit_tokens_mean_patches_backward_f32(dh.data(), dmean.data(), batch, tokens, dim);
+        else beit_tokens_mean_patches_backward_bf16(dh.data(), dmean.data(), batch, tokens, dim);
+    });
+    const auto dmd = load(dmean);
+    std::vector<double> wmean(mean.size(), 0.0), wdh(x.size());
+    for (int b = 0; b < batch; ++b)
+        for (int t = 0; t < tokens; ++t)
+            for (int c = 0; c < dim; ++c) {
+                if (t > 0) wmean[(size_t)b * dim + c] += xd[((size_t)b * tokens + t) * dim + c] / (tokens - 1);
+                wdh[((size_t)b * tokens + t) * dim + c] = t == 0 ? 0.0 : dmd[(size_t)b * dim + c] / (tokens - 1);
+            }
+    check("tokens_mean_patches " + tag, load(mean), wmean, sizeof(T) == 4 ? 1e-6 : 1e-2);
+    check("tokens_mean_patches_backward " + tag, load(dh), wdh, sizeof(T) == 4 ? 1e-7 : 1e-2);
+}
+
+// ---------------------------------------------------------------- mean squared error (mse.cu)
+// The fused MSE of a block of rows (part of total_rows) against mean_squared_error.rs written out
+// in double; the loss sum through cross_entropy.cu's loss sum, added to what it holds.
+template <typename T> void test_mse(int rows, int cols, int total_rows, uint64_t seed) {
+    Rng rng{seed};
+    auto pred = store<T>(rng.vec((size_t)rows * cols, -1, 1));
+    auto target = store<T>(rng.vec((size_t)rows * cols, -1, 1));
+    const auto pd = load(pred), td = load(target);
+    std::vector<double> want_grad(pred.size()), want_loss(rows);
+    double want_sum = 0.25;
+    for (int r = 0; r < rows; ++r) {
+        double s = 0;
+        for (int c = 0; c < cols; ++c) {
+            const double e = pd[(size_t)r * cols + c] - td[(size_t)r * cols + c];
+            s += e * e;
+            want_grad[(size_t)r * cols + c] = 2 * e / ((double)cols * total_rows);
+        }
+        want_loss[r] = s / cols;
+        want_sum += want_loss[r];
+    }
+    std::vector<float> losses(rows, NAN);
+    std::vector<double> sum(1, 0.25);
+    emu::launch(grid(rows), MSE_THREADS, [&] {
+        if constexpr (sizeof(T) == 4)
+            beit_mse_forward_backward_f32(pred.data(), losses.data(), target.data(), rows, cols, total_rows);
+        else
+            beit_mse_forward_backward_bf16(pred.data(), losses.data(), target.data(), rows, cols, total_rows);
+    });
+    emu::launch(grid(1), CE_SUM_THREADS, [&] { beit_cross_entropy_loss_sum(sum.data(), losses.data(), rows); });
+    const std::string tag = std::string("mse ") + tname<T>() + " " + std::to_string(rows) + "x" + std::to_string(cols);
+    check(tag + " grad", load(pred), want_grad, sizeof(T) == 4 ? 1e-7 : 1e-2);
+    check(tag + " losses", load(losses), want_loss, 1e-5);
+    check(tag + " loss sum", sum, {want_sum}, 1e-5);
 }
 
 // ---------------------------------------------------------------- residual branch (residual.cu)
@@ -721,6 +774,8 @@ int main(int argc, char** argv) {
     test_tokens<float>(3, 6, 40, true, 21);
     test_tokens<float>(2, 4, 33, false, 22);
     test_tokens<bf16>(3, 6, 40, true, 23);
+    test_mse<float>(5, 300, 9, 24);
+    test_mse<bf16>(3, 48, 3, 25);
     test_residual<float>(3, 7, 40, true, 24);
     test_residual<float>(2, 5, 33, false, 25);
     test_residual<bf16>(3, 7, 40, true, 26);

@@ -173,7 +173,7 @@ mod tests {
         let x = data(2 * 4 * 5, 3);
         let mut out = vec![0.0; 2 * 3 * 7];
         bilinear_forward(2, 4, 5, 3, 7, &x, &mut out);
-        let other = super::super::resize::bilinear(&x, 2, 4, 5, 3, 7);
+        let other = crate::model::resample::bilinear(&x, 2, 4, 5, 3, 7);
         assert_eq!(out, other);
     }
 

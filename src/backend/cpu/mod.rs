@@ -18,7 +18,6 @@ pub mod math;
 pub mod mean_squared_error;
 pub mod ops;
 pub mod pool;
-pub mod resize;
 
 /// A raw pointer that may cross into rayon tasks. Used only where tasks write provably disjoint
 /// parts of one buffer (e.g. one attention head's columns each).

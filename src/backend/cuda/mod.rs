@@ -9,11 +9,11 @@
 //!   modules (`CudaDevice::get()`; `Unsupported` with the probe's reason without a GPU).
 //! - [`nvrtc`]: compiles the embedded `cuda/*.cu` for the GPU's arch, with the disk cache.
 //! - [`buffer`]: device buffers (`DeviceBuffer<T>` = cudarc `CudaSlice<T>`) and copies.
-//! - [`matmul`], [`elementwise`], [`adamw`], [`reduce`], [`patch_embed`], [`residual`], [`tokens`]:
-//!   the ops.
+//! - [`matmul`], [`elementwise`], [`adamw`], [`reduce`], [`patch_embed`], [`residual`], [`tokens`],
+//!   [`cross_entropy`], [`mse`]: the ops.
 //! - [`ops`]: [`CudaBackend`], the backend as a [`crate::backend::Backend`] over device memory
-//!   planned as views ([`CudaMemory`]), plus the ops of a pass the trait does not have yet; the
-//!   MIM training step (`train::gpu_pretrain`) runs the one BEiT pass on it.
+//!   planned as views ([`CudaMemory`]); the MIM training step (`train::gpu_pretrain`) runs the one
+//!   BEiT pass (`Model::mim_pass`) on it.
 //!
 //! # Adding a kernel file
 //! 1. Write `cuda/<family>.cu`, starting with `#include "common.cuh"` (bf16 type, load/store
@@ -67,6 +67,7 @@ mod errors;
 mod kernel_args;
 pub mod layernorm;
 pub mod matmul;
+pub mod mse;
 pub mod nvrtc;
 pub mod ops;
 pub mod patch_embed;

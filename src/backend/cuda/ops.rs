@@ -4,6 +4,10 @@
 //! arena, `Param` into the parameters' working copy (`T`, laid out like the flat `ParamStore`),
 //! `Grad` into the f32 gradient buffer (same layout).
 //!
+//! `Index` views are `i32` on the device ([`Backend::upload_indices`] refuses a value past
+//! `i32::MAX`). The loss ops add their per-row losses (a scratch of the arena) in f64 to one
+//! device value that [`Backend::take_loss`] reads and clears (the pass's one synchronisation).
+//!
 //! What the GPU keeps for backwards (flash-style): layer norms their per-row mean and rstd
 //! (`Stat`, mean then rstd), attention its per-row log-sum-exp, GELU its input (the FC1 output).
 //! Bias gradients are deterministic column sums of the output gradient in
@@ -22,15 +26,15 @@ use std::sync::Arc;
 use cudarc::driver::{CudaSlice, CudaStream, DevicePtr, DevicePtrMut, DeviceSlice, SyncOnDrop, ValidAsZeroBits};
 use half::bf16;
 
-use super::attention::{attention_backward_scratch_len, RelPosIndex};
+use super::attention::attention_backward_scratch_len;
 use super::device::{driver_error, CudaDevice};
 use super::layernorm::{layernorm_backward_scratch_len, LayerNormStats, ResidualInput};
 use super::matmul::{Epilogue, GemmType};
-use super::patch_embed::PatchEmbedShape;
 use super::sums::column_sums_scratch_len;
+use super::tokens::TokenShape;
 use crate::backend::memory::{Planner, Space, View};
-use crate::backend::ops::{Backend, Branch, BranchGrads, DxMode, Norm};
-use crate::backend::shapes::{AttentionShape, GemmShape};
+use crate::backend::ops::{Backend, Branch, BranchGrads, DxMode, Norm, TokenParams};
+use crate::backend::shapes::{AttentionShape, GemmShape, PatchEmbedShape};
 use crate::error::{Error, Result};
 
 /// Storage precision of a GPU run.
@@ -65,17 +69,24 @@ impl Precision {
 /// The storage types of activations and working parameters: f32 and bf16.
 pub trait Act: GemmType + ValidAsZeroBits + Copy + Send + Sync + Unpin + 'static {
     fn from_f32(v: f32) -> Self;
+    fn to_f32(self) -> f32;
 }
 
 impl Act for f32 {
     fn from_f32(v: f32) -> Self {
         v
     }
+    fn to_f32(self) -> f32 {
+        self
+    }
 }
 
 impl Act for bf16 {
     fn from_f32(v: f32) -> Self {
         bf16::from_f32(v)
+    }
+    fn to_f32(self) -> f32 {
+        bf16::to_f32(self)
     }
 }
 
@@ -194,6 +205,7 @@ pub struct Scratch {
     column_sums: usize,
     layer_norm: usize,
     products: usize,
+    losses: usize,
 }
 
 impl Scratch {
@@ -216,16 +228,26 @@ impl Scratch {
         self.products = self.products.max(rows * dim);
         self.linear_backward(rows, dim)
     }
+
+    /// Room for the per-row losses of [`Backend::cross_entropy`] or
+    /// [`Backend::mean_squared_error`] over `rows` rows.
+    pub fn loss(mut self, rows: usize) -> Self {
+        self.losses = self.losses.max(rows);
+        self
+    }
 }
 
 /// The device memory of one planned pass: the activation arena (`Act`, in `T`), the statistics
-/// arena (`Stat`, f32), and the backend's [`Scratch`].
+/// arena (`Stat`, f32), the indices (`Index`, i32), the backend's [`Scratch`] and the loss sum.
 pub struct DeviceArena<T: Act> {
     act: CudaSlice<T>,
     stat: CudaSlice<f32>,
+    index: CudaSlice<i32>,
     column_sums: CudaSlice<f32>,
     layer_norm: CudaSlice<f32>,
     products: CudaSlice<f32>,
+    losses: CudaSlice<f32>,
+    loss: CudaSlice<f64>,
 }
 
 impl<T: Act> DeviceArena<T> {
@@ -238,9 +260,12 @@ impl<T: Act> DeviceArena<T> {
         Ok(DeviceArena {
             act: dev.zeros::<T>(plan.act_total().max(1))?,
             stat: f32s(plan.stat_total())?,
+            index: dev.zeros::<i32>(plan.index_total().max(1))?,
             column_sums: f32s(scratch.column_sums)?,
             layer_norm: f32s(scratch.layer_norm)?,
             products: f32s(scratch.products)?,
+            losses: f32s(scratch.losses)?,
+            loss: dev.zeros::<f64>(1)?,
         })
     }
 
@@ -248,9 +273,12 @@ impl<T: Act> DeviceArena<T> {
     pub fn bytes(&self) -> usize {
         self.act.num_bytes()
             + self.stat.num_bytes()
+            + self.index.num_bytes()
             + self.column_sums.num_bytes()
             + self.layer_norm.num_bytes()
             + self.products.num_bytes()
+            + self.losses.num_bytes()
+            + self.loss.num_bytes()
     }
 }
 
@@ -259,11 +287,14 @@ impl<T: Act> DeviceArena<T> {
 pub struct CudaMemory<'a, T: Act> {
     act: Span,
     stat: Span,
+    index: Span,
     params: Span,
     grads: Span,
     column_sums: Span,
     layer_norm: Span,
     products: Span,
+    losses: Span,
+    loss: Span,
     stream: Arc<CudaStream>,
     _borrows: PhantomData<(&'a mut DeviceArena<T>, &'a DeviceParams<T>, &'a mut CudaSlice<f32>)>,
 }
@@ -287,11 +318,14 @@ impl<'a, T: Act> CudaMemory<'a, T> {
         Ok(CudaMemory {
             act: Span::of(&arena.act, s),
             stat: Span::of(&arena.stat, s),
+            index: Span::of(&arena.index, s),
             params: params.working(s),
             grads: Span::of(grads, s),
             column_sums: Span::of(&arena.column_sums, s),
             layer_norm: Span::of(&arena.layer_norm, s),
             products: Span::of(&arena.products, s),
+            losses: Span::of(&arena.losses, s),
+            loss: Span::of(&arena.loss, s),
             stream: s.clone(),
             _borrows: PhantomData,
         })
@@ -329,16 +363,40 @@ impl<'a, T: Act> CudaMemory<'a, T> {
         }
     }
 
+    /// A view of indices.
+    pub(crate) fn i(&self, v: View) -> DeviceView<i32> {
+        match v.space {
+            Space::Index => self.in_span(self.index, v),
+            other => panic!("device memory: a {other:?} view where indices belong"),
+        }
+    }
+
     fn scratch(&self, span: Span, len: usize, what: &str) -> DeviceView<f32> {
         assert!(len <= span.len, "device memory: the {what} scratch holds {}, an op needs {len}", span.len);
         self.at(span, 0, len)
     }
 
-    /// Copies `host` into the f32 view `v` (`Stat` or `Grad`, of `host`'s length).
-    pub fn upload(&mut self, v: View, host: &[f32]) -> Result<()> {
-        ensure!(v.len == host.len(), InvalidArgument, "upload: {} values into a view of {}", host.len(), v.len);
-        let mut dst = self.f(v);
-        self.stream.memcpy_htod(host, &mut dst).map_err(|e| driver_error("host-to-device copy", e))
+    /// The loss sum the loss ops add to.
+    fn loss(&self) -> DeviceView<f64> {
+        self.at(self.loss, 0, 1)
+    }
+}
+
+/// Which element type a space holds on the device.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Elem {
+    /// `T`: activations and parameters.
+    T,
+    /// f32: statistics and gradients.
+    F32,
+    Index,
+}
+
+fn elem(space: Space) -> Elem {
+    match space {
+        Space::Act | Space::Param => Elem::T,
+        Space::Stat | Space::Grad => Elem::F32,
+        Space::Index => Elem::Index,
     }
 }
 
@@ -360,7 +418,7 @@ pub(super) fn check_views(op: &str, writes: &[View], reads: &[View]) {
 }
 
 fn rows_of(len: usize, dim: usize) -> usize {
-    assert!(dim > 0 && len % dim == 0, "{len} elements is not a whole number of rows of {dim}");
+    assert!(dim > 0 && len.is_multiple_of(dim), "{len} elements is not a whole number of rows of {dim}");
     len / dim
 }
 
@@ -397,83 +455,6 @@ impl<T: Act> CudaBackend<T> {
             assert_eq!(saved.len, 2 * rows, "layer norm: saved statistics of {} for {rows} rows", saved.len);
             (m.f(saved.sub(0, rows)), m.f(saved.sub(rows, rows)))
         })
-    }
-
-    /// `dst = src` (one space, same length).
-    pub fn copy(&self, m: &mut CudaMemory<'_, T>, dst: View, src: View) -> Result<()> {
-        check_views("copy", &[dst], &[src]);
-        ensure!(dst.len == src.len && dst.space == src.space, InvalidArgument, "copy: {src:?} into {dst:?}");
-        let copied = |e| driver_error("device copy", e);
-        match dst.space {
-            Space::Act | Space::Param => self.dev.stream().memcpy_dtod(&m.t(src), &mut m.t(dst)).map_err(copied),
-            Space::Stat | Space::Grad => self.dev.stream().memcpy_dtod(&m.f(src), &mut m.f(dst)).map_err(copied),
-        }
-    }
-
-    /// `patches[B·N, C·ph·pw]` (`Act`) from the f32 `pixels` (`Stat`, NCHW): the rows of the
-    /// patch projection.
-    pub fn patchify(
-        &self,
-        m: &mut CudaMemory<'_, T>,
-        shape: PatchEmbedShape,
-        pixels: View,
-        patches: View,
-    ) -> Result<()> {
-        check_views("patchify", &[patches], &[pixels]);
-        self.dev.patchify_into::<T>(shape, &m.f(pixels), &mut m.t(patches))
-    }
-
-    /// The attention bias of one block into `bias` (`Stat`, `[heads, N, N]`): the shared bias
-    /// (a `Stat` view) when given, plus the gather of `table` (a `Param` view of a relative
-    /// position table) when given.
-    pub fn relpos_bias(
-        &self,
-        m: &mut CudaMemory<'_, T>,
-        bias: View,
-        shared: Option<View>,
-        table: Option<View>,
-        index: &RelPosIndex,
-        heads: usize,
-    ) -> Result<()> {
-        if let Some(s) = shared {
-            self.copy(m, bias, s)?;
-        }
-        if let Some(t) = table {
-            check_views("relpos_bias", &[bias], &[t]);
-            self.dev.relpos_bias_gather::<T>(&mut m.f(bias), &m.t(t), index, heads, shared.is_some())?;
-        }
-        Ok(())
-    }
-
-    /// `dtable += ` the gradient of a table gathered into `dbias` (`Grad` and `Stat` views).
-    pub fn relpos_table_grad(
-        &self,
-        m: &mut CudaMemory<'_, T>,
-        dtable: View,
-        dbias: View,
-        index: &RelPosIndex,
-        heads: usize,
-    ) -> Result<()> {
-        check_views("relpos_table_grad", &[dtable], &[dbias]);
-        self.dev.relpos_table_grad(&mut m.f(dtable), &m.f(dbias), index, heads)
-    }
-
-    /// The softmax cross-entropy fused with its gradient over `[rows, vocab]` `logits`, which
-    /// leave holding dL/dlogits of the loss `Σ losses · inv_rows`; `losses` (`Stat`, `[rows]`)
-    /// the per-row losses, `loss_sum[0]` their f64 sum. `labels` on the device, `[rows]`.
-    #[allow(clippy::too_many_arguments)]
-    pub fn cross_entropy(
-        &self,
-        m: &mut CudaMemory<'_, T>,
-        logits: View,
-        labels: &dyn DevicePtr<i32>,
-        vocab: usize,
-        inv_rows: f32,
-        losses: View,
-        loss_sum: &mut dyn DevicePtrMut<f64>,
-    ) -> Result<()> {
-        check_views("cross_entropy", &[logits, losses], &[]);
-        self.dev.cross_entropy_fused::<T>(&mut m.t(logits), labels, vocab, inv_rows, 0.0, &mut m.f(losses), loss_sum)
     }
 }
 
@@ -807,7 +788,277 @@ impl<T: Act> Backend for CudaBackend<T> {
         match v.space {
             Space::Act => self.dev.stream().memset_zeros(&mut m.t(v)).map_err(zeroed),
             Space::Stat | Space::Grad => self.dev.stream().memset_zeros(&mut m.f(v)).map_err(zeroed),
+            Space::Index => self.dev.stream().memset_zeros(&mut m.i(v)).map_err(zeroed),
             Space::Param => unreachable!("refused by check_views"),
         }
+    }
+
+    fn upload(&self, m: &mut CudaMemory<'_, T>, dst: View, src: &[f32]) -> Result<()> {
+        check_views("upload", &[dst], &[]);
+        ensure!(dst.len == src.len(), InvalidArgument, "upload: {} values into a view of {}", src.len(), dst.len);
+        let copied = |e| driver_error("host-to-device copy", e);
+        match elem(dst.space) {
+            Elem::F32 => self.dev.stream().memcpy_htod(src, &mut m.f(dst)).map_err(copied),
+            Elem::T => {
+                let host: Vec<T> = src.iter().map(|&v| T::from_f32(v)).collect();
+                self.dev.stream().memcpy_htod(&host, &mut m.t(dst)).map_err(copied)
+            }
+            Elem::Index => bail!(InvalidArgument, "upload: floats into an index view (upload_indices)"),
+        }
+    }
+
+    fn upload_indices(&self, m: &mut CudaMemory<'_, T>, dst: View, src: &[usize]) -> Result<()> {
+        ensure!(
+            dst.len == src.len(),
+            InvalidArgument,
+            "upload_indices: {} values into a view of {}",
+            src.len(),
+            dst.len
+        );
+        let host = src
+            .iter()
+            .map(|&v| {
+                i32::try_from(v).map_err(|_| Error::InvalidArgument(format!("index {v} does not fit a device int")))
+            })
+            .collect::<Result<Vec<i32>>>()?;
+        let copied = |e| driver_error("host-to-device copy", e);
+        self.dev.stream().memcpy_htod(&host, &mut m.i(dst)).map_err(copied)
+    }
+
+    fn download(&self, m: &mut CudaMemory<'_, T>, src: View, dst: &mut [f32]) -> Result<()> {
+        ensure!(dst.len() == src.len, InvalidArgument, "download: a view of {} into {} values", src.len, dst.len());
+        let copied = |e| driver_error("device-to-host copy", e);
+        match elem(src.space) {
+            Elem::F32 => self.dev.stream().memcpy_dtoh(&m.f(src), dst).map_err(copied),
+            Elem::T => {
+                let mut host = vec![T::from_f32(0.0); src.len];
+                self.dev.stream().memcpy_dtoh(&m.t(src), &mut host).map_err(copied)?;
+                for (d, v) in dst.iter_mut().zip(host) {
+                    *d = v.to_f32();
+                }
+                Ok(())
+            }
+            Elem::Index => bail!(InvalidArgument, "download: an index view as floats"),
+        }
+    }
+
+    fn copy(&self, m: &mut CudaMemory<'_, T>, dst: View, src: View) -> Result<()> {
+        check_views("copy", &[dst], &[src]);
+        ensure!(
+            dst.len == src.len && elem(dst.space) == elem(src.space),
+            InvalidArgument,
+            "copy: {src:?} into {dst:?}"
+        );
+        let copied = |e| driver_error("device copy", e);
+        let stream = self.dev.stream();
+        match elem(dst.space) {
+            Elem::T => stream.memcpy_dtod(&m.t(src), &mut m.t(dst)).map_err(copied),
+            Elem::F32 => stream.memcpy_dtod(&m.f(src), &mut m.f(dst)).map_err(copied),
+            Elem::Index => stream.memcpy_dtod(&m.i(src), &mut m.i(dst)).map_err(copied),
+        }
+    }
+
+    fn add_into(&self, m: &mut CudaMemory<'_, T>, dst: View, src: View) -> Result<()> {
+        // In place: each element is read and written by one thread.
+        check_views("add_into", &[dst], &[src]);
+        ensure!(
+            dst.len == src.len && elem(dst.space) == elem(src.space) && elem(dst.space) != Elem::Index,
+            InvalidArgument,
+            "add_into: {src:?} into {dst:?}"
+        );
+        match elem(dst.space) {
+            Elem::T => self.dev.residual_add::<T>(&mut m.t(dst), &m.t(src)),
+            _ => self.dev.residual_add::<f32>(&mut m.f(dst), &m.f(src)),
+        }
+    }
+
+    fn relpos_bias(
+        &self,
+        m: &mut CudaMemory<'_, T>,
+        out: View,
+        shared: Option<View>,
+        table: View,
+        index: View,
+        heads: usize,
+    ) -> Result<()> {
+        check_views("relpos_bias", &[out], &[shared.unwrap_or(View::empty(Space::Stat)), table, index]);
+        if let Some(s) = shared {
+            self.copy(m, out, s)?;
+        }
+        let (mut bias, index) = (m.f(out), m.i(index));
+        // The table is a parameter (`T`) or a table resized for another grid (`Stat`, f32).
+        match elem(table.space) {
+            Elem::T => self.dev.relpos_bias_gather::<T>(&mut bias, &m.t(table), &index, heads, shared.is_some()),
+            _ => self.dev.relpos_bias_gather::<f32>(&mut bias, &m.f(table), &index, heads, shared.is_some()),
+        }
+    }
+
+    fn relpos_bias_backward(
+        &self,
+        m: &mut CudaMemory<'_, T>,
+        dtable: View,
+        dbias: View,
+        index: View,
+        heads: usize,
+    ) -> Result<()> {
+        check_views("relpos_bias_backward", &[dtable], &[dbias, index]);
+        self.dev.relpos_table_grad(&mut m.f(dtable), &m.f(dbias), &m.i(index), heads)
+    }
+
+    fn im2col(&self, m: &mut CudaMemory<'_, T>, patches: View, pixels: View, shape: PatchEmbedShape) -> Result<()> {
+        check_views("im2col", &[patches], &[pixels]);
+        self.dev.patchify_into::<T>(shape, &m.f(pixels), &mut m.t(patches))
+    }
+
+    fn assemble_tokens(
+        &self,
+        m: &mut CudaMemory<'_, T>,
+        x: View,
+        embedded: View,
+        tokens: TokenParams,
+        mask: Option<View>,
+        batch: usize,
+        patches: usize,
+        dim: usize,
+    ) -> Result<()> {
+        let (no_param, no_index) = (View::empty(Space::Param), View::empty(Space::Index));
+        let (mask_token, positions) = (tokens.mask_token, tokens.positions);
+        check_views(
+            "assemble_tokens",
+            &[x],
+            &[
+                embedded,
+                tokens.cls,
+                mask_token.unwrap_or(no_param),
+                positions.unwrap_or(no_param),
+                mask.unwrap_or(no_index),
+            ],
+        );
+        ensure!(
+            positions.is_none_or(|p| elem(p.space) == Elem::T),
+            Unsupported,
+            "assemble_tokens: position embeddings resized for another grid (f32) on the GPU"
+        );
+        let (mt, pos, mk) = (mask_token.map(|v| m.t(v)), positions.map(|v| m.t(v)), mask.map(|v| m.i(v)));
+        self.dev.assemble_tokens::<T>(
+            &mut m.t(x),
+            &m.t(embedded),
+            &m.t(tokens.cls),
+            mt.as_ref().map(|v| v as &dyn DevicePtr<T>),
+            pos.as_ref().map(|v| v as &dyn DevicePtr<T>),
+            mk.as_ref().map(|v| v as &dyn DevicePtr<i32>),
+            TokenShape { batch, patches, dim },
+        )
+    }
+
+    fn assemble_tokens_backward(
+        &self,
+        m: &mut CudaMemory<'_, T>,
+        dembedded: View,
+        grads: TokenParams,
+        dx: View,
+        mask: Option<View>,
+        batch: usize,
+        patches: usize,
+        dim: usize,
+    ) -> Result<()> {
+        let (no_grad, no_index) = (View::empty(Space::Grad), View::empty(Space::Index));
+        let (dmask_token, dpositions) = (grads.mask_token, grads.positions);
+        check_views(
+            "assemble_tokens_backward",
+            &[dembedded, grads.cls, dmask_token.unwrap_or(no_grad), dpositions.unwrap_or(no_grad)],
+            &[dx, mask.unwrap_or(no_index)],
+        );
+        let (mut dmt, mut dpos, mk) = (dmask_token.map(|v| m.f(v)), dpositions.map(|v| m.f(v)), mask.map(|v| m.i(v)));
+        self.dev.assemble_tokens_backward::<T>(
+            &mut m.t(dembedded),
+            &mut m.f(grads.cls),
+            dmt.as_mut().map(|v| v as &mut dyn DevicePtrMut<f32>),
+            dpos.as_mut().map(|v| v as &mut dyn DevicePtrMut<f32>),
+            &m.t(dx),
+            mk.as_ref().map(|v| v as &dyn DevicePtr<i32>),
+            TokenShape { batch, patches, dim },
+        )
+    }
+
+    fn gather_rows(&self, m: &mut CudaMemory<'_, T>, dst: View, src: View, rows: View, dim: usize) -> Result<()> {
+        check_views("gather_rows", &[dst], &[src, rows]);
+        self.dev.gather_rows::<T>(&mut m.t(dst), &m.t(src), &m.i(rows), dim)
+    }
+
+    fn scatter_rows(&self, m: &mut CudaMemory<'_, T>, dst: View, src: View, rows: View, dim: usize) -> Result<()> {
+        check_views("scatter_rows", &[dst], &[src, rows]);
+        self.fill_zero(m, dst)?;
+        self.dev.scatter_rows::<T>(&mut m.t(dst), &m.t(src), &m.i(rows), dim)
+    }
+
+    fn mean_patch_tokens(
+        &self,
+        m: &mut CudaMemory<'_, T>,
+        out: View,
+        hidden: View,
+        tokens: usize,
+        dim: usize,
+    ) -> Result<()> {
+        check_views("mean_patch_tokens", &[out], &[hidden]);
+        self.dev.mean_patch_tokens::<T>(&mut m.t(out), &m.t(hidden), tokens, dim)
+    }
+
+    fn mean_patch_tokens_backward(
+        &self,
+        m: &mut CudaMemory<'_, T>,
+        dhidden: View,
+        dout: View,
+        tokens: usize,
+        dim: usize,
+    ) -> Result<()> {
+        check_views("mean_patch_tokens_backward", &[dhidden], &[dout]);
+        self.dev.mean_patch_tokens_backward::<T>(&mut m.t(dhidden), &m.t(dout), tokens, dim)
+    }
+
+    fn cross_entropy(
+        &self,
+        m: &mut CudaMemory<'_, T>,
+        logits: View,
+        labels: View,
+        classes: usize,
+        smoothing: Option<f32>,
+        total_rows: usize,
+    ) -> Result<()> {
+        check_views("cross_entropy", &[logits], &[labels]);
+        ensure!(total_rows >= labels.len, InvalidArgument, "cross_entropy: total_rows below the part's rows");
+        let mut losses = m.scratch(m.losses, labels.len, "losses");
+        let inv_rows = 1.0 / total_rows as f32;
+        let eps = smoothing.unwrap_or(0.0);
+        self.dev.cross_entropy_fused::<T>(
+            &mut m.t(logits),
+            &m.i(labels),
+            classes,
+            inv_rows,
+            eps,
+            &mut losses,
+            &mut m.loss(),
+        )
+    }
+
+    fn mean_squared_error(
+        &self,
+        m: &mut CudaMemory<'_, T>,
+        pred: View,
+        target: View,
+        cols: usize,
+        total_rows: usize,
+    ) -> Result<()> {
+        check_views("mean_squared_error", &[pred], &[target]);
+        let mut losses = m.scratch(m.losses, rows_of(pred.len, cols), "losses");
+        self.dev.mse_fused::<T>(&mut m.t(pred), &m.t(target), cols, total_rows, &mut losses, &mut m.loss())
+    }
+
+    fn take_loss(&self, m: &mut CudaMemory<'_, T>) -> Result<f64> {
+        let mut host = [0.0f64];
+        let stream = self.dev.stream();
+        stream.memcpy_dtoh(&m.loss(), &mut host).map_err(|e| driver_error("device-to-host copy", e))?;
+        stream.memset_zeros(&mut m.loss()).map_err(|e| driver_error("memset", e))?;
+        Ok(host[0])
     }
 }

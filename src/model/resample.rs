@@ -2,6 +2,10 @@
 //! position tables to another input resolution the way Hugging Face does at run time:
 //! bilinear for relative position bias tables, bicubic (A = -0.75) for absolute embeddings.
 //! Inputs are channel-major planes `[channels, in_h, in_w]`.
+//!
+//! This is parameter preparation on the host (a checkpoint's tables fitted to a grid before a
+//! pass uploads them), not an op of the pass, so it lives with the model rather than behind the
+//! Backend trait. (The UperNet's feature-map interpolation, which is a pass op, is the backend's.)
 
 /// Source coordinate of output index `dst` (PyTorch's `area_pixel_compute_source_index`).
 fn source_index(scale: f32, dst: usize, cubic: bool) -> f32 {

@@ -15,6 +15,7 @@
 #include "../../cuda/attention.cu"
 #include "../../cuda/conv.cu"
 #include "../../cuda/cross_entropy.cu"
+#include "../../cuda/image.cu"
 #include "../../cuda/layernorm.cu"
 #include "../../cuda/mse.cu"
 #include "../../cuda/reduce.cu"
@@ -526,6 +527,199 @@ template <typename T> void test_reductions(int rows, int n, uint64_t seed) {
     check("channel_sums " + tag, load(chs), wch, 1e-5);
 }
 
+// ---------------------------------------------------------------- image ops (image.cu)
+// ReLU, 2x2 max pooling, bilinear resize, adaptive average pooling and batch norm, forward and
+// backward, against the definitions (PyTorch's) written out in double. Every grid is smaller
+// than the work (grid-stride loops); backward references scatter, the kernels gather.
+static double bilinear_src(int o, int input, int output) {
+    return std::max(((double)input / output) * (o + 0.5) - 0.5, 0.0);
+}
+
+static void bilinear_ref(const std::vector<double>& x, int planes, int ih, int iw, int oh, int ow,
+                         std::vector<double>* y, const std::vector<double>* dy, std::vector<double>* dx) {
+    if (y) y->assign((size_t)planes * oh * ow, 0);
+    if (dx) dx->assign((size_t)planes * ih * iw, 0);
+    for (int p = 0; p < planes; ++p)
+        for (int oy = 0; oy < oh; ++oy)
+            for (int ox = 0; ox < ow; ++ox) {
+                const double sy = bilinear_src(oy, ih, oh), sx = bilinear_src(ox, iw, ow);
+                const int y0 = std::min((int)sy, ih - 1), x0 = std::min((int)sx, iw - 1);
+                const int y1 = y0 < ih - 1 ? y0 + 1 : y0, x1 = x0 < iw - 1 ? x0 + 1 : x0;
+                const double ly = sy - y0, lx = sx - x0;
+                const int ys[2] = {y0, y1}, xs[2] = {x0, x1};
+                const double wy[2] = {1 - ly, ly}, wx[2] = {1 - lx, lx};
+                const size_t o = ((size_t)p * oh + oy) * ow + ox;
+                for (int a = 0; a < 2; ++a)
+                    for (int b = 0; b < 2; ++b) {
+                        const size_t i = ((size_t)p * ih + ys[a]) * iw + xs[b];
+                        if (y) (*y)[o] += wy[a] * wx[b] * x[i];
+                        if (dx) (*dx)[i] += wy[a] * wx[b] * (*dy)[o];
+                    }
+            }
+}
+
+static void test_image(int batch, int ch, int h, int w, int oh, int ow, uint64_t seed) {
+    Rng rng{seed};
+    const int planes = batch * ch, plane = h * w;
+    const size_t n = (size_t)planes * plane;
+    const std::string tag = std::to_string(batch) + "x" + std::to_string(ch) + "x" + std::to_string(h) + "x" +
+                            std::to_string(w);
+    auto x = rng.vec(n, -1, 1);
+    auto dy = rng.vec(n, -1, 1);
+    const auto xd = load(x), dyd = load(dy);
+
+    // ReLU forward and backward (accumulating into dx = 1).
+    std::vector<float> y(n, NAN), dx(n, 1.0f);
+    emu::launch(grid(3), 64, [&] { beit_image_relu(x.data(), y.data(), (long long)n); });
+    emu::launch(grid(3), 64, [&] { beit_image_relu_backward(x.data(), dy.data(), dx.data(), (long long)n, 1); });
+    std::vector<double> wy(n), wdx(n);
+    for (size_t i = 0; i < n; ++i) {
+        wy[i] = xd[i] < 0 ? 0 : xd[i];
+        wdx[i] = 1.0 + (xd[i] > 0 ? dyd[i] : 0);
+    }
+    check("image_relu " + tag, load(y), wy, 0);
+    check("image_relu_backward " + tag, load(dx), wdx, 1e-7);
+
+    // 2x2 max pooling: the maximum of each window, and the gradient routed to it (overwrite).
+    const int ph = h / 2, pw = w / 2;
+    const size_t pn = (size_t)planes * ph * pw;
+    std::vector<float> py(pn, NAN), pdx(n, NAN);
+    std::vector<unsigned> arg(pn, 0xffffffffu);
+    auto pdy = rng.vec(pn, -1, 1);
+    emu::launch(grid(2), 64, [&] { beit_image_max_pool2x2(x.data(), py.data(), arg.data(), planes, h, w); });
+    emu::launch(grid(2), 64, [&] {
+        beit_image_max_pool2x2_backward(pdy.data(), arg.data(), pdx.data(), planes, h, w, 0);
+    });
+    std::vector<double> wpy(pn), wpdx(n, 0.0);
+    for (int p = 0; p < planes; ++p)
+        for (int i = 0; i < ph; ++i)
+            for (int j = 0; j < pw; ++j) {
+                size_t best = (size_t)p * plane + 2 * i * w + 2 * j;
+                for (size_t c : {best + 1, best + w, best + w + 1})
+                    if (xd[c] > xd[best]) best = c;
+                const size_t o = ((size_t)p * ph + i) * pw + j;
+                wpy[o] = xd[best];
+                wpdx[best] = pdy[o];
+            }
+    check("image_max_pool2x2 " + tag, load(py), wpy, 0);
+    check("image_max_pool2x2_backward " + tag, load(pdx), wpdx, 0);
+
+    // Bilinear resize to oh x ow and back (the gradient of a random output).
+    const size_t bn = (size_t)planes * oh * ow;
+    std::vector<float> by(bn, NAN), bdx(n, NAN);
+    auto bdy = rng.vec(bn, -1, 1);
+    emu::launch(grid(3), 64, [&] { beit_image_bilinear(x.data(), by.data(), planes, h, w, oh, ow); });
+    emu::launch(grid(3), 64, [&] { beit_image_bilinear_backward(bdy.data(), bdx.data(), planes, h, w, oh, ow); });
+    std::vector<double> wby, wbdx;
+    const auto bdyd = load(bdy);
+    bilinear_ref(xd, planes, h, w, oh, ow, &wby, &bdyd, &wbdx);
+    check("image_bilinear " + tag, load(by), wby, 1e-6);
+    check("image_bilinear_backward " + tag, load(bdx), wbdx, 1e-6);
+
+    // Adaptive average pooling to 3 x 2 (overlapping windows when 3 does not divide h).
+    const int ah = 3, aw = 2;
+    const size_t an = (size_t)planes * ah * aw;
+    std::vector<float> ay(an, NAN), adx(n, NAN);
+    auto ady = rng.vec(an, -1, 1);
+    emu::launch(grid(1), 32, [&] { beit_image_adaptive_avg_pool(x.data(), ay.data(), planes, h, w, ah, aw); });
+    emu::launch(grid(2), 64, [&] { beit_image_adaptive_avg_pool_backward(ady.data(), adx.data(), planes, h, w, ah, aw); });
+    std::vector<double> way(an, 0), wadx(n, 0);
+    for (int p = 0; p < planes; ++p)
+        for (int oy = 0; oy < ah; ++oy)
+            for (int ox = 0; ox < aw; ++ox) {
+                const int y0 = oy * h / ah, y1 = ((oy + 1) * h + ah - 1) / ah;
+                const int x0 = ox * w / aw, x1 = ((ox + 1) * w + aw - 1) / aw;
+                const size_t o = ((size_t)p * ah + oy) * aw + ox;
+                const double cells = (double)(y1 - y0) * (x1 - x0);
+                for (int yy = y0; yy < y1; ++yy)
+                    for (int xx = x0; xx < x1; ++xx) {
+                        way[o] += xd[(size_t)p * plane + yy * w + xx] / cells;
+                        wadx[(size_t)p * plane + yy * w + xx] += ady[o] / cells;
+                    }
+            }
+    check("image_adaptive_avg_pool " + tag, load(ay), way, 1e-6);
+    check("image_adaptive_avg_pool_backward " + tag, load(adx), wadx, 1e-6);
+
+    // Batch norm: statistics, training normalisation, backward (dγ, dβ accumulated onto 0.5),
+    // evaluation with running statistics, and the running update.
+    const float eps = 1e-5f, momentum = 0.1f;
+    auto gamma = rng.vec(ch, 0.5, 1.5), beta = rng.vec(ch, -0.5, 0.5);
+    std::vector<float> mean(ch, NAN), invstd(ch, NAN), varu(ch, NAN), ny(n, NAN), ndx(n, NAN);
+    std::vector<float> dgamma(ch, 0.5f), dbeta(ch, 0.5f);
+    std::vector<double> sums(2 * ch, NAN);
+    emu::launch(grid(ch), 64, [&] {
+        beit_image_batch_norm_stats(x.data(), mean.data(), invstd.data(), varu.data(), batch, ch, plane, eps);
+    });
+    emu::launch(grid(3), 64, [&] {
+        beit_image_batch_norm_apply(x.data(), ny.data(), gamma.data(), beta.data(), mean.data(), invstd.data(), batch,
+                                    ch, plane, 0, eps);
+    });
+    emu::launch(grid(ch), 64, [&] {
+        beit_image_batch_norm_backward_sums(x.data(), dy.data(), mean.data(), invstd.data(), sums.data(),
+                                            dgamma.data(), dbeta.data(), batch, ch, plane);
+    });
+    emu::launch(grid(3), 64, [&] {
+        beit_image_batch_norm_backward_dx(x.data(), dy.data(), gamma.data(), mean.data(), invstd.data(), sums.data(),
+                                          ndx.data(), batch, ch, plane);
+    });
+    std::vector<float> rmean(ch), rvar(ch), ey(n, NAN);
+    for (int c = 0; c < ch; ++c) {
+        rmean[c] = 0.1f * c;
+        rvar[c] = 1.0f + 0.2f * c;
+    }
+    const auto rmean0 = rmean, rvar0 = rvar;
+    emu::launch(grid(3), 64, [&] {
+        beit_image_batch_norm_apply(x.data(), ey.data(), gamma.data(), beta.data(), rmean.data(), rvar.data(), batch,
+                                    ch, plane, 1, eps);
+    });
+    emu::launch(grid(1), 32, [&] {
+        beit_image_batch_norm_running_update(rmean.data(), rvar.data(), mean.data(), varu.data(), ch, momentum);
+    });
+    const double m = (double)batch * plane;
+    std::vector<double> wmean(ch), winv(ch), wvaru(ch), wny(n), wndx(n), wdg(ch), wdb(ch), wey(n), wrm(ch), wrv(ch);
+    for (int c = 0; c < ch; ++c) {
+        double s = 0, sq = 0, sdy = 0, sdyx = 0;
+        for (int b = 0; b < batch; ++b)
+            for (int i = 0; i < plane; ++i) s += xd[((size_t)b * ch + c) * plane + i];
+        const double mu = s / m;
+        for (int b = 0; b < batch; ++b)
+            for (int i = 0; i < plane; ++i) sq += std::pow(xd[((size_t)b * ch + c) * plane + i] - mu, 2);
+        const double is = 1 / std::sqrt(sq / m + eps);
+        wmean[c] = mu;
+        winv[c] = is;
+        wvaru[c] = sq / (m - 1);
+        for (int b = 0; b < batch; ++b)
+            for (int i = 0; i < plane; ++i) {
+                const size_t e = ((size_t)b * ch + c) * plane + i;
+                const double xhat = (xd[e] - mu) * is;
+                wny[e] = xhat * gamma[c] + beta[c];
+                wey[e] = (xd[e] - rmean0[c]) / std::sqrt(rvar0[c] + (double)eps) * gamma[c] + beta[c];
+                sdy += dyd[e];
+                sdyx += dyd[e] * xhat;
+            }
+        wdb[c] = 0.5 + sdy;
+        wdg[c] = 0.5 + sdyx;
+        for (int b = 0; b < batch; ++b)
+            for (int i = 0; i < plane; ++i) {
+                const size_t e = ((size_t)b * ch + c) * plane + i;
+                const double xhat = (xd[e] - mu) * is;
+                wndx[e] = gamma[c] * is * (dyd[e] - sdy / m - xhat * sdyx / m);
+            }
+        wrm[c] = (1 - momentum) * rmean0[c] + momentum * mu;
+        wrv[c] = (1 - momentum) * rvar0[c] + momentum * wvaru[c];
+    }
+    check("image_batch_norm_stats mean " + tag, load(mean), wmean, 1e-6);
+    check("image_batch_norm_stats invstd " + tag, load(invstd), winv, 1e-6);
+    check("image_batch_norm_stats var " + tag, load(varu), wvaru, 1e-6);
+    check("image_batch_norm_apply " + tag, load(ny), wny, 1e-5);
+    check("image_batch_norm_eval " + tag, load(ey), wey, 1e-5);
+    check("image_batch_norm_backward dx " + tag, load(ndx), wndx, 1e-5);
+    check("image_batch_norm_backward dgamma " + tag, load(dgamma), wdg, 1e-6);
+    check("image_batch_norm_backward dbeta " + tag, load(dbeta), wdb, 1e-6);
+    check("image_batch_norm_running_update " + tag, load(rmean), wrm, 1e-6);
+    check("image_batch_norm_running_update var " + tag, load(rvar), wrv, 1e-6);
+}
+
 
 // ---------------------------------------------------------------- token ops (tokens.cu)
 // Token assembly and its backward and row gather/scatter, against the loops of the CPU pass
@@ -769,6 +963,8 @@ int main(int argc, char** argv) {
     test_im2col<float>(1, 2, 32, 32, 16, 16, 0, 16);
     test_im2col<bf16>(2, 2, 6, 5, 4, 2, 1, 17);
     test_im2col<float>(1, 2, 5, 5, 1, 1, 0, 18);
+    test_image(2, 3, 7, 9, 16, 5, 24);    // odd sizes: pooling drops a row and a column; up and down
+    test_image(1, 2, 12, 10, 3, 25, 25);  // bilinear down in one axis, up in the other
     test_reductions<float>(99, 70, 19);
     test_reductions<bf16>(48, 33, 20);
     test_tokens<float>(3, 6, 40, true, 21);

@@ -14,6 +14,8 @@ use crate::error::Result;
 pub(crate) enum Arg {
     Ptr(u64),
     I32(i32),
+    /// A `long long` (element counts, which may pass 2^31).
+    I64(i64),
     F32(f32),
 }
 
@@ -64,6 +66,7 @@ impl CudaDevice {
             match a {
                 Arg::Ptr(p) => launch.arg(p),
                 Arg::I32(v) => launch.arg(v),
+                Arg::I64(v) => launch.arg(v),
                 Arg::F32(v) => launch.arg(v),
             };
         }

@@ -10,7 +10,7 @@
 //! - [`nvrtc`]: compiles the embedded `cuda/*.cu` for the GPU's arch, with the disk cache.
 //! - [`buffer`]: device buffers (`DeviceBuffer<T>` = cudarc `CudaSlice<T>`) and copies.
 //! - [`matmul`], [`elementwise`], [`adamw`], [`reduce`], [`patch_embed`], [`residual`], [`tokens`],
-//!   [`cross_entropy`], [`mse`]: the ops.
+//!   [`cross_entropy`], [`mse`], [`conv`], [`image`] (ReLU, pooling, resizing, batch norm): the ops.
 //! - [`ops`]: [`CudaBackend`], the backend as a [`crate::backend::Backend`] over device memory
 //!   planned as views ([`CudaMemory`]); the MIM training step (`train::gpu_pretrain`) runs the one
 //!   BEiT pass (`Model::mim_pass`) on it.
@@ -64,6 +64,7 @@ pub mod cross_entropy;
 pub mod device;
 pub mod elementwise;
 mod errors;
+pub mod image;
 mod kernel_args;
 pub mod layernorm;
 pub mod matmul;

@@ -1,0 +1,230 @@
+//! The GPU image ops (`backend::cuda::image`: ReLU, 2x2 max pooling, bilinear resize, adaptive
+//! average pooling, batch norm, forward and backward) against the CPU functions they mirror,
+//! the numerical reference. Every test needs a CUDA GPU: they are `#[ignore]`d so CPU CI lists
+//! them, and scripts/cuda-mock (CI) and scripts/gpu-check run them.
+//!
+//! Tolerances: the kernels keep the CPU's order of f32 operations (explicitly rounded, never
+//! contracted), so every op is compared bit for bit, except what the batch-norm statistics feed:
+//! their f64 sums run as a block tree instead of the CPU's running sum, so the statistics and
+//! the backward's dx are compared to 1e-6 of the largest magnitude; each test says which.
+
+use beit::backend::cpu;
+use beit::backend::cuda::image::BnStats;
+use beit::backend::cuda::CudaDevice;
+use beit::backend::ops::DxMode;
+use beit::backend::shapes::BnShape;
+
+fn dev() -> std::sync::Arc<CudaDevice> {
+    CudaDevice::get().expect("these tests need a usable CUDA GPU (see `beit info`)")
+}
+
+/// Deterministic values in [-1, 1) (xorshift64*), independent of any crate's RNG stream.
+fn values(n: usize, seed: u64) -> Vec<f32> {
+    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..n)
+        .map(|_| {
+            s ^= s >> 12;
+            s ^= s << 25;
+            s ^= s >> 27;
+            let r = s.wrapping_mul(0x2545_F491_4F6C_DD1D);
+            ((r >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+        })
+        .collect()
+}
+
+fn assert_bits(got: &[f32], want: &[f32], what: &str) {
+    assert_eq!(got.len(), want.len(), "{what}: length");
+    for (i, (g, w)) in got.iter().zip(want).enumerate() {
+        assert!(g.to_bits() == w.to_bits(), "{what}: element {i} is {g:e} on the GPU, {w:e} on the CPU");
+    }
+    println!("{what}: {} elements bit-identical", got.len());
+}
+
+/// max |got − want| <= rel · max |want|.
+fn assert_normwise(got: &[f32], want: &[f32], rel: f32, what: &str) {
+    assert_eq!(got.len(), want.len(), "{what}: length");
+    let scale = want.iter().fold(0.0f32, |m, v| m.max(v.abs())).max(f32::MIN_POSITIVE);
+    let worst = got.iter().zip(want).map(|(g, w)| (g - w).abs()).fold(0.0f32, f32::max);
+    assert!(worst <= rel * scale, "{what}: worst |diff| {worst:e} > {rel:e} of max|want| {scale:e}");
+    println!("{what}: worst normwise error {:e} (limit {rel:e})", worst / scale);
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn relu_forward_and_backward_equal_the_cpu() {
+    let d = dev();
+    let mut x = values(5000, 1);
+    x[7] = f32::NAN;
+    x[8] = -0.0;
+    let dy = values(5000, 2);
+    let (gx, gdy) = (d.upload(&x).unwrap(), d.upload(&dy).unwrap());
+
+    let mut want = vec![0.0; x.len()];
+    cpu::elementwise::relu_forward(&x, &mut want);
+    let mut gy = d.zeros::<f32>(x.len()).unwrap();
+    d.relu(&gx, &mut gy).unwrap();
+    assert_bits(&d.download(&gy).unwrap(), &want, "relu");
+    let mut inplace = d.upload(&x).unwrap();
+    d.relu_inplace(&mut inplace).unwrap();
+    assert_bits(&d.download(&inplace).unwrap(), &want, "relu in place");
+
+    for mode in [DxMode::Overwrite, DxMode::Accumulate] {
+        let start = values(x.len(), 3);
+        let mut want = start.clone();
+        cpu::backward::relu_backward(&x, &dy, &mut want, mode);
+        let mut gdx = d.upload(&start).unwrap();
+        d.relu_backward(&gx, &gdy, &mut gdx, mode).unwrap();
+        assert_bits(&d.download(&gdx).unwrap(), &want, &format!("relu backward ({mode:?})"));
+    }
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn max_pool_forward_and_backward_equal_the_cpu() {
+    let d = dev();
+    // Odd sizes: the last row and column are dropped. Ties and a NaN exercise the choice rule.
+    let (planes, h, w) = (6, 9, 7);
+    let mut x = values(planes * h * w, 4);
+    x[0] = 0.5;
+    x[1] = 0.5;
+    x[2 * w + 2] = f32::NAN;
+    let outputs = planes * (h / 2) * (w / 2);
+    let (mut want, mut want_arg) = (vec![0.0; outputs], vec![0u32; outputs]);
+    cpu::pool::max_pool2x2_forward(planes, 1, h, w, &x, &mut want, &mut want_arg);
+    let gx = d.upload(&x).unwrap();
+    let (mut gy, mut garg) = (d.zeros::<f32>(outputs).unwrap(), d.zeros::<u32>(outputs).unwrap());
+    d.max_pool2x2(&gx, &mut gy, &mut garg, planes, (h, w)).unwrap();
+    assert_bits(&d.download(&gy).unwrap(), &want, "max pool");
+    assert_eq!(d.download(&garg).unwrap(), want_arg, "max pool argmax");
+
+    let dy = values(outputs, 5);
+    let gdy = d.upload(&dy).unwrap();
+    for mode in [DxMode::Overwrite, DxMode::Accumulate] {
+        let start = values(x.len(), 6);
+        let mut want = start.clone();
+        cpu::pool::max_pool2x2_backward(planes, 1, h, w, &dy, &want_arg, &mut want, mode);
+        let mut gdx = d.upload(&start).unwrap();
+        d.max_pool2x2_backward(&gdy, &garg, &mut gdx, planes, (h, w), mode).unwrap();
+        assert_bits(&d.download(&gdx).unwrap(), &want, &format!("max pool backward ({mode:?})"));
+    }
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn bilinear_and_adaptive_pooling_equal_the_cpu_up_and_down() {
+    let d = dev();
+    let planes = 5;
+    // Up 4x (the segmentation logits), down, and mixed; the pyramid's pooled grids.
+    for (from, to) in [((8, 6), (32, 24)), ((13, 11), (5, 4)), ((7, 9), (16, 5)), ((1, 1), (3, 3))] {
+        let x = values(planes * from.0 * from.1, 7);
+        let dy = values(planes * to.0 * to.1, 8);
+        let (gx, gdy) = (d.upload(&x).unwrap(), d.upload(&dy).unwrap());
+        let tag = format!("{from:?} -> {to:?}");
+
+        let mut want = vec![0.0; dy.len()];
+        cpu::interp::bilinear_forward(planes, from.0, from.1, to.0, to.1, &x, &mut want);
+        let mut gy = d.zeros::<f32>(dy.len()).unwrap();
+        d.bilinear(&gx, &mut gy, planes, from, to).unwrap();
+        assert_bits(&d.download(&gy).unwrap(), &want, &format!("bilinear {tag}"));
+
+        let mut want = vec![0.0; x.len()];
+        cpu::interp::bilinear_backward(planes, from.0, from.1, to.0, to.1, &dy, &mut want);
+        let mut gdx = d.upload(&values(x.len(), 9)).unwrap();
+        d.bilinear_backward(&gdy, &mut gdx, planes, from, to).unwrap();
+        assert_bits(&d.download(&gdx).unwrap(), &want, &format!("bilinear backward {tag}"));
+    }
+    for (from, to) in [((16, 16), (1, 1)), ((16, 16), (2, 2)), ((14, 10), (3, 3)), ((14, 10), (6, 6))] {
+        let x = values(planes * from.0 * from.1, 10);
+        let dy = values(planes * to.0 * to.1, 11);
+        let (gx, gdy) = (d.upload(&x).unwrap(), d.upload(&dy).unwrap());
+        let tag = format!("{from:?} -> {to:?}");
+
+        let mut want = vec![0.0; dy.len()];
+        cpu::interp::adaptive_avg_pool_forward(planes, from.0, from.1, to.0, to.1, &x, &mut want);
+        let mut gy = d.zeros::<f32>(dy.len()).unwrap();
+        d.adaptive_avg_pool(&gx, &mut gy, planes, from, to).unwrap();
+        assert_bits(&d.download(&gy).unwrap(), &want, &format!("adaptive avg pool {tag}"));
+
+        let mut want = vec![0.0; x.len()];
+        cpu::interp::adaptive_avg_pool_backward(planes, from.0, from.1, to.0, to.1, &dy, &mut want);
+        let mut gdx = d.upload(&values(x.len(), 12)).unwrap();
+        d.adaptive_avg_pool_backward(&gdy, &mut gdx, planes, from, to).unwrap();
+        assert_bits(&d.download(&gdx).unwrap(), &want, &format!("adaptive avg pool backward {tag}"));
+    }
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn batch_norm_train_eval_backward_and_running_update_equal_the_cpu() {
+    let d = dev();
+    let shape = BnShape { batch: 3, channels: 5, plane: 67 };
+    let (n, c, eps) = (shape.batch * shape.channels * shape.plane, shape.channels, 1e-5f32);
+    // An offset per channel, so the mean matters.
+    let x: Vec<f32> = values(n, 13).iter().enumerate().map(|(i, v)| v + (i / shape.plane % c) as f32).collect();
+    let dy = values(n, 14);
+    let gamma: Vec<f32> = values(c, 15).iter().map(|v| 1.0 + 0.5 * v).collect();
+    let beta = values(c, 16);
+    let (gx, gdy, ggamma, gbeta) =
+        (d.upload(&x).unwrap(), d.upload(&dy).unwrap(), d.upload(&gamma).unwrap(), d.upload(&beta).unwrap());
+
+    // Training: statistics (f64 sums in another order: 1e-6), then the normalisation from the
+    // CPU's statistics (bit for bit).
+    let mut want = vec![0.0; n];
+    let stats = cpu::batchnorm::batchnorm_train_forward(shape, &x, &mut want, &gamma, &beta, eps);
+    let (mut mean, mut invstd, mut var) =
+        (d.zeros::<f32>(c).unwrap(), d.zeros::<f32>(c).unwrap(), d.zeros::<f32>(c).unwrap());
+    d.batch_norm_stats(&gx, shape, eps, &mut mean, &mut invstd, &mut var).unwrap();
+    assert_normwise(&d.download(&mean).unwrap(), &stats.mean, 1e-6, "batch norm mean");
+    assert_normwise(&d.download(&invstd).unwrap(), &stats.invstd, 1e-6, "batch norm 1/std");
+    assert_normwise(&d.download(&var).unwrap(), &stats.var_unbiased, 1e-6, "batch norm unbiased variance");
+    let (cmean, cinvstd) = (d.upload(&stats.mean).unwrap(), d.upload(&stats.invstd).unwrap());
+    let mut gy = d.zeros::<f32>(n).unwrap();
+    let batch = BnStats::Batch { mean: &cmean, invstd: &cinvstd };
+    d.batch_norm_apply(&gx, &mut gy, &ggamma, &gbeta, batch, shape, eps).unwrap();
+    assert_bits(&d.download(&gy).unwrap(), &want, "batch norm (training)");
+
+    // Backward from the CPU's statistics: dγ and dβ (accumulated) and dx, to f64 rounding.
+    let (dg0, db0) = (values(c, 17), values(c, 18));
+    let (mut want_dx, mut want_dg, mut want_db) = (vec![0.0; n], dg0.clone(), db0.clone());
+    cpu::batchnorm::batchnorm_train_backward(shape, &x, &dy, &gamma, &stats, &mut want_dx, &mut want_dg, &mut want_db);
+    let (mut gdx, mut gdg, mut gdb) = (d.zeros::<f32>(n).unwrap(), d.upload(&dg0).unwrap(), d.upload(&db0).unwrap());
+    let mut sums = d.zeros::<f64>(2 * c).unwrap();
+    d.batch_norm_backward(&gx, &gdy, &ggamma, &cmean, &cinvstd, shape, &mut sums, &mut gdx, &mut gdg, &mut gdb)
+        .unwrap();
+    assert_normwise(&d.download(&gdx).unwrap(), &want_dx, 1e-6, "batch norm dx");
+    assert_normwise(&d.download(&gdg).unwrap(), &want_dg, 1e-6, "batch norm dgamma");
+    assert_normwise(&d.download(&gdb).unwrap(), &want_db, 1e-6, "batch norm dbeta");
+
+    // Evaluation with running statistics, and the running update: bit for bit.
+    let running_mean = values(c, 19);
+    let running_var: Vec<f32> = values(c, 20).iter().map(|v| 1.0 + 0.5 * v).collect();
+    let mut want = vec![0.0; n];
+    cpu::batchnorm::batchnorm_eval(shape, &x, &mut want, &gamma, &beta, &running_mean, &running_var, eps);
+    let (mut grm, mut grv) = (d.upload(&running_mean).unwrap(), d.upload(&running_var).unwrap());
+    let running = BnStats::Running { mean: &grm, var: &grv };
+    d.batch_norm_apply(&gx, &mut gy, &ggamma, &gbeta, running, shape, eps).unwrap();
+    assert_bits(&d.download(&gy).unwrap(), &want, "batch norm (evaluation)");
+
+    let (mut want_rm, mut want_rv) = (running_mean.clone(), running_var.clone());
+    cpu::batchnorm::update_running_stats(&mut want_rm, &mut want_rv, &stats, 0.1);
+    let cvar = d.upload(&stats.var_unbiased).unwrap();
+    d.batch_norm_running_update(&mut grm, &mut grv, &cmean, &cvar, 0.1).unwrap();
+    assert_bits(&d.download(&grm).unwrap(), &want_rm, "running mean");
+    assert_bits(&d.download(&grv).unwrap(), &want_rv, "running variance");
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn image_ops_refuse_wrong_sizes() {
+    let d = dev();
+    let x = d.zeros::<f32>(10).unwrap();
+    let mut y = d.zeros::<f32>(9).unwrap();
+    let err = d.relu(&x, &mut y).unwrap_err();
+    assert!(err.to_string().contains("relu y"), "{err}");
+    let err = d.bilinear(&x, &mut y, 1, (2, 5), (0, 3)).unwrap_err();
+    assert!(err.to_string().contains("bilinear"), "{err}");
+    let shape = BnShape { batch: 1, channels: 10, plane: 1 };
+    let (mut m, mut s, mut v) = (d.zeros::<f32>(10).unwrap(), d.zeros::<f32>(10).unwrap(), d.zeros::<f32>(10).unwrap());
+    let err = d.batch_norm_stats(&x, shape, 1e-5, &mut m, &mut s, &mut v).unwrap_err();
+    assert!(err.to_string().contains("more than 1 value"), "{err}");
+}

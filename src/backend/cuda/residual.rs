@@ -102,7 +102,11 @@ impl CudaDevice {
 
 /// Rows of `dim` in `n` elements, with the lengths of a residual's vectors checked.
 fn residual_rows<T>(what: &str, n: usize, dim: usize, input: &ResidualInput<'_, T>) -> Result<usize> {
-    ensure!(dim > 0 && n.is_multiple_of(dim), InvalidArgument, "{what}: {n} elements is not a whole number of rows of {dim}");
+    ensure!(
+        dim > 0 && n.is_multiple_of(dim),
+        InvalidArgument,
+        "{what}: {n} elements is not a whole number of rows of {dim}"
+    );
     let rows = n / dim;
     for (name, v) in [("bias", input.bias), ("scale", input.scale)] {
         if let Some(v) = v {

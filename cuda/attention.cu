@@ -22,8 +22,8 @@
 //   elements, so no atomics are needed).
 // - beit_attention_dbias_reduce: dbias (+)= Σ_g dbias_part[g], g in order.
 // - beit_attention_relpos_gather_*, beit_attention_relpos_table_grad: the relative position table to the [H, N, N] bias
-//   and its adjoint, through a CSR inverse of the index so each table entry sums its pairs in
-//   pair order (the CPU's order) without atomics.
+//   and its adjoint, each table entry summing its pairs in pair order (the CPU's order) without
+//   atomics.
 //
 // Everything is a fixed sequence of f32 operations: bit-identical run to run.
 // Math is on CUDA cores (f32 FMAs on shared-memory tiles). Tensor cores are a later step; this
@@ -365,15 +365,19 @@ extern "C" __global__ void beit_attention_relpos_gather_bf16(float* bias, const 
     relpos_bias_gather<bf16>(bias, table, index, heads, tt, accumulate);
 }
 
-// Adjoint of the gather: dtable[m, h] += Σ_(p: index[p] = m) dbias[h, p], the pairs of table row m
-// listed in increasing p by the CSR (offsets [M + 1], pairs). Added one by one onto dtable, as
-// the CPU's add_bias_backward does, so the f32 result is the same bits. One thread per (m, h).
-extern "C" __global__ void beit_attention_relpos_table_grad(float* dtable, const float* dbias, const int* offsets, const int* pairs,
-                                             int heads, int rows, int tt) {
+// Adjoint of the gather: dtable[m, h] += Σ_(p: index[p] = m) dbias[h, p], the pairs taken in
+// increasing p and added one by one onto dtable, as the CPU's relpos_bias_backward does, so the
+// f32 result is the same bits. One thread per (m, h); each scans the whole index (read by every
+// thread of a warp at once: a broadcast), so no inverse of the index is needed. `dtable` is
+// [rows, heads].
+extern "C" __global__ void beit_attention_relpos_table_grad(float* dtable, const float* dbias, const int* index,
+                                                            int heads, int rows, int tt) {
     const int e = blockIdx.x * blockDim.x + threadIdx.x;
     if (e >= rows * heads) return;
     const int m = e / heads, h = e % heads;
+    const float* g = dbias + (size_t)h * tt;
     float acc = dtable[e];
-    for (int k = offsets[m]; k < offsets[m + 1]; ++k) acc += dbias[(size_t)h * tt + pairs[k]];
+    for (int p = 0; p < tt; ++p)
+        if (index[p] == m) acc += g[p];
     dtable[e] = acc;
 }

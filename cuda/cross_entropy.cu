@@ -11,8 +11,9 @@
 // beit_cross_entropy_forward_backward_{f32,bf16}: one block per row (blockDim a multiple of 32, ≤ 1024). Pass 1
 // keeps a running (max, sum of exp) per thread and merges them over the block in a fixed tree;
 // pass 2 overwrites the logits with the gradient. Losses go to losses[rows] (f32).
-// beit_cross_entropy_loss_sum: one block, sums losses[] in a fixed order into a double (the CPU sums
-// its row losses in f64 too). No atomics anywhere.
+// beit_cross_entropy_loss_sum: one block, sums losses[] in a fixed order into a double added to
+// out[0] (the CPU sums its row losses in f64 too; a pass adds the loss of every block of rows, and
+// of mse.cu's rows, there until the host takes it). No atomics anywhere.
 
 #include "kernel_util.cuh"
 
@@ -107,7 +108,7 @@ extern "C" __global__ void beit_cross_entropy_forward_backward_bf16(bf16* logits
     cross_entropy_forward_backward<bf16>(logits, losses, labels, rows, vocab, inv_rows, smoothing);
 }
 
-// out[0] = Σ_r losses[r] in f64: thread t sums rows t, t + blockDim, ... in order, then a fixed
+// out[0] += Σ_r losses[r] in f64: thread t sums rows t, t + blockDim, ... in order, then a fixed
 // tree over the block's threads. One block of CE_SUM_THREADS threads.
 #define CE_SUM_THREADS 256
 extern "C" __global__ void __launch_bounds__(CE_SUM_THREADS)
@@ -121,5 +122,5 @@ extern "C" __global__ void __launch_bounds__(CE_SUM_THREADS)
         if ((int)threadIdx.x < width) part[threadIdx.x] += part[threadIdx.x + width];
         __syncthreads();
     }
-    if (threadIdx.x == 0) out[0] = part[0];
+    if (threadIdx.x == 0) out[0] += part[0];
 }

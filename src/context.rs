@@ -99,7 +99,7 @@ impl Context {
             .build()
             .map_err(|e| Error::Internal(format!("cannot start the thread pool: {e}")))?;
         // The probe runs before any other CUDA call and never panics (src/backend/cuda/probe.rs).
-        // The pretraining step runs on CUDA (src/backend/cuda/pretrain.rs); inference,
+        // The pretraining step runs on CUDA (src/train/gpu_pretrain.rs); inference,
         // fine-tuning and the tokenizer do not yet. So: an explicit cuda request gives a cuda
         // context (its pretraining trainers step on the GPU, and the CPU-only passes refuse it
         // with `Unsupported` through [`Context::require_cpu`], never computing on the CPU under a

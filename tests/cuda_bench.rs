@@ -13,9 +13,9 @@ use std::io::Write;
 use std::time::Instant;
 
 use beit::backend::cuda::attention::{attention_backward_scratch_len, AttentionShape};
-use beit::backend::cuda::pretrain::Precision;
 use beit::backend::cuda::{CudaDevice, Epilogue, GemmShape};
 use beit::data::synthetic::SyntheticMim;
+use beit::train::gpu_pretrain::Precision;
 use beit::train::trainer::{Trainer, TrainerOptions};
 use beit::{Architecture, BeitConfig, Model};
 use half::bf16;

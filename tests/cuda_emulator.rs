@@ -45,12 +45,16 @@ fn cuda_kernels_pass_in_the_host_emulator() {
         "column_sums",
         "row_sums",
         "channel_sums",
-        "pretrain_assemble",
-        "pretrain_embed_backward_rows",
-        "pretrain_embed_param_grads",
-        "pretrain_gather_rows",
-        "pretrain_scatter_rows",
-        "pretrain_branch_backward",
+        "tokens_assemble",
+        "tokens_embed_backward_rows",
+        "tokens_embed_param_grads",
+        "tokens_gather_rows",
+        "tokens_scatter_rows",
+        "tokens_mean_patches",
+        "tokens_mean_patches_backward",
+        "mse",
+        "residual_forward",
+        "residual_backward",
     ] {
         assert!(stdout.contains(family), "no {family} case ran");
     }

@@ -419,7 +419,7 @@ fn relative_position_bias_gather_and_gradient_match_cpu() {
         let table = rng.vec(m * heads, -1.0, 1.0);
         let start = rng.vec(heads * tt, -1.0, 1.0);
         let dbias = rng.vec(heads * tt, -1.0, 1.0);
-        let idx = d.relpos_index(&index, m).unwrap();
+        let idx = d.upload(&index.iter().map(|&i| i as i32).collect::<Vec<i32>>()).unwrap();
         // Gather onto `start` (accumulate) and from zero: the CPU's add_bias, exactly.
         let mut want = start.clone();
         add_bias(&mut want, &table, heads, &index);

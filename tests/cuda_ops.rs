@@ -13,7 +13,14 @@
 //!   rounded intrinsics) are compared bit for bit or to one ulp, as each test states.
 
 use beit::backend::cpu;
-use beit::backend::cuda::{CudaDevice, Epilogue, GemmShape};
+use beit::backend::cuda::{
+    Act, CudaBackend, CudaDevice, CudaMemory, DeviceArena, DeviceParams, Epilogue, GemmShape, Scratch,
+};
+use beit::backend::memory::{Arena, HostMemory, Planner, Space, View};
+use beit::backend::ops::TokenParams;
+use beit::backend::Backend;
+use beit::model::params::rel_pos_table_rows;
+use beit::model::relpos::relative_position_index;
 use beit::train::adamw::{AdamW, AdamWConfig};
 use half::bf16;
 
@@ -619,4 +626,239 @@ fn linear_on_unaligned_views() {
     let got = d.download(&gy).unwrap();
     assert_eq!(got[0], 0.0, "the element before the view is untouched");
     assert_normwise(&got[1..], &want, 1e-5, "linear on unaligned views");
+}
+
+// ------------------------------------------------------------------ the Backend trait's pass ops
+
+/// The views of [`pass_ops`], planned alike on a host (shared) and a device (split) planner.
+struct PassViews {
+    pixels: View,
+    patches: View,
+    embedded: View,
+    x: View,
+    dembedded: View,
+    mask: View,
+    rel_index: View,
+    shared: View,
+    bias: View,
+    resized_table: View,
+    dbias: View,
+    rows: View,
+    labels: View,
+    gathered: View,
+    scattered: View,
+    pooled: View,
+    dhidden: View,
+    logits: View,
+    targets: View,
+    copied: View,
+}
+
+/// The sizes of the case: 2 images of 3x16x16 in 4x4 patches (a 4x4 grid), width 32, 2 heads,
+/// 50 classes, 11 masked rows.
+const PB: usize = 2;
+const PC: usize = 3;
+const PHW: usize = 16;
+const PP: usize = 4;
+const PD: usize = 32;
+const PHEADS: usize = 2;
+const PCLASSES: usize = 50;
+
+fn pass_shape() -> beit::backend::shapes::PatchEmbedShape {
+    beit::backend::shapes::PatchEmbedShape {
+        batch: PB,
+        channels: PC,
+        height: PHW,
+        width: PHW,
+        patch_h: PP,
+        patch_w: PP,
+        hidden: PD,
+    }
+}
+
+/// The parameters (and gradients) of the case, one flat store: CLS token, mask token,
+/// positions `[T, D]`, a relative position table `[M, heads]`.
+fn pass_params(n: usize, m: usize) -> (TokenParams, View, usize) {
+    let t = n + 1;
+    let cls = View::new(Space::Param, 0, PD);
+    let mask_token = View::new(Space::Param, PD, PD);
+    let positions = View::new(Space::Param, 2 * PD, t * PD);
+    let table = View::new(Space::Param, (2 + t) * PD, m * PHEADS);
+    (TokenParams { cls, mask_token: Some(mask_token), positions: Some(positions) }, table, (2 + t) * PD + m * PHEADS)
+}
+
+fn as_grad(v: View) -> View {
+    View { space: Space::Grad, ..v }
+}
+
+fn plan_pass(p: &mut Planner, masked: usize, m: usize) -> PassViews {
+    let s = pass_shape();
+    let (n, k) = (s.num_patches(), s.patch_len());
+    let t = n + 1;
+    PassViews {
+        pixels: p.stat(PB * PC * PHW * PHW),
+        patches: p.act(PB * n * k),
+        embedded: p.act(PB * n * PD),
+        x: p.act(PB * t * PD),
+        dembedded: p.act(PB * n * PD),
+        mask: p.index(PB * n),
+        rel_index: p.index(t * t),
+        shared: p.stat(PHEADS * t * t),
+        bias: p.stat(PHEADS * t * t),
+        resized_table: p.stat(m * PHEADS),
+        dbias: p.stat(PHEADS * t * t),
+        rows: p.index(masked),
+        labels: p.index(masked),
+        gathered: p.act(masked * PD),
+        scattered: p.act(PB * t * PD),
+        pooled: p.act(PB * PD),
+        dhidden: p.act(PB * t * PD),
+        logits: p.act(masked * PCLASSES),
+        targets: p.act(masked * PCLASSES),
+        copied: p.stat(PHEADS * t * t),
+    }
+}
+
+/// Runs every op the passes added to the trait (data movement, relative position bias, token
+/// assembly, heads, losses) on `be` and returns each result, read back as f32.
+fn pass_ops<B: Backend>(
+    be: &B,
+    m: &mut B::Memory<'_>,
+    v: &PassViews,
+    masked_rows: &[usize],
+) -> Vec<(String, Vec<f32>)> {
+    let s = pass_shape();
+    let n = s.num_patches();
+    let t = n + 1;
+    let grid = s.grid();
+    let tables = rel_pos_table_rows(grid);
+    let (tokens, table, _) = pass_params(n, tables);
+    let count = masked_rows.len();
+    let mut out = Vec::new();
+    let read = |be: &B, m: &mut B::Memory<'_>, name: &str, view: View| {
+        let mut host = vec![0.0f32; view.len()];
+        be.download(m, view, &mut host).unwrap();
+        (name.to_string(), host)
+    };
+    // Embeddings: patch rows, token assembly with a mask and positions, its backward.
+    be.upload(m, v.pixels, &values(v.pixels.len(), 60)).unwrap();
+    be.im2col(m, v.patches, v.pixels, s).unwrap();
+    out.push(read(be, m, "im2col", v.patches));
+    let mask: Vec<usize> = (0..PB * n).map(|i| masked_rows.contains(&((i / n) * t + 1 + i % n)) as usize).collect();
+    be.upload_indices(m, v.mask, &mask).unwrap();
+    be.upload(m, v.embedded, &values(v.embedded.len(), 61)).unwrap();
+    be.assemble_tokens(m, v.x, v.embedded, tokens, Some(v.mask), PB, n, PD).unwrap();
+    out.push(read(be, m, "assemble_tokens", v.x));
+    let grads = TokenParams {
+        cls: as_grad(tokens.cls),
+        mask_token: tokens.mask_token.map(as_grad),
+        positions: tokens.positions.map(as_grad),
+    };
+    be.assemble_tokens_backward(m, v.dembedded, grads, v.x, Some(v.mask), PB, n, PD).unwrap();
+    out.push(read(be, m, "assemble_tokens_backward dembedded", v.dembedded));
+    out.push(read(be, m, "assemble_tokens_backward dcls", grads.cls));
+    out.push(read(be, m, "assemble_tokens_backward dmask_token", grads.mask_token.unwrap()));
+    out.push(read(be, m, "assemble_tokens_backward dpositions", grads.positions.unwrap()));
+    // Relative position bias: from the parameter table, then a resized (f32) table onto it.
+    be.upload_indices(m, v.rel_index, &relative_position_index(grid)).unwrap();
+    be.relpos_bias(m, v.shared, None, table, v.rel_index, PHEADS).unwrap();
+    out.push(read(be, m, "relpos_bias", v.shared));
+    be.upload(m, v.resized_table, &values(v.resized_table.len(), 62)).unwrap();
+    be.relpos_bias(m, v.bias, Some(v.shared), v.resized_table, v.rel_index, PHEADS).unwrap();
+    out.push(read(be, m, "relpos_bias onto a shared bias", v.bias));
+    be.upload(m, v.dbias, &values(v.dbias.len(), 63)).unwrap();
+    be.relpos_bias_backward(m, as_grad(table), v.dbias, v.rel_index, PHEADS).unwrap();
+    out.push(read(be, m, "relpos_bias_backward", as_grad(table)));
+    be.copy(m, v.copied, v.bias).unwrap();
+    be.add_into(m, v.copied, v.dbias).unwrap();
+    out.push(read(be, m, "copy, add_into", v.copied));
+    // Heads: gather / scatter rows, the mean of the patch tokens and its backward.
+    be.upload_indices(m, v.rows, masked_rows).unwrap();
+    be.gather_rows(m, v.gathered, v.x, v.rows, PD).unwrap();
+    out.push(read(be, m, "gather_rows", v.gathered));
+    be.upload(m, v.scattered, &values(v.scattered.len(), 64)).unwrap();
+    be.scatter_rows(m, v.scattered, v.gathered, v.rows, PD).unwrap();
+    out.push(read(be, m, "scatter_rows", v.scattered));
+    be.mean_patch_tokens(m, v.pooled, v.x, t, PD).unwrap();
+    out.push(read(be, m, "mean_patch_tokens", v.pooled));
+    be.upload(m, v.dhidden, &values(v.dhidden.len(), 65)).unwrap();
+    be.mean_patch_tokens_backward(m, v.dhidden, v.pooled, t, PD).unwrap();
+    out.push(read(be, m, "mean_patch_tokens_backward", v.dhidden));
+    // Losses, each part of a batch of count + 3 rows; the loss sums add up until taken.
+    let labels: Vec<usize> = (0..count).map(|r| (r * 7 + 3) % PCLASSES).collect();
+    be.upload_indices(m, v.labels, &labels).unwrap();
+    for (name, smoothing, seed) in [("cross_entropy", None, 66), ("cross_entropy smoothed", Some(0.1), 67)] {
+        let logits: Vec<f32> = values(v.logits.len(), seed).iter().map(|x| 4.0 * x).collect();
+        be.upload(m, v.logits, &logits).unwrap();
+        be.cross_entropy(
+            m,
+            v.logits.prefix((count - 2) * PCLASSES),
+            v.labels.prefix(count - 2),
+            PCLASSES,
+            smoothing,
+            count + 3,
+        )
+        .unwrap();
+        let rest = v.logits.sub((count - 2) * PCLASSES, 2 * PCLASSES);
+        be.cross_entropy(m, rest, v.labels.sub(count - 2, 2), PCLASSES, smoothing, count + 3).unwrap();
+        out.push(read(be, m, &format!("{name} gradient"), v.logits));
+        let loss = be.take_loss(m).unwrap();
+        out.push((format!("{name} loss"), vec![loss as f32]));
+    }
+    be.upload(m, v.logits, &values(v.logits.len(), 68)).unwrap();
+    be.upload(m, v.targets, &values(v.targets.len(), 69)).unwrap();
+    be.mean_squared_error(m, v.logits, v.targets, PCLASSES, count + 3).unwrap();
+    out.push(read(be, m, "mean_squared_error gradient", v.logits));
+    out.push(("mean_squared_error loss".into(), vec![be.take_loss(m).unwrap() as f32]));
+    assert_eq!(be.take_loss(m).unwrap(), 0.0, "take_loss clears the sum");
+    out
+}
+
+fn pass_ops_case<T: Act>(rel: f32) {
+    let s = pass_shape();
+    let (n, grid) = (s.num_patches(), s.grid());
+    let t = n + 1;
+    let tables = rel_pos_table_rows(grid);
+    let (_, _, param_len) = pass_params(n, tables);
+    let params = values(param_len, 70);
+    // Masked rows in [batch, patch] order: rows of x (skipping each image's CLS token).
+    let masked_rows: Vec<usize> =
+        (0..PB * n).filter(|i| i % 3 != 1).map(|i| (i / n) * t + 1 + i % n).take(11).collect();
+    // The CPU backend.
+    let mut host_plan = Planner::shared();
+    let hv = plan_pass(&mut host_plan, masked_rows.len(), tables);
+    let mut arena = Arena::new(&host_plan).unwrap();
+    let mut host_grads = vec![0.0f32; param_len];
+    let want = {
+        let mut m = HostMemory::new(&mut arena, &params, &mut host_grads);
+        pass_ops(&cpu::ops::Cpu, &mut m, &hv, &masked_rows)
+    };
+    // The CUDA backend, on views of a split plan.
+    let d = dev();
+    let be = CudaBackend::<T>::new(d.clone());
+    let mut dev_plan = Planner::split();
+    let dv = plan_pass(&mut dev_plan, masked_rows.len(), tables);
+    let mut dev_arena = DeviceArena::<T>::new(&d, &dev_plan, Scratch::default().loss(masked_rows.len())).unwrap();
+    let dev_params = DeviceParams::<T>::upload(&d, &params).unwrap();
+    let mut dev_grads = d.zeros::<f32>(param_len).unwrap();
+    let got = {
+        let mut m = CudaMemory::new(&d, &mut dev_arena, &dev_params, &mut dev_grads).unwrap();
+        pass_ops(&be, &mut m, &dv, &masked_rows)
+    };
+    assert_eq!(got.len(), want.len());
+    for ((name, g), (_, w)) in got.iter().zip(&want) {
+        let scale = max_abs(w).max(1.0);
+        let err = g.iter().zip(w).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
+        eprintln!("{} {name}: max |gpu - cpu| {err:.3e} of max {scale:.3e}", T::NAME);
+        assert!(err <= rel * scale, "{} {name}: max |gpu - cpu| {err:e} exceeds {rel:e} x {scale:e}", T::NAME);
+    }
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn backend_pass_ops_match_the_cpu_backend() {
+    // fp32: the CPU's arithmetic to rounding. bf16: activations (and the working parameters)
+    // are stored in bf16 (2^-9 relative), so each result is within a few of its roundings.
+    pass_ops_case::<f32>(1e-5);
+    pass_ops_case::<bf16>(2e-2);
 }

@@ -18,11 +18,11 @@
 //!   apart slowly: AdamW normalises tiny gradient differences into full-size updates.)
 //! - Two GPU runs from the same seed: bit-identical losses and parameters (no atomics anywhere).
 
-use beit::backend::cuda::pretrain::{GpuPretrainer, OptimizerSetup, Precision};
 use beit::backend::cuda::probe;
 use beit::data::synthetic::SyntheticMim;
 use beit::model::{DropPath, MimTarget, TrainWorkspace};
 use beit::train::adamw::AdamWConfig;
+use beit::train::gpu_pretrain::{GpuPretrainer, OptimizerSetup, Precision};
 use beit::train::trainer::{Trainer, TrainerOptions};
 use beit::{Architecture, BeitConfig, Error, Model};
 

@@ -240,8 +240,8 @@ fn options_are_validated() {
 
 #[test]
 fn the_pixel_target_needs_its_head_width_stays_on_the_cpu_and_travels_with_checkpoints() {
-    use beit::backend::cuda::pretrain::Precision;
     use beit::model::MimTarget;
+    use beit::train::gpu_pretrain::Precision;
     let pixels = TrainerOptions { mim_target: MimTarget::Pixels, ..options() };
     // CONFIG's head has 64 outputs; 4x4 grey patches need 16.
     let err = Trainer::new(Model::new_random(config(), Architecture::MaskedImageModeling, 1).unwrap(), pixels.clone())

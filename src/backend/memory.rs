@@ -81,9 +81,11 @@ impl View {
     }
 }
 
-/// Hands out non-overlapping views of the `Act` and `Stat` spaces, 64-byte aligned (16 floats)
-/// so rows start on cache lines. A shared planner puts both spaces in one buffer (the host: both
-/// are f32); a split one counts them apart (a device whose activations may be bf16).
+/// Hands out non-overlapping views of the `Act` and `Stat` spaces. A shared planner puts both
+/// spaces in one buffer (the host: both are f32), its views 64-byte aligned (16 floats) so rows
+/// start on cache lines; a split one counts them apart (a device whose activations may be bf16),
+/// its views aligned to 128 elements (256 bytes of bf16), so every view handed to a GEMM library
+/// is as aligned as a fresh allocation.
 #[derive(Debug, Clone)]
 pub struct Planner {
     shared: bool,
@@ -103,26 +105,43 @@ impl Planner {
         Planner { shared: false, act: 0, stat: 0, index: 0 }
     }
 
-    fn take(total: &mut usize, space: Space, len: usize) -> View {
-        let offset = total.div_ceil(16) * 16;
+    /// Whether both spaces share one buffer.
+    pub fn is_shared(&self) -> bool {
+        self.shared
+    }
+
+    /// Views start at multiples of this many elements.
+    pub fn alignment(&self) -> usize {
+        if self.shared {
+            16
+        } else {
+            128
+        }
+    }
+
+    fn take(total: &mut usize, align: usize, space: Space, len: usize) -> View {
+        let offset = total.div_ceil(align) * align;
         *total = offset + len;
         View { space, offset, len }
     }
 
     /// A view of `len` activations.
     pub fn act(&mut self, len: usize) -> View {
-        Self::take(&mut self.act, Space::Act, len)
+        let align = self.alignment();
+        Self::take(&mut self.act, align, Space::Act, len)
     }
 
     /// A view of `len` f32 statistics or scratch.
     pub fn stat(&mut self, len: usize) -> View {
+        let align = self.alignment();
         let total = if self.shared { &mut self.act } else { &mut self.stat };
-        Self::take(total, Space::Stat, len)
+        Self::take(total, align, Space::Stat, len)
     }
 
     /// A view of `len` indices.
     pub fn index(&mut self, len: usize) -> View {
-        Self::take(&mut self.index, Space::Index, len)
+        let align = self.alignment();
+        Self::take(&mut self.index, align, Space::Index, len)
     }
 
     /// Elements of the index buffer.
@@ -340,6 +359,7 @@ mod tests {
         let mut split = Planner::split();
         let (a, b) = (split.act(5), split.stat(3));
         assert_eq!((a.offset, b.offset, split.act_total(), split.stat_total()), (0, 0, 5, 3));
+        assert_eq!(split.act(1).offset, 128);
     }
 
     #[test]

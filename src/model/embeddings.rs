@@ -117,7 +117,9 @@ impl Model {
     }
 
     /// A relative position table for the plan's grid: the stored parameter, or (for another
-    /// grid) its resize, uploaded into `plan.table`.
+    /// grid, where the plan has a `table` view) its resize, uploaded into `plan.table`. Only a
+    /// resize reads the host's parameter values (a pass whose parameters live on a device runs
+    /// at the native grid).
     fn table_view<B: Backend>(
         &self,
         be: &B,
@@ -125,14 +127,14 @@ impl Model {
         plan: &ActivationPlan,
         id: ParamId,
     ) -> Result<View> {
-        let heads = self.config.num_attention_heads;
-        match relpos::resize_table(self.params.get(id), heads, self.config.native_grid(), plan.grid) {
-            Some(resized) => {
-                be.upload(m, plan.table, &resized)?;
-                Ok(plan.table)
-            }
-            None => Ok(self.params.view(id)),
+        if plan.table.is_empty() {
+            return Ok(self.params.view(id));
         }
+        let heads = self.config.num_attention_heads;
+        let resized = relpos::resize_table(self.params.get(id), heads, self.config.native_grid(), plan.grid)
+            .expect("a table view is planned only for a grid whose table is resized");
+        be.upload(m, plan.table, &resized)?;
+        Ok(plan.table)
     }
 
     /// Fills `plan.shared_bias` with the shared relative position bias; false if the model

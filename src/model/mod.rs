@@ -4,7 +4,7 @@
 //! each pass borrows a planned activation arena (`plan.rs`) from a small pool kept by the model.
 //! The transformer block is written once, over the `Backend` trait, in `block.rs`.
 
-mod block;
+pub(crate) mod block;
 mod classify;
 pub mod config;
 mod data_parallel;
@@ -15,7 +15,7 @@ pub mod io;
 mod mim_target;
 pub mod param_store;
 pub mod params;
-mod plan;
+pub(crate) mod plan;
 pub mod relpos;
 pub(crate) mod resample;
 mod resolution;
@@ -31,6 +31,7 @@ pub use config::{Architecture, BeitConfig};
 pub use data_parallel::DataParallelWorkspace;
 pub use forward::{ImageBatch, OutputBuffers, OutputShapes, Outputs};
 pub use mim_target::MimTarget;
+pub(crate) use training::HeadLists;
 pub use training::{DropPath, MimBatch, TrainWorkspace};
 
 use crate::error::{Error, Result};
@@ -114,6 +115,20 @@ impl Model {
     /// Mutable parameters. Invalidate nothing: passes read parameters afresh every time.
     pub fn params_mut(&mut self) -> &mut ParamStore {
         &mut self.params
+    }
+
+    /// The model without its parameter values: the config, the layout and the parameter table,
+    /// all that planning a pass and addressing its views need (for a pass whose parameters
+    /// live elsewhere, on a device). Its store holds no values: it runs no host pass.
+    pub(crate) fn without_values(&self) -> Model {
+        let params = ParamStore { data: Vec::new(), specs: self.params.specs.clone() };
+        Model {
+            config: self.config.clone(),
+            arch: self.arch,
+            params,
+            layout: self.layout.clone(),
+            workspaces: Mutex::new(Vec::new()),
+        }
     }
 
     /// Whether `bool_masked_pos` is accepted (the model has a mask token).

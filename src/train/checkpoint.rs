@@ -24,11 +24,11 @@ use std::path::Path;
 use safetensors::tensor::Dtype;
 use serde::{Deserialize, Serialize};
 
-use crate::backend::cuda::pretrain::GpuPretrainer;
 use crate::error::{Error, Result};
 use crate::model::io::{f32_tensors_bytes_with_metadata, tensor_to_f32, write_atomic, SafetensorsFile};
 use crate::model::{Architecture, BeitConfig, Model};
 use crate::resources::{try_zeroed, Bytes, Need};
+use crate::train::gpu_pretrain::GpuPretrainer;
 
 use super::run_record::RunRecord;
 use super::trainer::{RngState, Trainer, TrainerOptions};

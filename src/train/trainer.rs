@@ -20,13 +20,13 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
-use crate::backend::cuda::pretrain::{GpuPretrainer, OptimizerSetup, Precision};
 use crate::context::{Context, Device};
 use crate::error::Result;
 use crate::model::{
     check_label_smoothing, Architecture, ClassifyBatch, DataParallelWorkspace, DropPath, MimBatch, MimTarget, Model,
 };
 use crate::resources::{try_zeroed, Bytes, Need};
+use crate::train::gpu_pretrain::{GpuPretrainer, OptimizerSetup, Precision};
 
 use super::adamw::{AdamW, AdamWConfig, DecayPlan};
 use super::layer_decay::lr_scales;

@@ -18,8 +18,10 @@
 #include "../../cuda/image.cu"
 #include "../../cuda/relaxation.cu"
 #include "../../cuda/layernorm.cu"
-#include "../../cuda/pretrain.cu"
+#include "../../cuda/mse.cu"
 #include "../../cuda/reduce.cu"
+#include "../../cuda/residual.cu"
+#include "../../cuda/tokens.cu"
 
 #include <string>
 
@@ -246,7 +248,7 @@ template <typename T> void test_cross_entropy(int rows, int vocab, float smoothi
         }
     }
     std::vector<float> losses(rows, NAN);
-    std::vector<double> sum(1, NAN);
+    std::vector<double> sum(1, 0.5);  // the sum is added to what the buffer holds
     emu::launch(grid(rows), 256, [&] {
         if constexpr (sizeof(T) == 4)
             beit_cross_entropy_forward_backward_f32(logits.data(), losses.data(), labels.data(), rows, vocab, (float)inv,
@@ -260,7 +262,7 @@ template <typename T> void test_cross_entropy(int rows, int vocab, float smoothi
                             std::to_string(vocab) + " smoothing " + std::to_string(smoothing);
     check(tag + " grad", load(logits), want_grad, tol<T>());
     check(tag + " losses", load(losses), want_loss, 1e-5);
-    check(tag + " loss sum", sum, {want_sum}, 1e-5);
+    check(tag + " loss sum", sum, {0.5 + want_sum}, 1e-5);
 }
 
 // ---------------------------------------------------------------- attention
@@ -419,18 +421,13 @@ static void test_relpos(int gh, int gw, int heads) {
     for (int h = 0; h < heads; ++h)
         for (int p = 0; p < t * t; ++p) want[(size_t)h * t * t + p] = 0.25 + table[(size_t)index[p] * heads + h];
     check("relpos_bias_gather", load(bias), want, 1e-6);
-    // The adjoint, through the CSR built as the host wrapper builds it (pairs in increasing p).
-    std::vector<int> offsets(m + 1, 0), pairs(t * t);
-    for (int p = 0; p < t * t; ++p) offsets[index[p] + 1]++;
-    for (int r = 0; r < m; ++r) offsets[r + 1] += offsets[r];
-    std::vector<int> fill(offsets.begin(), offsets.end() - 1);
-    for (int p = 0; p < t * t; ++p) pairs[fill[index[p]]++] = p;
+    // The adjoint (each table entry scans the index, pairs in increasing p).
     auto dbias = rng.vec((size_t)heads * t * t, -1, 1);
     std::vector<float> dtable((size_t)m * heads, 0.5f), cpu_order((size_t)m * heads, 0.5f);
     emu::launch(grid((m * heads + 63) / 64), 64, [&] {
-        beit_attention_relpos_table_grad(dtable.data(), dbias.data(), offsets.data(), pairs.data(), heads, m, t * t);
+        beit_attention_relpos_table_grad(dtable.data(), dbias.data(), index.data(), heads, m, t * t);
     });
-    // src/model/relpos.rs add_bias_backward's loop, in f32: the kernel must give its bits.
+    // src/backend/cpu/ops.rs relpos_bias_backward's loop, in f32: the kernel must give its bits.
     for (int h = 0; h < heads; ++h)
         for (int p = 0; p < t * t; ++p) cpu_order[(size_t)index[p] * heads + h] += dbias[(size_t)h * t * t + p];
     const bool same = memcmp(dtable.data(), cpu_order.data(), dtable.size() * 4) == 0;
@@ -845,28 +842,28 @@ static void test_relaxation(int rows, int vocab, uint64_t seed) {
 }
 
 
-// ---------------------------------------------------------------- pretraining glue (pretrain.cu)
-// Token assembly and its backward, row gather/scatter and the residual-branch backward, against
-// the loops of the CPU pass written out in double. Every kernel runs with fewer threads than
-// elements (grid-stride loops). Exact-copy kernels (gather, scatter, the masked rows) must be
-// bit-exact; sums within the file's tolerances.
-template <typename T> void test_pretrain(int batch, int patches, int dim, bool pos, uint64_t seed) {
+// ---------------------------------------------------------------- token ops (tokens.cu)
+// Token assembly and its backward and row gather/scatter, against the loops of the CPU pass
+// written out in double. Every kernel runs with fewer threads than elements (grid-stride loops).
+// Exact-copy kernels (gather, scatter, the masked rows) must be bit-exact; sums within the
+// file's tolerances.
+template <typename T> void test_tokens(int batch, int patches, int dim, bool pos, uint64_t seed) {
     Rng rng{seed};
     const int tokens = patches + 1;
     auto embedded = store<T>(rng.vec((size_t)batch * patches * dim, -1, 1));
     auto cls = store<T>(rng.vec(dim, -1, 1));
     auto mt = store<T>(rng.vec(dim, -1, 1));
     auto pe = store<T>(rng.vec((size_t)tokens * dim, -1, 1));
-    std::vector<unsigned char> masked((size_t)batch * patches);
+    std::vector<int> masked((size_t)batch * patches);
     for (auto& m : masked) m = rng.uniform(0, 1) < 0.4f;
     masked[0] = 1;
     std::vector<T> x((size_t)batch * tokens * dim);
     emu::launch(grid(3), 64, [&] {
         if constexpr (sizeof(T) == 4)
-            beit_pretrain_assemble_f32(x.data(), embedded.data(), cls.data(), mt.data(), pos ? pe.data() : nullptr,
+            beit_tokens_assemble_f32(x.data(), embedded.data(), cls.data(), mt.data(), pos ? pe.data() : nullptr,
                                        masked.data(), batch, patches, dim);
         else
-            beit_pretrain_assemble_bf16(x.data(), embedded.data(), cls.data(), mt.data(), pos ? pe.data() : nullptr,
+            beit_tokens_assemble_bf16(x.data(), embedded.data(), cls.data(), mt.data(), pos ? pe.data() : nullptr,
                                         masked.data(), batch, patches, dim);
     });
     const auto ed = load(embedded), cd = load(cls), md = load(mt), pd = load(pe);
@@ -880,7 +877,7 @@ template <typename T> void test_pretrain(int batch, int patches, int dim, bool p
             }
     const std::string tag = std::string(tname<T>()) + " " + std::to_string(batch) + "x" + std::to_string(tokens) +
                             "x" + std::to_string(dim) + (pos ? " pos" : "");
-    check("pretrain_assemble " + tag, load(x), want, sizeof(T) == 4 ? 1e-6 : 1e-2);
+    check("tokens_assemble " + tag, load(x), want, sizeof(T) == 4 ? 1e-6 : 1e-2);
 
     // Backward of the assembly: dembedded rows, then dcls / dpos / dmask.
     auto dx = store<T>(rng.vec(x.size(), -1, 1));
@@ -888,9 +885,9 @@ template <typename T> void test_pretrain(int batch, int patches, int dim, bool p
     std::vector<T> demb(embedded.size(), beit_from_float<T>(7.0f));
     emu::launch(grid(2), 64, [&] {
         if constexpr (sizeof(T) == 4)
-            beit_pretrain_embed_backward_rows_f32(demb.data(), dx.data(), masked.data(), 1, batch, patches, dim);
+            beit_tokens_embed_backward_rows_f32(demb.data(), dx.data(), masked.data(), 1, batch, patches, dim);
         else
-            beit_pretrain_embed_backward_rows_bf16(demb.data(), dx.data(), masked.data(), 1, batch, patches, dim);
+            beit_tokens_embed_backward_rows_bf16(demb.data(), dx.data(), masked.data(), 1, batch, patches, dim);
     });
     std::vector<double> wemb(demb.size());
     for (int b = 0; b < batch; ++b)
@@ -898,14 +895,14 @@ template <typename T> void test_pretrain(int batch, int patches, int dim, bool p
             for (int c = 0; c < dim; ++c)
                 wemb[((size_t)b * patches + p) * dim + c] =
                     masked[(size_t)b * patches + p] ? 0.0 : dxd[((size_t)b * tokens + 1 + p) * dim + c];
-    check("pretrain_embed_backward_rows " + tag, load(demb), wemb, 0.0);
+    check("tokens_embed_backward_rows " + tag, load(demb), wemb, 0.0);
     std::vector<float> dcls(dim, 0.5f), dpos((size_t)tokens * dim, -0.25f), dmask(dim, 1.0f);
     emu::launch(grid(2), 32, [&] {
         if constexpr (sizeof(T) == 4)
-            beit_pretrain_embed_param_grads_f32(dcls.data(), pos ? dpos.data() : nullptr, dmask.data(), dx.data(),
+            beit_tokens_embed_param_grads_f32(dcls.data(), pos ? dpos.data() : nullptr, dmask.data(), dx.data(),
                                                 masked.data(), batch, patches, dim);
         else
-            beit_pretrain_embed_param_grads_bf16(dcls.data(), pos ? dpos.data() : nullptr, dmask.data(), dx.data(),
+            beit_tokens_embed_param_grads_bf16(dcls.data(), pos ? dpos.data() : nullptr, dmask.data(), dx.data(),
                                                  masked.data(), batch, patches, dim);
     });
     std::vector<double> wcls(dim, 0.5), wpos((size_t)tokens * dim, -0.25), wmask(dim, 1.0);
@@ -917,9 +914,9 @@ template <typename T> void test_pretrain(int batch, int patches, int dim, bool p
                 if (t == 0) wcls[c] += g;
                 else if (masked[(size_t)b * patches + t - 1]) wmask[c] += g;
             }
-    check("pretrain_embed_param_grads cls " + tag, load(dcls), wcls, 1e-5);
-    check("pretrain_embed_param_grads mask " + tag, load(dmask), wmask, 1e-5);
-    if (pos) check("pretrain_embed_param_grads pos " + tag, load(dpos), wpos, 1e-5);
+    check("tokens_embed_param_grads cls " + tag, load(dcls), wcls, 1e-5);
+    check("tokens_embed_param_grads mask " + tag, load(dmask), wmask, 1e-5);
+    if (pos) check("tokens_embed_param_grads pos " + tag, load(dpos), wpos, 1e-5);
 
     // Gather the masked rows of x, scatter them back into a zeroed buffer.
     std::vector<int> index;
@@ -929,12 +926,12 @@ template <typename T> void test_pretrain(int batch, int patches, int dim, bool p
     const int m = (int)index.size();
     std::vector<T> gathered((size_t)m * dim), scattered(x.size(), beit_from_float<T>(0.0f));
     emu::launch(grid(2), 64, [&] {
-        if constexpr (sizeof(T) == 4) beit_pretrain_gather_rows_f32(gathered.data(), x.data(), index.data(), m, dim);
-        else beit_pretrain_gather_rows_bf16(gathered.data(), x.data(), index.data(), m, dim);
+        if constexpr (sizeof(T) == 4) beit_tokens_gather_rows_f32(gathered.data(), x.data(), index.data(), m, dim);
+        else beit_tokens_gather_rows_bf16(gathered.data(), x.data(), index.data(), m, dim);
     });
     emu::launch(grid(2), 64, [&] {
-        if constexpr (sizeof(T) == 4) beit_pretrain_scatter_rows_f32(scattered.data(), gathered.data(), index.data(), m, dim);
-        else beit_pretrain_scatter_rows_bf16(scattered.data(), gathered.data(), index.data(), m, dim);
+        if constexpr (sizeof(T) == 4) beit_tokens_scatter_rows_f32(scattered.data(), gathered.data(), index.data(), m, dim);
+        else beit_tokens_scatter_rows_bf16(scattered.data(), gathered.data(), index.data(), m, dim);
     });
     const auto xd = load(x);
     std::vector<double> wg((size_t)m * dim), ws(x.size(), 0.0);
@@ -943,37 +940,127 @@ template <typename T> void test_pretrain(int batch, int patches, int dim, bool p
             wg[(size_t)r * dim + c] = xd[(size_t)index[r] * dim + c];
             ws[(size_t)index[r] * dim + c] = xd[(size_t)index[r] * dim + c];
         }
-    check("pretrain_gather_rows " + tag, load(gathered), wg, 0.0);
-    check("pretrain_scatter_rows " + tag, load(scattered), ws, 0.0);
+    check("tokens_gather_rows " + tag, load(gathered), wg, 0.0);
+    check("tokens_scatter_rows " + tag, load(scattered), ws, 0.0);
 
-    // Residual-branch backward with layer scale and drop path factors (one image dropped).
+    // The mean of each image's patch tokens and its backward (the CPU's f32 loop order).
+    std::vector<T> mean((size_t)batch * dim), dh(x.size(), beit_from_float<T>(7.0f));
+    emu::launch(grid(2), 32, [&] {
+        if constexpr (sizeof(T) == 4) beit_tokens_mean_patches_f32(mean.data(), x.data(), batch, tokens, dim);
+        else beit_tokens_mean_patches_bf16(mean.data(), x.data(), batch, tokens, dim);
+    });
+    auto dmean = store<T>(rng.vec(mean.size(), -1, 1));
+    emu::launch(grid(2), 64, [&] {
+        if constexpr (sizeof(T) == 4) beit_tokens_mean_patches_backward_f32(dh.data(), dmean.data(), batch, tokens, dim);
+        else beit_tokens_mean_patches_backward_bf16(dh.data(), dmean.data(), batch, tokens, dim);
+    });
+    const auto dmd = load(dmean);
+    std::vector<double> wmean(mean.size(), 0.0), wdh(x.size());
+    for (int b = 0; b < batch; ++b)
+        for (int t = 0; t < tokens; ++t)
+            for (int c = 0; c < dim; ++c) {
+                if (t > 0) wmean[(size_t)b * dim + c] += xd[((size_t)b * tokens + t) * dim + c] / (tokens - 1);
+                wdh[((size_t)b * tokens + t) * dim + c] = t == 0 ? 0.0 : dmd[(size_t)b * dim + c] / (tokens - 1);
+            }
+    check("tokens_mean_patches " + tag, load(mean), wmean, sizeof(T) == 4 ? 1e-6 : 1e-2);
+    check("tokens_mean_patches_backward " + tag, load(dh), wdh, sizeof(T) == 4 ? 1e-7 : 1e-2);
+}
+
+// ---------------------------------------------------------------- mean squared error (mse.cu)
+// The fused MSE of a block of rows (part of total_rows) against mean_squared_error.rs written out
+// in double; the loss sum through cross_entropy.cu's loss sum, added to what it holds.
+template <typename T> void test_mse(int rows, int cols, int total_rows, uint64_t seed) {
+    Rng rng{seed};
+    auto pred = store<T>(rng.vec((size_t)rows * cols, -1, 1));
+    auto target = store<T>(rng.vec((size_t)rows * cols, -1, 1));
+    const auto pd = load(pred), td = load(target);
+    std::vector<double> want_grad(pred.size()), want_loss(rows);
+    double want_sum = 0.25;
+    for (int r = 0; r < rows; ++r) {
+        double s = 0;
+        for (int c = 0; c < cols; ++c) {
+            const double e = pd[(size_t)r * cols + c] - td[(size_t)r * cols + c];
+            s += e * e;
+            want_grad[(size_t)r * cols + c] = 2 * e / ((double)cols * total_rows);
+        }
+        want_loss[r] = s / cols;
+        want_sum += want_loss[r];
+    }
+    std::vector<float> losses(rows, NAN);
+    std::vector<double> sum(1, 0.25);
+    emu::launch(grid(rows), MSE_THREADS, [&] {
+        if constexpr (sizeof(T) == 4)
+            beit_mse_forward_backward_f32(pred.data(), losses.data(), target.data(), rows, cols, total_rows);
+        else
+            beit_mse_forward_backward_bf16(pred.data(), losses.data(), target.data(), rows, cols, total_rows);
+    });
+    emu::launch(grid(1), CE_SUM_THREADS, [&] { beit_cross_entropy_loss_sum(sum.data(), losses.data(), rows); });
+    const std::string tag = std::string("mse ") + tname<T>() + " " + std::to_string(rows) + "x" + std::to_string(cols);
+    check(tag + " grad", load(pred), want_grad, sizeof(T) == 4 ? 1e-7 : 1e-2);
+    check(tag + " losses", load(losses), want_loss, 1e-5);
+    check(tag + " loss sum", sum, {want_sum}, 1e-5);
+}
+
+// ---------------------------------------------------------------- residual branch (residual.cu)
+// out = x + (λ·k)·(y + bias) and its backward, with layer scale and drop path factors (one
+// image dropped) or without either, out of place and in place; against double loops.
+template <typename T> void test_residual(int batch, int tokens, int dim, bool full, uint64_t seed) {
+    Rng rng{seed};
     const int rows = batch * tokens;
-    auto y = store<T>(rng.vec((size_t)rows * dim, -1, 1));
+    const size_t n = (size_t)rows * dim;
+    auto x = store<T>(rng.vec(n, -1, 1));
+    auto y = store<T>(rng.vec(n, -1, 1));
     auto bias = store<T>(rng.vec(dim, -1, 1));
     auto lambda = store<T>(rng.vec(dim, 0.1f, 1));
+    auto dacc = store<T>(rng.vec(n, -1, 1));
     std::vector<float> factors(batch);
     for (int b = 0; b < batch; ++b) factors[b] = b == 1 ? 0.0f : 1.25f;
-    std::vector<T> dy((size_t)rows * dim);
-    std::vector<float> prod((size_t)rows * dim);
+    const T* scale = full ? lambda.data() : nullptr;
+    const float* fac = full ? factors.data() : nullptr;
+    const std::string tag = std::string(tname<T>()) + " " + std::to_string(rows) + "x" + std::to_string(dim) +
+                            (full ? " scale+drop" : " plain");
+
+    std::vector<T> out(n), inplace = x;
     emu::launch(grid(3), 64, [&] {
-        if constexpr (sizeof(T) == 4)
-            beit_pretrain_branch_backward_f32(dy.data(), prod.data(), dx.data(), y.data(), bias.data(), lambda.data(),
-                                              factors.data(), tokens, rows, dim);
-        else
-            beit_pretrain_branch_backward_bf16(dy.data(), prod.data(), dx.data(), y.data(), bias.data(), lambda.data(),
-                                               factors.data(), tokens, rows, dim);
+        if constexpr (sizeof(T) == 4) {
+            beit_residual_forward_f32(out.data(), x.data(), y.data(), bias.data(), scale, fac, tokens, rows, dim);
+            beit_residual_forward_f32(inplace.data(), inplace.data(), y.data(), bias.data(), scale, fac, tokens, rows, dim);
+        } else {
+            beit_residual_forward_bf16(out.data(), x.data(), y.data(), bias.data(), scale, fac, tokens, rows, dim);
+            beit_residual_forward_bf16(inplace.data(), inplace.data(), y.data(), bias.data(), scale, fac, tokens, rows,
+                                       dim);
+        }
     });
-    const auto yd = load(y), bd = load(bias), ld = load(lambda);
-    std::vector<double> wdy(dy.size()), wprod(prod.size());
+    const auto xd = load(x), yd = load(y), bd = load(bias), ld = load(lambda), dd = load(dacc);
+    auto k_of = [&](int r) { return full ? (double)factors[r / tokens] : 1.0; };
+    auto s_of = [&](int c) { return full ? ld[c] : 1.0; };
+    std::vector<double> want(n);
     for (int r = 0; r < rows; ++r)
         for (int c = 0; c < dim; ++c) {
             const size_t i = (size_t)r * dim + c;
-            const double k = factors[r / tokens];
-            wdy[i] = k * ld[c] * dxd[i];
-            wprod[i] = k * dxd[i] * (yd[i] + bd[c]);
+            want[i] = xd[i] + s_of(c) * k_of(r) * (yd[i] + bd[c]);
         }
-    check("pretrain_branch_backward dy " + tag, load(dy), wdy, tol<T>());
-    check("pretrain_branch_backward prod " + tag, load(prod), wprod, 1e-5);
+    check("residual_forward " + tag, load(out), want, tol<T>());
+    check("residual_forward in place " + tag, load(inplace), load(out), 0.0);
+
+    std::vector<T> dy(n);
+    std::vector<float> prod(n);
+    emu::launch(grid(3), 64, [&] {
+        float* p = full ? prod.data() : nullptr;
+        if constexpr (sizeof(T) == 4)
+            beit_residual_backward_f32(dy.data(), p, dacc.data(), y.data(), bias.data(), scale, fac, tokens, rows, dim);
+        else
+            beit_residual_backward_bf16(dy.data(), p, dacc.data(), y.data(), bias.data(), scale, fac, tokens, rows, dim);
+    });
+    std::vector<double> wdy(n), wprod(n);
+    for (int r = 0; r < rows; ++r)
+        for (int c = 0; c < dim; ++c) {
+            const size_t i = (size_t)r * dim + c;
+            wdy[i] = k_of(r) * s_of(c) * dd[i];
+            wprod[i] = k_of(r) * dd[i] * (yd[i] + bd[c]);
+        }
+    check("residual_backward dy " + tag, load(dy), wdy, tol<T>());
+    if (full) check("residual_backward prod " + tag, load(prod), wprod, 1e-5);
 }
 
 int main(int argc, char** argv) {
@@ -1003,9 +1090,14 @@ int main(int argc, char** argv) {
     test_relaxation(3, 300, 27);
     test_reductions<float>(99, 70, 19);
     test_reductions<bf16>(48, 33, 20);
-    test_pretrain<float>(3, 6, 40, true, 21);
-    test_pretrain<float>(2, 4, 33, false, 22);
-    test_pretrain<bf16>(3, 6, 40, true, 23);
+    test_tokens<float>(3, 6, 40, true, 21);
+    test_tokens<float>(2, 4, 33, false, 22);
+    test_tokens<bf16>(3, 6, 40, true, 23);
+    test_mse<float>(5, 300, 9, 24);
+    test_mse<bf16>(3, 48, 3, 25);
+    test_residual<float>(3, 7, 40, true, 24);
+    test_residual<float>(2, 5, 33, false, 25);
+    test_residual<bf16>(3, 7, 40, true, 26);
     printf(failures ? "%d FAILED\n" : "all passed\n", failures);
     return failures ? 1 : 0;
 }

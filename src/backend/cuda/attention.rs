@@ -11,7 +11,6 @@
 
 use cudarc::driver::{DevicePtr, DevicePtrMut};
 
-use super::buffer::DeviceBuffer;
 use super::device::CudaDevice;
 use super::elementwise::by_type;
 use super::kernel_args::{config, int, Arg};
@@ -77,22 +76,6 @@ fn check_shape(shape: AttentionShape, qkv: usize, ctx: usize, bias: Option<usize
         ensure!(b == heads * n * n, InvalidArgument, "attention: bias holds {b} elements, expected heads·N·N");
     }
     Ok(())
-}
-
-/// The relative position index on the device, with its inverse (per table row, the token pairs
-/// that read it, in increasing pair order) for the deterministic gradient.
-pub struct RelPosIndex {
-    index: DeviceBuffer<i32>,
-    offsets: DeviceBuffer<i32>,
-    pairs: DeviceBuffer<i32>,
-    table_rows: usize,
-}
-
-impl RelPosIndex {
-    /// Token pairs (N·N).
-    pub fn pairs(&self) -> usize {
-        self.index.len()
-    }
 }
 
 impl CudaDevice {
@@ -237,50 +220,25 @@ impl CudaDevice {
         Ok(())
     }
 
-    /// Uploads a relative position index (`[N·N]` table rows, as
-    /// `model::relpos::relative_position_index` builds it) for a table of `table_rows` rows.
-    pub fn relpos_index(&self, index: &[usize], table_rows: usize) -> Result<RelPosIndex> {
-        ensure!(index.iter().all(|&i| i < table_rows), InvalidArgument, "relpos index: entry out of the table");
-        let as_i32 = |v: usize| int("relpos index", v);
-        let mut offsets = vec![0i32; table_rows + 1];
-        for &i in index {
-            offsets[i + 1] += 1;
-        }
-        for r in 0..table_rows {
-            offsets[r + 1] += offsets[r];
-        }
-        let mut fill: Vec<i32> = offsets[..table_rows].to_vec();
-        let mut pairs = vec![0i32; index.len()];
-        for (p, &i) in index.iter().enumerate() {
-            pairs[fill[i] as usize] = as_i32(p)?;
-            fill[i] += 1;
-        }
-        let index_i32: Vec<i32> = index.iter().map(|&i| as_i32(i)).collect::<Result<_>>()?;
-        Ok(RelPosIndex {
-            index: self.upload(&index_i32)?,
-            offsets: self.upload(&offsets)?,
-            pairs: self.upload(&pairs)?,
-            table_rows,
-        })
-    }
-
-    /// `bias[h, p] (+)= table[index[p], h]`: the `[heads, N, N]` f32 bias from a `[M, heads]`
-    /// table (added to what `bias` holds with `accumulate`, as the CPU's `add_bias`).
+    /// `bias[h, p] (+)= table[index[p], h]`: the `[heads, N, N]` f32 bias from a `[rows, heads]`
+    /// table (f32 or `T`) and the `[N·N]` relative position index (added to what `bias` holds
+    /// with `accumulate`, as the CPU's `relpos_bias` with a shared bias). Every index entry must
+    /// be a row of the table (the caller's: `model::relpos` builds them for the table's grid).
     pub fn relpos_bias_gather<T: GemmType>(
         &self,
         bias: &mut dyn DevicePtrMut<f32>,
         table: &dyn DevicePtr<T>,
-        index: &RelPosIndex,
+        index: &dyn DevicePtr<i32>,
         heads: usize,
         accumulate: bool,
     ) -> Result<()> {
-        let tt = index.pairs();
+        let tt = index.len();
         ensure!(bias.len() == heads * tt, InvalidArgument, "relpos gather: bias holds {} elements", bias.len());
-        ensure!(table.len() == index.table_rows * heads, InvalidArgument, "relpos gather: table holds {}", table.len());
+        ensure!(heads > 0 && table.len() % heads == 0, InvalidArgument, "relpos gather: table holds {}", table.len());
         let args = [
             Arg::Ptr(self.addr_mut(bias)),
             Arg::Ptr(self.addr(table)),
-            Arg::Ptr(self.addr(&index.index)),
+            Arg::Ptr(self.addr(index)),
             Arg::I32(int("heads", heads)?),
             Arg::I32(int("pairs", tt)?),
             Arg::I32(accumulate as i32),
@@ -291,23 +249,22 @@ impl CudaDevice {
     }
 
     /// `dtable[m, h] += Σ_(p: index[p] = m) dbias[h, p]`, pairs in increasing order (the CPU's
-    /// `add_bias_backward`, bit for bit in f32).
+    /// `relpos_bias_backward`, bit for bit in f32). `dtable` is `[rows, heads]`.
     pub fn relpos_table_grad(
         &self,
         dtable: &mut dyn DevicePtrMut<f32>,
         dbias: &dyn DevicePtr<f32>,
-        index: &RelPosIndex,
+        index: &dyn DevicePtr<i32>,
         heads: usize,
     ) -> Result<()> {
-        let tt = index.pairs();
+        let tt = index.len();
         ensure!(dbias.len() == heads * tt, InvalidArgument, "relpos grad: dbias holds {} elements", dbias.len());
-        let rows = index.table_rows;
-        ensure!(dtable.len() == rows * heads, InvalidArgument, "relpos grad: dtable holds {}", dtable.len());
+        ensure!(heads > 0 && dtable.len() % heads == 0, InvalidArgument, "relpos grad: dtable holds {}", dtable.len());
+        let rows = dtable.len() / heads;
         let args = [
             Arg::Ptr(self.addr_mut(dtable)),
             Arg::Ptr(self.addr(dbias)),
-            Arg::Ptr(self.addr(&index.offsets)),
-            Arg::Ptr(self.addr(&index.pairs)),
+            Arg::Ptr(self.addr(index)),
             Arg::I32(int("heads", heads)?),
             Arg::I32(int("table rows", rows)?),
             Arg::I32(int("pairs", tt)?),

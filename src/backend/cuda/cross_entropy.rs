@@ -19,7 +19,7 @@ const SUM_THREADS: u32 = 256;
 impl CudaDevice {
     /// Overwrites `logits` (`[rows, vocab]`) with the gradient of the mean loss over the
     /// counted rows, `(softmax − target)·inv_rows` (0 on masked rows, label < 0), writes each
-    /// row's loss to `losses` (`[rows]`, 0 when masked) and their sum (f64) to `loss_sum[0]`.
+    /// row's loss to `losses` (`[rows]`, 0 when masked) and ADDS their sum (f64) to `loss_sum[0]`.
     /// `inv_rows` is 1 / (rows counted in the whole batch); `smoothing` is ε of
     /// `nn.CrossEntropyLoss(label_smoothing = ε)` (0 for MIM). Labels must be `< vocab`
     /// (a larger one gives a NaN loss).
@@ -40,10 +40,9 @@ impl CudaDevice {
         ensure!(losses.len() == rows, InvalidArgument, "cross_entropy: losses hold {}", losses.len());
         ensure!(loss_sum.len() == 1, InvalidArgument, "cross_entropy: loss_sum must hold one f64");
         ensure!((0.0..1.0).contains(&smoothing), InvalidArgument, "cross_entropy: smoothing {smoothing}");
-        let losses_p = self.addr_mut(losses);
         let args = [
             Arg::Ptr(self.addr_mut(logits)),
-            Arg::Ptr(losses_p),
+            Arg::Ptr(self.addr_mut(losses)),
             Arg::Ptr(self.addr(labels)),
             Arg::I32(int("rows", rows)?),
             Arg::I32(int("vocab", vocab)?),
@@ -53,7 +52,18 @@ impl CudaDevice {
         let name = by_type::<T>("beit_cross_entropy_forward_backward_f32", "beit_cross_entropy_forward_backward_bf16");
         // SAFETY: the kernel's signature; one block per row.
         unsafe { self.launch_kernel(FILE, name, config((rows, 1, 1), THREADS), &args)? };
-        let args = [Arg::Ptr(self.addr_mut(loss_sum)), Arg::Ptr(losses_p), Arg::I32(int("rows", rows)?)];
+        self.add_loss_sum(loss_sum, losses)
+    }
+
+    /// `loss_sum[0] += Σ losses` in f64, in a fixed order (the per-row losses of a fused loss).
+    pub(crate) fn add_loss_sum(
+        &self,
+        loss_sum: &mut dyn DevicePtrMut<f64>,
+        losses: &mut dyn DevicePtrMut<f32>,
+    ) -> Result<()> {
+        ensure!(loss_sum.len() == 1, InvalidArgument, "loss sum: loss_sum must hold one f64");
+        let rows = losses.len();
+        let args = [Arg::Ptr(self.addr_mut(loss_sum)), Arg::Ptr(self.addr_mut(losses)), Arg::I32(int("rows", rows)?)];
         // SAFETY: the kernel's signature; one block.
         unsafe { self.launch_kernel(FILE, "beit_cross_entropy_loss_sum", config((1, 1, 1), SUM_THREADS), &args) }
     }

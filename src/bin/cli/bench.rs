@@ -152,7 +152,7 @@ fn bench_pretrain(a: PretrainArgs) -> beit::Result<()> {
     use beit::train::trainer::{Trainer, TrainerOptions, WeightDecayOn};
     let PretrainArgs { model, config, batch_file, batch, masked, threads, iters, warmup, device, precision, json } = a;
     let ctx = Context::new(&ContextOptions { device: device.parse()?, threads, ..Default::default() })?;
-    let precision: beit::backend::cuda::pretrain::Precision = precision.parse()?;
+    let precision: beit::train::gpu_pretrain::Precision = precision.parse()?;
     let model = match model {
         Some(dir) => Model::load(&dir)?,
         None => Model::new_random(presets::config_from(&config)?, beit::Architecture::MaskedImageModeling, 0)?,

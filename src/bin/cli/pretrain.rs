@@ -134,10 +134,10 @@ pub fn pretrain(a: PretrainArgs) -> beit::Result<()> {
     resume::check_fresh_start(&checkpoint, a.resume, a.overwrite)?;
     let device: Device = a.device.parse()?;
     if let (Device::Cuda, Some(target)) = (device, a.target) {
-        beit::backend::cuda::pretrain::GpuPretrainer::check_target(target)?;
+        beit::train::gpu_pretrain::GpuPretrainer::check_target(target)?;
     }
     let ctx = Context::new(&ContextOptions { device, threads: a.threads, ..Default::default() })?;
-    let precision: beit::backend::cuda::pretrain::Precision = a.precision.parse()?;
+    let precision: beit::train::gpu_pretrain::Precision = a.precision.parse()?;
     let resuming = a.resume && checkpoint.is_file();
     let mut trainer = if resuming {
         let t = Trainer::from_checkpoint(&checkpoint)?;

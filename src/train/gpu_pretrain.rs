@@ -1,0 +1,393 @@
+//! The BEiT masked-image-modeling training step on the GPU: the one MIM pass
+//! (`Model::mim_pass`: embeddings, blocks, head and loss, forward and backward, written once over
+//! the `Backend` trait) run on the CUDA backend (`backend::cuda::CudaBackend`), with the
+//! parameters, gradients and AdamW around it on the device, on one stream.
+//!
+//! # What lives on the GPU
+//! - the parameters as fp32 master copies (one flat buffer laid out like the `ParamStore`), and
+//!   in bf16 mode a bf16 working copy of them that AdamW refreshes in its pass;
+//! - the gradients (fp32, same layout), the AdamW moments, the per-element lr scales;
+//! - one planned activation arena per batch size: `Model::training_plan` on the CUDA backend
+//!   (every view of the pass: inputs, indices, every block's activations, the statistics the
+//!   backward reads, the head's logits) plus the backend's scratch, allocated once.
+//!
+//! The pass uploads the batch (pixels, mask, masked rows and labels, drop path factors) and
+//! reads back the loss (8 bytes, one synchronisation between the head's forward and the
+//! backbone's backward); the optimizer step reads back the gradient norm (8 bytes) to refuse a
+//! non-finite step exactly as the CPU trainer does. Parameters and optimizer state are read back
+//! only on request ([`GpuPretrainer::download_params`], `download_optimizer`).
+//!
+//! # Precisions
+//! - [`Precision::F32`]: every tensor fp32 (cuBLASLt with fp32 compute, no TF32): the parity
+//!   mode, equal to the CPU pass to rounding (tests/cuda_pretrain.rs: 1e-5 of each gradient's
+//!   norm).
+//! - [`Precision::Bf16`]: activations, activation gradients and the working parameters are
+//!   bf16; GEMMs and attention read bf16 and accumulate in fp32; layer norms, softmax,
+//!   cross-entropy, the parameter gradients, the norm and AdamW are fp32.
+//!
+//! No atomics anywhere: two runs from the same state give the same bits.
+
+use std::sync::Arc;
+
+use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut};
+use half::bf16;
+
+use crate::backend::cuda::adamw::GpuAdamW;
+use crate::backend::cuda::device::driver_error;
+pub use crate::backend::cuda::ops::Precision;
+use crate::backend::cuda::{Act, CudaBackend, CudaDevice, CudaMemory, DeviceArena, DeviceParams, Scratch};
+use crate::backend::optimizer::AdamWConfig;
+use crate::error::{Error, Result};
+use crate::model::param_store::ParamStore;
+use crate::model::plan::ActivationPlan;
+use crate::model::{Architecture, HeadLists, MimBatch, MimTarget, Model};
+use crate::train::adamw::AdamW;
+
+/// What one GPU step did.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct GpuStepStats {
+    pub loss: f64,
+    /// Global gradient norm before clipping.
+    pub grad_norm: f64,
+}
+
+/// The optimizer settings the GPU step copies from the CPU trainer.
+pub struct OptimizerSetup<'a> {
+    pub config: AdamWConfig,
+    /// 1 where an element decays, 0 where not (`[params]`).
+    pub decay_mask: &'a [f32],
+    /// (offset, len) ranges that are trained.
+    pub trained: &'a [(usize, usize)],
+    /// Per-element lr scale (layer-wise decay), or none.
+    pub lr_scale: Option<&'a [f32]>,
+}
+
+/// The planned memory of one batch size.
+struct Pass<T: Act> {
+    batch: usize,
+    plan: ActivationPlan,
+    arena: DeviceArena<T>,
+    /// The norm pass's [Σg², ‖g‖].
+    norm: CudaSlice<f64>,
+}
+
+/// The typed step; [`GpuPretrainer`] picks the storage type.
+struct Step<T: Act> {
+    be: CudaBackend<T>,
+    /// The model's config, layout and parameter table (its values live on the device).
+    model: Model,
+    params: DeviceParams<T>,
+    grads: CudaSlice<f32>,
+    adamw: GpuAdamW,
+    lr_scale: Option<CudaSlice<f32>>,
+    pass: Option<Pass<T>>,
+    /// The head's masked rows and labels as the host lists them (reused).
+    rows: Vec<usize>,
+    labels: Vec<usize>,
+    /// The loss of the last pass.
+    loss: Option<f64>,
+}
+
+impl<T: Act> Drop for Step<T> {
+    fn drop(&mut self) {
+        // Before the buffers below go: a trainer may be dropped on a thread that never ran CUDA.
+        self.be.device().make_current();
+    }
+}
+
+enum Inner {
+    F32(Step<f32>),
+    Bf16(Step<bf16>),
+}
+
+/// The GPU pretraining step of one `BeitForMaskedImageModeling` model: parameters, gradients,
+/// optimizer state and activations on the GPU (see the module documentation).
+pub struct GpuPretrainer {
+    inner: Inner,
+    precision: Precision,
+}
+
+impl std::fmt::Debug for GpuPretrainer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GpuPretrainer").field("precision", &self.precision).finish()
+    }
+}
+
+macro_rules! dispatch {
+    ($self:expr, $s:ident => $body:expr) => {
+        match &$self.inner {
+            Inner::F32($s) => $body,
+            Inner::Bf16($s) => $body,
+        }
+    };
+    (mut $self:expr, $s:ident => $body:expr) => {
+        match &mut $self.inner {
+            Inner::F32($s) => $body,
+            Inner::Bf16($s) => $body,
+        }
+    };
+}
+
+impl GpuPretrainer {
+    /// Whether this step can train `target`: it predicts visual tokens only (the pixel target
+    /// runs on the CPU). Callers check before any work (no GPU needed to ask).
+    pub fn check_target(target: MimTarget) -> Result<()> {
+        ensure!(
+            target == MimTarget::VisualTokens,
+            Unsupported,
+            "the CUDA pretraining step supports the visual-token target only; the {target} target runs on the \
+             CPU (--device cpu)"
+        );
+        Ok(())
+    }
+
+    /// Uploads `model` (a MIM model at its configured image size) and fresh or given optimizer
+    /// state. Fails with `Unsupported` when CUDA is not usable or the model has a shape the
+    /// kernels do not cover (head dim other than 32/64).
+    pub fn new(model: &Model, precision: Precision, opt: OptimizerSetup<'_>) -> Result<Self> {
+        ensure!(
+            model.architecture() == Architecture::MaskedImageModeling,
+            InvalidArgument,
+            "the GPU pretraining step needs a BeitForMaskedImageModeling model; this one is {}",
+            model.architecture().hf_name()
+        );
+        let dev = CudaDevice::get()?;
+        let inner = match precision {
+            Precision::F32 => Inner::F32(Step::new(dev, model, opt)?),
+            Precision::Bf16 => Inner::Bf16(Step::new(dev, model, opt)?),
+        };
+        Ok(GpuPretrainer { inner, precision })
+    }
+
+    pub fn precision(&self) -> Precision {
+        self.precision
+    }
+
+    /// Queues the forward and backward of `batch` (checked by the caller with
+    /// `Model::check_mim_batch`); the gradients (zeroed first) stay on the device. `drop_path`
+    /// is the CPU pass's `[layers, 2, batch]` factors.
+    pub fn forward_backward(&mut self, batch: &MimBatch<'_>, drop_path: Option<&[f32]>) -> Result<()> {
+        dispatch!(mut self, s => s.forward_backward(batch, drop_path))
+    }
+
+    /// The loss of the last `forward_backward` (synchronises).
+    pub fn loss(&self) -> Result<f64> {
+        dispatch!(self, s => s.loss())
+    }
+
+    /// One optimizer step on the gradients of the last `forward_backward`: global norm,
+    /// clipping to `clip` (0: none), and AdamW at `lr`. Reads the loss and the norm back; when
+    /// either is not finite, nothing is updated and the error says why.
+    pub fn apply(&mut self, clip: f64, lr: f32) -> Result<GpuStepStats> {
+        dispatch!(mut self, s => s.apply(clip, lr))
+    }
+
+    /// `forward_backward` then `apply`.
+    pub fn step(
+        &mut self,
+        batch: &MimBatch<'_>,
+        drop_path: Option<&[f32]>,
+        clip: f64,
+        lr: f32,
+    ) -> Result<GpuStepStats> {
+        self.forward_backward(batch, drop_path)?;
+        self.apply(clip, lr)
+    }
+
+    /// The gradient buffer (laid out like the parameters).
+    pub fn download_grads(&self) -> Result<Vec<f32>> {
+        dispatch!(self, s => s.be.device().download(&s.grads))
+    }
+
+    /// The fp32 master parameters into `store` (same model config).
+    pub fn download_params(&self, store: &mut ParamStore) -> Result<()> {
+        dispatch!(self, s => {
+            ensure!(store.data.len() == s.params.len(), InvalidArgument, "download_params: another model");
+            let host = s.be.device().download(s.params.master())?;
+            store.data.copy_from_slice(&host);
+            Ok(())
+        })
+    }
+
+    /// The AdamW moments and step count into `opt`.
+    pub fn download_optimizer(&self, opt: &mut AdamW) -> Result<()> {
+        dispatch!(self, s => {
+            let dev = s.be.device();
+            opt.exp_avg = dev.download(&s.adamw.exp_avg)?;
+            opt.exp_avg_sq = dev.download(&s.adamw.exp_avg_sq)?;
+            opt.step = s.adamw.step;
+            Ok(())
+        })
+    }
+
+    /// Replaces the device state with `store` and `opt` (after a checkpoint load).
+    pub fn upload_state(&mut self, store: &ParamStore, opt: &AdamW) -> Result<()> {
+        dispatch!(mut self, s => s.upload_state(store, opt))
+    }
+
+    /// Sets the per-element lr scales (layer-wise decay) and the AdamW settings.
+    pub fn set_optimizer(&mut self, config: AdamWConfig, lr_scale: Option<&[f32]>) -> Result<()> {
+        dispatch!(mut self, s => {
+            s.adamw.config = config;
+            s.lr_scale = lr_scale.map(|l| s.be.device().upload(l)).transpose()?;
+            Ok(())
+        })
+    }
+
+    /// Device bytes held by the activation arena (0 before the first batch).
+    pub fn arena_bytes(&self) -> usize {
+        dispatch!(self, s => s.pass.as_ref().map_or(0, |p| p.arena.bytes()))
+    }
+}
+
+impl<T: Act> Step<T> {
+    fn new(dev: Arc<CudaDevice>, model: &Model, opt: OptimizerSetup<'_>) -> Result<Self> {
+        let c = model.config();
+        let heads = c.num_attention_heads;
+        ensure!(
+            matches!(c.hidden_size / heads, 32 | 64) && c.hidden_size.is_multiple_of(heads),
+            Unsupported,
+            "the GPU step's fused attention has kernels for head dims 32 and 64; this model's is {}",
+            c.hidden_size as f64 / heads as f64
+        );
+        let store = model.params();
+        let params = DeviceParams::upload(&dev, &store.data)?;
+        let grads = dev.zeros(store.data.len())?;
+        ensure!(opt.decay_mask.len() == store.data.len(), InvalidArgument, "decay mask length");
+        let adamw = GpuAdamW::new(&dev, opt.config, opt.decay_mask, opt.trained)?;
+        let lr_scale = opt.lr_scale.map(|l| dev.upload(l)).transpose()?;
+        Ok(Step {
+            be: CudaBackend::new(dev),
+            model: model.without_values(),
+            params,
+            grads,
+            adamw,
+            lr_scale,
+            pass: None,
+            rows: Vec::new(),
+            labels: Vec::new(),
+            loss: None,
+        })
+    }
+
+    /// The pass's memory for `b` images (planned again only when the batch size changes).
+    fn plan(&mut self, b: usize) -> Result<()> {
+        if self.pass.as_ref().is_some_and(|p| p.batch == b) {
+            return Ok(());
+        }
+        self.pass = None; // free the old arena first
+        let c = self.model.config();
+        let (height, width) = c.image_size.hw();
+        let (plan, planner) = self.model.training_plan(&self.be, b, height, width);
+        let (d, inter, vocab) = (c.hidden_size, c.intermediate_size, c.vocab_size);
+        let patches = b * (plan.tokens - 1);
+        let rows = b * plan.tokens;
+        // The MIM head projects a block of masked rows at a time (the plan's logits).
+        let head_rows = plan.logits.len() / vocab;
+        let scratch = Scratch::default()
+            .linear_backward(rows, 3 * d)
+            .linear_backward(rows, inter)
+            .linear_backward(rows, d)
+            .linear_backward(head_rows, vocab)
+            .linear_backward(patches, d)
+            .layer_norm_backward(rows.max(patches), d)
+            .residual_backward(rows, d)
+            .loss(head_rows);
+        let dev = self.be.device();
+        let arena = DeviceArena::new(dev, &planner, scratch)?;
+        self.pass = Some(Pass { batch: b, plan, arena, norm: dev.zeros(2)? });
+        Ok(())
+    }
+
+    fn forward_backward(&mut self, batch: &MimBatch<'_>, drop_path: Option<&[f32]>) -> Result<()> {
+        let c = self.model.config();
+        let (channels, (height, width), layers) = (c.num_channels, c.image_size.hw(), c.num_hidden_layers);
+        let grid = c.native_grid();
+        let n = grid.0 * grid.1;
+        let b = batch.batch;
+        ensure!(b > 0, InvalidArgument, "empty batch");
+        ensure!(
+            batch.channels == channels && batch.height == height && batch.width == width,
+            InvalidArgument,
+            "the GPU step runs at {channels}x{height}x{width}; this batch is {}x{}x{}",
+            batch.channels,
+            batch.height,
+            batch.width
+        );
+        ensure!(
+            batch.pixels.len() == b * channels * height * width
+                && batch.bool_masked_pos.len() == b * n
+                && batch.labels.len() == b * n,
+            InvalidArgument,
+            "batch buffers do not match [batch {b}] images of {n} patches"
+        );
+        if let Some(f) = drop_path {
+            ensure!(f.len() == layers * 2 * b, InvalidArgument, "drop path factors hold {}", f.len());
+        }
+        let masked = batch.masked_count();
+        ensure!(masked > 0, InvalidArgument, "bool_masked_pos masks no patch: the MIM loss is undefined");
+        self.loss = None;
+        self.plan(b)?;
+        let Step { be, model, params, grads, pass, rows, labels, .. } = self;
+        let pass = pass.as_mut().expect("planned");
+        be.device().stream().memset_zeros(grads).map_err(|e| driver_error("memset", e))?;
+        let mut mem = CudaMemory::new(be.device(), &mut pass.arena, params, grads)?;
+        let host = HeadLists { rows, labels };
+        let target = MimTarget::VisualTokens;
+        let sum = model.mim_pass(be, &mut mem, &pass.plan, batch, target, drop_path, masked, host)?;
+        self.loss = Some(sum / masked as f64);
+        Ok(())
+    }
+
+    fn loss(&self) -> Result<f64> {
+        self.loss.ok_or_else(|| Error::InvalidArgument("no pass has run".into()))
+    }
+
+    fn apply(&mut self, clip: f64, lr: f32) -> Result<GpuStepStats> {
+        let loss = self.loss()?;
+        let Step { be, params, grads, adamw, lr_scale, pass, .. } = self;
+        let dev = be.device();
+        let p = pass.as_mut().expect("a pass ran");
+        if clip > 0.0 {
+            dev.clip_grad_norm(grads, clip, &mut p.norm)?;
+        } else {
+            dev.global_norm_into(&*grads, &mut p.norm)?;
+        }
+        let grad_norm = dev.download(&p.norm)?[1];
+        ensure!(loss.is_finite(), Numerical, "the loss is {loss}; the step was not applied");
+        ensure!(grad_norm.is_finite(), Numerical, "the gradient norm is {grad_norm}; the step was not applied");
+        let (master, work) = params.master_and_work();
+        adamw.step(
+            dev,
+            master,
+            &*grads,
+            lr,
+            lr_scale.as_ref().map(|s| s as &dyn DevicePtr<f32>),
+            work.map(|w| w as &mut dyn DevicePtrMut<bf16>),
+        )?;
+        Ok(GpuStepStats { loss, grad_norm })
+    }
+
+    fn upload_state(&mut self, store: &ParamStore, opt: &AdamW) -> Result<()> {
+        let dev = self.be.device().clone();
+        ensure!(store.data.len() == self.params.len(), InvalidArgument, "upload_state: another model");
+        self.params.set(&dev, &store.data)?;
+        dev.upload_into(&opt.exp_avg, &mut self.adamw.exp_avg)?;
+        dev.upload_into(&opt.exp_avg_sq, &mut self.adamw.exp_avg_sq)?;
+        self.adamw.step = opt.step;
+        self.adamw.config = opt.config;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn precision_parses() {
+        assert_eq!("bf16".parse::<Precision>().unwrap(), Precision::Bf16);
+        assert_eq!("fp32".parse::<Precision>().unwrap(), Precision::F32);
+        assert!("fp16".parse::<Precision>().is_err());
+    }
+}

@@ -5,9 +5,11 @@
 
 pub mod cpu;
 pub mod cuda;
+pub mod image_ops;
 pub mod memory;
 pub mod ops;
 pub mod optimizer;
 pub mod shapes;
 
+pub use image_ops::ImageOps;
 pub use ops::Backend;

@@ -112,6 +112,29 @@ pub struct BnShape {
     pub plane: usize,
 }
 
+/// A resampling of `planes` independent planes from `in_h x in_w` to `out_h x out_w` (bilinear
+/// resize, adaptive average pooling).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ResizeShape {
+    pub planes: usize,
+    pub in_h: usize,
+    pub in_w: usize,
+    pub out_h: usize,
+    pub out_w: usize,
+}
+
+impl ResizeShape {
+    /// Elements of the input.
+    pub fn in_len(&self) -> usize {
+        self.planes * self.in_h * self.in_w
+    }
+
+    /// Elements of the output.
+    pub fn out_len(&self) -> usize {
+        self.planes * self.out_h * self.out_w
+    }
+}
+
 /// Sizes of one attention call.
 #[derive(Clone, Copy, Debug)]
 pub struct AttentionShape {

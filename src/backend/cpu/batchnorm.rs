@@ -73,6 +73,24 @@ pub fn batchnorm_train_forward(
     beta: &[f32],
     eps: f32,
 ) -> BnBatchStats {
+    let c = shape.channels;
+    let mut saved = vec![0.0; 3 * c];
+    batchnorm_train_forward_saving(shape, x, out, gamma, beta, eps, &mut saved);
+    BnBatchStats { mean: saved[..c].to_vec(), invstd: saved[c..2 * c].to_vec(), var_unbiased: saved[2 * c..].to_vec() }
+}
+
+/// [`batchnorm_train_forward`] keeping the statistics in `saved` (`[3, channels]`: mean, 1/std,
+/// unbiased variance) instead of returning them.
+pub fn batchnorm_train_forward_saving(
+    shape: BnShape,
+    x: &[f32],
+    out: &mut [f32],
+    gamma: &[f32],
+    beta: &[f32],
+    eps: f32,
+    saved: &mut [f32],
+) {
+    assert_eq!(saved.len(), 3 * shape.channels, "batchnorm_train_forward: saved length");
     assert_eq!(x.len(), shape.len(), "batchnorm_train_forward: x length");
     assert_eq!(out.len(), x.len(), "batchnorm_train_forward: out length");
     let n = shape.batch * shape.plane;
@@ -107,20 +125,30 @@ pub fn batchnorm_train_forward(
             }
         }
     });
-    BnBatchStats {
-        mean: stats.iter().map(|s| s.0).collect(),
-        invstd: stats.iter().map(|s| s.1).collect(),
-        var_unbiased: stats.iter().map(|s| s.2).collect(),
+    let c = shape.channels;
+    for (i, s) in stats.iter().enumerate() {
+        (saved[i], saved[c + i], saved[2 * c + i]) = *s;
     }
 }
 
 /// PyTorch's running update: `r = (1 − momentum)·r + momentum·batch` for the mean and the
 /// unbiased variance.
 pub fn update_running_stats(running_mean: &mut [f32], running_var: &mut [f32], stats: &BnBatchStats, momentum: f32) {
-    for (r, &m) in running_mean.iter_mut().zip(&stats.mean) {
+    update_running_stats_from(running_mean, running_var, &stats.mean, &stats.var_unbiased, momentum);
+}
+
+/// [`update_running_stats`] from the batch mean and unbiased variance.
+pub fn update_running_stats_from(
+    running_mean: &mut [f32],
+    running_var: &mut [f32],
+    mean: &[f32],
+    var_unbiased: &[f32],
+    momentum: f32,
+) {
+    for (r, &m) in running_mean.iter_mut().zip(mean) {
         *r = (1.0 - momentum) * *r + momentum * m;
     }
-    for (r, &v) in running_var.iter_mut().zip(&stats.var_unbiased) {
+    for (r, &v) in running_var.iter_mut().zip(var_unbiased) {
         *r = (1.0 - momentum) * *r + momentum * v;
     }
 }
@@ -139,6 +167,22 @@ pub fn batchnorm_train_backward(
     dgamma: &mut [f32],
     dbeta: &mut [f32],
 ) {
+    batchnorm_train_backward_from(shape, x, dy, gamma, &stats.mean, &stats.invstd, dx, dgamma, dbeta);
+}
+
+/// [`batchnorm_train_backward`] from the forward's batch mean and 1/std.
+#[allow(clippy::too_many_arguments)]
+pub fn batchnorm_train_backward_from(
+    shape: BnShape,
+    x: &[f32],
+    dy: &[f32],
+    gamma: &[f32],
+    mean: &[f32],
+    invstd: &[f32],
+    dx: &mut [f32],
+    dgamma: &mut [f32],
+    dbeta: &mut [f32],
+) {
     assert_eq!(x.len(), shape.len(), "batchnorm_train_backward: x length");
     assert_eq!(dy.len(), x.len(), "batchnorm_train_backward: dy length");
     assert_eq!(dx.len(), x.len(), "batchnorm_train_backward: dx length");
@@ -146,7 +190,7 @@ pub fn batchnorm_train_backward(
     let sums: Vec<(f64, f64)> = (0..shape.channels)
         .into_par_iter()
         .map(|c| {
-            let (mean, invstd) = (stats.mean[c] as f64, stats.invstd[c] as f64);
+            let (mean, invstd) = (mean[c] as f64, invstd[c] as f64);
             let (mut sdy, mut sdyx) = (0.0f64, 0.0f64);
             for r in shape.runs(c) {
                 for (&g, &v) in dy[r.clone()].iter().zip(&x[r]) {
@@ -163,7 +207,7 @@ pub fn batchnorm_train_backward(
     }
     let ptr = SendPtr(dx.as_mut_ptr());
     (0..shape.channels).into_par_iter().for_each(|c| {
-        let (mean, invstd) = (stats.mean[c], stats.invstd[c]);
+        let (mean, invstd) = (mean[c], invstd[c]);
         let (mdy, mdyx) = ((sums[c].0 / n) as f32, (sums[c].1 / n) as f32);
         let k = gamma[c] * invstd;
         let ptr = ptr;

@@ -12,11 +12,13 @@ pub mod cross_entropy;
 pub mod cross_entropy_smoothed;
 pub mod elementwise;
 pub mod gemm;
+pub mod image_ops;
 pub mod interp;
 pub mod layernorm;
 pub mod math;
 pub mod mean_squared_error;
 pub mod ops;
+pub mod pixel_cross_entropy;
 pub mod pool;
 
 /// A raw pointer that may cross into rayon tasks. Used only where tasks write provably disjoint

@@ -2,14 +2,85 @@
 //! label map's size, then per-pixel cross-entropy averaged over the pixels whose label is not
 //! the ignore index (`F.cross_entropy(..., ignore_index=..., reduction="mean")`).
 
-use rayon::prelude::*;
+use crate::backend::image_ops::ImageOps;
+use crate::backend::memory::{Arena, HostMemory, Planner, View};
+use crate::backend::shapes::ResizeShape;
+use crate::backend::Backend;
+use crate::context::host_backend;
+use crate::error::Result;
 
-use crate::backend::cpu::interp::{bilinear_backward, bilinear_forward};
+/// `labels` as the pixel loss reads them (an `Index` view): the class id, or `k` for a pixel
+/// labelled `ignore`; and the number of pixels that count. A label outside `0..k` other than
+/// `ignore` is a caller error (checked before).
+pub(crate) fn loss_labels(labels: &[i64], k: usize, ignore: i64) -> (Vec<usize>, usize) {
+    let mut counted = 0;
+    let ids = labels
+        .iter()
+        .map(|&l| {
+            if l == ignore {
+                k
+            } else {
+                assert!((0..k as i64).contains(&l), "label {l} outside [0, {k})");
+                counted += 1;
+                l as usize
+            }
+        })
+        .collect();
+    (ids, counted)
+}
+
+/// HF's loss of one logits map over planned views: `logits` `[b, k, h, w]` upsampled into `up`
+/// (`[b, k, lh, lw]`), mean cross-entropy over the `counted` pixels whose `labels` (`Index`, see
+/// [`loss_labels`]) count. Returns the loss and writes d loss / d logits into `dlogits`. With no
+/// labelled pixel at all the loss is 0 with a zero gradient (PyTorch would return NaN). Takes
+/// the memory's loss ([`Backend::take_loss`]), which must hold nothing else.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn segmentation_loss_pass<B: ImageOps>(
+    be: &B,
+    m: &mut B::Memory<'_>,
+    logits: View,
+    dlogits: View,
+    up: View,
+    labels: View,
+    counted: usize,
+    (b, k): (usize, usize),
+    (h, w): (usize, usize),
+    (lh, lw): (usize, usize),
+) -> Result<f64> {
+    let shape = ResizeShape { planes: b * k, in_h: h, in_w: w, out_h: lh, out_w: lw };
+    if counted == 0 {
+        be.fill_zero(m, dlogits)?;
+        return Ok(0.0);
+    }
+    be.bilinear_resize(m, up, logits, shape)?;
+    be.pixel_cross_entropy(m, up, labels, k, lh * lw, 1.0 / counted as f32)?;
+    let sum = be.take_loss(m)?;
+    be.bilinear_resize_backward(m, dlogits, up, shape)?;
+    Ok(sum / counted as f64)
+}
+
+/// Views of one host loss computation.
+struct HostLoss {
+    arena: Arena,
+    logits: View,
+    dlogits: View,
+    up: View,
+    labels: View,
+}
+
+impl HostLoss {
+    fn new(logits: usize, up: usize, labels: usize) -> Self {
+        let mut plan = Planner::shared();
+        let (logits, dlogits, up, labels) = (plan.act(logits), plan.act(logits), plan.act(up), plan.index(labels));
+        let arena = Arena::new(&plan).expect("the memory of a host loss");
+        HostLoss { arena, logits, dlogits, up, labels }
+    }
+}
 
 /// Cross-entropy of NCHW `logits` (`[b, k, plane]`) against `labels` (`[b, plane]`), pixels
-/// labelled `ignore` skipped. Returns (sum of the per-pixel losses, pixels counted) and writes
-/// d(sum)/d(logits) into `dlogits` (0 for ignored pixels). A label outside `0..k` other than
-/// `ignore` is a caller error (checked before).
+/// labelled `ignore` skipped, on the host backend. Returns (sum of the per-pixel losses, pixels
+/// counted) and writes d(sum)/d(logits) into `dlogits` (0 for ignored pixels). A label outside
+/// `0..k` other than `ignore` is a caller error (checked before).
 pub fn pixel_cross_entropy_sum(
     logits: &[f32],
     labels: &[i64],
@@ -22,38 +93,23 @@ pub fn pixel_cross_entropy_sum(
     assert_eq!(logits.len(), b * k * plane);
     assert_eq!(labels.len(), b * plane);
     assert_eq!(dlogits.len(), logits.len());
-    let per_image: Vec<(f64, usize)> = dlogits
-        .par_chunks_mut(k * plane)
-        .zip(logits.par_chunks(k * plane))
-        .zip(labels.par_chunks(plane))
-        .map(|((dl, lg), lab)| {
-            let (mut sum, mut count) = (0.0f64, 0usize);
-            for (px, &label) in lab.iter().enumerate() {
-                if label == ignore {
-                    for c in 0..k {
-                        dl[c * plane + px] = 0.0;
-                    }
-                    continue;
-                }
-                let max = (0..k).map(|c| lg[c * plane + px]).fold(f32::NEG_INFINITY, f32::max);
-                let z: f64 = (0..k).map(|c| ((lg[c * plane + px] - max) as f64).exp()).sum();
-                let y = label as usize;
-                sum += z.ln() - (lg[y * plane + px] - max) as f64;
-                count += 1;
-                for c in 0..k {
-                    let prob = ((lg[c * plane + px] - max) as f64).exp() / z;
-                    dl[c * plane + px] = (prob - (c == y) as u8 as f64) as f32;
-                }
-            }
-            (sum, count)
-        })
-        .collect();
-    per_image.iter().fold((0.0, 0), |(s, n), &(a, c)| (s + a, n + c))
+    let (ids, counted) = loss_labels(labels, k, ignore);
+    let mut host = HostLoss::new(logits.len(), 0, ids.len());
+    let be = host_backend();
+    let mut m = HostMemory::new(&mut host.arena, &[], &mut []);
+    let mut run = |m: &mut HostMemory<'_>| -> Result<f64> {
+        be.upload(m, host.logits, logits)?;
+        be.upload_indices(m, host.labels, &ids)?;
+        be.pixel_cross_entropy(m, host.logits, host.labels, k, plane, 1.0)?;
+        be.download(m, host.logits, dlogits)?;
+        be.take_loss(m)
+    };
+    (run(&mut m).expect("host ops"), counted)
 }
 
-/// HF's loss of one logits map: upsample `[b, k, h, w]` to the labels' `[b, lh, lw]`, mean
-/// cross-entropy over non-ignored pixels. Returns (loss, d loss / d logits at `h x w`). With
-/// no labelled pixel at all the loss is 0 with a zero gradient (PyTorch would return NaN).
+/// HF's loss of one logits map on the host backend: upsample `[b, k, h, w]` to the labels'
+/// `[b, lh, lw]`, mean cross-entropy over non-ignored pixels. Returns (loss, d loss / d logits
+/// at `h x w`); see [`segmentation_loss_pass`].
 #[allow(clippy::too_many_arguments)]
 pub fn segmentation_loss(
     logits: &[f32],
@@ -64,20 +120,31 @@ pub fn segmentation_loss(
     label_hw: (usize, usize),
     ignore: i64,
 ) -> (f64, Vec<f32>) {
-    let (h, w) = hw;
-    let (lh, lw) = label_hw;
-    let mut up = vec![0.0f32; b * k * lh * lw];
-    bilinear_forward(b * k, h, w, lh, lw, logits, &mut up);
-    let mut dup = vec![0.0f32; up.len()];
-    let (sum, count) = pixel_cross_entropy_sum(&up, labels, b, k, lh * lw, ignore, &mut dup);
+    let (ids, counted) = loss_labels(labels, k, ignore);
+    let mut host = HostLoss::new(logits.len(), b * k * label_hw.0 * label_hw.1, ids.len());
+    let be = host_backend();
+    let mut m = HostMemory::new(&mut host.arena, &[], &mut []);
     let mut dlogits = vec![0.0f32; logits.len()];
-    if count == 0 {
-        return (0.0, dlogits);
-    }
-    let inv = 1.0 / count as f32;
-    dup.iter_mut().for_each(|v| *v *= inv);
-    bilinear_backward(b * k, h, w, lh, lw, &dup, &mut dlogits);
-    (sum / count as f64, dlogits)
+    let mut run = |m: &mut HostMemory<'_>| -> Result<f64> {
+        be.upload(m, host.logits, logits)?;
+        be.upload_indices(m, host.labels, &ids)?;
+        let loss = segmentation_loss_pass(
+            &be,
+            m,
+            host.logits,
+            host.dlogits,
+            host.up,
+            host.labels,
+            counted,
+            (b, k),
+            hw,
+            label_hw,
+        )?;
+        be.download(m, host.dlogits, &mut dlogits)?;
+        Ok(loss)
+    };
+    let loss = run(&mut m).expect("host ops");
+    (loss, dlogits)
 }
 
 #[cfg(test)]

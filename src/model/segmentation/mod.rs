@@ -11,8 +11,10 @@ pub mod layout;
 pub mod loss;
 pub mod metrics;
 
-use crate::backend::cpu::batchnorm::update_running_stats;
-use crate::backend::cpu::layernorm::layernorm;
+use crate::backend::image_ops::ImageOps;
+use crate::backend::memory::{Arena, HostMemory, Planner, View};
+use crate::backend::Backend;
+use crate::context::host_backend;
 use crate::error::Result;
 use crate::resources::{Bytes, Need};
 use crate::tensor::checked_numel;
@@ -21,7 +23,7 @@ use super::forward::{OutputBuffers, PIECES_HINT};
 use super::params::HeadParams;
 use super::training::{DropPath, TrainWorkspace};
 use super::{Architecture, BeitConfig, ImageBatch, Model};
-use head::{head_backward, head_forward, BnMode, BnRecord};
+use head::{head_backward, head_forward, BnMode, BnRecord, HeadPlan};
 use layout::SegmentationHead;
 
 /// PyTorch BatchNorm2d's default momentum for the running statistics.
@@ -87,36 +89,39 @@ pub struct SegStep {
     pub batchnorm: Vec<BnRecord>,
 }
 
-/// `[b, tokens, d]` hidden states (CLS first) → `[b, d, gh, gw]` maps.
-fn tokens_to_maps(h: &[f32], b: usize, grid: (usize, usize), d: usize) -> Vec<f32> {
-    let n = grid.0 * grid.1;
+/// `[b, tokens, d]` hidden states (CLS first) in `hidden` → `[b, d, gh, gw]` maps in `maps`.
+fn tokens_to_maps<B: ImageOps>(
+    be: &B,
+    m: &mut B::Memory<'_>,
+    maps: View,
+    hidden: View,
+    b: usize,
+    n: usize,
+    d: usize,
+) -> Result<()> {
     let t = n + 1;
-    let mut out = vec![0.0; b * d * n];
     for img in 0..b {
-        for p in 0..n {
-            let row = &h[(img * t + 1 + p) * d..(img * t + 2 + p) * d];
-            for (c, &v) in row.iter().enumerate() {
-                out[(img * d + c) * n + p] = v;
-            }
-        }
+        be.transpose(m, maps.sub(img * d * n, d * n), hidden.sub((img * t + 1) * d, n * d), 1, n, d)?;
     }
-    out
+    Ok(())
 }
 
 /// Inverse of [`tokens_to_maps`] for gradients (the CLS row gets none).
-fn maps_to_tokens(m: &[f32], b: usize, grid: (usize, usize), d: usize) -> Vec<f32> {
-    let n = grid.0 * grid.1;
+fn maps_to_tokens<B: ImageOps>(
+    be: &B,
+    m: &mut B::Memory<'_>,
+    hidden: View,
+    maps: View,
+    b: usize,
+    n: usize,
+    d: usize,
+) -> Result<()> {
     let t = n + 1;
-    let mut out = vec![0.0; b * t * d];
+    be.fill_zero(m, hidden)?;
     for img in 0..b {
-        for p in 0..n {
-            let row = &mut out[(img * t + 1 + p) * d..(img * t + 2 + p) * d];
-            for (c, v) in row.iter_mut().enumerate() {
-                *v = m[(img * d + c) * n + p];
-            }
-        }
+        be.transpose(m, hidden.sub((img * t + 1) * d, n * d), maps.sub(img * d * n, d * n), 1, d, n)?;
     }
-    out
+    Ok(())
 }
 
 impl Model {
@@ -167,19 +172,31 @@ impl Model {
         wanted.push(layers);
         self.check_segmentation_need(b, input.height, input.width, false)?;
         let hidden = self.hidden_states(input, &wanted)?;
+        let n = grid.0 * grid.1;
+        let mut plan = Planner::shared();
+        let head_plan = HeadPlan::new(&mut plan, head, b, grid, BnMode::Eval);
+        let tokens = plan.act(hidden[4].len());
+        let normed = plan.act(if out.last_hidden_state.is_some() { hidden[4].len() } else { 0 });
+        let mut arena = Arena::new(&plan)?;
+        let be = host_backend();
+        let mut m = HostMemory::new(&mut arena, &self.params.data, &mut []);
         if let Some(dst) = out.last_hidden_state {
             match &self.layout.final_layernorm {
                 Some(ln) => {
-                    let p = &self.params;
-                    layernorm(dst, &hidden[4], p.get(ln.weight), p.get(ln.bias), d, self.config.layer_norm_eps as f32)
+                    be.upload(&mut m, tokens, &hidden[4])?;
+                    be.layer_norm(&mut m, tokens, d, self.norm(*ln, normed))?;
+                    be.download(&mut m, normed, dst)?;
                 }
                 None => dst.copy_from_slice(&hidden[4]),
             }
         }
         if let Some(dst) = out.logits {
-            let feats = std::array::from_fn(|i| tokens_to_maps(&hidden[i], b, grid, d));
-            let (o, _) = head_forward(&self.params, head, feats, b, grid, BnMode::Eval);
-            dst.copy_from_slice(&o.logits);
+            for (h, maps) in hidden.iter().zip(head_plan.feats()) {
+                be.upload(&mut m, tokens, h)?;
+                tokens_to_maps(&be, &mut m, maps, tokens, b, n, d)?;
+            }
+            head_forward(&be, &mut m, &self.params, head, &head_plan)?;
+            be.download(&mut m, head_plan.logits, dst)?;
         }
         Ok(())
     }
@@ -244,38 +261,73 @@ impl Model {
         let images = batch.images();
         self.check_segmentation_need(b, batch.height, batch.width, true)?;
         let hidden = self.backbone_train_forward(ws, &images, drop_path, &levels)?;
-        let feats = std::array::from_fn(|i| tokens_to_maps(&hidden[i], b, grid, d));
-        drop(hidden);
-        let (out, tape) = head_forward(&self.params, head, feats, b, grid, BnMode::Train);
-
-        let k = head.num_labels;
+        let (k, n) = (head.num_labels, grid.0 * grid.1);
         let ignore = self.config.semantic_loss_ignore_index();
         let label_hw = (batch.height, batch.width);
-        let (mut loss, dlogits) =
-            loss::segmentation_loss(&out.logits, b, k, out.logits_hw, batch.labels, label_hw, ignore);
-        let daux = out.aux_logits.as_ref().map(|aux| {
+        let (labels, counted) = loss::loss_labels(batch.labels, k, ignore);
+        let mut plan = Planner::shared();
+        let head_plan = HeadPlan::new(&mut plan, head, b, grid, BnMode::Train);
+        let tokens = plan.act(hidden[0].len());
+        let up = plan.act(b * k * label_hw.0 * label_hw.1);
+        let labels_v = plan.index(labels.len());
+        let mut arena = Arena::new(&plan)?;
+        let be = host_backend();
+        let mut m = HostMemory::new(&mut arena, &self.params.data, grads);
+        for (h, maps) in hidden.iter().zip(head_plan.feats()) {
+            be.upload(&mut m, tokens, h)?;
+            tokens_to_maps(&be, &mut m, maps, tokens, b, n, d)?;
+        }
+        drop(hidden);
+        head_forward(&be, &mut m, &self.params, head, &head_plan)?;
+
+        be.upload_indices(&mut m, labels_v, &labels)?;
+        let (dlogits, daux) = head_plan.logit_grads();
+        let (logits_hw, aux_hw) = head_plan.logits_hw();
+        let pass = |m: &mut HostMemory<'_>, logits: View, dlogits: View, hw: (usize, usize)| {
+            loss::segmentation_loss_pass(&be, m, logits, dlogits, up, labels_v, counted, (b, k), hw, label_hw)
+        };
+        let mut loss = pass(&mut m, head_plan.logits, dlogits, logits_hw)?;
+        if let Some(aux) = head_plan.aux_logits() {
             let weight = self.config.auxiliary_loss_weight();
-            let (l, mut g) = loss::segmentation_loss(aux, b, k, out.aux_hw, batch.labels, label_hw, ignore);
-            loss += weight * l;
-            g.iter_mut().for_each(|v| *v *= weight as f32);
-            g
-        });
-        let dfeats = head_backward(&self.params, head, &tape, &dlogits, daux.as_deref(), grads);
-        let hidden_grads: Vec<Vec<f32>> = dfeats.iter().map(|g| maps_to_tokens(g, b, grid, d)).collect();
+            loss += weight * pass(&mut m, aux, daux, aux_hw)?;
+            be.scale(&mut m, daux, weight as f32)?;
+        }
+        head_backward(&be, &mut m, &self.params, head, &head_plan)?;
+        let mut hidden_grads = Vec::with_capacity(4);
+        for maps in head_plan.feat_grads() {
+            maps_to_tokens(&be, &mut m, tokens, maps, b, n, d)?;
+            let mut g = vec![0.0; tokens.len()];
+            be.download(&mut m, tokens, &mut g)?;
+            hidden_grads.push(g);
+        }
+        let batchnorm = head_plan.bn_records(&be, &mut m, head)?;
+        drop(arena);
         self.backbone_train_backward(ws, &images, drop_path, &levels, &hidden_grads, grads)?;
-        Ok(SegStep { loss, batchnorm: tape.bn_records(head) })
+        Ok(SegStep { loss, batchnorm })
     }
 
     /// PyTorch's running-statistics update of every BatchNorm after a training pass
     /// (`momentum` 0.1 by default) and `num_batches_tracked += 1`.
     pub fn apply_batchnorm_statistics(&mut self, records: &[BnRecord], momentum: f32) {
-        for r in records {
-            let (m, v, n) = (r.bn.running_mean, r.bn.running_var, r.bn.num_batches_tracked);
-            let mut mean = self.params.get(m).to_vec();
-            let mut var = self.params.get(v).to_vec();
-            update_running_stats(&mut mean, &mut var, &r.stats, momentum);
-            self.params.get_mut(m).copy_from_slice(&mean);
-            self.params.get_mut(v).copy_from_slice(&var);
+        let mut plan = Planner::shared();
+        let views: Vec<[View; 3]> = records
+            .iter()
+            .map(|r| [plan.stat(r.bn.channels), plan.stat(r.bn.channels), plan.stat(r.stats.len())])
+            .collect();
+        let mut arena = Arena::new(&plan).expect("the memory of the BatchNorm statistics");
+        let be = host_backend();
+        let mut m = HostMemory::new(&mut arena, &[], &mut []);
+        for (r, &[mean, var, stats]) in records.iter().zip(&views) {
+            let (rm, rv, n) = (r.bn.running_mean, r.bn.running_var, r.bn.num_batches_tracked);
+            let mut update = || -> Result<()> {
+                be.upload(&mut m, mean, self.params.get(rm))?;
+                be.upload(&mut m, var, self.params.get(rv))?;
+                be.upload(&mut m, stats, &r.stats)?;
+                be.batch_norm_update_running(&mut m, mean, var, stats, momentum)?;
+                be.download(&mut m, mean, self.params.get_mut(rm))?;
+                be.download(&mut m, var, self.params.get_mut(rv))
+            };
+            update().expect("host ops");
             self.params.get_mut(n)[0] += 1.0;
         }
     }

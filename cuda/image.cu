@@ -365,3 +365,11 @@ extern "C" __global__ void beit_image_pixel_cross_entropy(float* logits, const i
         __syncthreads();
     }
 }
+
+// acc[0] += Σ parts[i], in order (one thread: the parts are a batch's per-image sums).
+extern "C" __global__ void beit_image_add_sum_f64(double* acc, const double* parts, int n) {
+    if (blockIdx.x != 0 || threadIdx.x != 0) return;
+    double s = acc[0];
+    for (int i = 0; i < n; ++i) s += parts[i];
+    acc[0] = s;
+}

@@ -281,3 +281,271 @@ fn scale_transpose_and_pixel_cross_entropy_equal_the_cpu() {
     assert!((sum - want_sum).abs() <= 1e-12 * want_sum.abs(), "loss sum {sum} on the GPU, {want_sum} on the CPU");
     assert_bits(&d.download(&glogits).unwrap(), &want_grad, "pixel cross-entropy gradient");
 }
+
+// ---------------------------------------------------------------------------------------------
+// The same ops through the `ImageOps` trait on both backends: one small convolutional pass
+// (convolution, batch norm in both modes, ReLU, GELU, max pooling, transposed convolution,
+// bilinear resize, adaptive pooling, scale, scaled add, transpose, the pixel loss) and its
+// backward, planned once per backend and run by the same generic code.
+
+use beit::backend::cpu::ops::Cpu;
+use beit::backend::cuda::{CudaBackend, CudaMemory, DeviceArena, DeviceParams, Scratch};
+use beit::backend::image_ops::{batch_norm_saved_len, BatchNorm, ImageOps};
+use beit::backend::memory::{Arena, HostMemory, Planner, Space, View};
+use beit::backend::shapes::{Conv2dShape, ResizeShape};
+use beit::backend::Backend;
+
+const B: usize = 2;
+const CIN: usize = 3;
+const C: usize = 4;
+const CT: usize = 2;
+const H: usize = 8;
+
+/// Parameter layout (flat, `Param` and `Grad` spaces alike).
+struct Params {
+    w: View,
+    b: View,
+    wt: View,
+    bt: View,
+    gamma: View,
+    beta: View,
+    running_mean: View,
+    running_var: View,
+    len: usize,
+}
+
+fn params() -> Params {
+    let mut at = 0;
+    let mut next = |len| {
+        let v = View::new(Space::Param, at, len);
+        at += len;
+        v
+    };
+    let (w, b) = (next(C * CIN * 9), next(C));
+    let (wt, bt) = (next(C * CT * 4), next(CT));
+    let (gamma, beta, running_mean, running_var) = (next(C), next(C), next(C), next(C));
+    Params { w, b, wt, bt, gamma, beta, running_mean, running_var, len: at }
+}
+
+fn grad(v: View) -> View {
+    View::new(Space::Grad, v.offset, v.len)
+}
+
+fn conv_shape() -> Conv2dShape {
+    Conv2dShape { batch: B, in_channels: CIN, out_channels: C, in_h: H, in_w: H, kernel: 3, stride: 1, padding: 1 }
+}
+
+fn transpose_shape() -> Conv2dShape {
+    Conv2dShape {
+        batch: B,
+        in_channels: C,
+        out_channels: CT,
+        in_h: H / 2,
+        in_w: H / 2,
+        kernel: 2,
+        stride: 2,
+        padding: 0,
+    }
+}
+
+/// Every view of the pass, in planning order.
+struct Views {
+    x: View,
+    y1: View,
+    y2: View,
+    bn_saved: View,
+    y3: View,
+    y3g: View,
+    y4: View,
+    pool_saved: View,
+    y5: View,
+    y6: View,
+    y7: View,
+    y8: View,
+    y9: View,
+    logits: View,
+    labels: View,
+    running: [View; 2],
+    dy7: View,
+    dy6: View,
+    dy6a: View,
+    dy5: View,
+    dy4: View,
+    dy3g: View,
+    dy3: View,
+    dy2: View,
+    dy1: View,
+    dx: View,
+}
+
+fn plan<B: Backend>(be: &B, p: &mut Planner) -> Views {
+    let _ = be;
+    let n1 = B * C * H * H;
+    Views {
+        x: p.act(B * CIN * H * H),
+        y1: p.act(n1),
+        y2: p.act(n1),
+        bn_saved: p.stat(batch_norm_saved_len(C)),
+        y3: p.act(n1),
+        y3g: p.act(n1),
+        y4: p.act(n1 / 4),
+        pool_saved: p.stat(n1 / 4),
+        y5: p.act(B * CT * H * H),
+        y6: p.act(B * CT * 5 * 7),
+        y7: p.act(B * CT * 9),
+        y8: p.act(n1),
+        y9: p.act(n1),
+        logits: p.act(B * CT * H * H),
+        labels: p.index(B * H * H),
+        running: [p.stat(C), p.stat(C)],
+        dy7: p.act(B * CT * 9),
+        dy6: p.act(B * CT * 5 * 7),
+        dy6a: p.act(B * CT * 5 * 7),
+        dy5: p.act(B * CT * H * H),
+        dy4: p.act(n1 / 4),
+        dy3g: p.act(n1),
+        dy3: p.act(n1),
+        dy2: p.act(n1),
+        dy1: p.act(n1),
+        dx: p.act(B * CIN * H * H),
+    }
+}
+
+/// The pass, written once over the trait; returns every output, named, and the loss.
+fn run<Bk: ImageOps>(be: &Bk, m: &mut Bk::Memory<'_>, v: &Views, ps: &Params) -> (Vec<(&'static str, Vec<f32>)>, f64) {
+    let (cs, ts) = (conv_shape(), transpose_shape());
+    let bn = beit::backend::shapes::BnShape { batch: B, channels: C, plane: H * H };
+    be.upload(m, v.x, &values(B * CIN * H * H, 31)).unwrap();
+    be.upload(m, v.running[0], &values(C, 32)).unwrap();
+    be.upload(m, v.running[1], &values(C, 33).iter().map(|x| 1.0 + 0.5 * x).collect::<Vec<_>>()).unwrap();
+    let labels: Vec<usize> = (0..B * H * H).map(|i| if i % 7 == 0 { CT } else { i % CT }).collect();
+    be.upload_indices(m, v.labels, &labels).unwrap();
+    for (dv, seed) in [(v.dy7, 34), (v.dy6, 35)] {
+        be.upload(m, dv, &values(dv.len, seed)).unwrap();
+    }
+
+    be.conv2d(m, v.y1, v.x, ps.w, Some(ps.b), cs).unwrap();
+    be.batch_norm_train(m, v.y2, v.bn_saved, v.y1, ps.gamma, ps.beta, 1e-5, bn).unwrap();
+    be.relu(m, v.y3, v.y2).unwrap();
+    be.gelu(m, v.y3g, v.y3).unwrap();
+    be.max_pool2x2(m, v.y4, v.pool_saved, v.y3g, B * C, H, H).unwrap();
+    be.conv_transpose2d(m, v.y5, v.y4, ps.wt, Some(ps.bt), ts).unwrap();
+    let up = ResizeShape { planes: B * CT, in_h: H, in_w: H, out_h: 5, out_w: 7 };
+    be.bilinear_resize(m, v.y6, v.y5, up).unwrap();
+    let pool = ResizeShape { planes: B * CT, in_h: 5, in_w: 7, out_h: 3, out_w: 3 };
+    be.adaptive_avg_pool(m, v.y7, v.y6, pool).unwrap();
+    let running = BatchNorm {
+        gamma: ps.gamma,
+        beta: ps.beta,
+        running_mean: ps.running_mean,
+        running_var: ps.running_var,
+        eps: 1e-5,
+    };
+    be.batch_norm_eval(m, v.y8, v.y1, running, bn).unwrap();
+    be.scale(m, v.y8, 0.5).unwrap();
+    be.add_scaled(m, v.y8, v.y1, -0.25).unwrap();
+    be.transpose(m, v.y9, v.y1, B, C, H * H).unwrap();
+    be.copy(m, v.logits, v.y5).unwrap();
+    be.pixel_cross_entropy(m, v.logits, v.labels, CT, H * H, 0.5).unwrap();
+    let loss = be.take_loss(m).unwrap();
+
+    be.adaptive_avg_pool_backward(m, v.dy6a, v.dy7, pool).unwrap();
+    be.add_into(m, v.dy6, v.dy6a).unwrap();
+    be.bilinear_resize_backward(m, v.dy5, v.dy6, up).unwrap();
+    be.conv_transpose2d_backward(
+        m,
+        Some((v.dy4, DxMode::Overwrite)),
+        grad(ps.wt),
+        Some(grad(ps.bt)),
+        v.dy5,
+        v.y4,
+        ps.wt,
+        ts,
+    )
+    .unwrap();
+    be.max_pool2x2_backward(m, v.dy3g, v.dy4, v.pool_saved, B * C, H, H, DxMode::Overwrite).unwrap();
+    be.gelu_input_backward(m, v.dy3, v.dy3g, v.y3).unwrap();
+    be.relu_backward(m, v.dy2, v.dy3, v.y3, DxMode::Overwrite).unwrap();
+    be.batch_norm_backward(m, v.dy1, grad(ps.gamma), grad(ps.beta), v.dy2, v.y1, ps.gamma, v.bn_saved, bn).unwrap();
+    be.conv2d_backward(m, Some((v.dx, DxMode::Overwrite)), grad(ps.w), Some(grad(ps.b)), v.dy1, v.x, ps.w, cs).unwrap();
+    be.batch_norm_update_running(m, v.running[0], v.running[1], v.bn_saved, 0.1).unwrap();
+
+    let mut outs = Vec::new();
+    let named = [
+        ("conv2d", v.y1),
+        ("batch norm (train)", v.y2),
+        ("batch norm statistics", v.bn_saved),
+        ("relu", v.y3),
+        ("gelu", v.y3g),
+        ("max pool", v.y4),
+        ("conv transpose", v.y5),
+        ("bilinear", v.y6),
+        ("adaptive avg pool", v.y7),
+        ("batch norm (eval) + scale + add_scaled", v.y8),
+        ("transpose", v.y9),
+        ("pixel cross-entropy gradient", v.logits),
+        ("bilinear + pool backward", v.dy5),
+        ("conv transpose dx", v.dy4),
+        ("max pool backward", v.dy3g),
+        ("gelu backward", v.dy3),
+        ("relu backward", v.dy2),
+        ("batch norm dx", v.dy1),
+        ("conv2d dx", v.dx),
+        ("running mean", v.running[0]),
+        ("running var", v.running[1]),
+        ("conv weight grad", grad(ps.w)),
+        ("conv bias grad", grad(ps.b)),
+        ("conv transpose weight grad", grad(ps.wt)),
+        ("conv transpose bias grad", grad(ps.bt)),
+        ("gamma grad", grad(ps.gamma)),
+        ("beta grad", grad(ps.beta)),
+    ];
+    for (name, view) in named {
+        let mut host = vec![0.0; view.len];
+        be.download(m, view, &mut host).unwrap();
+        outs.push((name, host));
+    }
+    (outs, loss)
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn image_ops_through_the_trait_equal_the_cpu_backend() {
+    let ps = params();
+    let mut values_p = values(ps.len, 40);
+    // Positive running variances.
+    for i in 0..C {
+        values_p[ps.running_var.offset + i] = 1.0 + 0.25 * values_p[ps.running_var.offset + i];
+    }
+
+    let cpu = Cpu;
+    let mut p = Planner::shared();
+    let v = plan(&cpu, &mut p);
+    let mut arena = Arena::new(&p).unwrap();
+    let mut grads = vec![0.0; ps.len];
+    let mut m = HostMemory::new(&mut arena, &values_p, &mut grads);
+    let (want, want_loss) = run(&cpu, &mut m, &v, &ps);
+
+    let d = dev();
+    let gpu = CudaBackend::<f32>::new(d.clone());
+    let mut p = Planner::split();
+    let v = plan(&gpu, &mut p);
+    let mut arena = DeviceArena::<f32>::new(&d, &p, Scratch::default()).unwrap();
+    let params = DeviceParams::<f32>::upload(&d, &values_p).unwrap();
+    let mut dgrads = d.zeros::<f32>(ps.len).unwrap();
+    let mut m = CudaMemory::new(&d, &mut arena, &params, &mut dgrads).unwrap();
+    let (got, loss) = run(&gpu, &mut m, &v, &ps);
+
+    assert!((loss - want_loss).abs() <= 1e-6 * want_loss.abs(), "loss {loss} on the GPU, {want_loss} on the CPU");
+    for ((name, g), (_, w)) in got.iter().zip(&want) {
+        if *name == "conv bias grad" {
+            // The batch norm after the convolution makes its input gradient sum to 0 over each
+            // channel, so this gradient is rounding noise around 0 on both backends: an
+            // absolute bound (the other gradients are of order 1).
+            let worst = g.iter().zip(w).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
+            assert!(worst <= 1e-6, "{name}: worst |diff| {worst:e}");
+            continue;
+        }
+        assert_normwise(g, w, 1e-5, name);
+    }
+}

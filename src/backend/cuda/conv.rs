@@ -14,13 +14,15 @@
 //! ([`conv_scratch_len`]); 1x1 stride-1 unpadded kernels need none (the image is its own column
 //! matrix). Bias gradients are [`CudaDevice::channel_sums`].
 
+use std::ops::{Bound, RangeBounds};
+
 use cudarc::driver::{DevicePtr, DevicePtrMut};
 
-use super::buffer::DeviceBuffer;
 use super::device::CudaDevice;
 use super::elementwise::by_type;
 use super::kernel_args::{int, Arg};
 use super::matmul::{Epilogue, GemmType};
+use super::ops::DeviceView;
 use crate::backend::cpu::backward::DxMode;
 pub use crate::backend::cpu::conv::Conv2dShape;
 use crate::backend::shapes::GemmShape;
@@ -121,10 +123,40 @@ pub fn conv_scratch_len(g: &ColsGeometry, images: usize) -> usize {
 enum Start<'a, T> {
     Zero,
     Keep,
-    Bias(&'a DeviceBuffer<T>),
+    Bias(&'a dyn DevicePtr<T>),
+}
+
+/// Elements `range` of a buffer of `len`, as (offset, length); panics outside it (a caller bug:
+/// every range below is computed from checked lengths).
+fn resolve(range: impl RangeBounds<usize>, len: usize) -> (usize, usize) {
+    let start = match range.start_bound() {
+        Bound::Included(&s) => s,
+        Bound::Excluded(&s) => s + 1,
+        Bound::Unbounded => 0,
+    };
+    let end = match range.end_bound() {
+        Bound::Included(&e) => e + 1,
+        Bound::Excluded(&e) => e,
+        Bound::Unbounded => len,
+    };
+    assert!(start <= end && end <= len, "conv: elements {start}..{end} of a buffer of {len}");
+    (start, end - start)
 }
 
 impl CudaDevice {
+    /// Elements `range` of `x` as a view (any buffer or view: the convolutions run on a pass's
+    /// planned views as well as on plain buffers).
+    fn sub<T>(&self, x: &dyn DevicePtr<T>, range: impl RangeBounds<usize>) -> DeviceView<T> {
+        let (offset, len) = resolve(range, x.len());
+        DeviceView::raw(self.addr(x) + (offset * std::mem::size_of::<T>()) as u64, len, self.stream().clone())
+    }
+
+    /// [`CudaDevice::sub`] of a buffer the caller may write.
+    fn sub_mut<T>(&self, x: &mut dyn DevicePtrMut<T>, range: impl RangeBounds<usize>) -> DeviceView<T> {
+        let (offset, len) = resolve(range, x.len());
+        DeviceView::raw(self.addr_mut(x) + (offset * std::mem::size_of::<T>()) as u64, len, self.stream().clone())
+    }
+
     unsafe fn im2col_raw<T: GemmType>(&self, cols: u64, img: u64, batch: usize, g: &ColsGeometry) -> Result<()> {
         let mut args = vec![Arg::Ptr(cols), Arg::Ptr(img), Arg::I32(int("batch", batch)?)];
         args.extend(g.args()?);
@@ -192,7 +224,7 @@ impl CudaDevice {
     fn channel_bias_add<T: GemmType>(
         &self,
         out: u64,
-        bias: &DeviceBuffer<T>,
+        bias: &dyn DevicePtr<T>,
         batch: usize,
         plane: usize,
     ) -> Result<()> {
@@ -226,12 +258,12 @@ impl CudaDevice {
         &self,
         batch: usize,
         g: &ColsGeometry,
-        weight: &DeviceBuffer<T>,
+        weight: &dyn DevicePtr<T>,
         rows: usize,
-        src: &DeviceBuffer<T>,
-        out: &mut DeviceBuffer<T>,
+        src: &dyn DevicePtr<T>,
+        out: &mut dyn DevicePtrMut<T>,
         accumulate: bool,
-        scratch: &mut DeviceBuffer<T>,
+        scratch: &mut dyn DevicePtrMut<T>,
     ) -> Result<()> {
         let (kk, l, il) = (g.rows(), g.cols(), g.image_len());
         let chunk = Self::chunk_images(g, batch, scratch.len())?;
@@ -239,16 +271,16 @@ impl CudaDevice {
         while b0 < batch {
             let nb = chunk.min(batch - b0);
             let shape = GemmShape { stride_a: 0, ..GemmShape::new(rows, l, kk).batched(nb) };
-            let mut c = out.slice_mut(b0 * rows * l..(b0 + nb) * rows * l);
+            let mut c = self.sub_mut(out, b0 * rows * l..(b0 + nb) * rows * l);
             let beta = if accumulate { 1.0 } else { 0.0 };
             if g.is_identity() {
-                let x = src.slice(b0 * il..(b0 + nb) * il);
+                let x = self.sub(src, b0 * il..(b0 + nb) * il);
                 self.gemm::<T, T>(shape, 1.0, weight, &x, beta, &mut c, Epilogue::None)?;
             } else {
                 let cols_p = self.addr_mut(scratch);
                 // SAFETY: nb images of `src` from b0 (checked by the callers) into nb·K·L scratch.
-                unsafe { self.im2col_raw::<T>(cols_p, self.addr(&src.slice(b0 * il..(b0 + nb) * il)), nb, g)? };
-                let cols = scratch.slice(..nb * kk * l);
+                unsafe { self.im2col_raw::<T>(cols_p, self.addr(&self.sub(src, b0 * il..(b0 + nb) * il)), nb, g)? };
+                let cols = self.sub_mut(scratch, ..nb * kk * l);
                 self.gemm::<T, T>(shape, 1.0, weight, &cols, beta, &mut c, Epilogue::None)?;
             }
             b0 += nb;
@@ -262,12 +294,12 @@ impl CudaDevice {
         &self,
         batch: usize,
         g: &ColsGeometry,
-        weight: &DeviceBuffer<T>,
+        weight: &dyn DevicePtr<T>,
         rows: usize,
-        a: &DeviceBuffer<T>,
-        img: &mut DeviceBuffer<T>,
+        a: &dyn DevicePtr<T>,
+        img: &mut dyn DevicePtrMut<T>,
         start: Start<'_, T>,
-        scratch: &mut DeviceBuffer<T>,
+        scratch: &mut dyn DevicePtrMut<T>,
     ) -> Result<()> {
         let (kk, l, il) = (g.rows(), g.cols(), g.image_len());
         let chunk = Self::chunk_images(g, batch, scratch.len())?;
@@ -276,8 +308,8 @@ impl CudaDevice {
         while b0 < batch {
             let nb = chunk.min(batch - b0);
             let shape = GemmShape { trans_a: true, stride_a: 0, ..GemmShape::new(kk, l, rows).batched(nb) };
-            let ab = a.slice(b0 * rows * l..(b0 + nb) * rows * l);
-            let mut ib = img.slice_mut(b0 * il..(b0 + nb) * il);
+            let ab = self.sub(a, b0 * rows * l..(b0 + nb) * rows * l);
+            let mut ib = self.sub_mut(img, b0 * il..(b0 + nb) * il);
             if g.is_identity() {
                 let beta = if matches!(start, Start::Keep) { 1.0 } else { 0.0 };
                 self.gemm::<T, T>(shape, 1.0, weight, &ab, beta, &mut ib, Epilogue::None)?;
@@ -287,7 +319,7 @@ impl CudaDevice {
                 }
             } else {
                 {
-                    let mut cols = scratch.slice_mut(..nb * kk * l);
+                    let mut cols = self.sub_mut(scratch, ..nb * kk * l);
                     self.gemm::<T, T>(shape, 1.0, weight, &ab, 0.0, &mut cols, Epilogue::None)?;
                 }
                 let (bias, accumulate) = match start {
@@ -295,7 +327,7 @@ impl CudaDevice {
                     Start::Keep => (0, true),
                     Start::Bias(b) => (self.addr(b), false),
                 };
-                let (ip, cp) = (self.addr_mut(&mut ib), self.addr(&scratch.slice(..nb * kk * l)));
+                let (ip, cp) = (self.addr_mut(&mut ib), self.addr(&self.sub_mut(scratch, ..nb * kk * l)));
                 // SAFETY: nb images in `ib`, nb column matrices in the scratch, bias of
                 // `channels` (checked by the callers).
                 unsafe { self.col2im_raw::<T>(ip, cp, bias, nb, g, accumulate)? };
@@ -311,11 +343,11 @@ impl CudaDevice {
         &self,
         batch: usize,
         g: &ColsGeometry,
-        a: &DeviceBuffer<T>,
+        a: &dyn DevicePtr<T>,
         rows: usize,
-        src: &DeviceBuffer<T>,
-        dw: &mut DeviceBuffer<f32>,
-        scratch: &mut DeviceBuffer<T>,
+        src: &dyn DevicePtr<T>,
+        dw: &mut dyn DevicePtrMut<f32>,
+        scratch: &mut dyn DevicePtrMut<T>,
     ) -> Result<()> {
         let (kk, l, il) = (g.rows(), g.cols(), g.image_len());
         let chunk = Self::chunk_images(g, batch, scratch.len())?;
@@ -326,16 +358,16 @@ impl CudaDevice {
             if !g.is_identity() {
                 let cols_p = self.addr_mut(scratch);
                 // SAFETY: nb images of `src` from b0 into nb·K·L scratch.
-                unsafe { self.im2col_raw::<T>(cols_p, self.addr(&src.slice(b0 * il..(b0 + nb) * il)), nb, g)? };
+                unsafe { self.im2col_raw::<T>(cols_p, self.addr(&self.sub(src, b0 * il..(b0 + nb) * il)), nb, g)? };
             }
             for j in 0..nb {
                 let b = b0 + j;
-                let ab = a.slice(b * rows * l..(b + 1) * rows * l);
+                let ab = self.sub(a, b * rows * l..(b + 1) * rows * l);
                 if g.is_identity() {
-                    let cols = src.slice(b * il..(b + 1) * il);
+                    let cols = self.sub(src, b * il..(b + 1) * il);
                     self.gemm::<T, f32>(shape, 1.0, &ab, &cols, 1.0, dw, Epilogue::None)?;
                 } else {
-                    let cols = scratch.slice(j * kk * l..(j + 1) * kk * l);
+                    let cols = self.sub_mut(scratch, j * kk * l..(j + 1) * kk * l);
                     self.gemm::<T, f32>(shape, 1.0, &ab, &cols, 1.0, dw, Epilogue::None)?;
                 }
             }
@@ -350,11 +382,11 @@ impl CudaDevice {
     pub fn conv2d_forward<T: GemmType>(
         &self,
         shape: &Conv2dShape,
-        x: &DeviceBuffer<T>,
-        weight: &DeviceBuffer<T>,
-        bias: Option<&DeviceBuffer<T>>,
-        out: &mut DeviceBuffer<T>,
-        scratch: &mut DeviceBuffer<T>,
+        x: &dyn DevicePtr<T>,
+        weight: &dyn DevicePtr<T>,
+        bias: Option<&dyn DevicePtr<T>>,
+        out: &mut dyn DevicePtrMut<T>,
+        scratch: &mut dyn DevicePtrMut<T>,
     ) -> Result<()> {
         let g = ColsGeometry::conv(shape);
         let co = shape.out_channels;
@@ -378,13 +410,13 @@ impl CudaDevice {
     pub fn conv2d_backward<T: GemmType>(
         &self,
         shape: &Conv2dShape,
-        x: &DeviceBuffer<T>,
-        weight: &DeviceBuffer<T>,
-        dout: &DeviceBuffer<T>,
-        dx: Option<(&mut DeviceBuffer<T>, DxMode)>,
-        dweight: &mut DeviceBuffer<f32>,
-        dbias: Option<&mut DeviceBuffer<f32>>,
-        scratch: &mut DeviceBuffer<T>,
+        x: &dyn DevicePtr<T>,
+        weight: &dyn DevicePtr<T>,
+        dout: &dyn DevicePtr<T>,
+        dx: Option<(&mut dyn DevicePtrMut<T>, DxMode)>,
+        dweight: &mut dyn DevicePtrMut<f32>,
+        dbias: Option<&mut dyn DevicePtrMut<f32>>,
+        scratch: &mut dyn DevicePtrMut<T>,
     ) -> Result<()> {
         let g = ColsGeometry::conv(shape);
         let co = shape.out_channels;
@@ -422,11 +454,11 @@ impl CudaDevice {
     pub fn conv_transpose2d_forward<T: GemmType>(
         &self,
         shape: &Conv2dShape,
-        x: &DeviceBuffer<T>,
-        weight: &DeviceBuffer<T>,
-        bias: Option<&DeviceBuffer<T>>,
-        out: &mut DeviceBuffer<T>,
-        scratch: &mut DeviceBuffer<T>,
+        x: &dyn DevicePtr<T>,
+        weight: &dyn DevicePtr<T>,
+        bias: Option<&dyn DevicePtr<T>>,
+        out: &mut dyn DevicePtrMut<T>,
+        scratch: &mut dyn DevicePtrMut<T>,
     ) -> Result<()> {
         let g = ColsGeometry::transpose(shape);
         let ci = shape.in_channels;
@@ -469,13 +501,13 @@ impl CudaDevice {
     pub fn conv_transpose2d_backward<T: GemmType>(
         &self,
         shape: &Conv2dShape,
-        x: &DeviceBuffer<T>,
-        weight: &DeviceBuffer<T>,
-        dout: &DeviceBuffer<T>,
-        dx: Option<(&mut DeviceBuffer<T>, DxMode)>,
-        dweight: &mut DeviceBuffer<f32>,
-        dbias: Option<&mut DeviceBuffer<f32>>,
-        scratch: &mut DeviceBuffer<T>,
+        x: &dyn DevicePtr<T>,
+        weight: &dyn DevicePtr<T>,
+        dout: &dyn DevicePtr<T>,
+        dx: Option<(&mut dyn DevicePtrMut<T>, DxMode)>,
+        dweight: &mut dyn DevicePtrMut<f32>,
+        dbias: Option<&mut dyn DevicePtrMut<f32>>,
+        scratch: &mut dyn DevicePtrMut<T>,
     ) -> Result<()> {
         let g = ColsGeometry::transpose(shape);
         let ci = shape.in_channels;

@@ -510,6 +510,14 @@ impl CudaDevice {
             )
         }
     }
+
+    /// `acc[0] += Σ parts` in order (a batch's per-image loss sums into a pass's loss).
+    pub fn add_sum_f64(&self, acc: &mut dyn DevicePtrMut<f64>, parts: &dyn DevicePtr<f64>) -> Result<()> {
+        ensure!(acc.len() > 0, InvalidArgument, "add_sum_f64: an empty accumulator");
+        let args = [Arg::Ptr(self.addr_mut(acc)), Arg::Ptr(self.addr(parts)), Arg::I32(int("parts", parts.len())?)];
+        // SAFETY: (double*, const double*, int); one thread reads parts.len() doubles.
+        unsafe { self.launch_kernel(FILE, "beit_image_add_sum_f64", config((1, 1, 1), 32), &args) }
+    }
 }
 
 /// Where a batch norm's per-channel statistics come from.

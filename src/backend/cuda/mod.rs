@@ -66,6 +66,7 @@ pub mod device;
 pub mod elementwise;
 mod errors;
 pub mod image;
+pub mod image_ops;
 mod kernel_args;
 pub mod layernorm;
 pub mod matmul;

@@ -101,6 +101,14 @@ pub(crate) struct DeviceView<T> {
     _t: PhantomData<T>,
 }
 
+impl<T> DeviceView<T> {
+    /// The view of `len` elements at device address `ptr` (inside a live allocation the caller
+    /// borrows for as long as the view is used).
+    pub(crate) fn raw(ptr: u64, len: usize, stream: Arc<CudaStream>) -> Self {
+        DeviceView { ptr, len, stream, _t: PhantomData }
+    }
+}
+
 impl<T> DeviceSlice<T> for DeviceView<T> {
     fn len(&self) -> usize {
         self.len
@@ -377,7 +385,7 @@ impl<'a, T: Act> CudaMemory<'a, T> {
     }
 
     /// The loss sum the loss ops add to.
-    fn loss(&self) -> DeviceView<f64> {
+    pub(crate) fn loss(&self) -> DeviceView<f64> {
         self.at(self.loss, 0, 1)
     }
 }

@@ -57,3 +57,33 @@ impl CodeOps for Cpu {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::memory::{Arena, Planner};
+    use crate::backend::Backend;
+
+    #[test]
+    fn kl_goes_to_the_loss_and_adds_its_gradient() {
+        let (vocab, rows) = (4, 3);
+        let logits: Vec<f32> = (0..rows * vocab).map(|i| ((i * 5 % 7) as f32 - 3.0) * 0.4).collect();
+        let mut plan = Planner::shared();
+        let (l, d) = (plan.act(logits.len()), plan.act(logits.len()));
+        let mut arena = Arena::new(&plan).unwrap();
+        let mut m = HostMemory::new(&mut arena, &[], &mut []);
+        Cpu.upload(&mut m, l, &logits).unwrap();
+        Cpu.upload(&mut m, d, &[1.0; 12]).unwrap();
+        Cpu.kl_to_uniform(&mut m, l, Some(d), vocab, 0.5).unwrap();
+        let kl = Cpu.take_loss(&mut m).unwrap();
+        let mut got = vec![0.0; 12];
+        Cpu.download(&mut m, d, &mut got).unwrap();
+        let mut want = vec![1.0; 12];
+        assert_eq!(kl, kl_to_uniform(&logits, vocab, 0.5, Some(&mut want)));
+        assert_eq!(got, want);
+        let mut tokens = [9u32; 3];
+        Cpu.argmax_rows(&mut m, l, vocab, &mut tokens).unwrap();
+        assert_eq!(tokens.to_vec(), super::super::relaxation::argmax_rows(&logits, vocab));
+        assert_eq!(Cpu.take_loss(&mut m).unwrap(), 0.0);
+    }
+}

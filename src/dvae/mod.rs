@@ -152,8 +152,7 @@ impl Dvae {
         )?;
         let mut tokens = Vec::with_capacity(mapped.len() / per * self.config.tokens_per_image());
         for chunk in mapped.chunks(per * chunk_images) {
-            let logits = self.nets.encoder.forward(&self.params, chunk, chunk.len() / per, None);
-            tokens.extend(relaxation::argmax_rows(&logits, self.config.vocab_size));
+            self.nets.encoder.tokens_into(&self.params, chunk, chunk.len() / per, &mut tokens)?;
         }
         Ok(tokens)
     }

@@ -13,13 +13,15 @@
 //! one row per grid position (`[B·P, V]`), so the softmax over codes, the Gumbel noise and the
 //! argmax all read contiguous rows.
 
-use crate::backend::cpu::backward::{add_into, linear_backward, relu_backward, DxMode};
-use crate::backend::cpu::conv::{
-    conv2d_backward, conv2d_forward, conv_transpose2d_backward, conv_transpose2d_forward, Conv2dShape,
-};
-use crate::backend::cpu::elementwise::{add_bias, relu_forward, relu_inplace};
-use crate::backend::cpu::gemm::{matmul, Mat, MatMut, Threads};
-use crate::backend::cpu::pool::{max_pool2x2_backward, max_pool2x2_forward};
+use std::cell::RefCell;
+
+use crate::backend::code_ops::CodeOps;
+use crate::backend::image_ops::ImageOps;
+use crate::backend::memory::{Arena, HostMemory, Planner, View};
+use crate::backend::ops::DxMode;
+use crate::backend::shapes::Conv2dShape;
+use crate::backend::Backend;
+use crate::context::host_backend;
 use crate::error::{Error, Result};
 use crate::model::params::{Init, ParamId, ParamStore};
 use crate::resources::{Bytes, Need};
@@ -119,50 +121,48 @@ impl ConvLayer {
         Geometry { channels: self.out_channels, height, width }
     }
 
-    fn forward(&self, store: &ParamStore, x: &[f32], batch: usize, g: Geometry, out: &mut [f32]) {
-        let shape = self.shape(batch, g);
-        let (w, b) = (store.get(self.weight), Some(store.get(self.bias)));
-        if self.transposed {
-            conv_transpose2d_forward(&shape, x, w, b, out);
-        } else {
-            conv2d_forward(&shape, x, w, b, out);
-        }
-    }
-
-    /// Parameter gradients accumulate into `grads` (laid out like `store.data`).
     #[allow(clippy::too_many_arguments)]
-    fn backward(
+    fn forward<B: ImageOps>(
         &self,
+        be: &B,
+        m: &mut B::Memory<'_>,
         store: &ParamStore,
-        grads: &mut [f32],
-        x: &[f32],
-        dout: &[f32],
-        dx: Option<(&mut [f32], DxMode)>,
+        x: View,
+        out: View,
         batch: usize,
         g: Geometry,
-    ) {
+    ) -> Result<()> {
         let shape = self.shape(batch, g);
-        let (dw, db) = weight_and_bias_grads(store, grads, self.weight, self.bias);
-        let w = store.get(self.weight);
+        let (w, b) = (store.view(self.weight), Some(store.view(self.bias)));
         if self.transposed {
-            conv_transpose2d_backward(&shape, x, w, dout, dx, dw, Some(db));
+            be.conv_transpose2d(m, out, x, w, b, shape)
         } else {
-            conv2d_backward(&shape, x, w, dout, dx, dw, Some(db));
+            be.conv2d(m, out, x, w, b, shape)
         }
     }
-}
 
-/// The gradient slices of a weight and its bias (the bias directly follows the weight).
-fn weight_and_bias_grads<'g>(
-    store: &ParamStore,
-    grads: &'g mut [f32],
-    weight: ParamId,
-    bias: ParamId,
-) -> (&'g mut [f32], &'g mut [f32]) {
-    let (w, b) = (&store.specs[weight.0], &store.specs[bias.0]);
-    assert_eq!(w.offset + w.len, b.offset, "a bias directly follows its weight");
-    let (dw, db) = grads[w.offset..b.offset + b.len].split_at_mut(w.len);
-    (dw, db)
+    /// Parameter gradients accumulate into the memory's gradients (laid out like `store.data`).
+    #[allow(clippy::too_many_arguments)]
+    fn backward<B: ImageOps>(
+        &self,
+        be: &B,
+        m: &mut B::Memory<'_>,
+        store: &ParamStore,
+        x: View,
+        dout: View,
+        dx: Option<(View, DxMode)>,
+        batch: usize,
+        g: Geometry,
+    ) -> Result<()> {
+        let shape = self.shape(batch, g);
+        let (dw, db) = (store.grad_view(self.weight), store.grad_view(self.bias));
+        let w = store.view(self.weight);
+        if self.transposed {
+            be.conv_transpose2d_backward(m, dx, dw, Some(db), dout, x, w, shape)
+        } else {
+            be.conv2d_backward(m, dx, dw, Some(db), dout, x, w, shape)
+        }
+    }
 }
 
 /// DALL-E's residual block: `out = id(x) + gain · conv4(relu(conv3(relu(conv2(relu(conv1(relu(x))))))))`
@@ -195,69 +195,73 @@ impl ResBlock {
         Geometry { channels: self.res_path[3].out_channels, ..g }
     }
 
-    /// Writes the block output into `out`; returns the four ReLU outputs (the residual
-    /// convolutions' inputs), which the backward needs.
-    fn forward(&self, store: &ParamStore, x: &[f32], batch: usize, g: Geometry, out: &mut [f32]) -> [Vec<f32>; 4] {
-        let geos = self.res_inputs(g);
-        let mut acts: [Vec<f32>; 4] = std::array::from_fn(|i| vec![0.0; geos[i].len(batch)]);
-        relu_forward(x, &mut acts[0]);
-        for i in 0..3 {
-            let (done, rest) = acts.split_at_mut(i + 1);
-            // conv_{i+1} writes straight into the next activation buffer, then ReLU in place.
-            self.res_path[i].forward(store, &done[i], batch, geos[i], &mut rest[0]);
-            relu_inplace(&mut rest[0]);
-        }
-        let mut residual = vec![0.0; out.len()];
-        self.res_path[3].forward(store, &acts[3], batch, geos[3], &mut residual);
-        match &self.id_path {
-            Some(id) => id.forward(store, x, batch, g, out),
-            None => out.copy_from_slice(x),
-        }
-        for (o, r) in out.iter_mut().zip(&residual) {
-            *o += self.gain * r;
-        }
-        acts
-    }
-
+    /// Writes the block output into `out`, keeping the four ReLU outputs (the residual
+    /// convolutions' inputs, which the backward needs) in `v.acts`.
     #[allow(clippy::too_many_arguments)]
-    fn backward(
+    fn forward<B: ImageOps>(
         &self,
+        be: &B,
+        m: &mut B::Memory<'_>,
         store: &ParamStore,
-        grads: &mut [f32],
-        x: &[f32],
-        acts: &[Vec<f32>; 4],
-        dout: &[f32],
-        dx: &mut [f32],
+        x: View,
+        out: View,
+        v: &BlockViews,
         batch: usize,
         g: Geometry,
-    ) {
+    ) -> Result<()> {
         let geos = self.res_inputs(g);
-        let mut d: Vec<f32> = dout.iter().map(|v| v * self.gain).collect();
+        let acts: [View; 4] = std::array::from_fn(|i| v.acts[i].prefix(geos[i].len(batch)));
+        be.relu(m, acts[0], x)?;
+        for i in 0..3 {
+            // conv_{i+1} writes straight into the next activation buffer, then ReLU in place.
+            self.res_path[i].forward(be, m, store, acts[i], acts[i + 1], batch, geos[i])?;
+            be.relu(m, acts[i + 1], acts[i + 1])?;
+        }
+        let residual = v.residual.prefix(out.len());
+        self.res_path[3].forward(be, m, store, acts[3], residual, batch, geos[3])?;
+        match &self.id_path {
+            Some(id) => id.forward(be, m, store, x, out, batch, g)?,
+            None => be.copy(m, out, x)?,
+        }
+        be.add_scaled(m, out, residual, self.gain)
+    }
+
+    /// Backward for `dout` into `dx` (written); `d` lends two gradient buffers as large as the
+    /// block's largest map.
+    #[allow(clippy::too_many_arguments)]
+    fn backward<B: ImageOps>(
+        &self,
+        be: &B,
+        m: &mut B::Memory<'_>,
+        store: &ParamStore,
+        x: View,
+        v: &BlockViews,
+        dout: View,
+        dx: View,
+        d: [View; 2],
+        batch: usize,
+        g: Geometry,
+    ) -> Result<()> {
+        let geos = self.res_inputs(g);
+        let mut cur = d[0].prefix(dout.len());
+        be.copy(m, cur, dout)?;
+        be.scale(m, cur, self.gain)?;
         for i in (0..4).rev() {
-            let mut d_act = vec![0.0; acts[i].len()];
-            self.res_path[i].backward(
-                store,
-                grads,
-                &acts[i],
-                &d,
-                Some((&mut d_act, DxMode::Overwrite)),
-                batch,
-                geos[i],
-            );
+            let act = v.acts[i].prefix(geos[i].len(batch));
+            let d_act = d[(4 - i) % 2].prefix(act.len());
+            self.res_path[i].backward(be, m, store, act, cur, Some((d_act, DxMode::Overwrite)), batch, geos[i])?;
             // acts[i] = relu(previous), so acts[i] > 0 exactly where the ReLU passed its input;
             // masking d_act in place gives the pre-activation's gradient.
             if i > 0 {
-                for (g, &a) in d_act.iter_mut().zip(&acts[i]) {
-                    *g = if a > 0.0 { *g } else { 0.0 };
-                }
-                d = d_act;
+                be.relu_backward(m, d_act, d_act, act, DxMode::Overwrite)?;
+                cur = d_act;
             } else {
-                relu_backward(&acts[0], &d_act, dx, DxMode::Overwrite);
+                be.relu_backward(m, dx, d_act, act, DxMode::Overwrite)?;
             }
         }
         match &self.id_path {
-            Some(id) => id.backward(store, grads, x, dout, Some((dx, DxMode::Accumulate)), batch, g),
-            None => add_into(dx, dout),
+            Some(id) => id.backward(be, m, store, x, dout, Some((dx, DxMode::Accumulate)), batch, g),
+            None => be.add_into(m, dx, dout),
         }
     }
 }
@@ -338,12 +342,20 @@ impl ChainCost {
     }
 }
 
+/// The views a block's forward writes besides its output: the four ReLU outputs and the
+/// residual branch (each at least as large as the block needs).
+#[derive(Debug, Clone, Copy)]
+struct BlockViews {
+    acts: [View; 4],
+    residual: View,
+}
+
 /// What a stage keeps for its backward, beside its input.
-#[derive(Debug)]
+#[derive(Debug, Clone, Copy)]
 enum Saved {
     Nothing,
-    Block([Vec<f32>; 4]),
-    Pool(Vec<u32>),
+    Block(BlockViews),
+    Pool(View),
 }
 
 impl Stage {
@@ -378,102 +390,178 @@ impl Stage {
         }
     }
 
-    fn forward(&self, store: &ParamStore, x: &[f32], batch: usize, g: Geometry) -> (Vec<f32>, Saved) {
-        let mut out = vec![0.0; self.output(g).len(batch)];
-        let saved = match self {
-            Stage::Conv(c) => {
-                c.forward(store, x, batch, g, &mut out);
-                Saved::Nothing
+    #[allow(clippy::too_many_arguments)]
+    fn forward<B: ImageOps>(
+        &self,
+        be: &B,
+        m: &mut B::Memory<'_>,
+        store: &ParamStore,
+        x: View,
+        out: View,
+        saved: &Saved,
+        batch: usize,
+        g: Geometry,
+    ) -> Result<()> {
+        match (self, saved) {
+            (Stage::Conv(c), _) => c.forward(be, m, store, x, out, batch, g),
+            (Stage::Block(b), Saved::Block(v)) => b.forward(be, m, store, x, out, v, batch, g),
+            (Stage::MaxPool2x2, Saved::Pool(argmax)) => {
+                let argmax = argmax.prefix(be.max_pool2x2_saved_len(out.len()));
+                be.max_pool2x2(m, out, argmax, x, batch * g.channels, g.height, g.width)
             }
-            Stage::Block(b) => Saved::Block(b.forward(store, x, batch, g, &mut out)),
-            Stage::MaxPool2x2 => {
-                let mut argmax = vec![0u32; out.len()];
-                max_pool2x2_forward(batch, g.channels, g.height, g.width, x, &mut out, &mut argmax);
-                Saved::Pool(argmax)
-            }
-            Stage::Relu => {
-                relu_forward(x, &mut out);
-                Saved::Nothing
-            }
-        };
-        (out, saved)
+            (Stage::Relu, _) => be.relu(m, out, x),
+            _ => unreachable!("a stage's saved views match its kind"),
+        }
     }
 
     #[allow(clippy::too_many_arguments)]
-    fn backward(
+    fn backward<B: ImageOps>(
         &self,
+        be: &B,
+        m: &mut B::Memory<'_>,
         store: &ParamStore,
-        grads: &mut [f32],
-        x: &[f32],
+        x: View,
         saved: &Saved,
-        dout: &[f32],
+        dout: View,
+        dx: View,
+        block: [View; 2],
         batch: usize,
         g: Geometry,
-    ) -> Vec<f32> {
-        let mut dx = vec![0.0; g.len(batch)];
+    ) -> Result<()> {
         match (self, saved) {
-            (Stage::Conv(c), _) => c.backward(store, grads, x, dout, Some((&mut dx, DxMode::Overwrite)), batch, g),
-            (Stage::Block(b), Saved::Block(acts)) => b.backward(store, grads, x, acts, dout, &mut dx, batch, g),
+            (Stage::Conv(c), _) => c.backward(be, m, store, x, dout, Some((dx, DxMode::Overwrite)), batch, g),
+            (Stage::Block(b), Saved::Block(v)) => b.backward(be, m, store, x, v, dout, dx, block, batch, g),
             (Stage::MaxPool2x2, Saved::Pool(argmax)) => {
-                max_pool2x2_backward(batch, g.channels, g.height, g.width, dout, argmax, &mut dx, DxMode::Overwrite)
+                let argmax = argmax.prefix(be.max_pool2x2_saved_len(dout.len()));
+                be.max_pool2x2_backward(m, dx, dout, argmax, batch * g.channels, g.height, g.width, DxMode::Overwrite)
             }
-            (Stage::Relu, _) => relu_backward(x, dout, &mut dx, DxMode::Overwrite),
-            _ => unreachable!("a stage's saved state matches its kind"),
+            (Stage::Relu, _) => be.relu_backward(m, dx, dout, x, DxMode::Overwrite),
+            _ => unreachable!("a stage's saved views match its kind"),
         }
-        dx
     }
 }
 
-/// A chain of stages with what its forward kept for the backward.
-#[derive(Debug, Default)]
-pub struct Tape {
-    inputs: Vec<Vec<f32>>,
+/// The views of one pass through a chain of stages. Stage `i` reads `maps[i]` and writes
+/// `maps[i + 1]`. A training plan gives every map and every stage's kept views their own
+/// memory (the tape) and plans the backward's gradients; an inference plan alternates two map
+/// buffers and shares one set of scratch among the stages.
+#[derive(Debug, Clone)]
+struct ChainPlan {
+    maps: Vec<View>,
+    geos: Vec<Geometry>,
     saved: Vec<Saved>,
+    /// Gradients of the maps (two buffers, alternating) and a block's two gradient buffers.
+    grads: Option<([View; 2], [View; 2])>,
 }
 
-/// Runs `stages` on `x`; with `tape`, keeps every stage's input and saved state.
-fn run_stages(
-    stages: &[Stage],
-    store: &ParamStore,
-    x: Vec<f32>,
-    batch: usize,
-    mut g: Geometry,
-    mut tape: Option<&mut Tape>,
-) -> (Vec<f32>, Geometry) {
-    let mut x = x;
-    for stage in stages {
-        let (out, saved) = stage.forward(store, &x, batch, g);
-        if let Some(t) = tape.as_deref_mut() {
-            t.inputs.push(std::mem::replace(&mut x, out));
-            t.saved.push(saved);
-        } else {
-            x = out;
+impl ChainPlan {
+    fn new<B: ImageOps>(
+        be: &B,
+        plan: &mut Planner,
+        stages: &[Stage],
+        input: View,
+        g: Geometry,
+        batch: usize,
+        training: bool,
+    ) -> Self {
+        let mut geos = vec![g];
+        for s in stages {
+            let last = *geos.last().expect("non-empty");
+            geos.push(s.output(last));
         }
-        g = stage.output(g);
+        let len = |g: &Geometry| g.len(batch);
+        let largest = geos.iter().map(len).max().unwrap_or(0);
+        let block_views = |plan: &mut Planner, b: &ResBlock, g: Geometry| BlockViews {
+            acts: b.res_inputs(g).map(|a| plan.act(a.len(batch))),
+            residual: plan.act(b.output(g).len(batch)),
+        };
+        let mut maps = vec![input];
+        let mut saved = Vec::with_capacity(stages.len());
+        if training {
+            for (s, g) in stages.iter().zip(&geos) {
+                saved.push(match s {
+                    Stage::Block(b) => Saved::Block(block_views(plan, b, *g)),
+                    Stage::MaxPool2x2 => Saved::Pool(plan.stat(be.max_pool2x2_saved_len(len(&s.output(*g))))),
+                    _ => Saved::Nothing,
+                });
+                maps.push(plan.act(len(&s.output(*g))));
+            }
+        } else {
+            let outputs = geos[1..].iter().map(len).max().unwrap_or(0);
+            let pair = [plan.act(outputs), plan.act(outputs)];
+            // One scratch for every block: each view as large as the largest block needs.
+            let mut widest = [0usize; 5];
+            let mut pool = 0;
+            for (s, g) in stages.iter().zip(&geos) {
+                match s {
+                    Stage::Block(b) => {
+                        for (w, a) in widest.iter_mut().zip(b.res_inputs(*g)) {
+                            *w = (*w).max(a.len(batch));
+                        }
+                        widest[4] = widest[4].max(b.output(*g).len(batch));
+                    }
+                    Stage::MaxPool2x2 => pool = pool.max(be.max_pool2x2_saved_len(len(&s.output(*g)))),
+                    _ => {}
+                }
+            }
+            let shared =
+                BlockViews { acts: std::array::from_fn(|i| plan.act(widest[i])), residual: plan.act(widest[4]) };
+            let argmax = plan.stat(pool);
+            for (i, (s, g)) in stages.iter().zip(&geos).enumerate() {
+                saved.push(match s {
+                    Stage::Block(_) => Saved::Block(shared),
+                    Stage::MaxPool2x2 => Saved::Pool(argmax),
+                    _ => Saved::Nothing,
+                });
+                maps.push(pair[i % 2].prefix(len(&s.output(*g))));
+            }
+        }
+        let grads = training.then(|| ([plan.act(largest), plan.act(largest)], [plan.act(largest), plan.act(largest)]));
+        ChainPlan { maps, geos, saved, grads }
     }
-    (x, g)
-}
 
-/// Backward through `stages` from the gradient of their output; returns the input gradient.
-fn backprop_stages(
-    stages: &[Stage],
-    store: &ParamStore,
-    grads: &mut [f32],
-    tape: &Tape,
-    dout: Vec<f32>,
-    batch: usize,
-    input: Geometry,
-) -> Vec<f32> {
-    let mut geos = vec![input];
-    for s in stages {
-        let last = *geos.last().expect("non-empty");
-        geos.push(s.output(last));
+    /// The chain's output map.
+    fn output(&self) -> View {
+        *self.maps.last().expect("non-empty")
     }
-    let mut d = dout;
-    for (i, stage) in stages.iter().enumerate().rev() {
-        d = stage.backward(store, grads, &tape.inputs[i], &tape.saved[i], &d, batch, geos[i]);
+
+    /// The gradient buffer of map `i` (training plans).
+    fn grad(&self, i: usize) -> View {
+        let (maps, _) = self.grads.expect("a training plan");
+        maps[i % 2].prefix(self.maps[i].len())
     }
-    d
+
+    fn forward<B: ImageOps>(
+        &self,
+        be: &B,
+        m: &mut B::Memory<'_>,
+        stages: &[Stage],
+        store: &ParamStore,
+        batch: usize,
+    ) -> Result<()> {
+        for (i, s) in stages.iter().enumerate() {
+            s.forward(be, m, store, self.maps[i], self.maps[i + 1], &self.saved[i], batch, self.geos[i])?;
+        }
+        Ok(())
+    }
+
+    /// Backward through the stages from the gradient of the output ([`ChainPlan::grad`] of the
+    /// last map) to the input's (`grad(0)`).
+    fn backward<B: ImageOps>(
+        &self,
+        be: &B,
+        m: &mut B::Memory<'_>,
+        stages: &[Stage],
+        store: &ParamStore,
+        batch: usize,
+    ) -> Result<()> {
+        let (_, block) = self.grads.expect("a training plan");
+        for (i, s) in stages.iter().enumerate().rev() {
+            let (dout, dx) = (self.grad(i + 1), self.grad(i));
+            s.backward(be, m, store, self.maps[i], &self.saved[i], dout, dx, block, batch, self.geos[i])?;
+        }
+        Ok(())
+    }
 }
 
 /// A 1x1 convolution applied token-major: `rows[B·P, n_out] = rows[B·P, n_in] · Wᵀ + b` with W
@@ -492,54 +580,48 @@ impl PointwiseLayer {
         PointwiseLayer { weight: conv.weight, bias: conv.bias, n_in, n_out }
     }
 
-    fn forward(&self, store: &ParamStore, rows: &[f32], out: &mut [f32]) {
-        let m = rows.len() / self.n_in;
-        matmul(
-            MatMut::rows(out, m, self.n_out),
-            Mat::rows(rows, m, self.n_in),
-            Mat::transposed(store.get(self.weight), self.n_out, self.n_in),
-            1.0,
-            false,
-            Threads::Pool,
-        );
-        add_bias(out, store.get(self.bias));
+    fn forward<B: ImageOps>(
+        &self,
+        be: &B,
+        m: &mut B::Memory<'_>,
+        store: &ParamStore,
+        rows: View,
+        out: View,
+    ) -> Result<()> {
+        let r = rows.len() / self.n_in;
+        let (w, b) = (store.view(self.weight), store.view(self.bias));
+        be.linear(m, out, rows, w, Some(b), r, self.n_in, self.n_out)
     }
 
-    fn backward(&self, store: &ParamStore, grads: &mut [f32], rows: &[f32], dout: &[f32], drows: Option<&mut [f32]>) {
-        let m = rows.len() / self.n_in;
-        let (dw, db) = weight_and_bias_grads(store, grads, self.weight, self.bias);
-        linear_backward(drows, dw, Some(db), dout, rows, store.get(self.weight), m, self.n_in, self.n_out);
+    #[allow(clippy::too_many_arguments)]
+    fn backward<B: ImageOps>(
+        &self,
+        be: &B,
+        m: &mut B::Memory<'_>,
+        store: &ParamStore,
+        rows: View,
+        dout: View,
+        drows: Option<View>,
+    ) -> Result<()> {
+        let r = rows.len() / self.n_in;
+        let (dw, db) = (store.grad_view(self.weight), store.grad_view(self.bias));
+        be.linear_backward(m, drows, dw, Some(db), dout, rows, store.view(self.weight), r, self.n_in, self.n_out)
     }
 }
 
-/// NCHW `[B, C, H, W]` → token-major rows `[B·H·W, C]`.
-pub fn nchw_to_rows(x: &[f32], batch: usize, g: Geometry) -> Vec<f32> {
-    let (c, p) = (g.channels, g.height * g.width);
-    let mut rows = vec![0.0; x.len()];
-    for b in 0..batch {
-        let (src, dst) = (&x[b * c * p..(b + 1) * c * p], &mut rows[b * c * p..(b + 1) * c * p]);
-        for ch in 0..c {
-            for i in 0..p {
-                dst[i * c + ch] = src[ch * p + i];
-            }
-        }
-    }
-    rows
+/// The host memory of one network pass: its plan's arena. A training forward leaves it on the
+/// network's tape, where the backward works in it too.
+#[derive(Debug)]
+struct HostPass<P> {
+    plan: P,
+    arena: Arena,
 }
 
-/// Token-major rows `[B·H·W, C]` → NCHW `[B, C, H, W]`.
-pub fn rows_to_nchw(rows: &[f32], batch: usize, g: Geometry) -> Vec<f32> {
-    let (c, p) = (g.channels, g.height * g.width);
-    let mut x = vec![0.0; rows.len()];
-    for b in 0..batch {
-        let (src, dst) = (&rows[b * c * p..(b + 1) * c * p], &mut x[b * c * p..(b + 1) * c * p]);
-        for i in 0..p {
-            for ch in 0..c {
-                dst[ch * p + i] = src[i * c + ch];
-            }
-        }
-    }
-    x
+/// Plans a pass with `plan_views` and allocates its host memory.
+fn host_pass<P>(plan_views: impl FnOnce(&mut Planner) -> P) -> Result<HostPass<P>> {
+    let mut planner = Planner::shared();
+    let plan = plan_views(&mut planner);
+    Ok(HostPass { plan, arena: Arena::new(&planner)? })
 }
 
 /// Image → code logits.
@@ -550,13 +632,29 @@ pub struct Encoder {
     pub input: Geometry,
 }
 
-/// What the encoder's training forward keeps.
+/// The views of one encoder pass.
+#[derive(Debug)]
+pub(crate) struct EncoderPlan {
+    chain: ChainPlan,
+    /// The last feature map, token-major (the output convolution's input), and its gradient
+    /// (training).
+    rows: View,
+    drows: View,
+    /// The code logits, token-major `[B·P, V]`.
+    pub logits: View,
+}
+
+impl EncoderPlan {
+    /// The pixels `[B, C, H, W]` the pass reads.
+    pub(crate) fn input(&self) -> View {
+        self.chain.maps[0]
+    }
+}
+
+/// What the encoder's training forward keeps: its pass's memory, where the backward works too.
 #[derive(Debug, Default)]
 pub struct EncoderTape {
-    stages: Tape,
-    /// The last feature map (after its ReLU), token-major: the output convolution's input.
-    features: Vec<f32>,
-    geometry: Option<Geometry>,
+    pass: RefCell<Option<HostPass<EncoderPlan>>>,
 }
 
 impl Encoder {
@@ -620,26 +718,102 @@ impl Encoder {
         logits: &mut Vec<f32>,
     ) {
         assert_eq!(pixels.len(), self.input.len(batch), "encoder input size");
-        let keep = tape.is_some();
-        let mut stage_tape = Tape::default();
-        let (features, g) =
-            run_stages(&self.stages, store, pixels.to_vec(), batch, self.input, keep.then_some(&mut stage_tape));
-        let rows = nchw_to_rows(&features, batch, g);
-        logits.resize(batch * g.height * g.width * self.output.n_out, 0.0);
-        self.output.forward(store, &rows, logits);
+        let be = host_backend();
+        let training = tape.is_some();
+        let mut pass = host_pass(|p| self.plan(&be, p, batch, training)).expect("the memory of an encoder pass");
+        let mut m = HostMemory::new(&mut pass.arena, &store.data, &mut []);
+        logits.resize(pass.plan.logits.len(), 0.0);
+        let plan = &pass.plan;
+        let mut run = |m: &mut HostMemory<'_>| -> Result<()> {
+            be.upload(m, plan.input(), pixels)?;
+            self.forward_views(&be, m, store, plan, batch)?;
+            be.download(m, plan.logits, logits)
+        };
+        run(&mut m).expect("host ops");
         if let Some(t) = tape {
-            *t = EncoderTape { stages: stage_tape, features: rows, geometry: Some(g) };
+            *t.pass.get_mut() = Some(pass);
         }
+    }
+
+    /// The hard codes (argmax of the logits) of `pixels` `[B, C, H, W]`, appended to `tokens`.
+    pub(crate) fn tokens_into(
+        &self,
+        store: &ParamStore,
+        pixels: &[f32],
+        batch: usize,
+        tokens: &mut Vec<u32>,
+    ) -> Result<()> {
+        assert_eq!(pixels.len(), self.input.len(batch), "encoder input size");
+        let be = host_backend();
+        let mut pass = host_pass(|p| self.plan(&be, p, batch, false))?;
+        let mut m = HostMemory::new(&mut pass.arena, &store.data, &mut []);
+        let plan = &pass.plan;
+        be.upload(&mut m, plan.input(), pixels)?;
+        self.forward_views(&be, &mut m, store, plan, batch)?;
+        let start = tokens.len();
+        tokens.resize(start + plan.logits.len() / self.output.n_out, 0);
+        be.argmax_rows(&mut m, plan.logits, self.output.n_out, &mut tokens[start..])
+    }
+
+    /// The views of a pass over `batch` images (with the backward's when `training`).
+    pub(crate) fn plan<B: ImageOps>(&self, be: &B, p: &mut Planner, batch: usize, training: bool) -> EncoderPlan {
+        let input = p.act(self.input.len(batch));
+        let chain = ChainPlan::new(be, p, &self.stages, input, self.input, batch, training);
+        let features = chain.output().len();
+        let g = *chain.geos.last().expect("non-empty");
+        let rows = p.act(features);
+        let drows = p.act(if training { features } else { 0 });
+        let logits = p.act(batch * g.height * g.width * self.output.n_out);
+        EncoderPlan { chain, rows, drows, logits }
+    }
+
+    /// The forward over planned views: `plan.input()` → `plan.logits`.
+    pub(crate) fn forward_views<B: ImageOps>(
+        &self,
+        be: &B,
+        m: &mut B::Memory<'_>,
+        store: &ParamStore,
+        plan: &EncoderPlan,
+        batch: usize,
+    ) -> Result<()> {
+        plan.chain.forward(be, m, &self.stages, store, batch)?;
+        let g = *plan.chain.geos.last().expect("non-empty");
+        be.transpose(m, plan.rows, plan.chain.output(), batch, g.channels, g.height * g.width)?;
+        self.output.forward(be, m, store, plan.rows, plan.logits)
     }
 
     /// Accumulates parameter gradients from `dlogits` (token-major); the input gradient is not
     /// needed (pixels are data).
     pub fn backward(&self, store: &ParamStore, grads: &mut [f32], tape: &EncoderTape, dlogits: &[f32], batch: usize) {
-        let g = tape.geometry.expect("backward after a training forward");
-        let mut drows = vec![0.0; tape.features.len()];
-        self.output.backward(store, grads, &tape.features, dlogits, Some(&mut drows));
-        let dfeatures = rows_to_nchw(&drows, batch, g);
-        backprop_stages(&self.stages, store, grads, &tape.stages, dfeatures, batch, self.input);
+        let mut pass = tape.pass.borrow_mut();
+        let pass = pass.as_mut().expect("backward after a training forward");
+        let be = host_backend();
+        let mut m = HostMemory::new(&mut pass.arena, &store.data, grads);
+        let plan = &pass.plan;
+        // The logits' buffer takes their gradient: the forward is done with them.
+        let run = |m: &mut HostMemory<'_>| -> Result<()> {
+            be.upload(m, plan.logits, dlogits)?;
+            self.backward_views(&be, m, store, plan, plan.logits, batch)
+        };
+        run(&mut m).expect("host ops");
+    }
+
+    /// The backward over planned views from `dlogits` (`[B·P, V]`): parameter gradients added.
+    pub(crate) fn backward_views<B: ImageOps>(
+        &self,
+        be: &B,
+        m: &mut B::Memory<'_>,
+        store: &ParamStore,
+        plan: &EncoderPlan,
+        dlogits: View,
+        batch: usize,
+    ) -> Result<()> {
+        self.output.backward(be, m, store, plan.rows, dlogits, Some(plan.drows))?;
+        let chain = &plan.chain;
+        let last = chain.maps.len() - 1;
+        let g = chain.geos[last];
+        be.transpose(m, chain.grad(last), plan.drows, batch, g.height * g.width, g.channels)?;
+        chain.backward(be, m, &self.stages, store, batch)
     }
 }
 
@@ -651,9 +825,22 @@ pub struct Decoder {
     pub grid: Geometry,
 }
 
+/// The views of one decoder pass.
+#[derive(Debug)]
+pub(crate) struct DecoderPlan {
+    /// The codes (token-major) and their gradient (training), the input convolution's rows and
+    /// their gradient (training).
+    codes: View,
+    dcodes: View,
+    rows: View,
+    drows: View,
+    chain: ChainPlan,
+}
+
+/// What the decoder's training forward keeps: its pass's memory, where the backward works too.
 #[derive(Debug, Default)]
 pub struct DecoderTape {
-    stages: Tape,
+    pass: RefCell<Option<HostPass<DecoderPlan>>>,
 }
 
 impl Decoder {
@@ -690,9 +877,16 @@ impl Decoder {
     }
 
     /// Memory of one pass over `batch` images, `training` or not (an estimate from above): the
-    /// stages' buffers ([`ChainCost`]) and the input convolution's rows and their NCHW copy.
-    /// The codes themselves are the caller's.
+    /// stages' buffers ([`ChainCost`]), the input convolution's rows and their NCHW copy, and the
+    /// pass's copy of the codes (with their gradient when training).
     pub fn pass_bytes(&self, batch: usize, training: bool) -> Bytes {
+        let codes = Bytes::floats(&[self.grid.height * self.grid.width, self.input.n_in]) * (1 + training as usize);
+        self.pass_bytes_on_codes(batch, training) + codes * batch
+    }
+
+    /// [`Decoder::pass_bytes`] of a pass that reads the codes (and writes their gradient) in
+    /// views of its caller's.
+    pub(crate) fn pass_bytes_on_codes(&self, batch: usize, training: bool) -> Bytes {
         let chain = ChainCost::of(&self.stages, self.grid);
         let stages = if training { chain.training(batch) } else { chain.inference(batch) };
         stages + Bytes::floats(&[self.grid.len(1)]) * (2 * batch)
@@ -700,19 +894,64 @@ impl Decoder {
 
     /// Pixels `[B, C, H, W]` (in `map_pixels` space) from codes token-major `[B·P, V]`.
     pub fn forward(&self, store: &ParamStore, codes: &[f32], batch: usize, tape: Option<&mut DecoderTape>) -> Vec<f32> {
-        let mut rows = vec![0.0; batch * self.grid.height * self.grid.width * self.input.n_out];
-        self.input.forward(store, codes, &mut rows);
-        let x = rows_to_nchw(&rows, batch, self.grid);
-        let mut stage_tape = Tape::default();
-        let (out, _) = run_stages(&self.stages, store, x, batch, self.grid, tape.is_some().then_some(&mut stage_tape));
+        let be = host_backend();
+        let training = tape.is_some();
+        let mut pass = host_pass(|p| self.plan(&be, p, batch, training, None)).expect("the memory of a decoder pass");
+        let mut m = HostMemory::new(&mut pass.arena, &store.data, &mut []);
+        let plan = &pass.plan;
+        let mut pixels = vec![0.0; plan.output().len()];
+        let mut run = |m: &mut HostMemory<'_>| -> Result<()> {
+            be.upload(m, plan.codes, codes)?;
+            self.forward_views(&be, m, store, plan, batch)?;
+            be.download(m, plan.output(), &mut pixels)
+        };
+        run(&mut m).expect("host ops");
         if let Some(t) = tape {
-            *t = DecoderTape { stages: stage_tape };
+            *t.pass.get_mut() = Some(pass);
         }
-        out
+        pixels
+    }
+
+    /// The views of a pass over `batch` images (with the backward's when `training`), reading
+    /// the codes from `codes` (and writing their gradient to its second view) when given, else
+    /// from views of its own.
+    pub(crate) fn plan<B: ImageOps>(
+        &self,
+        be: &B,
+        p: &mut Planner,
+        batch: usize,
+        training: bool,
+        codes: Option<(View, View)>,
+    ) -> DecoderPlan {
+        let tokens = batch * self.grid.height * self.grid.width;
+        let (codes, dcodes) = codes.unwrap_or_else(|| {
+            let codes = p.act(tokens * self.input.n_in);
+            (codes, p.act(if training { tokens * self.input.n_in } else { 0 }))
+        });
+        let rows = p.act(tokens * self.input.n_out);
+        let drows = p.act(if training { tokens * self.input.n_out } else { 0 });
+        let x = p.act(self.grid.len(batch));
+        let chain = ChainPlan::new(be, p, &self.stages, x, self.grid, batch, training);
+        DecoderPlan { codes, dcodes, rows, drows, chain }
+    }
+
+    /// The forward over planned views: the codes → `plan.output()`.
+    pub(crate) fn forward_views<B: ImageOps>(
+        &self,
+        be: &B,
+        m: &mut B::Memory<'_>,
+        store: &ParamStore,
+        plan: &DecoderPlan,
+        batch: usize,
+    ) -> Result<()> {
+        self.input.forward(be, m, store, plan.codes, plan.rows)?;
+        let g = self.grid;
+        be.transpose(m, plan.chain.maps[0], plan.rows, batch, g.height * g.width, g.channels)?;
+        plan.chain.forward(be, m, &self.stages, store, batch)
     }
 
     /// Accumulates parameter gradients and writes the gradient of `codes` (the forward's input,
-    /// token-major) into `dcodes` (resized, allocation reused).
+    /// token-major, whose copy on the tape is read) into `dcodes` (resized, allocation reused).
     #[allow(clippy::too_many_arguments)]
     pub fn backward(
         &self,
@@ -724,10 +963,53 @@ impl Decoder {
         batch: usize,
         dcodes: &mut Vec<f32>,
     ) {
-        let dx = backprop_stages(&self.stages, store, grads, &tape.stages, dpixels, batch, self.grid);
-        let drows = nchw_to_rows(&dx, batch, self.grid);
+        let mut pass = tape.pass.borrow_mut();
+        let pass = pass.as_mut().expect("backward after a training forward");
+        assert_eq!(codes.len(), pass.plan.codes.len(), "the codes of the forward");
+        let be = host_backend();
+        let mut m = HostMemory::new(&mut pass.arena, &store.data, grads);
         dcodes.resize(codes.len(), 0.0);
-        self.input.backward(store, grads, codes, &drows, Some(dcodes));
+        let plan = &pass.plan;
+        let mut run = |m: &mut HostMemory<'_>| -> Result<()> {
+            be.upload(m, plan.dpixels(), &dpixels)?;
+            self.backward_views(&be, m, store, plan, batch)?;
+            be.download(m, plan.dcodes, dcodes)
+        };
+        run(&mut m).expect("host ops");
+    }
+
+    /// The backward over planned views from the gradient in `plan.dpixels()`: parameter
+    /// gradients added, the codes' gradient written.
+    pub(crate) fn backward_views<B: ImageOps>(
+        &self,
+        be: &B,
+        m: &mut B::Memory<'_>,
+        store: &ParamStore,
+        plan: &DecoderPlan,
+        batch: usize,
+    ) -> Result<()> {
+        let chain = &plan.chain;
+        chain.backward(be, m, &self.stages, store, batch)?;
+        let g = self.grid;
+        be.transpose(m, plan.drows, chain.grad(0), batch, g.channels, g.height * g.width)?;
+        self.input.backward(be, m, store, plan.codes, plan.drows, Some(plan.dcodes))
+    }
+}
+
+impl DecoderPlan {
+    /// The reconstructed pixels `[B, C, H, W]`.
+    pub(crate) fn output(&self) -> View {
+        self.chain.output()
+    }
+
+    /// Where the backward writes dL/d(codes).
+    pub(crate) fn dcodes(&self) -> View {
+        self.dcodes
+    }
+
+    /// Where the backward reads dL/d(pixels).
+    pub(crate) fn dpixels(&self) -> View {
+        self.chain.grad(self.chain.maps.len() - 1)
     }
 }
 

@@ -1,141 +1,90 @@
 //! The dVAE's discrete bottleneck, on token-major code logits `[R, V]` (one row per grid
 //! position): the Gumbel-softmax relaxation (Jang et al. 2017, as DALL-E trains its dVAE), the KL
 //! divergence of the encoder's code distribution to the uniform prior, the hard argmax that
-//! tokenizes, and the codebook perplexity that says how many codes are in use.
+//! tokenizes ([`CodeOps`], which the training step and tokenizing run on planned views; the
+//! functions here run one op on host slices), and the codebook perplexity that says how many
+//! codes are in use.
 
-use rand::{Rng, SeedableRng};
-use rand_chacha::ChaCha8Rng;
-use rayon::prelude::*;
+use crate::backend::code_ops::CodeOps;
+use crate::backend::memory::{Arena, HostMemory, Planner, View};
+use crate::backend::Backend;
+use crate::context::host_backend;
+use crate::error::Result;
 
-use crate::backend::cpu::math::{self, simd_dispatch};
-
-simd_dispatch! {
-    /// Row-wise softmax of `x / tau`, in place.
-    fn softmax_in_place(x: &mut [f32], tau: f32) {
-        let inv = 1.0 / tau;
-        let max = math::max(x);
-        for v in x.iter_mut() {
-            *v = math::exp((*v - max) * inv);
-        }
-        let inv_sum = 1.0 / math::sum(x);
-        for v in x.iter_mut() {
-            *v *= inv_sum;
-        }
-    }
-}
-
-simd_dispatch! {
-    /// `out = logits + g` with g = −ln(−ln u) from 24-bit uniforms `u = (bits >> 8 + ½) / 2^24`,
-    /// which are strictly inside (0, 1), so both logarithms are finite.
-    fn add_gumbel(out: &mut [f32], logits: &[f32], bits: &[u32]) {
-        for ((o, &l), &r) in out.iter_mut().zip(logits).zip(bits) {
-            let u = ((r >> 8) as f32 + 0.5) * (1.0 / 16_777_216.0);
-            *o = l - math::ln(-math::ln(u));
-        }
-    }
-}
-
-/// The noise stream of row `row` at `step`: ChaCha8 keyed by the seed and step, one stream per
-/// row, so the noise is the same whatever the thread count.
-fn row_rng(seed: u64, step: u64, row: usize) -> ChaCha8Rng {
-    let mut key = [0u8; 32];
-    key[0..8].copy_from_slice(&seed.to_le_bytes());
-    key[8..16].copy_from_slice(&step.to_le_bytes());
-    key[16..24].copy_from_slice(b"gumbelsm");
-    let mut rng = ChaCha8Rng::from_seed(key);
-    rng.set_stream(row as u64);
-    rng
+/// Host memory holding one float view per length.
+fn host_views<const N: usize>(lens: [usize; N]) -> ([View; N], Arena) {
+    let mut plan = Planner::shared();
+    let views = lens.map(|l| plan.act(l));
+    (views, Arena::new(&plan).expect("the host memory of a code op"))
 }
 
 /// Relaxed one-hot codes `y = softmax((logits + g) / tau)` with `g` standard Gumbel noise
-/// (`−ln(−ln u)`, u uniform in (0, 1)) drawn from (`seed`, `step`).
+/// (`−ln(−ln u)`, u uniform in (0, 1)) drawn from (`seed`, `step`), on the host backend
+/// ([`CodeOps::gumbel_softmax`]).
 pub fn gumbel_softmax(logits: &[f32], vocab: usize, tau: f32, seed: u64, step: u64, out: &mut [f32]) {
     assert_eq!(logits.len(), out.len());
-    assert!(tau > 0.0, "temperature must be positive");
-    out.par_chunks_mut(vocab).zip(logits.par_chunks(vocab)).enumerate().for_each_init(
-        || vec![0u32; vocab],
-        |bits, (row, (o, l))| {
-            row_rng(seed, step, row).fill(&mut bits[..]);
-            add_gumbel(o, l, bits);
-            softmax_in_place(o, tau);
-        },
-    );
+    let ([l, o], mut arena) = host_views([logits.len(), out.len()]);
+    let be = host_backend();
+    let mut m = HostMemory::new(&mut arena, &[], &mut []);
+    let mut run = |m: &mut HostMemory<'_>| -> Result<()> {
+        be.upload(m, l, logits)?;
+        be.gumbel_softmax(m, o, l, vocab, tau, seed, step)?;
+        be.download(m, o, out)
+    };
+    run(&mut m).expect("host ops");
 }
 
 /// Backward of [`gumbel_softmax`] given its output `y`: `dlogits = (1/τ) · y ⊙ (dy − Σ y·dy)`
-/// (the noise is a constant), overwriting `dlogits`.
+/// (the noise is a constant), overwriting `dlogits`; on the host backend.
 pub fn gumbel_softmax_backward(y: &[f32], dy: &[f32], vocab: usize, tau: f32, dlogits: &mut [f32]) {
     assert_eq!(y.len(), dy.len());
     assert_eq!(y.len(), dlogits.len());
-    let inv_tau = 1.0 / tau;
-    dlogits.par_chunks_mut(vocab).zip(y.par_chunks(vocab).zip(dy.par_chunks(vocab))).for_each(|(d, (yr, dyr))| {
-        let dot: f32 = yr.iter().zip(dyr).map(|(a, b)| a * b).sum();
-        for ((o, &a), &b) in d.iter_mut().zip(yr).zip(dyr) {
-            *o = inv_tau * a * (b - dot);
-        }
-    });
-}
-
-simd_dispatch! {
-    /// One row of [`kl_to_uniform`]: returns `Σ q ln q` and, with `weight ≠ 0`, adds
-    /// `weight · q ⊙ (ln q − Σ q ln q)` to `d`. `q` is scratch of the row's length.
-    fn kl_row(l: &[f32], q: &mut [f32], d: Option<&mut [f32]>, weight: f32) -> f64 {
-        let max = math::max(l);
-        for (p, &v) in q.iter_mut().zip(l) {
-            *p = math::exp(v - max);
-        }
-        let sum = math::sum(q);
-        // ln q = l − lse, from the logits: ln of a tiny q would underflow.
-        let lse = max + math::ln(sum);
-        let inv_sum = 1.0 / sum;
-        let mut neg_entropy = 0.0f32;
-        for (p, &v) in q.iter_mut().zip(l) {
-            *p *= inv_sum;
-            neg_entropy += *p * (v - lse);
-        }
-        if let Some(d) = d {
-            for ((o, &p), &v) in d.iter_mut().zip(q.iter()).zip(l) {
-                *o += weight * p * (v - lse - neg_entropy);
-            }
-        }
-        neg_entropy as f64
-    }
+    let ([yv, dyv, d], mut arena) = host_views([y.len(), dy.len(), dlogits.len()]);
+    let be = host_backend();
+    let mut m = HostMemory::new(&mut arena, &[], &mut []);
+    let mut run = |m: &mut HostMemory<'_>| -> Result<()> {
+        be.upload(m, yv, y)?;
+        be.upload(m, dyv, dy)?;
+        be.gumbel_softmax_backward(m, d, yv, dyv, vocab, tau)?;
+        be.download(m, d, dlogits)
+    };
+    run(&mut m).expect("host ops");
 }
 
 /// Mean over rows of `KL(softmax(logits) ‖ uniform) = Σ q ln q + ln V`; with `dlogits`, adds
-/// `weight ·` its gradient, `weight · q ⊙ (ln q − Σ q ln q) / R`.
+/// `weight ·` its gradient, `weight · q ⊙ (ln q − Σ q ln q) / R`. On the host backend.
 pub fn kl_to_uniform(logits: &[f32], vocab: usize, weight: f32, dlogits: Option<&mut [f32]>) -> f64 {
-    let rows = logits.len() / vocab;
-    let row_weight = weight / rows.max(1) as f32;
-    let parts: Vec<f64> = match dlogits {
-        Some(d) => {
-            assert_eq!(d.len(), logits.len());
-            logits
-                .par_chunks(vocab)
-                .zip(d.par_chunks_mut(vocab))
-                .map_init(|| vec![0.0f32; vocab], |q, (l, dr)| kl_row(l, q, Some(dr), row_weight))
-                .collect()
+    let ([l, d], mut arena) = host_views([logits.len(), dlogits.as_ref().map_or(0, |d| d.len())]);
+    let be = host_backend();
+    let mut m = HostMemory::new(&mut arena, &[], &mut []);
+    let run = |m: &mut HostMemory<'_>| -> Result<f64> {
+        be.upload(m, l, logits)?;
+        match dlogits {
+            Some(dst) => {
+                be.upload(m, d, dst)?;
+                be.kl_to_uniform(m, l, Some(d), vocab, weight)?;
+                be.download(m, d, dst)?;
+            }
+            None => be.kl_to_uniform(m, l, None, vocab, weight)?,
         }
-        None => logits.par_chunks(vocab).map_init(|| vec![0.0f32; vocab], |q, l| kl_row(l, q, None, 0.0)).collect(),
+        be.take_loss(m)
     };
-    // Summed in row order: the same bits for any thread count.
-    parts.iter().sum::<f64>() / rows.max(1) as f64 + (vocab as f64).ln()
+    run(&mut m).expect("host ops")
 }
 
-/// The index of each row's largest logit (the first one on ties, like `torch.argmax`).
+/// The index of each row's largest logit (the first one on ties, like `torch.argmax`), on the
+/// host backend.
 pub fn argmax_rows(logits: &[f32], vocab: usize) -> Vec<u32> {
-    logits
-        .par_chunks(vocab)
-        .map(|row| {
-            let mut best = 0;
-            for (i, &v) in row.iter().enumerate() {
-                if v > row[best] {
-                    best = i;
-                }
-            }
-            best as u32
-        })
-        .collect()
+    let ([l], mut arena) = host_views([logits.len()]);
+    let be = host_backend();
+    let mut m = HostMemory::new(&mut arena, &[], &mut []);
+    let mut tokens = vec![0; logits.len() / vocab];
+    let mut run = |m: &mut HostMemory<'_>| -> Result<()> {
+        be.upload(m, l, logits)?;
+        be.argmax_rows(m, l, vocab, &mut tokens)
+    };
+    run(&mut m).expect("host ops");
+    tokens
 }
 
 /// Codebook perplexity `exp(−Σ p ln p)` of the code histogram: 1 when one code is used

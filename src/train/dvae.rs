@@ -9,7 +9,12 @@
 use super::adamw::{AdamW, AdamWConfig};
 use super::optimizer::{apply_update, HostUpdate};
 use super::schedule::CosineSchedule;
-use crate::dvae::relaxation::{argmax_rows, gumbel_softmax, gumbel_softmax_backward, kl_to_uniform, perplexity};
+use crate::backend::code_ops::CodeOps;
+use crate::backend::memory::{Arena, HostMemory, Planner, View};
+use crate::backend::Backend;
+use crate::context::host_backend;
+use crate::dvae::network::{DecoderPlan, EncoderPlan};
+use crate::dvae::relaxation::perplexity;
 use crate::dvae::Dvae;
 use crate::error::{Error, Result};
 use crate::resources::{try_zeroed, Bytes, Need};
@@ -101,12 +106,22 @@ pub struct DvaeTrainer {
     optimizer: AdamW,
     grads: Vec<f32>,
     step: usize,
-    /// The code-sized buffers `[B·P, V]` (134 MB each at 8192 codes and batch 64), kept across
-    /// steps so their pages are faulted in once.
-    logits: Vec<f32>,
-    codes: Vec<f32>,
-    dlogits: Vec<f32>,
-    dcodes: Vec<f32>,
+    /// The memory of a step on the last batch size, kept across steps so its pages are faulted
+    /// in once (the code-sized buffers `[B·P, V]` are 134 MB each at 8192 codes and batch 64).
+    pass: Option<(StepPlan, Arena)>,
+    /// The reconstruction, downloaded for the loss, and the hard codes.
+    recon: Vec<f32>,
+    tokens: Vec<u32>,
+}
+
+/// The views of one training step: the encoder's pass (whose logits the relaxation reads), the
+/// relaxed codes, the gradients of codes and logits, and the decoder's pass on the codes.
+struct StepPlan {
+    batch: usize,
+    encoder: EncoderPlan,
+    decoder: DecoderPlan,
+    codes: View,
+    dlogits: View,
 }
 
 impl DvaeTrainer {
@@ -128,17 +143,7 @@ impl DvaeTrainer {
         let grads = try_zeroed(n, "the tokenizer's gradients")?;
         let config = AdamWConfig { beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: options.weight_decay };
         let optimizer = AdamW::new(&dvae.params, config)?;
-        Ok(DvaeTrainer {
-            dvae,
-            options,
-            optimizer,
-            grads,
-            step: 0,
-            logits: Vec::new(),
-            codes: Vec::new(),
-            dlogits: Vec::new(),
-            dcodes: Vec::new(),
-        })
+        Ok(DvaeTrainer { dvae, options, optimizer, grads, step: 0, pass: None, recon: Vec::new(), tokens: Vec::new() })
     }
 
     pub fn step_count(&self) -> usize {
@@ -151,7 +156,7 @@ impl DvaeTrainer {
     pub fn step_bytes(&self, batch: usize) -> Bytes {
         let c = &self.dvae.config;
         let nets = &self.dvae.nets;
-        let decoder = nets.decoder.as_ref().map_or(Bytes::ZERO, |d| d.pass_bytes(batch, true));
+        let decoder = nets.decoder.as_ref().map_or(Bytes::ZERO, |d| d.pass_bytes_on_codes(batch, true));
         nets.encoder.pass_bytes(batch, true)
             + decoder
             + Bytes::floats(&[4, batch, c.tokens_per_image(), c.vocab_size])
@@ -186,27 +191,43 @@ impl DvaeTrainer {
         let nets = &self.dvae.nets;
         let decoder = nets.decoder.as_ref().expect("checked at construction");
         let params = &self.dvae.params;
+        let be = host_backend();
+        if self.pass.as_ref().is_none_or(|(p, _)| p.batch != batch) {
+            self.pass = None; // free the old memory before planning the new
+            let mut p = Planner::shared();
+            let encoder = nets.encoder.plan(&be, &mut p, batch, true);
+            let codes = p.act(encoder.logits.len());
+            let (dcodes, dlogits) = (p.act(codes.len()), p.act(codes.len()));
+            let decoder = decoder.plan(&be, &mut p, batch, true, Some((codes, dcodes)));
+            self.pass = Some((StepPlan { batch, encoder, decoder, codes, dlogits }, Arena::new(&p)?));
+        }
+        let (plan, arena) = self.pass.as_mut().expect("planned above");
+        let (recon, tokens) = (&mut self.recon, &mut self.tokens);
 
-        let (logits, codes, dlogits, dcodes) = (&mut self.logits, &mut self.codes, &mut self.dlogits, &mut self.dcodes);
-        let mut enc_tape = Default::default();
-        nets.encoder.forward_into(params, mapped, batch, Some(&mut enc_tape), logits);
-        codes.resize(logits.len(), 0.0);
-        gumbel_softmax(logits, vocab, tau, o.seed, step as u64, codes);
-        let mut dec_tape = Default::default();
-        let recon = decoder.forward(params, codes, batch, Some(&mut dec_tape));
+        self.grads.fill(0.0);
+        let mut m = HostMemory::new(arena, &params.data, &mut self.grads);
+        let (enc, dec) = (&plan.encoder, &plan.decoder);
+        be.upload(&mut m, enc.input(), mapped)?;
+        nets.encoder.forward_views(&be, &mut m, params, enc, batch)?;
+        be.gumbel_softmax(&mut m, plan.codes, enc.logits, vocab, tau, o.seed, step as u64)?;
+        decoder.forward_views(&be, &mut m, params, dec, batch)?;
+        recon.resize(dec.output().len(), 0.0);
+        be.download(&mut m, dec.output(), recon)?;
 
         let n = recon.len() as f64;
         let recon_mse = recon.iter().zip(mapped).map(|(a, b)| ((a - b) as f64).powi(2)).sum::<f64>() / n;
         let drecon: Vec<f32> = recon.iter().zip(mapped).map(|(a, b)| (2.0 * (a - b) as f64 / n) as f32).collect();
 
-        self.grads.fill(0.0);
-        decoder.backward(params, &mut self.grads, &dec_tape, codes, drecon, batch, dcodes);
-        dlogits.resize(logits.len(), 0.0);
-        gumbel_softmax_backward(codes, dcodes, vocab, tau, dlogits);
-        let kl = kl_to_uniform(logits, vocab, kl_weight, Some(dlogits));
-        nets.encoder.backward(params, &mut self.grads, &enc_tape, dlogits, batch);
+        be.upload(&mut m, dec.dpixels(), &drecon)?;
+        decoder.backward_views(&be, &mut m, params, dec, batch)?;
+        be.gumbel_softmax_backward(&mut m, plan.dlogits, plan.codes, dec.dcodes(), vocab, tau)?;
+        be.kl_to_uniform(&mut m, enc.logits, Some(plan.dlogits), vocab, kl_weight)?;
+        let kl = be.take_loss(&mut m)?;
+        nets.encoder.backward_views(&be, &mut m, params, enc, plan.dlogits, batch)?;
+        tokens.resize(enc.logits.len() / vocab, 0);
+        be.argmax_rows(&mut m, enc.logits, vocab, tokens)?;
 
-        let ppl = perplexity(&argmax_rows(logits, vocab), vocab);
+        let ppl = perplexity(tokens, vocab);
         let lr = o.schedule().value(step) as f32;
         Ok(DvaeStepStats { step, loss: recon_mse + kl_weight as f64 * kl, recon_mse, kl, perplexity: ppl, tau, lr })
     }

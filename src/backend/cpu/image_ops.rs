@@ -327,3 +327,81 @@ impl ImageOps for Cpu {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::memory::{Arena, Planner};
+    use crate::backend::Backend;
+
+    fn data(n: usize, seed: usize) -> Vec<f32> {
+        (0..n).map(|i| (((i * 37 + seed * 11) % 23) as f32 - 11.0) / 7.0).collect()
+    }
+
+    #[test]
+    fn transpose_add_scaled_and_in_place_relu_backward() {
+        let (batch, rows, cols) = (2, 3, 5);
+        let mut plan = Planner::shared();
+        let (x, t, y, g) = (plan.act(30), plan.act(30), plan.act(30), plan.act(30));
+        let mut arena = Arena::new(&plan).unwrap();
+        let mut m = HostMemory::new(&mut arena, &[], &mut []);
+        let xs = data(30, 1);
+        Cpu.upload(&mut m, x, &xs).unwrap();
+        Cpu.transpose(&mut m, t, x, batch, rows, cols).unwrap();
+        let mut got = vec![0.0; 30];
+        Cpu.download(&mut m, t, &mut got).unwrap();
+        for b in 0..batch {
+            for r in 0..rows {
+                for c in 0..cols {
+                    assert_eq!(got[b * 15 + c * rows + r], xs[b * 15 + r * cols + c]);
+                }
+            }
+        }
+        // y = x + 0.5·t
+        Cpu.copy(&mut m, y, x).unwrap();
+        Cpu.add_scaled(&mut m, y, t, 0.5).unwrap();
+        let mut ys = vec![0.0; 30];
+        Cpu.download(&mut m, y, &mut ys).unwrap();
+        for i in 0..30 {
+            assert_eq!(ys[i], xs[i] + 0.5 * got[i]);
+        }
+        // Masking a gradient in place equals the out-of-place backward.
+        let gs = data(30, 2);
+        Cpu.upload(&mut m, g, &gs).unwrap();
+        Cpu.relu_backward(&mut m, t, g, x, DxMode::Overwrite).unwrap();
+        Cpu.relu_backward(&mut m, g, g, x, DxMode::Overwrite).unwrap();
+        let (mut a, mut b) = (vec![0.0; 30], vec![0.0; 30]);
+        Cpu.download(&mut m, t, &mut a).unwrap();
+        Cpu.download(&mut m, g, &mut b).unwrap();
+        assert_eq!(a, b);
+        for i in 0..30 {
+            assert_eq!(b[i], if xs[i] > 0.0 { gs[i] } else { 0.0 });
+        }
+    }
+
+    #[test]
+    fn max_pool_keeps_its_argmax_in_stat_floats() {
+        let (planes, h, w) = (3, 4, 6);
+        let mut plan = Planner::shared();
+        let x = plan.act(planes * h * w);
+        let out = plan.act(planes * 6);
+        let saved = plan.stat(Cpu.max_pool2x2_saved_len(planes * 6));
+        let (dout, dx) = (plan.act(planes * 6), plan.act(planes * h * w));
+        let mut arena = Arena::new(&plan).unwrap();
+        let mut m = HostMemory::new(&mut arena, &[], &mut []);
+        let xs = data(planes * h * w, 3);
+        Cpu.upload(&mut m, x, &xs).unwrap();
+        Cpu.max_pool2x2(&mut m, out, saved, x, planes, h, w).unwrap();
+        let ds = data(planes * 6, 4);
+        Cpu.upload(&mut m, dout, &ds).unwrap();
+        Cpu.max_pool2x2_backward(&mut m, dx, dout, saved, planes, h, w, DxMode::Overwrite).unwrap();
+        let (mut o, mut d) = (vec![0.0; planes * 6], vec![0.0; planes * h * w]);
+        Cpu.download(&mut m, out, &mut o).unwrap();
+        Cpu.download(&mut m, dx, &mut d).unwrap();
+        let (mut want_o, mut want_d, mut arg) =
+            (vec![0.0; planes * 6], vec![0.0; planes * h * w], vec![0u32; planes * 6]);
+        max_pool2x2_forward(planes, 1, h, w, &xs, &mut want_o, &mut arg);
+        max_pool2x2_backward(planes, 1, h, w, &ds, &arg, &mut want_d, DxMode::Overwrite);
+        assert_eq!((o, d), (want_o, want_d));
+    }
+}

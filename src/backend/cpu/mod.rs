@@ -7,6 +7,7 @@ pub mod attention_backward;
 pub mod attention_kernel;
 pub mod backward;
 pub mod batchnorm;
+pub mod code_ops;
 pub mod conv;
 pub mod cross_entropy;
 pub mod cross_entropy_smoothed;
@@ -20,6 +21,7 @@ pub mod mean_squared_error;
 pub mod ops;
 pub mod pixel_cross_entropy;
 pub mod pool;
+pub mod relaxation;
 
 /// A raw pointer that may cross into rayon tasks. Used only where tasks write provably disjoint
 /// parts of one buffer (e.g. one attention head's columns each).

@@ -222,12 +222,14 @@ impl HeadPlan {
             let ca = head.aux.as_ref().map_or(0, |a| a.channels);
             let widest = ch.max(ca).max(d);
             let largest_pool = head.pool_scales.iter().map(|&s| s * s).max().unwrap_or(0);
+            // The largest unit output: a fine-level map, or a pyramid pooling scale beyond it.
+            let unit = (widest * h0 * w0).max(ch * largest_pool);
             HeadGrads {
                 dlogits: p.act(k, h0, w0),
                 daux: p.act(k, gh, gw),
                 dfb: p.act(ch, h0, w0),
-                drelu: p.act(widest, h0, w0),
-                dpre: p.act(widest, h0, w0),
+                drelu: p.plan.act(b * unit),
+                dpre: p.plan.act(b * unit),
                 dcat: p.act(4 * ch, h0, w0),
                 dpart: p.act(ch, h0, w0),
                 dlat: std::array::from_fn(|i| p.act(ch, sizes[i].0, sizes[i].1)),

@@ -201,3 +201,12 @@ extern "C" __global__ void beit_relax_argmax_rows(const float* logits, unsigned*
         }
     }
 }
+
+// loss[0] += Σ neg_entropy[r] / rows + ln(vocab): the mean KL to the uniform prior from the
+// per-row Σ q ln q, summed in row order as the CPU (one thread).
+extern "C" __global__ void beit_relax_kl_finish(double* loss, const double* neg_entropy, int rows, int vocab) {
+    if (blockIdx.x != 0 || threadIdx.x != 0) return;
+    double s = 0.0;
+    for (int r = 0; r < rows; ++r) s += neg_entropy[r];
+    loss[0] += s / (double)(rows > 0 ? rows : 1) + log((double)vocab);
+}

@@ -102,3 +102,69 @@ fn kl_to_uniform_and_argmax_equal_the_cpu() {
     assert_eq!(tokens, want_tokens);
     assert_eq!((tokens[0], tokens[2]), (10, 0), "the first of two maxima; a NaN in first place");
 }
+
+// The same ops through the `CodeOps` trait on both backends, over planned views.
+
+use beit::backend::code_ops::CodeOps;
+use beit::backend::cpu::ops::Cpu;
+use beit::backend::cuda::{CudaBackend, CudaMemory, DeviceArena, DeviceParams, Scratch};
+use beit::backend::memory::{Arena, HostMemory, Planner, View};
+
+const ROWS: usize = 24;
+const VOCAB: usize = 200;
+
+struct Views {
+    logits: View,
+    y: View,
+    dy: View,
+    dlogits: View,
+}
+
+fn plan(p: &mut Planner) -> Views {
+    let n = ROWS * VOCAB;
+    Views { logits: p.act(n), y: p.act(n), dy: p.act(n), dlogits: p.act(n) }
+}
+
+/// Codes, their gradient (the relaxation's backward plus the KL's), the KL and the tokens.
+fn run<B: CodeOps>(be: &B, m: &mut B::Memory<'_>, v: &Views) -> (Vec<f32>, Vec<f32>, f64, Vec<u32>) {
+    let logits: Vec<f32> = values(ROWS * VOCAB, 50).iter().map(|x| 3.0 * x).collect();
+    be.upload(m, v.logits, &logits).unwrap();
+    be.upload(m, v.dy, &values(ROWS * VOCAB, 51)).unwrap();
+    be.gumbel_softmax(m, v.y, v.logits, VOCAB, 0.5, 9, 3).unwrap();
+    be.gumbel_softmax_backward(m, v.dlogits, v.y, v.dy, VOCAB, 0.5).unwrap();
+    be.kl_to_uniform(m, v.logits, Some(v.dlogits), VOCAB, 0.1).unwrap();
+    let kl = be.take_loss(m).unwrap();
+    let mut tokens = vec![0u32; ROWS];
+    be.argmax_rows(m, v.y, VOCAB, &mut tokens).unwrap();
+    let (mut y, mut d) = (vec![0.0; ROWS * VOCAB], vec![0.0; ROWS * VOCAB]);
+    be.download(m, v.y, &mut y).unwrap();
+    be.download(m, v.dlogits, &mut d).unwrap();
+    (y, d, kl, tokens)
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn code_ops_through_the_trait_equal_the_cpu_backend() {
+    let mut p = Planner::shared();
+    let v = plan(&mut p);
+    let mut arena = Arena::new(&p).unwrap();
+    let mut grads = vec![0.0f32; 1];
+    let mut m = HostMemory::new(&mut arena, &[0.0], &mut grads);
+    let (want_y, want_d, want_kl, want_tokens) = run(&Cpu, &mut m, &v);
+
+    let d = dev();
+    let gpu = CudaBackend::<f32>::new(d.clone());
+    let mut p = Planner::split();
+    let v = plan(&mut p);
+    let mut arena = DeviceArena::<f32>::new(&d, &p, Scratch::default()).unwrap();
+    let params = DeviceParams::<f32>::upload(&d, &[0.0]).unwrap();
+    let mut dgrads = d.zeros::<f32>(1).unwrap();
+    let mut m = CudaMemory::new(&d, &mut arena, &params, &mut dgrads).unwrap();
+    let (y, dl, kl, tokens) = run(&gpu, &mut m, &v);
+
+    assert_normwise(&y, &want_y, 1e-5, "codes");
+    assert_normwise(&dl, &want_d, 1e-5, "code logits gradient");
+    assert!((kl - want_kl).abs() <= 1e-6 * want_kl.abs(), "KL {kl} on the GPU, {want_kl} on the CPU");
+    // The codes agree to rounding, so their argmax does wherever the top two are apart.
+    assert_eq!(tokens, want_tokens);
+}

@@ -760,6 +760,11 @@ static void test_image(int batch, int ch, int h, int w, int oh, int ow, uint64_t
         }
     check("image_pixel_cross_entropy loss " + tag, img_loss, wloss, 1e-6);
     check("image_pixel_cross_entropy gradient " + tag, load(lg), wgrad, 1e-6);
+    std::vector<double> acc(1, 2.0);
+    emu::launch(grid(1), 32, [&] { beit_image_add_sum_f64(acc.data(), img_loss.data(), batch); });
+    double wacc = 2.0;
+    for (int b = 0; b < batch; ++b) wacc += wloss[b];
+    check("image_add_sum_f64 " + tag, acc, std::vector<double>{wacc}, 1e-6);
 }
 
 // ---------------------------------------------------------------- dVAE bottleneck (relaxation.cu)
@@ -839,6 +844,13 @@ static void test_relaxation(int rows, int vocab, uint64_t seed) {
     check("relax_kl_to_uniform " + tag, ne, wne, 1e-5);
     check("relax_kl_to_uniform gradient " + tag, load(dkl), wdkl, 1e-5);
     check("relax_argmax_rows " + tag, gtok, wtok, 0);
+    // The mean KL from the per-row sums, added to a loss that holds 0.5.
+    std::vector<double> loss(1, 0.5);
+    emu::launch(grid(1), 32, [&] { beit_relax_kl_finish(loss.data(), ne.data(), rows, vocab); });
+    double wkl = 0.5;
+    for (int r = 0; r < rows; ++r) wkl += wne[r] / rows;
+    wkl += std::log((double)vocab);
+    check("relax_kl_finish " + tag, loss, std::vector<double>{wkl}, 1e-6);
 }
 
 

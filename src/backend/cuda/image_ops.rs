@@ -25,7 +25,7 @@ use crate::error::Result;
 
 /// An f32 view in any space but `Index` (with f32 storage, activations and parameters are f32
 /// like statistics and gradients).
-fn f32_view(m: &CudaMemory<'_, f32>, v: View) -> DeviceView<f32> {
+pub(super) fn f32_view(m: &CudaMemory<'_, f32>, v: View) -> DeviceView<f32> {
     match v.space {
         Space::Act | Space::Param => m.t(v),
         Space::Stat | Space::Grad => m.f(v),
@@ -51,7 +51,7 @@ fn conv_scratch(g: &ColsGeometry, images: usize) -> usize {
 
 impl CudaBackend<f32> {
     /// A zeroed device scratch of `len` elements (at least one: CUDA refuses empty allocations).
-    fn scratch<E: cudarc::driver::DeviceRepr + cudarc::driver::ValidAsZeroBits>(
+    pub(super) fn scratch<E: cudarc::driver::DeviceRepr + cudarc::driver::ValidAsZeroBits>(
         &self,
         len: usize,
     ) -> Result<cudarc::driver::CudaSlice<E>> {

@@ -60,6 +60,7 @@ pub mod adamw;
 pub mod attention;
 mod blaslt;
 pub mod buffer;
+pub mod code_ops;
 pub mod conv;
 pub mod cross_entropy;
 pub mod device;

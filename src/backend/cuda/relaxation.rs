@@ -145,6 +145,27 @@ impl CudaDevice {
     }
 }
 
+impl CudaDevice {
+    /// `loss[0] += Σ neg_entropy / rows + ln V` on the device (the mean KL to the uniform prior
+    /// from [`CudaDevice::kl_to_uniform_rows`], summed in row order).
+    pub fn kl_finish(
+        &self,
+        loss: &mut dyn DevicePtrMut<f64>,
+        neg_entropy: &dyn DevicePtr<f64>,
+        vocab: usize,
+    ) -> Result<()> {
+        ensure!(loss.len() > 0, InvalidArgument, "kl_finish: an empty loss");
+        let args = [
+            Arg::Ptr(self.addr_mut(loss)),
+            Arg::Ptr(self.addr(neg_entropy)),
+            Arg::I32(int("rows", neg_entropy.len())?),
+            Arg::I32(int("vocab", vocab)?),
+        ];
+        // SAFETY: (double*, const double*, int, int); one thread reads rows doubles.
+        unsafe { self.launch_kernel(FILE, "beit_relax_kl_finish", config((1, 1, 1), 32), &args) }
+    }
+}
+
 /// The mean KL to the uniform prior from the per-row `Σ q ln q` of
 /// [`CudaDevice::kl_to_uniform_rows`], summed in row order as the CPU does.
 pub fn kl_from_neg_entropy(neg_entropy: &[f64], vocab: usize) -> f64 {

@@ -310,3 +310,58 @@ extern "C" __global__ void beit_image_batch_norm_running_update(float* running_m
     running_mean[c] = __fadd_rn(__fmul_rn(keep, running_mean[c]), __fmul_rn(momentum, mean[c]));
     running_var[c] = __fadd_rn(__fmul_rn(keep, running_var[c]), __fmul_rn(momentum, var_unbiased[c]));
 }
+
+// ---------------------------------------------------------------------------------------------
+// Glue of the segmentation head: scaling, the NCHW <-> token-major transpose, and the per-pixel
+// cross-entropy (model/segmentation/loss.rs pixel_cross_entropy_sum).
+
+// v *= factor.
+extern "C" __global__ void beit_image_scale(float* v, float factor, long long n) {
+    BEIT_GRID_STRIDE(i, n) v[i] = __fmul_rn(v[i], factor);
+}
+
+// `batch` matrices [rows, cols] of x transposed into y ([cols, rows] each); one thread per
+// output element (reads strided, writes coalesced).
+extern "C" __global__ void beit_image_transpose(const float* x, float* y, long long batch, int rows, int cols) {
+    const long long each = (long long)rows * cols;
+    BEIT_GRID_STRIDE(o, batch * each) {
+        const long long b = o / each;
+        const int r = (int)(o % each);
+        const int c = r / rows, rr = r % rows;  // y[b][c][rr] = x[b][rr][c]
+        y[o] = x[b * each + (long long)rr * cols + c];
+    }
+}
+
+// One block per image of NCHW logits [batch, classes, plane] against labels [batch, plane] (a
+// label of `classes` leaves its pixel out): each thread takes pixels with a block stride; per
+// pixel, in f64 as the CPU: max, z = Σ exp(l − max), loss ln z − (l_label − max), and the logits
+// overwritten by scale·(softmax − onehot) (0 at pixels left out). The image's loss sum (a block
+// tree of the threads' sums) goes to image_loss[image].
+extern "C" __global__ void beit_image_pixel_cross_entropy(float* logits, const int* labels, double* image_loss,
+                                                          int batch, int classes, int plane, float scale) {
+    __shared__ double scratch[32];
+    for (int b = blockIdx.x; b < batch; b += gridDim.x) {
+        float* lg = logits + (long long)b * classes * plane;
+        const int* lab = labels + (long long)b * plane;
+        double sum = 0.0;
+        for (int px = threadIdx.x; px < plane; px += blockDim.x) {
+            const int label = lab[px];
+            if (label == classes) {
+                for (int c = 0; c < classes; ++c) lg[(long long)c * plane + px] = 0.0f;
+                continue;
+            }
+            float mx = -BEIT_INF;
+            for (int c = 0; c < classes; ++c) mx = fmaxf(mx, lg[(long long)c * plane + px]);
+            double z = 0.0;
+            for (int c = 0; c < classes; ++c) z += exp((double)__fsub_rn(lg[(long long)c * plane + px], mx));
+            sum += log(z) - (double)__fsub_rn(lg[(long long)label * plane + px], mx);
+            for (int c = 0; c < classes; ++c) {
+                const double prob = exp((double)__fsub_rn(lg[(long long)c * plane + px], mx)) / z;
+                lg[(long long)c * plane + px] = __fmul_rn((float)(prob - (c == label ? 1.0 : 0.0)), scale);
+            }
+        }
+        sum = beit_block_sum(sum, scratch);
+        if (threadIdx.x == 0) image_loss[b] = sum;
+        __syncthreads();
+    }
+}

@@ -1,12 +1,14 @@
 //! The GPU image ops (`backend::cuda::image`: ReLU, 2x2 max pooling, bilinear resize, adaptive
-//! average pooling, batch norm, forward and backward) against the CPU functions they mirror,
+//! average pooling, batch norm, forward and backward; scaling, the transpose and the per-pixel
+//! cross-entropy of the segmentation head) against the CPU functions they mirror,
 //! the numerical reference. Every test needs a CUDA GPU: they are `#[ignore]`d so CPU CI lists
 //! them, and scripts/cuda-mock (CI) and scripts/gpu-check run them.
 //!
 //! Tolerances: the kernels keep the CPU's order of f32 operations (explicitly rounded, never
 //! contracted), so every op is compared bit for bit, except what the batch-norm statistics feed:
 //! their f64 sums run as a block tree instead of the CPU's running sum, so the statistics and
-//! the backward's dx are compared to 1e-6 of the largest magnitude; each test says which.
+//! the backward's dx are compared to 1e-6 of the largest magnitude, and the cross-entropy's loss
+//! sum (a block tree of f64 per image) to 1e-12; each test says which.
 
 use beit::backend::cpu;
 use beit::backend::cuda::image::BnStats;
@@ -227,4 +229,55 @@ fn image_ops_refuse_wrong_sizes() {
     let (mut m, mut s, mut v) = (d.zeros::<f32>(10).unwrap(), d.zeros::<f32>(10).unwrap(), d.zeros::<f32>(10).unwrap());
     let err = d.batch_norm_stats(&x, shape, 1e-5, &mut m, &mut s, &mut v).unwrap_err();
     assert!(err.to_string().contains("more than 1 value"), "{err}");
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn scale_transpose_and_pixel_cross_entropy_equal_the_cpu() {
+    let d = dev();
+    let (batch, classes, plane) = (3, 19, 130);
+    let n = batch * classes * plane;
+    let x: Vec<f32> = values(n, 21).iter().map(|v| 4.0 * v).collect();
+
+    let mut gv = d.upload(&x).unwrap();
+    d.scale(&mut gv, 0.37).unwrap();
+    let want: Vec<f32> = x.iter().map(|v| v * 0.37).collect();
+    assert_bits(&d.download(&gv).unwrap(), &want, "scale");
+
+    // [batch, classes, plane] -> [batch, plane, classes] (feature map to token rows).
+    let gx = d.upload(&x).unwrap();
+    let mut gt = d.zeros::<f32>(n).unwrap();
+    d.transpose(&gx, &mut gt, batch, classes, plane).unwrap();
+    let mut want = vec![0.0; n];
+    for b in 0..batch {
+        for c in 0..classes {
+            for p in 0..plane {
+                want[(b * plane + p) * classes + c] = x[(b * classes + c) * plane + p];
+            }
+        }
+    }
+    assert_bits(&d.download(&gt).unwrap(), &want, "transpose");
+
+    // Every fifth pixel ignored (label = classes on the GPU, the ignore index on the CPU).
+    let ignore = 255i64;
+    let labels: Vec<i64> =
+        (0..batch * plane).map(|i| if i % 5 == 0 { ignore } else { (i * 7 % classes) as i64 }).collect();
+    let mut want_grad = vec![0.0; n];
+    let (want_sum, _) = beit::model::segmentation::loss::pixel_cross_entropy_sum(
+        &x,
+        &labels,
+        batch,
+        classes,
+        plane,
+        ignore,
+        &mut want_grad,
+    );
+    let device_labels: Vec<i32> = labels.iter().map(|&l| if l == ignore { classes as i32 } else { l as i32 }).collect();
+    let glabels = d.upload(&device_labels).unwrap();
+    let mut glogits = d.upload(&x).unwrap();
+    let mut image_loss = d.zeros::<f64>(batch).unwrap();
+    d.pixel_cross_entropy(&mut glogits, &glabels, &mut image_loss, classes, plane, 1.0).unwrap();
+    let sum: f64 = d.download(&image_loss).unwrap().iter().sum();
+    assert!((sum - want_sum).abs() <= 1e-12 * want_sum.abs(), "loss sum {sum} on the GPU, {want_sum} on the CPU");
+    assert_bits(&d.download(&glogits).unwrap(), &want_grad, "pixel cross-entropy gradient");
 }

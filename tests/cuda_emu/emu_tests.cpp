@@ -16,6 +16,7 @@
 #include "../../cuda/conv.cu"
 #include "../../cuda/cross_entropy.cu"
 #include "../../cuda/image.cu"
+#include "../../cuda/relaxation.cu"
 #include "../../cuda/layernorm.cu"
 #include "../../cuda/mse.cu"
 #include "../../cuda/reduce.cu"
@@ -718,6 +719,126 @@ static void test_image(int batch, int ch, int h, int w, int oh, int ow, uint64_t
     check("image_batch_norm_backward dbeta " + tag, load(dbeta), wdb, 1e-6);
     check("image_batch_norm_running_update " + tag, load(rmean), wrm, 1e-6);
     check("image_batch_norm_running_update var " + tag, load(rvar), wrv, 1e-6);
+
+    // Scale, and the transpose of each image's [ch, plane] to [plane, ch] and back.
+    std::vector<float> sc = x, tr(n, NAN), back(n, NAN);
+    emu::launch(grid(2), 64, [&] { beit_image_scale(sc.data(), -1.5f, (long long)n); });
+    emu::launch(grid(2), 64, [&] { beit_image_transpose(x.data(), tr.data(), batch, ch, plane); });
+    emu::launch(grid(2), 64, [&] { beit_image_transpose(tr.data(), back.data(), batch, plane, ch); });
+    std::vector<double> wsc(n), wtr(n);
+    for (int b = 0; b < batch; ++b)
+        for (int c = 0; c < ch; ++c)
+            for (int p = 0; p < plane; ++p) {
+                const size_t e = ((size_t)b * ch + c) * plane + p;
+                wsc[e] = (double)(-1.5f * x[e]);  // the f32 product, rounded as the kernel's
+                wtr[((size_t)b * plane + p) * ch + c] = xd[e];
+            }
+    check("image_scale " + tag, load(sc), wsc, 0);
+    check("image_transpose " + tag, load(tr), wtr, 0);
+    check("image_transpose back " + tag, load(back), xd, 0);
+
+    // Per-pixel cross-entropy over `ch` classes: every third pixel left out (label ch).
+    std::vector<int> labels((size_t)batch * plane);
+    for (size_t i = 0; i < labels.size(); ++i) labels[i] = i % 3 == 0 ? ch : (int)(i % ch);
+    std::vector<float> lg = x;
+    std::vector<double> img_loss(batch, NAN);
+    emu::launch(grid(1), 64, [&] {
+        beit_image_pixel_cross_entropy(lg.data(), labels.data(), img_loss.data(), batch, ch, plane, 0.5f);
+    });
+    std::vector<double> wloss(batch, 0.0), wgrad(n, 0.0);
+    for (int b = 0; b < batch; ++b)
+        for (int p = 0; p < plane; ++p) {
+            const int label = labels[(size_t)b * plane + p];
+            if (label == ch) continue;
+            double z = 0;
+            for (int c = 0; c < ch; ++c) z += std::exp(xd[((size_t)b * ch + c) * plane + p]);
+            wloss[b] += std::log(z) - xd[((size_t)b * ch + label) * plane + p];
+            for (int c = 0; c < ch; ++c) {
+                const size_t e = ((size_t)b * ch + c) * plane + p;
+                wgrad[e] = 0.5 * (std::exp(xd[e]) / z - (c == label));
+            }
+        }
+    check("image_pixel_cross_entropy loss " + tag, img_loss, wloss, 1e-6);
+    check("image_pixel_cross_entropy gradient " + tag, load(lg), wgrad, 1e-6);
+}
+
+// ---------------------------------------------------------------- dVAE bottleneck (relaxation.cu)
+// ChaCha8 against its published keystream (zero key, zero nonce, block 0); the Gumbel-softmax
+// from that noise, its backward, the KL to the uniform prior and the argmax against double
+// references; rows exceed the grid and the vocabulary is not a multiple of a ChaCha block.
+static void test_relaxation(int rows, int vocab, uint64_t seed) {
+    {
+        const unsigned key[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+        unsigned out[16];
+        chacha8_block(key, 0, 0, out);
+        // The first 16 bytes of the ChaCha8 keystream for an all-zero key and nonce.
+        const unsigned char want[16] = {0x3e, 0x00, 0xef, 0x2f, 0x89, 0x5f, 0x40, 0xd6,
+                                        0x7f, 0x5b, 0xb8, 0xe8, 0x1f, 0x09, 0xa5, 0xa1};
+        unsigned char got[16];
+        memcpy(got, out, 16);
+        const bool ok = memcmp(got, want, 16) == 0;
+        printf("%s relax_chacha8 known answer\n", ok ? "ok  " : "FAIL");
+        if (!ok) failures++;
+    }
+    Rng rng{seed};
+    const size_t n = (size_t)rows * vocab;
+    const float tau = 0.7f, weight = 0.3f;
+    const unsigned long long noise_seed = 0x1234567890abcdefULL, step = 77;
+    auto logits = rng.vec(n, -3, 3);
+    auto dy = rng.vec(n, -1, 1);
+    const auto ld = load(logits), dyd = load(dy);
+    std::vector<float> y(n, NAN), dl(n, NAN), dkl(n, 0.25f);
+    std::vector<double> ne(rows, NAN);
+    std::vector<unsigned> tok(rows, 99);
+    emu::launch(grid(2), 64, [&] {
+        beit_relax_gumbel_softmax(logits.data(), y.data(), rows, vocab, tau, noise_seed, step);
+    });
+    emu::launch(grid(2), 64, [&] { beit_relax_gumbel_softmax_backward(y.data(), dy.data(), dl.data(), rows, vocab, tau); });
+    emu::launch(grid(2), 64, [&] { beit_relax_kl_to_uniform(logits.data(), dkl.data(), ne.data(), rows, vocab, weight); });
+    // Ties and NaN for the argmax: row 0 has two equal maxima, row 1 a NaN before its maximum.
+    auto al = logits;
+    al[3] = al[vocab - 2] = 9.0f;
+    al[(size_t)vocab + 1] = NAN;
+    emu::launch(grid(2), 64, [&] { beit_relax_argmax_rows(al.data(), tok.data(), rows, vocab); });
+
+    unsigned key[8];
+    gumbel_key(noise_seed, step, key);
+    std::vector<double> wy(n), wdl(n), wne(rows), wdkl(n);
+    std::vector<double> wtok(rows), gtok(rows);
+    for (int r = 0; r < rows; ++r) {
+        const size_t b = (size_t)r * vocab;
+        double mx = -INFINITY, s = 0, dot = 0;
+        for (int j = 0; j < vocab; ++j) {
+            unsigned words[16];
+            chacha8_block(key, j / 16, r, words);
+            // u as the CPU and the kernel form it, in f32 (24 bits + ½ rounds near 1).
+            const double u = ((float)(words[j % 16] >> 8) + 0.5f) * (1.0f / 16777216.0f);
+            wy[b + j] = (ld[b + j] - std::log(-std::log(u))) / tau;
+            mx = std::max(mx, wy[b + j]);
+        }
+        for (int j = 0; j < vocab; ++j) s += (wy[b + j] = std::exp(wy[b + j] - mx));
+        for (int j = 0; j < vocab; ++j) dot += (wy[b + j] /= s) * dyd[b + j];
+        for (int j = 0; j < vocab; ++j) wdl[b + j] = wy[b + j] * (dyd[b + j] - dot) / tau;
+        double lm = -INFINITY, ls = 0, e = 0;
+        for (int j = 0; j < vocab; ++j) lm = std::max(lm, ld[b + j]);
+        for (int j = 0; j < vocab; ++j) ls += std::exp(ld[b + j] - lm);
+        const double lse = lm + std::log(ls);
+        for (int j = 0; j < vocab; ++j) e += std::exp(ld[b + j] - lse) * (ld[b + j] - lse);
+        wne[r] = e;
+        for (int j = 0; j < vocab; ++j)
+            wdkl[b + j] = 0.25 + weight * std::exp(ld[b + j] - lse) * (ld[b + j] - lse - e);
+        int best = 0;
+        for (int j = 1; j < vocab; ++j)
+            if (al[b + j] > al[b + best]) best = j;
+        wtok[r] = best;
+        gtok[r] = tok[r];
+    }
+    const std::string tag = std::to_string(rows) + "x" + std::to_string(vocab);
+    check("relax_gumbel_softmax " + tag, load(y), wy, 1e-5);
+    check("relax_gumbel_softmax_backward " + tag, load(dl), wdl, 1e-5);
+    check("relax_kl_to_uniform " + tag, ne, wne, 1e-5);
+    check("relax_kl_to_uniform gradient " + tag, load(dkl), wdkl, 1e-5);
+    check("relax_argmax_rows " + tag, gtok, wtok, 0);
 }
 
 
@@ -965,6 +1086,8 @@ int main(int argc, char** argv) {
     test_im2col<float>(1, 2, 5, 5, 1, 1, 0, 18);
     test_image(2, 3, 7, 9, 16, 5, 24);    // odd sizes: pooling drops a row and a column; up and down
     test_image(1, 2, 12, 10, 3, 25, 25);  // bilinear down in one axis, up in the other
+    test_relaxation(5, 37, 26);
+    test_relaxation(3, 300, 27);
     test_reductions<float>(99, 70, 19);
     test_reductions<bf16>(48, 33, 20);
     test_tokens<float>(3, 6, 40, true, 21);

@@ -1,6 +1,8 @@
 //! The image ops of the UperNet segmentation head and the dVAE on the GPU (`cuda/image.cu`),
 //! each the twin of a CPU function (named on each method) on NCHW fp32 tensors: ReLU, 2x2 max
-//! pooling, bilinear resize, adaptive average pooling and batch norm, forward and backward.
+//! pooling, bilinear resize, adaptive average pooling and batch norm, forward and backward; and
+//! the segmentation head's glue: scaling, the NCHW <-> token-major transpose, the per-pixel
+//! cross-entropy.
 //! Convolutions are `conv.rs`, bias gradients `sums.rs`.
 //!
 //! Every backward is a gather (no atomics), so results are the same on every run; all but the
@@ -428,6 +430,82 @@ impl CudaDevice {
                 FILE,
                 "beit_image_batch_norm_running_update",
                 config((c.div_ceil(128), 1, 1), 128),
+                &args,
+            )
+        }
+    }
+}
+
+impl CudaDevice {
+    /// `v *= factor`.
+    pub fn scale(&self, v: &mut dyn DevicePtrMut<f32>, factor: f32) -> Result<()> {
+        let n = v.len();
+        let args = [Arg::Ptr(self.addr_mut(v)), Arg::F32(factor), Arg::I64(n as i64)];
+        // SAFETY: (float*, float, long long); v holds n floats.
+        unsafe { self.launch_elements("beit_image_scale", n, &args) }
+    }
+
+    /// `batch` matrices `[rows, cols]` of `x` transposed into `y` (`[cols, rows]` each): NCHW
+    /// feature maps to token-major rows and back.
+    pub fn transpose(
+        &self,
+        x: &dyn DevicePtr<f32>,
+        y: &mut dyn DevicePtrMut<f32>,
+        batch: usize,
+        rows: usize,
+        cols: usize,
+    ) -> Result<()> {
+        let n = plane_elems("transpose", batch, (rows, cols))?;
+        expect_len("transpose x", x.len(), n)?;
+        expect_len("transpose y", y.len(), n)?;
+        let args = [
+            Arg::Ptr(self.addr(x)),
+            Arg::Ptr(self.addr_mut(y)),
+            Arg::I64(batch as i64),
+            Arg::I32(int("rows", rows)?),
+            Arg::I32(int("cols", cols)?),
+        ];
+        // SAFETY: (const float*, float*, long long, int, int); both hold n floats.
+        unsafe { self.launch_elements("beit_image_transpose", n, &args) }
+    }
+
+    /// Per-pixel softmax cross-entropy of NCHW `logits` (`[batch, classes, plane]`) against
+    /// `labels` (`[batch, plane]`, a label of `classes` leaves its pixel out): each image's sum
+    /// of losses into `image_loss[image]`, and `logits` overwritten by `scale ·` d(sum)/d(logits)
+    /// (0 at pixels left out), as `model::segmentation::loss::pixel_cross_entropy_sum`. Labels
+    /// must be below `classes` or equal to it (the caller checks them once, on the host).
+    pub fn pixel_cross_entropy(
+        &self,
+        logits: &mut dyn DevicePtrMut<f32>,
+        labels: &dyn DevicePtr<i32>,
+        image_loss: &mut dyn DevicePtrMut<f64>,
+        classes: usize,
+        plane: usize,
+        scale: f32,
+    ) -> Result<()> {
+        let batch = image_loss.len();
+        expect_len("pixel_cross_entropy labels", labels.len(), plane_elems("pixel_cross_entropy", batch, (1, plane))?)?;
+        expect_len(
+            "pixel_cross_entropy logits",
+            logits.len(),
+            plane_elems("pixel_cross_entropy", batch, (classes, plane))?,
+        )?;
+        let args = [
+            Arg::Ptr(self.addr_mut(logits)),
+            Arg::Ptr(self.addr(labels)),
+            Arg::Ptr(self.addr_mut(image_loss)),
+            Arg::I32(int("batch", batch)?),
+            Arg::I32(int("classes", classes)?),
+            Arg::I32(int("plane", plane)?),
+            Arg::F32(scale),
+        ];
+        // SAFETY: (float*, const int*, double*, int, int, int, float); sizes checked; one block
+        // per image of a multiple of 32 threads (the block sum).
+        unsafe {
+            self.launch_kernel(
+                FILE,
+                "beit_image_pixel_cross_entropy",
+                config((batch.min(65_535), 1, 1), THREADS),
                 &args,
             )
         }

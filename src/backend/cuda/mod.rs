@@ -10,7 +10,8 @@
 //! - [`nvrtc`]: compiles the embedded `cuda/*.cu` for the GPU's arch, with the disk cache.
 //! - [`buffer`]: device buffers (`DeviceBuffer<T>` = cudarc `CudaSlice<T>`) and copies.
 //! - [`matmul`], [`elementwise`], [`adamw`], [`reduce`], [`patch_embed`], [`residual`], [`tokens`],
-//!   [`cross_entropy`], [`mse`], [`conv`], [`image`] (ReLU, pooling, resizing, batch norm): the ops.
+//!   [`cross_entropy`], [`mse`], [`conv`], [`image`] (ReLU, pooling, resizing, batch norm),
+//!   [`relaxation`] (the dVAE's Gumbel-softmax, KL, argmax): the ops.
 //! - [`ops`]: [`CudaBackend`], the backend as a [`crate::backend::Backend`] over device memory
 //!   planned as views ([`CudaMemory`]); the MIM training step (`train::gpu_pretrain`) runs the one
 //!   BEiT pass (`Model::mim_pass`) on it.
@@ -74,6 +75,7 @@ pub mod ops;
 pub mod patch_embed;
 pub mod probe;
 pub mod reduce;
+pub mod relaxation;
 pub mod residual;
 pub mod sums;
 pub mod tokens;

@@ -1,4 +1,5 @@
-//! The MIM pretraining step on the GPU (`backend::cuda::pretrain`) against the CPU pass, the
+//! The GPU training step (`train::gpu_pretrain`: `Model::mim_pass`, and `Model::classify_pass`
+//! for fine-tuning, on the CUDA backend) against the CPU pass, the
 //! numerical reference (itself checked against PyTorch's gradients in tests/mim_gradients.rs).
 //! GPU tests are `#[ignore = "needs a CUDA GPU"]`; `scripts/gpu-check` runs them with `--ignored`
 //! and copies the lines with "worst" into its report.

@@ -842,11 +842,12 @@ fn pass_ops_case<T: Act>(rel: f32) {
     let dev_params = DeviceParams::<T>::upload(&d, &params).unwrap();
     let mut dev_grads = d.zeros::<f32>(param_len).unwrap();
     let got = {
-        let mut m = CudaMemory::new(&d, &mut dev_arena, &dev_params, &mut dev_grads).unwrap();
+        let mut m = CudaMemory::new(&d, &mut dev_arena, &dev_params, Some(&mut dev_grads)).unwrap();
         pass_ops(&be, &mut m, &dv, &masked_rows)
     };
     assert_eq!(got.len(), want.len());
     for ((name, g), (_, w)) in got.iter().zip(&want) {
+        assert!(g.iter().all(|v| v.is_finite()), "{} {name}: a non-finite result", T::NAME);
         let scale = max_abs(w).max(1.0);
         let err = g.iter().zip(w).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
         eprintln!("{} {name}: max |gpu - cpu| {err:.3e} of max {scale:.3e}", T::NAME);

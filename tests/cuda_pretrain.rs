@@ -1,4 +1,5 @@
-//! The MIM pretraining step on the GPU (`backend::cuda::pretrain`) against the CPU pass, the
+//! The GPU training step (`train::gpu_pretrain`: `Model::mim_pass`, and `Model::classify_pass`
+//! for fine-tuning, on the CUDA backend) against the CPU pass, the
 //! numerical reference (itself checked against PyTorch's gradients in tests/mim_gradients.rs).
 //! GPU tests are `#[ignore = "needs a CUDA GPU"]`; `scripts/gpu-check` runs them with `--ignored`
 //! and copies the lines with "worst" into its report.
@@ -20,7 +21,7 @@
 
 use beit::backend::cuda::probe;
 use beit::data::synthetic::SyntheticMim;
-use beit::model::{DropPath, MimTarget, TrainWorkspace};
+use beit::model::{ClassifyBatch, DropPath, MimTarget, TrainWorkspace};
 use beit::train::adamw::AdamWConfig;
 use beit::train::gpu_pretrain::{GpuPretrainer, OptimizerSetup, Precision};
 use beit::train::trainer::{Trainer, TrainerOptions};
@@ -151,6 +152,83 @@ fn bf16_step_is_close_to_the_cpu_pass() {
         );
         assert!(loss_rel <= 1e-2, "{name}: bf16 loss relative error {loss_rel:.2e}");
         assert!(cosine >= 0.99, "{name}: bf16 gradient cosine {cosine}");
+    }
+}
+
+/// Per parameter, max |gpu − cpu| over the CPU gradient's L2 norm: the worst and its name
+/// (a parameter whose CPU gradient is 0 must be 0 on the GPU too).
+fn worst_gradient(model: &Model, cpu: &[f32], gpu: &[f32], what: &str) -> (f64, String) {
+    let mut worst = (0.0f64, String::new());
+    for s in &model.params().specs {
+        let (c, g) = (&cpu[s.offset..s.offset + s.len], &gpu[s.offset..s.offset + s.len]);
+        assert!(g.iter().all(|v| v.is_finite()), "{what}: {} has a non-finite GPU gradient", s.name);
+        let norm = c.iter().map(|&v| (v as f64).powi(2)).sum::<f64>().sqrt();
+        let diff = c.iter().zip(g).map(|(&a, &b)| (a as f64 - b as f64).abs()).fold(0.0, f64::max);
+        if norm == 0.0 {
+            assert_eq!(diff, 0.0, "{what}: {} has a zero CPU gradient but the GPU's differs", s.name);
+            continue;
+        }
+        if diff / norm > worst.0 {
+            worst = (diff / norm, s.name.clone());
+        }
+    }
+    worst
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn classification_step_equals_the_cpu_pass() {
+    // Classification fine-tuning (`Model::classify_pass` on the GPU) against the CPU pass: the
+    // tolerances of the MIM step above (fp32: loss 1e-5 relative, each gradient 1e-5 of its
+    // norm; bf16: loss 1e-2, cosine 0.99), over mean and CLS pooling, with label smoothing and
+    // drop path.
+    for (name, json) in CONFIGS {
+        let cfg = BeitConfig::from_json_str(json).unwrap();
+        let model = Model::new_random(cfg.clone(), Architecture::ImageClassification, 3).unwrap();
+        let (b, c, (h, w)) = (4, cfg.num_channels, cfg.image_size.hw());
+        let pixels: Vec<f32> = (0..b * c * h * w).map(|i| ((i * 37 % 101) as f32 / 50.0) - 1.0).collect();
+        // Unbalanced labels: with as many images of each class, the classifier bias gradient
+        // (Σ over images of softmax − target) cancels to ~1e-8, and the comparison would measure
+        // f32 rounding (the GPU) against f64 (the CPU's smoothed loss) relative to nothing.
+        let labels: Vec<i64> = (0..b).map(|i| (i + 1 == b) as i64).collect();
+        let batch = ClassifyBatch { pixels: &pixels, batch: b, channels: c, height: h, width: w, labels: &labels };
+        let f = factors(cfg.num_hidden_layers, b);
+        let mut ws = TrainWorkspace::new();
+        let mut cpu_grads = vec![0.0f32; model.params().data.len()];
+        let dp = Some(DropPath { factors: &f });
+        let cpu_loss = model.classify_forward_backward(&mut ws, &batch, dp, 0.1, &mut cpu_grads, None).unwrap();
+        for precision in [Precision::F32, Precision::Bf16] {
+            let mut g = gpu(&model, precision);
+            g.classify_forward_backward(&batch, Some(&f), 0.1).unwrap();
+            let gpu_loss = g.loss().unwrap();
+            let gpu_grads = g.download_grads().unwrap();
+            let loss_rel = (gpu_loss - cpu_loss).abs() / cpu_loss.abs();
+            let what = format!("{} classification [{name}]", precision.name());
+            if precision == Precision::F32 {
+                let worst = worst_gradient(&model, &cpu_grads, &gpu_grads, &what);
+                println!(
+                    "{what}: loss cpu {cpu_loss:.6} gpu {gpu_loss:.6} (rel {loss_rel:.2e}); worst gradient \
+                     max|gpu - cpu|/|cpu| {:.2e} ({})",
+                    worst.0, worst.1
+                );
+                assert!(loss_rel <= 1e-5, "{what}: loss relative error {loss_rel:.2e}");
+                assert!(worst.0 <= 1e-5, "{what}: gradient of {} off by {:.2e} of its norm", worst.1, worst.0);
+            } else {
+                let dot: f64 = cpu_grads.iter().zip(&gpu_grads).map(|(&a, &b)| a as f64 * b as f64).sum();
+                let nc = cpu_grads.iter().map(|&v| (v as f64).powi(2)).sum::<f64>().sqrt();
+                let ng = gpu_grads.iter().map(|&v| (v as f64).powi(2)).sum::<f64>().sqrt();
+                let cosine = dot / (nc * ng);
+                println!("{what}: loss cpu {cpu_loss:.6} gpu {gpu_loss:.6} (rel {loss_rel:.2e}); cosine {cosine:.6}");
+                assert!(loss_rel <= 1e-2, "{what}: loss relative error {loss_rel:.2e}");
+                assert!(cosine >= 0.99, "{what}: gradient cosine {cosine}");
+            }
+        }
+        // The MIM step on a classification model is refused, not run.
+        let mut g = gpu(&model, Precision::F32);
+        let n = cfg.native_grid().0 * cfg.native_grid().1;
+        let mim = SyntheticMim::for_config(&cfg, n / 2, 5).batch(0, 2);
+        let err = g.forward_backward(&mim.as_batch(), None).unwrap_err();
+        assert!(err.to_string().contains("BeitForMaskedImageModeling"), "{err}");
     }
 }
 

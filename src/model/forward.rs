@@ -280,6 +280,20 @@ impl Model {
     /// must match [`Model::output_shapes`]. Nothing is written when an error is returned.
     pub fn forward_into(&self, input: &ImageBatch<'_>, out: OutputBuffers<'_>) -> Result<()> {
         self.check_input(input)?;
+        self.check_outputs(input, &out)?;
+        if self.arch == Architecture::SemanticSegmentation {
+            return self.segmentation_forward_into(input, out);
+        }
+
+        let mut ws = self.take_workspace(input.batch, input.height, input.width)?;
+        let result = self.run(&mut ws, input, out);
+        self.return_workspace(ws);
+        result
+    }
+
+    /// Checks that each buffer of `out` is an output this model has, of the length
+    /// [`Model::output_shapes`] gives for `input`.
+    pub(crate) fn check_outputs(&self, input: &ImageBatch<'_>, out: &OutputBuffers<'_>) -> Result<()> {
         let shapes = self.output_shapes(input.batch, input.height, input.width);
         let check = |name: &str, buf: &Option<&mut [f32]>, shape: Option<&Vec<usize>>| -> Result<()> {
             if let Some(b) = buf {
@@ -298,15 +312,7 @@ impl Model {
         };
         check("last_hidden_state", &out.last_hidden_state, Some(&shapes.last_hidden_state))?;
         check("pooler_output", &out.pooler_output, shapes.pooler_output.as_ref())?;
-        check("logits", &out.logits, shapes.logits.as_ref())?;
-        if self.arch == Architecture::SemanticSegmentation {
-            return self.segmentation_forward_into(input, out);
-        }
-
-        let mut ws = self.take_workspace(input.batch, input.height, input.width)?;
-        let result = self.run(&mut ws, input, out);
-        self.return_workspace(ws);
-        result
+        check("logits", &out.logits, shapes.logits.as_ref())
     }
 
     fn run(&self, ws: &mut Workspace, input: &ImageBatch<'_>, out: OutputBuffers<'_>) -> Result<()> {
@@ -314,9 +320,10 @@ impl Model {
         self.inference_pass(&host_backend(), &mut m, &ws.plan, input, out)
     }
 
-    /// An inference pass on `be`: the backbone, its final norm, then the head's outputs
-    /// downloaded into `out`.
-    fn inference_pass<B: Backend>(
+    /// An inference pass on `be` over `plan` ([`Model::inference_plan`] for `input`, checked
+    /// with [`Model::check_input`] and [`Model::check_outputs`]): the backbone, its final norm,
+    /// then the head's outputs downloaded into `out`. Not for segmentation models.
+    pub(crate) fn inference_pass<B: Backend>(
         &self,
         be: &B,
         m: &mut B::Memory<'_>,

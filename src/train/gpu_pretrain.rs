@@ -40,7 +40,7 @@ use crate::backend::optimizer::AdamWConfig;
 use crate::error::{Error, Result};
 use crate::model::param_store::ParamStore;
 use crate::model::plan::ActivationPlan;
-use crate::model::{Architecture, HeadLists, MimBatch, MimTarget, Model};
+use crate::model::{check_label_smoothing, Architecture, ClassifyBatch, HeadLists, MimBatch, MimTarget, Model};
 use crate::train::adamw::AdamW;
 
 /// What one GPU step did.
@@ -141,14 +141,16 @@ impl GpuPretrainer {
         Ok(())
     }
 
-    /// Uploads `model` (a MIM model at its configured image size) and fresh or given optimizer
-    /// state. Fails with `Unsupported` when CUDA is not usable or the model has a shape the
-    /// kernels do not cover (head dim other than 32/64).
+    /// Uploads `model` (a MIM model, or a classification model to fine-tune with
+    /// [`GpuPretrainer::classify_forward_backward`], at its configured image size) and fresh or
+    /// given optimizer state. Fails with `Unsupported` when CUDA is not usable or the model has
+    /// a shape the kernels do not cover (head dim other than 32/64).
     pub fn new(model: &Model, precision: Precision, opt: OptimizerSetup<'_>) -> Result<Self> {
         ensure!(
-            model.architecture() == Architecture::MaskedImageModeling,
+            matches!(model.architecture(), Architecture::MaskedImageModeling | Architecture::ImageClassification),
             InvalidArgument,
-            "the GPU pretraining step needs a BeitForMaskedImageModeling model; this one is {}",
+            "the GPU training step needs a BeitForMaskedImageModeling or BeitForImageClassification model; this \
+             one is {}",
             model.architecture().hf_name()
         );
         let dev = CudaDevice::get()?;
@@ -168,6 +170,19 @@ impl GpuPretrainer {
     /// is the CPU pass's `[layers, 2, batch]` factors.
     pub fn forward_backward(&mut self, batch: &MimBatch<'_>, drop_path: Option<&[f32]>) -> Result<()> {
         dispatch!(mut self, s => s.forward_backward(batch, drop_path))
+    }
+
+    /// The classification fine-tuning pass (`Model::classify_pass`) of `batch` with label
+    /// smoothing `label_smoothing`: the gradients (zeroed first) stay on the device for
+    /// [`GpuPretrainer::apply`], the loss is [`GpuPretrainer::loss`]. `drop_path` is the CPU
+    /// pass's `[layers, 2, batch]` factors. Checked here as the CPU checks it.
+    pub fn classify_forward_backward(
+        &mut self,
+        batch: &ClassifyBatch<'_>,
+        drop_path: Option<&[f32]>,
+        label_smoothing: f32,
+    ) -> Result<()> {
+        dispatch!(mut self, s => s.classify_forward_backward(batch, drop_path, label_smoothing))
     }
 
     /// The loss of the last `forward_backward` (synchronises).
@@ -279,16 +294,21 @@ impl<T: Act> Step<T> {
         let c = self.model.config();
         let (height, width) = c.image_size.hw();
         let (plan, planner) = self.model.training_plan(&self.be, b, height, width);
-        let (d, inter, vocab) = (c.hidden_size, c.intermediate_size, c.vocab_size);
+        let (d, inter) = (c.hidden_size, c.intermediate_size);
         let patches = b * (plan.tokens - 1);
         let rows = b * plan.tokens;
-        // The MIM head projects a block of masked rows at a time (the plan's logits).
-        let head_rows = plan.logits.len() / vocab;
+        // The MIM head projects a block of masked rows at a time (the plan's logits); the
+        // classifier one row per image.
+        let classes = match self.model.architecture() {
+            Architecture::ImageClassification => c.num_labels(),
+            _ => c.vocab_size,
+        };
+        let head_rows = plan.logits.len() / classes;
         let scratch = Scratch::default()
             .linear_backward(rows, 3 * d)
             .linear_backward(rows, inter)
             .linear_backward(rows, d)
-            .linear_backward(head_rows, vocab)
+            .linear_backward(head_rows, classes)
             .linear_backward(patches, d)
             .layer_norm_backward(rows.max(patches), d)
             .residual_backward(rows, d)
@@ -300,6 +320,12 @@ impl<T: Act> Step<T> {
     }
 
     fn forward_backward(&mut self, batch: &MimBatch<'_>, drop_path: Option<&[f32]>) -> Result<()> {
+        ensure!(
+            self.model.architecture() == Architecture::MaskedImageModeling,
+            InvalidArgument,
+            "a MIM step needs a BeitForMaskedImageModeling model; this one is {}",
+            self.model.architecture().hf_name()
+        );
         let c = self.model.config();
         let (channels, (height, width), layers) = (c.num_channels, c.image_size.hw(), c.num_hidden_layers);
         let grid = c.native_grid();
@@ -331,11 +357,36 @@ impl<T: Act> Step<T> {
         let Step { be, model, params, grads, pass, rows, labels, .. } = self;
         let pass = pass.as_mut().expect("planned");
         be.device().stream().memset_zeros(grads).map_err(|e| driver_error("memset", e))?;
-        let mut mem = CudaMemory::new(be.device(), &mut pass.arena, params, grads)?;
+        let mut mem = CudaMemory::new(be.device(), &mut pass.arena, params, Some(grads))?;
         let host = HeadLists { rows, labels };
         let target = MimTarget::VisualTokens;
         let sum = model.mim_pass(be, &mut mem, &pass.plan, batch, target, drop_path, masked, host)?;
         self.loss = Some(sum / masked as f64);
+        Ok(())
+    }
+
+    fn classify_forward_backward(
+        &mut self,
+        batch: &ClassifyBatch<'_>,
+        drop_path: Option<&[f32]>,
+        label_smoothing: f32,
+    ) -> Result<()> {
+        self.model.check_classify_batch(batch)?;
+        check_label_smoothing(label_smoothing)?;
+        let layers = self.model.config().num_hidden_layers;
+        let b = batch.batch;
+        if let Some(f) = drop_path {
+            ensure!(f.len() == layers * 2 * b, InvalidArgument, "drop path factors hold {}", f.len());
+        }
+        self.loss = None;
+        self.plan(b)?;
+        let Step { be, model, params, grads, pass, rows, labels, .. } = self;
+        let pass = pass.as_mut().expect("planned");
+        be.device().stream().memset_zeros(grads).map_err(|e| driver_error("memset", e))?;
+        let mut mem = CudaMemory::new(be.device(), &mut pass.arena, params, Some(grads))?;
+        let host = HeadLists { rows, labels };
+        let sum = model.classify_pass(be, &mut mem, &pass.plan, batch, drop_path, label_smoothing, b, None, host)?;
+        self.loss = Some(sum / b as f64);
         Ok(())
     }
 

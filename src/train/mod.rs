@@ -7,6 +7,7 @@ pub mod clip;
 pub mod dvae;
 pub mod evaluate;
 pub mod finetune;
+pub mod gpu_inference;
 pub mod gpu_pretrain;
 pub mod layer_decay;
 pub mod optimizer;

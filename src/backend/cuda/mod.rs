@@ -14,7 +14,8 @@
 //!   segmentation head's glue), [`relaxation`] (the dVAE's Gumbel-softmax, KL, argmax): the ops.
 //! - [`ops`]: [`CudaBackend`], the backend as a [`crate::backend::Backend`] over device memory
 //!   planned as views ([`CudaMemory`]); the MIM training step (`train::gpu_pretrain`) runs the one
-//!   BEiT pass (`Model::mim_pass`) on it.
+//!   BEiT pass (`Model::mim_pass`) on it; [`image_ops`] and [`code_ops`]: the convolutional and
+//!   code ops of the segmentation head and the dVAE (`ImageOps`, `CodeOps`) for fp32.
 //!
 //! # Adding a kernel file
 //! 1. Write `cuda/<family>.cu`, starting with `#include "common.cuh"` (bf16 type, load/store

@@ -1,0 +1,122 @@
+//! Inference on the GPU: the one inference pass (`Model::inference_pass`: embeddings, blocks,
+//! final norm, pooler and heads, written once over the `Backend` trait) on the CUDA backend,
+//! with the parameters uploaded once. For `BeitModel` (last hidden state, pooler output),
+//! `BeitForMaskedImageModeling` and `BeitForImageClassification` (logits), at the model's
+//! configured image size (another size resizes the position tables on the host from the
+//! parameters, which live on the device here).
+//!
+//! fp32 ([`Precision::F32`]) equals the CPU's forward to rounding (tests/cuda_inference.rs); bf16
+//! stores activations and working weights in bf16.
+
+use std::sync::Arc;
+
+use half::bf16;
+
+use crate::backend::cuda::{Act, CudaBackend, CudaDevice, CudaMemory, DeviceArena, DeviceParams, Precision, Scratch};
+use crate::error::Result;
+use crate::model::plan::ActivationPlan;
+use crate::model::{Architecture, ImageBatch, Model, OutputBuffers};
+
+/// A model's parameters on the GPU and the memory of its last pass shape.
+pub struct GpuInference {
+    inner: Inner,
+}
+
+enum Inner {
+    F32(Runner<f32>),
+    Bf16(Runner<bf16>),
+}
+
+impl std::fmt::Debug for GpuInference {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let precision = match self.inner {
+            Inner::F32(_) => Precision::F32,
+            Inner::Bf16(_) => Precision::Bf16,
+        };
+        f.debug_struct("GpuInference").field("precision", &precision).finish()
+    }
+}
+
+struct Runner<T: Act> {
+    be: CudaBackend<T>,
+    /// The model's config, layout and parameter table (its values live on the device).
+    model: Model,
+    params: DeviceParams<T>,
+    /// The plan and arena of the last (batch, height, width).
+    pass: Option<(usize, ActivationPlan, DeviceArena<T>)>,
+}
+
+impl<T: Act> Drop for Runner<T> {
+    fn drop(&mut self) {
+        // Before the buffers go: it may be dropped on a thread that never ran CUDA.
+        self.be.device().make_current();
+    }
+}
+
+impl GpuInference {
+    /// Uploads `model`'s parameters. `Unsupported` when CUDA is not usable, for a segmentation
+    /// model, or for a head dim the fused attention has no kernel for (other than 32 and 64).
+    pub fn new(model: &Model, precision: Precision) -> Result<Self> {
+        ensure!(
+            model.architecture() != Architecture::SemanticSegmentation,
+            Unsupported,
+            "GPU inference runs the backbone, MIM and classification models; segmentation runs on the CPU"
+        );
+        let c = model.config();
+        let heads = c.num_attention_heads;
+        ensure!(
+            c.hidden_size.is_multiple_of(heads) && matches!(c.hidden_size / heads, 32 | 64),
+            Unsupported,
+            "the GPU's fused attention has kernels for head dims 32 and 64; this model's is {}",
+            c.hidden_size as f64 / heads as f64
+        );
+        let dev = CudaDevice::get()?;
+        let inner = match precision {
+            Precision::F32 => Inner::F32(Runner::new(dev, model)?),
+            Precision::Bf16 => Inner::Bf16(Runner::new(dev, model)?),
+        };
+        Ok(GpuInference { inner })
+    }
+
+    /// The forward of [`Model::forward_into`] on the GPU: the requested outputs into `out`
+    /// (lengths as [`Model::output_shapes`] gives them). The images must be of the model's
+    /// configured size.
+    pub fn forward_into(&mut self, input: &ImageBatch<'_>, out: OutputBuffers<'_>) -> Result<()> {
+        match &mut self.inner {
+            Inner::F32(r) => r.forward_into(input, out),
+            Inner::Bf16(r) => r.forward_into(input, out),
+        }
+    }
+}
+
+impl<T: Act> Runner<T> {
+    fn new(dev: Arc<CudaDevice>, model: &Model) -> Result<Self> {
+        let params = DeviceParams::upload(&dev, &model.params().data)?;
+        Ok(Runner { be: CudaBackend::new(dev), model: model.without_values(), params, pass: None })
+    }
+
+    fn forward_into(&mut self, input: &ImageBatch<'_>, out: OutputBuffers<'_>) -> Result<()> {
+        let model = &self.model;
+        model.check_input(input)?;
+        model.check_outputs(input, &out)?;
+        let c = model.config();
+        let (height, width) = c.image_size.hw();
+        ensure!(
+            (input.height, input.width) == (height, width),
+            Unsupported,
+            "GPU inference runs at the configured image size {height}x{width}; this batch is {}x{}",
+            input.height,
+            input.width
+        );
+        let key = input.batch;
+        if self.pass.as_ref().is_none_or(|(b, _, _)| *b != key) {
+            self.pass = None; // free the old arena first
+            let (plan, planner) = model.inference_plan(&self.be, input.batch, height, width);
+            let arena = DeviceArena::new(self.be.device(), &planner, Scratch::default())?;
+            self.pass = Some((key, plan, arena));
+        }
+        let (_, plan, arena) = self.pass.as_mut().expect("planned above");
+        let mut m = CudaMemory::new(self.be.device(), arena, &self.params, None)?;
+        model.inference_pass(&self.be, &mut m, plan, input, out)
+    }
+}

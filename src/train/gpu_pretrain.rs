@@ -42,6 +42,7 @@ use crate::model::param_store::ParamStore;
 use crate::model::plan::ActivationPlan;
 use crate::model::{check_label_smoothing, Architecture, ClassifyBatch, HeadLists, MimBatch, MimTarget, Model};
 use crate::train::adamw::AdamW;
+use crate::train::optimizer::{apply_update, NonFiniteGradient, UpdateTarget};
 
 /// What one GPU step did.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -396,27 +397,15 @@ impl<T: Act> Step<T> {
 
     fn apply(&mut self, clip: f64, lr: f32) -> Result<GpuStepStats> {
         let loss = self.loss()?;
-        let Step { be, params, grads, adamw, lr_scale, pass, .. } = self;
-        let dev = be.device();
-        let p = pass.as_mut().expect("a pass ran");
-        if clip > 0.0 {
-            dev.clip_grad_norm(grads, clip, &mut p.norm)?;
-        } else {
-            dev.global_norm_into(&*grads, &mut p.norm)?;
-        }
-        let grad_norm = dev.download(&p.norm)?[1];
         ensure!(loss.is_finite(), Numerical, "the loss is {loss}; the step was not applied");
-        ensure!(grad_norm.is_finite(), Numerical, "the gradient norm is {grad_norm}; the step was not applied");
-        let (master, work) = params.master_and_work();
-        adamw.step(
-            dev,
-            master,
-            &*grads,
-            lr,
-            lr_scale.as_ref().map(|s| s as &dyn DevicePtr<f32>),
-            work.map(|w| w as &mut dyn DevicePtrMut<bf16>),
-        )?;
-        Ok(GpuStepStats { loss, grad_norm })
+        let Step { be, params, grads, adamw, lr_scale, pass, .. } = self;
+        let p = pass.as_mut().expect("a pass ran");
+        let mut target =
+            DeviceUpdate { dev: be.device(), params, grads, adamw, lr_scale: lr_scale.as_ref(), norm: &mut p.norm };
+        match apply_update(&mut target, lr, (clip > 0.0).then_some(clip))? {
+            Ok(grad_norm) => Ok(GpuStepStats { loss, grad_norm }),
+            Err(NonFiniteGradient(norm)) => bail!(Numerical, "the gradient norm is {norm}; the step was not applied"),
+        }
     }
 
     fn upload_state(&mut self, store: &ParamStore, opt: &AdamW) -> Result<()> {
@@ -428,6 +417,42 @@ impl<T: Act> Step<T> {
         self.adamw.step = opt.step;
         self.adamw.config = opt.config;
         Ok(())
+    }
+}
+
+/// The device's parameters, gradients and AdamW state as the optimizer's [`UpdateTarget`]: the
+/// one optimizer step (`train::optimizer::apply_update`: norm, refusal, clip, AdamW) runs on
+/// them as on the CPU's. The norm is read back (8 bytes) to decide, as the CPU trainer does.
+struct DeviceUpdate<'a, T: Act> {
+    dev: &'a CudaDevice,
+    params: &'a mut DeviceParams<T>,
+    grads: &'a mut CudaSlice<f32>,
+    adamw: &'a mut GpuAdamW,
+    lr_scale: Option<&'a CudaSlice<f32>>,
+    /// [Σg², ‖g‖] on the device.
+    norm: &'a mut CudaSlice<f64>,
+}
+
+impl<T: Act> UpdateTarget for DeviceUpdate<'_, T> {
+    fn grad_norm(&mut self) -> Result<f64> {
+        self.dev.global_norm_into(&*self.grads, self.norm)?;
+        Ok(self.dev.download(self.norm)?[1])
+    }
+
+    fn scale_grads(&mut self, factor: f32) -> Result<()> {
+        self.dev.scale(self.grads, factor)
+    }
+
+    fn adamw_step(&mut self, lr: f32) -> Result<()> {
+        let (master, work) = self.params.master_and_work();
+        self.adamw.step(
+            self.dev,
+            master,
+            &*self.grads,
+            lr,
+            self.lr_scale.map(|s| s as &dyn DevicePtr<f32>),
+            work.map(|w| w as &mut dyn DevicePtrMut<bf16>),
+        )
     }
 }
 

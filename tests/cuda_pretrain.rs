@@ -384,26 +384,70 @@ fn gpu_trainer_dropped_on_another_thread_frees_cleanly() {
     b.step(&data.batch(0, 4).as_batch()).expect("a GPU step after a trainer was dropped on another thread");
 }
 
-/// Runs everywhere: without a GPU, moving a trainer to CUDA is a clear `Unsupported` error and
-/// the trainer keeps working on the CPU; a fine-tuning trainer is refused either way.
+/// Runs everywhere: without a GPU, moving a trainer (pretraining or classification fine-tuning)
+/// to CUDA is a clear `Unsupported` error naming why, and the trainer keeps working on the CPU.
 #[test]
 fn use_cuda_is_refused_cleanly() {
     let cfg = BeitConfig::from_json_str(CONFIGS[0].1).unwrap();
+    if probe().usable {
+        return;
+    }
     let model = Model::new_random(cfg.clone(), Architecture::ImageClassification, 0).unwrap();
     let mut t = Trainer::new_classifier(model, TrainerOptions::default()).unwrap();
     match t.use_cuda(Precision::Bf16) {
-        Err(Error::Unsupported(msg)) => assert!(msg.contains("only pretraining"), "{msg}"),
+        Err(Error::Unsupported(msg)) => assert!(msg.contains(&probe().reason), "{msg}"),
         other => panic!("expected Unsupported, got {other:?}"),
     }
-    if !probe().usable {
-        let model = Model::new_random(cfg.clone(), Architecture::MaskedImageModeling, 0).unwrap();
-        let mut t = Trainer::new(model, TrainerOptions::default()).unwrap();
-        match t.use_cuda(Precision::Bf16) {
-            Err(Error::Unsupported(msg)) => assert!(msg.contains(&probe().reason), "{msg}"),
-            other => panic!("expected Unsupported, got {other:?}"),
-        }
-        assert_eq!(t.cuda_precision(), None);
-        let batch = SyntheticMim::for_config(&cfg, 6, 1).batch(0, 2);
-        assert!(t.step(&batch.as_batch()).unwrap().loss.is_finite(), "the CPU step still runs");
+    assert_eq!(t.cuda_precision(), None);
+    let model = Model::new_random(cfg.clone(), Architecture::MaskedImageModeling, 0).unwrap();
+    let mut t = Trainer::new(model, TrainerOptions::default()).unwrap();
+    match t.use_cuda(Precision::Bf16) {
+        Err(Error::Unsupported(msg)) => assert!(msg.contains(&probe().reason), "{msg}"),
+        other => panic!("expected Unsupported, got {other:?}"),
     }
+    assert_eq!(t.cuda_precision(), None);
+    let batch = SyntheticMim::for_config(&cfg, 6, 1).batch(0, 2);
+    assert!(t.step(&batch.as_batch()).unwrap().loss.is_finite(), "the CPU step still runs");
+}
+
+/// A classification fine-tuning Trainer on the GPU (fp32) follows the CPU Trainer from the same
+/// model, options and batches: the same losses and parameters to rounding over a few steps
+/// (schedule, label smoothing, drop path, clipping and layer decay included).
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn gpu_classification_trainer_follows_the_cpu_trainer() {
+    let cfg = BeitConfig::from_json_str(CONFIGS[0].1).unwrap();
+    let options = TrainerOptions {
+        warmup_steps: 1,
+        total_steps: 6,
+        seed: 8,
+        drop_path_rate: Some(0.1),
+        layer_decay: 0.75,
+        clip_grad_norm: 0.5,
+        ..Default::default()
+    };
+    let model = || Model::new_random(cfg.clone(), Architecture::ImageClassification, 2).unwrap();
+    let (b, c, (h, w)) = (4, cfg.num_channels, cfg.image_size.hw());
+    let mut cpu = Trainer::new_classifier(model(), options.clone()).unwrap();
+    let mut gpu = Trainer::new_classifier(model(), options).unwrap();
+    gpu.use_cuda(Precision::F32).expect("a CUDA GPU");
+    for step in 0..3 {
+        let pixels: Vec<f32> = (0..b * c * h * w).map(|i| ((i * 31 + step * 7) % 97) as f32 / 48.0 - 1.0).collect();
+        let labels: Vec<i64> = (0..b).map(|i| ((i + step) % 3 == 0) as i64).collect();
+        let batch = ClassifyBatch { pixels: &pixels, batch: b, channels: c, height: h, width: w, labels: &labels };
+        let a = cpu.step_classify(&batch, 0.1).unwrap();
+        let g = gpu.step_classify(&batch, 0.1).unwrap();
+        let rel = (a.loss - g.loss).abs() / a.loss.abs();
+        println!(
+            "step {step}: loss cpu {:.7} gpu {:.7} (rel {rel:.1e}); grad norm {:.5} / {:.5}",
+            a.loss, g.loss, a.grad_norm, g.grad_norm
+        );
+        assert!(rel <= 1e-5, "step {step}: loss relative error {rel:e}");
+        assert!((a.grad_norm - g.grad_norm).abs() <= 1e-5 * a.grad_norm, "step {step}: gradient norms differ");
+    }
+    let (pc, pg) = (&cpu.model().params().data, &gpu.model().params().data);
+    let diff = pc.iter().zip(pg).map(|(a, b)| ((a - b) as f64).powi(2)).sum::<f64>().sqrt();
+    let norm = pc.iter().map(|&a| (a as f64).powi(2)).sum::<f64>().sqrt();
+    println!("parameters after 3 steps: |gpu - cpu| = {diff:.2e} of |cpu| = {norm:.3}");
+    assert!(diff <= 1e-5 * norm, "parameters drift: {diff:e} of {norm:e}");
 }

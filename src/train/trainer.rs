@@ -309,19 +309,22 @@ impl Trainer {
         self.model
     }
 
-    /// Runs the pretraining steps on the GPU from now on, in `precision` (bf16 for speed, fp32
-    /// for parity with the CPU pass): the parameters and optimizer state move to the device.
+    /// Runs the steps (pretraining, or classification fine-tuning) on the GPU from now on, in
+    /// `precision` (bf16 for speed, fp32 for parity with the CPU pass): the parameters and
+    /// optimizer state move to the device.
     /// Every step then copies the parameters back to the host model (so [`Trainer::model`],
     /// saving and checkpoints see them) unless [`Trainer::defer_host_copy`] is set. Steps stay
     /// deterministic, and drop path draws from the same random state as on the CPU.
     pub fn use_cuda(&mut self, precision: Precision) -> Result<()> {
-        ensure!(
-            self.model.architecture() == Architecture::MaskedImageModeling,
-            Unsupported,
-            "only pretraining runs on the CUDA backend; this trainer trains a {}",
-            self.model.architecture().hf_name()
-        );
-        GpuPretrainer::check_target(self.options.mim_target)?;
+        match self.model.architecture() {
+            Architecture::MaskedImageModeling => GpuPretrainer::check_target(self.options.mim_target)?,
+            Architecture::ImageClassification => {}
+            other => bail!(
+                Unsupported,
+                "pretraining and classification fine-tuning run on the CUDA backend; this trainer trains a {}",
+                other.hf_name()
+            ),
+        }
         let plan = decay_setup(&self.model, &self.options)?;
         let mut gpu = GpuPretrainer::new(
             &self.model,
@@ -338,8 +341,8 @@ impl Trainer {
         Ok(())
     }
 
-    /// Follows `ctx`'s device: a cuda context moves pretraining to the GPU in bf16 (fine-tuning
-    /// trainers then fail with `Unsupported`: that pass runs on the CPU only).
+    /// Follows `ctx`'s device: a cuda context moves the steps (pretraining and classification
+    /// fine-tuning) to the GPU in bf16.
     pub fn use_context(&mut self, ctx: &Context) -> Result<()> {
         if ctx.device() == Device::Cuda && self.gpu.is_none() {
             self.use_cuda(Precision::Bf16)?;
@@ -471,23 +474,29 @@ impl Trainer {
         let target = self.options.mim_target;
         self.model.check_mim_batch(batch, target)?;
         if self.gpu.is_some() {
-            return self.step_gpu(batch);
+            return self.step_gpu(batch.batch, batch.masked_count(), |gpu, drop| gpu.forward_backward(batch, drop));
         }
         self.step_with(batch.batch, batch.masked_count(), |model, ws, drop, grads| {
             model.mim_forward_backward_data_parallel(ws, batch, target, drop, grads)
         })
     }
 
-    /// [`Trainer::step`] on the GPU: the same drop path draw, the same schedule, clipping and
-    /// AdamW, run by the GPU step; the same refusal of a non-finite loss or norm.
-    fn step_gpu(&mut self, batch: &MimBatch<'_>) -> Result<StepStats> {
+    /// A step on the GPU: the same drop path draw, the same schedule, clipping and AdamW (the
+    /// one optimizer step, on the device's buffers), the same refusal of a non-finite loss or
+    /// norm as [`Trainer::step_with`]; `pass` runs the forward and backward there.
+    fn step_gpu(
+        &mut self,
+        images: usize,
+        masked: usize,
+        pass: impl FnOnce(&mut GpuPretrainer, Option<&[f32]>) -> Result<()>,
+    ) -> Result<StepStats> {
         let start = Instant::now();
         let rng_before = self.rng.clone();
-        let dropping = self.draw_drop_path(batch.batch);
+        let dropping = self.draw_drop_path(images);
         let lr = self.options.lr_at(self.step);
         let gpu = self.gpu.as_mut().expect("checked by the caller");
         let drop = dropping.then_some(&self.drop_factors[..]);
-        let stats = match gpu.step(batch, drop, self.options.clip_grad_norm, lr as f32) {
+        let stats = match pass(gpu, drop).and_then(|()| gpu.apply(self.options.clip_grad_norm, lr as f32)) {
             Ok(s) => s,
             Err(e) => {
                 self.rng = rng_before;
@@ -505,9 +514,9 @@ impl Trainer {
             loss: stats.loss,
             lr,
             grad_norm: stats.grad_norm,
-            masked: batch.masked_count(),
+            masked,
             seconds,
-            images_per_s: batch.batch as f64 / seconds.max(1e-12),
+            images_per_s: images as f64 / seconds.max(1e-12),
         })
     }
 
@@ -516,6 +525,10 @@ impl Trainer {
     pub fn step_classify(&mut self, batch: &ClassifyBatch<'_>, label_smoothing: f32) -> Result<StepStats> {
         self.model.check_classify_batch(batch)?;
         check_label_smoothing(label_smoothing)?;
+        if self.gpu.is_some() {
+            return self
+                .step_gpu(batch.batch, 0, |gpu, drop| gpu.classify_forward_backward(batch, drop, label_smoothing));
+        }
         self.step_with(batch.batch, 0, |model, ws, drop, grads| {
             model.classify_forward_backward_data_parallel(ws, batch, drop, label_smoothing, grads)
         })

@@ -76,6 +76,10 @@ pub struct FinetuneArgs {
     /// Linear warmup steps (default: a tenth of the steps).
     #[arg(long)]
     pub warmup_steps: Option<u64>,
+    /// cpu, cuda (the steps run on the GPU, bf16; an error without a usable one) or auto (says
+    /// what it chose).
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
     /// Clip the gradient norm (0: off; BEiT fine-tuning does not clip).
     #[arg(long, default_value_t = 0.0)]
     pub clip: f64,
@@ -144,7 +148,8 @@ fn finetune_classify(a: FinetuneArgs) -> beit::Result<()> {
     if a.batch == 0 {
         return Err(beit::Error::InvalidArgument("--batch 0: a batch needs at least one image".into()));
     }
-    let ctx = Context::new(&ContextOptions { device: Device::Cpu, threads: a.threads, ..Default::default() })?;
+    let device: Device = a.device.parse()?;
+    let ctx = Context::new(&ContextOptions { device, threads: a.threads, ..Default::default() })?;
     let full = Arc::new(Dataset::open(&a.data)?);
     let labels = dataset_labels(&full)?;
     let num_labels = match a.num_labels {
@@ -189,6 +194,9 @@ fn finetune_classify(a: FinetuneArgs) -> beit::Result<()> {
         ..TrainerOptions::default()
     };
     let mut trainer = Trainer::new_classifier(model, options)?;
+    // A cuda context runs the steps on the GPU.
+    trainer.use_context(&ctx)?;
+    eprintln!("beit finetune: device {}", ctx.device_note());
 
     // Everything is validated: from here on the run writes into --out.
     crate::safety::remove_stale_temp_files(&a.out, &[CONFIG_FILE, WEIGHTS_FILE, SUBSET_FILE])?;

@@ -149,30 +149,41 @@ impl CudaDevice {
         unsafe { self.launch_elements("beit_image_max_pool2x2_backward", inputs, &args) }
     }
 
-    /// Checks a resampling op's buffers and gives its arguments after the two pointers.
-    fn resample_args(
+    /// Launches a resampling kernel `name` (`(const float* src, float* dst, long long planes,
+    /// int in_h, int in_w, int out_h, int out_w)`, one thread per `dst` element) of `planes`
+    /// planes between `from` (the input's plane) and `to` (the output's). `backward` says the
+    /// gradient runs the other way: `src` holds the output's gradient, `dst` the input's.
+    #[allow(clippy::too_many_arguments)]
+    fn resample(
         &self,
-        what: &str,
-        x_len: usize,
-        y_len: usize,
+        name: &'static str,
+        src: &dyn DevicePtr<f32>,
+        dst: &mut dyn DevicePtrMut<f32>,
         planes: usize,
         from: (usize, usize),
         to: (usize, usize),
-    ) -> Result<[Arg; 5]> {
-        expect_len(&format!("{what} input"), x_len, plane_elems(what, planes, from)?)?;
-        expect_len(&format!("{what} output"), y_len, plane_elems(what, planes, to)?)?;
+        backward: bool,
+    ) -> Result<()> {
+        let (input_len, output_len) = if backward { (dst.len(), src.len()) } else { (src.len(), dst.len()) };
+        expect_len(&format!("{name} input"), input_len, plane_elems(name, planes, from)?)?;
+        expect_len(&format!("{name} output"), output_len, plane_elems(name, planes, to)?)?;
         ensure!(
             from.0 > 0 && from.1 > 0 && to.0 > 0 && to.1 > 0,
             InvalidArgument,
-            "{what}: an empty plane ({from:?} to {to:?})"
+            "{name}: an empty plane ({from:?} to {to:?})"
         );
-        Ok([
+        let n = dst.len();
+        let args = [
+            Arg::Ptr(self.addr(src)),
+            Arg::Ptr(self.addr_mut(dst)),
             Arg::I64(planes as i64),
             Arg::I32(int("input height", from.0)?),
             Arg::I32(int("input width", from.1)?),
             Arg::I32(int("output height", to.0)?),
             Arg::I32(int("output width", to.1)?),
-        ])
+        ];
+        // SAFETY: the signature above, shared by the four resampling kernels; sizes checked.
+        unsafe { self.launch_elements(name, n, &args) }
     }
 
     /// Bilinear resize (`align_corners=False`) of `planes` planes from `from` to `to` pixels,
@@ -185,11 +196,7 @@ impl CudaDevice {
         from: (usize, usize),
         to: (usize, usize),
     ) -> Result<()> {
-        let rest = self.resample_args("bilinear", x.len(), y.len(), planes, from, to)?;
-        let n = y.len();
-        let args = [[Arg::Ptr(self.addr(x)), Arg::Ptr(self.addr_mut(y))].as_slice(), &rest].concat();
-        // SAFETY: (const float*, float*, long long, int, int, int, int); sizes checked.
-        unsafe { self.launch_elements("beit_image_bilinear", n, &args) }
+        self.resample("beit_image_bilinear", x, y, planes, from, to, false)
     }
 
     /// Backward of [`CudaDevice::bilinear`] (`dx` `[planes, from]` overwritten), as
@@ -202,11 +209,7 @@ impl CudaDevice {
         from: (usize, usize),
         to: (usize, usize),
     ) -> Result<()> {
-        let rest = self.resample_args("bilinear_backward", dx.len(), dy.len(), planes, from, to)?;
-        let n = dx.len();
-        let args = [[Arg::Ptr(self.addr(dy)), Arg::Ptr(self.addr_mut(dx))].as_slice(), &rest].concat();
-        // SAFETY: (const float*, float*, long long, int, int, int, int); sizes checked.
-        unsafe { self.launch_elements("beit_image_bilinear_backward", n, &args) }
+        self.resample("beit_image_bilinear_backward", dy, dx, planes, from, to, true)
     }
 
     /// `AdaptiveAvgPool2d(to)` of `planes` planes of `from` pixels, as
@@ -219,11 +222,7 @@ impl CudaDevice {
         from: (usize, usize),
         to: (usize, usize),
     ) -> Result<()> {
-        let rest = self.resample_args("adaptive_avg_pool", x.len(), y.len(), planes, from, to)?;
-        let n = y.len();
-        let args = [[Arg::Ptr(self.addr(x)), Arg::Ptr(self.addr_mut(y))].as_slice(), &rest].concat();
-        // SAFETY: (const float*, float*, long long, int, int, int, int); sizes checked.
-        unsafe { self.launch_elements("beit_image_adaptive_avg_pool", n, &args) }
+        self.resample("beit_image_adaptive_avg_pool", x, y, planes, from, to, false)
     }
 
     /// Backward of [`CudaDevice::adaptive_avg_pool`] (`dx` overwritten), as
@@ -237,11 +236,7 @@ impl CudaDevice {
         from: (usize, usize),
         to: (usize, usize),
     ) -> Result<()> {
-        let rest = self.resample_args("adaptive_avg_pool_backward", dx.len(), dy.len(), planes, from, to)?;
-        let n = dx.len();
-        let args = [[Arg::Ptr(self.addr(dy)), Arg::Ptr(self.addr_mut(dx))].as_slice(), &rest].concat();
-        // SAFETY: (const float*, float*, long long, int, int, int, int); sizes checked.
-        unsafe { self.launch_elements("beit_image_adaptive_avg_pool_backward", n, &args) }
+        self.resample("beit_image_adaptive_avg_pool_backward", dy, dx, planes, from, to, true)
     }
 
     /// Checks a batch norm's tensor and per-channel buffers; returns the element count.

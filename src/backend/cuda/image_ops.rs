@@ -12,7 +12,7 @@
 //! transformer ops take theirs from the planned arena. Planning these too is issue 20's
 //! "no per-call device allocation".
 
-use cudarc::driver::{DevicePtr, DeviceSlice};
+use cudarc::driver::{DevicePtr, DevicePtrMut, DeviceSlice};
 
 use super::conv::{conv_scratch_len, ColsGeometry};
 use super::image::BnStats;
@@ -59,6 +59,57 @@ impl CudaBackend<f32> {
     }
 }
 
+/// Which convolution a backward is of.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Conv {
+    Forward,
+    Transposed,
+}
+
+/// The gradients a convolution's backward writes: the input's (when wanted, per mode), the
+/// weight's and the bias's (added).
+struct ConvGrads {
+    dx: Option<(View, DxMode)>,
+    dweight: View,
+    dbias: Option<View>,
+}
+
+impl CudaBackend<f32> {
+    /// The backward of a convolution or a transposed one (the same views, the same scratch rule,
+    /// conv.rs's two backward wrappers).
+    #[allow(clippy::too_many_arguments)]
+    fn conv_backward(
+        &self,
+        m: &mut CudaMemory<'_, f32>,
+        kind: Conv,
+        grads: ConvGrads,
+        dout: View,
+        x: View,
+        weight: View,
+        shape: Conv2dShape,
+    ) -> Result<()> {
+        let ConvGrads { dx, dweight, dbias } = grads;
+        let dxv = dx.map_or(View::empty(Space::Act), |(v, _)| v);
+        check_views("conv backward", &[dxv, dweight, dbias.unwrap_or(View::empty(Space::Grad))], &[dout, x, weight]);
+        let geometry = match kind {
+            Conv::Forward => ColsGeometry::conv(&shape),
+            Conv::Transposed => ColsGeometry::transpose(&shape),
+        };
+        let mut scratch = self.scratch::<f32>(conv_scratch(&geometry, shape.batch))?;
+        let (x, w, d) = (f32_view(m, x), f32_view(m, weight), f32_view(m, dout));
+        let mut dw = f32_view(m, dweight);
+        let mut db = dbias.map(|v| f32_view(m, v));
+        let mut dxs = dx.map(|(v, mode)| (f32_view(m, v), mode));
+        let dx = dxs.as_mut().map(|(v, mode)| (v as &mut dyn DevicePtrMut<f32>, *mode));
+        let db = db.as_mut().map(|v| v as &mut dyn DevicePtrMut<f32>);
+        let dev = self.device();
+        match kind {
+            Conv::Forward => dev.conv2d_backward(&shape, &x, &w, &d, dx, &mut dw, db, &mut scratch),
+            Conv::Transposed => dev.conv_transpose2d_backward(&shape, &x, &w, &d, dx, &mut dw, db, &mut scratch),
+        }
+    }
+}
+
 impl ImageOps for CudaBackend<f32> {
     fn conv2d(
         &self,
@@ -87,24 +138,7 @@ impl ImageOps for CudaBackend<f32> {
         weight: View,
         shape: Conv2dShape,
     ) -> Result<()> {
-        let none = View::empty(Space::Grad);
-        let dxv = dx.map_or(View::empty(Space::Act), |(v, _)| v);
-        check_views("conv2d_backward", &[dxv, dweight, dbias.unwrap_or(none)], &[dout, x, weight]);
-        let mut scratch = self.scratch::<f32>(conv_scratch(&ColsGeometry::conv(&shape), shape.batch))?;
-        let (x, w, d) = (f32_view(m, x), f32_view(m, weight), f32_view(m, dout));
-        let mut dw = f32_view(m, dweight);
-        let mut db = dbias.map(|v| f32_view(m, v));
-        let mut dxs = dx.map(|(v, mode)| (f32_view(m, v), mode));
-        self.device().conv2d_backward(
-            &shape,
-            &x,
-            &w,
-            &d,
-            dxs.as_mut().map(|(v, mode)| (v as &mut dyn cudarc::driver::DevicePtrMut<f32>, *mode)),
-            &mut dw,
-            db.as_mut().map(|v| v as &mut dyn cudarc::driver::DevicePtrMut<f32>),
-            &mut scratch,
-        )
+        self.conv_backward(m, Conv::Forward, ConvGrads { dx, dweight, dbias }, dout, x, weight, shape)
     }
 
     fn conv_transpose2d(
@@ -141,24 +175,7 @@ impl ImageOps for CudaBackend<f32> {
         weight: View,
         shape: Conv2dShape,
     ) -> Result<()> {
-        let none = View::empty(Space::Grad);
-        let dxv = dx.map_or(View::empty(Space::Act), |(v, _)| v);
-        check_views("conv_transpose2d_backward", &[dxv, dweight, dbias.unwrap_or(none)], &[dout, x, weight]);
-        let mut scratch = self.scratch::<f32>(conv_scratch(&ColsGeometry::transpose(&shape), shape.batch))?;
-        let (x, w, d) = (f32_view(m, x), f32_view(m, weight), f32_view(m, dout));
-        let mut dw = f32_view(m, dweight);
-        let mut db = dbias.map(|v| f32_view(m, v));
-        let mut dxs = dx.map(|(v, mode)| (f32_view(m, v), mode));
-        self.device().conv_transpose2d_backward(
-            &shape,
-            &x,
-            &w,
-            &d,
-            dxs.as_mut().map(|(v, mode)| (v as &mut dyn cudarc::driver::DevicePtrMut<f32>, *mode)),
-            &mut dw,
-            db.as_mut().map(|v| v as &mut dyn cudarc::driver::DevicePtrMut<f32>),
-            &mut scratch,
-        )
+        self.conv_backward(m, Conv::Transposed, ConvGrads { dx, dweight, dbias }, dout, x, weight, shape)
     }
 
     fn batch_norm_eval(

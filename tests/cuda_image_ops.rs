@@ -533,7 +533,7 @@ fn image_ops_through_the_trait_equal_the_cpu_backend() {
     let mut arena = DeviceArena::<f32>::new(&d, &p, Scratch::default()).unwrap();
     let params = DeviceParams::<f32>::upload(&d, &values_p).unwrap();
     let mut dgrads = d.zeros::<f32>(ps.len).unwrap();
-    let mut m = CudaMemory::new(&d, &mut arena, &params, &mut dgrads).unwrap();
+    let mut m = CudaMemory::new(&d, &mut arena, &params, Some(&mut dgrads)).unwrap();
     let (got, loss) = run(&gpu, &mut m, &v, &ps);
 
     assert!((loss - want_loss).abs() <= 1e-6 * want_loss.abs(), "loss {loss} on the GPU, {want_loss} on the CPU");

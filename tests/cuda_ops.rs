@@ -842,7 +842,7 @@ fn pass_ops_case<T: Act>(rel: f32) {
     let dev_params = DeviceParams::<T>::upload(&d, &params).unwrap();
     let mut dev_grads = d.zeros::<f32>(param_len).unwrap();
     let got = {
-        let mut m = CudaMemory::new(&d, &mut dev_arena, &dev_params, &mut dev_grads).unwrap();
+        let mut m = CudaMemory::new(&d, &mut dev_arena, &dev_params, Some(&mut dev_grads)).unwrap();
         pass_ops(&be, &mut m, &dv, &masked_rows)
     };
     assert_eq!(got.len(), want.len());

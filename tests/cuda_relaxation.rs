@@ -159,7 +159,7 @@ fn code_ops_through_the_trait_equal_the_cpu_backend() {
     let mut arena = DeviceArena::<f32>::new(&d, &p, Scratch::default()).unwrap();
     let params = DeviceParams::<f32>::upload(&d, &[0.0]).unwrap();
     let mut dgrads = d.zeros::<f32>(1).unwrap();
-    let mut m = CudaMemory::new(&d, &mut arena, &params, &mut dgrads).unwrap();
+    let mut m = CudaMemory::new(&d, &mut arena, &params, Some(&mut dgrads)).unwrap();
     let (y, dl, kl, tokens) = run(&gpu, &mut m, &v);
 
     assert_normwise(&y, &want_y, 1e-5, "codes");

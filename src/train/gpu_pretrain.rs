@@ -331,7 +331,7 @@ impl<T: Act> Step<T> {
         let Step { be, model, params, grads, pass, rows, labels, .. } = self;
         let pass = pass.as_mut().expect("planned");
         be.device().stream().memset_zeros(grads).map_err(|e| driver_error("memset", e))?;
-        let mut mem = CudaMemory::new(be.device(), &mut pass.arena, params, grads)?;
+        let mut mem = CudaMemory::new(be.device(), &mut pass.arena, params, Some(grads))?;
         let host = HeadLists { rows, labels };
         let target = MimTarget::VisualTokens;
         let sum = model.mim_pass(be, &mut mem, &pass.plan, batch, target, drop_path, masked, host)?;

@@ -308,27 +308,34 @@ pub struct CudaMemory<'a, T: Act> {
 }
 
 impl<'a, T: Act> CudaMemory<'a, T> {
-    /// `grads` is laid out like the parameters (f32).
+    /// `grads` is laid out like the parameters (f32); a pass without gradients (inference)
+    /// has none, and any `Grad` view is then refused.
     pub fn new(
         dev: &CudaDevice,
         arena: &'a mut DeviceArena<T>,
         params: &'a DeviceParams<T>,
-        grads: &'a mut CudaSlice<f32>,
+        grads: Option<&'a mut CudaSlice<f32>>,
     ) -> Result<Self> {
-        ensure!(
-            grads.len() == params.len(),
-            InvalidArgument,
-            "device memory: the gradients hold {} values, the parameters {}",
-            grads.len(),
-            params.len()
-        );
         let s = dev.stream();
+        let grads = match grads {
+            Some(g) => {
+                ensure!(
+                    g.len() == params.len(),
+                    InvalidArgument,
+                    "device memory: the gradients hold {} values, the parameters {}",
+                    g.len(),
+                    params.len()
+                );
+                Span::of(g, s)
+            }
+            None => Span { ptr: 0, len: 0 },
+        };
         Ok(CudaMemory {
             act: Span::of(&arena.act, s),
             stat: Span::of(&arena.stat, s),
             index: Span::of(&arena.index, s),
             params: params.working(s),
-            grads: Span::of(grads, s),
+            grads,
             column_sums: Span::of(&arena.column_sums, s),
             layer_norm: Span::of(&arena.layer_norm, s),
             products: Span::of(&arena.products, s),

@@ -147,3 +147,41 @@ fn a_cuda_context_moves_the_trainer_to_the_gpu() {
     cpu.use_context(&cpu_ctx).unwrap();
     assert!(!cpu.on_cuda());
 }
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn the_c_api_tokenizes_on_the_gpu_of_a_cuda_context() {
+    use beit::ffi::context::{
+        beit_context, beit_context_create, beit_context_free, beit_context_options_default, beit_device, RawDevice,
+    };
+    use beit::ffi::status::beit_status;
+    use beit::ffi::tokenizer::beit_tokenizer_tokenize;
+    use beit::ffi::tokenizer::{beit_tokenizer, beit_tokenizer_decode, beit_tokenizer_free, beit_tokenizer_load};
+
+    let dvae = Dvae::new(DvaeConfig { vocab_size: 40, ..config() }, 4).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    dvae.save(dir.path()).unwrap();
+    let path = std::ffi::CString::new(dir.path().to_str().unwrap()).unwrap();
+    let pixels: Vec<f32> = images(3, 8, 5).iter().map(|&v| beit::dvae::unmap_pixels(v)).collect();
+    let mapped: Vec<f32> = pixels.iter().map(|&v| map_pixels(v)).collect();
+    let want: Vec<i64> = dvae.tokenize(&mapped).unwrap().iter().map(|&t| t as i64).collect();
+
+    let mut opts = beit_context_options_default();
+    opts.device = RawDevice(beit_device::BEIT_DEVICE_CUDA as u32);
+    let (mut ctx, mut tok): (*mut beit_context, *mut beit_tokenizer) = (std::ptr::null_mut(), std::ptr::null_mut());
+    // SAFETY: valid options, out pointers, a NUL-terminated path, buffers of the stated lengths.
+    unsafe {
+        assert_eq!(beit_context_create(&opts, &mut ctx), beit_status::BEIT_OK);
+        assert_eq!(beit_tokenizer_load(ctx, path.as_ptr(), &mut tok), beit_status::BEIT_OK);
+        let mut tokens = vec![-1i64; want.len()];
+        let status = beit_tokenizer_tokenize(tok, pixels.as_ptr(), pixels.len(), 3, tokens.as_mut_ptr(), tokens.len());
+        assert_eq!(status, beit_status::BEIT_OK);
+        assert_eq!(tokens, want);
+        // Decoding has no GPU pass yet: refused on a cuda context, never run on the CPU.
+        let mut out = vec![0.0f32; pixels.len()];
+        let status = beit_tokenizer_decode(tok, tokens.as_ptr(), tokens.len(), 3, out.as_mut_ptr(), out.len());
+        assert_eq!(status, beit_status::BEIT_ERR_UNSUPPORTED);
+        beit_tokenizer_free(tok);
+        beit_context_free(ctx);
+    }
+}

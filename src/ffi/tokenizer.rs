@@ -209,7 +209,8 @@ fn batch_lengths(t: &Dvae, batch: usize) -> (String, Option<usize>, Option<usize
 /// buffer), `BEIT_ERR_BUFFER_SIZE` (a `tokens_len` other than `batch * P`; both numbers are in
 /// the message).
 ///
-/// On a cuda context the pass runs on the GPU (`train::gpu_dvae::GpuTokenizer`).
+/// On a cuda context the pass runs on the GPU (fp32; the tokens equal the CPU's up to ties
+/// within rounding).
 ///
 /// Thread safety: any number of threads may tokenize with one tokenizer at once (on the GPU
 /// they take turns).
@@ -276,7 +277,8 @@ pub unsafe extern "C" fn beit_tokenizer_tokenize(
 /// Errors: `BEIT_ERR_NULL_POINTER` (tokenizer, tokens, pixels), `BEIT_ERR_INVALID_ARGUMENT`
 /// (no decoder; batch 0; a `tokens_len` other than `batch * P`; a token outside
 /// `[0, vocab_size)`, with its index; a misaligned buffer), `BEIT_ERR_BUFFER_SIZE` (a
-/// `pixels_len` other than the shape's; both numbers are in the message).
+/// `pixels_len` other than the shape's; both numbers are in the message), `BEIT_ERR_UNSUPPORTED`
+/// (a cuda context: decoding has no GPU pass yet).
 ///
 /// Thread safety: any number of threads may decode with one tokenizer at once.
 ///

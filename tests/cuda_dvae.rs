@@ -185,3 +185,57 @@ fn the_c_api_tokenizes_on_the_gpu_of_a_cuda_context() {
         beit_context_free(ctx);
     }
 }
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn tokenizer_train_on_device_cuda_steps_on_the_gpu() {
+    use beit::data::dataset::{DatasetSpec, DatasetWriter};
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data.beitds");
+    let spec = DatasetSpec { height: 16, width: 16, channels: 1, labels: false, masks: false, token_grid: None };
+    let mut w = DatasetWriter::create(&data, spec).unwrap();
+    for i in 0..8usize {
+        let px: Vec<u8> = (0..256).map(|p| (20 + (i * 67 + p * 13) % 216) as u8).collect();
+        w.push(&px, None, None, None).unwrap();
+    }
+    w.finish().unwrap();
+    let out = dir.path().join("tokenizer");
+    let args = [
+        "tokenizer",
+        "train",
+        "--device",
+        "cuda",
+        "--image-size",
+        "8",
+        "--vocab",
+        "16",
+        "--n-hid",
+        "8",
+        "--groups",
+        "2",
+        "--decoder-width",
+        "8",
+        "--steps",
+        "2",
+        "--batch",
+        "4",
+        "--eval-images",
+        "4",
+        "--threads",
+        "1",
+    ];
+    let run = std::process::Command::new(env!("CARGO_BIN_EXE_beit"))
+        .args(args)
+        .arg("--data")
+        .arg(&data)
+        .arg("--out")
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
+    let stdout = String::from_utf8_lossy(&run.stdout);
+    let summary: serde_json::Value = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
+    assert_eq!(summary["device"], "cuda", "{stdout}");
+    assert!(summary["eval"]["recon_mse"].as_f64().unwrap().is_finite());
+    Dvae::load(&out).unwrap();
+}

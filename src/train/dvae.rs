@@ -139,7 +139,9 @@ impl DvaeTrainer {
 
     /// Runs the steps on the GPU from now on (fp32): the parameters and the optimizer state
     /// move to the device, and every step copies the parameters back into
-    /// [`DvaeTrainer::dvae`]. `Unsupported` without a usable GPU.
+    /// [`DvaeTrainer::dvae`] (the device holds the parameters from now on: values written into
+    /// `dvae.params` by the caller are not seen by the next step). `Unsupported` without a
+    /// usable GPU.
     pub fn use_cuda(&mut self) -> Result<()> {
         if self.gpu.is_none() {
             self.gpu = Some(GpuDvae::new(&self.dvae, &self.optimizer)?);

@@ -224,14 +224,10 @@ fn tokenizer_train_on_device_cuda_steps_on_the_gpu() {
         "--threads",
         "1",
     ];
-    let run = std::process::Command::new(env!("CARGO_BIN_EXE_beit"))
-        .args(args)
-        .arg("--data")
-        .arg(&data)
-        .arg("--out")
-        .arg(&out)
-        .output()
-        .unwrap();
+    // BEIT_BIN: where scripts/gpu-check put the binary on a machine the tests were copied to.
+    let bin = std::env::var("BEIT_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_beit").to_string());
+    let run =
+        std::process::Command::new(bin).args(args).arg("--data").arg(&data).arg("--out").arg(&out).output().unwrap();
     assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
     let stdout = String::from_utf8_lossy(&run.stdout);
     let summary: serde_json::Value = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();

@@ -83,7 +83,7 @@ impl std::fmt::Debug for Context {
 
 /// What still runs on the CPU only (see [`Context::new`]).
 const CPU_ONLY_PASSES: &str =
-    "inference, fine-tuning and tokenizer passes do not run on the CUDA backend yet (pretraining does, with device cuda)";
+    "inference, fine-tuning and decoding tokens do not run on the CUDA backend yet (pretraining, tokenizer training and tokenizing do, with device cuda)";
 
 impl Context {
     pub fn new(options: &ContextOptions) -> Result<Self> {

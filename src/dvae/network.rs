@@ -747,12 +747,28 @@ impl Encoder {
         let be = host_backend();
         let mut pass = host_pass(|p| self.plan(&be, p, batch, false))?;
         let mut m = HostMemory::new(&mut pass.arena, &store.data, &mut []);
-        let plan = &pass.plan;
-        be.upload(&mut m, plan.input(), pixels)?;
-        self.forward_views(&be, &mut m, store, plan, batch)?;
+        self.tokens_views(&be, &mut m, store, &pass.plan, pixels, batch, tokens)
+    }
+
+    /// The tokenizing pass over planned views (an inference plan of `batch` images): uploads
+    /// `pixels` `[B, C, H, W]`, runs the forward and appends the argmax of each grid position's
+    /// logits to `tokens`.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn tokens_views<B: ImageOps + CodeOps>(
+        &self,
+        be: &B,
+        m: &mut B::Memory<'_>,
+        store: &ParamStore,
+        plan: &EncoderPlan,
+        pixels: &[f32],
+        batch: usize,
+        tokens: &mut Vec<u32>,
+    ) -> Result<()> {
+        be.upload(m, plan.input(), pixels)?;
+        self.forward_views(be, m, store, plan, batch)?;
         let start = tokens.len();
         tokens.resize(start + plan.logits.len() / self.output.n_out, 0);
-        be.argmax_rows(&mut m, plan.logits, self.output.n_out, &mut tokens[start..])
+        be.argmax_rows(m, plan.logits, self.output.n_out, &mut tokens[start..])
     }
 
     /// The views of a pass over `batch` images (with the backward's when `training`).

@@ -4,14 +4,15 @@
 use std::ffi::c_char;
 use std::mem::size_of;
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use super::context::{beit_context, context_shared};
 use super::model::{check_slice, write_versioned};
 use super::status::{beit_status, check_struct_size, guard, guard_infallible, non_null, non_null_mut, utf8_arg};
 use super::status::{FfiError, FfiResult};
-use crate::context::Context;
+use crate::context::{Context, Device};
 use crate::dvae::{map_pixels, unmap_pixels, Dvae};
+use crate::train::gpu_dvae::GpuTokenizer;
 
 /// A loaded visual tokenizer, never modified after loading.
 ///
@@ -19,15 +20,18 @@ use crate::dvae::{map_pixels, unmap_pixels, Dvae};
 /// `beit_tokenizer_get_info`, `beit_tokenizer_tokenize` and `beit_tokenizer_decode` on one
 /// tokenizer at once. It runs on the thread pool of the context it was loaded with, which it
 /// shares, so the context handle may be freed first. Free it only when no call is using it.
+/// On a cuda context it tokenizes on the GPU (one call at a time; others wait).
 #[allow(non_camel_case_types)]
 pub struct beit_tokenizer {
     inner: Dvae,
     /// The thread pool of the context the tokenizer was loaded with, shared.
     ctx: Arc<Context>,
+    /// The parameters on the GPU, for a cuda context.
+    gpu: Option<Mutex<GpuTokenizer>>,
 }
 
 // The thread-safety promise above, checked by the compiler: nothing in a tokenizer changes
-// after loading.
+// after loading (the GPU's pass memory is behind a lock).
 const _: () = super::status::assert_thread_safe::<beit_tokenizer>();
 
 /// What a tokenizer takes and gives. Set `struct_size` (or start from
@@ -121,7 +125,11 @@ pub unsafe extern "C" fn beit_tokenizer_load(
         let dir = unsafe { utf8_arg(dir, "dir") }?;
         let out = non_null_mut(out, "out")?;
         let dvae = ctx.run(|| Dvae::load(Path::new(dir)))?;
-        let handle = Box::into_raw(Box::new(beit_tokenizer { inner: dvae, ctx }));
+        let gpu = match ctx.device() {
+            Device::Cuda => Some(Mutex::new(GpuTokenizer::new(&dvae)?)),
+            _ => None,
+        };
+        let handle = Box::into_raw(Box::new(beit_tokenizer { inner: dvae, ctx, gpu }));
         // SAFETY: `out` is non-NULL and the caller promises it is writable.
         unsafe { out.write(handle) };
         Ok(())
@@ -201,7 +209,11 @@ fn batch_lengths(t: &Dvae, batch: usize) -> (String, Option<usize>, Option<usize
 /// buffer), `BEIT_ERR_BUFFER_SIZE` (a `tokens_len` other than `batch * P`; both numbers are in
 /// the message).
 ///
-/// Thread safety: any number of threads may tokenize with one tokenizer at once.
+/// On a cuda context the pass runs on the GPU (fp32; the tokens equal the CPU's up to ties
+/// within rounding).
+///
+/// Thread safety: any number of threads may tokenize with one tokenizer at once (on the GPU
+/// they take turns).
 ///
 /// # Safety
 /// `tokenizer` must be NULL or a live tokenizer; `pixels` NULL or readable for `pixels_len`
@@ -235,8 +247,13 @@ pub unsafe extern "C" fn beit_tokenizer_tokenize(
         }
         let mapped: Vec<f32> = input.iter().map(|&v| map_pixels(v)).collect();
         let dvae = &t.inner;
-        t.ctx.require_cpu("the tokenizer")?;
-        let out = t.ctx.run(|| dvae.tokenize(&mapped))?;
+        let out = match &t.gpu {
+            Some(gpu) => {
+                let mut gpu = gpu.lock().unwrap_or_else(|e| e.into_inner());
+                gpu.tokenize(dvae, &mapped)?
+            }
+            None => t.ctx.run(|| dvae.tokenize(&mapped))?,
+        };
         if out.len() != tokens_len {
             return Err(FfiError::new(
                 beit_status::BEIT_ERR_INTERNAL,
@@ -260,7 +277,8 @@ pub unsafe extern "C" fn beit_tokenizer_tokenize(
 /// Errors: `BEIT_ERR_NULL_POINTER` (tokenizer, tokens, pixels), `BEIT_ERR_INVALID_ARGUMENT`
 /// (no decoder; batch 0; a `tokens_len` other than `batch * P`; a token outside
 /// `[0, vocab_size)`, with its index; a misaligned buffer), `BEIT_ERR_BUFFER_SIZE` (a
-/// `pixels_len` other than the shape's; both numbers are in the message).
+/// `pixels_len` other than the shape's; both numbers are in the message), `BEIT_ERR_UNSUPPORTED`
+/// (a cuda context: decoding has no GPU pass yet).
 ///
 /// Thread safety: any number of threads may decode with one tokenizer at once.
 ///
@@ -307,7 +325,7 @@ pub unsafe extern "C" fn beit_tokenizer_decode(
                 }
             }
         }
-        t.ctx.require_cpu("the tokenizer")?;
+        t.ctx.require_cpu("decoding tokens")?;
         let mapped = t.ctx.run(|| dvae.decode(&ids))?;
         if mapped.len() != pixels_len {
             return Err(FfiError::new(

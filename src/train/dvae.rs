@@ -7,13 +7,12 @@
 //! the small grey images this trains on. AdamW with a warmup + cosine learning rate.
 
 use super::adamw::{AdamW, AdamWConfig};
-use super::optimizer::{apply_update, HostUpdate};
+use super::dvae_pass::{training_pass, PassLosses, StepPlan, StepSettings};
+use super::gpu_dvae::GpuDvae;
+use super::optimizer::{apply_update, HostUpdate, NonFiniteGradient};
 use super::schedule::CosineSchedule;
-use crate::backend::code_ops::CodeOps;
-use crate::backend::memory::{Arena, HostMemory, Planner, View};
-use crate::backend::Backend;
-use crate::context::host_backend;
-use crate::dvae::network::{DecoderPlan, EncoderPlan};
+use crate::backend::memory::{Arena, HostMemory, Planner};
+use crate::context::{host_backend, Context, Device};
 use crate::dvae::relaxation::perplexity;
 use crate::dvae::Dvae;
 use crate::error::{Error, Result};
@@ -109,19 +108,11 @@ pub struct DvaeTrainer {
     /// The memory of a step on the last batch size, kept across steps so its pages are faulted
     /// in once (the code-sized buffers `[B·P, V]` are 134 MB each at 8192 codes and batch 64).
     pass: Option<(StepPlan, Arena)>,
-    /// The reconstruction, downloaded for the loss, and the hard codes.
-    recon: Vec<f32>,
+    /// The hard codes of the last step.
     tokens: Vec<u32>,
-}
-
-/// The views of one training step: the encoder's pass (whose logits the relaxation reads), the
-/// relaxed codes, the gradients of codes and logits, and the decoder's pass on the codes.
-struct StepPlan {
-    batch: usize,
-    encoder: EncoderPlan,
-    decoder: DecoderPlan,
-    codes: View,
-    dlogits: View,
+    /// The step on the GPU ([`DvaeTrainer::use_cuda`]): parameters, gradients and AdamW state
+    /// live there, and every step copies the parameters back into `dvae`.
+    gpu: Option<GpuDvae>,
 }
 
 impl DvaeTrainer {
@@ -143,13 +134,56 @@ impl DvaeTrainer {
         let grads = try_zeroed(n, "the tokenizer's gradients")?;
         let config = AdamWConfig { beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: options.weight_decay };
         let optimizer = AdamW::new(&dvae.params, config)?;
-        Ok(DvaeTrainer { dvae, options, optimizer, grads, step: 0, pass: None, recon: Vec::new(), tokens: Vec::new() })
+        Ok(DvaeTrainer { dvae, options, optimizer, grads, step: 0, pass: None, tokens: Vec::new(), gpu: None })
+    }
+
+    /// Runs the steps on the GPU from now on (fp32): the parameters and the optimizer state
+    /// move to the device, and every step copies the parameters back into
+    /// [`DvaeTrainer::dvae`] (the device holds the parameters from now on: values written into
+    /// `dvae.params` by the caller are not seen by the next step). `Unsupported` without a
+    /// usable GPU.
+    pub fn use_cuda(&mut self) -> Result<()> {
+        if self.gpu.is_none() {
+            self.gpu = Some(GpuDvae::new(&self.dvae, &self.optimizer)?);
+        }
+        Ok(())
+    }
+
+    /// Follows `ctx`'s device: a cuda context moves the steps to the GPU (an error, never a CPU
+    /// run, when that fails).
+    pub fn use_context(&mut self, ctx: &Context) -> Result<()> {
+        if ctx.device() == Device::Cuda {
+            self.use_cuda()?;
+        }
+        Ok(())
+    }
+
+    /// Whether the steps run on the GPU.
+    pub fn on_cuda(&self) -> bool {
+        self.gpu.is_some()
+    }
+
+    /// Visual tokens of mapped pixels `[B, C, H, W]` with the current parameters, on the
+    /// trainer's device (as [`Dvae::tokenize`]).
+    pub fn tokenize(&mut self, mapped: &[f32]) -> Result<Vec<u32>> {
+        match &mut self.gpu {
+            Some(gpu) => gpu.tokenize(&self.dvae, mapped),
+            None => self.dvae.tokenize(mapped),
+        }
+    }
+
+    /// The AdamW state as of the last step (read from the device on the GPU).
+    pub fn optimizer_state(&self) -> Result<AdamW> {
+        let mut opt = self.optimizer.clone();
+        if let Some(gpu) = &self.gpu {
+            gpu.download_optimizer(&mut opt)?;
+        }
+        Ok(opt)
     }
 
     pub fn step_count(&self) -> usize {
         self.step
     }
-
     /// Memory of one training step on `batch` images, estimated from above: the encoder's and
     /// the decoder's training passes, the four code-sized buffers `[B·P, V]` (logits, relaxed
     /// codes and their gradients) and the reconstruction with its gradient.
@@ -181,55 +215,43 @@ impl DvaeTrainer {
 
     /// Loss and gradients of one batch of mapped pixels `[B, C, H, W]` at the current step's
     /// temperature and KL weight, without changing any parameter (gradients land in
-    /// [`DvaeTrainer::gradients`]).
+    /// [`DvaeTrainer::gradients`], read back from the device on the GPU).
     pub fn forward_backward(&mut self, mapped: &[f32]) -> Result<DvaeStepStats> {
-        let batch = self.dvae.check_pixels(mapped)?;
-        self.check_batch(batch)?;
-        let (o, step) = (&self.options, self.step);
-        let (tau, kl_weight) = (o.tau(step), o.kl_weight_at(step));
-        let vocab = self.dvae.config.vocab_size;
-        let nets = &self.dvae.nets;
-        let decoder = nets.decoder.as_ref().expect("checked at construction");
-        let params = &self.dvae.params;
-        let be = host_backend();
-        if self.pass.as_ref().is_none_or(|(p, _)| p.batch != batch) {
-            self.pass = None; // free the old memory before planning the new
-            let mut p = Planner::shared();
-            let encoder = nets.encoder.plan(&be, &mut p, batch, true);
-            let codes = p.act(encoder.logits.len());
-            let (dcodes, dlogits) = (p.act(codes.len()), p.act(codes.len()));
-            let decoder = decoder.plan(&be, &mut p, batch, true, Some((codes, dcodes)));
-            self.pass = Some((StepPlan { batch, encoder, decoder, codes, dlogits }, Arena::new(&p)?));
+        let stats = self.pass(mapped)?;
+        if let Some(gpu) = &self.gpu {
+            gpu.download_grads(&mut self.grads)?;
         }
-        let (plan, arena) = self.pass.as_mut().expect("planned above");
-        let (recon, tokens) = (&mut self.recon, &mut self.tokens);
+        Ok(stats)
+    }
 
-        self.grads.fill(0.0);
-        let mut m = HostMemory::new(arena, &params.data, &mut self.grads);
-        let (enc, dec) = (&plan.encoder, &plan.decoder);
-        be.upload(&mut m, enc.input(), mapped)?;
-        nets.encoder.forward_views(&be, &mut m, params, enc, batch)?;
-        be.gumbel_softmax(&mut m, plan.codes, enc.logits, vocab, tau, o.seed, step as u64)?;
-        decoder.forward_views(&be, &mut m, params, dec, batch)?;
-        recon.resize(dec.output().len(), 0.0);
-        be.download(&mut m, dec.output(), recon)?;
-
-        let n = recon.len() as f64;
-        let recon_mse = recon.iter().zip(mapped).map(|(a, b)| ((a - b) as f64).powi(2)).sum::<f64>() / n;
-        let drecon: Vec<f32> = recon.iter().zip(mapped).map(|(a, b)| (2.0 * (a - b) as f64 / n) as f32).collect();
-
-        be.upload(&mut m, dec.dpixels(), &drecon)?;
-        decoder.backward_views(&be, &mut m, params, dec, batch)?;
-        be.gumbel_softmax_backward(&mut m, plan.dlogits, plan.codes, dec.dcodes(), vocab, tau)?;
-        be.kl_to_uniform(&mut m, enc.logits, Some(plan.dlogits), vocab, kl_weight)?;
-        let kl = be.take_loss(&mut m)?;
-        nets.encoder.backward_views(&be, &mut m, params, enc, plan.dlogits, batch)?;
-        tokens.resize(enc.logits.len() / vocab, 0);
-        be.argmax_rows(&mut m, enc.logits, vocab, tokens)?;
-
-        let ppl = perplexity(tokens, vocab);
+    /// The training pass on the trainer's device; the gradients stay where it ran.
+    fn pass(&mut self, mapped: &[f32]) -> Result<DvaeStepStats> {
+        let batch = self.dvae.check_pixels(mapped)?;
+        let (o, step) = (&self.options, self.step);
+        let s = StepSettings { tau: o.tau(step), kl_weight: o.kl_weight_at(step), seed: o.seed, step: step as u64 };
+        let losses = match &mut self.gpu {
+            Some(gpu) => gpu.forward_backward(&self.dvae, mapped, batch, s, &mut self.tokens)?,
+            None => {
+                self.check_batch(batch)?;
+                let be = host_backend();
+                let nets = &self.dvae.nets;
+                if self.pass.as_ref().is_none_or(|(p, _)| p.batch != batch) {
+                    self.pass = None; // free the old memory before planning the new
+                    let mut p = Planner::shared();
+                    let plan = StepPlan::new(&be, nets, &mut p, batch);
+                    self.pass = Some((plan, Arena::new(&p)?));
+                }
+                let (plan, arena) = self.pass.as_mut().expect("planned above");
+                self.grads.fill(0.0);
+                let mut m = HostMemory::new(arena, &self.dvae.params.data, &mut self.grads);
+                training_pass(&be, &mut m, nets, &self.dvae.params, plan, mapped, s, &mut self.tokens)?
+            }
+        };
+        let PassLosses { recon_mse, kl } = losses;
+        let ppl = perplexity(&self.tokens, self.dvae.config.vocab_size);
         let lr = o.schedule().value(step) as f32;
-        Ok(DvaeStepStats { step, loss: recon_mse + kl_weight as f64 * kl, recon_mse, kl, perplexity: ppl, tau, lr })
+        let loss = recon_mse + s.kl_weight as f64 * kl;
+        Ok(DvaeStepStats { step, loss, recon_mse, kl, perplexity: ppl, tau: s.tau, lr })
     }
 
     /// The gradients of the last [`DvaeTrainer::forward_backward`], laid out like the parameters.
@@ -240,18 +262,30 @@ impl DvaeTrainer {
     /// One AdamW step on a batch of mapped pixels `[B, C, H, W]`. A non-finite loss or
     /// gradient changes nothing and returns [`Error::Numerical`].
     pub fn step(&mut self, mapped: &[f32]) -> Result<DvaeStepStats> {
-        let stats = self.forward_backward(mapped)?;
+        let stats = self.pass(mapped)?;
         let non_finite = || Error::Numerical(format!("tokenizer step {}: non-finite loss or gradient", self.step));
         if !stats.loss.is_finite() {
             return Err(non_finite());
         }
-        let mut target = HostUpdate {
-            adamw: &mut self.optimizer,
-            params: &mut self.dvae.params.data,
-            grads: &mut self.grads,
-            lr_scale: None,
+        let applied: std::result::Result<f64, NonFiniteGradient> = match &mut self.gpu {
+            Some(gpu) => {
+                let applied = gpu.apply(stats.lr)?;
+                if applied.is_ok() {
+                    gpu.download_params(&mut self.dvae.params)?;
+                }
+                applied
+            }
+            None => {
+                let mut target = HostUpdate {
+                    adamw: &mut self.optimizer,
+                    params: &mut self.dvae.params.data,
+                    grads: &mut self.grads,
+                    lr_scale: None,
+                };
+                apply_update(&mut target, stats.lr, None)?
+            }
         };
-        apply_update(&mut target, stats.lr, None)?.map_err(|_| non_finite())?;
+        applied.map_err(|_| non_finite())?;
         self.step += 1;
         Ok(stats)
     }

@@ -29,7 +29,7 @@
 
 use std::sync::Arc;
 
-use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut};
+use cudarc::driver::CudaSlice;
 use half::bf16;
 
 use crate::backend::cuda::adamw::GpuAdamW;
@@ -42,7 +42,8 @@ use crate::model::param_store::ParamStore;
 use crate::model::plan::ActivationPlan;
 use crate::model::{check_label_smoothing, Architecture, ClassifyBatch, HeadLists, MimBatch, MimTarget, Model};
 use crate::train::adamw::AdamW;
-use crate::train::optimizer::{apply_update, NonFiniteGradient, UpdateTarget};
+use crate::train::gpu_update::DeviceUpdate;
+use crate::train::optimizer::{apply_update, NonFiniteGradient};
 
 /// What one GPU step did.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -417,42 +418,6 @@ impl<T: Act> Step<T> {
         self.adamw.step = opt.step;
         self.adamw.config = opt.config;
         Ok(())
-    }
-}
-
-/// The device's parameters, gradients and AdamW state as the optimizer's [`UpdateTarget`]: the
-/// one optimizer step (`train::optimizer::apply_update`: norm, refusal, clip, AdamW) runs on
-/// them as on the CPU's. The norm is read back (8 bytes) to decide, as the CPU trainer does.
-struct DeviceUpdate<'a, T: Act> {
-    dev: &'a CudaDevice,
-    params: &'a mut DeviceParams<T>,
-    grads: &'a mut CudaSlice<f32>,
-    adamw: &'a mut GpuAdamW,
-    lr_scale: Option<&'a CudaSlice<f32>>,
-    /// [Σg², ‖g‖] on the device.
-    norm: &'a mut CudaSlice<f64>,
-}
-
-impl<T: Act> UpdateTarget for DeviceUpdate<'_, T> {
-    fn grad_norm(&mut self) -> Result<f64> {
-        self.dev.global_norm_into(&*self.grads, self.norm)?;
-        Ok(self.dev.download(self.norm)?[1])
-    }
-
-    fn scale_grads(&mut self, factor: f32) -> Result<()> {
-        self.dev.scale(self.grads, factor)
-    }
-
-    fn adamw_step(&mut self, lr: f32) -> Result<()> {
-        let (master, work) = self.params.master_and_work();
-        self.adamw.step(
-            self.dev,
-            master,
-            &*self.grads,
-            lr,
-            self.lr_scale.map(|s| s as &dyn DevicePtr<f32>),
-            work.map(|w| w as &mut dyn DevicePtrMut<bf16>),
-        )
     }
 }
 

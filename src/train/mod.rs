@@ -5,10 +5,13 @@ pub mod adamw;
 pub mod checkpoint;
 pub mod clip;
 pub mod dvae;
+mod dvae_pass;
 pub mod evaluate;
 pub mod finetune;
+pub mod gpu_dvae;
 pub mod gpu_inference;
 pub mod gpu_pretrain;
+pub(crate) mod gpu_update;
 pub mod layer_decay;
 pub mod optimizer;
 /// cbindgen:ignore

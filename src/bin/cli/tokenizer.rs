@@ -73,6 +73,10 @@ pub struct TrainArgs {
     seed: u64,
     #[arg(long, default_value_t = 0)]
     threads: usize,
+    /// cpu, cuda (the training steps run on the GPU, in fp32; the final report's tokenizing and
+    /// decoding run on the CPU) or auto (the CPU; see `beit info`).
+    #[arg(long, default_value = "cpu")]
+    device: String,
     /// One JSON line per logged step on stdout.
     #[arg(long)]
     json: bool,
@@ -128,7 +132,8 @@ pub fn train(a: TrainArgs) -> beit::Result<()> {
         .write("--out", a.out.join(PNG_FILE))
         .write("--out", a.out.join(REPORT_FILE))
         .check()?;
-    let ctx = Context::new(&ContextOptions { device: Device::Cpu, threads: a.threads, ..Default::default() })?;
+    let device: Device = a.device.parse()?;
+    let ctx = Context::new(&ContextOptions { device, threads: a.threads, ..Default::default() })?;
     let ds = Arc::new(Dataset::open(&a.data)?);
     let channels = ds.header().channels as usize;
     if channels != 1 && channels != 3 {
@@ -163,6 +168,7 @@ pub fn train(a: TrainArgs) -> beit::Result<()> {
         ..DvaeTrainOptions::for_steps(a.steps)
     };
     let mut trainer = DvaeTrainer::new(dvae, options)?;
+    trainer.use_context(&ctx)?;
     let s = a.image_size;
     let ds_factor = trainer.dvae.config.downsample();
     // The loader's view 2 is exactly what the tokenizer sees during pretraining: a random
@@ -213,6 +219,7 @@ pub fn train(a: TrainArgs) -> beit::Result<()> {
         last = Some(stats);
     }
     let train_seconds = start.elapsed().as_secs_f64();
+    let trainer_on_cuda = trainer.on_cuda();
     let dvae = trainer.dvae;
     let mapped = dataset_inputs(&eval_ds, &dvae, a.eval_images)?;
     let (report, recon) = ctx.run(|| evaluate(&dvae, &mapped))?;
@@ -222,7 +229,8 @@ pub fn train(a: TrainArgs) -> beit::Result<()> {
         "seconds": train_seconds, "images_per_s": (a.steps * a.batch) as f64 / train_seconds,
         "final_train_recon_mse_mapped": last.map(|l| l.recon_mse), "eval": report,
         "vocab_size": dvae.config.vocab_size, "grid": dvae.config.grid(), "out": a.out.display().to_string(),
-        "png": png.display().to_string(), "threads": ctx.threads()});
+        "png": png.display().to_string(), "threads": ctx.threads(),
+        "device": if trainer_on_cuda { "cuda" } else { "cpu" }});
     // Written only now that everything that can fail has succeeded.
     crate::safety::remove_stale_temp_files(&a.out, &[CONFIG_FILE, WEIGHTS_FILE, REPORT_FILE])?;
     let out_dir = beit::files::OutputDir::create(&a.out)?;

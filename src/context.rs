@@ -82,8 +82,9 @@ impl std::fmt::Debug for Context {
 }
 
 /// What still runs on the CPU only (see [`Context::new`]).
-const CPU_ONLY_PASSES: &str =
-    "inference, fine-tuning and decoding tokens do not run on the CUDA backend yet (pretraining, tokenizer training and tokenizing do, with device cuda)";
+const CPU_ONLY_PASSES: &str = "segmentation, inference through the C API and decoding tokens do not run on the CUDA \
+     backend yet (pretraining, classification fine-tuning, `beit infer`, tokenizer training and tokenizing do, \
+     with device cuda)";
 
 impl Context {
     pub fn new(options: &ContextOptions) -> Result<Self> {
@@ -99,9 +100,10 @@ impl Context {
             .build()
             .map_err(|e| Error::Internal(format!("cannot start the thread pool: {e}")))?;
         // The probe runs before any other CUDA call and never panics (src/backend/cuda/probe.rs).
-        // The pretraining step runs on CUDA (src/train/gpu_pretrain.rs); inference,
-        // fine-tuning and the tokenizer do not yet. So: an explicit cuda request gives a cuda
-        // context (its pretraining trainers step on the GPU, and the CPU-only passes refuse it
+        // Pretraining, classification fine-tuning, the CLI's inference and the tokenizer's
+        // training and tokenizing run on CUDA (src/train/gpu_*.rs); segmentation, the C API's
+        // inference and decoding tokens do not yet. So: an explicit cuda request gives a cuda
+        // context (those stages run on the GPU, and the CPU-only passes refuse it
         // with `Unsupported` through [`Context::require_cpu`], never computing on the CPU under a
         // cuda label), and auto stays on the CPU, where every pass runs, and says why.
         let (device, device_note) = match options.device {
@@ -118,10 +120,7 @@ impl Context {
             Device::Cuda => {
                 let dev = CudaDevice::get()
                     .map_err(|e| Error::Unsupported(format!("device cuda requested, but {}", e.message())))?;
-                (
-                    Device::Cuda,
-                    format!("cuda requested: {} (pretraining runs there; {CPU_ONLY_PASSES})", dev.info().name),
-                )
+                (Device::Cuda, format!("cuda requested: {} ({CPU_ONLY_PASSES})", dev.info().name))
             }
         };
         if let Some(MemoryBudget::Bytes(0)) = options.memory_budget {

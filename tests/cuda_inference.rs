@@ -132,3 +132,49 @@ fn gpu_inference_refuses_what_it_does_not_run() {
     let err = gpu.forward_into(&input, OutputBuffers { logits: Some(&mut short), ..Default::default() }).unwrap_err();
     assert!(err.to_string().contains("logits buffer holds 3"), "{err}");
 }
+
+/// `beit infer --device cuda` runs the pass on the GPU (the CLI routes the context's device to
+/// `GpuInference`) and writes what `--device cpu` writes, to rounding; a segmentation model is
+/// refused there rather than computed on the CPU.
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn cli_infer_on_a_cuda_context_equals_the_cpu() {
+    // BEIT_BIN: where scripts/gpu-check put the binary on a machine the tests were copied to.
+    let bin = std::env::var("BEIT_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_beit").to_string());
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = BeitConfig::from_json_str(CONFIGS[0].1).unwrap();
+    let model_dir = dir.path().join("model");
+    Model::new_random(cfg.clone(), Architecture::ImageClassification, 6).unwrap().save(&model_dir).unwrap();
+    let (b, c, (h, w)) = (3, cfg.num_channels, cfg.image_size.hw());
+    let shape = [b, c, h, w];
+    let x = pixels(b * c * h * w, 21);
+    let inputs = dir.path().join("inputs.safetensors");
+    std::fs::write(&inputs, beit::model::io::f32_tensors_bytes([("pixel_values", &shape[..], &x[..])]).unwrap())
+        .unwrap();
+    let run = |device: &str| {
+        let out = dir.path().join(format!("out-{device}.safetensors"));
+        let status = std::process::Command::new(&bin)
+            .args(["infer", "--device", device, "--model"])
+            .arg(&model_dir)
+            .arg("--inputs")
+            .arg(&inputs)
+            .arg("--output")
+            .arg(&out)
+            .output()
+            .unwrap();
+        assert!(status.status.success(), "beit infer --device {device}: {}", String::from_utf8_lossy(&status.stderr));
+        let bytes = std::fs::read(&out).unwrap();
+        let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+        let logits = beit::model::io::read_f32(&st, "logits").unwrap().unwrap().1;
+        let hidden = beit::model::io::read_f32(&st, "last_hidden_state").unwrap().unwrap().1;
+        (logits, hidden)
+    };
+    let (cpu_logits, cpu_hidden) = run("cpu");
+    let (gpu_logits, gpu_hidden) = run("cuda");
+    for (name, g, c) in [("logits", &gpu_logits, &cpu_logits), ("last_hidden_state", &gpu_hidden, &cpu_hidden)] {
+        let scale = c.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+        let worst = g.iter().zip(c.iter()).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
+        println!("beit infer --device cuda, {name}: worst {:.2e} of max {scale:.3}", worst);
+        assert!(g.iter().all(|v| v.is_finite()) && worst <= 1e-5 * scale.max(1.0), "{name}: {worst:e}");
+    }
+}

@@ -54,6 +54,17 @@ pub struct Outputs {
     pub logits: Option<Tensor>,
 }
 
+impl Outputs {
+    /// Every output as a buffer a pass fills.
+    pub fn buffers(&mut self) -> OutputBuffers<'_> {
+        OutputBuffers {
+            last_hidden_state: Some(&mut self.last_hidden_state.data),
+            pooler_output: self.pooler_output.as_mut().map(|t| &mut t.data[..]),
+            logits: self.logits.as_mut().map(|t| &mut t.data[..]),
+        }
+    }
+}
+
 /// A plan and its arena.
 #[derive(Debug)]
 pub(crate) struct Workspace {
@@ -253,6 +264,14 @@ impl Model {
 
     /// Runs the model and returns freshly allocated outputs (all that the model has).
     pub fn forward(&self, input: &ImageBatch<'_>) -> Result<Outputs> {
+        let mut out = self.zeroed_outputs(input)?;
+        self.forward_into(input, out.buffers())?;
+        Ok(out)
+    }
+
+    /// Zeroed outputs for a pass over `input` (the input checked, their size checked against
+    /// the memory budget first): what [`Model::forward`] fills, and a GPU pass too.
+    pub fn zeroed_outputs(&self, input: &ImageBatch<'_>) -> Result<Outputs> {
         self.check_input(input)?;
         self.check_pass_countable(input.batch, input.height, input.width)?;
         let shapes = self.output_shapes(input.batch, input.height, input.width);
@@ -262,18 +281,11 @@ impl Model {
         let zeros = |shape: &[usize]| -> Result<Tensor> {
             Ok(Tensor { shape: shape.to_vec(), data: resources::try_zeroed(shape.iter().product(), "the outputs")? })
         };
-        let mut hidden = zeros(&shapes.last_hidden_state)?;
-        let mut pooled = shapes.pooler_output.as_deref().map(zeros).transpose()?;
-        let mut logits = shapes.logits.as_deref().map(zeros).transpose()?;
-        self.forward_into(
-            input,
-            OutputBuffers {
-                last_hidden_state: Some(&mut hidden.data),
-                pooler_output: pooled.as_mut().map(|t| &mut t.data[..]),
-                logits: logits.as_mut().map(|t| &mut t.data[..]),
-            },
-        )?;
-        Ok(Outputs { last_hidden_state: hidden, pooler_output: pooled, logits })
+        Ok(Outputs {
+            last_hidden_state: zeros(&shapes.last_hidden_state)?,
+            pooler_output: shapes.pooler_output.as_deref().map(zeros).transpose()?,
+            logits: shapes.logits.as_deref().map(zeros).transpose()?,
+        })
     }
 
     /// Runs the model, writing the requested outputs into caller-owned buffers whose lengths

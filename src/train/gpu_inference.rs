@@ -15,7 +15,7 @@ use half::bf16;
 use crate::backend::cuda::{Act, CudaBackend, CudaDevice, CudaMemory, DeviceArena, DeviceParams, Precision, Scratch};
 use crate::error::Result;
 use crate::model::plan::ActivationPlan;
-use crate::model::{Architecture, ImageBatch, Model, OutputBuffers};
+use crate::model::{Architecture, ImageBatch, Model, OutputBuffers, Outputs};
 
 /// A model's parameters on the GPU and the memory of its last pass shape.
 pub struct GpuInference {
@@ -76,6 +76,16 @@ impl GpuInference {
             Precision::Bf16 => Inner::Bf16(Runner::new(dev, model)?),
         };
         Ok(GpuInference { inner })
+    }
+
+    /// [`Model::forward`] on the GPU: every output of the model's heads, in host memory.
+    pub fn forward(&mut self, input: &ImageBatch<'_>) -> Result<Outputs> {
+        let mut out = match &self.inner {
+            Inner::F32(r) => r.model.zeroed_outputs(input)?,
+            Inner::Bf16(r) => r.model.zeroed_outputs(input)?,
+        };
+        self.forward_into(input, out.buffers())?;
+        Ok(out)
     }
 
     /// The forward of [`Model::forward_into`] on the GPU: the requested outputs into `out`

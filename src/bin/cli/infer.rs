@@ -3,6 +3,8 @@
 use std::path::PathBuf;
 
 use beit::model::io::{f32_tensors_bytes, read_f32, read_mask, write_atomic, SafetensorsFile};
+use beit::train::gpu_inference::GpuInference;
+use beit::train::gpu_pretrain::Precision;
 use beit::{Context, ContextOptions, Device, ImageBatch, Model};
 
 #[derive(clap::Args)]
@@ -28,8 +30,13 @@ pub fn infer(a: InferArgs) -> beit::Result<()> {
     crate::safety::Paths::new().read("--model", &model).read("--inputs", &inputs).write("--output", &output).check()?;
     let device: Device = device.parse()?;
     let ctx = Context::new(&ContextOptions { device, threads, ..Default::default() })?;
-    ctx.require_cpu("inference")?;
     let model = Model::load(&model)?;
+    // A cuda context runs the pass on the GPU (fp32: HF's numbers to rounding); a model the GPU
+    // pass does not run (segmentation) is refused there, never computed on the CPU instead.
+    let mut gpu = match ctx.device() {
+        Device::Cuda => Some(GpuInference::new(&model, Precision::F32)?),
+        _ => None,
+    };
     let file = SafetensorsFile::open(&inputs)?;
     let st = file.parse()?;
     let (shape, pixels) = read_f32(&st, "pixel_values")?
@@ -55,7 +62,10 @@ pub fn infer(a: InferArgs) -> beit::Result<()> {
         bool_masked_pos: mask.as_ref().map(|(_, m)| &m[..]),
     };
     let start = std::time::Instant::now();
-    let out = ctx.run(|| model.forward(&batch))?;
+    let out = match &mut gpu {
+        Some(gpu) => gpu.forward(&batch)?,
+        None => ctx.run(|| model.forward(&batch))?,
+    };
     let seconds = start.elapsed().as_secs_f64();
     let mut tensors: Vec<(&str, &[usize], &[f32])> =
         vec![("last_hidden_state", &out.last_hidden_state.shape, &out.last_hidden_state.data)];

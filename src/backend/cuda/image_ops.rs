@@ -59,7 +59,7 @@ impl CudaBackend<f32> {
     }
 }
 
-/// Which convolution a backward is of.
+/// Which convolution a pass runs.
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Conv {
     Forward,
@@ -75,6 +75,35 @@ struct ConvGrads {
 }
 
 impl CudaBackend<f32> {
+    /// A convolution or a transposed one (the same views, the same scratch rule, conv.rs's two
+    /// forward wrappers).
+    #[allow(clippy::too_many_arguments)]
+    fn conv_forward(
+        &self,
+        m: &mut CudaMemory<'_, f32>,
+        kind: Conv,
+        out: View,
+        x: View,
+        weight: View,
+        bias: Option<View>,
+        shape: Conv2dShape,
+    ) -> Result<()> {
+        check_views("conv", &[out], &[x, weight, bias.unwrap_or(View::empty(Space::Param))]);
+        let geometry = match kind {
+            Conv::Forward => ColsGeometry::conv(&shape),
+            Conv::Transposed => ColsGeometry::transpose(&shape),
+        };
+        let mut scratch = self.scratch::<f32>(conv_scratch(&geometry, shape.batch))?;
+        let (x, w, mut o) = (f32_view(m, x), f32_view(m, weight), f32_view(m, out));
+        let b = bias.map(|b| f32_view(m, b));
+        let b = b.as_ref().map(|b| b as &dyn DevicePtr<f32>);
+        let dev = self.device();
+        match kind {
+            Conv::Forward => dev.conv2d_forward(&shape, &x, &w, b, &mut o, &mut scratch),
+            Conv::Transposed => dev.conv_transpose2d_forward(&shape, &x, &w, b, &mut o, &mut scratch),
+        }
+    }
+
     /// The backward of a convolution or a transposed one (the same views, the same scratch rule,
     /// conv.rs's two backward wrappers).
     #[allow(clippy::too_many_arguments)]
@@ -120,11 +149,7 @@ impl ImageOps for CudaBackend<f32> {
         bias: Option<View>,
         shape: Conv2dShape,
     ) -> Result<()> {
-        check_views("conv2d", &[out], &[x, weight, bias.unwrap_or(View::empty(Space::Param))]);
-        let mut scratch = self.scratch::<f32>(conv_scratch(&ColsGeometry::conv(&shape), shape.batch))?;
-        let (x, w, mut o) = (f32_view(m, x), f32_view(m, weight), f32_view(m, out));
-        let b = bias.map(|b| f32_view(m, b));
-        self.device().conv2d_forward(&shape, &x, &w, b.as_ref().map(|b| b as &dyn DevicePtr<f32>), &mut o, &mut scratch)
+        self.conv_forward(m, Conv::Forward, out, x, weight, bias, shape)
     }
 
     fn conv2d_backward(
@@ -150,18 +175,7 @@ impl ImageOps for CudaBackend<f32> {
         bias: Option<View>,
         shape: Conv2dShape,
     ) -> Result<()> {
-        check_views("conv_transpose2d", &[out], &[x, weight, bias.unwrap_or(View::empty(Space::Param))]);
-        let mut scratch = self.scratch::<f32>(conv_scratch(&ColsGeometry::transpose(&shape), shape.batch))?;
-        let (x, w, mut o) = (f32_view(m, x), f32_view(m, weight), f32_view(m, out));
-        let b = bias.map(|b| f32_view(m, b));
-        self.device().conv_transpose2d_forward(
-            &shape,
-            &x,
-            &w,
-            b.as_ref().map(|b| b as &dyn DevicePtr<f32>),
-            &mut o,
-            &mut scratch,
-        )
+        self.conv_forward(m, Conv::Transposed, out, x, weight, bias, shape)
     }
 
     fn conv_transpose2d_backward(

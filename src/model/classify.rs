@@ -154,7 +154,7 @@ impl Model {
     ) -> Result<f64> {
         let images = batch.images();
         self.begin_train_pass(ws, &images, drop_path, grads)?;
-        let TrainWorkspace { planned, rows, labels } = ws;
+        let TrainWorkspace { planned, rows, labels, .. } = ws;
         let (plan, arena) = planned.as_mut().expect("planned above");
         let mut m = HostMemory::new(arena, &self.params.data, grads);
         let factors = drop_path.map(|dp| dp.factors);

@@ -334,7 +334,8 @@ impl Model {
 
     /// An inference pass on `be` over `plan` ([`Model::inference_plan`] for `input`, checked
     /// with [`Model::check_input`] and [`Model::check_outputs`]): the backbone, its final norm,
-    /// then the head's outputs downloaded into `out`. Not for segmentation models.
+    /// then the head's outputs downloaded into `out`. Not for segmentation models (their head
+    /// is `Model::segmentation_inference_pass`, after the same backbone output).
     pub(crate) fn inference_pass<B: Backend>(
         &self,
         be: &B,
@@ -346,15 +347,7 @@ impl Model {
         let c = &self.config;
         let p = &self.params;
         let (b, t, d) = (input.batch, plan.tokens, c.hidden_size);
-
-        self.backbone_forward(be, m, plan, input, &mut [])?;
-        // The backbone's output: `beit.layernorm` for CLS pooling, identity for mean pooling.
-        if let Some(ln) = &self.layout.final_layernorm {
-            be.layer_norm(m, plan.x_out, d, self.norm(*ln, plan.output))?;
-        }
-        if let Some(dst) = out.last_hidden_state {
-            be.download(m, plan.output, dst)?;
-        }
+        self.backbone_output(be, m, plan, input, &[], out.last_hidden_state)?;
 
         if self.layout.has_pooler {
             let (mean, normed) = (plan.pooled.sub(0, b * d), plan.pooled.sub(b * d, b * d));
@@ -410,47 +403,43 @@ impl Model {
         }
     }
 
-    /// The embeddings and every block of an inference pass, in the shared `x` of the plan;
-    /// `capture[i] = (k, buffer)` downloads hidden state k (0 = the embeddings, k = the output
-    /// of block k) into the buffer.
-    fn backbone_forward<B: Backend>(
+    /// The backbone of an inference pass and its output: embeddings, every block, then
+    /// `beit.layernorm` into `plan.output` (CLS pooling; mean pooling keeps the last block's
+    /// output there), downloaded into `last_hidden_state` when asked. `captures[i] = (k, view)`
+    /// copies hidden state k (0 = the embeddings, k = the output of block k, before any final
+    /// layer norm) into the view on the way (the features of the segmentation head).
+    pub(super) fn backbone_output<B: Backend>(
         &self,
         be: &B,
         m: &mut B::Memory<'_>,
         plan: &ActivationPlan,
         input: &ImageBatch<'_>,
-        capture: &mut [(usize, Vec<f32>)],
+        captures: &[(usize, View)],
+        last_hidden_state: Option<&mut [f32]>,
     ) -> Result<()> {
         let dims = self.block_dims(input.batch, plan.tokens);
-        let grab = |be: &B, m: &mut B::Memory<'_>, k: usize, capture: &mut [(usize, Vec<f32>)]| -> Result<()> {
-            for (_, dst) in capture.iter_mut().filter(|(i, _)| *i == k) {
-                be.download(m, plan.x_out, dst)?;
+        let capture = |m: &mut B::Memory<'_>, k: usize| -> Result<()> {
+            for &(_, dst) in captures.iter().filter(|(i, _)| *i == k) {
+                be.copy(m, dst, plan.x_out)?;
             }
             Ok(())
         };
         self.embeddings_forward(be, m, plan, input)?;
-        grab(be, m, 0, capture)?;
+        capture(m, 0)?;
         let has_shared = self.shared_bias(be, m, plan)?;
         for (l, block) in self.layout.blocks.iter().enumerate() {
             let has_bias = self.layer_bias(be, m, plan, block, has_shared)?;
             let (layer, out) = (plan.layer(l), plan.block_output(l));
             block_forward(be, m, &self.params, block, layer, out, &plan.scratch, has_bias, dims, None)?;
-            grab(be, m, l + 1, capture)?;
+            capture(m, l + 1)?;
+        }
+        if let Some(ln) = &self.layout.final_layernorm {
+            be.layer_norm(m, plan.x_out, dims.d, self.norm(*ln, plan.output))?;
+        }
+        if let Some(dst) = last_hidden_state {
+            be.download(m, plan.output, dst)?;
         }
         Ok(())
-    }
-
-    /// Hidden states `indices` of an inference pass (0 = the embeddings, k = the output of block
-    /// k, before any final layer norm), each `[batch, tokens, hidden]`: the backbone features
-    /// of heads outside this module (segmentation). `input` must have passed `check_input`.
-    pub(crate) fn hidden_states(&self, input: &ImageBatch<'_>, indices: &[usize]) -> Result<Vec<Vec<f32>>> {
-        let mut ws = self.take_workspace(input.batch, input.height, input.width)?;
-        let len = ws.plan.x_out.len();
-        let mut capture: Vec<(usize, Vec<f32>)> = indices.iter().map(|&k| (k, vec![0.0; len])).collect();
-        let mut m = HostMemory::new(&mut ws.arena, &self.params.data, &mut []);
-        let result = self.backbone_forward(&host_backend(), &mut m, &ws.plan, input, &mut capture);
-        self.return_workspace(ws);
-        result.map(|_| capture.into_iter().map(|(_, v)| v).collect())
     }
 }
 

@@ -35,6 +35,8 @@ use super::config::Architecture;
 use super::forward::{pass_description, PIECES_HINT};
 use super::params::{Affine, HeadParams};
 use super::plan::{ActivationPlan, HEAD_BLOCK_ROWS};
+use super::segmentation::head::BnMode;
+use super::segmentation::SegPlan;
 use super::{ImageBatch, MimTarget, Model};
 
 /// One pretraining batch as the host supplies it: pixels, the masked positions, and the visual
@@ -102,6 +104,8 @@ pub(super) type Planned = (ActivationPlan, Arena);
 #[derive(Debug, Default)]
 pub struct TrainWorkspace {
     pub(super) planned: Option<Planned>,
+    /// A segmentation model's head views, planned in the same arena after the backbone's.
+    pub(super) segmentation: Option<SegPlan>,
     /// The head's rows and labels as the host lists them, before they are uploaded.
     pub(super) rows: Vec<usize>,
     pub(super) labels: Vec<usize>,
@@ -264,8 +268,8 @@ impl Model {
     /// The backbone's backward on `be`. On entry `plan.output` holds dL/d(backbone output) (the
     /// head wrote it there); every backbone parameter's gradient is added to the `Grad` space.
     /// Heads that read intermediate hidden states add their gradients `hidden_grads[i] = (k,
-    /// dL/d(hidden state k))`: k = L once `dx` holds dL/d(last block output), k = l once block
-    /// l's backward has turned `dx` into the gradient of its input. `drop`: the forward had drop
+    /// view of dL/d(hidden state k))`: k = L once `dx` holds dL/d(last block output), k = l once
+    /// block l's backward has turned `dx` into the gradient of its input. `drop`: the forward had drop
     /// path factors; `masked`: it had a mask.
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn backbone_backward_train<B: Backend>(
@@ -276,14 +280,13 @@ impl Model {
         dims: BlockDims,
         drop: bool,
         masked: bool,
-        hidden_grads: &[(usize, &[f32])],
+        hidden_grads: &[(usize, View)],
     ) -> Result<()> {
         let p = &self.params;
         let sc = plan.scratch;
         let inject = |m: &mut B::Memory<'_>, k: usize| -> Result<()> {
-            for (_, g) in hidden_grads.iter().filter(|(i, _)| *i == k) {
-                be.upload(m, sc.dbranch, g)?;
-                be.add_into(m, sc.dx, sc.dbranch)?;
+            for &(_, g) in hidden_grads.iter().filter(|(i, _)| *i == k) {
+                be.add_into(m, sc.dx, g)?;
             }
             Ok(())
         };
@@ -368,7 +371,7 @@ impl Model {
             // No loss term reaches this part: every gradient it would add is zero.
             return Ok(0.0);
         }
-        let TrainWorkspace { planned, rows, labels } = ws;
+        let TrainWorkspace { planned, rows, labels, .. } = ws;
         let (plan, arena) = planned.as_mut().expect("planned above");
         let mut m = HostMemory::new(arena, &self.params.data, grads);
         let factors = drop_path.map(|dp| dp.factors);
@@ -459,54 +462,6 @@ impl Model {
         Ok(loss)
     }
 
-    /// Runs the backbone forward of a training pass for `images` (at the configured size) and
-    /// returns hidden states `indices` (each `[batch, tokens, hidden]`: the input of block k, or
-    /// the last block's output for k = L); the activations stay in `ws` for
-    /// [`Model::backbone_train_backward`]. For heads outside this module (segmentation).
-    pub(crate) fn backbone_train_forward(
-        &self,
-        ws: &mut TrainWorkspace,
-        images: &ImageBatch<'_>,
-        drop_path: Option<DropPath<'_>>,
-        indices: &[usize],
-    ) -> Result<Vec<Vec<f32>>> {
-        self.prepare_train_workspace(ws, images)?;
-        let (plan, arena) = ws.planned.as_mut().expect("planned above");
-        let be = host_backend();
-        let mut m = HostMemory::new(arena, &self.params.data, &mut []);
-        self.backbone_forward_train(&be, &mut m, plan, images, drop_path.map(|d| d.factors))?;
-        let mut out = Vec::with_capacity(indices.len());
-        for &k in indices {
-            let view = plan.hidden_state(k);
-            let mut h = vec![0.0; view.len()];
-            be.download(&mut m, view, &mut h)?;
-            out.push(h);
-        }
-        Ok(out)
-    }
-
-    /// The backward matching [`Model::backbone_train_forward`]: `hidden_grads[i]` is dL/d(hidden
-    /// state `indices[i]`) (`[batch, tokens, hidden]`); parameter gradients are added to `grads`.
-    pub(crate) fn backbone_train_backward(
-        &self,
-        ws: &mut TrainWorkspace,
-        images: &ImageBatch<'_>,
-        drop_path: Option<DropPath<'_>>,
-        indices: &[usize],
-        hidden_grads: &[Vec<f32>],
-        grads: &mut [f32],
-    ) -> Result<()> {
-        let (plan, arena) = ws.planned.as_mut().expect("backbone_train_forward ran first");
-        let be = host_backend();
-        let mut m = HostMemory::new(arena, &self.params.data, grads);
-        let dims = self.block_dims(images.batch, plan.tokens);
-        // No head reads the backbone output (after `beit.layernorm`) here: its gradient is 0.
-        be.fill_zero(&mut m, plan.output)?;
-        let injected: Vec<(usize, &[f32])> = indices.iter().zip(hidden_grads).map(|(&k, g)| (k, &g[..])).collect();
-        let masked = images.bool_masked_pos.is_some();
-        self.backbone_backward_train(&be, &mut m, plan, dims, drop_path.is_some(), masked, &injected)
-    }
-
     /// Plans `ws` for `images` unless it already is: the plan's memory (the arena with every
     /// activation, index and head buffer, the attention kernels' scratch, the host lists of
     /// the head) is tested against the budget first, and reserved here, so the pass itself
@@ -514,12 +469,16 @@ impl Model {
     fn prepare_train_workspace(&self, ws: &mut TrainWorkspace, images: &ImageBatch<'_>) -> Result<()> {
         let threads = rayon::current_num_threads().max(1);
         let key = (images.batch, images.height, images.width, threads);
-        if ws.planned.as_ref().is_some_and(|(p, _)| p.key == key) {
+        let segmentation = self.arch == Architecture::SemanticSegmentation;
+        if ws.planned.as_ref().is_some_and(|(p, _)| p.key == key) && ws.segmentation.is_some() == segmentation {
             return Ok(());
         }
         self.check_pass_countable(images.batch, images.height, images.width)?;
-        let (plan, arena_plan) = self.training_plan(&host_backend(), images.batch, images.height, images.width);
+        let be = host_backend();
+        let (plan, mut arena_plan) = self.training_plan(&be, images.batch, images.height, images.width);
         let (b, t) = (images.batch, plan.tokens);
+        let hw = (images.height, images.width);
+        let seg_plan = segmentation.then(|| self.segmentation_views(&mut arena_plan, b, hw, BnMode::Train));
         let positions = b * (t - 1);
         let scratch = self.attention_scratch_bytes(threads, t);
         let need = Bytes::floats(&[arena_plan.act_total()])
@@ -529,12 +488,14 @@ impl Model {
         let what = format!("the training activations of {}", pass_description(b, images.height, images.width, Some(t)));
         Need::new(what, need).hint(PIECES_HINT).check()?;
         ws.planned = None; // free the old arena before allocating the new one
+        ws.segmentation = None;
         for list in [&mut ws.rows, &mut ws.labels] {
             list.clear();
             list.try_reserve_exact(positions)
                 .map_err(|_| Error::InvalidArgument("cannot allocate the head's row lists: out of memory".into()))?;
         }
         ws.planned = Some((plan, Arena::new(&arena_plan)?));
+        ws.segmentation = seg_plan;
         Ok(())
     }
 

@@ -1,12 +1,15 @@
 //! Inference on the GPU: the one inference pass (`Model::inference_pass`: embeddings, blocks,
 //! final norm, pooler and heads, written once over the `Backend` trait) on the CUDA backend,
 //! with the parameters uploaded once. For `BeitModel` (last hidden state, pooler output),
-//! `BeitForMaskedImageModeling` and `BeitForImageClassification` (logits), at the model's
-//! configured image size (another size resizes the position tables on the host from the
-//! parameters, which live on the device here).
+//! `BeitForMaskedImageModeling` and `BeitForImageClassification` (logits), and
+//! `BeitForSemanticSegmentation` (the same backbone, then `Model::segmentation_inference_pass`'s
+//! head on its levels, in the same device arena), at the model's configured image size (another
+//! size resizes the position tables on the host from the parameters, which live on the device
+//! here).
 //!
-//! fp32 ([`Precision::F32`]) equals the CPU's forward to rounding (tests/cuda_inference.rs); bf16
-//! stores activations and working weights in bf16.
+//! fp32 ([`Precision::F32`]) equals the CPU's forward to rounding (tests/cuda_inference.rs,
+//! tests/cuda_segmentation.rs); bf16 stores activations and working weights in bf16 (not for
+//! segmentation: the head's image ops are fp32).
 
 use std::sync::Arc;
 
@@ -15,6 +18,7 @@ use half::bf16;
 use crate::backend::cuda::{Act, CudaBackend, CudaDevice, CudaMemory, DeviceArena, DeviceParams, Precision, Scratch};
 use crate::error::Result;
 use crate::model::plan::ActivationPlan;
+use crate::model::segmentation::SegPlan;
 use crate::model::{Architecture, ImageBatch, Model, OutputBuffers, Outputs};
 
 /// A model's parameters on the GPU and the memory of its last pass shape.
@@ -42,8 +46,38 @@ struct Runner<T: Act> {
     /// The model's config, layout and parameter table (its values live on the device).
     model: Model,
     params: DeviceParams<T>,
-    /// The plan and arena of the last (batch, height, width).
-    pass: Option<(usize, ActivationPlan, DeviceArena<T>)>,
+    /// The memory of the last batch size.
+    pass: Option<Pass<T>>,
+}
+
+/// The planned memory of one batch size: the backbone's views, a segmentation model's head
+/// views after them, and their arena.
+struct Pass<T: Act> {
+    batch: usize,
+    plan: ActivationPlan,
+    seg: Option<SegPlan>,
+    arena: DeviceArena<T>,
+}
+
+/// What runs after planning, by storage type: the segmentation head needs the image ops,
+/// which `CudaBackend<f32>` has and the bf16 backend has not.
+trait Heads: Act {
+    fn segmentation(r: &mut Runner<Self>, input: &ImageBatch<'_>, out: OutputBuffers<'_>) -> Result<()>;
+}
+
+impl Heads for f32 {
+    fn segmentation(r: &mut Runner<f32>, input: &ImageBatch<'_>, out: OutputBuffers<'_>) -> Result<()> {
+        let Pass { plan, seg, arena, .. } = r.pass.as_mut().expect("planned");
+        let seg = seg.as_ref().expect("a segmentation model's pass plans its head");
+        let mut m = CudaMemory::new(r.be.device(), arena, &r.params, None)?;
+        r.model.segmentation_inference_pass(&r.be, &mut m, plan, seg, input, out)
+    }
+}
+
+impl Heads for bf16 {
+    fn segmentation(_: &mut Runner<bf16>, _: &ImageBatch<'_>, _: OutputBuffers<'_>) -> Result<()> {
+        bail!(Unsupported, "segmentation runs on the GPU in fp32 only")
+    }
 }
 
 impl<T: Act> Drop for Runner<T> {
@@ -54,14 +88,19 @@ impl<T: Act> Drop for Runner<T> {
 }
 
 impl GpuInference {
-    /// Uploads `model`'s parameters. `Unsupported` when CUDA is not usable, for a segmentation
-    /// model, or for a head dim the fused attention has no kernel for (other than 32 and 64).
+    /// Uploads `model`'s parameters. `Unsupported` when CUDA is not usable, for a head dim the
+    /// fused attention has no kernel for (other than 32 and 64), or for a segmentation model in
+    /// bf16.
     pub fn new(model: &Model, precision: Precision) -> Result<Self> {
         ensure!(
-            model.architecture() != Architecture::SemanticSegmentation,
+            model.architecture() != Architecture::SemanticSegmentation || precision == Precision::F32,
             Unsupported,
-            "GPU inference runs the backbone, MIM and classification models; segmentation runs on the CPU"
+            "segmentation runs on the GPU in fp32 (the head's image ops have no bf16 kernels); use precision fp32"
         );
+        if model.architecture() == Architecture::SemanticSegmentation {
+            let (h, w) = model.config().image_size.hw();
+            model.check_segmentation_grid(h, w)?;
+        }
         let c = model.config();
         let heads = c.num_attention_heads;
         ensure!(
@@ -99,7 +138,7 @@ impl GpuInference {
     }
 }
 
-impl<T: Act> Runner<T> {
+impl<T: Heads> Runner<T> {
     fn new(dev: Arc<CudaDevice>, model: &Model) -> Result<Self> {
         let params = DeviceParams::upload(&dev, &model.params().data)?;
         Ok(Runner { be: CudaBackend::new(dev), model: model.without_values(), params, pass: None })
@@ -118,15 +157,19 @@ impl<T: Act> Runner<T> {
             input.height,
             input.width
         );
-        let key = input.batch;
-        if self.pass.as_ref().is_none_or(|(b, _, _)| *b != key) {
+        let b = input.batch;
+        let segmentation = model.architecture() == Architecture::SemanticSegmentation;
+        if self.pass.as_ref().is_none_or(|p| p.batch != b) {
             self.pass = None; // free the old arena first
-            let (plan, planner) = model.inference_plan(&self.be, input.batch, height, width);
+            let (plan, seg, planner) = model.inference_plan_with_head(&self.be, b, height, width);
             let arena = DeviceArena::new(self.be.device(), &planner, Scratch::default())?;
-            self.pass = Some((key, plan, arena));
+            self.pass = Some(Pass { batch: b, plan, seg, arena });
         }
-        let (_, plan, arena) = self.pass.as_mut().expect("planned above");
+        if segmentation {
+            return T::segmentation(self, input, out);
+        }
+        let Pass { plan, arena, .. } = self.pass.as_mut().expect("planned above");
         let mut m = CudaMemory::new(self.be.device(), arena, &self.params, None)?;
-        model.inference_pass(&self.be, &mut m, plan, input, out)
+        self.model.inference_pass(&self.be, &mut m, plan, input, out)
     }
 }

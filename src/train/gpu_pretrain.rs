@@ -40,6 +40,8 @@ use crate::backend::optimizer::AdamWConfig;
 use crate::error::{Error, Result};
 use crate::model::param_store::ParamStore;
 use crate::model::plan::ActivationPlan;
+use crate::model::segmentation::head::{BnMode, BnRecord};
+use crate::model::segmentation::{running_statistics_update, SegBatch, SegPlan};
 use crate::model::{check_label_smoothing, Architecture, ClassifyBatch, HeadLists, MimBatch, MimTarget, Model};
 use crate::train::adamw::AdamW;
 use crate::train::gpu_update::DeviceUpdate;
@@ -68,6 +70,8 @@ pub struct OptimizerSetup<'a> {
 struct Pass<T: Act> {
     batch: usize,
     plan: ActivationPlan,
+    /// A segmentation model's head views, after the backbone's in the same arena.
+    seg: Option<SegPlan>,
     arena: DeviceArena<T>,
     /// The norm pass's [Σg², ‖g‖].
     norm: CudaSlice<f64>,
@@ -143,17 +147,16 @@ impl GpuPretrainer {
         Ok(())
     }
 
-    /// Uploads `model` (a MIM model, or a classification model to fine-tune with
-    /// [`GpuPretrainer::classify_forward_backward`], at its configured image size) and fresh or
-    /// given optimizer state. Fails with `Unsupported` when CUDA is not usable or the model has
-    /// a shape the kernels do not cover (head dim other than 32/64).
+    /// Uploads `model` (a MIM model, or a classification or segmentation model to fine-tune
+    /// with [`GpuPretrainer::classify_forward_backward`] / [`GpuPretrainer::segment_forward_backward`],
+    /// at its configured image size) and fresh or given optimizer state. Fails with
+    /// `Unsupported` when CUDA is not usable or the model has a shape the kernels do not cover
+    /// (head dim other than 32/64; segmentation in bf16, whose head's image ops are fp32).
     pub fn new(model: &Model, precision: Precision, opt: OptimizerSetup<'_>) -> Result<Self> {
         ensure!(
-            matches!(model.architecture(), Architecture::MaskedImageModeling | Architecture::ImageClassification),
-            InvalidArgument,
-            "the GPU training step needs a BeitForMaskedImageModeling or BeitForImageClassification model; this \
-             one is {}",
-            model.architecture().hf_name()
+            model.architecture() != Architecture::SemanticSegmentation || precision == Precision::F32,
+            Unsupported,
+            "segmentation trains on the GPU in fp32 (the head's image ops have no bf16 kernels); use precision fp32"
         );
         let dev = CudaDevice::get()?;
         let inner = match precision {
@@ -185,6 +188,31 @@ impl GpuPretrainer {
         label_smoothing: f32,
     ) -> Result<()> {
         dispatch!(mut self, s => s.classify_forward_backward(batch, drop_path, label_smoothing))
+    }
+
+    /// The segmentation fine-tuning pass (`Model::segmentation_train_pass`, BatchNorm on batch
+    /// statistics) of `batch`: the gradients (zeroed first) stay on the device for
+    /// [`GpuPretrainer::apply`], the loss is [`GpuPretrainer::loss`]; returns the batch
+    /// statistics of every BatchNorm for [`GpuPretrainer::apply_batchnorm_statistics`].
+    /// `drop_path` is the CPU pass's `[layers, 2, batch]` factors. Checked as the CPU checks it.
+    pub fn segment_forward_backward(
+        &mut self,
+        batch: &SegBatch<'_>,
+        drop_path: Option<&[f32]>,
+    ) -> Result<Vec<BnRecord>> {
+        match &mut self.inner {
+            Inner::F32(s) => s.segment_forward_backward(batch, drop_path),
+            Inner::Bf16(_) => bail!(Unsupported, "segmentation trains on the GPU in fp32 only"),
+        }
+    }
+
+    /// PyTorch's running update of every BatchNorm (`Model::apply_batchnorm_statistics`) on the
+    /// device's copy of the running statistics, after a segmentation step.
+    pub fn apply_batchnorm_statistics(&mut self, records: &[BnRecord], momentum: f32) -> Result<()> {
+        match &mut self.inner {
+            Inner::F32(s) => s.apply_batchnorm_statistics(records, momentum),
+            Inner::Bf16(_) => bail!(Unsupported, "segmentation trains on the GPU in fp32 only"),
+        }
     }
 
     /// The loss of the last `forward_backward` (synchronises).
@@ -295,7 +323,9 @@ impl<T: Act> Step<T> {
         self.pass = None; // free the old arena first
         let c = self.model.config();
         let (height, width) = c.image_size.hw();
-        let (plan, planner) = self.model.training_plan(&self.be, b, height, width);
+        let (plan, mut planner) = self.model.training_plan(&self.be, b, height, width);
+        let seg = (self.model.architecture() == Architecture::SemanticSegmentation)
+            .then(|| self.model.segmentation_views(&mut planner, b, (height, width), BnMode::Train));
         let (d, inter) = (c.hidden_size, c.intermediate_size);
         let patches = b * (plan.tokens - 1);
         let rows = b * plan.tokens;
@@ -317,7 +347,7 @@ impl<T: Act> Step<T> {
             .loss(head_rows);
         let dev = self.be.device();
         let arena = DeviceArena::new(dev, &planner, scratch)?;
-        self.pass = Some(Pass { batch: b, plan, arena, norm: dev.zeros(2)? });
+        self.pass = Some(Pass { batch: b, plan, seg, arena, norm: dev.zeros(2)? });
         Ok(())
     }
 
@@ -392,6 +422,14 @@ impl<T: Act> Step<T> {
         Ok(())
     }
 
+    /// Zeroes the gradients and opens the pass's memory for `b` images.
+    fn begin(&mut self, b: usize) -> Result<()> {
+        self.loss = None;
+        self.plan(b)?;
+        let Step { be, grads, .. } = self;
+        be.device().stream().memset_zeros(grads).map_err(|e| driver_error("memset", e))
+    }
+
     fn loss(&self) -> Result<f64> {
         self.loss.ok_or_else(|| Error::InvalidArgument("no pass has run".into()))
     }
@@ -417,6 +455,48 @@ impl<T: Act> Step<T> {
         dev.upload_into(&opt.exp_avg_sq, &mut self.adamw.exp_avg_sq)?;
         self.adamw.step = opt.step;
         self.adamw.config = opt.config;
+        Ok(())
+    }
+}
+
+impl Step<f32> {
+    fn segment_forward_backward(&mut self, batch: &SegBatch<'_>, drop_path: Option<&[f32]>) -> Result<Vec<BnRecord>> {
+        self.model.check_seg_batch(batch)?;
+        let layers = self.model.config().num_hidden_layers;
+        if let Some(f) = drop_path {
+            ensure!(f.len() == layers * 2 * batch.batch, InvalidArgument, "drop path factors hold {}", f.len());
+        }
+        self.begin(batch.batch)?;
+        let Step { be, model, params, grads, pass, .. } = self;
+        let pass = pass.as_mut().expect("planned");
+        let seg = pass.seg.as_ref().expect("a segmentation model's pass plans its head");
+        let mut mem = CudaMemory::new(be.device(), &mut pass.arena, params, Some(grads))?;
+        let step = model.segmentation_train_pass(be, &mut mem, &pass.plan, seg, batch, drop_path)?;
+        self.loss = Some(step.loss);
+        Ok(step.batchnorm)
+    }
+
+    fn apply_batchnorm_statistics(&mut self, records: &[BnRecord], momentum: f32) -> Result<()> {
+        let stream = self.be.device().stream().clone();
+        let (master, _) = self.params.master_and_work();
+        let store = self.model.params();
+        let copy_err = |e| driver_error("copy of the BatchNorm statistics", e);
+        for r in records {
+            let [mean, var, tracked] = [r.bn.running_mean, r.bn.running_var, r.bn.num_batches_tracked].map(|id| {
+                let v = store.view(id);
+                v.offset..v.offset + v.len
+            });
+            let mut host = [mean.clone(), var.clone(), tracked.clone()].map(|range| vec![0.0f32; range.len()]);
+            for (range, h) in [&mean, &var, &tracked].into_iter().zip(host.iter_mut()) {
+                stream.memcpy_dtoh(&master.slice(range.clone()), h).map_err(copy_err)?;
+            }
+            let [m, v, n] = &mut host;
+            running_statistics_update(m, v, &r.stats, momentum)?;
+            n[0] += 1.0;
+            for (range, h) in [mean, var, tracked].into_iter().zip(&host) {
+                stream.memcpy_htod(h, &mut master.slice_mut(range)).map_err(copy_err)?;
+            }
+        }
         Ok(())
     }
 }

@@ -26,10 +26,14 @@ pub use crate::data::subset::split_indices;
 use crate::error::{Error, Result};
 use crate::resources::{try_zeroed, Bytes, Need, MAX_LABELS};
 
+use crate::model::segmentation::head::BnRecord;
 use crate::model::segmentation::layout::is_buffer;
 use crate::model::segmentation::metrics::{argmax_channels, IouAccumulator, IouReport};
 use crate::model::segmentation::{head_pass_bytes, SegBatch, BN_MOMENTUM};
 use crate::model::{Architecture, BeitConfig, DropPath, ImageBatch, Model, TrainWorkspace};
+use crate::train::gpu_inference::GpuInference;
+use crate::train::gpu_pretrain::{GpuPretrainer, OptimizerSetup, Precision};
+use crate::Device;
 
 /// Fine-tuning options (defaults: BEiT's segmentation recipe scaled to small runs).
 #[derive(Debug, Clone, PartialEq)]
@@ -52,6 +56,10 @@ pub struct SegFinetuneOptions {
     pub mean: Vec<f32>,
     pub std: Vec<f32>,
     pub flip: bool,
+    /// Where the steps run: `Cpu`, or `Cuda` (the GPU trainer in fp32: parameters, gradients
+    /// and AdamW on the device; the model gets the trained parameters at the end). `Auto` is a
+    /// context's to resolve ([`crate::Context::device`]); here it is refused.
+    pub device: Device,
 }
 
 impl Default for SegFinetuneOptions {
@@ -70,6 +78,7 @@ impl Default for SegFinetuneOptions {
             mean: vec![0.5],
             std: vec![0.5],
             flip: true,
+            device: Device::Cpu,
         }
     }
 }
@@ -337,11 +346,28 @@ pub fn finetune(
     // BEiT's decay rule over everything but the BatchNorm running statistics, which are buffers.
     let plan = DecayPlan::new(store, |s| (!is_buffer(&s.name)).then(|| decays(&s.name, &s.shape)))?;
     let adam_cfg = AdamWConfig { weight_decay: opts.weight_decay, ..AdamWConfig::default() };
-    let mut adam = AdamW::from_plan(adam_cfg, plan);
+    let mut stepper = match opts.device {
+        Device::Cpu => Stepper::Host {
+            ws: TrainWorkspace::new(),
+            grads: try_zeroed::<f32>(store.data.len(), "the gradients")?,
+            adam: AdamW::from_plan(adam_cfg, plan),
+            scales,
+        },
+        Device::Cuda => {
+            let setup = OptimizerSetup {
+                config: adam_cfg,
+                decay_mask: &plan.mask,
+                trained: &plan.trained,
+                lr_scale: Some(&scales),
+            };
+            Stepper::Gpu(GpuPretrainer::new(model, Precision::F32, setup)?)
+        }
+        Device::Auto => {
+            bail!(InvalidArgument, "segmentation fine-tuning runs on cpu or cuda; resolve auto with a Context")
+        }
+    };
     let dp_rate = opts.drop_path_rate.unwrap_or(model.config().drop_path_rate);
     let mut rng = ChaCha8Rng::seed_from_u64(opts.seed);
-    let mut ws = TrainWorkspace::new();
-    let mut grads = try_zeroed::<f32>(store.data.len(), "the gradients")?;
     let (mut pixels, mut labels, mut factors) = (Vec::new(), Vec::new(), Vec::new());
     let (hh, ww) = model.config().image_size.hw();
     let c = model.config().num_channels;
@@ -366,29 +392,82 @@ pub fn finetune(
                     }
                 }
             }
-            let drop = (dp_rate > 0.0).then_some(DropPath { factors: &factors });
+            let drop = (dp_rate > 0.0).then_some(&factors[..]);
             let batch = SegBatch { pixels: &pixels, batch: b, channels: c, height: hh, width: ww, labels: &labels };
-            grads.fill(0.0);
-            let out = model.segmentation_forward_backward(&mut ws, &batch, drop, &mut grads)?;
-            ensure!(out.loss.is_finite(), Numerical, "loss is {} at step {step}", out.loss);
             let lr = schedule.value(step);
-            let params = &mut model.params_mut().data;
-            let mut target = HostUpdate { adamw: &mut adam, params, grads: &mut grads, lr_scale: Some(&scales) };
-            let grad_norm =
-                apply_update(&mut target, lr as f32, opts.clip_grad)?.map_err(|NonFiniteGradient(norm)| {
-                    Error::Numerical(format!("gradient norm is {norm} at step {step}"))
-                })?;
-            model.apply_batchnorm_statistics(&out.batchnorm, BN_MOMENTUM);
-            epoch_loss += out.loss;
+            let (loss, grad_norm) = stepper.step(model, &batch, drop, lr as f32, opts.clip_grad, step)?;
+            epoch_loss += loss;
             step += 1;
-            log(&SegStepLog { step, total_steps: total, epoch, loss: out.loss, lr, grad_norm });
+            log(&SegStepLog { step, total_steps: total, epoch, loss, lr, grad_norm });
         }
         epoch_loss /= steps_per_epoch.max(1) as f64;
     }
+    stepper.finish(model)?;
     Ok(SegFinetuneReport { steps: step, final_epoch_loss: epoch_loss, seconds: start.elapsed().as_secs_f64() })
 }
 
-/// mIoU of `model` (eval mode) on samples `ids` of `data`, batches of `batch_size`.
+/// Where the fine-tuning steps run: the host (the model's parameters, a training workspace,
+/// gradients and AdamW in host memory) or the GPU trainer (parameters, gradients, AdamW and
+/// the BatchNorm running statistics on the device; the model's are stale until
+/// [`Stepper::finish`]). Both run the one segmentation pass and the one optimizer step.
+#[allow(clippy::large_enum_variant)] // one per run
+enum Stepper {
+    Host { ws: TrainWorkspace, grads: Vec<f32>, adam: AdamW, scales: Vec<f32> },
+    Gpu(GpuPretrainer),
+}
+
+impl Stepper {
+    /// One step on `batch`: the pass, AdamW at `lr` after clipping, the running statistics'
+    /// update. Returns the loss and the gradient norm before clipping.
+    fn step(
+        &mut self,
+        model: &mut Model,
+        batch: &SegBatch<'_>,
+        drop: Option<&[f32]>,
+        lr: f32,
+        clip: Option<f64>,
+        step: usize,
+    ) -> Result<(f64, f64)> {
+        let finite = |loss: f64| -> Result<()> {
+            ensure!(loss.is_finite(), Numerical, "loss is {loss} at step {step}");
+            Ok(())
+        };
+        let non_finite = |NonFiniteGradient(norm)| Error::Numerical(format!("gradient norm is {norm} at step {step}"));
+        let (loss, grad_norm, records): (f64, f64, Vec<BnRecord>) = match self {
+            Stepper::Host { ws, grads, adam, scales } => {
+                grads.fill(0.0);
+                let drop = drop.map(|factors| DropPath { factors });
+                let out = model.segmentation_forward_backward(ws, batch, drop, grads)?;
+                finite(out.loss)?;
+                let params = &mut model.params_mut().data;
+                let mut target = HostUpdate { adamw: adam, params, grads, lr_scale: Some(scales) };
+                let grad_norm = apply_update(&mut target, lr, clip)?.map_err(non_finite)?;
+                (out.loss, grad_norm, out.batchnorm)
+            }
+            Stepper::Gpu(gpu) => {
+                let records = gpu.segment_forward_backward(batch, drop)?;
+                finite(gpu.loss()?)?;
+                let stats = gpu.apply(clip.unwrap_or(0.0), lr)?;
+                (stats.loss, stats.grad_norm, records)
+            }
+        };
+        match self {
+            Stepper::Host { .. } => model.apply_batchnorm_statistics(&records, BN_MOMENTUM),
+            Stepper::Gpu(gpu) => gpu.apply_batchnorm_statistics(&records, BN_MOMENTUM)?,
+        }
+        Ok((loss, grad_norm))
+    }
+
+    /// The trained parameters (and running statistics) into `model`.
+    fn finish(self, model: &mut Model) -> Result<()> {
+        match self {
+            Stepper::Host { .. } => Ok(()),
+            Stepper::Gpu(gpu) => gpu.download_params(model.params_mut()),
+        }
+    }
+}
+
+/// mIoU of `model` (eval mode) on samples `ids` of `data`, batches of `batch_size`, on the CPU.
 pub fn evaluate(
     model: &Model,
     data: &Dataset,
@@ -396,6 +475,20 @@ pub fn evaluate(
     batch_size: usize,
     mean: &[f32],
     std: &[f32],
+) -> Result<IouReport> {
+    evaluate_on(model, data, ids, batch_size, mean, std, Device::Cpu)
+}
+
+/// [`evaluate`] with the logits computed on `device` (`Cpu`, or `Cuda`: the GPU inference pass
+/// in fp32).
+pub fn evaluate_on(
+    model: &Model,
+    data: &Dataset,
+    ids: &[usize],
+    batch_size: usize,
+    mean: &[f32],
+    std: &[f32],
+    device: Device,
 ) -> Result<IouReport> {
     check_data(model, data)?;
     ensure!(batch_size > 0, InvalidArgument, "the evaluation batch size must be positive, got 0");
@@ -416,6 +509,13 @@ pub fn evaluate(
     )
     .hint("use a smaller batch size")
     .check()?;
+    let mut gpu = match device {
+        Device::Cpu => None,
+        Device::Cuda => Some(GpuInference::new(model, Precision::F32)?),
+        Device::Auto => {
+            bail!(InvalidArgument, "segmentation evaluation runs on cpu or cuda; resolve auto with a Context")
+        }
+    };
     let mut acc = IouAccumulator::new(k, cfg.semantic_loss_ignore_index());
     let c = cfg.num_channels;
     let (mut pixels, mut labels) = (Vec::new(), Vec::new());
@@ -424,7 +524,11 @@ pub fn evaluate(
         load_batch(data, chunk, &flips, mean, std, &mut pixels, &mut labels);
         let b = chunk.len();
         let input = ImageBatch { pixels: &pixels, batch: b, channels: c, height: hh, width: ww, bool_masked_pos: None };
-        let logits = model.forward(&input)?.logits.expect("segmentation logits");
+        let outputs = match &mut gpu {
+            Some(gpu) => gpu.forward(&input)?,
+            None => model.forward(&input)?,
+        };
+        let logits = outputs.logits.expect("segmentation logits");
         let (lh, lw) = (logits.shape[2], logits.shape[3]);
         let mut up = vec![0.0f32; b * k * hh * ww];
         bilinear_forward(b * k, lh, lw, hh, ww, &logits.data, &mut up);

@@ -10,7 +10,7 @@ use beit::model::io::{CONFIG_FILE, WEIGHTS_FILE};
 use beit::model::segmentation::metrics::IouReport;
 use beit::train::recipes::presets;
 use beit::train::segmentation::{
-    evaluate, finetune, from_pretrained_backbone, labelled_train_subset, mask_classes, segmentation_config,
+    evaluate_on, finetune, from_pretrained_backbone, labelled_train_subset, mask_classes, segmentation_config,
     split_indices, SegFinetuneOptions,
 };
 use beit::{Architecture, Context, ContextOptions, Device, Model};
@@ -54,6 +54,20 @@ pub struct SplitArgs {
     /// Worker threads (0 = all cores).
     #[arg(long, default_value_t = 0)]
     threads: usize,
+    /// cpu, cuda (the passes run on the GPU, fp32; an error without a usable one) or auto (says
+    /// what it chose).
+    #[arg(long, default_value = "cpu")]
+    device: String,
+}
+
+impl SplitArgs {
+    /// The context of the run: its threads and device (which it says on stderr).
+    fn context(&self, command: &str) -> beit::Result<Context> {
+        let device: Device = self.device.parse()?;
+        let ctx = Context::new(&ContextOptions { device, threads: self.threads, ..Default::default() })?;
+        eprintln!("beit segment {command}: device {}", ctx.device_note());
+        Ok(ctx)
+    }
 }
 
 #[derive(clap::Args)]
@@ -141,7 +155,7 @@ fn run_finetune(a: FinetuneArgs) -> beit::Result<()> {
         .write("--out", a.out.join(REPORT_FILE))
         .check()?;
     beit::data::subset::check_test_fraction(a.split.test_fraction)?;
-    let ctx = Context::new(&ContextOptions { device: Device::Cpu, threads: a.split.threads, ..Default::default() })?;
+    let ctx = a.split.context("finetune")?;
     let data = Dataset::open(&a.split.data)?;
     let classes = match a.num_labels {
         Some(k) => k,
@@ -179,6 +193,7 @@ fn run_finetune(a: FinetuneArgs) -> beit::Result<()> {
         mean: a.split.mean.clone(),
         std: a.split.std.clone(),
         flip: true,
+        device: ctx.device(),
     };
     eprintln!(
         "beit segment finetune: {start}; {} labels; {} train (of {}) / {} test samples; {} threads",
@@ -205,7 +220,7 @@ fn run_finetune(a: FinetuneArgs) -> beit::Result<()> {
     let eval = if test.is_empty() {
         None
     } else {
-        Some(ctx.run(|| evaluate(&model, &data, &test, 32, &opts.mean, &opts.std))?)
+        Some(ctx.run(|| evaluate_on(&model, &data, &test, 32, &opts.mean, &opts.std, ctx.device()))?)
     };
     let out = serde_json::json!({
         "command": "segment finetune", "start": start, "out": a.out.display().to_string(),
@@ -226,7 +241,7 @@ fn run_finetune(a: FinetuneArgs) -> beit::Result<()> {
 }
 
 fn run_eval(a: EvalArgs) -> beit::Result<()> {
-    let ctx = Context::new(&ContextOptions { device: Device::Cpu, threads: a.split.threads, ..Default::default() })?;
+    let ctx = a.split.context("eval")?;
     let data = Dataset::open(&a.split.data)?;
     let model = Model::load(&a.model)?;
     let ids = match a.split_name.as_str() {
@@ -235,7 +250,7 @@ fn run_eval(a: EvalArgs) -> beit::Result<()> {
         other => return Err(beit::Error::InvalidArgument(format!("--split-name {other:?}: test or all"))),
     };
     let start = std::time::Instant::now();
-    let r = ctx.run(|| evaluate(&model, &data, &ids, a.batch_size, &a.split.mean, &a.split.std))?;
+    let r = ctx.run(|| evaluate_on(&model, &data, &ids, a.batch_size, &a.split.mean, &a.split.std, ctx.device()))?;
     let mut out = report_json(&r);
     out["command"] = "segment eval".into();
     out["samples"] = ids.len().into();

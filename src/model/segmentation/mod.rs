@@ -5,6 +5,12 @@
 //! ([`Model::segmentation_forward_backward`]) on batch statistics, with HF's loss ([`loss`])
 //! and a backward through the head into the backbone's shared backward (which takes the
 //! gradients of the four intermediate hidden states).
+//!
+//! Both passes are written once over [`ImageOps`] ([`Model::segmentation_inference_pass`],
+//! [`Model::segmentation_train_pass`]) in one memory: the backbone's plan and the head's
+//! ([`SegPlan`]) share an arena, so the hidden states go from the backbone to the head (and
+//! their gradients back) without leaving the device. The CPU runs them on the host backend
+//! here; the GPU drivers (`train::gpu_inference`, `train::gpu_pretrain`) on CUDA.
 
 pub mod head;
 pub mod layout;
@@ -12,7 +18,7 @@ pub mod loss;
 pub mod metrics;
 
 use crate::backend::image_ops::ImageOps;
-use crate::backend::memory::{Arena, HostMemory, Planner, View};
+use crate::backend::memory::{Arena, HostMemory, Planner, Space, View};
 use crate::backend::Backend;
 use crate::context::host_backend;
 use crate::error::Result;
@@ -21,6 +27,7 @@ use crate::tensor::checked_numel;
 
 use super::forward::{OutputBuffers, PIECES_HINT};
 use super::params::HeadParams;
+use super::plan::ActivationPlan;
 use super::training::{DropPath, TrainWorkspace};
 use super::{Architecture, BeitConfig, ImageBatch, Model};
 use head::{head_backward, head_forward, BnMode, BnRecord, HeadPlan};
@@ -68,7 +75,7 @@ pub struct SegBatch<'a> {
 }
 
 impl<'a> SegBatch<'a> {
-    fn images(&self) -> ImageBatch<'a> {
+    pub(crate) fn images(&self) -> ImageBatch<'a> {
         ImageBatch {
             pixels: self.pixels,
             batch: self.batch,
@@ -87,6 +94,19 @@ pub struct SegStep {
     pub loss: f64,
     /// Batch statistics of every BatchNorm, for [`Model::apply_batchnorm_statistics`].
     pub batchnorm: Vec<BnRecord>,
+}
+
+/// The views of a segmentation pass beside the backbone's plan, in the same arena.
+#[derive(Debug, Clone)]
+pub(crate) struct SegPlan {
+    head: HeadPlan,
+    /// The four levels' hidden states `[b, tokens, hidden]` (inference: their copies; training:
+    /// their gradients, which the backbone's backward adds in).
+    tokens: [View; 4],
+    /// Training: a logits map upsampled to the labels' size `[b, labels, h, w]`, and the labels
+    /// as the loss reads them (`Index`, one per pixel).
+    up: View,
+    labels: View,
 }
 
 /// `[b, tokens, d]` hidden states (CLS first) in `hidden` → `[b, d, gh, gw]` maps in `maps`.
@@ -133,7 +153,7 @@ impl Model {
         }
     }
 
-    fn check_segmentation_grid(&self, height: usize, width: usize) -> Result<(usize, usize)> {
+    pub(crate) fn check_segmentation_grid(&self, height: usize, width: usize) -> Result<(usize, usize)> {
         let grid = self.config.grid_for(height, width);
         ensure!(
             grid.0 >= 2 && grid.1 >= 2,
@@ -160,43 +180,74 @@ impl Model {
         head.out_indices.map(|i| i - 1)
     }
 
+    /// The head's views of a pass over `b` images of `hw` pixels, planned after the backbone's
+    /// in `plan` (whose arena they then share).
+    pub(crate) fn segmentation_views(&self, plan: &mut Planner, b: usize, hw: (usize, usize), mode: BnMode) -> SegPlan {
+        let head = self.segmentation_head().expect("a segmentation model");
+        let grid = self.config.grid_for(hw.0, hw.1);
+        let rows = b * (grid.0 * grid.1 + 1) * self.config.hidden_size;
+        let head_plan = HeadPlan::new(plan, head, b, grid, mode);
+        let tokens = std::array::from_fn(|_| plan.act(rows));
+        let (up, labels) = match mode {
+            BnMode::Eval => (View::empty(Space::Act), View::empty(Space::Index)),
+            BnMode::Train => (plan.act(b * head.num_labels * hw.0 * hw.1), plan.index(b * hw.0 * hw.1)),
+        };
+        SegPlan { head: head_plan, tokens, up, labels }
+    }
+
+    /// The plan of a segmentation inference pass on `be`: the backbone's inference plan and the
+    /// head's views after it, in one planner.
+    /// (The backbone's plan alone for other models.)
+    pub(crate) fn inference_plan_with_head<B: Backend>(
+        &self,
+        be: &B,
+        b: usize,
+        height: usize,
+        width: usize,
+    ) -> (ActivationPlan, Option<SegPlan>, Planner) {
+        let (plan, mut planner) = self.inference_plan(be, b, height, width);
+        let seg = (self.arch == Architecture::SemanticSegmentation)
+            .then(|| self.segmentation_views(&mut planner, b, (height, width), BnMode::Eval));
+        (plan, seg, planner)
+    }
+
     /// Inference: `logits` `[batch, labels, 4gh, 4gw]` (decode head, BatchNorm on running
     /// statistics) and `last_hidden_state` when asked. Input already checked.
     pub(crate) fn segmentation_forward_into(&self, input: &ImageBatch<'_>, out: OutputBuffers<'_>) -> Result<()> {
-        let head = self.segmentation_head().expect("a segmentation model");
-        let grid = self.check_segmentation_grid(input.height, input.width)?;
-        let (b, d) = (input.batch, self.config.hidden_size);
-        let levels = Self::level_indices(head);
-        let layers = self.layout.blocks.len();
-        let mut wanted = levels.to_vec();
-        wanted.push(layers);
-        self.check_segmentation_need(b, input.height, input.width, false)?;
-        let hidden = self.hidden_states(input, &wanted)?;
-        let n = grid.0 * grid.1;
-        let mut plan = Planner::shared();
-        let head_plan = HeadPlan::new(&mut plan, head, b, grid, BnMode::Eval);
-        let tokens = plan.act(hidden[4].len());
-        let normed = plan.act(if out.last_hidden_state.is_some() { hidden[4].len() } else { 0 });
-        let mut arena = Arena::new(&plan)?;
+        self.check_segmentation_grid(input.height, input.width)?;
+        self.check_segmentation_need(input.batch, input.height, input.width, false)?;
+        self.check_pass_countable(input.batch, input.height, input.width)?;
         let be = host_backend();
+        let (plan, seg, planner) = self.inference_plan_with_head(&be, input.batch, input.height, input.width);
+        let seg = seg.expect("a segmentation model");
+        let mut arena = Arena::new(&planner)?;
         let mut m = HostMemory::new(&mut arena, &self.params.data, &mut []);
-        if let Some(dst) = out.last_hidden_state {
-            match &self.layout.final_layernorm {
-                Some(ln) => {
-                    be.upload(&mut m, tokens, &hidden[4])?;
-                    be.layer_norm(&mut m, tokens, d, self.norm(*ln, normed))?;
-                    be.download(&mut m, normed, dst)?;
-                }
-                None => dst.copy_from_slice(&hidden[4]),
-            }
-        }
+        self.segmentation_inference_pass(&be, &mut m, &plan, &seg, input, out)
+    }
+
+    /// The segmentation inference pass on `be` over a [`Model::inference_plan_with_head`] for
+    /// `input` (checked, grid at least 2x2): the backbone, copying the four levels' hidden
+    /// states on the way, its output (downloaded when asked), the head on the levels as maps,
+    /// and the logits downloaded.
+    pub(crate) fn segmentation_inference_pass<B: ImageOps>(
+        &self,
+        be: &B,
+        m: &mut B::Memory<'_>,
+        plan: &ActivationPlan,
+        seg: &SegPlan,
+        input: &ImageBatch<'_>,
+        out: OutputBuffers<'_>,
+    ) -> Result<()> {
+        let head = self.segmentation_head().expect("a segmentation model");
+        let (b, d, n) = (input.batch, self.config.hidden_size, plan.tokens - 1);
+        let captures: Vec<(usize, View)> = Self::level_indices(head).into_iter().zip(seg.tokens).collect();
+        self.backbone_output(be, m, plan, input, &captures, out.last_hidden_state)?;
         if let Some(dst) = out.logits {
-            for (h, maps) in hidden.iter().zip(head_plan.feats()) {
-                be.upload(&mut m, tokens, h)?;
-                tokens_to_maps(&be, &mut m, maps, tokens, b, n, d)?;
+            for (&(_, hidden), maps) in captures.iter().zip(seg.head.feats()) {
+                tokens_to_maps(be, m, maps, hidden, b, n, d)?;
             }
-            head_forward(&be, &mut m, &self.params, head, &head_plan)?;
-            be.download(&mut m, head_plan.logits, dst)?;
+            head_forward(be, m, &self.params, head, &seg.head)?;
+            be.download(m, seg.head.logits, dst)?;
         }
         Ok(())
     }
@@ -253,82 +304,95 @@ impl Model {
         grads: &mut [f32],
     ) -> Result<SegStep> {
         self.check_seg_batch(batch)?;
-        self.check_train_buffers(batch.batch, drop_path, grads)?;
-        let head = self.segmentation_head().expect("checked");
-        let grid = self.config.native_grid();
-        let (b, d) = (batch.batch, self.config.hidden_size);
-        let levels = Self::level_indices(head);
-        let images = batch.images();
-        self.check_segmentation_need(b, batch.height, batch.width, true)?;
-        let hidden = self.backbone_train_forward(ws, &images, drop_path, &levels)?;
-        let (k, n) = (head.num_labels, grid.0 * grid.1);
-        let ignore = self.config.semantic_loss_ignore_index();
-        let label_hw = (batch.height, batch.width);
-        let (labels, counted) = loss::loss_labels(batch.labels, k, ignore);
-        let mut plan = Planner::shared();
-        let head_plan = HeadPlan::new(&mut plan, head, b, grid, BnMode::Train);
-        let tokens = plan.act(hidden[0].len());
-        let up = plan.act(b * k * label_hw.0 * label_hw.1);
-        let labels_v = plan.index(labels.len());
-        let mut arena = Arena::new(&plan)?;
-        let be = host_backend();
-        let mut m = HostMemory::new(&mut arena, &self.params.data, grads);
-        for (h, maps) in hidden.iter().zip(head_plan.feats()) {
-            be.upload(&mut m, tokens, h)?;
-            tokens_to_maps(&be, &mut m, maps, tokens, b, n, d)?;
-        }
-        drop(hidden);
-        head_forward(&be, &mut m, &self.params, head, &head_plan)?;
+        self.check_segmentation_need(batch.batch, batch.height, batch.width, true)?;
+        self.begin_train_pass(ws, &batch.images(), drop_path, grads)?;
+        let (plan, arena) = ws.planned.as_mut().expect("planned above");
+        let seg = ws.segmentation.as_ref().expect("a segmentation model's workspace plans its head");
+        let mut m = HostMemory::new(arena, &self.params.data, grads);
+        self.segmentation_train_pass(&host_backend(), &mut m, plan, seg, batch, drop_path.map(|d| d.factors))
+    }
 
-        be.upload_indices(&mut m, labels_v, &labels)?;
-        let (dlogits, daux) = head_plan.logit_grads();
-        let (logits_hw, aux_hw) = head_plan.logits_hw();
-        let pass = |m: &mut HostMemory<'_>, logits: View, dlogits: View, hw: (usize, usize)| {
-            loss::segmentation_loss_pass(&be, m, logits, dlogits, up, labels_v, counted, (b, k), hw, label_hw)
+    /// The segmentation training pass on `be` over a training plan with the head's views after
+    /// it ([`Model::segmentation_views`], [`BnMode::Train`]) for `batch` (checked with
+    /// [`Model::check_seg_batch`]): the backbone's training forward, its four levels as maps
+    /// through the head, HF's loss on the decode (and auxiliary) logits with its gradient, the
+    /// head's backward, and the backbone's backward with the levels' gradients added in.
+    /// Parameter gradients are ADDED to the memory's gradient buffer.
+    pub(crate) fn segmentation_train_pass<B: ImageOps>(
+        &self,
+        be: &B,
+        m: &mut B::Memory<'_>,
+        plan: &ActivationPlan,
+        seg: &SegPlan,
+        batch: &SegBatch<'_>,
+        factors: Option<&[f32]>,
+    ) -> Result<SegStep> {
+        let head = self.segmentation_head().expect("checked");
+        let (b, d, n) = (batch.batch, self.config.hidden_size, plan.tokens - 1);
+        let levels = Self::level_indices(head);
+        let dims = self.backbone_forward_train(be, m, plan, &batch.images(), factors)?;
+        for (&k, maps) in levels.iter().zip(seg.head.feats()) {
+            tokens_to_maps(be, m, maps, plan.hidden_state(k), b, n, d)?;
+        }
+        head_forward(be, m, &self.params, head, &seg.head)?;
+
+        let k = head.num_labels;
+        let (labels, counted) = loss::loss_labels(batch.labels, k, self.config.semantic_loss_ignore_index());
+        be.upload_indices(m, seg.labels, &labels)?;
+        let label_hw = (batch.height, batch.width);
+        let (dlogits, daux) = seg.head.logit_grads();
+        let (logits_hw, aux_hw) = seg.head.logits_hw();
+        let pass = |m: &mut B::Memory<'_>, logits: View, dlogits: View, hw: (usize, usize)| {
+            loss::segmentation_loss_pass(be, m, logits, dlogits, seg.up, seg.labels, counted, (b, k), hw, label_hw)
         };
-        let mut loss = pass(&mut m, head_plan.logits, dlogits, logits_hw)?;
-        if let Some(aux) = head_plan.aux_logits() {
+        let mut loss = pass(m, seg.head.logits, dlogits, logits_hw)?;
+        if let Some(aux) = seg.head.aux_logits() {
             let weight = self.config.auxiliary_loss_weight();
-            loss += weight * pass(&mut m, aux, daux, aux_hw)?;
-            be.scale(&mut m, daux, weight as f32)?;
+            loss += weight * pass(m, aux, daux, aux_hw)?;
+            be.scale(m, daux, weight as f32)?;
         }
-        head_backward(&be, &mut m, &self.params, head, &head_plan)?;
-        let mut hidden_grads = Vec::with_capacity(4);
-        for maps in head_plan.feat_grads() {
-            maps_to_tokens(&be, &mut m, tokens, maps, b, n, d)?;
-            let mut g = vec![0.0; tokens.len()];
-            be.download(&mut m, tokens, &mut g)?;
-            hidden_grads.push(g);
+        head_backward(be, m, &self.params, head, &seg.head)?;
+        for (&dhidden, maps) in seg.tokens.iter().zip(seg.head.feat_grads()) {
+            maps_to_tokens(be, m, dhidden, maps, b, n, d)?;
         }
-        let batchnorm = head_plan.bn_records(&be, &mut m, head)?;
-        drop(arena);
-        self.backbone_train_backward(ws, &images, drop_path, &levels, &hidden_grads, grads)?;
+        let batchnorm = seg.head.bn_records(be, m, head)?;
+        // No head reads the backbone output (after `beit.layernorm`): its gradient is 0.
+        be.fill_zero(m, plan.output)?;
+        let injected: Vec<(usize, View)> = levels.into_iter().zip(seg.tokens).collect();
+        self.backbone_backward_train(be, m, plan, dims, factors.is_some(), false, &injected)?;
         Ok(SegStep { loss, batchnorm })
     }
 
     /// PyTorch's running-statistics update of every BatchNorm after a training pass
     /// (`momentum` 0.1 by default) and `num_batches_tracked += 1`.
     pub fn apply_batchnorm_statistics(&mut self, records: &[BnRecord], momentum: f32) {
-        let mut plan = Planner::shared();
-        let views: Vec<[View; 3]> = records
-            .iter()
-            .map(|r| [plan.stat(r.bn.channels), plan.stat(r.bn.channels), plan.stat(r.stats.len())])
-            .collect();
-        let mut arena = Arena::new(&plan).expect("the memory of the BatchNorm statistics");
-        let be = host_backend();
-        let mut m = HostMemory::new(&mut arena, &[], &mut []);
-        for (r, &[mean, var, stats]) in records.iter().zip(&views) {
+        for r in records {
             let (rm, rv, n) = (r.bn.running_mean, r.bn.running_var, r.bn.num_batches_tracked);
-            let mut update = || -> Result<()> {
-                be.upload(&mut m, mean, self.params.get(rm))?;
-                be.upload(&mut m, var, self.params.get(rv))?;
-                be.upload(&mut m, stats, &r.stats)?;
-                be.batch_norm_update_running(&mut m, mean, var, stats, momentum)?;
-                be.download(&mut m, mean, self.params.get_mut(rm))?;
-                be.download(&mut m, var, self.params.get_mut(rv))
-            };
-            update().expect("host ops");
+            let mut mean = self.params.get(rm).to_vec();
+            let mut var = self.params.get(rv).to_vec();
+            running_statistics_update(&mut mean, &mut var, &r.stats, momentum).expect("host ops");
+            self.params.get_mut(rm).copy_from_slice(&mean);
+            self.params.get_mut(rv).copy_from_slice(&var);
             self.params.get_mut(n)[0] += 1.0;
         }
     }
+}
+
+/// One BatchNorm's running update from the statistics its training forward kept (`stats`, see
+/// [`head::BnRecord`]): `running ← (1 − momentum)·running + momentum·batch` (the variance
+/// unbiased), on host copies of the running mean and variance. The CPU model and the GPU
+/// trainer (which copies the two small vectors off the device and back) both update through it.
+pub fn running_statistics_update(mean: &mut [f32], var: &mut [f32], stats: &[f32], momentum: f32) -> Result<()> {
+    let mut plan = Planner::shared();
+    let views = [plan.stat(mean.len()), plan.stat(var.len()), plan.stat(stats.len())];
+    let mut arena = Arena::new(&plan)?;
+    let be = host_backend();
+    let mut m = HostMemory::new(&mut arena, &[], &mut []);
+    let [mean_v, var_v, stats_v] = views;
+    be.upload(&mut m, mean_v, mean)?;
+    be.upload(&mut m, var_v, var)?;
+    be.upload(&mut m, stats_v, stats)?;
+    be.batch_norm_update_running(&mut m, mean_v, var_v, stats_v, momentum)?;
+    be.download(&mut m, mean_v, mean)?;
+    be.download(&mut m, var_v, var)
 }

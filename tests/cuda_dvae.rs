@@ -135,6 +135,45 @@ fn tokenizing_on_the_gpu_equals_the_cpu() {
     assert!(tok.tokenize(&dvae, &x[..10]).is_err());
 }
 
+/// max |got − want| over max |want| (every value finite).
+fn rel_err(got: &[f32], want: &[f32]) -> f32 {
+    assert_eq!(got.len(), want.len());
+    assert!(got.iter().all(|v| v.is_finite()), "a non-finite value");
+    let scale = want.iter().fold(f32::MIN_POSITIVE, |m, v| m.max(v.abs()));
+    got.iter().zip(want).map(|(a, b)| (a - b).abs()).fold(0.0, f32::max) / scale
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn decoding_on_the_gpu_equals_the_cpu() {
+    let mut dvae = Dvae::new(DvaeConfig { vocab_size: 40, ..config() }, 12).unwrap();
+    let mut tok = GpuTokenizer::new(&dvae).expect("a usable CUDA GPU");
+    let p = dvae.config.tokens_per_image();
+    let grids =
+        |count: usize, seed: usize| -> Vec<u32> { (0..count * p).map(|i| ((i * 7 + seed) % 40) as u32).collect() };
+    // Batch sizes that change the planned pass, and back.
+    for count in [1, 5, 2] {
+        let tokens = grids(count, count);
+        let want = dvae.decode(&tokens).unwrap();
+        assert_eq!(want.len(), count * dvae.image_len());
+        let err = rel_err(&tok.decode(&dvae, &tokens).unwrap(), &want);
+        println!("decode, {count} grid(s): max |gpu - cpu| / max|cpu| {err:.2e}");
+        assert!(err <= 1e-5, "{count} grid(s): {err:e}");
+    }
+    // New parameters take effect.
+    dvae.params.data.iter_mut().enumerate().for_each(|(i, v)| *v *= 1.0 + (i % 5) as f32 * 0.1);
+    tok.set_params(&dvae.params).unwrap();
+    let tokens = grids(3, 1);
+    let err = rel_err(&tok.decode(&dvae, &tokens).unwrap(), &dvae.decode(&tokens).unwrap());
+    assert!(err <= 1e-5, "after set_params: {err:e}");
+    // What the CPU refuses, the GPU refuses, before any work.
+    assert!(tok.decode(&dvae, &tokens[..p - 1]).is_err());
+    assert!(tok.decode(&dvae, &[40; 16]).is_err());
+    let encoder_only = Dvae::new(DvaeConfig { vocab_size: 40, decoder_n_init: None, ..config() }, 12).unwrap();
+    let mut enc = GpuTokenizer::new(&encoder_only).unwrap();
+    assert!(enc.decode(&encoder_only, &tokens).unwrap_err().to_string().contains("no decoder"));
+}
+
 #[test]
 #[ignore = "needs a CUDA GPU"]
 fn a_cuda_context_moves_the_trainer_to_the_gpu() {

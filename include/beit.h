@@ -283,7 +283,7 @@ typedef struct beit_model beit_model;
  * `beit_tokenizer_get_info`, `beit_tokenizer_tokenize` and `beit_tokenizer_decode` on one
  * tokenizer at once. It runs on the thread pool of the context it was loaded with, which it
  * shares, so the context handle may be freed first. Free it only when no call is using it.
- * On a cuda context it tokenizes on the GPU (one call at a time; others wait).
+ * On a cuda context it tokenizes and decodes on the GPU (one call at a time; others wait).
  */
 typedef struct beit_tokenizer beit_tokenizer;
 
@@ -1243,10 +1243,12 @@ beit_status beit_tokenizer_tokenize(const struct beit_tokenizer *tokenizer,
  * Errors: `BEIT_ERR_NULL_POINTER` (tokenizer, tokens, pixels), `BEIT_ERR_INVALID_ARGUMENT`
  * (no decoder; batch 0; a `tokens_len` other than `batch * P`; a token outside
  * `[0, vocab_size)`, with its index; a misaligned buffer), `BEIT_ERR_BUFFER_SIZE` (a
- * `pixels_len` other than the shape's; both numbers are in the message), `BEIT_ERR_UNSUPPORTED`
- * (a cuda context: decoding has no GPU pass yet).
+ * `pixels_len` other than the shape's; both numbers are in the message).
  *
- * Thread safety: any number of threads may decode with one tokenizer at once.
+ * On a cuda context the pass runs on the GPU (fp32; the pixels equal the CPU's to rounding).
+ *
+ * Thread safety: any number of threads may decode with one tokenizer at once (on the GPU
+ * they take turns).
  *
  * # Safety
  * `tokenizer` must be NULL or a live tokenizer; `tokens` NULL or readable for `tokens_len`

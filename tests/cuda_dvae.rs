@@ -189,7 +189,7 @@ fn a_cuda_context_moves_the_trainer_to_the_gpu() {
 
 #[test]
 #[ignore = "needs a CUDA GPU"]
-fn the_c_api_tokenizes_on_the_gpu_of_a_cuda_context() {
+fn the_c_api_tokenizes_and_decodes_on_the_gpu_of_a_cuda_context() {
     use beit::ffi::context::{
         beit_context, beit_context_create, beit_context_free, beit_context_options_default, beit_device, RawDevice,
     };
@@ -205,23 +205,39 @@ fn the_c_api_tokenizes_on_the_gpu_of_a_cuda_context() {
     let mapped: Vec<f32> = pixels.iter().map(|&v| map_pixels(v)).collect();
     let want: Vec<i64> = dvae.tokenize(&mapped).unwrap().iter().map(|&t| t as i64).collect();
 
-    let mut opts = beit_context_options_default();
-    opts.device = RawDevice(beit_device::BEIT_DEVICE_CUDA as u32);
-    let (mut ctx, mut tok): (*mut beit_context, *mut beit_tokenizer) = (std::ptr::null_mut(), std::ptr::null_mut());
-    // SAFETY: valid options, out pointers, a NUL-terminated path, buffers of the stated lengths.
+    let load = |device: beit_device| {
+        let mut opts = beit_context_options_default();
+        opts.device = RawDevice(device as u32);
+        let (mut ctx, mut tok): (*mut beit_context, *mut beit_tokenizer) = (std::ptr::null_mut(), std::ptr::null_mut());
+        // SAFETY: valid options, out pointers, a NUL-terminated path; the tokenizer shares the
+        // context, so the handle may go first.
+        unsafe {
+            assert_eq!(beit_context_create(&opts, &mut ctx), beit_status::BEIT_OK);
+            assert_eq!(beit_tokenizer_load(ctx, path.as_ptr(), &mut tok), beit_status::BEIT_OK);
+            beit_context_free(ctx);
+        }
+        tok
+    };
+    let (gpu, cpu) = (load(beit_device::BEIT_DEVICE_CUDA), load(beit_device::BEIT_DEVICE_CPU));
+    // SAFETY: live tokenizers, buffers of the stated lengths.
     unsafe {
-        assert_eq!(beit_context_create(&opts, &mut ctx), beit_status::BEIT_OK);
-        assert_eq!(beit_tokenizer_load(ctx, path.as_ptr(), &mut tok), beit_status::BEIT_OK);
         let mut tokens = vec![-1i64; want.len()];
-        let status = beit_tokenizer_tokenize(tok, pixels.as_ptr(), pixels.len(), 3, tokens.as_mut_ptr(), tokens.len());
+        let status = beit_tokenizer_tokenize(gpu, pixels.as_ptr(), pixels.len(), 3, tokens.as_mut_ptr(), tokens.len());
         assert_eq!(status, beit_status::BEIT_OK);
         assert_eq!(tokens, want);
-        // Decoding has no GPU pass yet: refused on a cuda context, never run on the CPU.
-        let mut out = vec![0.0f32; pixels.len()];
-        let status = beit_tokenizer_decode(tok, tokens.as_ptr(), tokens.len(), 3, out.as_mut_ptr(), out.len());
-        assert_eq!(status, beit_status::BEIT_ERR_UNSUPPORTED);
-        beit_tokenizer_free(tok);
-        beit_context_free(ctx);
+        // Decoding runs on the GPU of the cuda context and gives the cpu context's pixels.
+        let decode = |tok: *mut beit_tokenizer| {
+            let mut out = vec![f32::NAN; pixels.len()];
+            let status = beit_tokenizer_decode(tok, tokens.as_ptr(), tokens.len(), 3, out.as_mut_ptr(), out.len());
+            assert_eq!(status, beit_status::BEIT_OK);
+            out
+        };
+        let (on_gpu, on_cpu) = (decode(gpu), decode(cpu));
+        let worst = on_gpu.iter().zip(&on_cpu).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
+        println!("beit_tokenizer_decode on cuda: worst |cuda - cpu| {worst:.2e} (pixels in [0, 1])");
+        assert!(on_gpu.iter().all(|v| v.is_finite()) && worst <= 1e-5, "{worst:e}");
+        beit_tokenizer_free(gpu);
+        beit_tokenizer_free(cpu);
     }
 }
 

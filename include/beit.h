@@ -271,7 +271,8 @@ typedef struct beit_dataset beit_dataset;
  * Thread safety: a model is immutable once created; many threads may run `beit_model_infer`
  * (and `beit_model_save`, `beit_model_get_info`, `beit_model_output_sizes`) on one model at the
  * same time, each with its own input and output buffers (and, for saves, its own directory:
- * two saves into one directory at once may fail with `BEIT_ERR_IO`). Free it only when no call
+ * two saves into one directory at once may fail with `BEIT_ERR_IO`). On a cuda context its
+ * inference runs on the GPU, one call at a time (others wait). Free it only when no call
  * using it is running, and before the context it was created with.
  */
 typedef struct beit_model beit_model;
@@ -283,7 +284,7 @@ typedef struct beit_model beit_model;
  * `beit_tokenizer_get_info`, `beit_tokenizer_tokenize` and `beit_tokenizer_decode` on one
  * tokenizer at once. It runs on the thread pool of the context it was loaded with, which it
  * shares, so the context handle may be freed first. Free it only when no call is using it.
- * On a cuda context it tokenizes on the GPU (one call at a time; others wait).
+ * On a cuda context it tokenizes and decodes on the GPU (one call at a time; others wait).
  */
 typedef struct beit_tokenizer beit_tokenizer;
 
@@ -1119,13 +1120,21 @@ beit_status beit_model_output_sizes(const struct beit_model *model,
  * outputs into the caller's buffers (see `beit_infer_outputs`). At least one output must be
  * requested. Every argument is checked before anything runs; on an error nothing is written.
  *
+ * On a cuda context the pass runs on the GPU (fp32, the CPU's outputs to rounding), with the
+ * model's parameters uploaded by its first call there and kept until `beit_model_free`. It
+ * runs the backbone, masked image modeling and classification models at their configured
+ * image size, with a head dim (`hidden_size / num_heads`) of 32 or 64; anything else is
+ * `BEIT_ERR_UNSUPPORTED` there, never computed on the CPU instead.
+ *
  * Errors: `BEIT_ERR_NULL_POINTER` (ctx, model, input, outputs, input->pixels),
  * `BEIT_ERR_INVALID_ARGUMENT` (struct_size, shape, channel count, image smaller than a patch,
  * pixels_len, bool_masked_pos length or values, an output this model does not have, nothing
  * requested, overlapping buffers), `BEIT_ERR_BUFFER_SIZE` (an output buffer of the wrong
- * length), `BEIT_ERR_UNSUPPORTED` (a size the position embeddings cannot be resized to).
+ * length), `BEIT_ERR_UNSUPPORTED` (a size the position embeddings cannot be resized to; on a
+ * cuda context, what the GPU pass does not run, above).
  *
- * Thread safety: any number of threads may call this at once with the same model and context.
+ * Thread safety: any number of threads may call this at once with the same model and context
+ * (on a cuda context they take turns on the GPU).
  *
  * # Safety
  * `ctx` and `model` must be NULL or live handles; `input` and `outputs` NULL or readable for
@@ -1243,10 +1252,12 @@ beit_status beit_tokenizer_tokenize(const struct beit_tokenizer *tokenizer,
  * Errors: `BEIT_ERR_NULL_POINTER` (tokenizer, tokens, pixels), `BEIT_ERR_INVALID_ARGUMENT`
  * (no decoder; batch 0; a `tokens_len` other than `batch * P`; a token outside
  * `[0, vocab_size)`, with its index; a misaligned buffer), `BEIT_ERR_BUFFER_SIZE` (a
- * `pixels_len` other than the shape's; both numbers are in the message), `BEIT_ERR_UNSUPPORTED`
- * (a cuda context: decoding has no GPU pass yet).
+ * `pixels_len` other than the shape's; both numbers are in the message).
  *
- * Thread safety: any number of threads may decode with one tokenizer at once.
+ * On a cuda context the pass runs on the GPU (fp32; the pixels equal the CPU's to rounding).
+ *
+ * Thread safety: any number of threads may decode with one tokenizer at once (on the GPU
+ * they take turns).
  *
  * # Safety
  * `tokenizer` must be NULL or a live tokenizer; `tokens` NULL or readable for `tokens_len`

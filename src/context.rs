@@ -82,9 +82,8 @@ impl std::fmt::Debug for Context {
 }
 
 /// What still runs on the CPU only (see [`Context::new`]).
-const CPU_ONLY_PASSES: &str = "segmentation, inference through the C API and decoding tokens do not run on the CUDA \
-     backend yet (pretraining, classification fine-tuning, `beit infer`, tokenizer training and tokenizing do, \
-     with device cuda)";
+const CPU_ONLY_PASSES: &str = "segmentation does not run on the CUDA backend yet (pretraining, classification \
+     fine-tuning, inference, tokenizer training, tokenizing and decoding tokens do, with device cuda)";
 
 impl Context {
     pub fn new(options: &ContextOptions) -> Result<Self> {
@@ -100,12 +99,13 @@ impl Context {
             .build()
             .map_err(|e| Error::Internal(format!("cannot start the thread pool: {e}")))?;
         // The probe runs before any other CUDA call and never panics (src/backend/cuda/probe.rs).
-        // Pretraining, classification fine-tuning, the CLI's inference and the tokenizer's
-        // training and tokenizing run on CUDA (src/train/gpu_*.rs); segmentation, the C API's
-        // inference and decoding tokens do not yet. So: an explicit cuda request gives a cuda
-        // context (those stages run on the GPU, and the CPU-only passes refuse it
-        // with `Unsupported` through [`Context::require_cpu`], never computing on the CPU under a
-        // cuda label), and auto stays on the CPU, where every pass runs, and says why.
+        // Pretraining, classification fine-tuning, inference (the CLI's and the C API's) and the
+        // tokenizer's training, tokenizing and decoding run on CUDA (src/train/gpu_*.rs);
+        // segmentation does not yet. So: an explicit cuda request gives a cuda context (those
+        // stages run on the GPU, and what does not run there refuses it with `Unsupported`, as
+        // GPU inference does a segmentation model and [`Context::require_cpu`] a CPU-only pass,
+        // never computing on the CPU under a cuda label), and auto stays on the CPU, where every
+        // pass runs, and says why.
         let (device, device_note) = match options.device {
             Device::Cpu => (Device::Cpu, "cpu requested".to_string()),
             Device::Auto => {

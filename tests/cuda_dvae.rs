@@ -135,6 +135,45 @@ fn tokenizing_on_the_gpu_equals_the_cpu() {
     assert!(tok.tokenize(&dvae, &x[..10]).is_err());
 }
 
+/// max |got − want| over max |want| (every value finite).
+fn rel_err(got: &[f32], want: &[f32]) -> f32 {
+    assert_eq!(got.len(), want.len());
+    assert!(got.iter().all(|v| v.is_finite()), "a non-finite value");
+    let scale = want.iter().fold(f32::MIN_POSITIVE, |m, v| m.max(v.abs()));
+    got.iter().zip(want).map(|(a, b)| (a - b).abs()).fold(0.0, f32::max) / scale
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn decoding_on_the_gpu_equals_the_cpu() {
+    let mut dvae = Dvae::new(DvaeConfig { vocab_size: 40, ..config() }, 12).unwrap();
+    let mut tok = GpuTokenizer::new(&dvae).expect("a usable CUDA GPU");
+    let p = dvae.config.tokens_per_image();
+    let grids =
+        |count: usize, seed: usize| -> Vec<u32> { (0..count * p).map(|i| ((i * 7 + seed) % 40) as u32).collect() };
+    // Batch sizes that change the planned pass, and back.
+    for count in [1, 5, 2] {
+        let tokens = grids(count, count);
+        let want = dvae.decode(&tokens).unwrap();
+        assert_eq!(want.len(), count * dvae.image_len());
+        let err = rel_err(&tok.decode(&dvae, &tokens).unwrap(), &want);
+        println!("decode, {count} grid(s): max |gpu - cpu| / max|cpu| {err:.2e}");
+        assert!(err <= 1e-5, "{count} grid(s): {err:e}");
+    }
+    // New parameters take effect.
+    dvae.params.data.iter_mut().enumerate().for_each(|(i, v)| *v *= 1.0 + (i % 5) as f32 * 0.1);
+    tok.set_params(&dvae.params).unwrap();
+    let tokens = grids(3, 1);
+    let err = rel_err(&tok.decode(&dvae, &tokens).unwrap(), &dvae.decode(&tokens).unwrap());
+    assert!(err <= 1e-5, "after set_params: {err:e}");
+    // What the CPU refuses, the GPU refuses, before any work.
+    assert!(tok.decode(&dvae, &tokens[..p - 1]).is_err());
+    assert!(tok.decode(&dvae, &[40; 16]).is_err());
+    let encoder_only = Dvae::new(DvaeConfig { vocab_size: 40, decoder_n_init: None, ..config() }, 12).unwrap();
+    let mut enc = GpuTokenizer::new(&encoder_only).unwrap();
+    assert!(enc.decode(&encoder_only, &tokens).unwrap_err().to_string().contains("no decoder"));
+}
+
 #[test]
 #[ignore = "needs a CUDA GPU"]
 fn a_cuda_context_moves_the_trainer_to_the_gpu() {
@@ -150,7 +189,7 @@ fn a_cuda_context_moves_the_trainer_to_the_gpu() {
 
 #[test]
 #[ignore = "needs a CUDA GPU"]
-fn the_c_api_tokenizes_on_the_gpu_of_a_cuda_context() {
+fn the_c_api_tokenizes_and_decodes_on_the_gpu_of_a_cuda_context() {
     use beit::ffi::context::{
         beit_context, beit_context_create, beit_context_free, beit_context_options_default, beit_device, RawDevice,
     };
@@ -166,23 +205,39 @@ fn the_c_api_tokenizes_on_the_gpu_of_a_cuda_context() {
     let mapped: Vec<f32> = pixels.iter().map(|&v| map_pixels(v)).collect();
     let want: Vec<i64> = dvae.tokenize(&mapped).unwrap().iter().map(|&t| t as i64).collect();
 
-    let mut opts = beit_context_options_default();
-    opts.device = RawDevice(beit_device::BEIT_DEVICE_CUDA as u32);
-    let (mut ctx, mut tok): (*mut beit_context, *mut beit_tokenizer) = (std::ptr::null_mut(), std::ptr::null_mut());
-    // SAFETY: valid options, out pointers, a NUL-terminated path, buffers of the stated lengths.
+    let load = |device: beit_device| {
+        let mut opts = beit_context_options_default();
+        opts.device = RawDevice(device as u32);
+        let (mut ctx, mut tok): (*mut beit_context, *mut beit_tokenizer) = (std::ptr::null_mut(), std::ptr::null_mut());
+        // SAFETY: valid options, out pointers, a NUL-terminated path; the tokenizer shares the
+        // context, so the handle may go first.
+        unsafe {
+            assert_eq!(beit_context_create(&opts, &mut ctx), beit_status::BEIT_OK);
+            assert_eq!(beit_tokenizer_load(ctx, path.as_ptr(), &mut tok), beit_status::BEIT_OK);
+            beit_context_free(ctx);
+        }
+        tok
+    };
+    let (gpu, cpu) = (load(beit_device::BEIT_DEVICE_CUDA), load(beit_device::BEIT_DEVICE_CPU));
+    // SAFETY: live tokenizers, buffers of the stated lengths.
     unsafe {
-        assert_eq!(beit_context_create(&opts, &mut ctx), beit_status::BEIT_OK);
-        assert_eq!(beit_tokenizer_load(ctx, path.as_ptr(), &mut tok), beit_status::BEIT_OK);
         let mut tokens = vec![-1i64; want.len()];
-        let status = beit_tokenizer_tokenize(tok, pixels.as_ptr(), pixels.len(), 3, tokens.as_mut_ptr(), tokens.len());
+        let status = beit_tokenizer_tokenize(gpu, pixels.as_ptr(), pixels.len(), 3, tokens.as_mut_ptr(), tokens.len());
         assert_eq!(status, beit_status::BEIT_OK);
         assert_eq!(tokens, want);
-        // Decoding has no GPU pass yet: refused on a cuda context, never run on the CPU.
-        let mut out = vec![0.0f32; pixels.len()];
-        let status = beit_tokenizer_decode(tok, tokens.as_ptr(), tokens.len(), 3, out.as_mut_ptr(), out.len());
-        assert_eq!(status, beit_status::BEIT_ERR_UNSUPPORTED);
-        beit_tokenizer_free(tok);
-        beit_context_free(ctx);
+        // Decoding runs on the GPU of the cuda context and gives the cpu context's pixels.
+        let decode = |tok: *mut beit_tokenizer| {
+            let mut out = vec![f32::NAN; pixels.len()];
+            let status = beit_tokenizer_decode(tok, tokens.as_ptr(), tokens.len(), 3, out.as_mut_ptr(), out.len());
+            assert_eq!(status, beit_status::BEIT_OK);
+            out
+        };
+        let (on_gpu, on_cpu) = (decode(gpu), decode(cpu));
+        let worst = on_gpu.iter().zip(&on_cpu).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
+        println!("beit_tokenizer_decode on cuda: worst |cuda - cpu| {worst:.2e} (pixels in [0, 1])");
+        assert!(on_gpu.iter().all(|v| v.is_finite()) && worst <= 1e-5, "{worst:e}");
+        beit_tokenizer_free(gpu);
+        beit_tokenizer_free(cpu);
     }
 }
 

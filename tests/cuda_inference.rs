@@ -178,3 +178,148 @@ fn cli_infer_on_a_cuda_context_equals_the_cpu() {
         assert!(g.iter().all(|v| v.is_finite()) && worst <= 1e-5 * scale.max(1.0), "{name}: {worst:e}");
     }
 }
+
+/// `beit_model_infer` on a cuda context runs the pass on the GPU (`GpuInference`, the model
+/// handle's parameters uploaded once) and writes what a cpu context writes, to rounding; new
+/// parameters (the C API changes them only through a trainer, whose model comes back as a new
+/// handle) are what a later cuda inference computes with; what the GPU pass does not run is
+/// `BEIT_ERR_UNSUPPORTED` there, never a CPU run.
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn c_api_infer_on_a_cuda_context_equals_the_cpu() {
+    use beit::ffi::context::{
+        beit_context, beit_context_create, beit_context_free, beit_context_options_default, beit_device, RawDevice,
+    };
+    use beit::ffi::model::{
+        beit_architecture, beit_image_batch_default, beit_infer_outputs_default, beit_model, beit_model_create,
+        beit_model_free, beit_model_infer, beit_model_load, RawArchitecture,
+    };
+    use beit::ffi::status::{beit_last_error_message, beit_status};
+    use beit::ffi::trainer::{
+        beit_mim_batch_default, beit_trainer_create, beit_trainer_free, beit_trainer_options_default,
+        beit_trainer_save_model, beit_trainer_step,
+    };
+    use std::ffi::{CStr, CString};
+    use std::ptr;
+
+    let last_error = || unsafe { CStr::from_ptr(beit_last_error_message()) }.to_string_lossy().into_owned();
+    let context = |device: beit_device| {
+        let mut opts = beit_context_options_default();
+        opts.device = RawDevice(device as u32);
+        opts.num_threads = 2;
+        let mut ctx: *mut beit_context = ptr::null_mut();
+        // SAFETY: valid options and out pointer.
+        assert_eq!(unsafe { beit_context_create(&opts, &mut ctx) }, beit_status::BEIT_OK, "{}", last_error());
+        ctx
+    };
+    let (cpu, cuda) = (context(beit_device::BEIT_DEVICE_CPU), context(beit_device::BEIT_DEVICE_CUDA));
+    let create = |json: &str, arch: beit_architecture, seed: u64| {
+        let json = CString::new(json).unwrap();
+        let mut model: *mut beit_model = ptr::null_mut();
+        // SAFETY: a live context, a NUL-terminated config, an out pointer.
+        let status = unsafe { beit_model_create(cpu, json.as_ptr(), RawArchitecture(arch as u32), seed, &mut model) };
+        assert_eq!(status, beit_status::BEIT_OK, "{}", last_error());
+        model
+    };
+
+    let cfg = BeitConfig::from_json_str(CONFIGS[0].1).unwrap();
+    let (b, c, (h, w)) = (3, cfg.num_channels, cfg.image_size.hw());
+    let n = (h / 4) * (w / 4);
+    let px = pixels(b * c * h * w, 31);
+    let mask: Vec<u8> = (0..b * n).map(|i| (i % 3 == 1) as u8).collect();
+    // The MIM model's hidden state and logits (masked input) on a context, the status and the
+    // message of a refusal otherwise.
+    let infer = |ctx: *mut beit_context, model: *const beit_model, px: &[f32], size: usize| {
+        let mut input = beit_image_batch_default();
+        input.pixels = px.as_ptr();
+        input.pixels_len = px.len();
+        (input.batch, input.channels, input.height, input.width) = (b, c, size, size);
+        let patches = (size / 4) * (size / 4);
+        let mask: Vec<u8> = (0..b * patches).map(|i| (i % 3 == 1) as u8).collect();
+        input.bool_masked_pos = mask.as_ptr();
+        input.bool_masked_pos_len = mask.len();
+        let mut hidden = vec![f32::NAN; b * (patches + 1) * cfg.hidden_size];
+        let mut logits = vec![f32::NAN; b * patches * cfg.vocab_size];
+        let mut out = beit_infer_outputs_default();
+        (out.last_hidden_state, out.last_hidden_state_len) = (hidden.as_mut_ptr(), hidden.len());
+        (out.logits, out.logits_len) = (logits.as_mut_ptr(), logits.len());
+        // SAFETY: live handles; every buffer holds its stated length and outlives the call.
+        match unsafe { beit_model_infer(ctx, model, &input, &out) } {
+            beit_status::BEIT_OK => Ok((hidden, logits)),
+            status => Err((status, last_error())),
+        }
+    };
+    let check = |what: &str, gpu: &(Vec<f32>, Vec<f32>), cpu: &(Vec<f32>, Vec<f32>)| {
+        for (name, g, c) in [("last_hidden_state", &gpu.0, &cpu.0), ("logits", &gpu.1, &cpu.1)] {
+            let err = rel_err(g, c);
+            eprintln!("beit_model_infer, {what}, {name}: max |cuda - cpu| / max|cpu| {err:.2e}");
+            assert!(err <= 1e-5, "{what}, {name}: {err:e}");
+        }
+    };
+
+    let model = create(CONFIGS[0].1, beit_architecture::BEIT_ARCH_MASKED_IMAGE_MODELING, 5);
+    let want = infer(cpu, model, &px, h).unwrap();
+    // Twice: the second call reuses the handle's upload and the planned memory.
+    for _ in 0..2 {
+        check("created model", &infer(cuda, model, &px, h).unwrap(), &want);
+    }
+
+    // One trainer step on a copy of the model, saved, loaded as a new handle on the cuda
+    // context: its cuda inference computes with the trained parameters, and the first
+    // handle's with its own, which did not change.
+    let mut opts = beit_trainer_options_default();
+    opts.learning_rate = 1e-2;
+    let mut trainer = ptr::null_mut();
+    // SAFETY: live handles, valid options, an out pointer.
+    assert_eq!(unsafe { beit_trainer_create(cpu, model, &opts, &mut trainer) }, beit_status::BEIT_OK);
+    let labels: Vec<i64> = (0..b * n).map(|i| (i * 7 % cfg.vocab_size) as i64).collect();
+    let mut batch = beit_mim_batch_default();
+    (batch.pixels, batch.pixels_len) = (px.as_ptr(), px.len());
+    (batch.batch, batch.channels, batch.height, batch.width) = (b, c, h, w);
+    (batch.bool_masked_pos, batch.bool_masked_pos_len) = (mask.as_ptr(), mask.len());
+    (batch.labels, batch.labels_len) = (labels.as_ptr(), labels.len());
+    let dir = tempfile::tempdir().unwrap();
+    let path = CString::new(dir.path().join("trained").to_str().unwrap()).unwrap();
+    let mut trained: *mut beit_model = ptr::null_mut();
+    // SAFETY: a live trainer, a batch whose buffers hold their stated lengths, a NUL-terminated
+    // path, an out pointer.
+    unsafe {
+        assert_eq!(beit_trainer_step(trainer, &batch, ptr::null_mut()), beit_status::BEIT_OK, "{}", last_error());
+        assert_eq!(beit_trainer_save_model(trainer, path.as_ptr()), beit_status::BEIT_OK, "{}", last_error());
+        beit_trainer_free(trainer);
+        assert_eq!(beit_model_load(cuda, path.as_ptr(), &mut trained), beit_status::BEIT_OK, "{}", last_error());
+    }
+    let want_trained = infer(cpu, trained, &px, h).unwrap();
+    let moved = rel_err(&want_trained.1, &want.1);
+    assert!(moved > 1e-3, "the step moved the logits by {moved:e} only: the check below would prove nothing");
+    check("trained model", &infer(cuda, trained, &px, h).unwrap(), &want_trained);
+    check("created model after training its copy", &infer(cuda, model, &px, h).unwrap(), &want);
+
+    // Refusals on the cuda context, where the cpu context computes: another image size, and a
+    // segmentation model.
+    let px24 = pixels(b * c * 24 * 24, 32);
+    assert!(infer(cpu, model, &px24, 24).is_ok());
+    let (status, msg) = infer(cuda, model, &px24, 24).unwrap_err();
+    assert_eq!(status, beit_status::BEIT_ERR_UNSUPPORTED, "{msg}");
+    assert!(msg.contains("configured image size"), "{msg}");
+    let seg_json = CONFIGS[0].1.trim_end().trim_end_matches('}').to_string()
+        + r#", "out_indices": [1, 1, 2, 2], "pool_scales": [1, 2], "auxiliary_channels": 8}"#;
+    let seg = create(&seg_json, beit_architecture::BEIT_ARCH_SEMANTIC_SEGMENTATION, 5);
+    let mut input = beit_image_batch_default();
+    (input.pixels, input.pixels_len) = (px.as_ptr(), px.len());
+    (input.batch, input.channels, input.height, input.width) = (b, c, h, w);
+    let mut hidden = vec![0.0f32; b * (n + 1) * cfg.hidden_size];
+    let mut out = beit_infer_outputs_default();
+    (out.last_hidden_state, out.last_hidden_state_len) = (hidden.as_mut_ptr(), hidden.len());
+    // SAFETY: live handles; every buffer holds its stated length and outlives the call.
+    unsafe {
+        assert_eq!(beit_model_infer(cpu, seg, &input, &out), beit_status::BEIT_OK, "{}", last_error());
+        assert_eq!(beit_model_infer(cuda, seg, &input, &out), beit_status::BEIT_ERR_UNSUPPORTED);
+        assert!(last_error().contains("segmentation"), "{}", last_error());
+        beit_model_free(seg);
+        beit_model_free(trained);
+        beit_model_free(model);
+        beit_context_free(cuda);
+        beit_context_free(cpu);
+    }
+}

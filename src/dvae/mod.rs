@@ -20,7 +20,7 @@ use crate::model::params::ParamStore;
 use crate::resources::{Bytes, Need};
 
 pub use config::DvaeConfig;
-use network::DvaeNetworks;
+use network::{Decoder, DvaeNetworks};
 
 /// DALL-E's pixel mapping: `x·(1 − 2ε) + ε` with ε = 0.1, for x in [0, 1].
 pub const MAP_PIXELS_EPS: f32 = 0.1;
@@ -157,8 +157,22 @@ impl Dvae {
         Ok(tokens)
     }
 
-    /// Decodes hard tokens `[B, P]` into mapped pixels `[B, C, H, W]` (needs a decoder).
+    /// Decodes hard tokens `[B, P]` into mapped pixels `[B, C, H, W]` (needs a decoder), in
+    /// chunks of images ([`Dvae::decode_chunks`]).
     pub fn decode(&self, tokens: &[u32]) -> Result<Vec<f32>> {
+        let (decoder, chunk_images) = self.decode_chunks(tokens)?;
+        let p = self.config.tokens_per_image();
+        let mut out = Vec::with_capacity(tokens.len() / p * self.image_len());
+        for chunk in tokens.chunks(p * chunk_images) {
+            decoder.decode_into(&self.params, chunk, chunk.len() / p, &mut out)?;
+        }
+        Ok(out)
+    }
+
+    /// What every device's decode checks before it allocates: a decoder, whole token grids of
+    /// valid ids, and the memory of the output, of a chunk's one-hot codes and of a chunk's
+    /// pass against the budget. Gives the decoder and the images per chunk.
+    pub(crate) fn decode_chunks(&self, tokens: &[u32]) -> Result<(&Decoder, usize)> {
         let decoder = self
             .nets
             .decoder
@@ -183,14 +197,6 @@ impl Dvae {
         )
         .hint("decode fewer token grids per call")
         .check()?;
-        let mut out = Vec::with_capacity(images * self.image_len());
-        for chunk in tokens.chunks(p * chunk_images) {
-            let mut one_hot = vec![0.0f32; chunk.len() * v];
-            for (row, &t) in one_hot.chunks_exact_mut(v).zip(chunk) {
-                row[t as usize] = 1.0;
-            }
-            out.extend(decoder.forward(&self.params, &one_hot, chunk.len() / p, None));
-        }
-        Ok(out)
+        Ok((decoder, chunk_images))
     }
 }

@@ -928,6 +928,48 @@ impl Decoder {
         pixels
     }
 
+    /// Mapped pixels `[B, C, H, W]` of the hard tokens `[B, P]`, appended to `pixels`: one
+    /// inference pass on the host (see [`Decoder::decode_views`]).
+    pub(crate) fn decode_into(
+        &self,
+        store: &ParamStore,
+        tokens: &[u32],
+        batch: usize,
+        pixels: &mut Vec<f32>,
+    ) -> Result<()> {
+        let be = host_backend();
+        let mut pass = host_pass(|p| self.plan(&be, p, batch, false, None))?;
+        let mut m = HostMemory::new(&mut pass.arena, &store.data, &mut []);
+        self.decode_views(&be, &mut m, store, &pass.plan, tokens, batch, pixels)
+    }
+
+    /// The decoding pass over planned views (an inference plan of `batch` images, with codes
+    /// of its own): uploads the one-hot codes of `tokens` `[B, P]` (token-major, as the
+    /// relaxation gives them in training, so the input layer is the same product), runs the
+    /// forward and appends the pixels to `pixels`.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn decode_views<B: ImageOps>(
+        &self,
+        be: &B,
+        m: &mut B::Memory<'_>,
+        store: &ParamStore,
+        plan: &DecoderPlan,
+        tokens: &[u32],
+        batch: usize,
+        pixels: &mut Vec<f32>,
+    ) -> Result<()> {
+        let v = self.input.n_in;
+        let mut one_hot = vec![0.0f32; tokens.len() * v];
+        for (row, &t) in one_hot.chunks_exact_mut(v).zip(tokens) {
+            row[t as usize] = 1.0;
+        }
+        be.upload(m, plan.codes, &one_hot)?;
+        self.forward_views(be, m, store, plan, batch)?;
+        let start = pixels.len();
+        pixels.resize(start + plan.output().len(), 0.0);
+        be.download(m, plan.output(), &mut pixels[start..])
+    }
+
     /// The views of a pass over `batch` images (with the backward's when `training`), reading
     /// the codes from `codes` (and writing their gradient to its second view) when given, else
     /// from views of its own.

@@ -3,13 +3,17 @@
 use std::ffi::c_char;
 use std::mem::{align_of, size_of};
 use std::path::Path;
+use std::sync::Mutex;
 
 use super::context::{beit_context, context_ref};
 use super::status::{
     beit_status, check_struct_size, guard, guard_infallible, non_null, non_null_mut, utf8_arg, FfiError, FfiResult,
 };
+use crate::context::Device;
+use crate::error::Result;
 use crate::model::{Architecture, BeitConfig, ImageBatch, Model, OutputBuffers};
 use crate::tensor::checked_numel;
+use crate::train::gpu_inference::GpuInference;
 
 /// Which Hugging Face class a model is (`architectures[0]` in its config.json).
 #[allow(non_camel_case_types)]
@@ -65,16 +69,56 @@ impl RawArchitecture {
 /// Thread safety: a model is immutable once created; many threads may run `beit_model_infer`
 /// (and `beit_model_save`, `beit_model_get_info`, `beit_model_output_sizes`) on one model at the
 /// same time, each with its own input and output buffers (and, for saves, its own directory:
-/// two saves into one directory at once may fail with `BEIT_ERR_IO`). Free it only when no call
+/// two saves into one directory at once may fail with `BEIT_ERR_IO`). On a cuda context its
+/// inference runs on the GPU, one call at a time (others wait). Free it only when no call
 /// using it is running, and before the context it was created with.
 #[allow(non_camel_case_types)]
 pub struct beit_model {
-    pub(crate) inner: Model,
+    /// Private, and only ever lent out shared (`beit_model::model`): no C API call changes a
+    /// model's parameters after creation (a trainer trains its own copy, and loading or
+    /// creating makes a new model), which is what keeps `gpu` a faithful copy of them.
+    inner: Model,
+    /// The parameters on the GPU, uploaded by the model's first inference on a cuda context
+    /// and reused by the next ones (an upload per call would cost more than the pass); freed
+    /// with the model.
+    gpu: Mutex<Option<GpuInference>>,
 }
 
 // The thread-safety promise above, checked by the compiler: nothing in a model changes after
-// creation except its pool of inference workspaces, which a mutex guards.
+// creation except its pool of inference workspaces and its GPU copy, which mutexes guard.
 const _: () = super::status::assert_thread_safe::<beit_model>();
+
+impl beit_model {
+    fn new(inner: Model) -> Self {
+        beit_model { inner, gpu: Mutex::new(None) }
+    }
+
+    /// The model (config and host parameters).
+    pub(crate) fn model(&self) -> &Model {
+        &self.inner
+    }
+
+    /// The inference pass on the GPU ([`GpuInference`], fp32: the CPU's forward to rounding),
+    /// uploading the parameters on the first call. What the GPU pass does not run (a
+    /// segmentation model, an image of another size than the configured one, a head dim other
+    /// than 32 or 64) comes back as its `Unsupported` error: a cuda context never computes on
+    /// the CPU instead.
+    fn forward_on_gpu(&self, batch: &ImageBatch<'_>, out: OutputBuffers<'_>) -> Result<()> {
+        let mut gpu = self.gpu.lock().unwrap_or_else(|poisoned| {
+            // A panic inside a GPU pass (caught at the C boundary) may have left its memory
+            // half planned: drop the copy, and let this call upload the parameters afresh.
+            self.gpu.clear_poison();
+            let mut gpu = poisoned.into_inner();
+            *gpu = None;
+            gpu
+        });
+        let gpu = match &mut *gpu {
+            Some(gpu) => gpu,
+            empty => empty.insert(GpuInference::fp32(&self.inner)?),
+        };
+        gpu.forward_into(batch, out)
+    }
+}
 
 /// What a model is (filled by `beit_model_get_info`).
 #[allow(non_camel_case_types)]
@@ -256,14 +300,23 @@ pub extern "C" fn beit_infer_outputs_default() -> beit_infer_outputs {
     }
 }
 
+/// The handle behind a pointer, or `BEIT_ERR_NULL_POINTER`.
+///
+/// # Safety
+/// `model` must be NULL or a live model.
+pub(crate) unsafe fn handle_ref<'a>(model: *const beit_model) -> FfiResult<&'a beit_model> {
+    let model = non_null(model, "model")?;
+    // SAFETY: non-NULL; the caller promises a live model (shared use is fine: see beit_model).
+    Ok(unsafe { &*model })
+}
+
 /// The model behind a handle, or `BEIT_ERR_NULL_POINTER`.
 ///
 /// # Safety
 /// `model` must be NULL or a live model.
 unsafe fn model_ref<'a>(model: *const beit_model) -> FfiResult<&'a Model> {
-    let model = non_null(model, "model")?;
-    // SAFETY: non-NULL; the caller promises a live model.
-    Ok(unsafe { &(*model).inner })
+    // SAFETY: the caller's promise, passed on.
+    Ok(unsafe { handle_ref(model) }?.model())
 }
 
 /// Hands a new model to the caller through `out`.
@@ -271,7 +324,7 @@ unsafe fn model_ref<'a>(model: *const beit_model) -> FfiResult<&'a Model> {
 /// # Safety
 /// `out` must be non-NULL and writable.
 unsafe fn hand_out(model: Model, out: *mut *mut beit_model) {
-    let handle = Box::into_raw(Box::new(beit_model { inner: model }));
+    let handle = Box::into_raw(Box::new(beit_model::new(model)));
     // SAFETY: the caller checked `out`.
     unsafe { out.write(handle) };
 }
@@ -537,13 +590,21 @@ pub(crate) fn check_slice<T>(ptr: *const T, len: usize, name: &str) -> FfiResult
 /// outputs into the caller's buffers (see `beit_infer_outputs`). At least one output must be
 /// requested. Every argument is checked before anything runs; on an error nothing is written.
 ///
+/// On a cuda context the pass runs on the GPU (fp32, the CPU's outputs to rounding), with the
+/// model's parameters uploaded by its first call there and kept until `beit_model_free`. It
+/// runs the backbone, masked image modeling and classification models at their configured
+/// image size, with a head dim (`hidden_size / num_heads`) of 32 or 64; anything else is
+/// `BEIT_ERR_UNSUPPORTED` there, never computed on the CPU instead.
+///
 /// Errors: `BEIT_ERR_NULL_POINTER` (ctx, model, input, outputs, input->pixels),
 /// `BEIT_ERR_INVALID_ARGUMENT` (struct_size, shape, channel count, image smaller than a patch,
 /// pixels_len, bool_masked_pos length or values, an output this model does not have, nothing
 /// requested, overlapping buffers), `BEIT_ERR_BUFFER_SIZE` (an output buffer of the wrong
-/// length), `BEIT_ERR_UNSUPPORTED` (a size the position embeddings cannot be resized to).
+/// length), `BEIT_ERR_UNSUPPORTED` (a size the position embeddings cannot be resized to; on a
+/// cuda context, what the GPU pass does not run, above).
 ///
-/// Thread safety: any number of threads may call this at once with the same model and context.
+/// Thread safety: any number of threads may call this at once with the same model and context
+/// (on a cuda context they take turns on the GPU).
 ///
 /// # Safety
 /// `ctx` and `model` must be NULL or live handles; `input` and `outputs` NULL or readable for
@@ -559,7 +620,8 @@ pub unsafe extern "C" fn beit_model_infer(
     guard(|| {
         // SAFETY (both): the caller's promises; the helpers check for NULL.
         let ctx = unsafe { context_ref(ctx, "ctx") }?;
-        let m = unsafe { model_ref(model) }?;
+        let handle = unsafe { handle_ref(model) }?;
+        let m = handle.model();
         let input = non_null(input, "input")?;
         let outputs = non_null(outputs, "outputs")?;
         // SAFETY: non-NULL; the caller promises struct_size readable bytes, which
@@ -658,8 +720,13 @@ pub unsafe extern "C" fn beit_model_infer(
             pooler_output: slice(outputs.pooler_output, outputs.pooler_output_len),
             logits: slice(outputs.logits, outputs.logits_len),
         };
-        ctx.require_cpu("inference")?;
-        ctx.run(|| m.forward_into(&batch, buffers))?;
+        match ctx.device() {
+            // Outside the pool: the GPU pass makes no host allocation that the budget covers,
+            // and the calls take turns on the model's GPU copy, so a pool thread waiting for
+            // it would idle rather than serve the context's CPU passes.
+            Device::Cuda => handle.forward_on_gpu(&batch, buffers)?,
+            Device::Cpu | Device::Auto => ctx.run(|| m.forward_into(&batch, buffers))?,
+        }
         Ok(())
     })
 }

@@ -20,13 +20,13 @@ use crate::train::gpu_dvae::GpuTokenizer;
 /// `beit_tokenizer_get_info`, `beit_tokenizer_tokenize` and `beit_tokenizer_decode` on one
 /// tokenizer at once. It runs on the thread pool of the context it was loaded with, which it
 /// shares, so the context handle may be freed first. Free it only when no call is using it.
-/// On a cuda context it tokenizes on the GPU (one call at a time; others wait).
+/// On a cuda context it tokenizes and decodes on the GPU (one call at a time; others wait).
 #[allow(non_camel_case_types)]
 pub struct beit_tokenizer {
     inner: Dvae,
     /// The thread pool of the context the tokenizer was loaded with, shared.
     ctx: Arc<Context>,
-    /// The parameters on the GPU, for a cuda context.
+    /// The parameters on the GPU, for a cuda context: its tokenizing and decoding passes.
     gpu: Option<Mutex<GpuTokenizer>>,
 }
 
@@ -277,10 +277,12 @@ pub unsafe extern "C" fn beit_tokenizer_tokenize(
 /// Errors: `BEIT_ERR_NULL_POINTER` (tokenizer, tokens, pixels), `BEIT_ERR_INVALID_ARGUMENT`
 /// (no decoder; batch 0; a `tokens_len` other than `batch * P`; a token outside
 /// `[0, vocab_size)`, with its index; a misaligned buffer), `BEIT_ERR_BUFFER_SIZE` (a
-/// `pixels_len` other than the shape's; both numbers are in the message), `BEIT_ERR_UNSUPPORTED`
-/// (a cuda context: decoding has no GPU pass yet).
+/// `pixels_len` other than the shape's; both numbers are in the message).
 ///
-/// Thread safety: any number of threads may decode with one tokenizer at once.
+/// On a cuda context the pass runs on the GPU (fp32; the pixels equal the CPU's to rounding).
+///
+/// Thread safety: any number of threads may decode with one tokenizer at once (on the GPU
+/// they take turns).
 ///
 /// # Safety
 /// `tokenizer` must be NULL or a live tokenizer; `tokens` NULL or readable for `tokens_len`
@@ -325,8 +327,13 @@ pub unsafe extern "C" fn beit_tokenizer_decode(
                 }
             }
         }
-        t.ctx.require_cpu("decoding tokens")?;
-        let mapped = t.ctx.run(|| dvae.decode(&ids))?;
+        // Both devices run on the context's pool: under its memory budget, which the decode
+        // checks before it allocates (on the GPU too: the one-hot codes and the pixels are
+        // host memory).
+        let mapped = match &t.gpu {
+            Some(gpu) => t.ctx.run(|| gpu.lock().unwrap_or_else(|e| e.into_inner()).decode(dvae, &ids))?,
+            None => t.ctx.run(|| dvae.decode(&ids))?,
+        };
         if mapped.len() != pixels_len {
             return Err(FfiError::new(
                 beit_status::BEIT_ERR_INTERNAL,

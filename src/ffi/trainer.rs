@@ -7,7 +7,7 @@ use std::path::Path;
 use std::sync::{Arc, Mutex, MutexGuard, TryLockError};
 
 use super::context::{beit_context, context_shared};
-use super::model::{beit_model, beit_model_info, check_slice, model_info, write_versioned};
+use super::model::{beit_model, beit_model_info, check_slice, handle_ref, model_info, write_versioned};
 use super::status::{
     beit_status, check_struct_size, guard, guard_infallible, non_null, non_null_mut, utf8_arg, FfiError, FfiResult,
 };
@@ -374,9 +374,7 @@ pub unsafe extern "C" fn beit_trainer_create(
     guard(|| {
         // SAFETY (all): the caller's promises above; each helper checks for NULL.
         let context = unsafe { context_shared(ctx, "ctx") }?;
-        let model = non_null(model, "model")?;
-        // SAFETY: non-NULL; the caller promises a live model.
-        let model = unsafe { &(*model).inner };
+        let model = unsafe { handle_ref(model) }?.model();
         let out = non_null_mut(out, "out")?;
         let options = unsafe { read_options(opts) }?;
         if model.architecture() != Architecture::MaskedImageModeling {
@@ -887,7 +885,7 @@ mod tests {
             )
         };
         assert_eq!(st, beit_status::BEIT_OK, "{}", last_error());
-        let before: Vec<u32> = unsafe { &(*model).inner }.params().data.iter().map(|v| v.to_bits()).collect();
+        let before: Vec<u32> = unsafe { &*model }.model().params().data.iter().map(|v| v.to_bits()).collect();
 
         let opts = options();
         let mut copied = ptr::null_mut();
@@ -912,7 +910,7 @@ mod tests {
             losses.push(a.loss);
         }
         assert!(losses[4] < losses[0], "{losses:?}");
-        let now: Vec<u32> = unsafe { &(*model).inner }.params().data.iter().map(|v| v.to_bits()).collect();
+        let now: Vec<u32> = unsafe { &*model }.model().params().data.iter().map(|v| v.to_bits()).collect();
         assert_eq!(now, before, "training the trainer's copy changed the caller's model");
         assert_ne!(param_bits(copied), before);
 

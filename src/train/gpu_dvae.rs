@@ -1,7 +1,8 @@
 //! The tokenizer on the GPU: the one training pass (`train::dvae_pass::training_pass`: encoder,
 //! Gumbel-softmax, decoder, reconstruction MSE, KL and their backwards, written once over
-//! `ImageOps` + `CodeOps`) and the one tokenizing pass (`Encoder::tokens_views`) on the CUDA
-//! backend in fp32, with the parameters, gradients and AdamW state on the device.
+//! `ImageOps` + `CodeOps`), the one tokenizing pass (`Encoder::tokens_views`) and the one
+//! decoding pass (`Decoder::decode_views`) on the CUDA backend in fp32, with the parameters,
+//! gradients and AdamW state on the device.
 //!
 //! A step uploads the batch and reads back the reconstruction's MSE, the KL (8 bytes each) and
 //! the hard codes (for the perplexity); the optimizer step (`train::optimizer::apply_update`,
@@ -20,18 +21,20 @@ use crate::backend::cuda::adamw::GpuAdamW;
 use crate::backend::cuda::device::driver_error;
 use crate::backend::cuda::{CudaBackend, CudaDevice, CudaMemory, DeviceArena, DeviceParams, Scratch};
 use crate::backend::memory::Planner;
-use crate::dvae::network::EncoderPlan;
+use crate::dvae::network::{DecoderPlan, EncoderPlan};
 use crate::dvae::Dvae;
 use crate::error::Result;
 use crate::model::params::ParamStore;
 
-/// A tokenizer's parameters on the GPU and the memory of its last tokenizing pass: the
-/// tokenizer's device for inference (fp32).
+/// A tokenizer's parameters on the GPU and the memory of its last tokenizing and decoding
+/// passes: the tokenizer's device for inference (fp32).
 pub struct GpuTokenizer {
     be: CudaBackend<f32>,
     params: DeviceParams<f32>,
-    /// The inference plan and arena of the last chunk size.
+    /// The tokenizing plan and arena of the last chunk size.
     pass: Option<(usize, EncoderPlan, DeviceArena<f32>)>,
+    /// The decoding plan and arena of the last chunk size.
+    decode_pass: Option<(usize, DecoderPlan, DeviceArena<f32>)>,
 }
 
 impl std::fmt::Debug for GpuTokenizer {
@@ -52,7 +55,7 @@ impl GpuTokenizer {
     pub fn new(dvae: &Dvae) -> Result<Self> {
         let dev = CudaDevice::get()?;
         let params = DeviceParams::upload(&dev, &dvae.params.data)?;
-        Ok(GpuTokenizer { be: CudaBackend::new(dev), params, pass: None })
+        Ok(GpuTokenizer { be: CudaBackend::new(dev), params, pass: None, decode_pass: None })
     }
 
     /// Replaces the device parameters with `store`'s (same tokenizer).
@@ -85,6 +88,31 @@ impl GpuTokenizer {
             dvae.nets.encoder.tokens_views(&self.be, &mut m, &dvae.params, plan, chunk, images, &mut tokens)?;
         }
         Ok(tokens)
+    }
+
+    /// Mapped pixels `[B, C, H, W]` of hard tokens `[B, P]`, as [`Dvae::decode`] gives them
+    /// (the same checks and budget, the same chunks, the one decoding pass
+    /// `Decoder::decode_views`): `dvae` is the tokenizer these parameters belong to (its
+    /// networks and layout; its host values are not read).
+    pub fn decode(&mut self, dvae: &Dvae, tokens: &[u32]) -> Result<Vec<f32>> {
+        ensure!(dvae.params.data.len() == self.params.len(), InvalidArgument, "decode: another tokenizer");
+        let (decoder, chunk_images) = dvae.decode_chunks(tokens)?;
+        let p = dvae.config.tokens_per_image();
+        let mut pixels = Vec::with_capacity(tokens.len() / p * dvae.image_len());
+        for chunk in tokens.chunks(p * chunk_images) {
+            let images = chunk.len() / p;
+            if self.decode_pass.as_ref().is_none_or(|(b, _, _)| *b != images) {
+                self.decode_pass = None; // free the old arena first
+                let mut planner = Planner::split();
+                let plan = decoder.plan(&self.be, &mut planner, images, false, None);
+                let arena = DeviceArena::new(self.be.device(), &planner, Scratch::default())?;
+                self.decode_pass = Some((images, plan, arena));
+            }
+            let (_, plan, arena) = self.decode_pass.as_mut().expect("planned above");
+            let mut m = CudaMemory::new(self.be.device(), arena, &self.params, None)?;
+            decoder.decode_views(&self.be, &mut m, &dvae.params, plan, chunk, images, &mut pixels)?;
+        }
+        Ok(pixels)
     }
 }
 

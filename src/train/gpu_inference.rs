@@ -136,6 +136,12 @@ impl GpuInference {
             Inner::Bf16(r) => r.forward_into(input, out),
         }
     }
+
+    /// [`GpuInference::new`] in fp32, the CPU's outputs to rounding: for callers above the
+    /// library that name no backend type (the C API).
+    pub fn fp32(model: &Model) -> Result<Self> {
+        Self::new(model, Precision::F32)
+    }
 }
 
 impl<T: Heads> Runner<T> {

@@ -24,9 +24,10 @@ pub fn host_backend() -> crate::backend::cpu::ops::Cpu {
     crate::backend::cpu::ops::Cpu
 }
 
-/// Where work runs. `Cuda` runs pretraining on the GPU and makes the passes that only run on
-/// the CPU an `Unsupported` error (never a silent fallback); `Auto` picks the CPU, where every
-/// pass runs, and says why.
+/// Where work runs. `Cuda` runs every stage on the GPU, and what the GPU cannot run (a shape or
+/// option its kernels do not cover, such as the pixel MIM target) is an `Unsupported` error,
+/// never a silent CPU run; `Auto` picks CUDA when the probe says it is usable and the CPU
+/// otherwise, and says which and why ([`Context::device_note`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Device {
     Auto,
@@ -82,9 +83,6 @@ impl std::fmt::Debug for Context {
 }
 
 /// What still runs on the CPU only (see [`Context::new`]).
-const CPU_ONLY_PASSES: &str = "segmentation does not run on the CUDA backend yet (pretraining, classification \
-     fine-tuning, inference, tokenizer training, tokenizing and decoding tokens do, with device cuda)";
-
 impl Context {
     pub fn new(options: &ContextOptions) -> Result<Self> {
         ensure!(
@@ -99,28 +97,30 @@ impl Context {
             .build()
             .map_err(|e| Error::Internal(format!("cannot start the thread pool: {e}")))?;
         // The probe runs before any other CUDA call and never panics (src/backend/cuda/probe.rs).
-        // Pretraining, classification fine-tuning, inference (the CLI's and the C API's) and the
-        // tokenizer's training, tokenizing and decoding run on CUDA (src/train/gpu_*.rs);
-        // segmentation does not yet. So: an explicit cuda request gives a cuda context (those
-        // stages run on the GPU, and what does not run there refuses it with `Unsupported`, as
-        // GPU inference does a segmentation model and [`Context::require_cpu`] a CPU-only pass,
-        // never computing on the CPU under a cuda label), and auto stays on the CPU, where every
-        // pass runs, and says why.
+        // Every stage runs on CUDA (src/train/gpu_*.rs): pretraining, classification and
+        // segmentation fine-tuning, inference, the tokenizer's training, tokenizing and
+        // decoding. An explicit cuda request without a usable GPU is an error; auto takes the
+        // GPU when the probe says it is usable and opening it works, else the CPU, and says why.
         let (device, device_note) = match options.device {
             Device::Cpu => (Device::Cpu, "cpu requested".to_string()),
             Device::Auto => {
                 let report = probe();
-                let why = if report.usable {
-                    format!("CUDA is usable ({}) but {CPU_ONLY_PASSES}", report.reason)
+                if !report.usable {
+                    (Device::Cpu, format!("auto: using cpu because CUDA is not usable: {}", report.reason))
                 } else {
-                    format!("CUDA is not usable: {}", report.reason)
-                };
-                (Device::Cpu, format!("auto: using cpu because {why}"))
+                    match CudaDevice::get() {
+                        Ok(dev) => (Device::Cuda, format!("auto: using cuda, {} ({})", dev.info().name, report.reason)),
+                        Err(e) => (
+                            Device::Cpu,
+                            format!("auto: using cpu because the usable GPU could not be opened: {}", e.message()),
+                        ),
+                    }
+                }
             }
             Device::Cuda => {
                 let dev = CudaDevice::get()
                     .map_err(|e| Error::Unsupported(format!("device cuda requested, but {}", e.message())))?;
-                (Device::Cuda, format!("cuda requested: {} ({CPU_ONLY_PASSES})", dev.info().name))
+                (Device::Cuda, format!("cuda requested: {}", dev.info().name))
             }
         };
         if let Some(MemoryBudget::Bytes(0)) = options.memory_budget {
@@ -149,18 +149,7 @@ impl Context {
         self.device
     }
 
-    /// `Unsupported` when this is a cuda context: for the passes that only run on the CPU
-    /// (`what` names the pass in the message).
-    pub fn require_cpu(&self, what: &str) -> Result<()> {
-        ensure!(
-            self.device != Device::Cuda,
-            Unsupported,
-            "{what} does not run on the CUDA backend yet ({CPU_ONLY_PASSES}); use device cpu or auto"
-        );
-        Ok(())
-    }
-
-    /// Why this device was chosen (for `auto`, why CUDA was not).
+    /// Which device was chosen and why (for `auto`: CUDA's name, or why not CUDA).
     pub fn device_note(&self) -> &str {
         &self.device_note
     }

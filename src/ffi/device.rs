@@ -83,8 +83,9 @@ pub(crate) fn device_info(struct_size: usize) -> beit_device_info {
     let mut info = beit_device_info_default();
     info.struct_size = struct_size;
     info.cuda_usable = u32::from(report.usable);
-    // What `auto` picks (see `Context::new`): the CPU, where every pass runs.
-    info.kind = RawDevice(beit_device::BEIT_DEVICE_CPU as u32);
+    // What `auto` picks (see `Context::new`): CUDA when the probe says it is usable.
+    let kind = if report.usable { beit_device::BEIT_DEVICE_CUDA } else { beit_device::BEIT_DEVICE_CPU };
+    info.kind = RawDevice(kind as u32);
     info.driver_version = report.driver_version;
     info.device_count = report.device_count;
     match &report.gpu {

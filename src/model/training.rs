@@ -36,7 +36,7 @@ use super::forward::{pass_description, PIECES_HINT};
 use super::params::{Affine, HeadParams};
 use super::plan::{ActivationPlan, HEAD_BLOCK_ROWS};
 use super::segmentation::head::BnMode;
-use super::segmentation::SegPlan;
+use super::segmentation::plan::SegPlan;
 use super::{ImageBatch, MimTarget, Model};
 
 /// One pretraining batch as the host supplies it: pixels, the masked positions, and the visual

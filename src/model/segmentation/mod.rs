@@ -16,9 +16,10 @@ pub mod head;
 pub mod layout;
 pub mod loss;
 pub mod metrics;
+pub mod plan;
 
 use crate::backend::image_ops::ImageOps;
-use crate::backend::memory::{Arena, HostMemory, Planner, Space, View};
+use crate::backend::memory::{Arena, HostMemory, Planner, View};
 use crate::backend::Backend;
 use crate::context::host_backend;
 use crate::error::Result;
@@ -30,8 +31,9 @@ use super::params::HeadParams;
 use super::plan::ActivationPlan;
 use super::training::{DropPath, TrainWorkspace};
 use super::{Architecture, BeitConfig, ImageBatch, Model};
-use head::{head_backward, head_forward, BnMode, BnRecord, HeadPlan};
+use head::{head_backward, head_forward, BnMode, BnRecord};
 use layout::SegmentationHead;
+pub(crate) use plan::SegPlan;
 
 /// PyTorch BatchNorm2d's default momentum for the running statistics.
 pub(crate) const BN_MOMENTUM: f32 = 0.1;
@@ -94,19 +96,6 @@ pub struct SegStep {
     pub loss: f64,
     /// Batch statistics of every BatchNorm, for [`Model::apply_batchnorm_statistics`].
     pub batchnorm: Vec<BnRecord>,
-}
-
-/// The views of a segmentation pass beside the backbone's plan, in the same arena.
-#[derive(Debug, Clone)]
-pub(crate) struct SegPlan {
-    head: HeadPlan,
-    /// The four levels' hidden states `[b, tokens, hidden]` (inference: their copies; training:
-    /// their gradients, which the backbone's backward adds in).
-    tokens: [View; 4],
-    /// Training: a logits map upsampled to the labels' size `[b, labels, h, w]`, and the labels
-    /// as the loss reads them (`Index`, one per pixel).
-    up: View,
-    labels: View,
 }
 
 /// `[b, tokens, d]` hidden states (CLS first) in `hidden` → `[b, d, gh, gw]` maps in `maps`.
@@ -178,21 +167,6 @@ impl Model {
     /// Hidden-state indices (0-based into the hidden states) of the four FPN levels.
     fn level_indices(head: &SegmentationHead) -> [usize; 4] {
         head.out_indices.map(|i| i - 1)
-    }
-
-    /// The head's views of a pass over `b` images of `hw` pixels, planned after the backbone's
-    /// in `plan` (whose arena they then share).
-    pub(crate) fn segmentation_views(&self, plan: &mut Planner, b: usize, hw: (usize, usize), mode: BnMode) -> SegPlan {
-        let head = self.segmentation_head().expect("a segmentation model");
-        let grid = self.config.grid_for(hw.0, hw.1);
-        let rows = b * (grid.0 * grid.1 + 1) * self.config.hidden_size;
-        let head_plan = HeadPlan::new(plan, head, b, grid, mode);
-        let tokens = std::array::from_fn(|_| plan.act(rows));
-        let (up, labels) = match mode {
-            BnMode::Eval => (View::empty(Space::Act), View::empty(Space::Index)),
-            BnMode::Train => (plan.act(b * head.num_labels * hw.0 * hw.1), plan.index(b * hw.0 * hw.1)),
-        };
-        SegPlan { head: head_plan, tokens, up, labels }
     }
 
     /// The plan of a segmentation inference pass on `be`: the backbone's inference plan and the

@@ -10,10 +10,13 @@
 //! magnitude after the steps (AdamW's first steps move by ~lr·sign(g), so a gradient that is
 //! tiny and noisy could flip a sign: the check runs where the gradients agree to rounding).
 
+mod gpu_common;
+
 use beit::dvae::{map_pixels, Dvae, DvaeConfig};
 use beit::train::dvae::{DvaeStepStats, DvaeTrainOptions, DvaeTrainer};
 use beit::train::gpu_dvae::GpuTokenizer;
 use beit::{Context, ContextOptions, Device};
+use gpu_common::rel_err;
 
 fn config() -> DvaeConfig {
     DvaeConfig {
@@ -133,14 +136,6 @@ fn tokenizing_on_the_gpu_equals_the_cpu() {
     let x = images(4, 8, 9);
     assert_eq!(tok.tokenize(&dvae, &x).unwrap(), dvae.tokenize(&x).unwrap());
     assert!(tok.tokenize(&dvae, &x[..10]).is_err());
-}
-
-/// max |got − want| over max |want| (every value finite).
-fn rel_err(got: &[f32], want: &[f32]) -> f32 {
-    assert_eq!(got.len(), want.len());
-    assert!(got.iter().all(|v| v.is_finite()), "a non-finite value");
-    let scale = want.iter().fold(f32::MIN_POSITIVE, |m, v| m.max(v.abs()));
-    got.iter().zip(want).map(|(a, b)| (a - b).abs()).fold(0.0, f32::max) / scale
 }
 
 #[test]

@@ -9,9 +9,12 @@
 //! arithmetic in another summation order); bf16 5e-2 (every stored activation and working
 //! weight rounded to bf16, 2^-9 relative each, through a few blocks).
 
+mod gpu_common;
+
 use beit::train::gpu_inference::GpuInference;
 use beit::train::gpu_pretrain::Precision;
 use beit::{Architecture, BeitConfig, ImageBatch, Model, OutputBuffers};
+use gpu_common::{pixels, rel_err};
 
 /// Small configs (head dim 32) covering the backbone's variants.
 const CONFIGS: [(&str, &str); 3] = [
@@ -36,27 +39,6 @@ const CONFIGS: [(&str, &str); 3] = [
             "use_shared_relative_position_bias": true, "layer_scale_init_value": 0.1, "use_mean_pooling": false}"#,
     ),
 ];
-
-fn pixels(n: usize, seed: u64) -> Vec<f32> {
-    let mut s = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-    (0..n)
-        .map(|_| {
-            s ^= s << 13;
-            s ^= s >> 7;
-            s ^= s << 17;
-            (s >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0
-        })
-        .collect()
-}
-
-/// max |got − want| / max |want|.
-fn rel_err(got: &[f32], want: &[f32]) -> f32 {
-    assert_eq!(got.len(), want.len());
-    // NaN would slip through the max below: every output must be written and finite.
-    assert!(got.iter().all(|v| v.is_finite()), "a non-finite output");
-    let scale = want.iter().fold(f32::MIN_POSITIVE, |m, v| m.max(v.abs()));
-    got.iter().zip(want).map(|(a, b)| (a - b).abs()).fold(0.0, f32::max) / scale
-}
 
 #[test]
 #[ignore = "needs a CUDA GPU"]

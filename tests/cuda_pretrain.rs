@@ -19,6 +19,8 @@
 //!   apart slowly: AdamW normalises tiny gradient differences into full-size updates.)
 //! - Two GPU runs from the same seed: bit-identical losses and parameters (no atomics anywhere).
 
+mod gpu_common;
+
 use beit::backend::cuda::probe;
 use beit::data::synthetic::SyntheticMim;
 use beit::model::{ClassifyBatch, DropPath, MimTarget, TrainWorkspace};
@@ -26,6 +28,7 @@ use beit::train::adamw::AdamWConfig;
 use beit::train::gpu_pretrain::{GpuPretrainer, OptimizerSetup, Precision};
 use beit::train::trainer::{Trainer, TrainerOptions};
 use beit::{Architecture, BeitConfig, Error, Model};
+use gpu_common::worst_gradient;
 
 /// Small configs (head dim 32) covering the backbone's variants.
 const CONFIGS: [(&str, &str); 3] = [
@@ -109,20 +112,7 @@ fn fp32_step_equals_the_cpu_pass() {
         for drop in [false, true] {
             let (model, r) = one_step(&cfg, Precision::F32, drop);
             let loss_rel = (r.gpu_loss - r.cpu_loss).abs() / r.cpu_loss.abs();
-            let mut worst = (0.0f64, String::new());
-            for s in &model.params().specs {
-                let (c, g) = (&r.cpu_grads[s.offset..s.offset + s.len], &r.gpu_grads[s.offset..s.offset + s.len]);
-                let norm = c.iter().map(|&v| (v as f64).powi(2)).sum::<f64>().sqrt();
-                let diff = c.iter().zip(g).map(|(&a, &b)| (a as f64 - b as f64).abs()).fold(0.0, f64::max);
-                if norm == 0.0 {
-                    assert_eq!(diff, 0.0, "{name}: {} has a zero CPU gradient but the GPU's differs", s.name);
-                    continue;
-                }
-                let rel = diff / norm;
-                if rel > worst.0 {
-                    worst = (rel, s.name.clone());
-                }
-            }
+            let worst = worst_gradient(&model, &r.cpu_grads, &r.gpu_grads, name, &[]);
             println!(
                 "fp32 one step [{name}, drop path {drop}]: loss cpu {:.6} gpu {:.6} (rel {loss_rel:.2e}); \
                  worst gradient max|gpu - cpu|/|cpu| {:.2e} ({})",
@@ -155,26 +145,6 @@ fn bf16_step_is_close_to_the_cpu_pass() {
     }
 }
 
-/// Per parameter, max |gpu − cpu| over the CPU gradient's L2 norm: the worst and its name
-/// (a parameter whose CPU gradient is 0 must be 0 on the GPU too).
-fn worst_gradient(model: &Model, cpu: &[f32], gpu: &[f32], what: &str) -> (f64, String) {
-    let mut worst = (0.0f64, String::new());
-    for s in &model.params().specs {
-        let (c, g) = (&cpu[s.offset..s.offset + s.len], &gpu[s.offset..s.offset + s.len]);
-        assert!(g.iter().all(|v| v.is_finite()), "{what}: {} has a non-finite GPU gradient", s.name);
-        let norm = c.iter().map(|&v| (v as f64).powi(2)).sum::<f64>().sqrt();
-        let diff = c.iter().zip(g).map(|(&a, &b)| (a as f64 - b as f64).abs()).fold(0.0, f64::max);
-        if norm == 0.0 {
-            assert_eq!(diff, 0.0, "{what}: {} has a zero CPU gradient but the GPU's differs", s.name);
-            continue;
-        }
-        if diff / norm > worst.0 {
-            worst = (diff / norm, s.name.clone());
-        }
-    }
-    worst
-}
-
 #[test]
 #[ignore = "needs a CUDA GPU"]
 fn classification_step_equals_the_cpu_pass() {
@@ -205,7 +175,7 @@ fn classification_step_equals_the_cpu_pass() {
             let loss_rel = (gpu_loss - cpu_loss).abs() / cpu_loss.abs();
             let what = format!("{} classification [{name}]", precision.name());
             if precision == Precision::F32 {
-                let worst = worst_gradient(&model, &cpu_grads, &gpu_grads, &what);
+                let worst = worst_gradient(&model, &cpu_grads, &gpu_grads, &what, &[]);
                 println!(
                     "{what}: loss cpu {cpu_loss:.6} gpu {gpu_loss:.6} (rel {loss_rel:.2e}); worst gradient \
                      max|gpu - cpu|/|cpu| {:.2e} ({})",

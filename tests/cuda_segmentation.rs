@@ -11,6 +11,8 @@
 //! (AdamW divides each gradient by its own running RMS, so elements whose gradient is rounding
 //! noise move by up to lr either way: the norm of the whole update is what must agree).
 
+mod gpu_common;
+
 use std::path::Path;
 
 use beit::data::dataset::{Dataset, DatasetSpec, DatasetWriter};
@@ -20,6 +22,7 @@ use beit::train::gpu_inference::GpuInference;
 use beit::train::gpu_pretrain::{GpuPretrainer, OptimizerSetup, Precision};
 use beit::train::segmentation::{evaluate, evaluate_on, finetune, segmentation_config, SegFinetuneOptions};
 use beit::{Architecture, BeitConfig, Device, ImageBatch, Model, OutputBuffers};
+use gpu_common::{pixels, rel_err, worst_gradient};
 
 /// Small segmentation configs (head dim 32, a 4x4 patch grid): with and without the auxiliary
 /// head, per-layer and shared relative positions, mean and CLS pooling.
@@ -58,26 +61,6 @@ const MEAN_SHIFTED_BY_NOISE: [&str; 3] = [
 fn seg_model(json: &str) -> Model {
     let cfg = segmentation_config(BeitConfig::from_json_str(json).unwrap(), LABELS);
     Model::new_random(cfg, Architecture::SemanticSegmentation, 3).unwrap()
-}
-
-fn pixels(n: usize, seed: u64) -> Vec<f32> {
-    let mut s = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-    (0..n)
-        .map(|_| {
-            s ^= s << 13;
-            s ^= s >> 7;
-            s ^= s << 17;
-            (s >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0
-        })
-        .collect()
-}
-
-/// max |got − want| / max |want|.
-fn rel_err(got: &[f32], want: &[f32]) -> f32 {
-    assert_eq!(got.len(), want.len());
-    assert!(got.iter().all(|v| v.is_finite()), "a non-finite output");
-    let scale = want.iter().fold(f32::MIN_POSITIVE, |m, v| m.max(v.abs()));
-    got.iter().zip(want).map(|(a, b)| (a - b).abs()).fold(0.0, f32::max) / scale
 }
 
 fn gpu_trainer(model: &Model) -> GpuPretrainer {
@@ -147,24 +130,13 @@ fn segmentation_step_equals_the_cpu_pass() {
         let loss_rel = (gpu_loss - cpu.loss).abs() / cpu.loss.abs();
         let norm_of = |g: &[f32]| g.iter().map(|&v| (v as f64).powi(2)).sum::<f64>().sqrt();
         let total = norm_of(&cpu_grads);
-        let mut worst = (0.0f64, String::new());
-        for s in &model.params().specs {
+        for s in model.params().specs.iter().filter(|s| ZERO_BY_BATCHNORM.contains(&s.name.as_str())) {
+            // Its gradient is 0 in exact arithmetic: both sides hold rounding noise only.
             let (cg, gg) = (&cpu_grads[s.offset..s.offset + s.len], &gpu_grads[s.offset..s.offset + s.len]);
-            assert!(gg.iter().all(|v| v.is_finite()), "[{name}] {}: a non-finite GPU gradient", s.name);
-            let norm = norm_of(cg);
-            let diff = cg.iter().zip(gg).map(|(&a, &g)| (a as f64 - g as f64).abs()).fold(0.0, f64::max);
-            if ZERO_BY_BATCHNORM.contains(&s.name.as_str()) {
-                // Its gradient is 0 in exact arithmetic: both sides hold rounding noise only.
-                let noise = norm.max(norm_of(gg)) / total;
-                assert!(noise <= 1e-6, "[{name}] {}: gradient {noise:.2e} of the total, not ~0", s.name);
-                continue;
-            }
-            if norm == 0.0 {
-                assert_eq!(diff, 0.0, "[{name}] {}: zero on the CPU, not on the GPU", s.name);
-            } else if diff / norm > worst.0 {
-                worst = (diff / norm, s.name.clone());
-            }
+            let noise = norm_of(cg).max(norm_of(gg)) / total;
+            assert!(noise <= 1e-6, "[{name}] {}: gradient {noise:.2e} of the total, not ~0", s.name);
         }
+        let worst = worst_gradient(&model, &cpu_grads, &gpu_grads, name, &ZERO_BY_BATCHNORM);
         println!(
             "[{name}] loss cpu {:.6} gpu {gpu_loss:.6} (rel {loss_rel:.2e}); worst gradient {:.2e} ({})",
             cpu.loss, worst.0, worst.1

@@ -8,6 +8,7 @@
 #   lib/libbeit.so.$(VERSION)     SONAME libbeit.so.$(ABI) (set by build.rs from BEIT_ABI_VERSION)
 #   lib/libbeit.so.$(ABI) -> libbeit.so.$(VERSION),  lib/libbeit.so -> libbeit.so.$(ABI)
 #   lib/libbeit.a
+#   bin/beit                      the command-line tool
 #   include/beit.h, include/beit.hpp
 #   lib/pkgconfig/beit.pc
 #   lib/cmake/beit/beitConfig.cmake, beitConfigVersion.cmake   (imported target beit::beit)
@@ -21,6 +22,7 @@ MAJOR := $(word 1,$(subst ., ,$(VERSION)))
 MINOR := $(word 2,$(subst ., ,$(VERSION)))
 
 LIB := $(DESTDIR)$(PREFIX)/lib
+BIN := $(DESTDIR)$(PREFIX)/bin
 INC := $(DESTDIR)$(PREFIX)/include
 SUBST := sed -e 's|@PREFIX@|$(PREFIX)|g' -e 's|@VERSION@|$(VERSION)|g' -e 's|@ABI@|$(ABI)|g' \
 	-e 's|@MAJOR@|$(MAJOR)|g' -e 's|@MINOR@|$(MINOR)|g'
@@ -38,7 +40,8 @@ build: check-vars
 install: build
 	@soname=$$(readelf -d target/release/libbeit.so | sed -n 's/.*Library soname: \[\(.*\)\]/\1/p'); \
 	test "$$soname" = "libbeit.so.$(ABI)" || { echo "Makefile: target/release/libbeit.so has SONAME '$$soname', want libbeit.so.$(ABI)" >&2; exit 1; }
-	install -d $(LIB) $(INC) $(LIB)/pkgconfig $(LIB)/cmake/beit
+	install -d $(LIB) $(INC) $(BIN) $(LIB)/pkgconfig $(LIB)/cmake/beit
+	install -m 755 target/release/beit $(BIN)/beit
 	install -m 755 target/release/libbeit.so $(LIB)/libbeit.so.$(VERSION)
 	ln -sfn libbeit.so.$(VERSION) $(LIB)/libbeit.so.$(ABI)
 	ln -sfn libbeit.so.$(ABI) $(LIB)/libbeit.so
@@ -50,7 +53,7 @@ install: build
 	$(SUBST) bindings/cpp/install/beitConfigVersion.cmake.in > $(LIB)/cmake/beit/beitConfigVersion.cmake
 
 uninstall: check-vars
-	rm -f $(LIB)/libbeit.so.$(VERSION) $(LIB)/libbeit.so.$(ABI) $(LIB)/libbeit.so $(LIB)/libbeit.a
+	rm -f $(LIB)/libbeit.so.$(VERSION) $(LIB)/libbeit.so.$(ABI) $(LIB)/libbeit.so $(LIB)/libbeit.a $(BIN)/beit
 	rm -f $(INC)/beit.h $(INC)/beit.hpp $(LIB)/pkgconfig/beit.pc
 	rm -f $(LIB)/cmake/beit/beitConfig.cmake $(LIB)/cmake/beit/beitConfigVersion.cmake
 	-rmdir $(LIB)/cmake/beit 2>/dev/null

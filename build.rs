@@ -1,5 +1,7 @@
-//! Build script: sets the SONAME of libbeit.so on Linux (`libbeit.so.<BEIT_ABI_VERSION>`) and
-//! embeds every CUDA source under `cuda/` into the library (see `embed_cuda_sources`).
+//! Build script: sets the SONAME of libbeit.so on Linux (`libbeit.so.<BEIT_ABI_VERSION>`), puts
+//! a `libbeit.so.<BEIT_ABI_VERSION> -> libbeit.so` link beside the built library (see
+//! `link_soname`), and embeds every CUDA source under `cuda/` into the library (see
+//! `embed_cuda_sources`).
 //!
 //! The SONAME major is the C ABI version (src/ffi/version.rs), not Cargo's major: it must change
 //! exactly when a compiled host could break, which is what BEIT_ABI_VERSION counts. Cargo's
@@ -24,6 +26,31 @@ fn main() {
     let os = std::env::var("CARGO_CFG_TARGET_OS").unwrap_or_default();
     if os == "linux" || os == "android" || os.ends_with("bsd") {
         println!("cargo:rustc-cdylib-link-arg=-Wl,-soname,libbeit.so.{abi}");
+        link_soname(abi);
+    }
+}
+
+/// A host linked against `target/<profile>/libbeit.so` asks the loader for its SONAME,
+/// `libbeit.so.<abi>`, which cargo does not create: without this link an in-tree C, C++ or Go
+/// program (or `go test`) built against the tree fails to load with `LD_LIBRARY_PATH` set to
+/// `target/<profile>`. The link is relative and may dangle until the library is linked; an
+/// existing file of that name that is not such a link is left alone. `make install` makes its
+/// own links.
+fn link_soname(abi: u32) {
+    let Ok(out_dir) = std::env::var("OUT_DIR") else { return };
+    // OUT_DIR is target/[<triple>/]<profile>/build/beit-<hash>/out.
+    let Some(profile_dir) = Path::new(&out_dir).ancestors().nth(3) else { return };
+    let link = profile_dir.join(format!("libbeit.so.{abi}"));
+    if fs::read_link(&link).is_ok_and(|target| target == Path::new("libbeit.so")) {
+        return;
+    }
+    if fs::symlink_metadata(&link).is_ok() {
+        println!("cargo:warning={} exists and is not a link to libbeit.so; left alone", link.display());
+        return;
+    }
+    #[cfg(unix)]
+    if let Err(e) = std::os::unix::fs::symlink("libbeit.so", &link) {
+        println!("cargo:warning=cannot link {} -> libbeit.so: {e}", link.display());
     }
 }
 

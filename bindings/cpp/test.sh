@@ -25,7 +25,7 @@ make --no-print-directory install PREFIX="$PREFIX" >"$WORK/install.log" 2>&1 \
     || { cat "$WORK/install.log" >&2; fail "make install"; }
 ABI=$(sed -n 's/^#define BEIT_ABI_VERSION \([0-9][0-9]*\)$/\1/p' include/beit.h)
 VERSION=$(sed -n '/^\[package\]/,/^\[/s/^version *= *"\([^"]*\)".*/\1/p' Cargo.toml | head -n1)
-for f in lib/libbeit.so.$VERSION lib/libbeit.a include/beit.h include/beit.hpp \
+for f in lib/libbeit.so.$VERSION lib/libbeit.a bin/beit include/beit.h include/beit.hpp \
          lib/pkgconfig/beit.pc lib/cmake/beit/beitConfig.cmake lib/cmake/beit/beitConfigVersion.cmake; do
     [ -f "$PREFIX/$f" ] || fail "not installed: $f"
 done
@@ -33,7 +33,8 @@ done
 [ "$(readlink "$PREFIX/lib/libbeit.so")" = "libbeit.so.$ABI" ] || fail "lib/libbeit.so is not a link to libbeit.so.$ABI"
 readelf -d "$PREFIX/lib/libbeit.so.$VERSION" | grep -q "Library soname: \[libbeit.so.$ABI\]" \
     || fail "installed library lacks SONAME libbeit.so.$ABI"
-echo "installed: SONAME libbeit.so.$ABI, links libbeit.so -> libbeit.so.$ABI -> libbeit.so.$VERSION"
+"$PREFIX/bin/beit" --version >/dev/null || fail "the installed beit tool does not run"
+echo "installed: SONAME libbeit.so.$ABI, links libbeit.so -> libbeit.so.$ABI -> libbeit.so.$VERSION; bin/beit"
 
 step "extract the snippet from bindings/cpp/README.md"
 SNIPPET=$WORK/readme_snippet.cpp

@@ -559,7 +559,8 @@ typedef struct beit_model_info {
      */
     size_t vocab_size;
     /**
-     * Classes of an image classification model; 0 for the other architectures.
+     * Classes of an image classification or semantic segmentation model; 0 for the other
+     * architectures.
      */
     size_t num_labels;
     /**
@@ -590,7 +591,8 @@ typedef struct beit_output_sizes {
     size_t pooler_output_len;
     /**
      * `batch * num_patches * vocab_size` (masked image modeling), `batch * num_labels`
-     * (classification), or 0 for a backbone.
+     * (classification), `batch * num_labels * 4·gh * 4·gw` for a `gh x gw` patch grid
+     * (segmentation), or 0 for a backbone.
      */
     size_t logits_len;
     /**
@@ -674,7 +676,8 @@ typedef struct beit_infer_outputs {
      */
     size_t pooler_output_len;
     /**
-     * `[batch, num_patches, vocab_size]` or `[batch, num_labels]` (not for a backbone).
+     * `[batch, num_patches, vocab_size]`, `[batch, num_labels]` or (segmentation)
+     * `[batch, num_labels, 4·gh, 4·gw]` (not for a backbone).
      */
     float *logits;
     /**

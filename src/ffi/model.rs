@@ -151,7 +151,8 @@ pub struct beit_model_info {
     pub num_patches: usize,
     /// The visual vocabulary (`vocab_size`): the logits width of a masked image modeling model.
     pub vocab_size: usize,
-    /// Classes of an image classification model; 0 for the other architectures.
+    /// Classes of an image classification or semantic segmentation model; 0 for the other
+    /// architectures.
     pub num_labels: usize,
     /// Number of parameters (saved tensors' elements).
     pub num_parameters: u64,
@@ -171,7 +172,8 @@ pub struct beit_output_sizes {
     /// `batch * hidden_size`, or 0 when the model has no pooler.
     pub pooler_output_len: usize,
     /// `batch * num_patches * vocab_size` (masked image modeling), `batch * num_labels`
-    /// (classification), or 0 for a backbone.
+    /// (classification), `batch * num_labels * 4·gh * 4·gw` for a `gh x gw` patch grid
+    /// (segmentation), or 0 for a backbone.
     pub logits_len: usize,
     /// Tokens per image: `num_patches + 1` (the CLS token first).
     pub num_tokens: usize,
@@ -223,7 +225,8 @@ pub struct beit_infer_outputs {
     pub pooler_output: *mut f32,
     /// Floats at `pooler_output`.
     pub pooler_output_len: usize,
-    /// `[batch, num_patches, vocab_size]` or `[batch, num_labels]` (not for a backbone).
+    /// `[batch, num_patches, vocab_size]`, `[batch, num_labels]` or (segmentation)
+    /// `[batch, num_labels, 4·gh, 4·gw]` (not for a backbone).
     pub logits: *mut f32,
     /// Floats at `logits`.
     pub logits_len: usize,
@@ -490,7 +493,10 @@ pub(crate) fn model_info(m: &Model, struct_size: usize) -> beit_model_info {
         num_channels: c.num_channels,
         num_patches: gh * gw,
         vocab_size: c.vocab_size,
-        num_labels: if m.architecture() == Architecture::ImageClassification { c.num_labels() } else { 0 },
+        num_labels: match m.architecture() {
+            Architecture::ImageClassification | Architecture::SemanticSegmentation => c.num_labels(),
+            Architecture::Backbone | Architecture::MaskedImageModeling => 0,
+        },
         num_parameters: m.params().count() as u64,
         has_mask_token: m.has_mask_token(),
     }

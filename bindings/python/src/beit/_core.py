@@ -21,6 +21,7 @@ ARCHITECTURES = {
     _ffi.BEIT_ARCH_BACKBONE: "BeitModel",
     _ffi.BEIT_ARCH_MASKED_IMAGE_MODELING: "BeitForMaskedImageModeling",
     _ffi.BEIT_ARCH_IMAGE_CLASSIFICATION: "BeitForImageClassification",
+    _ffi.BEIT_ARCH_SEMANTIC_SEGMENTATION: "BeitForSemanticSegmentation",
 }
 _ARCH_CODES = {v: k for k, v in ARCHITECTURES.items()}
 _DEVICES = {"auto": _ffi.BEIT_DEVICE_AUTO, "cpu": _ffi.BEIT_DEVICE_CPU, "cuda": _ffi.BEIT_DEVICE_CUDA}
@@ -70,6 +71,19 @@ def _array(value: Any, dtype: Any, ndim: int, name: str) -> np.ndarray:
     if np.dtype(dtype).kind in "iu" and arr.dtype.kind == "f":
         raise _invalid(f"{name} must be an integer or bool array, got dtype {arr.dtype}")
     return np.ascontiguousarray(arr, dtype=dtype)
+
+
+def _pixel_array(value: Any, name: str, scale: str) -> np.ndarray:
+    """Pixels as C-contiguous float32 [B, C, H, W]. Integer and bool images are refused: a uint8
+    image is 0..255, and used as floats it would silently be 255 times too bright; `scale` says
+    what the floats must be."""
+    arr = np.asarray(value)
+    if arr.dtype.kind in "biu":
+        raise _invalid(f"{name} must be a float array ({scale}), got dtype {arr.dtype}")
+    return _array(arr, np.float32, 4, name)
+
+
+_NORMALISED = "normalised as the model expects, e.g. (uint8 / 255 - mean) / std"
 
 
 def _mask_array(value: Any, name: str) -> np.ndarray:
@@ -352,11 +366,13 @@ class Model(_Handle):
         """Runs the model on `pixels` (float32 [B, C, H, W], normalised as the model expects).
 
         `bool_masked_pos` is an optional [B, num_patches] bool/uint8 mask (models with a mask
-        token). `outputs` names the outputs wanted (default: every one the model has, of
-        "last_hidden_state", "pooler_output", "logits"). Returns a dict of float32 arrays that
+        token). `outputs` names the outputs wanted, one name or several (default: every one the
+        model has, of "last_hidden_state", "pooler_output", "logits"). Logits are [B, patches,
+        vocab] (MIM), [B, labels] (classification) or [B, labels, 4 gh, 4 gw] (segmentation).
+        Integer images (uint8 0..255) are refused: normalise them first. Returns a dict of float32 arrays that
         the library wrote into directly. Pixels already C-contiguous float32 are passed as they
         are; others are converted once. Non-finite pixels raise InvalidArgumentError."""
-        px = _array(pixels, np.float32, 4, "pixels")
+        px = _pixel_array(pixels, "pixels", _NORMALISED)
         b, c, h, w = px.shape
         if not np.isfinite(px).all():
             raise _invalid("pixels contain NaN or infinite values")
@@ -371,8 +387,14 @@ class Model(_Handle):
             per = sizes.logits_len // b
             if info.architecture == "BeitForMaskedImageModeling":
                 shapes["logits"] = (b, sizes.num_patches, per // sizes.num_patches)
+            elif info.architecture == "BeitForSemanticSegmentation":
+                # [B, labels, 4 gh, 4 gw]: the decode head's logits at 4x the patch grid.
+                gh, gw = h // info.patch_height, w // info.patch_width
+                shapes["logits"] = (b, info.num_labels, 4 * gh, 4 * gw)
             else:
                 shapes["logits"] = (b, per)
+        if isinstance(outputs, str):
+            outputs = [outputs]  # one name, not its letters
         wanted = list(shapes) if outputs is None else list(outputs)
         for name in wanted:
             if name not in shapes:
@@ -541,7 +563,7 @@ class Tokenizer(_Handle):
     def tokenize(self, pixels: Any) -> np.ndarray:
         """float32 [B, C, S, S] images with values in [0, 1] (plain, not DALL-E-mapped) ->
         int64 [B, tokens_per_image] token ids."""
-        px = _array(pixels, np.float32, 4, "pixels")
+        px = _pixel_array(pixels, "pixels", "values in [0, 1], e.g. uint8 / 255")
         i = self.info
         want = (i.in_channels, i.image_size, i.image_size)
         if px.shape[1:] != want or px.shape[0] == 0:
@@ -688,7 +710,7 @@ class Trainer(_Handle):
     @staticmethod
     def _mim_batch(pixels: Any, bool_masked_pos: Any, labels: Any):
         """The beit_mim_batch of a step, and the arrays it points into (keep them alive)."""
-        px = _array(pixels, np.float32, 4, "pixels")
+        px = _pixel_array(pixels, "pixels", _NORMALISED)
         mask = _mask_array(bool_masked_pos, "bool_masked_pos")
         lab = _array(labels, np.int64, 2, "labels")
         b = px.shape[0]

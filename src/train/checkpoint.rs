@@ -161,7 +161,12 @@ fn read(path: &Path) -> Result<(BeitConfig, Architecture, SafetensorsFile, Check
             bail!(Format, "{}: a checkpoint of a {} trainer, which libbeit has not", path.display(), meta.architecture)
         }
     };
-    let config = BeitConfig::from_json_str(&meta.config)?;
+    let mut config = BeitConfig::from_json_str(&meta.config)?;
+    // The metadata's architecture is the checkpoint's class; a model names its class in
+    // `architectures` (Model::new sets it), so a config that left it out or says otherwise
+    // would differ from the trainer it restores (found by the safetensors_header fuzz target:
+    // a checkpoint whose config lost "architectures" was refused by `load_into`).
+    config.architectures = Some(vec![arch.hf_name().to_string()]);
     Ok((config, arch, file, meta))
 }
 
@@ -393,5 +398,48 @@ mod tests {
         t.set_run_record(None);
         t.save_checkpoint(&recorded).unwrap();
         assert_eq!(std::fs::read(&plain).unwrap(), std::fs::read(&recorded).unwrap());
+    }
+
+    /// `path`'s bytes with the checkpoint metadata's model config edited by `edit`.
+    fn with_config_edited(path: &Path, edit: impl FnOnce(&mut serde_json::Map<String, serde_json::Value>)) -> Vec<u8> {
+        let bytes = std::fs::read(path).unwrap();
+        let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+        let mut header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + n]).unwrap();
+        let mut meta = meta_json(path);
+        let mut config: serde_json::Value = serde_json::from_str(meta["config"].as_str().unwrap()).unwrap();
+        edit(config.as_object_mut().unwrap());
+        meta["config"] = config.to_string().into();
+        header["__metadata__"][META_KEY] = meta.to_string().into();
+        let mut text = header.to_string().into_bytes();
+        text.resize(text.len().div_ceil(8) * 8, b' '); // safetensors pads the header to 8 bytes
+        let mut out = (text.len() as u64).to_le_bytes().to_vec();
+        out.extend_from_slice(&text);
+        out.extend_from_slice(&bytes[8 + n..]);
+        out
+    }
+
+    #[test]
+    fn a_checkpoint_whose_config_lacks_architectures_loads() {
+        // The metadata names the class; the config's `architectures` (absent, or another name)
+        // does not make the checkpoint another model's.
+        let dir = tempfile::tempdir().unwrap();
+        let (saved, edited) = (dir.path().join("saved"), dir.path().join("edited"));
+        let t = tiny_trainer();
+        t.save_checkpoint(&saved).unwrap();
+        for edit in [
+            Box::new(|c: &mut serde_json::Map<_, _>| {
+                c.remove("architectures");
+            }) as Box<dyn Fn(&mut serde_json::Map<String, serde_json::Value>)>,
+            Box::new(|c: &mut serde_json::Map<_, _>| {
+                c.insert("architectures".into(), serde_json::json!(["BeitModel"]));
+            }),
+        ] {
+            std::fs::write(&edited, with_config_edited(&saved, edit)).unwrap();
+            let loaded = Trainer::from_checkpoint(&edited).unwrap();
+            assert!(config_differences(loaded.model.config(), t.model.config()).is_empty());
+            let mut other = tiny_trainer();
+            other.load_checkpoint(&edited).unwrap();
+            assert_eq!(other.model.params().data, t.model.params().data);
+        }
     }
 }

@@ -9,6 +9,7 @@ from ._core import (
     Context,
     Dataset,
     DatasetInfo,
+    DeviceInfo,
     Model,
     ModelInfo,
     OutputSizes,
@@ -19,6 +20,7 @@ from ._core import (
     Trainer,
     TrainerOptions,
     abi_version,
+    device_info,
     library_path,
     version,
 )
@@ -51,6 +53,7 @@ __all__ = [
     "Context",
     "Dataset",
     "DatasetInfo",
+    "DeviceInfo",
     "FormatError",
     "InternalError",
     "InvalidArgumentError",
@@ -68,6 +71,7 @@ __all__ = [
     "TrainerOptions",
     "UnsupportedError",
     "abi_version",
+    "device_info",
     "library_path",
     "version",
 ]

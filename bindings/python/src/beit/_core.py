@@ -43,6 +43,44 @@ def library_path() -> str:
     return _lib._beit_path
 
 
+_DEVICE_NAMES = {v: k for k, v in _DEVICES.items()}
+
+
+@dataclass(frozen=True)
+class DeviceInfo:
+    """What ``device="auto"`` would use on this machine, and what the CUDA probe found
+    (beit_get_device_info; the probe runs once and never crashes without CUDA)."""
+
+    kind: str
+    """"cuda" or "cpu": what auto picks."""
+    cuda_usable: bool
+    name: str
+    """The GPU's name, or "cpu"."""
+    compute_capability: tuple
+    total_memory: int
+    driver_version: int
+    """1000 * major + 10 * minor of the driver's CUDA version; 0 without one."""
+    device_count: int
+    reason: str
+    """Why CUDA is or is not usable."""
+
+
+def device_info() -> DeviceInfo:
+    """The device ``auto`` picks here and the CUDA probe's findings."""
+    s = _struct(_ffi.beit_device_info)
+    _check(_lib.beit_get_device_info(byref(s)))
+    return DeviceInfo(
+        kind=_DEVICE_NAMES.get(s.kind, f"unknown({s.kind})"),
+        cuda_usable=bool(s.cuda_usable),
+        name=s.name.decode("utf-8", "replace"),
+        compute_capability=(s.compute_capability_major, s.compute_capability_minor),
+        total_memory=int(s.total_memory),
+        driver_version=int(s.driver_version),
+        device_count=int(s.device_count),
+        reason=s.reason.decode("utf-8", "replace"),
+    )
+
+
 def _check(status: int) -> None:
     """Raises the BeitError subclass of `status` with the calling thread's last message."""
     if status != _ffi.BEIT_OK:

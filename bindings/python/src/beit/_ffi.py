@@ -15,8 +15,10 @@ from ctypes import (
     POINTER,
     Structure,
     c_bool,
+    c_char,
     c_char_p,
     c_double,
+    c_int32,
     c_int64,
     c_size_t,
     c_uint8,
@@ -129,6 +131,25 @@ class beit_model_info(Structure):
     ]
 
 
+BEIT_DEVICE_NAME_BYTES = 256
+BEIT_DEVICE_REASON_BYTES = 512
+
+
+class beit_device_info(Structure):
+    _fields_ = [
+        ("struct_size", c_size_t),
+        ("kind", beit_device),
+        ("cuda_usable", c_uint32),
+        ("name", c_char * BEIT_DEVICE_NAME_BYTES),
+        ("compute_capability_major", c_int32),
+        ("compute_capability_minor", c_int32),
+        ("total_memory", c_uint64),
+        ("driver_version", c_int32),
+        ("device_count", c_int32),
+        ("reason", c_char * BEIT_DEVICE_REASON_BYTES),
+    ]
+
+
 class beit_output_sizes(Structure):
     _fields_ = [
         ("struct_size", c_size_t),
@@ -230,6 +251,7 @@ class beit_step_stats(Structure):
 #: Every versioned struct and the function returning its default.
 VERSIONED_STRUCTS = {
     "beit_context_options_default": beit_context_options,
+    "beit_device_info_default": beit_device_info,
     "beit_dataset_info_default": beit_dataset_info,
     "beit_dataset_sample_default": beit_dataset_sample,
     "beit_model_info_default": beit_model_info,
@@ -250,6 +272,8 @@ PROTOTYPES = {
     # context
     "beit_context_create": (beit_status, [_P(beit_context_options), _P(c_void_p)]),
     "beit_context_free": (None, [_ctx]),
+    # device
+    "beit_get_device_info": (beit_status, [_P(beit_device_info)]),
     # dataset
     "beit_dataset_open": (beit_status, [c_char_p, _P(c_void_p)]),
     "beit_dataset_free": (None, [_ds]),

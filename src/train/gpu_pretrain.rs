@@ -359,7 +359,7 @@ impl<T: Act> Step<T> {
             self.model.architecture().hf_name()
         );
         let c = self.model.config();
-        let (channels, (height, width), layers) = (c.num_channels, c.image_size.hw(), c.num_hidden_layers);
+        let (channels, (height, width)) = (c.num_channels, c.image_size.hw());
         let grid = c.native_grid();
         let n = grid.0 * grid.1;
         let b = batch.batch;
@@ -379,16 +379,11 @@ impl<T: Act> Step<T> {
             InvalidArgument,
             "batch buffers do not match [batch {b}] images of {n} patches"
         );
-        if let Some(f) = drop_path {
-            ensure!(f.len() == layers * 2 * b, InvalidArgument, "drop path factors hold {}", f.len());
-        }
         let masked = batch.masked_count();
         ensure!(masked > 0, InvalidArgument, "bool_masked_pos masks no patch: the MIM loss is undefined");
-        self.loss = None;
-        self.plan(b)?;
+        self.begin(b, drop_path)?;
         let Step { be, model, params, grads, pass, rows, labels, .. } = self;
         let pass = pass.as_mut().expect("planned");
-        be.device().stream().memset_zeros(grads).map_err(|e| driver_error("memset", e))?;
         let mut mem = CudaMemory::new(be.device(), &mut pass.arena, params, Some(grads))?;
         let host = HeadLists { rows, labels };
         let target = MimTarget::VisualTokens;
@@ -405,16 +400,10 @@ impl<T: Act> Step<T> {
     ) -> Result<()> {
         self.model.check_classify_batch(batch)?;
         check_label_smoothing(label_smoothing)?;
-        let layers = self.model.config().num_hidden_layers;
         let b = batch.batch;
-        if let Some(f) = drop_path {
-            ensure!(f.len() == layers * 2 * b, InvalidArgument, "drop path factors hold {}", f.len());
-        }
-        self.loss = None;
-        self.plan(b)?;
+        self.begin(b, drop_path)?;
         let Step { be, model, params, grads, pass, rows, labels, .. } = self;
         let pass = pass.as_mut().expect("planned");
-        be.device().stream().memset_zeros(grads).map_err(|e| driver_error("memset", e))?;
         let mut mem = CudaMemory::new(be.device(), &mut pass.arena, params, Some(grads))?;
         let host = HeadLists { rows, labels };
         let sum = model.classify_pass(be, &mut mem, &pass.plan, batch, drop_path, label_smoothing, b, None, host)?;
@@ -422,8 +411,13 @@ impl<T: Act> Step<T> {
         Ok(())
     }
 
-    /// Zeroes the gradients and opens the pass's memory for `b` images.
-    fn begin(&mut self, b: usize) -> Result<()> {
+    /// The start of every pass over `b` images: checks the drop path factors (`[layers, 2, b]`),
+    /// forgets the last loss, plans the memory for `b` and zeroes the gradients.
+    fn begin(&mut self, b: usize, drop_path: Option<&[f32]>) -> Result<()> {
+        let layers = self.model.config().num_hidden_layers;
+        if let Some(f) = drop_path {
+            ensure!(f.len() == layers * 2 * b, InvalidArgument, "drop path factors hold {}", f.len());
+        }
         self.loss = None;
         self.plan(b)?;
         let Step { be, grads, .. } = self;
@@ -462,11 +456,7 @@ impl<T: Act> Step<T> {
 impl Step<f32> {
     fn segment_forward_backward(&mut self, batch: &SegBatch<'_>, drop_path: Option<&[f32]>) -> Result<Vec<BnRecord>> {
         self.model.check_seg_batch(batch)?;
-        let layers = self.model.config().num_hidden_layers;
-        if let Some(f) = drop_path {
-            ensure!(f.len() == layers * 2 * batch.batch, InvalidArgument, "drop path factors hold {}", f.len());
-        }
-        self.begin(batch.batch)?;
+        self.begin(batch.batch, drop_path)?;
         let Step { be, model, params, grads, pass, .. } = self;
         let pass = pass.as_mut().expect("planned");
         let seg = pass.seg.as_ref().expect("a segmentation model's pass plans its head");

@@ -26,7 +26,6 @@ pub use crate::data::subset::split_indices;
 use crate::error::{Error, Result};
 use crate::resources::{try_zeroed, Bytes, Need, MAX_LABELS};
 
-use crate::model::segmentation::head::BnRecord;
 use crate::model::segmentation::layout::is_buffer;
 use crate::model::segmentation::metrics::{argmax_channels, IouAccumulator, IouReport};
 use crate::model::segmentation::{head_pass_bytes, SegBatch, BN_MOMENTUM};
@@ -433,7 +432,7 @@ impl Stepper {
             Ok(())
         };
         let non_finite = |NonFiniteGradient(norm)| Error::Numerical(format!("gradient norm is {norm} at step {step}"));
-        let (loss, grad_norm, records): (f64, f64, Vec<BnRecord>) = match self {
+        match self {
             Stepper::Host { ws, grads, adam, scales } => {
                 grads.fill(0.0);
                 let drop = drop.map(|factors| DropPath { factors });
@@ -442,20 +441,17 @@ impl Stepper {
                 let params = &mut model.params_mut().data;
                 let mut target = HostUpdate { adamw: adam, params, grads, lr_scale: Some(scales) };
                 let grad_norm = apply_update(&mut target, lr, clip)?.map_err(non_finite)?;
-                (out.loss, grad_norm, out.batchnorm)
+                model.apply_batchnorm_statistics(&out.batchnorm, BN_MOMENTUM);
+                Ok((out.loss, grad_norm))
             }
             Stepper::Gpu(gpu) => {
                 let records = gpu.segment_forward_backward(batch, drop)?;
                 finite(gpu.loss()?)?;
                 let stats = gpu.apply(clip.unwrap_or(0.0), lr)?;
-                (stats.loss, stats.grad_norm, records)
+                gpu.apply_batchnorm_statistics(&records, BN_MOMENTUM)?;
+                Ok((stats.loss, stats.grad_norm))
             }
-        };
-        match self {
-            Stepper::Host { .. } => model.apply_batchnorm_statistics(&records, BN_MOMENTUM),
-            Stepper::Gpu(gpu) => gpu.apply_batchnorm_statistics(&records, BN_MOMENTUM)?,
         }
-        Ok((loss, grad_norm))
     }
 
     /// The trained parameters (and running statistics) into `model`.

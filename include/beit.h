@@ -57,6 +57,16 @@
 #define BEIT_DEVICE_REASON_BYTES 512
 
 /**
+ * The longest name `beit_parameter_info.name` holds, with its NUL.
+ */
+#define BEIT_PARAMETER_NAME_CAPACITY 256
+
+/**
+ * The most dimensions `beit_parameter_info.shape` holds.
+ */
+#define BEIT_PARAMETER_MAX_DIMS 8
+
+/**
  * The ABI version of this header and library. It changes only when a compiled host could
  * break: a function removed or changed, a struct field moved. Adding functions, enum values or
  * fields at the end of versioned structs (see `struct_size`) does not change it, with one
@@ -152,6 +162,31 @@ typedef uint32_t beit_status;
 #endif // __cplusplus
 
 /**
+ * Where a buffer handed to the host lives.
+ */
+enum beit_memory_location
+#if defined(__cplusplus) || __STDC_VERSION__ >= 202311L
+  : uint32_t
+#endif // defined(__cplusplus) || __STDC_VERSION__ >= 202311L
+ {
+    /**
+     * Host memory: read and write it through `host`.
+     */
+    BEIT_MEMORY_HOST = 0,
+    /**
+     * CUDA device memory of the GPU the trainer runs on: `device_pointer` on `stream`.
+     */
+    BEIT_MEMORY_CUDA_DEVICE = 1,
+};
+#ifndef __cplusplus
+#if __STDC_VERSION__ >= 202311L
+typedef enum beit_memory_location beit_memory_location;
+#else
+typedef uint32_t beit_memory_location;
+#endif // __STDC_VERSION__ >= 202311L
+#endif // __cplusplus
+
+/**
  * Where a context runs work.
  */
 enum beit_device
@@ -238,6 +273,36 @@ enum beit_weight_decay_on
 typedef enum beit_weight_decay_on beit_weight_decay_on;
 #else
 typedef uint32_t beit_weight_decay_on;
+#endif // __STDC_VERSION__ >= 202311L
+#endif // __cplusplus
+
+/**
+ * The precision training computes in (`beit_trainer_options.precision`).
+ */
+enum beit_precision
+#if defined(__cplusplus) || __STDC_VERSION__ >= 202311L
+  : uint32_t
+#endif // defined(__cplusplus) || __STDC_VERSION__ >= 202311L
+ {
+    /**
+     * bf16 on a cuda context (BEiT's mixed precision: bf16 activations and GEMM inputs, fp32
+     * accumulation and master weights), fp32 on the CPU.
+     */
+    BEIT_PRECISION_DEFAULT = 0,
+    /**
+     * fp32 everywhere: on a cuda context the GPU step matches the CPU's to rounding.
+     */
+    BEIT_PRECISION_FP32 = 1,
+    /**
+     * bf16 mixed precision; cuda contexts only (the CPU computes in fp32: refused there).
+     */
+    BEIT_PRECISION_BF16 = 2,
+};
+#ifndef __cplusplus
+#if __STDC_VERSION__ >= 202311L
+typedef enum beit_precision beit_precision;
+#else
+typedef uint32_t beit_precision;
 #endif // __STDC_VERSION__ >= 202311L
 #endif // __cplusplus
 
@@ -687,6 +752,38 @@ typedef struct beit_infer_outputs {
 } beit_infer_outputs;
 
 /**
+ * One parameter (`beit_model_parameter_info`, `beit_trainer_parameter_info`). Set
+ * `struct_size` (or start from `beit_parameter_info_default()`).
+ */
+typedef struct beit_parameter_info {
+    /**
+     * Set by the caller to `sizeof(beit_parameter_info)`; left as it is.
+     */
+    size_t struct_size;
+    /**
+     * The Hugging Face name (as in `model.safetensors`), NUL-terminated.
+     */
+    char name[BEIT_PARAMETER_NAME_CAPACITY];
+    /**
+     * Dimensions used in `shape`.
+     */
+    size_t ndim;
+    /**
+     * The shape, outermost first; entries past `ndim` are 0.
+     */
+    size_t shape[BEIT_PARAMETER_MAX_DIMS];
+    /**
+     * Values: the product of the shape.
+     */
+    size_t numel;
+    /**
+     * Where the values start (in floats) in the flat parameter buffer, which the gradient
+     * buffer of `beit_trainer_get_gradients` shares.
+     */
+    size_t offset;
+} beit_parameter_info;
+
+/**
  * What a tokenizer takes and gives. Set `struct_size` (or start from
  * `beit_tokenizer_info_default()`); only the fields that fit in it are written.
  */
@@ -791,6 +888,12 @@ typedef struct beit_trainer_options {
      * given model, options, seed and batch sequence, whatever the thread count.
      */
     uint64_t seed;
+    /**
+     * The precision of the steps (default `BEIT_PRECISION_DEFAULT`: bf16 on a cuda context,
+     * fp32 on the CPU). Added after the first version: a caller whose `struct_size` ends
+     * before it gets the default.
+     */
+    beit_precision precision;
 } beit_trainer_options;
 
 /**
@@ -887,6 +990,68 @@ typedef struct beit_step_stats {
      */
     double images_per_s;
 } beit_step_stats;
+
+/**
+ * What the first half of a split step computed (`beit_trainer_forward_backward`). Set
+ * `struct_size` (or start from `beit_pass_stats_default()`); only the fields that fit in it
+ * are written.
+ */
+typedef struct beit_pass_stats {
+    /**
+     * Set by the caller to `sizeof(beit_pass_stats)`; left as it is.
+     */
+    size_t struct_size;
+    /**
+     * The batch's loss (as `beit_step_stats.loss`).
+     */
+    double loss;
+    /**
+     * Images in the batch.
+     */
+    size_t images;
+    /**
+     * Masked patches the loss averaged over: when several trainers' gradients are combined
+     * into the gradient of their joint batch, each share weighs `masked / total masked`.
+     */
+    size_t masked;
+} beit_pass_stats;
+
+/**
+ * The pending step's gradient buffer (`beit_trainer_get_gradients`): `len` f32 values laid out
+ * like the parameters (`beit_parameter_info.offset` gives each parameter's place). The host may
+ * read and overwrite it in place (an all-reduce, its own clipping) until
+ * `beit_trainer_apply_gradients` or `beit_trainer_discard_gradients`; after either, or after
+ * `beit_trainer_free`, the pointers are invalid.
+ */
+typedef struct beit_gradients {
+    /**
+     * Set by the caller to `sizeof(beit_gradients)`; left as it is.
+     */
+    size_t struct_size;
+    /**
+     * Where the buffer lives: on the host for CPU contexts, on the GPU for cuda contexts.
+     */
+    beit_memory_location location;
+    /**
+     * `BEIT_MEMORY_HOST`: the buffer; NULL otherwise.
+     */
+    float *host;
+    /**
+     * `BEIT_MEMORY_CUDA_DEVICE`: the buffer's `CUdeviceptr`; 0 otherwise.
+     */
+    uint64_t device_pointer;
+    /**
+     * `BEIT_MEMORY_CUDA_DEVICE`: the `CUstream` the backward pass was queued on. Make your
+     * work on the buffer wait for it (e.g. `ncclAllReduce` on this stream, or
+     * `cuStreamSynchronize` first), and have it finished, or queued on this stream, before
+     * `beit_trainer_apply_gradients`. NULL otherwise.
+     */
+    void *stream;
+    /**
+     * Values in the buffer.
+     */
+    size_t len;
+} beit_gradients;
 
 #ifdef __cplusplus
 extern "C" {
@@ -1150,6 +1315,165 @@ beit_status beit_model_infer(struct beit_context *ctx,
                              const struct beit_infer_outputs *outputs);
 
 /**
+ * An empty `beit_parameter_info` with `struct_size` set.
+ */
+struct beit_parameter_info beit_parameter_info_default(void);
+
+/**
+ * Writes how many parameters `model` has (its Hugging Face tensors) to `*out`.
+ *
+ * Errors: `BEIT_ERR_NULL_POINTER`.
+ *
+ * # Safety
+ * `model` must be NULL or a live model; `out` NULL or writable.
+ */
+beit_status beit_model_parameter_count(const struct beit_model *model, size_t *out);
+
+/**
+ * Describes parameter `index` (0 .. count-1, in the model's layout order) of `model`: name,
+ * shape, size and offset in the flat buffer.
+ *
+ * Errors: `BEIT_ERR_NULL_POINTER`, `BEIT_ERR_INVALID_ARGUMENT` (struct_size; index past the end).
+ *
+ * # Safety
+ * `model` must be NULL or a live model; `out` NULL or writable for its `struct_size`.
+ */
+beit_status beit_model_parameter_info(const struct beit_model *model,
+                                      size_t index,
+                                      struct beit_parameter_info *out);
+
+/**
+ * Copies the values of parameter `name` (a Hugging Face name, e.g.
+ * `beit.encoder.layer.0.attention.attention.query.weight`) of `model` into `out`, which holds
+ * `out_len` floats: exactly the parameter's size.
+ *
+ * Errors: `BEIT_ERR_NULL_POINTER`, `BEIT_ERR_INVALID_ARGUMENT` (name not UTF-8, no such
+ * parameter), `BEIT_ERR_BUFFER_SIZE` (out_len is not the parameter's size).
+ *
+ * # Safety
+ * `model` must be NULL or a live model; `name` NULL or a NUL-terminated string; `out` NULL or
+ * writable for `out_len` floats.
+ */
+beit_status beit_model_get_parameter(const struct beit_model *model,
+                                     const char *name,
+                                     float *out,
+                                     size_t out_len);
+
+/**
+ * Sets parameter `name` of `model` from `values` (`values_len` floats: exactly the
+ * parameter's size, all finite). The next inference uses the new values (on a cuda context
+ * they are uploaded again). On error the model is unchanged.
+ *
+ * Thread safety: the one model call that changes a model. It never waits: while another call
+ * uses the model (an inference on another thread) it returns `BEIT_ERR_BUSY` and changes
+ * nothing.
+ *
+ * Errors: `BEIT_ERR_NULL_POINTER`, `BEIT_ERR_INVALID_ARGUMENT` (name not UTF-8, no such
+ * parameter, a length other than its size, a non-finite value), `BEIT_ERR_BUSY`.
+ *
+ * # Safety
+ * `model` must be NULL or a live model; `name` NULL or a NUL-terminated string; `values` NULL
+ * or readable for `values_len` floats.
+ */
+beit_status beit_model_set_parameter(struct beit_model *model,
+                                     const char *name,
+                                     const float *values,
+                                     size_t values_len);
+
+/**
+ * Copies every parameter of `src` into `dst`, which must have the same parameters (names and
+ * shapes: the same config and architecture). On error `dst` is unchanged.
+ *
+ * Errors: `BEIT_ERR_NULL_POINTER`, `BEIT_ERR_INVALID_ARGUMENT` (the first parameter that
+ * differs, or `dst` and `src` are the same model), `BEIT_ERR_BUSY` (`dst` in use).
+ *
+ * # Safety
+ * `dst` and `src` must be NULL or live models.
+ */
+beit_status beit_model_copy_parameters(struct beit_model *dst, const struct beit_model *src);
+
+/**
+ * Writes how many parameters the trainer's model has to `*out`.
+ *
+ * Errors: `BEIT_ERR_NULL_POINTER`, `BEIT_ERR_BUSY`.
+ *
+ * # Safety
+ * `trainer` must be NULL or a live trainer; `out` NULL or writable.
+ */
+beit_status beit_trainer_parameter_count(const struct beit_trainer *trainer, size_t *out);
+
+/**
+ * Describes parameter `index` of the trainer's model, as `beit_model_parameter_info` does;
+ * `offset` places it in the gradient buffer of `beit_trainer_get_gradients` too.
+ *
+ * Errors: `BEIT_ERR_NULL_POINTER`, `BEIT_ERR_INVALID_ARGUMENT`, `BEIT_ERR_BUSY`.
+ *
+ * # Safety
+ * `trainer` must be NULL or a live trainer; `out` NULL or writable for its `struct_size`.
+ */
+beit_status beit_trainer_parameter_info(const struct beit_trainer *trainer,
+                                        size_t index,
+                                        struct beit_parameter_info *out);
+
+/**
+ * Copies the current values of the trainer's parameter `name` into `out` (`out_len` floats,
+ * exactly its size), as of the last applied step.
+ *
+ * Errors: as `beit_model_get_parameter`, and `BEIT_ERR_BUSY`.
+ *
+ * # Safety
+ * `trainer` must be NULL or a live trainer; `name` NULL or a NUL-terminated string; `out` NULL
+ * or writable for `out_len` floats.
+ */
+beit_status beit_trainer_get_parameter(const struct beit_trainer *trainer,
+                                       const char *name,
+                                       float *out,
+                                       size_t out_len);
+
+/**
+ * Sets the trainer's parameter `name` from `values` (`values_len` floats, exactly its size, all
+ * finite): the next step trains from them (a host's own optimizer, weights from elsewhere).
+ * The optimizer state is kept. Refused while a split step is pending. On error nothing changes.
+ *
+ * Errors: as `beit_model_set_parameter`; `BEIT_ERR_INVALID_ARGUMENT` while a step is pending.
+ *
+ * # Safety
+ * `trainer` must be NULL or a live trainer; `name` NULL or a NUL-terminated string; `values`
+ * NULL or readable for `values_len` floats.
+ */
+beit_status beit_trainer_set_parameter(struct beit_trainer *trainer,
+                                       const char *name,
+                                       const float *values,
+                                       size_t values_len);
+
+/**
+ * Sets every parameter of the trainer from `model`, which must have the same parameters
+ * (names and shapes). The optimizer state is kept. Refused while a split step is pending. On
+ * error nothing changes.
+ *
+ * Errors: `BEIT_ERR_NULL_POINTER`, `BEIT_ERR_INVALID_ARGUMENT` (the first parameter that
+ * differs; a step pending), `BEIT_ERR_BUSY`.
+ *
+ * # Safety
+ * `trainer` must be NULL or a live trainer; `model` NULL or a live model.
+ */
+beit_status beit_trainer_copy_parameters_from(struct beit_trainer *trainer,
+                                              const struct beit_model *model);
+
+/**
+ * A model handle holding a copy of the trainer's model as of its last applied step: infer
+ * with it, save it, list or read its parameters, or make another trainer from it. On success
+ * `*out` receives a model to release with `beit_model_free`; it does not follow later steps.
+ *
+ * Errors: `BEIT_ERR_NULL_POINTER`, `BEIT_ERR_BUSY`, `BEIT_ERR_INVALID_ARGUMENT` (the copy is
+ * over the context's memory budget).
+ *
+ * # Safety
+ * `trainer` must be NULL or a live trainer; `out` NULL or writable.
+ */
+beit_status beit_trainer_get_model(const struct beit_trainer *trainer, struct beit_model **out);
+
+/**
  * The message of the last failed libbeit call on the calling thread.
  *
  * Every fallible function (one returning `beit_status`) clears the message when it starts, so
@@ -1385,6 +1709,80 @@ void beit_trainer_free(struct beit_trainer *trainer);
 beit_status beit_trainer_step(struct beit_trainer *trainer,
                               const struct beit_mim_batch *batch,
                               struct beit_step_stats *out);
+
+/**
+ * A zeroed `beit_pass_stats` with `struct_size` set.
+ */
+struct beit_pass_stats beit_pass_stats_default(void);
+
+/**
+ * An empty `beit_gradients` with `struct_size` set.
+ */
+struct beit_gradients beit_gradients_default(void);
+
+/**
+ * The first half of a split step, for hosts that work on the gradients before the optimizer
+ * (data-parallel training's all-reduce, their own clipping): checks `batch` exactly as
+ * `beit_trainer_step` does, draws the step's stochastic depth, runs the forward and backward
+ * into the trainer's gradient buffer (zeroed first), and leaves the step pending. Then
+ * `beit_trainer_get_gradients` shows the buffer and `beit_trainer_apply_gradients` finishes
+ * the step (clipping + AdamW, as `beit_trainer_step` does); `beit_trainer_discard_gradients`
+ * drops it instead. `beit_trainer_forward_backward` + `beit_trainer_apply_gradients` gives,
+ * bit for bit, what `beit_trainer_step` gives. `out` (may be NULL) receives the loss.
+ *
+ * While a step is pending, the calls that would lose it or change what it applies to are
+ * refused with `BEIT_ERR_INVALID_ARGUMENT`: another forward_backward or step, loading or saving
+ * a checkpoint, setting parameters.
+ *
+ * Errors: as `beit_trainer_step` (on any error nothing is pending and the trainer is as
+ * before), and `BEIT_ERR_INVALID_ARGUMENT` when a step is already pending.
+ *
+ * # Safety
+ * As `beit_trainer_step`; `out` NULL or writable for its `struct_size`.
+ */
+beit_status beit_trainer_forward_backward(struct beit_trainer *trainer,
+                                          const struct beit_mim_batch *batch,
+                                          struct beit_pass_stats *out);
+
+/**
+ * Describes the pending step's gradient buffer (see `beit_gradients`): where it lives, its
+ * pointer and length. Set `out->struct_size` first (or start from
+ * `beit_gradients_default()`).
+ *
+ * Errors: `BEIT_ERR_NULL_POINTER`, `BEIT_ERR_INVALID_ARGUMENT` (struct_size; no step pending),
+ * `BEIT_ERR_BUSY` (another thread's call holds the trainer).
+ *
+ * # Safety
+ * `trainer` must be NULL or a live trainer; `out` NULL or writable for its `struct_size`.
+ */
+beit_status beit_trainer_get_gradients(struct beit_trainer *trainer, struct beit_gradients *out);
+
+/**
+ * The second half of a split step: the global gradient norm, clipping and AdamW at the
+ * scheduled learning rate, on the gradient buffer as the host left it. On success the step
+ * count and data position go up by one and `out` (may be NULL) receives what the step did.
+ *
+ * Errors: `BEIT_ERR_NULL_POINTER`, `BEIT_ERR_INVALID_ARGUMENT` (no step pending;
+ * out->struct_size), `BEIT_ERR_NUMERICAL` (the gradient norm is not finite: the step is
+ * dropped and the trainer is as before its forward_backward), `BEIT_ERR_BUSY`.
+ *
+ * # Safety
+ * `trainer` must be NULL or a live trainer; `out` NULL or writable for its `struct_size`. On a
+ * cuda context, the host's work on the gradient buffer must be finished or queued on the
+ * trainer's stream (see `beit_gradients.stream`).
+ */
+beit_status beit_trainer_apply_gradients(struct beit_trainer *trainer, struct beit_step_stats *out);
+
+/**
+ * Drops the pending step: the trainer is as before its `beit_trainer_forward_backward`
+ * (random state included). Nothing to do when no step is pending.
+ *
+ * Errors: `BEIT_ERR_NULL_POINTER`, `BEIT_ERR_BUSY`.
+ *
+ * # Safety
+ * `trainer` must be NULL or a live trainer.
+ */
+beit_status beit_trainer_discard_gradients(struct beit_trainer *trainer);
 
 /**
  * Writes a checkpoint of everything the trainer holds (parameters, AdamW moments, step,

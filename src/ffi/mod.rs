@@ -8,6 +8,7 @@ pub mod context;
 pub mod dataset;
 pub mod device;
 pub mod model;
+pub mod parameters;
 pub mod status;
 pub mod tokenizer;
 pub mod trainer;

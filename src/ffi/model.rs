@@ -3,7 +3,7 @@
 use std::ffi::c_char;
 use std::mem::{align_of, size_of};
 use std::path::Path;
-use std::sync::Mutex;
+use std::sync::{Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard, TryLockError};
 
 use super::context::{beit_context, context_ref};
 use super::status::{
@@ -74,10 +74,11 @@ impl RawArchitecture {
 /// using it is running, and before the context it was created with.
 #[allow(non_camel_case_types)]
 pub struct beit_model {
-    /// Private, and only ever lent out shared (`beit_model::model`): no C API call changes a
-    /// model's parameters after creation (a trainer trains its own copy, and loading or
-    /// creating makes a new model), which is what keeps `gpu` a faithful copy of them.
-    inner: Model,
+    /// Private: lent out shared (`beit_model::model`) to every reading call, and exclusively
+    /// only to `beit_model_set_parameter` and its kind (`beit_model::model_mut`), which never
+    /// wait for it (a model in use is `BEIT_ERR_BUSY` to them) and drop `gpu`, so that `gpu`
+    /// stays a faithful copy of the parameters.
+    inner: RwLock<Model>,
     /// The parameters on the GPU, uploaded by the model's first inference on a cuda context
     /// and reused by the next ones (an upload per call would cost more than the pass); freed
     /// with the model.
@@ -90,12 +91,31 @@ const _: () = super::status::assert_thread_safe::<beit_model>();
 
 impl beit_model {
     fn new(inner: Model) -> Self {
-        beit_model { inner, gpu: Mutex::new(None) }
+        beit_model { inner: RwLock::new(inner), gpu: Mutex::new(None) }
     }
 
-    /// The model (config and host parameters).
-    pub(crate) fn model(&self) -> &Model {
-        &self.inner
+    /// The model (config and host parameters), for reading. Writers copy plain values only,
+    /// so a poisoned lock still holds a whole model.
+    pub(crate) fn model(&self) -> RwLockReadGuard<'_, Model> {
+        self.inner.read().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// The model for changing its parameters in call `call`: `BEIT_ERR_BUSY` while another
+    /// call uses it (never waits, so readers never wait on a writer either). Drops the GPU
+    /// copy, which the next inference uploads afresh.
+    pub(crate) fn model_mut(&self, call: &str) -> FfiResult<RwLockWriteGuard<'_, Model>> {
+        let guard = match self.inner.try_write() {
+            Ok(guard) => guard,
+            Err(TryLockError::Poisoned(poisoned)) => poisoned.into_inner(),
+            Err(TryLockError::WouldBlock) => {
+                return Err(FfiError::new(
+                    beit_status::BEIT_ERR_BUSY,
+                    format!("{call}: the model is in use by a call on another thread; nothing was changed"),
+                ))
+            }
+        };
+        *self.gpu.lock().unwrap_or_else(|poisoned| poisoned.into_inner()) = None;
+        Ok(guard)
     }
 
     /// The inference pass on the GPU ([`GpuInference`], fp32: the CPU's forward to rounding),
@@ -103,7 +123,7 @@ impl beit_model {
     /// segmentation model, an image of another size than the configured one, a head dim other
     /// than 32 or 64) comes back as its `Unsupported` error: a cuda context never computes on
     /// the CPU instead.
-    fn forward_on_gpu(&self, batch: &ImageBatch<'_>, out: OutputBuffers<'_>) -> Result<()> {
+    fn forward_on_gpu(&self, model: &Model, batch: &ImageBatch<'_>, out: OutputBuffers<'_>) -> Result<()> {
         let mut gpu = self.gpu.lock().unwrap_or_else(|poisoned| {
             // A panic inside a GPU pass (caught at the C boundary) may have left its memory
             // half planned: drop the copy, and let this call upload the parameters afresh.
@@ -114,7 +134,7 @@ impl beit_model {
         });
         let gpu = match &mut *gpu {
             Some(gpu) => gpu,
-            empty => empty.insert(GpuInference::fp32(&self.inner)?),
+            empty => empty.insert(GpuInference::fp32(model)?),
         };
         gpu.forward_into(batch, out)
     }
@@ -317,7 +337,7 @@ pub(crate) unsafe fn handle_ref<'a>(model: *const beit_model) -> FfiResult<&'a b
 ///
 /// # Safety
 /// `model` must be NULL or a live model.
-unsafe fn model_ref<'a>(model: *const beit_model) -> FfiResult<&'a Model> {
+unsafe fn model_ref<'a>(model: *const beit_model) -> FfiResult<RwLockReadGuard<'a, Model>> {
     // SAFETY: the caller's promise, passed on.
     Ok(unsafe { handle_ref(model) }?.model())
 }
@@ -326,10 +346,25 @@ unsafe fn model_ref<'a>(model: *const beit_model) -> FfiResult<&'a Model> {
 ///
 /// # Safety
 /// `out` must be non-NULL and writable.
-unsafe fn hand_out(model: Model, out: *mut *mut beit_model) {
+pub(super) unsafe fn hand_out(model: Model, out: *mut *mut beit_model) {
     let handle = Box::into_raw(Box::new(beit_model::new(model)));
     // SAFETY: the caller checked `out`.
     unsafe { out.write(handle) };
+}
+
+/// Reads a caller's versioned input struct of `caller_size` bytes: the fields its size covers
+/// come from the caller, the rest (fields added after the caller's header) from `defaults`.
+///
+/// # Safety
+/// `src` must be readable for `caller_size` bytes.
+pub(crate) unsafe fn read_versioned<T: Copy>(src: *const T, caller_size: usize, defaults: T) -> T {
+    let mut value = defaults;
+    let n = caller_size.min(size_of::<T>());
+    // SAFETY: `src` is readable for `n <= caller_size` bytes (the caller's promise) and `value`
+    // is a `T` of at least `n` bytes; the fields are plain numbers and pointers, valid for any
+    // bytes the caller wrote into them.
+    unsafe { std::ptr::copy_nonoverlapping(src as *const u8, &mut value as *mut T as *mut u8, n) };
+    value
 }
 
 /// Writes the fields after `struct_size` of `value` into the caller's struct, keeping its
@@ -466,7 +501,7 @@ pub unsafe extern "C" fn beit_model_get_info(model: *const beit_model, out: *mut
         let out = non_null_mut(out, "out")?;
         // SAFETY: non-NULL; the caller promises struct_size readable bytes.
         let size = unsafe { check_struct_size(out, "out", MODEL_INFO_V1_SIZE) }?;
-        let info = model_info(m, size);
+        let info = model_info(&m, size);
         // SAFETY: `out` is writable for `size` bytes, `size` >= the v1 size.
         unsafe { write_versioned(out, &info, size) };
         Ok(())
@@ -553,7 +588,7 @@ pub unsafe extern "C" fn beit_model_output_sizes(
         let out = non_null_mut(out, "out")?;
         // SAFETY: non-NULL; the caller promises struct_size readable bytes.
         let size = unsafe { check_struct_size(out, "out", OUTPUT_SIZES_V1_SIZE) }?;
-        let sizes = output_sizes(m, batch, height, width)?;
+        let sizes = output_sizes(&m, batch, height, width)?;
         // SAFETY: `out` is writable for `size` bytes, `size` >= the v1 size.
         unsafe { write_versioned(out, &sizes, size) };
         Ok(())
@@ -658,7 +693,7 @@ pub unsafe extern "C" fn beit_model_infer(
             bool_masked_pos: mask,
         };
         m.check_input(&batch)?;
-        let sizes = output_sizes(m, input.batch, input.height, input.width)?;
+        let sizes = output_sizes(&m, input.batch, input.height, input.width)?;
 
         let requested = [
             (
@@ -730,7 +765,7 @@ pub unsafe extern "C" fn beit_model_infer(
             // Outside the pool: the GPU pass makes no host allocation that the budget covers,
             // and the calls take turns on the model's GPU copy, so a pool thread waiting for
             // it would idle rather than serve the context's CPU passes.
-            Device::Cuda => handle.forward_on_gpu(&batch, buffers)?,
+            Device::Cuda => handle.forward_on_gpu(&m, &batch, buffers)?,
             Device::Cpu | Device::Auto => ctx.run(|| m.forward_into(&batch, buffers))?,
         }
         Ok(())

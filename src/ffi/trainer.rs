@@ -1,20 +1,21 @@
 //! `beit_trainer`: masked-image-modeling pretraining (BEiT's recipe) on host-supplied batches,
 //! with checkpoints that resume bit for bit. Wraps [`crate::train::trainer::Trainer`].
 
-use std::ffi::c_char;
-use std::mem::size_of;
+use std::ffi::{c_char, c_void};
+use std::mem::{offset_of, size_of};
 use std::path::Path;
 use std::sync::{Arc, Mutex, MutexGuard, TryLockError};
 
 use super::context::{beit_context, context_shared};
-use super::model::{beit_model, beit_model_info, check_slice, handle_ref, model_info, write_versioned};
+use super::model::{beit_model, beit_model_info, check_slice, handle_ref, model_info, read_versioned, write_versioned};
 use super::status::{
     beit_status, check_struct_size, guard, guard_infallible, non_null, non_null_mut, utf8_arg, FfiError, FfiResult,
 };
-use crate::context::Context;
+use crate::context::{Context, Device};
 use crate::model::{Architecture, BeitConfig, MimBatch, MimTarget, Model};
 use crate::tensor::checked_numel;
-use crate::train::trainer::{StepStats, Trainer, TrainerOptions, WeightDecayOn};
+use crate::train::gpu_pretrain::Precision;
+use crate::train::trainer::{Gradients, StepStats, Trainer, TrainerOptions, WeightDecayOn};
 
 /// Which parameters weight decay applies to (`beit_trainer_options.weight_decay_on`).
 #[allow(non_camel_case_types)]
@@ -94,6 +95,52 @@ pub struct beit_trainer_options {
     /// Seeds the trainer's random state (stochastic depth). Training is deterministic for a
     /// given model, options, seed and batch sequence, whatever the thread count.
     pub seed: u64,
+    /// The precision of the steps (default `BEIT_PRECISION_DEFAULT`: bf16 on a cuda context,
+    /// fp32 on the CPU). Added after the first version: a caller whose `struct_size` ends
+    /// before it gets the default.
+    pub precision: RawPrecision,
+}
+
+/// The precision training computes in (`beit_trainer_options.precision`).
+#[allow(non_camel_case_types)]
+#[repr(u32)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum beit_precision {
+    /// bf16 on a cuda context (BEiT's mixed precision: bf16 activations and GEMM inputs, fp32
+    /// accumulation and master weights), fp32 on the CPU.
+    BEIT_PRECISION_DEFAULT = 0,
+    /// fp32 everywhere: on a cuda context the GPU step matches the CPU's to rounding.
+    BEIT_PRECISION_FP32 = 1,
+    /// bf16 mixed precision; cuda contexts only (the CPU computes in fp32: refused there).
+    BEIT_PRECISION_BF16 = 2,
+}
+
+/// A `beit_precision` as C passes it in: any 32-bit value, checked before use. The header shows
+/// it as `beit_precision` (renamed in cbindgen.toml).
+/// cbindgen:no-export
+#[repr(transparent)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RawPrecision(pub u32);
+
+impl RawPrecision {
+    /// The GPU step's precision this asks for on a context of `device` (`None` on the CPU).
+    fn for_device(self, device: Device) -> FfiResult<Option<Precision>> {
+        let cuda = device == Device::Cuda;
+        match self.0 {
+            0 => Ok(cuda.then_some(Precision::Bf16)),
+            1 => Ok(cuda.then_some(Precision::F32)),
+            2 if cuda => Ok(Some(Precision::Bf16)),
+            2 => Err(FfiError::new(
+                beit_status::BEIT_ERR_UNSUPPORTED,
+                "opts->precision is BEIT_PRECISION_BF16, but this context runs on the CPU, which trains in fp32 \
+                 (use BEIT_PRECISION_DEFAULT or BEIT_PRECISION_FP32, or a cuda context)",
+            )),
+            other => Err(FfiError::invalid(format!(
+                "opts->precision {other} is not a beit_precision (BEIT_PRECISION_DEFAULT = 0, BEIT_PRECISION_FP32 = 1, \
+                 BEIT_PRECISION_BF16 = 2)"
+            ))),
+        }
+    }
 }
 
 /// A pretraining batch for `beit_trainer_step`: caller-owned, read only during the call.
@@ -155,7 +202,8 @@ pub struct beit_step_stats {
     pub images_per_s: f64,
 }
 
-const TRAINER_OPTIONS_V1_SIZE: usize = size_of::<beit_trainer_options>();
+/// Size of the first version of `beit_trainer_options` (before `precision`).
+const TRAINER_OPTIONS_V1_SIZE: usize = offset_of!(beit_trainer_options, precision);
 const MIM_BATCH_V1_SIZE: usize = size_of::<beit_mim_batch>();
 const STEP_STATS_V1_SIZE: usize = size_of::<beit_step_stats>();
 const MODEL_INFO_V1_SIZE: usize = size_of::<beit_model_info>();
@@ -193,9 +241,9 @@ pub struct beit_trainer {
 const _: () = super::status::assert_thread_safe::<beit_trainer>();
 
 /// One call's exclusive use of a trainer: the trainer and the context it runs on.
-struct Claimed<'a> {
-    trainer: MutexGuard<'a, Trainer>,
-    ctx: &'a Context,
+pub(super) struct Claimed<'a> {
+    pub(super) trainer: MutexGuard<'a, Trainer>,
+    pub(super) ctx: &'a Context,
 }
 
 /// Claims the trainer behind a handle for the call `call` (named in the messages), without
@@ -205,7 +253,7 @@ struct Claimed<'a> {
 ///
 /// # Safety
 /// `trainer` must be NULL or a live trainer (one not freed, and not being freed).
-unsafe fn claim<'a>(trainer: *const beit_trainer, call: &str) -> FfiResult<Claimed<'a>> {
+pub(super) unsafe fn claim<'a>(trainer: *const beit_trainer, call: &str) -> FfiResult<Claimed<'a>> {
     let handle = non_null(trainer, "trainer")?;
     // SAFETY: non-NULL; the caller promises a live trainer. Only a shared reference is made:
     // other threads may hold one too, and the mutex decides who may change the trainer.
@@ -250,6 +298,7 @@ pub extern "C" fn beit_trainer_options_default() -> beit_trainer_options {
         layer_decay: d.layer_decay,
         weight_decay_on: RawWeightDecayOn::of(d.weight_decay_on),
         seed: d.seed,
+        precision: RawPrecision(beit_precision::BEIT_PRECISION_DEFAULT as u32),
     }
 }
 
@@ -311,21 +360,35 @@ impl beit_trainer_options {
     }
 }
 
-/// Reads the caller's options (NULL: the defaults).
+/// Reads the caller's options (NULL: the defaults): the trainer's options, and the GPU step's
+/// precision on `ctx` (`None` on the CPU).
 ///
 /// # Safety
 /// `opts` must be NULL or readable for its `struct_size` bytes.
-unsafe fn read_options(opts: *const beit_trainer_options) -> FfiResult<TrainerOptions> {
-    if opts.is_null() {
-        return Ok(TrainerOptions::default());
-    }
-    // SAFETY: non-NULL; the caller promises struct_size readable bytes, and check_struct_size
-    // makes sure that covers every field read here.
-    let opts = unsafe {
-        check_struct_size(opts, "opts", TRAINER_OPTIONS_V1_SIZE)?;
-        opts.read_unaligned()
+unsafe fn read_options(
+    opts: *const beit_trainer_options,
+    ctx: &Context,
+) -> FfiResult<(TrainerOptions, Option<Precision>)> {
+    let opts = if opts.is_null() {
+        beit_trainer_options_default()
+    } else {
+        // SAFETY: non-NULL; the caller promises struct_size readable bytes, and
+        // check_struct_size makes sure they cover the first version; fields past them keep
+        // their defaults.
+        unsafe {
+            let size = check_struct_size(opts, "opts", TRAINER_OPTIONS_V1_SIZE)?;
+            read_versioned(opts, size, beit_trainer_options_default())
+        }
     };
-    opts.to_options()
+    Ok((opts.to_options()?, opts.precision.for_device(ctx.device())?))
+}
+
+/// A new trainer with the precision the caller's options chose for its context.
+fn configured(mut trainer: Trainer, precision: Option<Precision>) -> Trainer {
+    if let Some(p) = precision {
+        trainer.set_context_precision(p);
+    }
+    trainer
 }
 
 /// Hands a new trainer to the caller through `out`.
@@ -339,7 +402,7 @@ unsafe fn hand_out(trainer: Trainer, ctx: Arc<Context>, out: *mut *mut beit_trai
 }
 
 /// A copy of `model`: same config, architecture and parameters.
-fn copy_model(model: &Model) -> FfiResult<Model> {
+pub(super) fn copy_model(model: &Model) -> FfiResult<Model> {
     let mut copy = Model::zeroed(model.config().clone(), model.architecture())?;
     let (src, dst) = (&model.params().data, &mut copy.params_mut().data);
     if src.len() != dst.len() {
@@ -376,7 +439,7 @@ pub unsafe extern "C" fn beit_trainer_create(
         let context = unsafe { context_shared(ctx, "ctx") }?;
         let model = unsafe { handle_ref(model) }?.model();
         let out = non_null_mut(out, "out")?;
-        let options = unsafe { read_options(opts) }?;
+        let (options, precision) = unsafe { read_options(opts, &context) }?;
         if model.architecture() != Architecture::MaskedImageModeling {
             return Err(FfiError::invalid(format!(
                 "the pretraining trainer needs a BeitForMaskedImageModeling model; this one is {}",
@@ -384,7 +447,8 @@ pub unsafe extern "C" fn beit_trainer_create(
             )));
         }
         // Under the context: the copy and the optimizer state are planned against its budget.
-        let trainer = context.run(|| Trainer::new(copy_model(model)?, options).map_err(FfiError::from))?;
+        let trainer = context.run(|| Trainer::new(copy_model(&model)?, options).map_err(FfiError::from))?;
+        let trainer = configured(trainer, precision);
         // SAFETY: `out` is non-NULL and writable (the caller's promise).
         unsafe { hand_out(trainer, context, out) };
         Ok(())
@@ -416,10 +480,11 @@ pub unsafe extern "C" fn beit_trainer_create_from_config(
         let context = unsafe { context_shared(ctx, "ctx") }?;
         let json = unsafe { utf8_arg(config_json, "config_json") }?;
         let out = non_null_mut(out, "out")?;
-        let options = unsafe { read_options(opts) }?;
+        let (options, precision) = unsafe { read_options(opts, &context) }?;
         let config = BeitConfig::from_json_str(json)?;
         let trainer = context
             .run(|| Trainer::new(Model::new_random(config, Architecture::MaskedImageModeling, init_seed)?, options))?;
+        let trainer = configured(trainer, precision);
         // SAFETY: `out` is non-NULL and writable (the caller's promise).
         unsafe { hand_out(trainer, context, out) };
         Ok(())
@@ -452,8 +517,9 @@ pub unsafe extern "C" fn beit_trainer_load_model_dir(
         let context = unsafe { context_shared(ctx, "ctx") }?;
         let dir = unsafe { utf8_arg(model_dir, "model_dir") }?;
         let out = non_null_mut(out, "out")?;
-        let options = unsafe { read_options(opts) }?;
+        let (options, precision) = unsafe { read_options(opts, &context) }?;
         let trainer = context.run(|| Trainer::new(Model::load(Path::new(dir))?, options))?;
+        let trainer = configured(trainer, precision);
         // SAFETY: `out` is non-NULL and writable (the caller's promise).
         unsafe { hand_out(trainer, context, out) };
         Ok(())
@@ -513,78 +579,313 @@ pub unsafe extern "C" fn beit_trainer_step(
     out: *mut beit_step_stats,
 ) -> beit_status {
     guard(|| {
-        // SAFETY: the caller's promise; claim checks for NULL.
+        // SAFETY: the caller's promises, passed on.
         let mut claimed = unsafe { claim(trainer, "beit_trainer_step") }?;
-        let batch = non_null(batch, "batch")?;
-        // SAFETY: non-NULL; the caller promises struct_size readable bytes, which
-        // check_struct_size makes sure cover the fields of the first version read here.
-        let b = unsafe {
-            check_struct_size(batch, "batch", MIM_BATCH_V1_SIZE)?;
-            batch.read_unaligned()
-        };
-        let out_size = if out.is_null() {
-            None
-        } else {
-            // SAFETY: non-NULL; the caller promises struct_size readable bytes.
-            Some(unsafe { check_struct_size(out, "out", STEP_STATS_V1_SIZE) }?)
-        };
-        non_null(b.pixels, "batch->pixels")?;
-        non_null(b.bool_masked_pos, "batch->bool_masked_pos")?;
-        non_null(b.labels, "batch->labels")?;
-
-        // Every length against the shape, before any slice is made.
-        let (ph, pw) = claimed.trainer.model().config().patch_size.hw();
-        let (gh, gw) = (b.height / ph, b.width / pw);
-        check_len(
-            "batch->pixels_len",
-            b.pixels_len,
-            checked_numel(&[b.batch, b.channels, b.height, b.width]),
-            &format!("[batch {}, channels {}, height {}, width {}]", b.batch, b.channels, b.height, b.width),
-        )?;
-        let per_patch = checked_numel(&[b.batch, gh, gw]);
-        let patches = gh.checked_mul(gw).map_or_else(|| format!("{gh}x{gw}"), |n| n.to_string());
-        let patch_shape =
-            format!("[batch {}, patches {patches}] ({}x{} pixels in {ph}x{pw} patches)", b.batch, b.height, b.width);
-        check_len("batch->bool_masked_pos_len", b.bool_masked_pos_len, per_patch, &patch_shape)?;
-        check_len("batch->labels_len", b.labels_len, per_patch, &patch_shape)?;
-        check_slice(b.pixels, b.pixels_len, "batch->pixels")?;
-        check_slice(b.bool_masked_pos, b.bool_masked_pos_len, "batch->bool_masked_pos")?;
-        check_slice(b.labels, b.labels_len, "batch->labels")?;
-
-        let stats: StepStats = {
-            // SAFETY: non-NULL, aligned, sizes checked; the caller promises each buffer holds
-            // its stated length and that nobody writes it during the call.
-            let mim = unsafe {
-                MimBatch {
-                    pixels: std::slice::from_raw_parts(b.pixels, b.pixels_len),
-                    batch: b.batch,
-                    channels: b.channels,
-                    height: b.height,
-                    width: b.width,
-                    bool_masked_pos: std::slice::from_raw_parts(b.bool_masked_pos, b.bool_masked_pos_len),
-                    labels: std::slice::from_raw_parts(b.labels, b.labels_len),
-                }
-            };
-            let ctx = claimed.ctx;
-            let inner: &mut Trainer = &mut claimed.trainer;
-            // A cuda context runs the step on the GPU (moved there on the first step).
-            inner.use_context(ctx)?;
-            ctx.run(|| inner.step(&mim))?
-        };
+        let out_size = unsafe { optional_out_size(out, "out", STEP_STATS_V1_SIZE) }?;
+        let stats = unsafe { with_mim_batch(&mut claimed, batch, |t, mim| t.step(mim)) }?;
         if let Some(size) = out_size {
-            let value = beit_step_stats {
-                struct_size: size,
-                step: stats.step,
-                loss: stats.loss,
-                lr: stats.lr,
-                grad_norm: stats.grad_norm,
-                masked: stats.masked,
-                seconds: stats.seconds,
-                images_per_s: stats.images_per_s,
-            };
+            // SAFETY: `out` is writable for `size` bytes, `size` >= the v1 size.
+            unsafe { write_step_stats(out, size, &stats) };
+        }
+        Ok(())
+    })
+}
+
+/// The caller's `struct_size` of an optional output struct (`None` for NULL), checked against
+/// its first version's size.
+///
+/// # Safety
+/// `out` must be NULL or readable for its `struct_size`.
+unsafe fn optional_out_size<T>(out: *const T, name: &str, first_version_size: usize) -> FfiResult<Option<usize>> {
+    if out.is_null() {
+        return Ok(None);
+    }
+    // SAFETY: non-NULL; the caller promises struct_size readable bytes.
+    Ok(Some(unsafe { check_struct_size(out, name, first_version_size) }?))
+}
+
+/// Writes `stats` into the caller's `beit_step_stats` of `size` bytes.
+///
+/// # Safety
+/// `out` must be writable for `size` bytes, `size` >= the first version's size.
+unsafe fn write_step_stats(out: *mut beit_step_stats, size: usize, stats: &StepStats) {
+    let value = beit_step_stats {
+        struct_size: size,
+        step: stats.step,
+        loss: stats.loss,
+        lr: stats.lr,
+        grad_norm: stats.grad_norm,
+        masked: stats.masked,
+        seconds: stats.seconds,
+        images_per_s: stats.images_per_s,
+    };
+    // SAFETY: the caller's promise.
+    unsafe { write_versioned(out, &value, size) };
+}
+
+/// Checks the caller's pretraining batch against the claimed trainer's model (every pointer,
+/// every length against the shape, before any slice is made), then runs `run` on the trainer
+/// and the batch inside the trainer's context (a cuda context moves the trainer to the GPU
+/// first).
+///
+/// # Safety
+/// `batch` must be NULL or readable for its `struct_size`, each of its non-NULL buffers holding
+/// its stated length, unwritten, for the duration of the call.
+unsafe fn with_mim_batch<R: Send>(
+    claimed: &mut Claimed<'_>,
+    batch: *const beit_mim_batch,
+    run: impl FnOnce(&mut Trainer, &MimBatch<'_>) -> crate::Result<R> + Send,
+) -> FfiResult<R> {
+    let batch = non_null(batch, "batch")?;
+    // SAFETY: non-NULL; the caller promises struct_size readable bytes, which
+    // check_struct_size makes sure cover the fields of the first version read here.
+    let b = unsafe {
+        check_struct_size(batch, "batch", MIM_BATCH_V1_SIZE)?;
+        batch.read_unaligned()
+    };
+    non_null(b.pixels, "batch->pixels")?;
+    non_null(b.bool_masked_pos, "batch->bool_masked_pos")?;
+    non_null(b.labels, "batch->labels")?;
+
+    // Every length against the shape, before any slice is made.
+    let (ph, pw) = claimed.trainer.model().config().patch_size.hw();
+    let (gh, gw) = (b.height / ph, b.width / pw);
+    check_len(
+        "batch->pixels_len",
+        b.pixels_len,
+        checked_numel(&[b.batch, b.channels, b.height, b.width]),
+        &format!("[batch {}, channels {}, height {}, width {}]", b.batch, b.channels, b.height, b.width),
+    )?;
+    let per_patch = checked_numel(&[b.batch, gh, gw]);
+    let patches = gh.checked_mul(gw).map_or_else(|| format!("{gh}x{gw}"), |n| n.to_string());
+    let patch_shape =
+        format!("[batch {}, patches {patches}] ({}x{} pixels in {ph}x{pw} patches)", b.batch, b.height, b.width);
+    check_len("batch->bool_masked_pos_len", b.bool_masked_pos_len, per_patch, &patch_shape)?;
+    check_len("batch->labels_len", b.labels_len, per_patch, &patch_shape)?;
+    check_slice(b.pixels, b.pixels_len, "batch->pixels")?;
+    check_slice(b.bool_masked_pos, b.bool_masked_pos_len, "batch->bool_masked_pos")?;
+    check_slice(b.labels, b.labels_len, "batch->labels")?;
+
+    // SAFETY: non-NULL, aligned, sizes checked; the caller promises each buffer holds its
+    // stated length and that nobody writes it during the call.
+    let mim = unsafe {
+        MimBatch {
+            pixels: std::slice::from_raw_parts(b.pixels, b.pixels_len),
+            batch: b.batch,
+            channels: b.channels,
+            height: b.height,
+            width: b.width,
+            bool_masked_pos: std::slice::from_raw_parts(b.bool_masked_pos, b.bool_masked_pos_len),
+            labels: std::slice::from_raw_parts(b.labels, b.labels_len),
+        }
+    };
+    let ctx = claimed.ctx;
+    let inner: &mut Trainer = &mut claimed.trainer;
+    // A cuda context runs the step on the GPU (moved there on the first step).
+    inner.use_context(ctx)?;
+    Ok(ctx.run(|| run(inner, &mim))?)
+}
+
+/// What the first half of a split step computed (`beit_trainer_forward_backward`). Set
+/// `struct_size` (or start from `beit_pass_stats_default()`); only the fields that fit in it
+/// are written.
+#[allow(non_camel_case_types)]
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct beit_pass_stats {
+    /// Set by the caller to `sizeof(beit_pass_stats)`; left as it is.
+    pub struct_size: usize,
+    /// The batch's loss (as `beit_step_stats.loss`).
+    pub loss: f64,
+    /// Images in the batch.
+    pub images: usize,
+    /// Masked patches the loss averaged over: when several trainers' gradients are combined
+    /// into the gradient of their joint batch, each share weighs `masked / total masked`.
+    pub masked: usize,
+}
+
+/// Where a buffer handed to the host lives.
+#[allow(non_camel_case_types)]
+#[repr(u32)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum beit_memory_location {
+    /// Host memory: read and write it through `host`.
+    BEIT_MEMORY_HOST = 0,
+    /// CUDA device memory of the GPU the trainer runs on: `device_pointer` on `stream`.
+    BEIT_MEMORY_CUDA_DEVICE = 1,
+}
+
+/// The pending step's gradient buffer (`beit_trainer_get_gradients`): `len` f32 values laid out
+/// like the parameters (`beit_parameter_info.offset` gives each parameter's place). The host may
+/// read and overwrite it in place (an all-reduce, its own clipping) until
+/// `beit_trainer_apply_gradients` or `beit_trainer_discard_gradients`; after either, or after
+/// `beit_trainer_free`, the pointers are invalid.
+#[allow(non_camel_case_types)]
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct beit_gradients {
+    /// Set by the caller to `sizeof(beit_gradients)`; left as it is.
+    pub struct_size: usize,
+    /// Where the buffer lives: on the host for CPU contexts, on the GPU for cuda contexts.
+    pub location: beit_memory_location,
+    /// `BEIT_MEMORY_HOST`: the buffer; NULL otherwise.
+    pub host: *mut f32,
+    /// `BEIT_MEMORY_CUDA_DEVICE`: the buffer's `CUdeviceptr`; 0 otherwise.
+    pub device_pointer: u64,
+    /// `BEIT_MEMORY_CUDA_DEVICE`: the `CUstream` the backward pass was queued on. Make your
+    /// work on the buffer wait for it (e.g. `ncclAllReduce` on this stream, or
+    /// `cuStreamSynchronize` first), and have it finished, or queued on this stream, before
+    /// `beit_trainer_apply_gradients`. NULL otherwise.
+    pub stream: *mut c_void,
+    /// Values in the buffer.
+    pub len: usize,
+}
+
+const PASS_STATS_V1_SIZE: usize = size_of::<beit_pass_stats>();
+const GRADIENTS_V1_SIZE: usize = size_of::<beit_gradients>();
+
+/// A zeroed `beit_pass_stats` with `struct_size` set.
+#[no_mangle]
+pub extern "C" fn beit_pass_stats_default() -> beit_pass_stats {
+    beit_pass_stats { struct_size: size_of::<beit_pass_stats>(), loss: 0.0, images: 0, masked: 0 }
+}
+
+/// An empty `beit_gradients` with `struct_size` set.
+#[no_mangle]
+pub extern "C" fn beit_gradients_default() -> beit_gradients {
+    beit_gradients {
+        struct_size: size_of::<beit_gradients>(),
+        location: beit_memory_location::BEIT_MEMORY_HOST,
+        host: std::ptr::null_mut(),
+        device_pointer: 0,
+        stream: std::ptr::null_mut(),
+        len: 0,
+    }
+}
+
+/// The first half of a split step, for hosts that work on the gradients before the optimizer
+/// (data-parallel training's all-reduce, their own clipping): checks `batch` exactly as
+/// `beit_trainer_step` does, draws the step's stochastic depth, runs the forward and backward
+/// into the trainer's gradient buffer (zeroed first), and leaves the step pending. Then
+/// `beit_trainer_get_gradients` shows the buffer and `beit_trainer_apply_gradients` finishes
+/// the step (clipping + AdamW, as `beit_trainer_step` does); `beit_trainer_discard_gradients`
+/// drops it instead. `beit_trainer_forward_backward` + `beit_trainer_apply_gradients` gives,
+/// bit for bit, what `beit_trainer_step` gives. `out` (may be NULL) receives the loss.
+///
+/// While a step is pending, the calls that would lose it or change what it applies to are
+/// refused with `BEIT_ERR_INVALID_ARGUMENT`: another forward_backward or step, loading or saving
+/// a checkpoint, setting parameters.
+///
+/// Errors: as `beit_trainer_step` (on any error nothing is pending and the trainer is as
+/// before), and `BEIT_ERR_INVALID_ARGUMENT` when a step is already pending.
+///
+/// # Safety
+/// As `beit_trainer_step`; `out` NULL or writable for its `struct_size`.
+#[no_mangle]
+pub unsafe extern "C" fn beit_trainer_forward_backward(
+    trainer: *mut beit_trainer,
+    batch: *const beit_mim_batch,
+    out: *mut beit_pass_stats,
+) -> beit_status {
+    guard(|| {
+        // SAFETY: the caller's promises, passed on.
+        let mut claimed = unsafe { claim(trainer, "beit_trainer_forward_backward") }?;
+        let out_size = unsafe { optional_out_size(out, "out", PASS_STATS_V1_SIZE) }?;
+        let stats = unsafe { with_mim_batch(&mut claimed, batch, |t, mim| t.forward_backward(mim)) }?;
+        if let Some(size) = out_size {
+            let value =
+                beit_pass_stats { struct_size: size, loss: stats.loss, images: stats.images, masked: stats.masked };
             // SAFETY: `out` is writable for `size` bytes, `size` >= the v1 size.
             unsafe { write_versioned(out, &value, size) };
         }
+        Ok(())
+    })
+}
+
+/// Describes the pending step's gradient buffer (see `beit_gradients`): where it lives, its
+/// pointer and length. Set `out->struct_size` first (or start from
+/// `beit_gradients_default()`).
+///
+/// Errors: `BEIT_ERR_NULL_POINTER`, `BEIT_ERR_INVALID_ARGUMENT` (struct_size; no step pending),
+/// `BEIT_ERR_BUSY` (another thread's call holds the trainer).
+///
+/// # Safety
+/// `trainer` must be NULL or a live trainer; `out` NULL or writable for its `struct_size`.
+#[no_mangle]
+pub unsafe extern "C" fn beit_trainer_get_gradients(
+    trainer: *mut beit_trainer,
+    out: *mut beit_gradients,
+) -> beit_status {
+    guard(|| {
+        // SAFETY: the caller's promise; claim checks for NULL.
+        let mut claimed = unsafe { claim(trainer, "beit_trainer_get_gradients") }?;
+        let out = non_null_mut(out, "out")?;
+        // SAFETY: non-NULL; the caller promises struct_size readable bytes.
+        let size = unsafe { check_struct_size(out, "out", GRADIENTS_V1_SIZE) }?;
+        let mut value = beit_gradients { struct_size: size, ..beit_gradients_default() };
+        match claimed.trainer.gradients()? {
+            Gradients::Host(grads) => {
+                value.host = grads.as_mut_ptr();
+                value.len = grads.len();
+            }
+            Gradients::Device(d) => {
+                value.location = beit_memory_location::BEIT_MEMORY_CUDA_DEVICE;
+                value.device_pointer = d.pointer;
+                value.stream = d.stream as *mut c_void;
+                value.len = d.len;
+            }
+        }
+        // SAFETY: `out` is writable for `size` bytes, `size` >= the v1 size.
+        unsafe { write_versioned(out, &value, size) };
+        Ok(())
+    })
+}
+
+/// The second half of a split step: the global gradient norm, clipping and AdamW at the
+/// scheduled learning rate, on the gradient buffer as the host left it. On success the step
+/// count and data position go up by one and `out` (may be NULL) receives what the step did.
+///
+/// Errors: `BEIT_ERR_NULL_POINTER`, `BEIT_ERR_INVALID_ARGUMENT` (no step pending;
+/// out->struct_size), `BEIT_ERR_NUMERICAL` (the gradient norm is not finite: the step is
+/// dropped and the trainer is as before its forward_backward), `BEIT_ERR_BUSY`.
+///
+/// # Safety
+/// `trainer` must be NULL or a live trainer; `out` NULL or writable for its `struct_size`. On a
+/// cuda context, the host's work on the gradient buffer must be finished or queued on the
+/// trainer's stream (see `beit_gradients.stream`).
+#[no_mangle]
+pub unsafe extern "C" fn beit_trainer_apply_gradients(
+    trainer: *mut beit_trainer,
+    out: *mut beit_step_stats,
+) -> beit_status {
+    guard(|| {
+        // SAFETY: the caller's promises, passed on.
+        let mut claimed = unsafe { claim(trainer, "beit_trainer_apply_gradients") }?;
+        let out_size = unsafe { optional_out_size(out, "out", STEP_STATS_V1_SIZE) }?;
+        let ctx = claimed.ctx;
+        let inner: &mut Trainer = &mut claimed.trainer;
+        let stats = ctx.run(|| inner.apply_gradients())?;
+        if let Some(size) = out_size {
+            // SAFETY: `out` is writable for `size` bytes, `size` >= the v1 size.
+            unsafe { write_step_stats(out, size, &stats) };
+        }
+        Ok(())
+    })
+}
+
+/// Drops the pending step: the trainer is as before its `beit_trainer_forward_backward`
+/// (random state included). Nothing to do when no step is pending.
+///
+/// Errors: `BEIT_ERR_NULL_POINTER`, `BEIT_ERR_BUSY`.
+///
+/// # Safety
+/// `trainer` must be NULL or a live trainer.
+#[no_mangle]
+pub unsafe extern "C" fn beit_trainer_discard_gradients(trainer: *mut beit_trainer) -> beit_status {
+    guard(|| {
+        // SAFETY: the caller's promise; claim checks for NULL.
+        let mut claimed = unsafe { claim(trainer, "beit_trainer_discard_gradients") }?;
+        claimed.trainer.discard_gradients();
         Ok(())
     })
 }
@@ -1384,6 +1685,240 @@ mod tests {
         unsafe {
             beit_trainer_free(t);
             beit_trainer_free(twin);
+            beit_context_free(ctx);
+        }
+    }
+
+    fn split_step(t: *mut beit_trainer, b: &beit_mim_batch) -> (beit_pass_stats, beit_step_stats) {
+        let mut pass = beit_pass_stats_default();
+        assert_eq!(unsafe { beit_trainer_forward_backward(t, b, &mut pass) }, beit_status::BEIT_OK, "{}", last_error());
+        let mut stats = beit_step_stats_default();
+        assert_eq!(unsafe { beit_trainer_apply_gradients(t, &mut stats) }, beit_status::BEIT_OK, "{}", last_error());
+        (pass, stats)
+    }
+
+    fn host_gradients(t: *mut beit_trainer) -> &'static mut [f32] {
+        let mut g = beit_gradients_default();
+        assert_eq!(unsafe { beit_trainer_get_gradients(t, &mut g) }, beit_status::BEIT_OK, "{}", last_error());
+        assert_eq!(g.location, beit_memory_location::BEIT_MEMORY_HOST);
+        assert!(g.device_pointer == 0 && g.stream.is_null());
+        unsafe { std::slice::from_raw_parts_mut(g.host, g.len) }
+    }
+
+    #[test]
+    fn split_step_is_the_step_bit_for_bit() {
+        let ctx = context();
+        // Drop path on: the split step must draw the same factors as the step.
+        let opts = beit_trainer_options { drop_path_rate: 0.3, ..options() };
+        let (whole, split) = (from_config(ctx, TINY, &opts), from_config(ctx, TINY, &opts));
+        let batch = Batch::new();
+        for _ in 0..3 {
+            let (st, a) = step(whole, &batch.view());
+            assert_eq!(st, beit_status::BEIT_OK, "{}", last_error());
+            let (pass, b) = split_step(split, &batch.view());
+            assert_eq!((pass.loss, pass.images, pass.masked), (a.loss, 2, 4));
+            assert_eq!((b.step, b.loss, b.lr, b.grad_norm, b.masked), (a.step, a.loss, a.lr, a.grad_norm, a.masked));
+        }
+        assert_eq!(state_bytes(whole), state_bytes(split));
+        unsafe {
+            beit_trainer_free(whole);
+            beit_trainer_free(split);
+            beit_context_free(ctx);
+        }
+    }
+
+    #[test]
+    fn gradients_are_the_host_buffer_the_update_reads() {
+        let ctx = context();
+        let opts = beit_trainer_options { clip_grad_norm: 0.0, weight_decay: 0.0, ..options() };
+        let (t, reference) = (from_config(ctx, TINY, &opts), from_config(ctx, TINY, &opts));
+        let batch = Batch::new();
+        // No step pending: no gradients, nothing to apply.
+        let mut g = beit_gradients_default();
+        assert_eq!(unsafe { beit_trainer_get_gradients(t, &mut g) }, beit_status::BEIT_ERR_INVALID_ARGUMENT);
+        assert!(last_error().contains("no step is pending"), "{}", last_error());
+        assert_eq!(unsafe { beit_trainer_apply_gradients(t, ptr::null_mut()) }, beit_status::BEIT_ERR_INVALID_ARGUMENT);
+
+        assert_eq!(unsafe { beit_trainer_forward_backward(t, &batch.view(), ptr::null_mut()) }, beit_status::BEIT_OK);
+        let grads = host_gradients(t);
+        let mut n = 0;
+        assert_eq!(unsafe { crate::ffi::parameters::beit_trainer_parameter_count(t, &mut n) }, beit_status::BEIT_OK);
+        assert!(n > 10 && grads.len() >= n);
+        // The host doubles the gradients: with AdamW (scale-invariant but for eps) the update
+        // equals the one of the original gradients within float rounding, and the reported
+        // norm is twice the reference's.
+        let norm: f64 = grads.iter().map(|&v| (v as f64) * (v as f64)).sum::<f64>().sqrt();
+        grads.iter_mut().for_each(|v| *v *= 2.0);
+        let mut stats = beit_step_stats_default();
+        assert_eq!(unsafe { beit_trainer_apply_gradients(t, &mut stats) }, beit_status::BEIT_OK, "{}", last_error());
+        let (_, r) = step(reference, &batch.view());
+        assert!(
+            (stats.grad_norm - 2.0 * r.grad_norm).abs() <= 1e-6 * r.grad_norm,
+            "{} vs {}",
+            stats.grad_norm,
+            r.grad_norm
+        );
+        assert!((r.grad_norm - norm).abs() <= 1e-6 * norm);
+        unsafe {
+            beit_trainer_free(t);
+            beit_trainer_free(reference);
+            beit_context_free(ctx);
+        }
+    }
+
+    #[test]
+    fn a_pending_step_refuses_what_would_lose_it_and_discard_restores() {
+        let ctx = context();
+        let opts = beit_trainer_options { drop_path_rate: 0.3, ..options() };
+        let (t, reference) = (from_config(ctx, TINY, &opts), from_config(ctx, TINY, &opts));
+        let batch = Batch::new();
+        let before = state_bytes(t);
+        assert_eq!(unsafe { beit_trainer_forward_backward(t, &batch.view(), ptr::null_mut()) }, beit_status::BEIT_OK);
+        assert_eq!(step(t, &batch.view()).0, beit_status::BEIT_ERR_INVALID_ARGUMENT);
+        assert!(last_error().contains("a step is pending"), "{}", last_error());
+        assert_eq!(
+            unsafe { beit_trainer_forward_backward(t, &batch.view(), ptr::null_mut()) },
+            beit_status::BEIT_ERR_INVALID_ARGUMENT
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let path = CString::new(dir.path().join("c.safetensors").to_str().unwrap()).unwrap();
+        assert_eq!(unsafe { beit_trainer_save_checkpoint(t, path.as_ptr()) }, beit_status::BEIT_ERR_INVALID_ARGUMENT);
+        assert!(!dir.path().join("c.safetensors").exists());
+        let name = CString::new("beit.embeddings.cls_token").unwrap();
+        let values = [0.5f32; 8];
+        let st = unsafe { crate::ffi::parameters::beit_trainer_set_parameter(t, name.as_ptr(), values.as_ptr(), 8) };
+        assert_eq!(st, beit_status::BEIT_ERR_INVALID_ARGUMENT);
+        // Discarding puts everything back, the random state included: the next steps are the
+        // reference's.
+        assert_eq!(unsafe { beit_trainer_discard_gradients(t) }, beit_status::BEIT_OK);
+        assert_eq!(state_bytes(t), before);
+        for _ in 0..2 {
+            assert_eq!(step(t, &batch.view()).1.loss, step(reference, &batch.view()).1.loss);
+        }
+        assert_eq!(state_bytes(t), state_bytes(reference));
+        unsafe {
+            beit_trainer_free(t);
+            beit_trainer_free(reference);
+            beit_context_free(ctx);
+        }
+    }
+
+    #[test]
+    fn precision_is_checked_against_the_context() {
+        let ctx = context();
+        let json = CString::new(TINY).unwrap();
+        let mut t = ptr::null_mut();
+        for (value, want) in [
+            (0, beit_status::BEIT_OK),
+            (1, beit_status::BEIT_OK),
+            (2, beit_status::BEIT_ERR_UNSUPPORTED),
+            (3, beit_status::BEIT_ERR_INVALID_ARGUMENT),
+        ] {
+            let opts = beit_trainer_options { precision: RawPrecision(value), ..options() };
+            let st = unsafe { beit_trainer_create_from_config(ctx, json.as_ptr(), 1, &opts, &mut t) };
+            assert_eq!(st, want, "precision {value}: {}", last_error());
+            if st == beit_status::BEIT_OK {
+                unsafe { beit_trainer_free(t) };
+            } else {
+                assert!(last_error().contains("precision"), "{}", last_error());
+            }
+        }
+        // A struct from the header before `precision` is read up to its size: the default.
+        let mut old = beit_trainer_options { precision: RawPrecision(77), ..options() };
+        old.struct_size = TRAINER_OPTIONS_V1_SIZE;
+        let st = unsafe { beit_trainer_create_from_config(ctx, json.as_ptr(), 1, &old, &mut t) };
+        assert_eq!(st, beit_status::BEIT_OK, "{}", last_error());
+        unsafe {
+            beit_trainer_free(t);
+            beit_context_free(ctx);
+        }
+    }
+
+    #[test]
+    fn parameters_by_name_round_trip_between_models_and_trainers() {
+        use crate::ffi::parameters::*;
+        let ctx = context();
+        let t = from_config(ctx, TINY, &options());
+        let batch = Batch::new();
+        assert_eq!(step(t, &batch.view()).0, beit_status::BEIT_OK);
+        // The model handle is the trainer's model as of its last step.
+        let mut m = ptr::null_mut();
+        assert_eq!(unsafe { beit_trainer_get_model(t, &mut m) }, beit_status::BEIT_OK, "{}", last_error());
+        let trained: Vec<u32> = unsafe { &*m }.model().params().data.iter().map(|v| v.to_bits()).collect();
+        assert_eq!(trained, param_bits(t));
+        // Listing: every exported tensor, HF names, shapes and offsets as the store lays them out.
+        let mut n = 0;
+        assert_eq!(unsafe { beit_model_parameter_count(m, &mut n) }, beit_status::BEIT_OK);
+        let store = unsafe { &*m }.model().params().clone();
+        assert_eq!(n, store.exported().count());
+        for (i, spec) in store.exported().enumerate() {
+            let mut info = beit_parameter_info_default();
+            assert_eq!(unsafe { beit_model_parameter_info(m, i, &mut info) }, beit_status::BEIT_OK);
+            let name = unsafe { CStr::from_ptr(info.name.as_ptr()) }.to_str().unwrap();
+            assert_eq!(name, spec.name);
+            assert_eq!(&info.shape[..info.ndim], &spec.shape[..]);
+            assert!(info.shape[info.ndim..].iter().all(|&d| d == 0));
+            assert_eq!((info.numel, info.offset), (spec.len, spec.offset));
+            let mut tinfo = beit_parameter_info_default();
+            assert_eq!(unsafe { beit_trainer_parameter_info(t, i, &mut tinfo) }, beit_status::BEIT_OK);
+            assert_eq!(tinfo.name, info.name);
+        }
+        let mut info = beit_parameter_info_default();
+        assert_eq!(unsafe { beit_model_parameter_info(m, n, &mut info) }, beit_status::BEIT_ERR_INVALID_ARGUMENT);
+
+        // Get, set, and the refusals of each.
+        let name = CString::new("beit.encoder.layer.1.attention.attention.query.weight").unwrap();
+        let mut q = vec![0f32; 64];
+        assert_eq!(unsafe { beit_model_get_parameter(m, name.as_ptr(), q.as_mut_ptr(), 64) }, beit_status::BEIT_OK);
+        let id = store.find_exported("beit.encoder.layer.1.attention.attention.query.weight").unwrap();
+        assert_eq!(q, store.get(id));
+        assert_eq!(
+            unsafe { beit_model_get_parameter(m, name.as_ptr(), q.as_mut_ptr(), 63) },
+            beit_status::BEIT_ERR_BUFFER_SIZE
+        );
+        assert!(last_error().contains("[8, 8]"), "{}", last_error());
+        let nope = CString::new("beit.no.such.weight").unwrap();
+        assert_eq!(
+            unsafe { beit_model_get_parameter(m, nope.as_ptr(), q.as_mut_ptr(), 64) },
+            beit_status::BEIT_ERR_INVALID_ARGUMENT
+        );
+        let new: Vec<f32> = (0..64).map(|i| i as f32 * 0.01).collect();
+        let mut bad = new.clone();
+        bad[5] = f32::NAN;
+        assert_eq!(
+            unsafe { beit_model_set_parameter(m, name.as_ptr(), bad.as_ptr(), 64) },
+            beit_status::BEIT_ERR_INVALID_ARGUMENT
+        );
+        assert_eq!(unsafe { &*m }.model().params().get(id), store.get(id), "a refused set changes nothing");
+        assert_eq!(unsafe { beit_model_set_parameter(m, name.as_ptr(), new.as_ptr(), 64) }, beit_status::BEIT_OK);
+        assert_eq!(unsafe { &*m }.model().params().get(id), &new[..]);
+
+        // Trainer set/get, then copying a whole model into a trainer and back.
+        assert_eq!(unsafe { beit_trainer_set_parameter(t, name.as_ptr(), new.as_ptr(), 64) }, beit_status::BEIT_OK);
+        let mut back = vec![0f32; 64];
+        assert_eq!(
+            unsafe { beit_trainer_get_parameter(t, name.as_ptr(), back.as_mut_ptr(), 64) },
+            beit_status::BEIT_OK
+        );
+        assert_eq!(back, new);
+        let other = from_config(ctx, TINY, &options());
+        assert_eq!(unsafe { beit_trainer_copy_parameters_from(other, m) }, beit_status::BEIT_OK, "{}", last_error());
+        assert_eq!(param_bits(other), param_bits(t));
+        // Another layout is refused, naming the first difference.
+        let wider = TINY.replace(r#""vocab_size": 5"#, r#""vocab_size": 6"#);
+        let w = from_config(ctx, &wider, &options());
+        assert_eq!(unsafe { beit_trainer_copy_parameters_from(w, m) }, beit_status::BEIT_ERR_INVALID_ARGUMENT);
+        assert!(last_error().contains("lm_head.weight"), "{}", last_error());
+        let mut m2 = ptr::null_mut();
+        assert_eq!(unsafe { beit_trainer_get_model(other, &mut m2) }, beit_status::BEIT_OK);
+        assert_eq!(unsafe { beit_model_copy_parameters(m2, m) }, beit_status::BEIT_OK);
+        assert_eq!(unsafe { beit_model_copy_parameters(m2, m2) }, beit_status::BEIT_ERR_INVALID_ARGUMENT);
+        unsafe {
+            beit_model_free(m);
+            beit_model_free(m2);
+            beit_trainer_free(t);
+            beit_trainer_free(other);
+            beit_trainer_free(w);
             beit_context_free(ctx);
         }
     }

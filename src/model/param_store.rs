@@ -3,6 +3,7 @@
 //! `segmentation::layout` (the UperNet head's), which each add their entries through it.
 
 use crate::backend::memory::{Space, View};
+use crate::error::{Error, Result};
 
 /// How a fresh model initialises an entry (BeitConfig-driven, unilm's scheme).
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -103,6 +104,72 @@ impl ParamStore {
         self.specs.push(ParamSpec { name, shape: shape.to_vec(), offset, len, init, exported: true });
         self.data.resize(offset + len, 0.0);
         ParamId(self.specs.len() - 1)
+    }
+
+    /// The exported entries in layout order: the parameters a Hugging Face checkpoint holds,
+    /// under their names there.
+    pub fn exported(&self) -> impl Iterator<Item = &ParamSpec> {
+        self.specs.iter().filter(|s| s.exported)
+    }
+
+    /// The exported entry named `name` (its Hugging Face name).
+    pub fn find_exported(&self, name: &str) -> Result<ParamId> {
+        self.specs.iter().position(|s| s.exported && s.name == name).map(ParamId).ok_or_else(|| {
+            Error::InvalidArgument(format!(
+                "this model has no parameter named {name:?} (the names are Hugging Face's, e.g. {:?})",
+                self.exported().next().map_or("", |s| s.name.as_str())
+            ))
+        })
+    }
+
+    /// Sets the values of the exported entry `name` from `values` (its length, all finite).
+    /// On error nothing changes.
+    pub fn set_named(&mut self, name: &str, values: &[f32]) -> Result<()> {
+        let id = self.find_exported(name)?;
+        let spec = &self.specs[id.0];
+        ensure!(
+            values.len() == spec.len,
+            InvalidArgument,
+            "{name} has shape {:?} ({} values); {} values were given",
+            spec.shape,
+            spec.len,
+            values.len()
+        );
+        if let Some(i) = values.iter().position(|v| !v.is_finite()) {
+            bail!(InvalidArgument, "{name}: value {i} is {}; parameters must be finite", values[i]);
+        }
+        self.get_mut(id).copy_from_slice(values);
+        Ok(())
+    }
+
+    /// Copies every exported entry of `src`, which must have the same entries (names and
+    /// shapes, in the same order). On error nothing changes.
+    pub fn copy_exported_from(&mut self, src: &ParamStore) -> Result<()> {
+        let (mine, theirs): (Vec<_>, Vec<_>) = (self.exported().collect(), src.exported().collect());
+        for (i, (a, b)) in mine.iter().zip(&theirs).enumerate() {
+            ensure!(
+                a.name == b.name && a.shape == b.shape,
+                InvalidArgument,
+                "the models' parameters differ at entry {i}: {} {:?} here, {} {:?} in the source",
+                a.name,
+                a.shape,
+                b.name,
+                b.shape
+            );
+        }
+        ensure!(
+            mine.len() == theirs.len(),
+            InvalidArgument,
+            "the models hold {} and {} parameters: copying needs the same layout",
+            mine.len(),
+            theirs.len()
+        );
+        let ranges: Vec<(usize, usize, usize)> =
+            mine.iter().zip(&theirs).map(|(a, b)| (a.offset, b.offset, a.len)).collect();
+        for (to, from, len) in ranges {
+            self.data[to..to + len].copy_from_slice(&src.data[from..from + len]);
+        }
+        Ok(())
     }
 
     /// Number of exported (real) parameters.

@@ -275,14 +275,17 @@ fn apply(trainer: &mut Trainer, l: Loaded) -> Result<()> {
 // does not import this module (checkpoint -> trainer only; no cycle).
 impl Trainer {
     /// Writes a checkpoint of everything this trainer holds to `path`, atomically: a crash or
-    /// error during the save leaves any previous file at `path` intact.
+    /// error during the save leaves any previous file at `path` intact. Refused while a step
+    /// is pending (its random state and gradients are half a step on).
     pub fn save_checkpoint(&self, path: &Path) -> Result<()> {
+        self.check_nothing_pending("save_checkpoint")?;
         save(self, path)
     }
 
     /// Restores this trainer from a checkpoint of the same model config. On error (unreadable
-    /// file, another config, corrupt tensors) the trainer is unchanged.
+    /// file, another config, corrupt tensors, a step pending) the trainer is unchanged.
     pub fn load_checkpoint(&mut self, path: &Path) -> Result<()> {
+        self.check_nothing_pending("load_checkpoint")?;
         load_into(self, path)
     }
 

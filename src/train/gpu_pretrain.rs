@@ -29,7 +29,7 @@
 
 use std::sync::Arc;
 
-use cudarc::driver::CudaSlice;
+use cudarc::driver::{CudaSlice, DevicePtr};
 use half::bf16;
 
 use crate::backend::cuda::adamw::GpuAdamW;
@@ -64,6 +64,16 @@ pub struct OptimizerSetup<'a> {
     pub trained: &'a [(usize, usize)],
     /// Per-element lr scale (layer-wise decay), or none.
     pub lr_scale: Option<&'a [f32]>,
+}
+
+/// A device gradient buffer as a host sees it ([`GpuPretrainer::gradients_on_device`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DeviceGradients {
+    /// The `CUdeviceptr` of `len` f32 values, laid out like the parameters.
+    pub pointer: u64,
+    pub len: usize,
+    /// The `CUstream` the work on the buffer is queued on, as an address.
+    pub stream: usize,
 }
 
 /// The planned memory of one batch size.
@@ -237,6 +247,21 @@ impl GpuPretrainer {
     ) -> Result<GpuStepStats> {
         self.forward_backward(batch, drop_path)?;
         self.apply(clip, lr)
+    }
+
+    /// Where the gradient buffer lives, for a host that works on it in place between the
+    /// passes and [`GpuPretrainer::apply`] (an all-reduce): the pointer, and the stream the
+    /// pass was queued on (wait on it before reading; queue writes on it, or finish them
+    /// before `apply`).
+    pub fn gradients_on_device(&self) -> DeviceGradients {
+        dispatch!(self, s => {
+            let stream = s.be.device().stream();
+            DeviceGradients {
+                pointer: s.grads.device_ptr(stream).0,
+                len: s.grads.len(),
+                stream: stream.cu_stream() as usize,
+            }
+        })
     }
 
     /// The gradient buffer (laid out like the parameters).

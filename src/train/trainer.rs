@@ -21,12 +21,13 @@ use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
 use crate::context::{Context, Device};
-use crate::error::Result;
+use crate::error::{Error, Result};
+use crate::model::param_store::ParamStore;
 use crate::model::{
     check_label_smoothing, Architecture, ClassifyBatch, DataParallelWorkspace, DropPath, MimBatch, MimTarget, Model,
 };
 use crate::resources::{try_zeroed, Bytes, Need};
-use crate::train::gpu_pretrain::{GpuPretrainer, OptimizerSetup, Precision};
+use crate::train::gpu_pretrain::{DeviceGradients, GpuPretrainer, OptimizerSetup, Precision};
 
 use super::adamw::{AdamW, AdamWConfig, DecayPlan};
 use super::layer_decay::lr_scales;
@@ -225,8 +226,43 @@ pub struct Trainer {
     /// With the GPU step: whether each step leaves the host parameters behind the device's
     /// (until [`Trainer::sync_host`]) instead of copying them back.
     defer_host_copy: bool,
+    /// The precision [`Trainer::use_context`] gives the GPU step (bf16 unless set).
+    context_precision: Precision,
     /// The front end's data-affecting options, saved in checkpoints ([`Trainer::set_run_record`]).
     pub(crate) run_record: Option<super::run_record::RunRecord>,
+    /// The step between its halves ([`Trainer::forward_backward`] .. [`Trainer::apply_gradients`]).
+    pending: Option<Pending>,
+}
+
+/// A step whose gradients wait for [`Trainer::apply_gradients`].
+#[derive(Debug, Clone)]
+struct Pending {
+    /// The random state before the step's drop path draw, restored when the step is dropped.
+    rng_before: ChaCha8Rng,
+    loss: f64,
+    images: usize,
+    masked: usize,
+    start: Instant,
+}
+
+/// What the first half of a step computed.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct PassStats {
+    /// The loss of the batch (as [`StepStats::loss`]).
+    pub loss: f64,
+    pub images: usize,
+    /// Masked positions the loss averaged over (0 for classification): an all-reduce of
+    /// pretraining gradients weights each share by it.
+    pub masked: usize,
+}
+
+/// The pending step's gradient buffer, laid out like the parameters.
+#[derive(Debug)]
+pub enum Gradients<'a> {
+    /// On the host: read and write it in place.
+    Host(&'a mut [f32]),
+    /// On the GPU: a device buffer, ready once the work queued on its stream is done.
+    Device(DeviceGradients),
 }
 
 impl std::fmt::Debug for Trainer {
@@ -282,7 +318,9 @@ impl Trainer {
             drop_factors: Vec::new(),
             gpu: None,
             defer_host_copy: false,
+            context_precision: Precision::Bf16,
             run_record: None,
+            pending: None,
         })
     }
 
@@ -316,6 +354,7 @@ impl Trainer {
     /// saving and checkpoints see them) unless [`Trainer::defer_host_copy`] is set. Steps stay
     /// deterministic, and drop path draws from the same random state as on the CPU.
     pub fn use_cuda(&mut self, precision: Precision) -> Result<()> {
+        self.check_nothing_pending("use_cuda")?;
         match self.model.architecture() {
             Architecture::MaskedImageModeling => GpuPretrainer::check_target(self.options.mim_target)?,
             Architecture::ImageClassification => {}
@@ -342,12 +381,18 @@ impl Trainer {
     }
 
     /// Follows `ctx`'s device: a cuda context moves the steps (pretraining and classification
-    /// fine-tuning) to the GPU in bf16.
+    /// fine-tuning) to the GPU, in bf16 unless [`Trainer::set_context_precision`] said otherwise.
     pub fn use_context(&mut self, ctx: &Context) -> Result<()> {
         if ctx.device() == Device::Cuda && self.gpu.is_none() {
-            self.use_cuda(Precision::Bf16)?;
+            self.use_cuda(self.context_precision)?;
         }
         Ok(())
+    }
+
+    /// The precision [`Trainer::use_context`] runs the GPU step in (the CPU computes in fp32
+    /// whatever this says).
+    pub fn set_context_precision(&mut self, precision: Precision) {
+        self.context_precision = precision;
     }
 
     /// The GPU step's precision, or `None` on the CPU.
@@ -368,6 +413,35 @@ impl Trainer {
             gpu.download_params(self.model.params_mut())?;
             gpu.download_optimizer(&mut self.optimizer)?;
         }
+        Ok(())
+    }
+
+    /// The current values of parameter `name` (a Hugging Face name), wherever the step keeps
+    /// them (with the GPU step and a deferred host copy, read from the device).
+    pub fn parameter(&self, name: &str) -> Result<Vec<f32>> {
+        let id = self.model.params().find_exported(name)?;
+        match (&self.gpu, self.defer_host_copy) {
+            (Some(gpu), true) => {
+                let mut store = self.model.params().clone();
+                gpu.download_params(&mut store)?;
+                Ok(store.get(id).to_vec())
+            }
+            _ => Ok(self.model.params().get(id).to_vec()),
+        }
+    }
+
+    /// Changes the trainer's parameters through `change` (e.g. [`ParamStore::set_named`]) on
+    /// the host, then hands them to the GPU step. Refused while a step is pending; on error
+    /// nothing changes.
+    pub fn change_parameters(&mut self, change: impl FnOnce(&mut ParamStore) -> Result<()>) -> Result<()> {
+        self.check_nothing_pending("setting parameters")?;
+        self.sync_host()?;
+        let mut store = self.model.params().clone();
+        change(&mut store)?;
+        if let Some(gpu) = &mut self.gpu {
+            gpu.upload_state(&store, &self.optimizer)?;
+        }
+        *self.model.params_mut() = store;
         Ok(())
     }
 
@@ -468,87 +542,193 @@ impl Trainer {
         true
     }
 
-    /// One pretraining step on `batch`: forward, backward, clipping, AdamW at the scheduled lr.
-    /// On error nothing changes (parameters, optimizer state, step, random state).
+    /// One pretraining step on `batch`: forward, backward, clipping, AdamW at the scheduled lr
+    /// ([`Trainer::forward_backward`] then [`Trainer::apply_gradients`]). On error nothing
+    /// changes (parameters, optimizer state, step, random state).
     pub fn step(&mut self, batch: &MimBatch<'_>) -> Result<StepStats> {
-        let target = self.options.mim_target;
-        self.model.check_mim_batch(batch, target)?;
-        if self.gpu.is_some() {
-            return self.step_gpu(batch.batch, batch.masked_count(), |gpu, drop| gpu.forward_backward(batch, drop));
-        }
-        self.step_with(batch.batch, batch.masked_count(), |model, ws, drop, grads| {
-            model.mim_forward_backward_data_parallel(ws, batch, target, drop, grads)
-        })
-    }
-
-    /// A step on the GPU: the same drop path draw, the same schedule, clipping and AdamW (the
-    /// one optimizer step, on the device's buffers), the same refusal of a non-finite loss or
-    /// norm as [`Trainer::step_with`]; `pass` runs the forward and backward there.
-    fn step_gpu(
-        &mut self,
-        images: usize,
-        masked: usize,
-        pass: impl FnOnce(&mut GpuPretrainer, Option<&[f32]>) -> Result<()>,
-    ) -> Result<StepStats> {
-        let start = Instant::now();
-        let rng_before = self.rng.clone();
-        let dropping = self.draw_drop_path(images);
-        let lr = self.options.lr_at(self.step);
-        let gpu = self.gpu.as_mut().expect("checked by the caller");
-        let drop = dropping.then_some(&self.drop_factors[..]);
-        let stats = match pass(gpu, drop).and_then(|()| gpu.apply(self.options.clip_grad_norm, lr as f32)) {
-            Ok(s) => s,
-            Err(e) => {
-                self.rng = rng_before;
-                return Err(e);
-            }
-        };
-        if !self.defer_host_copy {
-            gpu.download_params(self.model.params_mut())?;
-        }
-        self.step += 1;
-        self.data_position += 1;
-        let seconds = start.elapsed().as_secs_f64();
-        Ok(StepStats {
-            step: self.step,
-            loss: stats.loss,
-            lr,
-            grad_norm: stats.grad_norm,
-            masked,
-            seconds,
-            images_per_s: images as f64 / seconds.max(1e-12),
-        })
+        self.forward_backward(batch)?;
+        self.apply_gradients()
     }
 
     /// One fine-tuning step on a labelled `batch` (mean cross-entropy with label smoothing
     /// `label_smoothing`), otherwise exactly as [`Trainer::step`]. On error nothing changes.
     pub fn step_classify(&mut self, batch: &ClassifyBatch<'_>, label_smoothing: f32) -> Result<StepStats> {
+        self.forward_backward_classify(batch, label_smoothing)?;
+        self.apply_gradients()
+    }
+
+    /// The first half of a pretraining step: draws the step's drop path, runs the forward and
+    /// backward of `batch` into the zeroed gradient buffer, and leaves the step pending until
+    /// [`Trainer::apply_gradients`] (or [`Trainer::discard_gradients`]). In between, the host
+    /// may read and change the gradients ([`Trainer::gradients`]): an all-reduce across
+    /// processes, its own clipping. Refused while another step is pending; a non-finite loss
+    /// is refused and leaves the trainer as before.
+    pub fn forward_backward(&mut self, batch: &MimBatch<'_>) -> Result<PassStats> {
+        self.check_nothing_pending("forward_backward")?;
+        let target = self.options.mim_target;
+        self.model.check_mim_batch(batch, target)?;
+        if self.gpu.is_some() {
+            return self.pass_gpu(batch.batch, batch.masked_count(), |gpu, drop| gpu.forward_backward(batch, drop));
+        }
+        self.pass_cpu(batch.batch, batch.masked_count(), |model, ws, drop, grads| {
+            model.mim_forward_backward_data_parallel(ws, batch, target, drop, grads)
+        })
+    }
+
+    /// [`Trainer::forward_backward`] for a classification trainer's labelled `batch`.
+    pub fn forward_backward_classify(&mut self, batch: &ClassifyBatch<'_>, label_smoothing: f32) -> Result<PassStats> {
+        self.check_nothing_pending("forward_backward_classify")?;
         self.model.check_classify_batch(batch)?;
         check_label_smoothing(label_smoothing)?;
         if self.gpu.is_some() {
             return self
-                .step_gpu(batch.batch, 0, |gpu, drop| gpu.classify_forward_backward(batch, drop, label_smoothing));
+                .pass_gpu(batch.batch, 0, |gpu, drop| gpu.classify_forward_backward(batch, drop, label_smoothing));
         }
-        self.step_with(batch.batch, 0, |model, ws, drop, grads| {
+        self.pass_cpu(batch.batch, 0, |model, ws, drop, grads| {
             model.classify_forward_backward_data_parallel(ws, batch, drop, label_smoothing, grads)
         })
     }
 
-    /// The step shared by every head: drop path draw, `pass` (forward + backward into the zeroed
-    /// gradient buffer, returning the loss), the finite checks, clipping and AdamW.
-    fn step_with(
+    /// The pending step's gradients (laid out like the parameters, [`Model::params`]): the
+    /// host buffer on the CPU, the device buffer and the stream it is ready on with the GPU
+    /// step. Refused when no step is pending.
+    pub fn gradients(&mut self) -> Result<Gradients<'_>> {
+        ensure!(
+            self.pending.is_some(),
+            InvalidArgument,
+            "no step is pending: the gradients are there between forward_backward and apply_gradients"
+        );
+        Ok(match &self.gpu {
+            Some(gpu) => Gradients::Device(gpu.gradients_on_device()),
+            None => Gradients::Host(&mut self.grads),
+        })
+    }
+
+    /// Whether a step is pending (after [`Trainer::forward_backward`], before
+    /// [`Trainer::apply_gradients`] or [`Trainer::discard_gradients`]).
+    pub fn step_pending(&self) -> bool {
+        self.pending.is_some()
+    }
+
+    /// Drops the pending step: the trainer is as before its forward_backward (random state
+    /// included). Nothing to do when none is pending.
+    pub fn discard_gradients(&mut self) {
+        if let Some(p) = self.pending.take() {
+            self.rng = p.rng_before;
+        }
+    }
+
+    /// The second half of a step: the global gradient norm, clipping, and AdamW at the
+    /// scheduled learning rate on the pending step's gradients (as the host left them). A
+    /// non-finite gradient norm is refused: the step is dropped and the trainer is as before
+    /// its forward_backward. Refused when no step is pending.
+    pub fn apply_gradients(&mut self) -> Result<StepStats> {
+        let Some(pending) = self.pending.take() else {
+            bail!(InvalidArgument, "no step is pending: run forward_backward first");
+        };
+        let lr = self.options.lr_at(self.step);
+        let clip = (self.options.clip_grad_norm > 0.0).then_some(self.options.clip_grad_norm);
+        let grad_norm = match &mut self.gpu {
+            Some(gpu) => match gpu.apply(self.options.clip_grad_norm, lr as f32) {
+                Ok(s) => Ok(s.grad_norm),
+                Err(e) => Err(e),
+            },
+            None => {
+                let mut target = HostUpdate {
+                    adamw: &mut self.optimizer,
+                    params: &mut self.model.params_mut().data,
+                    grads: &mut self.grads,
+                    lr_scale: self.lr_scale.as_deref(),
+                };
+                match apply_update(&mut target, lr as f32, clip) {
+                    Ok(Ok(norm)) => Ok(norm),
+                    Ok(Err(NonFiniteGradient(norm))) => Err(Error::Numerical(format!(
+                        "the gradient norm is {norm}; the step was not applied and the trainer is unchanged"
+                    ))),
+                    Err(e) => Err(e),
+                }
+            }
+        };
+        let grad_norm = match grad_norm {
+            Ok(norm) => norm,
+            Err(e) => {
+                self.rng = pending.rng_before;
+                return Err(e);
+            }
+        };
+        if let (Some(gpu), false) = (&self.gpu, self.defer_host_copy) {
+            gpu.download_params(self.model.params_mut())?;
+        }
+        self.step += 1;
+        self.data_position += 1;
+        let seconds = pending.start.elapsed().as_secs_f64();
+        Ok(StepStats {
+            step: self.step,
+            loss: pending.loss,
+            lr,
+            grad_norm,
+            masked: pending.masked,
+            seconds,
+            images_per_s: pending.images as f64 / seconds.max(1e-12),
+        })
+    }
+
+    /// Refuses `call` while a step is pending (its gradients and random state belong to it).
+    pub(crate) fn check_nothing_pending(&self, call: &str) -> Result<()> {
+        ensure!(
+            self.pending.is_none(),
+            InvalidArgument,
+            "{call}: a step is pending (forward_backward ran; apply_gradients or discard_gradients has not): \
+             finish it first"
+        );
+        Ok(())
+    }
+
+    /// The first half of a step on the GPU: the same drop path draw and the same refusal of a
+    /// non-finite loss as [`Trainer::pass_cpu`]; `pass` queues the forward and backward there.
+    fn pass_gpu(
+        &mut self,
+        images: usize,
+        masked: usize,
+        pass: impl FnOnce(&mut GpuPretrainer, Option<&[f32]>) -> Result<()>,
+    ) -> Result<PassStats> {
+        let start = Instant::now();
+        let rng_before = self.rng.clone();
+        let dropping = self.draw_drop_path(images);
+        let gpu = self.gpu.as_mut().expect("checked by the caller");
+        let drop = dropping.then_some(&self.drop_factors[..]);
+        let loss = pass(gpu, drop).and_then(|()| gpu.loss());
+        self.finish_pass(loss, rng_before, start, images, masked)
+    }
+
+    /// The first half of a step on the CPU, shared by every head: drop path draw, `pass`
+    /// (forward + backward into the zeroed gradient buffer, returning the loss).
+    fn pass_cpu(
         &mut self,
         images: usize,
         masked: usize,
         pass: impl FnOnce(&Model, &mut DataParallelWorkspace, Option<DropPath<'_>>, &mut [f32]) -> Result<f64>,
-    ) -> Result<StepStats> {
+    ) -> Result<PassStats> {
         let start = Instant::now();
         let rng_before = self.rng.clone();
         let dropping = self.draw_drop_path(images);
         self.grads.fill(0.0);
         let drop = dropping.then_some(DropPath { factors: &self.drop_factors });
-        let result = pass(&self.model, &mut self.workspace, drop, &mut self.grads);
-        let loss = match result {
+        let loss = pass(&self.model, &mut self.workspace, drop, &mut self.grads);
+        self.finish_pass(loss, rng_before, start, images, masked)
+    }
+
+    /// Makes a pass's step pending, or, when it failed or its loss is not finite, puts the
+    /// random state back.
+    fn finish_pass(
+        &mut self,
+        loss: Result<f64>,
+        rng_before: ChaCha8Rng,
+        start: Instant,
+        images: usize,
+        masked: usize,
+    ) -> Result<PassStats> {
+        let loss = match loss {
             Ok(loss) if loss.is_finite() => loss,
             Ok(loss) => {
                 self.rng = rng_before;
@@ -559,32 +739,7 @@ impl Trainer {
                 return Err(e);
             }
         };
-        let lr = self.options.lr_at(self.step);
-        let clip = (self.options.clip_grad_norm > 0.0).then_some(self.options.clip_grad_norm);
-        let mut target = HostUpdate {
-            adamw: &mut self.optimizer,
-            params: &mut self.model.params_mut().data,
-            grads: &mut self.grads,
-            lr_scale: self.lr_scale.as_deref(),
-        };
-        let grad_norm = match apply_update(&mut target, lr as f32, clip)? {
-            Ok(norm) => norm,
-            Err(NonFiniteGradient(norm)) => {
-                self.rng = rng_before;
-                bail!(Numerical, "the gradient norm is {norm}; the step was not applied and the trainer is unchanged");
-            }
-        };
-        self.step += 1;
-        self.data_position += 1;
-        let seconds = start.elapsed().as_secs_f64();
-        Ok(StepStats {
-            step: self.step,
-            loss,
-            lr,
-            grad_norm,
-            masked,
-            seconds,
-            images_per_s: images as f64 / seconds.max(1e-12),
-        })
+        self.pending = Some(Pending { rng_before, loss, images, masked, start });
+        Ok(PassStats { loss, images, masked })
     }
 }

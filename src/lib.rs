@@ -12,6 +12,7 @@ pub mod dvae;
 pub mod ffi;
 pub mod files;
 pub mod model;
+pub mod precision;
 /// cbindgen:ignore
 pub mod resources;
 pub mod tensor;

@@ -13,8 +13,8 @@ use super::status::{
 };
 use crate::context::{Context, Device};
 use crate::model::{Architecture, BeitConfig, MimBatch, MimTarget, Model};
+use crate::precision::Precision;
 use crate::tensor::checked_numel;
-use crate::train::gpu_pretrain::Precision;
 use crate::train::trainer::{Gradients, StepStats, Trainer, TrainerOptions, WeightDecayOn};
 
 /// Which parameters weight decay applies to (`beit_trainer_options.weight_decay_on`).

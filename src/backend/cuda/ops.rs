@@ -37,34 +37,7 @@ use crate::backend::ops::{Backend, Branch, BranchGrads, DxMode, Norm, TokenParam
 use crate::backend::shapes::{AttentionShape, GemmShape, PatchEmbedShape};
 use crate::error::{Error, Result};
 
-/// Storage precision of a GPU run.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Precision {
-    /// Everything fp32: parity with the CPU pass.
-    F32,
-    /// bf16 activations and GEMM/attention inputs, fp32 accumulation, fp32 master weights.
-    Bf16,
-}
-
-impl std::str::FromStr for Precision {
-    type Err = Error;
-    fn from_str(s: &str) -> Result<Self> {
-        match s {
-            "fp32" | "f32" => Ok(Precision::F32),
-            "bf16" => Ok(Precision::Bf16),
-            other => bail!(InvalidArgument, "unknown precision {other:?} (fp32 or bf16)"),
-        }
-    }
-}
-
-impl Precision {
-    pub fn name(self) -> &'static str {
-        match self {
-            Precision::F32 => "fp32",
-            Precision::Bf16 => "bf16",
-        }
-    }
-}
+pub use crate::precision::Precision;
 
 /// The storage types of activations and working parameters: f32 and bf16.
 pub trait Act: GemmType + ValidAsZeroBits + Copy + Send + Sync + Unpin + 'static {

@@ -2,7 +2,9 @@
 # Proves README.md's recipe for a Go module outside this repository: `make install` into a
 # temporary prefix is part of the recipe block itself; the block runs in a fresh temporary
 # directory holding the README's main.go, with an environment of PATH and HOME alone (plus the
-# recipe's BEIT_SRC and PREFIX, and GOPROXY=off, which only forbids the network), and must print
+# recipe's BEIT_SRC and PREFIX; GOPROXY=off, which only forbids the network; and an empty
+# GOCACHE, as on a machine that never built beit-go: Go's build cache does not notice that
+# beit.pc now names another prefix, golang/go#24544, which README.md tells users), and must print
 # the README's line. The program then runs again as a built binary with LD_LIBRARY_PATH unset
 # (the rpath from beit.pc finds the library). Called by test.sh; KEEP=1 keeps the directory.
 set -euo pipefail
@@ -34,7 +36,8 @@ printf '%s\n' "$program" >"$work/main.go"
 # The Go toolchain's directory stays on PATH (GO may name one that is not).
 path="$(dirname "$GO"):$PATH"
 run_clean() {
-    (cd "$work" && env -i PATH="$path" HOME="$HOME" GOPROXY=off BEIT_SRC="$root" PREFIX="$tmp/prefix" "$@")
+    (cd "$work" && env -i PATH="$path" HOME="$HOME" GOPROXY=off GOCACHE="$tmp/gocache" \
+        BEIT_SRC="$root" PREFIX="$tmp/prefix" "$@")
 }
 echo "== the README's recipe, in $work"
 out="$(run_clean bash -euo pipefail -c "$recipe" 2>"$tmp/recipe.log")" || { cat "$tmp/recipe.log" >&2; fail "the recipe"; }

@@ -12,9 +12,15 @@
 #   include/beit.h, include/beit.hpp
 #   lib/pkgconfig/beit.pc
 #   lib/cmake/beit/beitConfig.cmake, beitConfigVersion.cmake   (imported target beit::beit)
+#
+# beit.pc's Libs carry `-Wl,-rpath,${libdir}` (PC_RPATH), so a program linked through pkg-config
+# (C, C++, Go's `#cgo pkg-config: beit`) finds libbeit.so.$(ABI) at run time without
+# LD_LIBRARY_PATH. A distribution package installing into a directory the loader already searches
+# may drop it: `make install PREFIX=/usr PC_RPATH=`.
 PREFIX ?= /usr/local
 DESTDIR ?=
 CARGO ?= cargo
+PC_RPATH ?= -Wl,-rpath,$${libdir}
 
 VERSION := $(shell sed -n '/^\[package\]/,/^\[/s/^version *= *"\([^"]*\)".*/\1/p' Cargo.toml | head -n1)
 ABI := $(shell sed -n 's/^pub const BEIT_ABI_VERSION: u32 = \([0-9][0-9]*\);/\1/p' src/ffi/version.rs)
@@ -25,7 +31,8 @@ LIB := $(DESTDIR)$(PREFIX)/lib
 BIN := $(DESTDIR)$(PREFIX)/bin
 INC := $(DESTDIR)$(PREFIX)/include
 SUBST := sed -e 's|@PREFIX@|$(PREFIX)|g' -e 's|@VERSION@|$(VERSION)|g' -e 's|@ABI@|$(ABI)|g' \
-	-e 's|@MAJOR@|$(MAJOR)|g' -e 's|@MINOR@|$(MINOR)|g'
+	-e 's|@MAJOR@|$(MAJOR)|g' -e 's|@MINOR@|$(MINOR)|g' \
+	-e 's|@PC_RPATH@|$(PC_RPATH)|g'
 
 .PHONY: all build install uninstall check-vars
 all: build

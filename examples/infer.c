@@ -1,7 +1,7 @@
 /* Inference on a model directory: loads a Hugging Face BEiT directory (config.json +
  * model.safetensors), runs one image through it and prints what came out.
  *
- *   cc -std=c11 infer.c -I include -L target/release -lbeit -o infer
+ *   cc -std=c11 infer.c $(pkg-config --cflags --libs beit) -o infer     (after make install; see examples/README.md)
  *   ./infer MODEL_DIR
  *
  * The image here is a synthetic gradient of the model's size; a real host fills `pixels` with

@@ -2,7 +2,7 @@
  * (pixels, the mask of patches to predict, the visual token of every patch), steps the
  * trainer, checkpoints, and resumes from the checkpoint.
  *
- *   cc -std=c11 pretrain_loop.c -I include -L target/release -lbeit -o pretrain_loop
+ *   cc -std=c11 pretrain_loop.c $(pkg-config --cflags --libs beit) -o pretrain_loop     (after make install; see examples/README.md)
  *   ./pretrain_loop OUT_DIR
  *
  * The batches here are a toy task (each patch's token is its mean brightness, quantised to the

@@ -2,7 +2,8 @@
 # Builds the C examples against target/release (strict warnings) and runs each on real inputs:
 # inference on a committed reference model, the host-driven pretraining loop (it fails unless
 # the loss falls and the checkpoint resumes), and tokenizing a folder of PNG images (imported with
-# `beit dataset import --format image-folder`) with a committed tokenizer. Needs
+# `beit dataset import --format image-folder`) with a committed tokenizer; then infer.c once more
+# as examples/README.md says (pkg-config, against `make install`), run without LD_LIBRARY_PATH. Needs
 # `cargo build --release` first; fails loudly.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -45,4 +46,13 @@ PY
 "$lib/beit" dataset import --format image-folder --dir "$folder" --size 8 --channels 1 --out "$build/images.beitds" >/dev/null
 "$build/tokenize_dataset" tests/reference_dvae/grad_tiny "$build/images.beitds" | tee "$build/tokens.txt"
 [[ $(grep -c "^image " "$build/tokens.txt") == 6 ]] || { echo "examples/test.sh: expected 6 tokenized images" >&2; exit 1; }
+echo "== examples/infer built as examples/README.md says, against make install"
+prefix="$(mktemp -d /tmp/beit-examples.XXXXXX)"
+trap 'rm -rf "$prefix"' EXIT
+make --no-print-directory install PREFIX="$prefix" >"$prefix.log" 2>&1 || { cat "$prefix.log" >&2; rm -f "$prefix.log"; exit 1; }
+rm -f "$prefix.log"
+# shellcheck disable=SC2046
+(export PKG_CONFIG_PATH="$prefix/lib/pkgconfig"; cc -std=c11 -Wall -Wextra -Werror examples/infer.c $(pkg-config --cflags --libs beit) -o "$prefix/infer")
+(unset LD_LIBRARY_PATH; "$prefix/infer" tests/reference/mim_shared) >/dev/null \
+    || { echo "examples/test.sh: infer built through pkg-config does not run without LD_LIBRARY_PATH" >&2; exit 1; }
 echo "examples/test.sh: OK"

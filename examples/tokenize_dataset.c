@@ -2,7 +2,7 @@
  * every image through the dataset API and tokenize it with a visual tokenizer.
  *
  *   beit dataset import --format image-folder --dir IMAGES/ --size 32 --channels 1 --out images.beitds
- *   cc -std=c11 tokenize_dataset.c -I include -L target/release -lbeit -o tokenize_dataset
+ *   cc -std=c11 tokenize_dataset.c $(pkg-config --cflags --libs beit) -o tokenize_dataset     (after make install; see examples/README.md)
  *   ./tokenize_dataset TOKENIZER_DIR images.beitds
  *
  * TOKENIZER_DIR comes from `beit tokenizer train` (or scripts/convert_dalle_encoder.py). The

@@ -6,7 +6,9 @@
 // - Every failing call throws beit::Error (or its subclass for the status: beit::IoError,
 //   beit::BufferSizeError, ...), carrying status() and beit_last_error_message()'s text.
 // - No tensor is copied: inputs are read through beit::span<const T>, outputs are written into
-//   caller-owned memory (beit::span<T> or a std::vector the caller owns, resized to fit).
+//   caller-owned memory (beit::span<T> or a std::vector the caller owns, resized to fit), or
+//   into a beit::Tensor returned with its shape (Model::infer(ctx, images), Tokenizer::tokenize,
+//   Dataset::read(index), ...).
 // - The versioned C structs come from the *_default() functions, so struct_size is always set.
 //
 // Requires C++17 and beit.h on the include path; link with -lbeit.
@@ -226,6 +228,103 @@ void resize_to(std::vector<T>& v, std::size_t n) {
 }
 }  // namespace detail
 
+// ---------------------------------------------------------------------------------------------
+// Tensors with their shapes
+
+// A row-major (C order) array with its shape: data.size() is the product of shape. An empty
+// tensor (no data, no shape) is an output that does not exist (or was not asked for).
+template <class T>
+struct BasicTensor {
+    std::vector<T> data;
+    std::vector<std::size_t> shape;
+
+    std::size_t size() const noexcept { return data.size(); }
+    bool empty() const noexcept { return shape.empty(); }
+};
+using Tensor = BasicTensor<float>;
+
+namespace detail {
+inline std::size_t numel(const std::vector<std::size_t>& shape) {
+    std::size_t n = 1;
+    for (std::size_t d : shape) n *= d;
+    return n;
+}
+
+inline std::string shape_text(const std::vector<std::size_t>& shape) {
+    std::string s = "[";
+    for (std::size_t i = 0; i < shape.size(); i++) s += (i ? ", " : "") + std::to_string(shape[i]);
+    return s + "]";
+}
+
+// `shape` when it holds exactly `n` values, the length libbeit reported for that output; a
+// difference means the wrapper derived the layout wrongly, and throws InternalError rather
+// than hand out a mislabelled tensor.
+inline std::vector<std::size_t> checked_shape(const char* what, std::size_t n,
+                                              std::vector<std::size_t> shape) {
+    if (numel(shape) != n) {
+        throw_error(BEIT_ERR_INTERNAL, std::string(what) + ": shape " + shape_text(shape) +
+                                           " holds " + std::to_string(numel(shape)) +
+                                           " values, but libbeit reports " + std::to_string(n));
+    }
+    return shape;
+}
+
+// A zeroed tensor of `shape`; an empty shape (no such output) gives an empty tensor.
+template <class T>
+BasicTensor<T> tensor_of(std::vector<std::size_t> shape) {
+    BasicTensor<T> t;
+    if (!shape.empty()) {
+        t.data.assign(numel(shape), T());
+        t.shape = std::move(shape);
+    }
+    return t;
+}
+}  // namespace detail
+
+// ---------------------------------------------------------------------------------------------
+// The device
+
+// The name the CLI's --device takes: "auto", "cpu" or "cuda" ("unknown" otherwise).
+inline const char* device_name(beit_device device) noexcept {
+    switch (device) {
+    case BEIT_DEVICE_AUTO: return "auto";
+    case BEIT_DEVICE_CPU: return "cpu";
+    case BEIT_DEVICE_CUDA: return "cuda";
+    default: return "unknown";
+    }
+}
+
+// What BEIT_DEVICE_AUTO picks on this machine and the CUDA probe's findings (beit_device_info).
+struct DeviceInfo {
+    beit_device kind = BEIT_DEVICE_CPU;  // BEIT_DEVICE_CUDA when the probe found a usable GPU
+    bool cuda_usable = false;
+    std::string name;  // the GPU's name (device 0), or "cpu"
+    int compute_capability_major = 0;  // 9 and 0 for an H100/H200; 0 without a GPU
+    int compute_capability_minor = 0;
+    std::uint64_t total_memory = 0;  // GPU memory in bytes; 0 without a GPU
+    int driver_version = 0;          // the driver's CUDA version, 1000*major + 10*minor; 0: none
+    int device_count = 0;            // CUDA devices the driver sees
+    std::string reason;  // the probe's sentence: the GPU found, or exactly what is missing
+};
+
+// Probes CUDA on the first call of the process (a missing driver or GPU is reported in
+// `reason`, not thrown); later calls give the same report.
+inline DeviceInfo device_info() {
+    beit_device_info c = beit_device_info_default();
+    check(beit_get_device_info(&c));
+    DeviceInfo info;
+    info.kind = c.kind;
+    info.cuda_usable = c.cuda_usable != 0;
+    info.name = c.name;
+    info.compute_capability_major = c.compute_capability_major;
+    info.compute_capability_minor = c.compute_capability_minor;
+    info.total_memory = c.total_memory;
+    info.driver_version = c.driver_version;
+    info.device_count = c.device_count;
+    info.reason = c.reason;
+    return info;
+}
+
 using ContextOptions = beit_context_options;
 using ModelInfo = beit_model_info;
 using OutputSizes = beit_output_sizes;
@@ -313,6 +412,24 @@ struct Outputs {
     }
 };
 
+// The shapes of Model::infer's outputs for one input size; an empty shape is an output the
+// model does not have.
+struct OutputShapes {
+    std::vector<std::size_t> last_hidden_state;  // [batch, num_tokens, hidden_size]
+    std::vector<std::size_t> pooler_output;      // [batch, hidden_size]
+    // [batch, num_patches, vocab_size] (masked image modeling), [batch, num_labels]
+    // (classification) or [batch, num_labels, 4·gh, 4·gw] (segmentation, a gh x gw patch grid)
+    std::vector<std::size_t> logits;
+};
+
+// Every output of one Model::infer, each with its shape; an empty Tensor is an output the model
+// does not have.
+struct InferResult {
+    Tensor last_hidden_state;
+    Tensor pooler_output;
+    Tensor logits;
+};
+
 // beit_model: immutable; many threads may infer with one model at once.
 class Model {
 public:
@@ -344,6 +461,36 @@ public:
         check(beit_model_output_sizes(get(), batch, height, width, &sizes));
         return sizes;
     }
+    // The shapes of the outputs for `batch` images of height x width pixels (the C API gives
+    // lengths; the layouts follow from the model's info and are checked against them).
+    OutputShapes output_shapes(std::size_t batch, std::size_t height, std::size_t width) const {
+        const OutputSizes sizes = output_sizes(batch, height, width);
+        const ModelInfo i = info();
+        OutputShapes shapes;
+        if (sizes.last_hidden_state_len) {
+            shapes.last_hidden_state = detail::checked_shape(
+                "last_hidden_state", sizes.last_hidden_state_len, {batch, sizes.num_tokens, i.hidden_size});
+        }
+        if (sizes.pooler_output_len) {
+            shapes.pooler_output =
+                detail::checked_shape("pooler_output", sizes.pooler_output_len, {batch, i.hidden_size});
+        }
+        if (sizes.logits_len) {
+            std::vector<std::size_t> shape;
+            switch (i.architecture) {
+            case BEIT_ARCH_MASKED_IMAGE_MODELING:
+                shape = {batch, sizes.num_patches, i.vocab_size};
+                break;
+            case BEIT_ARCH_SEMANTIC_SEGMENTATION:  // the decode head's logits at 4x the patch grid
+                shape = {batch, i.num_labels, 4 * (height / i.patch_height), 4 * (width / i.patch_width)};
+                break;
+            default:
+                shape = {batch, i.num_labels};
+            }
+            shapes.logits = detail::checked_shape("logits", sizes.logits_len, std::move(shape));
+        }
+        return shapes;
+    }
 
     // Runs the model, writing into the caller's buffers (each must be empty or exactly sized:
     // see output_sizes; a wrong size throws beit::BufferSizeError, writing nothing).
@@ -351,6 +498,22 @@ public:
         const beit_image_batch in = input.to_c();
         const beit_infer_outputs out = outputs.to_c();
         check(beit_model_infer(ctx.get(), get(), &in, &out));
+    }
+    // Runs the model and returns every output it has, each a Tensor with its shape (see
+    // output_shapes), written by the library in place.
+    InferResult infer(const Context& ctx, const Images& input) const {
+        (void)ctx.get();  // an empty context throws before anything else is checked
+        const OutputShapes shapes = output_shapes(input.batch, input.height, input.width);
+        InferResult r;
+        r.last_hidden_state = detail::tensor_of<float>(shapes.last_hidden_state);
+        r.pooler_output = detail::tensor_of<float>(shapes.pooler_output);
+        r.logits = detail::tensor_of<float>(shapes.logits);
+        Outputs out;
+        out.last_hidden_state = r.last_hidden_state.data;
+        out.pooler_output = r.pooler_output.data;
+        out.logits = r.logits.data;
+        infer(ctx, input, out);
+        return r;
     }
     // The same with the C structs (from beit_image_batch_default()/beit_infer_outputs_default()).
     void infer(const Context& ctx, const beit_image_batch& input,
@@ -408,10 +571,24 @@ public:
         detail::resize_to(tokens, batch * info().tokens_per_image);
         tokenize(pixels, batch, span<std::int64_t>(tokens));
     }
+    // The same, returning the tokens with their shape [batch, tokens_per_image].
+    BasicTensor<std::int64_t> tokenize(span<const float> pixels, std::size_t batch) const {
+        BasicTensor<std::int64_t> tokens =
+            detail::tensor_of<std::int64_t>({batch, info().tokens_per_image});
+        tokenize(pixels, batch, span<std::int64_t>(tokens.data));
+        return tokens;
+    }
     // Tokens back to pixels (tokenizers with a decoder only).
     void decode(span<const std::int64_t> tokens, std::size_t batch, span<float> pixels) const {
         check(beit_tokenizer_decode(get(), tokens.data(), tokens.size(), batch, pixels.data(),
                                     pixels.size()));
+    }
+    // The same, returning the images with their shape [batch, C, S, S].
+    Tensor decode(span<const std::int64_t> tokens, std::size_t batch) const {
+        const TokenizerInfo i = info();
+        Tensor pixels = detail::tensor_of<float>({batch, i.in_channels, i.image_size, i.image_size});
+        decode(tokens, batch, span<float>(pixels.data));
+        return pixels;
     }
 
     beit_tokenizer* get() const { return handle_.get(); }
@@ -430,6 +607,16 @@ struct SampleMeta {
     bool label_written = false;
     bool mask_written = false;
     bool tokens_written = false;
+};
+
+// One sample of Dataset::read(index), each array with its shape: pixels [H, W, C] (channels
+// interleaved), mask [H, W] and tokens [token_grid_h, token_grid_w] (empty tensors when the
+// dataset has none).
+struct Sample {
+    BasicTensor<std::uint8_t> pixels;
+    BasicTensor<std::uint8_t> mask;
+    BasicTensor<std::uint16_t> tokens;
+    SampleMeta meta;
 };
 
 // beit_dataset: a .beitds file; immutable and thread-safe.
@@ -468,6 +655,23 @@ public:
         meta.mask_written = s.mask_written;
         meta.tokens_written = s.tokens_written;
         return meta;
+    }
+    // Reads sample `index` into new tensors, with its mask and tokens when the dataset has them.
+    Sample read(std::uint64_t index) const {
+        const DatasetInfo i = info();
+        Sample s;
+        s.pixels = detail::tensor_of<std::uint8_t>(
+            detail::checked_shape("pixels", i.pixels_len, {i.height, i.width, i.channels}));
+        if (i.has_masks) {
+            s.mask = detail::tensor_of<std::uint8_t>(
+                detail::checked_shape("mask", i.mask_len, {i.height, i.width}));
+        }
+        if (i.has_tokens) {
+            s.tokens = detail::tensor_of<std::uint16_t>(
+                detail::checked_shape("tokens", i.tokens_len, {i.token_grid_h, i.token_grid_w}));
+        }
+        s.meta = read(index, s.pixels.data, s.mask.data, s.tokens.data);
+        return s;
     }
 
     beit_dataset* get() const { return handle_.get(); }

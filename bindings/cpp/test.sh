@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# The C++ binding end to end: `make install` into a temporary PREFIX; example/ and tests/ built
-# with CMake against it (find_package(beit CONFIG)); the test built again with pkg-config alone;
-# the README's snippet extracted and built; all run (the test plainly, statically linked, and
-# under valgrind); then scripts/check-abi. Any failure stops it with a message and exit 1.
+# The C++ binding end to end: `make install` into a temporary PREFIX; a copy of example/ placed
+# outside the repository and tests/ built with CMake against it (find_package(beit CONFIG)); the
+# test built again with pkg-config alone (the rpath comes from beit.pc); the README's snippet
+# extracted and built; all run with LD_LIBRARY_PATH unset (the test plainly, statically linked,
+# and under valgrind); then scripts/check-abi. Any failure stops it with a message and exit 1.
 #
 #   bindings/cpp/test.sh        (KEEP=1 keeps the temporary directory; BEIT_VALGRIND=0 skips valgrind)
 set -euo pipefail
@@ -16,6 +17,8 @@ for tool in cargo cmake g++ pkg-config readelf make; do
     command -v "$tool" >/dev/null || fail "$tool not found"
 done
 
+# Every program below must find libbeit.so by its rpath alone (beit.pc's, or CMake's build rpath).
+unset LD_LIBRARY_PATH
 WORK=$(mktemp -d /tmp/beit-cpp.XXXXXX)
 if [ "${KEEP:-0}" = 1 ]; then echo "keeping $WORK"; else trap 'rm -rf "$WORK"' EXIT; fi
 PREFIX=$WORK/prefix
@@ -44,8 +47,9 @@ awk '/<!-- snippet:/ {armed = 1; next}
      inside {print}' bindings/cpp/README.md >"$SNIPPET"
 grep -q 'int main' "$SNIPPET" || fail "no snippet found in bindings/cpp/README.md"
 
-step "cmake: bindings/cpp/example"
-cmake -S bindings/cpp/example -B "$WORK/example" -DCMAKE_PREFIX_PATH="$PREFIX" \
+step "cmake: a copy of bindings/cpp/example outside the repository"
+cp -r bindings/cpp/example "$WORK/example-src"
+cmake -S "$WORK/example-src" -B "$WORK/example" -DCMAKE_PREFIX_PATH="$PREFIX" \
     -DCMAKE_BUILD_TYPE=Debug >"$WORK/example.log" 2>&1 || { cat "$WORK/example.log" >&2; fail "cmake example"; }
 cmake --build "$WORK/example" >>"$WORK/example.log" 2>&1 || { cat "$WORK/example.log" >&2; fail "build example"; }
 
@@ -59,8 +63,8 @@ export PKG_CONFIG_PATH="$PREFIX/lib/pkgconfig${PKG_CONFIG_PATH:+:$PKG_CONFIG_PAT
 [ "$(pkg-config --modversion beit)" = "$VERSION" ] || fail "pkg-config --modversion beit is not $VERSION"
 # shellcheck disable=SC2046
 g++ -std=c++17 -Wall -Wextra -Werror -pedantic -g bindings/cpp/tests/test_beit.cpp \
-    -o "$WORK/test_beit_pc" $(pkg-config --cflags --libs beit) -Wl,-rpath,"$PREFIX/lib" \
-    || fail "build with pkg-config"
+    -o "$WORK/test_beit_pc" $(pkg-config --cflags --libs beit) || fail "build with pkg-config"
+readelf -d "$WORK/test_beit_pc" | grep -Eq "(RPATH|RUNPATH).*\[$PREFIX/lib\]" || fail "beit.pc gave no rpath to $PREFIX/lib"
 # The binary needs the SONAME, not the dev link.
 readelf -d "$WORK/test_beit_pc" | grep -q "NEEDED.*\[libbeit.so.$ABI\]" || fail "test_beit_pc does not NEED libbeit.so.$ABI"
 

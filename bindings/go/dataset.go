@@ -43,12 +43,13 @@ type DatasetInfo struct {
 	TokensLen               int // tokens per sample
 }
 
-// Sample is one dataset sample. Pixels are u8 [H, W, C] interleaved; Mask [H, W] (nil
-// without masks); Tokens [TokenGridH, TokenGridW] (nil without tokens).
+// Sample is one dataset sample, each array with its shape: Pixels [H, W, C] (interleaved
+// channels); Mask [H, W] (a zero Tensor without masks); Tokens [TokenGridH, TokenGridW] (a zero
+// Tensor without tokens).
 type Sample struct {
-	Pixels   []uint8
-	Mask     []uint8
-	Tokens   []uint16
+	Pixels   Tensor[uint8]
+	Mask     Tensor[uint8]
+	Tokens   Tensor[uint16]
 	Label    uint32
 	HasLabel bool
 }
@@ -146,18 +147,32 @@ func (d *Dataset) Read(i int) (Sample, error) {
 	if i < 0 {
 		return Sample{}, argError(StatusInvalidArgument, "index %d is negative", i)
 	}
-	s := Sample{Pixels: make([]uint8, d.info.PixelsLen)}
-	if d.info.HasMasks {
-		s.Mask = make([]uint8, d.info.MaskLen)
+	in := d.info
+	var s Sample
+	var err error
+	if s.Pixels.Shape, err = checkedShape("pixels", in.PixelsLen, in.Height, in.Width, in.Channels); err != nil {
+		return Sample{}, err
 	}
-	if d.info.HasTokens {
-		s.Tokens = make([]uint16, d.info.TokensLen)
+	s.Pixels = newTensor[uint8](s.Pixels.Shape)
+	if in.HasMasks {
+		shape, err := checkedShape("mask", in.MaskLen, in.Height, in.Width)
+		if err != nil {
+			return Sample{}, err
+		}
+		s.Mask = newTensor[uint8](shape)
+	}
+	if in.HasTokens {
+		shape, err := checkedShape("tokens", in.TokensLen, in.TokenGridH, in.TokenGridW)
+		if err != nil {
+			return Sample{}, err
+		}
+		s.Tokens = newTensor[uint16](shape)
 	}
 	var label C.uint32_t
 	var hasLabel C.bool
-	err := call(func() C.beit_status {
-		return C.go_beit_read(d.ptr, C.uint64_t(i), u8ptr(s.Pixels), C.size_t(len(s.Pixels)),
-			u8ptr(s.Mask), C.size_t(len(s.Mask)), u16ptr(s.Tokens), C.size_t(len(s.Tokens)),
+	err = call(func() C.beit_status {
+		return C.go_beit_read(d.ptr, C.uint64_t(i), u8ptr(s.Pixels.Data), C.size_t(len(s.Pixels.Data)),
+			u8ptr(s.Mask.Data), C.size_t(len(s.Mask.Data)), u16ptr(s.Tokens.Data), C.size_t(len(s.Tokens.Data)),
 			&label, &hasLabel)
 	})
 	if err != nil {

@@ -32,8 +32,8 @@ func Example() {
 	if err != nil {
 		log.Fatal(err)
 	}
-	fmt.Println(len(out.LastHiddenState), len(out.Logits), out.NumTokens)
-	// Output: 1088 2048 17
+	fmt.Println(out.LastHiddenState.Shape, out.Logits.Shape)
+	// Output: [2 17 32] [2 16 64]
 }
 
 // The README's Go snippet is, character for character, the body of Example above.

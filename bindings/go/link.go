@@ -1,17 +1,16 @@
-//go:build !beit_external
+//go:build !beit_intree
 
 package beit
 
-// By default the package builds against this checkout: the header in include/ and the
-// libbeit.so that `cargo build --release` leaves in target/release. Build with
-// `-tags beit_external` to drop these paths and supply your own through CGO_CFLAGS and
-// CGO_LDFLAGS (or pkg-config), e.g.
+// By default the package builds against an installed libbeit found through pkg-config: `make
+// install PREFIX=...` in a libbeit checkout installs lib/pkgconfig/beit.pc, whose Cflags name
+// the include directory and whose Libs name the library and an rpath to it (so programs find
+// libbeit.so.<ABI> at run time without LD_LIBRARY_PATH). Point pkg-config at it with
 //
-//	CGO_CFLAGS=-I/opt/beit/include CGO_LDFLAGS="-L/opt/beit/lib -lbeit" go build -tags beit_external
+//	PKG_CONFIG_PATH=$PREFIX/lib/pkgconfig go build
 //
-// At run time the dynamic loader must find libbeit.so (LD_LIBRARY_PATH, an rpath, or a
-// system library directory).
+// Inside the libbeit checkout, build with `-tags beit_intree` instead (link_intree.go): the
+// header from include/ and the library from target/release (see README.md).
 
-// #cgo CFLAGS: -I${SRCDIR}/../../include
-// #cgo LDFLAGS: -L${SRCDIR}/../../target/release -lbeit
+// #cgo pkg-config: beit
 import "C"

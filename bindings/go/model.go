@@ -34,6 +34,7 @@ static beit_status go_beit_infer(beit_context *ctx, const beit_model *model,
 import "C"
 
 import (
+	"fmt"
 	"runtime"
 	"sync"
 	"unsafe"
@@ -44,10 +45,27 @@ type Architecture uint32
 
 // Architectures (beit_architecture).
 const (
-	ArchBackbone            Architecture = C.BEIT_ARCH_BACKBONE              // BeitModel
-	ArchMaskedImageModeling Architecture = C.BEIT_ARCH_MASKED_IMAGE_MODELING // BeitForMaskedImageModeling
-	ArchImageClassification Architecture = C.BEIT_ARCH_IMAGE_CLASSIFICATION  // BeitForImageClassification
+	ArchBackbone             Architecture = C.BEIT_ARCH_BACKBONE              // BeitModel
+	ArchMaskedImageModeling  Architecture = C.BEIT_ARCH_MASKED_IMAGE_MODELING // BeitForMaskedImageModeling
+	ArchImageClassification  Architecture = C.BEIT_ARCH_IMAGE_CLASSIFICATION  // BeitForImageClassification
+	ArchSemanticSegmentation Architecture = C.BEIT_ARCH_SEMANTIC_SEGMENTATION // BeitForSemanticSegmentation
 )
+
+// String is the Hugging Face class name ("BeitForMaskedImageModeling", ...), as config.json's
+// "architectures" spells it; an unknown value prints as "Architecture(N)".
+func (a Architecture) String() string {
+	switch a {
+	case ArchBackbone:
+		return "BeitModel"
+	case ArchMaskedImageModeling:
+		return "BeitForMaskedImageModeling"
+	case ArchImageClassification:
+		return "BeitForImageClassification"
+	case ArchSemanticSegmentation:
+		return "BeitForSemanticSegmentation"
+	}
+	return fmt.Sprintf("Architecture(%d)", uint32(a))
+}
 
 // ModelInfo describes a model (beit_model_info).
 type ModelInfo struct {
@@ -88,22 +106,30 @@ func modelInfoFromC(i *C.beit_model_info) ModelInfo {
 	}
 }
 
-// OutputSizes are the output lengths (in float32 values) for one input size.
+// OutputSizes are the output lengths (in float32 values) and shapes for one input size; an
+// output the model does not have has length 0 and a nil shape.
 type OutputSizes struct {
 	LastHiddenState int // batch * NumTokens * hidden
 	PoolerOutput    int // batch * hidden, or 0 without a pooler
-	Logits          int // batch * patches * vocab (MIM), batch * labels (classification), or 0
-	NumTokens       int // patches + 1 (CLS first)
-	NumPatches      int
+	// batch * patches * vocab (MIM), batch * labels (classification), batch * labels * 4gh *
+	// 4gw (segmentation, for a gh x gw patch grid), or 0 (backbone)
+	Logits     int
+	NumTokens  int // patches + 1 (CLS first)
+	NumPatches int
+
+	LastHiddenStateShape []int // [batch, NumTokens, hidden]
+	PoolerOutputShape    []int // [batch, hidden]
+	// [batch, NumPatches, vocab] (MIM), [batch, labels] (classification) or
+	// [batch, labels, 4gh, 4gw] (segmentation: the decode head's logits at 4x the patch grid)
+	LogitsShape []int
 }
 
-// Outputs holds what Infer computed; a nil slice is an output the model does not have.
-// Shapes: LastHiddenState [batch, NumTokens, hidden], PoolerOutput [batch, hidden], Logits
-// [batch, NumPatches, vocab] or [batch, num_labels].
+// Outputs holds what Infer computed, each output with its shape (see OutputSizes); a zero
+// Tensor is an output the model does not have (or, for InferInto, one not wanted).
 type Outputs struct {
-	LastHiddenState []float32
-	PoolerOutput    []float32
-	Logits          []float32
+	LastHiddenState Tensor[float32]
+	PoolerOutput    Tensor[float32]
+	Logits          Tensor[float32]
 	NumTokens       int
 	NumPatches      int
 }
@@ -115,6 +141,7 @@ type Model struct {
 	ptr  *C.beit_model
 	ctx  *Context
 	cctx *C.beit_context // ctx's C handle: kept alive until this model is closed
+	info ModelInfo       // read once at load: a model never changes
 }
 
 func newModel(ctx *Context, load func(*C.beit_context, **C.beit_model) C.beit_status) (*Model, error) {
@@ -127,7 +154,13 @@ func newModel(ctx *Context, load func(*C.beit_context, **C.beit_model) C.beit_st
 		ctx.release()
 		return nil, err
 	}
-	m := &Model{ptr: ptr, ctx: ctx, cctx: cptr}
+	ci := C.beit_model_info_default()
+	if err := call(func() C.beit_status { return C.beit_model_get_info(ptr, &ci) }); err != nil {
+		C.beit_model_free(ptr)
+		ctx.release()
+		return nil, err
+	}
+	m := &Model{ptr: ptr, ctx: ctx, cctx: cptr, info: modelInfoFromC(&ci)}
 	runtime.SetFinalizer(m, (*Model).Close)
 	return m, nil
 }
@@ -183,14 +216,7 @@ func (m *Model) use(f func(*C.beit_model) error) error {
 // Info describes the model.
 func (m *Model) Info() (ModelInfo, error) {
 	var info ModelInfo
-	err := m.use(func(p *C.beit_model) error {
-		ci := C.beit_model_info_default()
-		if err := call(func() C.beit_status { return C.beit_model_get_info(p, &ci) }); err != nil {
-			return err
-		}
-		info = modelInfoFromC(&ci)
-		return nil
-	})
+	err := m.use(func(*C.beit_model) error { info = m.info; return nil })
 	return info, err
 }
 
@@ -201,22 +227,60 @@ func (m *Model) OutputSizes(batch, height, width int) (OutputSizes, error) {
 		return s, argError(StatusInvalidArgument, "negative size (batch %d, height %d, width %d)", batch, height, width)
 	}
 	err := m.use(func(p *C.beit_model) error {
-		cs := C.beit_output_sizes_default()
-		if err := call(func() C.beit_status {
-			return C.beit_model_output_sizes(p, C.size_t(batch), C.size_t(height), C.size_t(width), &cs)
-		}); err != nil {
-			return err
-		}
-		s = OutputSizes{
-			LastHiddenState: int(cs.last_hidden_state_len),
-			PoolerOutput:    int(cs.pooler_output_len),
-			Logits:          int(cs.logits_len),
-			NumTokens:       int(cs.num_tokens),
-			NumPatches:      int(cs.num_patches),
-		}
-		return nil
+		var err error
+		s, err = m.outputSizes(p, batch, height, width)
+		return err
 	})
 	return s, err
+}
+
+// outputSizes is OutputSizes for a caller that holds the model's lock (p is its handle).
+func (m *Model) outputSizes(p *C.beit_model, batch, height, width int) (OutputSizes, error) {
+	cs := C.beit_output_sizes_default()
+	if err := call(func() C.beit_status {
+		return C.beit_model_output_sizes(p, C.size_t(batch), C.size_t(height), C.size_t(width), &cs)
+	}); err != nil {
+		return OutputSizes{}, err
+	}
+	s := OutputSizes{
+		LastHiddenState: int(cs.last_hidden_state_len),
+		PoolerOutput:    int(cs.pooler_output_len),
+		Logits:          int(cs.logits_len),
+		NumTokens:       int(cs.num_tokens),
+		NumPatches:      int(cs.num_patches),
+	}
+	return s, s.setShapes(m.info, batch, height, width)
+}
+
+// setShapes derives each present output's shape from the model's info (the C API gives
+// lengths only) and checks it against the length libbeit reported.
+func (s *OutputSizes) setShapes(info ModelInfo, batch, height, width int) error {
+	var err error
+	if s.LastHiddenState > 0 {
+		if s.LastHiddenStateShape, err = checkedShape("last_hidden_state", s.LastHiddenState, batch, s.NumTokens, info.HiddenSize); err != nil {
+			return err
+		}
+	}
+	if s.PoolerOutput > 0 {
+		if s.PoolerOutputShape, err = checkedShape("pooler_output", s.PoolerOutput, batch, info.HiddenSize); err != nil {
+			return err
+		}
+	}
+	if s.Logits > 0 {
+		var shape []int
+		switch info.Architecture {
+		case ArchMaskedImageModeling:
+			shape = []int{batch, s.NumPatches, info.VocabSize}
+		case ArchSemanticSegmentation:
+			shape = []int{batch, info.NumLabels, 4 * (height / info.PatchHeight), 4 * (width / info.PatchWidth)}
+		default:
+			shape = []int{batch, info.NumLabels}
+		}
+		if s.LogitsShape, err = checkedShape("logits", s.Logits, shape...); err != nil {
+			return err
+		}
+	}
+	return nil
 }
 
 // Save writes the model as a Hugging Face directory (created if needed).
@@ -231,7 +295,7 @@ func (m *Model) Save(dir string) error {
 // Infer runs the model on batch images, pixels float32 NCHW [batch, c, h, w] normalised as
 // the model expects; mask is nil or [batch, patches] of 0/1 (1: replace that patch by the
 // mask token). Every output the model has is computed, into new Go slices that C writes
-// directly.
+// directly, each with its shape (see OutputSizes).
 func (m *Model) Infer(pixels []float32, batch, c, h, w int, mask []uint8) (Outputs, error) {
 	var out Outputs
 	if batch < 0 || c < 0 || h < 0 || w < 0 {
@@ -241,15 +305,10 @@ func (m *Model) Infer(pixels []float32, batch, c, h, w int, mask []uint8) (Outpu
 	if err != nil {
 		return out, err
 	}
-	out = Outputs{NumTokens: sizes.NumTokens, NumPatches: sizes.NumPatches}
-	if sizes.LastHiddenState > 0 {
-		out.LastHiddenState = make([]float32, sizes.LastHiddenState)
-	}
-	if sizes.PoolerOutput > 0 {
-		out.PoolerOutput = make([]float32, sizes.PoolerOutput)
-	}
-	if sizes.Logits > 0 {
-		out.Logits = make([]float32, sizes.Logits)
+	out = Outputs{
+		LastHiddenState: newTensor[float32](sizes.LastHiddenStateShape),
+		PoolerOutput:    newTensor[float32](sizes.PoolerOutputShape),
+		Logits:          newTensor[float32](sizes.LogitsShape),
 	}
 	if err := m.InferInto(pixels, batch, c, h, w, mask, &out); err != nil {
 		return Outputs{}, err
@@ -257,9 +316,10 @@ func (m *Model) Infer(pixels []float32, batch, c, h, w int, mask []uint8) (Outpu
 	return out, nil
 }
 
-// InferInto is Infer writing into the caller's slices in out: a nil slice is an output not
+// InferInto is Infer writing into the caller's slices out.X.Data: a nil Data is an output not
 // wanted; a non-nil one must have exactly the length OutputSizes gives (else ErrBufferSize).
-// Reusing out across calls avoids allocation. On error nothing is written.
+// On success it sets the Shape of every output written (and of none other), NumTokens and
+// NumPatches. Reusing out across calls avoids allocation. On error nothing is written.
 func (m *Model) InferInto(pixels []float32, batch, c, h, w int, mask []uint8, out *Outputs) error {
 	if out == nil {
 		return argError(StatusNullPointer, "out is nil")
@@ -268,19 +328,39 @@ func (m *Model) InferInto(pixels []float32, batch, c, h, w int, mask []uint8, ou
 		return argError(StatusInvalidArgument, "negative shape [%d, %d, %d, %d]", batch, c, h, w)
 	}
 	return m.use(func(p *C.beit_model) error {
+		lhs, pool, logits := out.LastHiddenState.Data, out.PoolerOutput.Data, out.Logits.Data
 		err := call(func() C.beit_status {
 			return C.go_beit_infer(m.cctx, p,
 				f32ptr(pixels), C.size_t(len(pixels)), C.size_t(batch), C.size_t(c), C.size_t(h), C.size_t(w),
 				u8ptr(mask), C.size_t(len(mask)),
-				f32mut(out.LastHiddenState), C.size_t(len(out.LastHiddenState)),
-				f32mut(out.PoolerOutput), C.size_t(len(out.PoolerOutput)),
-				f32mut(out.Logits), C.size_t(len(out.Logits)))
+				f32mut(lhs), C.size_t(len(lhs)), f32mut(pool), C.size_t(len(pool)),
+				f32mut(logits), C.size_t(len(logits)))
 		})
 		runtime.KeepAlive(pixels)
 		runtime.KeepAlive(mask)
 		runtime.KeepAlive(out)
-		return err
+		if err != nil {
+			return err
+		}
+		// The call succeeded, so every non-nil buffer had its output's exact length: the
+		// shapes follow from the same sizes.
+		s, err := m.outputSizes(p, batch, h, w)
+		if err != nil {
+			return err
+		}
+		out.LastHiddenState.Shape = shapeIfWritten(lhs, s.LastHiddenStateShape)
+		out.PoolerOutput.Shape = shapeIfWritten(pool, s.PoolerOutputShape)
+		out.Logits.Shape = shapeIfWritten(logits, s.LogitsShape)
+		out.NumTokens, out.NumPatches = s.NumTokens, s.NumPatches
+		return nil
 	})
+}
+
+func shapeIfWritten(data []float32, shape []int) []int {
+	if data == nil {
+		return nil
+	}
+	return shape
 }
 
 // Pointers to the first element of Go slices (element types with no Go pointers), or NULL

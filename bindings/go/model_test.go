@@ -25,20 +25,26 @@ func TestVersion(t *testing.T) {
 }
 
 type refCase struct {
-	pixels []float32
-	shape  []int
-	mask   []uint8
-	want   map[string][]float32
+	pixels    []float32
+	shape     []int
+	mask      []uint8
+	want      map[string][]float32
+	wantShape map[string][]int // transformers' output shapes
 }
 
-func loadCase(t *testing.T, name string) refCase {
-	in := readSafetensors(t, refDir("reference", name, "inputs.safetensors"))
-	c := refCase{pixels: in["pixel_values"].f32(t), shape: in["pixel_values"].shape, want: map[string][]float32{}}
+func loadCase(t *testing.T, name string) refCase { return loadCaseIn(t, "reference", name) }
+
+// loadCaseIn reads tests/<set>/<name>'s inputs and transformers' outputs.
+func loadCaseIn(t *testing.T, set, name string) refCase {
+	in := readSafetensors(t, refDir(set, name, "inputs.safetensors"))
+	c := refCase{pixels: in["pixel_values"].f32(t), shape: in["pixel_values"].shape, want: map[string][]float32{},
+		wantShape: map[string][]int{}}
 	if m, ok := in["bool_masked_pos"]; ok {
 		c.mask = m.data
 	}
-	for k, v := range readSafetensors(t, refDir("reference", name, "outputs.safetensors")) {
+	for k, v := range readSafetensors(t, refDir(set, name, "outputs.safetensors")) {
 		c.want[k] = v.f32(t)
+		c.wantShape[k] = v.shape
 	}
 	return c
 }
@@ -61,7 +67,8 @@ func referenceCases(t *testing.T) []string {
 }
 
 // Every committed Hugging Face reference case, run through Go -> cgo -> beit.h, matches
-// transformers' outputs within the Rust parity test's tolerance.
+// transformers' outputs within the Rust parity test's tolerance, and each output's Shape is
+// the shape transformers gave it.
 func TestInferMatchesTransformers(t *testing.T) {
 	ctx := newCPUContext(t)
 	for _, name := range referenceCases(t) {
@@ -71,20 +78,25 @@ func TestInferMatchesTransformers(t *testing.T) {
 			defer m.Close()
 			s := c.shape
 			out := must(m.Infer(c.pixels, s[0], s[1], s[2], s[3], c.mask))(t)
-			got := map[string][]float32{"last_hidden_state": out.LastHiddenState, "pooler_output": out.PoolerOutput, "logits": out.Logits}
+			got := map[string]beit.Tensor[float32]{"last_hidden_state": out.LastHiddenState, "pooler_output": out.PoolerOutput, "logits": out.Logits}
+			sizes := must(m.OutputSizes(s[0], s[2], s[3]))(t)
+			sizeShapes := map[string][]int{"last_hidden_state": sizes.LastHiddenStateShape, "pooler_output": sizes.PoolerOutputShape, "logits": sizes.LogitsShape}
 			compared := 0
 			for k, want := range c.want {
-				if got[k] == nil {
+				if got[k].Data == nil {
 					t.Fatalf("no %s", k)
 				}
-				if r := worstRatio(t, got[k], want); r > 1 {
+				if r := worstRatio(t, got[k].Data, want); r > 1 {
 					t.Errorf("%s: %.3fx the tolerance", k, r)
+				}
+				if !reflect.DeepEqual(got[k].Shape, c.wantShape[k]) || !reflect.DeepEqual(sizeShapes[k], c.wantShape[k]) {
+					t.Errorf("%s: shape %v (OutputSizes %v), transformers %v", k, got[k].Shape, sizeShapes[k], c.wantShape[k])
 				}
 				compared++
 			}
 			for k, v := range got {
-				if v != nil && c.want[k] == nil {
-					t.Errorf("we produce %s, HF does not", k)
+				if (v.Data != nil || v.Shape != nil || sizeShapes[k] != nil) && c.want[k] == nil {
+					t.Errorf("we produce %s (%v), HF does not", k, v)
 				}
 			}
 			if compared == 0 {
@@ -111,13 +123,17 @@ func TestInfoInferIntoAndSave(t *testing.T) {
 	}
 	c := loadCase(t, "mim_shared")
 	first := must(m.Infer(c.pixels, 2, 3, 32, 32, c.mask))(t)
-	out := beit.Outputs{Logits: make([]float32, sz.Logits)} // only logits wanted
+	out := beit.Outputs{Logits: beit.Tensor[float32]{Data: make([]float32, sz.Logits)}} // only logits wanted
 	for i := 0; i < 2; i++ {
 		if err := m.InferInto(c.pixels, 2, 3, 32, 32, c.mask, &out); err != nil {
 			t.Fatal(err)
 		}
 		if !reflect.DeepEqual(out.Logits, first.Logits) {
 			t.Fatal("InferInto differs from Infer")
+		}
+		// Only the output written gets a shape.
+		if out.LastHiddenState.Shape != nil || out.NumTokens != 17 || out.NumPatches != 16 {
+			t.Fatalf("InferInto set %+v", out)
 		}
 	}
 	dir := t.TempDir()
@@ -207,15 +223,18 @@ func TestInferErrors(t *testing.T) {
 	_, err = m.Infer(c.pixels, 2, 3, 32, 32, bad)
 	wantErr(t, "mask value 7", err, beit.ErrInvalidArgument)
 
-	out := beit.Outputs{Logits: make([]float32, 10)}
+	out := beit.Outputs{Logits: beit.Tensor[float32]{Data: make([]float32, 10)}}
 	err = m.InferInto(c.pixels, 2, 3, 32, 32, nil, &out)
 	wantErr(t, "wrong output length", err, beit.ErrBufferSize)
-	for _, v := range out.Logits {
+	for _, v := range out.Logits.Data {
 		if v != 0 {
 			t.Fatal("an output was written on error")
 		}
 	}
-	out = beit.Outputs{PoolerOutput: make([]float32, 64)}
+	if out.Logits.Shape != nil {
+		t.Fatal("a shape was set on error")
+	}
+	out = beit.Outputs{PoolerOutput: beit.Tensor[float32]{Data: make([]float32, 64)}}
 	err = m.InferInto(c.pixels, 2, 3, 32, 32, nil, &out)
 	wantErr(t, "an output the model lacks", err, beit.ErrInvalidArgument)
 
@@ -226,7 +245,7 @@ func TestInferErrors(t *testing.T) {
 	res, err := m.Infer(nan, 2, 3, 32, 32, nil)
 	if err != nil {
 		wantErr(t, "NaN pixel", err, beit.ErrInvalidArgument)
-	} else if !math.IsNaN(float64(res.LastHiddenState[0])) {
+	} else if !math.IsNaN(float64(res.LastHiddenState.Data[0])) {
 		t.Error("NaN pixel accepted, yet image 0's outputs are not NaN")
 	}
 

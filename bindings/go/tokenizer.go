@@ -95,17 +95,18 @@ func (t *Tokenizer) Info() (TokenizerInfo, error) {
 }
 
 // Tokenize maps batch images, pixels float32 [batch, C, S, S] in [0, 1] (plain, not
-// DALL-E-mapped: libbeit maps them), to tokens [batch, TokensPerImage], row-major.
-func (t *Tokenizer) Tokenize(pixels []float32, batch int) ([]int64, error) {
-	var tokens []int64
+// DALL-E-mapped: libbeit maps them), to tokens of shape [batch, TokensPerImage] (each image's
+// GridH x GridW grid row by row).
+func (t *Tokenizer) Tokenize(pixels []float32, batch int) (Tensor[int64], error) {
+	var tokens Tensor[int64]
 	err := t.use(func(p *C.beit_tokenizer) error {
 		if batch <= 0 {
 			return argError(StatusInvalidArgument, "batch must be at least 1, got %d", batch)
 		}
-		buf := make([]int64, batch*t.info.TokensPerImage)
+		buf := newTensor[int64]([]int{batch, t.info.TokensPerImage})
 		err := call(func() C.beit_status {
 			return C.beit_tokenizer_tokenize(p, f32ptr(pixels), C.size_t(len(pixels)), C.size_t(batch),
-				i64ptr(buf), C.size_t(len(buf)))
+				i64ptr(buf.Data), C.size_t(len(buf.Data)))
 		})
 		runtime.KeepAlive(pixels)
 		if err == nil {
@@ -116,19 +117,19 @@ func (t *Tokenizer) Tokenize(pixels []float32, batch int) ([]int64, error) {
 	return tokens, err
 }
 
-// Decode maps tokens [batch, TokensPerImage] back to images [batch, C, S, S] in [0, 1]
-// (tokenizers with a decoder only).
-func (t *Tokenizer) Decode(tokens []int64, batch int) ([]float32, error) {
-	var pixels []float32
+// Decode maps tokens [batch, TokensPerImage] (e.g. Tokenize's Data) back to images of shape
+// [batch, C, S, S] in [0, 1] (tokenizers with a decoder only).
+func (t *Tokenizer) Decode(tokens []int64, batch int) (Tensor[float32], error) {
+	var pixels Tensor[float32]
 	err := t.use(func(p *C.beit_tokenizer) error {
 		if batch <= 0 {
 			return argError(StatusInvalidArgument, "batch must be at least 1, got %d", batch)
 		}
 		s := t.info.ImageSize
-		buf := make([]float32, batch*t.info.InChannels*s*s)
+		buf := newTensor[float32]([]int{batch, t.info.InChannels, s, s})
 		err := call(func() C.beit_status {
 			return C.beit_tokenizer_decode(p, i64ptr(tokens), C.size_t(len(tokens)), C.size_t(batch),
-				f32mut(buf), C.size_t(len(buf)))
+				f32mut(buf.Data), C.size_t(len(buf.Data)))
 		})
 		runtime.KeepAlive(tokens)
 		if err == nil {

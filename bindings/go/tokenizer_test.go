@@ -29,8 +29,11 @@ func TestTokenizerMatchesPyTorch(t *testing.T) {
 		pixels[i] = (v - 0.1) / 0.8
 	}
 	got := must(tok.Tokenize(pixels, 4))(t)
-	if !reflect.DeepEqual(got, want) {
-		t.Fatalf("tokens\n got %v\nwant %v", got, want)
+	if !reflect.DeepEqual(got.Data, want) {
+		t.Fatalf("tokens\n got %v\nwant %v", got.Data, want)
+	}
+	if !reflect.DeepEqual(got.Shape, io["tokens"].shape) {
+		t.Fatalf("tokens shape %v, PyTorch's %v", got.Shape, io["tokens"].shape)
 	}
 	var wg sync.WaitGroup
 	for g := 0; g < 4; g++ {
@@ -38,7 +41,7 @@ func TestTokenizerMatchesPyTorch(t *testing.T) {
 		go func() {
 			defer wg.Done()
 			again, err := tok.Tokenize(pixels, 4)
-			if err != nil || !reflect.DeepEqual(again, want) {
+			if err != nil || !reflect.DeepEqual(again.Data, want) {
 				t.Errorf("concurrent tokenize: %v", err)
 			}
 		}()

@@ -25,6 +25,7 @@ static beit_status go_beit_step(beit_trainer *t, const float *pixels, size_t pix
 import "C"
 
 import (
+	"fmt"
 	"runtime"
 	"sync"
 	"unsafe"
@@ -39,40 +40,107 @@ const (
 	WeightDecayAll  WeightDecayOn = C.BEIT_WEIGHT_DECAY_ALL
 )
 
-// TrainerOptions mirrors beit_trainer_options; start from DefaultTrainerOptions().
-type TrainerOptions struct {
-	LearningRate    float64
-	MinLearningRate float64
-	WarmupSteps     uint64
-	TotalSteps      uint64 // 0: constant after warmup
-	WeightDecay     float64
-	Beta1, Beta2    float64
-	Eps             float64
-	ClipGradNorm    float64 // 0: no clipping
-	DropPathRate    float64 // negative: the config's drop_path_rate
-	LayerDecay      float64 // 1: none
-	WeightDecayOn   WeightDecayOn
-	Seed            uint64
+// String is the rule's name as the CLI's --weight-decay-on takes it: "beit" or "all"; an
+// unknown value prints as "WeightDecayOn(N)".
+func (w WeightDecayOn) String() string {
+	switch w {
+	case WeightDecayBEiT:
+		return "beit"
+	case WeightDecayAll:
+		return "all"
+	}
+	return fmt.Sprintf("WeightDecayOn(%d)", uint32(w))
 }
 
-// DefaultTrainerOptions is BEiT's pretraining recipe (beit_trainer_options_default).
+// Zero, given to a float field of TrainerOptions, asks for the value 0, since the field's zero
+// value means the library default: WeightDecay: Zero trains without weight decay, ClipGradNorm:
+// Zero without clipping, DropPathRate: Zero without stochastic depth, MinLearningRate: Zero
+// decays to 0. (Where 0 is out of range, as for Eps, the library refuses it like any value out
+// of range: ErrInvalidArgument naming the field.) Any other value is passed on as it is.
+const Zero = -1.0
+
+// TrainerOptions configures a trainer (beit_trainer_options). The zero value is the library's
+// default recipe (BEiT's pretraining: see DefaultTrainerOptions), and every field left at zero
+// keeps its default, so TrainerOptions{LearningRate: 1e-3} changes the learning rate alone.
+// Where 0 is itself a meaningful setting, say it with Zero.
+type TrainerOptions struct {
+	// LearningRate is the peak learning rate, reached after warmup. 0: the default (1.5e-3).
+	LearningRate float64
+	// MinLearningRate is where the cosine schedule ends. 0: the default (1e-5); Zero: decay to 0.
+	MinLearningRate float64
+	// WarmupSteps of linear warmup from 0 to LearningRate. 0: none (the default).
+	WarmupSteps uint64
+	// TotalSteps is the cosine schedule's length. 0 (the default): LearningRate stays constant
+	// after warmup; otherwise it must exceed WarmupSteps.
+	TotalSteps uint64
+	// WeightDecay is AdamW's decoupled weight decay. 0: the default (0.05); Zero: none.
+	WeightDecay float64
+	// Beta1 is AdamW's first-moment decay, in [0, 1). 0: the default (0.9); Zero: 0.
+	Beta1 float64
+	// Beta2 is AdamW's second-moment decay, in [0, 1). 0: the default (0.98); Zero: 0.
+	Beta2 float64
+	// Eps is AdamW's epsilon (> 0). 0: the default (1e-8).
+	Eps float64
+	// ClipGradNorm clips the global gradient norm to this. 0: the default (3.0); Zero: no
+	// clipping.
+	ClipGradNorm float64
+	// DropPathRate is the stochastic depth rate of the last block, in [0, 1). 0: the model
+	// config's drop_path_rate (the default; so does any other negative value); Zero: no
+	// stochastic depth.
+	DropPathRate float64
+	// LayerDecay is the layer-wise learning rate decay factor, in (0, 1]. 0: the default (1,
+	// none).
+	LayerDecay float64
+	// WeightDecayOn says which parameters decay. The zero value, WeightDecayBEiT, is the default.
+	WeightDecayOn WeightDecayOn
+	// Seed seeds the trainer's random state (stochastic depth). 0 is the default, and a seed
+	// like any other.
+	Seed uint64
+}
+
+// DefaultTrainerOptions spells out the library's defaults (beit_trainer_options_default, BEiT's
+// pretraining recipe) in this type's convention: passing it is the same as passing nil or
+// TrainerOptions{}. A float default of 0 reads Zero, and DropPathRate reads 0 (the config's).
 func DefaultTrainerOptions() TrainerOptions {
 	o := C.beit_trainer_options_default()
+	dropPath := fromC(o.drop_path_rate)
+	if o.drop_path_rate < 0 {
+		dropPath = 0 // C's "negative: the config's rate"
+	}
 	return TrainerOptions{
-		LearningRate:    float64(o.learning_rate),
-		MinLearningRate: float64(o.min_learning_rate),
+		LearningRate:    fromC(o.learning_rate),
+		MinLearningRate: fromC(o.min_learning_rate),
 		WarmupSteps:     uint64(o.warmup_steps),
 		TotalSteps:      uint64(o.total_steps),
-		WeightDecay:     float64(o.weight_decay),
-		Beta1:           float64(o.beta1),
-		Beta2:           float64(o.beta2),
-		Eps:             float64(o.eps),
-		ClipGradNorm:    float64(o.clip_grad_norm),
-		DropPathRate:    float64(o.drop_path_rate),
-		LayerDecay:      float64(o.layer_decay),
+		WeightDecay:     fromC(o.weight_decay),
+		Beta1:           fromC(o.beta1),
+		Beta2:           fromC(o.beta2),
+		Eps:             fromC(o.eps),
+		ClipGradNorm:    fromC(o.clip_grad_norm),
+		DropPathRate:    dropPath,
+		LayerDecay:      fromC(o.layer_decay),
 		WeightDecayOn:   WeightDecayOn(o.weight_decay_on),
 		Seed:            uint64(o.seed),
 	}
+}
+
+// fromC is a C float option in Go's convention: 0 is spelled Zero.
+func fromC(v C.double) float64 {
+	if v == 0 {
+		return Zero
+	}
+	return float64(v)
+}
+
+// orDefault is v, or def when v is 0, or 0 when v is Zero.
+func orDefault(v float64, def C.double) C.double {
+	switch v {
+	case 0:
+		return def
+	case Zero:
+		return 0
+	}
+	return C.double(v)
 }
 
 func (t *TrainerOptions) toC() *C.beit_trainer_options {
@@ -80,19 +148,23 @@ func (t *TrainerOptions) toC() *C.beit_trainer_options {
 		return nil
 	}
 	o := C.beit_trainer_options_default()
-	o.learning_rate = C.double(t.LearningRate)
-	o.min_learning_rate = C.double(t.MinLearningRate)
+	o.learning_rate = orDefault(t.LearningRate, o.learning_rate)
+	o.min_learning_rate = orDefault(t.MinLearningRate, o.min_learning_rate)
 	o.warmup_steps = C.uint64_t(t.WarmupSteps)
 	o.total_steps = C.uint64_t(t.TotalSteps)
-	o.weight_decay = C.double(t.WeightDecay)
-	o.beta1 = C.double(t.Beta1)
-	o.beta2 = C.double(t.Beta2)
-	o.eps = C.double(t.Eps)
-	o.clip_grad_norm = C.double(t.ClipGradNorm)
-	o.drop_path_rate = C.double(t.DropPathRate)
-	o.layer_decay = C.double(t.LayerDecay)
-	o.weight_decay_on = C.beit_weight_decay_on(t.WeightDecayOn)
-	o.seed = C.uint64_t(t.Seed)
+	o.weight_decay = orDefault(t.WeightDecay, o.weight_decay)
+	o.beta1 = orDefault(t.Beta1, o.beta1)
+	o.beta2 = orDefault(t.Beta2, o.beta2)
+	o.eps = orDefault(t.Eps, o.eps)
+	o.clip_grad_norm = orDefault(t.ClipGradNorm, o.clip_grad_norm)
+	o.drop_path_rate = orDefault(t.DropPathRate, o.drop_path_rate)
+	o.layer_decay = orDefault(t.LayerDecay, o.layer_decay)
+	if t.WeightDecayOn != 0 {
+		o.weight_decay_on = C.beit_weight_decay_on(t.WeightDecayOn)
+	}
+	if t.Seed != 0 {
+		o.seed = C.uint64_t(t.Seed)
+	}
 	return &o
 }
 

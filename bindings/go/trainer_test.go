@@ -126,7 +126,7 @@ func TestTrainerSmoke(t *testing.T) {
 	wantErr(t, "beta2 1.5", err, beit.ErrInvalidArgument)
 	hot := opts
 	hot.LearningRate = 1e30
-	hot.ClipGradNorm = 0
+	hot.ClipGradNorm = beit.Zero
 	div := must(beit.NewTrainerFromConfig(ctx, tinyConfig, 1, &hot))(t)
 	defer div.Close()
 	var numErr error

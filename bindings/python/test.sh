@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Tests the Python bindings: a venv under target/, numpy + pytest + this package installed
-# (pip, build isolation), pytest run against target/release/libbeit.so (BEIT_LIBRARY).
+# (pip, build isolation), pytest run against target/release/libbeit.so (BEIT_LIBRARY); then the
+# wheel alone (test-wheel.sh: `pip install bindings/python` into a fresh venv, used from outside
+# the repository with BEIT_LIBRARY unset). BEIT_PY_WHEEL=0 skips that part.
 # Usage: bindings/python/test.sh [pytest args...]   (after cargo build --release)
 set -euo pipefail
 
@@ -31,4 +33,7 @@ case "$("$venv/bin/python" -c 'import beit; print(beit.__file__)')" in
     "$venv"/*) ;;
     *) echo "bindings/python/test.sh: beit was not imported from the venv" >&2; exit 1 ;;
 esac
-exec "$venv/bin/python" -m pytest -p no:cacheprovider -q "$@" .
+"$venv/bin/python" -m pytest -p no:cacheprovider -q "$@" .
+if [[ "${BEIT_PY_WHEEL:-1}" != 0 ]]; then
+    "$here/test-wheel.sh"
+fi

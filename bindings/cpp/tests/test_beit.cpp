@@ -126,6 +126,25 @@ struct Safetensors {
         std::memcpy(out.data(), file.data() + 8 + header.size() + begin, std::size_t(stop - begin));
         return out;
     }
+    bool has(const std::string& name) const {
+        return header.find("\"" + name + "\":") != std::string::npos;
+    }
+    // The shape of tensor `name`, as the file's header states it.
+    std::vector<std::size_t> shape(const std::string& name) const {
+        const std::size_t at = header.find("\"" + name + "\":");
+        if (at == std::string::npos) throw Failure{"no tensor " + name};
+        const std::size_t open = header.find("\"shape\":[", at);
+        CHECK(open != std::string::npos);
+        std::vector<std::size_t> dims;
+        const char* p = header.c_str() + open + std::strlen("\"shape\":[");
+        while (*p != ']') {
+            char* end = nullptr;
+            dims.push_back(std::size_t(std::strtoull(p, &end, 10)));
+            CHECK(end != p);
+            p = *end == ',' ? end + 1 : end;
+        }
+        return dims;
+    }
 };
 
 // Largest |a - b| / (1e-4 * max(1, |b|)): <= 1 passes (tests/reference_parity.rs's rule).
@@ -246,6 +265,11 @@ void test_tokenizer_matches_pytorch() {
     std::int64_t one[16];
     tok.tokenize(beit::span<const float>(pixels).subspan(3 * 3 * 32 * 32, 3 * 32 * 32), 1, one);
     CHECK(std::equal(one, one + 16, want.begin() + 48));
+
+    // The Tensor overload: the same tokens, with PyTorch's shape.
+    const beit::BasicTensor<std::int64_t> shaped = tok.tokenize(pixels, 4);
+    CHECK(shaped.data == want);
+    CHECK(shaped.shape == io.shape("tokens"));
 }
 
 // A .beitds file written from docs/dataset-format.md: 3 samples of 2x3x1 with labels and tokens.
@@ -308,6 +332,15 @@ void test_dataset_read() {
         // Without the optional buffers.
         const beit::SampleMeta m = ds.read(1, pixels);
         CHECK(m.label == 101 && !m.tokens_written);
+
+        // Into new tensors, with the shapes the file was written with.
+        const beit::Sample s = ds.read(2);
+        CHECK((s.pixels.shape == std::vector<std::size_t>{H, W, C}));
+        CHECK((s.tokens.shape == std::vector<std::size_t>{GH, GW}));
+        CHECK(s.mask.empty() && s.mask.data.empty());
+        for (std::size_t k = 0; k < PIX; k++) CHECK(s.pixels.data[k] == std::uint8_t(20 + k));
+        for (std::size_t k = 0; k < TOKS; k++) CHECK(s.tokens.data[k] == 2000 + k);
+        CHECK(s.meta.label_written && s.meta.label == 102 && s.meta.tokens_written);
 
         // Failures: wrong sizes, index out of range; nothing written.
         std::vector<std::uint8_t> short_pixels(PIX - 1, 0xee);
@@ -619,6 +652,146 @@ void test_null_inputs() {
                                          "null pixels", "pixels");
 }
 
+// Model::infer(ctx, images) returns every output with its shape: on a masked image modeling, a
+// classification, a backbone and a segmentation reference, each tensor has transformers' shape
+// and numbers (and output_shapes says the same before inference); an output transformers does
+// not give is an empty tensor (but the segmentation model's last_hidden_state, which the
+// reference does not store).
+void test_inference_shapes() {
+    const char* const cases[] = {"/tests/reference/mim_shared", "/tests/reference/cls_all_pos_cls",
+                                 "/tests/reference/backbone_abs_mean",
+                                 "/tests/reference_segmentation/aux_concat_32"};
+    const beit_architecture archs[] = {BEIT_ARCH_MASKED_IMAGE_MODELING, BEIT_ARCH_IMAGE_CLASSIFICATION,
+                                       BEIT_ARCH_BACKBONE, BEIT_ARCH_SEMANTIC_SEGMENTATION};
+    const beit::Context ctx = beit::Context::cpu(2);
+    for (std::size_t c = 0; c < 4; c++) {
+        const std::string dir = root + cases[c];
+        const Safetensors inputs(dir + "/inputs.safetensors");
+        const Safetensors outputs(dir + "/outputs.safetensors");
+        const std::vector<float> pixels = inputs.get<float>("pixel_values");
+        const std::vector<std::size_t> shape = inputs.shape("pixel_values");
+        std::vector<std::uint8_t> mask;
+        if (inputs.has("bool_masked_pos")) mask = inputs.get<std::uint8_t>("bool_masked_pos");
+        const beit::Model model = beit::Model::load(ctx, dir);
+        CHECK(model.info().architecture == archs[c]);
+        beit::Images in;
+        in.pixels = pixels;
+        in.batch = shape[0];
+        in.channels = shape[1];
+        in.height = shape[2];
+        in.width = shape[3];
+        in.bool_masked_pos = mask;
+        const beit::InferResult r = model.infer(ctx, in);
+        const beit::OutputShapes shapes = model.output_shapes(in.batch, in.height, in.width);
+        const std::pair<const char*, std::pair<const beit::Tensor*, const std::vector<std::size_t>*>>
+            got[] = {{"last_hidden_state", {&r.last_hidden_state, &shapes.last_hidden_state}},
+                     {"pooler_output", {&r.pooler_output, &shapes.pooler_output}},
+                     {"logits", {&r.logits, &shapes.logits}}};
+        int compared = 0;
+        for (const auto& [name, tensor_and_shape] : got) {
+            const beit::Tensor& t = *tensor_and_shape.first;
+            if (!outputs.has(name)) {
+                // The segmentation reference stores logits alone (HF's semantic segmentation
+                // output has no last_hidden_state); libbeit gives its backbone's.
+                const bool unstored = archs[c] == BEIT_ARCH_SEMANTIC_SEGMENTATION &&
+                                      std::string(name) == "last_hidden_state";
+                if (!unstored && (!t.empty() || !t.data.empty() || !tensor_and_shape.second->empty())) {
+                    throw Failure{std::string(cases[c]) + ": " + name + " exists, transformers has none"};
+                }
+                continue;
+            }
+            const std::vector<std::size_t> want = outputs.shape(name);
+            if (t.shape != want || *tensor_and_shape.second != want || t.size() != t.data.size()) {
+                throw Failure{std::string(cases[c]) + ": " + name + " shape " +
+                              beit::detail::shape_text(t.shape) + ", transformers " +
+                              beit::detail::shape_text(want)};
+            }
+            CHECK(worst_ratio(t.data, outputs.get<float>(name)) <= 1.0);
+            compared++;
+        }
+        CHECK(compared > 0);
+    }
+    // Segmentation logits are [B, labels, 4·gh, 4·gw]: aux_concat_32 runs 32x32 images in 8x8
+    // patches.
+    const beit::Model seg = beit::Model::load(ctx, root + cases[3]);
+    const beit::ModelInfo si = seg.info();
+    CHECK(si.patch_height == 8 && si.patch_width == 8);
+    CHECK((seg.output_shapes(3, 32, 32).logits ==
+           std::vector<std::size_t>{3, si.num_labels, 16, 16}));
+}
+
+// Decode's Tensor overload: the span overload's pixels, shaped [batch, C, S, S].
+void test_decode_shape() {
+    const beit::Context ctx = beit::Context::cpu(1);
+    const beit::Tokenizer tok = beit::Tokenizer::load(ctx, root + "/tests/reference_dvae/grad_tiny");
+    const beit::TokenizerInfo info = tok.info();
+    CHECK(info.has_decoder && info.in_channels == 1 && info.image_size == 8);
+    std::vector<std::int64_t> tokens(2 * info.tokens_per_image);
+    for (std::size_t k = 0; k < tokens.size(); k++) tokens[k] = std::int64_t(k % info.vocab_size);
+    const beit::Tensor images = tok.decode(tokens, 2);
+    CHECK((images.shape == std::vector<std::size_t>{2, 1, 8, 8}));
+    std::vector<float> plain(2 * 8 * 8);
+    tok.decode(tokens, 2, beit::span<float>(plain));
+    CHECK(std::memcmp(plain.data(), images.data.data(), plain.size() * sizeof(float)) == 0);
+}
+
+// The value of "key" in a flat JSON text (a string unquoted, anything else as written).
+std::string json_value(const std::string& json, const std::string& key) {
+    const std::size_t at = json.find("\"" + key + "\":");
+    if (at == std::string::npos) throw Failure{"beit info has no " + key};
+    std::size_t p = at + key.size() + 3;
+    std::string v;
+    if (json[p] == '"') {
+        for (p++; p < json.size() && json[p] != '"'; p++) {
+            if (json[p] == '\\') p++;
+            v += json[p];
+        }
+        return v;
+    }
+    while (p < json.size() && json[p] != ',' && json[p] != '}') v += json[p++];
+    return v;
+}
+
+// beit::device_info() reports what `beit info` reports (the CLI reads the same probe through
+// the Rust API and prints JSON), field by field.
+void test_device_info_matches_cli() {
+    const beit::DeviceInfo info = beit::device_info();
+    const std::string cmd = "'" + root + "/target/release/beit' info";
+    FILE* pipe = popen(cmd.c_str(), "r");
+    if (!pipe) throw Failure{"cannot run " + cmd};
+    std::string json;
+    char buf[4096];
+    for (std::size_t n; (n = std::fread(buf, 1, sizeof buf, pipe)) > 0;) json.append(buf, n);
+    if (pclose(pipe) != 0) throw Failure{cmd + " failed"};
+
+    CHECK(beit::device_name(info.kind) == json_value(json, "device"));
+    CHECK((info.cuda_usable ? "true" : "false") == json_value(json, "cuda_usable"));
+    CHECK(info.kind == (info.cuda_usable ? BEIT_DEVICE_CUDA : BEIT_DEVICE_CPU));
+    CHECK(std::to_string(info.device_count) == json_value(json, "device_count"));
+    const std::string reason = json_value(json, "reason");
+    CHECK(!info.reason.empty() && reason.compare(0, info.reason.size(), info.reason) == 0);
+    const std::string driver = json_value(json, "driver_cuda_version");
+    if (info.driver_version > 0) {
+        CHECK(driver == std::to_string(info.driver_version / 1000) + "." +
+                            std::to_string(info.driver_version % 1000 / 10));
+    } else {
+        CHECK(driver == "null");
+    }
+    if (json_value(json, "gpu") == "null") {
+        CHECK(info.name == "cpu" && info.total_memory == 0);
+        CHECK(info.compute_capability_major == 0 && info.compute_capability_minor == 0);
+    } else {
+        CHECK(info.name == json_value(json, "name"));
+        CHECK(std::to_string(info.total_memory) == json_value(json, "total_memory_bytes"));
+        CHECK(std::to_string(info.compute_capability_major) + "." +
+                  std::to_string(info.compute_capability_minor) ==
+              json_value(json, "compute_capability"));
+    }
+    CHECK(std::string(beit::device_name(BEIT_DEVICE_AUTO)) == "auto");
+    const beit::DeviceInfo again = beit::device_info();
+    CHECK(again.reason == info.reason && again.name == info.name && again.kind == info.kind);
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -638,6 +811,9 @@ int main(int argc, char** argv) {
     run("wrong_buffer_sizes", test_wrong_buffer_sizes);
     run("moved_from_handles", test_moved_from_handles);
     run("null_inputs", test_null_inputs);
+    run("inference_shapes", test_inference_shapes);
+    run("decode_shape", test_decode_shape);
+    run("device_info_matches_cli", test_device_info_matches_cli);
     std::printf("%d passed, %d failed\n", passes, failures);
     return failures == 0 ? 0 : 1;
 }

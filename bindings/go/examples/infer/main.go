@@ -1,7 +1,9 @@
 // Command infer loads a BEiT model directory and runs it on a constant image batch, printing
 // the model's info and the output shapes.
 //
-//	go run ./examples/infer [MODEL_DIR]    (default: ../../tests/reference/mim_shared)
+//	go run -tags beit_intree ./examples/infer [MODEL_DIR]    (default: ../../tests/reference/mim_shared)
+//
+// (inside the libbeit checkout; elsewhere, drop the tag and use an installed libbeit: README.md)
 package main
 
 import (
@@ -43,11 +45,11 @@ func main() {
 	if err != nil {
 		log.Fatal(err)
 	}
-	fmt.Printf("last_hidden_state [%d %d %d]\n", batch, out.NumTokens, info.HiddenSize)
-	if out.Logits != nil {
-		fmt.Printf("logits %d values, first %.4f\n", len(out.Logits), out.Logits[0])
+	fmt.Printf("last_hidden_state %v\n", out.LastHiddenState.Shape)
+	if out.Logits.Data != nil {
+		fmt.Printf("logits %v, first %.4f\n", out.Logits.Shape, out.Logits.Data[0])
 	}
-	if out.PoolerOutput != nil {
-		fmt.Printf("pooler_output [%d %d]\n", batch, info.HiddenSize)
+	if out.PoolerOutput.Data != nil {
+		fmt.Printf("pooler_output %v\n", out.PoolerOutput.Shape)
 	}
 }

@@ -2,7 +2,9 @@
 # Builds the C examples against target/release (strict warnings) and runs each on real inputs:
 # inference on a committed reference model, the host-driven pretraining loop (it fails unless
 # the loss falls and the checkpoint resumes), and tokenizing a folder of PNG images (imported with
-# `beit dataset import --format image-folder`) with a committed tokenizer; then infer.c once more
+# `beit dataset import --format image-folder`) with a committed tokenizer, two workers all-reducing
+# the split step's gradients (they must end with the weights of one trainer on the whole batch);
+# then infer.c once more
 # as examples/README.md says (pkg-config, against `make install`), run without LD_LIBRARY_PATH. Needs
 # `cargo build --release` first; fails loudly.
 set -euo pipefail
@@ -14,9 +16,9 @@ mkdir -p "$build/lib"
 # The library's SONAME (libbeit.so.<ABI>) is what the programs look up at run time.
 soname=$(readelf -d "$lib/libbeit.so" | sed -n 's/.*Library soname: \[\(.*\)\]/\1/p')
 [[ -z "$soname" ]] || ln -sfn "$PWD/$lib/libbeit.so" "$build/lib/$soname"
-for ex in infer pretrain_loop tokenize_dataset; do
+for ex in infer pretrain_loop tokenize_dataset allreduce_split_step; do
     gcc -std=c11 -Wall -Wextra -Werror -O2 -Iinclude "examples/$ex.c" -o "$build/$ex" \
-        -L"$lib" -Wl,-rpath,"$PWD/$build/lib" -lbeit -lm
+        -L"$lib" -Wl,-rpath,"$PWD/$build/lib" -lbeit -lpthread -lm
 done
 
 echo "== examples/infer"
@@ -46,6 +48,9 @@ PY
 "$lib/beit" dataset import --format image-folder --dir "$folder" --size 8 --channels 1 --out "$build/images.beitds" >/dev/null
 "$build/tokenize_dataset" tests/reference_dvae/grad_tiny "$build/images.beitds" | tee "$build/tokens.txt"
 [[ $(grep -c "^image " "$build/tokens.txt") == 6 ]] || { echo "examples/test.sh: expected 6 tokenized images" >&2; exit 1; }
+
+echo "== examples/allreduce_split_step"
+"$build/allreduce_split_step" 5
 echo "== examples/infer built as examples/README.md says, against make install"
 prefix="$(mktemp -d /tmp/beit-examples.XXXXXX)"
 trap 'rm -rf "$prefix"' EXIT
@@ -55,4 +60,11 @@ rm -f "$prefix.log"
 (export PKG_CONFIG_PATH="$prefix/lib/pkgconfig"; cc -std=c11 -Wall -Wextra -Werror examples/infer.c $(pkg-config --cflags --libs beit) -o "$prefix/infer")
 (unset LD_LIBRARY_PATH; "$prefix/infer" tests/reference/mim_shared) >/dev/null \
     || { echo "examples/test.sh: infer built through pkg-config does not run without LD_LIBRARY_PATH" >&2; exit 1; }
+echo "== examples/allreduce_split_step copied outside the repo, built and run as its header says"
+mkdir "$prefix/outside"
+cp examples/allreduce_split_step.c "$prefix/outside/"
+# shellcheck disable=SC2046
+(cd "$prefix/outside" && export PKG_CONFIG_PATH="$prefix/lib/pkgconfig" && unset LD_LIBRARY_PATH \
+    && cc -std=c11 allreduce_split_step.c $(pkg-config --cflags --libs beit) -lpthread -lm && ./a.out 5) \
+    || { echo "examples/test.sh: allreduce_split_step outside the repo failed" >&2; exit 1; }
 echo "examples/test.sh: OK"

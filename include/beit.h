@@ -404,6 +404,15 @@ typedef struct beit_context_options {
      * first version: a caller whose `struct_size` does not cover it gets the default.
      */
     uint64_t memory_budget;
+    /**
+     * Which GPU a `BEIT_DEVICE_CUDA` or `BEIT_DEVICE_AUTO` context uses, as the driver numbers
+     * them (after `CUDA_VISIBLE_DEVICES`); default 0. A process drives one GPU: once a context
+     * opened one, a context naming another is `BEIT_ERR_UNSUPPORTED` (run one process per GPU).
+     * A GPU the driver does not have is `BEIT_ERR_UNSUPPORTED` for cuda (auto takes the CPU
+     * and says why); a `BEIT_DEVICE_CPU` context needs 0. Added in the third version: a caller
+     * whose `struct_size` does not cover it gets the default.
+     */
+    uint32_t device_index;
 } beit_context_options;
 
 /**

@@ -56,11 +56,15 @@ pub struct ContextOptions {
     /// need; `None` keeps the budget of the code that calls [`Context::run`] (by default the
     /// memory available to the process, [`MemoryBudget::Available`]).
     pub memory_budget: Option<MemoryBudget>,
+    /// Which GPU a cuda (or auto) context uses, as the driver numbers them (after
+    /// `CUDA_VISIBLE_DEVICES`). One process drives one GPU: every context of a process names
+    /// the same one. Must be 0 for a cpu context.
+    pub device_index: usize,
 }
 
 impl Default for ContextOptions {
     fn default() -> Self {
-        ContextOptions { device: Device::Auto, threads: 0, memory_budget: None }
+        ContextOptions { device: Device::Auto, threads: 0, memory_budget: None, device_index: 0 }
     }
 }
 
@@ -101,26 +105,37 @@ impl Context {
         // segmentation fine-tuning, inference, the tokenizer's training, tokenizing and
         // decoding. An explicit cuda request without a usable GPU is an error; auto takes the
         // GPU when the probe says it is usable and opening it works, else the CPU, and says why.
+        let index = options.device_index;
         let (device, device_note) = match options.device {
-            Device::Cpu => (Device::Cpu, "cpu requested".to_string()),
+            Device::Cpu => {
+                ensure!(
+                    index == 0,
+                    InvalidArgument,
+                    "device_index {index} names a GPU, but this context runs on the cpu (use device cuda or auto)"
+                );
+                (Device::Cpu, "cpu requested".to_string())
+            }
             Device::Auto => {
                 let report = probe();
                 if !report.usable {
                     (Device::Cpu, format!("auto: using cpu because CUDA is not usable: {}", report.reason))
                 } else {
-                    match CudaDevice::get() {
-                        Ok(dev) => (Device::Cuda, format!("auto: using cuda, {} ({})", dev.info().name, report.reason)),
+                    match CudaDevice::open(index) {
+                        Ok(dev) => (
+                            Device::Cuda,
+                            format!("auto: using cuda, GPU {index}: {} ({})", dev.info().name, report.reason),
+                        ),
                         Err(e) => (
                             Device::Cpu,
-                            format!("auto: using cpu because the usable GPU could not be opened: {}", e.message()),
+                            format!("auto: using cpu because GPU {index} could not be opened: {}", e.message()),
                         ),
                     }
                 }
             }
             Device::Cuda => {
-                let dev = CudaDevice::get()
+                let dev = CudaDevice::open(index)
                     .map_err(|e| Error::Unsupported(format!("device cuda requested, but {}", e.message())))?;
-                (Device::Cuda, format!("cuda requested: {}", dev.info().name))
+                (Device::Cuda, format!("cuda requested: GPU {index}, {}", dev.info().name))
             }
         };
         if let Some(MemoryBudget::Bytes(0)) = options.memory_budget {

@@ -81,6 +81,32 @@ fn auto_says_what_it_chose() {
 
 #[test]
 #[ignore = "needs a CUDA GPU"]
+fn device_index_picks_a_gpu_and_a_process_keeps_one() {
+    // With a GPU (or the mock stack): an index past the driver's count is a clear error for
+    // cuda and the CPU for auto; once GPU 0 is open, naming another is refused.
+    let r = probe();
+    assert!(r.usable, "this test needs a usable CUDA device: {}", r.reason);
+    let count = r.device_count as usize;
+    let past = ContextOptions { device: Device::Cuda, threads: 1, device_index: count, ..Default::default() };
+    match Context::new(&past) {
+        Err(Error::Unsupported(msg)) => assert!(msg.contains(&format!("the driver sees {count}")), "{msg}"),
+        other => panic!("expected Unsupported, got {other:?}"),
+    }
+    let auto = Context::new(&ContextOptions { device: Device::Auto, ..past.clone() }).unwrap();
+    assert_eq!(auto.device(), Device::Cpu, "{}", auto.device_note());
+    assert!(auto.device_note().contains(&format!("GPU {count} could not be opened")), "{}", auto.device_note());
+    let zero = Context::new(&ContextOptions { device_index: 0, ..past.clone() }).unwrap();
+    assert!(zero.device_note().contains("GPU 0"), "{}", zero.device_note());
+    if count > 1 {
+        match Context::new(&ContextOptions { device_index: 1, ..past }) {
+            Err(Error::Unsupported(msg)) => assert!(msg.contains("already uses GPU 0"), "{msg}"),
+            other => panic!("expected Unsupported, got {other:?}"),
+        }
+    }
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
 fn auto_picks_cuda_when_usable() {
     // With a GPU (or the mock CUDA stack): auto is a cuda context, through the Rust API and the
     // C API, and says so; the C API's device info reports cuda as what auto picks.

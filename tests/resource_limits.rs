@@ -58,6 +58,7 @@ fn a_context_budget_applies_to_the_passes_run_on_it() {
         device: Device::Cpu,
         threads: 2,
         memory_budget: Some(MemoryBudget::Bytes(256 << 10)),
+        ..Default::default()
     })
     .unwrap();
     let err = small.run(|| m.forward(&input)).unwrap_err();
@@ -72,11 +73,17 @@ fn a_context_budget_applies_to_the_passes_run_on_it() {
         device: Device::Cpu,
         threads: 2,
         memory_budget: Some(MemoryBudget::Bytes(64 << 20)),
+        ..Default::default()
     })
     .unwrap();
     assert_eq!(roomy.run(|| m.forward(&input)).unwrap().last_hidden_state.shape, vec![64, 17, 32]);
     // A zero budget is refused when the context is made.
-    let zero = ContextOptions { device: Device::Cpu, threads: 1, memory_budget: Some(MemoryBudget::Bytes(0)) };
+    let zero = ContextOptions {
+        device: Device::Cpu,
+        threads: 1,
+        memory_budget: Some(MemoryBudget::Bytes(0)),
+        ..Default::default()
+    };
     assert!(matches!(Context::new(&zero), Err(Error::InvalidArgument(_))));
 }
 
@@ -102,6 +109,7 @@ fn a_trainer_step_beyond_the_budget_is_refused_and_changes_nothing() {
         device: Device::Cpu,
         threads: 1,
         memory_budget: Some(MemoryBudget::Bytes(4 << 20)),
+        ..Default::default()
     })
     .unwrap();
     let err = ctx.run(|| trainer.step(&batch)).unwrap_err();

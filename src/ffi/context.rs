@@ -1,7 +1,7 @@
 //! `beit_context`: the device and the thread pool every pass runs on.
 
+use super::model::read_versioned;
 use std::mem::{offset_of, size_of};
-use std::ptr::addr_of;
 
 use super::status::{beit_status, check_struct_size, guard, guard_infallible, non_null_mut, FfiError, FfiResult};
 use crate::context::{Context, ContextOptions, Device};
@@ -62,13 +62,21 @@ pub struct beit_context_options {
     /// kernel's MemAvailable, the address-space limit and the cgroup limit). Added after the
     /// first version: a caller whose `struct_size` does not cover it gets the default.
     pub memory_budget: u64,
+    /// Which GPU a `BEIT_DEVICE_CUDA` or `BEIT_DEVICE_AUTO` context uses, as the driver numbers
+    /// them (after `CUDA_VISIBLE_DEVICES`); default 0. A process drives one GPU: once a context
+    /// opened one, a context naming another is `BEIT_ERR_UNSUPPORTED` (run one process per GPU).
+    /// A GPU the driver does not have is `BEIT_ERR_UNSUPPORTED` for cuda (auto takes the CPU
+    /// and says why); a `BEIT_DEVICE_CPU` context needs 0. Added in the third version: a caller
+    /// whose `struct_size` does not cover it gets the default.
+    pub device_index: u32,
 }
 
 /// Size of the first version of `beit_context_options` (before `memory_budget`).
 const CONTEXT_OPTIONS_V1_SIZE: usize = offset_of!(beit_context_options, memory_budget);
-
-/// The bytes a caller's `struct_size` must cover for `memory_budget` to be read.
-const CONTEXT_OPTIONS_WITH_BUDGET_SIZE: usize = offset_of!(beit_context_options, memory_budget) + size_of::<u64>();
+/// The end of the second version (`memory_budget`).
+const CONTEXT_OPTIONS_V2_SIZE: usize = offset_of!(beit_context_options, memory_budget) + size_of::<u64>();
+/// The end of the third version (`device_index`).
+const CONTEXT_OPTIONS_V3_SIZE: usize = offset_of!(beit_context_options, device_index) + size_of::<u32>();
 
 /// An execution context: a device and a thread pool of its own, so that a host's thread setting
 /// is exact and independent of other libraries.
@@ -100,27 +108,22 @@ pub extern "C" fn beit_context_options_default() -> beit_context_options {
         device: RawDevice(beit_device::BEIT_DEVICE_AUTO as u32),
         num_threads: 0,
         memory_budget: 0,
+        device_index: 0,
     }
 }
 
-/// Reads the caller's options field by field: a struct from an older header is shorter than
-/// this version's, so only the fields its `struct_size` covers may be read; the others keep
-/// their defaults.
+/// Reads the caller's options: a struct from an older header is shorter than this version's,
+/// so only the fields its `struct_size` covers are read; the others keep their defaults.
 ///
 /// # Safety
 /// `opts` must be non-NULL and readable for its `struct_size` bytes.
 unsafe fn read_options(opts: *const beit_context_options) -> FfiResult<beit_context_options> {
     // SAFETY: the caller's promise; check_struct_size makes sure the first version's fields
-    // are covered, and memory_budget is read only when struct_size covers it too.
+    // are covered, and read_versioned reads no further than struct_size.
     unsafe {
         let size = check_struct_size(opts, "opts", CONTEXT_OPTIONS_V1_SIZE)?;
-        let mut options = beit_context_options_default();
-        options.device = addr_of!((*opts).device).read_unaligned();
-        options.num_threads = addr_of!((*opts).num_threads).read_unaligned();
-        if size >= CONTEXT_OPTIONS_WITH_BUDGET_SIZE {
-            options.memory_budget = addr_of!((*opts).memory_budget).read_unaligned();
-        }
-        Ok(options)
+        let versions = [CONTEXT_OPTIONS_V1_SIZE, CONTEXT_OPTIONS_V2_SIZE, CONTEXT_OPTIONS_V3_SIZE];
+        Ok(read_versioned(opts, size, beit_context_options_default(), &versions))
     }
 }
 
@@ -160,7 +163,8 @@ pub unsafe extern "C" fn beit_context_create(
         let device = options.device.to_device()?;
         let threads = usize::try_from(options.num_threads).unwrap_or(usize::MAX);
         let memory_budget = Some(memory_budget(options.memory_budget));
-        let inner = Context::new(&ContextOptions { device, threads, memory_budget })?;
+        let device_index = usize::try_from(options.device_index).unwrap_or(usize::MAX);
+        let inner = Context::new(&ContextOptions { device, threads, memory_budget, device_index })?;
         let handle = Box::into_raw(Box::new(beit_context { inner: std::sync::Arc::new(inner) }));
         // SAFETY: non-NULL, and the caller promises it is writable.
         unsafe { out.write(handle) };
@@ -257,6 +261,24 @@ mod tests {
     }
 
     #[test]
+    fn device_index_is_read_and_checked() {
+        let mut ctx: *mut beit_context = ptr::null_mut();
+        // A cpu context has no GPU to pick.
+        let opts = beit_context_options {
+            device: RawDevice(beit_device::BEIT_DEVICE_CPU as u32),
+            device_index: 1,
+            ..beit_context_options_default()
+        };
+        assert_eq!(unsafe { beit_context_create(&opts, &mut ctx) }, beit_status::BEIT_ERR_INVALID_ARGUMENT);
+        let msg = unsafe { std::ffi::CStr::from_ptr(super::super::status::beit_last_error_message()) };
+        assert!(msg.to_str().unwrap().contains("device_index 1"), "{msg:?}");
+        // A struct of the second version (up to memory_budget) never reads device_index.
+        let older = beit_context_options { struct_size: offset_of!(beit_context_options, device_index), ..opts };
+        assert_eq!(unsafe { beit_context_create(&older, &mut ctx) }, beit_status::BEIT_OK);
+        unsafe { beit_context_free(ctx) };
+    }
+
+    #[test]
     fn an_older_struct_without_the_budget_gets_the_default() {
         // The first version of the struct, followed by a word that is not part of it: a library
         // that read past struct_size would take it for the budget.
@@ -271,7 +293,7 @@ mod tests {
             v1: V1,
             beyond: u64,
         }
-        for struct_size in [size_of::<V1>(), CONTEXT_OPTIONS_WITH_BUDGET_SIZE - 1] {
+        for struct_size in [size_of::<V1>(), CONTEXT_OPTIONS_V2_SIZE - 1] {
             let old = V1AndBeyond {
                 v1: V1 { struct_size, device: RawDevice(beit_device::BEIT_DEVICE_CPU as u32), num_threads: 1 },
                 beyond: 1,

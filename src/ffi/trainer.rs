@@ -204,6 +204,8 @@ pub struct beit_step_stats {
 
 /// Size of the first version of `beit_trainer_options` (before `precision`).
 const TRAINER_OPTIONS_V1_SIZE: usize = offset_of!(beit_trainer_options, precision);
+/// The end of the second version (`precision`).
+const TRAINER_OPTIONS_V2_SIZE: usize = offset_of!(beit_trainer_options, precision) + size_of::<u32>();
 const MIM_BATCH_V1_SIZE: usize = size_of::<beit_mim_batch>();
 const STEP_STATS_V1_SIZE: usize = size_of::<beit_step_stats>();
 const MODEL_INFO_V1_SIZE: usize = size_of::<beit_model_info>();
@@ -377,7 +379,8 @@ unsafe fn read_options(
         // their defaults.
         unsafe {
             let size = check_struct_size(opts, "opts", TRAINER_OPTIONS_V1_SIZE)?;
-            read_versioned(opts, size, beit_trainer_options_default())
+            let versions = [TRAINER_OPTIONS_V1_SIZE, TRAINER_OPTIONS_V2_SIZE];
+            read_versioned(opts, size, beit_trainer_options_default(), &versions)
         }
     };
     Ok((opts.to_options()?, opts.precision.for_device(ctx.device())?))
@@ -1824,14 +1827,14 @@ mod tests {
             }
         }
         // A struct from the header before `precision` is read up to its size: the default.
-        let mut old = beit_trainer_options { precision: RawPrecision(77), ..options() };
-        old.struct_size = TRAINER_OPTIONS_V1_SIZE;
-        let st = unsafe { beit_trainer_create_from_config(ctx, json.as_ptr(), 1, &old, &mut t) };
-        assert_eq!(st, beit_status::BEIT_OK, "{}", last_error());
-        unsafe {
-            beit_trainer_free(t);
-            beit_context_free(ctx);
+        // So is one whose odd struct_size covers part of it.
+        for size in [TRAINER_OPTIONS_V1_SIZE, TRAINER_OPTIONS_V1_SIZE + 2] {
+            let old = beit_trainer_options { struct_size: size, precision: RawPrecision(77), ..options() };
+            let st = unsafe { beit_trainer_create_from_config(ctx, json.as_ptr(), 1, &old, &mut t) };
+            assert_eq!(st, beit_status::BEIT_OK, "struct_size {size}: {}", last_error());
+            unsafe { beit_trainer_free(t) };
         }
+        unsafe { beit_context_free(ctx) };
     }
 
     #[test]

@@ -1,4 +1,4 @@
-//! The one GPU libbeit uses: a CUDA context on device 0, one stream every op is queued on, a
+//! The one GPU libbeit uses (device 0 unless a context asks for another): a CUDA context, one stream every op is queued on, a
 //! cuBLASLt handle with its workspace, and the loaded kernel modules.
 //!
 //! One stream means ops run in the order they are issued, so no event tracking between buffers
@@ -6,7 +6,7 @@
 //! reads (`download`) synchronise the stream.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex};
 
 use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, LaunchConfig};
 use cudarc::nvrtc::Ptx;
@@ -20,6 +20,10 @@ use crate::error::{Error, Result};
 /// cuBLASLt workspace: NVIDIA recommends 32 MiB on Hopper, 4 MiB before.
 const WORKSPACE_HOPPER: usize = 32 << 20;
 const WORKSPACE_OTHER: usize = 4 << 20;
+
+/// The device this process opened, and its ordinal ([`CudaDevice::open`]). A failed open
+/// claims nothing: a later request (another ordinal) tries afresh.
+static OPENED: Mutex<Option<(usize, Arc<CudaDevice>)>> = Mutex::new(None);
 
 pub struct CudaDevice {
     ctx: Arc<CudaContext>,
@@ -40,26 +44,57 @@ impl std::fmt::Debug for CudaDevice {
 }
 
 impl CudaDevice {
-    /// The process-wide device, created on the first call. Fails with `Unsupported` (and the
-    /// probe's reason) when CUDA is not usable here; never panics on a machine without CUDA.
+    /// The process-wide device: the one [`CudaDevice::open`] opened, or device 0, opened now.
+    /// Fails with `Unsupported` (and the probe's reason) when CUDA is not usable here; never
+    /// panics on a machine without CUDA.
     pub fn get() -> Result<Arc<CudaDevice>> {
-        static DEVICE: OnceLock<std::result::Result<Arc<CudaDevice>, Error>> = OnceLock::new();
-        DEVICE
-            .get_or_init(|| {
-                let report = probe();
-                if !report.usable {
-                    return Err(Error::Unsupported(format!("CUDA is not usable: {}", report.reason)));
-                }
-                let gpu = report.gpu.clone().expect("a usable probe describes its GPU");
-                std::panic::catch_unwind(|| CudaDevice::create(gpu))
-                    .unwrap_or_else(|_| Err(Error::Internal("creating the CUDA context panicked (see stderr)".into())))
-                    .map(Arc::new)
-            })
-            .clone()
+        let opened = OPENED.lock().unwrap_or_else(|p| p.into_inner()).as_ref().map(|(_, d)| d.clone());
+        match opened {
+            Some(device) => Ok(device),
+            None => Self::open(0),
+        }
     }
 
-    fn create(info: GpuInfo) -> Result<CudaDevice> {
-        let ctx = CudaContext::new(0).map_err(|e| driver_error("context creation", e))?;
+    /// The process-wide device on GPU `ordinal` (as the driver counts them, after
+    /// `CUDA_VISIBLE_DEVICES`), opened on the first call. libbeit drives one GPU per process
+    /// (one stream, one cuBLASLt handle; data-parallel runs use one process per GPU): asking
+    /// for another ordinal than the one opened is `Unsupported`, and so is an ordinal the
+    /// driver does not have or a GPU older than the kernels need.
+    pub fn open(ordinal: usize) -> Result<Arc<CudaDevice>> {
+        let report = probe();
+        if !report.usable {
+            bail!(Unsupported, "CUDA is not usable: {}", report.reason);
+        }
+        let count = usize::try_from(report.device_count).unwrap_or(0);
+        ensure!(
+            ordinal < count,
+            Unsupported,
+            "GPU {ordinal} was asked for, but the driver sees {count} (numbered from 0)"
+        );
+        let mut slot = OPENED.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((open, device)) = slot.as_ref() {
+            ensure!(
+                *open == ordinal,
+                Unsupported,
+                "this process already uses GPU {open}; libbeit drives one GPU per process (run one process per \
+                 GPU, or pick it with CUDA_VISIBLE_DEVICES), so GPU {ordinal} cannot be opened too"
+            );
+            return Ok(device.clone());
+        }
+        let gpu = if ordinal == 0 {
+            report.gpu.clone().expect("a usable probe describes its GPU")
+        } else {
+            super::probe::usable_gpu(ordinal)?
+        };
+        let device = std::panic::catch_unwind(|| CudaDevice::create(ordinal, gpu))
+            .unwrap_or_else(|_| Err(Error::Internal("creating the CUDA context panicked (see stderr)".into())))?;
+        let device = Arc::new(device);
+        *slot = Some((ordinal, device.clone()));
+        Ok(device)
+    }
+
+    fn create(ordinal: usize, info: GpuInfo) -> Result<CudaDevice> {
+        let ctx = CudaContext::new(ordinal).map_err(|e| driver_error("context creation", e))?;
         // SAFETY: every libbeit op runs on the single stream below, in issue order, so buffers
         // need no cross-stream events; nothing else uses this context's buffers.
         unsafe { ctx.disable_event_tracking() };

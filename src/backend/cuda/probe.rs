@@ -174,6 +174,26 @@ fn probe_uncached() -> ProbeReport {
     report
 }
 
+/// GPU `ordinal`'s description, when the kernels run on it (the probe checks device 0 this
+/// way; a context asking for another checks it here).
+pub(crate) fn usable_gpu(ordinal: usize) -> crate::error::Result<GpuInfo> {
+    let index = i32::try_from(ordinal)
+        .map_err(|_| crate::error::Error::Unsupported(format!("GPU {ordinal} is not a device number")))?;
+    let gpu = gpu_info(index)
+        .map_err(|e| crate::error::Error::Unsupported(format!("GPU {ordinal} could not be queried: {e:?}")))?;
+    if gpu.compute_capability < MIN_COMPUTE_CAPABILITY {
+        return Err(crate::error::Error::Unsupported(format!(
+            "GPU {ordinal}, {}, has compute capability {}.{}; libbeit's CUDA kernels need {}.{} (Ampere) or newer",
+            gpu.name,
+            gpu.compute_capability.0,
+            gpu.compute_capability.1,
+            MIN_COMPUTE_CAPABILITY.0,
+            MIN_COMPUTE_CAPABILITY.1
+        )));
+    }
+    Ok(gpu)
+}
+
 fn gpu_info(ordinal: i32) -> Result<GpuInfo, cudarc::driver::DriverError> {
     use cudarc::driver::result::device;
     let dev = device::get(ordinal)?;

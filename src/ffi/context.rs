@@ -1,6 +1,6 @@
 //! `beit_context`: the device and the thread pool every pass runs on.
 
-use super::model::read_versioned;
+use super::status::read_versioned;
 use std::mem::{offset_of, size_of};
 
 use super::status::{beit_status, check_struct_size, guard, guard_infallible, non_null_mut, FfiError, FfiResult};

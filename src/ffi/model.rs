@@ -352,28 +352,6 @@ pub(super) unsafe fn hand_out(model: Model, out: *mut *mut beit_model) {
     unsafe { out.write(handle) };
 }
 
-/// Reads a caller's versioned input struct of `caller_size` bytes: the versions' ends
-/// (`version_ends`: the size of each version, the offset where the next one's fields start)
-/// that `caller_size` covers come from the caller, the rest (fields added after the caller's
-/// header, or covered only in part by an odd `struct_size`) from `defaults`.
-///
-/// # Safety
-/// `src` must be readable for `caller_size` bytes.
-pub(crate) unsafe fn read_versioned<T: Copy>(
-    src: *const T,
-    caller_size: usize,
-    defaults: T,
-    version_ends: &[usize],
-) -> T {
-    let mut value = defaults;
-    let n = version_ends.iter().copied().filter(|&end| end <= caller_size.min(size_of::<T>())).max().unwrap_or(0);
-    // SAFETY: `src` is readable for `n <= caller_size` bytes (the caller's promise) and `value`
-    // is a `T` of at least `n` bytes; the fields are plain numbers and pointers, valid for any
-    // bytes the caller wrote into them.
-    unsafe { std::ptr::copy_nonoverlapping(src as *const u8, &mut value as *mut T as *mut u8, n) };
-    value
-}
-
 /// Writes the fields after `struct_size` of `value` into the caller's struct, keeping its
 /// `struct_size` and whatever lies beyond the fields this version knows.
 ///

@@ -201,6 +201,28 @@ pub(crate) unsafe fn check_struct_size<T>(ptr: *const T, name: &str, first_versi
     Ok(size)
 }
 
+/// Reads a caller's versioned input struct of `caller_size` bytes: the versions' ends
+/// (`version_ends`: the size of each version, the offset where the next one's fields start)
+/// that `caller_size` covers come from the caller, the rest (fields added after the caller's
+/// header, or covered only in part by an odd `struct_size`) from `defaults`.
+///
+/// # Safety
+/// `src` must be readable for `caller_size` bytes.
+pub(crate) unsafe fn read_versioned<T: Copy>(
+    src: *const T,
+    caller_size: usize,
+    defaults: T,
+    version_ends: &[usize],
+) -> T {
+    let mut value = defaults;
+    let n = version_ends.iter().copied().filter(|&end| end <= caller_size.min(size_of::<T>())).max().unwrap_or(0);
+    // SAFETY: `src` is readable for `n <= caller_size` bytes (the caller's promise) and `value`
+    // is a `T` of at least `n` bytes; the fields are plain numbers and pointers, valid for any
+    // bytes the caller wrote into them.
+    unsafe { std::ptr::copy_nonoverlapping(src as *const u8, &mut value as *mut T as *mut u8, n) };
+    value
+}
+
 /// The message of the last failed libbeit call on the calling thread.
 ///
 /// Every fallible function (one returning `beit_status`) clears the message when it starts, so

@@ -7,7 +7,8 @@ use std::path::Path;
 use std::sync::{Arc, Mutex, MutexGuard, TryLockError};
 
 use super::context::{beit_context, context_shared};
-use super::model::{beit_model, beit_model_info, check_slice, handle_ref, model_info, read_versioned, write_versioned};
+use super::model::{beit_model, beit_model_info, check_slice, handle_ref, model_info, write_versioned};
+use super::status::read_versioned;
 use super::status::{
     beit_status, check_struct_size, guard, guard_infallible, non_null, non_null_mut, utf8_arg, FfiError, FfiResult,
 };

@@ -332,6 +332,18 @@ using TokenizerInfo = beit_tokenizer_info;
 using DatasetInfo = beit_dataset_info;
 using TrainerOptions = beit_trainer_options;
 using StepStats = beit_step_stats;
+using PassStats = beit_pass_stats;  // what Trainer::forward_backward computed
+
+// The name of a precision (TrainerOptions::precision): "default", "fp32" or "bf16"
+// ("unknown" otherwise).
+inline const char* precision_name(beit_precision precision) noexcept {
+    switch (precision) {
+    case BEIT_PRECISION_DEFAULT: return "default";
+    case BEIT_PRECISION_FP32: return "fp32";
+    case BEIT_PRECISION_BF16: return "bf16";
+    default: return "unknown";
+    }
+}
 
 // beit_context: device, thread pool and memory budget. Thread-safe; share one among threads.
 // `ContextOptions::memory_budget` (bytes; 0, the default: the memory available to the process)
@@ -430,7 +442,63 @@ struct InferResult {
     Tensor logits;
 };
 
-// beit_model: immutable; many threads may infer with one model at once.
+// One parameter of a model or trainer (beit_parameter_info), by its Hugging Face name.
+struct ParameterInfo {
+    std::string name;                // as in model.safetensors
+    std::vector<std::size_t> shape;  // outermost first
+    std::size_t numel = 0;           // the product of shape
+    std::size_t offset = 0;          // where it starts in the flat buffer the gradients share
+
+    // This parameter's part of `flat`, a buffer laid out like the parameters (e.g. a
+    // Trainer's Gradients): a view, writes go through. Throws BufferSizeError when `flat` is
+    // too short to hold it.
+    template <class T>
+    span<T> of(span<T> flat) const {
+        if (flat.size() < offset || flat.size() - offset < numel) {
+            throw_error(BEIT_ERR_BUFFER_SIZE, name + " spans [" + std::to_string(offset) + ", " +
+                                                  std::to_string(offset + numel) +
+                                                  "), past a buffer of " + std::to_string(flat.size()));
+        }
+        return flat.subspan(offset, numel);
+    }
+};
+
+namespace detail {
+// The parameters a handle lists through its count and info calls, in layout order.
+template <class Count, class Info>
+std::vector<ParameterInfo> list_parameters(Count count, Info info) {
+    std::size_t n = 0;
+    check(count(&n));
+    std::vector<ParameterInfo> out;
+    out.reserve(n);
+    for (std::size_t i = 0; i < n; i++) {
+        beit_parameter_info c = beit_parameter_info_default();
+        check(info(i, &c));
+        ParameterInfo p;
+        p.name = c.name;
+        p.shape.assign(c.shape, c.shape + c.ndim);
+        p.numel = c.numel;
+        p.offset = c.offset;
+        out.push_back(std::move(p));
+    }
+    return out;
+}
+
+// The shape of parameter `name` among `all`; InvalidArgumentError when there is none.
+inline std::vector<std::size_t> parameter_shape(const std::vector<ParameterInfo>& all,
+                                                const std::string& name) {
+    for (const ParameterInfo& p : all) {
+        if (p.name == name) return p.shape;
+    }
+    throw_error(BEIT_ERR_INVALID_ARGUMENT,
+                "no parameter is named \"" + name + "\" (parameters() lists them" +
+                    (all.empty() ? std::string(")") : ": \"" + all.front().name + "\", ...)"));
+}
+}  // namespace detail
+
+// beit_model: many threads may infer with one model at once. set_parameter and
+// copy_parameters_from change it; they never wait: while another thread's call uses the
+// model they throw BusyError and change nothing.
 class Model {
 public:
     Model() noexcept = default;
@@ -533,12 +601,40 @@ public:
         infer(ctx, input, out);
     }
 
+    // Parameters by Hugging Face name (as in model.safetensors), in layout order.
+    std::vector<ParameterInfo> parameters() const {
+        beit_model* m = get();
+        return detail::list_parameters(
+            [m](std::size_t* n) { return beit_model_parameter_count(m, n); },
+            [m](std::size_t i, beit_parameter_info* out) { return beit_model_parameter_info(m, i, out); });
+    }
+    // Copies parameter `name` into `out`, exactly its size (else BufferSizeError).
+    void get_parameter(const std::string& name, span<float> out) const {
+        check(beit_model_get_parameter(get(), name.c_str(), out.data(), out.size()));
+    }
+    // Parameter `name` with its shape.
+    Tensor parameter(const std::string& name) const {
+        Tensor t = detail::tensor_of<float>(detail::parameter_shape(parameters(), name));
+        get_parameter(name, span<float>(t.data));
+        return t;
+    }
+    // Sets parameter `name` from `values` (exactly its size, all finite; else
+    // InvalidArgumentError); BusyError while another thread infers. On error nothing changes.
+    void set_parameter(const std::string& name, span<const float> values) {
+        check(beit_model_set_parameter(get(), name.c_str(), values.data(), values.size()));
+    }
+    // Sets every parameter from `src` (the same names and shapes). On error nothing changes.
+    void copy_parameters_from(const Model& src) {
+        check(beit_model_copy_parameters(get(), src.get()));
+    }
+
     beit_model* get() const { return handle_.get(); }
     beit_model* raw() const noexcept { return handle_.raw(); }
     explicit operator bool() const noexcept { return static_cast<bool>(handle_); }
     void reset() noexcept { handle_.reset(); }
 
 private:
+    friend class Trainer;  // Trainer::model() hands out a new Model
     explicit Model(beit_model* raw) noexcept : handle_(raw, "Model") {}
     detail::Handle<beit_model, beit_model_free> handle_;
 };
@@ -710,6 +806,42 @@ struct MimBatch {
     }
 };
 
+// The pending step's gradient buffer (Trainer::gradients(), beit_gradients): size() floats laid
+// out like the parameters (ParameterInfo::offset; ParameterInfo::of(gradients.host()) is one
+// parameter's part). On a CPU context it is host memory the trainer owns, read and written in
+// place through data(), begin()/end(), operator[] or host() (an all-reduce, clipping of your
+// own): apply_gradients() uses it as left. It holds the step's gradients until
+// apply_gradients() or discard_gradients(), and must not be used once the Trainer is gone. On a
+// cuda context on_host() is false, data() is null (host() throws UnsupportedError), and
+// device_pointer() (a CUdeviceptr) and stream() (the CUstream the backward pass was queued
+// on: finish or queue your work on it before apply_gradients()) give the buffer.
+class Gradients {
+public:
+    explicit Gradients(const beit_gradients& c) noexcept : c_(c) {}
+
+    beit_memory_location location() const noexcept { return c_.location; }
+    bool on_host() const noexcept { return c_.location == BEIT_MEMORY_HOST; }
+    std::size_t size() const noexcept { return c_.len; }
+    float* data() const noexcept { return c_.host; }
+    float* begin() const noexcept { return c_.host; }
+    float* end() const noexcept { return c_.host ? c_.host + c_.len : nullptr; }
+    float& operator[](std::size_t i) const noexcept { return c_.host[i]; }
+    // The host buffer as a span; UnsupportedError for a buffer on the GPU.
+    span<float> host() const {
+        if (!on_host()) {
+            throw_error(BEIT_ERR_UNSUPPORTED,
+                        "the gradients are in CUDA device memory: use device_pointer() and stream()");
+        }
+        return {c_.host, c_.len};
+    }
+    std::uint64_t device_pointer() const noexcept { return c_.device_pointer; }
+    void* stream() const noexcept { return c_.stream; }
+    const beit_gradients& c() const noexcept { return c_; }
+
+private:
+    beit_gradients c_;
+};
+
 // beit_trainer: BEiT pretraining (AdamW). A trainer takes one call at a time: a call made while
 // another thread's call on it runs throws BusyError and does nothing; serialise calls on a
 // shared trainer (e.g. with a std::mutex).
@@ -773,6 +905,66 @@ public:
         ModelInfo info = beit_model_info_default();
         check(beit_trainer_get_model_info(get(), &info));
         return info;
+    }
+
+    // The split step, for hosts that work on the gradients before the optimizer
+    // (data-parallel training's all-reduce, their own clipping): forward_backward() checks the
+    // batch as step() does, runs the forward and backward and leaves the step pending;
+    // gradients() shows the buffer; apply_gradients() finishes the step (clipping + AdamW) or
+    // discard_gradients() drops it (the trainer as before, random state included).
+    // forward_backward() + apply_gradients() equals step() bit for bit. While a step is
+    // pending, step(), forward_backward(), checkpoints and set_parameter() throw
+    // InvalidArgumentError.
+    PassStats forward_backward(const MimBatch& batch) {
+        const beit_mim_batch b = batch.to_c();
+        PassStats stats = beit_pass_stats_default();
+        check(beit_trainer_forward_backward(get(), &b, &stats));
+        return stats;
+    }
+    // The pending step's gradient buffer (see Gradients); InvalidArgumentError when none is
+    // pending.
+    Gradients gradients() {
+        beit_gradients g = beit_gradients_default();
+        check(beit_trainer_get_gradients(get(), &g));
+        return Gradients(g);
+    }
+    // NumericalError when the gradient norm is not finite: the step is dropped.
+    StepStats apply_gradients() {
+        StepStats stats = beit_step_stats_default();
+        check(beit_trainer_apply_gradients(get(), &stats));
+        return stats;
+    }
+    void discard_gradients() { check(beit_trainer_discard_gradients(get())); }
+
+    // Parameters by Hugging Face name, as Model's; offset also places each in gradients().
+    std::vector<ParameterInfo> parameters() const {
+        beit_trainer* t = get();
+        return detail::list_parameters(
+            [t](std::size_t* n) { return beit_trainer_parameter_count(t, n); },
+            [t](std::size_t i, beit_parameter_info* out) { return beit_trainer_parameter_info(t, i, out); });
+    }
+    void get_parameter(const std::string& name, span<float> out) const {
+        check(beit_trainer_get_parameter(get(), name.c_str(), out.data(), out.size()));
+    }
+    // Parameter `name` with its shape, as of the last applied step.
+    Tensor parameter(const std::string& name) const {
+        Tensor t = detail::tensor_of<float>(detail::parameter_shape(parameters(), name));
+        get_parameter(name, span<float>(t.data));
+        return t;
+    }
+    // The next step trains from the new values; the optimizer state is kept.
+    void set_parameter(const std::string& name, span<const float> values) {
+        check(beit_trainer_set_parameter(get(), name.c_str(), values.data(), values.size()));
+    }
+    void copy_parameters_from(const Model& model) {
+        check(beit_trainer_copy_parameters_from(get(), model.get()));
+    }
+    // A new Model holding a copy of the trainer's model as of its last applied step (it does
+    // not follow later steps).
+    Model model() const {
+        beit_model* raw = nullptr;
+        check(beit_trainer_get_model(get(), &raw));
+        return Model(raw);
     }
 
     beit_trainer* get() const { return handle_.get(); }

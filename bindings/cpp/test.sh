@@ -76,6 +76,8 @@ step "run test_beit (CMake, shared)"
 "$WORK/tests/test_beit" "$ROOT" || fail "test_beit"
 step "run test_beit_static (CMake, libbeit.a)"
 "$WORK/tests/test_beit_static" "$ROOT" | tail -n1 || fail "test_beit_static"
+step "run test_training (CMake, shared: split step, parameters by name, precision)"
+"$WORK/tests/test_training" "$ROOT" || fail "test_training"
 step "run test_beit_pc (pkg-config)"
 "$WORK/test_beit_pc" "$ROOT" | tail -n1 || fail "test_beit_pc"
 step "ctest"
@@ -86,7 +88,7 @@ if [ "${BEIT_VALGRIND:-1}" != 0 ]; then
     command -v valgrind >/dev/null || fail "valgrind not found (BEIT_VALGRIND=0 skips it)"
     # Any memory error or definite leak fails ("possibly lost" blocks of the thread pools'
     # threads are tolerated, as in scripts/test-c).
-    for t in tests/test_beit example/beit_example; do
+    for t in tests/test_beit tests/test_training example/beit_example; do
         arg=$ROOT
         [ "$t" = example/beit_example ] && arg=tests/reference/cls_all_pos_cls
         step "valgrind $t"

@@ -134,8 +134,10 @@ type Outputs struct {
 	NumPatches      int
 }
 
-// Model is a loaded BEiT model. It is immutable: any number of goroutines may call Infer
-// (and Info, OutputSizes, Save) on one model at once. Close waits for running calls.
+// Model is a loaded BEiT model. Any number of goroutines may call Infer (and Info,
+// OutputSizes, Save, Parameters, Parameter) on one model at once; SetParameter and
+// CopyParametersFrom, the calls that change it, wait for those to finish and hold them off
+// while they run. Close waits for running calls.
 type Model struct {
 	mu   sync.RWMutex
 	ptr  *C.beit_model

@@ -96,6 +96,9 @@ type TrainerOptions struct {
 	// Seed seeds the trainer's random state (stochastic depth). 0 is the default, and a seed
 	// like any other.
 	Seed uint64
+	// Precision of the steps. The zero value, PrecisionDefault, is bf16 on a cuda context and
+	// fp32 on the CPU; PrecisionBF16 on a CPU context is refused with ErrUnsupported.
+	Precision Precision
 }
 
 // DefaultTrainerOptions spells out the library's defaults (beit_trainer_options_default, BEiT's
@@ -121,6 +124,7 @@ func DefaultTrainerOptions() TrainerOptions {
 		LayerDecay:      fromC(o.layer_decay),
 		WeightDecayOn:   WeightDecayOn(o.weight_decay_on),
 		Seed:            uint64(o.seed),
+		Precision:       Precision(o.precision),
 	}
 }
 
@@ -165,6 +169,9 @@ func (t *TrainerOptions) toC() *C.beit_trainer_options {
 	if t.Seed != 0 {
 		o.seed = C.uint64_t(t.Seed)
 	}
+	if t.Precision != 0 {
+		o.precision = C.beit_precision(t.Precision)
+	}
 	return &o
 }
 
@@ -196,6 +203,7 @@ type StepStats struct {
 type Trainer struct {
 	mu  sync.Mutex
 	ptr *C.beit_trainer
+	ctx *Context // the context it was made on: Model() makes models on it
 }
 
 func newTrainer(ctx *Context, create func(*C.beit_context, **C.beit_trainer) C.beit_status) (*Trainer, error) {
@@ -208,7 +216,7 @@ func newTrainer(ctx *Context, create func(*C.beit_context, **C.beit_trainer) C.b
 	if err := call(func() C.beit_status { return create(cctx, &ptr) }); err != nil {
 		return nil, err
 	}
-	t := &Trainer{ptr: ptr}
+	t := &Trainer{ptr: ptr, ctx: ctx}
 	runtime.SetFinalizer(t, (*Trainer).Close)
 	return t, nil
 }

@@ -7,7 +7,7 @@ import json
 import os
 import threading
 from ctypes import POINTER, byref, c_float, c_int64, c_uint8, c_uint16, c_uint64, c_void_p
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import Any, Iterable, Mapping, NamedTuple, Optional
 
 import numpy as np
@@ -26,6 +26,11 @@ ARCHITECTURES = {
 _ARCH_CODES = {v: k for k, v in ARCHITECTURES.items()}
 _DEVICES = {"auto": _ffi.BEIT_DEVICE_AUTO, "cpu": _ffi.BEIT_DEVICE_CPU, "cuda": _ffi.BEIT_DEVICE_CUDA}
 _WEIGHT_DECAY_ON = {"beit": _ffi.BEIT_WEIGHT_DECAY_BEIT, "all": _ffi.BEIT_WEIGHT_DECAY_ALL}
+_PRECISIONS = {
+    "default": _ffi.BEIT_PRECISION_DEFAULT,
+    "fp32": _ffi.BEIT_PRECISION_FP32,
+    "bf16": _ffi.BEIT_PRECISION_BF16,
+}
 
 
 def version() -> str:
@@ -341,7 +346,9 @@ def _config_text(config: Any) -> bytes:
 
 
 class Model(_Handle):
-    """A BEiT model (immutable: any number of threads may infer with one model at once)."""
+    """A BEiT model. Any number of threads may infer with one model at once. Only
+    set_parameter and copy_parameters_from change it: they never wait, and raise BusyError
+    (changing nothing) while another thread's call uses the model."""
 
     _free_name = "beit_model_free"
 
@@ -461,6 +468,36 @@ class Model(_Handle):
             # model is), so the pointer is valid here even if the Context was closed.
             _check(_lib.beit_model_infer(self.context._ptr, mp, byref(batch), byref(outs)))
         return result
+
+    def parameters(self) -> list:
+        """Every parameter (its Hugging Face name, as in model.safetensors, its shape and its
+        offset in the flat parameter buffer), in the model's layout order."""
+        with self._use() as p:
+            return list(_parameter_index(self, p, _lib.beit_model_parameter_count, _lib.beit_model_parameter_info).values())
+
+    def get_parameter(self, name: str) -> np.ndarray:
+        """A copy of parameter `name` (a Hugging Face name, e.g.
+        "beit.encoder.layer.0.attention.attention.query.weight"), float32 with its shape."""
+        with self._use() as p:
+            index = _parameter_index(self, p, _lib.beit_model_parameter_count, _lib.beit_model_parameter_info)
+            return _get_parameter(index, name, lambda *a: _lib.beit_model_get_parameter(p, *a))
+
+    def set_parameter(self, name: str, values: Any) -> None:
+        """Sets parameter `name` from `values` (real numbers of exactly its shape, all finite;
+        converted to float32 once unless already C-contiguous float32). The next inference
+        uses them. On error (InvalidArgumentError; BusyError while another thread infers) the
+        model is unchanged."""
+        with self._use() as p:
+            index = _parameter_index(self, p, _lib.beit_model_parameter_count, _lib.beit_model_parameter_info)
+            _set_parameter(index, name, values, lambda *a: _lib.beit_model_set_parameter(p, *a))
+
+    def copy_parameters_from(self, other: "Model") -> None:
+        """Sets every parameter from `other`, which must have the same ones (names and shapes:
+        the same config and architecture). On error this model is unchanged."""
+        if not isinstance(other, Model):
+            raise _invalid(f"copy_parameters_from takes a beit.Model, got {type(other).__name__}")
+        with self._use() as dst, other._use() as src:
+            _check(_lib.beit_model_copy_parameters(dst, src))
 
     def __repr__(self) -> str:
         if self.closed:
@@ -650,6 +687,9 @@ class TrainerOptions:
     layer_decay: Optional[float] = None
     weight_decay_on: Optional[str] = None
     seed: Optional[int] = None
+    precision: Optional[str] = None
+    """"default" (bf16 on a cuda context, fp32 on the CPU), "fp32" or "bf16" (cuda contexts
+    only: a CPU context refuses it with UnsupportedError)."""
 
     @classmethod
     def defaults(cls) -> "TrainerOptions":
@@ -657,6 +697,7 @@ class TrainerOptions:
         d = _lib.beit_trainer_options_default()
         values = {f.name: getattr(d, f.name) for f in fields(cls)}
         values["weight_decay_on"] = {v: k for k, v in _WEIGHT_DECAY_ON.items()}.get(d.weight_decay_on)
+        values["precision"] = {v: k for k, v in _PRECISIONS.items()}.get(d.precision)
         return cls(**values)
 
     def _struct(self):
@@ -669,6 +710,10 @@ class TrainerOptions:
                 if v not in _WEIGHT_DECAY_ON:
                     raise _invalid(f"weight_decay_on must be 'beit' or 'all', got {v!r}")
                 v = _WEIGHT_DECAY_ON[v]
+            if f.name == "precision":
+                if v not in _PRECISIONS:
+                    raise _invalid(f"precision must be one of {sorted(_PRECISIONS)}, got {v!r}")
+                v = _PRECISIONS[v]
             setattr(s, f.name, v)
         return s
 
@@ -701,9 +746,11 @@ class Trainer(_Handle):
 
     _free_name = "beit_trainer_free"
 
-    def __init__(self, ptr: int):
+    def __init__(self, ptr: int, ctx: Optional[Context] = None):
         super().__init__(ptr)
         self._call_lock = threading.Lock()
+        #: The context the trainer was made on (model() pairs its models with it).
+        self.context = ctx
 
     def _run(self, fn, *args):
         with self._call_lock, self._use() as p:
@@ -721,7 +768,7 @@ class Trainer(_Handle):
                     c, _config_text(config), init_seed, byref(opts) if opts is not None else None, byref(out)
                 )
             )
-        return cls(out.value)
+        return cls(out.value, ctx)
 
     @classmethod
     def from_model_dir(cls, ctx: Context, path: Any, options: Any = None) -> "Trainer":
@@ -734,7 +781,7 @@ class Trainer(_Handle):
                     c, _path(path), byref(opts) if opts is not None else None, byref(out)
                 )
             )
-        return cls(out.value)
+        return cls(out.value, ctx)
 
     @classmethod
     def from_model(cls, ctx: Context, model: Model, options: Any = None) -> "Trainer":
@@ -743,7 +790,7 @@ class Trainer(_Handle):
         out = c_void_p()
         with ctx._use() as c, model._use() as m:
             _check(_lib.beit_trainer_create(c, m, byref(opts) if opts is not None else None, byref(out)))
-        return cls(out.value)
+        return cls(out.value, ctx)
 
     @staticmethod
     def _mim_batch(pixels: Any, bool_masked_pos: Any, labels: Any):
@@ -806,3 +853,246 @@ class Trainer(_Handle):
         info = _struct(_ffi.beit_model_info)
         self._run(_lib.beit_trainer_get_model_info, byref(info))
         return _model_info(info)
+
+    # -- the split step: forward_backward, then the host's work on gradients(), then apply ------
+
+    def forward_backward(self, pixels: Any, bool_masked_pos: Any, labels: Any) -> "PassStats":
+        """The first half of a split step (for data-parallel training's all-reduce, or clipping
+        of your own): checks the batch as step() does, runs the forward and backward into the
+        trainer's gradient buffer and leaves the step pending. Then gradients() shows the
+        buffer, and apply_gradients() finishes the step (clipping + AdamW) or
+        discard_gradients() drops it; forward_backward + apply_gradients equals step() bit for
+        bit. While a step is pending, step(), another forward_backward, checkpoints and
+        set_parameter raise InvalidArgumentError. On error nothing is pending."""
+        batch, _arrays = self._mim_batch(pixels, bool_masked_pos, labels)
+        stats = _struct(_ffi.beit_pass_stats)
+        self._run(_lib.beit_trainer_forward_backward, byref(batch), byref(stats))
+        return _to_dataclass(PassStats, stats)
+
+    def _gradients(self):
+        """The pending step's beit_gradients and a lease on this trainer's native handle."""
+        g = _struct(_ffi.beit_gradients)
+        with self._call_lock, self._use() as p:
+            _check(_lib.beit_trainer_get_gradients(p, byref(g)))
+            return g, _Lease(self)
+
+    def gradients(self) -> np.ndarray:
+        """The pending step's gradients as a writable float32 array [n] over the trainer's own
+        buffer (zero-copy), laid out like the parameters: ``info.of(grads)`` is parameter
+        ``info``'s part, shaped (see parameters()). Read it and change it in place (an
+        all-reduce, your own clipping): apply_gradients() uses it as you left it.
+
+        The values are the step's only until apply_gradients() or discard_gradients(); after
+        those the array shows the trainer's scratch memory (the next forward_backward
+        overwrites it). The array keeps the trainer's native memory alive, so it never
+        dangles, even after close(). InvalidArgumentError when no step is pending;
+        UnsupportedError on a cuda context, whose gradients are on the GPU: device_gradients()."""
+        g, lease = self._gradients()
+        if g.location != _ffi.BEIT_MEMORY_HOST:
+            raise error_class(_ffi.BEIT_ERR_UNSUPPORTED)(
+                "the gradients are in CUDA device memory (a cuda context): use device_gradients()",
+                _ffi.BEIT_ERR_UNSUPPORTED,
+                "BEIT_ERR_UNSUPPORTED",
+            )
+        return np.asarray(_HostFloats(lease, ctypes.addressof(g.host.contents) if g.len else 0, g.len))
+
+    def device_gradients(self) -> "DeviceGradients":
+        """The pending step's gradients on a cuda context: the CUdeviceptr, the CUstream the
+        backward pass was queued on, and the length; ``__cuda_array_interface__`` lets CuPy,
+        Numba or PyTorch wrap them without a copy (consumers synchronise on the stream). Work
+        on them must be finished, or queued on that stream, before apply_gradients(). Valid
+        until apply_gradients() or discard_gradients(). UnsupportedError on a CPU context
+        (use gradients())."""
+        g, lease = self._gradients()
+        if g.location != _ffi.BEIT_MEMORY_CUDA_DEVICE:
+            raise error_class(_ffi.BEIT_ERR_UNSUPPORTED)(
+                "the gradients are in host memory (a CPU context): use gradients()",
+                _ffi.BEIT_ERR_UNSUPPORTED,
+                "BEIT_ERR_UNSUPPORTED",
+            )
+        return DeviceGradients(int(g.device_pointer), int(g.stream or 0), int(g.len), lease)
+
+    def apply_gradients(self) -> StepStats:
+        """The second half of a split step: the gradient norm, clipping and AdamW on the
+        gradients as left by the host. NumericalError when their norm is not finite (the step
+        is dropped: the trainer is as before forward_backward); InvalidArgumentError when no
+        step is pending."""
+        stats = _struct(_ffi.beit_step_stats)
+        self._run(_lib.beit_trainer_apply_gradients, byref(stats))
+        return _to_dataclass(StepStats, stats)
+
+    def discard_gradients(self) -> None:
+        """Drops the pending step: the trainer is as before forward_backward (random state
+        included). Nothing happens when no step is pending."""
+        self._run(_lib.beit_trainer_discard_gradients)
+
+    # -- parameters by name ----------------------------------------------------------------------
+
+    def parameters(self) -> list:
+        """Every parameter of the trainer's model (as Model.parameters()); ``offset`` also
+        places it in gradients()."""
+        with self._call_lock, self._use() as p:
+            index = _parameter_index(self, p, _lib.beit_trainer_parameter_count, _lib.beit_trainer_parameter_info)
+            return list(index.values())
+
+    def get_parameter(self, name: str) -> np.ndarray:
+        """A copy of the trainer's parameter `name`, float32 with its shape, as of the last
+        applied step."""
+        with self._call_lock, self._use() as p:
+            index = _parameter_index(self, p, _lib.beit_trainer_parameter_count, _lib.beit_trainer_parameter_info)
+            return _get_parameter(index, name, lambda *a: _lib.beit_trainer_get_parameter(p, *a))
+
+    def set_parameter(self, name: str, values: Any) -> None:
+        """Sets the trainer's parameter `name` (values of exactly its shape, all finite): the
+        next step trains from them; the optimizer state is kept. InvalidArgumentError while a
+        split step is pending. On error nothing changes."""
+        with self._call_lock, self._use() as p:
+            index = _parameter_index(self, p, _lib.beit_trainer_parameter_count, _lib.beit_trainer_parameter_info)
+            _set_parameter(index, name, values, lambda *a: _lib.beit_trainer_set_parameter(p, *a))
+
+    def copy_parameters_from(self, model: Model) -> None:
+        """Sets every parameter from `model` (the same names and shapes); the optimizer state
+        is kept. InvalidArgumentError while a split step is pending. On error nothing changes."""
+        if not isinstance(model, Model):
+            raise _invalid(f"copy_parameters_from takes a beit.Model, got {type(model).__name__}")
+        with self._call_lock, self._use() as p, model._use() as m:
+            _check(_lib.beit_trainer_copy_parameters_from(p, m))
+
+    def model(self, ctx: Optional[Context] = None) -> Model:
+        """A new Model holding a copy of the trainer's model as of its last applied step (it
+        does not follow later steps): infer with it, save it, read its parameters. It runs on
+        `ctx`, by default the context the trainer was made on."""
+        ctx = ctx if ctx is not None else self.context
+        if ctx is None:
+            raise _invalid("this trainer does not know its context: pass model(ctx)")
+        out = c_void_p()
+        with ctx._use():  # a closed context raises here, before a model is made for it
+            with self._call_lock, self._use() as p:
+                _check(_lib.beit_trainer_get_model(p, byref(out)))
+            # Model frees the handle itself should it fail (its close() runs from __del__).
+            return Model(out.value, ctx)
+
+
+@dataclass(frozen=True)
+class PassStats:
+    """What Trainer.forward_backward computed (beit_pass_stats)."""
+
+    loss: float
+    images: int
+    masked: int
+    """Masked patches the loss averaged over: combining several trainers' gradients into the
+    gradient of their joint batch, each share weighs masked / total masked."""
+
+
+@dataclass(frozen=True)
+class ParameterInfo:
+    """One parameter of a model or trainer (beit_parameter_info)."""
+
+    name: str
+    """The Hugging Face name, as in model.safetensors."""
+    shape: tuple
+    offset: int
+    """Where its values start (in floats) in the flat parameter buffer, which
+    Trainer.gradients() shares."""
+
+    @property
+    def numel(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64))
+
+    def of(self, flat: np.ndarray) -> np.ndarray:
+        """This parameter's part of a flat buffer laid out like the parameters (e.g.
+        Trainer.gradients()), shaped: a view, writes go through."""
+        return flat[self.offset : self.offset + self.numel].reshape(self.shape)
+
+
+@dataclass(frozen=True)
+class DeviceGradients:
+    """The pending step's gradients in CUDA device memory (Trainer.device_gradients())."""
+
+    pointer: int
+    """The buffer's CUdeviceptr."""
+    stream: int
+    """The CUstream the backward pass was queued on, as an integer (0: the default stream)."""
+    size: int
+    """float32 values in the buffer."""
+    _lease: Any = field(default=None, repr=False, compare=False)
+
+    @property
+    def __cuda_array_interface__(self) -> dict:
+        # Version 3: consumers synchronise on "stream" (1 names the legacy default stream).
+        return {
+            "shape": (self.size,),
+            "typestr": "<f4",
+            "data": (self.pointer, False),
+            "version": 3,
+            "stream": self.stream or 1,
+        }
+
+
+class _Lease:
+    """Keeps a handle's native object alive (a close() then frees it when the lease ends), so
+    that memory the library lends to Python (the gradient buffer) never dangles."""
+
+    def __init__(self, handle: _Handle):
+        handle._acquire()
+        self._handle = handle
+
+    def __del__(self) -> None:
+        handle, self._handle = getattr(self, "_handle", None), None
+        if handle is not None:
+            try:
+                handle._release()
+            except Exception:  # interpreter shutdown: the library may be gone already
+                pass
+
+
+class _HostFloats:
+    """float32 memory the library owns, for np.asarray (which keeps this object, and so the
+    lease, as the array's base)."""
+
+    def __init__(self, lease: _Lease, address: int, length: int):
+        self._lease = lease
+        self.__array_interface__ = {"version": 3, "shape": (length,), "typestr": "<f4", "data": (address, False)}
+
+
+def _parameter_index(owner: _Handle, ptr: int, count_fn, info_fn) -> dict:
+    """{name: ParameterInfo} of a model or trainer, listed once: the parameters of a handle
+    never change their names, shapes or places."""
+    index = getattr(owner, "_parameters_by_name", None)
+    if index is None:
+        n = ctypes.c_size_t()
+        _check(count_fn(ptr, byref(n)))
+        index = {}
+        for i in range(n.value):
+            s = _struct(_ffi.beit_parameter_info)
+            _check(info_fn(ptr, i, byref(s)))
+            name = s.name.decode("utf-8")
+            index[name] = ParameterInfo(name, tuple(int(d) for d in s.shape[: s.ndim]), int(s.offset))
+        owner._parameters_by_name = index
+    return index
+
+
+def _lookup(index: dict, name: Any) -> ParameterInfo:
+    if not isinstance(name, str):
+        raise _invalid(f"a parameter name is a str, got {type(name).__name__}")
+    info = index.get(name)
+    if info is None:
+        first = next(iter(index), "")
+        raise _invalid(f"no parameter is named {name!r} (parameters() lists them: {first!r}, ...)")
+    return info
+
+
+def _get_parameter(index: dict, name: Any, get) -> np.ndarray:
+    info = _lookup(index, name)
+    out = np.empty(info.shape, dtype=np.float32)
+    _check(get(name.encode(), _ptr(out, c_float), out.size))
+    return out
+
+
+def _set_parameter(index: dict, name: Any, values: Any, set_) -> None:
+    info = _lookup(index, name)
+    arr = np.asarray(values)
+    if arr.shape != info.shape:
+        raise _invalid(f"{name} has shape {list(info.shape)}, the values given have shape {list(arr.shape)}")
+    arr = _array(arr, np.float32, len(info.shape), "values")
+    _check(set_(name.encode(), _ptr(arr, c_float), arr.size))

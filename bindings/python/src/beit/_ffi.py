@@ -61,10 +61,21 @@ BEIT_ARCH_SEMANTIC_SEGMENTATION = 3
 BEIT_WEIGHT_DECAY_BEIT = 0
 BEIT_WEIGHT_DECAY_ALL = 1
 
+# enum beit_precision
+BEIT_PRECISION_DEFAULT = 0
+BEIT_PRECISION_FP32 = 1
+BEIT_PRECISION_BF16 = 2
+
+# enum beit_memory_location
+BEIT_MEMORY_HOST = 0
+BEIT_MEMORY_CUDA_DEVICE = 1
+
 beit_status = c_uint32
 beit_device = c_uint32
 beit_architecture = c_uint32
 beit_weight_decay_on = c_uint32
+beit_precision = c_uint32
+beit_memory_location = c_uint32
 
 
 class beit_context_options(Structure):
@@ -216,6 +227,7 @@ class beit_trainer_options(Structure):
         ("layer_decay", c_double),
         ("weight_decay_on", beit_weight_decay_on),
         ("seed", c_uint64),
+        ("precision", beit_precision),
     ]
 
 
@@ -248,6 +260,41 @@ class beit_step_stats(Structure):
     ]
 
 
+BEIT_PARAMETER_NAME_CAPACITY = 256
+BEIT_PARAMETER_MAX_DIMS = 8
+
+
+class beit_parameter_info(Structure):
+    _fields_ = [
+        ("struct_size", c_size_t),
+        ("name", c_char * BEIT_PARAMETER_NAME_CAPACITY),
+        ("ndim", c_size_t),
+        ("shape", c_size_t * BEIT_PARAMETER_MAX_DIMS),
+        ("numel", c_size_t),
+        ("offset", c_size_t),
+    ]
+
+
+class beit_pass_stats(Structure):
+    _fields_ = [
+        ("struct_size", c_size_t),
+        ("loss", c_double),
+        ("images", c_size_t),
+        ("masked", c_size_t),
+    ]
+
+
+class beit_gradients(Structure):
+    _fields_ = [
+        ("struct_size", c_size_t),
+        ("location", beit_memory_location),
+        ("host", POINTER(c_float)),
+        ("device_pointer", c_uint64),
+        ("stream", c_void_p),
+        ("len", c_size_t),
+    ]
+
+
 #: Every versioned struct and the function returning its default.
 VERSIONED_STRUCTS = {
     "beit_context_options_default": beit_context_options,
@@ -262,6 +309,9 @@ VERSIONED_STRUCTS = {
     "beit_trainer_options_default": beit_trainer_options,
     "beit_mim_batch_default": beit_mim_batch,
     "beit_step_stats_default": beit_step_stats,
+    "beit_parameter_info_default": beit_parameter_info,
+    "beit_pass_stats_default": beit_pass_stats,
+    "beit_gradients_default": beit_gradients,
 }
 
 _P = POINTER
@@ -312,6 +362,23 @@ PROTOTYPES = {
     "beit_trainer_get_data_position": (beit_status, [_tr, _P(c_uint64)]),
     "beit_trainer_set_data_position": (beit_status, [_tr, c_uint64]),
     "beit_trainer_get_model_info": (beit_status, [_tr, _P(beit_model_info)]),
+    # the split step
+    "beit_trainer_forward_backward": (beit_status, [_tr, _P(beit_mim_batch), _P(beit_pass_stats)]),
+    "beit_trainer_get_gradients": (beit_status, [_tr, _P(beit_gradients)]),
+    "beit_trainer_apply_gradients": (beit_status, [_tr, _P(beit_step_stats)]),
+    "beit_trainer_discard_gradients": (beit_status, [_tr]),
+    # parameters by name
+    "beit_model_parameter_count": (beit_status, [_model, _P(c_size_t)]),
+    "beit_model_parameter_info": (beit_status, [_model, c_size_t, _P(beit_parameter_info)]),
+    "beit_model_get_parameter": (beit_status, [_model, c_char_p, _P(c_float), c_size_t]),
+    "beit_model_set_parameter": (beit_status, [_model, c_char_p, _P(c_float), c_size_t]),
+    "beit_model_copy_parameters": (beit_status, [_model, _model]),
+    "beit_trainer_parameter_count": (beit_status, [_tr, _P(c_size_t)]),
+    "beit_trainer_parameter_info": (beit_status, [_tr, c_size_t, _P(beit_parameter_info)]),
+    "beit_trainer_get_parameter": (beit_status, [_tr, c_char_p, _P(c_float), c_size_t]),
+    "beit_trainer_set_parameter": (beit_status, [_tr, c_char_p, _P(c_float), c_size_t]),
+    "beit_trainer_copy_parameters_from": (beit_status, [_tr, _model]),
+    "beit_trainer_get_model": (beit_status, [_tr, _P(c_void_p)]),
     # version
     "beit_version": (c_char_p, []),
     "beit_abi_version": (c_uint32, []),

@@ -7,7 +7,9 @@
 pub mod context;
 pub mod dataset;
 pub mod device;
+pub mod finetune;
 pub mod model;
+pub mod segmentation;
 pub mod status;
 pub mod tokenizer;
 pub mod trainer;

@@ -326,7 +326,7 @@ unsafe fn model_ref<'a>(model: *const beit_model) -> FfiResult<&'a Model> {
 ///
 /// # Safety
 /// `out` must be non-NULL and writable.
-unsafe fn hand_out(model: Model, out: *mut *mut beit_model) {
+pub(super) unsafe fn hand_out(model: Model, out: *mut *mut beit_model) {
     let handle = Box::into_raw(Box::new(beit_model::new(model)));
     // SAFETY: the caller checked `out`.
     unsafe { out.write(handle) };

@@ -47,7 +47,7 @@ impl RawWeightDecayOn {
         }
     }
 
-    fn of(on: WeightDecayOn) -> Self {
+    pub(super) fn of(on: WeightDecayOn) -> Self {
         RawWeightDecayOn(match on {
             WeightDecayOn::Beit => beit_weight_decay_on::BEIT_WEIGHT_DECAY_BEIT,
             WeightDecayOn::All => beit_weight_decay_on::BEIT_WEIGHT_DECAY_ALL,
@@ -193,9 +193,9 @@ pub struct beit_trainer {
 const _: () = super::status::assert_thread_safe::<beit_trainer>();
 
 /// One call's exclusive use of a trainer: the trainer and the context it runs on.
-struct Claimed<'a> {
-    trainer: MutexGuard<'a, Trainer>,
-    ctx: &'a Context,
+pub(super) struct Claimed<'a> {
+    pub(super) trainer: MutexGuard<'a, Trainer>,
+    pub(super) ctx: &'a Context,
 }
 
 /// Claims the trainer behind a handle for the call `call` (named in the messages), without
@@ -205,7 +205,7 @@ struct Claimed<'a> {
 ///
 /// # Safety
 /// `trainer` must be NULL or a live trainer (one not freed, and not being freed).
-unsafe fn claim<'a>(trainer: *const beit_trainer, call: &str) -> FfiResult<Claimed<'a>> {
+pub(super) unsafe fn claim<'a>(trainer: *const beit_trainer, call: &str) -> FfiResult<Claimed<'a>> {
     let handle = non_null(trainer, "trainer")?;
     // SAFETY: non-NULL; the caller promises a live trainer. Only a shared reference is made:
     // other threads may hold one too, and the mutex decides who may change the trainer.
@@ -315,7 +315,7 @@ impl beit_trainer_options {
 ///
 /// # Safety
 /// `opts` must be NULL or readable for its `struct_size` bytes.
-unsafe fn read_options(opts: *const beit_trainer_options) -> FfiResult<TrainerOptions> {
+pub(super) unsafe fn read_options(opts: *const beit_trainer_options) -> FfiResult<TrainerOptions> {
     if opts.is_null() {
         return Ok(TrainerOptions::default());
     }
@@ -332,14 +332,14 @@ unsafe fn read_options(opts: *const beit_trainer_options) -> FfiResult<TrainerOp
 ///
 /// # Safety
 /// `out` must be non-NULL and writable.
-unsafe fn hand_out(trainer: Trainer, ctx: Arc<Context>, out: *mut *mut beit_trainer) {
+pub(super) unsafe fn hand_out(trainer: Trainer, ctx: Arc<Context>, out: *mut *mut beit_trainer) {
     let handle = Box::into_raw(Box::new(beit_trainer { inner: Mutex::new(trainer), ctx }));
     // SAFETY: the caller checked `out`.
     unsafe { out.write(handle) };
 }
 
 /// A copy of `model`: same config, architecture and parameters.
-fn copy_model(model: &Model) -> FfiResult<Model> {
+pub(super) fn copy_model(model: &Model) -> FfiResult<Model> {
     let mut copy = Model::zeroed(model.config().clone(), model.architecture())?;
     let (src, dst) = (&model.params().data, &mut copy.params_mut().data);
     if src.len() != dst.len() {
@@ -352,14 +352,17 @@ fn copy_model(model: &Model) -> FfiResult<Model> {
     Ok(copy)
 }
 
-/// Creates a trainer for a copy of `model`, which must be a `BeitForMaskedImageModeling`:
-/// the trainer owns its own parameters, so `model` is only read during the call and stays as
+/// Creates a trainer for a copy of `model`: a `BeitForMaskedImageModeling` (pretraining,
+/// `beit_trainer_step`) or a `BeitForImageClassification` (fine-tuning,
+/// `beit_trainer_step_classify` and `beit_trainer_finetune`; see `beit_model_to_classifier`
+/// and `beit_trainer_options_finetune_default`). The trainer owns its own parameters, so `model` is only read during the call and stays as
 /// it is (free it whenever you like). `opts` may be NULL for the defaults. The trainer runs
 /// its steps on `ctx`'s thread pool (shared: `ctx` may be freed first). On success `*out` receives a
 /// trainer to release with `beit_trainer_free`; on failure `*out` is not written.
 ///
-/// Errors: `BEIT_ERR_NULL_POINTER` (ctx, model, out), `BEIT_ERR_INVALID_ARGUMENT` (not a masked
-/// image modeling model; struct_size, an option value or `weight_decay_on`, named).
+/// Errors: `BEIT_ERR_NULL_POINTER` (ctx, model, out), `BEIT_ERR_INVALID_ARGUMENT` (neither a
+/// masked image modeling nor a classification model; struct_size, an option value or
+/// `weight_decay_on`, named).
 ///
 /// # Safety
 /// `ctx` and `model` must be NULL or live handles; `opts` NULL or readable for its
@@ -377,14 +380,8 @@ pub unsafe extern "C" fn beit_trainer_create(
         let model = unsafe { handle_ref(model) }?.model();
         let out = non_null_mut(out, "out")?;
         let options = unsafe { read_options(opts) }?;
-        if model.architecture() != Architecture::MaskedImageModeling {
-            return Err(FfiError::invalid(format!(
-                "the pretraining trainer needs a BeitForMaskedImageModeling model; this one is {}",
-                model.architecture().hf_name()
-            )));
-        }
         // Under the context: the copy and the optimizer state are planned against its budget.
-        let trainer = context.run(|| Trainer::new(copy_model(model)?, options).map_err(FfiError::from))?;
+        let trainer = context.run(|| Trainer::for_task(copy_model(model)?, options).map_err(FfiError::from))?;
         // SAFETY: `out` is non-NULL and writable (the caller's promise).
         unsafe { hand_out(trainer, context, out) };
         Ok(())
@@ -428,13 +425,13 @@ pub unsafe extern "C" fn beit_trainer_create_from_config(
 
 /// Creates a trainer for the model in a Hugging Face directory (`config.json` +
 /// `model.safetensors`, as `beit_model_load` reads it), which must be a
-/// `BeitForMaskedImageModeling`. Training starts at step 0 with fresh optimizer state (to
+/// `BeitForMaskedImageModeling` or a `BeitForImageClassification` (as `beit_trainer_create`). Training starts at step 0 with fresh optimizer state (to
 /// resume a run, load a checkpoint instead). `opts` may be NULL for the defaults. The trainer
 /// shares `ctx`'s thread pool. On success `*out` receives a trainer to release with
 /// `beit_trainer_free`.
 ///
-/// Errors: `BEIT_ERR_NULL_POINTER`, `BEIT_ERR_INVALID_ARGUMENT` (not UTF-8, options, not a
-/// masked image modeling model), `BEIT_ERR_IO`, `BEIT_ERR_FORMAT`, `BEIT_ERR_CONFIG`,
+/// Errors: `BEIT_ERR_NULL_POINTER`, `BEIT_ERR_INVALID_ARGUMENT` (not UTF-8, options, neither a
+/// masked image modeling nor a classification model), `BEIT_ERR_IO`, `BEIT_ERR_FORMAT`, `BEIT_ERR_CONFIG`,
 /// `BEIT_ERR_UNSUPPORTED` (as `beit_model_load`).
 ///
 /// # Safety
@@ -453,7 +450,7 @@ pub unsafe extern "C" fn beit_trainer_load_model_dir(
         let dir = unsafe { utf8_arg(model_dir, "model_dir") }?;
         let out = non_null_mut(out, "out")?;
         let options = unsafe { read_options(opts) }?;
-        let trainer = context.run(|| Trainer::new(Model::load(Path::new(dir))?, options))?;
+        let trainer = context.run(|| Trainer::for_task(Model::load(Path::new(dir))?, options))?;
         // SAFETY: `out` is non-NULL and writable (the caller's promise).
         unsafe { hand_out(trainer, context, out) };
         Ok(())
@@ -641,7 +638,7 @@ pub unsafe extern "C" fn beit_trainer_load_checkpoint(trainer: *mut beit_trainer
 }
 
 /// Saves the trainer's current weights as a Hugging Face directory (`config.json` +
-/// `model.safetensors`, a `BeitForMaskedImageModeling`) that `beit_model_load`,
+/// `model.safetensors`, of the trainer's class) that `beit_model_load`,
 /// `beit_trainer_load_model_dir` and `transformers` read. The directory is created if needed;
 /// each file is replaced atomically.
 ///

@@ -377,9 +377,9 @@ fn check_drop_path(rate: f64) -> FfiResult<()> {
 /// Hugging Face does, the config's `image_size` changed. `model` is only read. On success
 /// `*out` receives a model to release with `beit_model_free`.
 ///
-/// Errors: `BEIT_ERR_NULL_POINTER`, `BEIT_ERR_INVALID_ARGUMENT` (a size that is not a
-/// positive multiple of the patch size, or larger than 65536), `BEIT_ERR_UNSUPPORTED` (tables
-/// that cannot be resized).
+/// Errors: `BEIT_ERR_NULL_POINTER`, `BEIT_ERR_INVALID_ARGUMENT` (a size that holds no patch;
+/// a config the new size makes invalid), `BEIT_ERR_UNSUPPORTED` (absolute position embeddings
+/// of a non-square grid, which cannot be resized).
 ///
 /// # Safety
 /// `ctx` and `model` must be NULL or live handles; `out` NULL or writable.

@@ -703,7 +703,9 @@ class Trainer(_Handle):
 
     def __init__(self, ptr: int):
         super().__init__(ptr)
-        self._call_lock = threading.Lock()
+        # Reentrant: a call from a progress callback (Trainer.finetune) on the calling thread
+        # reaches the library, which refuses it with BusyError, instead of deadlocking here.
+        self._call_lock = threading.RLock()
 
     def _run(self, fn, *args):
         with self._call_lock, self._use() as p:

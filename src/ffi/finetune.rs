@@ -228,14 +228,17 @@ fn check_len(name: &str, len: usize, want: Option<usize>, shape: &str) -> FfiRes
     }
 }
 
+/// A progress report's receiver: `Break` stops the run.
+pub(super) type Progress<'a, S> = &'a mut dyn FnMut(&S) -> ControlFlow<()>;
+
 /// Runs `work` on `ctx`'s thread pool while the calling thread serves its progress reports:
 /// `on_progress` sees each report on the caller's thread (where a host expects its callback:
 /// its thread-locals, its interpreter lock), and what it returns is handed back to `work`,
 /// which waits for it. Without `on_progress` the reports just continue.
 pub(super) fn run_reporting<S: Copy + Send, R: Send>(
     ctx: &Context,
-    work: impl FnOnce(&mut dyn FnMut(&S) -> ControlFlow<()>) -> R + Send,
-    on_progress: Option<&mut dyn FnMut(&S) -> ControlFlow<()>>,
+    work: impl FnOnce(Progress<'_, S>) -> R + Send,
+    on_progress: Option<Progress<'_, S>>,
 ) -> R {
     let Some(on_progress) = on_progress else {
         return ctx.run(|| work(&mut |_| ControlFlow::Continue(())));
@@ -267,6 +270,9 @@ pub(super) fn run_reporting<S: Copy + Send, R: Send>(
     })
 }
 
+/// A C progress callback as the header declares it (NULL is `None`).
+type RawCallback<T> = Option<unsafe extern "C" fn(*const T, *mut c_void) -> i32>;
+
 /// A C progress callback as a Rust one (`None` without a callback).
 pub(super) struct CCallback<T> {
     f: unsafe extern "C" fn(*const T, *mut c_void) -> i32,
@@ -274,10 +280,7 @@ pub(super) struct CCallback<T> {
 }
 
 impl<T> CCallback<T> {
-    pub(super) fn new(
-        f: Option<unsafe extern "C" fn(*const T, *mut c_void) -> i32>,
-        user_data: *mut c_void,
-    ) -> Option<Self> {
+    pub(super) fn new(f: RawCallback<T>, user_data: *mut c_void) -> Option<Self> {
         f.map(|f| CCallback { f, user_data })
     }
 
@@ -590,7 +593,7 @@ pub unsafe extern "C" fn beit_trainer_finetune(
         run_reporting(
             ctx,
             |on_step| run_finetune_until(inner, data, &feed, on_step),
-            callback.is_some().then_some(&mut report as &mut dyn FnMut(&StepStats) -> ControlFlow<()>),
+            callback.is_some().then_some(&mut report as Progress<'_, StepStats>),
         )?;
         Ok(())
     })

@@ -9,7 +9,7 @@ use std::ops::ControlFlow;
 use std::path::Path;
 
 use super::context::{beit_context, context_ref};
-use super::finetune::{run_reporting, CCallback};
+use super::finetune::{run_reporting, CCallback, Progress};
 use super::model::{beit_model, check_slice, hand_out as hand_out_model, handle_ref, write_versioned};
 use super::status::{beit_status, check_struct_size, guard, non_null_mut, utf8_arg, FfiError, FfiResult};
 use super::trainer::copy_model;
@@ -477,7 +477,7 @@ pub unsafe extern "C" fn beit_segmentation_finetune(
         let result = run_reporting(
             ctx,
             |on_step| finetune_until(&mut trained, &data, &split.train, &options, on_step),
-            callback.is_some().then_some(&mut serve as &mut dyn FnMut(&SegStepLog) -> ControlFlow<()>),
+            callback.is_some().then_some(&mut serve as Progress<'_, SegStepLog>),
         )?;
         if let Some(size) = report_size {
             let value = beit_segmentation_report {

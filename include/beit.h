@@ -307,6 +307,32 @@ typedef uint32_t beit_precision;
 #endif // __cplusplus
 
 /**
+ * Which samples of a dataset `beit_model_evaluate_segmentation` scores.
+ */
+enum beit_split
+#if defined(__cplusplus) || __STDC_VERSION__ >= 202311L
+  : uint32_t
+#endif // defined(__cplusplus) || __STDC_VERSION__ >= 202311L
+ {
+    /**
+     * Every sample.
+     */
+    BEIT_SPLIT_ALL = 0,
+    /**
+     * The held-out samples of the train/test split (`test_fraction`, `split_seed`): those
+     * `beit_segmentation_finetune` with the same split did not train on.
+     */
+    BEIT_SPLIT_TEST = 1,
+};
+#ifndef __cplusplus
+#if __STDC_VERSION__ >= 202311L
+typedef enum beit_split beit_split;
+#else
+typedef uint32_t beit_split;
+#endif // __STDC_VERSION__ >= 202311L
+#endif // __cplusplus
+
+/**
  * An execution context: a device and a thread pool of its own, so that a host's thread setting
  * is exact and independent of other libraries.
  *
@@ -577,6 +603,269 @@ typedef struct beit_device_info {
 } beit_device_info;
 
 /**
+ * How a trainer optimises. Start from `beit_trainer_options_default()` (BEiT's pretraining
+ * recipe: lr 1.5e-3, cosine to 1e-5, AdamW betas (0.9, 0.98), eps 1e-8, weight decay 0.05,
+ * gradient clipping at 3.0, drop path from the config) and change the fields you need. Values
+ * are checked when a trainer is created (`BEIT_ERR_INVALID_ARGUMENT` naming the field).
+ */
+typedef struct beit_trainer_options {
+    /**
+     * `sizeof(beit_trainer_options)` as the caller compiled it.
+     */
+    size_t struct_size;
+    /**
+     * Peak learning rate, reached after warmup (finite, >= 0).
+     */
+    double learning_rate;
+    /**
+     * Final learning rate of the cosine schedule (finite, >= 0).
+     */
+    double min_learning_rate;
+    /**
+     * Steps of linear warmup from 0 to `learning_rate`.
+     */
+    uint64_t warmup_steps;
+    /**
+     * Length of the cosine schedule; 0 keeps `learning_rate` constant after warmup. Otherwise
+     * it must exceed `warmup_steps`.
+     */
+    uint64_t total_steps;
+    /**
+     * AdamW's decoupled weight decay (finite, >= 0).
+     */
+    double weight_decay;
+    /**
+     * AdamW's beta1, in [0, 1).
+     */
+    double beta1;
+    /**
+     * AdamW's beta2, in [0, 1).
+     */
+    double beta2;
+    /**
+     * AdamW's epsilon (finite, > 0).
+     */
+    double eps;
+    /**
+     * Clip the global gradient norm to this (finite, >= 0); 0 disables clipping.
+     */
+    double clip_grad_norm;
+    /**
+     * Stochastic depth rate of the last block (rising linearly from 0 at the first), in
+     * [0, 1); a negative value (the default, -1) takes the config's `drop_path_rate`.
+     */
+    double drop_path_rate;
+    /**
+     * Layer-wise learning rate decay factor, in (0, 1]; 1 (the default) means none.
+     */
+    double layer_decay;
+    /**
+     * Which parameters weight decay applies to (default `BEIT_WEIGHT_DECAY_BEIT`).
+     */
+    beit_weight_decay_on weight_decay_on;
+    /**
+     * Seeds the trainer's random state (stochastic depth). Training is deterministic for a
+     * given model, options, seed and batch sequence, whatever the thread count.
+     */
+    uint64_t seed;
+    /**
+     * The precision of the steps (default `BEIT_PRECISION_DEFAULT`: bf16 on a cuda context,
+     * fp32 on the CPU). Added after the first version: a caller whose `struct_size` ends
+     * before it gets the default.
+     */
+    beit_precision precision;
+} beit_trainer_options;
+
+/**
+ * A classification batch for `beit_trainer_step_classify`: caller-owned, read only during the
+ * call. Every length must equal what the shape implies.
+ */
+typedef struct beit_classify_batch {
+    /**
+     * `sizeof(beit_classify_batch)` as the caller compiled it.
+     */
+    size_t struct_size;
+    /**
+     * Pixel values, `[batch, channels, height, width]` (NCHW), f32, normalised as the model
+     * expects, all finite. Required.
+     */
+    const float *pixels;
+    /**
+     * Floats at `pixels`; must equal `batch * channels * height * width`.
+     */
+    size_t pixels_len;
+    /**
+     * Images in the batch (at least 1).
+     */
+    size_t batch;
+    /**
+     * Channels per image; must equal the model's `num_channels`.
+     */
+    size_t channels;
+    /**
+     * Image height; training runs at the configured image size only.
+     */
+    size_t height;
+    /**
+     * Image width; training runs at the configured image size only.
+     */
+    size_t width;
+    /**
+     * `[batch]` class ids, each in `[0, num_labels)`. Required.
+     */
+    const int64_t *labels;
+    /**
+     * Values at `labels`; must equal `batch`.
+     */
+    size_t labels_len;
+} beit_classify_batch;
+
+/**
+ * How `beit_trainer_finetune` feeds a classification trainer from a dataset file (the data
+ * side of `beit finetune`; the optimizer side is the trainer's `beit_trainer_options`). Start
+ * from `beit_finetune_options_default()`. Values are checked when the run starts
+ * (`BEIT_ERR_INVALID_ARGUMENT` naming the field).
+ */
+typedef struct beit_finetune_options {
+    /**
+     * `sizeof(beit_finetune_options)` as the caller compiled it.
+     */
+    size_t struct_size;
+    /**
+     * Where the trainer's step count ends: the run takes steps until it reaches this. 0 (the
+     * default) takes the trainer's `total_steps` (its schedule's length), which must then be
+     * positive.
+     */
+    uint64_t steps;
+    /**
+     * Images per step (default 64). Each epoch is the dataset's full batches in a seeded
+     * order (a dataset smaller than one batch gives one short batch).
+     */
+    size_t batch_size;
+    /**
+     * Label smoothing of the cross-entropy, in [0, 1) (default 0.1).
+     */
+    float label_smoothing;
+    /**
+     * Smallest area fraction of the random resized crop, in (0, 1] (default 0.08; the
+     * largest is 1).
+     */
+    double min_crop_scale;
+    /**
+     * Horizontal flip probability, in [0, 1] (default 0.5; 0 for data where mirroring changes
+     * the class).
+     */
+    double flip_prob;
+    /**
+     * Seeds the labelled subset, the epoch orders and the augmentations (default 0). `beit
+     * finetune --seed S` uses S here and for the trainer's and the head's seeds.
+     */
+    uint64_t seed;
+    /**
+     * Loader worker threads, 1 to 256 (default 1); the batches are the same for any count.
+     */
+    size_t workers;
+    /**
+     * Fraction of the labelled samples to train on, in (0, 1] (default 1): below 1, a
+     * stratified subset (the same fraction of every class, at least one sample each), drawn
+     * by `seed`.
+     */
+    double label_fraction;
+    /**
+     * A directory for the labelled subset's temporary file (written, mapped and removed at
+     * once; only with `label_fraction` below 1). NULL (the default): the system's temporary
+     * directory.
+     */
+    const char *scratch_dir;
+} beit_finetune_options;
+
+/**
+ * What `beit_model_evaluate` measured. Set `struct_size` (or start from
+ * `beit_evaluation_default()`) and, to receive the confusion matrix, `confusion` and
+ * `confusion_len`; the other fields are outputs.
+ */
+typedef struct beit_evaluation {
+    /**
+     * Set by the caller to `sizeof(beit_evaluation)`; left as it is.
+     */
+    size_t struct_size;
+    /**
+     * Input: receives the confusion matrix, `[num_labels, num_labels]` row-major
+     * (`confusion[true * num_labels + predicted]` images); NULL to skip it.
+     */
+    uint64_t *confusion;
+    /**
+     * Input: values at `confusion`; when it is not NULL, must equal `num_labels * num_labels`
+     * (the model's `num_labels`, as `beit_model_get_info` gives it).
+     */
+    size_t confusion_len;
+    /**
+     * Output: images evaluated (the whole dataset).
+     */
+    uint64_t images;
+    /**
+     * Output: images whose top-1 prediction is their label.
+     */
+    uint64_t correct;
+    /**
+     * Output: `correct / images` (0 for an empty dataset).
+     */
+    double top1;
+    /**
+     * Output: the model's number of labels.
+     */
+    size_t num_labels;
+} beit_evaluation;
+
+/**
+ * What one `beit_trainer_step` did. Set `struct_size` (or start from
+ * `beit_step_stats_default()`); only the fields that fit in it are written.
+ */
+typedef struct beit_step_stats {
+    /**
+     * Set by the caller to `sizeof(beit_step_stats)`; left as it is.
+     */
+    size_t struct_size;
+    /**
+     * Steps completed, this one included.
+     */
+    uint64_t step;
+    /**
+     * Mean cross-entropy over the masked patches, before this step's update.
+     */
+    double loss;
+    /**
+     * The learning rate this step applied (before layer decay).
+     */
+    double lr;
+    /**
+     * Global gradient norm before clipping.
+     */
+    double grad_norm;
+    /**
+     * Masked patches the loss averaged over.
+     */
+    size_t masked;
+    /**
+     * Wall-clock seconds the step took.
+     */
+    double seconds;
+    /**
+     * Images per second of this step.
+     */
+    double images_per_s;
+} beit_step_stats;
+
+/**
+ * Called by `beit_trainer_finetune` after every step, on the thread that called it, with what
+ * the step did and the `user_data` given to it. Return 0 to go on, anything else to stop:
+ * the run then returns `BEIT_OK` with the trainer as that step left it (a later call resumes
+ * there). The trainer is claimed for the whole run, so calls on it from the callback return
+ * `BEIT_ERR_BUSY`. `stats` is valid only during the call.
+ */
+typedef int32_t (*beit_step_callback)(const struct beit_step_stats *stats, void *user_data);
+
+/**
  * What a model is (filled by `beit_model_get_info`).
  */
 typedef struct beit_model_info {
@@ -793,6 +1082,251 @@ typedef struct beit_parameter_info {
 } beit_parameter_info;
 
 /**
+ * How `beit_segmentation_finetune` trains (the options of `beit segment finetune`). Start from
+ * `beit_segmentation_options_default()` (BEiT's segmentation recipe scaled to small runs).
+ * Values are checked when the run starts (`BEIT_ERR_INVALID_ARGUMENT` naming the problem).
+ */
+typedef struct beit_segmentation_options {
+    /**
+     * `sizeof(beit_segmentation_options)` as the caller compiled it.
+     */
+    size_t struct_size;
+    /**
+     * Epochs over the training samples, at least 1 (default 10). Each epoch is the full
+     * batches of a seeded shuffle.
+     */
+    uint64_t epochs;
+    /**
+     * Images per step, at least 2 (training-mode BatchNorm) and at most the training samples
+     * (default 16).
+     */
+    size_t batch_size;
+    /**
+     * Peak learning rate, after warmup (default 1e-3).
+     */
+    double learning_rate;
+    /**
+     * Final learning rate of the cosine schedule (default 1e-6).
+     */
+    double min_learning_rate;
+    /**
+     * Steps of linear warmup (default 50; at most the run).
+     */
+    uint64_t warmup_steps;
+    /**
+     * AdamW's weight decay (default 0.05; BEiT's rule, BatchNorm statistics excluded).
+     */
+    float weight_decay;
+    /**
+     * Layer-wise learning rate decay, 1 = none (default 0.9).
+     */
+    double layer_decay;
+    /**
+     * Stochastic depth rate of the last block, in [0, 1); negative (the default, -1) takes
+     * the config's `drop_path_rate`.
+     */
+    double drop_path_rate;
+    /**
+     * Clip the global gradient norm to this; 0 disables clipping (default 3).
+     */
+    double clip_grad_norm;
+    /**
+     * Seeds the shuffles, flips, drop path and the labelled subset (default 0).
+     */
+    uint64_t seed;
+    /**
+     * Per-channel normalisation mean of [0, 1] pixels: `mean_len` values (1 = all channels,
+     * or one per channel). NULL (the default): 0.5.
+     */
+    const float *mean;
+    /**
+     * Values at `mean` (0 when it is NULL).
+     */
+    size_t mean_len;
+    /**
+     * Per-channel normalisation standard deviation, as `mean`. NULL (the default): 0.5.
+     */
+    const float *std;
+    /**
+     * Values at `std` (0 when it is NULL).
+     */
+    size_t std_len;
+    /**
+     * Random horizontal flips (default true).
+     */
+    bool flip;
+    /**
+     * Share of the samples held out for evaluation, in [0, 1) (default 0.2): the run trains
+     * on the rest only.
+     */
+    double test_fraction;
+    /**
+     * Seed of the train/test shuffle (default 0).
+     */
+    uint64_t split_seed;
+    /**
+     * Fraction of the train split whose masks are used, in (0, 1] (default 1): a seeded
+     * subset (by `seed`), stratified by the samples' image labels when the dataset has them.
+     */
+    double label_fraction;
+} beit_segmentation_options;
+
+/**
+ * What a `beit_segmentation_finetune` run did. Set `struct_size` (or start from
+ * `beit_segmentation_report_default()`); only the fields that fit in it are written.
+ */
+typedef struct beit_segmentation_report {
+    /**
+     * Set by the caller to `sizeof(beit_segmentation_report)`; left as it is.
+     */
+    size_t struct_size;
+    /**
+     * Steps taken (fewer than planned when the callback stopped the run).
+     */
+    uint64_t steps;
+    /**
+     * Samples trained on (the train split, or its labelled fraction).
+     */
+    uint64_t train_samples;
+    /**
+     * Samples held out (the test split).
+     */
+    uint64_t test_samples;
+    /**
+     * Mean loss of the last epoch (of its steps taken).
+     */
+    double final_epoch_loss;
+    /**
+     * Wall-clock seconds of the training.
+     */
+    double seconds;
+} beit_segmentation_report;
+
+/**
+ * How `beit_model_evaluate_segmentation` evaluates. Start from
+ * `beit_segmentation_eval_options_default()`.
+ */
+typedef struct beit_segmentation_eval_options {
+    /**
+     * `sizeof(beit_segmentation_eval_options)` as the caller compiled it.
+     */
+    size_t struct_size;
+    /**
+     * Images per forward pass, at least 1 (default 32).
+     */
+    size_t batch_size;
+    /**
+     * Per-channel normalisation mean, as in `beit_segmentation_options` (NULL: 0.5).
+     */
+    const float *mean;
+    /**
+     * Values at `mean`.
+     */
+    size_t mean_len;
+    /**
+     * Per-channel normalisation standard deviation (NULL: 0.5).
+     */
+    const float *std;
+    /**
+     * Values at `std`.
+     */
+    size_t std_len;
+    /**
+     * Which samples: `BEIT_SPLIT_TEST` (the default) or `BEIT_SPLIT_ALL`.
+     */
+    beit_split split;
+    /**
+     * The split's held-out share, in [0, 1) (default 0.2), for `BEIT_SPLIT_TEST`.
+     */
+    double test_fraction;
+    /**
+     * The split's seed (default 0), for `BEIT_SPLIT_TEST`.
+     */
+    uint64_t split_seed;
+} beit_segmentation_eval_options;
+
+/**
+ * What `beit_model_evaluate_segmentation` measured. Set `struct_size` (or start from
+ * `beit_segmentation_evaluation_default()`) and, for the per-class IoU, `per_class_iou` and
+ * `per_class_iou_len`; the other fields are outputs.
+ */
+typedef struct beit_segmentation_evaluation {
+    /**
+     * Set by the caller to `sizeof(beit_segmentation_evaluation)`; left as it is.
+     */
+    size_t struct_size;
+    /**
+     * Input: receives each class's IoU (NaN for a class in neither the masks nor the
+     * predictions); NULL to skip it.
+     */
+    double *per_class_iou;
+    /**
+     * Input: values at `per_class_iou`; when it is not NULL, must equal the model's
+     * `num_labels`.
+     */
+    size_t per_class_iou_len;
+    /**
+     * Output: mean IoU over the classes present (in the masks or the predictions).
+     */
+    double mean_iou;
+    /**
+     * Output: correctly labelled pixels / scored pixels (the ignore index is not scored).
+     */
+    double pixel_accuracy;
+    /**
+     * Output: samples evaluated.
+     */
+    uint64_t samples;
+    /**
+     * Output: the model's number of labels.
+     */
+    size_t num_labels;
+} beit_segmentation_evaluation;
+
+/**
+ * What one segmentation fine-tuning step did (`beit_segmentation_callback`).
+ */
+typedef struct beit_segmentation_step {
+    /**
+     * `sizeof(beit_segmentation_step)` of this library's version.
+     */
+    size_t struct_size;
+    /**
+     * Steps completed, this one included.
+     */
+    uint64_t step;
+    /**
+     * Steps the whole run takes.
+     */
+    uint64_t total_steps;
+    /**
+     * The epoch of this step (from 0).
+     */
+    uint64_t epoch;
+    /**
+     * Pixel cross-entropy (plus the auxiliary head's, weighted) before the update.
+     */
+    double loss;
+    /**
+     * The learning rate this step applied (before layer decay).
+     */
+    double lr;
+    /**
+     * Global gradient norm before clipping.
+     */
+    double grad_norm;
+} beit_segmentation_step;
+
+/**
+ * Called by `beit_segmentation_finetune` after every step, on the thread that called it, with
+ * what the step did and the `user_data` given to it. Return 0 to go on, anything else to stop:
+ * the run then returns `BEIT_OK` and the model of the steps done. `step` is valid only during
+ * the call.
+ */
+typedef int32_t (*beit_segmentation_callback)(const struct beit_segmentation_step *step,
+                                              void *user_data);
+
+/**
  * What a tokenizer takes and gives. Set `struct_size` (or start from
  * `beit_tokenizer_info_default()`); only the fields that fit in it are written.
  */
@@ -830,80 +1364,6 @@ typedef struct beit_tokenizer_info {
      */
     bool has_decoder;
 } beit_tokenizer_info;
-
-/**
- * How a trainer optimises. Start from `beit_trainer_options_default()` (BEiT's pretraining
- * recipe: lr 1.5e-3, cosine to 1e-5, AdamW betas (0.9, 0.98), eps 1e-8, weight decay 0.05,
- * gradient clipping at 3.0, drop path from the config) and change the fields you need. Values
- * are checked when a trainer is created (`BEIT_ERR_INVALID_ARGUMENT` naming the field).
- */
-typedef struct beit_trainer_options {
-    /**
-     * `sizeof(beit_trainer_options)` as the caller compiled it.
-     */
-    size_t struct_size;
-    /**
-     * Peak learning rate, reached after warmup (finite, >= 0).
-     */
-    double learning_rate;
-    /**
-     * Final learning rate of the cosine schedule (finite, >= 0).
-     */
-    double min_learning_rate;
-    /**
-     * Steps of linear warmup from 0 to `learning_rate`.
-     */
-    uint64_t warmup_steps;
-    /**
-     * Length of the cosine schedule; 0 keeps `learning_rate` constant after warmup. Otherwise
-     * it must exceed `warmup_steps`.
-     */
-    uint64_t total_steps;
-    /**
-     * AdamW's decoupled weight decay (finite, >= 0).
-     */
-    double weight_decay;
-    /**
-     * AdamW's beta1, in [0, 1).
-     */
-    double beta1;
-    /**
-     * AdamW's beta2, in [0, 1).
-     */
-    double beta2;
-    /**
-     * AdamW's epsilon (finite, > 0).
-     */
-    double eps;
-    /**
-     * Clip the global gradient norm to this (finite, >= 0); 0 disables clipping.
-     */
-    double clip_grad_norm;
-    /**
-     * Stochastic depth rate of the last block (rising linearly from 0 at the first), in
-     * [0, 1); a negative value (the default, -1) takes the config's `drop_path_rate`.
-     */
-    double drop_path_rate;
-    /**
-     * Layer-wise learning rate decay factor, in (0, 1]; 1 (the default) means none.
-     */
-    double layer_decay;
-    /**
-     * Which parameters weight decay applies to (default `BEIT_WEIGHT_DECAY_BEIT`).
-     */
-    beit_weight_decay_on weight_decay_on;
-    /**
-     * Seeds the trainer's random state (stochastic depth). Training is deterministic for a
-     * given model, options, seed and batch sequence, whatever the thread count.
-     */
-    uint64_t seed;
-    /**
-     * The precision of the steps (default `BEIT_PRECISION_DEFAULT`: bf16 on a cuda context,
-     * fp32 on the CPU). Added after the first version: a caller whose `struct_size` ends
-     * before it gets the default.
-     */
-    beit_precision precision;
-} beit_trainer_options;
 
 /**
  * A pretraining batch for `beit_trainer_step`: caller-owned, read only during the call.
@@ -960,45 +1420,6 @@ typedef struct beit_mim_batch {
      */
     size_t labels_len;
 } beit_mim_batch;
-
-/**
- * What one `beit_trainer_step` did. Set `struct_size` (or start from
- * `beit_step_stats_default()`); only the fields that fit in it are written.
- */
-typedef struct beit_step_stats {
-    /**
-     * Set by the caller to `sizeof(beit_step_stats)`; left as it is.
-     */
-    size_t struct_size;
-    /**
-     * Steps completed, this one included.
-     */
-    uint64_t step;
-    /**
-     * Mean cross-entropy over the masked patches, before this step's update.
-     */
-    double loss;
-    /**
-     * The learning rate this step applied (before layer decay).
-     */
-    double lr;
-    /**
-     * Global gradient norm before clipping.
-     */
-    double grad_norm;
-    /**
-     * Masked patches the loss averaged over.
-     */
-    size_t masked;
-    /**
-     * Wall-clock seconds the step took.
-     */
-    double seconds;
-    /**
-     * Images per second of this step.
-     */
-    double images_per_s;
-} beit_step_stats;
 
 /**
  * What the first half of a split step computed (`beit_trainer_forward_backward`). Set
@@ -1185,6 +1606,206 @@ struct beit_device_info beit_device_info_default(void);
  * bytes.
  */
 beit_status beit_get_device_info(struct beit_device_info *out);
+
+/**
+ * `beit finetune`'s trainer options for a run of `total_steps` steps: lr 1e-3 after a linear
+ * warmup of a tenth of the run, cosine to 1e-6 at `total_steps`, AdamW betas (0.9, 0.999),
+ * eps 1e-8, weight decay 0.05 (BEiT's rule), no gradient clipping, drop path 0.1, layer decay
+ * 0.65, seed 0, with `struct_size` set. `total_steps` 0 gives a constant rate without warmup.
+ */
+struct beit_trainer_options beit_trainer_options_finetune_default(uint64_t total_steps);
+
+/**
+ * An empty `beit_classify_batch` (NULL pointers, zero sizes) with `struct_size` set.
+ */
+struct beit_classify_batch beit_classify_batch_default(void);
+
+/**
+ * `beit finetune`'s data options (see `beit_finetune_options`), with `struct_size` set.
+ */
+struct beit_finetune_options beit_finetune_options_default(void);
+
+/**
+ * A `beit_evaluation` with no confusion buffer and zeroed outputs, `struct_size` set.
+ */
+struct beit_evaluation beit_evaluation_default(void);
+
+/**
+ * Turns a pretrained model (`BeitForMaskedImageModeling`, `BeitModel` or
+ * `BeitForImageClassification`) into a new `BeitForImageClassification` with `num_labels`
+ * labels, as BEiT starts fine-tuning and `beit finetune --model` does: the backbone is copied
+ * (a shared relative position bias becomes every block's own table), the mask token and MIM
+ * head are dropped, and the head is fresh (`beit.pooler.layernorm` 1/0, `classifier.weight`
+ * truncated normal × 0.001, drawn from `seed`; a pretrained classifier of another shape is
+ * replaced likewise). The config's `drop_path_rate` becomes `drop_path_rate`. `pretrained` is
+ * only read. On success `*out` receives a model to release with `beit_model_free`.
+ *
+ * Errors: `BEIT_ERR_NULL_POINTER` (ctx, pretrained, out), `BEIT_ERR_INVALID_ARGUMENT`
+ * (`num_labels` not 1 to 2^20; `drop_path_rate` not in [0, 1); the label maps over the
+ * context's memory budget), `BEIT_ERR_FORMAT` (a pretrained tensor missing or of another
+ * size, e.g. a segmentation model's backbone without its relative position tables).
+ *
+ * # Safety
+ * `ctx` and `pretrained` must be NULL or live handles; `out` NULL or writable.
+ */
+beit_status beit_model_to_classifier(const struct beit_context *ctx,
+                                     const struct beit_model *pretrained,
+                                     size_t num_labels,
+                                     double drop_path_rate,
+                                     uint64_t seed,
+                                     struct beit_model **out);
+
+/**
+ * Creates a fresh `BeitForImageClassification` (the from-scratch baseline, as `beit finetune`
+ * without `--model`) from the text of a Hugging Face config.json: labels `0..num_labels`, no
+ * mask token, per-layer relative position bias where the config shares one, `drop_path_rate`,
+ * BEiT's random initialisation from `seed`. On success `*out` receives a model to release
+ * with `beit_model_free`.
+ *
+ * Errors: `BEIT_ERR_NULL_POINTER`, `BEIT_ERR_INVALID_ARGUMENT` (not UTF-8; `num_labels` not 1
+ * to 2^20; `drop_path_rate` not in [0, 1)), `BEIT_ERR_FORMAT` (not JSON, wrong field types),
+ * `BEIT_ERR_CONFIG`, `BEIT_ERR_UNSUPPORTED`.
+ *
+ * # Safety
+ * `ctx` must be NULL or a live context; `config_json` NULL or a NUL-terminated string; `out`
+ * NULL or writable.
+ */
+beit_status beit_classifier_create(const struct beit_context *ctx,
+                                   const char *config_json,
+                                   size_t num_labels,
+                                   double drop_path_rate,
+                                   uint64_t seed,
+                                   struct beit_model **out);
+
+/**
+ * Creates a copy of `model` for `height` x `width` inputs (as `beit finetune --image-size`):
+ * same weights, the position tables (absolute embeddings, relative position bias) resized as
+ * Hugging Face does, the config's `image_size` changed. `model` is only read. On success
+ * `*out` receives a model to release with `beit_model_free`.
+ *
+ * Errors: `BEIT_ERR_NULL_POINTER`, `BEIT_ERR_INVALID_ARGUMENT` (a size that holds no patch;
+ * a config the new size makes invalid), `BEIT_ERR_UNSUPPORTED` (absolute position embeddings
+ * of a non-square grid, which cannot be resized).
+ *
+ * # Safety
+ * `ctx` and `model` must be NULL or live handles; `out` NULL or writable.
+ */
+beit_status beit_model_with_image_size(const struct beit_context *ctx,
+                                       const struct beit_model *model,
+                                       size_t height,
+                                       size_t width,
+                                       struct beit_model **out);
+
+/**
+ * One fine-tuning step on a labelled `batch` of a trainer made from a
+ * `BeitForImageClassification` (`beit_trainer_create` or `beit_trainer_load_model_dir`):
+ * forward, mean cross-entropy with label smoothing `label_smoothing` (in [0, 1)), backward,
+ * gradient clipping, AdamW at the scheduled learning rate, inside the trainer's context's
+ * thread pool (on its GPU for a cuda context). On success the step count and the data
+ * position go up by one and, when `out` is not NULL, `out` receives what the step did
+ * (`masked` is 0). Checkpoints (`beit_trainer_save_checkpoint`) resume it bit for bit.
+ *
+ * Every argument and the whole batch are checked before anything runs; on any error the
+ * trainer is exactly as before the call and `out` is not written.
+ *
+ * Errors: `BEIT_ERR_NULL_POINTER` (trainer, batch, batch->pixels, batch->labels),
+ * `BEIT_ERR_INVALID_ARGUMENT` (a pretraining trainer; struct_size of batch or out; a length
+ * that does not match the shape, with both numbers; a shape other than the configured image
+ * size or channel count; a label outside `[0, num_labels)`; a non-finite pixel;
+ * `label_smoothing` outside [0, 1)), `BEIT_ERR_NUMERICAL` (the loss or gradient is not
+ * finite; the step was not applied), `BEIT_ERR_BUSY` (another thread's call holds the
+ * trainer), `BEIT_ERR_INTERNAL` (see `beit_trainer`).
+ *
+ * # Safety
+ * `trainer` must be NULL or a live trainer; `batch` NULL or readable for its `struct_size`,
+ * each of its non-NULL buffers holding its stated length for the duration of the call; `out`
+ * NULL or writable for its `struct_size`.
+ */
+beit_status beit_trainer_step_classify(struct beit_trainer *trainer,
+                                       const struct beit_classify_batch *batch,
+                                       float label_smoothing,
+                                       struct beit_step_stats *out);
+
+/**
+ * Fine-tunes a classification trainer on a labelled dataset file (`.beitds`), as
+ * `beit finetune` does: the augmenting loader (random resized crop, flips, normalisation to
+ * mean = std = 0.5) over the (stratified subset of the) data, epoch after epoch in seeded
+ * orders, one `beit_trainer_step_classify` per batch, until the trainer's step count reaches
+ * `opts->steps` (or its `total_steps`). The run starts at the trainer's data position, so a
+ * trainer restored from a checkpoint continues with the batch the saved run would have
+ * taken next. With `beit_trainer_options_finetune_default(steps)` as the trainer's options,
+ * a model from `beit_model_to_classifier` (or `beit_classifier_create`) and the same seeds, the
+ * weights are bit for bit those of `beit finetune` (CPU, same thread count).
+ *
+ * `callback` (may be NULL) is called after every step with its stats and `user_data`, on the
+ * calling thread; a nonzero return stops the run cleanly (see `beit_step_callback`). Every
+ * label is checked before the first step; `opts` NULL takes the defaults.
+ *
+ * Errors: `BEIT_ERR_NULL_POINTER` (trainer, dataset_path), `BEIT_ERR_INVALID_ARGUMENT` (a
+ * pretraining trainer; struct_size; an option value, named; no steps to take; a dataset
+ * without labels, with a label the model does not have, or whose images' channels differ
+ * from the model's), `BEIT_ERR_IO`, `BEIT_ERR_FORMAT` (the dataset file or the subset's
+ * scratch file), `BEIT_ERR_NUMERICAL` (training diverged: the steps before it are kept, the
+ * failed one is not applied), `BEIT_ERR_BUSY`, `BEIT_ERR_INTERNAL`. After an error the
+ * trainer holds the steps completed before it (none when the run was refused up front).
+ *
+ * # Safety
+ * `trainer` must be NULL or a live trainer; `dataset_path` NULL or a NUL-terminated string;
+ * `opts` NULL or readable for its `struct_size`, its `scratch_dir` NULL or a NUL-terminated
+ * string; `callback`, when not NULL, a function that may be called as described.
+ */
+beit_status beit_trainer_finetune(struct beit_trainer *trainer,
+                                  const char *dataset_path,
+                                  const struct beit_finetune_options *opts,
+                                  beit_step_callback callback,
+                                  void *user_data);
+
+/**
+ * Writes to `*out` the optimizer steps of one epoch of `beit_trainer_finetune` over the
+ * dataset file at `dataset_path` with `batch_size` images per step and label fraction
+ * `label_fraction` (the subset drawn by `seed`, as the run draws it): the full batches, or 1
+ * when the data holds less than one batch. `epochs` times this is `beit finetune --epochs`'
+ * step count, to pass to `beit_trainer_options_finetune_default`.
+ *
+ * Errors: `BEIT_ERR_NULL_POINTER`, `BEIT_ERR_INVALID_ARGUMENT` (path not UTF-8, batch_size 0,
+ * label_fraction not in (0, 1], a dataset without labels or samples), `BEIT_ERR_IO`,
+ * `BEIT_ERR_FORMAT`.
+ *
+ * # Safety
+ * `dataset_path` must be NULL or a NUL-terminated string; `out` NULL or writable.
+ */
+beit_status beit_finetune_epoch_steps(const char *dataset_path,
+                                      size_t batch_size,
+                                      double label_fraction,
+                                      uint64_t seed,
+                                      uint64_t *out);
+
+/**
+ * Evaluates a `BeitForImageClassification` on every sample of a labelled dataset file, as
+ * `beit eval` does: each whole image resized (antialiased bicubic) to the model's image size,
+ * normalised to mean = std = 0.5, in batches of `batch_size`, on the context's CPU threads.
+ * Writes the image count, the correct ones, top-1 accuracy and `num_labels` into `out`, and
+ * the confusion matrix into `out->confusion` when it is not NULL. Every argument is checked
+ * before anything runs; on an error nothing is written.
+ *
+ * Errors: `BEIT_ERR_NULL_POINTER` (ctx, model, dataset_path, out), `BEIT_ERR_INVALID_ARGUMENT`
+ * (struct_size; batch_size 0; not a classification model; a dataset without labels, with a
+ * label the model does not have, or with another channel count; the confusion matrix or a
+ * batch over the memory budget), `BEIT_ERR_BUFFER_SIZE` (`confusion_len` is not
+ * `num_labels * num_labels`, with both numbers), `BEIT_ERR_IO`, `BEIT_ERR_FORMAT`.
+ *
+ * Thread safety: a model may be evaluated by many threads at once.
+ *
+ * # Safety
+ * `ctx` and `model` must be NULL or live handles; `dataset_path` NULL or a NUL-terminated
+ * string; `out` NULL or readable and writable for its `struct_size`, its `confusion` NULL or
+ * writable for `confusion_len` values for the duration of the call.
+ */
+beit_status beit_model_evaluate(const struct beit_context *ctx,
+                                const struct beit_model *model,
+                                const char *dataset_path,
+                                size_t batch_size,
+                                struct beit_evaluation *out);
 
 /**
  * A zeroed `beit_model_info` with `struct_size` set.
@@ -1483,6 +2104,131 @@ beit_status beit_trainer_copy_parameters_from(struct beit_trainer *trainer,
 beit_status beit_trainer_get_model(const struct beit_trainer *trainer, struct beit_model **out);
 
 /**
+ * The default segmentation options (`SegFinetuneOptions`' defaults and the CLI's split), with
+ * `struct_size` set.
+ */
+struct beit_segmentation_options beit_segmentation_options_default(void);
+
+/**
+ * A zeroed `beit_segmentation_report` with `struct_size` set.
+ */
+struct beit_segmentation_report beit_segmentation_report_default(void);
+
+/**
+ * The default evaluation options (the test split of `beit segment eval`), `struct_size` set.
+ */
+struct beit_segmentation_eval_options beit_segmentation_eval_options_default(void);
+
+/**
+ * A `beit_segmentation_evaluation` without a per-class buffer and zeroed outputs,
+ * `struct_size` set.
+ */
+struct beit_segmentation_evaluation beit_segmentation_evaluation_default(void);
+
+/**
+ * Creates a `BeitForSemanticSegmentation` with `num_labels` classes whose backbone is
+ * `pretrained`'s (any architecture; every backbone tensor of the same name and shape is
+ * copied) under a fresh UperNet head drawn from `seed`, as `beit segment finetune --model` does
+ * with a model that is not yet a segmentation model. The config gains `out_indices` (HF's
+ * [3, 5, 7, 11] scaled to the depth) and `auxiliary_channels` (the hidden size) when it has
+ * none. `pretrained` is only read. On success `*out` receives a model to release with
+ * `beit_model_free`.
+ *
+ * Errors: `BEIT_ERR_NULL_POINTER`, `BEIT_ERR_INVALID_ARGUMENT` (`num_labels` not 1 to 2^20),
+ * `BEIT_ERR_CONFIG` (a config the segmentation head cannot use).
+ *
+ * # Safety
+ * `ctx` and `pretrained` must be NULL or live handles; `out` NULL or writable.
+ */
+beit_status beit_model_to_segmenter(const struct beit_context *ctx,
+                                    const struct beit_model *pretrained,
+                                    size_t num_labels,
+                                    uint64_t seed,
+                                    struct beit_model **out);
+
+/**
+ * Creates a fresh `BeitForSemanticSegmentation` with `num_labels` classes from the text of a
+ * Hugging Face config.json (as `beit segment finetune --config`): the config completed as in
+ * `beit_model_to_segmenter`, BEiT's random initialisation from `seed`. On success `*out`
+ * receives a model to release with `beit_model_free`.
+ *
+ * Errors: `BEIT_ERR_NULL_POINTER`, `BEIT_ERR_INVALID_ARGUMENT` (not UTF-8, `num_labels` not 1
+ * to 2^20), `BEIT_ERR_FORMAT` (not JSON, wrong field types), `BEIT_ERR_CONFIG`,
+ * `BEIT_ERR_UNSUPPORTED`.
+ *
+ * # Safety
+ * `ctx` must be NULL or a live context; `config_json` NULL or a NUL-terminated string; `out`
+ * NULL or writable.
+ */
+beit_status beit_segmenter_create(const struct beit_context *ctx,
+                                  const char *config_json,
+                                  size_t num_labels,
+                                  uint64_t seed,
+                                  struct beit_model **out);
+
+/**
+ * Fine-tunes a copy of the segmentation model `model` on a dataset file with masks, as
+ * `beit segment finetune` does, and hands the trained copy out through `*out` (`model` is only
+ * read: models are immutable). The samples are split into train and test
+ * (`opts->test_fraction`, `opts->split_seed`); the run trains on the train split (or its
+ * labelled fraction) with AdamW (BEiT's decay rule), linear warmup and cosine schedule,
+ * layer-wise lr decay, stochastic depth, clipping, flips, and BatchNorm's running statistics.
+ * On a cuda context the steps run on the GPU (fp32). With the same model, data and options
+ * the weights on the CPU are bit for bit those of `beit segment finetune` (same thread count).
+ *
+ * `callback` (may be NULL) is called after every step, on the calling thread; a nonzero
+ * return stops the run cleanly (see `beit_segmentation_callback`). `report` (may be NULL)
+ * receives what the run did. On an error neither `*out` nor `report` is written.
+ *
+ * Errors: `BEIT_ERR_NULL_POINTER` (ctx, model, dataset_path, out), `BEIT_ERR_INVALID_ARGUMENT`
+ * (not a segmentation model; struct_size; an option value; fewer training samples than a
+ * batch; a dataset without masks, of another image size or channel count, or with a mask
+ * value that is neither a class of the model nor its ignore index), `BEIT_ERR_IO`,
+ * `BEIT_ERR_FORMAT`, `BEIT_ERR_NUMERICAL` (training diverged), `BEIT_ERR_UNSUPPORTED` (on a
+ * cuda context, what the GPU step does not run).
+ *
+ * # Safety
+ * `ctx` and `model` must be NULL or live handles; `dataset_path` NULL or a NUL-terminated
+ * string; `opts` NULL or readable for its `struct_size`, its `mean` and `std` NULL or holding
+ * their lengths; `callback`, when not NULL, a function that may be called as described;
+ * `report` NULL or writable for its `struct_size`; `out` NULL or writable.
+ */
+beit_status beit_segmentation_finetune(const struct beit_context *ctx,
+                                       const struct beit_model *model,
+                                       const char *dataset_path,
+                                       const struct beit_segmentation_options *opts,
+                                       beit_segmentation_callback callback,
+                                       void *user_data,
+                                       struct beit_segmentation_report *report,
+                                       struct beit_model **out);
+
+/**
+ * Evaluates a segmentation model on a dataset file with masks, as `beit segment eval` does:
+ * each image normalised, the logits upsampled bilinearly to the mask size, the per-pixel
+ * argmax scored against the masks over the chosen samples (mIoU, pixel accuracy, per-class
+ * IoU), on the context's device (CPU, or the GPU in fp32). `opts` NULL takes the defaults
+ * (the test split of the default split). On an error nothing is written.
+ *
+ * Errors: `BEIT_ERR_NULL_POINTER` (ctx, model, dataset_path, out), `BEIT_ERR_INVALID_ARGUMENT`
+ * (not a segmentation model; struct_size; batch_size 0; an unknown split or a test_fraction
+ * outside [0, 1); a dataset without masks, of another size, or with a mask value the model
+ * does not have), `BEIT_ERR_BUFFER_SIZE` (`per_class_iou_len` is not `num_labels`),
+ * `BEIT_ERR_IO`, `BEIT_ERR_FORMAT`, `BEIT_ERR_UNSUPPORTED` (on a cuda context, what the GPU
+ * pass does not run).
+ *
+ * # Safety
+ * `ctx` and `model` must be NULL or live handles; `dataset_path` NULL or a NUL-terminated
+ * string; `opts` NULL or readable for its `struct_size`, its `mean` and `std` NULL or holding
+ * their lengths; `out` NULL or readable and writable for its `struct_size`, its
+ * `per_class_iou` NULL or writable for `per_class_iou_len` values.
+ */
+beit_status beit_model_evaluate_segmentation(const struct beit_context *ctx,
+                                             const struct beit_model *model,
+                                             const char *dataset_path,
+                                             const struct beit_segmentation_eval_options *opts,
+                                             struct beit_segmentation_evaluation *out);
+
+/**
  * The message of the last failed libbeit call on the calling thread.
  *
  * Every fallible function (one returning `beit_status`) clears the message when it starts, so
@@ -1623,14 +2369,17 @@ struct beit_mim_batch beit_mim_batch_default(void);
 struct beit_step_stats beit_step_stats_default(void);
 
 /**
- * Creates a trainer for a copy of `model`, which must be a `BeitForMaskedImageModeling`:
- * the trainer owns its own parameters, so `model` is only read during the call and stays as
+ * Creates a trainer for a copy of `model`: a `BeitForMaskedImageModeling` (pretraining,
+ * `beit_trainer_step`) or a `BeitForImageClassification` (fine-tuning,
+ * `beit_trainer_step_classify` and `beit_trainer_finetune`; see `beit_model_to_classifier`
+ * and `beit_trainer_options_finetune_default`). The trainer owns its own parameters, so `model` is only read during the call and stays as
  * it is (free it whenever you like). `opts` may be NULL for the defaults. The trainer runs
  * its steps on `ctx`'s thread pool (shared: `ctx` may be freed first). On success `*out` receives a
  * trainer to release with `beit_trainer_free`; on failure `*out` is not written.
  *
- * Errors: `BEIT_ERR_NULL_POINTER` (ctx, model, out), `BEIT_ERR_INVALID_ARGUMENT` (not a masked
- * image modeling model; struct_size, an option value or `weight_decay_on`, named).
+ * Errors: `BEIT_ERR_NULL_POINTER` (ctx, model, out), `BEIT_ERR_INVALID_ARGUMENT` (neither a
+ * masked image modeling nor a classification model; struct_size, an option value or
+ * `weight_decay_on`, named).
  *
  * # Safety
  * `ctx` and `model` must be NULL or live handles; `opts` NULL or readable for its
@@ -1664,13 +2413,13 @@ beit_status beit_trainer_create_from_config(const struct beit_context *ctx,
 /**
  * Creates a trainer for the model in a Hugging Face directory (`config.json` +
  * `model.safetensors`, as `beit_model_load` reads it), which must be a
- * `BeitForMaskedImageModeling`. Training starts at step 0 with fresh optimizer state (to
+ * `BeitForMaskedImageModeling` or a `BeitForImageClassification` (as `beit_trainer_create`). Training starts at step 0 with fresh optimizer state (to
  * resume a run, load a checkpoint instead). `opts` may be NULL for the defaults. The trainer
  * shares `ctx`'s thread pool. On success `*out` receives a trainer to release with
  * `beit_trainer_free`.
  *
- * Errors: `BEIT_ERR_NULL_POINTER`, `BEIT_ERR_INVALID_ARGUMENT` (not UTF-8, options, not a
- * masked image modeling model), `BEIT_ERR_IO`, `BEIT_ERR_FORMAT`, `BEIT_ERR_CONFIG`,
+ * Errors: `BEIT_ERR_NULL_POINTER`, `BEIT_ERR_INVALID_ARGUMENT` (not UTF-8, options, neither a
+ * masked image modeling nor a classification model), `BEIT_ERR_IO`, `BEIT_ERR_FORMAT`, `BEIT_ERR_CONFIG`,
  * `BEIT_ERR_UNSUPPORTED` (as `beit_model_load`).
  *
  * # Safety
@@ -1827,7 +2576,7 @@ beit_status beit_trainer_load_checkpoint(struct beit_trainer *trainer, const cha
 
 /**
  * Saves the trainer's current weights as a Hugging Face directory (`config.json` +
- * `model.safetensors`, a `BeitForMaskedImageModeling`) that `beit_model_load`,
+ * `model.safetensors`, of the trainer's class) that `beit_model_load`,
  * `beit_trainer_load_model_dir` and `transformers` read. The directory is created if needed;
  * each file is replaced atomically.
  *

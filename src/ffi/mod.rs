@@ -7,8 +7,10 @@
 pub mod context;
 pub mod dataset;
 pub mod device;
+pub mod finetune;
 pub mod model;
 pub mod parameters;
+pub mod segmentation;
 pub mod status;
 pub mod tokenizer;
 pub mod trainer;

@@ -49,7 +49,7 @@ impl RawWeightDecayOn {
         }
     }
 
-    fn of(on: WeightDecayOn) -> Self {
+    pub(super) fn of(on: WeightDecayOn) -> Self {
         RawWeightDecayOn(match on {
             WeightDecayOn::Beit => beit_weight_decay_on::BEIT_WEIGHT_DECAY_BEIT,
             WeightDecayOn::All => beit_weight_decay_on::BEIT_WEIGHT_DECAY_ALL,
@@ -368,7 +368,7 @@ impl beit_trainer_options {
 ///
 /// # Safety
 /// `opts` must be NULL or readable for its `struct_size` bytes.
-unsafe fn read_options(
+pub(super) unsafe fn read_options(
     opts: *const beit_trainer_options,
     ctx: &Context,
 ) -> FfiResult<(TrainerOptions, Option<Precision>)> {
@@ -388,7 +388,7 @@ unsafe fn read_options(
 }
 
 /// A new trainer with the precision the caller's options chose for its context.
-fn configured(mut trainer: Trainer, precision: Option<Precision>) -> Trainer {
+pub(super) fn configured(mut trainer: Trainer, precision: Option<Precision>) -> Trainer {
     if let Some(p) = precision {
         trainer.set_context_precision(p);
     }
@@ -399,7 +399,7 @@ fn configured(mut trainer: Trainer, precision: Option<Precision>) -> Trainer {
 ///
 /// # Safety
 /// `out` must be non-NULL and writable.
-unsafe fn hand_out(trainer: Trainer, ctx: Arc<Context>, out: *mut *mut beit_trainer) {
+pub(super) unsafe fn hand_out(trainer: Trainer, ctx: Arc<Context>, out: *mut *mut beit_trainer) {
     let handle = Box::into_raw(Box::new(beit_trainer { inner: Mutex::new(trainer), ctx }));
     // SAFETY: the caller checked `out`.
     unsafe { out.write(handle) };
@@ -419,14 +419,17 @@ pub(super) fn copy_model(model: &Model) -> FfiResult<Model> {
     Ok(copy)
 }
 
-/// Creates a trainer for a copy of `model`, which must be a `BeitForMaskedImageModeling`:
-/// the trainer owns its own parameters, so `model` is only read during the call and stays as
+/// Creates a trainer for a copy of `model`: a `BeitForMaskedImageModeling` (pretraining,
+/// `beit_trainer_step`) or a `BeitForImageClassification` (fine-tuning,
+/// `beit_trainer_step_classify` and `beit_trainer_finetune`; see `beit_model_to_classifier`
+/// and `beit_trainer_options_finetune_default`). The trainer owns its own parameters, so `model` is only read during the call and stays as
 /// it is (free it whenever you like). `opts` may be NULL for the defaults. The trainer runs
 /// its steps on `ctx`'s thread pool (shared: `ctx` may be freed first). On success `*out` receives a
 /// trainer to release with `beit_trainer_free`; on failure `*out` is not written.
 ///
-/// Errors: `BEIT_ERR_NULL_POINTER` (ctx, model, out), `BEIT_ERR_INVALID_ARGUMENT` (not a masked
-/// image modeling model; struct_size, an option value or `weight_decay_on`, named).
+/// Errors: `BEIT_ERR_NULL_POINTER` (ctx, model, out), `BEIT_ERR_INVALID_ARGUMENT` (neither a
+/// masked image modeling nor a classification model; struct_size, an option value or
+/// `weight_decay_on`, named).
 ///
 /// # Safety
 /// `ctx` and `model` must be NULL or live handles; `opts` NULL or readable for its
@@ -444,14 +447,8 @@ pub unsafe extern "C" fn beit_trainer_create(
         let model = unsafe { handle_ref(model) }?.model();
         let out = non_null_mut(out, "out")?;
         let (options, precision) = unsafe { read_options(opts, &context) }?;
-        if model.architecture() != Architecture::MaskedImageModeling {
-            return Err(FfiError::invalid(format!(
-                "the pretraining trainer needs a BeitForMaskedImageModeling model; this one is {}",
-                model.architecture().hf_name()
-            )));
-        }
         // Under the context: the copy and the optimizer state are planned against its budget.
-        let trainer = context.run(|| Trainer::new(copy_model(&model)?, options).map_err(FfiError::from))?;
+        let trainer = context.run(|| Trainer::for_task(copy_model(&model)?, options).map_err(FfiError::from))?;
         let trainer = configured(trainer, precision);
         // SAFETY: `out` is non-NULL and writable (the caller's promise).
         unsafe { hand_out(trainer, context, out) };
@@ -497,13 +494,13 @@ pub unsafe extern "C" fn beit_trainer_create_from_config(
 
 /// Creates a trainer for the model in a Hugging Face directory (`config.json` +
 /// `model.safetensors`, as `beit_model_load` reads it), which must be a
-/// `BeitForMaskedImageModeling`. Training starts at step 0 with fresh optimizer state (to
+/// `BeitForMaskedImageModeling` or a `BeitForImageClassification` (as `beit_trainer_create`). Training starts at step 0 with fresh optimizer state (to
 /// resume a run, load a checkpoint instead). `opts` may be NULL for the defaults. The trainer
 /// shares `ctx`'s thread pool. On success `*out` receives a trainer to release with
 /// `beit_trainer_free`.
 ///
-/// Errors: `BEIT_ERR_NULL_POINTER`, `BEIT_ERR_INVALID_ARGUMENT` (not UTF-8, options, not a
-/// masked image modeling model), `BEIT_ERR_IO`, `BEIT_ERR_FORMAT`, `BEIT_ERR_CONFIG`,
+/// Errors: `BEIT_ERR_NULL_POINTER`, `BEIT_ERR_INVALID_ARGUMENT` (not UTF-8, options, neither a
+/// masked image modeling nor a classification model), `BEIT_ERR_IO`, `BEIT_ERR_FORMAT`, `BEIT_ERR_CONFIG`,
 /// `BEIT_ERR_UNSUPPORTED` (as `beit_model_load`).
 ///
 /// # Safety
@@ -522,7 +519,7 @@ pub unsafe extern "C" fn beit_trainer_load_model_dir(
         let dir = unsafe { utf8_arg(model_dir, "model_dir") }?;
         let out = non_null_mut(out, "out")?;
         let (options, precision) = unsafe { read_options(opts, &context) }?;
-        let trainer = context.run(|| Trainer::new(Model::load(Path::new(dir))?, options))?;
+        let trainer = context.run(|| Trainer::for_task(Model::load(Path::new(dir))?, options))?;
         let trainer = configured(trainer, precision);
         // SAFETY: `out` is non-NULL and writable (the caller's promise).
         unsafe { hand_out(trainer, context, out) };
@@ -546,7 +543,7 @@ pub unsafe extern "C" fn beit_trainer_free(trainer: *mut beit_trainer) {
 }
 
 /// Checks that a caller's `len` equals what the shape implies.
-fn check_len(name: &str, len: usize, want: Option<usize>, shape: &str) -> FfiResult<()> {
+pub(super) fn check_len(name: &str, len: usize, want: Option<usize>, shape: &str) -> FfiResult<()> {
     match want {
         Some(want) if want == len => Ok(()),
         Some(want) => Err(FfiError::invalid(format!("{name} is {len}, but {shape} needs {want}"))),
@@ -608,13 +605,10 @@ unsafe fn optional_out_size<T>(out: *const T, name: &str, first_version_size: us
     Ok(Some(unsafe { check_struct_size(out, name, first_version_size) }?))
 }
 
-/// Writes `stats` into the caller's `beit_step_stats` of `size` bytes.
-///
-/// # Safety
-/// `out` must be writable for `size` bytes, `size` >= the first version's size.
-unsafe fn write_step_stats(out: *mut beit_step_stats, size: usize, stats: &StepStats) {
-    let value = beit_step_stats {
-        struct_size: size,
+/// `stats` as a `beit_step_stats` whose `struct_size` is `struct_size`.
+pub(super) fn step_stats_out(stats: &StepStats, struct_size: usize) -> beit_step_stats {
+    beit_step_stats {
+        struct_size,
         step: stats.step,
         loss: stats.loss,
         lr: stats.lr,
@@ -622,9 +616,16 @@ unsafe fn write_step_stats(out: *mut beit_step_stats, size: usize, stats: &StepS
         masked: stats.masked,
         seconds: stats.seconds,
         images_per_s: stats.images_per_s,
-    };
+    }
+}
+
+/// Writes `stats` into the caller's `beit_step_stats` of `size` bytes.
+///
+/// # Safety
+/// `out` must be writable for `size` bytes, `size` >= the first version's size.
+pub(super) unsafe fn write_step_stats(out: *mut beit_step_stats, size: usize, stats: &StepStats) {
     // SAFETY: the caller's promise.
-    unsafe { write_versioned(out, &value, size) };
+    unsafe { write_versioned(out, &step_stats_out(stats, size), size) };
 }
 
 /// Checks the caller's pretraining batch against the claimed trainer's model (every pointer,
@@ -946,7 +947,7 @@ pub unsafe extern "C" fn beit_trainer_load_checkpoint(trainer: *mut beit_trainer
 }
 
 /// Saves the trainer's current weights as a Hugging Face directory (`config.json` +
-/// `model.safetensors`, a `BeitForMaskedImageModeling`) that `beit_model_load`,
+/// `model.safetensors`, of the trainer's class) that `beit_model_load`,
 /// `beit_trainer_load_model_dir` and `transformers` read. The directory is created if needed;
 /// each file is replaced atomically.
 ///

@@ -15,6 +15,7 @@
 //! - `drop_path_rate` is the fine-tuning value.
 
 use std::collections::BTreeMap;
+use std::ops::ControlFlow;
 use std::path::Path;
 use std::sync::Arc;
 
@@ -265,6 +266,32 @@ pub fn classification_loader(ds: Arc<Dataset>, model: &Model, data: &FinetuneDat
     Loader::new(ds, config)
 }
 
+/// The name the labelled subset of a run is written under (as a temporary file, see
+/// [`subset_dataset`]).
+pub const SUBSET_FILE: &str = "labelled-subset.beitds";
+
+/// The samples a run with label fraction `fraction` trains on, given every label of the
+/// dataset: `None` (all of them) for 1, else the [`stratified_subset`] seeded by `seed`.
+pub fn label_fraction_subset(labels: &[u32], fraction: f64, seed: u64) -> Result<Option<Vec<usize>>> {
+    if fraction == 1.0 {
+        return Ok(None);
+    }
+    stratified_subset(labels, fraction, seed).map(Some)
+}
+
+/// The data a run trains on: `full` itself without a subset, else the samples `subset` of it
+/// as their own small dataset (the loader reads whole files). That is written under a
+/// temporary name in `scratch_dir` and removed as soon as it is mapped (the map keeps the
+/// data); a run killed in between leaves a `.labelled-subset.beitds.tmp-*` file there, which
+/// `crate::files::remove_stale_temp_files` clears.
+pub fn subset_dataset(full: &Arc<Dataset>, subset: Option<&[usize]>, scratch_dir: &Path) -> Result<Arc<Dataset>> {
+    let Some(subset) = subset else { return Ok(full.clone()) };
+    let path = crate::files::temp_path_beside(&scratch_dir.join(SUBSET_FILE))?;
+    let opened = write_subset(full, subset, &path).and_then(|_| Dataset::open(&path));
+    let _ = std::fs::remove_file(&path);
+    Ok(Arc::new(opened?))
+}
+
 /// Runs `trainer` (a classification trainer) up to `data.steps` steps over `ds`, epoch after
 /// epoch, resuming at the trainer's data position; calls `on_step` after every step.
 pub fn run_finetune(
@@ -273,6 +300,22 @@ pub fn run_finetune(
     data: &FinetuneData,
     mut on_step: impl FnMut(&StepStats),
 ) -> Result<()> {
+    run_finetune_until(trainer, ds, data, |s| {
+        on_step(s);
+        ControlFlow::Continue(())
+    })?;
+    Ok(())
+}
+
+/// [`run_finetune`] whose `on_step` may stop the run: after a `Break` no further step is taken
+/// and the trainer stays as that step left it (a later call resumes there). Returns whether
+/// the run reached `data.steps`.
+pub fn run_finetune_until(
+    trainer: &mut Trainer,
+    ds: Arc<Dataset>,
+    data: &FinetuneData,
+    mut on_step: impl FnMut(&StepStats) -> ControlFlow<()>,
+) -> Result<bool> {
     ensure!(data.batch_size > 0, InvalidArgument, "the fine-tuning batch size must be positive, got 0");
     ensure!(data.steps > 0, InvalidArgument, "fine-tuning needs at least one step, got 0");
     ensure!(
@@ -306,10 +349,12 @@ pub fn run_finetune(
                 labels: &labels,
             };
             let stats = trainer.step_classify(&cb, data.label_smoothing)?;
-            on_step(&stats);
+            if on_step(&stats).is_break() {
+                return Ok(trainer.step_count() >= data.steps);
+            }
         }
     }
-    Ok(())
+    Ok(true)
 }
 
 #[cfg(test)]

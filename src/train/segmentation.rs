@@ -9,6 +9,8 @@
 //! the logits bilinearly to the mask size (as HF's `post_process_semantic_segmentation` does),
 //! takes the per-pixel argmax, and accumulates mIoU over the whole set.
 
+use std::ops::ControlFlow;
+
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -113,6 +115,40 @@ pub fn labelled_train_subset(data: &Dataset, train: &[usize], fraction: f64, see
     let labels: Vec<u32> = train.iter().map(|&i| data.label(i).unwrap_or(0)).collect();
     let picked = super::finetune::stratified_subset(&labels, fraction, seed)?;
     Ok(picked.into_iter().map(|k| train[k]).collect())
+}
+
+/// The samples of a segmentation run: the deterministic train/test split of the dataset
+/// ([`split_indices`]) and the part of the train split whose masks it trains on
+/// ([`labelled_train_subset`]). `beit segment finetune` and the C API both take it from here.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SegSplit {
+    /// The whole train split.
+    pub all_train: Vec<usize>,
+    /// What the run trains on: `all_train`, or its labelled fraction.
+    pub train: Vec<usize>,
+    /// The held-out samples (evaluation).
+    pub test: Vec<usize>,
+}
+
+impl SegSplit {
+    /// The split of `data` by `test_fraction` (in `[0, 1)`) and `split_seed`, training on
+    /// `label_fraction` (in `(0, 1]`) of the train split drawn by `seed`.
+    pub fn new(data: &Dataset, test_fraction: f64, split_seed: u64, label_fraction: f64, seed: u64) -> Result<Self> {
+        let (all_train, test) = split_indices(data.len(), test_fraction, split_seed)?;
+        let train = labelled_train_subset(data, &all_train, label_fraction, seed)?;
+        Ok(SegSplit { all_train, train, test })
+    }
+}
+
+/// A from-scratch segmentation model: [`segmentation_config`] of `cfg` with `num_labels`
+/// classes, BEiT's random initialisation from `seed`.
+pub fn segmenter_from_config(cfg: BeitConfig, num_labels: usize, seed: u64) -> Result<Model> {
+    ensure!(
+        (1..=MAX_LABELS).contains(&num_labels),
+        InvalidArgument,
+        "num_labels must be between 1 and {MAX_LABELS}, got {num_labels}"
+    );
+    Model::new_random(segmentation_config(cfg, num_labels), Architecture::SemanticSegmentation, seed)
 }
 
 /// Number of classes a dataset's masks need: the largest mask value + 1 (255, the usual ignore
@@ -292,6 +328,22 @@ pub fn finetune(
     opts: &SegFinetuneOptions,
     mut log: impl FnMut(&SegStepLog),
 ) -> Result<SegFinetuneReport> {
+    finetune_until(model, data, train, opts, |s| {
+        log(s);
+        ControlFlow::Continue(())
+    })
+}
+
+/// [`finetune`] whose `log` may stop the run: after a `Break` no further step is taken, and
+/// `model` holds the parameters of the steps done (the report counts them; its epoch loss is
+/// the mean over the last epoch's steps so far).
+pub fn finetune_until(
+    model: &mut Model,
+    data: &Dataset,
+    train: &[usize],
+    opts: &SegFinetuneOptions,
+    mut log: impl FnMut(&SegStepLog) -> ControlFlow<()>,
+) -> Result<SegFinetuneReport> {
     check_data(model, data)?;
     ensure!(
         opts.batch_size >= 2,
@@ -373,9 +425,10 @@ pub fn finetune(
     let mut order = train.to_vec();
     let mut step = 0;
     let mut epoch_loss = 0.0;
-    for epoch in 0..opts.epochs {
+    'epochs: for epoch in 0..opts.epochs {
         order.shuffle(&mut rng);
         epoch_loss = 0.0;
+        let mut epoch_steps = 0;
         for chunk in order.chunks_exact(opts.batch_size) {
             let flips: Vec<bool> = chunk.iter().map(|_| opts.flip && rng.random::<bool>()).collect();
             load_batch(data, chunk, &flips, &opts.mean, &opts.std, &mut pixels, &mut labels);
@@ -397,7 +450,11 @@ pub fn finetune(
             let (loss, grad_norm) = stepper.step(model, &batch, drop, lr as f32, opts.clip_grad, step)?;
             epoch_loss += loss;
             step += 1;
-            log(&SegStepLog { step, total_steps: total, epoch, loss, lr, grad_norm });
+            epoch_steps += 1;
+            if log(&SegStepLog { step, total_steps: total, epoch, loss, lr, grad_norm }).is_break() {
+                epoch_loss /= epoch_steps as f64;
+                break 'epochs;
+            }
         }
         epoch_loss /= steps_per_epoch.max(1) as f64;
     }

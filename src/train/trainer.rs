@@ -298,6 +298,22 @@ impl Trainer {
         Self::for_model(model, options)
     }
 
+    /// The trainer of `model`'s task: [`Trainer::new`] (pretraining) for a
+    /// `BeitForMaskedImageModeling`, [`Trainer::new_classifier`] (fine-tuning) for a
+    /// `BeitForImageClassification`; other architectures are refused, naming both.
+    pub fn for_task(model: Model, options: TrainerOptions) -> Result<Self> {
+        match model.architecture() {
+            Architecture::MaskedImageModeling => Self::new(model, options),
+            Architecture::ImageClassification => Self::new_classifier(model, options),
+            other => bail!(
+                InvalidArgument,
+                "a trainer trains a BeitForMaskedImageModeling (pretraining) or a BeitForImageClassification \
+                 (fine-tuning) model; this one is {}",
+                other.hf_name()
+            ),
+        }
+    }
+
     fn for_model(model: Model, options: TrainerOptions) -> Result<Self> {
         options.validate()?;
         Self::state_need(&model, &options).check_config()?;

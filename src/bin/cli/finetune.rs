@@ -8,16 +8,14 @@ use std::sync::Arc;
 use beit::data::dataset::Dataset;
 use beit::model::io::{CONFIG_FILE, WEIGHTS_FILE};
 use beit::train::finetune::{
-    classification_config, classifier_from_pretrained, dataset_labels, num_labels_from_data, run_finetune,
-    stratified_subset, total_steps, write_subset, FinetuneData,
+    classifier_from_pretrained, dataset_labels, label_fraction_subset, num_labels_from_data, run_finetune,
+    subset_dataset, total_steps, FinetuneData, SUBSET_FILE,
 };
+use beit::train::recipes::finetune as recipe;
 use beit::train::recipes::presets;
 use beit::train::recipes::schedule::default_warmup_steps;
 use beit::train::trainer::{Trainer, TrainerOptions};
-use beit::{Architecture, Context, ContextOptions, Device, Model};
-
-/// The name the labelled subset is written under (as a temporary file) in --out.
-const SUBSET_FILE: &str = "labelled-subset.beitds";
+use beit::{Context, ContextOptions, Device, Model};
 
 /// What is fine-tuned. Each task has its own head, loss and data; more arrive with their issues.
 #[derive(Clone, Copy, PartialEq, Eq, Debug, clap::ValueEnum)]
@@ -54,24 +52,24 @@ pub struct FinetuneArgs {
     #[arg(long)]
     pub steps: Option<u64>,
     /// Epochs over the (subset of the) data, when --steps is not given.
-    #[arg(long, default_value_t = 10)]
+    #[arg(long, default_value_t = recipe::EPOCHS)]
     pub epochs: u64,
-    #[arg(long, default_value_t = 64)]
+    #[arg(long, default_value_t = recipe::BATCH_SIZE)]
     pub batch: usize,
     /// Peak learning rate (BEiT-B from pt22k: 4e-3 at batch 1024).
-    #[arg(long, default_value_t = 1e-3)]
+    #[arg(long, default_value_t = recipe::LEARNING_RATE)]
     pub lr: f64,
-    #[arg(long, default_value_t = 1e-6)]
+    #[arg(long, default_value_t = recipe::MIN_LEARNING_RATE)]
     pub min_lr: f64,
     /// Layer-wise lr decay (BEiT: 0.65 for base from pretraining; 1 = none).
-    #[arg(long, default_value_t = 0.65)]
+    #[arg(long, default_value_t = recipe::LAYER_DECAY)]
     pub layer_decay: f64,
-    #[arg(long, default_value_t = 0.05)]
+    #[arg(long, default_value_t = recipe::WEIGHT_DECAY)]
     pub weight_decay: f64,
-    #[arg(long, default_value_t = 0.1)]
+    #[arg(long, default_value_t = recipe::LABEL_SMOOTHING)]
     pub label_smoothing: f32,
     /// Stochastic depth rate of the last block.
-    #[arg(long, default_value_t = 0.1)]
+    #[arg(long, default_value_t = recipe::DROP_PATH_RATE)]
     pub drop_path: f64,
     /// Linear warmup steps (default: a tenth of the steps).
     #[arg(long)]
@@ -81,13 +79,13 @@ pub struct FinetuneArgs {
     #[arg(long, default_value = "cpu")]
     pub device: String,
     /// Clip the gradient norm (0: off; BEiT fine-tuning does not clip).
-    #[arg(long, default_value_t = 0.0)]
+    #[arg(long, default_value_t = recipe::CLIP_GRAD_NORM)]
     pub clip: f64,
     /// Smallest random-resized-crop area fraction (BEiT / timm: 0.08).
-    #[arg(long, default_value_t = 0.08)]
+    #[arg(long, default_value_t = recipe::MIN_CROP_SCALE)]
     pub min_crop_scale: f64,
     /// Horizontal flip probability.
-    #[arg(long, default_value_t = 0.5)]
+    #[arg(long, default_value_t = recipe::FLIP_PROB)]
     pub flip: f64,
     /// Seeds the head init (and a from-scratch model), the subset, the data and drop path.
     #[arg(long, default_value_t = 0)]
@@ -156,8 +154,7 @@ fn finetune_classify(a: FinetuneArgs) -> beit::Result<()> {
         Some(k) => k,
         None => num_labels_from_data(&labels)?,
     };
-    let subset =
-        if a.label_fraction != 1.0 { Some(stratified_subset(&labels, a.label_fraction, a.seed)?) } else { None };
+    let subset = label_fraction_subset(&labels, a.label_fraction, a.seed)?;
     let train_images = subset.as_ref().map_or(full.len(), |s| s.len());
 
     let (model, fresh) = match &a.model {
@@ -166,8 +163,9 @@ fn finetune_classify(a: FinetuneArgs) -> beit::Result<()> {
             classifier_from_pretrained(&pretrained, num_labels, a.drop_path, a.seed)?
         }
         None => {
-            let cfg = classification_config(&presets::config_from(&a.config)?, num_labels, a.drop_path)?;
-            (Model::new_random(cfg, Architecture::ImageClassification, a.seed)?, vec!["(all: from scratch)".into()])
+            let config = presets::config_from(&a.config)?;
+            let model = recipe::classifier_from_config(&config, num_labels, a.drop_path, a.seed)?;
+            (model, vec!["(all: from scratch)".into()])
         }
     };
     let model = match &a.image_size {
@@ -183,15 +181,12 @@ fn finetune_classify(a: FinetuneArgs) -> beit::Result<()> {
         learning_rate: a.lr,
         min_learning_rate: a.min_lr,
         warmup_steps: a.warmup_steps.unwrap_or(default_warmup_steps(steps)),
-        total_steps: steps,
         weight_decay: a.weight_decay,
-        beta1: 0.9,
-        beta2: 0.999,
         clip_grad_norm: a.clip,
         drop_path_rate: Some(a.drop_path),
         layer_decay: a.layer_decay,
         seed: a.seed,
-        ..TrainerOptions::default()
+        ..recipe::trainer_options(steps)
     };
     let mut trainer = Trainer::new_classifier(model, options)?;
     // A cuda context runs the steps on the GPU.
@@ -201,24 +196,12 @@ fn finetune_classify(a: FinetuneArgs) -> beit::Result<()> {
     // Everything is validated: from here on the run writes into --out.
     crate::safety::remove_stale_temp_files(&a.out, &[CONFIG_FILE, WEIGHTS_FILE, SUBSET_FILE])?;
     let out_dir = beit::files::OutputDir::create(&a.out)?;
-    // The labelled subset, as its own small file (the loader reads whole files), under a
-    // temporary name in --out: removed as soon as it is mapped (the map keeps the data), and if
-    // the run is killed before that, the next run in --out removes it.
-    let data = match &subset {
-        Some(subset) => {
-            let path = beit::files::temp_path_beside(&a.out.join(SUBSET_FILE))?;
-            let opened = write_subset(&full, subset, &path).and_then(|_| Dataset::open(&path));
-            let _ = std::fs::remove_file(&path);
-            eprintln!(
-                "beit finetune: {} of {} labelled samples (fraction {})",
-                subset.len(),
-                full.len(),
-                a.label_fraction
-            );
-            Arc::new(opened?)
-        }
-        None => full.clone(),
-    };
+    // The labelled subset, under a temporary name in --out: if the run is killed before it is
+    // mapped and removed, the next run in --out removes it.
+    let data = subset_dataset(&full, subset.as_deref(), &a.out)?;
+    if let Some(subset) = &subset {
+        eprintln!("beit finetune: {} of {} labelled samples (fraction {})", subset.len(), full.len(), a.label_fraction);
+    }
     let feed = FinetuneData {
         batch_size: a.batch,
         steps,

@@ -10,8 +10,8 @@ use beit::model::io::{CONFIG_FILE, WEIGHTS_FILE};
 use beit::model::segmentation::metrics::IouReport;
 use beit::train::recipes::presets;
 use beit::train::segmentation::{
-    evaluate_on, finetune, from_pretrained_backbone, labelled_train_subset, mask_classes, segmentation_config,
-    split_indices, SegFinetuneOptions,
+    evaluate_on, finetune, from_pretrained_backbone, mask_classes, segmenter_from_config, split_indices,
+    SegFinetuneOptions, SegSplit,
 };
 use beit::{Architecture, Context, ContextOptions, Device, Model};
 use clap::Subcommand;
@@ -172,13 +172,12 @@ fn run_finetune(a: FinetuneArgs) -> beit::Result<()> {
             }
         }
         (None, Some(name)) => {
-            let cfg = segmentation_config(presets::config_from(name)?, classes);
-            (Model::new_random(cfg, Architecture::SemanticSegmentation, a.seed)?, format!("from scratch ({name})"))
+            (segmenter_from_config(presets::config_from(name)?, classes, a.seed)?, format!("from scratch ({name})"))
         }
         (None, None) => return Err(beit::Error::InvalidArgument("pass --model DIR or --config PRESET".into())),
     };
-    let (all_train, test) = split_of(&a.split, &data)?;
-    let train = labelled_train_subset(&data, &all_train, a.label_fraction, a.seed)?;
+    let SegSplit { all_train, train, test } =
+        SegSplit::new(&data, a.split.test_fraction, a.split.split_seed, a.label_fraction, a.seed)?;
     let opts = SegFinetuneOptions {
         epochs: a.epochs,
         batch_size: a.batch_size,

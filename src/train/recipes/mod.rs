@@ -5,8 +5,10 @@
 //! - [`schedule`]: the default warmup;
 //! - [`tokens`]: where pretraining's targets come from (token cache, tokenizer or pixels);
 //! - [`pretrain`]: a pretraining run's data and a fresh model's config;
-//! - [`resume`]: what a resumed run must keep, and the record its checkpoint holds of it.
+//! - [`resume`]: what a resumed run must keep, and the record its checkpoint holds of it;
+//! - [`finetune`]: classification fine-tuning's defaults and a from-scratch classifier.
 
+pub mod finetune;
 pub mod masking;
 pub mod presets;
 pub mod pretrain;

@@ -42,6 +42,16 @@ from ._errors import (
     UnsupportedError,
 )
 from ._ffi import ABI_VERSION
+from ._finetune import (
+    Evaluation,
+    FinetuneOptions,
+    SegmentationEvalOptions,
+    SegmentationEvaluation,
+    SegmentationOptions,
+    SegmentationReport,
+    SegmentationStep,
+    finetune_epoch_steps,
+)
 
 __version__ = "0.1.0"
 
@@ -80,4 +90,13 @@ __all__ = [
     "device_info",
     "library_path",
     "version",
+    # fine-tuning and evaluation (beit._finetune)
+    "Evaluation",
+    "FinetuneOptions",
+    "SegmentationEvalOptions",
+    "SegmentationEvaluation",
+    "SegmentationOptions",
+    "SegmentationReport",
+    "SegmentationStep",
+    "finetune_epoch_steps",
 ]

@@ -748,7 +748,9 @@ class Trainer(_Handle):
 
     def __init__(self, ptr: int, ctx: Optional[Context] = None):
         super().__init__(ptr)
-        self._call_lock = threading.Lock()
+        # Reentrant: a call from a progress callback (Trainer.finetune) on the calling thread
+        # reaches the library, which refuses it with BusyError, instead of deadlocking here.
+        self._call_lock = threading.RLock()
         #: The context the trainer was made on (model() pairs its models with it).
         self.context = ctx
 

@@ -6,7 +6,10 @@
 
 pub mod context;
 pub mod dataset;
+pub mod dataset_writer;
 pub mod device;
+pub mod loader;
+pub mod masking;
 pub mod model;
 pub mod status;
 pub mod tokenizer;

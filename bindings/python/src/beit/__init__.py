@@ -39,6 +39,7 @@ from ._errors import (
     UnsupportedError,
 )
 from ._ffi import ABI_VERSION
+from ._data import DatasetWriter, Loader, LoaderBatch, LoaderInfo, MaskGenerator, import_dataset
 
 __version__ = "0.1.0"
 
@@ -74,4 +75,10 @@ __all__ = [
     "device_info",
     "library_path",
     "version",
+    "DatasetWriter",
+    "Loader",
+    "LoaderBatch",
+    "LoaderInfo",
+    "MaskGenerator",
+    "import_dataset",
 ]

@@ -8,8 +8,9 @@
  *   beit_last_error_message() gives the reason in words. Every fallible function clears that
  *   message when it starts, so after a success it is "".
  * - Outputs (out-pointers, caller buffers, out structs) are written only on success.
- * - Handles (beit_context, beit_model, beit_trainer, beit_dataset, beit_tokenizer) are opaque;
- *   every create/load/open has a *_free that accepts NULL.
+ * - Handles (beit_context, beit_model, beit_trainer, beit_dataset, beit_tokenizer,
+ *   beit_dataset_writer, beit_loader, beit_mask_generator) are opaque; every
+ *   create/load/open has a *_free that accepts NULL.
  * - Structs crossing the API begin with size_t struct_size = sizeof(the struct) as the caller
  *   compiled it, so later versions can append fields. Start from the *_default() functions.
  * - No Rust panic ever unwinds into the caller: it becomes BEIT_ERR_INTERNAL.
@@ -32,6 +33,8 @@
  *   the calls on a shared trainer (or retry). After a libbeit panic during a call on it
  *   (BEIT_ERR_INTERNAL), a trainer refuses every later call with BEIT_ERR_INTERNAL: its state
  *   may be inconsistent; free it.
+ * - A beit_dataset_writer, a beit_loader and a beit_mask_generator take one call at a time,
+ *   and enforce it as a trainer does (BEIT_ERR_BUSY); beit_loader_get_info never waits.
  * - Two saves into the same file or directory (beit_model_save, beit_trainer_save_checkpoint,
  *   beit_trainer_save_model) must not run at once, even from different handles.
  * - The last error message is per thread.
@@ -333,6 +336,106 @@ typedef uint32_t beit_split;
 #endif // __cplusplus
 
 /**
+ * A source format of `beit_dataset_import` (`beit_dataset_import_options.format`).
+ */
+enum beit_import_format
+#if defined(__cplusplus) || __STDC_VERSION__ >= 202311L
+  : uint32_t
+#endif // defined(__cplusplus) || __STDC_VERSION__ >= 202311L
+ {
+    /**
+     * MNIST-style IDX files, raw or gzip (as Fashion-MNIST ships them): `images` (u8
+     * [N, H, W]) and optionally `labels` (u8 [N]); 1 channel. `height` x `width`, when not
+     * 0, is a canvas each image is centred on (zero padding, e.g. 28 -> 32).
+     */
+    BEIT_IMPORT_IDX = 0,
+    /**
+     * NumPy `.npy` arrays (v1-v3, C order): `images` [N, H, W] or [N, H, W, C] of u1, or of
+     * f4/f8 in [0, 1] (stored as round(x * 255)), and optionally `labels` [N] of any integer
+     * dtype.
+     */
+    BEIT_IMPORT_NPY = 1,
+    /**
+     * `dir`/<class>/<image>.png|jpg|jpeg: labels are the sorted class folder names; images
+     * are converted to `channels` (1 grey or 3 RGB; 0 means 3) and resized (bilinear) to
+     * `height` x `width` (both required). The class names go to `<out>.classes.json`.
+     */
+    BEIT_IMPORT_IMAGE_FOLDER = 2,
+    /**
+     * An unpacked emoji-datasource-<set> npm package in `dir`, image set `set` (e.g. google,
+     * twitter) at `height` = `width` pixels (0 means 64): RGB over black, label = category,
+     * segmentation mask = category + 1 where opaque. The category names go to
+     * `<out>.classes.json`.
+     */
+    BEIT_IMPORT_EMOJI = 3,
+};
+#ifndef __cplusplus
+#if __STDC_VERSION__ >= 202311L
+typedef enum beit_import_format beit_import_format;
+#else
+typedef uint32_t beit_import_format;
+#endif // __STDC_VERSION__ >= 202311L
+#endif // __cplusplus
+
+/**
+ * Which patches a mask covers (`beit_mask_generator_options.strategy`,
+ * `beit_loader_options.masking`).
+ */
+enum beit_masking_strategy
+#if defined(__cplusplus) || __STDC_VERSION__ >= 202311L
+  : uint32_t
+#endif // defined(__cplusplus) || __STDC_VERSION__ >= 202311L
+ {
+    /**
+     * BEiT's block-wise masking: rectangles of random area and aspect ratio are added until
+     * the requested count is reached (it may fall slightly short, never over).
+     */
+    BEIT_MASKING_BLOCKWISE = 0,
+    /**
+     * Exactly the requested number of distinct patches, drawn uniformly (BEiT's ablation).
+     */
+    BEIT_MASKING_RANDOM = 1,
+};
+#ifndef __cplusplus
+#if __STDC_VERSION__ >= 202311L
+typedef enum beit_masking_strategy beit_masking_strategy;
+#else
+typedef uint32_t beit_masking_strategy;
+#endif // __STDC_VERSION__ >= 202311L
+#endif // __cplusplus
+
+/**
+ * Where a loader's visual tokens (the MIM targets) come from
+ * (`beit_loader_options.token_source`).
+ */
+enum beit_token_source
+#if defined(__cplusplus) || __STDC_VERSION__ >= 202311L
+  : uint32_t
+#endif // defined(__cplusplus) || __STDC_VERSION__ >= 202311L
+ {
+    /**
+     * No tokens (e.g. for the pixel target, or a host with its own tokenizer on view 2).
+     */
+    BEIT_TOKENS_NONE = 0,
+    /**
+     * The dataset's token section (a token cache, made by `beit tokenize`): tokens of the
+     * whole, unaltered image, so view 1 is the whole image too (no crop, flip or jitter).
+     */
+    BEIT_TOKENS_CACHED = 1,
+    /**
+     * `beit_loader_options.tokenizer` run on every batch's view 2 (BEiT's faithful targets).
+     */
+    BEIT_TOKENS_TOKENIZER = 2,
+};
+#ifndef __cplusplus
+#if __STDC_VERSION__ >= 202311L
+typedef enum beit_token_source beit_token_source;
+#else
+typedef uint32_t beit_token_source;
+#endif // __STDC_VERSION__ >= 202311L
+#endif // __cplusplus
+
+/**
  * An execution context: a device and a thread pool of its own, so that a host's thread setting
  * is exact and independent of other libraries.
  *
@@ -355,6 +458,41 @@ typedef struct beit_context beit_context;
  * when no call is using it.
  */
 typedef struct beit_dataset beit_dataset;
+
+/**
+ * A dataset file being written: samples go to a temporary file beside the target, which
+ * `beit_dataset_writer_finish` completes and renames into place. Until then nothing exists at
+ * the target path (a file already there stays as it was); freeing an unfinished writer
+ * removes the temporary file, so it leaves nothing behind.
+ *
+ * Thread safety: a writer takes one call at a time; a call made while another thread's call
+ * holds it does nothing and returns `BEIT_ERR_BUSY`.
+ */
+typedef struct beit_dataset_writer beit_dataset_writer;
+
+/**
+ * An augmenting loader over a dataset file: an endless stream of batches addressed by a
+ * global position (epoch = position / batches_per_epoch; each epoch has its own order and
+ * augmentations). Every batch is a pure function of the dataset, the options and its
+ * position: the batch at position p is the same whatever was read before, whatever the
+ * worker count, so `beit_loader_get_position` / `beit_loader_seek` make runs resumable.
+ *
+ * Thread safety: `beit_loader_get_info` may be called from any thread at any time; the other
+ * calls take one at a time: one made while another thread's call holds the loader does
+ * nothing and returns `BEIT_ERR_BUSY`. The loader keeps its context's thread pool (shared:
+ * the context handle may be freed first) and its dataset file mapped until it is freed.
+ */
+typedef struct beit_loader beit_loader;
+
+/**
+ * A seeded mask generator. Its random state is a ChaCha8 generator seeded with
+ * `rand_chacha::ChaCha8Rng::seed_from_u64(seed)`: the Rust `MaskingGenerator` driven by that
+ * generator draws the same masks.
+ *
+ * Thread safety: a generator takes one call at a time; a call made while another thread's
+ * call holds it does nothing and returns `BEIT_ERR_BUSY`.
+ */
+typedef struct beit_mask_generator beit_mask_generator;
 
 /**
  * A BEiT model: config and parameters.
@@ -553,6 +691,150 @@ typedef struct beit_dataset_sample {
      */
     bool tokens_written;
 } beit_dataset_sample;
+
+/**
+ * What a new dataset file holds: the image shape and which optional sections every sample
+ * carries. Start from `beit_dataset_spec_default()`.
+ */
+typedef struct beit_dataset_spec {
+    /**
+     * `sizeof(beit_dataset_spec)` as the caller compiled it.
+     */
+    size_t struct_size;
+    /**
+     * Image height H (1 to 65536).
+     */
+    uint32_t height;
+    /**
+     * Image width W (1 to 65536).
+     */
+    uint32_t width;
+    /**
+     * Channels per pixel C (1 grey, 3 RGB, ...; 1 to 4096).
+     */
+    uint32_t channels;
+    /**
+     * Whether every sample carries a class label (u32).
+     */
+    bool has_labels;
+    /**
+     * Whether every sample carries a segmentation mask (u8 [H, W]).
+     */
+    bool has_masks;
+    /**
+     * Whether every sample carries a visual-token grid (u16 [token_grid_h, token_grid_w]).
+     */
+    bool has_tokens;
+    /**
+     * Token grid rows (1 to 65536) with tokens; must be 0 without.
+     */
+    uint32_t token_grid_h;
+    /**
+     * Token grid columns (1 to 65536) with tokens; must be 0 without.
+     */
+    uint32_t token_grid_w;
+} beit_dataset_spec;
+
+/**
+ * Samples for `beit_dataset_writer_append`: `count` samples back to back in caller arrays,
+ * read only during the call. Start from `beit_dataset_samples_default()`.
+ */
+typedef struct beit_dataset_samples {
+    /**
+     * `sizeof(beit_dataset_samples)` as the caller compiled it.
+     */
+    size_t struct_size;
+    /**
+     * Samples in the arrays (0 appends nothing).
+     */
+    size_t count;
+    /**
+     * Pixels u8 `[count, H, W, C]`: each sample's rows top to bottom, each row's pixels left
+     * to right, each pixel's C channel values together (interleaved, "HWC"), exactly the
+     * layout the file stores and `beit_dataset_read_sample` gives back. Required.
+     */
+    const uint8_t *pixels;
+    /**
+     * Bytes at `pixels`; must equal `count * H * W * C`.
+     */
+    size_t pixels_len;
+    /**
+     * Class labels u32 `[count]`: required when the spec has labels, NULL otherwise.
+     */
+    const uint32_t *labels;
+    /**
+     * Values at `labels`; must equal `count` when given.
+     */
+    size_t labels_len;
+    /**
+     * Segmentation masks u8 `[count, H, W]`: required when the spec has masks, NULL
+     * otherwise.
+     */
+    const uint8_t *masks;
+    /**
+     * Bytes at `masks`; must equal `count * H * W` when given.
+     */
+    size_t masks_len;
+    /**
+     * Visual tokens u16 `[count, token_grid_h, token_grid_w]`, row-major: required when the
+     * spec has tokens, NULL otherwise.
+     */
+    const uint16_t *tokens;
+    /**
+     * Values at `tokens`; must equal `count * token_grid_h * token_grid_w` when given.
+     */
+    size_t tokens_len;
+} beit_dataset_samples;
+
+/**
+ * What `beit_dataset_import` converts and where it writes. Start from
+ * `beit_dataset_import_options_default()`. A field the format does not use must be left at
+ * its default (NULL or 0); a set one is refused, naming it, rather than silently ignored.
+ */
+typedef struct beit_dataset_import_options {
+    /**
+     * `sizeof(beit_dataset_import_options)` as the caller compiled it.
+     */
+    size_t struct_size;
+    /**
+     * The source format (default `BEIT_IMPORT_IDX`).
+     */
+    beit_import_format format;
+    /**
+     * The dataset file to write (replaced atomically if it exists). Required. It must not be,
+     * or lie inside, one of the inputs.
+     */
+    const char *out;
+    /**
+     * The image file (IDX, NPY; required there).
+     */
+    const char *images;
+    /**
+     * The label file (IDX, NPY; optional: NULL imports images only).
+     */
+    const char *labels;
+    /**
+     * The folder to import (image folder: one sub-folder per class; emoji: the package root).
+     */
+    const char *dir;
+    /**
+     * Image height: the output size (image folder, required), the padded canvas (IDX, 0 for
+     * none), the emoji size (0 for 64).
+     */
+    uint32_t height;
+    /**
+     * Image width, as `height` (emoji images are square: equal to `height`).
+     */
+    uint32_t width;
+    /**
+     * Output channels of an image folder: 1 (grey) or 3 (RGB); 0 means 3.
+     */
+    uint32_t channels;
+    /**
+     * The emoji image set, e.g. "google" or "twitter" (emoji: required).
+     */
+    const char *set;
+} beit_dataset_import_options;
 
 /**
  * The device `BEIT_DEVICE_AUTO` picks on this machine, and the CUDA probe's findings.
@@ -864,6 +1146,380 @@ typedef struct beit_step_stats {
  * `BEIT_ERR_BUSY`. `stats` is valid only during the call.
  */
 typedef int32_t (*beit_step_callback)(const struct beit_step_stats *stats, void *user_data);
+
+/**
+ * How a loader makes batches. Start from `beit_loader_options_default()`: BEiT's pretraining
+ * pipeline as `beit pretrain` runs it. A 0 in a size or count field, and a negative value in
+ * a crop or flip field, means "the recipe's value" (each field says which). Values are
+ * checked by `beit_loader_create` (`BEIT_ERR_INVALID_ARGUMENT` naming the problem).
+ *
+ * To get exactly the batches `beit pretrain --data D --batch B --seed S [--masked M]
+ * [--masking random] [--loader-workers K]` trains on: the same dataset, `batch_size` B,
+ * `seed` S, the model, and the token source it uses (cached tokens, or its `--tokenizer`),
+ * everything else left at the defaults.
+ */
+typedef struct beit_loader_options {
+    /**
+     * `sizeof(beit_loader_options)` as the caller compiled it.
+     */
+    size_t struct_size;
+    /**
+     * Images per batch (at least 1; default 64, `beit pretrain`'s).
+     */
+    size_t batch_size;
+    /**
+     * The model the batches are for: view 1's size, the patch size and the channel count come
+     * from its config. NULL: give `image_height`, `image_width`, `patch_height` and
+     * `patch_width`. Only read during `beit_loader_create`.
+     */
+    const struct beit_model *model;
+    /**
+     * View 1 (the model's input) height; 0: the model's. With a model, non-zero values must
+     * equal its.
+     */
+    size_t image_height;
+    /**
+     * View 1 width; 0: the model's.
+     */
+    size_t image_width;
+    /**
+     * Patch height; view 1's height must be a multiple. 0: the model's.
+     */
+    size_t patch_height;
+    /**
+     * Patch width; 0: the model's.
+     */
+    size_t patch_width;
+    /**
+     * View 2 (the tokenizer's input) height; 0: the tokenizer's input size with
+     * `BEIT_TOKENS_TOKENIZER`, else half of view 1's, rounded up.
+     */
+    size_t view2_height;
+    /**
+     * View 2 width; 0 as for the height.
+     */
+    size_t view2_width;
+    /**
+     * Patches masked per image, below the grid's patch count; 0: BEiT's ratio (75 of 196
+     * patches, rounded).
+     */
+    size_t masked_patches;
+    /**
+     * Block-wise (the default) or random masking.
+     */
+    beit_masking_strategy masking;
+    /**
+     * Smallest mask block tried, in 1..=masked_patches; 0: 16, or the masked count if smaller.
+     */
+    size_t min_mask_block;
+    /**
+     * Random resized crop: smallest fraction of the image area, in (0, crop_scale_max];
+     * negative: the recipe's (BEiT 0.08; 1 with cached tokens).
+     */
+    double crop_scale_min;
+    /**
+     * Largest fraction of the area, at most 1; negative: the recipe's (1).
+     */
+    double crop_scale_max;
+    /**
+     * Smallest crop aspect ratio (width / height), > 0; negative: the recipe's (BEiT 3/4; 1
+     * with cached tokens).
+     */
+    double crop_ratio_min;
+    /**
+     * Largest crop aspect ratio, >= crop_ratio_min; negative: the recipe's (BEiT 4/3; 1 with
+     * cached tokens).
+     */
+    double crop_ratio_max;
+    /**
+     * Horizontal flip probability in [0, 1]; negative: the recipe's (BEiT 0.5; 0 with cached
+     * tokens).
+     */
+    double flip_prob;
+    /**
+     * Colour jitter strength (brightness, contrast, saturation) in [0, 1], for 3-channel data
+     * only; 0 (the default) disables it.
+     */
+    double color_jitter;
+    /**
+     * View 1 normalisation `(x - mean) / std` on [0, 1] pixels: one value for every channel or
+     * one per channel. NULL: 0.5 (BEiT's). Copied by `beit_loader_create`.
+     */
+    const float *mean;
+    /**
+     * Values at `mean` (1 or the channel count; 0 with NULL).
+     */
+    size_t mean_len;
+    /**
+     * The standard deviations, as `mean` (nonzero); NULL: 0.5.
+     */
+    const float *std;
+    /**
+     * Values at `std`.
+     */
+    size_t std_len;
+    /**
+     * Seeds the epoch orders, the augmentations and the masks (`beit pretrain --seed`).
+     */
+    uint64_t seed;
+    /**
+     * The epoch the loader starts at: its first batch is global position
+     * `epoch_start * batches_per_epoch`.
+     */
+    uint64_t epoch_start;
+    /**
+     * Worker threads making batches ahead (0 means 1; at most 256). Batches do not depend on
+     * it.
+     */
+    size_t workers;
+    /**
+     * Batches made ahead, over all workers; 0: 2 per worker.
+     */
+    size_t prefetch;
+    /**
+     * Drop the last incomplete batch of each epoch (default true, as pretraining does: every
+     * step sees a full batch). Otherwise the last batch may hold fewer images
+     * (`beit_loader_batch.images`).
+     */
+    bool drop_last;
+    /**
+     * Where the visual tokens come from (default `BEIT_TOKENS_NONE`).
+     */
+    beit_token_source token_source;
+    /**
+     * The tokenizer for `BEIT_TOKENS_TOKENIZER` (NULL otherwise). The loader keeps what it
+     * needs: the tokenizer handle may be freed first. It tokenizes on the loader's context,
+     * on the CPU, as `beit pretrain` does.
+     */
+    const struct beit_tokenizer *tokenizer;
+} beit_loader_options;
+
+/**
+ * What a loader's batches hold. Set `struct_size` (or start from
+ * `beit_loader_info_default()`); only the fields that fit in it are written. The `*_len`
+ * fields are the lengths `beit_loader_next` expects of each buffer (a full batch).
+ */
+typedef struct beit_loader_info {
+    /**
+     * Set by the caller to `sizeof(beit_loader_info)`; left as it is.
+     */
+    size_t struct_size;
+    /**
+     * Images B of a full batch.
+     */
+    size_t batch_size;
+    /**
+     * Channels C of both views (the dataset's).
+     */
+    size_t channels;
+    /**
+     * View 1 height H (the model's input).
+     */
+    size_t height;
+    /**
+     * View 1 width W.
+     */
+    size_t width;
+    /**
+     * View 2 height H2 (the tokenizer's input).
+     */
+    size_t view2_height;
+    /**
+     * View 2 width W2.
+     */
+    size_t view2_width;
+    /**
+     * Patch height.
+     */
+    size_t patch_height;
+    /**
+     * Patch width.
+     */
+    size_t patch_width;
+    /**
+     * Mask grid rows, H / patch_height.
+     */
+    size_t grid_h;
+    /**
+     * Mask grid columns, W / patch_width.
+     */
+    size_t grid_w;
+    /**
+     * Patches N per image, grid_h * grid_w.
+     */
+    size_t num_patches;
+    /**
+     * Patches masked per image (block-wise masking may mask slightly fewer; never none).
+     */
+    size_t masked_patches;
+    /**
+     * Smallest mask block tried.
+     */
+    size_t min_mask_block;
+    /**
+     * Batches in one epoch.
+     */
+    uint64_t batches_per_epoch;
+    /**
+     * Samples in the dataset.
+     */
+    uint64_t dataset_count;
+    /**
+     * Whether batches carry class labels (the dataset has them).
+     */
+    bool has_labels;
+    /**
+     * Whether batches carry visual tokens (a token source is set).
+     */
+    bool has_tokens;
+    /**
+     * The token source.
+     */
+    beit_token_source token_source;
+    /**
+     * Floats of view 1 of a batch, B * C * H * W ([B, C, H, W]).
+     */
+    size_t view1_len;
+    /**
+     * Floats of view 2, B * C * H2 * W2 ([B, C, H2, W2]).
+     */
+    size_t view2_len;
+    /**
+     * Bytes of the masks, B * N ([B, N]).
+     */
+    size_t bool_masked_pos_len;
+    /**
+     * Values of the class labels, B ([B]); 0 without labels.
+     */
+    size_t labels_len;
+    /**
+     * Values of the visual tokens, B * N ([B, N]); 0 without tokens.
+     */
+    size_t tokens_len;
+} beit_loader_info;
+
+/**
+ * Caller buffers for one batch (inputs), and what the batch was (outputs). Every buffer is
+ * optional (NULL skips it); a given one must have exactly the length `beit_loader_info` gives.
+ * Start from `beit_loader_batch_default()`.
+ */
+typedef struct beit_loader_batch {
+    /**
+     * `sizeof(beit_loader_batch)` as the caller compiled it.
+     */
+    size_t struct_size;
+    /**
+     * Receives view 1, f32 [B, C, H, W] (NCHW), normalised with the mean and std: what
+     * `beit_mim_batch.pixels` takes.
+     */
+    float *view1;
+    /**
+     * Floats at `view1` (`beit_loader_info.view1_len`).
+     */
+    size_t view1_len;
+    /**
+     * Receives view 2, f32 [B, C, H2, W2], with the tokenizer's pixel mapping
+     * (x * 0.8 + 0.1 on [0, 1] pixels): what `beit_tokenizer_tokenize` takes.
+     */
+    float *view2;
+    /**
+     * Floats at `view2` (`beit_loader_info.view2_len`).
+     */
+    size_t view2_len;
+    /**
+     * Receives the masks, u8 [B, N], 1 = masked: `beit_mim_batch.bool_masked_pos`.
+     */
+    uint8_t *bool_masked_pos;
+    /**
+     * Bytes at `bool_masked_pos` (`beit_loader_info.bool_masked_pos_len`).
+     */
+    size_t bool_masked_pos_len;
+    /**
+     * Receives the class labels, i64 [B], when the dataset has labels (left untouched
+     * otherwise).
+     */
+    int64_t *labels;
+    /**
+     * Values at `labels` (`beit_loader_info.labels_len`) when the dataset has labels.
+     */
+    size_t labels_len;
+    /**
+     * Receives the visual tokens, i64 [B, N], when a token source is set (left untouched
+     * otherwise): `beit_mim_batch.labels`.
+     */
+    int64_t *tokens;
+    /**
+     * Values at `tokens` (`beit_loader_info.tokens_len`) when a token source is set.
+     */
+    size_t tokens_len;
+    /**
+     * Output: images in this batch: B, or fewer for the last batch of an epoch without
+     * `drop_last`. Buffer entries past them are set to 0.
+     */
+    size_t images;
+    /**
+     * Output: the global position of this batch (`beit_loader_get_position` before the call).
+     */
+    uint64_t position;
+    /**
+     * Output: its epoch, position / batches_per_epoch.
+     */
+    uint64_t epoch;
+    /**
+     * Output: whether `labels` was filled.
+     */
+    bool labels_written;
+    /**
+     * Output: whether `tokens` was filled.
+     */
+    bool tokens_written;
+} beit_loader_batch;
+
+/**
+ * How a mask generator draws. Start from `beit_mask_generator_options_default()` (BEiT's
+ * pretraining setting on whatever grid you give); 0 in a count field means its default.
+ */
+typedef struct beit_mask_generator_options {
+    /**
+     * `sizeof(beit_mask_generator_options)` as the caller compiled it.
+     */
+    size_t struct_size;
+    /**
+     * Patch grid rows (at least 1). Required.
+     */
+    size_t grid_height;
+    /**
+     * Patch grid columns (at least 1). Required.
+     */
+    size_t grid_width;
+    /**
+     * Patches to mask per mask, below `grid_height * grid_width`; 0: BEiT's ratio, 75 of 196
+     * patches, rounded.
+     */
+    size_t masked_patches;
+    /**
+     * Smallest block area tried, in 1..=masked_patches; 0: 16, or `masked_patches` if smaller
+     * (BEiT's pretraining). Block-wise only.
+     */
+    size_t min_block;
+    /**
+     * Largest block area, in min_block..=masked_patches; 0: `masked_patches`. Block-wise only.
+     */
+    size_t max_block;
+    /**
+     * A block's aspect ratio (height / width) is drawn log-uniformly from
+     * [min_aspect, 1 / min_aspect]; in (0, 1]; BEiT: 0.3 (the default). Block-wise only.
+     */
+    double min_aspect;
+    /**
+     * Block-wise (the default) or random.
+     */
+    beit_masking_strategy strategy;
+    /**
+     * Seeds the generator: the same options and seed give the same sequence of masks.
+     */
+    uint64_t seed;
+} beit_mask_generator_options;
 
 /**
  * What a model is (filled by `beit_model_get_info`).
@@ -1591,6 +2247,120 @@ beit_status beit_dataset_read_sample(const struct beit_dataset *dataset,
                                      struct beit_dataset_sample *sample);
 
 /**
+ * A zeroed `beit_dataset_spec` (no optional sections) with `struct_size` set.
+ */
+struct beit_dataset_spec beit_dataset_spec_default(void);
+
+/**
+ * An empty `beit_dataset_samples` (count 0, NULL arrays) with `struct_size` set.
+ */
+struct beit_dataset_samples beit_dataset_samples_default(void);
+
+/**
+ * Import options with every path NULL, every size 0 and `format` `BEIT_IMPORT_IDX`, with
+ * `struct_size` set.
+ */
+struct beit_dataset_import_options beit_dataset_import_options_default(void);
+
+/**
+ * Starts a dataset file at `path` with the shape and sections of `spec`: creates its
+ * temporary file beside `path` (nothing appears at `path` before
+ * `beit_dataset_writer_finish`). On success `*out` receives a writer to release with
+ * `beit_dataset_writer_free`.
+ *
+ * Errors: `BEIT_ERR_NULL_POINTER` (path, spec, out), `BEIT_ERR_INVALID_ARGUMENT` (path not
+ * UTF-8 or without a file name; struct_size; a zero or too large dimension; a token grid
+ * without `has_tokens`, or `has_tokens` without a grid), `BEIT_ERR_IO` (the directory does not
+ * exist or is not writable).
+ *
+ * # Safety
+ * `path` must be NULL or a NUL-terminated string; `spec` NULL or readable for its
+ * `struct_size`; `out` NULL or writable.
+ */
+beit_status beit_dataset_writer_create(const char *path,
+                                       const struct beit_dataset_spec *spec,
+                                       struct beit_dataset_writer **out);
+
+/**
+ * Appends `samples->count` samples from the caller's arrays (see `beit_dataset_samples` for
+ * the layouts). Everything is checked before anything is written: on a refused call the
+ * writer is as before. An I/O error part-way (a full disk) ends the writer: its temporary file
+ * is removed, and every later call but `beit_dataset_writer_free` is refused.
+ *
+ * Errors: `BEIT_ERR_NULL_POINTER` (writer, samples, samples->pixels, an array the spec
+ * requires), `BEIT_ERR_INVALID_ARGUMENT` (struct_size; a length other than the shape's, with
+ * both numbers; an array the spec does not have; the labels, masks and tokens held in memory
+ * until the file is finished would exceed the memory budget; a finished or failed writer),
+ * `BEIT_ERR_IO` (writing failed), `BEIT_ERR_BUSY` (another thread's call holds the writer).
+ *
+ * # Safety
+ * `writer` must be NULL or a live writer; `samples` NULL or readable for its `struct_size`,
+ * each of its non-NULL arrays holding its stated length for the duration of the call.
+ */
+beit_status beit_dataset_writer_append(struct beit_dataset_writer *writer,
+                                       const struct beit_dataset_samples *samples);
+
+/**
+ * Writes the number of samples appended so far to `*out`.
+ *
+ * Errors: `BEIT_ERR_NULL_POINTER`, `BEIT_ERR_INVALID_ARGUMENT` (a finished or failed writer),
+ * `BEIT_ERR_BUSY` (another thread's call holds the writer).
+ *
+ * # Safety
+ * `writer` must be NULL or a live writer; `out` NULL or writable.
+ */
+beit_status beit_dataset_writer_count(const struct beit_dataset_writer *writer, uint64_t *out);
+
+/**
+ * Completes the file: writes the labels, masks and tokens sections and the header, syncs it
+ * to disk and renames it to the writer's path (replacing any file there). When `out` is not
+ * NULL it receives the new file's description (only the fields that fit in its
+ * `struct_size`). After this call, successful or not, the writer takes no more samples; free
+ * it with `beit_dataset_writer_free`. On failure the temporary file is removed and a file
+ * that was at the path before stays as it was.
+ *
+ * Errors: `BEIT_ERR_NULL_POINTER` (writer), `BEIT_ERR_INVALID_ARGUMENT` (out's struct_size;
+ * a finished or failed writer), `BEIT_ERR_IO`, `BEIT_ERR_BUSY` (another thread's call holds
+ * the writer).
+ *
+ * # Safety
+ * `writer` must be NULL or a live writer; `out` NULL or writable for its `struct_size`.
+ */
+beit_status beit_dataset_writer_finish(struct beit_dataset_writer *writer,
+                                       struct beit_dataset_info *out);
+
+/**
+ * Frees a writer. An unfinished one is abandoned: its temporary file is removed, and nothing
+ * is left at its path (a file that was there before stays as it was). NULL is a no-op.
+ *
+ * # Safety
+ * `writer` must be NULL or a writer not freed before, that no other thread is using.
+ */
+void beit_dataset_writer_free(struct beit_dataset_writer *writer);
+
+/**
+ * Converts images (and labels) into a dataset file, as `beit dataset import` does (see
+ * `beit_import_format` for each format and docs/dataset-format.md for the details). The file
+ * is written atomically; image folders and emoji packages also write their class names, a JSON
+ * array of strings in label order, to `<out>.classes.json`. Before anything is written, an
+ * `out` that is, or lies inside, one of the inputs is refused; temporary files of `out` that
+ * killed imports left are removed. When `info` is not NULL it receives the new file's
+ * description (only the fields that fit in its `struct_size`).
+ *
+ * Errors: `BEIT_ERR_NULL_POINTER` (opts, opts->out, an input the format needs),
+ * `BEIT_ERR_INVALID_ARGUMENT` (struct_size; an unknown format; a path not UTF-8; a field the
+ * format does not use; sizes out of range; `out` overwriting an input), `BEIT_ERR_IO` (a
+ * missing or unreadable input, an unwritable output), `BEIT_ERR_FORMAT` (an input that is not
+ * what its format says: bad magic, a truncated file, an undecodable image, mismatched counts).
+ *
+ * # Safety
+ * `opts` must be NULL or readable for its `struct_size`, each string field NULL or a
+ * NUL-terminated string; `info` NULL or writable for its `struct_size`.
+ */
+beit_status beit_dataset_import(const struct beit_dataset_import_options *opts,
+                                struct beit_dataset_info *info);
+
+/**
  * A zeroed `beit_device_info` with `struct_size` set.
  */
 struct beit_device_info beit_device_info_default(void);
@@ -1806,6 +2576,159 @@ beit_status beit_model_evaluate(const struct beit_context *ctx,
                                 const char *dataset_path,
                                 size_t batch_size,
                                 struct beit_evaluation *out);
+
+/**
+ * BEiT's pretraining loader as `beit pretrain` runs it (see `beit_loader_options`), with
+ * `struct_size` set.
+ */
+struct beit_loader_options beit_loader_options_default(void);
+
+/**
+ * A zeroed `beit_loader_info` with `struct_size` set.
+ */
+struct beit_loader_info beit_loader_info_default(void);
+
+/**
+ * An empty `beit_loader_batch` (NULL buffers, zero lengths and outputs) with `struct_size`
+ * set.
+ */
+struct beit_loader_batch beit_loader_batch_default(void);
+
+/**
+ * Creates a loader over the dataset file `dataset_path` (opened, mapped and validated as by
+ * `beit_dataset_open`). `opts` may be NULL for the defaults, which need a model or sizes, so
+ * in practice it is not. Nothing is read ahead yet: the first `beit_loader_next` starts the
+ * workers. On success `*out` receives a loader to release with `beit_loader_free`.
+ *
+ * Errors: `BEIT_ERR_NULL_POINTER` (ctx, dataset_path, out; tokenizer with
+ * `BEIT_TOKENS_TOKENIZER`), `BEIT_ERR_INVALID_ARGUMENT` (struct_size; a path not UTF-8; an
+ * option out of range, naming it; sizes that disagree with the model, the tokenizer or the
+ * dataset (channels, token grid); cached tokens from a dataset without a token section, or
+ * with crops or flips; fewer images than one batch with `drop_last`; batches in flight that
+ * would exceed the context's memory budget), `BEIT_ERR_IO`, `BEIT_ERR_FORMAT` (as
+ * `beit_dataset_open`).
+ *
+ * # Safety
+ * `ctx` must be NULL or a live context; `dataset_path` NULL or a NUL-terminated string;
+ * `opts` NULL or readable for its `struct_size`, its pointers valid as documented there;
+ * `out` NULL or writable.
+ */
+beit_status beit_loader_create(const struct beit_context *ctx,
+                               const char *dataset_path,
+                               const struct beit_loader_options *opts,
+                               struct beit_loader **out);
+
+/**
+ * Frees a loader: stops its workers and unmaps its dataset. NULL is a no-op.
+ *
+ * # Safety
+ * `loader` must be NULL or a loader not freed before, that no other thread is using.
+ */
+void beit_loader_free(struct beit_loader *loader);
+
+/**
+ * Describes a loader's batches. Set `out->struct_size` first (or start from
+ * `beit_loader_info_default()`); fields this version does not know are left untouched.
+ * Never busy: it may run while another thread's `beit_loader_next` does.
+ *
+ * Errors: `BEIT_ERR_NULL_POINTER` (loader, out), `BEIT_ERR_INVALID_ARGUMENT` (struct_size).
+ *
+ * # Safety
+ * `loader` must be NULL or a live loader; `out` NULL or writable for its `struct_size`.
+ */
+beit_status beit_loader_get_info(const struct beit_loader *loader, struct beit_loader_info *out);
+
+/**
+ * Makes the batch at the loader's position, fills the caller's buffers in `batch` (each one
+ * given, and the outputs), and moves the position on by one. The loader's workers make the
+ * following batches meanwhile; with a tokenizer, view 2 is tokenized on the loader's context.
+ *
+ * Every argument is checked before anything is made: on any error nothing is written and
+ * the position stays.
+ *
+ * Errors: `BEIT_ERR_NULL_POINTER` (loader, batch), `BEIT_ERR_INVALID_ARGUMENT` (struct_size;
+ * a NULL buffer with a non-zero length; a misaligned buffer), `BEIT_ERR_BUFFER_SIZE` (a buffer
+ * length other than `beit_loader_info`'s, with both numbers), `BEIT_ERR_BUSY` (another
+ * thread's call holds the loader), `BEIT_ERR_INTERNAL` (a loader worker failed; the loader
+ * refuses later calls).
+ *
+ * # Safety
+ * `loader` must be NULL or a live loader; `batch` NULL or readable and writable for its
+ * `struct_size`; every non-NULL buffer must hold its stated length, and not overlap another,
+ * for the duration of the call.
+ */
+beit_status beit_loader_next(struct beit_loader *loader, struct beit_loader_batch *batch);
+
+/**
+ * Writes the global position of the next batch to `*out`.
+ *
+ * Errors: `BEIT_ERR_NULL_POINTER`, `BEIT_ERR_BUSY` (another thread's call holds the loader).
+ *
+ * # Safety
+ * `loader` must be NULL or a live loader; `out` NULL or writable.
+ */
+beit_status beit_loader_get_position(const struct beit_loader *loader, uint64_t *out);
+
+/**
+ * Moves the loader to global position `position` (any value): the next `beit_loader_next`
+ * gives the batch at that position, exactly as a loader that read its way there would (e.g.
+ * the trainer's data position, `beit_trainer_get_data_position`, to resume a run).
+ *
+ * Errors: `BEIT_ERR_NULL_POINTER`, `BEIT_ERR_BUSY` (another thread's call holds the loader).
+ *
+ * # Safety
+ * `loader` must be NULL or a live loader.
+ */
+beit_status beit_loader_seek(struct beit_loader *loader, uint64_t position);
+
+/**
+ * BEiT's masking setting (block-wise, aspect 0.3, every count field 0 = its default) with
+ * `struct_size` set; the grid is the caller's to fill in.
+ */
+struct beit_mask_generator_options beit_mask_generator_options_default(void);
+
+/**
+ * Creates a mask generator. On success `*out` receives a generator to release with
+ * `beit_mask_generator_free`.
+ *
+ * Errors: `BEIT_ERR_NULL_POINTER` (opts, out), `BEIT_ERR_INVALID_ARGUMENT` (struct_size; a
+ * grid of fewer than 2 patches or too many; masked_patches not below the grid's patches;
+ * min_block, max_block or min_aspect out of range; an unknown strategy; the message names the
+ * field).
+ *
+ * # Safety
+ * `opts` must be NULL or readable for its `struct_size`; `out` NULL or writable.
+ */
+beit_status beit_mask_generator_create(const struct beit_mask_generator_options *opts,
+                                       struct beit_mask_generator **out);
+
+/**
+ * Draws the next mask into `mask`: `grid_height * grid_width` bytes, row-major, 1 for a
+ * masked patch and 0 otherwise. When `masked_out` is not NULL it receives the number of
+ * masked patches: exactly `masked_patches` for random masking; at most that for block-wise
+ * masking, whose blocks may fall short (on average slightly; rarely, on a small grid, down
+ * to 0).
+ *
+ * Errors: `BEIT_ERR_NULL_POINTER` (generator, mask), `BEIT_ERR_BUFFER_SIZE` (`len` other than
+ * the grid's patches, with both numbers), `BEIT_ERR_BUSY` (another thread's call holds the
+ * generator; nothing was drawn). On an error nothing is written and no random state is used.
+ *
+ * # Safety
+ * `generator` must be NULL or a live generator; `mask` NULL or writable for `len` bytes;
+ * `masked_out` NULL or writable.
+ */
+beit_status beit_mask_generator_next(struct beit_mask_generator *generator,
+                                     uint8_t *mask,
+                                     size_t len,
+                                     size_t *masked_out);
+
+/**
+ * Frees a generator. NULL is a no-op.
+ *
+ * # Safety
+ * `generator` must be NULL or a generator not freed before, that no other thread is using.
+ */
+void beit_mask_generator_free(struct beit_mask_generator *generator);
 
 /**
  * A zeroed `beit_model_info` with `struct_size` set.

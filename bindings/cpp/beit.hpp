@@ -977,6 +977,254 @@ private:
     detail::Handle<beit_trainer, beit_trainer_free> handle_;
 };
 
+// =============================================================================================
+// Data: writing and importing datasets, the augmenting loader, the mask generator
+// (beit_dataset_writer_*, beit_dataset_import, beit_loader_*, beit_mask_generator_*).
+// DatasetWriter, Loader and MaskGenerator are move-only RAII owners like the handles above.
+
+using DatasetSpec = beit_dataset_spec;
+using ImportOptions = beit_dataset_import_options;
+using LoaderOptions = beit_loader_options;
+using LoaderInfo = beit_loader_info;
+using MaskGeneratorOptions = beit_mask_generator_options;
+
+// `count` samples back to back for DatasetWriter::append: pixels u8 [count, H, W, C] (each
+// pixel's channels together), labels [count], masks [count, H, W], tokens
+// [count, token_grid_h, token_grid_w]; an optional part is given (non-empty) exactly when the
+// spec has it.
+struct Samples {
+    std::size_t count = 0;
+    span<const std::uint8_t> pixels;
+    span<const std::uint32_t> labels;
+    span<const std::uint8_t> masks;
+    span<const std::uint16_t> tokens;
+
+    beit_dataset_samples to_c() const {
+        beit_dataset_samples s = beit_dataset_samples_default();
+        s.count = count;
+        s.pixels = pixels.data();
+        s.pixels_len = pixels.size();
+        s.labels = labels.empty() ? nullptr : labels.data();
+        s.labels_len = labels.size();
+        s.masks = masks.empty() ? nullptr : masks.data();
+        s.masks_len = masks.size();
+        s.tokens = tokens.empty() ? nullptr : tokens.data();
+        s.tokens_len = tokens.size();
+        return s;
+    }
+};
+
+// beit_dataset_writer: writes a .beitds file atomically. Nothing exists at the path until
+// finish(); destroying an unfinished writer abandons it and leaves nothing behind. One call at a
+// time (a concurrent call throws BusyError).
+class DatasetWriter {
+public:
+    static DatasetSpec default_spec() { return beit_dataset_spec_default(); }
+
+    DatasetWriter() noexcept = default;
+
+    static DatasetWriter create(const std::string& path, const DatasetSpec& spec) {
+        beit_dataset_writer* raw = nullptr;
+        check(beit_dataset_writer_create(path.c_str(), &spec, &raw));
+        return DatasetWriter(raw);
+    }
+    // Appends samples.count samples; all or nothing.
+    void append(const Samples& samples) {
+        const beit_dataset_samples s = samples.to_c();
+        check(beit_dataset_writer_append(get(), &s));
+    }
+    // Samples appended so far.
+    std::uint64_t count() const {
+        std::uint64_t n = 0;
+        check(beit_dataset_writer_count(get(), &n));
+        return n;
+    }
+    // Writes the file and describes it; the writer takes nothing more afterwards.
+    DatasetInfo finish() {
+        DatasetInfo info = beit_dataset_info_default();
+        check(beit_dataset_writer_finish(get(), &info));
+        return info;
+    }
+
+    beit_dataset_writer* get() const { return handle_.get(); }
+    beit_dataset_writer* raw() const noexcept { return handle_.raw(); }
+    explicit operator bool() const noexcept { return static_cast<bool>(handle_); }
+    void reset() noexcept { handle_.reset(); }
+
+private:
+    explicit DatasetWriter(beit_dataset_writer* raw) noexcept : handle_(raw, "DatasetWriter") {}
+    detail::Handle<beit_dataset_writer, beit_dataset_writer_free> handle_;
+};
+
+inline ImportOptions default_import_options() { return beit_dataset_import_options_default(); }
+
+// Converts images (and labels) into a dataset file, as `beit dataset import` does (see
+// beit_import_format); returns what the file holds.
+inline DatasetInfo import_dataset(const ImportOptions& options) {
+    DatasetInfo info = beit_dataset_info_default();
+    check(beit_dataset_import(&options, &info));
+    return info;
+}
+
+// One loader batch in vectors the caller owns (Loader::next resizes them, reusing their
+// storage): view1 f32 [images, channels, height, width], view2 f32
+// [images, channels, view2_height, view2_width], bool_masked_pos u8 [images, num_patches],
+// labels i64 [images] (empty without labels), tokens i64 [images, num_patches] (empty without a
+// token source).
+struct LoaderBatch {
+    std::vector<float> view1;
+    std::vector<float> view2;
+    std::vector<std::uint8_t> bool_masked_pos;
+    std::vector<std::int64_t> labels;
+    std::vector<std::int64_t> tokens;
+    std::size_t images = 0;
+    std::size_t channels = 0;
+    std::size_t height = 0;
+    std::size_t width = 0;
+    std::size_t view2_height = 0;
+    std::size_t view2_width = 0;
+    std::size_t num_patches = 0;
+    std::uint64_t position = 0;
+    std::uint64_t epoch = 0;
+
+    std::array<std::size_t, 4> view1_shape() const { return {images, channels, height, width}; }
+    std::array<std::size_t, 4> view2_shape() const { return {images, channels, view2_height, view2_width}; }
+    std::array<std::size_t, 2> mask_shape() const { return {images, num_patches}; }
+    // The batch as Trainer::step takes it: view 1, the masks, the tokens as labels (valid
+    // while the batch lives).
+    MimBatch mim_batch() const {
+        MimBatch b;
+        b.pixels = span<const float>(view1);
+        b.batch = images;
+        b.channels = channels;
+        b.height = height;
+        b.width = width;
+        b.bool_masked_pos = span<const std::uint8_t>(bool_masked_pos);
+        b.labels = span<const std::int64_t>(tokens);
+        return b;
+    }
+};
+
+// beit_loader: BEiT's augmenting pretraining loader over a dataset file, an endless sequence
+// of batches addressed by a global position (seek() resumes a run exactly). The defaults are
+// `beit pretrain`'s recipe; set `model` (or the image and patch sizes) and usually
+// `batch_size`, `seed` and the token source. One call at a time (info() excepted).
+class Loader {
+public:
+    static LoaderOptions default_options() { return beit_loader_options_default(); }
+
+    Loader() noexcept = default;
+
+    static Loader create(const Context& ctx, const std::string& dataset_path,
+                         const LoaderOptions& options) {
+        beit_loader* raw = nullptr;
+        check(beit_loader_create(ctx.get(), dataset_path.c_str(), &options, &raw));
+        return Loader(raw);
+    }
+
+    LoaderInfo info() const {
+        LoaderInfo info = beit_loader_info_default();
+        check(beit_loader_get_info(get(), &info));
+        return info;
+    }
+    // The batch at the current position, into `batch`; the position moves on by one.
+    void next(LoaderBatch& batch) {
+        const LoaderInfo i = info();
+        detail::resize_to(batch.view1, i.view1_len);
+        detail::resize_to(batch.view2, i.view2_len);
+        detail::resize_to(batch.bool_masked_pos, i.bool_masked_pos_len);
+        detail::resize_to(batch.labels, i.labels_len);
+        detail::resize_to(batch.tokens, i.tokens_len);
+        beit_loader_batch b = beit_loader_batch_default();
+        b.view1 = batch.view1.data();
+        b.view1_len = batch.view1.size();
+        b.view2 = batch.view2.data();
+        b.view2_len = batch.view2.size();
+        b.bool_masked_pos = batch.bool_masked_pos.data();
+        b.bool_masked_pos_len = batch.bool_masked_pos.size();
+        b.labels = batch.labels.empty() ? nullptr : batch.labels.data();
+        b.labels_len = batch.labels.size();
+        b.tokens = batch.tokens.empty() ? nullptr : batch.tokens.data();
+        b.tokens_len = batch.tokens.size();
+        check(beit_loader_next(get(), &b));
+        const std::size_t n = b.images;
+        batch.images = n;
+        batch.channels = i.channels;
+        batch.height = i.height;
+        batch.width = i.width;
+        batch.view2_height = i.view2_height;
+        batch.view2_width = i.view2_width;
+        batch.num_patches = i.num_patches;
+        batch.position = b.position;
+        batch.epoch = b.epoch;
+        if (n < i.batch_size) {  // the short last batch of an epoch
+            batch.view1.resize(n * i.channels * i.height * i.width);
+            batch.view2.resize(n * i.channels * i.view2_height * i.view2_width);
+            batch.bool_masked_pos.resize(n * i.num_patches);
+            if (!batch.labels.empty()) batch.labels.resize(n);
+            if (!batch.tokens.empty()) batch.tokens.resize(n * i.num_patches);
+        }
+    }
+    LoaderBatch next() {
+        LoaderBatch batch;
+        next(batch);
+        return batch;
+    }
+    std::uint64_t position() const {
+        std::uint64_t p = 0;
+        check(beit_loader_get_position(get(), &p));
+        return p;
+    }
+    // Makes the batch at `position` the next one (e.g. Trainer::data_position()).
+    void seek(std::uint64_t position) { check(beit_loader_seek(get(), position)); }
+
+    beit_loader* get() const { return handle_.get(); }
+    beit_loader* raw() const noexcept { return handle_.raw(); }
+    explicit operator bool() const noexcept { return static_cast<bool>(handle_); }
+    void reset() noexcept { handle_.reset(); }
+
+private:
+    explicit Loader(beit_loader* raw) noexcept : handle_(raw, "Loader") {}
+    detail::Handle<beit_loader, beit_loader_free> handle_;
+};
+
+// beit_mask_generator: BEiT's block-wise (or random) masks, seeded. One call at a time.
+class MaskGenerator {
+public:
+    static MaskGeneratorOptions default_options() { return beit_mask_generator_options_default(); }
+
+    MaskGenerator() noexcept = default;
+
+    static MaskGenerator create(const MaskGeneratorOptions& options) {
+        beit_mask_generator* raw = nullptr;
+        check(beit_mask_generator_create(&options, &raw));
+        return MaskGenerator(raw, options.grid_height * options.grid_width);
+    }
+    // Draws a mask into `mask` (exactly grid_height * grid_width bytes, row-major, 1 = masked);
+    // returns the masked count.
+    std::size_t next(span<std::uint8_t> mask) {
+        std::size_t masked = 0;
+        check(beit_mask_generator_next(get(), mask.data(), mask.size(), &masked));
+        return masked;
+    }
+    // The same, resizing `mask` to the grid.
+    std::size_t next(std::vector<std::uint8_t>& mask) {
+        detail::resize_to(mask, patches_);
+        return next(span<std::uint8_t>(mask));
+    }
+
+    beit_mask_generator* get() const { return handle_.get(); }
+    beit_mask_generator* raw() const noexcept { return handle_.raw(); }
+    explicit operator bool() const noexcept { return static_cast<bool>(handle_); }
+    void reset() noexcept { handle_.reset(); }
+
+private:
+    MaskGenerator(beit_mask_generator* raw, std::size_t patches) noexcept
+        : handle_(raw, "MaskGenerator"), patches_(patches) {}
+    detail::Handle<beit_mask_generator, beit_mask_generator_free> handle_;
+    std::size_t patches_ = 0;
+};
+
 }  // namespace beit
 
 #endif  // BEIT_HPP

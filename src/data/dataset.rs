@@ -508,13 +508,18 @@ impl DatasetWriter {
         })
     }
 
-    /// Plans `count` more samples (before they are pushed): the file they make must have a size that
-    /// 64-bit arithmetic can express, and the sections kept in memory until
-    /// [`DatasetWriter::finish`] (labels, masks, tokens) must fit the memory budget. Reserves
-    /// those sections, so pushing `count` samples never reallocates. Importers and copies call
-    /// it with the sample count they know before they write.
+    /// Plans `count` more samples (before they are pushed): the file that the samples pushed so
+    /// far and these make must have a size that 64-bit arithmetic can express, and the sections
+    /// kept in memory until [`DatasetWriter::finish`] (labels, masks, tokens) for all of them must
+    /// fit the memory budget. Reserves those sections, so pushing `count` samples never
+    /// reallocates. Importers and copies call it with the sample count they know before they
+    /// write; hosts that append in chunks, before each chunk.
     pub fn reserve(&mut self, count: usize) -> Result<()> {
         let s = self.spec;
+        let more = count;
+        let Some(count) = usize::try_from(self.count).ok().and_then(|have| have.checked_add(more)) else {
+            bail!(InvalidArgument, "{} samples and {more} more overflow the sample count", self.count);
+        };
         let hw = (s.height as usize).checked_mul(s.width as usize);
         let per_sample = |bytes: Option<usize>, on: bool| if on { bytes } else { Some(0) };
         let labels = per_sample(Some(4), s.labels);
@@ -548,11 +553,19 @@ impl DatasetWriter {
         .hint("import or copy the data in several smaller files")
         .check()?;
         let oom = |what: &str| Error::InvalidArgument(format!("cannot allocate the {what} of {count} samples"));
-        let bytes = |per: Option<usize>| section(per).unwrap_or(0);
-        self.labels.try_reserve_exact(bytes(labels)).map_err(|_| oom("labels"))?;
-        self.masks.try_reserve_exact(bytes(masks)).map_err(|_| oom("masks"))?;
-        self.tokens.try_reserve_exact(bytes(tokens)).map_err(|_| oom("tokens"))?;
+        let bytes = |per: Option<usize>| per.and_then(|p| p.checked_mul(more)).unwrap_or(0);
+        // Amortised growth (at most twice what the budget admitted): a host appending in many
+        // small chunks would otherwise copy the sections once per chunk. The first reserve of
+        // an empty writer (an importer's one call) allocates exactly.
+        self.labels.try_reserve(bytes(labels)).map_err(|_| oom("labels"))?;
+        self.masks.try_reserve(bytes(masks)).map_err(|_| oom("masks"))?;
+        self.tokens.try_reserve(bytes(tokens)).map_err(|_| oom("tokens"))?;
         Ok(())
+    }
+
+    /// The shape and sections every sample has.
+    pub fn spec(&self) -> &DatasetSpec {
+        &self.spec
     }
 
     /// Samples pushed so far.

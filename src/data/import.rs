@@ -15,10 +15,11 @@ pub use npy::import_npy;
 
 use std::fs;
 use std::io::Read;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use crate::data::dataset::{DatasetHeader, DatasetSpec, DatasetWriter};
 use crate::error::{Error, Result};
+use crate::files::{NamedPath, RemovedTemp};
 use crate::resources::{try_zeroed, Bytes, Need, MAX_IMAGE_SIDE};
 
 /// Magic of an IDX file of u8 with 3 dimensions (images).
@@ -229,4 +230,81 @@ pub fn import_idx_padded(
         w.push(&canvas, label, None, None)?;
     }
     w.finish()
+}
+
+/// One import: a source format and its inputs, as `beit dataset import` and the C API's
+/// `beit_dataset_import` take them. [`import`] runs it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ImportSource {
+    /// IDX images and optional labels ([`import_idx_padded`]), each image centred on a zero
+    /// canvas of `pad` = (height, width) when given.
+    Idx { images: PathBuf, labels: Option<PathBuf>, pad: Option<(u32, u32)> },
+    /// NumPy `.npy` images and optional labels ([`import_npy`]).
+    Npy { images: PathBuf, labels: Option<PathBuf> },
+    /// A folder with one sub-folder of images per class, resized to `height` x `width` with
+    /// `channels` (1 or 3) ([`import_image_folder`]).
+    ImageFolder { dir: PathBuf, height: u32, width: u32, channels: u32 },
+    /// An unpacked emoji-datasource package, image set `set` at `size` ([`import_emoji`]).
+    Emoji { dir: PathBuf, set: String, size: u32 },
+}
+
+/// What [`import`] wrote.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Imported {
+    /// The header of the dataset file written.
+    pub header: DatasetHeader,
+    /// The class names in label order (image folders and emoji), also written to
+    /// [`classes_path`] of the output.
+    pub classes: Option<Vec<String>>,
+    /// Temporary files of the output that killed imports had left, removed before writing.
+    pub removed_temp_files: Vec<RemovedTemp>,
+}
+
+impl ImportSource {
+    /// The files and directories the import reads, each with its field name (`images`,
+    /// `labels`, `dir`).
+    fn inputs(&self) -> Vec<(&'static str, &Path)> {
+        match self {
+            ImportSource::Idx { images, labels, .. } | ImportSource::Npy { images, labels } => {
+                let mut v = vec![("images", images.as_path())];
+                v.extend(labels.as_deref().map(|l| ("labels", l)));
+                v
+            }
+            ImportSource::ImageFolder { dir, .. } | ImportSource::Emoji { dir, .. } => vec![("dir", dir.as_path())],
+        }
+    }
+}
+
+/// Runs an import into the dataset file `out` (and, for sources with class names, its
+/// [`classes_path`]): refuses, before writing anything, an output that is or lies inside an
+/// input (`option` turns a field name, `images`, `labels`, `dir` or `out`, into the name the
+/// caller gave it, e.g. `--images`); removes the temporary files of the outputs that killed
+/// runs left; then writes the dataset atomically.
+pub fn import(source: &ImportSource, out: &Path, option: &dyn Fn(&str) -> String) -> Result<Imported> {
+    let classes_file = classes_path(out);
+    let reads: Vec<NamedPath> =
+        source.inputs().into_iter().map(|(name, path)| NamedPath::new(option(name), path)).collect();
+    let writes = [
+        NamedPath::new(option("out"), out),
+        NamedPath::new(format!("{} (its class names)", option("out")), &classes_file),
+    ];
+    crate::files::check_outputs_spare_inputs(&writes, &reads)?;
+    let mut removed_temp_files = crate::files::remove_stale_temp_files_of(out)?;
+    removed_temp_files.extend(crate::files::remove_stale_temp_files_of(&classes_file)?);
+    let (header, classes) = match source {
+        ImportSource::Idx { images, labels, pad } => {
+            let pad = pad.map(|(h, w)| (h as usize, w as usize));
+            (import_idx_padded(images, labels.as_deref(), out, pad)?, None)
+        }
+        ImportSource::Npy { images, labels } => (import_npy(images, labels.as_deref(), out)?, None),
+        ImportSource::ImageFolder { dir, height, width, channels } => {
+            let (h, names) = import_image_folder(dir, *height, *width, *channels, out)?;
+            (h, Some(names))
+        }
+        ImportSource::Emoji { dir, set, size } => {
+            let (h, names) = import_emoji(dir, set, *size, out)?;
+            (h, Some(names))
+        }
+    };
+    Ok(Imported { header, classes, removed_temp_files })
 }

@@ -11,7 +11,7 @@
 use std::sync::Arc;
 
 use super::dataset::Dataset;
-use super::loader::{Loader, LoaderConfig, LoaderIter};
+use super::loader::{Loader, LoaderConfig, LoaderIter, MimBatchData};
 use crate::data::batch::OwnedMimBatch;
 use crate::dvae::Dvae;
 use crate::error::Result;
@@ -107,8 +107,21 @@ impl DatasetMim {
         self.loader.num_batches() as u64
     }
 
-    /// The batch at global `position`.
-    pub fn batch_at(&mut self, position: u64) -> Result<OwnedMimBatch> {
+    /// The loader behind the batches (its config, its dataset, the batches of an epoch).
+    pub fn loader(&self) -> &Loader {
+        &self.loader
+    }
+
+    /// Where the MIM targets come from.
+    pub fn token_source(&self) -> &TokenSource {
+        &self.tokens
+    }
+
+    /// The batch at global `position` with everything the loader made of it: both views, the
+    /// masks, the class labels, and in `tokens` the MIM targets of the token source (the
+    /// cached tokens, the tokenizer's tokens of view 2, or `None` for the pixel target).
+    /// `position` is that batch's global position, `indices` its samples.
+    pub fn batch_data_at(&mut self, position: u64) -> Result<MimBatchData> {
         let per_epoch = self.batches_per_epoch();
         let (epoch, within) = (position / per_epoch, (position % per_epoch) as usize);
         let reuse = matches!(&self.running, Some((next, _)) if *next == position);
@@ -117,18 +130,25 @@ impl DatasetMim {
             self.running = Some((position, loader.starting_at(within)?));
         }
         let (next, iter) = self.running.as_mut().expect("set above");
-        let data = iter.next().expect("position is inside the epoch");
+        let mut data = iter.next().expect("position is inside the epoch");
         *next = if within + 1 == per_epoch as usize { u64::MAX } else { position + 1 };
-        let labels: Vec<i64> = match &self.tokens {
-            TokenSource::Cached => data.tokens.expect("checked: the dataset has tokens"),
-            TokenSource::Augmented(dvae) => dvae.tokenize(&data.view2)?.into_iter().map(i64::from).collect(),
-            TokenSource::Pixels => Vec::new(),
+        data.tokens = match &self.tokens {
+            TokenSource::Cached => Some(data.tokens.expect("checked: the dataset has tokens")),
+            TokenSource::Augmented(dvae) => Some(dvae.tokenize(&data.view2)?.into_iter().map(i64::from).collect()),
+            TokenSource::Pixels => None,
         };
+        Ok(data)
+    }
+
+    /// The batch at global `position`, as the trainer takes it: view 1, the masks and the
+    /// token source's targets (empty for the pixel target).
+    pub fn batch_at(&mut self, position: u64) -> Result<OwnedMimBatch> {
+        let data = self.batch_data_at(position)?;
         Ok(OwnedMimBatch {
             shape: [data.indices.len(), data.channels, data.image_size.0, data.image_size.1],
             pixels: data.view1,
             bool_masked_pos: data.bool_masked_pos,
-            labels,
+            labels: data.tokens.unwrap_or_default(),
         })
     }
 }

@@ -10,7 +10,7 @@ use std::ptr::{addr_of, addr_of_mut};
 use super::model::{check_slice, write_versioned};
 use super::status::{beit_status, check_struct_size, guard, guard_infallible, non_null, non_null_mut, utf8_arg};
 use super::status::{FfiError, FfiResult};
-use crate::data::dataset::Dataset;
+use crate::data::dataset::{Dataset, DatasetHeader};
 
 /// An open dataset file: memory-mapped and validated, never modified.
 ///
@@ -92,7 +92,7 @@ pub struct beit_dataset_sample {
     pub tokens_written: bool,
 }
 
-const DATASET_INFO_V1_SIZE: usize = size_of::<beit_dataset_info>();
+pub(crate) const DATASET_INFO_V1_SIZE: usize = size_of::<beit_dataset_info>();
 const DATASET_SAMPLE_V1_SIZE: usize = size_of::<beit_dataset_sample>();
 
 /// A zeroed `beit_dataset_info` with `struct_size` set.
@@ -131,6 +131,25 @@ pub extern "C" fn beit_dataset_sample_default() -> beit_dataset_sample {
         label_written: false,
         mask_written: false,
         tokens_written: false,
+    }
+}
+
+/// The `beit_dataset_info` of a dataset with this header (`struct_size` set to `struct_size`).
+pub(crate) fn dataset_info(h: &DatasetHeader, struct_size: usize) -> beit_dataset_info {
+    beit_dataset_info {
+        struct_size,
+        count: h.count,
+        height: h.height,
+        width: h.width,
+        channels: h.channels,
+        has_labels: h.has_labels(),
+        has_masks: h.has_masks(),
+        has_tokens: h.has_tokens(),
+        token_grid_h: h.token_grid_h,
+        token_grid_w: h.token_grid_w,
+        pixels_len: h.pixel_bytes(),
+        mask_len: if h.has_masks() { h.mask_bytes() } else { 0 },
+        tokens_len: h.tokens_per_sample(),
     }
 }
 
@@ -205,22 +224,7 @@ pub unsafe extern "C" fn beit_dataset_get_info(
         let out = non_null_mut(out, "out")?;
         // SAFETY: non-NULL; the caller promises struct_size readable bytes.
         let size = unsafe { check_struct_size(out, "out", DATASET_INFO_V1_SIZE) }?;
-        let h = d.header();
-        let info = beit_dataset_info {
-            struct_size: size,
-            count: h.count,
-            height: h.height,
-            width: h.width,
-            channels: h.channels,
-            has_labels: h.has_labels(),
-            has_masks: h.has_masks(),
-            has_tokens: h.has_tokens(),
-            token_grid_h: h.token_grid_h,
-            token_grid_w: h.token_grid_w,
-            pixels_len: h.pixel_bytes(),
-            mask_len: if h.has_masks() { h.mask_bytes() } else { 0 },
-            tokens_len: h.tokens_per_sample(),
-        };
+        let info = dataset_info(d.header(), size);
         // SAFETY: `out` is writable for `size` bytes, `size` >= the v1 size.
         unsafe { write_versioned(out, &info, size) };
         Ok(())

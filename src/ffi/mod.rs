@@ -6,8 +6,11 @@
 
 pub mod context;
 pub mod dataset;
+pub mod dataset_writer;
 pub mod device;
 pub mod finetune;
+pub mod loader;
+pub mod masking;
 pub mod model;
 pub mod parameters;
 pub mod segmentation;

@@ -23,7 +23,8 @@ use crate::train::gpu_dvae::GpuTokenizer;
 /// On a cuda context it tokenizes and decodes on the GPU (one call at a time; others wait).
 #[allow(non_camel_case_types)]
 pub struct beit_tokenizer {
-    inner: Dvae,
+    /// Shared with the loaders that tokenize with it (`beit_loader`), which may outlive it.
+    inner: Arc<Dvae>,
     /// The thread pool of the context the tokenizer was loaded with, shared.
     ctx: Arc<Context>,
     /// The parameters on the GPU, for a cuda context: its tokenizing and decoding passes.
@@ -79,10 +80,17 @@ pub extern "C" fn beit_tokenizer_info_default() -> beit_tokenizer_info {
 ///
 /// # Safety
 /// `tokenizer` must be NULL or a live tokenizer.
-unsafe fn tokenizer_ref<'a>(tokenizer: *const beit_tokenizer) -> FfiResult<&'a beit_tokenizer> {
+pub(crate) unsafe fn tokenizer_ref<'a>(tokenizer: *const beit_tokenizer) -> FfiResult<&'a beit_tokenizer> {
     let tokenizer = non_null(tokenizer, "tokenizer")?;
     // SAFETY: non-NULL; the caller promises a live tokenizer (immutable, so shared use is fine).
     Ok(unsafe { &*tokenizer })
+}
+
+impl beit_tokenizer {
+    /// The tokenizer, shared.
+    pub(crate) fn dvae(&self) -> &Arc<Dvae> {
+        &self.inner
+    }
 }
 
 /// `a * b * ...`, or None on overflow.
@@ -129,7 +137,7 @@ pub unsafe extern "C" fn beit_tokenizer_load(
             Device::Cuda => Some(Mutex::new(GpuTokenizer::new(&dvae)?)),
             _ => None,
         };
-        let handle = Box::into_raw(Box::new(beit_tokenizer { inner: dvae, ctx, gpu }));
+        let handle = Box::into_raw(Box::new(beit_tokenizer { inner: Arc::new(dvae), ctx, gpu }));
         // SAFETY: `out` is non-NULL and the caller promises it is writable.
         unsafe { out.write(handle) };
         Ok(())

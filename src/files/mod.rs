@@ -22,4 +22,4 @@ pub use atomic::{create_temp_beside, temp_path_beside, write_atomic, TempFile};
 pub use fingerprint::fingerprint;
 pub use output_dir::OutputDir;
 pub use overlap::{check_outputs_spare_inputs, resolve, NamedPath};
-pub use stale::{remove_stale_temp_files, RemovedTemp};
+pub use stale::{remove_stale_temp_files, remove_stale_temp_files_of, RemovedTemp};

@@ -89,6 +89,16 @@ pub fn remove_stale_temp_files(dir: &Path, targets: &[&str]) -> Result<Vec<Remov
     Ok(removed)
 }
 
+/// [`remove_stale_temp_files`] for the temporary files of the one file `path` (in its
+/// directory, `.` for a bare name).
+pub fn remove_stale_temp_files_of(path: &Path) -> Result<Vec<RemovedTemp>> {
+    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    match path.file_name().and_then(|n| n.to_str()) {
+        Some(name) => remove_stale_temp_files(dir, &[name]),
+        None => Ok(Vec::new()),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

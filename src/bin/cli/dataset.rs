@@ -98,41 +98,27 @@ pub fn dataset(what: DatasetCommand) -> beit::Result<()> {
     };
     match what {
         DatasetCommand::Import { format, images, labels, dir, size, channels, set, pad, out } => {
-            use beit::data::import;
+            use beit::data::import::{self, ImportSource};
             let bad = |m: &str| beit::Error::InvalidArgument(m.to_string());
-            let classes_file = import::classes_path(&out);
-            crate::safety::Paths::new()
-                .read_opt("--images", images.as_ref())
-                .read_opt("--labels", labels.as_ref())
-                .read_opt("--dir", dir.as_ref())
-                .write("--out", &out)
-                .write("--out (its class names)", &classes_file)
-                .check()?;
-            crate::safety::remove_stale_temp_files_of(&out)?;
-            crate::safety::remove_stale_temp_files_of(&classes_file)?;
             let start = std::time::Instant::now();
-            let mut classes = None;
-            let h = match format {
+            if pad.is_some() && format != ImportFormat::Idx {
+                return Err(bad("--pad is for --format idx"));
+            }
+            let source = match format {
                 ImportFormat::Idx | ImportFormat::Npy => {
                     let images = images.ok_or_else(|| bad("--images is required for --format idx and npy"))?;
                     if format == ImportFormat::Idx {
                         let pad = pad.as_deref().map(import::images::parse_size).transpose()?;
-                        let pad = pad.map(|(ph, pw)| (ph as usize, pw as usize));
-                        import::import_idx_padded(&images, labels.as_deref(), &out, pad)?
+                        ImportSource::Idx { images, labels, pad }
                     } else {
-                        if pad.is_some() {
-                            return Err(bad("--pad is for --format idx"));
-                        }
-                        import::import_npy(&images, labels.as_deref(), &out)?
+                        ImportSource::Npy { images, labels }
                     }
                 }
                 ImportFormat::ImageFolder => {
                     let dir = dir.ok_or_else(|| bad("--dir is required for --format image-folder"))?;
                     let size = size.ok_or_else(|| bad("--size HxW is required for --format image-folder"))?;
-                    let (hh, ww) = import::images::parse_size(&size)?;
-                    let (h, names) = import::import_image_folder(&dir, hh, ww, channels, &out)?;
-                    classes = Some(names);
-                    h
+                    let (height, width) = import::images::parse_size(&size)?;
+                    ImportSource::ImageFolder { dir, height, width, channels }
                 }
                 ImportFormat::Emoji => {
                     let dir = dir.ok_or_else(|| bad("--dir is required for --format emoji"))?;
@@ -141,14 +127,14 @@ pub fn dataset(what: DatasetCommand) -> beit::Result<()> {
                     if hh != ww {
                         return Err(bad("emoji images are square: give --size as one number"));
                     }
-                    let (h, names) = import::import_emoji(&dir, &set, hh, &out)?;
-                    classes = Some(names);
-                    h
+                    ImportSource::Emoji { dir, set, size: hh }
                 }
             };
-            let mut v = info(&h, &out);
+            let imported = import::import(&source, &out, &|name| format!("--{name}"))?;
+            crate::safety::report_removed(&imported.removed_temp_files);
+            let mut v = info(&imported.header, &out);
             v["command"] = "dataset import".into();
-            if let Some(names) = classes {
+            if let Some(names) = imported.classes {
                 v["classes"] = names.into();
                 v["classes_file"] = import::classes_path(&out).display().to_string().into();
             }

@@ -63,7 +63,13 @@ impl Paths {
 /// Removes from `dir` the temporary files of `targets` left by killed runs (see
 /// `beit::files::remove_stale_temp_files`), saying so on stderr.
 pub fn remove_stale_temp_files(dir: &Path, targets: &[&str]) -> beit::Result<()> {
-    for r in beit::files::remove_stale_temp_files(dir, targets)? {
+    report_removed(&beit::files::remove_stale_temp_files(dir, targets)?);
+    Ok(())
+}
+
+/// Says on stderr which stale temporary files a run removed.
+pub fn report_removed(removed: &[beit::files::RemovedTemp]) {
+    for r in removed {
         eprintln!(
             "beit: removed {} ({} bytes), a temporary file left by process {}, which is no longer running",
             r.path.display(),
@@ -71,16 +77,12 @@ pub fn remove_stale_temp_files(dir: &Path, targets: &[&str]) -> beit::Result<()>
             r.pid
         );
     }
-    Ok(())
 }
 
 /// [`remove_stale_temp_files`] for the temporary files of the file `path` (beside it).
 pub fn remove_stale_temp_files_of(path: &Path) -> beit::Result<()> {
-    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    match path.file_name().and_then(|n| n.to_str()) {
-        Some(name) => remove_stale_temp_files(dir, &[name]),
-        None => Ok(()),
-    }
+    report_removed(&beit::files::remove_stale_temp_files_of(path)?);
+    Ok(())
 }
 
 /// The files of a model directory, for [`remove_stale_temp_files`].

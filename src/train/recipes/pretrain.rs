@@ -79,29 +79,23 @@ impl PretrainData {
         let tokenizer = options.tokenizer.as_deref().map(Dvae::load).transpose()?.map(Arc::new);
         let choice: TokenChoice = options.tokens.parse()?;
         let plan = token_plan(choice, target, tokenizer.is_some(), ds.header().has_tokens(), &options.data)?;
-        let workers = options.loader_workers.max(1);
-        let mut config = LoaderConfig {
-            seed,
-            workers,
-            prefetch: 2 * workers,
-            drop_last: true,
-            masking: options.masking,
-            ..LoaderConfig::beit(options.batch, cfg.image_size.hw(), cfg.patch_size.hw(), masked)
-        };
         let source = match (plan, tokenizer) {
-            (TargetSource::Augmented, Some(t)) => {
-                config.tokenizer_size = (t.config.image_size, t.config.image_size);
-                TokenSource::Augmented(t)
-            }
-            // Cached tokens are of whole images, so view 1 must be the whole image too.
-            (TargetSource::Cached, _) => {
-                config = config.whole_images();
-                TokenSource::Cached
-            }
+            (TargetSource::Augmented, Some(t)) => TokenSource::Augmented(t),
+            (TargetSource::Cached, _) => TokenSource::Cached,
             // The targets are view 1's own patches: BEiT's crops and flips apply as for tokens.
             (TargetSource::Pixels, _) => TokenSource::Pixels,
             (other, _) => return Err(Error::Internal(format!("token plan {other:?} for a dataset run"))),
         };
+        let loader = PretrainLoader {
+            batch: options.batch,
+            image_size: cfg.image_size.hw(),
+            patch_size: cfg.patch_size.hw(),
+            masked,
+            masking: options.masking,
+            seed,
+            workers: options.loader_workers,
+        };
+        let config = loader.config(&source);
         Ok((PretrainData::Dataset(DatasetMim::new(ds, config, source)?), plan))
     }
 
@@ -111,6 +105,50 @@ impl PretrainData {
         match self {
             PretrainData::Synthetic(s) => s.try_batch(position, batch),
             PretrainData::Dataset(d) => d.batch_at(position),
+        }
+    }
+}
+
+/// What decides the loader of a pretraining run on a dataset, besides its token source.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PretrainLoader {
+    /// Images per batch.
+    pub batch: usize,
+    /// View 1 `(height, width)`: the model's input.
+    pub image_size: (usize, usize),
+    /// The model's patch size; the mask grid is `image_size / patch_size`.
+    pub patch_size: (usize, usize),
+    /// Patches masked per image.
+    pub masked: usize,
+    /// Which patches the masks cover.
+    pub masking: MaskingStrategy,
+    /// The seed the batches are drawn from (a run's: the trainer's).
+    pub seed: u64,
+    /// Loader worker threads (0 counts as 1).
+    pub workers: usize,
+}
+
+impl PretrainLoader {
+    /// BEiT's pipeline ([`LoaderConfig::beit`]) as `beit pretrain` runs it: two batches in
+    /// flight per worker, the last incomplete batch of an epoch dropped (every step sees a full
+    /// batch); view 2 at the tokenizer's input size with a tokenizer; with cached tokens, view 1
+    /// is the whole image (the cache holds the tokens of whole, unaltered images).
+    pub fn config(&self, source: &TokenSource) -> LoaderConfig {
+        let workers = self.workers.max(1);
+        let config = LoaderConfig {
+            seed: self.seed,
+            workers,
+            prefetch: 2 * workers,
+            drop_last: true,
+            masking: self.masking,
+            ..LoaderConfig::beit(self.batch, self.image_size, self.patch_size, self.masked)
+        };
+        match source {
+            TokenSource::Augmented(t) => {
+                LoaderConfig { tokenizer_size: (t.config.image_size, t.config.image_size), ..config }
+            }
+            TokenSource::Cached => config.whole_images(),
+            TokenSource::Pixels => config,
         }
     }
 }

@@ -52,6 +52,7 @@ from ._finetune import (
     SegmentationStep,
     finetune_epoch_steps,
 )
+from ._data import DatasetWriter, Loader, LoaderBatch, LoaderInfo, MaskGenerator, import_dataset
 
 __version__ = "0.1.0"
 
@@ -99,4 +100,10 @@ __all__ = [
     "SegmentationReport",
     "SegmentationStep",
     "finetune_epoch_steps",
+    "DatasetWriter",
+    "Loader",
+    "LoaderBatch",
+    "LoaderInfo",
+    "MaskGenerator",
+    "import_dataset",
 ]

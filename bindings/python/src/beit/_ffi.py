@@ -437,3 +437,202 @@ def load(path: str | None = None) -> ctypes.CDLL:
             )
     lib._beit_path = path
     return lib
+
+
+# ---- Data: dataset writer, import, loader, mask generator (src/ffi/dataset_writer.rs,
+# loader.rs, masking.rs). Appended: the dicts above are read when load() runs.
+
+# enum beit_import_format
+BEIT_IMPORT_IDX = 0
+BEIT_IMPORT_NPY = 1
+BEIT_IMPORT_IMAGE_FOLDER = 2
+BEIT_IMPORT_EMOJI = 3
+
+# enum beit_masking_strategy
+BEIT_MASKING_BLOCKWISE = 0
+BEIT_MASKING_RANDOM = 1
+
+# enum beit_token_source
+BEIT_TOKENS_NONE = 0
+BEIT_TOKENS_CACHED = 1
+BEIT_TOKENS_TOKENIZER = 2
+
+beit_import_format = c_uint32
+beit_masking_strategy = c_uint32
+beit_token_source = c_uint32
+
+
+class beit_dataset_spec(Structure):
+    _fields_ = [
+        ("struct_size", c_size_t),
+        ("height", c_uint32),
+        ("width", c_uint32),
+        ("channels", c_uint32),
+        ("has_labels", c_bool),
+        ("has_masks", c_bool),
+        ("has_tokens", c_bool),
+        ("token_grid_h", c_uint32),
+        ("token_grid_w", c_uint32),
+    ]
+
+
+class beit_dataset_samples(Structure):
+    _fields_ = [
+        ("struct_size", c_size_t),
+        ("count", c_size_t),
+        ("pixels", POINTER(c_uint8)),
+        ("pixels_len", c_size_t),
+        ("labels", POINTER(c_uint32)),
+        ("labels_len", c_size_t),
+        ("masks", POINTER(c_uint8)),
+        ("masks_len", c_size_t),
+        ("tokens", POINTER(c_uint16)),
+        ("tokens_len", c_size_t),
+    ]
+
+
+class beit_dataset_import_options(Structure):
+    _fields_ = [
+        ("struct_size", c_size_t),
+        ("format", beit_import_format),
+        ("out", c_char_p),
+        ("images", c_char_p),
+        ("labels", c_char_p),
+        ("dir", c_char_p),
+        ("height", c_uint32),
+        ("width", c_uint32),
+        ("channels", c_uint32),
+        ("set", c_char_p),
+    ]
+
+
+class beit_loader_options(Structure):
+    _fields_ = [
+        ("struct_size", c_size_t),
+        ("batch_size", c_size_t),
+        ("model", c_void_p),
+        ("image_height", c_size_t),
+        ("image_width", c_size_t),
+        ("patch_height", c_size_t),
+        ("patch_width", c_size_t),
+        ("view2_height", c_size_t),
+        ("view2_width", c_size_t),
+        ("masked_patches", c_size_t),
+        ("masking", beit_masking_strategy),
+        ("min_mask_block", c_size_t),
+        ("crop_scale_min", c_double),
+        ("crop_scale_max", c_double),
+        ("crop_ratio_min", c_double),
+        ("crop_ratio_max", c_double),
+        ("flip_prob", c_double),
+        ("color_jitter", c_double),
+        ("mean", POINTER(c_float)),
+        ("mean_len", c_size_t),
+        ("std", POINTER(c_float)),
+        ("std_len", c_size_t),
+        ("seed", c_uint64),
+        ("epoch_start", c_uint64),
+        ("workers", c_size_t),
+        ("prefetch", c_size_t),
+        ("drop_last", c_bool),
+        ("token_source", beit_token_source),
+        ("tokenizer", c_void_p),
+    ]
+
+
+class beit_loader_info(Structure):
+    _fields_ = [
+        ("struct_size", c_size_t),
+        ("batch_size", c_size_t),
+        ("channels", c_size_t),
+        ("height", c_size_t),
+        ("width", c_size_t),
+        ("view2_height", c_size_t),
+        ("view2_width", c_size_t),
+        ("patch_height", c_size_t),
+        ("patch_width", c_size_t),
+        ("grid_h", c_size_t),
+        ("grid_w", c_size_t),
+        ("num_patches", c_size_t),
+        ("masked_patches", c_size_t),
+        ("min_mask_block", c_size_t),
+        ("batches_per_epoch", c_uint64),
+        ("dataset_count", c_uint64),
+        ("has_labels", c_bool),
+        ("has_tokens", c_bool),
+        ("token_source", beit_token_source),
+        ("view1_len", c_size_t),
+        ("view2_len", c_size_t),
+        ("bool_masked_pos_len", c_size_t),
+        ("labels_len", c_size_t),
+        ("tokens_len", c_size_t),
+    ]
+
+
+class beit_loader_batch(Structure):
+    _fields_ = [
+        ("struct_size", c_size_t),
+        ("view1", POINTER(c_float)),
+        ("view1_len", c_size_t),
+        ("view2", POINTER(c_float)),
+        ("view2_len", c_size_t),
+        ("bool_masked_pos", POINTER(c_uint8)),
+        ("bool_masked_pos_len", c_size_t),
+        ("labels", POINTER(c_int64)),
+        ("labels_len", c_size_t),
+        ("tokens", POINTER(c_int64)),
+        ("tokens_len", c_size_t),
+        ("images", c_size_t),
+        ("position", c_uint64),
+        ("epoch", c_uint64),
+        ("labels_written", c_bool),
+        ("tokens_written", c_bool),
+    ]
+
+
+class beit_mask_generator_options(Structure):
+    _fields_ = [
+        ("struct_size", c_size_t),
+        ("grid_height", c_size_t),
+        ("grid_width", c_size_t),
+        ("masked_patches", c_size_t),
+        ("min_block", c_size_t),
+        ("max_block", c_size_t),
+        ("min_aspect", c_double),
+        ("strategy", beit_masking_strategy),
+        ("seed", c_uint64),
+    ]
+
+
+_DATA_STRUCTS = {
+    "beit_dataset_spec_default": beit_dataset_spec,
+    "beit_dataset_samples_default": beit_dataset_samples,
+    "beit_dataset_import_options_default": beit_dataset_import_options,
+    "beit_loader_options_default": beit_loader_options,
+    "beit_loader_info_default": beit_loader_info,
+    "beit_loader_batch_default": beit_loader_batch,
+    "beit_mask_generator_options_default": beit_mask_generator_options,
+}
+VERSIONED_STRUCTS.update(_DATA_STRUCTS)
+_wr, _ld, _mg = c_void_p, c_void_p, c_void_p
+PROTOTYPES.update(
+    {
+        "beit_dataset_writer_create": (beit_status, [c_char_p, _P(beit_dataset_spec), _P(c_void_p)]),
+        "beit_dataset_writer_append": (beit_status, [_wr, _P(beit_dataset_samples)]),
+        "beit_dataset_writer_count": (beit_status, [_wr, _P(c_uint64)]),
+        "beit_dataset_writer_finish": (beit_status, [_wr, _P(beit_dataset_info)]),
+        "beit_dataset_writer_free": (None, [_wr]),
+        "beit_dataset_import": (beit_status, [_P(beit_dataset_import_options), _P(beit_dataset_info)]),
+        "beit_loader_create": (beit_status, [_ctx, c_char_p, _P(beit_loader_options), _P(c_void_p)]),
+        "beit_loader_free": (None, [_ld]),
+        "beit_loader_get_info": (beit_status, [_ld, _P(beit_loader_info)]),
+        "beit_loader_next": (beit_status, [_ld, _P(beit_loader_batch)]),
+        "beit_loader_get_position": (beit_status, [_ld, _P(c_uint64)]),
+        "beit_loader_seek": (beit_status, [_ld, c_uint64]),
+        "beit_mask_generator_create": (beit_status, [_P(beit_mask_generator_options), _P(c_void_p)]),
+        "beit_mask_generator_next": (beit_status, [_mg, _P(c_uint8), c_size_t, _P(c_size_t)]),
+        "beit_mask_generator_free": (None, [_mg]),
+    }
+)
+for _name, _struct in _DATA_STRUCTS.items():
+    PROTOTYPES[_name] = (_struct, [])

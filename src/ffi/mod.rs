@@ -4,9 +4,11 @@
 //! `beit_last_error_message()`; every export runs behind a panic boundary; handles are opaque
 //! boxes with a NULL-tolerant `*_free`; structs crossing the boundary start with `struct_size`.
 
+mod claim;
 pub mod context;
 pub mod dataset;
 pub mod device;
+pub mod dvae;
 pub mod model;
 pub mod status;
 pub mod tokenizer;

@@ -24,8 +24,9 @@ pub(crate) fn claim_state<'a, T>(state: &'a Mutex<T>, call: &str, kind: &HandleK
         Err(TryLockError::WouldBlock) => Err(FfiError::new(
             beit_status::BEIT_ERR_BUSY,
             format!(
-                "{call}: the {name} is busy with a call on another thread (a {name} takes one call at a time; \
-                 serialise the calls, or retry later); nothing was done"
+                "{call}: the {name} is busy with another call (a {name} takes one call at a time: serialise the \
+                 calls of several threads, or retry later; a progress callback may not call into the {name} it \
+                 reports on); nothing was done"
             ),
         )),
         Err(TryLockError::Poisoned(_)) => Err(FfiError::new(

@@ -39,6 +39,7 @@ from ._errors import (
     UnsupportedError,
 )
 from ._ffi import ABI_VERSION
+from ._dvae import DvaeConfig, DvaeStepStats, DvaeTrainer, DvaeTrainOptions, DvaeTrainSummary, map_pixels
 
 __version__ = "0.1.0"
 
@@ -74,4 +75,11 @@ __all__ = [
     "device_info",
     "library_path",
     "version",
+    # tokenizer training (_dvae)
+    "DvaeConfig",
+    "DvaeStepStats",
+    "DvaeTrainOptions",
+    "DvaeTrainSummary",
+    "DvaeTrainer",
+    "map_pixels",
 ]

@@ -35,6 +35,9 @@
  *   may be inconsistent; free it.
  * - A beit_dataset_writer, a beit_loader and a beit_mask_generator take one call at a time,
  *   and enforce it as a trainer does (BEIT_ERR_BUSY); beit_loader_get_info never waits.
+ * - A beit_dvae_trainer (tokenizer training) takes one call at a time in the same way
+ *   (BEIT_ERR_BUSY; BEIT_ERR_INTERNAL for every call after a libbeit panic during one), and two
+ *   beit_dvae_trainer_save calls into one directory must not run at once.
  * - Two saves into the same file or directory (beit_model_save, beit_trainer_save_checkpoint,
  *   beit_trainer_save_model) must not run at once, even from different handles.
  * - The last error message is per thread.
@@ -471,6 +474,24 @@ typedef struct beit_dataset beit_dataset;
 typedef struct beit_dataset_writer beit_dataset_writer;
 
 /**
+ * A tokenizer trainer: a dVAE (encoder and decoder), its AdamW state and its schedules.
+ *
+ * Devices: the trainer runs on the thread pool and under the memory budget of the context it
+ * was created with (shared: the context handle may be freed first). On a cuda context the
+ * steps run on the GPU in fp32, as `beit tokenizer train --device cuda` does (the parameters
+ * and the optimizer state live there, and every step copies the parameters back to the host
+ * for saving and `beit_dvae_trainer_get_tokenizer`).
+ *
+ * Thread safety: a trainer takes one call at a time. Every `beit_dvae_trainer_*` call on it
+ * (all but `beit_dvae_trainer_free`) claims it for its duration without waiting; a call made
+ * while another thread's call holds it does nothing and returns `BEIT_ERR_BUSY`. Calls on
+ * different trainers may run at once. After a call that returned `BEIT_ERR_INTERNAL` because
+ * libbeit panicked while it held the trainer, every later call on it returns
+ * `BEIT_ERR_INTERNAL`: free it.
+ */
+typedef struct beit_dvae_trainer beit_dvae_trainer;
+
+/**
  * An augmenting loader over a dataset file: an endless stream of batches addressed by a
  * global position (epoch = position / batches_per_epoch; each epoch has its own order and
  * augmentations). Every batch is a pure function of the dataset, the options and its
@@ -883,6 +904,241 @@ typedef struct beit_device_info {
      */
     char reason[BEIT_DEVICE_REASON_BYTES];
 } beit_device_info;
+
+/**
+ * The architecture of a new tokenizer (the fields of its `config.json`). Start from
+ * `beit_dvae_config_default()` (`beit tokenizer train`'s defaults: 1 channel, 32x32 images,
+ * 8192 codes, widths 32/64/128 over 3 groups of 1 block, decoder width 64) and change what you
+ * need. Checked when a trainer is created (`BEIT_ERR_INVALID_ARGUMENT` naming the field).
+ */
+typedef struct beit_dvae_config {
+    /**
+     * `sizeof(beit_dvae_config)` as the caller compiled it.
+     */
+    size_t struct_size;
+    /**
+     * Image channels C, 1 to 4 (1 grey, 3 RGB).
+     */
+    size_t in_channels;
+    /**
+     * Side S of the square images the tokenizer takes: a positive multiple of
+     * `2^(group_count - 1)`, at most 4096.
+     */
+    size_t image_size;
+    /**
+     * Codebook size: tokens are in `[0, vocab_size)`; 2 to 65536.
+     */
+    size_t vocab_size;
+    /**
+     * Width of the first group of residual blocks (later groups double it): a positive
+     * multiple of 4, at most 4096.
+     */
+    size_t n_hid;
+    /**
+     * Groups of residual blocks, 1 to 6; the token grid is `image_size / 2^(group_count - 1)`
+     * a side.
+     */
+    size_t group_count;
+    /**
+     * Residual blocks per group, 1 to 16.
+     */
+    size_t n_blk_per_group;
+    /**
+     * Width of the decoder's first convolution, 1 to 4096 (a trained tokenizer needs a
+     * decoder).
+     */
+    size_t decoder_n_init;
+} beit_dvae_config;
+
+/**
+ * How a tokenizer trainer optimises: AdamW with a linear warmup over the first 5% of
+ * `total_steps` and a cosine decay to `lr / 100`, weight decay 1e-4; the Gumbel-softmax
+ * temperature decays exponentially from `tau_start` to `tau_end` over the first 70% of the
+ * steps; the KL weight rises linearly from 0 to `kl_weight` over the first 20%. Start from
+ * `beit_dvae_train_options_default()` (`beit tokenizer train`'s defaults). Checked when a
+ * trainer is created (`BEIT_ERR_INVALID_ARGUMENT` naming the field).
+ */
+typedef struct beit_dvae_train_options {
+    /**
+     * `sizeof(beit_dvae_train_options)` as the caller compiled it.
+     */
+    size_t struct_size;
+    /**
+     * Peak learning rate (finite, >= 0; default 1e-3).
+     */
+    float lr;
+    /**
+     * Final weight of the KL term to the uniform prior (finite, >= 0; default 5e-3).
+     */
+    float kl_weight;
+    /**
+     * Gumbel-softmax temperature at the start (finite, > 0; default 1).
+     */
+    float tau_start;
+    /**
+     * Gumbel-softmax temperature after 70% of the steps (finite, > 0; default 0.125).
+     */
+    float tau_end;
+    /**
+     * Steps the schedules span (> 0; default 600). Training may go on past them at the final
+     * values.
+     */
+    uint64_t total_steps;
+    /**
+     * Seeds the Gumbel noise, and the initial weights of a trainer made by
+     * `beit_dvae_trainer_create` (as `beit tokenizer train --seed` does both).
+     */
+    uint64_t seed;
+} beit_dvae_train_options;
+
+/**
+ * How `beit_dvae_trainer_train` draws batches from a dataset: `beit tokenizer train`'s
+ * augmentation (a random resized crop with a random horizontal flip, resampled to the
+ * tokenizer's image size and mapped as `beit_dvae_trainer_step` describes). Start from
+ * `beit_dvae_data_options_default()`.
+ */
+typedef struct beit_dvae_data_options {
+    /**
+     * `sizeof(beit_dvae_data_options)` as the caller compiled it.
+     */
+    size_t struct_size;
+    /**
+     * Steps to run; 0 (the default) runs the steps left until the trainer's `total_steps`
+     * (none when it is there already).
+     */
+    uint64_t steps;
+    /**
+     * Images per step (>= 1; default 64); each epoch drops its last incomplete batch, so the
+     * dataset needs at least this many images.
+     */
+    size_t batch;
+    /**
+     * Smallest crop area fraction of the random resized crop, in (0, 1] (default 0.5).
+     */
+    double crop_scale_min;
+    /**
+     * Loader threads building batches ahead of the steps, 1 to 256 (default 1). The batches
+     * are the same for any number.
+     */
+    size_t workers;
+    /**
+     * Seeds the epochs' image orders and the augmentations (default 0).
+     */
+    uint64_t seed;
+} beit_dvae_data_options;
+
+/**
+ * What one tokenizer training step did. Set `struct_size` (or start from
+ * `beit_dvae_step_stats_default()`); only the fields that fit in it are written.
+ */
+typedef struct beit_dvae_step_stats {
+    /**
+     * Set by the caller to `sizeof(beit_dvae_step_stats)`; left as it is.
+     */
+    size_t struct_size;
+    /**
+     * Steps completed, this one included.
+     */
+    uint64_t step;
+    /**
+     * The loss the step minimised: `recon_mse + kl_weight_now * kl`, before its update
+     * (`kl_weight_now` is the KL weight's warmup value at this step).
+     */
+    double loss;
+    /**
+     * Mean squared error of the reconstruction from the relaxed codes, in mapped-pixel units.
+     */
+    double recon_mse;
+    /**
+     * Mean KL divergence of the code distribution to the uniform prior, per token (nats).
+     */
+    double kl;
+    /**
+     * Perplexity of the hard codes (the encoder's argmax) over the batch: how many codes the
+     * batch used, in effect.
+     */
+    double perplexity;
+    /**
+     * The Gumbel-softmax temperature of this step.
+     */
+    double tau;
+    /**
+     * The learning rate this step applied.
+     */
+    double lr;
+} beit_dvae_step_stats;
+
+/**
+ * What a `beit_dvae_trainer_train` run did. Set `struct_size` (or start from
+ * `beit_dvae_train_summary_default()`); only the fields that fit in it are written.
+ */
+typedef struct beit_dvae_train_summary {
+    /**
+     * Set by the caller to `sizeof(beit_dvae_train_summary)`; left as it is.
+     */
+    size_t struct_size;
+    /**
+     * Steps the run applied.
+     */
+    uint64_t steps;
+    /**
+     * Whether the progress callback stopped the run before all its steps.
+     */
+    bool stopped;
+    /**
+     * Wall-clock seconds of the run.
+     */
+    double seconds;
+} beit_dvae_train_summary;
+
+/**
+ * The progress callback of `beit_dvae_trainer_train`: called on the calling thread after each
+ * applied step with that step's stats (valid during the call only) and the caller's
+ * `user_data`. Return 0 to go on, anything else to stop the run there (the step is kept and
+ * the run returns `BEIT_OK`). It must return normally (no `longjmp`, no C++ exception through
+ * it), and must not call `beit_dvae_trainer_*` functions on the trainer being trained (they
+ * return `BEIT_ERR_BUSY`).
+ */
+typedef int32_t (*beit_dvae_progress_fn)(const struct beit_dvae_step_stats *stats, void *user_data);
+
+/**
+ * What a tokenizer takes and gives. Set `struct_size` (or start from
+ * `beit_tokenizer_info_default()`); only the fields that fit in it are written.
+ */
+typedef struct beit_tokenizer_info {
+    /**
+     * Set by the caller to `sizeof(beit_tokenizer_info)`; left as it is.
+     */
+    size_t struct_size;
+    /**
+     * Channels C of an input image (`in_channels`).
+     */
+    size_t in_channels;
+    /**
+     * Height and width S of an input image (`image_size`); images are S x S.
+     */
+    size_t image_size;
+    /**
+     * Number of distinct tokens (`vocab_size`): every token is in `[0, vocab_size)`.
+     */
+    size_t vocab_size;
+    /**
+     * Rows of an image's token grid.
+     */
+    size_t grid_h;
+    /**
+     * Columns of an image's token grid.
+     */
+    size_t grid_w;
+    /**
+     * Tokens per image, `grid_h * grid_w`.
+     */
+    size_t tokens_per_image;
+    /**
+     * Whether the tokenizer has a decoder (`beit_tokenizer_decode` works).
+     */
+    bool has_decoder;
+} beit_tokenizer_info;
 
 /**
  * How a trainer optimises. Start from `beit_trainer_options_default()` (BEiT's pretraining
@@ -1983,45 +2239,6 @@ typedef int32_t (*beit_segmentation_callback)(const struct beit_segmentation_ste
                                               void *user_data);
 
 /**
- * What a tokenizer takes and gives. Set `struct_size` (or start from
- * `beit_tokenizer_info_default()`); only the fields that fit in it are written.
- */
-typedef struct beit_tokenizer_info {
-    /**
-     * Set by the caller to `sizeof(beit_tokenizer_info)`; left as it is.
-     */
-    size_t struct_size;
-    /**
-     * Channels C of an input image (`in_channels`).
-     */
-    size_t in_channels;
-    /**
-     * Height and width S of an input image (`image_size`); images are S x S.
-     */
-    size_t image_size;
-    /**
-     * Number of distinct tokens (`vocab_size`): every token is in `[0, vocab_size)`.
-     */
-    size_t vocab_size;
-    /**
-     * Rows of an image's token grid.
-     */
-    size_t grid_h;
-    /**
-     * Columns of an image's token grid.
-     */
-    size_t grid_w;
-    /**
-     * Tokens per image, `grid_h * grid_w`.
-     */
-    size_t tokens_per_image;
-    /**
-     * Whether the tokenizer has a decoder (`beit_tokenizer_decode` works).
-     */
-    bool has_decoder;
-} beit_tokenizer_info;
-
-/**
  * A pretraining batch for `beit_trainer_step`: caller-owned, read only during the call.
  * Every length must equal what the shape implies (see each field).
  */
@@ -2376,6 +2593,210 @@ struct beit_device_info beit_device_info_default(void);
  * bytes.
  */
 beit_status beit_get_device_info(struct beit_device_info *out);
+
+/**
+ * `beit tokenizer train`'s architecture for grey images, with `struct_size` set.
+ */
+struct beit_dvae_config beit_dvae_config_default(void);
+
+/**
+ * `beit tokenizer train`'s training defaults, with `struct_size` set.
+ */
+struct beit_dvae_train_options beit_dvae_train_options_default(void);
+
+/**
+ * `beit tokenizer train`'s data defaults (steps 0: up to the trainer's `total_steps`), with
+ * `struct_size` set.
+ */
+struct beit_dvae_data_options beit_dvae_data_options_default(void);
+
+/**
+ * A zeroed `beit_dvae_step_stats` with `struct_size` set.
+ */
+struct beit_dvae_step_stats beit_dvae_step_stats_default(void);
+
+/**
+ * A zeroed `beit_dvae_train_summary` with `struct_size` set.
+ */
+struct beit_dvae_train_summary beit_dvae_train_summary_default(void);
+
+/**
+ * Creates a trainer for a new tokenizer of architecture `config` with DALL-E's random
+ * initialisation, reproducible from `opts->seed`. `config` and `opts` may be NULL for the
+ * defaults. On success `*out` receives a trainer to release with `beit_dvae_trainer_free`; on
+ * failure `*out` is not written. On a cuda context the parameters move to the GPU now.
+ *
+ * Errors: `BEIT_ERR_NULL_POINTER` (ctx, out), `BEIT_ERR_INVALID_ARGUMENT` (a struct_size; a
+ * config field or option value, named; parameters and optimizer state beyond the context's
+ * memory budget), `BEIT_ERR_UNSUPPORTED` (a cuda context whose GPU cannot be used).
+ *
+ * # Safety
+ * `ctx` must be NULL or a live context; `config` and `opts` NULL or readable for their
+ * `struct_size`; `out` NULL or writable.
+ */
+beit_status beit_dvae_trainer_create(const struct beit_context *ctx,
+                                     const struct beit_dvae_config *config,
+                                     const struct beit_dvae_train_options *opts,
+                                     struct beit_dvae_trainer **out);
+
+/**
+ * Creates a trainer that goes on training the tokenizer in `dir` (`config.json` +
+ * `model.safetensors`, as `beit_dvae_trainer_save` or `beit tokenizer train` write them; it
+ * must have a decoder). Training starts at step 0 with fresh optimizer state. `opts` may be
+ * NULL for the defaults (`opts->seed` seeds the Gumbel noise only). On success `*out` receives
+ * a trainer to release with `beit_dvae_trainer_free`; on failure `*out` is not written.
+ *
+ * Errors: `BEIT_ERR_NULL_POINTER` (ctx, dir, out), `BEIT_ERR_INVALID_ARGUMENT` (dir not UTF-8;
+ * struct_size or an option value, named; a tokenizer without a decoder; beyond the memory
+ * budget), `BEIT_ERR_IO`, `BEIT_ERR_FORMAT`, `BEIT_ERR_CONFIG` (as `beit_tokenizer_load`),
+ * `BEIT_ERR_UNSUPPORTED` (a cuda context whose GPU cannot be used).
+ *
+ * # Safety
+ * `ctx` must be NULL or a live context; `dir` NULL or a NUL-terminated string; `opts` NULL or
+ * readable for its `struct_size`; `out` NULL or writable.
+ */
+beit_status beit_dvae_trainer_load(const struct beit_context *ctx,
+                                   const char *dir,
+                                   const struct beit_dvae_train_options *opts,
+                                   struct beit_dvae_trainer **out);
+
+/**
+ * Frees a trainer. NULL is a no-op. Its context is not touched. This is the one call that does
+ * not claim the trainer: free it only when no call on it is running.
+ *
+ * # Safety
+ * `trainer` must be NULL or a trainer not freed before, that no other thread is using.
+ */
+void beit_dvae_trainer_free(struct beit_dvae_trainer *trainer);
+
+/**
+ * One optimizer step on a batch of `batch` images: the Gumbel-softmax relaxation at this
+ * step's temperature, the reconstruction and KL losses, backward, AdamW at the scheduled
+ * learning rate, inside the trainer's context (on its GPU for a cuda context). On success the
+ * step count goes up by one and, when `out` is not NULL, `out` receives the step's stats (only
+ * the fields that fit in `out->struct_size`).
+ *
+ * `pixels` holds f32 `[batch, C, S, S]` (channel planes, row-major; C = `in_channels`, S =
+ * `image_size`, see `beit_dvae_trainer_get_info`) in the tokenizer's pixel mapping, DALL-E's
+ * `map_pixels`: an image with values x in [0, 1] enters as `0.8 * x + 0.1` (what
+ * `beit_dvae_trainer_train` feeds; note that `beit_tokenizer_tokenize` takes unmapped pixels
+ * and maps them itself). `pixels_len` must equal `batch * C * S * S`. Every value must be
+ * finite.
+ *
+ * Everything is checked before anything runs; on any error the trainer is as before the call
+ * and `out` is not written.
+ *
+ * Errors: `BEIT_ERR_NULL_POINTER` (trainer, pixels), `BEIT_ERR_INVALID_ARGUMENT` (batch 0; a
+ * `pixels_len` other than the shape's, with both numbers; a non-finite pixel, with its index;
+ * a misaligned buffer; out's struct_size; a step beyond the memory budget),
+ * `BEIT_ERR_NUMERICAL` (a non-finite loss or gradient: the step was not applied),
+ * `BEIT_ERR_BUSY`, `BEIT_ERR_INTERNAL` (see `beit_dvae_trainer`).
+ *
+ * # Safety
+ * `trainer` must be NULL or a live trainer; `pixels` NULL or readable for `pixels_len` floats
+ * during the call; `out` NULL or writable for its `struct_size`.
+ */
+beit_status beit_dvae_trainer_step(struct beit_dvae_trainer *trainer,
+                                   const float *pixels,
+                                   size_t pixels_len,
+                                   size_t batch,
+                                   struct beit_dvae_step_stats *out);
+
+/**
+ * Trains on the images of the dataset file `dataset_path` (`.beitds`, as `beit_dataset_open`
+ * reads it; its channel count must be the tokenizer's): the loop `beit tokenizer train` runs,
+ * so a trainer created with the same config, options and seed and trained with the same data
+ * options writes, bit for bit, the tokenizer the command writes. `opts` may be NULL for the
+ * defaults.
+ *
+ * Which batches: step n of the trainer (its step count before the step) takes batch
+ * `n % B` of epoch `n / B`, B = images / batch (an epoch's order and augmentations come from
+ * `opts->seed` and the epoch). So two calls of a and b steps equal one call of a + b, and host
+ * steps (`beit_dvae_trainer_step`) in between skip the dataset batches of their step numbers.
+ *
+ * `progress`, when not NULL, is called after each applied step (see `beit_dvae_progress_fn`),
+ * with `user_data`; a nonzero return stops the run after that step, which still returns
+ * `BEIT_OK` (`out->stopped` says so). When `out` is not NULL it receives what the run did.
+ *
+ * Everything that can be refused is checked before the first step (options, the dataset, the
+ * memory of a step and of the loader); such a refusal leaves the trainer as it was. A step
+ * whose loss or gradient is not finite ends the run with `BEIT_ERR_NUMERICAL`: that step is not
+ * applied, the run's earlier ones are (`beit_dvae_trainer_step_count` tells how many), and
+ * `out` is not written.
+ *
+ * Errors: `BEIT_ERR_NULL_POINTER` (trainer, dataset_path), `BEIT_ERR_INVALID_ARGUMENT`
+ * (dataset_path not UTF-8; a struct_size; batch 0, workers outside 1 to 256, a crop scale
+ * outside (0, 1]; another channel count than the tokenizer's; fewer images than one batch;
+ * beyond the memory budget), `BEIT_ERR_IO`, `BEIT_ERR_FORMAT` (as `beit_dataset_open`),
+ * `BEIT_ERR_NUMERICAL`, `BEIT_ERR_BUSY`, `BEIT_ERR_INTERNAL` (see `beit_dvae_trainer`).
+ *
+ * # Safety
+ * `trainer` must be NULL or a live trainer; `dataset_path` NULL or a NUL-terminated string;
+ * `opts` NULL or readable for its `struct_size`; `progress` NULL or a function of the type
+ * `beit_dvae_progress_fn` that may be called with `user_data`; `out` NULL or writable for its
+ * `struct_size`.
+ */
+beit_status beit_dvae_trainer_train(struct beit_dvae_trainer *trainer,
+                                    const char *dataset_path,
+                                    const struct beit_dvae_data_options *opts,
+                                    beit_dvae_progress_fn progress,
+                                    void *user_data,
+                                    struct beit_dvae_train_summary *out);
+
+/**
+ * Saves the tokenizer as a directory (`config.json` + `model.safetensors`) that
+ * `beit_tokenizer_load`, `beit_dvae_trainer_load` and `beit tokenize` read. The directory is
+ * created if needed (and removed again if the save fails and it is still empty). Both files
+ * are written in full before either replaces its old version, so a failed save leaves the
+ * files that were there.
+ *
+ * Errors: `BEIT_ERR_NULL_POINTER`, `BEIT_ERR_INVALID_ARGUMENT` (dir not UTF-8), `BEIT_ERR_IO`
+ * (e.g. a directory that cannot be created or written), `BEIT_ERR_BUSY`, `BEIT_ERR_INTERNAL`.
+ *
+ * # Safety
+ * `trainer` must be NULL or a live trainer; `dir` NULL or a NUL-terminated string.
+ */
+beit_status beit_dvae_trainer_save(const struct beit_dvae_trainer *trainer, const char *dir);
+
+/**
+ * Hands out the tokenizer as it stands now: a copy, independent of the trainer (later steps
+ * do not change it), usable at once with `beit_tokenizer_tokenize` and `beit_tokenizer_decode`
+ * on the trainer's context (on its GPU for a cuda context). On success `*out` receives a
+ * tokenizer to release with `beit_tokenizer_free`; on failure it is not written.
+ *
+ * Errors: `BEIT_ERR_NULL_POINTER` (trainer, out), `BEIT_ERR_INVALID_ARGUMENT` (the copy beyond
+ * the memory budget), `BEIT_ERR_UNSUPPORTED` (a GPU that cannot take the copy),
+ * `BEIT_ERR_BUSY`, `BEIT_ERR_INTERNAL`.
+ *
+ * # Safety
+ * `trainer` must be NULL or a live trainer; `out` NULL or writable.
+ */
+beit_status beit_dvae_trainer_get_tokenizer(const struct beit_dvae_trainer *trainer,
+                                            struct beit_tokenizer **out);
+
+/**
+ * Writes the number of steps completed to `*out`.
+ *
+ * Errors: `BEIT_ERR_NULL_POINTER`, `BEIT_ERR_BUSY`, `BEIT_ERR_INTERNAL`.
+ *
+ * # Safety
+ * `trainer` must be NULL or a live trainer; `out` NULL or writable.
+ */
+beit_status beit_dvae_trainer_step_count(const struct beit_dvae_trainer *trainer, uint64_t *out);
+
+/**
+ * Describes the tokenizer being trained (as `beit_tokenizer_get_info` does a tokenizer), e.g.
+ * to size the batches of `beit_dvae_trainer_step`. Set `out->struct_size` first (or start from
+ * `beit_tokenizer_info_default()`).
+ *
+ * Errors: `BEIT_ERR_NULL_POINTER`, `BEIT_ERR_INVALID_ARGUMENT` (struct_size), `BEIT_ERR_BUSY`,
+ * `BEIT_ERR_INTERNAL`.
+ *
+ * # Safety
+ * `trainer` must be NULL or a live trainer; `out` NULL or writable for `out->struct_size` bytes.
+ */
+beit_status beit_dvae_trainer_get_info(const struct beit_dvae_trainer *trainer,
+                                       struct beit_tokenizer_info *out);
 
 /**
  * `beit finetune`'s trainer options for a run of `total_steps` steps: lr 1e-3 after a linear

@@ -285,3 +285,91 @@ fn tokenizer_train_on_device_cuda_steps_on_the_gpu() {
     assert!(summary["eval"]["recon_mse"].as_f64().unwrap().is_finite());
     Dvae::load(&out).unwrap();
 }
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn the_c_api_trains_a_tokenizer_on_the_gpu_of_a_cuda_context() {
+    use beit::data::dataset::{DatasetSpec, DatasetWriter};
+    use beit::ffi::context::{
+        beit_context_create, beit_context_free, beit_context_options_default, beit_device, RawDevice,
+    };
+    use beit::ffi::dvae::*;
+    use beit::ffi::status::beit_status;
+    use beit::ffi::tokenizer::{beit_tokenizer_free, beit_tokenizer_tokenize};
+    use std::ffi::{c_void, CString};
+
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data.beitds");
+    let spec = DatasetSpec { height: 12, width: 12, channels: 1, labels: false, masks: false, token_grid: None };
+    let mut w = DatasetWriter::create(&data, spec).unwrap();
+    for i in 0..8usize {
+        let px: Vec<u8> = (0..144).map(|p| (20 + (i * 67 + p * 13 + (p / 12) * i) % 216) as u8).collect();
+        w.push(&px, None, None, None).unwrap();
+    }
+    w.finish().unwrap();
+    let data = CString::new(data.to_str().unwrap()).unwrap();
+    let c = config();
+    let config = beit_dvae_config {
+        in_channels: c.in_channels,
+        image_size: c.image_size,
+        vocab_size: c.vocab_size,
+        n_hid: c.n_hid,
+        group_count: c.group_count,
+        n_blk_per_group: c.n_blk_per_group,
+        decoder_n_init: c.decoder_n_init.unwrap(),
+        ..beit_dvae_config_default()
+    };
+    let opts = beit_dvae_train_options { total_steps: 20, seed: 11, ..beit_dvae_train_options_default() };
+    let data_opts = beit_dvae_data_options { steps: 3, batch: 4, seed: 2, ..beit_dvae_data_options_default() };
+
+    unsafe extern "C" fn record(stats: *const beit_dvae_step_stats, user: *mut c_void) -> i32 {
+        // SAFETY: the test passes its Vec; the stats are valid during the call.
+        unsafe { (*(user as *mut Vec<beit_dvae_step_stats>)).push(*stats) };
+        0
+    }
+    // Trains 3 steps on `device`; returns the stats, the saved tokenizer and the tokens the
+    // handed-out copy gives.
+    let run = |device: beit_device, name: &str| {
+        let mut copts = beit_context_options_default();
+        copts.device = RawDevice(device as u32);
+        let (mut ctx, mut t, mut tok) = (std::ptr::null_mut(), std::ptr::null_mut(), std::ptr::null_mut());
+        let mut stats: Vec<beit_dvae_step_stats> = Vec::new();
+        let out = dir.path().join(name);
+        let out_c = CString::new(out.to_str().unwrap()).unwrap();
+        let plain: Vec<f32> = images(3, 8, 5).iter().map(|&v| beit::dvae::unmap_pixels(v)).collect();
+        let mut tokens = vec![-1i64; 3 * c.tokens_per_image()];
+        // SAFETY: valid options, out pointers and buffers of the stated lengths; the trainer and
+        // the tokenizer share the context, so its handle may go first.
+        unsafe {
+            assert_eq!(beit_context_create(&copts, &mut ctx), beit_status::BEIT_OK);
+            assert_eq!(beit_dvae_trainer_create(ctx, &config, &opts, &mut t), beit_status::BEIT_OK);
+            beit_context_free(ctx);
+            let user = &mut stats as *mut Vec<beit_dvae_step_stats> as *mut c_void;
+            let st = beit_dvae_trainer_train(t, data.as_ptr(), &data_opts, Some(record), user, std::ptr::null_mut());
+            assert_eq!(st, beit_status::BEIT_OK);
+            assert_eq!(beit_dvae_trainer_save(t, out_c.as_ptr()), beit_status::BEIT_OK);
+            assert_eq!(beit_dvae_trainer_get_tokenizer(t, &mut tok), beit_status::BEIT_OK);
+            let st = beit_tokenizer_tokenize(tok, plain.as_ptr(), plain.len(), 3, tokens.as_mut_ptr(), tokens.len());
+            assert_eq!(st, beit_status::BEIT_OK);
+            beit_tokenizer_free(tok);
+            beit_dvae_trainer_free(t);
+        }
+        (stats, Dvae::load(&out).unwrap(), tokens)
+    };
+    let (gpu_stats, gpu, gpu_tokens) = run(beit_device::BEIT_DEVICE_CUDA, "cuda");
+    let (cpu_stats, cpu, cpu_tokens) = run(beit_device::BEIT_DEVICE_CPU, "cpu");
+    assert_eq!(gpu_stats.len(), 3);
+    for (g, c) in gpu_stats.iter().zip(&cpu_stats) {
+        assert_close(g.loss, c.loss, 1e-5, "loss");
+        assert_close(g.recon_mse, c.recon_mse, 1e-5, "reconstruction MSE");
+        assert_eq!((g.step, g.tau, g.lr), (c.step, c.tau, c.lr));
+    }
+    assert_tensorwise(&cpu, &gpu.params.data, &cpu.params.data, 1e-5, false, "parameters after 3 C API steps");
+    // The copy tokenizes on the GPU; the tokens are the saved tokenizer's (ties within rounding
+    // aside, which these smooth images do not meet).
+    let plain: Vec<f32> = images(3, 8, 5).iter().map(|&v| beit::dvae::unmap_pixels(v)).collect();
+    let mapped: Vec<f32> = plain.iter().map(|&v| map_pixels(v)).collect();
+    let want: Vec<i64> = gpu.tokenize(&mapped).unwrap().iter().map(|&t| t as i64).collect();
+    assert_eq!(gpu_tokens, want);
+    assert_eq!(cpu_tokens.len(), want.len());
+}

@@ -1,8 +1,8 @@
 // beit.hpp: a header-only C++17 wrapper of libbeit's C API (beit.h).
 //
-// - Handles (Context, Model, Trainer, Dataset, Tokenizer) are move-only RAII owners: the
-//   destructor calls the matching beit_*_free. Using a moved-from (empty) handle throws
-//   beit::Error with status BEIT_ERR_NULL_POINTER; it never reaches the C library.
+// - Handles (Context, Model, Trainer, Dataset, Tokenizer, DvaeTrainer) are move-only RAII
+//   owners: the destructor calls the matching beit_*_free. Using a moved-from (empty) handle
+//   throws beit::Error with status BEIT_ERR_NULL_POINTER; it never reaches the C library.
 // - Every failing call throws beit::Error (or its subclass for the status: beit::IoError,
 //   beit::BufferSizeError, ...), carrying status() and beit_last_error_message()'s text.
 // - No tensor is copied: inputs are read through beit::span<const T>, outputs are written into
@@ -20,6 +20,8 @@
 #include <array>
 #include <cstddef>
 #include <cstdint>
+#include <exception>
+#include <functional>
 #include <stdexcept>
 #include <string>
 #include <type_traits>
@@ -639,6 +641,8 @@ private:
     detail::Handle<beit_model, beit_model_free> handle_;
 };
 
+class DvaeTrainer;
+
 // beit_tokenizer: a visual tokenizer (dVAE encoder); immutable and thread-safe.
 class Tokenizer {
 public:
@@ -693,6 +697,7 @@ public:
     void reset() noexcept { handle_.reset(); }
 
 private:
+    friend class DvaeTrainer;  // hands out copies of the tokenizer it trains
     explicit Tokenizer(beit_tokenizer* raw) noexcept : handle_(raw, "Tokenizer") {}
     detail::Handle<beit_tokenizer, beit_tokenizer_free> handle_;
 };
@@ -1223,6 +1228,123 @@ private:
         : handle_(raw, "MaskGenerator"), patches_(patches) {}
     detail::Handle<beit_mask_generator, beit_mask_generator_free> handle_;
     std::size_t patches_ = 0;
+};
+
+// ---------------------------------------------------------------------------------------------
+// Tokenizer training (beit_dvae_trainer)
+
+using DvaeConfig = beit_dvae_config;
+using DvaeTrainOptions = beit_dvae_train_options;
+using DvaeDataOptions = beit_dvae_data_options;
+using DvaeStepStats = beit_dvae_step_stats;
+using DvaeTrainSummary = beit_dvae_train_summary;
+
+// Called after each step of DvaeTrainer::train; returning true stops the run there.
+using DvaeProgress = std::function<bool(const DvaeStepStats&)>;
+
+// DALL-E's pixel mapping 0.8 * x + 0.1 of images in [0, 1], in place: what DvaeTrainer::step
+// takes (Tokenizer::tokenize maps by itself).
+inline void map_pixels(span<float> pixels) noexcept {
+    for (float& x : pixels) x = x * 0.8f + 0.1f;
+}
+
+// beit_dvae_trainer: trains a visual tokenizer (a dVAE with a decoder) on host batches (step) or
+// on a dataset file with `beit tokenizer train`'s loop (train). On a cuda context the steps run
+// on the GPU. A trainer takes one call at a time: a call made while another thread's call on it
+// runs (or from inside a train() progress function) throws BusyError and does nothing.
+class DvaeTrainer {
+public:
+    // `beit tokenizer train`'s defaults.
+    static DvaeConfig default_config() { return beit_dvae_config_default(); }
+    static DvaeTrainOptions default_options() { return beit_dvae_train_options_default(); }
+    static DvaeDataOptions default_data_options() { return beit_dvae_data_options_default(); }
+
+    DvaeTrainer() noexcept = default;
+
+    // A new tokenizer of architecture `config`, initialised from options.seed.
+    static DvaeTrainer create(const Context& ctx, const DvaeConfig& config = default_config(),
+                              const DvaeTrainOptions& options = default_options()) {
+        beit_dvae_trainer* raw = nullptr;
+        check(beit_dvae_trainer_create(ctx.get(), &config, &options, &raw));
+        return DvaeTrainer(raw);
+    }
+    // Goes on training the tokenizer directory `dir` (it needs a decoder) from step 0.
+    static DvaeTrainer load(const Context& ctx, const std::string& dir,
+                            const DvaeTrainOptions& options = default_options()) {
+        beit_dvae_trainer* raw = nullptr;
+        check(beit_dvae_trainer_load(ctx.get(), dir.c_str(), &options, &raw));
+        return DvaeTrainer(raw);
+    }
+
+    TokenizerInfo info() const {
+        TokenizerInfo info = beit_tokenizer_info_default();
+        check(beit_dvae_trainer_get_info(get(), &info));
+        return info;
+    }
+    std::uint64_t step_count() const {
+        std::uint64_t n = 0;
+        check(beit_dvae_trainer_step_count(get(), &n));
+        return n;
+    }
+
+    // One step on `batch` images [batch, C, S, S] in the tokenizer's pixel mapping (map_pixels
+    // of [0, 1] images).
+    DvaeStepStats step(span<const float> mapped_pixels, std::size_t batch) {
+        DvaeStepStats stats = beit_dvae_step_stats_default();
+        check(beit_dvae_trainer_step(get(), mapped_pixels.data(), mapped_pixels.size(), batch,
+                                     &stats));
+        return stats;
+    }
+
+    // Trains on the images of the dataset file `dataset_path`. An exception thrown by
+    // `progress` stops the run and is rethrown from here once the run has ended.
+    DvaeTrainSummary train(const std::string& dataset_path,
+                           const DvaeDataOptions& options = default_data_options(),
+                           const DvaeProgress& progress = {}) {
+        Progress state{&progress, nullptr};
+        DvaeTrainSummary summary = beit_dvae_train_summary_default();
+        const beit_status status =
+            beit_dvae_trainer_train(get(), dataset_path.c_str(), &options,
+                                    progress ? &DvaeTrainer::on_step : nullptr, &state, &summary);
+        if (state.thrown) std::rethrow_exception(state.thrown);
+        check(status);
+        return summary;
+    }
+
+    // Writes the tokenizer directory (config.json + model.safetensors) Tokenizer::load reads;
+    // a failed save leaves the files that were there.
+    void save(const std::string& dir) const { check(beit_dvae_trainer_save(get(), dir.c_str())); }
+
+    // A copy of the tokenizer as it stands now (later steps do not change it).
+    Tokenizer tokenizer() const {
+        beit_tokenizer* raw = nullptr;
+        check(beit_dvae_trainer_get_tokenizer(get(), &raw));
+        return Tokenizer(raw);
+    }
+
+    beit_dvae_trainer* get() const { return handle_.get(); }
+    beit_dvae_trainer* raw() const noexcept { return handle_.raw(); }
+    explicit operator bool() const noexcept { return static_cast<bool>(handle_); }
+    void reset() noexcept { handle_.reset(); }
+
+private:
+    struct Progress {
+        const DvaeProgress* fn;
+        std::exception_ptr thrown;
+    };
+    // No exception may cross the C library: it is kept, and the run stopped.
+    static std::int32_t on_step(const DvaeStepStats* stats, void* user) noexcept {
+        Progress* p = static_cast<Progress*>(user);
+        try {
+            return (*p->fn)(*stats) ? 1 : 0;
+        } catch (...) {
+            p->thrown = std::current_exception();
+            return 1;
+        }
+    }
+
+    explicit DvaeTrainer(beit_dvae_trainer* raw) noexcept : handle_(raw, "DvaeTrainer") {}
+    detail::Handle<beit_dvae_trainer, beit_dvae_trainer_free> handle_;
 };
 
 }  // namespace beit

@@ -42,12 +42,23 @@ func LoadTokenizer(ctx *Context, dir string) (*Tokenizer, error) {
 	if err := call(func() C.beit_status { return C.beit_tokenizer_load(cctx, cdir, &ptr) }); err != nil {
 		return nil, err
 	}
+	return wrapTokenizer(ptr)
+}
+
+// wrapTokenizer owns a tokenizer handle from now on (freeing it when its info cannot be read).
+func wrapTokenizer(ptr *C.beit_tokenizer) (*Tokenizer, error) {
 	ci := C.beit_tokenizer_info_default()
 	if err := call(func() C.beit_status { return C.beit_tokenizer_get_info(ptr, &ci) }); err != nil {
 		C.beit_tokenizer_free(ptr)
 		return nil, err
 	}
-	t := &Tokenizer{ptr: ptr, info: TokenizerInfo{
+	t := &Tokenizer{ptr: ptr, info: tokenizerInfoFromC(&ci)}
+	runtime.SetFinalizer(t, (*Tokenizer).Close)
+	return t, nil
+}
+
+func tokenizerInfoFromC(ci *C.beit_tokenizer_info) TokenizerInfo {
+	return TokenizerInfo{
 		InChannels:     int(ci.in_channels),
 		ImageSize:      int(ci.image_size),
 		VocabSize:      int(ci.vocab_size),
@@ -55,9 +66,7 @@ func LoadTokenizer(ctx *Context, dir string) (*Tokenizer, error) {
 		GridW:          int(ci.grid_w),
 		TokensPerImage: int(ci.tokens_per_image),
 		HasDecoder:     bool(ci.has_decoder),
-	}}
-	runtime.SetFinalizer(t, (*Tokenizer).Close)
-	return t, nil
+	}
 }
 
 // Close frees the tokenizer; it waits for running calls. Closing twice is a no-op.

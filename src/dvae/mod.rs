@@ -84,12 +84,16 @@ impl Dvae {
         Ok(Dvae { config, params, nets })
     }
 
-    /// Writes `config.json` and `model.safetensors` into `dir` (created if missing), each
-    /// atomically.
+    /// Writes `config.json` and `model.safetensors` into `dir` (created if missing), as a set
+    /// ([`crate::files::write_atomic_all`]): both are written in full before either replaces
+    /// its old version, so a save that fails leaves the tokenizer that was there (a directory
+    /// never ends up with one tokenizer's config beside another's weights).
     pub fn save(&self, dir: &Path) -> Result<()> {
         std::fs::create_dir_all(dir).map_err(|e| Error::Io(format!("cannot create {}: {e}", dir.display())))?;
-        io::write_atomic(&dir.join(WEIGHTS_FILE), &io::weights_bytes(&self.params)?)?;
-        io::write_atomic(&dir.join(CONFIG_FILE), self.config.to_json().as_bytes())
+        let weights = io::weights_bytes(&self.params)?;
+        let config = self.config.to_json();
+        let (weights_path, config_path) = (dir.join(WEIGHTS_FILE), dir.join(CONFIG_FILE));
+        crate::files::write_atomic_all(&[(&weights_path, &weights), (&config_path, config.as_bytes())])
     }
 
     /// Images per tokenizing or decoding pass: bounded by the first feature map and by the

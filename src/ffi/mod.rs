@@ -4,10 +4,12 @@
 //! `beit_last_error_message()`; every export runs behind a panic boundary; handles are opaque
 //! boxes with a NULL-tolerant `*_free`; structs crossing the boundary start with `struct_size`.
 
+mod claim;
 pub mod context;
 pub mod dataset;
 pub mod dataset_writer;
 pub mod device;
+pub mod dvae;
 pub mod finetune;
 pub mod loader;
 pub mod masking;

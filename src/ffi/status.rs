@@ -128,7 +128,12 @@ pub(crate) fn guard(f: impl FnOnce() -> FfiResult<()>) -> beit_status {
     clear_last_error();
     let outcome = catch_unwind(AssertUnwindSafe(f));
     let error = match outcome {
-        Ok(Ok(())) => return beit_status::BEIT_OK,
+        Ok(Ok(())) => {
+            // Cleared again: a host callback run during the call (a training run's progress)
+            // may have made calls of its own that failed on this thread.
+            clear_last_error();
+            return beit_status::BEIT_OK;
+        }
         Ok(Err(e)) => e,
         Err(payload) => {
             let message = format!("libbeit panicked (this is a bug, please report it): {}", panic_message(&*payload));

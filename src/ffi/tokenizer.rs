@@ -11,7 +11,7 @@ use super::model::{check_slice, write_versioned};
 use super::status::{beit_status, check_struct_size, guard, guard_infallible, non_null, non_null_mut, utf8_arg};
 use super::status::{FfiError, FfiResult};
 use crate::context::{Context, Device};
-use crate::dvae::{map_pixels, unmap_pixels, Dvae};
+use crate::dvae::{map_pixels, unmap_pixels, Dvae, DvaeConfig};
 use crate::train::gpu_dvae::GpuTokenizer;
 
 /// A loaded visual tokenizer, never modified after loading.
@@ -59,7 +59,7 @@ pub struct beit_tokenizer_info {
     pub has_decoder: bool,
 }
 
-const TOKENIZER_INFO_V1_SIZE: usize = size_of::<beit_tokenizer_info>();
+pub(crate) const TOKENIZER_INFO_V1_SIZE: usize = size_of::<beit_tokenizer_info>();
 
 /// A zeroed `beit_tokenizer_info` with `struct_size` set.
 #[no_mangle]
@@ -73,6 +73,43 @@ pub extern "C" fn beit_tokenizer_info_default() -> beit_tokenizer_info {
         grid_w: 0,
         tokens_per_image: 0,
         has_decoder: false,
+    }
+}
+
+impl beit_tokenizer {
+    /// A tokenizer handle for `dvae` on `ctx`: on a cuda context its parameters are uploaded
+    /// to the GPU for the tokenizing and decoding passes.
+    pub(crate) fn new(dvae: Dvae, ctx: Arc<Context>) -> FfiResult<Self> {
+        let gpu = match ctx.device() {
+            Device::Cuda => Some(Mutex::new(GpuTokenizer::new(&dvae)?)),
+            _ => None,
+        };
+        Ok(beit_tokenizer { inner: Arc::new(dvae), ctx, gpu })
+    }
+
+    /// Hands the tokenizer to the caller through `out`.
+    ///
+    /// # Safety
+    /// `out` must be non-NULL and writable.
+    pub(crate) unsafe fn hand_out(self, out: *mut *mut beit_tokenizer) {
+        let handle = Box::into_raw(Box::new(self));
+        // SAFETY: the caller's promise.
+        unsafe { out.write(handle) };
+    }
+}
+
+/// What `beit_tokenizer_get_info` reports of a tokenizer of `config`, for a caller's struct of
+/// `struct_size` bytes.
+pub(crate) fn tokenizer_info(config: &DvaeConfig, struct_size: usize) -> beit_tokenizer_info {
+    beit_tokenizer_info {
+        struct_size,
+        in_channels: config.in_channels,
+        image_size: config.image_size,
+        vocab_size: config.vocab_size,
+        grid_h: config.grid(),
+        grid_w: config.grid(),
+        tokens_per_image: config.tokens_per_image(),
+        has_decoder: config.has_decoder(),
     }
 }
 
@@ -133,13 +170,9 @@ pub unsafe extern "C" fn beit_tokenizer_load(
         let dir = unsafe { utf8_arg(dir, "dir") }?;
         let out = non_null_mut(out, "out")?;
         let dvae = ctx.run(|| Dvae::load(Path::new(dir)))?;
-        let gpu = match ctx.device() {
-            Device::Cuda => Some(Mutex::new(GpuTokenizer::new(&dvae)?)),
-            _ => None,
-        };
-        let handle = Box::into_raw(Box::new(beit_tokenizer { inner: Arc::new(dvae), ctx, gpu }));
+        let tokenizer = beit_tokenizer::new(dvae, ctx)?;
         // SAFETY: `out` is non-NULL and the caller promises it is writable.
-        unsafe { out.write(handle) };
+        unsafe { tokenizer.hand_out(out) };
         Ok(())
     })
 }
@@ -177,17 +210,7 @@ pub unsafe extern "C" fn beit_tokenizer_get_info(
         let out = non_null_mut(out, "out")?;
         // SAFETY: non-NULL; the caller promises struct_size readable bytes.
         let size = unsafe { check_struct_size(out, "out", TOKENIZER_INFO_V1_SIZE) }?;
-        let c = &t.inner.config;
-        let info = beit_tokenizer_info {
-            struct_size: size,
-            in_channels: c.in_channels,
-            image_size: c.image_size,
-            vocab_size: c.vocab_size,
-            grid_h: c.grid(),
-            grid_w: c.grid(),
-            tokens_per_image: c.tokens_per_image(),
-            has_decoder: c.has_decoder(),
-        };
+        let info = tokenizer_info(&t.inner.config, size);
         // SAFETY: `out` is writable for `size` bytes, `size` >= the v1 size.
         unsafe { write_versioned(out, &info, size) };
         Ok(())

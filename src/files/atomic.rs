@@ -100,6 +100,21 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     tmp.persist(path)
 }
 
+/// Writes several files atomically as a set, as far as a file system allows: every file is
+/// written in full to its temporary file first, and only then is each renamed over its target.
+/// A failure while writing (a full disk, a missing permission) leaves every old file as it was
+/// and removes the temporary files; only a rename that fails after an earlier one succeeded
+/// (which a directory that accepted the temporary files rarely does) mixes new and old files.
+pub fn write_atomic_all(files: &[(&Path, &[u8])]) -> Result<()> {
+    let mut staged = Vec::with_capacity(files.len());
+    for &(path, bytes) in files {
+        let mut tmp = create_temp_beside(path)?;
+        tmp.file().write_all(bytes).map_err(|e| Error::Io(format!("cannot write {}: {e}", tmp.path().display())))?;
+        staged.push((tmp, path));
+    }
+    staged.into_iter().try_for_each(|(tmp, path)| tmp.persist(path))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -113,6 +128,22 @@ mod tests {
         assert_eq!(fs::read(&path).unwrap(), b"two");
         let names: Vec<_> = fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
         assert_eq!(names, vec![std::ffi::OsString::from("a.bin")]);
+    }
+
+    #[test]
+    fn a_set_that_cannot_be_written_in_full_replaces_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let (a, b) = (dir.path().join("a.json"), dir.path().join("b.bin"));
+        write_atomic_all(&[(&a, b"a1"), (&b, b"b1")]).unwrap();
+        assert_eq!((fs::read(&a).unwrap(), fs::read(&b).unwrap()), (b"a1".to_vec(), b"b1".to_vec()));
+        // The second file's temporary file cannot be created (its directory is missing): the
+        // first, already written in full, must not have replaced its old version.
+        let missing = dir.path().join("no/such/dir/c.bin");
+        assert!(write_atomic_all(&[(&a, b"a2"), (&missing, b"c2")]).is_err());
+        assert_eq!(fs::read(&a).unwrap(), b"a1");
+        let mut names: Vec<_> = fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+        names.sort();
+        assert_eq!(names, vec![std::ffi::OsString::from("a.json"), std::ffi::OsString::from("b.bin")]);
     }
 
     #[test]

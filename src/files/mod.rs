@@ -18,7 +18,7 @@ mod output_dir;
 mod overlap;
 mod stale;
 
-pub use atomic::{create_temp_beside, temp_path_beside, write_atomic, TempFile};
+pub use atomic::{create_temp_beside, temp_path_beside, write_atomic, write_atomic_all, TempFile};
 pub use fingerprint::fingerprint;
 pub use output_dir::OutputDir;
 pub use overlap::{check_outputs_spare_inputs, resolve, NamedPath};

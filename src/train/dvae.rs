@@ -61,6 +61,29 @@ impl DvaeTrainOptions {
         }
     }
 
+    /// Refuses values no run can train with, naming the field: a schedule of no steps, a
+    /// negative or non-finite learning rate, weight decay or KL weight, a temperature that is
+    /// not positive and finite.
+    pub fn validate(&self) -> Result<()> {
+        ensure!(self.total_steps > 0, InvalidArgument, "total_steps must be positive");
+        for (name, value) in [
+            ("lr", self.lr),
+            ("min_lr", self.min_lr),
+            ("weight_decay", self.weight_decay),
+            ("kl_weight", self.kl_weight),
+        ] {
+            ensure!(value.is_finite() && value >= 0.0, InvalidArgument, "{name} must be finite and >= 0, got {value}");
+        }
+        for (name, value) in [("tau_start", self.tau_start), ("tau_end", self.tau_end)] {
+            ensure!(
+                value.is_finite() && value > 0.0,
+                InvalidArgument,
+                "{name} (a Gumbel-softmax temperature) must be finite and > 0, got {value}"
+            );
+        }
+        Ok(())
+    }
+
     pub fn tau(&self, step: usize) -> f32 {
         let t = if self.tau_anneal_steps == 0 { 1.0 } else { (step as f64 / self.tau_anneal_steps as f64).min(1.0) };
         (self.tau_start as f64 * (self.tau_end as f64 / self.tau_start as f64).powf(t)) as f32
@@ -118,12 +141,7 @@ pub struct DvaeTrainer {
 impl DvaeTrainer {
     pub fn new(dvae: Dvae, options: DvaeTrainOptions) -> Result<Self> {
         ensure!(dvae.config.has_decoder(), InvalidArgument, "training a tokenizer needs a decoder (decoder_n_init)");
-        ensure!(options.total_steps > 0, InvalidArgument, "total_steps must be positive");
-        ensure!(
-            options.tau_start > 0.0 && options.tau_end > 0.0,
-            InvalidArgument,
-            "Gumbel-softmax temperatures must be positive"
-        );
+        options.validate()?;
         let n = dvae.params.data.len();
         // Gradients and AdamW's two moments, each as large as the parameters.
         Need::new(

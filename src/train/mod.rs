@@ -6,6 +6,7 @@ pub mod checkpoint;
 pub mod clip;
 pub mod dvae;
 mod dvae_pass;
+pub mod dvae_run;
 pub mod evaluate;
 pub mod finetune;
 pub mod gpu_dvae;

@@ -6,7 +6,10 @@
 // stored outputs within the Rust parity test's tolerance, |a - b| <= 1e-4 * max(1, |b|)); the
 // reference tokenizer tests/reference_dvae/dalle_small (PyTorch's tokens exactly, after
 // unmapping `mapped_pixels` with (x - 0.1) / 0.8); a .beitds dataset written here from
-// docs/dataset-format.md (open, info, every sample read back); one trainer step.
+// docs/dataset-format.md (open, info, every sample read back); one trainer step; tokenizer
+// training (a first step's hand-derived stats, dataset runs whole and split by the progress
+// function giving the same files, its exception rethrown, the tokenizer copy tokenizing as the
+// saved directory).
 // Failure paths: a missing model directory or model file throws beit::Error with the right
 // status and message; wrong buffer sizes throw (and write nothing); a moved-from handle throws
 // beit::NullPointerError instead of crashing. Run under valgrind by bindings/cpp/test.sh.
@@ -794,6 +797,151 @@ void test_device_info_matches_cli() {
 
 }  // namespace
 
+// ---------------------------------------------------------------------------------------------
+// Tokenizer training (beit::DvaeTrainer)
+
+// A pixels-only grey dataset of `n` 12x12 images at `path` (docs/dataset-format.md).
+void write_grey_dataset(const std::string& path, std::size_t n) {
+    const std::size_t pix = 12 * 12;
+    std::vector<unsigned char> b(128 + n * pix, 0);
+    auto u32 = [&](std::size_t at, std::uint32_t v) {
+        for (int k = 0; k < 4; k++) b[at + std::size_t(k)] = std::uint8_t(v >> (8 * k));
+    };
+    auto u64 = [&](std::size_t at, std::uint64_t v) {
+        for (int k = 0; k < 8; k++) b[at + std::size_t(k)] = std::uint8_t(v >> (8 * k));
+    };
+    const unsigned char magic[8] = {'B', 'E', 'I', 'T', 'D', 'S', 0, 1};
+    std::memcpy(b.data(), magic, 8);
+    u32(8, 1);
+    u32(12, 128);
+    u64(16, n);
+    u32(24, 12);
+    u32(28, 12);
+    u32(32, 1);
+    u32(36, 1);
+    u64(56, 128);
+    u64(64, n * pix);
+    for (std::size_t i = 0; i < n; i++)
+        for (std::size_t k = 0; k < pix; k++) b[128 + i * pix + k] = std::uint8_t(k * 29 + i * 83 + (k / 12) * i);
+    write_file(path, b);
+}
+
+beit::DvaeConfig small_dvae_config() {
+    beit::DvaeConfig c = beit::DvaeTrainer::default_config();
+    c.image_size = 8;
+    c.vocab_size = 16;
+    c.n_hid = 8;
+    c.group_count = 2;
+    c.n_blk_per_group = 1;
+    c.decoder_n_init = 8;
+    return c;
+}
+
+beit::DvaeTrainOptions small_dvae_options() {
+    beit::DvaeTrainOptions o = beit::DvaeTrainer::default_options();
+    o.lr = 2e-3f;
+    o.kl_weight = 0.01f;
+    o.tau_start = 0.9f;
+    o.tau_end = 0.2f;
+    o.total_steps = 7;
+    o.seed = 11;
+    return o;
+}
+
+bool same_tokenizer_files(const std::string& a, const std::string& b) {
+    return read_file(a + "/config.json") == read_file(b + "/config.json") &&
+           read_file(a + "/model.safetensors") == read_file(b + "/model.safetensors");
+}
+
+// Host steps report what a first step must; dataset training calls the progress function per
+// step, stops when it returns true, and gives the same files whole or split; an exception from
+// it comes out of train(); the tokenizer copy tokenizes as the saved directory; errors throw.
+void test_dvae_trainer() {
+    const std::string dir = temp_dir();
+    const std::string data = dir + "/grey.beitds";
+    write_grey_dataset(data, 12);
+    try {
+        beit::ContextOptions co = beit_context_options_default();
+        co.device = BEIT_DEVICE_CPU;
+        co.num_threads = 2;
+        const beit::Context ctx(co);
+        beit::DvaeTrainer t = beit::DvaeTrainer::create(ctx, small_dvae_config(), small_dvae_options());
+        const beit::TokenizerInfo info = t.info();
+        CHECK(info.image_size == 8 && info.vocab_size == 16 && info.grid_h == 4 && info.has_decoder);
+        std::vector<float> px(3 * 64);
+        for (std::size_t i = 0; i < px.size(); i++) px[i] = float((i * 37) % 97) / 96.0f;
+        beit::map_pixels(px);
+        const beit::DvaeStepStats s = t.step(px, 3);
+        // Step 0: the starting temperature, the peak rate after a 1-step warmup, KL weight 0.
+        CHECK(s.step == 1 && s.tau == double(0.9f) && s.lr == double(2e-3f) && s.loss == s.recon_mse);
+        CHECK(t.step_count() == 1);
+
+        beit::DvaeDataOptions d = beit::DvaeTrainer::default_data_options();
+        d.batch = 4;
+        d.crop_scale_min = 0.4;
+        d.seed = 3;
+        beit::DvaeTrainer whole = beit::DvaeTrainer::create(ctx, small_dvae_config(), small_dvae_options());
+        std::vector<std::uint64_t> steps;
+        beit::DvaeTrainSummary r = whole.train(data, d, [&](const beit::DvaeStepStats& st) {
+            steps.push_back(st.step);
+            return false;
+        });
+        CHECK(r.steps == 7 && !r.stopped && steps.size() == 7 && steps.back() == 7);
+        whole.save(dir + "/whole");
+
+        beit::DvaeTrainer split = beit::DvaeTrainer::create(ctx, small_dvae_config(), small_dvae_options());
+        r = split.train(data, d, [](const beit::DvaeStepStats& st) { return st.step == 3; });
+        CHECK(r.steps == 3 && r.stopped && split.step_count() == 3);
+        r = split.train(data, d);
+        CHECK(r.steps == 4 && split.step_count() == 7);
+        split.save(dir + "/split");
+        CHECK(same_tokenizer_files(dir + "/whole", dir + "/split"));
+
+        bool thrown = false;
+        try {
+            d.steps = 3;
+            split.train(data, d, [](const beit::DvaeStepStats&) -> bool { throw std::out_of_range("stop"); });
+        } catch (const std::out_of_range&) {
+            thrown = true;
+        }
+        CHECK(thrown && split.step_count() == 8);
+
+        const beit::Tokenizer copy = whole.tokenizer();
+        const beit::Tokenizer saved = beit::Tokenizer::load(ctx, dir + "/whole");
+        std::vector<float> plain(4 * 64);
+        for (std::size_t i = 0; i < plain.size(); i++) plain[i] = float((i * 13) % 50) / 49.0f;
+        std::vector<std::int64_t> a, b;
+        copy.tokenize(plain, 4, a);
+        saved.tokenize(plain, 4, b);
+        CHECK(a == b && a.size() == 64);
+        const beit::DvaeTrainer loaded = beit::DvaeTrainer::load(ctx, dir + "/whole", small_dvae_options());
+        CHECK(loaded.step_count() == 0);
+        loaded.save(dir + "/again");
+        CHECK(same_tokenizer_files(dir + "/whole", dir + "/again"));
+
+        beit::DvaeConfig bad = small_dvae_config();
+        bad.n_hid = 6;
+        expect_throw<beit::InvalidArgumentError>(
+            BEIT_ERR_INVALID_ARGUMENT, [&] { beit::DvaeTrainer::create(ctx, bad); }, "n_hid 6", "config->n_hid");
+        expect_throw<beit::InvalidArgumentError>(
+            BEIT_ERR_INVALID_ARGUMENT, [&] { t.step(beit::span<const float>(px.data(), 10), 3); }, "short pixels",
+            "pixels_len is 10");
+        expect_throw<beit::IoError>(BEIT_ERR_IO, [&] { t.train(dir + "/missing.beitds", d); }, "missing dataset",
+                                    "missing.beitds");
+        d.batch = 13;
+        expect_throw<beit::InvalidArgumentError>(BEIT_ERR_INVALID_ARGUMENT, [&] { t.train(data, d); },
+                                                 "batch larger than the dataset", "fewer images");
+        beit::DvaeTrainer moved = std::move(t);
+        expect_throw<beit::NullPointerError>(BEIT_ERR_NULL_POINTER, [&] { t.step_count(); }, "moved-from",
+                                             "DvaeTrainer");
+        CHECK(moved.step_count() == 1);
+    } catch (...) {
+        remove_tree(dir);
+        throw;
+    }
+    remove_tree(dir);
+}
+
 int main(int argc, char** argv) {
     if (argc != 2) {
         std::fprintf(stderr, "usage: %s <repository root>\n", argv[0]);
@@ -814,6 +962,7 @@ int main(int argc, char** argv) {
     run("inference_shapes", test_inference_shapes);
     run("decode_shape", test_decode_shape);
     run("device_info_matches_cli", test_device_info_matches_cli);
+    run("dvae_trainer", test_dvae_trainer);
     std::printf("%d passed, %d failed\n", passes, failures);
     return failures == 0 ? 0 : 1;
 }

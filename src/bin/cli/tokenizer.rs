@@ -1,15 +1,16 @@
 //! `beit tokenizer train` and `beit tokenize`: the visual tokenizer from the command line.
 
+use std::ops::ControlFlow;
 use std::path::PathBuf;
 use std::sync::Arc;
 
 use beit::data::dataset::Dataset;
-use beit::data::loader::{Loader, LoaderConfig};
 use beit::data::token_cache::{check_dataset_channels, dataset_inputs, tokenize_dataset};
 use beit::dvae::eval::{evaluate, write_recon_grid};
 use beit::dvae::{Dvae, DvaeConfig};
 use beit::model::io::{CONFIG_FILE, WEIGHTS_FILE};
 use beit::train::dvae::{DvaeTrainOptions, DvaeTrainer};
+use beit::train::dvae_run::{train_on_dataset, DvaeDataOptions};
 use beit::{Context, ContextOptions, Device};
 use clap::Subcommand;
 
@@ -169,34 +170,10 @@ pub fn train(a: TrainArgs) -> beit::Result<()> {
     };
     let mut trainer = DvaeTrainer::new(dvae, options)?;
     trainer.use_context(&ctx)?;
-    let s = a.image_size;
-    let ds_factor = trainer.dvae.config.downsample();
-    // The loader's view 2 is exactly what the tokenizer sees during pretraining: a random
-    // resized crop at the tokenizer's resolution, mapped with map_pixels. Masks are unused here.
-    let loader_config = LoaderConfig {
-        tokenizer_size: (s, s),
-        scale: (a.crop_scale_min, 1.0),
-        seed: a.seed,
-        drop_last: true,
-        ..LoaderConfig::beit(a.batch, (s, s), (ds_factor, ds_factor), 1)
-    };
-    let mut loader = Loader::new(ds.clone(), loader_config)?;
-    ensure_batches(&loader)?;
+    let data =
+        DvaeDataOptions { crop_scale_min: a.crop_scale_min, seed: a.seed, ..DvaeDataOptions::new(a.steps, a.batch) };
     let start = std::time::Instant::now();
-    let mut epoch = 0u64;
-    let mut batches = loader.iter()?;
-    let mut last = None;
-    while trainer.step_count() < a.steps {
-        let batch = match batches.next() {
-            Some(b) => b,
-            None => {
-                epoch += 1;
-                loader = loader.with_epoch(epoch)?;
-                batches = loader.iter()?;
-                continue;
-            }
-        };
-        let stats = ctx.run(|| trainer.step(&batch.view2))?;
+    let run = train_on_dataset(&mut trainer, &ctx, ds.clone(), &data, |stats| {
         let step = stats.step + 1;
         if step % a.log_every.max(1) == 0 || step == a.steps {
             let line = serde_json::json!({"step": step, "loss": stats.loss, "recon_mse": stats.recon_mse,
@@ -216,8 +193,9 @@ pub fn train(a: TrainArgs) -> beit::Result<()> {
                 );
             }
         }
-        last = Some(stats);
-    }
+        ControlFlow::Continue(())
+    })?;
+    let last = run.last;
     let train_seconds = start.elapsed().as_secs_f64();
     let trainer_on_cuda = trainer.on_cuda();
     let dvae = trainer.dvae;
@@ -235,21 +213,11 @@ pub fn train(a: TrainArgs) -> beit::Result<()> {
     crate::safety::remove_stale_temp_files(&a.out, &[CONFIG_FILE, WEIGHTS_FILE, REPORT_FILE])?;
     let out_dir = beit::files::OutputDir::create(&a.out)?;
     dvae.save(&a.out)?;
-    write_recon_grid(&png, &mapped[..shown], &recon[..shown], channels, s, 8)?;
+    write_recon_grid(&png, &mapped[..shown], &recon[..shown], channels, a.image_size, 8)?;
     let report_text = serde_json::to_string_pretty(&summary).expect("json");
     beit::files::write_atomic(&a.out.join(REPORT_FILE), report_text.as_bytes())?;
     out_dir.keep();
     println!("{summary}");
-    Ok(())
-}
-
-fn ensure_batches(loader: &Loader) -> beit::Result<()> {
-    if loader.num_batches() == 0 {
-        return Err(beit::Error::InvalidArgument(format!(
-            "the dataset has fewer images ({}) than one batch",
-            loader.dataset().len()
-        )));
-    }
     Ok(())
 }
 

@@ -53,6 +53,7 @@ from ._finetune import (
     finetune_epoch_steps,
 )
 from ._data import DatasetWriter, Loader, LoaderBatch, LoaderInfo, MaskGenerator, import_dataset
+from ._dvae import DvaeConfig, DvaeStepStats, DvaeTrainer, DvaeTrainOptions, DvaeTrainSummary, map_pixels
 
 __version__ = "0.1.0"
 
@@ -106,4 +107,11 @@ __all__ = [
     "LoaderInfo",
     "MaskGenerator",
     "import_dataset",
+    # tokenizer training (_dvae)
+    "DvaeConfig",
+    "DvaeStepStats",
+    "DvaeTrainOptions",
+    "DvaeTrainSummary",
+    "DvaeTrainer",
+    "map_pixels",
 ]

@@ -600,6 +600,41 @@ class beit_mask_generator_options(Structure):
         ("max_block", c_size_t),
         ("min_aspect", c_double),
         ("strategy", beit_masking_strategy),
+# --- tokenizer training (beit_dvae_trainer, src/ffi/dvae.rs) ---------------------------------
+
+
+class beit_dvae_config(Structure):
+    _fields_ = [
+        ("struct_size", c_size_t),
+        ("in_channels", c_size_t),
+        ("image_size", c_size_t),
+        ("vocab_size", c_size_t),
+        ("n_hid", c_size_t),
+        ("group_count", c_size_t),
+        ("n_blk_per_group", c_size_t),
+        ("decoder_n_init", c_size_t),
+    ]
+
+
+class beit_dvae_train_options(Structure):
+    _fields_ = [
+        ("struct_size", c_size_t),
+        ("lr", c_float),
+        ("kl_weight", c_float),
+        ("tau_start", c_float),
+        ("tau_end", c_float),
+        ("total_steps", c_uint64),
+        ("seed", c_uint64),
+    ]
+
+
+class beit_dvae_data_options(Structure):
+    _fields_ = [
+        ("struct_size", c_size_t),
+        ("steps", c_uint64),
+        ("batch", c_size_t),
+        ("crop_scale_min", c_double),
+        ("workers", c_size_t),
         ("seed", c_uint64),
     ]
 
@@ -636,3 +671,66 @@ PROTOTYPES.update(
 )
 for _name, _struct in _DATA_STRUCTS.items():
     PROTOTYPES[_name] = (_struct, [])
+class beit_dvae_step_stats(Structure):
+    _fields_ = [
+        ("struct_size", c_size_t),
+        ("step", c_uint64),
+        ("loss", c_double),
+        ("recon_mse", c_double),
+        ("kl", c_double),
+        ("perplexity", c_double),
+        ("tau", c_double),
+        ("lr", c_double),
+    ]
+
+
+class beit_dvae_train_summary(Structure):
+    _fields_ = [
+        ("struct_size", c_size_t),
+        ("steps", c_uint64),
+        ("stopped", c_bool),
+        ("seconds", c_double),
+    ]
+
+
+#: int32_t (*beit_dvae_progress_fn)(const beit_dvae_step_stats *stats, void *user_data)
+beit_dvae_progress_fn = ctypes.CFUNCTYPE(c_int32, POINTER(beit_dvae_step_stats), c_void_p)
+
+VERSIONED_STRUCTS.update(
+    {
+        "beit_dvae_config_default": beit_dvae_config,
+        "beit_dvae_train_options_default": beit_dvae_train_options,
+        "beit_dvae_data_options_default": beit_dvae_data_options,
+        "beit_dvae_step_stats_default": beit_dvae_step_stats,
+        "beit_dvae_train_summary_default": beit_dvae_train_summary,
+    }
+)
+_dv = c_void_p
+PROTOTYPES.update(
+    {
+        "beit_dvae_trainer_create": (
+            beit_status,
+            [_ctx, _P(beit_dvae_config), _P(beit_dvae_train_options), _P(c_void_p)],
+        ),
+        "beit_dvae_trainer_load": (beit_status, [_ctx, c_char_p, _P(beit_dvae_train_options), _P(c_void_p)]),
+        "beit_dvae_trainer_free": (None, [_dv]),
+        "beit_dvae_trainer_step": (beit_status, [_dv, _P(c_float), c_size_t, c_size_t, _P(beit_dvae_step_stats)]),
+        "beit_dvae_trainer_train": (
+            beit_status,
+            [
+                _dv,
+                c_char_p,
+                _P(beit_dvae_data_options),
+                beit_dvae_progress_fn,
+                c_void_p,
+                _P(beit_dvae_train_summary),
+            ],
+        ),
+        "beit_dvae_trainer_save": (beit_status, [_dv, c_char_p]),
+        "beit_dvae_trainer_get_tokenizer": (beit_status, [_dv, _P(c_void_p)]),
+        "beit_dvae_trainer_step_count": (beit_status, [_dv, _P(c_uint64)]),
+        "beit_dvae_trainer_get_info": (beit_status, [_dv, _P(beit_tokenizer_info)]),
+    }
+)
+for _name, _struct in VERSIONED_STRUCTS.items():
+    PROTOTYPES.setdefault(_name, (_struct, []))

@@ -97,7 +97,7 @@ pub struct beit_trainer_options {
     /// given model, options, seed and batch sequence, whatever the thread count.
     pub seed: u64,
     /// The precision of the steps (default `BEIT_PRECISION_DEFAULT`: bf16 on a cuda context,
-    /// fp32 on the CPU). Added after the first version: a caller whose `struct_size` ends
+    /// fp32 for segmentation there and on the CPU). Added after the first version: a caller whose `struct_size` ends
     /// before it gets the default.
     pub precision: RawPrecision,
 }
@@ -108,7 +108,8 @@ pub struct beit_trainer_options {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum beit_precision {
     /// bf16 on a cuda context (BEiT's mixed precision: bf16 activations and GEMM inputs, fp32
-    /// accumulation and master weights), fp32 on the CPU.
+    /// accumulation and master weights), except for segmentation (fp32: its GPU step has no
+    /// bf16 pass); fp32 on the CPU.
     BEIT_PRECISION_DEFAULT = 0,
     /// fp32 everywhere: on a cuda context the GPU step matches the CPU's to rounding.
     BEIT_PRECISION_FP32 = 1,
@@ -124,11 +125,12 @@ pub enum beit_precision {
 pub struct RawPrecision(pub u32);
 
 impl RawPrecision {
-    /// The GPU step's precision this asks for on a context of `device` (`None` on the CPU).
+    /// The GPU step's precision this asks for on a context of `device` (`None` on the CPU, and
+    /// for the default: the trainer's task picks it, `Trainer::default_cuda_precision`).
     fn for_device(self, device: Device) -> FfiResult<Option<Precision>> {
         let cuda = device == Device::Cuda;
         match self.0 {
-            0 => Ok(cuda.then_some(Precision::Bf16)),
+            0 => Ok(None),
             1 => Ok(cuda.then_some(Precision::F32)),
             2 if cuda => Ok(Some(Precision::Bf16)),
             2 => Err(FfiError::new(

@@ -16,7 +16,7 @@ use crate::context::{Context, Device};
 use crate::model::{Architecture, BeitConfig, MimBatch, MimTarget, Model};
 use crate::precision::Precision;
 use crate::tensor::checked_numel;
-use crate::train::trainer::{Gradients, StepStats, Trainer, TrainerOptions, WeightDecayOn};
+use crate::train::trainer::{Gradients, PassStats, StepStats, Trainer, TrainerOptions, WeightDecayOn};
 
 /// Which parameters weight decay applies to (`beit_trainer_options.weight_decay_on`).
 #[allow(non_camel_case_types)]
@@ -424,13 +424,14 @@ pub(super) fn copy_model(model: &Model) -> FfiResult<Model> {
 /// Creates a trainer for a copy of `model`: a `BeitForMaskedImageModeling` (pretraining,
 /// `beit_trainer_step`) or a `BeitForImageClassification` (fine-tuning,
 /// `beit_trainer_step_classify` and `beit_trainer_finetune`; see `beit_model_to_classifier`
-/// and `beit_trainer_options_finetune_default`). The trainer owns its own parameters, so `model` is only read during the call and stays as
+/// and `beit_trainer_options_finetune_default`) or a `BeitForSemanticSegmentation`
+/// (fine-tuning, `beit_trainer_step_segment`). The trainer owns its own parameters, so `model` is only read during the call and stays as
 /// it is (free it whenever you like). `opts` may be NULL for the defaults. The trainer runs
 /// its steps on `ctx`'s thread pool (shared: `ctx` may be freed first). On success `*out` receives a
 /// trainer to release with `beit_trainer_free`; on failure `*out` is not written.
 ///
-/// Errors: `BEIT_ERR_NULL_POINTER` (ctx, model, out), `BEIT_ERR_INVALID_ARGUMENT` (neither a
-/// masked image modeling nor a classification model; struct_size, an option value or
+/// Errors: `BEIT_ERR_NULL_POINTER` (ctx, model, out), `BEIT_ERR_INVALID_ARGUMENT` (not a
+/// masked image modeling, classification or segmentation model; struct_size, an option value or
 /// `weight_decay_on`, named).
 ///
 /// # Safety
@@ -599,7 +600,11 @@ pub unsafe extern "C" fn beit_trainer_step(
 ///
 /// # Safety
 /// `out` must be NULL or readable for its `struct_size`.
-unsafe fn optional_out_size<T>(out: *const T, name: &str, first_version_size: usize) -> FfiResult<Option<usize>> {
+pub(super) unsafe fn optional_out_size<T>(
+    out: *const T,
+    name: &str,
+    first_version_size: usize,
+) -> FfiResult<Option<usize>> {
     if out.is_null() {
         return Ok(None);
     }
@@ -803,13 +808,21 @@ pub unsafe extern "C" fn beit_trainer_forward_backward(
         let out_size = unsafe { optional_out_size(out, "out", PASS_STATS_V1_SIZE) }?;
         let stats = unsafe { with_mim_batch(&mut claimed, batch, |t, mim| t.forward_backward(mim)) }?;
         if let Some(size) = out_size {
-            let value =
-                beit_pass_stats { struct_size: size, loss: stats.loss, images: stats.images, masked: stats.masked };
             // SAFETY: `out` is writable for `size` bytes, `size` >= the v1 size.
-            unsafe { write_versioned(out, &value, size) };
+            unsafe { write_pass_stats(out, size, &stats) };
         }
         Ok(())
     })
+}
+
+/// Writes `stats` into the caller's `beit_pass_stats` of `size` bytes.
+///
+/// # Safety
+/// `out` must be writable for `size` bytes, `size` >= the first version's size.
+pub(super) unsafe fn write_pass_stats(out: *mut beit_pass_stats, size: usize, stats: &PassStats) {
+    let value = beit_pass_stats { struct_size: size, loss: stats.loss, images: stats.images, masked: stats.masked };
+    // SAFETY: the caller's promise.
+    unsafe { write_versioned(out, &value, size) };
 }
 
 /// Describes the pending step's gradient buffer (see `beit_gradients`): where it lives, its

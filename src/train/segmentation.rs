@@ -602,6 +602,93 @@ pub fn evaluate_on(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::data::dataset::{DatasetSpec, DatasetWriter};
+    use rand::SeedableRng;
+    use rand_chacha::ChaCha8Rng;
+
+    /// `n` 32x32 images of noise with a square of class 1 to 3 (its colour) each.
+    fn squares(path: &std::path::Path, n: usize) -> Dataset {
+        let spec = DatasetSpec { height: 32, width: 32, channels: 3, labels: false, masks: true, token_grid: None };
+        let mut w = DatasetWriter::create(path, spec).unwrap();
+        let mut rng = ChaCha8Rng::seed_from_u64(11);
+        for _ in 0..n {
+            let mut px: Vec<u8> = (0..32 * 32 * 3).map(|_| rng.random_range(90..150)).collect();
+            let mut mask = vec![0u8; 32 * 32];
+            let class = rng.random_range(1..4u8);
+            let (y0, x0) = (rng.random_range(0..20), rng.random_range(0..20));
+            for y in y0..y0 + 12 {
+                for x in x0..x0 + 12 {
+                    mask[y * 32 + x] = class;
+                    px[(y * 32 + x) * 3 + usize::from(class - 1)] = 250;
+                }
+            }
+            w.push(&px, None, Some(&mask), None).unwrap();
+        }
+        w.finish().unwrap();
+        Dataset::open(path).unwrap()
+    }
+
+    fn tiny_segmenter() -> Model {
+        let cfg = BeitConfig::from_json_str(
+            r#"{"image_size": 32, "patch_size": 8, "hidden_size": 32, "num_hidden_layers": 2,
+                "num_attention_heads": 2, "intermediate_size": 64, "use_relative_position_bias": true,
+                "pool_scales": [1, 2], "auxiliary_channels": 16}"#,
+        )
+        .unwrap();
+        segmenter_from_config(cfg, 4, 3).unwrap()
+    }
+
+    fn bits(model: &Model) -> Vec<u32> {
+        model.params().data.iter().map(|v| v.to_bits()).collect()
+    }
+
+    /// A host that feeds a segmentation trainer the loop's batches (same order, same flips)
+    /// ends with the loop's parameters and running statistics, bit for bit, and each applied
+    /// step updated the running statistics once.
+    #[test]
+    fn host_fed_steps_give_the_loops_weights() {
+        let dir = std::env::temp_dir().join(format!("beit-seg-host-fed-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let data = squares(&dir.join("squares.beitds"), 10);
+        let train: Vec<usize> = (0..10).collect();
+        // No drop path: the host's own generator then makes the loop's shuffles and flips (the
+        // loop draws them from the trainer's, which drop path would share).
+        let opts = SegFinetuneOptions {
+            epochs: 2,
+            batch_size: 4,
+            warmup_steps: 2,
+            drop_path_rate: Some(0.0),
+            seed: 9,
+            ..SegFinetuneOptions::default()
+        };
+        let mut looped = tiny_segmenter();
+        let report = finetune(&mut looped, &data, &train, &opts, |_| {}).unwrap();
+        assert_eq!(report.steps, 4);
+
+        let total = 4;
+        let mut trainer = Trainer::new_segmenter(tiny_segmenter(), trainer_options(&opts, total).unwrap()).unwrap();
+        let mut rng = ChaCha8Rng::seed_from_u64(opts.seed);
+        let mut batches = EpochBatches::new(&data, &train, &opts);
+        let mut losses = Vec::new();
+        for _ in 0..opts.epochs {
+            batches.start_epoch(&mut rng);
+            while let Some(batch) = batches.next_batch(&mut rng) {
+                losses.push(trainer.step_segment(&batch).unwrap().loss);
+            }
+        }
+        assert_eq!(losses.len(), total);
+        assert!(bits(trainer.model()) == bits(&looped), "host-fed parameters differ from the loop's");
+        let store = trainer.model().params();
+        let tracked: Vec<f32> = store
+            .specs
+            .iter()
+            .filter(|s| s.name.ends_with(".num_batches_tracked"))
+            .map(|s| store.data[s.offset])
+            .collect();
+        assert!(!tracked.is_empty());
+        assert!(tracked.iter().all(|&n| n == total as f32), "num_batches_tracked {tracked:?} after {total} steps");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 
     #[test]
     fn out_indices_scale_with_depth() {

@@ -41,7 +41,7 @@ def same(a, b):
 
 
 def tracked(t):
-    return [float(t.get_parameter(p.name)[0]) for p in t.parameters() if p.name.endswith(".num_batches_tracked")]
+    return [float(t.get_parameter(p.name)) for p in t.parameters() if p.name.endswith(".num_batches_tracked")]
 
 
 def test_split_step_discard_and_running_statistics(ctx):

@@ -292,7 +292,8 @@ enum beit_precision
  {
     /**
      * bf16 on a cuda context (BEiT's mixed precision: bf16 activations and GEMM inputs, fp32
-     * accumulation and master weights), fp32 on the CPU.
+     * accumulation and master weights), except for segmentation (fp32: its GPU step has no
+     * bf16 pass); fp32 on the CPU.
      */
     BEIT_PRECISION_DEFAULT = 0,
     /**
@@ -1208,7 +1209,7 @@ typedef struct beit_trainer_options {
     uint64_t seed;
     /**
      * The precision of the steps (default `BEIT_PRECISION_DEFAULT`: bf16 on a cuda context,
-     * fp32 on the CPU). Added after the first version: a caller whose `struct_size` ends
+     * fp32 for segmentation there and on the CPU). Added after the first version: a caller whose `struct_size` ends
      * before it gets the default.
      */
     beit_precision precision;
@@ -1994,6 +1995,77 @@ typedef struct beit_parameter_info {
 } beit_parameter_info;
 
 /**
+ * A segmentation batch for `beit_trainer_step_segment`: caller-owned, read only during the
+ * call. Every length must equal what the shape implies. Start from `beit_seg_batch_default()`.
+ */
+typedef struct beit_seg_batch {
+    /**
+     * `sizeof(beit_seg_batch)` as the caller compiled it.
+     */
+    size_t struct_size;
+    /**
+     * Pixel values, `[batch, channels, height, width]` (NCHW), f32, normalised as the model
+     * expects, all finite. Required.
+     */
+    const float *pixels;
+    /**
+     * Floats at `pixels`; must equal `batch * channels * height * width`.
+     */
+    size_t pixels_len;
+    /**
+     * Images in the batch: at least 2 (BatchNorm normalises over the batch in training).
+     */
+    size_t batch;
+    /**
+     * Channels per image; must equal the model's `num_channels`.
+     */
+    size_t channels;
+    /**
+     * Image height; training runs at the configured image size only.
+     */
+    size_t height;
+    /**
+     * Image width; training runs at the configured image size only.
+     */
+    size_t width;
+    /**
+     * `[batch, height, width]` class ids, one per pixel: each in `[0, num_labels)` or equal
+     * to the config's `semantic_loss_ignore_index` (255 by default: that pixel counts
+     * nowhere in the loss). Required.
+     */
+    const int64_t *labels;
+    /**
+     * Values at `labels`; must equal `batch * height * width`.
+     */
+    size_t labels_len;
+} beit_seg_batch;
+
+/**
+ * What the first half of a split step computed (`beit_trainer_forward_backward`). Set
+ * `struct_size` (or start from `beit_pass_stats_default()`); only the fields that fit in it
+ * are written.
+ */
+typedef struct beit_pass_stats {
+    /**
+     * Set by the caller to `sizeof(beit_pass_stats)`; left as it is.
+     */
+    size_t struct_size;
+    /**
+     * The batch's loss (as `beit_step_stats.loss`).
+     */
+    double loss;
+    /**
+     * Images in the batch.
+     */
+    size_t images;
+    /**
+     * Masked patches the loss averaged over: when several trainers' gradients are combined
+     * into the gradient of their joint batch, each share weighs `masked / total masked`.
+     */
+    size_t masked;
+} beit_pass_stats;
+
+/**
  * How `beit_segmentation_finetune` trains (the options of `beit segment finetune`). Start from
  * `beit_segmentation_options_default()` (BEiT's segmentation recipe scaled to small runs).
  * Values are checked when the run starts (`BEIT_ERR_INVALID_ARGUMENT` naming the problem).
@@ -2293,31 +2365,6 @@ typedef struct beit_mim_batch {
      */
     size_t labels_len;
 } beit_mim_batch;
-
-/**
- * What the first half of a split step computed (`beit_trainer_forward_backward`). Set
- * `struct_size` (or start from `beit_pass_stats_default()`); only the fields that fit in it
- * are written.
- */
-typedef struct beit_pass_stats {
-    /**
-     * Set by the caller to `sizeof(beit_pass_stats)`; left as it is.
-     */
-    size_t struct_size;
-    /**
-     * The batch's loss (as `beit_step_stats.loss`).
-     */
-    double loss;
-    /**
-     * Images in the batch.
-     */
-    size_t images;
-    /**
-     * Masked patches the loss averaged over: when several trainers' gradients are combined
-     * into the gradient of their joint batch, each share weighs `masked / total masked`.
-     */
-    size_t masked;
-} beit_pass_stats;
 
 /**
  * The pending step's gradient buffer (`beit_trainer_get_gradients`): `len` f32 values laid out
@@ -3451,6 +3498,66 @@ beit_status beit_trainer_copy_parameters_from(struct beit_trainer *trainer,
 beit_status beit_trainer_get_model(const struct beit_trainer *trainer, struct beit_model **out);
 
 /**
+ * An empty `beit_seg_batch` (NULL pointers, zero sizes) with `struct_size` set.
+ */
+struct beit_seg_batch beit_seg_batch_default(void);
+
+/**
+ * One segmentation fine-tuning step on `batch`, for a trainer made from a
+ * `BeitForSemanticSegmentation`: forward with BatchNorm on the batch's statistics, HF's loss
+ * (per-pixel cross-entropy of the upsampled logits, plus the auxiliary head's weighted loss
+ * where the config has one; pixels labelled `semantic_loss_ignore_index` count nowhere),
+ * backward, gradient clipping, AdamW at the scheduled learning rate (layer decay, BEiT's
+ * weight-decay rule; the BatchNorm running statistics are not optimised), then PyTorch's
+ * momentum update of the running statistics — inside the trainer's context's thread pool (on
+ * its GPU, in fp32, for a cuda context). This is the step `beit_segmentation_finetune` takes.
+ * On success the step count and the data position go up by one and, when `out` is not NULL,
+ * `out` receives what the step did (`masked` is 0). Checkpoints
+ * (`beit_trainer_save_checkpoint`) hold the running statistics and resume it bit for bit.
+ *
+ * Every argument and the whole batch are checked before anything runs; on any error the
+ * trainer is exactly as before the call and `out` is not written.
+ *
+ * Errors: `BEIT_ERR_NULL_POINTER` (trainer, batch, batch->pixels, batch->labels),
+ * `BEIT_ERR_INVALID_ARGUMENT` (not a segmentation trainer; struct_size of batch or out; a
+ * length that does not match the shape, with both numbers; fewer than 2 images; a shape other
+ * than the configured image size or channel count; a label neither in `[0, num_labels)` nor
+ * the ignore index; a non-finite pixel; a step pending from
+ * `beit_trainer_forward_backward_segment`), `BEIT_ERR_UNSUPPORTED` (a cuda context with
+ * `BEIT_PRECISION_BF16`: segmentation trains in fp32 there), `BEIT_ERR_NUMERICAL` (the loss or
+ * gradient is not finite; the step was not applied), `BEIT_ERR_BUSY` (another thread's call
+ * holds the trainer), `BEIT_ERR_INTERNAL` (see `beit_trainer`).
+ *
+ * # Safety
+ * `trainer` must be NULL or a live trainer; `batch` NULL or readable for its `struct_size`,
+ * each of its non-NULL buffers holding its stated length for the duration of the call; `out`
+ * NULL or writable for its `struct_size`.
+ */
+beit_status beit_trainer_step_segment(struct beit_trainer *trainer,
+                                      const struct beit_seg_batch *batch,
+                                      struct beit_step_stats *out);
+
+/**
+ * The first half of a split segmentation step (see `beit_trainer_forward_backward`): checks
+ * `batch` exactly as `beit_trainer_step_segment` does, draws the step's stochastic depth, runs
+ * the forward and backward into the trainer's gradient buffer (zeroed first) and leaves the
+ * step pending. `beit_trainer_get_gradients` shows the buffer; `beit_trainer_apply_gradients`
+ * finishes the step (clipping, AdamW, and then the BatchNorm running statistics' update, which
+ * happens only for an applied step); `beit_trainer_discard_gradients` drops it and leaves the
+ * running statistics as they were. forward_backward_segment + apply_gradients gives, bit for
+ * bit, what `beit_trainer_step_segment` gives. `out` (may be NULL) receives the loss.
+ *
+ * Errors: as `beit_trainer_step_segment` (on any error nothing is pending and the trainer is
+ * as before), and `BEIT_ERR_INVALID_ARGUMENT` when a step is already pending.
+ *
+ * # Safety
+ * As `beit_trainer_step_segment`; `out` NULL or writable for its `struct_size`.
+ */
+beit_status beit_trainer_forward_backward_segment(struct beit_trainer *trainer,
+                                                  const struct beit_seg_batch *batch,
+                                                  struct beit_pass_stats *out);
+
+/**
  * The default segmentation options (`SegFinetuneOptions`' defaults and the CLI's split), with
  * `struct_size` set.
  */
@@ -3719,13 +3826,14 @@ struct beit_step_stats beit_step_stats_default(void);
  * Creates a trainer for a copy of `model`: a `BeitForMaskedImageModeling` (pretraining,
  * `beit_trainer_step`) or a `BeitForImageClassification` (fine-tuning,
  * `beit_trainer_step_classify` and `beit_trainer_finetune`; see `beit_model_to_classifier`
- * and `beit_trainer_options_finetune_default`). The trainer owns its own parameters, so `model` is only read during the call and stays as
+ * and `beit_trainer_options_finetune_default`) or a `BeitForSemanticSegmentation`
+ * (fine-tuning, `beit_trainer_step_segment`). The trainer owns its own parameters, so `model` is only read during the call and stays as
  * it is (free it whenever you like). `opts` may be NULL for the defaults. The trainer runs
  * its steps on `ctx`'s thread pool (shared: `ctx` may be freed first). On success `*out` receives a
  * trainer to release with `beit_trainer_free`; on failure `*out` is not written.
  *
- * Errors: `BEIT_ERR_NULL_POINTER` (ctx, model, out), `BEIT_ERR_INVALID_ARGUMENT` (neither a
- * masked image modeling nor a classification model; struct_size, an option value or
+ * Errors: `BEIT_ERR_NULL_POINTER` (ctx, model, out), `BEIT_ERR_INVALID_ARGUMENT` (not a
+ * masked image modeling, classification or segmentation model; struct_size, an option value or
  * `weight_decay_on`, named).
  *
  * # Safety

@@ -15,6 +15,7 @@ pub mod loader;
 pub mod masking;
 pub mod model;
 pub mod parameters;
+pub mod seg_trainer;
 pub mod segmentation;
 pub mod status;
 pub mod tokenizer;

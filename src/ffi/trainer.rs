@@ -16,7 +16,7 @@ use crate::context::{Context, Device};
 use crate::model::{Architecture, BeitConfig, MimBatch, MimTarget, Model};
 use crate::precision::Precision;
 use crate::tensor::checked_numel;
-use crate::train::trainer::{Gradients, StepStats, Trainer, TrainerOptions, WeightDecayOn};
+use crate::train::trainer::{Gradients, PassStats, StepStats, Trainer, TrainerOptions, WeightDecayOn};
 
 /// Which parameters weight decay applies to (`beit_trainer_options.weight_decay_on`).
 #[allow(non_camel_case_types)]
@@ -97,7 +97,7 @@ pub struct beit_trainer_options {
     /// given model, options, seed and batch sequence, whatever the thread count.
     pub seed: u64,
     /// The precision of the steps (default `BEIT_PRECISION_DEFAULT`: bf16 on a cuda context,
-    /// fp32 on the CPU). Added after the first version: a caller whose `struct_size` ends
+    /// fp32 for segmentation there and on the CPU). Added after the first version: a caller whose `struct_size` ends
     /// before it gets the default.
     pub precision: RawPrecision,
 }
@@ -108,7 +108,8 @@ pub struct beit_trainer_options {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum beit_precision {
     /// bf16 on a cuda context (BEiT's mixed precision: bf16 activations and GEMM inputs, fp32
-    /// accumulation and master weights), fp32 on the CPU.
+    /// accumulation and master weights), except for segmentation (fp32: its GPU step has no
+    /// bf16 pass); fp32 on the CPU.
     BEIT_PRECISION_DEFAULT = 0,
     /// fp32 everywhere: on a cuda context the GPU step matches the CPU's to rounding.
     BEIT_PRECISION_FP32 = 1,
@@ -124,11 +125,12 @@ pub enum beit_precision {
 pub struct RawPrecision(pub u32);
 
 impl RawPrecision {
-    /// The GPU step's precision this asks for on a context of `device` (`None` on the CPU).
+    /// The GPU step's precision this asks for on a context of `device` (`None` on the CPU, and
+    /// for the default: the trainer's task picks it, `Trainer::default_cuda_precision`).
     fn for_device(self, device: Device) -> FfiResult<Option<Precision>> {
         let cuda = device == Device::Cuda;
         match self.0 {
-            0 => Ok(cuda.then_some(Precision::Bf16)),
+            0 => Ok(None),
             1 => Ok(cuda.then_some(Precision::F32)),
             2 if cuda => Ok(Some(Precision::Bf16)),
             2 => Err(FfiError::new(
@@ -422,13 +424,14 @@ pub(super) fn copy_model(model: &Model) -> FfiResult<Model> {
 /// Creates a trainer for a copy of `model`: a `BeitForMaskedImageModeling` (pretraining,
 /// `beit_trainer_step`) or a `BeitForImageClassification` (fine-tuning,
 /// `beit_trainer_step_classify` and `beit_trainer_finetune`; see `beit_model_to_classifier`
-/// and `beit_trainer_options_finetune_default`). The trainer owns its own parameters, so `model` is only read during the call and stays as
+/// and `beit_trainer_options_finetune_default`) or a `BeitForSemanticSegmentation`
+/// (fine-tuning, `beit_trainer_step_segment`). The trainer owns its own parameters, so `model` is only read during the call and stays as
 /// it is (free it whenever you like). `opts` may be NULL for the defaults. The trainer runs
 /// its steps on `ctx`'s thread pool (shared: `ctx` may be freed first). On success `*out` receives a
 /// trainer to release with `beit_trainer_free`; on failure `*out` is not written.
 ///
-/// Errors: `BEIT_ERR_NULL_POINTER` (ctx, model, out), `BEIT_ERR_INVALID_ARGUMENT` (neither a
-/// masked image modeling nor a classification model; struct_size, an option value or
+/// Errors: `BEIT_ERR_NULL_POINTER` (ctx, model, out), `BEIT_ERR_INVALID_ARGUMENT` (not a
+/// masked image modeling, classification or segmentation model; struct_size, an option value or
 /// `weight_decay_on`, named).
 ///
 /// # Safety
@@ -597,7 +600,11 @@ pub unsafe extern "C" fn beit_trainer_step(
 ///
 /// # Safety
 /// `out` must be NULL or readable for its `struct_size`.
-unsafe fn optional_out_size<T>(out: *const T, name: &str, first_version_size: usize) -> FfiResult<Option<usize>> {
+pub(super) unsafe fn optional_out_size<T>(
+    out: *const T,
+    name: &str,
+    first_version_size: usize,
+) -> FfiResult<Option<usize>> {
     if out.is_null() {
         return Ok(None);
     }
@@ -801,13 +808,21 @@ pub unsafe extern "C" fn beit_trainer_forward_backward(
         let out_size = unsafe { optional_out_size(out, "out", PASS_STATS_V1_SIZE) }?;
         let stats = unsafe { with_mim_batch(&mut claimed, batch, |t, mim| t.forward_backward(mim)) }?;
         if let Some(size) = out_size {
-            let value =
-                beit_pass_stats { struct_size: size, loss: stats.loss, images: stats.images, masked: stats.masked };
             // SAFETY: `out` is writable for `size` bytes, `size` >= the v1 size.
-            unsafe { write_versioned(out, &value, size) };
+            unsafe { write_pass_stats(out, size, &stats) };
         }
         Ok(())
     })
+}
+
+/// Writes `stats` into the caller's `beit_pass_stats` of `size` bytes.
+///
+/// # Safety
+/// `out` must be writable for `size` bytes, `size` >= the first version's size.
+pub(super) unsafe fn write_pass_stats(out: *mut beit_pass_stats, size: usize, stats: &PassStats) {
+    let value = beit_pass_stats { struct_size: size, loss: stats.loss, images: stats.images, masked: stats.masked };
+    // SAFETY: the caller's promise.
+    unsafe { write_versioned(out, &value, size) };
 }
 
 /// Describes the pending step's gradient buffer (see `beit_gradients`): where it lives, its

@@ -108,6 +108,12 @@ impl DataParallelWorkspace {
         Self::default()
     }
 
+    /// The workspace of the whole-batch pass, for passes that must not be sharded (training-mode
+    /// BatchNorm normalises over the whole batch).
+    pub fn whole_batch(&mut self) -> &mut TrainWorkspace {
+        &mut self.whole
+    }
+
     /// How many shards the last pass ran (1: the whole-batch pass).
     pub fn last_shards(&self) -> usize {
         self.last_shards

@@ -154,9 +154,13 @@ fn read(path: &Path) -> Result<(BeitConfig, Architecture, SafetensorsFile, Check
         path.display(),
         meta.version
     );
-    // Trainers exist for pretraining and classification fine-tuning.
+    // Trainers exist for pretraining, and classification and segmentation fine-tuning.
     let arch = match Architecture::from_hf_name(&meta.architecture) {
-        Ok(a @ (Architecture::MaskedImageModeling | Architecture::ImageClassification)) => a,
+        Ok(
+            a @ (Architecture::MaskedImageModeling
+            | Architecture::ImageClassification
+            | Architecture::SemanticSegmentation),
+        ) => a,
         _ => {
             bail!(Format, "{}: a checkpoint of a {} trainer, which libbeit has not", path.display(), meta.architecture)
         }
@@ -345,10 +349,7 @@ pub fn load(path: &Path) -> Result<Trainer> {
     let (config, arch, _, _) = read(path)?;
     let model = Model::zeroed(config, arch)?;
     let loaded = parse(path, &model)?;
-    let mut trainer = match arch {
-        Architecture::ImageClassification => Trainer::new_classifier(model, loaded.options.clone())?,
-        _ => Trainer::new(model, loaded.options.clone())?,
-    };
+    let mut trainer = Trainer::for_task(model, loaded.options.clone())?;
     debug_assert_eq!(trainer.model.config().to_json_string(), loaded.config.to_json_string());
     apply(&mut trainer, loaded)?;
     Ok(trainer)

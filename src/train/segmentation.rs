@@ -5,35 +5,32 @@
 //! token and position embeddings; BatchNorm running statistics are not optimised at all),
 //! linear warmup + cosine learning rate, layer-wise lr decay, stochastic depth (timm's rule,
 //! rate rising linearly over the blocks), gradient clipping, random horizontal flips; after each
-//! step the BatchNorm running statistics take PyTorch's momentum update. Evaluation upsamples
+//! step the BatchNorm running statistics take PyTorch's momentum update. The steps are the
+//! [`Trainer`]'s ([`Trainer::step_segment`]): this loop only picks and loads the batches, so a
+//! host that feeds a segmentation trainer itself trains exactly as the loop does. Evaluation upsamples
 //! the logits bilinearly to the mask size (as HF's `post_process_semantic_segmentation` does),
 //! takes the per-pixel argmax, and accumulates mIoU over the whole set.
 
 use std::ops::ControlFlow;
 
 use rand::seq::SliceRandom;
-use rand::{Rng, SeedableRng};
-use rand_chacha::ChaCha8Rng;
+use rand::Rng;
 
-use super::adamw::{decays, AdamW, AdamWConfig, DecayPlan};
-use super::layer_decay::lr_scales;
-use super::optimizer::{apply_update, HostUpdate, NonFiniteGradient};
-use super::schedule::CosineSchedule;
-use super::trainer::Trainer;
+use super::adamw::AdamWConfig;
+use super::trainer::{Trainer, TrainerOptions, WeightDecayOn};
 use crate::backend::cpu::interp::bilinear_forward;
 use crate::data::dataset::Dataset;
 use crate::data::loader::check_normalisation;
 /// The split lives with the other dataset subsets; re-exported here, where the fine-tune uses it.
 pub use crate::data::subset::split_indices;
 use crate::error::{Error, Result};
-use crate::resources::{try_zeroed, Bytes, Need, MAX_LABELS};
+use crate::resources::{Bytes, Need, MAX_LABELS};
 
-use crate::model::segmentation::layout::is_buffer;
 use crate::model::segmentation::metrics::{argmax_channels, IouAccumulator, IouReport};
-use crate::model::segmentation::{head_pass_bytes, SegBatch, BN_MOMENTUM};
-use crate::model::{Architecture, BeitConfig, DropPath, ImageBatch, Model, TrainWorkspace};
+use crate::model::segmentation::{head_pass_bytes, SegBatch};
+use crate::model::{Architecture, BeitConfig, ImageBatch, Model};
 use crate::train::gpu_inference::GpuInference;
-use crate::train::gpu_pretrain::{GpuPretrainer, OptimizerSetup, Precision};
+use crate::train::gpu_pretrain::Precision;
 use crate::Device;
 
 /// Fine-tuning options (defaults: BEiT's segmentation recipe scaled to small runs).
@@ -367,10 +364,11 @@ pub fn finetune_until(
     };
     check_samples(model, data, train)?;
     let n = model.params().data.len();
-    // Gradients, the decay mask, the layer-decay scales and AdamW's two moments.
+    // The trainer's copy of the parameters, its gradients, the decay mask, the layer-decay
+    // scales and AdamW's two moments.
     Need::new(
         format!("segmentation fine-tuning's gradients and optimizer state ({n} parameters)"),
-        Bytes::floats(&[5, n]),
+        Bytes::floats(&[6, n]),
     )
     .check()?;
     Need::new(
@@ -385,138 +383,149 @@ pub fn finetune_until(
     .hint("use a smaller batch size")
     .check()?;
     let start = std::time::Instant::now();
-    let schedule = CosineSchedule {
-        base_value: opts.lr,
-        final_value: opts.min_lr,
-        total_steps: total,
-        warmup_steps: opts.warmup_steps.min(total),
-    };
-    let store = model.params();
-    let layers = model.config().num_hidden_layers;
-    let scales = lr_scales(store, layers, opts.layer_decay);
-    // BEiT's decay rule over everything but the BatchNorm running statistics, which are buffers.
-    let plan = DecayPlan::new(store, |s| (!is_buffer(&s.name)).then(|| decays(&s.name, &s.shape)))?;
-    let adam_cfg = AdamWConfig { weight_decay: opts.weight_decay, ..AdamWConfig::default() };
-    let mut stepper = match opts.device {
-        Device::Cpu => Stepper::Host {
-            ws: TrainWorkspace::new(),
-            grads: try_zeroed::<f32>(store.data.len(), "the gradients")?,
-            adam: AdamW::from_plan(adam_cfg, plan),
-            scales,
-        },
+    let mut trainer = Trainer::new_segmenter(copy_of(model)?, trainer_options(opts, total)?)?;
+    match opts.device {
+        Device::Cpu => {}
         Device::Cuda => {
-            let setup = OptimizerSetup {
-                config: adam_cfg,
-                decay_mask: &plan.mask,
-                trained: &plan.trained,
-                lr_scale: Some(&scales),
-            };
-            Stepper::Gpu(GpuPretrainer::new(model, Precision::F32, setup)?)
+            trainer.use_cuda(Precision::F32)?;
+            // The model takes the parameters once, at the end.
+            trainer.defer_host_copy(true);
         }
         Device::Auto => {
             bail!(InvalidArgument, "segmentation fine-tuning runs on cpu or cuda; resolve auto with a Context")
         }
+    }
+    let run = run_epochs(&mut trainer, data, train, opts, steps_per_epoch, total, &mut log);
+    // Whatever happened, `model` gets the parameters of the steps done (a refused step changed
+    // nothing in the trainer).
+    trainer.sync_host()?;
+    model.params_mut().data.copy_from_slice(&trainer.model().params().data);
+    let (steps, final_epoch_loss) = run?;
+    Ok(SegFinetuneReport { steps, final_epoch_loss, seconds: start.elapsed().as_secs_f64() })
+}
+
+/// The trainer options of the loop's recipe: `opts`' rates, AdamW's default betas and eps,
+/// BEiT's weight-decay rule, a schedule of `total` steps with the warmup cut to the run.
+fn trainer_options(opts: &SegFinetuneOptions, total: usize) -> Result<TrainerOptions> {
+    let adam = AdamWConfig::default();
+    let warmup = opts.warmup_steps.min(total);
+    // The trainer's schedule needs total_steps > warmup_steps; a run that is all warmup gets one
+    // more (never reached) step, which leaves every step's rate as the warmup gives it.
+    let schedule_steps = if warmup == total { total + 1 } else { total };
+    let options = TrainerOptions {
+        learning_rate: opts.lr,
+        min_learning_rate: opts.min_lr,
+        warmup_steps: warmup as u64,
+        total_steps: schedule_steps as u64,
+        weight_decay: f64::from(opts.weight_decay),
+        beta1: f64::from(adam.beta1),
+        beta2: f64::from(adam.beta2),
+        eps: f64::from(adam.eps),
+        clip_grad_norm: opts.clip_grad.unwrap_or(0.0),
+        drop_path_rate: opts.drop_path_rate,
+        layer_decay: opts.layer_decay,
+        weight_decay_on: WeightDecayOn::Beit,
+        seed: opts.seed,
+        ..TrainerOptions::default()
     };
-    let dp_rate = opts.drop_path_rate.unwrap_or(model.config().drop_path_rate);
-    let mut rng = ChaCha8Rng::seed_from_u64(opts.seed);
-    let (mut pixels, mut labels, mut factors) = (Vec::new(), Vec::new(), Vec::new());
-    let (hh, ww) = model.config().image_size.hw();
-    let c = model.config().num_channels;
-    let mut order = train.to_vec();
+    options.validate()?;
+    Ok(options)
+}
+
+/// A copy of `model` (config, architecture, parameters) for the trainer to own.
+fn copy_of(model: &Model) -> Result<Model> {
+    let mut copy = Model::zeroed(model.config().clone(), model.architecture())?;
+    copy.params_mut().data.copy_from_slice(&model.params().data);
+    Ok(copy)
+}
+
+/// The loop's batches: each epoch shuffles the order the last one left (the first shuffles
+/// the train samples as given) and takes it `batch_size` at a time (the rest dropped), each
+/// image flipped at random when `flip`. The shuffles and the flips draw from the trainer's
+/// random state, interleaved with its drop path draws, so a seed gives one run.
+struct EpochBatches<'a> {
+    data: &'a Dataset,
+    opts: &'a SegFinetuneOptions,
+    order: Vec<usize>,
+    next: usize,
+    pixels: Vec<f32>,
+    labels: Vec<i64>,
+}
+
+impl<'a> EpochBatches<'a> {
+    fn new(data: &'a Dataset, train: &[usize], opts: &'a SegFinetuneOptions) -> Self {
+        EpochBatches { data, opts, order: train.to_vec(), next: 0, pixels: Vec::new(), labels: Vec::new() }
+    }
+
+    /// Starts an epoch: shuffles the order.
+    fn start_epoch(&mut self, rng: &mut impl Rng) {
+        self.order.shuffle(rng);
+        self.next = 0;
+    }
+
+    /// The next batch (drawing its flips from `rng`), or `None` at the end of the epoch.
+    fn next_batch(&mut self, rng: &mut impl Rng) -> Option<SegBatch<'_>> {
+        let b = self.opts.batch_size;
+        let chunk = self.order.get(self.next..self.next + b)?;
+        self.next += b;
+        let flips: Vec<bool> = chunk.iter().map(|_| self.opts.flip && rng.random::<bool>()).collect();
+        load_batch(self.data, chunk, &flips, &self.opts.mean, &self.opts.std, &mut self.pixels, &mut self.labels);
+        let h = self.data.header();
+        Some(SegBatch {
+            pixels: &self.pixels,
+            batch: b,
+            channels: h.channels as usize,
+            height: h.height as usize,
+            width: h.width as usize,
+            labels: &self.labels,
+        })
+    }
+}
+
+/// The loop's epochs on `trainer`; returns the steps taken and the last epoch's mean loss.
+fn run_epochs(
+    trainer: &mut Trainer,
+    data: &Dataset,
+    train: &[usize],
+    opts: &SegFinetuneOptions,
+    steps_per_epoch: usize,
+    total: usize,
+    log: &mut impl FnMut(&SegStepLog) -> ControlFlow<()>,
+) -> Result<(usize, f64)> {
     let mut step = 0;
     let mut epoch_loss = 0.0;
-    'epochs: for epoch in 0..opts.epochs {
-        order.shuffle(&mut rng);
+    let mut batches = EpochBatches::new(data, train, opts);
+    for epoch in 0..opts.epochs {
+        batches.start_epoch(&mut trainer.rng);
         epoch_loss = 0.0;
         let mut epoch_steps = 0;
-        for chunk in order.chunks_exact(opts.batch_size) {
-            let flips: Vec<bool> = chunk.iter().map(|_| opts.flip && rng.random::<bool>()).collect();
-            load_batch(data, chunk, &flips, &opts.mean, &opts.std, &mut pixels, &mut labels);
-            let b = chunk.len();
-            factors.clear();
-            if dp_rate > 0.0 {
-                for l in 0..layers {
-                    let keep = 1.0 - Trainer::drop_path_rate_of(dp_rate, l, layers);
-                    for _ in 0..2 * b {
-                        // timm: mask = floor(keep + U[0,1)), kept branches scaled by 1/keep.
-                        let kept = (keep + rng.random::<f64>()).floor() >= 1.0;
-                        factors.push(if kept { (1.0 / keep) as f32 } else { 0.0 });
-                    }
-                }
-            }
-            let drop = (dp_rate > 0.0).then_some(&factors[..]);
-            let batch = SegBatch { pixels: &pixels, batch: b, channels: c, height: hh, width: ww, labels: &labels };
-            let lr = schedule.value(step);
-            let (loss, grad_norm) = stepper.step(model, &batch, drop, lr as f32, opts.clip_grad, step)?;
-            epoch_loss += loss;
+        while let Some(batch) = batches.next_batch(&mut trainer.rng) {
+            let stats = trainer.step_segment(&batch).map_err(|e| at_step(e, step))?;
+            epoch_loss += stats.loss;
             step += 1;
             epoch_steps += 1;
-            if log(&SegStepLog { step, total_steps: total, epoch, loss, lr, grad_norm }).is_break() {
-                epoch_loss /= epoch_steps as f64;
-                break 'epochs;
+            let entry = SegStepLog {
+                step,
+                total_steps: total,
+                epoch,
+                loss: stats.loss,
+                lr: stats.lr,
+                grad_norm: stats.grad_norm,
+            };
+            if log(&entry).is_break() {
+                return Ok((step, epoch_loss / epoch_steps as f64));
             }
         }
         epoch_loss /= steps_per_epoch.max(1) as f64;
     }
-    stepper.finish(model)?;
-    Ok(SegFinetuneReport { steps: step, final_epoch_loss: epoch_loss, seconds: start.elapsed().as_secs_f64() })
+    Ok((step, epoch_loss))
 }
 
-/// Where the fine-tuning steps run: the host (the model's parameters, a training workspace,
-/// gradients and AdamW in host memory) or the GPU trainer (parameters, gradients, AdamW and
-/// the BatchNorm running statistics on the device; the model's are stale until
-/// [`Stepper::finish`]). Both run the one segmentation pass and the one optimizer step.
-#[allow(clippy::large_enum_variant)] // one per run
-enum Stepper {
-    Host { ws: TrainWorkspace, grads: Vec<f32>, adam: AdamW, scales: Vec<f32> },
-    Gpu(GpuPretrainer),
-}
-
-impl Stepper {
-    /// One step on `batch`: the pass, AdamW at `lr` after clipping, the running statistics'
-    /// update. Returns the loss and the gradient norm before clipping.
-    fn step(
-        &mut self,
-        model: &mut Model,
-        batch: &SegBatch<'_>,
-        drop: Option<&[f32]>,
-        lr: f32,
-        clip: Option<f64>,
-        step: usize,
-    ) -> Result<(f64, f64)> {
-        let finite = |loss: f64| -> Result<()> {
-            ensure!(loss.is_finite(), Numerical, "loss is {loss} at step {step}");
-            Ok(())
-        };
-        let non_finite = |NonFiniteGradient(norm)| Error::Numerical(format!("gradient norm is {norm} at step {step}"));
-        match self {
-            Stepper::Host { ws, grads, adam, scales } => {
-                grads.fill(0.0);
-                let drop = drop.map(|factors| DropPath { factors });
-                let out = model.segmentation_forward_backward(ws, batch, drop, grads)?;
-                finite(out.loss)?;
-                let params = &mut model.params_mut().data;
-                let mut target = HostUpdate { adamw: adam, params, grads, lr_scale: Some(scales) };
-                let grad_norm = apply_update(&mut target, lr, clip)?.map_err(non_finite)?;
-                model.apply_batchnorm_statistics(&out.batchnorm, BN_MOMENTUM);
-                Ok((out.loss, grad_norm))
-            }
-            Stepper::Gpu(gpu) => {
-                let records = gpu.segment_forward_backward(batch, drop)?;
-                finite(gpu.loss()?)?;
-                let stats = gpu.apply(clip.unwrap_or(0.0), lr)?;
-                gpu.apply_batchnorm_statistics(&records, BN_MOMENTUM)?;
-                Ok((stats.loss, stats.grad_norm))
-            }
-        }
-    }
-
-    /// The trained parameters (and running statistics) into `model`.
-    fn finish(self, model: &mut Model) -> Result<()> {
-        match self {
-            Stepper::Host { .. } => Ok(()),
-            Stepper::Gpu(gpu) => gpu.download_params(model.params_mut()),
-        }
+/// A numerical refusal of the trainer, with the loop's step in it.
+fn at_step(e: Error, step: usize) -> Error {
+    match e {
+        Error::Numerical(m) => Error::Numerical(format!("at step {step}: {m}")),
+        other => other,
     }
 }
 
@@ -593,6 +602,93 @@ pub fn evaluate_on(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::data::dataset::{DatasetSpec, DatasetWriter};
+    use rand::SeedableRng;
+    use rand_chacha::ChaCha8Rng;
+
+    /// `n` 32x32 images of noise with a square of class 1 to 3 (its colour) each.
+    fn squares(path: &std::path::Path, n: usize) -> Dataset {
+        let spec = DatasetSpec { height: 32, width: 32, channels: 3, labels: false, masks: true, token_grid: None };
+        let mut w = DatasetWriter::create(path, spec).unwrap();
+        let mut rng = ChaCha8Rng::seed_from_u64(11);
+        for _ in 0..n {
+            let mut px: Vec<u8> = (0..32 * 32 * 3).map(|_| rng.random_range(90..150)).collect();
+            let mut mask = vec![0u8; 32 * 32];
+            let class = rng.random_range(1..4u8);
+            let (y0, x0) = (rng.random_range(0..20), rng.random_range(0..20));
+            for y in y0..y0 + 12 {
+                for x in x0..x0 + 12 {
+                    mask[y * 32 + x] = class;
+                    px[(y * 32 + x) * 3 + usize::from(class - 1)] = 250;
+                }
+            }
+            w.push(&px, None, Some(&mask), None).unwrap();
+        }
+        w.finish().unwrap();
+        Dataset::open(path).unwrap()
+    }
+
+    fn tiny_segmenter() -> Model {
+        let cfg = BeitConfig::from_json_str(
+            r#"{"image_size": 32, "patch_size": 8, "hidden_size": 32, "num_hidden_layers": 2,
+                "num_attention_heads": 2, "intermediate_size": 64, "use_relative_position_bias": true,
+                "pool_scales": [1, 2], "auxiliary_channels": 16}"#,
+        )
+        .unwrap();
+        segmenter_from_config(cfg, 4, 3).unwrap()
+    }
+
+    fn bits(model: &Model) -> Vec<u32> {
+        model.params().data.iter().map(|v| v.to_bits()).collect()
+    }
+
+    /// A host that feeds a segmentation trainer the loop's batches (same order, same flips)
+    /// ends with the loop's parameters and running statistics, bit for bit, and each applied
+    /// step updated the running statistics once.
+    #[test]
+    fn host_fed_steps_give_the_loops_weights() {
+        let dir = std::env::temp_dir().join(format!("beit-seg-host-fed-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let data = squares(&dir.join("squares.beitds"), 10);
+        let train: Vec<usize> = (0..10).collect();
+        // No drop path: the host's own generator then makes the loop's shuffles and flips (the
+        // loop draws them from the trainer's, which drop path would share).
+        let opts = SegFinetuneOptions {
+            epochs: 2,
+            batch_size: 4,
+            warmup_steps: 2,
+            drop_path_rate: Some(0.0),
+            seed: 9,
+            ..SegFinetuneOptions::default()
+        };
+        let mut looped = tiny_segmenter();
+        let report = finetune(&mut looped, &data, &train, &opts, |_| {}).unwrap();
+        assert_eq!(report.steps, 4);
+
+        let total = 4;
+        let mut trainer = Trainer::new_segmenter(tiny_segmenter(), trainer_options(&opts, total).unwrap()).unwrap();
+        let mut rng = ChaCha8Rng::seed_from_u64(opts.seed);
+        let mut batches = EpochBatches::new(&data, &train, &opts);
+        let mut losses = Vec::new();
+        for _ in 0..opts.epochs {
+            batches.start_epoch(&mut rng);
+            while let Some(batch) = batches.next_batch(&mut rng) {
+                losses.push(trainer.step_segment(&batch).unwrap().loss);
+            }
+        }
+        assert_eq!(losses.len(), total);
+        assert!(bits(trainer.model()) == bits(&looped), "host-fed parameters differ from the loop's");
+        let store = trainer.model().params();
+        let tracked: Vec<f32> = store
+            .specs
+            .iter()
+            .filter(|s| s.name.ends_with(".num_batches_tracked"))
+            .map(|s| store.data[s.offset])
+            .collect();
+        assert!(!tracked.is_empty());
+        assert!(tracked.iter().all(|&n| n == total as f32), "num_batches_tracked {tracked:?} after {total} steps");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 
     #[test]
     fn out_indices_scale_with_depth() {

@@ -3,7 +3,9 @@
 //! pretraining batches (pixels + mask + visual tokens, or the pixels themselves as the target:
 //! [`TrainerOptions::mim_target`], [`Trainer::step`]) for a
 //! `BeitForMaskedImageModeling`, labelled images ([`Trainer::step_classify`]) for a
-//! `BeitForImageClassification`. Both share the optimizer, schedule, clipping, layer-wise lr
+//! `BeitForImageClassification`, images with a label per pixel ([`Trainer::step_segment`]) for a
+//! `BeitForSemanticSegmentation` (BatchNorm on batch statistics, its running statistics updated
+//! once per applied step). All share the optimizer, schedule, clipping, layer-wise lr
 //! decay, stochastic depth and checkpoints. Checkpoints
 //! ([`super::checkpoint`]) hold all of it, so a resumed run continues bit for bit.
 //!
@@ -23,6 +25,9 @@ use serde::{Deserialize, Serialize};
 use crate::context::{Context, Device};
 use crate::error::{Error, Result};
 use crate::model::param_store::ParamStore;
+use crate::model::segmentation::head::BnRecord;
+use crate::model::segmentation::layout::is_buffer;
+use crate::model::segmentation::{SegBatch, BN_MOMENTUM};
 use crate::model::{
     check_label_smoothing, Architecture, ClassifyBatch, DataParallelWorkspace, DropPath, MimBatch, MimTarget, Model,
 };
@@ -161,9 +166,14 @@ pub(crate) fn adamw_config(options: &TrainerOptions) -> AdamWConfig {
 }
 
 /// The decay mask (1 where an element decays) and the trained ranges of `options`' decay rule,
-/// as [`new_adamw`] builds its state from them (the GPU step's AdamW takes the same).
+/// as [`new_adamw`] builds its state from them (the GPU step's AdamW takes the same). BatchNorm
+/// running statistics (a segmentation head's buffers) are not trained at all: the running
+/// update after each step sets them.
 fn decay_setup(model: &Model, options: &TrainerOptions) -> Result<DecayPlan> {
     DecayPlan::new(model.params(), |s| {
+        if is_buffer(&s.name) {
+            return None;
+        }
         Some(match options.weight_decay_on {
             WeightDecayOn::Beit => super::adamw::decays(&s.name, &s.shape),
             WeightDecayOn::All => true,
@@ -226,8 +236,9 @@ pub struct Trainer {
     /// With the GPU step: whether each step leaves the host parameters behind the device's
     /// (until [`Trainer::sync_host`]) instead of copying them back.
     defer_host_copy: bool,
-    /// The precision [`Trainer::use_context`] gives the GPU step (bf16 unless set).
-    context_precision: Precision,
+    /// The precision [`Trainer::use_context`] gives the GPU step; `None`: the task's default
+    /// ([`Trainer::default_cuda_precision`]).
+    context_precision: Option<Precision>,
     /// The front end's data-affecting options, saved in checkpoints ([`Trainer::set_run_record`]).
     pub(crate) run_record: Option<super::run_record::RunRecord>,
     /// The step between its halves ([`Trainer::forward_backward`] .. [`Trainer::apply_gradients`]).
@@ -243,6 +254,10 @@ struct Pending {
     images: usize,
     masked: usize,
     start: Instant,
+    /// A segmentation pass's BatchNorm batch statistics (empty for the other heads): the running
+    /// update that [`Trainer::apply_gradients`] makes once the step is applied, and that a
+    /// discarded step never makes.
+    batchnorm: Vec<BnRecord>,
 }
 
 /// What the first half of a step computed.
@@ -251,8 +266,8 @@ pub struct PassStats {
     /// The loss of the batch (as [`StepStats::loss`]).
     pub loss: f64,
     pub images: usize,
-    /// Masked positions the loss averaged over (0 for classification): an all-reduce of
-    /// pretraining gradients weights each share by it.
+    /// Masked positions the loss averaged over (0 for classification and segmentation): an
+    /// all-reduce of pretraining gradients weights each share by it.
     pub masked: usize,
 }
 
@@ -298,17 +313,34 @@ impl Trainer {
         Self::for_model(model, options)
     }
 
+    /// A segmentation fine-tuning trainer for `model` (a `BeitForSemanticSegmentation`) at step
+    /// 0; its steps are [`Trainer::step_segment`]. Same optimizer, schedule, clipping, layer
+    /// decay, drop path and checkpoints as the other tasks; the BatchNorm running statistics
+    /// are not optimised (see [`decay_setup`]) but take PyTorch's momentum update after each
+    /// applied step. On CUDA it trains in fp32 only.
+    pub fn new_segmenter(model: Model, options: TrainerOptions) -> Result<Self> {
+        ensure!(
+            model.architecture() == Architecture::SemanticSegmentation,
+            InvalidArgument,
+            "the segmentation trainer needs a BeitForSemanticSegmentation model; this one is {}",
+            model.architecture().hf_name()
+        );
+        Self::for_model(model, options)
+    }
+
     /// The trainer of `model`'s task: [`Trainer::new`] (pretraining) for a
     /// `BeitForMaskedImageModeling`, [`Trainer::new_classifier`] (fine-tuning) for a
-    /// `BeitForImageClassification`; other architectures are refused, naming both.
+    /// `BeitForImageClassification`, [`Trainer::new_segmenter`] for a
+    /// `BeitForSemanticSegmentation`; other architectures are refused, naming the three.
     pub fn for_task(model: Model, options: TrainerOptions) -> Result<Self> {
         match model.architecture() {
             Architecture::MaskedImageModeling => Self::new(model, options),
             Architecture::ImageClassification => Self::new_classifier(model, options),
+            Architecture::SemanticSegmentation => Self::new_segmenter(model, options),
             other => bail!(
                 InvalidArgument,
-                "a trainer trains a BeitForMaskedImageModeling (pretraining) or a BeitForImageClassification \
-                 (fine-tuning) model; this one is {}",
+                "a trainer trains a BeitForMaskedImageModeling (pretraining), a BeitForImageClassification \
+                 or a BeitForSemanticSegmentation (fine-tuning) model; this one is {}",
                 other.hf_name()
             ),
         }
@@ -334,7 +366,7 @@ impl Trainer {
             drop_factors: Vec::new(),
             gpu: None,
             defer_host_copy: false,
-            context_precision: Precision::Bf16,
+            context_precision: None,
             run_record: None,
             pending: None,
         })
@@ -363,9 +395,9 @@ impl Trainer {
         self.model
     }
 
-    /// Runs the steps (pretraining, or classification fine-tuning) on the GPU from now on, in
-    /// `precision` (bf16 for speed, fp32 for parity with the CPU pass): the parameters and
-    /// optimizer state move to the device.
+    /// Runs the steps (pretraining, classification or segmentation fine-tuning) on the GPU from
+    /// now on, in `precision` (bf16 for speed, fp32 for parity with the CPU pass; segmentation
+    /// trains in fp32 only): the parameters and optimizer state move to the device.
     /// Every step then copies the parameters back to the host model (so [`Trainer::model`],
     /// saving and checkpoints see them) unless [`Trainer::defer_host_copy`] is set. Steps stay
     /// deterministic, and drop path draws from the same random state as on the CPU.
@@ -374,9 +406,15 @@ impl Trainer {
         match self.model.architecture() {
             Architecture::MaskedImageModeling => GpuPretrainer::check_target(self.options.mim_target)?,
             Architecture::ImageClassification => {}
+            Architecture::SemanticSegmentation => ensure!(
+                precision == Precision::F32,
+                Unsupported,
+                "segmentation trains on the GPU in fp32 only; {precision:?} was asked for"
+            ),
             other => bail!(
                 Unsupported,
-                "pretraining and classification fine-tuning run on the CUDA backend; this trainer trains a {}",
+                "pretraining and classification or segmentation fine-tuning run on the CUDA backend; this trainer \
+                 trains a {}",
                 other.hf_name()
             ),
         }
@@ -396,19 +434,29 @@ impl Trainer {
         Ok(())
     }
 
-    /// Follows `ctx`'s device: a cuda context moves the steps (pretraining and classification
-    /// fine-tuning) to the GPU, in bf16 unless [`Trainer::set_context_precision`] said otherwise.
+    /// Follows `ctx`'s device: a cuda context moves the steps to the GPU, in the task's default
+    /// precision ([`Trainer::default_cuda_precision`]) unless [`Trainer::set_context_precision`]
+    /// said otherwise.
     pub fn use_context(&mut self, ctx: &Context) -> Result<()> {
         if ctx.device() == Device::Cuda && self.gpu.is_none() {
-            self.use_cuda(self.context_precision)?;
+            self.use_cuda(self.context_precision.unwrap_or_else(|| self.default_cuda_precision()))?;
         }
         Ok(())
+    }
+
+    /// The GPU step's precision when none is asked for: bf16 (BEiT's mixed precision), fp32 for
+    /// segmentation (the only precision its GPU pass has).
+    pub fn default_cuda_precision(&self) -> Precision {
+        match self.model.architecture() {
+            Architecture::SemanticSegmentation => Precision::F32,
+            _ => Precision::Bf16,
+        }
     }
 
     /// The precision [`Trainer::use_context`] runs the GPU step in (the CPU computes in fp32
     /// whatever this says).
     pub fn set_context_precision(&mut self, precision: Precision) {
-        self.context_precision = precision;
+        self.context_precision = Some(precision);
     }
 
     /// The GPU step's precision, or `None` on the CPU.
@@ -605,6 +653,39 @@ impl Trainer {
         })
     }
 
+    /// One segmentation fine-tuning step on `batch` (pixels and a label per pixel; labels equal
+    /// to the config's `semantic_loss_ignore_index` count nowhere): HF's loss with BatchNorm on
+    /// the batch's statistics, then the optimizer step as [`Trainer::step`], then the BatchNorm
+    /// running statistics' momentum update. On error nothing changes.
+    pub fn step_segment(&mut self, batch: &SegBatch<'_>) -> Result<StepStats> {
+        self.forward_backward_segment(batch)?;
+        self.apply_gradients()
+    }
+
+    /// [`Trainer::forward_backward`] for a segmentation trainer's `batch`. The BatchNorm running
+    /// statistics wait with the step: [`Trainer::apply_gradients`] updates them, a discarded
+    /// step leaves them as they were. The pass is never split over data-parallel shards
+    /// (training-mode BatchNorm normalises over the whole batch).
+    pub fn forward_backward_segment(&mut self, batch: &SegBatch<'_>) -> Result<PassStats> {
+        self.check_nothing_pending("forward_backward_segment")?;
+        self.model.check_seg_batch(batch)?;
+        let mut batchnorm = Vec::new();
+        let stats = if self.gpu.is_some() {
+            self.pass_gpu(batch.batch, 0, |gpu, drop| {
+                batchnorm = gpu.segment_forward_backward(batch, drop)?;
+                Ok(())
+            })
+        } else {
+            self.pass_cpu(batch.batch, 0, |model, ws, drop, grads| {
+                let step = model.segmentation_forward_backward(ws.whole_batch(), batch, drop, grads)?;
+                batchnorm = step.batchnorm;
+                Ok(step.loss)
+            })
+        }?;
+        self.pending.as_mut().expect("a successful pass leaves its step pending").batchnorm = batchnorm;
+        Ok(stats)
+    }
+
     /// The pending step's gradients (laid out like the parameters, [`Model::params`]): the
     /// host buffer on the CPU, the device buffer and the stream it is ready on with the GPU
     /// step. Refused when no step is pending.
@@ -672,6 +753,13 @@ impl Trainer {
                 return Err(e);
             }
         };
+        // The segmentation head's running statistics follow the applied step (and only it).
+        if !pending.batchnorm.is_empty() {
+            match &mut self.gpu {
+                Some(gpu) => gpu.apply_batchnorm_statistics(&pending.batchnorm, BN_MOMENTUM)?,
+                None => self.model.apply_batchnorm_statistics(&pending.batchnorm, BN_MOMENTUM),
+            }
+        }
         if let (Some(gpu), false) = (&self.gpu, self.defer_host_copy) {
             gpu.download_params(self.model.params_mut())?;
         }
@@ -755,7 +843,7 @@ impl Trainer {
                 return Err(e);
             }
         };
-        self.pending = Some(Pending { rng_before, loss, images, masked, start });
+        self.pending = Some(Pending { rng_before, loss, images, masked, start, batchnorm: Vec::new() });
         Ok(PassStats { loss, images, masked })
     }
 }

@@ -3,7 +3,8 @@
 Adds to the classes of beit._core (so that they read as one API): Model.to_classifier,
 Model.create_classifier, Model.with_image_size, Model.evaluate, Model.to_segmenter,
 Model.create_segmenter, Model.segmentation_finetune, Model.evaluate_segmentation,
-Trainer.step_classify, Trainer.finetune and TrainerOptions.finetune; and the option and result
+Trainer.step_classify, Trainer.step_segment, Trainer.forward_backward_segment, Trainer.finetune
+and TrainerOptions.finetune; and the option and result
 types below. The ctypes mirrors of the header's structs live here too, checked against the
 library's struct sizes when this module is imported.
 """
@@ -36,6 +37,7 @@ from . import _ffi
 from ._core import (
     _NORMALISED,
     Model,
+    PassStats,
     StepStats,
     Trainer,
     TrainerOptions,
@@ -56,6 +58,20 @@ _status = c_uint32
 
 
 class beit_classify_batch(Structure):
+    _fields_ = [
+        ("struct_size", c_size_t),
+        ("pixels", _P(c_float)),
+        ("pixels_len", c_size_t),
+        ("batch", c_size_t),
+        ("channels", c_size_t),
+        ("height", c_size_t),
+        ("width", c_size_t),
+        ("labels", _P(c_int64)),
+        ("labels_len", c_size_t),
+    ]
+
+
+class beit_seg_batch(Structure):
     _fields_ = [
         ("struct_size", c_size_t),
         ("pixels", _P(c_float)),
@@ -177,6 +193,7 @@ BEIT_SPLIT_TEST = 1
 
 _VERSIONED = {
     "beit_classify_batch_default": beit_classify_batch,
+    "beit_seg_batch_default": beit_seg_batch,
     "beit_finetune_options_default": beit_finetune_options,
     "beit_evaluation_default": beit_evaluation,
     "beit_segmentation_options_default": beit_segmentation_options,
@@ -194,6 +211,8 @@ _PROTOTYPES = {
         _status,
         [_v, _P(beit_classify_batch), c_float, _P(_ffi.beit_step_stats)],
     ),
+    "beit_trainer_step_segment": (_status, [_v, _P(beit_seg_batch), _P(_ffi.beit_step_stats)]),
+    "beit_trainer_forward_backward_segment": (_status, [_v, _P(beit_seg_batch), _P(_ffi.beit_pass_stats)]),
     "beit_trainer_finetune": (_status, [_v, c_char_p, _P(beit_finetune_options), STEP_CALLBACK, c_void_p]),
     "beit_finetune_epoch_steps": (_status, [c_char_p, c_size_t, c_double, c_uint64, _P(c_uint64)]),
     "beit_model_evaluate": (_status, [_v, _v, c_char_p, c_size_t, _P(beit_evaluation)]),
@@ -464,6 +483,44 @@ def _step_classify(self: Trainer, pixels: Any, labels: Any, label_smoothing: flo
     return _to_dataclass(StepStats, stats)
 
 
+def _seg_batch(pixels: Any, labels: Any):
+    """The beit_seg_batch of pixels float32 [B, C, H, W] and labels int [B, H, W] (zero-copy
+    when they already are C-contiguous float32 and int64), and the arrays it points into."""
+    px = _pixel_array(pixels, "pixels", _NORMALISED)
+    lab = _array(labels, np.int64, 3, "labels")
+    if lab.shape != (px.shape[0], px.shape[2], px.shape[3]):
+        raise _invalid(f"labels {lab.shape} must hold one label per pixel of pixels {px.shape} ([B, H, W])")
+    batch = _struct(beit_seg_batch)
+    batch.pixels, batch.pixels_len = _ptr(px, c_float), px.size
+    batch.batch, batch.channels, batch.height, batch.width = px.shape
+    batch.labels, batch.labels_len = _ptr(lab, c_int64), lab.size
+    return batch, (px, lab)
+
+
+def _step_segment(self: Trainer, pixels: Any, labels: Any) -> StepStats:
+    """One fine-tuning step of a segmentation trainer (made from a BeitForSemanticSegmentation):
+    pixels float32 [B, C, H, W] (B >= 2: BatchNorm trains on the batch's statistics), labels
+    int [B, H, W], each in [0, num_labels) or the config's semantic_loss_ignore_index (255 by
+    default; such pixels count nowhere). AdamW, schedule, layer decay, clipping and drop path as
+    the trainer's options say, then the BatchNorm running statistics' update: the step
+    Model.segmentation_finetune takes. On error nothing changes."""
+    batch, _arrays = _seg_batch(pixels, labels)
+    stats = _struct(_ffi.beit_step_stats)
+    self._run(_lib.beit_trainer_step_segment, byref(batch), byref(stats))
+    return _to_dataclass(StepStats, stats)
+
+
+def _forward_backward_segment(self: Trainer, pixels: Any, labels: Any) -> PassStats:
+    """The first half of a split segmentation step (see Trainer.forward_backward): checks the
+    batch as step_segment does and leaves the step pending; apply_gradients() finishes it (and
+    only then updates the BatchNorm running statistics), discard_gradients() drops it.
+    forward_backward_segment + apply_gradients equals step_segment bit for bit."""
+    batch, _arrays = _seg_batch(pixels, labels)
+    stats = _struct(_ffi.beit_pass_stats)
+    self._run(_lib.beit_trainer_forward_backward_segment, byref(batch), byref(stats))
+    return _to_dataclass(PassStats, stats)
+
+
 def _trainer_finetune(
     self: Trainer, dataset: Any, options: Any = None, callback: Optional[Callable[[StepStats], Any]] = None
 ) -> None:
@@ -563,5 +620,7 @@ Model.create_segmenter = classmethod(_create_segmenter)
 Model.segmentation_finetune = _segmentation_finetune
 Model.evaluate_segmentation = _evaluate_segmentation
 Trainer.step_classify = _step_classify
+Trainer.step_segment = _step_segment
+Trainer.forward_backward_segment = _forward_backward_segment
 Trainer.finetune = _trainer_finetune
 TrainerOptions.finetune = classmethod(_finetune_trainer_options)

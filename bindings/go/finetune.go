@@ -337,3 +337,74 @@ func (m *Model) Evaluate(datasetPath string, batchSize int) (Evaluation, error) 
 	})
 	return e, err
 }
+
+// SegBatch is a batch for StepSegment / ForwardBackwardSegment: Pixels float32 NCHW [Batch,
+// Channels, Height, Width] at the model's image size (Batch >= 2: BatchNorm trains on the
+// batch's statistics), and Labels [Batch, Height, Width], one class id per pixel, each in
+// [0, NumLabels) or the config's semantic_loss_ignore_index (255 by default: the pixel counts
+// nowhere in the loss).
+type SegBatch struct {
+	Pixels                         []float32
+	Batch, Channels, Height, Width int
+	Labels                         []int64
+}
+
+// withSegBatch runs f on b as a beit_seg_batch, its buffers pinned for the call.
+func withSegBatch(b SegBatch, f func(*C.beit_seg_batch) C.beit_status) error {
+	if b.Batch < 0 || b.Channels < 0 || b.Height < 0 || b.Width < 0 {
+		return argError(StatusInvalidArgument, "negative shape [%d, %d, %d, %d]", b.Batch, b.Channels, b.Height, b.Width)
+	}
+	var pin runtime.Pinner
+	defer pin.Unpin()
+	c := C.beit_seg_batch_default()
+	if len(b.Pixels) > 0 {
+		pin.Pin(&b.Pixels[0])
+		c.pixels = (*C.float)(unsafe.Pointer(&b.Pixels[0]))
+	}
+	if len(b.Labels) > 0 {
+		pin.Pin(&b.Labels[0])
+		c.labels = (*C.int64_t)(unsafe.Pointer(&b.Labels[0]))
+	}
+	c.pixels_len, c.labels_len = C.size_t(len(b.Pixels)), C.size_t(len(b.Labels))
+	c.batch, c.channels, c.height, c.width = C.size_t(b.Batch), C.size_t(b.Channels), C.size_t(b.Height), C.size_t(b.Width)
+	return call(func() C.beit_status { return f(&c) })
+}
+
+// StepSegment runs one fine-tuning step of a segmentation trainer (one made from a
+// BeitForSemanticSegmentation) on b: the per-pixel cross-entropy, backward, AdamW as the
+// trainer's options say, then the BatchNorm running statistics' update — the step
+// Model.SegmentationFinetune takes. On error the trainer is unchanged.
+func (t *Trainer) StepSegment(b SegBatch) (StepStats, error) {
+	var stats StepStats
+	err := t.use(func(p *C.beit_trainer) error {
+		s := C.beit_step_stats_default()
+		if err := withSegBatch(b, func(c *C.beit_seg_batch) C.beit_status {
+			return C.beit_trainer_step_segment(p, c, &s)
+		}); err != nil {
+			return err
+		}
+		stats = stepStatsFromC(&s)
+		return nil
+	})
+	return stats, err
+}
+
+// ForwardBackwardSegment is the first half of a split segmentation step (see
+// ForwardBackward): it checks b as StepSegment does and leaves the step pending;
+// ApplyGradients finishes it (and only then updates the BatchNorm running statistics),
+// DiscardGradients drops it. ForwardBackwardSegment + ApplyGradients equals StepSegment bit
+// for bit.
+func (t *Trainer) ForwardBackwardSegment(b SegBatch) (PassStats, error) {
+	var stats PassStats
+	err := t.use(func(p *C.beit_trainer) error {
+		s := C.beit_pass_stats_default()
+		if err := withSegBatch(b, func(c *C.beit_seg_batch) C.beit_status {
+			return C.beit_trainer_forward_backward_segment(p, c, &s)
+		}); err != nil {
+			return err
+		}
+		stats = PassStats{Loss: float64(s.loss), Images: int(s.images), Masked: int(s.masked)}
+		return nil
+	})
+	return stats, err
+}

@@ -2,6 +2,7 @@ package beit_test
 
 import (
 	"encoding/json"
+	"errors"
 	"fmt"
 	"math"
 	"os"
@@ -216,5 +217,62 @@ func TestSegmentationStopsAndErrors(t *testing.T) {
 	wantErr(t, "0 labels", err, beit.ErrInvalidArgument)
 	if beit.SplitTest.String() != "test" || beit.SplitAll.String() != "all" || beit.Split(7).String() != "Split(7)" {
 		t.Errorf("Split strings: %v %v %v", beit.SplitTest, beit.SplitAll, beit.Split(7))
+	}
+}
+
+// segBatch is a fixed batch of 4 grey 16x16 images with per-pixel labels in {0, 1} and a few
+// ignored pixels (255).
+func segBatch() beit.SegBatch {
+	b := beit.SegBatch{Batch: 4, Channels: 1, Height: 16, Width: 16}
+	for i := 0; i < 4*16*16; i++ {
+		b.Pixels = append(b.Pixels, float32(math.Sin(float64(i)*0.37)))
+		label := int64((i / 16 / (4 + i/256)) % 2)
+		if i%97 == 0 {
+			label = 255
+		}
+		b.Labels = append(b.Labels, label)
+	}
+	return b
+}
+
+// Host-fed segmentation steps: ForwardBackwardSegment + ApplyGradients is StepSegment bit for
+// bit (BatchNorm running statistics included, updated once per applied step), a discarded step
+// changes nothing, and a MIM trainer refuses a segmentation batch.
+func TestStepSegmentAndItsSplit(t *testing.T) {
+	ctx := newCPUContext(t)
+	seg := must(beit.NewSegmenter(ctx, segConfig, 2, 5))(t)
+	defer seg.Close()
+	o := beit.TrainerOptions{LearningRate: 1e-3}
+	whole := must(beit.NewTrainer(ctx, seg, &o))(t)
+	defer whole.Close()
+	split := must(beit.NewTrainer(ctx, seg, &o))(t)
+	defer split.Close()
+	b := segBatch()
+	before := allParameters(t, split)
+	must(split.ForwardBackwardSegment(b))(t)
+	if err := split.DiscardGradients(); err != nil {
+		t.Fatal(err)
+	}
+	if d := differing(before, allParameters(t, split)); len(d) > 0 {
+		t.Fatalf("a discarded step changed %v", d)
+	}
+	for step := 0; step < 3; step++ {
+		want := must(whole.StepSegment(b))(t)
+		pass := must(split.ForwardBackwardSegment(b))(t)
+		got := must(split.ApplyGradients())(t)
+		if pass.Loss != want.Loss || noTimes(got) != noTimes(want) || pass.Images != 4 {
+			t.Fatalf("step %d: split %+v / %+v, whole %+v", step, pass, got, want)
+		}
+	}
+	if d := differing(allParameters(t, whole), allParameters(t, split)); len(d) > 0 {
+		t.Fatalf("split and whole steps differ in %v", d)
+	}
+	tracked := "decode_head.fpn_bottleneck.bn.num_batches_tracked"
+	if n := must(split.Parameter(tracked))(t); len(n.Data) != 1 || n.Data[0] != 3 {
+		t.Fatalf("%s = %v after 3 applied steps", tracked, n.Data)
+	}
+	mim := splitTrainer(t, ctx, beit.TrainerOptions{})
+	if _, err := mim.StepSegment(b); !errors.Is(err, beit.ErrInvalidArgument) {
+		t.Fatalf("a MIM trainer took a segmentation batch: %v", err)
 	}
 }

@@ -2324,7 +2324,10 @@ typedef struct beit_pass_stats {
  * like the parameters (`beit_parameter_info.offset` gives each parameter's place). The host may
  * read and overwrite it in place (an all-reduce, its own clipping) until
  * `beit_trainer_apply_gradients` or `beit_trainer_discard_gradients`; after either, or after
- * `beit_trainer_free`, the pointers are invalid.
+ * `beit_trainer_free`, the pointers are invalid. The buffer is a little longer than the listed
+ * parameters: it also holds internal entries no `beit_parameter_info` names (the zero key bias
+ * that keeps the fused query/key/value bias contiguous), which are never updated; all-reduce the
+ * whole buffer.
  */
 typedef struct beit_gradients {
     /**

@@ -18,8 +18,8 @@ const (
 	DeviceCUDA Device = C.BEIT_DEVICE_CUDA // an ErrUnsupported error when unavailable
 )
 
-// ContextOptions configures NewContext. The zero value means DeviceAuto, one thread per core
-// and a memory budget of what the process has available.
+// ContextOptions configures NewContext. The zero value means DeviceAuto (GPU 0), one thread
+// per core and a memory budget of what the process has available.
 type ContextOptions struct {
 	Device  Device
 	Threads int // worker threads; 0: one per available core
@@ -29,6 +29,13 @@ type ContextOptions struct {
 	// comes from an input). 0 (the zero value) means the memory available to the process when
 	// each object is planned, which is also the library's default.
 	MemoryBudget uint64
+	// DeviceIndex is the GPU a DeviceCUDA or DeviceAuto context uses, as the driver numbers
+	// them (after CUDA_VISIBLE_DEVICES); 0 (the zero value) is the first, the default. A
+	// process drives one GPU: once a context has opened one, a context naming another fails
+	// with ErrUnsupported (run one process per GPU). A GPU the driver does not have is
+	// ErrUnsupported with DeviceCUDA (DeviceAuto takes the CPU instead); DeviceCPU needs 0
+	// (ErrInvalidArgument otherwise).
+	DeviceIndex uint32
 }
 
 // Context is an execution context: a device and a thread pool of its own. It may be shared
@@ -54,6 +61,7 @@ func NewContext(opts *ContextOptions) (*Context, error) {
 		o.device = C.beit_device(opts.Device)
 		o.num_threads = C.uint32_t(opts.Threads)
 		o.memory_budget = C.uint64_t(opts.MemoryBudget)
+		o.device_index = C.uint32_t(opts.DeviceIndex)
 	}
 	var ptr *C.beit_context
 	if err := call(func() C.beit_status { return C.beit_context_create(&o, &ptr) }); err != nil {

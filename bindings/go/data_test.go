@@ -58,12 +58,12 @@ func TestDatasetWriter(t *testing.T) {
 	defer ds.Close()
 	s := must(ds.Read(7))(t)
 	for k := 0; k < dPix; k++ {
-		if s.Pixels[k] != dPixel(7, k) {
-			t.Fatalf("pixel %d: %d", k, s.Pixels[k])
+		if s.Pixels.Data[k] != dPixel(7, k) {
+			t.Fatalf("pixel %d: %d", k, s.Pixels.Data[k])
 		}
 	}
-	if s.Label != 7 || s.Tokens[1] != 29 {
-		t.Fatalf("label %d tokens %v", s.Label, s.Tokens)
+	if s.Label != 7 || s.Tokens.Data[1] != 29 {
+		t.Fatalf("label %d tokens %v", s.Label, s.Tokens.Data)
 	}
 
 	w := must(beit.NewDatasetWriter(filepath.Join(dir, "x.beitds"), beit.DatasetSpec{Height: 2, Width: 2, Channels: 1, Labels: true}))(t)
@@ -115,8 +115,8 @@ func TestImportIDX(t *testing.T) {
 	s := must(ds.Read(1))(t)
 	want := []uint8{0, 0, 0, 0, 0, 30, 40, 0, 0, 0, 0, 0}
 	for k := range want {
-		if s.Pixels[k] != want[k] {
-			t.Fatalf("pixels %v, want %v", s.Pixels, want)
+		if s.Pixels.Data[k] != want[k] {
+			t.Fatalf("pixels %v, want %v", s.Pixels.Data, want)
 		}
 	}
 	_, err := beit.Import(beit.ImportOptions{Format: beit.ImportIDX, Images: filepath.Join(dir, "i.idx"), Out: filepath.Join(dir, "i.idx")})

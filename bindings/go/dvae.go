@@ -22,7 +22,6 @@ import "C"
 
 import (
 	"runtime"
-	"runtime/cgo"
 	"sync"
 	"unsafe"
 )
@@ -292,17 +291,10 @@ func (t *DvaeTrainer) Train(datasetPath string, opts *DvaeDataOptions, progress 
 	}
 	cpath := C.CString(datasetPath)
 	defer C.free(unsafe.Pointer(cpath))
-	state := &dvaeProgress{fn: progress}
+	run := &progressRun[DvaeStepStats]{fn: progress}
+	user, done := run.start()
+	defer done()
 	err = t.use(func(p *C.beit_dvae_trainer) error {
-		var user unsafe.Pointer
-		if progress != nil {
-			// The handle travels through C in C memory (a Go pointer to a Go pointer may not).
-			h := cgo.NewHandle(state)
-			defer h.Delete()
-			user = C.malloc(C.size_t(unsafe.Sizeof(h)))
-			defer C.free(user)
-			*(*cgo.Handle)(user) = h
-		}
 		s := C.beit_dvae_train_summary_default()
 		err := call(func() C.beit_status { return C.go_beit_dvae_train(p, cpath, &o, user, &s) })
 		if err == nil {
@@ -310,9 +302,7 @@ func (t *DvaeTrainer) Train(datasetPath string, opts *DvaeDataOptions, progress 
 		}
 		return err
 	})
-	if state.panicked != nil {
-		panic(state.panicked)
-	}
+	run.repanic()
 	return summary, err
 }
 

@@ -166,10 +166,7 @@ func (t *Trainer) ApplyGradients() (StepStats, error) {
 		if err := call(func() C.beit_status { return C.beit_trainer_apply_gradients(p, &s) }); err != nil {
 			return err
 		}
-		stats = StepStats{
-			Step: uint64(s.step), Loss: float64(s.loss), LR: float64(s.lr), GradNorm: float64(s.grad_norm),
-			Masked: int(s.masked), Seconds: float64(s.seconds), ImagesPerS: float64(s.images_per_s),
-		}
+		stats = stepStatsFromC(&s)
 		return nil
 	})
 	return stats, err

@@ -4,7 +4,7 @@ import "fmt"
 
 // Element is an element type of the tensors libbeit reads and writes.
 type Element interface {
-	~float32 | ~int64 | ~uint8 | ~uint16
+	~float32 | ~float64 | ~int64 | ~uint64 | ~uint8 | ~uint16
 }
 
 // Tensor is a row-major (C order) array with its shape: len(Data) is the product of Shape.

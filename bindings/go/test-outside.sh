@@ -6,7 +6,8 @@
 # GOCACHE, as on a machine that never built beit-go: Go's build cache does not notice that
 # beit.pc now names another prefix, golang/go#24544, which README.md tells users), and must print
 # the README's line. The program then runs again as a built binary with LD_LIBRARY_PATH unset
-# (the rpath from beit.pc finds the library). Called by test.sh; KEEP=1 keeps the directory.
+# (the rpath from beit.pc finds the library). Then the README's examples/train recipe runs the
+# same way in another directory. Called by test.sh; KEEP=1 keeps the directory.
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 root="$(cd "$here/../.." && pwd)"
@@ -48,4 +49,18 @@ echo "== go build, then the binary with no LD_LIBRARY_PATH"
 run_clean bash -c 'PKG_CONFIG_PATH="$PREFIX/lib/pkgconfig" go build -o hello .' || fail "go build"
 readelf -d "$work/hello" | grep -q "NEEDED.*libbeit.so" || fail "the binary does not link libbeit"
 [[ "$(run_clean ./hello "$root/tests/reference/mim_shared")" == "$expected" ]] || fail "the built binary"
+
+# The README's examples/train recipe: another fresh directory, the same clean environment and
+# prefix (installed by the recipe above). Its numbers depend on the CPU's float kernels, so the
+# check is on what it did: both 10th steps and a top-1 line for the 32 test images.
+train_recipe="$(block outside-train: sh)"
+[[ -n "$train_recipe" ]] || fail "README.md lacks the examples/train recipe"
+work="$tmp/train"
+mkdir -p "$work"
+echo "== the README's examples/train recipe, in $work"
+out="$(run_clean bash -euo pipefail -c "$train_recipe" 2>"$tmp/train.log")" || { cat "$tmp/train.log" >&2; fail "the examples/train recipe"; }
+echo "$out"
+grep -q '^pretrain step 10/10 loss ' <<<"$out" || fail "examples/train did not take its 10th pretraining step"
+grep -q '^finetune step 10/10 loss ' <<<"$out" || fail "examples/train did not take its 10th fine-tuning step"
+[[ "$(tail -n1 <<<"$out")" =~ ^top-1\ [01]\.[0-9]{3}\ \([0-9]+/32\)$ ]] || fail "examples/train did not end with its top-1 line"
 echo "test-outside.sh: OK"

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Tests the Go bindings: gofmt, go vet, go test -race (in-tree build, `-tags beit_intree`, against
-# target/release/libbeit.so), a build of examples/infer, then test-outside.sh (the README's recipe
-# for a module outside this repository, against `make install`). Needs `cargo build --release`
-# first. Any failure fails the script. BEIT_GO_OUTSIDE=0 skips the outside-the-repo check.
+# target/release/libbeit.so), builds of examples/infer and examples/train (run too), then
+# test-outside.sh (the README's recipes for a module outside this repository, against `make
+# install`). Needs `cargo build --release` first. Any failure fails the script.
+# BEIT_GO_OUTSIDE=0 skips the outside-the-repo check.
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 root="$(cd "$here/../.." && pwd)"
@@ -29,6 +30,9 @@ out="$(mktemp -d)"
 trap 'rm -rf "$out"' EXIT
 "$GO" build -tags beit_intree -o "$out/infer" ./examples/infer
 "$out/infer" "$root/tests/reference/mim_shared"
+echo "== build examples/train"
+"$GO" build -tags beit_intree -o "$out/train" ./examples/train
+"$out/train" | tail -n1
 if [[ "${BEIT_GO_OUTSIDE:-1}" != 0 ]]; then
     echo "== test-outside.sh"
     GO="$GO" "$here/test-outside.sh"

@@ -105,7 +105,11 @@ type TrainerOptions struct {
 // pretraining recipe) in this type's convention: passing it is the same as passing nil or
 // TrainerOptions{}. A float default of 0 reads Zero, and DropPathRate reads 0 (the config's).
 func DefaultTrainerOptions() TrainerOptions {
-	o := C.beit_trainer_options_default()
+	return trainerOptionsFromC(C.beit_trainer_options_default())
+}
+
+// trainerOptionsFromC is a C options struct in this type's convention.
+func trainerOptionsFromC(o C.beit_trainer_options) TrainerOptions {
 	dropPath := fromC(o.drop_path_rate)
 	if o.drop_path_rate < 0 {
 		dropPath = 0 // C's "negative: the config's rate"
@@ -194,6 +198,13 @@ type StepStats struct {
 	Masked     int
 	Seconds    float64
 	ImagesPerS float64
+}
+
+func stepStatsFromC(s *C.beit_step_stats) StepStats {
+	return StepStats{
+		Step: uint64(s.step), Loss: float64(s.loss), LR: float64(s.lr), GradNorm: float64(s.grad_norm),
+		Masked: int(s.masked), Seconds: float64(s.seconds), ImagesPerS: float64(s.images_per_s),
+	}
 }
 
 // Trainer pretrains a BeitForMaskedImageModeling. A libbeit trainer takes one call at a time
@@ -302,10 +313,7 @@ func (t *Trainer) Step(b MIMBatch) (StepStats, error) {
 		if err != nil {
 			return err
 		}
-		stats = StepStats{
-			Step: uint64(s.step), Loss: float64(s.loss), LR: float64(s.lr), GradNorm: float64(s.grad_norm),
-			Masked: int(s.masked), Seconds: float64(s.seconds), ImagesPerS: float64(s.images_per_s),
-		}
+		stats = stepStatsFromC(&s)
 		return nil
 	})
 	return stats, err

@@ -66,4 +66,14 @@ for name, ref in want.items():
     assert worst <= 1e-4, f"{name}: {worst:.2e} from transformers"
 print("beit", beit.version(), "from", lib, "logits", got["logits"].shape)
 PY
+
+echo "== examples/train.py copied outside the repository: dataset, tokenizer, pretraining, fine-tuning, evaluation"
+mkdir "$tmp/project"
+cp "$here/examples/train.py" "$tmp/project/"
+(cd "$tmp/project" && env -u BEIT_LIBRARY -u LD_LIBRARY_PATH "$py" train.py "$tmp/project/work") >"$tmp/train.log" 2>&1 \
+    || { cat "$tmp/train.log" >&2; fail "examples/train.py"; }
+cat "$tmp/train.log"
+[[ $(grep -c "^pretrain step" "$tmp/train.log") == 10 && $(grep -c "^fine-tune step" "$tmp/train.log") == 10 ]] \
+    || fail "examples/train.py did not run 10 pretraining and 10 fine-tuning steps"
+grep -q "^top-1 " "$tmp/train.log" || fail "examples/train.py printed no evaluation"
 echo "test-wheel.sh: OK"

@@ -684,7 +684,8 @@ int main(void) {
 
         /* struct_size too small: options, batch, stats, model info. */
         uint64_t steps_before = steps_of(t);
-        size_t small[] = {0, sizeof(size_t), sizeof(beit_trainer_options) - 1};
+        /* The first version ends before `precision`: anything shorter is too small. */
+        size_t small[] = {0, sizeof(size_t), offsetof(beit_trainer_options, precision) - 1};
         for (int i = 0; i < 3; i++) {
             beit_trainer_options o = opts;
             o.struct_size = small[i];

@@ -53,6 +53,12 @@ def test_bad_config_and_options(ctx):
         beit.Trainer.from_config(ctx, {"image_size": 16, "patch_size": 4}, options={"beta2": 1.5})
     with pytest.raises(beit.InvalidArgumentError, match="device"):
         beit.Context(device="tpu")
+    # The library checks the GPU index: a cpu context has none to pick.
+    with pytest.raises(beit.InvalidArgumentError, match="device_index 1 names a GPU"):
+        beit.Context(device="cpu", device_index=1)
+    with pytest.raises(beit.InvalidArgumentError, match="device_index"):
+        beit.Context(device="cpu", device_index=-1)
+    assert beit.Context(device="cpu", device_index=0).device_index == 0
 
 
 def test_wrong_shapes_and_dtypes(model):

@@ -257,12 +257,16 @@ class Context(_Handle):
     tokenizer) may need; one that would need more is refused before anything is allocated
     (ConfigError when the size comes from a model config, InvalidArgumentError when it comes
     from an input). ``None`` (or 0) means the memory available to the process at the time.
+    ``device_index`` picks the GPU of a "cuda" or "auto" context (as the driver numbers them,
+    after CUDA_VISIBLE_DEVICES); a process drives one GPU, and a "cpu" context needs 0.
     Share one context between threads freely. Models keep their context alive; closing a
     context that models still use frees it when the last of them is closed."""
 
     _free_name = "beit_context_free"
 
-    def __init__(self, threads: int = 0, device: str = "auto", memory_budget: Optional[int] = None):
+    def __init__(
+        self, threads: int = 0, device: str = "auto", memory_budget: Optional[int] = None, device_index: int = 0
+    ):
         if device not in _DEVICES:
             raise _invalid(f"device must be one of {sorted(_DEVICES)}, got {device!r}")
         if not isinstance(threads, (int, np.integer)) or not 0 <= threads < 2**32:
@@ -270,15 +274,19 @@ class Context(_Handle):
         budget = 0 if memory_budget is None else memory_budget
         if isinstance(budget, bool) or not isinstance(budget, (int, np.integer)) or not 0 <= budget < 2**64:
             raise _invalid(f"memory_budget must be None or a byte count in [0, 2^64), got {memory_budget!r}")
-        opts = _struct(_ffi.beit_context_options)
+        opts = _lib.beit_context_options_default()
         opts.device = _DEVICES[device]
         opts.num_threads = int(threads)
         opts.memory_budget = int(budget)
+        if isinstance(device_index, bool) or not isinstance(device_index, (int, np.integer)) or not 0 <= device_index < 2**32:
+            raise _invalid(f"device_index must be an integer in [0, 2^32), got {device_index!r}")
+        opts.device_index = int(device_index)
         out = c_void_p()
         _check(_lib.beit_context_create(byref(opts), byref(out)))
         super().__init__(out.value)
         self.threads = int(threads)
         self.device = device
+        self.device_index = int(device_index)
         #: The budget in bytes, or None for the memory available to the process.
         self.memory_budget = int(budget) or None
 
@@ -694,10 +702,15 @@ class TrainerOptions:
     @classmethod
     def defaults(cls) -> "TrainerOptions":
         """The library's defaults, every field filled in."""
-        d = _lib.beit_trainer_options_default()
+        return cls._from_c(_lib.beit_trainer_options_default())
+
+    @classmethod
+    def _from_c(cls, d, **overrides) -> "TrainerOptions":
+        """The options a C `beit_trainer_options` holds, with `overrides` applied."""
         values = {f.name: getattr(d, f.name) for f in fields(cls)}
         values["weight_decay_on"] = {v: k for k, v in _WEIGHT_DECAY_ON.items()}.get(d.weight_decay_on)
         values["precision"] = {v: k for k, v in _PRECISIONS.items()}.get(d.precision)
+        values.update(overrides)
         return cls(**values)
 
     def _struct(self):

@@ -90,7 +90,7 @@ class DatasetWriter(_Handle):
         masks: bool = False,
         token_grid: Optional[Tuple[int, int]] = None,
     ):
-        spec = _struct(_ffi.beit_dataset_spec)
+        spec = _lib.beit_dataset_spec_default()
         for name, value in (("height", height), ("width", width), ("channels", channels)):
             if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not 0 <= value < 2**32:
                 raise _invalid(f"{name} must be an integer in [0, 2^32), got {value!r}")
@@ -197,7 +197,7 @@ def import_dataset(
     An `out` that is, or lies inside, an input is refused before anything is written."""
     if format not in _IMPORT_FORMATS:
         raise _invalid(f"format must be one of {sorted(_IMPORT_FORMATS)}, got {format!r}")
-    o = _struct(_ffi.beit_dataset_import_options)
+    o = _lib.beit_dataset_import_options_default()
     o.format = _IMPORT_FORMATS[format]
     keep = {name: _path(v) for name, v in (("out", out), ("images", images), ("labels", labels), ("dir", dir))
             if v is not None}
@@ -329,7 +329,7 @@ class Loader(_Handle):
     ):
         if masking not in _MASKING:
             raise _invalid(f"masking must be one of {sorted(_MASKING)}, got {masking!r}")
-        o = _struct(_ffi.beit_loader_options)
+        o = _lib.beit_loader_options_default()
         o.batch_size = _count(batch_size, "batch_size")
         if image_size is not None:
             o.image_height, o.image_width = _size(image_size, "image_size")
@@ -465,7 +465,7 @@ class MaskGenerator(_Handle):
     ):
         if strategy not in _MASKING:
             raise _invalid(f"strategy must be one of {sorted(_MASKING)}, got {strategy!r}")
-        o = _struct(_ffi.beit_mask_generator_options)
+        o = _lib.beit_mask_generator_options_default()
         o.grid_height, o.grid_width = _size(grid, "grid")
         o.masked_patches = _count(masked_patches, "masked_patches")
         o.min_block = _count(min_block, "min_block")

@@ -84,6 +84,7 @@ class beit_context_options(Structure):
         ("device", beit_device),
         ("num_threads", c_uint32),
         ("memory_budget", c_uint64),
+        ("device_index", c_uint32),
     ]
 
 
@@ -600,6 +601,44 @@ class beit_mask_generator_options(Structure):
         ("max_block", c_size_t),
         ("min_aspect", c_double),
         ("strategy", beit_masking_strategy),
+        ("seed", c_uint64),
+    ]
+
+
+_DATA_STRUCTS = {
+    "beit_dataset_spec_default": beit_dataset_spec,
+    "beit_dataset_samples_default": beit_dataset_samples,
+    "beit_dataset_import_options_default": beit_dataset_import_options,
+    "beit_loader_options_default": beit_loader_options,
+    "beit_loader_info_default": beit_loader_info,
+    "beit_loader_batch_default": beit_loader_batch,
+    "beit_mask_generator_options_default": beit_mask_generator_options,
+}
+VERSIONED_STRUCTS.update(_DATA_STRUCTS)
+_wr, _ld, _mg = c_void_p, c_void_p, c_void_p
+PROTOTYPES.update(
+    {
+        "beit_dataset_writer_create": (beit_status, [c_char_p, _P(beit_dataset_spec), _P(c_void_p)]),
+        "beit_dataset_writer_append": (beit_status, [_wr, _P(beit_dataset_samples)]),
+        "beit_dataset_writer_count": (beit_status, [_wr, _P(c_uint64)]),
+        "beit_dataset_writer_finish": (beit_status, [_wr, _P(beit_dataset_info)]),
+        "beit_dataset_writer_free": (None, [_wr]),
+        "beit_dataset_import": (beit_status, [_P(beit_dataset_import_options), _P(beit_dataset_info)]),
+        "beit_loader_create": (beit_status, [_ctx, c_char_p, _P(beit_loader_options), _P(c_void_p)]),
+        "beit_loader_free": (None, [_ld]),
+        "beit_loader_get_info": (beit_status, [_ld, _P(beit_loader_info)]),
+        "beit_loader_next": (beit_status, [_ld, _P(beit_loader_batch)]),
+        "beit_loader_get_position": (beit_status, [_ld, _P(c_uint64)]),
+        "beit_loader_seek": (beit_status, [_ld, c_uint64]),
+        "beit_mask_generator_create": (beit_status, [_P(beit_mask_generator_options), _P(c_void_p)]),
+        "beit_mask_generator_next": (beit_status, [_mg, _P(c_uint8), c_size_t, _P(c_size_t)]),
+        "beit_mask_generator_free": (None, [_mg]),
+    }
+)
+for _name, _struct in _DATA_STRUCTS.items():
+    PROTOTYPES[_name] = (_struct, [])
+
+
 # --- tokenizer training (beit_dvae_trainer, src/ffi/dvae.rs) ---------------------------------
 
 
@@ -639,38 +678,6 @@ class beit_dvae_data_options(Structure):
     ]
 
 
-_DATA_STRUCTS = {
-    "beit_dataset_spec_default": beit_dataset_spec,
-    "beit_dataset_samples_default": beit_dataset_samples,
-    "beit_dataset_import_options_default": beit_dataset_import_options,
-    "beit_loader_options_default": beit_loader_options,
-    "beit_loader_info_default": beit_loader_info,
-    "beit_loader_batch_default": beit_loader_batch,
-    "beit_mask_generator_options_default": beit_mask_generator_options,
-}
-VERSIONED_STRUCTS.update(_DATA_STRUCTS)
-_wr, _ld, _mg = c_void_p, c_void_p, c_void_p
-PROTOTYPES.update(
-    {
-        "beit_dataset_writer_create": (beit_status, [c_char_p, _P(beit_dataset_spec), _P(c_void_p)]),
-        "beit_dataset_writer_append": (beit_status, [_wr, _P(beit_dataset_samples)]),
-        "beit_dataset_writer_count": (beit_status, [_wr, _P(c_uint64)]),
-        "beit_dataset_writer_finish": (beit_status, [_wr, _P(beit_dataset_info)]),
-        "beit_dataset_writer_free": (None, [_wr]),
-        "beit_dataset_import": (beit_status, [_P(beit_dataset_import_options), _P(beit_dataset_info)]),
-        "beit_loader_create": (beit_status, [_ctx, c_char_p, _P(beit_loader_options), _P(c_void_p)]),
-        "beit_loader_free": (None, [_ld]),
-        "beit_loader_get_info": (beit_status, [_ld, _P(beit_loader_info)]),
-        "beit_loader_next": (beit_status, [_ld, _P(beit_loader_batch)]),
-        "beit_loader_get_position": (beit_status, [_ld, _P(c_uint64)]),
-        "beit_loader_seek": (beit_status, [_ld, c_uint64]),
-        "beit_mask_generator_create": (beit_status, [_P(beit_mask_generator_options), _P(c_void_p)]),
-        "beit_mask_generator_next": (beit_status, [_mg, _P(c_uint8), c_size_t, _P(c_size_t)]),
-        "beit_mask_generator_free": (None, [_mg]),
-    }
-)
-for _name, _struct in _DATA_STRUCTS.items():
-    PROTOTYPES[_name] = (_struct, [])
 class beit_dvae_step_stats(Structure):
     _fields_ = [
         ("struct_size", c_size_t),

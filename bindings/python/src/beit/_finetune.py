@@ -402,11 +402,7 @@ def _finetune_trainer_options(cls, total_steps: int, **overrides) -> TrainerOpti
     """`beit finetune`'s trainer options for a run of `total_steps` steps (lr 1e-3 after a
     tenth of warmup, cosine to 1e-6, betas (0.9, 0.999), weight decay 0.05, no clipping, drop
     path 0.1, layer decay 0.65), with `overrides` applied."""
-    d = _lib.beit_trainer_options_finetune_default(total_steps)
-    values = {f.name: getattr(d, f.name) for f in fields(cls)}
-    values["weight_decay_on"] = {0: "beit", 1: "all"}.get(d.weight_decay_on)
-    values.update(overrides)
-    return cls(**values)
+    return cls._from_c(_lib.beit_trainer_options_finetune_default(total_steps), **overrides)
 
 
 def _new_model(ctx, fn, *args) -> Model:

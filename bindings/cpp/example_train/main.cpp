@@ -54,8 +54,10 @@ void write_dataset(const std::string& path, std::size_t count, bool labels, bool
         for (std::uint32_t gy = 0; gy < kGrid; gy++) {
             for (std::uint32_t gx = 0; gx < kGrid; gx++) {
                 std::uint32_t sum = 0;
-                for (std::uint32_t y = 0; y < kPatch; y++)
-                    for (std::uint32_t x = 0; x < kPatch; x++) sum += image[(gy * kPatch + y) * kSize + gx * kPatch + x];
+                for (std::uint32_t y = 0; y < kPatch; y++) {
+                    const std::uint8_t* row = image + (gy * kPatch + y) * kSize + gx * kPatch;
+                    for (std::uint32_t x = 0; x < kPatch; x++) sum += row[x];
+                }
                 token[(i * kGrid + gy) * kGrid + gx] = std::uint16_t(sum / (kPatch * kPatch) * kVocab / 256);
             }
         }

@@ -559,7 +559,8 @@ int main(int argc, char** argv) {
     // Names after the CLI pick tests (all of them without); an unknown name is a usage error.
     std::vector<std::pair<const char*, void (*)()>> chosen;
     for (int a = 3; a < argc; a++) {
-        const auto it = std::find_if(tests.begin(), tests.end(), [&](const auto& t) { return std::strcmp(t.first, argv[a]) == 0; });
+        const auto it = std::find_if(tests.begin(), tests.end(),
+                                     [&](const auto& t) { return std::strcmp(t.first, argv[a]) == 0; });
         if (it == tests.end()) {
             std::fprintf(stderr, "%s: no test is named %s\n", argv[0], argv[a]);
             return 2;

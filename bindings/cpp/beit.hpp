@@ -228,6 +228,44 @@ template <class T>
 void resize_to(std::vector<T>& v, std::size_t n) {
     if (v.size() != n) v.resize(n);
 }
+
+// A C++ progress function run as a C callback of the long calls (DvaeTrainer::train,
+// Trainer::finetune, Model::segmentation_finetune); `Stats` is the struct the callback gets.
+// Its result passes through (true stops the run). No exception may cross the C library: one
+// thrown by the function is kept and the run stopped; rethrow() raises it once the C call has
+// returned.
+template <class Stats>
+class ProgressRelay {
+public:
+    using Function = std::function<bool(const Stats&)>;
+    using Callback = std::int32_t (*)(const Stats*, void*);
+
+    explicit ProgressRelay(const Function& fn) noexcept : fn_(fn) {}
+    ProgressRelay(const ProgressRelay&) = delete;
+    ProgressRelay& operator=(const ProgressRelay&) = delete;
+
+    // The callback to pass, NULL without a function (the library then skips the calls).
+    Callback callback() const noexcept { return fn_ ? &ProgressRelay::call : nullptr; }
+    void* user_data() noexcept { return this; }
+    // Raises the function's exception, if it threw one.
+    void rethrow() const {
+        if (thrown_) std::rethrow_exception(thrown_);
+    }
+
+private:
+    static std::int32_t call(const Stats* stats, void* user) noexcept {
+        ProgressRelay* self = static_cast<ProgressRelay*>(user);
+        try {
+            return self->fn_(*stats) ? 1 : 0;
+        } catch (...) {
+            self->thrown_ = std::current_exception();
+            return 1;
+        }
+    }
+
+    const Function& fn_;
+    std::exception_ptr thrown_;
+};
 }  // namespace detail
 
 // ---------------------------------------------------------------------------------------------
@@ -374,6 +412,18 @@ public:
         o.memory_budget = memory_budget;
         return Context(o);
     }
+    // A context on GPU `device_index` (ContextOptions::device_index: as the driver numbers them,
+    // after CUDA_VISIBLE_DEVICES). Throws UnsupportedError without a usable GPU of that index,
+    // or when this process already drives another GPU (one process per GPU).
+    static Context cuda(std::uint32_t device_index = 0, std::uint32_t num_threads = 0,
+                        std::uint64_t memory_budget = 0) {
+        ContextOptions o = default_options();
+        o.device = BEIT_DEVICE_CUDA;
+        o.device_index = device_index;
+        o.num_threads = num_threads;
+        o.memory_budget = memory_budget;
+        return Context(o);
+    }
 
     beit_context* get() const { return handle_.get(); }
     beit_context* raw() const noexcept { return handle_.raw(); }
@@ -497,6 +547,22 @@ inline std::vector<std::size_t> parameter_shape(const std::vector<ParameterInfo>
                     (all.empty() ? std::string(")") : ": \"" + all.front().name + "\", ...)"));
 }
 }  // namespace detail
+
+// Declared here for Model's and Trainer's fine-tuning methods; defined, with those methods, in
+// the section "Fine-tuning, evaluation and segmentation" at the end of this file.
+using FinetuneOptions = beit_finetune_options;
+using SegmentationOptions = beit_segmentation_options;
+using SegmentationReport = beit_segmentation_report;
+using SegmentationEvalOptions = beit_segmentation_eval_options;
+using SegmentationStep = beit_segmentation_step;
+// Called after each step of Trainer::finetune / Model::segmentation_finetune; returning true
+// stops the run there. An exception it throws stops the run and is rethrown from the call.
+using StepProgress = std::function<bool(const StepStats&)>;
+using SegmentationProgress = std::function<bool(const SegmentationStep&)>;
+struct ClassifyBatch;
+struct Evaluation;
+struct SegmentationEvaluation;
+struct SegmentationResult;
 
 // beit_model: many threads may infer with one model at once. set_parameter and
 // copy_parameters_from change it; they never wait: while another thread's call uses the
@@ -629,6 +695,27 @@ public:
     void copy_parameters_from(const Model& src) {
         check(beit_model_copy_parameters(get(), src.get()));
     }
+
+    // Fine-tuning and evaluation: each returns a new Model (this one is only read). Defined in
+    // the section "Fine-tuning, evaluation and segmentation" below, which documents them.
+    Model to_classifier(const Context& ctx, std::size_t num_labels, double drop_path_rate = 0.1,
+                        std::uint64_t seed = 0) const;
+    static Model create_classifier(const Context& ctx, const std::string& config_json,
+                                   std::size_t num_labels, double drop_path_rate = 0.1,
+                                   std::uint64_t seed = 0);
+    Model with_image_size(const Context& ctx, std::size_t height, std::size_t width) const;
+    Evaluation evaluate(const Context& ctx, const std::string& dataset_path,
+                        std::size_t batch_size = 256) const;
+    Model to_segmenter(const Context& ctx, std::size_t num_labels, std::uint64_t seed = 0) const;
+    static Model create_segmenter(const Context& ctx, const std::string& config_json,
+                                  std::size_t num_labels, std::uint64_t seed = 0);
+    SegmentationResult segmentation_finetune(
+        const Context& ctx, const std::string& dataset_path,
+        const SegmentationOptions& options = beit_segmentation_options_default(),
+        const SegmentationProgress& progress = {}) const;
+    SegmentationEvaluation evaluate_segmentation(
+        const Context& ctx, const std::string& dataset_path,
+        const SegmentationEvalOptions& options = beit_segmentation_eval_options_default()) const;
 
     beit_model* get() const { return handle_.get(); }
     beit_model* raw() const noexcept { return handle_.raw(); }
@@ -972,6 +1059,13 @@ public:
         return Model(raw);
     }
 
+    // Fine-tuning a classification trainer (made from a BeitForImageClassification): defined
+    // in the section "Fine-tuning, evaluation and segmentation" below, which documents them.
+    StepStats step_classify(const ClassifyBatch& batch, float label_smoothing = 0.1f);
+    void finetune(const std::string& dataset_path,
+                  const FinetuneOptions& options = beit_finetune_options_default(),
+                  const StepProgress& progress = {});
+
     beit_trainer* get() const { return handle_.get(); }
     beit_trainer* raw() const noexcept { return handle_.raw(); }
     explicit operator bool() const noexcept { return static_cast<bool>(handle_); }
@@ -1301,12 +1395,11 @@ public:
     DvaeTrainSummary train(const std::string& dataset_path,
                            const DvaeDataOptions& options = default_data_options(),
                            const DvaeProgress& progress = {}) {
-        Progress state{&progress, nullptr};
+        detail::ProgressRelay<DvaeStepStats> relay(progress);
         DvaeTrainSummary summary = beit_dvae_train_summary_default();
-        const beit_status status =
-            beit_dvae_trainer_train(get(), dataset_path.c_str(), &options,
-                                    progress ? &DvaeTrainer::on_step : nullptr, &state, &summary);
-        if (state.thrown) std::rethrow_exception(state.thrown);
+        const beit_status status = beit_dvae_trainer_train(get(), dataset_path.c_str(), &options,
+                                                           relay.callback(), relay.user_data(), &summary);
+        relay.rethrow();
         check(status);
         return summary;
     }
@@ -1328,24 +1421,257 @@ public:
     void reset() noexcept { handle_.reset(); }
 
 private:
-    struct Progress {
-        const DvaeProgress* fn;
-        std::exception_ptr thrown;
-    };
-    // No exception may cross the C library: it is kept, and the run stopped.
-    static std::int32_t on_step(const DvaeStepStats* stats, void* user) noexcept {
-        Progress* p = static_cast<Progress*>(user);
-        try {
-            return (*p->fn)(*stats) ? 1 : 0;
-        } catch (...) {
-            p->thrown = std::current_exception();
-            return 1;
-        }
-    }
-
     explicit DvaeTrainer(beit_dvae_trainer* raw) noexcept : handle_(raw, "DvaeTrainer") {}
     detail::Handle<beit_dvae_trainer, beit_dvae_trainer_free> handle_;
 };
+
+// =============================================================================================
+// Fine-tuning, evaluation and segmentation (beit_trainer_options_finetune_default,
+// beit_finetune_options_default, beit_classify_batch_default, beit_evaluation_default,
+// beit_model_to_classifier, beit_classifier_create, beit_model_with_image_size,
+// beit_trainer_step_classify, beit_trainer_finetune, beit_finetune_epoch_steps,
+// beit_model_evaluate, beit_segmentation_*_default, beit_model_to_segmenter,
+// beit_segmenter_create, beit_segmentation_finetune, beit_model_evaluate_segmentation).
+// The option structs are the C ones (aliases declared above Model); the results carry their
+// shapes. As everywhere, on an error nothing is written and the exception of the status is
+// thrown.
+
+// `beit finetune`'s trainer options for a run of `total_steps` steps (lr 1e-3 after a linear
+// warmup of a tenth of the run, cosine to 1e-6, AdamW betas (0.9, 0.999), weight decay 0.05,
+// no clipping, drop path 0.1, layer decay 0.65, seed 0); 0 steps: a constant rate.
+inline TrainerOptions finetune_trainer_options(std::uint64_t total_steps) {
+    return beit_trainer_options_finetune_default(total_steps);
+}
+// `beit finetune`'s data options for Trainer::finetune (batch 64, label smoothing 0.1, ...).
+inline FinetuneOptions default_finetune_options() { return beit_finetune_options_default(); }
+// `beit segment finetune`'s options (BEiT's segmentation recipe scaled to small runs).
+inline SegmentationOptions default_segmentation_options() {
+    return beit_segmentation_options_default();
+}
+// `beit segment eval`'s options: the test split of the default split, batches of 32.
+inline SegmentationEvalOptions default_segmentation_eval_options() {
+    return beit_segmentation_eval_options_default();
+}
+
+// The name `beit segment eval --split-name` takes for a split: "all" or "test" ("unknown"
+// otherwise).
+inline const char* split_name(beit_split split) noexcept {
+    switch (split) {
+    case BEIT_SPLIT_ALL: return "all";
+    case BEIT_SPLIT_TEST: return "test";
+    default: return "unknown";
+    }
+}
+
+// The optimizer steps of one epoch of Trainer::finetune over the dataset file at
+// `dataset_path` with `batch_size` images per step and the labelled fraction `label_fraction`
+// drawn by `seed` (as FinetuneOptions draws it): epochs x this is `beit finetune --epochs`'
+// step count, for finetune_trainer_options.
+inline std::uint64_t finetune_epoch_steps(const std::string& dataset_path, std::size_t batch_size,
+                                          double label_fraction = 1.0, std::uint64_t seed = 0) {
+    std::uint64_t steps = 0;
+    check(beit_finetune_epoch_steps(dataset_path.c_str(), batch_size, label_fraction, seed, &steps));
+    return steps;
+}
+
+// A labelled batch for Trainer::step_classify: NCHW f32 pixels normalised as the model
+// expects, at its configured size, and one label in [0, num_labels) per image.
+struct ClassifyBatch {
+    span<const float> pixels;  // [batch, C, H, W]
+    std::size_t batch = 0;
+    std::size_t channels = 0;
+    std::size_t height = 0;
+    std::size_t width = 0;
+    span<const std::int64_t> labels;  // [batch]
+
+    beit_classify_batch to_c() const {
+        beit_classify_batch b = beit_classify_batch_default();
+        b.pixels = pixels.data();
+        b.pixels_len = pixels.size();
+        b.batch = batch;
+        b.channels = channels;
+        b.height = height;
+        b.width = width;
+        b.labels = labels.data();
+        b.labels_len = labels.size();
+        return b;
+    }
+};
+
+// What Model::evaluate measured (as `beit eval`).
+struct Evaluation {
+    std::uint64_t images = 0;   // the whole dataset
+    std::uint64_t correct = 0;  // images whose top-1 prediction is their label
+    double top1 = 0;            // correct / images (0 for an empty dataset)
+    std::size_t num_labels = 0;
+    // [num_labels, num_labels] image counts, row = true label, column = prediction
+    // (confusion.data[true * num_labels + predicted]).
+    BasicTensor<std::uint64_t> confusion;
+
+    // [num_labels]: correct / images of each class (0 for a class without images), as
+    // `beit eval --json`'s per_class_accuracy.
+    BasicTensor<double> per_class_accuracy() const {
+        BasicTensor<double> acc = detail::tensor_of<double>({num_labels});
+        for (std::size_t t = 0; t < num_labels; t++) {
+            std::uint64_t total = 0;
+            for (std::size_t p = 0; p < num_labels; p++) total += confusion.data[t * num_labels + p];
+            if (total) acc.data[t] = double(confusion.data[t * num_labels + t]) / double(total);
+        }
+        return acc;
+    }
+};
+
+// What Model::evaluate_segmentation measured (as `beit segment eval`).
+struct SegmentationEvaluation {
+    double mean_iou = 0;        // over the classes present in the masks or the predictions
+    double pixel_accuracy = 0;  // correct / scored pixels (the ignore index is not scored)
+    std::uint64_t samples = 0;
+    std::size_t num_labels = 0;
+    // [num_labels]: each class's IoU, NaN for a class in neither the masks nor the predictions.
+    BasicTensor<double> per_class_iou;
+};
+
+// What Model::segmentation_finetune returns: the trained copy and what the run did.
+struct SegmentationResult {
+    Model model;
+    SegmentationReport report = beit_segmentation_report_default();
+};
+
+// A new BeitForImageClassification with `num_labels` labels from this pretrained model
+// (BeitForMaskedImageModeling, BeitModel or BeitForImageClassification), as BEiT (and
+// `beit finetune --model`) starts fine-tuning: the backbone copied, a fresh head drawn from
+// `seed`, the config's drop_path_rate set to `drop_path_rate`.
+inline Model Model::to_classifier(const Context& ctx, std::size_t num_labels,
+                                  double drop_path_rate, std::uint64_t seed) const {
+    beit_model* raw = nullptr;
+    check(beit_model_to_classifier(ctx.get(), get(), num_labels, drop_path_rate, seed, &raw));
+    return Model(raw);
+}
+
+// A fresh BeitForImageClassification from a config.json text (as `beit finetune` without
+// --model): BEiT's random initialisation from `seed`.
+inline Model Model::create_classifier(const Context& ctx, const std::string& config_json,
+                                      std::size_t num_labels, double drop_path_rate,
+                                      std::uint64_t seed) {
+    beit_model* raw = nullptr;
+    check(beit_classifier_create(ctx.get(), config_json.c_str(), num_labels, drop_path_rate, seed,
+                                 &raw));
+    return Model(raw);
+}
+
+// A copy for `height` x `width` inputs (as `beit finetune --image-size`): the same weights,
+// the position tables resized as Hugging Face does.
+inline Model Model::with_image_size(const Context& ctx, std::size_t height,
+                                    std::size_t width) const {
+    beit_model* raw = nullptr;
+    check(beit_model_with_image_size(ctx.get(), get(), height, width, &raw));
+    return Model(raw);
+}
+
+// Top-1 accuracy and the confusion matrix of this classifier on every sample of a labelled
+// dataset file, as `beit eval` does (each image resized to the model's size, normalised to
+// mean = std = 0.5), in batches of `batch_size`. Many threads may evaluate one model at once.
+inline Evaluation Model::evaluate(const Context& ctx, const std::string& dataset_path,
+                                  std::size_t batch_size) const {
+    (void)ctx.get();  // an empty context throws before anything else is checked
+    const std::size_t k = info().num_labels;
+    Evaluation e;
+    e.confusion = detail::tensor_of<std::uint64_t>({k, k});
+    beit_evaluation c = beit_evaluation_default();
+    c.confusion = e.confusion.data.data();
+    c.confusion_len = e.confusion.data.size();
+    check(beit_model_evaluate(ctx.get(), get(), dataset_path.c_str(), batch_size, &c));
+    e.images = c.images;
+    e.correct = c.correct;
+    e.top1 = c.top1;
+    e.num_labels = c.num_labels;
+    return e;
+}
+
+// A new BeitForSemanticSegmentation with `num_labels` classes: this model's backbone under a
+// fresh UperNet head drawn from `seed` (as `beit segment finetune --model` with a model that
+// is not yet a segmentation model).
+inline Model Model::to_segmenter(const Context& ctx, std::size_t num_labels,
+                                 std::uint64_t seed) const {
+    beit_model* raw = nullptr;
+    check(beit_model_to_segmenter(ctx.get(), get(), num_labels, seed, &raw));
+    return Model(raw);
+}
+
+// A fresh BeitForSemanticSegmentation from a config.json text (as `beit segment finetune
+// --config`).
+inline Model Model::create_segmenter(const Context& ctx, const std::string& config_json,
+                                     std::size_t num_labels, std::uint64_t seed) {
+    beit_model* raw = nullptr;
+    check(beit_segmenter_create(ctx.get(), config_json.c_str(), num_labels, seed, &raw));
+    return Model(raw);
+}
+
+// Fine-tunes a copy of this segmentation model on a dataset file with masks, as
+// `beit segment finetune` does (the train split of options.test_fraction/split_seed); returns
+// the trained copy and the report. `progress` runs after every step on this thread: true
+// stops the run (the result holds the steps done); an exception it throws stops the run and
+// is rethrown from here, the trained copy discarded.
+inline SegmentationResult Model::segmentation_finetune(const Context& ctx,
+                                                       const std::string& dataset_path,
+                                                       const SegmentationOptions& options,
+                                                       const SegmentationProgress& progress) const {
+    detail::ProgressRelay<SegmentationStep> relay(progress);
+    SegmentationResult result;
+    beit_model* raw = nullptr;
+    const beit_status status =
+        beit_segmentation_finetune(ctx.get(), get(), dataset_path.c_str(), &options,
+                                   relay.callback(), relay.user_data(), &result.report, &raw);
+    result.model = Model(raw);  // owned (and freed) before anything is thrown
+    relay.rethrow();
+    check(status);
+    return result;
+}
+
+// mIoU, pixel accuracy and per-class IoU of this segmentation model on a dataset file with
+// masks (options.split: the test split, by default, or every sample), as `beit segment eval`.
+inline SegmentationEvaluation Model::evaluate_segmentation(
+    const Context& ctx, const std::string& dataset_path,
+    const SegmentationEvalOptions& options) const {
+    (void)ctx.get();  // an empty context throws before anything else is checked
+    SegmentationEvaluation e;
+    e.per_class_iou = detail::tensor_of<double>({info().num_labels});
+    beit_segmentation_evaluation c = beit_segmentation_evaluation_default();
+    c.per_class_iou = e.per_class_iou.data.data();
+    c.per_class_iou_len = e.per_class_iou.data.size();
+    check(beit_model_evaluate_segmentation(ctx.get(), get(), dataset_path.c_str(), &options, &c));
+    e.mean_iou = c.mean_iou;
+    e.pixel_accuracy = c.pixel_accuracy;
+    e.samples = c.samples;
+    e.num_labels = c.num_labels;
+    return e;
+}
+
+// One fine-tuning step on a labelled batch: mean cross-entropy with `label_smoothing` (in
+// [0, 1)), backward, clipping, AdamW at the scheduled rate. StepStats::masked is 0.
+// Checkpoints resume it bit for bit. On an error the trainer is as before.
+inline StepStats Trainer::step_classify(const ClassifyBatch& batch, float label_smoothing) {
+    const beit_classify_batch b = batch.to_c();
+    StepStats stats = beit_step_stats_default();
+    check(beit_trainer_step_classify(get(), &b, label_smoothing, &stats));
+    return stats;
+}
+
+// Fine-tunes this classification trainer on a labelled dataset file as `beit finetune` does,
+// from its data position until its step count reaches options.steps (0: its total_steps).
+// With finetune_trainer_options(steps), a model from to_classifier / create_classifier and
+// the same seeds, the weights are bit for bit `beit finetune`'s (CPU, same thread count).
+// `progress` runs after every step on this thread: true stops the run (call finetune again
+// to go on); an exception it throws stops the run and is rethrown from here. The trainer is
+// busy for the whole run: a call on it from `progress` throws BusyError.
+inline void Trainer::finetune(const std::string& dataset_path, const FinetuneOptions& options,
+                              const StepProgress& progress) {
+    detail::ProgressRelay<StepStats> relay(progress);
+    const beit_status status = beit_trainer_finetune(get(), dataset_path.c_str(), &options,
+                                                     relay.callback(), relay.user_data());
+    relay.rethrow();
+    check(status);
+}
 
 }  // namespace beit
 

@@ -15,7 +15,7 @@
 // beit::NullPointerError instead of crashing. Run under valgrind by bindings/cpp/test.sh.
 //
 // Prints one line per test ("PASS name" / "FAIL name: why") and exits non-zero on any failure.
-#include <beit.hpp>
+#include "support.hpp"
 
 #include <cmath>
 #include <cstdint>
@@ -34,66 +34,12 @@
 
 namespace {
 
+using support::expect_throw;
+using support::Failure;
+using support::read_file;
+using support::run;
+
 std::string root;
-int failures = 0;
-int passes = 0;
-
-struct Failure {
-    std::string why;
-};
-
-#define CHECK(cond)                                                                                \
-    do {                                                                                           \
-        if (!(cond)) {                                                                             \
-            std::ostringstream os_;                                                                \
-            os_ << __FILE__ << ":" << __LINE__ << ": " << #cond;                                   \
-            throw Failure{os_.str()};                                                              \
-        }                                                                                          \
-    } while (0)
-
-// Runs `body`, which must throw an exception of type E with status `status`.
-template <class E>
-void expect_throw(beit_status status, const std::function<void()>& body, const char* what,
-                  const char* message_part = "") {
-    try {
-        body();
-    } catch (const beit::Error& e) {
-        const beit::Error* base = &e;
-        if (dynamic_cast<const E*>(base) == nullptr) {
-            throw Failure{std::string(what) + ": wrong exception class for " + e.what()};
-        }
-        if (e.status() != status) {
-            throw Failure{std::string(what) + ": status " + beit::status_name(e.status()) +
-                          ", want " + beit::status_name(status)};
-        }
-        if (e.message().empty() || e.message().find(message_part) == std::string::npos) {
-            throw Failure{std::string(what) + ": message '" + e.message() + "' lacks '" +
-                          message_part + "'"};
-        }
-        return;
-    }
-    throw Failure{std::string(what) + ": no exception"};
-}
-
-void run(const char* name, void (*test)()) {
-    try {
-        test();
-        std::printf("PASS %s\n", name);
-        passes++;
-    } catch (const Failure& f) {
-        std::printf("FAIL %s: %s\n", name, f.why.c_str());
-        failures++;
-    } catch (const std::exception& e) {
-        std::printf("FAIL %s: unexpected exception: %s\n", name, e.what());
-        failures++;
-    }
-}
-
-std::vector<unsigned char> read_file(const std::string& path) {
-    std::ifstream in(path, std::ios::binary);
-    if (!in) throw Failure{"cannot read " + path};
-    return std::vector<unsigned char>(std::istreambuf_iterator<char>(in), {});
-}
 
 void write_file(const std::string& path, const std::vector<unsigned char>& bytes) {
     std::ofstream out(path, std::ios::binary);
@@ -963,6 +909,5 @@ int main(int argc, char** argv) {
     run("decode_shape", test_decode_shape);
     run("device_info_matches_cli", test_device_info_matches_cli);
     run("dvae_trainer", test_dvae_trainer);
-    std::printf("%d passed, %d failed\n", passes, failures);
-    return failures == 0 ? 0 : 1;
+    return support::summary();
 }

@@ -11,7 +11,7 @@
 // throws the status's exception class.
 //
 // Prints one line per test ("PASS name" / "FAIL name: why") and exits non-zero on any failure.
-#include <beit.hpp>
+#include "support.hpp"
 
 #include <cstdint>
 #include <cstdio>
@@ -27,49 +27,11 @@
 
 namespace {
 
-int failures = 0;
-int passes = 0;
+using support::expect_throw;
+using support::Failure;
+using support::run;
+
 std::string dir;
-
-struct Failure {
-    std::string why;
-};
-
-#define CHECK(cond)                                                                                \
-    do {                                                                                           \
-        if (!(cond)) {                                                                             \
-            std::ostringstream os_;                                                                \
-            os_ << __FILE__ << ":" << __LINE__ << ": " << #cond;                                   \
-            throw Failure{os_.str()};                                                              \
-        }                                                                                          \
-    } while (0)
-
-// Runs `body`, which must throw E with `status` and a message containing `part`.
-template <class E, class F>
-void expect_throw(beit_status status, F body, const char* part) {
-    try {
-        body();
-    } catch (const E& e) {
-        CHECK(e.status() == status);
-        if (e.message().find(part) == std::string::npos) throw Failure{"message '" + e.message() + "' lacks '" + part + "'"};
-        return;
-    }
-    throw Failure{std::string("no exception (wanted one mentioning '") + part + "')"};
-}
-
-void run(const char* name, void (*test)()) {
-    try {
-        test();
-        std::printf("PASS %s\n", name);
-        passes++;
-    } catch (const Failure& f) {
-        std::printf("FAIL %s: %s\n", name, f.why.c_str());
-        failures++;
-    } catch (const std::exception& e) {
-        std::printf("FAIL %s: unexpected exception: %s\n", name, e.what());
-        failures++;
-    }
-}
 
 int entries(const std::string& d) {
     DIR* h = opendir(d.c_str());
@@ -137,7 +99,7 @@ void test_writer() {
         beit::Samples s;
         s.count = 1;
         s.pixels = beit::span<const std::uint8_t>(four.data(), 3);
-        expect_throw<beit::InvalidArgumentError>(BEIT_ERR_INVALID_ARGUMENT, [&] { w.append(s); }, "pixels_len is 3");
+        expect_throw<beit::InvalidArgumentError>(BEIT_ERR_INVALID_ARGUMENT, [&] { w.append(s); }, "3 pixels for 4", "pixels_len is 3");
         s.pixels = beit::span<const std::uint8_t>(four);
         w.append(s);
         CHECK(w.count() == 1);
@@ -160,7 +122,7 @@ void test_import() {
     ds.read(1, beit::span<std::uint8_t>(px));
     CHECK(px[0] == 30 && px[1] == 40);
     o.out = images.c_str();
-    expect_throw<beit::InvalidArgumentError>(BEIT_ERR_INVALID_ARGUMENT, [&] { beit::import_dataset(o); }, "opts->out");
+    expect_throw<beit::InvalidArgumentError>(BEIT_ERR_INVALID_ARGUMENT, [&] { beit::import_dataset(o); }, "out = images", "opts->out");
 }
 
 void test_loader() {
@@ -223,12 +185,12 @@ void test_loader() {
     beit::LoaderOptions bad = o;
     bad.token_source = static_cast<beit_token_source>(9);
     expect_throw<beit::InvalidArgumentError>(BEIT_ERR_INVALID_ARGUMENT, [&] { beit::Loader::create(ctx, path, bad); },
-                                             "token_source 9");
+                                             "an unknown token source", "token_source 9");
     bad = o;
     bad.flip_prob = 0.5;
     expect_throw<beit::InvalidArgumentError>(BEIT_ERR_INVALID_ARGUMENT, [&] { beit::Loader::create(ctx, path, bad); },
-                                             "whole");
-    expect_throw<beit::IoError>(BEIT_ERR_IO, [&] { beit::Loader::create(ctx, dir + "/missing", o); }, "missing");
+                                             "flips with cached tokens", "whole");
+    expect_throw<beit::IoError>(BEIT_ERR_IO, [&] { beit::Loader::create(ctx, dir + "/missing", o); }, "a missing file", "missing");
 }
 
 void test_mask_generator() {
@@ -245,12 +207,12 @@ void test_mask_generator() {
         CHECK(ones == ca);
     }
     std::vector<std::uint8_t> small(195);
-    expect_throw<beit::BufferSizeError>(BEIT_ERR_BUFFER_SIZE, [&] { a.next(beit::span<std::uint8_t>(small)); }, "len is 195");
+    expect_throw<beit::BufferSizeError>(BEIT_ERR_BUFFER_SIZE, [&] { a.next(beit::span<std::uint8_t>(small)); }, "a short mask", "len is 195");
     o.masked_patches = 196;
     expect_throw<beit::InvalidArgumentError>(BEIT_ERR_INVALID_ARGUMENT, [&] { beit::MaskGenerator::create(o); },
-                                             "masked_patches is 196");
+                                             "every patch masked", "masked_patches is 196");
     beit::MaskGenerator moved = std::move(a);
-    expect_throw<beit::NullPointerError>(BEIT_ERR_NULL_POINTER, [&] { a.next(ma); }, "MaskGenerator");
+    expect_throw<beit::NullPointerError>(BEIT_ERR_NULL_POINTER, [&] { a.next(ma); }, "a moved-from generator", "MaskGenerator");
 }
 
 }  // namespace
@@ -269,6 +231,5 @@ int main(int argc, char** argv) {
     run("mask_generator", test_mask_generator);
     const std::string cmd = "rm -rf '" + dir + "'";
     if (std::system(cmd.c_str()) != 0) std::fprintf(stderr, "warning: cannot remove %s\n", dir.c_str());
-    std::printf("%d passed, %d failed\n", passes, failures);
-    return failures == 0 ? 0 : 1;
+    return support::summary();
 }

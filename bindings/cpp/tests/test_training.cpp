@@ -6,198 +6,29 @@
 // equals Trainer::step bit for bit; the Gradients view is the trainer's own buffer (doubling it
 // doubles the reported norm; ParameterInfo::offset places each parameter in it); a pending
 // step refuses what would lose it. Parameters by Hugging Face name equal the tensors of the
-// model's model.safetensors, read here with a JSON parser of the test's own; set values read
+// model's model.safetensors, read with the tests' own JSON parser (support.hpp); set values read
 // back; Trainer::model() holds the trainer's weights; bf16 on a CPU context is refused.
 //
 // Prints one line per test ("PASS name" / "FAIL name: why") and exits non-zero on any failure.
-#include <beit.hpp>
+#include "support.hpp"
 
 #include <algorithm>
-#include <cctype>
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
-#include <cstdlib>
 #include <cstring>
-#include <fstream>
-#include <functional>
-#include <iterator>
 #include <map>
-#include <sstream>
 #include <string>
 #include <vector>
 
 namespace {
 
+using support::expect_throw;
+using support::Failure;
+using support::read_safetensors;
+using support::run;
+
 std::string root;
-int failures = 0;
-int passes = 0;
-
-struct Failure {
-    std::string why;
-};
-
-#define CHECK(cond)                                                                                \
-    do {                                                                                           \
-        if (!(cond)) {                                                                             \
-            std::ostringstream os_;                                                                \
-            os_ << __FILE__ << ":" << __LINE__ << ": " << #cond;                                   \
-            throw Failure{os_.str()};                                                              \
-        }                                                                                          \
-    } while (0)
-
-// Runs `body`, which must throw E with status `status` and a message containing `part`.
-template <class E>
-void expect_throw(beit_status status, const std::function<void()>& body, const char* what,
-                  const char* part = "") {
-    try {
-        body();
-    } catch (const beit::Error& e) {
-        const beit::Error* base = &e;
-        if (dynamic_cast<const E*>(base) == nullptr || e.status() != status) {
-            throw Failure{std::string(what) + ": wrong exception " + e.what()};
-        }
-        if (e.message().find(part) == std::string::npos) {
-            throw Failure{std::string(what) + ": message '" + e.message() + "' lacks '" + part + "'"};
-        }
-        return;
-    }
-    throw Failure{std::string(what) + ": no exception"};
-}
-
-void run(const char* name, void (*test)()) {
-    try {
-        test();
-        std::printf("PASS %s\n", name);
-        passes++;
-    } catch (const Failure& f) {
-        std::printf("FAIL %s: %s\n", name, f.why.c_str());
-        failures++;
-    } catch (const std::exception& e) {
-        std::printf("FAIL %s: unexpected exception: %s\n", name, e.what());
-        failures++;
-    }
-}
-
-// ---- a safetensors reader with a small JSON parser (objects, arrays, strings, integers)
-
-struct Json {
-    enum Kind { Null, Number, String, Array, Object } kind = Null;
-    double number = 0;
-    std::string text;
-    std::vector<Json> items;
-    std::vector<std::pair<std::string, Json>> members;
-
-    const Json& at(const std::string& key) const {
-        for (const auto& m : members) {
-            if (m.first == key) return m.second;
-        }
-        throw Failure{"JSON: no member " + key};
-    }
-};
-
-struct JsonParser {
-    const std::string& s;
-    std::size_t i = 0;
-
-    void space() {
-        while (i < s.size() && std::isspace(static_cast<unsigned char>(s[i]))) i++;
-    }
-    void expect(char c) {
-        space();
-        if (i >= s.size() || s[i] != c) throw Failure{std::string("JSON: expected ") + c};
-        i++;
-    }
-    std::string string() {
-        expect('"');
-        std::string out;
-        while (i < s.size() && s[i] != '"') {
-            if (s[i] == '\\') i++;  // an escaped character stands for itself (\" and \\ here)
-            out += s[i++];
-        }
-        expect('"');
-        return out;
-    }
-    Json value() {
-        space();
-        Json v;
-        if (s[i] == '{') {
-            v.kind = Json::Object;
-            i++;
-            space();
-            if (s[i] == '}') return i++, v;
-            for (;;) {
-                std::string key = string();
-                expect(':');
-                v.members.emplace_back(key, value());
-                space();
-                if (s[i++] == '}') return v;
-            }
-        }
-        if (s[i] == '[') {
-            v.kind = Json::Array;
-            i++;
-            space();
-            if (s[i] == ']') return i++, v;
-            for (;;) {
-                v.items.push_back(value());
-                space();
-                if (s[i++] == ']') return v;
-            }
-        }
-        if (s[i] == '"') {
-            v.kind = Json::String;
-            v.text = string();
-            return v;
-        }
-        std::size_t end = i;
-        while (end < s.size() && (std::isdigit(static_cast<unsigned char>(s[end])) || s[end] == '-' ||
-                                  s[end] == '.' || s[end] == 'e' || s[end] == 'E' || s[end] == '+')) {
-            end++;
-        }
-        if (end == i) throw Failure{"JSON: unexpected character at " + std::to_string(i)};
-        v.kind = Json::Number;
-        v.number = std::stod(s.substr(i, end - i));
-        i = end;
-        return v;
-    }
-};
-
-struct StoredTensor {
-    std::vector<std::size_t> shape;
-    std::vector<float> values;
-};
-
-// Every F32 tensor of a .safetensors file: u64 LE header length, JSON header, data.
-std::map<std::string, StoredTensor> read_safetensors(const std::string& path) {
-    std::ifstream in(path, std::ios::binary);
-    if (!in) throw Failure{"cannot read " + path};
-    const std::vector<unsigned char> file((std::istreambuf_iterator<char>(in)), {});
-    CHECK(file.size() >= 8);
-    std::uint64_t n = 0;
-    for (int k = 0; k < 8; k++) n |= std::uint64_t(file[std::size_t(k)]) << (8 * k);
-    CHECK(n <= file.size() - 8);
-    const std::string header(reinterpret_cast<const char*>(file.data() + 8), std::size_t(n));
-    JsonParser parser{header};
-    const Json top = parser.value();
-    CHECK(top.kind == Json::Object);
-    const unsigned char* data = file.data() + 8 + n;
-    const std::size_t data_len = file.size() - 8 - std::size_t(n);
-    std::map<std::string, StoredTensor> out;
-    for (const auto& m : top.members) {
-        if (m.first == "__metadata__") continue;
-        CHECK(m.second.at("dtype").text == "F32");
-        StoredTensor t;
-        for (const Json& d : m.second.at("shape").items) t.shape.push_back(std::size_t(d.number));
-        const std::size_t begin = std::size_t(m.second.at("data_offsets").items.at(0).number);
-        const std::size_t end = std::size_t(m.second.at("data_offsets").items.at(1).number);
-        CHECK(begin <= end && end <= data_len && (end - begin) % 4 == 0);
-        t.values.resize((end - begin) / 4);
-        std::memcpy(t.values.data(), data + begin, end - begin);
-        out[m.first] = std::move(t);
-    }
-    return out;
-}
 
 // ---- helpers
 
@@ -487,6 +318,5 @@ int main(int argc, char** argv) {
     run("set_parameter_and_copies", test_set_parameter_and_copies);
     run("trainer_model", test_trainer_model);
     run("precision", test_precision);
-    std::printf("%d passed, %d failed\n", passes, failures);
-    return failures == 0 ? 0 : 1;
+    return support::summary();
 }

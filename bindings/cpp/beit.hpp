@@ -309,6 +309,15 @@ inline std::vector<std::size_t> checked_shape(const char* what, std::size_t n,
     return shape;
 }
 
+// A zeroed parameter of `shape`; an empty shape is a 0-d parameter (one value, e.g. a
+// BatchNorm's num_batches_tracked).
+inline BasicTensor<float> parameter_tensor(std::vector<std::size_t> shape) {
+    BasicTensor<float> t;
+    t.data.assign(numel(shape), 0.0f);
+    t.shape = std::move(shape);
+    return t;
+}
+
 // A zeroed tensor of `shape`; an empty shape (no such output) gives an empty tensor.
 template <class T>
 BasicTensor<T> tensor_of(std::vector<std::size_t> shape) {
@@ -560,6 +569,7 @@ using SegmentationStep = beit_segmentation_step;
 using StepProgress = std::function<bool(const StepStats&)>;
 using SegmentationProgress = std::function<bool(const SegmentationStep&)>;
 struct ClassifyBatch;
+struct SegBatch;
 struct Evaluation;
 struct SegmentationEvaluation;
 struct SegmentationResult;
@@ -682,7 +692,7 @@ public:
     }
     // Parameter `name` with its shape.
     Tensor parameter(const std::string& name) const {
-        Tensor t = detail::tensor_of<float>(detail::parameter_shape(parameters(), name));
+        Tensor t = detail::parameter_tensor(detail::parameter_shape(parameters(), name));
         get_parameter(name, span<float>(t.data));
         return t;
     }
@@ -1040,7 +1050,7 @@ public:
     }
     // Parameter `name` with its shape, as of the last applied step.
     Tensor parameter(const std::string& name) const {
-        Tensor t = detail::tensor_of<float>(detail::parameter_shape(parameters(), name));
+        Tensor t = detail::parameter_tensor(detail::parameter_shape(parameters(), name));
         get_parameter(name, span<float>(t.data));
         return t;
     }
@@ -1062,6 +1072,12 @@ public:
     // Fine-tuning a classification trainer (made from a BeitForImageClassification): defined
     // in the section "Fine-tuning, evaluation and segmentation" below, which documents them.
     StepStats step_classify(const ClassifyBatch& batch, float label_smoothing = 0.1f);
+    // Segmentation trainers (made from a BeitForSemanticSegmentation): one step on a batch of
+    // images and per-pixel labels, then the BatchNorm running statistics' update (the step
+    // Model::segmentation_finetune takes); forward_backward_segment is its first half
+    // (apply_gradients finishes it, and only then updates the running statistics).
+    StepStats step_segment(const SegBatch& batch);
+    PassStats forward_backward_segment(const SegBatch& batch);
     void finetune(const std::string& dataset_path,
                   const FinetuneOptions& options = beit_finetune_options_default(),
                   const StepProgress& progress = {});
@@ -1498,6 +1514,31 @@ struct ClassifyBatch {
     }
 };
 
+// A segmentation trainer's batch: pixels [batch, C, H, W] at the model's image size (batch >=
+// 2: BatchNorm trains on the batch's statistics), labels [batch, H, W], one class id per pixel
+// in [0, num_labels) or the config's semantic_loss_ignore_index (255 by default: not scored).
+struct SegBatch {
+    span<const float> pixels;
+    std::size_t batch = 0;
+    std::size_t channels = 0;
+    std::size_t height = 0;
+    std::size_t width = 0;
+    span<const std::int64_t> labels;
+
+    beit_seg_batch to_c() const {
+        beit_seg_batch b = beit_seg_batch_default();
+        b.pixels = pixels.data();
+        b.pixels_len = pixels.size();
+        b.batch = batch;
+        b.channels = channels;
+        b.height = height;
+        b.width = width;
+        b.labels = labels.data();
+        b.labels_len = labels.size();
+        return b;
+    }
+};
+
 // What Model::evaluate measured (as `beit eval`).
 struct Evaluation {
     std::uint64_t images = 0;   // the whole dataset
@@ -1654,6 +1695,20 @@ inline StepStats Trainer::step_classify(const ClassifyBatch& batch, float label_
     const beit_classify_batch b = batch.to_c();
     StepStats stats = beit_step_stats_default();
     check(beit_trainer_step_classify(get(), &b, label_smoothing, &stats));
+    return stats;
+}
+
+inline StepStats Trainer::step_segment(const SegBatch& batch) {
+    const beit_seg_batch b = batch.to_c();
+    StepStats stats = beit_step_stats_default();
+    check(beit_trainer_step_segment(get(), &b, &stats));
+    return stats;
+}
+
+inline PassStats Trainer::forward_backward_segment(const SegBatch& batch) {
+    const beit_seg_batch b = batch.to_c();
+    PassStats stats = beit_pass_stats_default();
+    check(beit_trainer_forward_backward_segment(get(), &b, &stats));
     return stats;
 }
 

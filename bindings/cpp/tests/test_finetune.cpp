@@ -515,6 +515,49 @@ void test_segmentation_evaluation_by_hand() {
 
 // ---- the context's GPU index
 
+// Host-fed segmentation steps: forward_backward_segment + apply_gradients is step_segment bit
+// for bit, a discarded step changes nothing, and the BatchNorm running statistics are updated
+// once per applied step (num_batches_tracked counts them).
+void test_step_segment() {
+    const beit::Context ctx = beit::Context::cpu(2);
+    const beit::Model seg = beit::Model::create_segmenter(ctx, kSegConfig, 2, 5);
+    beit::TrainerOptions opts = beit::Trainer::default_options();
+    opts.learning_rate = 1e-3;
+    beit::Trainer whole = beit::Trainer::create(ctx, seg, opts);
+    beit::Trainer split = beit::Trainer::create(ctx, seg, opts);
+    std::vector<float> pixels(4 * 16 * 16);
+    std::vector<std::int64_t> labels(4 * 16 * 16);
+    for (std::size_t i = 0; i < pixels.size(); i++) {
+        pixels[i] = float(std::sin(0.37 * double(i)));
+        labels[i] = i % 97 == 0 ? 255 : std::int64_t((i / 16 / (4 + i / 256)) % 2);
+    }
+    beit::SegBatch b;
+    b.pixels = pixels;
+    b.batch = 4;
+    b.channels = 1;
+    b.height = b.width = 16;
+    b.labels = labels;
+    const std::string probe = "decode_head.fpn_bottleneck.bn.running_mean";
+    const beit::Tensor before = split.parameter(probe);
+    split.forward_backward_segment(b);
+    split.discard_gradients();
+    CHECK(split.parameter(probe).data == before.data);
+    for (int k = 0; k < 3; k++) {
+        const beit::StepStats want = whole.step_segment(b);
+        const beit::PassStats pass = split.forward_backward_segment(b);
+        const beit::StepStats got = split.apply_gradients();
+        CHECK(pass.loss == want.loss && pass.images == 4);
+        CHECK(got.step == want.step && got.loss == want.loss && got.grad_norm == want.grad_norm && got.lr == want.lr);
+    }
+    for (const beit::ParameterInfo& p : whole.parameters()) CHECK(whole.parameter(p.name).data == split.parameter(p.name).data);
+    CHECK(split.parameter("decode_head.fpn_bottleneck.bn.num_batches_tracked").data == std::vector<float>{3.0f});
+    CHECK(split.parameter(probe).data != before.data);
+    beit::SegBatch bad = b;
+    bad.labels = beit::span<const std::int64_t>(labels.data(), labels.size() - 1);
+    expect_throw<beit::InvalidArgumentError>(BEIT_ERR_INVALID_ARGUMENT, [&] { split.step_segment(bad); },
+                                             "a short label map", "labels_len");
+}
+
 void test_device_index() {
     CHECK(beit::Context::default_options().device_index == 0);
     beit::ContextOptions o = beit::Context::default_options();
@@ -554,6 +597,7 @@ int main(int argc, char** argv) {
         {"segmentation_matches_the_cli", test_segmentation_matches_the_cli},
         {"segmentation_progress_and_errors", test_segmentation_progress_and_errors},
         {"segmentation_evaluation_by_hand", test_segmentation_evaluation_by_hand},
+        {"step_segment", test_step_segment},
         {"device_index", test_device_index},
     };
     // Names after the CLI pick tests (all of them without); an unknown name is a usage error.

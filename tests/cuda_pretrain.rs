@@ -331,6 +331,44 @@ fn gpu_trainer_checkpoint_resumes_bit_for_bit() {
     assert_eq!(pa, pc, "parameters after resume differ");
 }
 
+/// The split step on the GPU: forward_backward leaves the gradients on the device
+/// (`Gradients::Device`: a pointer and the buffer's length, on libbeit's stream), and
+/// forward_backward + apply_gradients gives step()'s bits.
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn gpu_split_step_shows_the_device_gradients_and_equals_the_step() {
+    use beit::train::trainer::Gradients;
+    let cfg = BeitConfig::from_json_str(CONFIGS[0].1).unwrap();
+    let data = SyntheticMim::for_config(&cfg, 6, 2);
+    let options = TrainerOptions { seed: 4, drop_path_rate: Some(0.2), clip_grad_norm: 0.0, ..Default::default() };
+    let fresh = || {
+        let model = Model::new_random(cfg.clone(), Architecture::MaskedImageModeling, 1).unwrap();
+        let mut t = Trainer::new(model, options.clone()).unwrap();
+        t.use_cuda(Precision::F32).expect("a CUDA GPU");
+        t
+    };
+    let (mut whole, mut split) = (fresh(), fresh());
+    for _ in 0..2 {
+        let batch = data.batch(whole.data_position(), 4);
+        let want = whole.step(&batch.as_batch()).unwrap();
+        let pass = split.forward_backward(&batch.as_batch()).unwrap();
+        let params = split.model().params().data.len();
+        match split.gradients().unwrap() {
+            Gradients::Device(d) => {
+                // The stream may be 0: CUDA's default stream, which libbeit queues its work on.
+                assert!(d.pointer != 0 && d.len == params, "{d:?} for {params} parameters");
+            }
+            Gradients::Host(_) => panic!("a GPU trainer's gradients are on the device"),
+        }
+        let got = split.apply_gradients().unwrap();
+        assert_eq!(pass.loss.to_bits(), want.loss.to_bits());
+        assert_eq!((got.loss.to_bits(), got.grad_norm.to_bits()), (want.loss.to_bits(), want.grad_norm.to_bits()));
+    }
+    let bits = |t: &Trainer| t.model().params().data.iter().map(|v| v.to_bits()).collect::<Vec<u32>>();
+    assert_eq!(bits(&whole), bits(&split), "split and whole GPU steps differ");
+    println!("GPU split step: bit-identical to step() over 2 steps");
+}
+
 /// A GPU trainer moved to a thread that never used CUDA and dropped there frees its device
 /// memory cleanly, and the next step of another trainer runs. (cudarc frees a buffer without
 /// making its context current: on such a thread each free failed with CUDA_ERROR_INVALID_CONTEXT,

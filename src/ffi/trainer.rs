@@ -747,10 +747,11 @@ pub struct beit_gradients {
     pub host: *mut f32,
     /// `BEIT_MEMORY_CUDA_DEVICE`: the buffer's `CUdeviceptr`; 0 otherwise.
     pub device_pointer: u64,
-    /// `BEIT_MEMORY_CUDA_DEVICE`: the `CUstream` the backward pass was queued on. Make your
-    /// work on the buffer wait for it (e.g. `ncclAllReduce` on this stream, or
-    /// `cuStreamSynchronize` first), and have it finished, or queued on this stream, before
-    /// `beit_trainer_apply_gradients`. NULL otherwise.
+    /// `BEIT_MEMORY_CUDA_DEVICE`: the `CUstream` the backward pass was queued on; NULL is
+    /// CUDA's default stream, which libbeit uses today (a valid stream handle: queue on it or
+    /// synchronise it like any other). Make your work on the buffer wait for it (e.g.
+    /// `ncclAllReduce` on this stream, or `cuStreamSynchronize` first), and have it finished,
+    /// or queued on this stream, before `beit_trainer_apply_gradients`. NULL for host memory.
     pub stream: *mut c_void,
     /// Values in the buffer.
     pub len: usize,

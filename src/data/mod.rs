@@ -2,8 +2,9 @@
 //! on-disk dataset format (docs/dataset-format.md), its importers, and the augmenting two-view
 //! loader.
 
-// cbindgen exports every public integer constant it sees; these modules are Rust-only (the C API
-// does not expose datasets yet), so keep their format constants out of include/beit.h.
+// cbindgen exports every public integer constant it sees; the C API wraps these modules through
+// its own structs (src/ffi/dataset*.rs, loader.rs, masking.rs), so keep their Rust constants out
+// of include/beit.h.
 pub mod batch;
 /// cbindgen:ignore
 pub mod dataset;

@@ -7,8 +7,9 @@
 use std::ffi::c_char;
 use std::mem::size_of;
 use std::path::{Path, PathBuf};
-use std::sync::{Mutex, MutexGuard, TryLockError};
+use std::sync::{Mutex, MutexGuard};
 
+use super::claim::{claim_state, HandleKind};
 use super::dataset::{beit_dataset_info, dataset_info, DATASET_INFO_V1_SIZE};
 use super::model::{check_slice, write_versioned};
 use super::status::{beit_status, check_struct_size, guard, guard_infallible, non_null, non_null_mut, utf8_arg};
@@ -239,17 +240,8 @@ unsafe fn claim<'a>(writer: *const beit_dataset_writer, call: &str) -> FfiResult
     let handle = non_null(writer, "writer")?;
     // SAFETY: non-NULL; the caller promises a live writer; the mutex decides who changes it.
     let handle = unsafe { &*handle };
-    match handle.inner.try_lock() {
-        Ok(state) => Ok(state),
-        Err(TryLockError::WouldBlock) => Err(FfiError::new(
-            beit_status::BEIT_ERR_BUSY,
-            format!("{call}: the writer is busy with a call on another thread (one call at a time); nothing was done"),
-        )),
-        Err(TryLockError::Poisoned(_)) => Err(FfiError::new(
-            beit_status::BEIT_ERR_INTERNAL,
-            format!("{call}: the writer is unusable after an internal error in an earlier call; free it"),
-        )),
-    }
+    const KIND: HandleKind = HandleKind { name: "dataset writer", recovery: "write the file again" };
+    claim_state(&handle.inner, call, &KIND)
 }
 
 /// The open writer of a state, or the error that says why there is none.

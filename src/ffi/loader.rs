@@ -6,8 +6,9 @@
 use std::ffi::c_char;
 use std::mem::size_of;
 use std::path::Path;
-use std::sync::{Arc, Mutex, MutexGuard, TryLockError};
+use std::sync::{Arc, Mutex, MutexGuard};
 
+use super::claim::{claim_state, HandleKind};
 use super::context::{beit_context, context_shared};
 use super::masking::RawMaskingStrategy;
 use super::model::{beit_model, check_slice, handle_ref, write_versioned};
@@ -388,17 +389,8 @@ unsafe fn claim<'a>(
     let handle = non_null(loader, "loader")?;
     // SAFETY: non-NULL; the caller promises a live loader; the mutex decides who changes it.
     let handle = unsafe { &*handle };
-    match handle.state.try_lock() {
-        Ok(state) => Ok((state, handle)),
-        Err(TryLockError::WouldBlock) => Err(FfiError::new(
-            beit_status::BEIT_ERR_BUSY,
-            format!("{call}: the loader is busy with a call on another thread (one call at a time); nothing was done"),
-        )),
-        Err(TryLockError::Poisoned(_)) => Err(FfiError::new(
-            beit_status::BEIT_ERR_INTERNAL,
-            format!("{call}: the loader is unusable after an internal error in an earlier call; free it"),
-        )),
-    }
+    const KIND: HandleKind = HandleKind { name: "loader", recovery: "create a new loader (seek it to your position)" };
+    Ok((claim_state(&handle.state, call, &KIND)?, handle))
 }
 
 /// A size field: the caller's when non-zero, else `default` (or, without one, an error saying

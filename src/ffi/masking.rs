@@ -2,11 +2,12 @@
 //! `MaskingGenerator`), and the masking strategy enum the loader shares.
 
 use std::mem::size_of;
-use std::sync::{Mutex, TryLockError};
+use std::sync::Mutex;
 
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 
+use super::claim::{claim_state, HandleKind};
 use super::model::check_slice;
 use super::status::{beit_status, check_struct_size, guard, guard_infallible, non_null, non_null_mut};
 use super::status::{FfiError, FfiResult};
@@ -228,22 +229,8 @@ pub unsafe extern "C" fn beit_mask_generator_next(
             return Err(FfiError::buffer_size(format!("len is {len}, but a {}x{} grid needs {n}", g.height, g.width)));
         }
         check_slice(mask, len, "mask")?;
-        let mut rng = match handle.rng.try_lock() {
-            Ok(rng) => rng,
-            Err(TryLockError::WouldBlock) => {
-                return Err(FfiError::new(
-                    beit_status::BEIT_ERR_BUSY,
-                    "beit_mask_generator_next: the generator is busy with a call on another thread (one call at a \
-                     time); nothing was drawn",
-                ))
-            }
-            Err(TryLockError::Poisoned(_)) => {
-                return Err(FfiError::new(
-                    beit_status::BEIT_ERR_INTERNAL,
-                    "beit_mask_generator_next: the generator is unusable after an internal error; free it",
-                ))
-            }
-        };
+        const KIND: HandleKind = HandleKind { name: "mask generator", recovery: "create a new one" };
+        let mut rng = claim_state(&handle.rng, "beit_mask_generator_next", &KIND)?;
         // SAFETY: non-NULL, len bytes (checked against the grid), writable (the caller's
         // promise); u8 has no alignment requirement.
         let mask = unsafe { std::slice::from_raw_parts_mut(mask, len) };

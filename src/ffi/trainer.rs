@@ -4,8 +4,9 @@
 use std::ffi::{c_char, c_void};
 use std::mem::{offset_of, size_of};
 use std::path::Path;
-use std::sync::{Arc, Mutex, MutexGuard, TryLockError};
+use std::sync::{Arc, Mutex, MutexGuard};
 
+use super::claim::{claim_state, HandleKind};
 use super::context::{beit_context, context_shared};
 use super::model::{beit_model, beit_model_info, check_slice, handle_ref, model_info, write_versioned};
 use super::status::read_versioned;
@@ -263,24 +264,9 @@ pub(super) unsafe fn claim<'a>(trainer: *const beit_trainer, call: &str) -> FfiR
     // SAFETY: non-NULL; the caller promises a live trainer. Only a shared reference is made:
     // other threads may hold one too, and the mutex decides who may change the trainer.
     let handle = unsafe { &*handle };
-    match handle.inner.try_lock() {
-        Ok(trainer) => Ok(Claimed { trainer, ctx: &handle.ctx }),
-        Err(TryLockError::WouldBlock) => Err(FfiError::new(
-            beit_status::BEIT_ERR_BUSY,
-            format!(
-                "{call}: the trainer is busy with a call on another thread (a trainer takes one call at a \
-                 time; serialise the calls, or retry later); nothing was done"
-            ),
-        )),
-        Err(TryLockError::Poisoned(_)) => Err(FfiError::new(
-            beit_status::BEIT_ERR_INTERNAL,
-            format!(
-                "{call}: the trainer is unusable: an earlier call on it failed part-way with an internal \
-                 error (a libbeit panic, reported then as BEIT_ERR_INTERNAL), so its weights and optimizer \
-                 state may be inconsistent; free it and create a new trainer (e.g. from your last checkpoint)"
-            ),
-        )),
-    }
+    const KIND: HandleKind =
+        HandleKind { name: "trainer", recovery: "create a new trainer (e.g. from your last checkpoint)" };
+    Ok(Claimed { trainer: claim_state(&handle.inner, call, &KIND)?, ctx: &handle.ctx })
 }
 
 /// BEiT's pretraining defaults (the values of the Rust `TrainerOptions::default()`), with

@@ -105,6 +105,7 @@ static unsigned steps = 5;
 static void *work(void *arg) {
     struct worker *me = arg;
     for (unsigned step = 0; step < steps; step++) {
+        pthread_barrier_wait(&barrier); /* main has written this step's batch */
         struct beit_mim_batch half = slice((size_t)me->rank * HALF, HALF);
         struct beit_pass_stats pass = beit_pass_stats_default();
         CHECK(beit_trainer_forward_backward(me->trainer, &half, &pass));
@@ -130,7 +131,7 @@ static void *work(void *arg) {
         pthread_barrier_wait(&barrier); /* both buffers hold the reduced gradient (checked by main) */
         pthread_barrier_wait(&barrier); /* main has compared them */
         CHECK(beit_trainer_apply_gradients(me->trainer, NULL));
-        pthread_barrier_wait(&barrier); /* the step is done; main makes the next batch */
+        pthread_barrier_wait(&barrier); /* the step is done: nobody reads the batch any more */
     }
     return NULL;
 }
@@ -156,10 +157,11 @@ int main(int argc, char **argv) {
 
     pthread_barrier_init(&barrier, NULL, 3);
     pthread_t threads[2];
-    make_batch(0);
     for (int r = 0; r < 2; r++) pthread_create(&threads[r], NULL, work, &workers[r]);
     double worst_gradient = 0.0;
     for (unsigned step = 0; step < steps; step++) {
+        make_batch(step); /* only between steps: the workers read it during one */
+        pthread_barrier_wait(&barrier);
         /* The single trainer on the whole batch, through the split step too, to see its gradient. */
         struct beit_mim_batch whole = slice(0, IMAGES);
         CHECK(beit_trainer_forward_backward(single, &whole, NULL));
@@ -185,7 +187,6 @@ int main(int argc, char **argv) {
         struct beit_step_stats stats = beit_step_stats_default();
         CHECK(beit_trainer_apply_gradients(single, &stats));
         pthread_barrier_wait(&barrier);
-        make_batch(step + 1);
     }
     for (int r = 0; r < 2; r++) pthread_join(threads[r], NULL);
     pthread_barrier_destroy(&barrier);

@@ -377,11 +377,7 @@ pub unsafe extern "C" fn beit_trainer_get_model(
         let t: &Trainer = &claimed.trainer;
         let model: Model = claimed.ctx.run(|| -> FfiResult<Model> {
             let mut copy = copy_model(t.model())?;
-            let names: Vec<String> = copy.params().exported().map(|s| s.name.clone()).collect();
-            for name in names {
-                let values = t.parameter(&name)?;
-                copy.params_mut().set_named(&name, &values)?;
-            }
+            t.current_parameters_into(copy.params_mut())?;
             Ok(copy)
         })?;
         // SAFETY: `out` is non-NULL and writable (the caller's promise).

@@ -485,12 +485,21 @@ impl Trainer {
     pub fn parameter(&self, name: &str) -> Result<Vec<f32>> {
         let id = self.model.params().find_exported(name)?;
         match (&self.gpu, self.defer_host_copy) {
-            (Some(gpu), true) => {
+            (Some(_), true) => {
                 let mut store = self.model.params().clone();
-                gpu.download_params(&mut store)?;
+                self.current_parameters_into(&mut store)?;
                 Ok(store.get(id).to_vec())
             }
             _ => Ok(self.model.params().get(id).to_vec()),
+        }
+    }
+
+    /// Writes the current parameters into `store` (a copy of [`Trainer::model`]'s): nothing to
+    /// do unless the GPU step defers its host copy, then one download.
+    pub fn current_parameters_into(&self, store: &mut ParamStore) -> Result<()> {
+        match (&self.gpu, self.defer_host_copy) {
+            (Some(gpu), true) => gpu.download_params(store),
+            _ => Ok(()),
         }
     }
 
